@@ -1,0 +1,82 @@
+"""The HTTP layer: one POST route for operations, ``/health`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from harpsync.errors import BadRequestError, HarpsyncError, PayloadTooLargeError
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    body = json.dumps(payload, separators=(",", ":"), default=str).encode()
+    return Response(body, status_code=status, media_type=JSON)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"Request body is larger than the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"Request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> Any:
+    if not raw.strip():
+        raise BadRequestError("Body cannot be empty when content-type is set to 'application/json'")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequestError("Request body must be UTF-8 encoded JSON") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequestError(f"Invalid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise BadRequestError("Invalid JSON: nested too deeply") from None
+
+
+def build_app(services: Any) -> Starlette:
+    """The Starlette app; ``services`` is the node's composition of collaborators."""
+    limit = int(services.config.get("operationsApi.network.maxBodySize"))
+
+    async def operations(request: Request) -> Response:
+        try:
+            user = services.auth.authenticate(request.headers.get("authorization"))
+            body = parse_json(await _read_body(request, limit))
+            result = await services.dispatcher.run(services, user, body)
+            return json_response(result)
+        except HarpsyncError as exc:
+            return json_response(exc.body(), exc.status)
+        except Exception:
+            log.exception("operation failed with an unexpected error")
+            return json_response({"error": "Internal error; see the node log"}, 500)
+
+    async def health(request: Request) -> Response:
+        report = services.health()
+        return json_response(report, 200 if report["status"] == "ok" else 503)
+
+    async def metrics(request: Request) -> Response:
+        data, content_type = services.metrics.render()
+        return Response(data, media_type=content_type)
+
+    routes = [
+        Route("/", operations, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes)

@@ -1,0 +1,117 @@
+"""Users, roles and permission checks for the operations API.
+
+Users live in ``system.hdb_user`` and roles in ``system.hdb_role``; both replicate like
+any other table. Passwords are stored only as salted scrypt hashes. A successful login
+is cached by its exact ``Authorization`` header until the next write to ``system``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from harpsync.errors import ForbiddenError, UnauthorizedError
+from harpsync.passwords import parse_authorization, verify_password
+from harpsync.storage.reads import get_by_ids
+from harpsync.storage.store import SYSTEM, Storage
+
+SUPER_ROLE = "super_user"
+
+
+@dataclass(frozen=True)
+class User:
+    """An authenticated user and the permission map of their role."""
+
+    username: str
+    role: str
+    permission: dict[str, Any]
+
+    @property
+    def super_user(self) -> bool:
+        return bool(self.permission.get("super_user"))
+
+
+def camel(name: str) -> str:
+    """``cluster_status`` -> ``clusterStatus``, as Harper names operations in errors."""
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+class Authenticator:
+    """Checks Basic credentials against ``hdb_user`` and caches successful logins."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._cache: dict[str, User] = {}
+        storage.database(SYSTEM).commit_listeners.append(lambda _seq: self._cache.clear())
+
+    def authenticate(self, header: str | None) -> User:
+        """Resolve an ``Authorization`` header to a user.
+
+        Raises:
+            UnauthorizedError: ``Must login`` without a header, ``Login failed`` otherwise.
+        """
+        if not header:
+            raise UnauthorizedError("Must login")
+        cached = self._cache.get(header)
+        if cached is not None:
+            return cached
+        try:
+            creds = parse_authorization(header)
+        except ValueError as exc:
+            raise UnauthorizedError(str(exc) or "Invalid character") from None
+        if creds is None:
+            raise UnauthorizedError("Must login")
+        user = self.check_password(*creds)
+        if user is None:
+            raise UnauthorizedError("Login failed")
+        if len(self._cache) > 1000:
+            self._cache.clear()
+        self._cache[header] = user
+        return user
+
+    def check_password(self, username: str, password: str) -> User | None:
+        """The user for a username and password, or None (also for inactive users)."""
+        db, users = self.storage.table(SYSTEM, "hdb_user")
+        found = get_by_ids(db, users, [username])
+        if not found:
+            return None
+        record = found[0]
+        if not record.get("active", True):
+            return None
+        if not verify_password(password, str(record.get("password", ""))):
+            return None
+        return User(username, str(record.get("role")), self.role_permission(record.get("role")))
+
+    def role_permission(self, role_id: Any) -> dict[str, Any]:
+        db, roles = self.storage.table(SYSTEM, "hdb_role")
+        found = get_by_ids(db, roles, [role_id]) if isinstance(role_id, str) else []
+        if not found:
+            return {}
+        permission = found[0].get("permission")
+        return permission if isinstance(permission, dict) else {}
+
+
+def require_super(user: User, operation: str) -> None:
+    """Raise Harper's 403 unless ``user`` is a super user."""
+    if not user.super_user:
+        raise ForbiddenError([f"Operation '{camel(operation)}' is restricted to 'super_user' roles"])
+
+
+def require_table(user: User, database: str, table: str, needed: list[str]) -> None:
+    """Raise Harper's 403 unless the role grants ``needed`` on ``database.table``."""
+    if user.super_user:
+        return
+    perms = user.permission.get(database, {})
+    tables = perms.get("tables", {}) if isinstance(perms, dict) else {}
+    table_perms = tables.get(table, {}) if isinstance(tables, dict) else {}
+    missing = [p for p in needed if not (isinstance(table_perms, dict) and table_perms.get(p))]
+    if missing:
+        raise ForbiddenError([{
+            "schema": database, "table": table,
+            "required_table_permissions": missing, "required_attribute_permissions": [],
+        }])
+
+
+VALID_USERNAME = re.compile(r"^[^\s:]{1,100}$")

@@ -1,0 +1,113 @@
+"""Command line: ``harpsync run`` starts a node, ``harpsync call`` posts one operation."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from harpsync.config import Config
+from harpsync.errors import ConfigError
+
+_LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+               "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
+               "fatal": logging.CRITICAL, "notify": logging.INFO}
+
+
+async def _serve(config: Config) -> None:
+    from harpsync.node import Node
+
+    node = Node(config, dict(os.environ))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    print(f"harpsync node {node.node_name} listening: operations API "
+          f"http://{config.get('operationsApi.network.host')}:{node.ops_port}/"
+          + (f", replication port {node.cluster.port}" if node.cluster else ""), flush=True)
+    await stop.wait()
+    logging.getLogger("harpsync").info("shutting down")
+    await node.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    config_path = Path(args.config) if args.config else None
+    if config_path is None and Path("config.yaml").exists():
+        config_path = Path("config.yaml")
+    try:
+        config = Config.load(config_path, root=args.root)
+    except ConfigError as exc:
+        print(f"harpsync: configuration error: {exc}", file=sys.stderr)
+        return 2
+    level = _LOG_LEVELS.get(str(config.get("logging.level")).lower(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(_serve(config))
+    except OSError as exc:
+        print(f"harpsync: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def call(args: argparse.Namespace) -> int:
+    import httpx
+
+    body: dict[str, Any] = {"operation": args.operation}
+    for pair in args.params:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            print(f"harpsync: expected key=value, got {pair!r}", file=sys.stderr)
+            return 2
+        body[key] = _value(raw)
+    url = args.url or os.environ.get("HARPSYNC_URL", "http://127.0.0.1:9925/")
+    user = args.user or os.environ.get("HDB_ADMIN_USERNAME", "admin")
+    password = args.password or os.environ.get("HDB_ADMIN_PASSWORD", "")
+    try:
+        response = httpx.post(url, json=body, auth=(user, password), timeout=args.timeout,
+                              verify=not args.insecure)
+    except httpx.HTTPError as exc:
+        print(f"harpsync: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(json.dumps(response.json(), indent=2))
+    except ValueError:
+        print(response.text)
+    return 0 if response.status_code < 400 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="harpsync")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="start a node")
+    p_run.add_argument("--root", help="data directory (overrides rootPath)")
+    p_run.add_argument("--config", help="path to config.yaml")
+    p_run.set_defaults(func=run)
+    p_call = sub.add_parser("call", help="post one operation to a node and print the JSON")
+    p_call.add_argument("operation")
+    p_call.add_argument("params", nargs="*", help="key=value (values parsed as JSON if possible)")
+    p_call.add_argument("--url", help="node URL (default $HARPSYNC_URL or http://127.0.0.1:9925/)")
+    p_call.add_argument("--user", help="username (default $HDB_ADMIN_USERNAME or admin)")
+    p_call.add_argument("--password", help="password (default $HDB_ADMIN_PASSWORD)")
+    p_call.add_argument("--timeout", type=float, default=30.0)
+    p_call.add_argument("--insecure", action="store_true", help="skip TLS verification")
+    p_call.set_defaults(func=call)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

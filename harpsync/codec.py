@@ -1,0 +1,30 @@
+"""The only module that imports msgpack: encoding of records, log entries and frames."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+_packer_opts = {"use_bin_type": True}
+
+
+def pack(obj: Any) -> bytes:
+    """Encode ``obj`` as msgpack bytes."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes | memoryview) -> Any:
+    """Decode msgpack bytes; maps may have integer keys."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class StreamUnpacker:
+    """Incremental decoder for a concatenation of msgpack objects."""
+
+    def __init__(self) -> None:
+        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+
+    def feed(self, data: bytes) -> list[Any]:
+        self._unpacker.feed(data)
+        return list(self._unpacker)

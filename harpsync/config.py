@@ -1,0 +1,219 @@
+"""Settings: built-in defaults, then ``config.yaml``, then environment, then ``validate()``.
+
+Key names follow Harper's config file. An environment variable overrides a key when its
+name is the key path upper-cased and joined with ``_`` (``OPERATIONSAPI_NETWORK_PORT``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harpsync.errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    "rootPath": "./hdb",
+    "operationsApi": {
+        "network": {"host": "127.0.0.1", "port": 9925, "securePort": None,
+                    "maxBodySize": 10 * 1024 * 1024},
+        "tls": {"certificate": None, "privateKey": None},
+    },
+    "replication": {
+        "hostname": None,
+        "url": None,
+        "host": "0.0.0.0",
+        "port": 9933,
+        "routes": [],
+        "databases": "*",
+        "maxClockSkew": 60_000,
+        "pingInterval": 1_000,
+        "secure": True,
+    },
+    "logging": {"level": "info", "auditRetention": "3d"},
+    "storage": {"mapSize": 64 * 1024**3},
+}
+
+_LEVELS = {"trace", "debug", "info", "warn", "warning", "error", "fatal", "notify"}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1}
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def env_name(key: str) -> str:
+    """``operationsApi.network.port`` -> ``OPERATIONSAPI_NETWORK_PORT``."""
+    return key.replace(".", "_").upper()
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any], where: str) -> None:
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value, f"{where}{key}.")
+        else:
+            base[key] = value
+
+
+def _parse_env(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+class Config:
+    """Plain settings values. ``get("replication.port")`` reads a dotted key."""
+
+    def __init__(self, values: dict[str, Any], path: Path | None = None) -> None:
+        self.values = values
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path | None = None, env: Mapping[str, str] | None = None,
+             root: str | None = None) -> Config:
+        """Defaults, then the YAML file, then the environment, then ``validate()``.
+
+        Raises:
+            ConfigError: the file is unreadable or a value is invalid; names the key.
+        """
+        env = os.environ if env is None else env
+        values = copy.deepcopy(DEFAULTS)
+        if path is not None and path.exists():
+            try:
+                loaded = yaml.safe_load(path.read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"cannot read {path}: {exc}") from exc
+            if not isinstance(loaded, Mapping):
+                raise ConfigError(f"{path} must hold a mapping of settings")
+            _merge(values, loaded, "")
+        for key in _flatten(DEFAULTS):
+            raw = env.get(env_name(key))
+            if raw is not None:
+                cls._set(values, key, _parse_env(raw) if key != "replication.hostname" else raw)
+        if root is not None:
+            values["rootPath"] = root
+        config = cls(values, path)
+        config.validate()
+        return config
+
+    @staticmethod
+    def _set(values: dict[str, Any], key: str, value: Any) -> None:
+        node = values
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+
+    def get(self, key: str) -> Any:
+        node: Any = self.values
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def set(self, key: str, value: Any) -> None:
+        self._set(self.values, key, value)
+
+    # -- validation --------------------------------------------------------------------
+    def _port(self, key: str, optional: bool = False) -> None:
+        value = self.get(key)
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+            raise ConfigError(f"{key} must be a port number from 0 to 65535, got {value!r}")
+
+    def validate(self) -> None:
+        """Check every value and fill derived ones; raise ``ConfigError`` naming the key."""
+        if not isinstance(self.get("rootPath"), str) or not self.get("rootPath"):
+            raise ConfigError("rootPath must be a non-empty path")
+        self._port("operationsApi.network.port")
+        self._port("operationsApi.network.securePort", optional=True)
+        self._port("replication.port")
+        for key in ("operationsApi.network.host", "replication.host"):
+            if not isinstance(self.get(key), str) or not self.get(key):
+                raise ConfigError(f"{key} must be a host name or address")
+        size = self.get("operationsApi.network.maxBodySize")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1024:
+            raise ConfigError("operationsApi.network.maxBodySize must be an integer >= 1024")
+        hostname = self.get("replication.hostname")
+        if hostname is None:
+            hostname = socket.gethostname()
+            self.set("replication.hostname", hostname)
+        if not isinstance(hostname, str) or not re.match(r"^[A-Za-z0-9_.:-]{1,255}$", hostname):
+            raise ConfigError(f"replication.hostname is not a valid node name: {hostname!r}")
+        url = self.get("replication.url")
+        if url is not None and (not isinstance(url, str)
+                                or not re.match(r"^wss?://[^\s/]+(:\d+)?/?$", url)):
+            raise ConfigError(f"replication.url must look like wss://host:port, got {url!r}")
+        routes = self.get("replication.routes")
+        if routes is None:
+            self.set("replication.routes", [])
+        elif not isinstance(routes, list):
+            raise ConfigError("replication.routes must be a list")
+        level = self.get("logging.level")
+        if not isinstance(level, str) or level.lower() not in _LEVELS:
+            raise ConfigError(f"logging.level must be one of {sorted(_LEVELS)}, got {level!r}")
+        self.retention_ms()
+        self.duration_ms("replication.maxClockSkew")
+        self.duration_ms("replication.pingInterval")
+        map_size = self.get("storage.mapSize")
+        if isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1 << 20:
+            raise ConfigError("storage.mapSize must be an integer of at least 1 MiB")
+
+    def duration_ms(self, key: str) -> int:
+        """A duration setting in milliseconds (numbers are ms; ``3d``, ``5s``... work)."""
+        value = self.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            return int(value)
+        match = _DURATION.match(str(value).strip()) if isinstance(value, str) else None
+        if not match:
+            raise ConfigError(f"{key} must be a duration such as 500ms, 30s or 3d, got {value!r}")
+        return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+    def retention_ms(self) -> int:
+        return self.duration_ms("logging.auditRetention")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.get("rootPath")).expanduser().resolve()
+
+    @property
+    def node_name(self) -> str:
+        return str(self.get("replication.hostname"))
+
+    def replication_url(self, bound_port: int | None = None) -> str:
+        """The URL peers dial; derived from hostname and port when not set."""
+        url = self.get("replication.url")
+        if url:
+            return str(url).rstrip("/")
+        port = bound_port if bound_port else self.get("replication.port")
+        return f"wss://{self.node_name}:{port}"
+
+    def save_routes(self, routes: list[Any]) -> None:
+        """Persist ``replication.routes`` to the config file, keeping its other keys."""
+        self.set("replication.routes", routes)
+        if self.path is None:
+            return
+        data: dict[str, Any] = {}
+        if self.path.exists():
+            data = yaml.safe_load(self.path.read_text()) or {}
+        data.setdefault("replication", {})["routes"] = routes
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        tmp.replace(self.path)

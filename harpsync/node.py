@@ -1,0 +1,167 @@
+"""The composition root: builds storage, security, replication and the app, binds sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import uvicorn
+
+from harpsync import procinfo
+from harpsync.app import build_app
+from harpsync.auth import SUPER_ROLE, Authenticator
+from harpsync.config import Config
+from harpsync.dispatch import Dispatcher
+from harpsync.metrics import Metrics
+from harpsync.passwords import hash_password
+from harpsync.security import NodeKeys
+from harpsync.storage import reads, writes
+from harpsync.storage.store import SYSTEM, Storage
+from harpsync.validation import SchemaRegistry
+from operations import data, schema_ops, system, users
+
+log = logging.getLogger("harpsync")
+
+OPERATION_MODULES = [schema_ops, data, users, system]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the node's owner handles signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Node:
+    """One harpsync node: the operations API and the replication listener."""
+
+    def __init__(self, config: Config, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.env = env or {}
+        self.node_name = config.node_name
+        self.started_at = time.monotonic()
+        self.storage = Storage(config.root, self.node_name, int(config.get("storage.mapSize")))
+        self.metrics = Metrics()
+        self.dispatcher = Dispatcher(SchemaRegistry.load())
+        for module in OPERATION_MODULES:
+            self.dispatcher.register(*module.OPERATIONS)
+        self.auth: Authenticator | None = None
+        self.keys: NodeKeys | None = None
+        self.cluster: Any = None
+        self._server: _Server | None = None
+        self._server_task: asyncio.Task[None] | None = None
+        self.ops_sock: socket.socket | None = None
+        self.generated_password: str | None = None
+
+    # -- start / stop ------------------------------------------------------------------
+    async def start(self, ops_sock: socket.socket | None = None,
+                    repl_sock: socket.socket | None = None) -> None:
+        """Open storage, make keys and the admin user, then bind both listeners."""
+        root = self.config.root
+        root.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.storage.open)
+        self.auth = Authenticator(self.storage)
+        hosts = [self.node_name]
+        url_host = urlparse(self.config.replication_url()).hostname
+        if url_host:
+            hosts.append(url_host)
+        self.keys = await asyncio.to_thread(NodeKeys.load_or_create, root / "keys",
+                                            self.node_name, hosts)
+        await self._bootstrap_users()
+        self.metrics.bind(procinfo.rss_bytes, lambda: self.storage.writer.commits,
+                          lambda: self.storage.writer.jobs)
+        self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),
+                                          int(self.config.get("operationsApi.network.port")))
+        host = self.config.get("operationsApi.network.host")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("the operations API listens on %s without TLS; credentials travel "
+                        "in clear text", host)
+        uv_config = uvicorn.Config(build_app(self), lifespan="off", access_log=False,
+                                   log_config=None, server_header=False, date_header=False,
+                                   timeout_keep_alive=30, backlog=1024)
+        self._server = _Server(uv_config)
+        self._server_task = asyncio.create_task(self._server.serve(sockets=[self.ops_sock]))
+        while not self._server.started:
+            if self._server_task.done():
+                self._server_task.result()
+                raise RuntimeError("the operations API stopped during start-up")
+            await asyncio.sleep(0.005)
+        log.info("node %s ready: operations API on port %d", self.node_name, self.ops_port)
+
+    async def stop(self) -> None:
+        """Stop accepting, close links, then close storage (all writes are durable)."""
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._server_task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._server_task, 10)
+        await asyncio.to_thread(self.storage.close)
+
+    @property
+    def ops_port(self) -> int:
+        assert self.ops_sock is not None
+        return int(self.ops_sock.getsockname()[1])
+
+    # -- first start -------------------------------------------------------------------
+    async def _bootstrap_users(self) -> None:
+        db, roles = self.storage.table(SYSTEM, "hdb_role")
+        if not reads.get_by_ids(db, roles, [SUPER_ROLE]):
+            role = {"id": SUPER_ROLE, "role": SUPER_ROLE, "permission": {"super_user": True}}
+            await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_role",
+                                                          [role], "insert", None))
+        db, user_table = self.storage.table(SYSTEM, "hdb_user")
+        if next(reads.scan(db, user_table), None) is not None:
+            return
+        username = self.env.get("HDB_ADMIN_USERNAME") or "admin"
+        password = self.env.get("HDB_ADMIN_PASSWORD")
+        if not password:
+            password = secrets.token_urlsafe(18)
+            self.generated_password = password
+            print(f"harpsync: created super user '{username}' with generated password: "
+                  f"{password}", flush=True)
+        record = {"username": username, "password": await asyncio.to_thread(hash_password,
+                                                                              password),
+                  "role": SUPER_ROLE, "active": True}
+        await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_user",
+                                                      [record], "insert", None))
+
+    # -- reports -----------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """``GET /health``: status, node name, uptime, storage, listeners and peers."""
+        storage_ok = self.storage.writer._thread.is_alive()
+        report: dict[str, Any] = {
+            "status": "ok" if storage_ok else "degraded",
+            "node_name": self.node_name,
+            "uptime_seconds": round(time.monotonic() - self.started_at, 3),
+            "storage": {"state": "ok" if storage_ok else "writer stopped",
+                        "databases": len(self.storage.databases),
+                        "root": str(self.config.root)},
+            "listeners": {"operations_api": self.ops_port if self.ops_sock else None},
+        }
+        if self.cluster is not None:
+            report["listeners"]["replication"] = self.cluster.port
+            report["peers"] = self.cluster.health()
+        return report
+
+
+def root_of(config: Config) -> Path:
+    return config.root

@@ -1,0 +1,129 @@
+"""Pure query logic: comparators, wildcard matching, projection, sort and paging."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from functools import lru_cache
+from itertools import islice
+from typing import Any
+
+from harpsync.errors import BadRequestError
+
+Predicate = Callable[[dict[str, Any]], bool]
+
+
+def _ordered(a: Any, b: Any) -> tuple[Any, Any] | None:
+    """Both values if they can be compared with < (numbers with numbers, str with str)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return None
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a, b
+    if isinstance(a, str) and isinstance(b, str):
+        return a, b
+    return None
+
+
+def _cmp(op: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
+    def check(value: Any, target: Any) -> bool:
+        pair = _ordered(value, target)
+        return pair is not None and op(*pair)
+
+    return check
+
+
+def _between(value: Any, target: Any) -> bool:
+    low, high = target
+    lo, hi = _ordered(value, low), _ordered(value, high)
+    return lo is not None and hi is not None and low <= value <= high
+
+
+def _contains(value: Any, target: Any) -> bool:
+    if isinstance(value, str):
+        return str(target) in value
+    if isinstance(value, list):
+        return target in value
+    return False
+
+
+COMPARATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "equals": lambda v, t: v == t,
+    "not_equal": lambda v, t: v != t,
+    "contains": _contains,
+    "starts_with": lambda v, t: isinstance(v, str) and v.startswith(str(t)),
+    "ends_with": lambda v, t: isinstance(v, str) and v.endswith(str(t)),
+    "greater_than": _cmp(lambda a, b: a > b),
+    "greater_than_equal": _cmp(lambda a, b: a >= b),
+    "less_than": _cmp(lambda a, b: a < b),
+    "less_than_equal": _cmp(lambda a, b: a <= b),
+    "between": _between,
+}
+
+
+@lru_cache(maxsize=256)
+def _wildcard(pattern: str) -> re.Pattern[str]:
+    return re.compile(re.escape(pattern).replace(r"\*", ".*"), re.DOTALL)
+
+
+def value_predicate(attribute: str, value: Any) -> Predicate:
+    """``search_by_value``: equality, or ``*`` wildcards for strings."""
+    if isinstance(value, str) and "*" in value:
+        if value == "*":
+            return lambda r: attribute in r
+        rx = _wildcard(value)
+        return lambda r: isinstance(r.get(attribute), str) and rx.fullmatch(r[attribute]) is not None
+    return lambda r: attribute in r and r[attribute] == value
+
+
+def conditions_predicate(operator: str, conditions: list[dict[str, Any]]) -> Predicate:
+    """``search_by_conditions``: ``and``/``or`` over comparator conditions."""
+    checks: list[Predicate] = []
+    for index, cond in enumerate(conditions):
+        comparator = cond["comparator"]
+        compare = COMPARATORS.get(comparator)
+        if compare is None:
+            raise BadRequestError(f'Unknown query comparator "{comparator}"')
+        target = cond.get("value")
+        if comparator == "between" and not (isinstance(target, list) and len(target) == 2):
+            raise BadRequestError(f"'conditions[{index}].value' must be an array of two values")
+        attr = cond["attribute"]
+        checks.append(lambda r, a=attr, c=compare, t=target: a in r and c(r[a], t))
+    if operator == "or":
+        if len(checks) < 2:
+            raise BadRequestError('An "or" operator requires at least two conditions')
+        return lambda r: any(check(r) for check in checks)
+    return lambda r: all(check(r) for check in checks)
+
+
+def project(record: dict[str, Any], attributes: list[str] | None) -> dict[str, Any]:
+    """Keep ``get_attributes``; ``["*"]`` (the default) keeps everything."""
+    if not attributes or "*" in attributes:
+        return record
+    return {a: record[a] for a in attributes if a in record}
+
+
+def _sort_key(attribute: str) -> Callable[[dict[str, Any]], tuple[int, Any]]:
+    def key(record: dict[str, Any]) -> tuple[int, Any]:
+        value = record.get(attribute)
+        if value is None:
+            return (0, 0)
+        if isinstance(value, bool):
+            return (1, int(value))
+        if isinstance(value, int | float):
+            return (2, value)
+        return (3, str(value))
+
+    return key
+
+
+def select(records: Iterable[dict[str, Any]], predicate: Predicate,
+           attributes: list[str] | None, sort: dict[str, Any] | None = None,
+           offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+    """Filter, then sort, page and project. Without ``sort`` it streams."""
+    matched: Iterator[dict[str, Any]] = (r for r in records if predicate(r))
+    if sort:
+        ordered = sorted(matched, key=_sort_key(sort["attribute"]),
+                         reverse=bool(sort.get("descending")))
+        matched = iter(ordered)
+    stop = None if limit is None else offset + limit
+    return [project(r, attributes) for r in islice(matched, offset, stop)]

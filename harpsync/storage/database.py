@@ -1,0 +1,207 @@
+"""One LMDB environment per database: table DBIs, the transaction log and metadata."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from harpsync import codec
+from harpsync.storage.keys import seq_key, seq_of
+
+TXNS_DBI = b"__txns__"
+META_DBI = b"__meta__"
+TABLE_PREFIX = b"table:"
+ORIGIN_PREFIX = b"origin:"
+CURSOR_PREFIX = b"cursor:"
+LOCAL_ORIGIN = 0
+TIME_ATTRIBUTES = ("__createdtime__", "__updatedtime__")
+
+
+@dataclass
+class Table:
+    """A table's definition plus its open DBI handles."""
+
+    name: str
+    primary_key: str
+    dbi: Any
+    tomb_dbi: Any
+    attributes: list[str] = field(default_factory=list)
+    version: int = 0
+
+    def definition(self) -> dict[str, Any]:
+        """The plain dict stored in ``__meta__`` and sent to peers in ``hello``."""
+        return {
+            "name": self.name,
+            "primary_key": self.primary_key,
+            "attributes": list(self.attributes),
+            "version": self.version,
+        }
+
+
+class Database:
+    """A database: its LMDB environment, tables, log position and origin-id map.
+
+    The catalog (``tables``, ``origin_ids``) is mutated only by the writer thread; other
+    threads read it. ``next_seq`` is owned by the writer thread as well.
+    """
+
+    def __init__(self, name: str, path: Path, map_size: int, local_name: str) -> None:
+        self.name = name
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.Environment(
+            str(path), map_size=map_size, max_dbs=4096, max_readers=512, subdir=True,
+            sync=True, metasync=True, readahead=False,
+        )
+        self.txns_dbi = self.env.open_db(TXNS_DBI)
+        self.meta_dbi = self.env.open_db(META_DBI)
+        self.tables: dict[str, Table] = {}
+        self.origin_ids: dict[str, int] = {}
+        self.origin_names: dict[int, str] = {}
+        self.next_seq = 1
+        self.commit_listeners: list[Callable[[int], None]] = []
+        self._lock = threading.Lock()
+        self._load(local_name)
+
+    # -- loading ---------------------------------------------------------------------
+    def _load(self, local_name: str) -> None:
+        definitions = [value for _, value in self.iter_meta(TABLE_PREFIX)]
+        for name, oid in self.iter_meta(ORIGIN_PREFIX):
+            self.origin_ids[name.decode()] = oid
+            self.origin_names[oid] = name.decode()
+        for definition in definitions:
+            self._open_table(definition)
+        # The local node is always origin 0 in this database.
+        stale = self.origin_names.get(LOCAL_ORIGIN)
+        if stale != local_name:
+            if stale is not None:
+                self.origin_ids.pop(stale, None)
+            self.origin_ids[local_name] = LOCAL_ORIGIN
+            self.origin_names[LOCAL_ORIGIN] = local_name
+            with self.env.begin(write=True) as txn:
+                txn.put(ORIGIN_PREFIX + local_name.encode(), codec.pack(LOCAL_ORIGIN),
+                        db=self.meta_dbi)
+        with self.env.begin() as txn:
+            last = txn.cursor(db=self.txns_dbi)
+            if last.last():
+                self.next_seq = seq_of(last.key()) + 1
+
+    def _open_table(self, definition: dict[str, Any]) -> Table:
+        name = definition["name"]
+        table = Table(
+            name=name,
+            primary_key=definition["primary_key"],
+            dbi=self.env.open_db(b"t:" + name.encode()),
+            tomb_dbi=self.env.open_db(b"x:" + name.encode()),
+            attributes=list(definition.get("attributes", [])),
+            version=definition.get("version", 0),
+        )
+        self.tables[name] = table
+        return table
+
+    def open_table_handles(self, name: str) -> tuple[Any, Any]:
+        """Create (or reopen) a table's DBIs. Writer thread only, outside a write txn."""
+        return self.env.open_db(b"t:" + name.encode()), self.env.open_db(b"x:" + name.encode())
+
+    # -- reads -------------------------------------------------------------------------
+    def read(self) -> lmdb.Transaction:
+        """A read transaction; use as a context manager."""
+        return self.env.begin(buffers=False)
+
+    @property
+    def head_seq(self) -> int:
+        """The newest committed log sequence (0 when the log is empty)."""
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.txns_dbi)
+            return seq_of(cur.key()) if cur.last() else 0
+
+    def oldest_seq(self) -> int:
+        """The oldest retained log sequence (0 when the log is empty)."""
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.txns_dbi)
+            return seq_of(cur.key()) if cur.first() else 0
+
+    def log_after(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` committed log entries with sequence greater than ``after_seq``.
+
+        Returns:
+            ``(seq, stored value bytes)`` pairs in sequence order.
+        """
+        out: list[tuple[int, bytes]] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.txns_dbi)
+            if not cur.set_range(seq_key(after_seq + 1)):
+                return out
+            for key, value in cur:
+                out.append((seq_of(key), value))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def iter_rows(self, table: Table, after_key: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` raw ``(key, stored)`` rows of a table after ``after_key``."""
+        out: list[tuple[bytes, bytes]] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=table.dbi)
+            found = cur.set_range(after_key) if after_key else cur.first()
+            if found and after_key and cur.key() == after_key:
+                found = cur.next()
+            while found:
+                out.append((cur.key(), cur.value()))
+                if len(out) >= limit:
+                    break
+                found = cur.next()
+        return out
+
+    def cursor(self, peer: str) -> dict[str, Any]:
+        """The replication cursor committed for ``peer`` (empty if none)."""
+        with self.env.begin() as txn:
+            raw = txn.get(CURSOR_PREFIX + peer.encode(), db=self.meta_dbi)
+        return codec.unpack(raw) if raw else {}
+
+    def iter_meta(self, prefix: bytes) -> Iterator[tuple[bytes, Any]]:
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.meta_dbi)
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    yield key[len(prefix):], codec.unpack(value)
+
+    def sizes(self) -> dict[str, int]:
+        """Byte sizes for ``describe_table``: whole env and audit log."""
+        info = self.env.info()
+        stat = self.env.stat()
+        with self.env.begin() as txn:
+            audit = txn.stat(self.txns_dbi)
+        page = stat["psize"]
+        audit_pages = audit["branch_pages"] + audit["leaf_pages"] + audit["overflow_pages"]
+        return {"db_size": (info["last_pgno"] + 1) * page, "db_audit_size": audit_pages * page}
+
+    def table_size(self, table: Table) -> tuple[int, int]:
+        """``(record_count, table_size in bytes)`` for a table."""
+        with self.env.begin() as txn:
+            st = txn.stat(table.dbi)
+        pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return st["entries"], pages * st["psize"]
+
+    # -- notifications -----------------------------------------------------------------
+    def notify_commit(self) -> None:
+        """Tell every listener (publishers) that new entries were committed."""
+        head = self.next_seq - 1
+        for listener in list(self.commit_listeners):
+            listener(head)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def destroy(self) -> None:
+        """Close the environment and delete its files."""
+        self.env.close()
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,67 @@
+"""Record-level reads and writes inside LMDB transactions, and the last-writer-wins rule.
+
+A stored record is msgpack ``[version, origin, record]``; a tombstone lives in the
+table's tombstone DBI as ``[version, origin, None]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lmdb
+
+from harpsync import codec
+from harpsync.storage.database import Database, Table
+
+Stored = tuple[int, int, dict[str, Any] | None]
+
+
+def get_stored(txn: lmdb.Transaction, table: Table, key: bytes) -> Stored | None:
+    """The live record, or else the tombstone, stored under ``key``."""
+    raw = txn.get(key, db=table.dbi)
+    if raw is None:
+        raw = txn.get(key, db=table.tomb_dbi)
+        if raw is None:
+            return None
+    version, origin, record = codec.unpack(raw)
+    return version, origin, record
+
+
+def get_live(txn: lmdb.Transaction, table: Table, key: bytes) -> Stored | None:
+    """The live record under ``key``, ignoring tombstones."""
+    raw = txn.get(key, db=table.dbi)
+    if raw is None:
+        return None
+    version, origin, record = codec.unpack(raw)
+    return version, origin, record
+
+
+def put_record(txn: lmdb.Transaction, table: Table, key: bytes, version: int, origin: int,
+               record: dict[str, Any]) -> None:
+    """Store a live record and clear any tombstone for its key."""
+    txn.put(key, codec.pack([version, origin, record]), db=table.dbi)
+    txn.delete(key, db=table.tomb_dbi)
+
+
+def put_tombstone(txn: lmdb.Transaction, table: Table, key: bytes, version: int,
+                  origin: int) -> None:
+    """Delete a live record and leave a tombstone carrying the delete's version."""
+    txn.delete(key, db=table.dbi)
+    txn.put(key, codec.pack([version, origin, None]), db=table.tomb_dbi)
+
+
+def wins(version: int, origin_name: str, old_version: int, old_origin_name: str) -> bool:
+    """Last writer wins: the higher ``(version, origin node name)`` is kept.
+
+    The node name is the tie-break because numeric origin ids are local to each node.
+    Equal pairs do not win, which makes applying the same write twice a no-op.
+    """
+    return (version, origin_name) > (old_version, old_origin_name)
+
+
+def incoming_wins(db: Database, stored: Stored | None, version: int, origin_name: str) -> bool:
+    """Whether a remote write should replace what is stored."""
+    if stored is None:
+        return True
+    old_name = db.origin_names.get(stored[1], "")
+    return wins(version, origin_name, stored[0], old_name)

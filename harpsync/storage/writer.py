@@ -1,0 +1,242 @@
+"""The single writer thread: group commit of many requests into one LMDB transaction.
+
+py-lmdb ties a write transaction to its OS thread, and one fsync costs about 1 ms, so
+every write goes through this thread. It drains everything queued, runs each job in a
+nested child transaction (one bad job aborts alone), commits each touched environment
+once, and only then resolves the jobs' futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import lmdb
+
+from harpsync.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+MAX_GROUP = 2000
+
+
+class WriteContext:
+    """What a job sees: one child transaction per database it touches."""
+
+    def __init__(self, parents: dict[Database, lmdb.Transaction]) -> None:
+        self._parents = parents
+        self._children: dict[Database, lmdb.Transaction] = {}
+        self._undo: list[Callable[[], None]] = []
+        self.after_commit: list[Callable[[], None]] = []
+
+    def txn(self, db: Database) -> lmdb.Transaction:
+        """The job's write transaction for ``db`` (a child of the group's transaction)."""
+        child = self._children.get(db)
+        if child is None:
+            parent = self._parents.get(db)
+            if parent is None:
+                parent = db.env.begin(write=True)
+                self._parents[db] = parent
+            child = db.env.begin(write=True, parent=parent)
+            self._children[db] = child
+        return child
+
+    def on_undo(self, fn: Callable[[], None]) -> None:
+        """Register a catalog rollback to run if this job fails."""
+        self._undo.append(fn)
+
+    def _finish(self, ok: bool) -> None:
+        for child in self._children.values():
+            if ok:
+                child.commit()
+            else:
+                child.abort()
+        if not ok:
+            for fn in reversed(self._undo):
+                fn()
+
+    @property
+    def databases(self) -> list[Database]:
+        return list(self._children)
+
+
+class _Job:
+    __slots__ = ("fn", "prepare", "future", "loop", "result", "error", "dbs", "ctx")
+
+    def __init__(self, fn: Callable[[WriteContext], Any],
+                 prepare: Callable[[], None] | None,
+                 future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.fn = fn
+        self.prepare = prepare
+        self.future = future
+        self.loop = loop
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.dbs: list[Database] = []
+        self.ctx: WriteContext | None = None
+
+
+def _resolve(job: _Job) -> None:
+    if job.future.done():
+        return
+    if job.error is not None:
+        job.future.set_exception(job.error)
+    else:
+        job.future.set_result(job.result)
+
+
+class Writer:
+    """Owns the writer thread. ``submit`` is called from the event loop."""
+
+    def __init__(self, on_commit: Callable[[Database], None] | None = None) -> None:
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="harpsync-writer", daemon=True)
+        self._on_commit = on_commit
+        self.commits = 0
+        self.jobs = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, fn: Callable[[WriteContext], Any],
+               prepare: Callable[[], None] | None = None) -> asyncio.Future[Any]:
+        """Queue ``fn`` to run in the writer thread; the future resolves once durable.
+
+        Args:
+            fn: runs inside the group transaction with a ``WriteContext``.
+            prepare: runs first in the writer thread outside any transaction (for
+                opening new DBIs or environments).
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.put(_Job(fn, prepare, fut, loop))
+        return fut
+
+    def run_sync(self, fn: Callable[[WriteContext], Any],
+                 prepare: Callable[[], None] | None = None) -> Any:
+        """Run a job from a non-async context (start-up); blocks until durable."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        class _SyncFuture:
+            def done(self) -> bool:
+                return False
+
+            def set_result(self, value: Any) -> None:
+                box["result"] = value
+                done.set()
+
+            def set_exception(self, exc: BaseException) -> None:
+                box["error"] = exc
+                done.set()
+
+        job = _Job(fn, prepare, _SyncFuture(), None)  # type: ignore[arg-type]
+        self._queue.put(job)
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    # -- the thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            stop = False
+            while len(jobs) < MAX_GROUP:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                jobs.append(nxt)
+            try:
+                self._run_group(jobs)
+            except BaseException as exc:  # never let the writer thread die silently
+                log.exception("writer group failed")
+                for job in jobs:
+                    if job.error is None:
+                        job.error = exc
+            self._deliver(jobs)
+            if stop:
+                return
+
+    def _run_group(self, jobs: list[_Job]) -> None:
+        parents: dict[Database, lmdb.Transaction] = {}
+        for job in jobs:
+            if job.prepare is not None:
+                try:
+                    job.prepare()
+                except Exception as exc:
+                    job.error = exc
+                    continue
+            ctx = WriteContext(parents)
+            job.ctx = ctx
+            try:
+                job.result = job.fn(ctx)
+            except Exception as exc:
+                job.error = exc
+                ctx._finish(ok=False)
+                continue
+            try:
+                ctx._finish(ok=True)
+            except Exception as exc:
+                job.error = exc
+            job.dbs = ctx.databases
+        failed: set[Database] = set()
+        for db, txn in parents.items():
+            try:
+                txn.commit()
+            except Exception as exc:
+                log.error("commit of database %s failed: %s", db.name, exc)
+                failed.add(db)
+        self.commits += 1
+        self.jobs += len(jobs)
+        for job in jobs:
+            if job.error is None and any(db in failed for db in job.dbs):
+                from harpsync.errors import StorageError
+
+                job.error = StorageError("the write could not be committed to storage")
+        for db in parents:
+            if db not in failed:
+                db.notify_commit()
+        if self._on_commit is not None:
+            for db in parents:
+                self._on_commit(db)
+        for job in jobs:
+            if job.error is None and job.ctx is not None:
+                for fn in job.ctx.after_commit:
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("after-commit hook failed")
+
+    def _deliver(self, jobs: list[_Job]) -> None:
+        by_loop: dict[Any, list[_Job]] = {}
+        for job in jobs:
+            if job.loop is None:
+                _resolve(job)
+            else:
+                by_loop.setdefault(job.loop, []).append(job)
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_all, batch)
+            except RuntimeError:
+                pass  # the loop is closed; nobody waits
+
+
+def _resolve_all(jobs: list[_Job]) -> None:
+    for job in jobs:
+        _resolve(job)

@@ -1,0 +1,133 @@
+"""Local data writes (insert, update, upsert, delete) as writer-thread jobs.
+
+Each job is one transaction: all of its records or none, and one log entry.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from harpsync import codec
+from harpsync.errors import BadRequestError
+from harpsync.storage.database import LOCAL_ORIGIN, TABLE_PREFIX, TIME_ATTRIBUTES, Database, Table
+from harpsync.storage.hlc import version_to_ms
+from harpsync.storage.keys import encode_id
+from harpsync.storage.records import get_live, put_record, put_tombstone
+from harpsync.storage.store import Storage
+from harpsync.storage.writer import WriteContext
+
+Job = Callable[[WriteContext], dict[str, Any]]
+
+
+def note_attributes(ctx: WriteContext, db: Database, table: Table,
+                    records: list[dict[str, Any]]) -> None:
+    """Record attribute names seen for the first time in the table definition."""
+    known = set(table.attributes)
+    known.add(table.primary_key)
+    known.update(TIME_ATTRIBUTES)
+    new: list[str] = []
+    for record in records:
+        for attr in record:
+            if attr not in known:
+                known.add(attr)
+                new.append(attr)
+    if not new:
+        return
+    old = table.attributes
+    table.attributes = old + new
+    ctx.on_undo(lambda: setattr(table, "attributes", old))
+    ctx.txn(db).put(TABLE_PREFIX + table.name.encode(), codec.pack(table.definition()),
+                    db=db.meta_dbi)
+
+
+def write_records(storage: Storage, db_name: str, table_name: str, records: list[Any],
+                  mode: str, user: str | None) -> Job:
+    """A job that inserts, updates or upserts ``records``.
+
+    ``insert`` skips ids that exist, ``update`` skips ids that do not, and ``upsert``
+    merges into what exists. Records without a primary key get a UUID on insert/upsert.
+    """
+
+    def job(ctx: WriteContext) -> dict[str, Any]:
+        db, table = storage.table(db_name, table_name, status=400)
+        txn = ctx.txn(db)
+        version = storage.hlc.now()
+        now_ms = version_to_ms(version)
+        pk = table.primary_key
+        written: list[Any] = []
+        skipped: list[Any] = []
+        ops: list[list[Any]] = []
+        stored_records: list[dict[str, Any]] = []
+        for index, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise BadRequestError(f"'records[{index}]' must be an object")
+            rid = record.get(pk)
+            if rid is None:
+                if mode == "update":
+                    raise BadRequestError(f"'records[{index}]' is missing primary key '{pk}'")
+                rid = str(uuid.uuid4())
+            key = encode_id(rid)
+            existing = get_live(txn, table, key)
+            if existing is not None and mode == "insert":
+                skipped.append(rid)
+                continue
+            if existing is None and mode == "update":
+                skipped.append(rid)
+                continue
+            if existing is not None:
+                old = existing[2] or {}
+                new = {**old, **record}
+                new["__createdtime__"] = old.get("__createdtime__", now_ms)
+            else:
+                new = dict(record)
+                new["__createdtime__"] = now_ms
+            new[pk] = rid
+            new["__updatedtime__"] = now_ms
+            put_record(txn, table, key, version, LOCAL_ORIGIN, new)
+            written.append(rid)
+            stored_records.append(record)
+            ops.append([table_name, mode, rid, new])
+        if ops:
+            note_attributes(ctx, db, table, stored_records)
+            storage.append_log(ctx, db, ops, version, LOCAL_ORIGIN, user)
+        total = len(records)
+        if mode == "insert":
+            return {"message": f"inserted {len(written)} of {total} records",
+                    "inserted_hashes": written, "skipped_hashes": skipped}
+        if mode == "update":
+            return {"message": f"updated {len(written)} of {total} records",
+                    "update_hashes": written, "skipped_hashes": skipped}
+        return {"message": f"upserted {len(written)} of {total} records",
+                "upserted_hashes": written}
+
+    return job
+
+
+def delete_records(storage: Storage, db_name: str, table_name: str, ids: list[Any],
+                   user: str | None) -> Job:
+    """A job that deletes ``ids``, leaving tombstones; missing ids are skipped."""
+
+    def job(ctx: WriteContext) -> dict[str, Any]:
+        db, table = storage.table(db_name, table_name, status=400)
+        txn = ctx.txn(db)
+        version = storage.hlc.now()
+        deleted: list[Any] = []
+        skipped: list[Any] = []
+        ops: list[list[Any]] = []
+        for rid in ids:
+            key = encode_id(rid)
+            if get_live(txn, table, key) is None:
+                skipped.append(rid)
+                continue
+            put_tombstone(txn, table, key, version, LOCAL_ORIGIN)
+            deleted.append(rid)
+            ops.append([table_name, "delete", rid, None])
+        if ops:
+            storage.append_log(ctx, db, ops, version, LOCAL_ORIGIN, user)
+        noun = "record" if len(ids) == 1 else "records"
+        return {"message": f"{len(deleted)} of {len(ids)} {noun} successfully deleted",
+                "deleted_hashes": deleted, "skipped_hashes": skipped}
+
+    return job

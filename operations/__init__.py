@@ -1,0 +1,1 @@
+"""Operation handlers: each is ``async def handler(ctx, body) -> dict | list``."""

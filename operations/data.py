@@ -1,0 +1,85 @@
+"""Data operations: writes through the writer thread, reads from read transactions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from harpsync import query
+from harpsync.dispatch import Operation, OpContext
+from harpsync.storage import reads, writes
+
+# Scans of tables larger than this run in a worker thread, off the event loop.
+OFFLOAD_ROWS = 5000
+
+
+def _target(body: dict[str, Any]) -> tuple[str, str]:
+    return str(body.get("database", "data")), str(body["table"])
+
+
+async def _write(ctx: OpContext, body: dict[str, Any], mode: str) -> dict[str, Any]:
+    storage = ctx.services.storage
+    db, table = _target(body)
+    storage.table(db, table, status=400)  # fail fast, before queueing
+    job = writes.write_records(storage, db, table, body["records"], mode, ctx.user.username)
+    return await storage.write(job)
+
+
+async def insert(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    return await _write(ctx, body, "insert")
+
+
+async def update(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    return await _write(ctx, body, "update")
+
+
+async def upsert(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    return await _write(ctx, body, "upsert")
+
+
+async def delete(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    storage = ctx.services.storage
+    db, table = _target(body)
+    storage.table(db, table, status=400)
+    return await storage.write(
+        writes.delete_records(storage, db, table, body["ids"], ctx.user.username))
+
+
+async def search_by_id(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:
+    db, table = ctx.services.storage.table(*_target(body))
+    attrs = body.get("get_attributes")
+    return [query.project(r, attrs) for r in reads.get_by_ids(db, table, body["ids"])]
+
+
+async def _scan(ctx: OpContext, body: dict[str, Any], predicate: query.Predicate,
+                sort: dict[str, Any] | None) -> list[dict[str, Any]]:
+    db, table = ctx.services.storage.table(*_target(body))
+
+    def run() -> list[dict[str, Any]]:
+        return query.select(reads.scan(db, table), predicate, body.get("get_attributes"),
+                            sort, body.get("offset", 0), body.get("limit"))
+
+    if db.table_size(table)[0] > OFFLOAD_ROWS:
+        return await asyncio.to_thread(run)
+    return run()
+
+
+async def search_by_value(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:
+    predicate = query.value_predicate(body["attribute"], body["value"])
+    return await _scan(ctx, body, predicate, None)
+
+
+async def search_by_conditions(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:
+    predicate = query.conditions_predicate(body.get("operator", "and"), body["conditions"])
+    return await _scan(ctx, body, predicate, body.get("sort"))
+
+
+OPERATIONS = [
+    Operation("insert", insert, ["insert"]),
+    Operation("update", update, ["update"]),
+    Operation("upsert", upsert, ["insert", "update"]),
+    Operation("delete", delete, ["delete"]),
+    Operation("search_by_id", search_by_id, ["read"]),
+    Operation("search_by_value", search_by_value, ["read"]),
+    Operation("search_by_conditions", search_by_conditions, ["read"]),
+]

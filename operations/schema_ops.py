@@ -1,0 +1,101 @@
+"""Schema operations: databases, tables and attributes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harpsync.dispatch import Operation, OpContext
+from harpsync.storage.database import Database, Table
+from harpsync.storage.store import SYSTEM
+
+
+def _db_name(body: dict[str, Any]) -> str:
+    return str(body.get("database", "data"))
+
+
+async def create_database(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    name = body["database"]
+    await ctx.services.storage.create_database(name)
+    return {"message": f"database '{name}' successfully created"}
+
+
+async def drop_database(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    name = body["database"]
+    await ctx.services.storage.drop_database(name)
+    return {"message": f"successfully deleted '{name}'"}
+
+
+def describe(db: Database, table: Table, sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """Harper's ``describe_table`` object."""
+    sizes = sizes or db.sizes()
+    count, table_size = db.table_size(table)
+    attributes: list[dict[str, Any]] = [
+        {"attribute": table.primary_key, "indexed": True, "is_primary_key": True},
+        {"attribute": "__createdtime__", "indexed": True},
+        {"attribute": "__updatedtime__", "indexed": True},
+    ]
+    attributes += [{"attribute": a} for a in table.attributes]
+    return {
+        "schema": db.name, "name": table.name, "hash_attribute": table.primary_key,
+        "audit": True, "schema_defined": False, "attributes": attributes,
+        "db_size": sizes["db_size"], "sources": [], "record_count": count,
+        "table_size": table_size, "db_audit_size": sizes["db_audit_size"],
+    }
+
+
+def describe_db(db: Database) -> dict[str, Any]:
+    sizes = db.sizes()
+    return {name: describe(db, table, sizes) for name, table in sorted(db.tables.items())}
+
+
+async def describe_all(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    storage = ctx.services.storage
+    return {name: describe_db(db) for name, db in sorted(storage.databases.items())
+            if name != SYSTEM}
+
+
+async def describe_database(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    return describe_db(ctx.services.storage.database(body["database"]))
+
+
+async def create_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    db, name = _db_name(body), body["table"]
+    attrs = [a["name"] for a in body.get("attributes", []) if a.get("name") != body["primary_key"]]
+    await ctx.services.storage.create_table(db, name, body["primary_key"], attrs)
+    return {"message": f"table '{db}.{name}' successfully created."}
+
+
+async def drop_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    db, name = _db_name(body), body["table"]
+    await ctx.services.storage.drop_table(db, name)
+    return {"message": f"successfully deleted table '{db}.{name}'"}
+
+
+async def describe_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    db, table = ctx.services.storage.table(_db_name(body), body["table"])
+    return describe(db, table)
+
+
+async def create_attribute(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    db, table, attr = _db_name(body), body["table"], body["attribute"]
+    await ctx.services.storage.set_attributes(db, table, [attr], [])
+    return {"message": f"attribute '{db}.{table}.{attr}' successfully created."}
+
+
+async def drop_attribute(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    db, table, attr = _db_name(body), body["table"], body["attribute"]
+    await ctx.services.storage.set_attributes(db, table, [], [attr])
+    return {"message": f"successfully deleted attribute '{attr}'"}
+
+
+OPERATIONS = [
+    Operation("create_database", create_database),
+    Operation("drop_database", drop_database),
+    Operation("describe_all", describe_all, "any"),
+    Operation("describe_database", describe_database, "any"),
+    Operation("create_table", create_table),
+    Operation("drop_table", drop_table),
+    Operation("describe_table", describe_table, "any"),
+    Operation("create_attribute", create_attribute),
+    Operation("drop_attribute", drop_attribute),
+]
