@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from starlette.applications import Starlette
@@ -37,17 +38,32 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity, which are not JSON and which no client
+    # could read back from a search.
+    raise BadRequestError(f"Invalid JSON: {name} is not a JSON value")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: not representable, and unreadable once echoed back
+        raise BadRequestError(f"Invalid JSON: the number {text[:40]} is out of range")
+    return value
+
+
 def parse_json(raw: bytes) -> Any:
     if not raw.strip():
         raise BadRequestError("Body cannot be empty when content-type is set to 'application/json'")
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_reject_constant, parse_float=_parse_float)
     except UnicodeDecodeError:
         raise BadRequestError("Request body must be UTF-8 encoded JSON") from None
     except json.JSONDecodeError as exc:
         raise BadRequestError(f"Invalid JSON: {exc.msg} at position {exc.pos}") from None
     except RecursionError:
         raise BadRequestError("Invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
+        raise BadRequestError(f"Invalid JSON: {str(exc)[:100]}") from None
 
 
 def build_app(services: Any) -> Starlette:

@@ -96,7 +96,8 @@ class Authenticator:
 def require_super(user: User, operation: str) -> None:
     """Raise Harper's 403 unless ``user`` is a super user."""
     if not user.super_user:
-        raise ForbiddenError([f"Operation '{camel(operation)}' is restricted to 'super_user' roles"])
+        raise ForbiddenError(
+            [f"Operation '{camel(operation)}' is restricted to 'super_user' roles"])
 
 
 def require_table(user: User, database: str, table: str, needed: list[str]) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,24 @@ async def _serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await node.start()
+    # Test harnesses may hand over listening sockets they bound themselves.
+    await node.start(ops_sock=_inherited("HARPSYNC_OPS_FD"),
+                     repl_sock=_inherited("HARPSYNC_REPL_FD"))
     print(f"harpsync node {node.node_name} listening: operations API "
           f"http://{config.get('operationsApi.network.host')}:{node.ops_port}/"
           + (f", replication port {node.cluster.port}" if node.cluster else ""), flush=True)
     await stop.wait()
     logging.getLogger("harpsync").info("shutting down")
     await node.stop()
+
+
+def _inherited(variable: str) -> socket.socket | None:
+    fd = os.environ.get(variable)
+    if not fd or not fd.isdigit():
+        return None
+    sock = socket.socket(fileno=int(fd))
+    sock.setblocking(False)
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,15 +22,16 @@ from harpsync.config import Config
 from harpsync.dispatch import Dispatcher
 from harpsync.metrics import Metrics
 from harpsync.passwords import hash_password
+from harpsync.replication.replicator import Replicator
 from harpsync.security import NodeKeys
 from harpsync.storage import reads, writes
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.validation import SchemaRegistry
-from operations import data, schema_ops, system, users
+from operations import cluster, data, schema_ops, system, users
 
 log = logging.getLogger("harpsync")
 
-OPERATION_MODULES = [schema_ops, data, users, system]
+OPERATION_MODULES = [schema_ops, data, users, system, cluster]
 
 
 class _Server(uvicorn.Server):
@@ -89,6 +90,8 @@ class Node:
         await self._bootstrap_users()
         self.metrics.bind(procinfo.rss_bytes, lambda: self.storage.writer.commits,
                           lambda: self.storage.writer.jobs)
+        self.cluster = Replicator(self.config, self.storage, self.keys, self.auth, self.metrics)
+        await self.cluster.start(repl_sock)
         self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),
                                           int(self.config.get("operationsApi.network.port")))
         host = self.config.get("operationsApi.network.host")
@@ -114,6 +117,8 @@ class Node:
             if self._server_task is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._server_task, 10)
+        if self.cluster is not None:
+            await self.cluster.stop()
         await asyncio.to_thread(self.storage.close)
 
     @property

@@ -38,6 +38,13 @@ def _between(value: Any, target: Any) -> bool:
     return lo is not None and hi is not None and low <= value <= high
 
 
+def _equal(value: Any, target: Any) -> bool:
+    """JSON equality: ``true`` is not ``1`` (Python's ``True == 1`` is)."""
+    if isinstance(value, bool) != isinstance(target, bool):
+        return False
+    return bool(value == target)
+
+
 def _contains(value: Any, target: Any) -> bool:
     if isinstance(value, str):
         return str(target) in value
@@ -47,8 +54,8 @@ def _contains(value: Any, target: Any) -> bool:
 
 
 COMPARATORS: dict[str, Callable[[Any, Any], bool]] = {
-    "equals": lambda v, t: v == t,
-    "not_equal": lambda v, t: v != t,
+    "equals": _equal,
+    "not_equal": lambda v, t: not _equal(v, t),
     "contains": _contains,
     "starts_with": lambda v, t: isinstance(v, str) and v.startswith(str(t)),
     "ends_with": lambda v, t: isinstance(v, str) and v.endswith(str(t)),
@@ -71,8 +78,9 @@ def value_predicate(attribute: str, value: Any) -> Predicate:
         if value == "*":
             return lambda r: attribute in r
         rx = _wildcard(value)
-        return lambda r: isinstance(r.get(attribute), str) and rx.fullmatch(r[attribute]) is not None
-    return lambda r: attribute in r and r[attribute] == value
+        return lambda r: (isinstance(r.get(attribute), str)
+                          and rx.fullmatch(r[attribute]) is not None)
+    return lambda r: attribute in r and _equal(r[attribute], value)
 
 
 def conditions_predicate(operator: str, conditions: list[dict[str, Any]]) -> Predicate:

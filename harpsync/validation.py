@@ -33,22 +33,16 @@ NAME_PATTERN = "^[A-Za-z0-9_-]+$"
 NAME_MAX_LENGTH = 100
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 _CLIP = 50
+_JSON_TYPES = ("array", "object", "string", "boolean", "number", "integer")
 
-_ARTICLES = {
-    "array": "an array",
-    "object": "an object",
-    "string": "a string",
-    "boolean": "a boolean",
-    "number": "a number",
-    "integer": "an integer",
-    "null": "null",
-}
+_ARTICLES = {t: ("an " if t[0] in "aeio" else "a ") + t for t in _JSON_TYPES} | {"null": "null"}
+_COMPARISONS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
 _PATTERN_TEXT = {
     NAME_PATTERN: "must contain only letters, digits, underscore and dash",
     "^\\S+$": "must not contain whitespace",
     "^wss?://\\S+$": "must be a ws:// or wss:// URL",
     "^wss?://[^\\s]+$": "must be a ws:// or wss:// URL",
-    "^\\d{4}-\\d{2}-\\d{2}T": "must be an ISO 8601 date-time (YYYY-MM-DDThh:mm:ss)",
+    "^[0-9]{4}-[0-9]{2}-[0-9]{2}T": "must be an ISO 8601 date-time (YYYY-MM-DDThh:mm:ss)",
 }
 _OR_CONDITIONS = 'An "or" operator requires at least two conditions'
 
@@ -183,14 +177,8 @@ def message_for(error: SchemaValidationError) -> str:
         return f"'{field}' must be at least {value} characters"
     if kw == "maxLength":
         return f"'{field}' must be at most {value} characters"
-    comparisons = {
-        "minimum": ">=",
-        "maximum": "<=",
-        "exclusiveMinimum": ">",
-        "exclusiveMaximum": "<",
-    }
-    if kw in comparisons:
-        return f"'{field}' must be {comparisons[kw]} {value}"
+    if kw in _COMPARISONS:
+        return f"'{field}' must be {_COMPARISONS[kw]} {value}"
     if kw in ("anyOf", "oneOf"):
         return f"'{field}' does not match any allowed form"
     return f"'{field}' is invalid: {_clip(error.message)}"

@@ -6,8 +6,9 @@ import asyncio
 from typing import Any
 
 from harpsync import query
-from harpsync.dispatch import Operation, OpContext
+from harpsync.dispatch import OpContext, Operation
 from harpsync.storage import reads, writes
+from harpsync.storage.store import SYSTEM
 
 # Scans of tables larger than this run in a worker thread, off the event loop.
 OFFLOAD_ROWS = 5000
@@ -15,6 +16,12 @@ OFFLOAD_ROWS = 5000
 
 def _target(body: dict[str, Any]) -> tuple[str, str]:
     return str(body.get("database", "data")), str(body["table"])
+
+
+def _public(records: list[dict[str, Any]], body: dict[str, Any]) -> list[dict[str, Any]]:
+    if (body.get("database"), body.get("table")) != (SYSTEM, "hdb_user"):
+        return records
+    return [{k: v for k, v in r.items() if k != "password"} for r in records]
 
 
 async def _write(ctx: OpContext, body: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -48,7 +55,8 @@ async def delete(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 async def search_by_id(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:
     db, table = ctx.services.storage.table(*_target(body))
     attrs = body.get("get_attributes")
-    return [query.project(r, attrs) for r in reads.get_by_ids(db, table, body["ids"])]
+    return _public([query.project(r, attrs) for r in reads.get_by_ids(db, table, body["ids"])],
+                   body)
 
 
 async def _scan(ctx: OpContext, body: dict[str, Any], predicate: query.Predicate,
@@ -60,8 +68,8 @@ async def _scan(ctx: OpContext, body: dict[str, Any], predicate: query.Predicate
                             sort, body.get("offset", 0), body.get("limit"))
 
     if db.table_size(table)[0] > OFFLOAD_ROWS:
-        return await asyncio.to_thread(run)
-    return run()
+        return _public(await asyncio.to_thread(run), body)
+    return _public(run(), body)
 
 
 async def search_by_value(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from harpsync.dispatch import Operation, OpContext
+from harpsync.dispatch import OpContext, Operation
+from harpsync.errors import BadRequestError
 from harpsync.storage.database import Database, Table
 from harpsync.storage.store import SYSTEM
 
 
 def _db_name(body: dict[str, Any]) -> str:
     return str(body.get("database", "data"))
+
+
+def _not_system(db: str, table: str) -> None:
+    # Users, roles and nodes live there; dropping hdb_user would lock everybody out.
+    if db == SYSTEM:
+        raise BadRequestError(f"Table '{db}.{table}' is a system table and cannot be "
+                              "created or dropped")
 
 
 async def create_database(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
@@ -60,6 +68,7 @@ async def describe_database(ctx: OpContext, body: dict[str, Any]) -> dict[str, A
 
 async def create_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     db, name = _db_name(body), body["table"]
+    _not_system(db, name)
     attrs = [a["name"] for a in body.get("attributes", []) if a.get("name") != body["primary_key"]]
     await ctx.services.storage.create_table(db, name, body["primary_key"], attrs)
     return {"message": f"table '{db}.{name}' successfully created."}
@@ -67,6 +76,7 @@ async def create_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 
 async def drop_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     db, name = _db_name(body), body["table"]
+    _not_system(db, name)
     await ctx.services.storage.drop_table(db, name)
     return {"message": f"successfully deleted table '{db}.{name}'"}
 

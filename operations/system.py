@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from harpsync import __version__, procinfo
-from harpsync.dispatch import Operation, OpContext
+from harpsync.dispatch import OpContext, Operation
 
 
 async def system_information(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from harpsync.auth import SUPER_ROLE
-from harpsync.dispatch import Operation, OpContext
+from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, ConflictError, NotFoundError
 from harpsync.passwords import hash_password
 from harpsync.storage import reads, writes

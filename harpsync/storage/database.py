@@ -19,6 +19,7 @@ META_DBI = b"__meta__"
 TABLE_PREFIX = b"table:"
 ORIGIN_PREFIX = b"origin:"
 CURSOR_PREFIX = b"cursor:"
+PRUNED_KEY = b"pruned_through"
 LOCAL_ORIGIN = 0
 TIME_ATTRIBUTES = ("__createdtime__", "__updatedtime__")
 
@@ -127,6 +128,12 @@ class Database:
             cur = txn.cursor(db=self.txns_dbi)
             return seq_of(cur.key()) if cur.first() else 0
 
+    def pruned_through(self) -> int:
+        """The highest log sequence removed by retention or ``purge_stream`` (0 if none)."""
+        with self.env.begin() as txn:
+            raw = txn.get(PRUNED_KEY, db=self.meta_dbi)
+        return int(codec.unpack(raw)) if raw else 0
+
     def log_after(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to ``limit`` committed log entries with sequence greater than ``after_seq``.
 
@@ -144,11 +151,12 @@ class Database:
                     break
         return out
 
-    def iter_rows(self, table: Table, after_key: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
-        """Up to ``limit`` raw ``(key, stored)`` rows of a table after ``after_key``."""
+    def iter_rows(self, table: Table, after_key: bytes | None, limit: int,
+                  tombs: bool = False) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` raw ``(key, stored)`` rows (or tombstones) after ``after_key``."""
         out: list[tuple[bytes, bytes]] = []
         with self.env.begin() as txn:
-            cur = txn.cursor(db=table.dbi)
+            cur = txn.cursor(db=table.tomb_dbi if tombs else table.dbi)
             found = cur.set_range(after_key) if after_key else cur.first()
             if found and after_key and cur.key() == after_key:
                 found = cur.next()

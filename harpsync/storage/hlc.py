@@ -45,6 +45,10 @@ class HLC:
             self._last = wall if wall > self._last else self._last + 1
             return self._last
 
+    @staticmethod
+    def wall_now_ms() -> int:
+        return int(time.time() * 1000)
+
     def observe(self, version: int) -> None:
         """Move the clock forward past a version received from a peer."""
         with self._lock:

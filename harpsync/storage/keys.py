@@ -35,7 +35,9 @@ def encode_id(value: object) -> bytes:
     if isinstance(value, int):
         if -_INT_BIAS <= value < _INT_BIAS:
             return b"i" + _U64.pack(value + _INT_BIAS)
-        return b"m" + codec.pack(value)
+        if _INT_BIAS <= value < 1 << 64:
+            return b"m" + codec.pack(value)
+        raise BadRequestError("primary key value must be an integer that fits in 64 bits")
     if isinstance(value, float):
         if value.is_integer() and -_INT_BIAS <= value < _INT_BIAS:
             return b"i" + _U64.pack(int(value) + _INT_BIAS)

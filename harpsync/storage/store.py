@@ -36,6 +36,9 @@ class Storage:
         self.hlc = HLC()
         self.databases: dict[str, Database] = {}
         self.writer = Writer()
+        # DBIs and environments opened by a job's prepare step, used by its body.
+        self.pending_handles: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.pending_envs: dict[str, Database] = {}
         # Called (in the writer thread, after commit) with (event, database name).
         self.database_listeners: list[Callable[[str, str], None]] = []
 
@@ -143,14 +146,15 @@ class Storage:
     def _create_table_job(self, db_name: str, name: str, primary_key: str,
                           attributes: list[str], log_it: bool = True, version: int | None = None,
                           origin: int = LOCAL_ORIGIN, exists_ok: bool = False,
+                          handles: tuple[Any, Any] | None = None,
                           ) -> tuple[Callable[[WriteContext], Any], Callable[[], None]]:
-        box: dict[str, Any] = {}
+        box: dict[str, Any] = {} if handles is None else {"handles": handles}
 
         def prepare() -> None:
             db = self.databases.get(db_name)
             if db is None:
                 db = box["new_db"] = self._open_env(db_name)
-            if name not in db.tables:
+            if name not in db.tables and "handles" not in box:
                 box["handles"] = db.open_table_handles(name)
 
         def fn(ctx: WriteContext) -> str:
@@ -181,6 +185,28 @@ class Storage:
             return "created"
 
         return fn, prepare
+
+    async def ensure_tables(self, db_name: str, definitions: dict[str, Any]) -> None:
+        """Create missing tables from a peer's definitions (not logged: peers learn
+        tables from their own hello exchange)."""
+        db = self.databases.get(db_name)
+        if db is None:
+            return
+        for name, definition in definitions.items():
+            if name in db.tables or not NAME_RE.match(name) or not isinstance(definition, dict):
+                continue
+            fn, prepare = self._create_table_job(
+                db_name, name, str(definition.get("primary_key", "id")),
+                list(definition.get("attributes", [])), log_it=False,
+                version=int(definition.get("version", 0)) or None, exists_ok=True)
+            await self.write(fn, prepare)
+
+    async def ensure_databases(self, names: list[str]) -> None:
+        """Create missing databases a peer reported (not logged)."""
+        for name in names:
+            if name not in self.databases and NAME_RE.match(name):
+                fn, prepare = self._database_job(name, None, False, True)
+                await self.write(fn, prepare)
 
     async def create_table(self, db_name: str, name: str, primary_key: str,
                            attributes: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import lmdb
 
+from harpsync.errors import StorageError
 from harpsync.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -175,13 +176,17 @@ class Writer:
 
     def _run_group(self, jobs: list[_Job]) -> None:
         parents: dict[Database, lmdb.Transaction] = {}
+        # Prepares open DBIs and environments with their own write transactions, so
+        # they all run before the group opens any transaction of its own.
         for job in jobs:
             if job.prepare is not None:
                 try:
                     job.prepare()
                 except Exception as exc:
                     job.error = exc
-                    continue
+        for job in jobs:
+            if job.error is not None:
+                continue
             ctx = WriteContext(parents)
             job.ctx = ctx
             try:
@@ -206,8 +211,6 @@ class Writer:
         self.jobs += len(jobs)
         for job in jobs:
             if job.error is None and any(db in failed for db in job.dbs):
-                from harpsync.errors import StorageError
-
                 job.error = StorageError("the write could not be committed to storage")
         for db in parents:
             if db not in failed:

@@ -85,7 +85,12 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
                 new["__createdtime__"] = now_ms
             new[pk] = rid
             new["__updatedtime__"] = now_ms
-            put_record(txn, table, key, version, LOCAL_ORIGIN, new)
+            try:
+                put_record(txn, table, key, version, LOCAL_ORIGIN, new)
+            except (OverflowError, ValueError) as exc:
+                # msgpack holds integers of at most 64 bits and bounded nesting.
+                raise BadRequestError(f"'records[{index}]' holds a value that cannot be "
+                                      f"stored: {exc}") from None
             written.append(rid)
             stored_records.append(record)
             ops.append([table_name, mode, rid, new])

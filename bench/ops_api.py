@@ -1,0 +1,236 @@
+"""Operations API benchmark: one real node against a bare Starlette echo ceiling.
+
+Run from the repository root::
+
+    .venv/bin/python -m bench.ops_api            # 1 s warm-up + 5 s per scenario
+    .venv/bin/python -m bench.ops_api --quick    # 0.5 s + 2 s per scenario
+
+It starts ``harpsync run`` as a subprocess on free ports with a fresh root, times the
+start (spawn until ``describe_all`` answers 200), then loads it from a separate client
+process with single-record inserts (1 and 16 clients), 100-record inserts (16 clients)
+and ``search_by_id`` (16 clients). The same client loads an echo endpoint on uvicorn with
+the node's settings at 1 and 16 clients; that is the ceiling each node figure is compared
+with. It ends with a ``targets`` section of PASS/FAIL lines and always exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as ``python bench/ops_api.py``
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    ADMIN,
+    EchoProcess,
+    LoadResult,
+    NodeProcess,
+    Scenario,
+    fmt_num,
+    format_table,
+    rss_breakdown_mib,
+    run_load,
+    workdir,
+)
+
+DATABASE, TABLE = "bench", "dog"
+SEARCH_ROWS = 10_000
+
+# (label, target, HarperDB 4.7.29 on the same machine)
+TARGET_1 = 670
+TARGET_16 = 3_000
+TARGET_BATCH = 27_000
+TARGET_ECHO_FRACTION = 0.60
+TARGET_START_S = 1.5
+TARGET_RSS_MIB = 120
+REFERENCE = {"insert x1": 67, "insert x1 c16": 298, "insert x100": 2_674}
+
+
+def _scenarios(clients: int) -> list[Scenario]:
+    return [
+        Scenario("insert 1 rec/POST", "insert", 1, 1, DATABASE, TABLE, id_base=10_000_000),
+        Scenario("insert 1 rec/POST", "insert", clients, 1, DATABASE, TABLE,
+                 id_base=100_000_000),
+        Scenario("insert 100 rec/POST", "insert", clients, 100, DATABASE, TABLE,
+                 id_base=1_000_000_000),
+        Scenario("search_by_id 1 id", "search_by_id", clients, 1, DATABASE, TABLE,
+                 search_ids=(0, SEARCH_ROWS)),
+    ]
+
+
+def _echo_scenarios(clients: int) -> list[Scenario]:
+    # The echo endpoint receives the same single-record insert bodies as the node.
+    return [Scenario("echo (ceiling)", "insert", n, 1, DATABASE, TABLE) for n in (1, clients)]
+
+
+def _preload(node: NodeProcess) -> None:
+    """Create the table and the rows that ``search_by_id`` reads."""
+    status, body = node.call("create_database", database=DATABASE)
+    if status != 200:
+        print(f"note: create_database answered {status}: {body}")
+    status, body = node.call("create_table", database=DATABASE, table=TABLE, primary_key="id")
+    if status != 200:
+        raise RuntimeError(f"create_table answered {status}: {body}")
+
+
+def _preload_search_rows(node: NodeProcess) -> None:
+    for start in range(0, SEARCH_ROWS, 1000):
+        records = [{"id": i, "name": f"dog-{i}", "breed": "labrador", "age": i % 15,
+                    "weight": 31.5} for i in range(start, start + 1000)]
+        status, body = node.call("insert", database=DATABASE, table=TABLE, records=records)
+        if status != 200:
+            raise RuntimeError(f"preload insert answered {status}: {body}")
+
+
+def _row(result: LoadResult, echo: dict[int, LoadResult]) -> list[str]:
+    ceiling = echo.get(result.clients)
+    fraction = (f"{100 * result.req_per_s / ceiling.req_per_s:.0f}%"
+                if ceiling is not None and ceiling.req_per_s and result.label[:4] != "echo"
+                else "-")
+    return [result.label, str(result.clients), fmt_num(result.req_per_s),
+            fmt_num(result.rec_per_s), fmt_num(result.p50_ms, 2), fmt_num(result.p99_ms, 2),
+            fraction, fmt_num(result.server_cpu_pct), fmt_num(result.client_cpu_pct),
+            fmt_num(result.rss_end_mib, 1), fmt_num(result.rss_peak_mib, 1), str(result.errors)]
+
+
+HEADERS = ["scenario", "clients", "req/s", "records/s", "p50 ms", "p99 ms", "vs echo",
+           "srv CPU%", "cli CPU%", "RSS MiB", "peak MiB", "errors"]
+
+
+def _check(ok: bool, name: str, measured: str, reference: str = "") -> str:
+    return f"  {'PASS' if ok else 'FAIL'}  {name:<44} {measured}{reference}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0,
+                        help="measured seconds per scenario (default 5)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="unmeasured seconds before each scenario (default 1)")
+    parser.add_argument("--quick", action="store_true", help="0.5 s warm-up, 2 s per scenario")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup = 2.0, 0.5
+
+    http_impl = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop_impl = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    print(f"harpsync operations API benchmark: {os.cpu_count()} CPUs, Python "
+          f"{platform.python_version()}, uvicorn http={http_impl} loop={loop_impl}, "
+          f"{args.warmup:g} s warm-up + {args.duration:g} s per scenario")
+    print("client: one separate process, one keep-alive HTTP/1.1 connection per client\n")
+
+    echo: dict[int, LoadResult] = {}
+    results: list[LoadResult] = []
+    starts: dict[str, float] = {}
+    rss: dict[str, float | None] = {}
+    parts: dict[str, float] = {}
+    failure: str | None = None
+    with workdir("harpsync-bench-", keep=args.keep) as tmp:
+        try:
+            server = EchoProcess(tmp / "echo")
+            starts["echo"] = server.start()
+            try:
+                for scenario in _echo_scenarios(args.clients):
+                    result = run_load(scenario, server.port, None, args.warmup, args.duration,
+                                      server.pid)
+                    echo[scenario.clients] = result
+                    results.append(result)
+            finally:
+                server.stop()
+
+            node = NodeProcess(tmp / "node")
+            starts["fresh"] = node.start()
+            try:
+                rss["idle"] = node.rss_mib()
+                _preload(node)
+                for scenario in _scenarios(args.clients):
+                    if scenario.kind == "search_by_id":
+                        _preload_search_rows(node)
+                    results.append(run_load(scenario, node.port, ADMIN, args.warmup,
+                                            args.duration, node.pid))
+                time.sleep(0.5)  # let in-flight work settle before the final sample
+                rss["after"] = node.rss_mib()
+                parts = rss_breakdown_mib(node.pid)
+            finally:
+                starts["stop"] = node.stop()
+            starts["restart"] = node.start()
+            try:
+                rss["restart"] = node.rss_mib()
+            finally:
+                node.stop()
+            if args.keep:
+                print(f"kept {tmp}")
+        except Exception as exc:  # a report, not a crash: show what failed and go on
+            failure = f"{type(exc).__name__}: {exc}"
+
+    rows = [_row(r, echo) for r in results]
+    print(format_table(HEADERS, rows))
+    print("\nvs echo: node requests/s as a fraction of the echo endpoint's at the same client"
+          " count (echo bodies are single-record inserts)")
+    print(f"start (fresh root, spawn to describe_all 200): {fmt_num(starts.get('fresh'), 3)} s;"
+          f" restart with data: {fmt_num(starts.get('restart'), 3)} s;"
+          f" stop (SIGTERM to exit): {fmt_num(starts.get('stop'), 3)} s;"
+          f" echo server start: {fmt_num(starts.get('echo'), 3)} s")
+    print(f"node RSS: idle after start {fmt_num(rss.get('idle'), 1)} MiB, after the run "
+          f"{fmt_num(rss.get('after'), 1)} MiB, after restart {fmt_num(rss.get('restart'), 1)} MiB")
+    if parts:
+        print("  after the run: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in parts.items())
+              + " (RssFile is mostly LMDB pages mapped from the page cache)")
+    for result in results:
+        if result.error_sample:
+            print(f"errors in {result.label} x{result.clients}: {result.error_sample}")
+    if failure:
+        print(f"\nERROR: the benchmark did not complete: {failure}")
+
+    by_key = {(r.label, r.clients): r for r in results}
+    single_1 = by_key.get(("insert 1 rec/POST", 1))
+    single_n = by_key.get(("insert 1 rec/POST", args.clients))
+    batch_n = by_key.get(("insert 100 rec/POST", args.clients))
+    ceiling = echo.get(args.clients)
+
+    def rate(result: LoadResult | None) -> float:
+        return result.rec_per_s if result else 0.0
+
+    fraction = (single_n.req_per_s / ceiling.req_per_s
+                if single_n and ceiling and ceiling.req_per_s else 0.0)
+    start_s = max(starts.get("fresh", float("inf")), starts.get("restart", float("inf")))
+    after = rss.get("after")
+    errors = sum(r.errors for r in results)
+    lines = [
+        _check(rate(single_1) >= TARGET_1, f"insert 1 rec/POST, 1 client >= {TARGET_1:,} rec/s",
+               f"{rate(single_1):,.0f}", f"  (HarperDB 4.7.29: {REFERENCE['insert x1']})"),
+        _check(rate(single_n) >= TARGET_16,
+               f"insert 1 rec/POST, {args.clients} clients >= {TARGET_16:,} rec/s",
+               f"{rate(single_n):,.0f}", f"  (HarperDB 4.7.29: {REFERENCE['insert x1 c16']})"),
+        _check(rate(batch_n) >= TARGET_BATCH,
+               f"insert 100 rec/POST, {args.clients} clients >= {TARGET_BATCH:,} rec/s",
+               f"{rate(batch_n):,.0f}", f"  (HarperDB 4.7.29: {REFERENCE['insert x100']:,})"),
+        _check(fraction >= TARGET_ECHO_FRACTION,
+               f"insert 1 rec/POST, {args.clients} clients >= "
+               f"{TARGET_ECHO_FRACTION:.0%} of echo", f"{fraction:.0%}"),
+        _check(start_s < TARGET_START_S, f"start < {TARGET_START_S} s (fresh and restart)",
+               f"{start_s:.3f} s" if start_s != float("inf") else "not started"),
+        _check(after is not None and after < TARGET_RSS_MIB,
+               f"RSS after the run < {TARGET_RSS_MIB} MiB",
+               f"{after:.1f} MiB" if after is not None else "not measured"),
+        _check(errors == 0 and failure is None, "no request errors, run completed",
+               f"{errors} errors" + ("; incomplete" if failure else "")),
+    ]
+    print("\ntargets")
+    print("\n".join(lines))
+    failed = sum(line.lstrip().startswith("FAIL") for line in lines)
+    print(f"\n{len(lines) - failed} of {len(lines)} targets met"
+          + (f"; {failed} FAIL" if failed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

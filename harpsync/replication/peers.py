@@ -1,0 +1,97 @@
+"""Rows of ``hdb_nodes`` and what they mean for replication (pure functions).
+
+A row describes this node's relationship with one peer: where it is (``url``), whom to
+trust (``ca``, ``revoked_certificates``) and which tables flow in each direction
+(``subscriptions``; none means everything replicates both ways).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harpsync.storage.store import SYSTEM
+
+# Keys of a row that describe the peer itself and may be learned from other nodes.
+IDENTITY_KEYS = ("name", "url", "ca", "shard")
+# The system database always replicates (users, roles), except the node table itself,
+# which every node keeps from its own point of view.
+LOCAL_ONLY_TABLES = {(SYSTEM, "hdb_nodes")}
+
+
+def normalize_subscriptions(subs: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Fill ``database`` (default ``data``) and keep only the documented keys."""
+    if subs is None:
+        return None
+    out = []
+    for sub in subs:
+        out.append({"database": sub.get("database", "data"), "table": sub["table"],
+                    "subscribe": bool(sub.get("subscribe")),
+                    "publish": bool(sub.get("publish"))})
+    return out
+
+
+def merge_subscriptions(old: list[dict[str, Any]] | None,
+                        new: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Upsert ``new`` into ``old`` by (database, table), leaving other tables alone."""
+    if new is None:
+        return old
+    merged = {(s["database"], s["table"]): s for s in (old or [])}
+    for sub in new:
+        merged[(sub["database"], sub["table"])] = sub
+    return list(merged.values())
+
+
+def mirror(subs: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """The peer's view of the same subscriptions: ``subscribe`` and ``publish`` swapped."""
+    if subs is None:
+        return None
+    return [{**s, "subscribe": s["publish"], "publish": s["subscribe"]} for s in subs]
+
+
+def _tables(row: dict[str, Any], database: str, direction: str) -> list[str] | None | bool:
+    if database == SYSTEM:
+        return None
+    subs = row.get("subscriptions")
+    if subs is None:
+        return None if row.get("replicates", True) else False
+    tables = [s["table"] for s in subs if s.get("database", "data") == database
+              and s.get(direction)]
+    return tables or False
+
+
+def subscribe_tables(row: dict[str, Any], database: str) -> list[str] | None | bool:
+    """Tables of ``database`` this node receives from the peer: None = all, False = none."""
+    return _tables(row, database, "subscribe")
+
+
+def publish_tables(row: dict[str, Any], database: str) -> list[str] | None | bool:
+    """Tables of ``database`` this node sends to the peer: None = all, False = none."""
+    return _tables(row, database, "publish")
+
+
+def table_allowed(database: str, table: str | None, allowed: list[str] | None) -> bool:
+    """Whether an operation on ``table`` passes a table filter."""
+    if table is None:
+        return True
+    if (database, table) in LOCAL_ONLY_TABLES:
+        return False
+    return allowed is None or table in allowed
+
+
+def serial_revoked(serial_hex: str, revoked: list[Any] | None) -> bool:
+    """Compare certificate serials ignoring case, colons and leading zeros."""
+    def norm(value: Any) -> str:
+        return str(value).replace(":", "").upper().lstrip("0")
+
+    wanted = norm(serial_hex)
+    return any(norm(item) == wanted for item in (revoked or []))
+
+
+def identity(row: dict[str, Any]) -> dict[str, Any]:
+    """The part of a row other nodes may learn (never credentials)."""
+    return {k: row[k] for k in IDENTITY_KEYS if row.get(k) is not None}
+
+
+def public_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as shown to operators: never the stored authorization."""
+    return {k: v for k, v in row.items() if k != "authorization"}

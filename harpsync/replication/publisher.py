@@ -1,0 +1,245 @@
+"""Serving one inbound replication socket: this node's log for one database.
+
+The publisher reads its log after the requested sequence, keeps entries whose origin
+and tables pass the subscription, and waits on a commit notification at the end of the
+log (it never polls). Sending awaits the socket's drain, so a slow peer slows the
+stream instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from harpsync import codec
+from harpsync.replication import peers
+from harpsync.replication.messages import ProtocolError
+from harpsync.replication.protocol import (
+    AckReceived,
+    OperationRequested,
+    PeerFailed,
+    PeerHello,
+    ProtocolFailed,
+    PublisherSession,
+    SubscribeRequested,
+)
+from harpsync.replication.transport import Link, LinkClosed
+from harpsync.storage.database import Database, Table
+
+if TYPE_CHECKING:
+    from harpsync.replication.replicator import Replicator
+
+log = logging.getLogger(__name__)
+
+READ_BATCH = 1000
+COPY_CHUNK = 500
+
+
+class Publisher:
+    """One inbound socket: a peer pulling ``database`` from this node."""
+
+    def __init__(self, rep: Replicator, link: Link, peer: str, database: str) -> None:
+        self.rep = rep
+        self.link = link
+        self.peer = peer
+        self.database = database
+        self.session = PublisherSession(rep.node_name)
+        self._wakeup = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+        self.sending_since: float | None = None
+        self.last_ack_time: float | None = None
+        self.acked_seq = 0
+        self.sent_seq = 0
+
+    async def flush(self) -> None:
+        for frame in self.session.data_to_send():
+            await self.link.send(frame)
+
+    def notify(self, _head: int) -> None:
+        """Commit listener; called from the writer thread."""
+        self.rep.loop.call_soon_threadsafe(self._wakeup.set)
+
+    async def run(self) -> None:
+        db = self.rep.storage.databases.get(self.database)
+        if db is None:
+            await self.link.close(1008, f"database '{self.database}' does not exist")
+            return
+        db.commit_listeners.append(self.notify)
+        try:
+            await self._serve(db)
+        except (LinkClosed, ProtocolError, ConnectionError):
+            pass
+        finally:
+            with contextlib.suppress(ValueError):
+                db.commit_listeners.remove(self.notify)
+            if self._pump is not None:
+                self._pump.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._pump
+
+    async def _serve(self, db: Database) -> None:
+        while True:
+            self.session.receive(await self.link.recv())
+            for event in self.session.events_received():
+                await self._handle(db, event)
+            await self.flush()
+
+    async def _handle(self, db: Database, event: Any) -> None:
+        if isinstance(event, PeerHello):
+            if event.node != self.peer or event.database != self.database:
+                self.session.reject("identity", "hello does not match the certificate")
+                return
+            self.session.accept(self.database, self.rep.table_definitions(db),
+                                dict(db.origin_names))
+        elif isinstance(event, SubscribeRequested):
+            if self._pump is not None:
+                self._pump.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._pump
+            self._pump = asyncio.create_task(self._stream(db, event))
+        elif isinstance(event, AckReceived):
+            self.acked_seq = max(self.acked_seq, event.seq)
+            self.last_ack_time = time.time()
+            self.rep.note_ack(self.peer, self.database, self.acked_seq)
+        elif isinstance(event, OperationRequested):
+            result, error = await self.rep.peer_operation(self.peer, event.body)
+            self.session.respond_operation(event.id, result, error)
+        elif isinstance(event, ProtocolFailed | PeerFailed):
+            raise ProtocolError(str(event))
+
+    # -- streaming ---------------------------------------------------------------------
+    def _allowed_tables(self, requested: list[str] | None) -> list[str] | None | bool:
+        row = self.rep.rows.get(self.peer, {})
+        mine = peers.publish_tables(row, self.database)
+        if mine is False:
+            return False
+        if requested is None:
+            return mine
+        if mine is None:
+            return list(requested)
+        return [t for t in requested if t in mine]
+
+    def _filter(self, db: Database, entries: list[tuple[int, bytes]],
+                origins: dict[str, Any] | None,
+                tables: list[str] | None) -> list[tuple[int, int, bytes]]:
+        out: list[tuple[int, int, bytes]] = []
+        names = db.origin_names
+        system = self.database == "system"
+        for seq, raw in entries:
+            origin, version, user, ops = codec.unpack(raw)
+            name = names.get(origin)
+            if name is None or name == self.peer:
+                continue
+            if origins is not None:
+                if name not in origins:
+                    continue
+                floor = origins[name]
+                if floor is not None and version <= floor:
+                    continue
+            if tables is None and not system:
+                out.append((seq, origin, raw))
+                continue
+            kept = [op for op in ops if peers.table_allowed(self.database, op[0], tables)]
+            if len(kept) == len(ops):
+                out.append((seq, origin, raw))
+            elif kept:
+                out.append((seq, origin, codec.pack([origin, version, user, kept])))
+        return out
+
+    async def _stream(self, db: Database, sub: SubscribeRequested) -> None:
+        try:
+            await self._stream_inner(db, sub)
+        except (LinkClosed, ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # report, then drop the link so the peer retries
+            log.exception("publisher to %s/%s failed", self.peer, self.database)
+            with contextlib.suppress(Exception):
+                self.session.send_error("publisher_error", str(exc)[:200])
+                await self.flush()
+                await self.link.close(1011, "publisher error")
+
+    async def _stream_inner(self, db: Database, sub: SubscribeRequested) -> None:
+        allowed = self._allowed_tables(sub.tables)
+        tables = [] if allowed is False else allowed
+        pos = sub.after_seq
+        oldest = db.oldest_seq()
+        if sub.copy:
+            pos = await self._copy(db, sub, tables)
+        elif oldest > pos + 1 and db.head_seq >= oldest:
+            self.session.send_resync_required(oldest, f"entries after {pos} were pruned; "
+                                                      f"oldest retained is {oldest}")
+            await self.flush()
+            return
+        caught_up_sent = False
+        while True:
+            self._wakeup.clear()
+            entries = db.log_after(pos, READ_BATCH)
+            if not entries:
+                if not caught_up_sent:
+                    self.session.send_caught_up(pos)
+                    await self.flush()
+                    caught_up_sent = True
+                self.sending_since = None
+                await self._wakeup.wait()
+                continue
+            caught_up_sent = False
+            if entries[0][0] > pos + 1 and pos > 0 and self.rep.pruned_after(db, pos):
+                self.session.send_resync_required(entries[0][0], "log pruned under the cursor")
+                await self.flush()
+                return
+            pos = entries[-1][0]
+            kept = self._filter(db, entries, sub.origins, tables)
+            if kept:
+                self.sending_since = self.sending_since or time.time()
+                self.session.send_entries(db.next_seq - 1, kept, dict(db.origin_names))
+                self.sent_seq = kept[-1][0]
+                await self.flush()
+
+    async def _copy(self, db: Database, sub: SubscribeRequested,
+                    tables: list[str] | None) -> int:
+        resume = sub.copy_resume or {}
+        snapshot = int(resume.get("snapshot") or db.head_seq)
+        names = sorted(t for t in db.tables if peers.table_allowed(self.database, t, tables))
+        total = 0
+        for name in names:
+            table = db.tables[name]
+            total += db.table_size(table)[0] + _tomb_count(db, table)
+        self.session.begin_copy(snapshot, total, names)
+        await self.flush()
+        start_table = resume.get("table")
+        for name in names:
+            if start_table and name < start_table:
+                continue
+            table = db.tables.get(name)
+            if table is None:
+                continue
+            resuming = name == start_table
+            for tombs in (False, True):
+                if resuming and resume.get("tombs") and not tombs:
+                    continue
+                after = resume.get("key") if resuming and bool(resume.get("tombs")) == tombs \
+                    else None
+                await self._copy_rows(db, table, tombs, after)
+        self.session.end_copy(snapshot)
+        await self.flush()
+        return snapshot
+
+    async def _copy_rows(self, db: Database, table: Table, tombs: bool,
+                         after: bytes | None) -> None:
+        while True:
+            rows = db.iter_rows(table, after, COPY_CHUNK, tombs=tombs)
+            if not rows:
+                return
+            self.session.send_copy_rows(table.name + ("\x00" if tombs else ""), rows)
+            await self.flush()
+            after = rows[-1][0]
+            if len(rows) < COPY_CHUNK:
+                return
+
+
+def _tomb_count(db: Database, table: Table) -> int:
+    with db.env.begin() as txn:
+        return int(txn.stat(table.tomb_dbi)["entries"])

@@ -1,0 +1,346 @@
+"""The replication runtime: links to every peer in ``hdb_nodes``, and the listener.
+
+It ties the sans-I/O sessions to storage and sockets: one ``Subscriber`` per
+(peer, database) dials out and applies; one ``Publisher`` per accepted socket streams
+this node's log. Membership changes (``add_node``, mesh gossip, ``remove_node``)
+reconcile the set of links.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlparse
+
+from harpsync.errors import BadRequestError
+from harpsync.replication import peers
+from harpsync.replication.membership import NODE_PATH, node_request, serve_node_request
+from harpsync.replication.publisher import Publisher
+from harpsync.replication.subscriber import Subscriber
+from harpsync.replication.transport import Link, listen
+from harpsync.storage import reads, writes
+from harpsync.storage.database import Database
+from harpsync.storage.keys import encode_id
+from harpsync.storage.records import get_stored
+from harpsync.storage.store import SYSTEM, Storage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9933
+
+
+class Replicator:
+    """All replication of one node."""
+
+    def __init__(self, config: Any, storage: Storage, keys: Any, auth: Any, metrics: Any) -> None:
+        self.config = config
+        self.storage = storage
+        self.keys = keys
+        self.auth = auth
+        self.metrics = metrics
+        self.node_name: str = config.node_name
+        self.url: str = ""
+        self.ping_interval = config.duration_ms("replication.pingInterval") / 1000.0
+        self.max_skew_ms = config.duration_ms("replication.maxClockSkew")
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.subscribers: dict[tuple[str, str], Subscriber] = {}
+        self.publishers: dict[tuple[str, str], set[Publisher]] = {}
+        self.acks: dict[tuple[str, str], int] = {}
+        self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
+        self._server: Any = None
+        self._sock: socket.socket | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._reconcile_lock = asyncio.Lock()
+        self.operation_handlers: dict[str, Callable[..., Any]] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self, sock: socket.socket | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.config.get("replication.host"), int(self.config.get("replication.port"))))
+            sock.listen(256)
+            sock.setblocking(False)
+        self._sock = sock
+        self.url = self.config.replication_url(self.port)
+        context = self.keys.server_context() if self.url.startswith("wss://") else None
+        self._server = await listen(sock, context, self._accept, self.ping_interval)
+        self._load_rows()
+        await self._save_own_row()
+        self.storage.database_listeners.append(self._on_database_event)
+        await self.reconcile()
+
+    async def stop(self) -> None:
+        for sub in list(self.subscribers.values()):
+            await sub.stop()
+        self.subscribers.clear()
+        for task in list(self._background):
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None
+        return int(self._sock.getsockname()[1])
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- rows of hdb_nodes -------------------------------------------------------------
+    def _load_rows(self) -> None:
+        db, table = self.storage.table(SYSTEM, "hdb_nodes")
+        self.rows = {r["name"]: r for r in reads.scan(db, table) if r.get("name") != self.node_name}
+        for row in self.rows.values():
+            if row.get("ca"):
+                with contextlib.suppress(ValueError):
+                    self.keys.trust_ca(row["ca"])
+
+    async def _write_row(self, row: dict[str, Any], mode: str = "upsert") -> None:
+        await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_nodes", [row],
+                                                      mode, None))
+
+    async def _save_own_row(self) -> None:
+        await self._write_row({"name": self.node_name, "url": self.url,
+                               "ca": self.keys.ca_pem.decode(), "replicates": True})
+
+    async def save_row(self, row: dict[str, Any]) -> None:
+        await self._write_row(row)
+        db, table = self.storage.table(SYSTEM, "hdb_nodes")
+        stored = reads.get_by_ids(db, table, [row["name"]])
+        if stored:
+            self.rows[row["name"]] = stored[0]
+
+    def _was_removed(self, name: str) -> bool:
+        db, table = self.storage.table(SYSTEM, "hdb_nodes")
+        with db.env.begin() as txn:
+            stored = get_stored(txn, table, encode_id(name))
+        return stored is not None and stored[2] is None
+
+    # -- links -------------------------------------------------------------------------
+    def _wanted(self) -> set[tuple[str, str]]:
+        wanted = set()
+        for name, row in self.rows.items():
+            if not row.get("url"):
+                continue
+            for db_name in self.storage.databases:
+                if peers.subscribe_tables(row, db_name) is not False:
+                    wanted.add((name, db_name))
+        return wanted
+
+    async def reconcile(self, restart_peer: str | None = None) -> None:
+        """Start links that should exist and stop those that should not."""
+        async with self._reconcile_lock:
+            wanted = self._wanted()
+            for key in list(self.subscribers):
+                if key not in wanted or key[0] == restart_peer:
+                    await self.subscribers.pop(key).stop()
+            for key in sorted(wanted):
+                if key not in self.subscribers:
+                    sub = Subscriber(self, *key)
+                    self.subscribers[key] = sub
+                    sub.start()
+
+    def _on_database_event(self, _event: str, _name: str) -> None:
+        self.loop.call_soon_threadsafe(lambda: self.spawn(self.reconcile()))
+
+    def table_definitions(self, db: Database) -> dict[str, Any]:
+        defs: dict[str, Any] = {name: t.definition() for name, t in db.tables.items()
+                                if peers.table_allowed(db.name, name, None)}
+        if db.name == SYSTEM:
+            defs["__databases__"] = {"names": sorted(n for n in self.storage.databases
+                                                     if n != SYSTEM)}
+        return defs
+
+    # -- the listener ------------------------------------------------------------------
+    async def _accept(self, link: Link) -> None:
+        if link.path == NODE_PATH:
+            await serve_node_request(self, link)
+            return
+        database = link.path.strip("/")
+        peer = link.peer
+        if peer is None:
+            await link.close(1008, "a verified node certificate is required")
+            return
+        row = self.rows.get(peer.common_name)
+        if row is None:
+            await link.close(1008, f"unknown node {peer.common_name}")
+            return
+        if peers.serial_revoked(peer.serial_hex, row.get("revoked_certificates")):
+            await link.close(1008, "certificate revoked")
+            return
+        publisher = Publisher(self, link, peer.common_name, database)
+        key = (peer.common_name, database)
+        self.publishers.setdefault(key, set()).add(publisher)
+        try:
+            await publisher.run()
+        finally:
+            self.publishers.get(key, set()).discard(publisher)
+
+    # -- membership --------------------------------------------------------------------
+    def check_super_user(self, username: str, password: str) -> bool:
+        user = self.auth.check_password(username, password)
+        return user is not None and user.super_user
+
+    async def accept_join(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A peer joins (or updates) its relationship with this node."""
+        name = str(body["node"])
+        if name == self.node_name:
+            raise BadRequestError("a node cannot join itself")
+        ca = str(body["ca"])
+        self.keys.trust_ca(ca)
+        cert = self.keys.sign_csr(body["csr"]).decode() if body.get("csr") else None
+        subs = peers.normalize_subscriptions(body.get("subscriptions"))
+        existed = name in self.rows
+        row = {"name": name, "url": str(body["url"]), "ca": ca,
+               "replicates": subs is None, "subscriptions": subs,
+               "shard": body.get("shard"), "start_time": body.get("start_time")}
+        await self.save_row(row)
+        await self.reconcile(restart_peer=name if existed else None)
+        self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
+        return {"node": self.node_name, "url": self.url, "ca": self.keys.ca_pem.decode(),
+                "cert": cert,
+                "nodes": [peers.identity(r) for n, r in self.rows.items() if n != name]}
+
+    async def join(self, url: str, credentials: tuple[str, str] | None, verify: bool,
+                   subscriptions: list[dict[str, Any]] | None, extra: dict[str, Any],
+                   ) -> dict[str, Any]:
+        """Ask the node at ``url`` to pair with this one; returns its answer."""
+        body: dict[str, Any] = {
+            "type": "join", "node": self.node_name, "url": self.url,
+            "ca": self.keys.ca_pem.decode(), "csr": self.keys.make_csr().decode(),
+            "subscriptions": peers.mirror(subscriptions),
+            "shard": extra.get("shard"), "start_time": extra.get("start_time"),
+        }
+        if credentials is not None:
+            body["authorization"] = list(credentials)
+        return await node_request(self, url, body, verify=verify,
+                                  present_cert=credentials is None)
+
+    async def adopt(self, answer: dict[str, Any], url: str, row: dict[str, Any]) -> str:
+        """Record a peer after a successful join answer."""
+        name = str(answer["node"])
+        self.keys.trust_ca(answer["ca"])
+        if answer.get("cert"):
+            self.keys.store_peer_signed_cert(name, answer["cert"])
+        existed = name in self.rows
+        await self.save_row({**row, "name": name, "url": url, "ca": str(answer["ca"])})
+        await self.learn_nodes(list(answer.get("nodes", [])), reconcile=False)
+        await self.reconcile(restart_peer=name if existed else None)
+        self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
+        return name
+
+    async def learn_nodes(self, nodes: list[Any], reconcile: bool = True) -> None:
+        """Add nodes heard of from a peer, unless known or deliberately removed here."""
+        changed = False
+        for node in nodes:
+            if not isinstance(node, dict) or not node.get("name") or not node.get("url"):
+                continue
+            name = str(node["name"])
+            if name == self.node_name or name in self.rows or self._was_removed(name):
+                continue
+            if node.get("ca"):
+                self.keys.trust_ca(str(node["ca"]))
+            await self.save_row({**peers.identity(node), "replicates": True,
+                                 "subscriptions": None})
+            changed = True
+        if changed and reconcile:
+            await self.reconcile()
+
+    def _gossip(self, exclude: set[str], nodes: list[dict[str, Any]]) -> None:
+        for name, row in list(self.rows.items()):
+            if name in exclude or not row.get("url"):
+                continue
+            self.spawn(self._tell(row["url"], {"type": "mesh", "nodes": nodes}))
+
+    async def _tell(self, url: str, body: dict[str, Any]) -> None:
+        try:
+            await node_request(self, url, body, verify=True, present_cert=True)
+        except Exception as exc:
+            log.info("could not tell %s about the mesh: %s", url, exc)
+
+    async def forget_node(self, name: str, notify: bool) -> None:
+        """Stop replicating with ``name`` and delete its row (both sides if ``notify``)."""
+        row = self.rows.get(name)
+        if row is None:
+            raise BadRequestError(f"{name} does not exist")
+        if notify and row.get("url"):
+            with contextlib.suppress(Exception):
+                await node_request(self, row["url"], {"type": "remove"}, verify=True,
+                                   present_cert=True, timeout=5)
+        await self.storage.write(writes.delete_records(self.storage, SYSTEM, "hdb_nodes",
+                                                       [name], None))
+        self.rows.pop(name, None)
+        await self.reconcile()
+        for key, pubs in list(self.publishers.items()):
+            if key[0] == name:
+                for pub in list(pubs):
+                    with contextlib.suppress(Exception):
+                        await pub.link.close(1000, "node removed")
+
+    # -- hooks used by links -----------------------------------------------------------
+    def note_ack(self, peer: str, database: str, seq: int) -> None:
+        self.acks[(peer, database)] = seq
+
+    def note_received(self, peer: str, database: str, txns: int, size: int) -> None:
+        self.metrics.txns_received.labels(peer, database).inc(txns)
+        self.metrics.bytes_received.labels(peer, database).inc(size)
+
+    def note_skew(self, peer: str, count: int) -> None:
+        self.metrics.clock_skew.labels(peer).inc(count)
+        log.warning("%d transaction(s) from %s carry versions more than %d ms ahead of this "
+                    "node's clock; check the clocks", count, peer, self.max_skew_ms)
+
+    def start_floor(self, peer: str) -> int:
+        from harpsync.storage.hlc import ms_to_version
+
+        start = self.rows.get(peer, {}).get("start_time")
+        if not start:
+            return 0
+        from datetime import datetime
+
+        try:
+            when = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+        except ValueError:
+            return 0
+        return ms_to_version(when.timestamp() * 1000)
+
+    def pruned_after(self, db: Database, seq: int) -> bool:
+        return db.pruned_through() > seq
+
+    async def peer_operation(self, peer: str, body: dict[str, Any]) -> tuple[Any, str | None]:
+        handler = self.operation_handlers.get(str(body.get("operation")))
+        if handler is None:
+            return None, f"unsupported operation {body.get('operation')!r}"
+        try:
+            return await handler(peer, body), None
+        except Exception as exc:
+            return None, str(exc)[:200]
+
+    def operation_completed(self, event: Any) -> None:  # responses to our requests
+        log.debug("operation result from peer: %s", event)
+
+    # -- reports -----------------------------------------------------------------------
+    def health(self) -> list[dict[str, Any]]:
+        out = []
+        for (peer, database), sub in sorted(self.subscribers.items()):
+            out.append({"node": peer, "database": database, "connected": sub.connected,
+                        "state": sub.state, "lag_txns": sub.lag_txns()})
+        return out
+
+
+def default_url(hostname: str) -> str:
+    return f"wss://{hostname}:{DEFAULT_PORT}"
+
+
+def url_host(url: str) -> str | None:
+    return urlparse(url).hostname

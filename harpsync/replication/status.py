@@ -1,0 +1,75 @@
+"""``cluster_status``: Harper's shape per connection and socket, plus harpsync's fields."""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
+
+from harpsync.replication import peers
+from harpsync.replication.subscriber import QUEUE_LIMIT, Subscriber
+from harpsync.storage.hlc import version_to_ms, wall_ms_of
+
+if TYPE_CHECKING:
+    from harpsync.replication.replicator import Replicator
+
+
+def http_date(ts: float | None) -> str | None:
+    return None if ts is None else formatdate(ts, usegmt=True)
+
+
+def _socket(rep: Replicator, sub: Subscriber) -> dict[str, Any]:
+    pubs = rep.publishers.get((sub.peer, sub.database), set())
+    pub = max(pubs, key=lambda p: p.sent_seq, default=None)
+    if sub.link is not None:
+        sub.latency_ms = sub.link.latency_ms
+    out: dict[str, Any] = {
+        "database": sub.database,
+        "connected": sub.connected,
+        "latency": round(sub.latency_ms, 3) if sub.latency_ms is not None else None,
+        "thread_id": 1,
+        "threadId": 1,
+        "nodes": [sub.peer],
+        "lastCommitConfirmed": http_date(pub.last_ack_time if pub else None),
+        "lastReceivedRemoteTime": http_date(wall_ms_of(sub.last_version) / 1000
+                                            if sub.last_version else None),
+        "lastReceivedLocalTime": http_date(sub.last_received_local),
+        "lastReceivedVersion": version_to_ms(sub.last_version) if sub.last_version else 0,
+        "lastReceivedStatus": "Receiving" if sub.lag_txns() else "Waiting",
+        "backPressurePercent": round(100 * sub._queue.qsize() / QUEUE_LIMIT),
+        "state": sub.state,
+        "lag_ms": round(sub.lag_ms(), 1),
+        "lag_txns": sub.lag_txns(),
+        "sent_seq": pub.sent_seq if pub else 0,
+        "received_seq": sub.received_seq,
+        "committed_seq": sub.committed_seq,
+        "acked_seq": pub.acked_seq if pub else 0,
+        "bytes_received": sub.bytes_received,
+        "txns_received": sub.txns_received,
+        "last_error": sub.last_error,
+    }
+    if pub is not None and pub.sending_since is not None:
+        out["sendingMessage"] = http_date(pub.sending_since)
+    if sub.copy_progress is not None:
+        out["copy"] = dict(sub.copy_progress)
+    rep.metrics.lag_txns.labels(sub.peer, sub.database).set(out["lag_txns"])
+    rep.metrics.connected.labels(sub.peer, sub.database).set(1 if out["connected"] else 0)
+    return {k: v for k, v in out.items() if v is not None or k in ("last_error", "latency")}
+
+
+def cluster_status(rep: Replicator) -> dict[str, Any]:
+    connections = []
+    for name, row in sorted(rep.rows.items()):
+        subs = [s for (peer, _db), s in sorted(rep.subscribers.items()) if peer == name]
+        connections.append({
+            "name": name,
+            "url": row.get("url"),
+            "replicates": bool(row.get("replicates", row.get("subscriptions") is None)),
+            "subscriptions": row.get("subscriptions"),
+            "shard": row.get("shard"),
+            "database_sockets": [_socket(rep, s) for s in subs],
+        })
+    return {"type": "cluster-status", "connections": connections, "node_name": rep.node_name,
+            "url": rep.url, "is_enabled": True}
+
+
+__all__ = ["cluster_status", "peers"]

@@ -1,0 +1,111 @@
+"""The only websockets import: replication sockets that move bytes, nothing more.
+
+Each replication socket is a ``Link``: binary frames in and out, the peer's verified
+TLS identity, and the ping latency that ``websockets`` keepalive measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from harpsync.security import PeerIdentity, peer_identity
+
+SUBPROTOCOL = "harpsync-replication-1"
+MAX_FRAME = 64 * 1024 * 1024
+
+# Errors that mean "the link is gone or could not be made".
+LinkClosed = ConnectionClosed
+DIAL_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError, ssl.SSLError, EOFError,
+    ConnectionClosed,
+)
+
+
+class Link:
+    """One replication WebSocket, either accepted or dialed."""
+
+    def __init__(self, conn: Any, path: str) -> None:
+        self._conn = conn
+        self.path = path
+        ssl_object = conn.transport.get_extra_info("ssl_object") if conn.transport else None
+        self.peer: PeerIdentity | None = peer_identity(ssl_object)
+        self.bytes_sent = 0
+
+    @property
+    def latency_ms(self) -> float:
+        return float(self._conn.latency) * 1000.0
+
+    @property
+    def open(self) -> bool:
+        from websockets.protocol import State
+
+        return bool(self._conn.state is State.OPEN)
+
+    async def send(self, data: bytes) -> None:
+        """Send one binary frame; waits while the socket's buffer is full (backpressure)."""
+        self.bytes_sent += len(data)
+        await self._conn.send(data)
+
+    async def recv(self) -> bytes:
+        """Receive one frame; raises ``LinkClosed`` when the socket closes."""
+        data = await self._conn.recv()
+        return data if isinstance(data, bytes) else data.encode()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self._conn.close(code, reason[:120])
+
+    def abort(self) -> None:
+        transport = self._conn.transport
+        if transport is not None:
+            transport.abort()
+
+    @property
+    def close_reason(self) -> str:
+        rcvd = getattr(self._conn, "close_rcvd", None)
+        if rcvd is not None:
+            return f"{rcvd.code} {rcvd.reason}".strip()
+        return "connection lost"
+
+
+async def listen(sock: socket.socket, ssl_context: ssl.SSLContext | None,
+                 handler: Callable[[Link], Awaitable[None]], ping_interval: float) -> Server:
+    """Serve replication sockets on an already-bound listening socket."""
+
+    async def on_connection(conn: ServerConnection) -> None:
+        await handler(Link(conn, conn.request.path if conn.request else "/"))
+
+    return await serve(
+        on_connection, sock=sock, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+        ping_interval=ping_interval, ping_timeout=ping_interval * 2, max_size=MAX_FRAME,
+        compression=None, close_timeout=2, write_limit=256 * 1024,
+    )
+
+
+async def dial(url: str, path: str, ssl_context: ssl.SSLContext | None, ping_interval: float,
+               timeout: float = 10.0, server_hostname: str | None = None) -> Link:
+    """Open a replication socket to ``url`` + ``path``.
+
+    Raises:
+        One of ``DIAL_ERRORS`` when the peer cannot be reached or refuses us.
+    """
+    target = url.rstrip("/") + path
+    if not target.startswith("wss://"):
+        ssl_context = None
+    kwargs: dict[str, Any] = {}
+    if ssl_context is not None and server_hostname:
+        kwargs["server_hostname"] = server_hostname
+    conn = await connect(
+        target, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+        open_timeout=timeout, ping_interval=ping_interval, ping_timeout=ping_interval * 2,
+        max_size=MAX_FRAME, compression=None, close_timeout=2, proxy=None,
+        write_limit=256 * 1024, **kwargs,
+    )
+    return Link(conn, path)

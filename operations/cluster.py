@@ -1,0 +1,105 @@
+"""Cluster operations (super_user only): peering, subscriptions and status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harpsync.dispatch import OpContext, Operation
+from harpsync.errors import BadRequestError, PeerError
+from harpsync.passwords import parse_authorization
+from harpsync.replication import peers
+from harpsync.replication.replicator import default_url
+from harpsync.replication.status import cluster_status as build_status
+
+
+def _credentials(body: dict[str, Any]) -> tuple[str, str] | None:
+    try:
+        return parse_authorization(body.get("authorization"))
+    except ValueError as exc:
+        raise BadRequestError(f"'authorization' is invalid: {exc}") from None
+
+
+def _row_settings(body: dict[str, Any], subs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "replicates": body.get("replicates", subs is None) if subs is None else True,
+        "subscriptions": subs,
+    }
+    for key in ("shard", "start_time", "revoked_certificates"):
+        if key in body:
+            row[key] = body[key]
+    if body.get("retain_authorization") and body.get("authorization") is not None:
+        row["authorization"] = body["authorization"]
+    return row
+
+
+async def _add(ctx: OpContext, body: dict[str, Any]) -> tuple[str, str]:
+    rep = ctx.services.cluster
+    hostname = body.get("hostname")
+    url = body.get("url") or default_url(str(hostname))
+    subs = peers.normalize_subscriptions(body.get("subscriptions"))
+    creds = _credentials(body)
+    answer = await rep.join(url, creds, bool(body.get("verify_tls", True)), subs, body)
+    name = await rep.adopt(answer, url, _row_settings(body, subs))
+    return name, url
+
+
+async def add_node(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    name, url = await _add(ctx, body)
+    return {"message": f"Successfully added '{body.get('url') or name}' to cluster"}
+
+
+async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, Any]:
+    rep = ctx.services.cluster
+    name = body.get("hostname")
+    row = rep.rows.get(name) if name else None
+    if row is None and body.get("url"):
+        row = next((r for r in rep.rows.values() if r.get("url") == body["url"]), None)
+    if row is None:
+        await _add(ctx, body)
+        return {"message": f"Successfully added '{body.get('url') or name}' to cluster"}
+    new_subs = peers.normalize_subscriptions(body.get("subscriptions"))
+    if "subscriptions" in body:
+        subs = peers.merge_subscriptions(row.get("subscriptions"), new_subs)
+    elif body.get("replicates") is True:
+        subs = None
+    else:
+        subs = row.get("subscriptions")
+    creds = _credentials(body)
+    answer = await rep.join(row["url"], creds, True if creds is None else
+                            bool(body.get("verify_tls", True)), subs, body)
+    settings = _row_settings(body, subs)
+    await rep.adopt(answer, row["url"], {**{k: v for k, v in row.items()
+                                            if k != "authorization"}, **settings})
+    shown = body.get("url") or row["name"]
+    if verb == "added":
+        return {"message": f"Successfully added '{shown}' to cluster"}
+    return {"message": f"Successfully updated '{shown}'"}
+
+
+async def update_node(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    return await _update(ctx, body, "updated")
+
+
+async def set_node_replication(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    return await _update(ctx, body, "added")
+
+
+async def remove_node(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    name = body["hostname"]
+    await ctx.services.cluster.forget_node(name, notify=True)
+    return {"message": f"Successfully removed '{name}' from cluster"}
+
+
+async def cluster_status(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    return build_status(ctx.services.cluster)
+
+
+OPERATIONS = [
+    Operation("add_node", add_node),
+    Operation("update_node", update_node),
+    Operation("set_node_replication", set_node_replication),
+    Operation("remove_node", remove_node),
+    Operation("cluster_status", cluster_status),
+]
+
+__all__ = ["OPERATIONS", "PeerError"]

@@ -1,0 +1,63 @@
+"""Shared fixtures: ``node_factory``, ``cluster`` and ``wait_for``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import InProcessNode, ProcessNode, wait_for
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start real nodes: ``node_factory("a")`` in-process, ``process=True`` as a subprocess."""
+    nodes: list[Any] = []
+
+    def make(name: str = "node-a", process: bool = False, start: bool = True,
+             env: dict[str, str] | None = None) -> Any:
+        cls = ProcessNode if process else InProcessNode
+        node = cls(name, tmp_path / name, env)
+        nodes.append(node)
+        return node.start() if start else node
+
+    yield make
+    for node in reversed(nodes):
+        node.close()
+
+
+@pytest.fixture
+def node(node_factory: Callable[..., Any]) -> Any:
+    """One running in-process node."""
+    return node_factory("node-a")
+
+
+@pytest.fixture
+def cluster(node_factory: Callable[..., Any]) -> Callable[[int], list[Any]]:
+    """``cluster(n)``: n nodes joined into a full mesh by add_node calls on the first."""
+
+    def build(n: int) -> list[Any]:
+        nodes = [node_factory(f"node-{chr(ord('a') + i)}") for i in range(n)]
+        for other in nodes[1:]:
+            nodes[0].call("add_node", hostname=other.name, url=other.repl_url, verify_tls=False,
+                          authorization={"username": "admin", "password": "test-password"})
+        for node in nodes:
+            wait_for(lambda node=node: _all_connected(node, n - 1), timeout=20,
+                     message=f"{node.name} connected to its peers")
+        return nodes
+
+    return build
+
+
+def _all_connected(node: Any, peers: int) -> bool:
+    status = node.call("cluster_status")
+    conns = [c for c in status["connections"]]
+    if len(conns) < peers:
+        return False
+    return all(s["connected"] for c in conns for s in c["database_sockets"]
+               if s["database"] == "system")
+
+
+__all__ = ["wait_for"]
