@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "databases": "*",
         "maxClockSkew": 60_000,
         "pingInterval": 1_000,
+        "retentionInterval": "10s",
         "secure": True,
     },
     "logging": {"level": "info", "auditRetention": "3d"},
@@ -92,6 +93,8 @@ class Config:
             ConfigError: the file is unreadable or a value is invalid; names the key.
         """
         env = os.environ if env is None else env
+        if path is None and root is not None and (Path(root) / "config.yaml").exists():
+            path = Path(root) / "config.yaml"  # routes persisted by a running node
         values = copy.deepcopy(DEFAULTS)
         if path is not None and path.exists():
             try:
@@ -172,6 +175,7 @@ class Config:
         self.retention_ms()
         self.duration_ms("replication.maxClockSkew")
         self.duration_ms("replication.pingInterval")
+        self.duration_ms("replication.retentionInterval")
         map_size = self.get("storage.mapSize")
         if isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1 << 20:
             raise ConfigError("storage.mapSize must be an integer of at least 1 MiB")

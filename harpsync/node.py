@@ -27,11 +27,11 @@ from harpsync.security import NodeKeys
 from harpsync.storage import reads, writes
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.validation import SchemaRegistry
-from operations import cluster, data, schema_ops, system, users
+from operations import cluster, cluster_admin, data, schema_ops, system, users
 
 log = logging.getLogger("harpsync")
 
-OPERATION_MODULES = [schema_ops, data, users, system, cluster]
+OPERATION_MODULES = [schema_ops, data, users, system, cluster, cluster_admin]
 
 
 class _Server(uvicorn.Server):
@@ -59,6 +59,8 @@ class Node:
         self.config = config
         self.env = env or {}
         self.node_name = config.node_name
+        if config.path is None:
+            config.path = config.root / "config.yaml"  # where live route changes persist
         self.started_at = time.monotonic()
         self.storage = Storage(config.root, self.node_name, int(config.get("storage.mapSize")))
         self.metrics = Metrics()
@@ -91,6 +93,7 @@ class Node:
         self.metrics.bind(procinfo.rss_bytes, lambda: self.storage.writer.commits,
                           lambda: self.storage.writer.jobs)
         self.cluster = Replicator(self.config, self.storage, self.keys, self.auth, self.metrics)
+        cluster_admin.register_peer_handlers(self.cluster)
         await self.cluster.start(repl_sock)
         self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),
                                           int(self.config.get("operationsApi.network.port")))

@@ -336,7 +336,7 @@ def test_search_by_conditions_between_sorted_descending(dogs):
     ("less_than", "age", 3, [3, 7]),
     ("less_than_equal", "age", 3, [2, 3, 7]),
     ("between", "age", [3, 5], [1, 2, 6]),
-    ("between", "name", ["B", "M"], [5]),
+    ("between", "name", ["B", "I"], [1, 5]),
     ("greater_than", "name", "Penny", [3]),
 ])
 def test_search_by_conditions_comparator(dogs, comparator, attribute, value, expected):
@@ -381,7 +381,7 @@ def test_search_by_conditions_sort(dogs):
     assert ascending == [7, 5, 1, 6, 4, 2, 3]
     descending = search(dogs, every, sort={"attribute": "name", "descending": True})
     assert descending == list(reversed(ascending))
-    assert search(dogs, every, sort={"attribute": "age", "descending": True}, limit=2) == [4, 6]
+    assert search(dogs, every, sort={"attribute": "age", "descending": True}, limit=3) == [4, 1, 6]
 
 
 def test_search_by_conditions_get_attributes(dogs):

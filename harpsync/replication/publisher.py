@@ -165,17 +165,17 @@ class Publisher:
         allowed = self._allowed_tables(sub.tables)
         tables = [] if allowed is False else allowed
         pos = sub.after_seq
-        oldest = db.oldest_seq()
         if sub.copy:
             pos = await self._copy(db, sub, tables)
-        elif oldest > pos + 1 and db.head_seq >= oldest:
-            self.session.send_resync_required(oldest, f"entries after {pos} were pruned; "
-                                                      f"oldest retained is {oldest}")
-            await self.flush()
-            return
         caught_up_sent = False
         while True:
             self._wakeup.clear()
+            pruned = db.pruned_through()
+            if pruned > pos:
+                self.session.send_resync_required(
+                    pruned + 1, f"log entries up to {pruned} were pruned; cursor is {pos}")
+                await self.flush()
+                return
             entries = db.log_after(pos, READ_BATCH)
             if not entries:
                 if not caught_up_sent:
@@ -186,10 +186,6 @@ class Publisher:
                 await self._wakeup.wait()
                 continue
             caught_up_sent = False
-            if entries[0][0] > pos + 1 and pos > 0 and self.rep.pruned_after(db, pos):
-                self.session.send_resync_required(entries[0][0], "log pruned under the cursor")
-                await self.flush()
-                return
             pos = entries[-1][0]
             kept = self._filter(db, entries, sub.origins, tables)
             if kept:

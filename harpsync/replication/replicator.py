@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from harpsync.errors import BadRequestError
 from harpsync.replication import peers
+from harpsync.replication.maintenance import retention_loop
 from harpsync.replication.membership import NODE_PATH, node_request, serve_node_request
 from harpsync.replication.publisher import Publisher
 from harpsync.replication.subscriber import Subscriber
@@ -63,7 +64,8 @@ class Replicator:
         if sock is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.config.get("replication.host"), int(self.config.get("replication.port"))))
+            sock.bind((self.config.get("replication.host"),
+                       int(self.config.get("replication.port"))))
             sock.listen(256)
             sock.setblocking(False)
         self._sock = sock
@@ -74,6 +76,9 @@ class Replicator:
         await self._save_own_row()
         self.storage.database_listeners.append(self._on_database_event)
         await self.reconcile()
+        self.spawn(retention_loop(self))
+        for route in self.config.get("replication.routes") or []:
+            self.spawn(self.connect_route(route))
 
     async def stop(self) -> None:
         for sub in list(self.subscribers.values()):
@@ -286,6 +291,48 @@ class Replicator:
                 for pub in list(pubs):
                     with contextlib.suppress(Exception):
                         await pub.link.close(1000, "node removed")
+
+    # -- routes ----------------------------------------------------------------------
+    @staticmethod
+    def route_url(route: Any) -> str | None:
+        """``wss://host:port`` for a route string or ``{hostname|host, port}`` object."""
+        if isinstance(route, str):
+            return route.rstrip("/")
+        if isinstance(route, dict):
+            host = route.get("hostname") or route.get("host")
+            port = route.get("port", DEFAULT_PORT)
+            if host:
+                return f"wss://{host}:{port}"
+        return None
+
+    async def connect_route(self, route: Any) -> None:
+        """Pair with a configured route, retrying with backoff until it answers.
+
+        A route carries no credentials, so this works once the peer knows this node
+        (its certificate): after an earlier ``add_node`` or when routes are set on
+        both sides of an existing pair.
+        """
+        url = self.route_url(route)
+        if not url or url == self.url:
+            return
+        delay = 0.5
+        while True:
+            if any(r.get("url") == url for r in self.rows.values()):
+                return
+            try:
+                answer = await self.join(url, None, True, None, {})
+                await self.adopt(answer, url, {"replicates": True, "subscriptions": None})
+                return
+            except Exception as exc:
+                log.info("route %s not connected yet: %s", url, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30)
+
+    async def drop_route(self, route: Any) -> None:
+        url = self.route_url(route)
+        for name, row in list(self.rows.items()):
+            if row.get("url") == url:
+                await self.forget_node(name, notify=True)
 
     # -- hooks used by links -----------------------------------------------------------
     def note_ack(self, peer: str, database: str, seq: int) -> None:

@@ -207,6 +207,7 @@ class Subscriber:
         elif isinstance(event, CaughtUp):
             self.caught_up_seq = event.seq
             self.head_seq = max(self.head_seq, event.seq)
+            await self._queue.put(_Work("caught_up", event.seq, {}))
         elif isinstance(event, CopyBegan):
             self.state = "copying"
             self.copy_progress = {"records_copied": 0, "records_total": event.total}
@@ -242,16 +243,30 @@ class Subscriber:
                 await self._apply_entries(work)
             elif first.kind == "rows":
                 await self._apply_rows(first)
+            elif first.kind == "caught_up":
+                await self._advance(int(first.payload))
             else:
                 snapshot = int(first.payload)
                 db = storage.databases[self.database]
-                await storage.write(lambda ctx, s=snapshot: ingest.write_cursor(
-                    ctx, db, self.peer, {"seq": s}))
+                await storage.write(lambda ctx, s=snapshot, d=db: ingest.write_cursor(
+                    ctx, d, self.peer, {"seq": s}))
                 self.committed_seq = self.received_seq = snapshot
                 self.copy_progress = None
                 self.state = "streaming"
                 self._ack(snapshot)
             await self._flush()
+
+    async def _advance(self, seq: int) -> None:
+        """The publisher's log is read through ``seq`` and everything before it was
+        applied; entries filtered out on its side need no apply, so the cursor moves
+        past them (durably, before the ack that lets the publisher prune them)."""
+        if seq <= self.committed_seq or self.state == "copying":
+            return
+        db = self.rep.storage.databases[self.database]
+        await self.rep.storage.write(lambda ctx: ingest.write_cursor(
+            ctx, db, self.peer, {"seq": seq}))
+        self.committed_seq = self.received_seq = seq
+        self._ack(seq)
 
     def _ack(self, seq: int) -> None:
         if self._session is not None and self._session.ack(seq):

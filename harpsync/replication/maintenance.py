@@ -1,0 +1,53 @@
+"""Background upkeep of the replication log: retention by acknowledgement and by age."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from harpsync.replication import peers
+from harpsync.storage import retention
+from harpsync.storage.database import Database
+
+if TYPE_CHECKING:
+    from harpsync.replication.replicator import Replicator
+
+log = logging.getLogger(__name__)
+
+
+def ack_floor(rep: Replicator, db: Database) -> int | None:
+    """The sequence every peer that receives ``db`` has acknowledged (None if no peer)."""
+    floors = [rep.acks.get((name, db.name), 0) for name, row in rep.rows.items()
+              if peers.publish_tables(row, db.name) is not False]
+    return min(floors) if floors else None
+
+
+async def prune_database(rep: Replicator, db: Database, now_ms: float | None = None) -> dict:
+    """Prune ``db``'s log as far as acknowledgements and ``auditRetention`` allow."""
+    now_ms = time.time() * 1000 if now_ms is None else now_ms
+    retention_ms = rep.config.retention_ms()
+    time_cut = retention.seq_for_time(db, int(now_ms - retention_ms) << 16)
+    acked = ack_floor(rep, db)
+    through = max(time_cut, acked or 0)
+    if through <= db.pruned_through():
+        return {"entries": 0, "tombstones": 0, "through": db.pruned_through()}
+    tomb_floor = retention.version_at(db, acked) if acked else None
+    job = retention.prune_log_job(db, through, tomb_floor)
+    result: dict = await rep.storage.write(job)
+    if result["entries"]:
+        log.info("pruned %d log entries and %d tombstones of %s through %d",
+                 result["entries"], result["tombstones"], db.name, result["through"])
+    return result
+
+
+async def retention_loop(rep: Replicator) -> None:
+    interval = rep.config.duration_ms("replication.retentionInterval") / 1000.0
+    while True:
+        await asyncio.sleep(interval)
+        for db in list(rep.storage.databases.values()):
+            try:
+                await prune_database(rep, db)
+            except Exception:
+                log.exception("pruning %s failed", db.name)

@@ -1,0 +1,129 @@
+"""Pruning of the transaction log and of tombstones.
+
+Log entries may go once every known peer has acknowledged past them, or once
+``logging.auditRetention`` has expired. Tombstones go only when every peer has
+acknowledged past them: a peer that was offline past retention is repaired by a full
+copy, and the tombstones it receives make sure deletes from the gap still win.
+Every prune records ``pruned_through`` so publishers detect a cursor left behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from harpsync import codec
+from harpsync.storage.database import PRUNED_KEY, Database
+from harpsync.storage.keys import seq_key, seq_of
+from harpsync.storage.writer import WriteContext
+
+MAX_PRUNE = 50_000  # entries per job, so one prune never holds the writer for long
+
+
+def _mark_pruned(ctx: WriteContext, db: Database, seq: int) -> None:
+    txn = ctx.txn(db)
+    raw = txn.get(PRUNED_KEY, db=db.meta_dbi)
+    current = int(codec.unpack(raw)) if raw else 0
+    if seq > current:
+        txn.put(PRUNED_KEY, codec.pack(seq), db=db.meta_dbi)
+
+
+def seq_for_time(db: Database, cutoff_version: int) -> int:
+    """The highest log sequence whose version is older than ``cutoff_version``."""
+    found = 0
+    with db.env.begin() as txn:
+        cur = txn.cursor(db=db.txns_dbi)
+        for key, value in cur:
+            if codec.unpack(value)[1] >= cutoff_version:
+                break
+            found = seq_of(key)
+    return found
+
+
+def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
+                  ) -> Callable[[WriteContext], dict[str, int]]:
+    """Delete log entries up to ``through_seq``; tombstones with older versions too."""
+
+    def job(ctx: WriteContext) -> dict[str, int]:
+        txn = ctx.txn(db)
+        removed = 0
+        last = 0
+        cur = txn.cursor(db=db.txns_dbi)
+        if cur.first():
+            while removed < MAX_PRUNE:
+                seq = seq_of(cur.key())
+                if seq > through_seq:
+                    break
+                last = seq
+                removed += 1
+                if not cur.delete():
+                    break
+        if last:
+            _mark_pruned(ctx, db, last)
+        tombs = 0
+        if tombstones_before:
+            for table in db.tables.values():
+                tcur = txn.cursor(db=table.tomb_dbi)
+                ok = tcur.first()
+                while ok:
+                    version = codec.unpack(tcur.value())[0]
+                    if version < tombstones_before:
+                        tombs += 1
+                        ok = tcur.delete()
+                    else:
+                        ok = tcur.next()
+        return {"entries": removed, "tombstones": tombs, "through": last}
+
+    return job
+
+
+def version_at(db: Database, seq: int) -> int | None:
+    """The version of the log entry at ``seq``, or of the last one before it."""
+    with db.env.begin() as txn:
+        cur = txn.cursor(db=db.txns_dbi)
+        if cur.set_range(seq_key(seq + 1)):
+            if cur.prev():
+                return int(codec.unpack(cur.value())[1])
+            return None
+        if cur.last():
+            return int(codec.unpack(cur.value())[1])
+    return None
+
+
+def purge_table_job(db: Database, table: str, keep: int | None, upto_seq: int | None,
+                    ) -> Callable[[WriteContext], dict[str, Any]]:
+    """``purge_stream``: remove a table's operations from the log.
+
+    With ``keep`` the newest ``keep`` entries touching the table stay; with ``upto_seq``
+    everything before that sequence goes. Entries that also touch other tables are
+    rewritten without this table's operations.
+    """
+
+    def job(ctx: WriteContext) -> dict[str, Any]:
+        txn = ctx.txn(db)
+        touching: list[int] = []
+        cur = txn.cursor(db=db.txns_dbi)
+        for key, value in cur:
+            seq = seq_of(key)
+            if upto_seq is not None and seq >= upto_seq:
+                break
+            ops = codec.unpack(value)[3]
+            if any(op[0] == table for op in ops):
+                touching.append(seq)
+        if keep is not None:
+            touching = touching[:max(0, len(touching) - keep)]
+        removed = 0
+        for seq in touching:
+            raw = txn.get(seq_key(seq), db=db.txns_dbi)
+            origin, version, user, ops = codec.unpack(raw)
+            rest = [op for op in ops if op[0] != table]
+            if rest:
+                txn.put(seq_key(seq), codec.pack([origin, version, user, rest]), db=db.txns_dbi)
+            else:
+                txn.delete(seq_key(seq), db=db.txns_dbi)
+            removed += 1
+        if touching:
+            _mark_pruned(ctx, db, touching[-1])
+        return {"removed": removed, "through": touching[-1] if touching else 0}
+
+    return job
