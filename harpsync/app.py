@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -90,9 +91,17 @@ def build_app(services: Any) -> Starlette:
         data, content_type = services.metrics.render()
         return Response(data, media_type=content_type)
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Unknown paths and methods get the same {"error": ...} shape as everything else.
+        if not isinstance(exc, HTTPException):
+            return json_response({"error": "Internal error; see the node log"}, 500)
+        response = json_response({"error": exc.detail}, exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
+
     routes = [
         Route("/", operations, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from harpsync.dispatch import OpContext, Operation
@@ -10,6 +11,7 @@ from harpsync.passwords import parse_authorization
 from harpsync.replication import peers
 from harpsync.replication.replicator import default_url
 from harpsync.replication.status import cluster_status as build_status
+from harpsync.storage.hlc import ms_to_version
 
 
 def _credentials(body: dict[str, Any]) -> tuple[str, str] | None:
@@ -94,7 +96,33 @@ async def cluster_status(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]
     return build_status(ctx.services.cluster)
 
 
+async def pause_replication(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    dbs = await ctx.services.cluster.pause(body["hostname"], body.get("database"))
+    return {"message": f"Replication from '{body['hostname']}' paused", "databases": dbs}
+
+
+async def resume_replication(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    dbs = await ctx.services.cluster.resume(body["hostname"], body.get("database"))
+    return {"message": f"Replication from '{body['hostname']}' resumed", "databases": dbs}
+
+
+async def replay_replication(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    from_version = None
+    if body.get("from_time") is not None:
+        try:
+            when = datetime.fromisoformat(str(body["from_time"]).replace("Z", "+00:00"))
+        except ValueError:
+            raise BadRequestError("'from_time' must be an ISO 8601 time") from None
+        from_version = ms_to_version(when.timestamp() * 1000)
+    dbs = await ctx.services.cluster.replay(body["hostname"], body.get("database"),
+                                            body.get("from_seq"), from_version)
+    return {"message": f"Replaying replication from '{body['hostname']}'", "databases": dbs}
+
+
 OPERATIONS = [
+    Operation("pause_replication", pause_replication),
+    Operation("resume_replication", resume_replication),
+    Operation("replay_replication", replay_replication),
     Operation("add_node", add_node),
     Operation("update_node", update_node),
     Operation("set_node_replication", set_node_replication),

@@ -268,3 +268,23 @@ def test_schema_survives_restart(node):
     assert {db: {t: without_sizes(d) for t, d in tables.items()}
             for db, tables in after.items()} == {
         db: {t: without_sizes(d) for t, d in tables.items()} for db, tables in before.items()}
+
+
+def test_system_information(node):
+    """system_information reports node name, version, uptime, memory RSS and disk use."""
+    from harpsync import __version__
+
+    node.call("create_table", table="dog", primary_key="id")
+    info = node.call("system_information")
+    assert info["node_name"] == node.name
+    assert info["version"] == __version__
+    assert isinstance(info["uptime_seconds"], int | float) and info["uptime_seconds"] >= 0
+    assert isinstance(info["memory"]["rss"], int) and info["memory"]["rss"] > 1024 * 1024
+    assert isinstance(info["disk"]["used_by_root"], int) and info["disk"]["used_by_root"] > 0
+    assert "data" in info["databases"]
+
+
+def test_system_information_attributes_filter(node):
+    """system_information with ``attributes`` returns only those sections."""
+    info = node.call("system_information", attributes=["memory", "node_name"])
+    assert sorted(info) == ["memory", "node_name"]

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-BOB = ("bob", "bobpw")
 READER_PERMISSION: dict[str, Any] = {
     "super_user": False,
     "dev": {"tables": {"dog": {"read": True, "insert": False, "update": False,

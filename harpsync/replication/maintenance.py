@@ -25,18 +25,26 @@ def ack_floor(rep: Replicator, db: Database) -> int | None:
 
 
 async def prune_database(rep: Replicator, db: Database, now_ms: float | None = None) -> dict:
-    """Prune ``db``'s log as far as acknowledgements and ``auditRetention`` allow."""
+    """Prune ``db``'s log entries older than ``auditRetention``, and tombstones that are
+    both that old and acknowledged by every peer.
+
+    Log entries are kept for the whole retention even when every peer has them, so the
+    log stays a useful audit trail; a peer away for longer is repaired by a full copy.
+    """
     now_ms = time.time() * 1000 if now_ms is None else now_ms
-    retention_ms = rep.config.retention_ms()
-    time_cut = retention.seq_for_time(db, int(now_ms - retention_ms) << 16)
+    cutoff_version = int(now_ms - rep.config.retention_ms()) << 16
+    through = retention.seq_for_time(db, cutoff_version)
     acked = ack_floor(rep, db)
-    through = max(time_cut, acked or 0)
-    if through <= db.pruned_through():
+    tomb_floor = None
+    if acked is None:
+        tomb_floor = cutoff_version
+    elif acked:
+        tomb_floor = min(cutoff_version, retention.version_at(db, acked) or 0)
+    if through <= db.pruned_through() and not tomb_floor:
         return {"entries": 0, "tombstones": 0, "through": db.pruned_through()}
-    tomb_floor = retention.version_at(db, acked) if acked else None
     job = retention.prune_log_job(db, through, tomb_floor)
     result: dict = await rep.storage.write(job)
-    if result["entries"]:
+    if result["entries"] or result["tombstones"]:
         log.info("pruned %d log entries and %d tombstones of %s through %d",
                  result["entries"], result["tombstones"], db.name, result["through"])
     return result

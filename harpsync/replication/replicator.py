@@ -25,6 +25,7 @@ from harpsync.replication.subscriber import Subscriber
 from harpsync.replication.transport import Link, listen
 from harpsync.storage import reads, writes
 from harpsync.storage.database import Database
+from harpsync.storage.ingest import write_cursor
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_stored
 from harpsync.storage.store import SYSTEM, Storage
@@ -291,6 +292,50 @@ class Replicator:
                 for pub in list(pubs):
                     with contextlib.suppress(Exception):
                         await pub.link.close(1000, "node removed")
+
+    # -- operator controls: pause, resume, replay --------------------------------------
+    def links_of(self, peer: str, database: str | None) -> list[Subscriber]:
+        if peer not in self.rows:
+            raise BadRequestError(f"{peer} does not exist")
+        subs = [s for (p, d), s in sorted(self.subscribers.items())
+                if p == peer and (database is None or d == database)]
+        if not subs:
+            raise BadRequestError(f"no replication link from '{peer}'"
+                                  + (f" for database '{database}'" if database else ""))
+        return subs
+
+    async def pause(self, peer: str, database: str | None) -> list[str]:
+        """Stop receiving from ``peer``; the committed cursor is kept."""
+        subs = self.links_of(peer, database)
+        for sub in subs:
+            await sub.stop()
+            sub.paused, sub.state = True, "paused"
+        return [s.database for s in subs]
+
+    async def resume(self, peer: str, database: str | None) -> list[str]:
+        """Restart paused links from their committed cursor."""
+        subs = self.links_of(peer, database)
+        for sub in subs:
+            if sub.paused:
+                sub.paused, sub.state = False, "connecting"
+                sub.start()
+        return [s.database for s in subs]
+
+    async def replay(self, peer: str, database: str | None, from_seq: int | None,
+                     from_version: int | None) -> list[str]:
+        """Rewind links to a publisher sequence (or to the start, skipping versions older
+        than ``from_version``) and stream again; applying twice is harmless."""
+        subs = self.links_of(peer, database)
+        for sub in subs:
+            await sub.stop()
+            db = self.storage.databases[sub.database]
+            seq = from_seq if from_seq is not None else 0
+            await self.storage.write(lambda ctx, d=db, s=seq: write_cursor(
+                ctx, d, peer, {"seq": s}))
+            sub.replay_floor = from_version or 0
+            sub.paused, sub.state = False, "connecting"
+            sub.start()
+        return [s.database for s in subs]
 
     # -- routes ----------------------------------------------------------------------
     @staticmethod

@@ -90,6 +90,7 @@ class Subscriber:
         self.latency_ms: float | None = None
         self.copy_progress: dict[str, int] | None = None
         self.paused = False
+        self.replay_floor = 0
         self._task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[_Work] = asyncio.Queue(QUEUE_LIMIT)
         self._session: SubscriberSession | None = None
@@ -149,6 +150,7 @@ class Subscriber:
         self.link = await dial(row["url"], "/" + self.database,
                                self.rep.keys.client_context(verify=True, peer_name=self.peer),
                                self.rep.ping_interval)
+        self._queue = asyncio.Queue(QUEUE_LIMIT)  # nothing from an earlier session survives
         session = self._session = SubscriberSession(
             self.rep.node_name, self.database, self.rep.table_definitions(db),
             dict(db.origin_names))
@@ -279,7 +281,7 @@ class Subscriber:
         for w in work:
             origins.update(w.origins)
         last_seq = entries[-1][0]
-        floor = self.rep.start_floor(self.peer)
+        floor = max(self.rep.start_floor(self.peer), self.replay_floor)
         job, prepare = ingest.apply_entries_job(
             self.rep.storage, self.database, self.peer, entries, origins, {"seq": last_seq},
             self.rep.max_skew_ms, self.rep.node_name, floor)

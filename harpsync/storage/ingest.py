@@ -18,6 +18,7 @@ from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_stored, incoming_wins, put_record, put_tombstone
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
+from harpsync.storage.writes import note_attributes
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def _apply_op(storage: Storage, ctx: WriteContext, db: Database, op: list[Any], 
         put_tombstone(txn, table, key, version, origin_id)
     else:
         put_record(txn, table, key, version, origin_id, value)
+        note_attributes(ctx, db, table, [value])
     return True
 
 
@@ -214,6 +216,7 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                 put_tombstone(txn, table, key, version, oid)
             else:
                 put_record(txn, table, key, version, oid, record)
+                note_attributes(ctx, db, table, [record])
             applied += 1
         write_cursor(ctx, db, peer, cursor)
         return applied

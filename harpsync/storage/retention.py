@@ -56,7 +56,7 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
                     break
                 last = seq
                 removed += 1
-                if not cur.delete():
+                if not cur.delete() or not cur.key():
                     break
         if last:
             _mark_pruned(ctx, db, last)
@@ -69,7 +69,7 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
                     version = codec.unpack(tcur.value())[0]
                     if version < tombstones_before:
                         tombs += 1
-                        ok = tcur.delete()
+                        ok = tcur.delete() and bool(tcur.key())
                     else:
                         ok = tcur.next()
         return {"entries": removed, "tombstones": tombs, "through": last}
