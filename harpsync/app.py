@@ -52,11 +52,15 @@ def _parse_float(text: str) -> float:
     return value
 
 
+# Built once: json.loads with hooks would build a new decoder on every request.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
+
+
 def parse_json(raw: bytes) -> Any:
     if not raw.strip():
         raise BadRequestError("Body cannot be empty when content-type is set to 'application/json'")
     try:
-        return json.loads(raw, parse_constant=_reject_constant, parse_float=_parse_float)
+        return _DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise BadRequestError("Request body must be UTF-8 encoded JSON") from None
     except json.JSONDecodeError as exc:

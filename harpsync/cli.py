@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     level = _LOG_LEVELS.get(str(config.get("logging.level")).lower(), logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from harpsync.node import install_event_loop_policy
+
+    install_event_loop_policy()
     try:
         asyncio.run(_serve(config))
     except OSError as exc:
