@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from importlib.resources.abc import Traversable
 from typing import Any
 
+import fastjsonschema
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError as SchemaValidationError
 from jsonschema.exceptions import best_match
@@ -204,10 +205,31 @@ class SchemaRegistry:
         """Check and compile ``schemas`` (operation name → schema); prefer :meth:`load`."""
         self._schemas = schemas
         self._validators: dict[str, Any] = {}
+        self._inlined: dict[str, dict[str, Any]] = {}
+        self._fast: dict[str, Any] = {}
         for op, schema in schemas.items():
             _Validator.check_schema(schema)
             compiled = _inline_refs(schema, schema.get("$defs") or {})
+            self._inlined[op] = compiled
             self._validators[op] = _Validator(compiled, format_checker=None)
+
+    def _fast_check(self, op: str) -> Any:
+        """A generated-code validator for ``op``, compiled on first use.
+
+        jsonschema is the reference (and writes the messages) but costs ~40 µs per body,
+        a third of a single-record insert. fastjsonschema's generated code answers "valid"
+        in a few µs; only bodies it rejects go through jsonschema, which has the last word.
+        Patterns get ``\\Z`` for a final ``$`` so both agree on end-of-string.
+        """
+        fast = self._fast.get(op)
+        if fast is None:
+            definition = _fast_definition(self._inlined[op])
+            try:
+                fast = fastjsonschema.compile(definition, use_default=False, use_formats=False)
+            except Exception:  # a schema it cannot compile: jsonschema alone checks it
+                fast = _always_reject
+            self._fast[op] = fast
+        return fast
 
     @classmethod
     def load(cls, directory: pathlib.Path | Traversable | None = None) -> SchemaRegistry:
@@ -237,9 +259,32 @@ class SchemaRegistry:
         validator = self._validators.get(op)
         if validator is None:
             raise ValidationError(f"Operation '{_clip(op)}' not found")
+        try:
+            self._fast_check(op)(body)
+            return
+        except fastjsonschema.JsonSchemaException:
+            pass  # jsonschema decides, and names the field
         error = best_match(validator.iter_errors(body))
         if error is not None:
             raise ValidationError(message_for(error))
+
+
+def _always_reject(_body: Any) -> None:
+    raise fastjsonschema.JsonSchemaException("no fast validator")
+
+
+def _fast_definition(schema: Any) -> Any:
+    """A draft-07 copy for fastjsonschema: no ``$defs`` (already inlined), strict ``$``."""
+    if isinstance(schema, dict):
+        out = {k: _fast_definition(v) for k, v in schema.items()
+               if k not in ("$defs", "$schema", "title", "description")}
+        pattern = schema.get("pattern")
+        if isinstance(pattern, str) and pattern.endswith("$") and not pattern.endswith("\\$"):
+            out["pattern"] = pattern[:-1] + r"\Z"
+        return out
+    if isinstance(schema, list):
+        return [_fast_definition(v) for v in schema]
+    return schema
 
 
 @functools.cache

@@ -577,3 +577,28 @@ def test_random_json_only_raises_validation_error(op: str, body: Any) -> None:
         default_registry().validate(op, body)
     except ValidationError as exc:
         assert exc.message and len(exc.message) < 400
+
+
+@settings(
+    max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    op=st.sampled_from(sorted(CANONICAL_OPERATIONS)),
+    body=st.dictionaries(FIELD_NAMES, JSON_VALUES, max_size=6),
+)
+def test_fast_path_never_accepts_what_jsonschema_rejects(op: str, body: Any) -> None:
+    """Whatever the generated-code fast path accepts, the reference jsonschema accepts too."""
+    registry = default_registry()
+    try:
+        registry._fast_check(op)(body)
+    except Exception:
+        return
+    assert not list(registry._validators[op].iter_errors(body)), (op, body)
+
+
+@pytest.mark.parametrize("op", sorted(CANONICAL_OPERATIONS))
+def test_fast_path_agrees_on_generated_valid_bodies(op: str) -> None:
+    """The fast path accepts a minimal valid body of every operation (no silent fallback)."""
+    registry = default_registry()
+    fast = registry._fast_check(op)
+    assert fast.__name__ != "_always_reject"
