@@ -41,6 +41,10 @@ DEFAULTS: dict[str, Any] = {
     "storage": {"mapSize": 64 * 1024**3},
 }
 
+# Keys whose environment values are taken verbatim: YAML would read ROOTPATH=2024 as a
+# number, and a node name or URL is never anything but text.
+_TEXT_KEYS = {"rootPath", "operationsApi.network.host", "replication.hostname",
+              "replication.url", "replication.host", "logging.level"}
 _LEVELS = {"trace", "debug", "info", "warn", "warning", "error", "fatal", "notify"}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1}
@@ -107,7 +111,10 @@ class Config:
         for key in _flatten(DEFAULTS):
             raw = env.get(env_name(key))
             if raw is not None:
-                cls._set(values, key, _parse_env(raw) if key != "replication.hostname" else raw)
+                if key in _TEXT_KEYS:
+                    cls._set(values, key, raw or None)  # an empty variable means unset
+                else:
+                    cls._set(values, key, _parse_env(raw))
         if root is not None:
             values["rootPath"] = root
         config = cls(values, path)

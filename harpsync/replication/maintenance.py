@@ -24,7 +24,8 @@ def ack_floor(rep: Replicator, db: Database) -> int | None:
     return min(floors) if floors else None
 
 
-async def prune_database(rep: Replicator, db: Database, now_ms: float | None = None) -> dict:
+async def prune_database(rep: Replicator, db: Database, now_ms: float | None = None,
+                         tombstones: bool = True) -> dict:
     """Prune ``db``'s log entries older than ``auditRetention``, and tombstones that are
     both that old and acknowledged by every peer.
 
@@ -36,7 +37,9 @@ async def prune_database(rep: Replicator, db: Database, now_ms: float | None = N
     through = retention.seq_for_time(db, cutoff_version)
     acked = ack_floor(rep, db)
     tomb_floor = None
-    if acked is None:
+    if not tombstones:
+        pass
+    elif acked is None:
         tomb_floor = cutoff_version
     elif acked:
         tomb_floor = min(cutoff_version, retention.version_at(db, acked) or 0)
@@ -50,12 +53,19 @@ async def prune_database(rep: Replicator, db: Database, now_ms: float | None = N
     return result
 
 
+TOMBSTONE_EVERY = 60.0  # seconds between tombstone sweeps (they scan every tombstone)
+
+
 async def retention_loop(rep: Replicator) -> None:
     interval = rep.config.duration_ms("replication.retentionInterval") / 1000.0
+    last_sweep = time.monotonic()
     while True:
         await asyncio.sleep(interval)
+        sweep = time.monotonic() - last_sweep >= max(TOMBSTONE_EVERY, interval)
+        if sweep:
+            last_sweep = time.monotonic()
         for db in list(rep.storage.databases.values()):
             try:
-                await prune_database(rep, db)
+                await prune_database(rep, db, tombstones=sweep)
             except Exception:
                 log.exception("pruning %s failed", db.name)

@@ -63,7 +63,8 @@ class Replicator:
     async def start(self, sock: socket.socket | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         if sock is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # IPPROTO_TCP so asyncio sets TCP_NODELAY on accepted sockets.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.config.get("replication.host"),
                        int(self.config.get("replication.port"))))
