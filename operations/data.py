@@ -18,10 +18,16 @@ def _target(body: dict[str, Any]) -> tuple[str, str]:
     return str(body.get("database", "data")), str(body["table"])
 
 
+# Secrets that system tables hold and reads never return: password hashes, and peer
+# credentials kept with ``retain_authorization``.
+_SECRET_FIELDS = {"hdb_user": "password", "hdb_nodes": "authorization"}
+
+
 def _public(records: list[dict[str, Any]], body: dict[str, Any]) -> list[dict[str, Any]]:
-    if (body.get("database"), body.get("table")) != (SYSTEM, "hdb_user"):
+    if body.get("database") != SYSTEM or body.get("table") not in _SECRET_FIELDS:
         return records
-    return [{k: v for k, v in r.items() if k != "password"} for r in records]
+    secret = _SECRET_FIELDS[body["table"]]
+    return [{k: v for k, v in r.items() if k != secret} for r in records]
 
 
 async def _write(ctx: OpContext, body: dict[str, Any], mode: str) -> dict[str, Any]:
