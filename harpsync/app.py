@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+import re
 from typing import Any
 
 from starlette.applications import Starlette
@@ -56,11 +58,36 @@ def _parse_float(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
 
 
+# A \ud800-\udfff escape may decode to a lone surrogate, which is not text: it cannot
+# be encoded as UTF-8 for keys, msgpack or password hashing.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _reject_lone_surrogates(value: Any) -> None:
+    stack = [value]
+    while stack:  # iterative: the parsed value may be nested close to the parser's limit
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequestError("Invalid JSON: a string holds an unpaired surrogate "
+                                      "escape (\\ud800-\\udfff)") from None
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def parse_json(raw: bytes) -> Any:
     if not raw.strip():
         raise BadRequestError("Body cannot be empty when content-type is set to 'application/json'")
     try:
-        return _DECODER.decode(raw.decode("utf-8"))
+        value = _DECODER.decode(raw.decode("utf-8"))
+        if _SURROGATE_ESCAPE.search(raw):
+            _reject_lone_surrogates(value)
+        return value
     except UnicodeDecodeError:
         raise BadRequestError("Request body must be UTF-8 encoded JSON") from None
     except json.JSONDecodeError as exc:
@@ -77,7 +104,10 @@ def build_app(services: Any) -> Starlette:
 
     async def operations(request: Request) -> Response:
         try:
-            user = services.auth.authenticate(request.headers.get("authorization"))
+            header = request.headers.get("authorization")
+            # A password check is a deliberately slow scrypt: keep it off the event loop.
+            user = (services.auth.cached(header)
+                    or await asyncio.to_thread(services.auth.authenticate, header))
             body = parse_json(await _read_body(request, limit))
             result = await services.dispatcher.run(services, user, body)
             return json_response(result)

@@ -44,7 +44,18 @@ class Authenticator:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self._cache: dict[str, User] = {}
-        storage.database(SYSTEM).commit_listeners.append(lambda _seq: self._cache.clear())
+        # Bumped on every commit to ``system``: a login verified across a change to the
+        # users or roles must not be cached with what it read before the change.
+        self._generation = 0
+        storage.database(SYSTEM).commit_listeners.append(self._invalidate)
+
+    def _invalidate(self, _seq: int) -> None:
+        self._generation += 1
+        self._cache.clear()
+
+    def cached(self, header: str | None) -> User | None:
+        """The user of a recently verified ``Authorization`` header, without hashing."""
+        return self._cache.get(header) if header else None
 
     def authenticate(self, header: str | None) -> User:
         """Resolve an ``Authorization`` header to a user.
@@ -63,12 +74,14 @@ class Authenticator:
             raise UnauthorizedError(str(exc) or "Invalid character") from None
         if creds is None:
             raise UnauthorizedError("Must login")
+        generation = self._generation
         user = self.check_password(*creds)
         if user is None:
             raise UnauthorizedError("Login failed")
         if len(self._cache) > 1000:
             self._cache.clear()
-        self._cache[header] = user
+        if generation == self._generation:
+            self._cache[header] = user
         return user
 
     def check_password(self, username: str, password: str) -> User | None:

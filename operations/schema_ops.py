@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from harpsync.auth import User, require_table
 from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError
 from harpsync.storage.database import Database, Table
@@ -51,19 +52,34 @@ def describe(db: Database, table: Table, sizes: dict[str, int] | None = None) ->
     }
 
 
-def describe_db(db: Database) -> dict[str, Any]:
-    sizes = db.sizes()
-    return {name: describe(db, table, sizes) for name, table in sorted(db.tables.items())}
+def visible(user: User, database: str, table: str) -> bool:
+    """Whether a role grants anything on ``database.table`` (as Harper filters describe_*)."""
+    if user.super_user:
+        return True
+    spec = user.permission.get(database)
+    tables = spec.get("tables") if isinstance(spec, dict) else None
+    perms = tables.get(table) if isinstance(tables, dict) else None
+    return isinstance(perms, dict) and any(perms.get(p) for p in
+                                           ("read", "insert", "update", "delete"))
+
+
+def describe_db(db: Database, user: User | None = None) -> dict[str, Any]:
+    names = [n for n in sorted(db.tables) if user is None or visible(user, db.name, n)]
+    sizes = db.sizes() if names else {}
+    return {name: describe(db, db.tables[name], sizes) for name in names}
 
 
 async def describe_all(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     storage = ctx.services.storage
-    return {name: describe_db(db) for name, db in sorted(storage.databases.items())
-            if name != SYSTEM}
+    described = {name: describe_db(db, ctx.user) for name, db in sorted(storage.databases.items())
+                 if name != SYSTEM}
+    if ctx.user.super_user:
+        return described
+    return {name: tables for name, tables in described.items() if tables}
 
 
 async def describe_database(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
-    return describe_db(ctx.services.storage.database(body["database"]))
+    return describe_db(ctx.services.storage.database(body["database"]), ctx.user)
 
 
 async def create_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +99,8 @@ async def drop_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 
 async def describe_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     db, table = ctx.services.storage.table(_db_name(body), body["table"])
+    if not visible(ctx.user, db.name, table.name):
+        require_table(ctx.user, db.name, table.name, ["read"])
     return describe(db, table)
 
 

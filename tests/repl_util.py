@@ -104,3 +104,20 @@ def insert_batches(node: Any, table: str, start: int, count: int, batch: int = 5
         hi = min(lo + batch, start + count)
         node.call("insert", database=database, table=table,
                   records=[{"id": i, "v": f"r{i}", **extra} for i in range(lo, hi)])
+
+
+def stored_rows(root: Any, database: str, table: str) -> list[dict[str, Any]]:
+    """Live records of a table read straight from a STOPPED node's LMDB environment."""
+    import lmdb
+
+    from harpsync import codec
+
+    env = lmdb.open(str(root / "database" / database), readonly=True, lock=False,
+                    max_dbs=4096)
+    try:
+        dbi = env.open_db(b"t:" + table.encode(), create=False)
+        with env.begin() as txn:
+            rows = [codec.unpack(value) for _key, value in txn.cursor(db=dbi)]
+    finally:
+        env.close()
+    return [record for _version, _origin, record in rows if record is not None]

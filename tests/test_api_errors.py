@@ -154,6 +154,28 @@ def test_non_finite_numbers_rejected(api, literal):
     assert api.count("dog", "dev") == 0
 
 
+@pytest.mark.parametrize("content", [
+    b'{"operation": "insert", "database": "dev", "table": "dog", "records": [{"id": "\\ud800"}]}',
+    b'{"operation": "insert", "database": "dev", "table": "dog", "records": [{"id": 1, '
+    b'"\\udfff": 1}]}',
+    b'{"operation": "delete", "database": "dev", "table": "dog", "ids": ["a\\uDC00"]}',
+    b'{"operation": "add_user", "username": "\\ud800", "password": "p", "role": "super_user"}',
+    b'{"operation": "add_user", "username": "zed", "password": "\\ud83d", "role": "super_user"}',
+])
+def test_lone_surrogate_escape_rejected(api, content):
+    """A string holding an unpaired surrogate escape is a 400, wherever it appears."""
+    assert "surrogate" in assert_error(raw_post(api, content), 400)
+
+
+def test_surrogate_pair_escape_accepted(dev):
+    """A correctly paired surrogate escape (an emoji) is ordinary text."""
+    content = (b'{"operation": "insert", "database": "dev", "table": "dog", '
+               b'"records": [{"id": "\\ud83d\\ude00", "n": "\\ud83d\\udc36"}]}')
+    assert raw_post(dev, content).json()["inserted_hashes"] == ["\U0001f600"]
+    found = dev.call("search_by_id", database="dev", table="dog", ids=["\U0001f600"])
+    assert found[0]["n"] == "\U0001f436"
+
+
 def test_integer_literal_too_long(api):
     """An integer literal longer than Python parses is a 400, not a 500."""
     assert_error(raw_post(api, b'{"operation": "describe_all", "x": ' + b"9" * 5000 + b"}"),

@@ -287,3 +287,27 @@ def test_permission_change_takes_effect_at_once(reader):
     reader.call("alter_role", id="reader", permission=granted)
     response = as_bob(reader, "insert", database="dev", table="dog", records=[{"id": 2}])
     assert response.status_code == 200 and response.json()["inserted_hashes"] == [2]
+
+
+def test_role_describes_only_permitted_tables(reader):
+    """describe_all and describe_database show a role only tables it has permissions on."""
+    reader.call("create_table", database="dev", table="cat", primary_key="id")
+    reader.call("create_table", database="secret", table="plans", primary_key="id")
+    described = as_bob(reader, "describe_all").json()
+    assert list(described) == ["dev"] and list(described["dev"]) == ["dog"]
+    assert list(as_bob(reader, "describe_database", database="dev").json()) == ["dog"]
+    assert as_bob(reader, "describe_database", database="secret").json() == {}
+    assert as_bob(reader, "describe_table", database="dev", table="dog").status_code == 200
+    response = as_bob(reader, "describe_table", database="secret", table="plans")
+    assert response.status_code == 403
+    assert response.json()["unauthorized_access"][0]["table"] == "plans"
+    assert sorted(reader.call("describe_all")) == ["dev", "secret"]  # a super user sees all
+
+
+def test_login_cache_follows_user_changes(reader):
+    """A cached login stops working as soon as the user is dropped."""
+    for _ in range(3):
+        assert as_bob(reader, "user_info").status_code == 200
+    reader.call("drop_user", username="bob")
+    response = as_bob(reader, "user_info")
+    assert (response.status_code, response.json()) == (401, {"error": "Login failed"})

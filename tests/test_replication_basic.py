@@ -7,7 +7,16 @@ from typing import Any
 import pytest
 
 from tests.helpers import wait_for
-from tests.repl_util import BASIC, CREDS, all_records, by_id, hdb_nodes, join, wait_linked
+from tests.repl_util import (
+    BASIC,
+    CREDS,
+    all_records,
+    by_id,
+    hdb_nodes,
+    join,
+    stored_rows,
+    wait_linked,
+)
 
 
 def _strip_sizes(value: Any) -> Any:
@@ -107,15 +116,23 @@ def test_add_node_header_authorization_not_retained(node_factory):
     assert b.name in {r["name"] for r in rows}
     assert all("authorization" not in r for r in rows), rows
     assert "test-password" not in str(rows)
+    for node in (a, b):
+        node.stop()
+        for row in stored_rows(node.root, "system", "hdb_nodes"):
+            assert "authorization" not in row, row
+            assert "test-password" not in str(row)
 
 
 def test_add_node_retain_authorization_stores_it(node_factory):
-    """With retain_authorization: true the peer's row on A keeps the authorization."""
+    """With retain_authorization: true the peer's row on A stores the authorization."""
     a = node_factory("node-a")
     b = node_factory("node-b")
     join(a, b, retain_authorization=True)
-    rows = {r["name"]: r for r in hdb_nodes(a)}
-    assert rows[b.name].get("authorization") is not None, rows[b.name]
+    shown = {r["name"]: r for r in hdb_nodes(a)}
+    assert b.name in shown and "authorization" not in shown[b.name]  # never read back
+    a.stop()
+    stored = {r["name"]: r for r in stored_rows(a.root, "system", "hdb_nodes")}
+    assert stored[b.name].get("authorization") is not None, stored[b.name]
 
 
 @pytest.mark.parametrize("auth", [CREDS, BASIC], ids=["object", "header"])

@@ -42,7 +42,7 @@ def test_three_node_mesh_from_two_add_node_calls(node_factory):
     for node in nodes:
         for peer in nodes:
             if peer is not node:
-                wait_for(lambda n=node, p=peer: fully_linked(n, p.name), timeout=30,
+                wait_for(lambda n=node, p=peer: fully_linked(n, p.name), timeout=20,
                          message=f"{node.name} connected to {peer.name}")
     for node in nodes:
         assert len(node.call("cluster_status")["connections"]) == 2
@@ -185,7 +185,10 @@ def _hashes(nodes: list[Any], table: str) -> set[str]:
 @pytest.mark.timeout(180)
 def test_concurrent_conflicting_writes_converge(cluster):
     """Three nodes upserting the same ids concurrently end with identical tables."""
-    nodes = cluster(3)
+    _converge(cluster(3))
+
+
+def _converge(nodes: list[Any]) -> None:
     nodes[0].call("create_table", table="c", primary_key="id")
     wait_for(lambda: all(_has_table(n, "c") for n in nodes), timeout=15,
              message="table on all nodes")

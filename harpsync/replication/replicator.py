@@ -212,6 +212,8 @@ class Replicator:
                "replicates": subs is None, "subscriptions": subs,
                "shard": body.get("shard"), "start_time": body.get("start_time")}
         await self.save_row(row)
+        # The joiner's other nodes: one add_node joins this node to its whole mesh.
+        await self.learn_nodes(list(body.get("nodes", [])), reconcile=False)
         await self.reconcile(restart_peer=name if existed else None)
         self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
         return {"node": self.node_name, "url": self.url, "ca": self.keys.ca_pem.decode(),
@@ -227,6 +229,7 @@ class Replicator:
             "ca": self.keys.ca_pem.decode(), "csr": self.keys.make_csr().decode(),
             "subscriptions": peers.mirror(subscriptions),
             "shard": extra.get("shard"), "start_time": extra.get("start_time"),
+            "nodes": [peers.identity(r) for r in self.rows.values() if r.get("url") != url],
         }
         if credentials is not None:
             body["authorization"] = list(credentials)
@@ -243,6 +246,8 @@ class Replicator:
         await self.save_row({**row, "name": name, "url": url, "ca": str(answer["ca"])})
         await self.learn_nodes(list(answer.get("nodes", [])), reconcile=False)
         await self.reconcile(restart_peer=name if existed else None)
+        if existed:  # settings such as revoked_certificates apply to its sockets now
+            await self.drop_inbound(name, "node settings changed")
         self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
         return name
 
@@ -288,11 +293,15 @@ class Replicator:
                                                        [name], None))
         self.rows.pop(name, None)
         await self.reconcile()
+        await self.drop_inbound(name, "node removed")
+
+    async def drop_inbound(self, name: str, reason: str) -> None:
+        """Close the sockets ``name`` opened to this node; it reconnects if still allowed."""
         for key, pubs in list(self.publishers.items()):
             if key[0] == name:
                 for pub in list(pubs):
                     with contextlib.suppress(Exception):
-                        await pub.link.close(1000, "node removed")
+                        await pub.link.close(1000, reason)
 
     # -- operator controls: pause, resume, replay --------------------------------------
     def links_of(self, peer: str, database: str | None) -> list[Subscriber]:

@@ -252,7 +252,8 @@ class Subscriber:
                 db = storage.databases[self.database]
                 await storage.write(lambda ctx, s=snapshot, d=db: ingest.write_cursor(
                     ctx, d, self.peer, {"seq": s}))
-                self.committed_seq = self.received_seq = snapshot
+                self.committed_seq = snapshot
+                self.received_seq = max(self.received_seq, snapshot)
                 self.copy_progress = None
                 self.state = "streaming"
                 self._ack(snapshot)
@@ -267,7 +268,8 @@ class Subscriber:
         db = self.rep.storage.databases[self.database]
         await self.rep.storage.write(lambda ctx: ingest.write_cursor(
             ctx, db, self.peer, {"seq": seq}))
-        self.committed_seq = self.received_seq = seq
+        self.committed_seq = seq
+        self.received_seq = max(self.received_seq, seq)
         self._ack(seq)
 
     def _ack(self, seq: int) -> None:

@@ -1,0 +1,166 @@
+"""Cluster operations: cluster_status's shape and liveness, and add_node's errors."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+
+from tests.helpers import wait_for
+from tests.repl_util import CREDS, PASSWORD, connection, hdb_nodes, join, wait_linked
+
+TOP_KEYS = {"type", "connections", "node_name", "url", "is_enabled"}
+CONNECTION_KEYS = {"name", "url", "replicates", "subscriptions", "shard", "database_sockets"}
+SOCKET_KEYS = {
+    "database", "connected", "latency", "thread_id", "threadId", "nodes",
+    "lastCommitConfirmed", "lastReceivedRemoteTime", "lastReceivedLocalTime",
+    "lastReceivedVersion", "backPressurePercent", "state", "lag_ms", "lag_txns",
+    "received_seq", "committed_seq", "acked_seq", "bytes_received", "txns_received",
+    "last_error",
+}
+# Harper omits these until the socket has seen traffic (see the recorded transcripts).
+TRAFFIC_KEYS = {"lastCommitConfirmed", "lastReceivedRemoteTime", "lastReceivedLocalTime"}
+FORBIDDEN = ("This operation is not authorized due to role restrictions and/or invalid "
+             "database items")
+
+
+def _sockets(node: Any, peer: str) -> list[dict[str, Any]]:
+    conn = connection(node, peer)
+    assert conn is not None, f"{node.name} has no connection named {peer}"
+    return conn["database_sockets"]
+
+
+# -- cluster_status ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_cluster_status_shape_and_liveness(node_factory):
+    """cluster_status has Harper's and harpsync's fields and tracks a peer going away and back."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="dog", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    a.call("insert", table="dog", records=[{"id": 1}])
+    b.call("insert", table="dog", records=[{"id": 2}])
+    wait_for(lambda: a.count("dog") == 2 and b.count("dog") == 2, timeout=15,
+             message="records both ways")
+
+    status = a.call("cluster_status")
+    assert TOP_KEYS <= set(status), set(status)
+    assert status["type"] == "cluster-status"
+    assert status["node_name"] == "node-a"
+    assert status["url"] == a.repl_url
+    assert status["is_enabled"] is True
+    (conn,) = status["connections"]
+    assert CONNECTION_KEYS <= set(conn), set(conn)
+    assert conn["name"] == "node-b" and conn["url"] == b.repl_url
+    assert conn["replicates"] is True and conn["subscriptions"] is None
+    assert {s["database"] for s in conn["database_sockets"]} >= {"system", "data"}
+    for sock in conn["database_sockets"]:
+        assert SOCKET_KEYS - TRAFFIC_KEYS <= set(sock), SOCKET_KEYS - set(sock)
+        assert sock["connected"] is True
+        assert sock["nodes"] == ["node-b"]
+        assert sock["thread_id"] == sock["threadId"]
+        assert sock["state"] in ("connecting", "copying", "streaming", "paused",
+                                 "resync_required", "error")
+        assert isinstance(sock["lag_txns"], int) and sock["lag_txns"] >= 0
+        assert sock["lag_ms"] >= 0
+        assert 0 <= sock["backPressurePercent"] <= 100
+    data_sock = next(s for s in conn["database_sockets"] if s["database"] == "data")
+    assert SOCKET_KEYS <= set(data_sock), SOCKET_KEYS - set(data_sock)
+    assert data_sock["state"] == "streaming"
+    assert data_sock["txns_received"] >= 1 and data_sock["bytes_received"] > 0
+    assert data_sock["received_seq"] > 0
+    assert data_sock["committed_seq"] <= data_sock["received_seq"], data_sock
+    assert PASSWORD not in str(status)
+
+    b.stop()
+    wait_for(lambda: all(not s["connected"] for s in _sockets(a, "node-b")), timeout=2,
+             interval=0.05, message="A's sockets to B to report connected:false")
+    status = a.call("cluster_status")
+    assert [c["name"] for c in status["connections"]] == ["node-b"]
+    for sock in status["connections"][0]["database_sockets"]:
+        assert sock["nodes"] == ["node-b"]
+        assert sock["state"] != "streaming"
+
+    b.start()
+    wait_for(lambda: all(s["connected"] for s in _sockets(a, "node-b")), timeout=15,
+             message="A's sockets to B connected again")
+    assert {s["database"] for s in _sockets(a, "node-b")} >= {"system", "data"}
+    a.call("insert", table="dog", records=[{"id": 3}])
+    wait_for(lambda: b.count("dog") == 3, timeout=15, message="flowing after restart")
+
+
+# -- add_node errors -----------------------------------------------------------------------
+
+
+def _closed_port_url() -> str:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"wss://127.0.0.1:{port}"
+
+
+def test_add_node_unreachable_url(node):
+    """add_node to a closed port answers 4xx naming the URL and 'connection refused'."""
+    url = _closed_port_url()
+    before = hdb_nodes(node)
+    res = node.post({"operation": "add_node", "hostname": "ghost", "url": url,
+                     "verify_tls": False, "authorization": CREDS})
+    assert 400 <= res.status_code < 500, res.text
+    error = res.json()["error"]
+    assert url in error and "connection refused" in error.lower(), error
+    assert PASSWORD not in res.text
+    assert hdb_nodes(node) == before
+    assert node.call("cluster_status")["connections"] == []
+
+
+def test_add_node_bad_credentials(node_factory):
+    """add_node with a wrong password answers 4xx naming the peer and the auth failure."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    before_a, before_b = hdb_nodes(a), hdb_nodes(b)
+    for auth in ({"username": "admin", "password": "not-the-password"},
+                 {"username": "nobody", "password": PASSWORD}):
+        res = a.post({"operation": "add_node", "hostname": b.name, "url": b.repl_url,
+                      "verify_tls": False, "authorization": auth})
+        assert 400 <= res.status_code < 500, res.text
+        error = res.json()["error"]
+        assert b.repl_url in error, error
+        assert "authoriz" in error.lower() or "credential" in error.lower(), error
+        assert auth["password"] not in res.text
+    assert hdb_nodes(a) == before_a
+    assert hdb_nodes(b) == before_b
+    assert a.call("cluster_status")["connections"] == []
+    assert b.call("cluster_status")["connections"] == []
+
+
+def test_add_node_requires_hostname_or_url(node):
+    """add_node without hostname and url is 400 "'hostname' or 'url' is required"."""
+    before = hdb_nodes(node)
+    res = node.post({"operation": "add_node", "verify_tls": False, "authorization": CREDS})
+    assert res.status_code == 400
+    assert res.json() == {"error": "'hostname' or 'url' is required"}
+    assert hdb_nodes(node) == before
+
+
+@pytest.mark.parametrize("operation,camel", [("add_node", "addNode"),
+                                             ("cluster_status", "clusterStatus")])
+def test_cluster_operations_need_super_user(node, operation, camel):
+    """A non-super_user gets Harper's 403 body for cluster operations."""
+    node.call("add_role", role="reader", permission={"super_user": False,
+                                                     "data": {"tables": {}}})
+    node.call("add_user", username="bob", password="bobpw", role="reader", active=True)
+    body: dict[str, Any] = {"operation": operation}
+    if operation == "add_node":
+        body.update(hostname="x", url="wss://127.0.0.1:1", verify_tls=False)
+    res = node.post(body, auth=("bob", "bobpw"))
+    assert res.status_code == 403, res.text
+    assert res.json() == {"error": FORBIDDEN,
+                          "unauthorized_access": [
+                              f"Operation '{camel}' is restricted to 'super_user' roles"],
+                          "invalid_schema_items": []}
+    assert "bobpw" not in res.text

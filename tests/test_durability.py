@@ -1,0 +1,121 @@
+"""Durability: a 200 means durable, even when the process is SIGKILLed mid-stream.
+
+A subprocess node takes single-record inserts from 16 concurrent clients and is killed
+with SIGKILL while writes are still in flight. After a restart every acknowledged id
+must be there, and the transaction log must hold exactly one entry per acknowledged
+transaction (in-flight ones may or may not have landed, but none twice).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import lmdb
+import pytest
+
+from harpsync import codec
+from tests.helpers import ADMIN, wait_for
+
+CLIENTS = 16
+PER_CLIENT = 125  # 2,000 inserts in all
+KILL_AFTER = 1500
+TABLE = "dog"
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Load:
+    """Bookkeeping shared by the client threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.attempted: set[int] = set()
+        self.acked: set[int] = set()
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+
+    def client(self, url: str, worker: int) -> None:
+        """Insert this worker's ids one per request until done or told to stop."""
+        with httpx.Client(timeout=httpx.Timeout(10.0, connect=5.0), auth=ADMIN) as http:
+            for n in range(PER_CLIENT):
+                if self.stop.is_set():
+                    return
+                rid = worker * 10_000 + n
+                with self.lock:
+                    self.attempted.add(rid)
+                try:
+                    response = http.post(url, json={"operation": "insert", "table": TABLE,
+                                                    "records": [{"id": rid, "w": worker}]})
+                except httpx.HTTPError:
+                    return  # the node died under this request
+                if response.status_code != 200:
+                    with self.lock:
+                        self.errors.append(f"{rid}: {response.status_code} {response.text}")
+                    return
+                assert response.json()["inserted_hashes"] == [rid]
+                with self.lock:
+                    self.acked.add(rid)
+
+
+def read_log(db_path: Path) -> list[list[Any]]:
+    """Every ``[origin, version, user, ops]`` in a stopped database's ``__txns__``."""
+    env = lmdb.open(str(db_path), readonly=True, max_dbs=4096, lock=False)
+    try:
+        txns = env.open_db(b"__txns__", create=False)
+        with env.begin(db=txns) as txn:
+            return [codec.unpack(value) for _, value in txn.cursor()]
+    finally:
+        env.close()
+
+
+def test_acknowledged_inserts_survive_sigkill(node_factory):
+    """Every acknowledged insert survives SIGKILL, logged exactly once; none is logged twice."""
+    node = node_factory("durable", process=True)
+    node.call("create_table", table=TABLE, primary_key="id")
+    load = Load()
+    workers = [threading.Thread(target=load.client, args=(node.url, w), daemon=True)
+               for w in range(CLIENTS)]
+    for worker in workers:
+        worker.start()
+
+    wait_for(lambda: len(load.acked) >= KILL_AFTER or not any(w.is_alive() for w in workers),
+             timeout=120, message=f"{KILL_AFTER} acknowledged inserts")
+    load.stop.set()
+    node.kill()
+    for worker in workers:
+        worker.join(30)
+        assert not worker.is_alive()
+    assert not load.errors, load.errors[:5]
+    acked, attempted = set(load.acked), set(load.attempted)
+    assert len(acked) >= KILL_AFTER
+    assert len(attempted) > len(acked), "the kill came after every write had finished"
+
+    node.start()
+    found: set[int] = set()
+    ordered = sorted(acked)
+    for start in range(0, len(ordered), 500):
+        chunk = ordered[start:start + 500]
+        records = node.call("search_by_id", table=TABLE, ids=chunk, get_attributes=["id"])
+        found.update(r["id"] for r in records)
+    assert found == acked, f"{len(acked - found)} acknowledged ids are missing"
+    stored = node.count(TABLE)
+    assert len(acked) <= stored <= len(attempted)
+    node.stop()
+
+    entries = read_log(node.root / "database" / "data")
+    inserted_per_entry = [
+        [op[2] for op in ops if op[0] == TABLE and op[1] == "insert"]
+        for _origin, _version, _user, ops in entries
+    ]
+    inserted_per_entry = [ids for ids in inserted_per_entry if ids]
+    assert all(len(ids) == 1 for ids in inserted_per_entry)  # one record per request
+    times_logged = Counter(rid for ids in inserted_per_entry for rid in ids)
+    assert max(times_logged.values()) == 1, "an id was logged twice"
+    assert acked <= set(times_logged)
+    assert set(times_logged) <= attempted
+    assert len(acked) <= len(inserted_per_entry) <= len(attempted)
+    assert len(inserted_per_entry) == stored
