@@ -570,3 +570,17 @@ class NodeKeys:
                 ctx.verify_mode = ssl.CERT_NONE
             self._client_ctxs[key] = ctx
             return ctx
+
+
+# -- for modules that must not import ssl themselves ---------------------------------
+TLSContext = ssl.SSLContext
+TLS_ERRORS: tuple[type[BaseException], ...] = (ssl.SSLError,)
+
+
+def describe_tls_error(exc: BaseException) -> str | None:
+    """A short cause for a TLS failure, or None if ``exc`` is not one."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failure: {exc.reason or exc}"
+    return None

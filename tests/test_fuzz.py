@@ -5,6 +5,8 @@ dropped, a wrong type, a bad name, a bad array item, junk under an old field nam
 non-string ``operation``). Only bodies that the dispatcher's own validation rejects are
 sent, checked locally with the same schemas and the same alias normalization, so no
 handler can legitimately run. Arbitrary JSON values and raw bytes are sent as well.
+Well-formed data requests carrying arbitrary values (huge integers, odd ids, mixed
+comparator types) go to a separate scratch node, where they may write but never fail.
 
 hypothesis-jsonschema 0.23.1 cannot draw objects with this Hypothesis (it calls the
 removed ``many.more()``), so objects and arrays of objects are assembled here with
@@ -264,6 +266,63 @@ def test_raw_bytes_are_refused(target, raw):
     response = node.client.post(node.url, content=raw, auth=("admin", "test-password"),
                                 headers={"content-type": "application/json"})
     check_refused(response, raw)
+
+
+ids = (st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=False,
+       allow_infinity=False) | st.text(max_size=12) | st.booleans() | st.none())
+records = st.lists(st.dictionaries(st.sampled_from(["id", "name", "age", "tags"])
+                                   | st.text(max_size=6), json_values | ids, max_size=5)
+                   | st.fixed_dictionaries({"id": ids}, optional={"name": json_values}),
+                   max_size=4)
+COMPARATORS = ["equals", "not_equal", "contains", "starts_with", "ends_with", "greater_than",
+               "greater_than_equal", "less_than", "less_than_equal", "between"]
+conditions = st.lists(st.fixed_dictionaries({
+    "attribute": st.sampled_from(["id", "name", "age", "tags", "nope"]),
+    "comparator": st.sampled_from(COMPARATORS),
+    "value": json_values | st.lists(ids, min_size=2, max_size=2)}), min_size=1, max_size=3)
+scratch_bodies = st.one_of(
+    st.fixed_dictionaries({"operation": st.sampled_from(["insert", "upsert", "update"]),
+                           "records": records}),
+    st.fixed_dictionaries({"operation": st.just("delete"),
+                           "ids": st.lists(ids.filter(lambda v: v is not None
+                                                      and not isinstance(v, bool)),
+                                           min_size=1, max_size=4)}),
+    st.fixed_dictionaries({"operation": st.just("search_by_id"),
+                           "ids": st.lists(ids.filter(lambda v: v is not None
+                                                      and not isinstance(v, bool)),
+                                           max_size=4)}),
+    st.fixed_dictionaries({"operation": st.just("search_by_value"),
+                           "attribute": st.sampled_from(["id", "name", "age", "x"]),
+                           "value": scalars}),
+    st.fixed_dictionaries({"operation": st.just("search_by_conditions"),
+                           "conditions": conditions},
+                          optional={"operator": st.sampled_from(["and", "or"]),
+                                    "sort": st.fixed_dictionaries(
+                                        {"attribute": st.sampled_from(["id", "name", "age"])},
+                                        optional={"descending": st.booleans()}),
+                                    "limit": st.integers(0, 5), "offset": st.integers(0, 5)}),
+)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessNode]:
+    """A node of its own for requests that may really write."""
+    node = InProcessNode("scratch", tmp_path_factory.mktemp("scratch") / "scratch").start()
+    node.call("create_table", database="scratch", table="junk", primary_key="id")
+    yield node
+    node.close()
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(body=scratch_bodies)
+def test_well_formed_data_requests_never_fail_the_node(scratch, body):
+    """Data requests with any values answer 200 or a 4xx, never a 500 (on a scratch node)."""
+    response = scratch.post({**body, "database": "scratch", "table": "junk"})
+    assert response.status_code < 500, (body, response.text)
+    assert "Traceback" not in response.text
+    if response.status_code != 200:
+        assert list(response.json()) == ["error"], response.text
 
 
 def test_role_user_invalid_bodies_are_refused(target):

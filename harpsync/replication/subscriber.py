@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from harpsync.replication.protocol import (
     SubscriberSession,
 )
 from harpsync.replication.transport import DIAL_ERRORS, Link, dial
+from harpsync.security import describe_tls_error
 from harpsync.storage import ingest
 from harpsync.storage.hlc import wall_ms_of
 
@@ -57,10 +57,9 @@ def describe_error(exc: BaseException) -> str:
     """A short, secret-free cause for ``last_error`` and ``add_node`` errors."""
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS failure: {exc.reason or exc}"
+    tls = describe_tls_error(exc)
+    if tls is not None:
+        return tls
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return "timed out"
     text = str(exc) or type(exc).__name__

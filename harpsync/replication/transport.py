@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
 
-from harpsync.security import PeerIdentity, peer_identity
+from harpsync.security import TLS_ERRORS, PeerIdentity, TLSContext, peer_identity
 
 SUBPROTOCOL = "harpsync-replication-1"
 MAX_FRAME = 64 * 1024 * 1024
@@ -24,7 +24,7 @@ MAX_FRAME = 64 * 1024 * 1024
 # Errors that mean "the link is gone or could not be made".
 LinkClosed = ConnectionClosed
 DIAL_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError, ssl.SSLError, EOFError,
+    OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError, *TLS_ERRORS, EOFError,
     ConnectionClosed,
 )
 
@@ -45,8 +45,6 @@ class Link:
 
     @property
     def open(self) -> bool:
-        from websockets.protocol import State
-
         return bool(self._conn.state is State.OPEN)
 
     async def send(self, data: bytes) -> None:
@@ -75,7 +73,7 @@ class Link:
         return "connection lost"
 
 
-async def listen(sock: socket.socket, ssl_context: ssl.SSLContext | None,
+async def listen(sock: socket.socket, ssl_context: TLSContext | None,
                  handler: Callable[[Link], Awaitable[None]], ping_interval: float) -> Server:
     """Serve replication sockets on an already-bound listening socket."""
 
@@ -89,7 +87,7 @@ async def listen(sock: socket.socket, ssl_context: ssl.SSLContext | None,
     )
 
 
-async def dial(url: str, path: str, ssl_context: ssl.SSLContext | None, ping_interval: float,
+async def dial(url: str, path: str, ssl_context: TLSContext | None, ping_interval: float,
                timeout: float = 10.0, server_hostname: str | None = None) -> Link:
     """Open a replication socket to ``url`` + ``path``.
 

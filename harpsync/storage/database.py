@@ -117,10 +117,12 @@ class Database:
 
     @property
     def head_seq(self) -> int:
-        """The newest committed log sequence (0 when the log is empty)."""
+        """The newest committed log sequence, also when pruning emptied the log."""
         with self.env.begin() as txn:
             cur = txn.cursor(db=self.txns_dbi)
-            return seq_of(cur.key()) if cur.last() else 0
+            last = seq_of(cur.key()) if cur.last() else 0
+            raw = txn.get(PRUNED_KEY, db=self.meta_dbi)
+        return max(last, int(codec.unpack(raw)) if raw else 0)
 
     def oldest_seq(self) -> int:
         """The oldest retained log sequence (0 when the log is empty)."""
