@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
         "secure": True,
     },
     "logging": {"level": "info", "auditRetention": "3d"},
-    "storage": {"mapSize": 64 * 1024**3},
+    "storage": {"mapSize": 64 * 1024**3, "trimInterval": "2s"},
 }
 
 # Keys whose environment values are taken verbatim: YAML would read ROOTPATH=2024 as a
@@ -183,6 +183,7 @@ class Config:
         self.duration_ms("replication.maxClockSkew")
         self.duration_ms("replication.pingInterval")
         self.duration_ms("replication.retentionInterval")
+        self.duration_ms("storage.trimInterval")
         map_size = self.get("storage.mapSize")
         if isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1 << 20:
             raise ConfigError("storage.mapSize must be an integer of at least 1 MiB")

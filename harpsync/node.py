@@ -127,10 +127,22 @@ class Node:
                 self._server_task.result()
                 raise RuntimeError("the operations API stopped during start-up")
             await asyncio.sleep(0.005)
+        self._trimmer = asyncio.create_task(self._trim_memory())
         log.info("node %s ready: operations API on port %d", self.node_name, self.ops_port)
+
+    async def _trim_memory(self) -> None:
+        """Keep RSS to the heap: periodically unmap LMDB pages (storage.trimInterval)."""
+        interval = self.config.duration_ms("storage.trimInterval") / 1000.0
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.to_thread(self.storage.trim_memory)
 
     async def stop(self) -> None:
         """Stop accepting, close links, then close storage (all writes are durable)."""
+        if getattr(self, "_trimmer", None) is not None:
+            self._trimmer.cancel()
         if self._server is not None:
             self._server.should_exit = True
             if self._server_task is not None:

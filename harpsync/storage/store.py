@@ -10,7 +10,13 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
-from harpsync.storage.database import LOCAL_ORIGIN, TABLE_PREFIX, Database, Table
+from harpsync.storage.database import (
+    LOCAL_ORIGIN,
+    TABLE_PREFIX,
+    Database,
+    Table,
+    release_mapped_pages,
+)
 from harpsync.storage.hlc import HLC
 from harpsync.storage.keys import seq_key
 from harpsync.storage.writer import WriteContext, Writer
@@ -73,6 +79,10 @@ class Storage:
         entries = db.log_after(max(0, db.next_seq - 2), 1)
         for _, raw in entries:
             self.hlc.observe(codec.unpack(raw)[1])
+
+    def trim_memory(self) -> int:
+        """Unmap LMDB pages this process touched (they stay in the page cache)."""
+        return release_mapped_pages({db.data_file for db in list(self.databases.values())})
 
     # -- lookups -----------------------------------------------------------------------
     def database(self, name: str, status: int = 404) -> Database:
