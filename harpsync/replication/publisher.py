@@ -197,7 +197,7 @@ class Publisher:
     async def _copy(self, db: Database, sub: SubscribeRequested,
                     tables: list[str] | None) -> int:
         resume = sub.copy_resume or {}
-        snapshot = int(resume.get("snapshot") or db.head_seq)
+        snapshot = db.head_seq if resume.get("snapshot") is None else int(resume["snapshot"])
         names = sorted(t for t in db.tables if peers.table_allowed(self.database, t, tables))
         total = 0
         for name in names:

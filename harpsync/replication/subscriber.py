@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUEUE_LIMIT = 64
+APPLY_GROUP = 16
 MAX_BACKOFF = 30.0
 
 
@@ -90,6 +91,7 @@ class Subscriber:
         self.copy_progress: dict[str, int] | None = None
         self.paused = False
         self.replay_floor = 0
+        self.copy_snapshot = 0
         self._task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[_Work] = asyncio.Queue(QUEUE_LIMIT)
         self._session: SubscriberSession | None = None
@@ -155,27 +157,37 @@ class Subscriber:
             dict(db.origin_names))
         session.start()
         await self._flush()
-        applier = asyncio.create_task(self._apply_loop())
+        # Receiving and applying run side by side; whichever fails first ends the
+        # session (the receiver may be blocked on a full queue when the applier dies).
+        tasks = [asyncio.create_task(self._receive_loop(session)),
+                 asyncio.create_task(self._apply_loop())]
         try:
-            while True:
-                data = await self.link.recv()
-                self.bytes_received += len(data)
-                session.receive(data)
-                for event in session.events_received():
-                    await self._handle(event)
-                await self._flush()
-                if applier.done():
-                    applier.result()
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
         finally:
-            applier.cancel()
-            with contextlib.suppress(BaseException):
-                await applier
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
 
-    async def _subscribe(self, copy: bool) -> None:
+    async def _receive_loop(self, session: SubscriberSession) -> None:
+        assert self.link is not None
+        while True:
+            data = await self.link.recv()
+            self.bytes_received += len(data)
+            session.receive(data)
+            for event in session.events_received():
+                await self._handle(event)
+            await self._flush()
+
+    async def _subscribe(self, copy: bool, resync: bool = False) -> None:
         assert self._session is not None
         db = self.rep.storage.databases[self.database]
         cursor = db.cursor(self.peer)
-        resume = cursor.get("copy")
+        # After resync_required an interrupted copy's resume point is stale too.
+        resume = None if resync else cursor.get("copy")
         if resume:
             copy = True
         elif not cursor:
@@ -211,6 +223,7 @@ class Subscriber:
             await self._queue.put(_Work("caught_up", event.seq, {}))
         elif isinstance(event, CopyBegan):
             self.state = "copying"
+            self.copy_snapshot = event.snapshot_seq
             self.copy_progress = {"records_copied": 0, "records_total": event.total}
             self.head_seq = max(self.head_seq, event.snapshot_seq)
         elif isinstance(event, CopyRows):
@@ -221,7 +234,7 @@ class Subscriber:
         elif isinstance(event, ResyncRequired):
             self.state = "resync_required"
             self.last_error = f"resync required: {event.reason}"
-            await self._subscribe(copy=True)
+            await self._subscribe(copy=True, resync=True)
         elif isinstance(event, OperationRequested):
             assert self._session is not None
             result, error = await self.rep.peer_operation(self.peer, event.body)
@@ -236,7 +249,10 @@ class Subscriber:
         storage = self.rep.storage
         while True:
             work = [await self._queue.get()]
-            while not self._queue.empty() and work[-1].kind == "entries" \
+            # Several queued batches share one transaction, but not too many: a long
+            # apply keeps the receiver from reading (and from answering pings).
+            while len(work) < APPLY_GROUP and not self._queue.empty() \
+                    and work[-1].kind == "entries" \
                     and self._queue._queue[0].kind == "entries":  # type: ignore[attr-defined]
                 work.append(self._queue.get_nowait())
             first = work[0]
@@ -303,9 +319,8 @@ class Subscriber:
         table = table.rstrip("\x00")
         db = self.rep.storage.databases[self.database]
         old = db.cursor(self.peer)
-        snapshot = self.head_seq
         copy_state = {"table": table, "key": rows[-1][0], "tombs": tombs,
-                      "snapshot": (old.get("copy") or {}).get("snapshot") or snapshot}
+                      "snapshot": self.copy_snapshot}
         cursor = {"seq": int(old.get("seq", 0)), "copy": copy_state}
         job = ingest.apply_rows_job(self.rep.storage, self.database, self.peer, table, rows,
                                     work.origins, cursor, self.rep.start_floor(self.peer))

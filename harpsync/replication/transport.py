@@ -20,6 +20,9 @@ from harpsync.security import TLS_ERRORS, PeerIdentity, TLSContext, peer_identit
 
 SUBPROTOCOL = "harpsync-replication-1"
 MAX_FRAME = 64 * 1024 * 1024
+# Frames websockets buffers before it stops reading the socket. Generous, so control
+# frames (pongs) keep flowing while the subscriber's apply queue is briefly full.
+MAX_QUEUE = 64
 
 # Errors that mean "the link is gone or could not be made".
 LinkClosed = ConnectionClosed
@@ -83,7 +86,7 @@ async def listen(sock: socket.socket, ssl_context: TLSContext | None,
     return await serve(
         on_connection, sock=sock, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
         ping_interval=ping_interval, ping_timeout=ping_interval * 2, max_size=MAX_FRAME,
-        compression=None, close_timeout=2, write_limit=256 * 1024,
+        compression=None, close_timeout=2, write_limit=256 * 1024, max_queue=MAX_QUEUE,
     )
 
 
@@ -104,6 +107,6 @@ async def dial(url: str, path: str, ssl_context: TLSContext | None, ping_interva
         target, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
         open_timeout=timeout, ping_interval=ping_interval, ping_timeout=ping_interval * 2,
         max_size=MAX_FRAME, compression=None, close_timeout=2, proxy=None,
-        write_limit=256 * 1024, **kwargs,
+        write_limit=256 * 1024, max_queue=MAX_QUEUE, **kwargs,
     )
     return Link(conn, path)
