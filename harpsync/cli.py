@@ -51,7 +51,9 @@ def _inherited(variable: str) -> socket.socket | None:
 
 def run(args: argparse.Namespace) -> int:
     config_path = Path(args.config) if args.config else None
-    if config_path is None and Path("config.yaml").exists():
+    # Without --config: <root>/config.yaml when --root is given (where live route changes
+    # persist), else ./config.yaml.
+    if config_path is None and not args.root and Path("config.yaml").exists():
         config_path = Path("config.yaml")
     try:
         config = Config.load(config_path, root=args.root)
