@@ -17,6 +17,7 @@ import argparse
 import base64
 import http.client
 import json
+import socket
 import statistics
 import tempfile
 import threading
@@ -49,6 +50,30 @@ class Client:
 
     def count(self, table: str = "t", database: str = "bench") -> int:
         return int(self.call("describe_table", database=database, table=table)["record_count"])
+
+
+class RawClient:
+    """A minimal keep-alive HTTP/1.1 client on a plain socket, for the latency loop:
+    http.client's own overhead (~0.3 ms a request) is not the node's latency."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.head = (f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {AUTH}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: ").encode()
+        self.buffer = b""
+
+    def call(self, body: dict[str, Any]) -> Any:
+        payload = json.dumps(body).encode()
+        self.sock.sendall(self.head + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self.sock.recv(65536)
+        header, _, rest = self.buffer.partition(b"\r\n\r\n")
+        length = int(header.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(rest) < length:
+            rest += self.sock.recv(65536)
+        self.buffer = rest[length:]
+        return json.loads(rest[:length])
 
 
 def node(workdir: Path, name: str) -> NodeProcess:
@@ -95,14 +120,16 @@ def insert_batches(port: int, start_id: int, total: int, batch: int, clients: in
 
 
 def latency(a: NodeProcess, b: NodeProcess, samples: int) -> tuple[float, float]:
-    ca, cb = Client(a.port), Client(b.port)
+    ca, cb = RawClient(a.port), RawClient(b.port)
     out = []
     for i in range(samples):
         rid = 10_000_000 + i
         began = time.perf_counter()
-        ca.call("insert", database="bench", table="t", records=[{"id": rid}])
-        while not cb.call("search_by_id", database="bench", table="t", ids=[rid],
-                          get_attributes=["id"]):
+        ca.call({"operation": "insert", "database": "bench", "table": "t",
+                 "records": [{"id": rid}]})
+        probe = {"operation": "search_by_id", "database": "bench", "table": "t",
+                 "ids": [rid], "get_attributes": ["id"]}
+        while not cb.call(probe):
             pass
         out.append((time.perf_counter() - began) * 1000)
     out.sort()
