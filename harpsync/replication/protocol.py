@@ -11,13 +11,29 @@ them can be driven back to back in memory.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
+from harpsync.replication.events import (
+    AckReceived,
+    CaughtUp,
+    CopyBegan,
+    CopyEnded,
+    CopyRows,
+    EntriesReceived,
+    Event,
+    OperationCompleted,
+    OperationRequested,
+    OriginsAnnounced,
+    PeerFailed,
+    PeerHello,
+    ProtocolFailed,
+    ResyncRequired,
+    SubscribeRequested,
+    event_from,
+)
 from harpsync.replication.messages import (
     BatchBuilder,
     BatchFrame,
@@ -36,138 +52,6 @@ PROTOCOL_VERSION = 1
 def lag(head_seq: int, applied_seq: int) -> int:
     """Return how many publisher sequences the subscriber is behind (never negative)."""
     return max(0, head_seq - applied_seq)
-
-
-# --- events -------------------------------------------------------------------
-
-
-class Event:
-    """Base of everything a session reports through ``events_received()``."""
-
-    __slots__ = ()
-
-
-@dataclass(frozen=True, slots=True)
-class PeerHello(Event):
-    """The peer introduced itself."""
-
-    node: str
-    database: str
-    protocol: int
-    tables: dict[str, Any]
-    origins: dict[int, str]
-
-
-@dataclass(frozen=True, slots=True)
-class OriginsAnnounced(Event):
-    """The publisher announced origin ids (merged into ``peer_origins``)."""
-
-    origins: dict[int, str]
-
-
-@dataclass(frozen=True, slots=True)
-class EntriesReceived(Event):
-    """A batch of ``(seq, value)`` log entries arrived."""
-
-    head_seq: int
-    entries: list[tuple[int, bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class CopyBegan(Event):
-    """A full copy starts; streaming resumes after ``snapshot_seq``."""
-
-    snapshot_seq: int
-    total: int
-    tables: list[str]
-
-
-@dataclass(frozen=True, slots=True)
-class CopyRows(Event):
-    """A chunk of ``(key, value)`` rows of one table arrived during a copy."""
-
-    table: str
-    rows: list[tuple[bytes, bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class CopyEnded(Event):
-    """The full copy is complete."""
-
-    snapshot_seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class CaughtUp(Event):
-    """The publisher reached the end of its log at ``seq``."""
-
-    seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class ResyncRequired(Event):
-    """The requested sequence is behind retention; a full copy is needed."""
-
-    oldest_seq: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class SubscribeRequested(Event):
-    """The subscriber asked for the stream (``None`` filters mean "all")."""
-
-    after_seq: int
-    origins: dict[str, int | None] | None
-    tables: list[str] | None
-    copy: bool
-    copy_resume: dict[str, Any] | None
-
-
-@dataclass(frozen=True, slots=True)
-class AckReceived(Event):
-    """The subscriber committed everything up to ``seq``."""
-
-    seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class OperationRequested(Event):
-    """The peer asks us to run an operation; answer with ``respond_operation``."""
-
-    id: int
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class OperationCompleted(Event):
-    """The peer answered one of our operation requests."""
-
-    id: int
-    result: Any
-    error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class ProtocolFailed(Event):
-    """We failed the session because the peer broke the protocol."""
-
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class PeerFailed(Event):
-    """The peer sent an ``error`` frame and the session is over."""
-
-    code: str
-    message: str
-
-
-_E = TypeVar("_E", bound=Event)
-
-
-def _event(cls: type[_E], fields: Mapping[str, Any]) -> _E:
-    """Build an event whose field names are those of its (validated) control frame."""
-    return cls(**{field.name: fields.get(field.name) for field in dataclasses.fields(cls)})
 
 
 # --- sessions -----------------------------------------------------------------------
@@ -321,17 +205,17 @@ class _Session:
         fields = frame.fields
         if frame.type == "error":
             self.state = self._FAILED
-            self._events.append(_event(PeerFailed, fields))
+            self._events.append(event_from(PeerFailed, fields))
         elif frame.type == "operation":
             self._require(*self._OPERATIONAL)
-            self._events.append(_event(OperationRequested, fields))
+            self._events.append(event_from(OperationRequested, fields))
         elif frame.type == "operation_result":
             self._require(*self._OPERATIONAL)
             op_id = fields["id"]
             if op_id not in self._pending_operations:
                 raise ProtocolError(f"result for unknown operation {op_id}")
             self._pending_operations.discard(op_id)
-            self._events.append(_event(OperationCompleted, fields))
+            self._events.append(event_from(OperationCompleted, fields))
         elif frame.type != "ping_status":
             self._receive_control(frame.type, fields)
 
@@ -456,7 +340,7 @@ class SubscriberSession(_Session):
         s = SubscriberState
         if type_ == "hello":
             self._require(s.HELLO_SENT)
-            hello = _event(PeerHello, fields)
+            hello = event_from(PeerHello, fields)
             if hello.database != self.database:
                 raise ProtocolError(f"peer serves {hello.database!r}, not {self.database!r}")
             if hello.protocol != PROTOCOL_VERSION:
@@ -468,16 +352,16 @@ class SubscriberSession(_Session):
         elif type_ == "origins":
             self._require(s.READY, s.SUBSCRIBED, s.COPYING)
             self.peer_origins.update(fields["origins"])
-            self._events.append(_event(OriginsAnnounced, fields))
+            self._events.append(event_from(OriginsAnnounced, fields))
         elif type_ == "caught_up":
             self._require(s.SUBSCRIBED)
             self.head_seq = max(self.head_seq, fields["seq"])
-            self._events.append(_event(CaughtUp, fields))
+            self._events.append(event_from(CaughtUp, fields))
         elif type_ == "copy_begin":
             self._require(s.SUBSCRIBED)
             self._snapshot_seq = fields["snapshot_seq"]
             self.state = s.COPYING
-            self._events.append(_event(CopyBegan, fields))
+            self._events.append(event_from(CopyBegan, fields))
         elif type_ == "copy_end":
             self._require(s.COPYING)
             snapshot_seq = fields["snapshot_seq"]
@@ -486,11 +370,11 @@ class SubscriberSession(_Session):
             self.received_seq = snapshot_seq
             self.head_seq = max(self.head_seq, snapshot_seq)
             self.state = s.SUBSCRIBED
-            self._events.append(_event(CopyEnded, fields))
+            self._events.append(event_from(CopyEnded, fields))
         elif type_ == "resync_required":
             self._require(s.SUBSCRIBED, s.COPYING)
             self.state = s.READY
-            self._events.append(_event(ResyncRequired, fields))
+            self._events.append(event_from(ResyncRequired, fields))
         else:
             raise ProtocolError(f"unexpected control frame {type_!r}")
 
@@ -631,14 +515,14 @@ class PublisherSession(_Session):
             self._require(s.AWAIT_HELLO)
             if self.peer is not None:
                 raise ProtocolError("duplicate hello")
-            hello = _event(PeerHello, fields)
+            hello = event_from(PeerHello, fields)
             if hello.protocol != PROTOCOL_VERSION:
                 raise ProtocolError(f"unsupported protocol version {hello.protocol}")
             self.peer = hello
             self._events.append(hello)
         elif type_ == "subscribe":
             self._require(s.AWAIT_SUBSCRIBE, s.STREAMING)
-            self.subscription = _event(SubscribeRequested, fields)
+            self.subscription = event_from(SubscribeRequested, fields)
             self.sent_seq = self.subscription.after_seq
             self.copying = False
             self.state = s.STREAMING
