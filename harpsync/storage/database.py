@@ -21,6 +21,7 @@ TABLE_PREFIX = b"table:"
 ORIGIN_PREFIX = b"origin:"
 CURSOR_PREFIX = b"cursor:"
 PRUNED_KEY = b"pruned_through"
+DROPPED_PREFIX = b"dropped:"
 LOCAL_ORIGIN = 0
 TIME_ATTRIBUTES = ("__createdtime__", "__updatedtime__")
 
@@ -66,6 +67,7 @@ class Database:
         self.tables: dict[str, Table] = {}
         self.origin_ids: dict[str, int] = {}
         self.origin_names: dict[int, str] = {}
+        self.origin_high = 0
         self.next_seq = 1
         self.commit_listeners: list[Callable[[int], None]] = []
         self._lock = threading.Lock()
@@ -106,6 +108,10 @@ class Database:
         )
         self.tables[name] = table
         return table
+
+    def was_dropped(self, txn: lmdb.Transaction, name: str) -> bool:
+        """Whether ``name`` was a table here that has been dropped."""
+        return txn.get(DROPPED_PREFIX + name.encode(), db=self.meta_dbi) is not None
 
     def open_table_handles(self, name: str) -> tuple[Any, Any]:
         """Create (or reopen) a table's DBIs. Writer thread only, outside a write txn."""

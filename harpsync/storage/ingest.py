@@ -23,6 +23,14 @@ from harpsync.storage.writes import note_attributes
 log = logging.getLogger(__name__)
 
 
+class UnknownTableError(ValueError):
+    """A peer sent rows of a table this node has not learned yet.
+
+    The whole batch (and its cursor) is rolled back; the link reconnects, and the new
+    hello creates the table before the same entries are applied again.
+    """
+
+
 @dataclass
 class ApplyStats:
     """What one apply job did, for ``cluster_status`` counters."""
@@ -40,7 +48,10 @@ def local_origin(ctx: WriteContext, db: Database, name: str) -> int:
     oid = db.origin_ids.get(name)
     if oid is not None:
         return oid
-    oid = max(db.origin_names, default=0) + 1
+    # Never reuse an id, even one whose job rolled back: a publisher may have
+    # announced it to a peer already.
+    oid = max(max(db.origin_names, default=0), db.origin_high) + 1
+    db.origin_high = oid
     db.origin_ids[name] = oid
     db.origin_names[oid] = name
 
@@ -83,7 +94,9 @@ def _apply_op(storage: Storage, ctx: WriteContext, db: Database, op: list[Any], 
         return _apply_database_op(storage, ctx, kind, rid, version, origin_id)
     table = db.tables.get(table_name)
     if table is None:
-        return False
+        if db.was_dropped(ctx.txn(db), table_name):
+            return False  # a write racing a drop: the table is gone everywhere
+        raise UnknownTableError(f"table '{db.name}.{table_name}' is not known here yet")
     txn = ctx.txn(db)
     key = encode_id(rid)
     if not incoming_wins(db, get_stored(txn, table, key), version, origin_name):
@@ -120,7 +133,7 @@ def prepare_entries(storage: Storage, db_name: str,
         return
     for _seq, _origin, _version, _user, ops in decoded:
         for table_name, kind, rid, _value in ops:
-            if kind == "create_table" and table_name not in db.tables:
+            if kind == "create_table":  # also when it exists: a drop may precede it
                 storage.pending_handles[(db_name, table_name)] = db.open_table_handles(table_name)
             elif kind == "create_database" and rid not in storage.databases:
                 if rid not in storage.pending_envs:
@@ -198,8 +211,10 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
 
     def job(ctx: WriteContext) -> int:
         db = storage.databases.get(db_name)
-        if db is None or table_name not in db.tables:
+        if db is None:
             return 0
+        if table_name not in db.tables:
+            raise UnknownTableError(f"table '{db_name}.{table_name}' is not known here yet")
         table = db.tables[table_name]
         txn = ctx.txn(db)
         applied = 0

@@ -18,6 +18,8 @@ from harpsync.storage.keys import seq_key, seq_of
 from harpsync.storage.writer import WriteContext
 
 MAX_PRUNE = 50_000  # entries per job, so one prune never holds the writer for long
+# A removed node's tombstone is what stops gossip from adding it back: keep it.
+KEEP_TOMBSTONES = {("system", "hdb_nodes")}
 
 
 def _mark_pruned(ctx: WriteContext, db: Database, seq: int) -> None:
@@ -62,7 +64,9 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
             _mark_pruned(ctx, db, last)
         tombs = 0
         if tombstones_before:
-            for table in db.tables.values():
+            for table in list(db.tables.values()):
+                if (db.name, table.name) in KEEP_TOMBSTONES:
+                    continue
                 tcur = txn.cursor(db=table.tomb_dbi)
                 ok = tcur.first()
                 while ok:

@@ -11,6 +11,7 @@ from typing import Any
 from harpsync import codec
 from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
 from harpsync.storage.database import (
+    DROPPED_PREFIX,
     LOCAL_ORIGIN,
     TABLE_PREFIX,
     Database,
@@ -189,6 +190,7 @@ class Storage:
             ctx.on_undo(lambda: db.tables.pop(name, None))
             ctx.txn(db).put(TABLE_PREFIX + name.encode(), codec.pack(table.definition()),
                             db=db.meta_dbi)
+            ctx.txn(db).delete(DROPPED_PREFIX + name.encode(), db=db.meta_dbi)
             if log_it:
                 self.append_log(ctx, db, [[name, "create_table", None, table.definition()]],
                                 v, origin)
@@ -232,6 +234,7 @@ class Storage:
         txn.drop(table.dbi, delete=False)
         txn.drop(table.tomb_dbi, delete=False)
         txn.delete(TABLE_PREFIX + name.encode(), db=db.meta_dbi)
+        txn.put(DROPPED_PREFIX + name.encode(), codec.pack(version), db=db.meta_dbi)
         if log_it:
             self.append_log(ctx, db, [[name, "drop_table", None, None]], version, origin)
 

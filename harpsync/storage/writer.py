@@ -50,6 +50,12 @@ class WriteContext:
         """Register a catalog rollback to run if this job fails."""
         self._undo.append(fn)
 
+    def rollback_catalog(self) -> None:
+        """Undo this job's in-memory catalog changes (its transaction never landed)."""
+        for fn in reversed(self._undo):
+            fn()
+        self._undo.clear()
+
     def _finish(self, ok: bool) -> None:
         for child in self._children.values():
             if ok:
@@ -222,12 +228,18 @@ class Writer:
         for job in jobs:
             if job.error is None and any(db in failed for db in job.dbs):
                 job.error = StorageError("the write could not be committed to storage")
+                if job.ctx is not None:
+                    job.ctx.rollback_catalog()
+        # The group is durable now: nothing below may turn a job into a failure.
         for db in parents:
-            if db not in failed:
+            if db in failed:
+                continue
+            try:
                 db.notify_commit()
-        if self._on_commit is not None:
-            for db in parents:
-                self._on_commit(db)
+                if self._on_commit is not None:
+                    self._on_commit(db)
+            except Exception:
+                log.exception("commit listener of %s failed", db.name)
         for job in jobs:
             if job.error is None and job.ctx is not None:
                 for fn in job.ctx.after_commit:

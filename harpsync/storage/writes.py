@@ -14,7 +14,7 @@ from harpsync.errors import BadRequestError
 from harpsync.storage.database import LOCAL_ORIGIN, TABLE_PREFIX, TIME_ATTRIBUTES, Database, Table
 from harpsync.storage.hlc import version_to_ms
 from harpsync.storage.keys import encode_id
-from harpsync.storage.records import get_live, put_record, put_tombstone
+from harpsync.storage.records import get_live, get_stored, put_record, put_tombstone
 from harpsync.storage.store import Storage
 from harpsync.storage.writer import WriteContext
 
@@ -53,13 +53,13 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
     def job(ctx: WriteContext) -> dict[str, Any]:
         db, table = storage.table(db_name, table_name, status=400)
         txn = ctx.txn(db)
-        version = storage.hlc.now()
-        now_ms = version_to_ms(version)
         pk = table.primary_key
         written: list[Any] = []
         skipped: list[Any] = []
         ops: list[list[Any]] = []
         stored_records: list[dict[str, Any]] = []
+        prepared = []
+        newest = 0
         for index, record in enumerate(records):
             if not isinstance(record, dict):
                 raise BadRequestError(f"'records[{index}]' must be an object")
@@ -69,7 +69,20 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
                     raise BadRequestError(f"'records[{index}]' is missing primary key '{pk}'")
                 rid = str(uuid.uuid4())
             key = encode_id(rid)
-            existing = get_live(txn, table, key)
+            stored = get_stored(txn, table, key)
+            if stored is not None:
+                newest = max(newest, stored[0])
+            live = stored if stored is not None and stored[2] is not None else None
+            prepared.append((index, record, rid, key, live))
+        # A local write must beat what it overwrites under last-writer-wins, even a
+        # version from a peer whose clock runs ahead of ours.
+        storage.hlc.observe(newest)
+        version = storage.hlc.now()
+        now_ms = version_to_ms(version)
+        this_job: dict[bytes, dict[str, Any]] = {}
+        for index, record, rid, key, existing in prepared:
+            if key in this_job:  # the same id twice in one request
+                existing = (version, LOCAL_ORIGIN, this_job[key])
             if existing is not None and mode == "insert":
                 skipped.append(rid)
                 continue
@@ -91,6 +104,7 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
                 # msgpack holds integers of at most 64 bits and bounded nesting.
                 raise BadRequestError(f"'records[{index}]' holds a value that cannot be "
                                       f"stored: {exc}") from None
+            this_job[key] = new
             written.append(rid)
             stored_records.append(record)
             ops.append([table_name, mode, rid, new])
@@ -117,15 +131,23 @@ def delete_records(storage: Storage, db_name: str, table_name: str, ids: list[An
     def job(ctx: WriteContext) -> dict[str, Any]:
         db, table = storage.table(db_name, table_name, status=400)
         txn = ctx.txn(db)
+        live: list[tuple[Any, bytes | None]] = []
+        for rid in ids:
+            key = encode_id(rid)
+            existing = get_live(txn, table, key)
+            if existing is not None:
+                storage.hlc.observe(existing[0])  # the delete must win over it
+            live.append((rid, key if existing is not None else None))
         version = storage.hlc.now()
         deleted: list[Any] = []
         skipped: list[Any] = []
         ops: list[list[Any]] = []
-        for rid in ids:
-            key = encode_id(rid)
-            if get_live(txn, table, key) is None:
+        done: set[bytes] = set()
+        for rid, key in live:
+            if key is None or key in done:
                 skipped.append(rid)
                 continue
+            done.add(key)
             put_tombstone(txn, table, key, version, LOCAL_ORIGIN)
             deleted.append(rid)
             ops.append([table_name, "delete", rid, None])
