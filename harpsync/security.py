@@ -584,3 +584,28 @@ def describe_tls_error(exc: BaseException) -> str | None:
     if isinstance(exc, ssl.SSLError):
         return f"TLS failure: {exc.reason or exc}"
     return None
+
+
+def peer_issued_by(ssl_object: Any, ca_pems: list[bytes | str]) -> bool:
+    """Whether the peer's verified certificate was signed directly by one of ``ca_pems``.
+
+    Chaining to *some* trusted CA is not enough to be node X: every peer's CA is
+    trusted, so each could sign a certificate named X. Only X's own CA (or ours, which
+    signed X's CSR when it joined) may vouch for X.
+    """
+    if ssl_object is None:
+        return False
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return False
+    cert = x509.load_der_x509_certificate(der)
+    for pem in ca_pems:
+        if not pem:
+            continue
+        try:
+            ca = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+            cert.verify_directly_issued_by(ca)
+            return True
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    return False

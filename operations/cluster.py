@@ -111,9 +111,11 @@ async def replay_replication(ctx: OpContext, body: dict[str, Any]) -> dict[str, 
     if body.get("from_time") is not None:
         try:
             when = datetime.fromisoformat(str(body["from_time"]).replace("Z", "+00:00"))
-        except ValueError:
-            raise BadRequestError("'from_time' must be an ISO 8601 time") from None
-        from_version = ms_to_version(when.timestamp() * 1000)
+            from_version = ms_to_version(when.timestamp() * 1000)
+            if from_version < 0:
+                raise ValueError("before 1970")
+        except (ValueError, OverflowError, OSError):
+            raise BadRequestError("'from_time' must be an ISO 8601 time after 1970") from None
     dbs = await ctx.services.cluster.replay(body["hostname"], body.get("database"),
                                             body.get("from_seq"), from_version)
     return {"message": f"Replaying replication from '{body['hostname']}'", "databases": dbs}

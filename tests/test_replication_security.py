@@ -155,3 +155,42 @@ def test_revoked_certificate_is_refused(node_factory):
     a.call("insert", table="dog", records=[{"id": 2}])
     wait_for(refused, timeout=5, message="still refused")
     assert by_id(b, "dog", 2) is None
+
+
+def _forge(signer_root: Path, common_name: str, out: Path) -> Path:
+    """A certificate named ``common_name`` signed by the CA under ``signer_root``."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca_key = serialization.load_pem_private_key(
+        (signer_root / "keys" / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate((signer_root / "keys" / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, common_name)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "node.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "node.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return out
+
+
+def test_peer_cannot_impersonate_another_node(node_factory, tmp_path):
+    """A joined node's CA signing a certificate named after another node gets 1008."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    x = node_factory("node-x")
+    join(a, b)
+    join(a, x)
+    wait_linked([(a, b), (a, x)])
+    forged = _forge(x.root, b.name, tmp_path / "forged" / "keys").parent
+    kind, detail = _dial_outcome(a.repl_url + "/data", _client_context(forged, a.root))
+    assert (kind, detail) == ("closed", 1008), (kind, detail)

@@ -84,6 +84,8 @@ def _authenticated_as(rep: Replicator, link: Link, body: dict[str, Any]) -> str 
     if row is None or peers.serial_revoked(link.peer.serial_hex,
                                            row.get("revoked_certificates")):
         return None
+    if not link.issued_by([row.get("ca") or "", rep.keys.ca_pem]):
+        return None
     return link.peer.common_name
 
 
@@ -95,7 +97,7 @@ async def _dispatch(rep: Replicator, link: Link, body: dict[str, Any]) -> dict[s
         if proven != name:
             user = body.get("authorization")
             if not (isinstance(user, list | tuple) and len(user) == 2
-                    and rep.check_super_user(str(user[0]), str(user[1]))):
+                    and await rep.check_super_user(str(user[0]), str(user[1]))):
                 raise PeerError("authorization failed: super_user credentials are required")
         return await rep.accept_join(body)
     if proven is None:

@@ -165,6 +165,12 @@ class Publisher:
         allowed = self._allowed_tables(sub.tables)
         tables = [] if allowed is False else allowed
         pos = sub.after_seq
+        if not sub.copy and pos > db.head_seq:
+            # A cursor past our head: this node's log was reset (wiped, restored).
+            self.session.send_resync_required(
+                db.head_seq, f"cursor {pos} is beyond this node's log head {db.head_seq}")
+            await self.flush()
+            return
         if sub.copy:
             pos = await self._copy(db, sub, tables)
         caught_up_sent = False
@@ -198,7 +204,8 @@ class Publisher:
                     tables: list[str] | None) -> int:
         resume = sub.copy_resume or {}
         snapshot = db.head_seq if resume.get("snapshot") is None else int(resume["snapshot"])
-        names = sorted(t for t in db.tables if peers.table_allowed(self.database, t, tables))
+        names = sorted(t for t in list(db.tables)
+                       if peers.table_allowed(self.database, t, tables))
         total = 0
         for name in names:
             table = db.tables[name]

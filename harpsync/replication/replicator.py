@@ -25,7 +25,7 @@ from harpsync.replication.subscriber import Subscriber
 from harpsync.replication.transport import Link, listen
 from harpsync.storage import reads, writes
 from harpsync.storage.database import Database
-from harpsync.storage.ingest import write_cursor
+from harpsync.storage.ingest import forget_cursor, write_cursor
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_stored
 from harpsync.storage.store import SYSTEM, Storage
@@ -136,10 +136,10 @@ class Replicator:
     # -- links -------------------------------------------------------------------------
     def _wanted(self) -> set[tuple[str, str]]:
         wanted = set()
-        for name, row in self.rows.items():
+        for name, row in list(self.rows.items()):
             if not row.get("url"):
                 continue
-            for db_name in self.storage.databases:
+            for db_name in list(self.storage.databases):
                 if peers.subscribe_tables(row, db_name) is not False:
                     wanted.add((name, db_name))
         return wanted
@@ -161,10 +161,10 @@ class Replicator:
         self.loop.call_soon_threadsafe(lambda: self.spawn(self.reconcile()))
 
     def table_definitions(self, db: Database) -> dict[str, Any]:
-        defs: dict[str, Any] = {name: t.definition() for name, t in db.tables.items()
+        defs: dict[str, Any] = {name: t.definition() for name, t in list(db.tables.items())
                                 if peers.table_allowed(db.name, name, None)}
         if db.name == SYSTEM:
-            defs["__databases__"] = {"names": sorted(n for n in self.storage.databases
+            defs["__databases__"] = {"names": sorted(n for n in list(self.storage.databases)
                                                      if n != SYSTEM)}
         return defs
 
@@ -185,6 +185,9 @@ class Replicator:
         if peers.serial_revoked(peer.serial_hex, row.get("revoked_certificates")):
             await link.close(1008, "certificate revoked")
             return
+        if not link.issued_by([row.get("ca") or "", self.keys.ca_pem]):
+            await link.close(1008, f"certificate for {peer.common_name} not issued by its CA")
+            return
         publisher = Publisher(self, link, peer.common_name, database)
         key = (peer.common_name, database)
         self.publishers.setdefault(key, set()).add(publisher)
@@ -194,8 +197,9 @@ class Replicator:
             self.publishers.get(key, set()).discard(publisher)
 
     # -- membership --------------------------------------------------------------------
-    def check_super_user(self, username: str, password: str) -> bool:
-        user = self.auth.check_password(username, password)
+    async def check_super_user(self, username: str, password: str) -> bool:
+        # scrypt is deliberately slow: keep it off the event loop.
+        user = await asyncio.to_thread(self.auth.check_password, username, password)
         return user is not None and user.super_user
 
     async def accept_join(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -292,6 +296,9 @@ class Replicator:
         await self.storage.write(writes.delete_records(self.storage, SYSTEM, "hdb_nodes",
                                                        [name], None))
         self.rows.pop(name, None)
+        # Its cursors go too: if it comes back, it may be a new node with a new log.
+        for db in list(self.storage.databases.values()):
+            await self.storage.write(lambda ctx, d=db: forget_cursor(ctx, d, name))
         await self.reconcile()
         await self.drop_inbound(name, "node removed")
 
@@ -338,13 +345,15 @@ class Replicator:
         subs = self.links_of(peer, database)
         for sub in subs:
             await sub.stop()
-            db = self.storage.databases[sub.database]
-            seq = from_seq if from_seq is not None else 0
-            await self.storage.write(lambda ctx, d=db, s=seq: write_cursor(
-                ctx, d, peer, {"seq": s}))
-            sub.replay_floor = from_version or 0
-            sub.paused, sub.state = False, "connecting"
-            sub.start()
+            try:
+                db = self.storage.databases[sub.database]
+                seq = from_seq if from_seq is not None else 0
+                await self.storage.write(lambda ctx, d=db, s=seq: write_cursor(
+                    ctx, d, peer, {"seq": s}))
+                sub.replay_floor = from_version or 0
+            finally:  # whatever happened, the link runs again
+                sub.paused, sub.state = False, "connecting"
+                sub.start()
         return [s.database for s in subs]
 
     # -- routes ----------------------------------------------------------------------
@@ -372,7 +381,10 @@ class Replicator:
             return
         delay = 0.5
         while True:
-            if any(r.get("url") == url for r in self.rows.values()):
+            configured = {self.route_url(r) for r in self.config.get("replication.routes") or []}
+            if url not in configured:
+                return  # the route was deleted meanwhile
+            if any(r.get("url") == url for r in list(self.rows.values())):
                 return
             try:
                 answer = await self.join(url, None, True, None, {})

@@ -278,6 +278,7 @@ class Subscriber:
         """The publisher's log is read through ``seq`` and everything before it was
         applied; entries filtered out on its side need no apply, so the cursor moves
         past them (durably, before the ack that lets the publisher prune them)."""
+        self.replay_floor = 0  # a replay ends once it has read the whole log
         if seq <= self.committed_seq or self.state == "copying":
             return
         db = self.rep.storage.databases[self.database]

@@ -16,7 +16,13 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State
 
-from harpsync.security import TLS_ERRORS, PeerIdentity, TLSContext, peer_identity
+from harpsync.security import (
+    TLS_ERRORS,
+    PeerIdentity,
+    TLSContext,
+    peer_identity,
+    peer_issued_by,
+)
 
 SUBPROTOCOL = "harpsync-replication-1"
 MAX_FRAME = 64 * 1024 * 1024
@@ -39,8 +45,13 @@ class Link:
         self._conn = conn
         self.path = path
         ssl_object = conn.transport.get_extra_info("ssl_object") if conn.transport else None
+        self._ssl_object = ssl_object
         self.peer: PeerIdentity | None = peer_identity(ssl_object)
         self.bytes_sent = 0
+
+    def issued_by(self, ca_pems: list[bytes | str]) -> bool:
+        """Whether the peer's certificate was signed by one of these CAs."""
+        return peer_issued_by(self._ssl_object, ca_pems)
 
     @property
     def latency_ms(self) -> float:

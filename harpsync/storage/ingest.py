@@ -69,6 +69,11 @@ def write_cursor(ctx: WriteContext, db: Database, peer: str, cursor: dict[str, A
     ctx.txn(db).put(CURSOR_PREFIX + peer.encode(), codec.pack(cursor), db=db.meta_dbi)
 
 
+def forget_cursor(ctx: WriteContext, db: Database, peer: str) -> None:
+    """Delete the replication cursor for ``peer`` (it was removed from the cluster)."""
+    ctx.txn(db).delete(CURSOR_PREFIX + peer.encode(), db=db.meta_dbi)
+
+
 def _apply_op(storage: Storage, ctx: WriteContext, db: Database, op: list[Any], version: int,
               origin_name: str, origin_id: int, stats: ApplyStats) -> bool:
     table_name, kind, rid, value = op
