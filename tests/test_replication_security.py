@@ -188,9 +188,10 @@ def test_peer_cannot_impersonate_another_node(node_factory, tmp_path):
     a = node_factory("node-a")
     b = node_factory("node-b")
     x = node_factory("node-x")
+    a.call("create_table", table="dog", primary_key="id")  # so /data exists on A
     join(a, b)
     join(a, x)
-    wait_linked([(a, b), (a, x)])
+    wait_linked([(a, b), (a, x)], ("system", "data"))
     forged = _forge(x.root, b.name, tmp_path / "forged" / "keys").parent
     kind, detail = _dial_outcome(a.repl_url + "/data", _client_context(forged, a.root))
     assert (kind, detail) == ("closed", 1008), (kind, detail)
