@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from harpsync import query
 from harpsync.dispatch import OpContext, Operation
+from harpsync.errors import BadRequestError
 from harpsync.storage import reads, writes
 from harpsync.storage.store import SYSTEM
 
@@ -23,16 +25,27 @@ def _target(body: dict[str, Any]) -> tuple[str, str]:
 _SECRET_FIELDS = {"hdb_user": "password", "hdb_nodes": "authorization"}
 
 
-def _public(records: list[dict[str, Any]], body: dict[str, Any]) -> list[dict[str, Any]]:
+def _public(records: Iterable[dict[str, Any]], body: dict[str, Any]) -> Iterable[dict[str, Any]]:
+    """Drop secret fields; applied before any predicate, so none can probe them."""
     if body.get("database") != SYSTEM or body.get("table") not in _SECRET_FIELDS:
         return records
     secret = _SECRET_FIELDS[body["table"]]
-    return [{k: v for k, v in r.items() if k != secret} for r in records]
+    return ({k: v for k, v in r.items() if k != secret} for r in records)
+
+
+def _writable(body: dict[str, Any]) -> tuple[str, str]:
+    db, table = _target(body)
+    if db == SYSTEM:
+        # Users, roles and nodes have their own operations, which hash passwords and
+        # keep the replication state in step with the rows.
+        raise BadRequestError("the 'system' database is changed only through its own "
+                              "operations (add_user, add_role, add_node, ...)")
+    return db, table
 
 
 async def _write(ctx: OpContext, body: dict[str, Any], mode: str) -> dict[str, Any]:
     storage = ctx.services.storage
-    db, table = _target(body)
+    db, table = _writable(body)
     storage.table(db, table, status=400)  # fail fast, before queueing
     job = writes.write_records(storage, db, table, body["records"], mode, ctx.user.username)
     return await storage.write(job)
@@ -52,7 +65,7 @@ async def upsert(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 
 async def delete(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     storage = ctx.services.storage
-    db, table = _target(body)
+    db, table = _writable(body)
     storage.table(db, table, status=400)
     return await storage.write(
         writes.delete_records(storage, db, table, body["ids"], ctx.user.username))
@@ -61,8 +74,8 @@ async def delete(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 async def search_by_id(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:
     db, table = ctx.services.storage.table(*_target(body))
     attrs = body.get("get_attributes")
-    return _public([query.project(r, attrs) for r in reads.get_by_ids(db, table, body["ids"])],
-                   body)
+    found = _public(reads.get_by_ids(db, table, body["ids"]), body)
+    return [query.project(r, attrs) for r in found]
 
 
 async def _scan(ctx: OpContext, body: dict[str, Any], predicate: query.Predicate,
@@ -70,12 +83,13 @@ async def _scan(ctx: OpContext, body: dict[str, Any], predicate: query.Predicate
     db, table = ctx.services.storage.table(*_target(body))
 
     def run() -> list[dict[str, Any]]:
-        return query.select(reads.scan(db, table), predicate, body.get("get_attributes"),
-                            sort, body.get("offset", 0), body.get("limit"))
+        return query.select(_public(reads.scan(db, table), body), predicate,
+                            body.get("get_attributes"), sort, body.get("offset", 0),
+                            body.get("limit"))
 
     if db.table_size(table)[0] > OFFLOAD_ROWS:
-        return _public(await asyncio.to_thread(run), body)
-    return _public(run(), body)
+        return await asyncio.to_thread(run)
+    return run()
 
 
 async def search_by_value(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:

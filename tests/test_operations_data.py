@@ -401,3 +401,27 @@ def test_search_system_users_hides_password_hashes(node):
     found = node.call("search_by_id", database="system", table="hdb_user", ids=["admin"],
                       get_attributes=["username", "password"])
     assert found == [{"username": "admin"}]
+
+
+def test_system_tables_refuse_generic_writes(node):
+    """insert/update/upsert/delete on system tables answer 400 and change nothing."""
+    before = node.call("list_users")
+    for op, extra in (("insert", {"records": [{"username": "eve", "password": "x"}]}),
+                      ("upsert", {"records": [{"username": "admin", "active": False}]}),
+                      ("update", {"records": [{"username": "admin", "role": "nobody"}]}),
+                      ("delete", {"ids": ["admin"]})):
+        res = node.post({"operation": op, "database": "system", "table": "hdb_user", **extra})
+        assert res.status_code == 400, (op, res.text)
+        assert "system" in res.json()["error"]
+    assert node.call("list_users") == before
+
+
+def test_password_hashes_cannot_be_probed_by_conditions(node):
+    """A condition on hdb_user.password matches nothing: secrets are removed before filtering."""
+    res = node.call("search_by_conditions", database="system", table="hdb_user",
+                    conditions=[{"attribute": "password", "comparator": "starts_with",
+                                 "value": "scrypt$"}])
+    assert res == []
+    everyone = node.call("search_by_value", database="system", table="hdb_user",
+                         attribute="username", value="*")
+    assert everyone and all("password" not in u for u in everyone)
