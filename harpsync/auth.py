@@ -44,12 +44,20 @@ class Authenticator:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self._cache: dict[str, User] = {}
-        # Bumped on every commit to ``system``: a login verified across a change to the
-        # users or roles must not be cached with what it read before the change.
+        # Bumped whenever the ``system`` log grows: a login verified across a change to
+        # the users or roles must not be cached with what it read before the change.
+        # Commits that only move replication cursors add no log entry and keep the cache.
         self._generation = 0
+        self._system_head = storage.database(SYSTEM).head_seq
         storage.database(SYSTEM).commit_listeners.append(self._invalidate)
 
-    def _invalidate(self, _seq: int) -> None:
+    def _invalidate(self, head: int) -> None:
+        if head != self._system_head:
+            self._system_head = head
+            self.forget_logins()
+
+    def forget_logins(self) -> None:
+        """Drop every cached login (users or roles may have changed)."""
         self._generation += 1
         self._cache.clear()
 

@@ -326,6 +326,8 @@ class Subscriber:
         job = ingest.apply_rows_job(self.rep.storage, self.database, self.peer, table, rows,
                                     work.origins, cursor, self.rep.start_floor(self.peer))
         await self.rep.storage.write(job)
+        if self.database == "system":  # copied rows add no log entry: tell the login cache
+            self.rep.auth.forget_logins()
         if self.copy_progress is not None:
             self.copy_progress["records_copied"] += len(rows)
 
