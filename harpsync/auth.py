@@ -7,7 +7,6 @@ is cached by its exact ``Authorization`` header until the next write to ``system
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,5 +134,3 @@ def require_table(user: User, database: str, table: str, needed: list[str]) -> N
             "required_table_permissions": missing, "required_attribute_permissions": [],
         }])
 
-
-VALID_USERNAME = re.compile(r"^[^\s:]{1,100}$")

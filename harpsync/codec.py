@@ -6,8 +6,6 @@ from typing import Any
 
 import msgpack
 
-_packer_opts = {"use_bin_type": True}
-
 
 def pack(obj: Any) -> bytes:
     """Encode ``obj`` as msgpack bytes."""
@@ -17,14 +15,3 @@ def pack(obj: Any) -> bytes:
 def unpack(data: bytes | memoryview) -> Any:
     """Decode msgpack bytes; maps may have integer keys."""
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
-
-
-class StreamUnpacker:
-    """Incremental decoder for a concatenation of msgpack objects."""
-
-    def __init__(self) -> None:
-        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-
-    def feed(self, data: bytes) -> list[Any]:
-        self._unpacker.feed(data)
-        return list(self._unpacker)

@@ -10,7 +10,6 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -198,6 +197,3 @@ class Node:
             report["peers"] = self.cluster.health()
         return report
 
-
-def root_of(config: Config) -> Path:
-    return config.root

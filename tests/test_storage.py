@@ -309,7 +309,7 @@ async def test_delete_leaves_tombstone(storage):
     await storage.write(writes.delete_records(storage, "data", "dog", [1], None))
     db, table = storage.table("data", "dog")
     key = encode_id(1)
-    with db.read() as txn:
+    with db.env.begin() as txn:
         assert txn.get(key, db=table.dbi) is None
         stored = get_stored(txn, table, key)
     assert stored is not None
@@ -327,7 +327,7 @@ async def test_insert_after_delete_clears_tombstone(storage):
     await storage.write(writes.delete_records(storage, "data", "dog", [1], None))
     await insert(storage, [{"id": 1, "again": True}])
     db, table = storage.table("data", "dog")
-    with db.read() as txn:
+    with db.env.begin() as txn:
         assert txn.get(encode_id(1), db=table.tomb_dbi) is None
         stored = get_stored(txn, table, encode_id(1))
     assert stored is not None and stored[2] is not None and stored[2]["again"] is True
@@ -338,7 +338,7 @@ async def test_stored_record_layout(storage):
     await storage.create_table("data", "dog", "id")
     await insert(storage, [{"id": 7, "name": "rex"}])
     db, table = storage.table("data", "dog")
-    with db.read() as txn:
+    with db.env.begin() as txn:
         version, origin, record = codec.unpack(txn.get(encode_id(7), db=table.dbi))
     assert origin == LOCAL_ORIGIN
     assert record["name"] == "rex" and record["id"] == 7

@@ -91,7 +91,3 @@ def identity(row: dict[str, Any]) -> dict[str, Any]:
     """The part of a row other nodes may learn (never credentials)."""
     return {k: row[k] for k in IDENTITY_KEYS if row.get(k) is not None}
 
-
-def public_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A row as shown to operators: never the stored authorization."""
-    return {k: v for k, v in row.items() if k != "authorization"}

@@ -14,7 +14,6 @@ import logging
 import socket
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlparse
 
 from harpsync.errors import BadRequestError
 from harpsync.replication import peers
@@ -428,9 +427,6 @@ class Replicator:
             return 0
         return ms_to_version(when.timestamp() * 1000)
 
-    def pruned_after(self, db: Database, seq: int) -> bool:
-        return db.pruned_through() > seq
-
     async def peer_operation(self, peer: str, body: dict[str, Any]) -> tuple[Any, str | None]:
         handler = self.operation_handlers.get(str(body.get("operation")))
         if handler is None:
@@ -455,6 +451,3 @@ class Replicator:
 def default_url(hostname: str) -> str:
     return f"wss://{hostname}:{DEFAULT_PORT}"
 
-
-def url_host(url: str) -> str | None:
-    return urlparse(url).hostname

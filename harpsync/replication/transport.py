@@ -79,12 +79,6 @@ class Link:
         if transport is not None:
             transport.abort()
 
-    @property
-    def close_reason(self) -> str:
-        rcvd = getattr(self._conn, "close_rcvd", None)
-        if rcvd is not None:
-            return f"{rcvd.code} {rcvd.reason}".strip()
-        return "connection lost"
 
 
 async def listen(sock: socket.socket, ssl_context: TLSContext | None,

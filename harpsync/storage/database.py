@@ -118,10 +118,6 @@ class Database:
         return self.env.open_db(b"t:" + name.encode()), self.env.open_db(b"x:" + name.encode())
 
     # -- reads -------------------------------------------------------------------------
-    def read(self) -> lmdb.Transaction:
-        """A read transaction; use as a context manager."""
-        return self.env.begin(buffers=False)
-
     @property
     def head_seq(self) -> int:
         """The newest committed log sequence, also when pruning emptied the log."""
@@ -130,12 +126,6 @@ class Database:
             last = seq_of(cur.key()) if cur.last() else 0
             raw = txn.get(PRUNED_KEY, db=self.meta_dbi)
         return max(last, int(codec.unpack(raw)) if raw else 0)
-
-    def oldest_seq(self) -> int:
-        """The oldest retained log sequence (0 when the log is empty)."""
-        with self.env.begin() as txn:
-            cur = txn.cursor(db=self.txns_dbi)
-            return seq_of(cur.key()) if cur.first() else 0
 
     def pruned_through(self) -> int:
         """The highest log sequence removed by retention or ``purge_stream`` (0 if none)."""

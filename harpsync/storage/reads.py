@@ -42,8 +42,3 @@ def scan(db: Database, table: Table) -> Iterator[dict[str, Any]]:
             return
         last = rows[-1][0]
 
-
-def get_stored_raw(db: Database, table: Table, key: bytes) -> Any:
-    with db.env.begin() as txn:
-        raw = txn.get(key, db=table.dbi)
-    return None if raw is None else codec.unpack(raw)
