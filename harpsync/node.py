@@ -84,8 +84,8 @@ class Node:
         self.auth: Authenticator | None = None
         self.keys: NodeKeys | None = None
         self.cluster: Any = None
-        self._server: _Server | None = None
-        self._server_task: asyncio.Task[None] | None = None
+        self._servers: list[tuple[_Server, asyncio.Task[None]]] = []
+        self.secure_sock: socket.socket | None = None
         self.ops_sock: socket.socket | None = None
         self.generated_password: str | None = None
 
@@ -112,22 +112,38 @@ class Node:
         self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),
                                           int(self.config.get("operationsApi.network.port")))
         host = self.config.get("operationsApi.network.host")
-        if host not in ("127.0.0.1", "localhost", "::1"):
+        secure_port = self.config.get("operationsApi.network.securePort")
+        if host not in ("127.0.0.1", "localhost", "::1") and secure_port is None:
             log.warning("the operations API listens on %s without TLS; credentials travel "
-                        "in clear text", host)
-        uv_config = uvicorn.Config(build_app(self), lifespan="off", access_log=False,
-                                   http="httptools" if _has("httptools") else "h11",
-                                   log_config=None, server_header=False, date_header=False,
-                                   timeout_keep_alive=30, backlog=1024)
-        self._server = _Server(uv_config)
-        self._server_task = asyncio.create_task(self._server.serve(sockets=[self.ops_sock]))
-        while not self._server.started:
-            if self._server_task.done():
-                self._server_task.result()
-                raise RuntimeError("the operations API stopped during start-up")
-            await asyncio.sleep(0.005)
+                        "in clear text (set operationsApi.network.securePort)", host)
+        app = build_app(self)
+        self._servers = [await self._serve(app, [self.ops_sock])]
+        if secure_port is not None:
+            self.secure_sock = _bind(host, int(secure_port))
+            cert = self.config.get("operationsApi.tls.certificate")
+            key = self.config.get("operationsApi.tls.privateKey")
+            if not (cert and key):
+                cert, key = self.keys.https_files()
+            self._servers.append(await self._serve(app, [self.secure_sock],
+                                                   ssl_certfile=cert, ssl_keyfile=key))
         self._trimmer = asyncio.create_task(self._trim_memory())
         log.info("node %s ready: operations API on port %d", self.node_name, self.ops_port)
+
+    async def _serve(self, app: Any, sockets: list[socket.socket], **tls: Any,
+                     ) -> tuple[_Server, asyncio.Task[None]]:
+        """Run uvicorn on ``sockets`` and wait until it accepts."""
+        config = uvicorn.Config(app, lifespan="off", access_log=False,
+                                http="httptools" if _has("httptools") else "h11",
+                                log_config=None, server_header=False, date_header=False,
+                                timeout_keep_alive=30, backlog=1024, **tls)
+        server = _Server(config)
+        task = asyncio.create_task(server.serve(sockets=sockets))
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the operations API stopped during start-up")
+            await asyncio.sleep(0.005)
+        return server, task
 
     async def _trim_memory(self) -> None:
         """Keep RSS to the heap: periodically unmap LMDB pages (storage.trimInterval)."""
@@ -142,11 +158,11 @@ class Node:
         """Stop accepting, close links, then close storage (all writes are durable)."""
         if getattr(self, "_trimmer", None) is not None:
             self._trimmer.cancel()
-        if self._server is not None:
-            self._server.should_exit = True
-            if self._server_task is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._server_task, 10)
+        for server, _task in self._servers:
+            server.should_exit = True
+        for _server, task in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
         if self.cluster is not None:
             await self.cluster.stop()
         await asyncio.to_thread(self.storage.close)
@@ -190,7 +206,9 @@ class Node:
             "storage": {"state": "ok" if storage_ok else "writer stopped",
                         "databases": len(self.storage.databases),
                         "root": str(self.config.root)},
-            "listeners": {"operations_api": self.ops_port if self.ops_sock else None},
+            "listeners": {"operations_api": self.ops_port if self.ops_sock else None,
+                          "operations_api_tls": (self.secure_sock.getsockname()[1]
+                                                 if self.secure_sock else None)},
         }
         if self.cluster is not None:
             report["listeners"]["replication"] = self.cluster.port
