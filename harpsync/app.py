@@ -117,11 +117,15 @@ def build_app(services: Any) -> Any:
                 if not message.get("more_body"):
                     break
             body = parse_json(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-            return 200, await services.dispatcher.run(services, user, body)
+            result = await services.dispatcher.run(services, user, body)
+            services.metrics.count_operation(body["operation"], 200)
+            return 200, result
         except HarpsyncError as exc:
+            services.metrics.count_operation(None, exc.status)
             return exc.status, exc.body()
         except Exception:
             log.exception("operation failed with an unexpected error")
+            services.metrics.count_operation(None, 500)
             return 500, {"error": "Internal error; see the node log"}
 
     async def health(request: Request) -> Response:
@@ -129,7 +133,7 @@ def build_app(services: Any) -> Any:
         return json_response(report, 200 if report["status"] == "ok" else 503)
 
     async def metrics(request: Request) -> Response:
-        data, content_type = services.metrics.render()
+        data, content_type = services.metrics_report()
         return Response(data, media_type=content_type)
 
     async def http_error(request: Request, exc: Exception) -> Response:

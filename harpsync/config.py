@@ -35,7 +35,6 @@ DEFAULTS: dict[str, Any] = {
         "maxClockSkew": 60_000,
         "pingInterval": 1_000,
         "retentionInterval": "10s",
-        "secure": True,
     },
     "logging": {"level": "info", "auditRetention": "3d"},
     "storage": {"mapSize": 64 * 1024**3, "trimInterval": "2s"},

@@ -35,6 +35,11 @@ class Metrics:
         self.commits = Gauge("harpsync_writer_commits", "Group commits so far", registry=r)
         self.jobs = Gauge("harpsync_writer_jobs", "Write jobs so far", registry=r)
 
+    def count_operation(self, operation: str | None, status: int) -> None:
+        """Count one answered request; failed ones are counted without their name
+        (it may be anything a client sent)."""
+        self.operations.labels(operation if status == 200 else "rejected", str(status)).inc()
+
     def bind(self, rss: Callable[[], float], commits: Callable[[], float],
              jobs: Callable[[], float]) -> None:
         self.rss.set_function(rss)

@@ -23,6 +23,7 @@ from harpsync.dispatch import Dispatcher
 from harpsync.metrics import Metrics
 from harpsync.passwords import hash_password
 from harpsync.replication.replicator import Replicator
+from harpsync.replication.status import cluster_status
 from harpsync.security import NodeKeys
 from harpsync.storage import reads, writes
 from harpsync.storage.store import SYSTEM, Storage
@@ -194,6 +195,12 @@ class Node:
                   "role": SUPER_ROLE, "active": True}
         await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_user",
                                                       [record], "insert", None))
+
+    def metrics_report(self) -> tuple[bytes, str]:
+        """``GET /metrics``: refresh the per-link gauges, then render."""
+        if self.cluster is not None:
+            cluster_status(self.cluster)  # sets lag and connected gauges as it goes
+        return self.metrics.render()
 
     # -- reports -----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

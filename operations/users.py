@@ -44,6 +44,10 @@ async def _system_write(ctx: OpContext, table: str, records: list[dict[str, Any]
 
 async def add_user(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     username = body["username"]
+    if ":" in username or username != username.strip():
+        # Basic auth splits "user:password" at the first colon: such a user could
+        # never log in.
+        raise BadRequestError("'username' must not contain ':' or surrounding spaces")
     role = _role(ctx, body["role"])
     if role is None:
         raise BadRequestError(f"Role '{body['role']}' does not exist")

@@ -133,12 +133,21 @@ class Replicator:
         return stored is not None and stored[2] is None
 
     # -- links -------------------------------------------------------------------------
+    def replicated_databases(self) -> list[str]:
+        """Databases that replicate: ``replication.databases`` ("*" or a list) + system."""
+        setting = self.config.get("replication.databases")
+        names = list(self.storage.databases)
+        if setting in (None, "*"):
+            return names
+        allowed = set(setting if isinstance(setting, list) else str(setting).split(","))
+        return [n for n in names if n == SYSTEM or n in allowed]
+
     def _wanted(self) -> set[tuple[str, str]]:
         wanted = set()
         for name, row in list(self.rows.items()):
             if not row.get("url"):
                 continue
-            for db_name in list(self.storage.databases):
+            for db_name in self.replicated_databases():
                 if peers.subscribe_tables(row, db_name) is not False:
                     wanted.add((name, db_name))
         return wanted
@@ -214,6 +223,7 @@ class Replicator:
         row = {"name": name, "url": str(body["url"]), "ca": ca,
                "replicates": subs is None, "subscriptions": subs,
                "shard": body.get("shard"), "start_time": body.get("start_time")}
+        await self._subscriptions_changing(name, subs)
         await self.save_row(row)
         # The joiner's other nodes: one add_node joins this node to its whole mesh.
         await self.learn_nodes(list(body.get("nodes", [])), reconcile=False)
@@ -246,6 +256,7 @@ class Replicator:
         if answer.get("cert"):
             self.keys.store_peer_signed_cert(name, answer["cert"])
         existed = name in self.rows
+        await self._subscriptions_changing(name, row.get("subscriptions"))
         await self.save_row({**row, "name": name, "url": url, "ca": str(answer["ca"])})
         await self.learn_nodes(list(answer.get("nodes", [])), reconcile=False)
         await self.reconcile(restart_peer=name if existed else None)
@@ -253,6 +264,17 @@ class Replicator:
             await self.drop_inbound(name, "node settings changed")
         self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
         return name
+
+    async def _subscriptions_changing(self, name: str, subs: Any) -> None:
+        """When a peer's subscriptions change, its cursors go: tables that now
+        replicate must arrive with their history, so the links start with a full copy
+        (merged by last-writer-wins, so nothing already here is lost)."""
+        old = self.rows.get(name)
+        if old is None or old.get("subscriptions") == subs:
+            return
+        for db in list(self.storage.databases.values()):
+            if db.name != SYSTEM:
+                await self.storage.write(lambda ctx, d=db: forget_cursor(ctx, d, name))
 
     async def learn_nodes(self, nodes: list[Any], reconcile: bool = True) -> None:
         """Add nodes heard of from a peer, unless known or deliberately removed here."""
