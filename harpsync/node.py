@@ -89,6 +89,7 @@ class Node:
         self.secure_sock: socket.socket | None = None
         self.ops_sock: socket.socket | None = None
         self.generated_password: str | None = None
+        self._trimmer: asyncio.Task[None] | None = None
 
     # -- start / stop ------------------------------------------------------------------
     async def start(self, ops_sock: socket.socket | None = None,
@@ -157,7 +158,7 @@ class Node:
 
     async def stop(self) -> None:
         """Stop accepting, close links, then close storage (all writes are durable)."""
-        if getattr(self, "_trimmer", None) is not None:
+        if self._trimmer is not None:
             self._trimmer.cancel()
         for server, _task in self._servers:
             server.should_exit = True
