@@ -103,6 +103,22 @@ class BaseNode:
                                                      response.text)
         return response.json()
 
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def restart(self) -> Any:
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self.client.close()
+        self.ops_sock.close()
+        self.repl_sock.close()
+
     def count(self, table: str, database: str = "data") -> int:
         return int(self.call("describe_table", database=database, table=table)["record_count"])
 
@@ -156,15 +172,6 @@ class InProcessNode(BaseNode):
             self._thread.join(30)
         self.loop = None
 
-    def restart(self) -> InProcessNode:
-        self.stop()
-        return self.start()
-
-    def close(self) -> None:
-        self.stop()
-        self.client.close()
-        self.ops_sock.close()
-        self.repl_sock.close()
 
 
 def _dup(sock: socket.socket) -> socket.socket:
@@ -216,12 +223,3 @@ class ProcessNode(BaseNode):
                 self.proc.kill()
                 self.proc.wait(10)
 
-    def restart(self) -> ProcessNode:
-        self.stop()
-        return self.start()
-
-    def close(self) -> None:
-        self.stop()
-        self.client.close()
-        self.ops_sock.close()
-        self.repl_sock.close()

@@ -56,6 +56,11 @@ def wait_linked(pairs: list[tuple[Any, Any]], databases: tuple[str, ...] = ("sys
                  message=f"{node.name} connected to {peer.name} for {databases}")
 
 
+def has_table(node: Any, table: str, database: str = "data") -> bool:
+    return node.post({"operation": "describe_table", "database": database,
+                      "table": table}).status_code == 200
+
+
 def by_id(node: Any, table: str, rid: Any, database: str = "data") -> dict[str, Any] | None:
     """One record (all attributes) or None."""
     res = node.post({"operation": "search_by_id", "database": database, "table": table,

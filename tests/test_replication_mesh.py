@@ -14,17 +14,12 @@ from tests.repl_util import (
     by_id,
     connection,
     fully_linked,
+    has_table,
     hdb_nodes,
     join,
     table_hash,
     wait_linked,
 )
-
-
-def _has_table(node: Any, table: str, database: str = "data") -> bool:
-    return node.post({"operation": "describe_table", "database": database,
-                      "table": table}).status_code == 200
-
 
 # -- mesh ------------------------------------------------------------------------------
 
@@ -63,7 +58,7 @@ def _pair_with_subs(node_factory, subs: list[dict[str, Any]]) -> tuple[Any, Any]
     for table in ("t1", "t2"):
         a.call("create_table", table=table, primary_key="id")
     join(a, b, subscriptions=subs)
-    wait_for(lambda: _has_table(b, "t1") and _has_table(b, "t2"), timeout=15,
+    wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=15,
              message="tables on B")
     wait_linked([(a, b), (b, a)], ("system", "data"))
     return a, b
@@ -190,7 +185,7 @@ def test_concurrent_conflicting_writes_converge(cluster):
 
 def _converge(nodes: list[Any]) -> None:
     nodes[0].call("create_table", table="c", primary_key="id")
-    wait_for(lambda: all(_has_table(n, "c") for n in nodes), timeout=15,
+    wait_for(lambda: all(has_table(n, "c") for n in nodes), timeout=15,
              message="table on all nodes")
     for node in nodes:
         for peer in nodes:

@@ -16,17 +16,13 @@ from tests.repl_util import (
     all_records,
     by_id,
     connection,
+    has_table,
     hdb_nodes,
     insert_batches,
     join,
     stays,
     wait_linked,
 )
-
-
-def _has_table(node: Any, table: str, database: str = "data") -> bool:
-    return node.post({"operation": "describe_table", "database": database,
-                      "table": table}).status_code == 200
 
 
 @pytest.mark.timeout(180)
@@ -36,7 +32,7 @@ def test_remove_node_then_add_again(node_factory):
     b = node_factory("node-b")
     a.call("create_table", table="dog", primary_key="id")
     join(a, b)
-    wait_for(lambda: _has_table(b, "dog"), timeout=15, message="table on B")
+    wait_for(lambda: has_table(b, "dog"), timeout=15, message="table on B")
     wait_linked([(a, b), (b, a)], ("system", "data"))
 
     res = a.call("remove_node", hostname=b.name)
@@ -81,7 +77,7 @@ def test_catch_up_after_stop(node_factory):
     b = node_factory("node-b")
     a.call("create_table", table="dog", primary_key="id")
     join(a, b)
-    wait_for(lambda: _has_table(b, "dog"), timeout=15, message="table on B")
+    wait_for(lambda: has_table(b, "dog"), timeout=15, message="table on B")
     wait_linked([(b, a)], ("system", "data"))
     b.stop()
     insert_batches(a, "dog", 0, 1000, batch=100)
@@ -109,7 +105,7 @@ def test_catch_up_after_sigkill_mid_stream(node_factory):
     b = node_factory("node-b", process=True)
     a.call("create_table", table="dog", primary_key="id")
     join(a, b)
-    wait_for(lambda: _has_table(b, "dog"), timeout=15, message="table on B")
+    wait_for(lambda: has_table(b, "dog"), timeout=15, message="table on B")
     wait_linked([(b, a)], ("system", "data"))
 
     errors: list[BaseException] = []
