@@ -14,7 +14,7 @@ from harpsync.replication.status import cluster_status as build_status
 from harpsync.storage.hlc import ms_to_version
 
 
-def _credentials(body: dict[str, Any]) -> tuple[str, str] | None:
+def parse_credentials(body: dict[str, Any]) -> tuple[str, str] | None:
     try:
         return parse_authorization(body.get("authorization"))
     except ValueError as exc:
@@ -39,7 +39,7 @@ async def _add(ctx: OpContext, body: dict[str, Any]) -> tuple[str, str]:
     hostname = body.get("hostname")
     url = body.get("url") or default_url(str(hostname))
     subs = peers.normalize_subscriptions(body.get("subscriptions"))
-    creds = _credentials(body)
+    creds = parse_credentials(body)
     answer = await rep.join(url, creds, bool(body.get("verify_tls", True)), subs, body)
     name = await rep.adopt(answer, url, _row_settings(body, subs))
     return name, url
@@ -66,7 +66,7 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
         subs = None
     else:
         subs = row.get("subscriptions")
-    creds = _credentials(body)
+    creds = parse_credentials(body)
     answer = await rep.join(row["url"], creds, True if creds is None else
                             bool(body.get("verify_tls", True)), subs, body)
     settings = _row_settings(body, subs)

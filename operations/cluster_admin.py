@@ -11,7 +11,7 @@ from harpsync.errors import BadRequestError, HarpsyncError
 from harpsync.replication.membership import node_request
 from harpsync.replication.replicator import default_url
 from harpsync.storage import retention
-from operations.cluster import add_node, set_node_replication
+from operations.cluster import add_node, parse_credentials, set_node_replication
 
 
 class ConfigureClusterError(HarpsyncError):
@@ -21,6 +21,11 @@ class ConfigureClusterError(HarpsyncError):
 
 
 async def configure_cluster(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    """Replace this node's connections with the listed ones, all or nothing.
+
+    Every listed connection is probed first (reachable, TLS, credentials); if any
+    fails, nothing is added or removed and the answer reports each connection.
+    """
     rep = ctx.services.cluster
     connections = body["connections"]
     wanted: list[tuple[dict[str, Any], str]] = []
@@ -28,6 +33,18 @@ async def configure_cluster(ctx: OpContext, body: dict[str, Any]) -> dict[str, A
         if not conn.get("hostname") and not conn.get("url"):
             raise BadRequestError(f"'connections[{index}]': 'hostname' or 'url' is required")
         wanted.append((conn, conn.get("url") or default_url(str(conn["hostname"]))))
+    probes = await asyncio.gather(*(_probe(rep, conn, url) for conn, url in wanted))
+    failures = [error for error in probes if error is not None]
+    if failures:
+        outcomes = []
+        for (conn, url), error in zip(wanted, probes, strict=True):
+            name = conn.get("hostname") or url
+            outcomes.append({"node_name": name, "error": error} if error is not None else
+                            {"node_name": name, "response": "Reachable; not configured "
+                             "because another connection failed"})
+        raise ConfigureClusterError(
+            f"Configure cluster failed for {len(failures)} connection(s); "
+            "no connection was added or removed", connections=outcomes)
     wanted_urls = {url for _, url in wanted}
     wanted_names = {str(c["hostname"]) for c, _ in wanted if c.get("hostname")}
     results: list[dict[str, Any]] = []
@@ -57,6 +74,22 @@ async def configure_cluster(ctx: OpContext, body: dict[str, Any]) -> dict[str, A
         raise ConfigureClusterError(f"Configure cluster failed for {failed} connection(s)",
                                     connections=results)
     return {"message": "Cluster successfully configured.", "connections": results}
+
+
+async def _probe(rep: Any, conn: dict[str, Any], url: str) -> str | None:
+    """Why ``conn`` could not be configured now, or None when its node answers and
+    accepts the credentials (or, for a known node, this node's certificate)."""
+    row = rep.rows.get(conn.get("hostname")) if conn.get("hostname") else None
+    if row is not None and not conn.get("url"):
+        url = row.get("url") or url
+    try:
+        creds = parse_credentials(conn)
+        verify = True if creds is None and _known(rep, conn, url) \
+            else bool(conn.get("verify_tls", True))
+        await rep.probe(url, creds, verify)
+    except HarpsyncError as exc:
+        return exc.message
+    return None
 
 
 def _known(rep: Any, conn: dict[str, Any], url: str) -> bool:

@@ -89,6 +89,13 @@ def _authenticated_as(rep: Replicator, link: Link, body: dict[str, Any]) -> str 
     return link.peer.common_name
 
 
+async def _require_super_user(rep: Replicator, body: dict[str, Any]) -> None:
+    user = body.get("authorization")
+    if not (isinstance(user, list | tuple) and len(user) == 2
+            and await rep.check_super_user(str(user[0]), str(user[1]))):
+        raise PeerError("authorization failed: super_user credentials are required")
+
+
 async def _dispatch(rep: Replicator, link: Link, body: dict[str, Any]) -> dict[str, Any]:
     kind = body.get("type")
     proven = _authenticated_as(rep, link, body)
@@ -100,6 +107,12 @@ async def _dispatch(rep: Replicator, link: Link, body: dict[str, Any]) -> dict[s
                     and await rep.check_super_user(str(user[0]), str(user[1]))):
                 raise PeerError("authorization failed: super_user credentials are required")
         return await rep.accept_join(body)
+    if kind == "probe":
+        # configure_cluster checks a connection (reachable, TLS, credentials) before it
+        # changes anything; a probe joins nothing.
+        if proven is None:
+            await _require_super_user(rep, body)
+        return {"ok": True, "node": rep.node_name}
     if proven is None:
         raise PeerError("this request needs a verified node certificate")
     if kind == "remove":

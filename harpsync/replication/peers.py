@@ -88,6 +88,17 @@ def serial_revoked(serial_hex: str, revoked: list[Any] | None) -> bool:
 
 
 def identity(row: dict[str, Any]) -> dict[str, Any]:
-    """The part of a row other nodes may learn (never credentials)."""
-    return {k: row[k] for k in IDENTITY_KEYS if row.get(k) is not None}
+    """The part of a row other nodes may learn (never credentials).
+
+    ``selective`` tells them the peer was added with explicit subscriptions (or was
+    learned with that flag), so gossip must not give it a full-replication link.
+    """
+    out = {k: row[k] for k in IDENTITY_KEYS if row.get(k) is not None}
+    if row.get("learned"):
+        selective = bool(row.get("selective"))
+    else:
+        selective = row.get("subscriptions") is not None
+    if selective:
+        out["selective"] = True
+    return out
 

@@ -467,6 +467,17 @@ class PublisherSession(_Session):
         self.sent_seq = previous
         self.entries_sent += len(entries)
 
+    def announce_origins(self, origin_names: Mapping[int, str]) -> None:
+        """Queue an ``origins`` frame for the ids in ``origin_names`` not yet announced
+        on this session (allowed during a copy)."""
+        if self.state is not PublisherState.STREAMING:
+            raise RuntimeError(f"not streaming (state {self.state.name})")
+        new_ids = {oid: name for oid, name in origin_names.items()
+                   if oid not in self._announced}
+        if new_ids:
+            self._send("origins", origins=new_ids)
+            self._announced.update(new_ids)
+
     def send_caught_up(self, seq: int) -> None:
         """Tell the subscriber we reached the end of our log at ``seq``."""
         self._require_streaming()
@@ -478,10 +489,21 @@ class PublisherSession(_Session):
         self.copying = True
         self._send("copy_begin", snapshot_seq=snapshot_seq, total=total, tables=list(tables))
 
-    def send_copy_rows(self, table: str, rows: Sequence[tuple[bytes, bytes]]) -> None:
-        """Queue rows of ``table`` in key order, in chunks of about 64 KiB."""
+    def send_copy_rows(self, table: str, rows: Sequence[tuple[bytes, bytes]],
+                       origins: Mapping[int, str] | None = None) -> None:
+        """Queue rows of ``table`` in key order, in chunks of about 64 KiB.
+
+        Args:
+            table: the table name (with a NUL suffix for tombstones).
+            rows: ``(key, stored value)`` pairs.
+            origins: names of the origin ids these rows use; those not announced yet
+                (assigned after our hello) are announced first, or the subscriber
+                would drop rows it cannot attribute.
+        """
         if not self.copying or self.state is not PublisherState.STREAMING:
             raise RuntimeError("no copy in progress")
+        if origins:
+            self.announce_origins(origins)
         for chunk in split_rows(rows):
             self._queue(encode_copy_chunk(table, chunk))
 

@@ -236,11 +236,19 @@ class Publisher:
             rows = db.iter_rows(table, after, COPY_CHUNK, tombs=tombs)
             if not rows:
                 return
-            self.session.send_copy_rows(table.name + ("\x00" if tombs else ""), rows)
+            self.session.send_copy_rows(table.name + ("\x00" if tombs else ""), rows,
+                                        _row_origins(db, rows))
             await self.flush()
             after = rows[-1][0]
             if len(rows) < COPY_CHUNK:
                 return
+
+
+def _row_origins(db: Database, rows: list[tuple[bytes, bytes]]) -> dict[int, str]:
+    """Names of the origin ids the stored rows use (ids may be newer than our hello)."""
+    names = db.origin_names
+    ids = {codec.unpack(raw)[1] for _, raw in rows}
+    return {oid: names[oid] for oid in ids if oid in names}
 
 
 def _tomb_count(db: Database, table: Table) -> int:

@@ -20,7 +20,7 @@ from harpsync.replication import peers
 from harpsync.replication.maintenance import retention_loop
 from harpsync.replication.membership import NODE_PATH, node_request, serve_node_request
 from harpsync.replication.publisher import Publisher
-from harpsync.replication.subscriber import Subscriber
+from harpsync.replication.subscriber import PeerGate, Subscriber, backoff_delay
 from harpsync.replication.transport import Link, listen
 from harpsync.storage import reads, writes
 from harpsync.storage.database import Database
@@ -49,6 +49,7 @@ class Replicator:
         self.max_skew_ms = config.duration_ms("replication.maxClockSkew")
         self.rows: dict[str, dict[str, Any]] = {}
         self.subscribers: dict[tuple[str, str], Subscriber] = {}
+        self.gates: dict[str, PeerGate] = {}
         self.publishers: dict[tuple[str, str], set[Publisher]] = {}
         self.acks: dict[tuple[str, str], int] = {}
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
@@ -165,6 +166,19 @@ class Replicator:
                     self.subscribers[key] = sub
                     sub.start()
 
+    def peer_gate(self, peer: str) -> PeerGate:
+        """The reachability shared by every link to ``peer``."""
+        gate = self.gates.get(peer)
+        if gate is None:
+            gate = self.gates[peer] = PeerGate()
+        return gate
+
+    async def _stop_links(self, name: str) -> None:
+        """Stop every link from ``name`` and wait for their in-flight writes (call with
+        the reconcile lock held, so nothing restarts them meanwhile)."""
+        for key in [k for k in self.subscribers if k[0] == name]:
+            await self.subscribers.pop(key).stop()
+
     def _on_database_event(self, _event: str, _name: str) -> None:
         self.loop.call_soon_threadsafe(lambda: self.spawn(self.reconcile()))
 
@@ -221,10 +235,9 @@ class Replicator:
         subs = peers.normalize_subscriptions(body.get("subscriptions"))
         existed = name in self.rows
         row = {"name": name, "url": str(body["url"]), "ca": ca,
-               "replicates": subs is None, "subscriptions": subs,
+               "replicates": subs is None, "subscriptions": subs, "learned": False,
                "shard": body.get("shard"), "start_time": body.get("start_time")}
-        await self._subscriptions_changing(name, subs)
-        await self.save_row(row)
+        await self._replace_row(row)
         # The joiner's other nodes: one add_node joins this node to its whole mesh.
         await self.learn_nodes(list(body.get("nodes", [])), reconcile=False)
         await self.reconcile(restart_peer=name if existed else None)
@@ -249,6 +262,21 @@ class Replicator:
         return await node_request(self, url, body, verify=verify,
                                   present_cert=credentials is None)
 
+    async def probe(self, url: str, credentials: tuple[str, str] | None,
+                    verify: bool) -> str:
+        """Check that the node at ``url`` answers over TLS and accepts these credentials
+        (or this node's certificate), without joining; returns its name.
+
+        Raises:
+            PeerError: unreachable, TLS refused, or credentials refused.
+        """
+        body: dict[str, Any] = {"type": "probe", "node": self.node_name}
+        if credentials is not None:
+            body["authorization"] = list(credentials)
+        answer = await node_request(self, url, body, verify=verify,
+                                    present_cert=credentials is None)
+        return str(answer.get("node", ""))
+
     async def adopt(self, answer: dict[str, Any], url: str, row: dict[str, Any]) -> str:
         """Record a peer after a successful join answer."""
         name = str(answer["node"])
@@ -256,8 +284,8 @@ class Replicator:
         if answer.get("cert"):
             self.keys.store_peer_signed_cert(name, answer["cert"])
         existed = name in self.rows
-        await self._subscriptions_changing(name, row.get("subscriptions"))
-        await self.save_row({**row, "name": name, "url": url, "ca": str(answer["ca"])})
+        await self._replace_row({**row, "name": name, "url": url, "ca": str(answer["ca"]),
+                                 "learned": False})
         await self.learn_nodes(list(answer.get("nodes", [])), reconcile=False)
         await self.reconcile(restart_peer=name if existed else None)
         if existed:  # settings such as revoked_certificates apply to its sockets now
@@ -265,16 +293,33 @@ class Replicator:
         self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
         return name
 
-    async def _subscriptions_changing(self, name: str, subs: Any) -> None:
-        """When a peer's subscriptions change, its cursors go: tables that now
-        replicate must arrive with their history, so the links start with a full copy
-        (merged by last-writer-wins, so nothing already here is lost)."""
-        old = self.rows.get(name)
-        if old is None or old.get("subscriptions") == subs:
-            return
+    async def _replace_row(self, row: dict[str, Any]) -> None:
+        """Save an operator-made row. When the peer's subscriptions change, its cursors
+        go: tables that now replicate must arrive with their history, so the links
+        start with a full copy (merged by last-writer-wins, so nothing here is lost).
+
+        The links are stopped first, and their in-flight apply jobs finished, so no
+        late cursor write can bring a forgotten cursor back (which would skip the
+        copy); the reconcile lock keeps them from restarting until the row is saved.
+        """
+        name = str(row["name"])
+        async with self._reconcile_lock:
+            old = self.rows.get(name)
+            if old is not None and old.get("subscriptions") != row.get("subscriptions"):
+                await self._stop_links(name)
+                await self._forget_cursors(name, include_system=False)
+            await self.save_row(row)
+
+    async def _forget_cursors(self, name: str, include_system: bool) -> None:
         for db in list(self.storage.databases.values()):
-            if db.name != SYSTEM:
+            if include_system or db.name != SYSTEM:
                 await self.storage.write(lambda ctx, d=db: forget_cursor(ctx, d, name))
+
+    def is_selective(self) -> bool:
+        """Whether an operator gave this node explicit subscriptions with some peer:
+        then links formed by gossip carry no data (see DESIGN.md, gossip rule)."""
+        return any(r.get("subscriptions") is not None and not r.get("learned")
+                   for r in list(self.rows.values()))
 
     async def learn_nodes(self, nodes: list[Any], reconcile: bool = True) -> None:
         """Add nodes heard of from a peer, unless known or deliberately removed here."""
@@ -287,8 +332,13 @@ class Replicator:
                 continue
             if node.get("ca"):
                 self.keys.trust_ca(str(node["ca"]))
-            await self.save_row({**peers.identity(node), "replicates": True,
-                                 "subscriptions": None})
+            # Gossip never widens what an operator configured: a selective node, or a
+            # node added somewhere with subscriptions, gets a system-only link.
+            system_only = self.is_selective() or bool(node.get("selective"))
+            await self.save_row({**peers.identity(node), "learned": True,
+                                 "selective": bool(node.get("selective")),
+                                 "replicates": not system_only,
+                                 "subscriptions": [] if system_only else None})
             changed = True
         if changed and reconcile:
             await self.reconcile()
@@ -314,12 +364,14 @@ class Replicator:
             with contextlib.suppress(Exception):
                 await node_request(self, row["url"], {"type": "remove"}, verify=True,
                                    present_cert=True, timeout=5)
-        await self.storage.write(writes.delete_records(self.storage, SYSTEM, "hdb_nodes",
-                                                       [name], None))
-        self.rows.pop(name, None)
-        # Its cursors go too: if it comes back, it may be a new node with a new log.
-        for db in list(self.storage.databases.values()):
-            await self.storage.write(lambda ctx, d=db: forget_cursor(ctx, d, name))
+        async with self._reconcile_lock:
+            await self.storage.write(writes.delete_records(self.storage, SYSTEM, "hdb_nodes",
+                                                           [name], None))
+            self.rows.pop(name, None)
+            # Its cursors go too: if it comes back, it may be a new node with a new log.
+            # The links stop (in-flight writes done) first, or one could write it back.
+            await self._stop_links(name)
+            await self._forget_cursors(name, include_system=True)
         await self.reconcile()
         await self.drop_inbound(name, "node removed")
 
@@ -400,7 +452,7 @@ class Replicator:
         url = self.route_url(route)
         if not url or url == self.url:
             return
-        delay = 0.5
+        failures = 0
         while True:
             configured = {self.route_url(r) for r in self.config.get("replication.routes") or []}
             if url not in configured:
@@ -413,8 +465,8 @@ class Replicator:
                 return
             except Exception as exc:
                 log.info("route %s not connected yet: %s", url, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30)
+            failures += 1
+            await asyncio.sleep(max(0.5, backoff_delay(failures)))
 
     async def drop_route(self, route: Any) -> None:
         url = self.route_url(route)

@@ -46,6 +46,7 @@ def _socket(rep: Replicator, sub: Subscriber) -> dict[str, Any]:
         "bytes_received": sub.bytes_received,
         "txns_received": sub.txns_received,
         "last_error": sub.last_error,
+        "last_error_at": http_date(sub.last_error_at),
     }
     if pub is not None and pub.sending_since is not None:
         out["sendingMessage"] = http_date(pub.sending_since)
@@ -53,7 +54,8 @@ def _socket(rep: Replicator, sub: Subscriber) -> dict[str, Any]:
         out["copy"] = dict(sub.copy_progress)
     rep.metrics.lag_txns.labels(sub.peer, sub.database).set(out["lag_txns"])
     rep.metrics.connected.labels(sub.peer, sub.database).set(1 if out["connected"] else 0)
-    return {k: v for k, v in out.items() if v is not None or k in ("last_error", "latency")}
+    return {k: v for k, v in out.items() if v is not None
+            or k in ("last_error", "last_error_at", "latency")}
 
 
 def cluster_status(rep: Replicator) -> dict[str, Any]:

@@ -44,7 +44,18 @@ log = logging.getLogger(__name__)
 
 QUEUE_LIMIT = 64
 APPLY_GROUP = 16
-MAX_BACKOFF = 30.0
+# Reconnect backoff: short enough that a link is back within a few seconds of a network
+# heal, with jitter so links do not dial in lockstep. While a peer is unreachable only
+# its system link keeps probing at this pace; its database links wait for that probe
+# (see ``PeerGate``), so a dead peer sees about one dial per interval, not one per link.
+MIN_BACKOFF = 0.1
+MAX_BACKOFF = 2.0
+# Database links of an unreachable peer still dial on their own this often, in case
+# only the system link cannot connect.
+GATED_RETRY = 10.0
+# A dial that takes longer than this is abandoned and retried: a long open timeout
+# would hold a link down long after the network heals.
+DIAL_TIMEOUT = 4.0
 
 
 @dataclass
@@ -52,6 +63,36 @@ class _Work:
     kind: str  # "entries", "rows", "copy_end"
     payload: Any
     origins: dict[int, str]
+
+
+class PeerGate:
+    """Reachability of one peer, shared by all links to it.
+
+    The system link is the probe: when it fails to dial, the peer is marked down and
+    the database links wait (up to ``GATED_RETRY``) for it to connect again instead of
+    each dialing a dead peer.
+    """
+
+    def __init__(self) -> None:
+        self.reachable = asyncio.Event()
+        self.reachable.set()
+
+    def mark_down(self) -> None:
+        self.reachable.clear()
+
+    def mark_up(self) -> None:
+        self.reachable.set()
+
+    async def wait_up(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(self.reachable.wait(), timeout)
+
+
+def backoff_delay(failures: int) -> float:
+    """Seconds to wait after ``failures`` consecutive failures: doubling from
+    ``MIN_BACKOFF``, capped at ``MAX_BACKOFF``, with jitter (never above the cap)."""
+    base = min(MIN_BACKOFF * (2 ** max(0, failures - 1)), MAX_BACKOFF)
+    return base * random.uniform(0.5, 1.0)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -76,7 +117,9 @@ class Subscriber:
         self.database = database
         self.state = "connecting"
         self.link: Link | None = None
-        self.last_error: str | None = None
+        self._last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.failures = 0
         self.received_seq = 0
         self.committed_seq = 0
         self.acked_seq = 0
@@ -95,32 +138,59 @@ class Subscriber:
         self._task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[_Work] = asyncio.Queue(QUEUE_LIMIT)
         self._session: SubscriberSession | None = None
+        # Writer jobs submitted and not yet finished: cancelling the task that awaits
+        # one does not stop it in the writer thread, so ``stop`` waits for them.
+        self._inflight: set[asyncio.Future[Any]] = set()
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, value: str | None) -> None:
+        # Timestamped, so a link that recovered shows when its last error was.
+        self._last_error = value
+        self.last_error_at = time.time() if value is not None else None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"sub-{self.peer}-{self.database}")
 
     async def stop(self) -> None:
+        """Stop the link and wait until no write of it is left in the writer: after
+        this returns, nothing of this link (cursor included) will be written."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
         self._task = None
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+    async def _write(self, job: Any, prepare: Any = None) -> Any:
+        """``storage.write`` that ``stop`` can wait for, even if this task is cancelled."""
+        future = asyncio.ensure_future(self.rep.storage.write(job, prepare))
+        self._inflight.add(future)
+        future.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(future)
 
     @property
     def connected(self) -> bool:
         return self.link is not None and self.link.open and self.state != "connecting"
 
     async def _run(self) -> None:
-        delay = 0.1
+        gate = self.rep.peer_gate(self.peer)
+        probe = self.database == "system"
         while True:
             started = time.monotonic()
+            unreachable = False
             try:
                 await self._connect_once()
             except asyncio.CancelledError:
                 raise
             except (*DIAL_ERRORS, ProtocolError, ValueError, RuntimeError) as exc:
                 self.last_error = describe_error(exc)
+                unreachable = self.link is None and isinstance(exc, DIAL_ERRORS)
                 log.debug("link %s/%s: %s", self.peer, self.database, self.last_error)
             except Exception as exc:
                 self.last_error = describe_error(exc)
@@ -132,9 +202,13 @@ class Subscriber:
                 if self.state not in ("resync_required", "paused"):
                     self.state = "connecting"
             if time.monotonic() - started > 10:
-                delay = 0.1
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, MAX_BACKOFF)
+                self.failures = 0  # the link worked for a while: retry promptly
+            self.failures += 1
+            if unreachable and probe:
+                gate.mark_down()
+            if unreachable and not probe and not gate.reachable.is_set():
+                await gate.wait_up(GATED_RETRY)
+            await asyncio.sleep(backoff_delay(self.failures))
 
     async def _flush(self) -> None:
         assert self._session is not None and self.link is not None
@@ -150,7 +224,8 @@ class Subscriber:
             raise RuntimeError(f"database {self.database} is gone")
         self.link = await dial(row["url"], "/" + self.database,
                                self.rep.keys.client_context(verify=True, peer_name=self.peer),
-                               self.rep.ping_interval)
+                               self.rep.ping_interval, timeout=DIAL_TIMEOUT)
+        self.rep.peer_gate(self.peer).mark_up()
         self._queue = asyncio.Queue(QUEUE_LIMIT)  # nothing from an earlier session survives
         session = self._session = SubscriberSession(
             self.rep.node_name, self.database, self.rep.table_definitions(db),
@@ -265,7 +340,7 @@ class Subscriber:
             else:
                 snapshot = int(first.payload)
                 db = storage.databases[self.database]
-                await storage.write(lambda ctx, s=snapshot, d=db: ingest.write_cursor(
+                await self._write(lambda ctx, s=snapshot, d=db: ingest.write_cursor(
                     ctx, d, self.peer, {"seq": s}))
                 self.committed_seq = snapshot
                 self.received_seq = max(self.received_seq, snapshot)
@@ -282,8 +357,7 @@ class Subscriber:
         if seq <= self.committed_seq or self.state == "copying":
             return
         db = self.rep.storage.databases[self.database]
-        await self.rep.storage.write(lambda ctx: ingest.write_cursor(
-            ctx, db, self.peer, {"seq": seq}))
+        await self._write(lambda ctx: ingest.write_cursor(ctx, db, self.peer, {"seq": seq}))
         self.committed_seq = seq
         self.received_seq = max(self.received_seq, seq)
         self._ack(seq)
@@ -303,7 +377,7 @@ class Subscriber:
         job, prepare = ingest.apply_entries_job(
             self.rep.storage, self.database, self.peer, entries, origins, {"seq": last_seq},
             self.rep.max_skew_ms, self.rep.node_name, floor)
-        stats = await self.rep.storage.write(job, prepare)
+        stats = await self._write(job, prepare)
         self.committed_seq = last_seq
         self.txns_received += stats.entries
         if stats.last_version:
@@ -325,7 +399,7 @@ class Subscriber:
         cursor = {"seq": int(old.get("seq", 0)), "copy": copy_state}
         job = ingest.apply_rows_job(self.rep.storage, self.database, self.peer, table, rows,
                                     work.origins, cursor, self.rep.start_floor(self.peer))
-        await self.rep.storage.write(job)
+        await self._write(job)
         if self.database == "system":  # copied rows add no log entry: tell the login cache
             self.rep.auth.forget_logins()
         if self.copy_progress is not None:
