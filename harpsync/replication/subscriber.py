@@ -83,9 +83,13 @@ class PeerGate:
     def mark_up(self) -> None:
         self.reachable.set()
 
-    async def wait_up(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+    async def wait_up(self, timeout: float) -> bool:
+        """Wait until the peer is reachable again; False if ``timeout`` passed first."""
+        try:
             await asyncio.wait_for(self.reachable.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 def backoff_delay(failures: int) -> float:
@@ -206,8 +210,9 @@ class Subscriber:
             self.failures += 1
             if unreachable and probe:
                 gate.mark_down()
-            if unreachable and not probe and not gate.reachable.is_set():
-                await gate.wait_up(GATED_RETRY)
+            if unreachable and not probe and not gate.reachable.is_set() \
+                    and await gate.wait_up(GATED_RETRY):
+                self.failures = 1  # the probe got through: follow it promptly
             await asyncio.sleep(backoff_delay(self.failures))
 
     async def _flush(self) -> None:
