@@ -142,3 +142,26 @@ def test_a_failed_job_leaves_no_gap_in_the_log(tmp_path):
         assert seq == before
     finally:
         storage.close()
+
+
+@pytest.mark.timeout(60)
+def test_publisher_of_a_dropped_database_closes_its_socket(node_factory):
+    """A database dropped on the publisher ends the peer's stream of it (the peer, whose
+    system link is paused, does not know of the drop) instead of leaving it silent."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_database", database="x")
+    a.call("create_table", database="x", table="t", primary_key="id")
+    join(a, b)
+    wait_linked([(b, a)], ("system", "x"))
+    b.call("pause_replication", hostname="node-a", database="system")
+    a.call("drop_database", database="x")
+
+    def stream_ended() -> bool:
+        sock = _socket(b, "node-a", "x")
+        return sock is not None and not sock["connected"] and bool(sock.get("last_error"))
+
+    wait_for(stream_ended, timeout=20, message="B's stream of the dropped database to end")
+    sock = _socket(b, "node-a", "x")
+    assert sock is not None
+    assert "x" in str(sock["last_error"])
