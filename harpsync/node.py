@@ -26,6 +26,7 @@ from harpsync.replication.replicator import Replicator
 from harpsync.replication.status import cluster_status
 from harpsync.security import NodeKeys
 from harpsync.storage import reads, writes
+from harpsync.storage.hlc import OFFSET_ENV
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.validation import SchemaRegistry
 from operations import cluster, cluster_admin, data, schema_ops, system, users
@@ -78,6 +79,9 @@ class Node:
             config.path = config.root / "config.yaml"  # where live route changes persist
         self.started_at = time.monotonic()
         self.storage = Storage(config.root, self.node_name, int(config.get("storage.mapSize")))
+        self.storage.hlc.max_skew_ms = config.duration_ms("replication.maxClockSkew")
+        if self.env.get(OFFSET_ENV):
+            self.storage.hlc.offset_ms = int(self.env[OFFSET_ENV])
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(SchemaRegistry.load())
         for module in OPERATION_MODULES:

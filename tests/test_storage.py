@@ -64,13 +64,45 @@ def test_hlc_packs_wall_milliseconds():
 
 
 def test_hlc_observe_moves_forward():
-    """After observing a version from the future, now() is past it and stays monotonic."""
-    clock = HLC()
-    ahead = clock.now() + (3_600_000 << COUNTER_BITS)
+    """After observing a version ahead within the skew bound, now() is past it."""
+    clock = HLC(max_skew_ms=60_000)
+    ahead = clock.now() + (30_000 << COUNTER_BITS)
     clock.observe(ahead)
     first = clock.now()
     assert first > ahead
     assert clock.now() > first
+
+
+def test_hlc_ignores_versions_beyond_the_skew_bound():
+    """A version an hour ahead neither moves the clock nor passes check()."""
+    from harpsync.storage.hlc import ClockSkewError
+
+    clock = HLC(max_skew_ms=60_000)
+    ahead = clock.now() + (3_600_000 << COUNTER_BITS)
+    clock.observe(ahead)
+    assert clock.now() < ahead
+    with pytest.raises(ClockSkewError, match="maxClockSkew"):
+        clock.check(ahead)
+    clock.check(clock.now() + (1000 << COUNTER_BITS))
+
+
+def test_hlc_now_after_beats_a_future_floor_without_moving_the_clock():
+    """A local write over a far-future version gets floor + 1; the clock stays put."""
+    clock = HLC(max_skew_ms=60_000)
+    floor = clock.now() + (3_600_000 << COUNTER_BITS)
+    assert clock.now_after(floor) == floor + 1
+    assert clock.now() < floor
+    near = clock.now() + (1000 << COUNTER_BITS)
+    assert clock.now_after(near) == near + 1
+    assert clock.now() > near + 1
+
+
+def test_hlc_offset_shifts_the_wall_clock():
+    """The test offset moves versions by that many milliseconds."""
+    import time
+
+    clock = HLC(offset_ms=120_000)
+    assert wall_ms_of(clock.now()) >= int(time.time() * 1000) + 119_000
 
 
 def test_hlc_observe_older_version_is_ignored():

@@ -32,7 +32,7 @@ async def prune_database(rep: Replicator, db: Database, now_ms: float | None = N
     Log entries are kept for the whole retention even when every peer has them, so the
     log stays a useful audit trail; a peer away for longer is repaired by a full copy.
     """
-    now_ms = time.time() * 1000 if now_ms is None else now_ms
+    now_ms = rep.storage.hlc.wall_now_ms() if now_ms is None else now_ms
     cutoff_version = int(now_ms - rep.config.retention_ms()) << 16
     through = retention.seq_for_time(db, cutoff_version)
     acked = ack_floor(rep, db)

@@ -176,13 +176,15 @@ class Publisher:
         caught_up_sent = False
         while True:
             self._wakeup.clear()
-            pruned = db.pruned_through()
+            if db.dropped:
+                await self.link.close(1001, f"database '{self.database}' was dropped")
+                return
+            pruned, entries = db.read_log(pos, READ_BATCH)
             if pruned > pos:
                 self.session.send_resync_required(
                     pruned + 1, f"log entries up to {pruned} were pruned; cursor is {pos}")
                 await self.flush()
                 return
-            entries = db.log_after(pos, READ_BATCH)
             if not entries:
                 if not caught_up_sent:
                     self.session.send_caught_up(pos)

@@ -35,7 +35,7 @@ from harpsync.replication.protocol import (
 from harpsync.replication.transport import DIAL_ERRORS, Link, dial
 from harpsync.security import describe_tls_error
 from harpsync.storage import ingest
-from harpsync.storage.hlc import wall_ms_of
+from harpsync.storage.hlc import ClockSkewError, wall_ms_of
 
 if TYPE_CHECKING:
     from harpsync.replication.replicator import Replicator
@@ -203,7 +203,7 @@ class Subscriber:
                 link, self.link = self.link, None
                 if link is not None:
                     link.abort()
-                if self.state not in ("resync_required", "paused"):
+                if self.state not in ("resync_required", "paused", "clock_skew"):
                     self.state = "connecting"
             if time.monotonic() - started > 10:
                 self.failures = 0  # the link worked for a while: retry promptly
@@ -383,15 +383,18 @@ class Subscriber:
             self.rep.storage, self.database, self.peer, entries, origins, {"seq": last_seq},
             self.rep.max_skew_ms, self.rep.node_name, floor)
         stats = await self._write(job, prepare)
-        self.committed_seq = last_seq
+        committed = last_seq if stats.cursor_seq is None else stats.cursor_seq
+        self.committed_seq = max(self.committed_seq, committed)
         self.txns_received += stats.entries
         if stats.last_version:
             self.last_version = stats.last_version
-        if stats.skewed:
-            self.rep.note_skew(self.peer, stats.skewed)
         self.rep.note_received(self.peer, self.database, stats.entries,
                                sum(len(e[1]) for e in entries))
-        self._ack(last_seq)
+        self._ack(committed)
+        if stats.skew_error is not None:
+            self.rep.note_skew(self.peer, stats.skewed)
+            self.state = "clock_skew"
+            raise stats.skew_error
 
     async def _apply_rows(self, work: _Work) -> None:
         table, rows = work.payload
@@ -404,7 +407,12 @@ class Subscriber:
         cursor = {"seq": int(old.get("seq", 0)), "copy": copy_state}
         job = ingest.apply_rows_job(self.rep.storage, self.database, self.peer, table, rows,
                                     work.origins, cursor, self.rep.start_floor(self.peer))
-        await self._write(job)
+        try:
+            await self._write(job)
+        except ClockSkewError:
+            self.rep.note_skew(self.peer, 1)
+            self.state = "clock_skew"
+            raise
         if self.database == "system":  # copied rows add no log entry: tell the login cache
             self.rep.auth.forget_logins()
         if self.copy_progress is not None:
@@ -420,4 +428,4 @@ class Subscriber:
     def lag_ms(self) -> float:
         if self.lag_txns() == 0 or not self.last_version:
             return 0.0
-        return max(0.0, time.time() * 1000 - wall_ms_of(self.last_version))
+        return max(0.0, self.rep.storage.hlc.wall_now_ms() - wall_ms_of(self.last_version))

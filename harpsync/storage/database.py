@@ -70,6 +70,8 @@ class Database:
         self.origin_high = 0
         self.next_seq = 1
         self.commit_listeners: list[Callable[[int], None]] = []
+        # Set once the database was dropped: readers waiting on commits must give up.
+        self.dropped = False
         self._lock = threading.Lock()
         self._load(local_name)
 
@@ -91,10 +93,9 @@ class Database:
             with self.env.begin(write=True) as txn:
                 txn.put(ORIGIN_PREFIX + local_name.encode(), codec.pack(LOCAL_ORIGIN),
                         db=self.meta_dbi)
-        with self.env.begin() as txn:
-            last = txn.cursor(db=self.txns_dbi)
-            if last.last():
-                self.next_seq = seq_of(last.key()) + 1
+        # Sequences continue after the highest ever assigned, also when retention pruned
+        # the whole log: a peer's cursor ("after pruned_through") must see new entries.
+        self.next_seq = self.head_seq + 1
 
     def _open_table(self, definition: dict[str, Any]) -> Table:
         name = definition["name"]
@@ -132,6 +133,25 @@ class Database:
         with self.env.begin() as txn:
             raw = txn.get(PRUNED_KEY, db=self.meta_dbi)
         return int(codec.unpack(raw)) if raw else 0
+
+    def read_log(self, after_seq: int, limit: int) -> tuple[int, list[tuple[int, bytes]]]:
+        """``pruned_through`` and up to ``limit`` entries after ``after_seq``, read in one
+        transaction, so a prune between the two reads cannot skip entries unnoticed.
+
+        Returns:
+            ``(pruned_through, [(seq, stored value bytes), ...])``.
+        """
+        out: list[tuple[int, bytes]] = []
+        with self.env.begin() as txn:
+            raw = txn.get(PRUNED_KEY, db=self.meta_dbi)
+            pruned = int(codec.unpack(raw)) if raw else 0
+            cur = txn.cursor(db=self.txns_dbi)
+            if cur.set_range(seq_key(after_seq + 1)):
+                for key, value in cur:
+                    out.append((seq_of(key), value))
+                    if len(out) >= limit:
+                        break
+        return pruned, out
 
     def log_after(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to ``limit`` committed log entries with sequence greater than ``after_seq``.
@@ -213,7 +233,10 @@ class Database:
         self.env.close()
 
     def destroy(self) -> None:
-        """Close the environment and delete its files."""
+        """Close the environment and delete its files; wake every commit listener so
+        readers of this database see ``dropped`` and stop."""
+        self.dropped = True
+        self.notify_commit()
         self.env.close()
         shutil.rmtree(self.path, ignore_errors=True)
 

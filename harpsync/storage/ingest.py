@@ -14,6 +14,7 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.storage.database import CURSOR_PREFIX, ORIGIN_PREFIX, Database
+from harpsync.storage.hlc import ClockSkewError
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_stored, incoming_wins, put_record, put_tombstone
 from harpsync.storage.store import SYSTEM, Storage
@@ -40,6 +41,9 @@ class ApplyStats:
     ops_applied: int = 0
     last_version: int = 0
     skewed: int = 0
+    # Set when an entry was held back for clock skew: the cursor committed with the job.
+    skew_error: ClockSkewError | None = None
+    cursor_seq: int | None = None
     created_tables: list[str] = field(default_factory=list)
 
 
@@ -182,11 +186,19 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
         db = storage.databases.get(db_name)
         if db is None:
             return stats
-        wall_limit = (storage.hlc.wall_now_ms() + max_skew_ms) << 16
-        for _seq, origin_name, version, user, ops in decoded:
-            stats.entries += 1
-            if version > wall_limit:
+        committed = cursor
+        for seq, origin_name, version, user, ops in decoded:
+            try:
+                storage.hlc.check(version)
+            except ClockSkewError as exc:
+                # Held back, not applied: the cursor stops just before this entry, so
+                # the link asks for it again once the clocks agree.
                 stats.skewed += 1
+                stats.skew_error = exc
+                committed = {**cursor, "seq": seq - 1}
+                stats.cursor_seq = seq - 1
+                break
+            stats.entries += 1
             storage.hlc.observe(version)
             origin_id = local_origin(ctx, db, origin_name)
             applied = [op for op in ops
@@ -199,7 +211,7 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
                 if applied[0][1] in ("create_database", "drop_database"):
                     target = storage.databases[SYSTEM]
                 storage.append_log(ctx, target, applied, version, origin_id, user)
-        write_cursor(ctx, db, peer, cursor)
+        write_cursor(ctx, db, peer, committed)
         return stats
 
     return job, prepare
@@ -228,6 +240,7 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
             origin_name = origins.get(origin)
             if origin_name is None or version < floor:
                 continue
+            storage.hlc.check(version)  # a skewed row fails the chunk; the copy resumes
             if not incoming_wins(db, get_stored(txn, table, key), version, origin_name):
                 continue
             storage.hlc.observe(version)

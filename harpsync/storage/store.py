@@ -114,6 +114,8 @@ class Storage:
         """
         seq = db.next_seq
         db.next_seq += 1
+        # A job that fails after this gives its sequence back: no gap, no phantom lag.
+        ctx.on_undo(lambda: setattr(db, "next_seq", min(db.next_seq, seq)))
         ctx.txn(db).put(seq_key(seq), codec.pack([origin, version, user, ops]),
                         db=db.txns_dbi, append=True)
         return seq

@@ -76,8 +76,7 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
             prepared.append((index, record, rid, key, live))
         # A local write must beat what it overwrites under last-writer-wins, even a
         # version from a peer whose clock runs ahead of ours.
-        storage.hlc.observe(newest)
-        version = storage.hlc.now()
+        version = storage.hlc.now_after(newest)
         now_ms = version_to_ms(version)
         this_job: dict[bytes, dict[str, Any]] = {}
         for index, record, rid, key, existing in prepared:
@@ -132,13 +131,14 @@ def delete_records(storage: Storage, db_name: str, table_name: str, ids: list[An
         db, table = storage.table(db_name, table_name, status=400)
         txn = ctx.txn(db)
         live: list[tuple[Any, bytes | None]] = []
+        newest = 0
         for rid in ids:
             key = encode_id(rid)
             existing = get_live(txn, table, key)
             if existing is not None:
-                storage.hlc.observe(existing[0])  # the delete must win over it
+                newest = max(newest, existing[0])  # the delete must win over it
             live.append((rid, key if existing is not None else None))
-        version = storage.hlc.now()
+        version = storage.hlc.now_after(newest)
         deleted: list[Any] = []
         skipped: list[Any] = []
         ops: list[list[Any]] = []
