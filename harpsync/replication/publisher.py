@@ -181,10 +181,14 @@ class Publisher:
                 return
             pruned, entries = db.read_log(pos, READ_BATCH)
             if pruned > pos:
-                self.session.send_resync_required(
-                    pruned + 1, f"log entries up to {pruned} were pruned; cursor is {pos}")
-                await self.flush()
-                return
+                if not floors_cover(sub.origins, db.pruned_max()):
+                    self.session.send_resync_required(
+                        pruned + 1, f"log entries up to {pruned} were pruned; cursor is {pos}")
+                    await self.flush()
+                    return
+                # Nothing pruned is above the subscriber's per-origin floors.
+                pos = pruned
+                continue
             if not entries:
                 if not caught_up_sent:
                     self.session.send_caught_up(pos)
@@ -251,6 +255,14 @@ def _row_origins(db: Database, rows: list[tuple[bytes, bytes]]) -> dict[int, str
     names = db.origin_names
     ids = {codec.unpack(raw)[1] for _, raw in rows}
     return {oid: names[oid] for oid in ids if oid in names}
+
+
+def floors_cover(origins: dict[str, int | None] | None, pruned_max: dict[str, int]) -> bool:
+    """Whether a subscription with per-origin version floors lost nothing to pruning:
+    every requested origin's newest pruned version is at or below its floor."""
+    if origins is None or not pruned_max:  # no record: pruned before versions were kept
+        return False
+    return all(pruned_max.get(name, 0) <= (floor or 0) for name, floor in origins.items())
 
 
 def _tomb_count(db: Database, table: Table) -> int:

@@ -20,6 +20,7 @@ from harpsync.replication import peers
 from harpsync.replication.maintenance import retention_loop
 from harpsync.replication.membership import NODE_PATH, node_request, serve_node_request
 from harpsync.replication.publisher import Publisher
+from harpsync.replication.relays import RelayPlanner
 from harpsync.replication.subscriber import PeerGate, Subscriber, backoff_delay
 from harpsync.replication.transport import Link, listen
 from harpsync.storage import reads, writes
@@ -50,6 +51,8 @@ class Replicator:
         self.rows: dict[str, dict[str, Any]] = {}
         self.subscribers: dict[tuple[str, str], Subscriber] = {}
         self.gates: dict[str, PeerGate] = {}
+        self.relays = RelayPlanner(self.node_name, lambda: self.subscribers,
+                                   self.replicated_databases, self._known_origins)
         self.publishers: dict[tuple[str, str], set[Publisher]] = {}
         self.acks: dict[tuple[str, str], int] = {}
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
@@ -79,6 +82,7 @@ class Replicator:
         self.storage.database_listeners.append(self._on_database_event)
         await self.reconcile()
         self.spawn(retention_loop(self))
+        self.spawn(self.relays.run())
         for route in self.config.get("replication.routes") or []:
             self.spawn(self.connect_route(route))
 
@@ -165,6 +169,14 @@ class Replicator:
                     sub = Subscriber(self, *key)
                     self.subscribers[key] = sub
                     sub.start()
+
+    def _known_origins(self, database: str) -> list[str]:
+        """Every node whose transactions this node may need for ``database``."""
+        names = set(self.rows)
+        db = self.storage.databases.get(database)
+        if db is not None:
+            names.update(db.origin_names.values())
+        return sorted(names)
 
     def peer_gate(self, peer: str) -> PeerGate:
         """The reachability shared by every link to ``peer``."""

@@ -145,6 +145,7 @@ class Subscriber:
         # Writer jobs submitted and not yet finished: cancelling the task that awaits
         # one does not stop it in the writer thread, so ``stop`` waits for them.
         self._inflight: set[asyncio.Future[Any]] = set()
+        self._covered: list[str] = [peer]
 
     @property
     def last_error(self) -> str | None:
@@ -168,8 +169,7 @@ class Subscriber:
             with contextlib.suppress(BaseException):
                 await self._task
         self._task = None
-        while self._inflight:
-            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        await self.settle()
 
     async def _write(self, job: Any, prepare: Any = None) -> Any:
         """``storage.write`` that ``stop`` can wait for, even if this task is cancelled."""
@@ -275,8 +275,17 @@ class Subscriber:
         row = self.rep.rows.get(self.peer, {})
         tables = peers.subscribe_tables(row, self.database)
         after = int(cursor.get("seq", 0))
+        # One copy per link: this peer's own transactions, plus the origins it relays
+        # for us, each above the newest version already held (from any path).
+        await self.rep.relays.release(self.peer, self.database)
+        covered = self.rep.relays.covered(self.peer, self.database)
+        self._covered = sorted(covered)
+        if cursor and not copy and "origins" in cursor \
+                and not covered <= set(cursor["origins"]):
+            after = 0  # a newly relayed origin: read the log again, above its floor
+        floors = {name: db.origin_hw.get(name) for name in covered}
         self.received_seq = self.committed_seq = self.acked_seq = after
-        self._session.subscribe(after_seq=after, origins=None,
+        self._session.subscribe(after_seq=after, origins=floors,
                                 tables=None if tables is None else list(tables or []),
                                 copy=copy, copy_resume=resume or None)
         self.state = "copying" if copy else "streaming"
@@ -346,7 +355,7 @@ class Subscriber:
                 snapshot = int(first.payload)
                 db = storage.databases[self.database]
                 await self._write(lambda ctx, s=snapshot, d=db: ingest.write_cursor(
-                    ctx, d, self.peer, {"seq": s}))
+                    ctx, d, self.peer, self._cursor(s)))
                 self.committed_seq = snapshot
                 self.received_seq = max(self.received_seq, snapshot)
                 self.copy_progress = None
@@ -362,7 +371,8 @@ class Subscriber:
         if seq <= self.committed_seq or self.state == "copying":
             return
         db = self.rep.storage.databases[self.database]
-        await self._write(lambda ctx: ingest.write_cursor(ctx, db, self.peer, {"seq": seq}))
+        await self._write(lambda ctx: ingest.write_cursor(ctx, db, self.peer,
+                                                         self._cursor(seq)))
         self.committed_seq = seq
         self.received_seq = max(self.received_seq, seq)
         self._ack(seq)
@@ -380,7 +390,7 @@ class Subscriber:
         last_seq = entries[-1][0]
         floor = max(self.rep.start_floor(self.peer), self.replay_floor)
         job, prepare = ingest.apply_entries_job(
-            self.rep.storage, self.database, self.peer, entries, origins, {"seq": last_seq},
+            self.rep.storage, self.database, self.peer, entries, origins, self._cursor(last_seq),
             self.rep.max_skew_ms, self.rep.node_name, floor)
         stats = await self._write(job, prepare)
         committed = last_seq if stats.cursor_seq is None else stats.cursor_seq
@@ -404,7 +414,7 @@ class Subscriber:
         old = db.cursor(self.peer)
         copy_state = {"table": table, "key": rows[-1][0], "tombs": tombs,
                       "snapshot": self.copy_snapshot}
-        cursor = {"seq": int(old.get("seq", 0)), "copy": copy_state}
+        cursor = {**self._cursor(int(old.get("seq", 0))), "copy": copy_state}
         job = ingest.apply_rows_job(self.rep.storage, self.database, self.peer, table, rows,
                                     work.origins, cursor, self.rep.start_floor(self.peer))
         try:
@@ -417,6 +427,36 @@ class Subscriber:
             self.rep.auth.forget_logins()
         if self.copy_progress is not None:
             self.copy_progress["records_copied"] += len(rows)
+
+    def _cursor(self, seq: int) -> dict[str, Any]:
+        """The cursor to commit: the publisher sequence and the origins it covers."""
+        return {"seq": seq, "origins": list(self._covered)}
+
+    # -- relays (see relays.py) --------------------------------------------------------
+    @property
+    def reachable(self) -> bool:
+        """The socket is open (it may still be saying hello)."""
+        return self.link is not None and self.link.open
+
+    @property
+    def streaming(self) -> bool:
+        return self.connected and self.state in ("streaming", "copying")
+
+    def origin_names(self) -> list[str]:
+        """Origin names the peer announced for this database."""
+        session = self._session
+        return list(session.peer_origins.values()) if session is not None else []
+
+    async def settle(self) -> None:
+        """Wait until no write of this link is left in the writer."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+    async def restart(self) -> None:
+        """Reconnect (to subscribe again with new origins), unless paused."""
+        await self.stop()
+        if not self.paused:
+            self.start()
 
     # -- status ------------------------------------------------------------------------
     def lag_txns(self) -> int:

@@ -22,6 +22,10 @@ ORIGIN_PREFIX = b"origin:"
 CURSOR_PREFIX = b"cursor:"
 PRUNED_KEY = b"pruned_through"
 DROPPED_PREFIX = b"dropped:"
+# Per origin name: the highest version received from that origin (by any path), and the
+# highest version of that origin's entries that pruning or purge_stream removed.
+HW_PREFIX = b"hw:"
+PRUNED_MAX_PREFIX = b"pruned_max:"
 LOCAL_ORIGIN = 0
 TIME_ATTRIBUTES = ("__createdtime__", "__updatedtime__")
 
@@ -68,6 +72,7 @@ class Database:
         self.origin_ids: dict[str, int] = {}
         self.origin_names: dict[int, str] = {}
         self.origin_high = 0
+        self.origin_hw: dict[str, int] = {}
         self.next_seq = 1
         self.commit_listeners: list[Callable[[int], None]] = []
         # Set once the database was dropped: readers waiting on commits must give up.
@@ -78,6 +83,7 @@ class Database:
     # -- loading ---------------------------------------------------------------------
     def _load(self, local_name: str) -> None:
         definitions = [value for _, value in self.iter_meta(TABLE_PREFIX)]
+        self.origin_hw = {name.decode(): int(v) for name, v in self.iter_meta(HW_PREFIX)}
         for name, oid in self.iter_meta(ORIGIN_PREFIX):
             self.origin_ids[name.decode()] = oid
             self.origin_names[oid] = name.decode()
@@ -133,6 +139,10 @@ class Database:
         with self.env.begin() as txn:
             raw = txn.get(PRUNED_KEY, db=self.meta_dbi)
         return int(codec.unpack(raw)) if raw else 0
+
+    def pruned_max(self) -> dict[str, int]:
+        """Per origin name, the newest version of its entries removed from this log."""
+        return {name.decode(): int(v) for name, v in self.iter_meta(PRUNED_MAX_PREFIX)}
 
     def read_log(self, after_seq: int, limit: int) -> tuple[int, list[tuple[int, bytes]]]:
         """``pruned_through`` and up to ``limit`` entries after ``after_seq``, read in one

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harpsync import codec
-from harpsync.storage.database import CURSOR_PREFIX, ORIGIN_PREFIX, Database
+from harpsync.storage.database import CURSOR_PREFIX, HW_PREFIX, ORIGIN_PREFIX, Database
 from harpsync.storage.hlc import ClockSkewError
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_stored, incoming_wins, put_record, put_tombstone
@@ -71,6 +71,21 @@ def local_origin(ctx: WriteContext, db: Database, name: str) -> int:
 def write_cursor(ctx: WriteContext, db: Database, peer: str, cursor: dict[str, Any]) -> None:
     """Commit the replication cursor for ``peer`` in the same transaction as the data."""
     ctx.txn(db).put(CURSOR_PREFIX + peer.encode(), codec.pack(cursor), db=db.meta_dbi)
+
+
+def note_origin_versions(ctx: WriteContext, db: Database, seen: Mapping[str, int]) -> None:
+    """Raise each origin's high-water version (received by any path) with the job.
+
+    A link asks each origin for versions above its high-water mark only, so a
+    transaction that arrived through a relay is not sent again by its origin.
+    """
+    for name, version in seen.items():
+        old = db.origin_hw.get(name, 0)
+        if version <= old:
+            continue
+        db.origin_hw[name] = version
+        ctx.on_undo(lambda n=name, o=old: db.origin_hw.__setitem__(n, o))
+        ctx.txn(db).put(HW_PREFIX + name.encode(), codec.pack(version), db=db.meta_dbi)
 
 
 def forget_cursor(ctx: WriteContext, db: Database, peer: str) -> None:
@@ -187,6 +202,7 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
         if db is None:
             return stats
         committed = cursor
+        seen: dict[str, int] = {}
         for seq, origin_name, version, user, ops in decoded:
             try:
                 storage.hlc.check(version)
@@ -199,6 +215,7 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
                 stats.cursor_seq = seq - 1
                 break
             stats.entries += 1
+            seen[origin_name] = max(seen.get(origin_name, 0), version)
             storage.hlc.observe(version)
             origin_id = local_origin(ctx, db, origin_name)
             applied = [op for op in ops
@@ -211,6 +228,7 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
                 if applied[0][1] in ("create_database", "drop_database"):
                     target = storage.databases[SYSTEM]
                 storage.append_log(ctx, target, applied, version, origin_id, user)
+        note_origin_versions(ctx, db, seen)
         write_cursor(ctx, db, peer, committed)
         return stats
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from harpsync import codec
-from harpsync.storage.database import PRUNED_KEY, Database
+from harpsync.storage.database import PRUNED_KEY, PRUNED_MAX_PREFIX, Database
 from harpsync.storage.keys import seq_key, seq_of
 from harpsync.storage.writer import WriteContext
 
@@ -28,6 +28,31 @@ def _mark_pruned(ctx: WriteContext, db: Database, seq: int) -> None:
     current = int(codec.unpack(raw)) if raw else 0
     if seq > current:
         txn.put(PRUNED_KEY, codec.pack(seq), db=db.meta_dbi)
+
+
+class _RemovedVersions:
+    """The newest version per origin among removed log entries, saved with the prune:
+    a subscriber whose per-origin floors are at or above them lost nothing it needs."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.newest: dict[int, int] = {}
+
+    def note(self, raw: bytes) -> None:
+        origin, version = codec.unpack(raw)[:2]
+        if version > self.newest.get(origin, 0):
+            self.newest[origin] = version
+
+    def save(self, ctx: WriteContext) -> None:
+        txn = ctx.txn(self.db)
+        for origin, version in self.newest.items():
+            name = self.db.origin_names.get(origin)
+            if name is None:
+                continue
+            key = PRUNED_MAX_PREFIX + name.encode()
+            raw = txn.get(key, db=self.db.meta_dbi)
+            if raw is None or int(codec.unpack(raw)) < version:
+                txn.put(key, codec.pack(version), db=self.db.meta_dbi)
 
 
 def seq_for_time(db: Database, cutoff_version: int) -> int:
@@ -50,6 +75,7 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
         txn = ctx.txn(db)
         removed = 0
         last = 0
+        versions = _RemovedVersions(db)
         cur = txn.cursor(db=db.txns_dbi)
         if cur.first():
             while removed < MAX_PRUNE:
@@ -58,10 +84,12 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
                     break
                 last = seq
                 removed += 1
+                versions.note(cur.value())
                 if not cur.delete() or not cur.key():
                     break
         if last:
             _mark_pruned(ctx, db, last)
+            versions.save(ctx)
         tombs = 0
         if tombstones_before:
             for table in list(db.tables.values()):
@@ -117,8 +145,10 @@ def purge_table_job(db: Database, table: str, keep: int | None, upto_seq: int | 
         if keep is not None:
             touching = touching[:max(0, len(touching) - keep)]
         removed = 0
+        versions = _RemovedVersions(db)
         for seq in touching:
             raw = txn.get(seq_key(seq), db=db.txns_dbi)
+            versions.note(raw)
             origin, version, user, ops = codec.unpack(raw)
             rest = [op for op in ops if op[0] != table]
             if rest:
@@ -128,6 +158,7 @@ def purge_table_job(db: Database, table: str, keep: int | None, upto_seq: int | 
             removed += 1
         if touching:
             _mark_pruned(ctx, db, touching[-1])
+            versions.save(ctx)
         return {"removed": removed, "through": touching[-1] if touching else 0}
 
     return job

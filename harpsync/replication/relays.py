@@ -1,0 +1,141 @@
+"""Which link carries which origin's transactions: one copy per link.
+
+Each link to a peer asks for that peer's own transactions, and for the transactions of
+origins this node cannot hear directly: an origin whose direct link is down (for longer
+than ``RELAY_AFTER``), or with which this node has no data link for the database at
+all (a node known only by gossip, a removed node). Those are assigned to one healthy
+peer, the relay. Every request carries a per-origin version floor, the newest version
+this node already holds from that origin by any path, so switching between the direct
+path and a relay neither loses nor repeats a transaction.
+
+Hand-over is ordered: a relay is assigned only after the direct link's last write
+finished, and a direct link releases its relay (and waits for the relay link's last
+write) before it subscribes with its floor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+RELAY_AFTER = 1.5  # seconds a direct link must be down before a relay takes over
+TICK = 0.25
+
+
+class RelayLink(Protocol):
+    """What the planner needs of one (peer, database) link."""
+
+    peer: str
+    database: str
+    paused: bool
+
+    @property
+    def reachable(self) -> bool: ...
+
+    @property
+    def streaming(self) -> bool: ...
+
+    def origin_names(self) -> Iterable[str]: ...
+
+    async def restart(self) -> None: ...
+
+    async def settle(self) -> None: ...
+
+
+class RelayPlanner:
+    """Assigns origins without a healthy direct link to one relay link per database."""
+
+    def __init__(self, node_name: str, links: Callable[[], Mapping[tuple[str, str], RelayLink]],
+                 databases: Callable[[], Iterable[str]],
+                 known_origins: Callable[[str], Iterable[str]]) -> None:
+        self.node_name = node_name
+        self._links = links
+        self._databases = databases
+        self._known_origins = known_origins
+        # database -> origin -> relay peer
+        self.assignments: dict[str, dict[str, str]] = {}
+        self._down_since: dict[tuple[str, str], float] = {}
+        self._lock = asyncio.Lock()
+
+    def covered(self, peer: str, database: str) -> set[str]:
+        """The origins the link to ``peer`` asks for: the peer and what it relays."""
+        relayed = {o for o, r in self.assignments.get(database, {}).items() if r == peer}
+        return {peer} | relayed
+
+    async def release(self, origin: str, database: str) -> None:
+        """The direct link to ``origin`` is about to subscribe: stop relaying it."""
+        async with self._lock:
+            relay = self.assignments.get(database, {}).pop(origin, None)
+            if relay is None:
+                return
+            link = self._links().get((relay, database))
+            if link is not None:
+                log.info("%s/%s: direct link back, %s stops relaying it",
+                         origin, database, relay)
+                await link.restart()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            try:
+                await self.plan()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("relay planning failed")
+
+    async def plan(self, now: float | None = None) -> None:
+        """One planning pass over every replicated database."""
+        now = time.monotonic() if now is None else now
+        async with self._lock:
+            links = dict(self._links())
+            for database in list(self._databases()):
+                await self._plan_database(database, links, now)
+
+    async def _plan_database(self, database: str, links: Mapping[tuple[str, str], RelayLink],
+                             now: float) -> None:
+        current = self.assignments.setdefault(database, {})
+        origins = set(self._known_origins(database))
+        for link in links.values():
+            if link.database == database:
+                origins.update(link.origin_names())
+        origins.discard(self.node_name)
+        relays = sorted(peer for (peer, db), link in links.items()
+                        if db == database and not link.paused and link.streaming)
+        changed: set[str] = set()
+        for origin in sorted(origins):
+            direct = links.get((origin, database))
+            if direct is not None and (direct.paused or direct.reachable):
+                self._down_since.pop((origin, database), None)
+                continue  # released by the direct link itself when it subscribes
+            if direct is not None:
+                since = self._down_since.setdefault((origin, database), now)
+                if now - since < RELAY_AFTER:
+                    continue
+            relay = current.get(origin)
+            if relay in relays and relay != origin:
+                continue
+            choice = next((p for p in relays if p != origin), None)
+            if choice == relay:
+                continue
+            if direct is not None:
+                await direct.settle()  # its last write sets the floor the relay starts at
+            if choice is None:
+                current.pop(origin, None)
+            else:
+                current[origin] = choice
+                changed.add(choice)
+                log.info("%s/%s: no direct link, relayed by %s", origin, database, choice)
+        for origin, relay in list(current.items()):
+            if origin not in origins:
+                del current[origin]
+                changed.add(relay)
+        for peer in sorted(changed):
+            link = links.get((peer, database))
+            if link is not None:
+                await link.restart()
