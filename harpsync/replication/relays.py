@@ -62,6 +62,11 @@ class RelayPlanner:
         self._down_since: dict[tuple[str, str], float] = {}
         self._lock = asyncio.Lock()
 
+    def _down_for(self, link: RelayLink, now: float) -> bool:
+        """Whether ``link`` has been unreachable for longer than ``RELAY_AFTER``."""
+        since = self._down_since.get((link.peer, link.database))
+        return since is not None and now - since >= RELAY_AFTER
+
     def covered(self, peer: str, database: str) -> set[str]:
         """The origins the link to ``peer`` asks for: the peer and what it relays."""
         relayed = {o for o, r in self.assignments.get(database, {}).items() if r == peer}
@@ -105,21 +110,23 @@ class RelayPlanner:
             if link.database == database:
                 origins.update(link.origin_names())
         origins.discard(self.node_name)
+        for (peer, db), link in links.items():
+            if db == database:
+                if link.reachable or link.paused:
+                    self._down_since.pop((peer, db), None)
+                else:
+                    self._down_since.setdefault((peer, db), now)
         relays = sorted(peer for (peer, db), link in links.items()
                         if db == database and not link.paused and link.streaming)
         changed: set[str] = set()
         for origin in sorted(origins):
             direct = links.get((origin, database))
-            if direct is not None and (direct.paused or direct.reachable):
-                self._down_since.pop((origin, database), None)
+            if direct is not None and not self._down_for(direct, now):
                 continue  # released by the direct link itself when it subscribes
-            if direct is not None:
-                since = self._down_since.setdefault((origin, database), now)
-                if now - since < RELAY_AFTER:
-                    continue
             relay = current.get(origin)
-            if relay in relays and relay != origin:
-                continue
+            kept = links.get((relay, database)) if relay is not None else None
+            if kept is not None and not kept.paused and not self._down_for(kept, now):
+                continue  # sticky: a relay restarting (to change origins) stays the relay
             choice = next((p for p in relays if p != origin), None)
             if choice == relay:
                 continue
