@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
         "maxClockSkew": 60_000,
         "pingInterval": 1_000,
         "retentionInterval": "10s",
+        "compression": "zstd",
     },
     "logging": {"level": "info", "auditRetention": "3d"},
     "storage": {"mapSize": 64 * 1024**3, "trimInterval": "2s"},
@@ -43,7 +44,8 @@ DEFAULTS: dict[str, Any] = {
 # Keys whose environment values are taken verbatim: YAML would read ROOTPATH=2024 as a
 # number, and a node name or URL is never anything but text.
 _TEXT_KEYS = {"rootPath", "operationsApi.network.host", "replication.hostname",
-              "replication.url", "replication.host", "logging.level"}
+              "replication.url", "replication.host", "logging.level",
+              "replication.compression"}
 _LEVELS = {"trace", "debug", "info", "warn", "warning", "error", "fatal", "notify"}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1}
@@ -175,6 +177,10 @@ class Config:
             self.set("replication.routes", [])
         elif not isinstance(routes, list):
             raise ConfigError("replication.routes must be a list")
+        compression = self.get("replication.compression")
+        if compression not in ("zstd", "none"):
+            raise ConfigError("replication.compression must be 'zstd' or 'none', "
+                              f"got {compression!r}")
         level = self.get("logging.level")
         if not isinstance(level, str) or level.lower() not in _LEVELS:
             raise ConfigError(f"logging.level must be one of {sorted(_LEVELS)}, got {level!r}")

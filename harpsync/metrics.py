@@ -28,6 +28,9 @@ class Metrics:
         self.lag_txns = Gauge("harpsync_replication_lag_txns",
                               "Publisher log entries not yet applied", ["peer", "database"],
                               registry=r)
+        self.compression_ratio = Gauge("harpsync_replication_compression_ratio",
+                                       "Wire bytes per decoded byte received on the link",
+                                       ["peer", "database"], registry=r)
         self.connected = Gauge("harpsync_replication_connected",
                                "1 while the link is connected", ["peer", "database"],
                                registry=r)

@@ -39,6 +39,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "yaml": ("harpsync/config.py",),
     "prometheus_client": ("harpsync/metrics.py",),
     "httpx": ("harpsync/cli.py",),
+    "zstandard": ("harpsync/compression.py",),
 }
 SANS_IO = ("harpsync/replication/protocol.py", "harpsync/replication/messages.py")
 SANS_IO_FORBIDDEN = {"asyncio", "websockets", "lmdb"}

@@ -8,6 +8,7 @@ Every WebSocket message is binary and starts with a one-byte tag:
   publisher's stored log bytes, forwarded without re-encoding, which is why the
   batch is a hand-rolled binary layout rather than msgpack.
 * ``b"R"`` + msgpack ``[table_name, [[key, value], ...]]``: a chunk of a full copy.
+* ``b"Z"`` + zstd-compressed ``D`` or ``R`` frame, when both sides agreed to it.
 
 This module is pure: it imports only :mod:`harpsync.codec` and the standard library.
 """
@@ -24,6 +25,9 @@ from harpsync.codec import pack, unpack
 TAG_CONTROL = b"C"
 TAG_BATCH = b"D"
 TAG_COPY = b"R"
+# ``b"Z"`` + a zstd frame holding one whole frame of the kinds above, on links that
+# negotiated compression in their hello (see protocol.py).
+TAG_ZSTD = b"Z"
 
 MAX_BATCH_BYTES = 64 * 1024
 MAX_BATCH_ENTRIES = 1000

@@ -16,6 +16,8 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from harpsync.compression import NAME as COMPRESSION
+from harpsync.compression import CompressionError, FrameCompressor
 from harpsync.replication.events import (
     AckReceived,
     CaughtUp,
@@ -35,6 +37,7 @@ from harpsync.replication.events import (
     event_from,
 )
 from harpsync.replication.messages import (
+    TAG_ZSTD,
     BatchBuilder,
     BatchFrame,
     ControlFrame,
@@ -95,6 +98,11 @@ class _Session:
         self._events: list[Event] = []
         self._outgoing: list[bytes] = []
         self._operation_ids = itertools.count(1)
+        # Frame compression negotiated in the hello (``None``: frames go as they are).
+        self.compression: str | None = None
+        self._compressor: FrameCompressor | None = None
+        self.raw_bytes_received = 0
+        self.raw_bytes_sent = 0
         self._pending_operations: set[int] = set()
 
     def receive(self, data: bytes) -> None:
@@ -111,6 +119,14 @@ class _Session:
             return
         self.bytes_received += len(data)
         try:
+            if data[:1] == TAG_ZSTD:
+                if self._compressor is None:
+                    raise ProtocolError("compressed frame on a link without compression")
+                try:
+                    data = self._compressor.inflate(memoryview(data)[1:])
+                except CompressionError as exc:
+                    raise ProtocolError(str(exc)) from None
+            self.raw_bytes_received += len(data)
             frame = decode_frame(data)
             if isinstance(frame, ControlFrame):
                 self._receive_common(frame)
@@ -179,13 +195,34 @@ class _Session:
     def _send(self, type_: str, **fields: Any) -> None:
         self._queue(encode_control(type_, **fields))
 
-    def _send_hello(self, database: str, tables: dict[str, Any], origins: dict[int, str]) -> None:
+    def _send_hello(self, database: str, tables: dict[str, Any], origins: dict[int, str],
+                    compression: Any = None) -> None:
         hello = {"node": self.node, "database": database, "protocol": PROTOCOL_VERSION}
-        self._send("hello", **hello, tables=tables, origins=origins)
+        extra = {} if compression is None else {"compression": compression}
+        self._send("hello", **hello, tables=tables, origins=origins, **extra)
 
     def _queue(self, frame: bytes) -> None:
         self.bytes_sent += len(frame)
+        self.raw_bytes_sent += len(frame)
         self._outgoing.append(frame)
+
+    def _queue_data(self, frame: bytes) -> None:
+        """Queue a batch or copy frame, compressed when the link negotiated it and it
+        pays (see :mod:`harpsync.compression`)."""
+        packed = self._compressor.shrink(frame) if self._compressor is not None else None
+        if packed is None:
+            self._queue(frame)
+            return
+        self.raw_bytes_sent += len(frame)
+        self.bytes_sent += 1 + len(packed)
+        self._outgoing.append(TAG_ZSTD + packed)
+
+    @property
+    def compression_ratio(self) -> float | None:
+        """Wire bytes per decoded byte received (None before anything arrived)."""
+        if not self.raw_bytes_received:
+            return None
+        return self.bytes_received / self.raw_bytes_received
 
     def _fail(self, message: str) -> None:
         self._send("error", code="protocol_error", message=message)
@@ -244,9 +281,11 @@ class SubscriberSession(_Session):
     )
 
     def __init__(
-        self, node: str, database: str, tables: dict[str, Any], origins: dict[int, str]
+        self, node: str, database: str, tables: dict[str, Any], origins: dict[int, str],
+        compression: bool = False,
     ) -> None:
         super().__init__(node)
+        self._offer = compression
         self.state = SubscriberState.IDLE
         self.database = database
         self.tables = tables
@@ -266,7 +305,8 @@ class SubscriberSession(_Session):
         """
         if self.state is not SubscriberState.IDLE:
             raise RuntimeError("session already started")
-        self._send_hello(self.database, self.tables, self.origins)
+        self._send_hello(self.database, self.tables, self.origins,
+                         compression=[COMPRESSION] if self._offer else None)
         self.state = SubscriberState.HELLO_SENT
 
     def subscribe(
@@ -347,6 +387,9 @@ class SubscriberSession(_Session):
                 raise ProtocolError(f"unsupported protocol version {hello.protocol}")
             self.peer = hello
             self.peer_origins.update(hello.origins)
+            if self._offer and fields.get("compression") == COMPRESSION:
+                self.compression = COMPRESSION
+                self._compressor = FrameCompressor()
             self.state = s.READY
             self._events.append(hello)
         elif type_ == "origins":
@@ -402,8 +445,10 @@ class PublisherSession(_Session):
         self.entries_sent = 0
         self.copying = False
         self._announced: set[int] = set()
+        self._peer_offers: list[str] = []
 
-    def accept(self, database: str, tables: dict[str, Any], origins: dict[int, str]) -> None:
+    def accept(self, database: str, tables: dict[str, Any], origins: dict[int, str],
+               compression: bool = False) -> None:
         """Accept the peer's hello and answer with ours.
 
         Args:
@@ -416,7 +461,11 @@ class PublisherSession(_Session):
         """
         if self.state is not PublisherState.AWAIT_HELLO or self.peer is None:
             raise RuntimeError("no hello to accept")
-        self._send_hello(database, tables, origins)
+        if compression and COMPRESSION in self._peer_offers:
+            self.compression = COMPRESSION
+        self._send_hello(database, tables, origins, compression=self.compression)
+        if self.compression is not None:
+            self._compressor = FrameCompressor()
         self.state = PublisherState.AWAIT_SUBSCRIBE
 
     def reject(self, code: str, message: str) -> None:
@@ -458,12 +507,12 @@ class PublisherSession(_Session):
         builder = BatchBuilder()
         for seq, _, value in entries:
             if not builder.fits(value):
-                self._queue(builder.build(head_seq))
+                self._queue_data(builder.build(head_seq))
             builder.add(seq, value)
             if builder.full:
-                self._queue(builder.build(head_seq))
+                self._queue_data(builder.build(head_seq))
         if len(builder):
-            self._queue(builder.build(head_seq))
+            self._queue_data(builder.build(head_seq))
         self.sent_seq = previous
         self.entries_sent += len(entries)
 
@@ -505,7 +554,7 @@ class PublisherSession(_Session):
         if origins:
             self.announce_origins(origins)
         for chunk in split_rows(rows):
-            self._queue(encode_copy_chunk(table, chunk))
+            self._queue_data(encode_copy_chunk(table, chunk))
 
     def end_copy(self, snapshot_seq: int) -> None:
         """Finish the copy; streaming continues after ``snapshot_seq``."""
@@ -540,6 +589,9 @@ class PublisherSession(_Session):
             hello = event_from(PeerHello, fields)
             if hello.protocol != PROTOCOL_VERSION:
                 raise ProtocolError(f"unsupported protocol version {hello.protocol}")
+            offers = fields.get("compression")
+            if isinstance(offers, list):
+                self._peer_offers = [o for o in offers if isinstance(o, str)]
             self.peer = hello
             self._events.append(hello)
         elif type_ == "subscribe":

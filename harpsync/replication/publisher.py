@@ -93,7 +93,7 @@ class Publisher:
                 self.session.reject("identity", "hello does not match the certificate")
                 return
             self.session.accept(self.database, self.rep.table_definitions(db),
-                                dict(db.origin_names))
+                                dict(db.origin_names), compression=self.rep.compression)
         elif isinstance(event, SubscribeRequested):
             if self._pump is not None:
                 self._pump.cancel()

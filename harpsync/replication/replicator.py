@@ -48,6 +48,7 @@ class Replicator:
         self.url: str = ""
         self.ping_interval = config.duration_ms("replication.pingInterval") / 1000.0
         self.max_skew_ms = config.duration_ms("replication.maxClockSkew")
+        self.compression: bool = config.get("replication.compression") == "zstd"
         self.rows: dict[str, dict[str, Any]] = {}
         self.subscribers: dict[tuple[str, str], Subscriber] = {}
         self.gates: dict[str, PeerGate] = {}

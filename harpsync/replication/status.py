@@ -22,6 +22,7 @@ def _socket(rep: Replicator, sub: Subscriber) -> dict[str, Any]:
     pub = max(pubs, key=lambda p: p.sent_seq, default=None)
     if sub.link is not None:
         sub.latency_ms = sub.link.latency_ms
+    session = sub.session
     out: dict[str, Any] = {
         "database": sub.database,
         "connected": sub.connected,
@@ -44,6 +45,9 @@ def _socket(rep: Replicator, sub: Subscriber) -> dict[str, Any]:
         "committed_seq": sub.committed_seq,
         "acked_seq": pub.acked_seq if pub else 0,
         "bytes_received": sub.bytes_received,
+        "compression": session.compression if session is not None else None,
+        "compression_ratio": (round(session.compression_ratio, 3)
+                              if session is not None and session.compression_ratio else None),
         "txns_received": sub.txns_received,
         "last_error": sub.last_error,
         "last_error_at": http_date(sub.last_error_at),
@@ -54,6 +58,9 @@ def _socket(rep: Replicator, sub: Subscriber) -> dict[str, Any]:
         out["copy"] = dict(sub.copy_progress)
     rep.metrics.lag_txns.labels(sub.peer, sub.database).set(out["lag_txns"])
     rep.metrics.connected.labels(sub.peer, sub.database).set(1 if out["connected"] else 0)
+    if out["compression_ratio"] is not None:
+        rep.metrics.compression_ratio.labels(sub.peer, sub.database).set(
+            out["compression_ratio"])
     return {k: v for k, v in out.items() if v is not None
             or k in ("last_error", "last_error_at", "latency")}
 

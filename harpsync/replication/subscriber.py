@@ -234,7 +234,7 @@ class Subscriber:
         self._queue = asyncio.Queue(QUEUE_LIMIT)  # nothing from an earlier session survives
         session = self._session = SubscriberSession(
             self.rep.node_name, self.database, self.rep.table_definitions(db),
-            dict(db.origin_names))
+            dict(db.origin_names), compression=self.rep.compression)
         session.start()
         await self._flush()
         # Receiving and applying run side by side; whichever fails first ends the
@@ -427,6 +427,11 @@ class Subscriber:
             self.rep.auth.forget_logins()
         if self.copy_progress is not None:
             self.copy_progress["records_copied"] += len(rows)
+
+    @property
+    def session(self) -> SubscriberSession | None:
+        """The current session (for status: negotiated compression and its ratio)."""
+        return self._session
 
     def _cursor(self, seq: int) -> dict[str, Any]:
         """The cursor to commit: the publisher sequence and the origins it covers."""
