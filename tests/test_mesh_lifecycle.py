@@ -89,21 +89,22 @@ def test_widening_under_concurrent_writes_brings_each_tables_history(node_factor
 
 @pytest.mark.timeout(240)
 def test_remove_under_concurrent_writes_forgets_the_cursor(node_factory):
-    """remove_node during a busy stream leaves no cursor for the removed node, so a
-    re-add starts with a full copy."""
+    """A node removed (by its peer) while it applies a busy stream keeps no cursor for
+    that peer, so a re-add starts with a full copy."""
     a = node_factory("node-a")
     b = node_factory("node-b")
     a.call("create_table", table="busy", primary_key="id")
-    join(b, a)
+    join(a, b)
     wait_linked([(b, a)], ("system", "data"))
     cursors = b.node.storage.databases["data"]
     with Writer(a, "busy", 0):
-        for _ in range(4):
+        for _ in range(6):
+            wait_for(lambda: _ids(b, "busy"), timeout=20, message="B applying A's stream")
             wait_for(lambda: cursors.cursor(a.name), timeout=20, message="B has a cursor")
-            b.call("remove_node", hostname=a.name)
-            assert cursors.cursor(a.name) == {}, "cursor written back after remove_node"
-            wait_for(lambda: a.name not in peer_names(b), timeout=10, message="removed")
-            join(b, a)
+            # A tells B first; B forgets A while its link from A is still streaming.
+            a.call("remove_node", hostname=b.name)
+            stays(lambda: cursors.cursor(a.name) == {}, duration=0.5, interval=0.01)
+            join(a, b)
             wait_linked([(b, a)], ("system", "data"))
     wait_for(lambda: _ids(b, "busy") == _ids(a, "busy"), timeout=30,
              message="busy converged after re-adds")
@@ -116,9 +117,9 @@ def test_remove_under_concurrent_writes_forgets_the_cursor(node_factory):
 def test_copy_announces_origins_assigned_after_the_hello(node_factory):
     """Rows another node's copy brought into the publisher while a copy to B is running
     (their origin id is newer than B's hello) reach B with the copy."""
-    a = node_factory("node-a")
-    b = node_factory("node-b")
-    c = node_factory("node-c")
+    # Slow pings: a loaded machine must not drop B's link (a new hello would hide it).
+    env = {"REPLICATION_PINGINTERVAL": "5000"}
+    a, b, c = (node_factory(f"node-{n}", env=env) for n in "abc")
     a.call("create_table", table="t", primary_key="id")
     join(a, c)
     wait_for(lambda: has_table(c, "t"), timeout=20, message="t on C")
@@ -127,16 +128,19 @@ def test_copy_announces_origins_assigned_after_the_hello(node_factory):
     # A's copy of C's rows (their origin is new on A) goes into no log of A.
     c_ids = set(range(10**6, 10**6 + 100))
     c.call("insert", table="t", records=[{"id": i, "v": "from-c"} for i in sorted(c_ids)])
-    insert_batches(a, "t", 0, 40000, batch=2000, pad="x" * 200)
+    # Big rows: the publisher can run only a few thousand rows ahead of B's applying.
+    insert_batches(a, "t", 0, 20000, batch=500, pad="x" * 2000)
     # B (explicit subscriptions: no data from C through gossip) copies t from A ...
     join(b, a, subscriptions=[_sub("t")])
     wait_for(lambda: (db_socket(b.call("cluster_status"), a.name, "data") or {}).get("copy"),
              timeout=30, interval=0.005, message="B's copy from A under way")
-    # ... while A pairs with C again and copies C's rows in (keys after A's).
-    join(a, c)
+    # ... while A pairs with C again and copies C's rows in (keys after A's); A sends
+    # nothing to C, so B's copy is the only one A serves.
+    join(a, c, subscriptions=[{"database": "data", "table": "t", "subscribe": True,
+                               "publish": False}])
     wait_for(lambda: c_ids <= _ids(a, "t"), timeout=60, message="C's rows on A")
     wait_for(lambda: c_ids <= _ids(b, "t"), timeout=60, message="C's rows on B")
-    assert len(_ids(b, "t")) == 40100
+    assert len(_ids(b, "t")) == 20100
 
 
 # -- item 10: gossip never widens explicit subscriptions ---------------------------------
@@ -278,13 +282,14 @@ def test_links_return_within_seconds_after_a_long_outage(cluster):
         # Enough failed dials for a 30 s backoff ceiling to be reached several times.
         wait_for(lambda: refuser.accepted >= 32, timeout=90, interval=0.2,
                  message="peers dialing the dead node")
-        for node in (a, b):
-            sock = db_socket(node.call("cluster_status"), c.name, "system")
-            assert sock is not None and sock["last_error"] and sock["last_error_at"], sock
     c.start()
     for node in (a, b):
         wait_for(lambda n=node: _all_back(n, c.name), timeout=5, interval=0.05,
                  message=f"{node.name}'s links to C back")
+    for node in (a, b):  # the error from the outage stays, with its time
+        sock = db_socket(node.call("cluster_status"), c.name, "system")
+        assert sock is not None and sock["connected"], sock
+        assert sock["last_error"] and sock.get("last_error_at"), sock
     a.call("insert", table="t", records=[{"id": 7}])
     wait_for(lambda: by_id(c, "t", 7) is not None, timeout=10, message="A->C flows")
     assert linked(b, c.name, ("system", "data"))
