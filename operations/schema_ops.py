@@ -64,9 +64,11 @@ def visible(user: User, database: str, table: str) -> bool:
 
 
 def describe_db(db: Database, user: User | None = None) -> dict[str, Any]:
-    names = [n for n in sorted(db.tables) if user is None or visible(user, db.name, n)]
+    # A snapshot: a concurrent drop_table must not change the catalog under us.
+    tables = dict(db.tables)
+    names = [n for n in sorted(tables) if user is None or visible(user, db.name, n)]
     sizes = db.sizes() if names else {}
-    return {name: describe(db, db.tables[name], sizes) for name in names}
+    return {name: describe(db, tables[name], sizes) for name in names}
 
 
 async def describe_all(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:

@@ -67,6 +67,9 @@ class Publisher:
         if db is None:
             await self.link.close(1008, f"database '{self.database}' does not exist")
             return
+        if not self.rep.replicates_database(self.database):
+            await self.link.close(1008, f"database '{self.database}' does not replicate here")
+            return
         db.commit_listeners.append(self.notify)
         try:
             await self._serve(db)
@@ -142,7 +145,9 @@ class Publisher:
             if tables is None and not system:
                 out.append((seq, origin, raw))
                 continue
-            kept = [op for op in ops if peers.table_allowed(self.database, op[0], tables)]
+            kept = [op for op in ops if peers.table_allowed(self.database, op[0], tables)
+                    and (not system or op[1] not in ("create_database", "drop_database")
+                         or self.rep.replicates_database(op[2]))]
             if len(kept) == len(ops):
                 out.append((seq, origin, raw))
             elif kept:
