@@ -27,6 +27,15 @@ from harpsync.storage.writer import WriteContext
 
 DATABASES_KEY = "__databases__"
 DROPPED_KEY = "__dropped__"
+CREATED_KEY = "__created__"
+
+
+class DroppedIncarnationError(ValueError):
+    """A peer serves an incarnation of a database that was dropped here.
+
+    Nothing from it may land in this node's (newer) database of that name; the link
+    retries with backoff until the peer has applied the drop itself.
+    """
 
 
 class UnknownTableError(ValueError):
@@ -159,6 +168,7 @@ def describe_schema(storage: Storage, db: Database,
                             if allowed(name)}
     if db.name != SYSTEM:
         defs[DROPPED_KEY] = {k: v for k, v in db.table_markers().items() if allowed(k)}
+        defs[CREATED_KEY] = db.created
         return defs
     databases: dict[str, Any] = {}
     for name, other in sorted(storage.databases.items()):
@@ -264,4 +274,11 @@ async def apply_hello(storage: Storage, db_name: str, tables: Mapping[str, Any],
         return
     if not storage.replicates(db_name):
         return
+    created = tables.get(CREATED_KEY)
+    db = storage.databases.get(db_name)
+    if isinstance(created, int) and db is not None and created != db.created \
+            and created <= storage.database_markers().get(db_name, -1):
+        raise DroppedIncarnationError(
+            f"{peer} still has database '{db_name}' created at {created}, which was "
+            "dropped here; waiting for it to apply the drop")
     await ensure_tables(storage, db_name, tables, _versions(tables.get(DROPPED_KEY)), peer)
