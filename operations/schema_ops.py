@@ -6,7 +6,7 @@ from typing import Any
 
 from harpsync.auth import User, require_table
 from harpsync.dispatch import OpContext, Operation
-from harpsync.errors import BadRequestError
+from harpsync.errors import BadRequestError, NotFoundError
 from harpsync.storage.database import Database, Table
 from harpsync.storage.store import SYSTEM
 
@@ -73,8 +73,14 @@ def describe_db(db: Database, user: User | None = None) -> dict[str, Any]:
 
 async def describe_all(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     storage = ctx.services.storage
-    described = {name: describe_db(db, ctx.user) for name, db in sorted(storage.databases.items())
-                 if name != SYSTEM}
+    described: dict[str, Any] = {}
+    for name, db in sorted(storage.databases.items()):
+        if name == SYSTEM:
+            continue
+        try:
+            described[name] = describe_db(db, ctx.user)
+        except NotFoundError:
+            continue  # dropped while we described it
     if ctx.user.super_user:
         return described
     return {name: tables for name, tables in described.items() if tables}

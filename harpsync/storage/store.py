@@ -271,10 +271,10 @@ class Storage:
         await self.write(fn, prepare)
 
     def drop_table_in(self, ctx: WriteContext, db: Database, name: str, version: int,
-                      origin: int, log_it: bool, marker: int | None = None) -> None:
+                      origin: int, log_it: bool) -> None:
         """Empty and forget a table inside a job (the named DBIs stay, empty, for reuse).
 
-        The drop marker rises to ``marker`` (default ``version``), never down.
+        The drop marker rises to ``version`` (never down).
         """
         table = db.tables.pop(name)
         ctx.on_undo(lambda: db.tables.__setitem__(name, table))
@@ -282,7 +282,7 @@ class Storage:
         txn.drop(table.dbi, delete=False)
         txn.drop(table.tomb_dbi, delete=False)
         txn.delete(TABLE_PREFIX + name.encode(), db=db.meta_dbi)
-        self.raise_table_marker(ctx, db, name, version if marker is None else marker)
+        self.raise_table_marker(ctx, db, name, version)
         if log_it:
             self.append_log(ctx, db, [[name, "drop_table", None, None]], version, origin)
 
@@ -294,17 +294,17 @@ class Storage:
         await self.write(fn)
 
     def drop_database_in(self, ctx: WriteContext, name: str, version: int, origin: int,
-                         log_it: bool, marker: int | None = None) -> None:
+                         log_it: bool) -> None:
         """Forget a database inside a job; its files are deleted after the commit.
 
-        The drop marker (``marker``, default ``version``) commits with the job, so a crash
+        The drop marker (``version``) commits with the job, so a crash
         before the files go still leaves the database dropped (``open`` finishes it).
         """
         if name == SYSTEM:
             raise BadRequestError("the 'system' database cannot be dropped")
         db = self.databases.pop(name)
         ctx.on_undo(lambda: self.databases.__setitem__(name, db))
-        self.raise_database_marker(ctx, name, version if marker is None else marker)
+        self.raise_database_marker(ctx, name, version)
         if log_it:
             self.append_log(ctx, self.databases[SYSTEM],
                             [[None, "drop_database", name, None]], version, origin)
