@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from harpsync import codec
 from tests.helpers import wait_for
 from tests.repl_util import all_records, by_id, has_table, insert_batches, join, wait_linked
 
@@ -35,5 +36,12 @@ def test_copied_rows_are_relayed_along_a_line(node_factory):
     assert "node-a" not in {x["name"] for x in c.call("cluster_status")["connections"]}
     assert "node-c" not in {x["name"] for x in a.call("cluster_status")["connections"]}
     assert all_records(c, "t2") == all_records(b, "t2")
+    # B logged the table it learned from A's hello with A's version and origin A.
+    b_data = b.node.storage.databases["data"]
+    creates = [(b_data.origin_names[origin], version)
+               for _seq, raw in b_data.log_after(0, 100_000)
+               for origin, version, _user, ops in [codec.unpack(raw)]
+               for op in ops if op[1] == "create_table" and op[0] == "t2"]
+    assert creates == [("node-a", a.node.storage.databases["data"].tables["t2"].version)]
     a.call("insert", table="t2", records=[{"id": 5000, "v": "late"}])
     wait_for(lambda: by_id(c, "t2", 5000), timeout=20, message="A's later write on C")

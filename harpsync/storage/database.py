@@ -124,10 +124,6 @@ class Database:
         self.tables[name] = table
         return table
 
-    def was_dropped(self, txn: lmdb.Transaction, name: str) -> bool:
-        """Whether ``name`` was a table here that has been dropped."""
-        return self.table_marker(txn, name) > 0
-
     def table_marker(self, txn: lmdb.Transaction, name: str) -> int:
         """The newest drop version recorded for table ``name`` (0 if never dropped)."""
         raw = txn.get(DROPPED_PREFIX + name.encode(), db=self.meta_dbi)
