@@ -335,7 +335,7 @@ class Subscriber:
                                     work.origins, cursor, self.rep.start_floor(self.peer),
                                     incarnation if isinstance(incarnation, int) else None)
         await self.rep.storage.write(job)
-        if self.database == "system":  # copied rows add no log entry: tell the login cache
+        if self.database == "system":  # users or roles may have changed: tell the login cache
             self.rep.auth.forget_logins()
         if self.copy_progress is not None:
             self.copy_progress["records_copied"] += len(rows)
