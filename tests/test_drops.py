@@ -232,3 +232,40 @@ def test_publish_only_node_learns_the_tables_it_publishes_from(node_factory):
     b.call("insert", table="t", records=[{"id": 5, "from": "b"}])
     wait_for(lambda: by_id(a, "t", 5), timeout=20, message="B's row on A")
     assert by_id(b, "t", 1) is None  # schema only: B does not subscribe to A's rows
+
+
+def test_copied_rows_of_a_dropped_table_incarnation_never_land(node_factory):
+    """Full-copy rows from a peer that still has the table's dropped incarnation are
+    refused (the link retries), and the peer converges to the new incarnation."""
+    from harpsync.replication.subscriber import _Work
+
+    a, b = _pair(node_factory)
+    a.call("create_table", table="t", primary_key="id")
+    a.call("insert", table="t", records=[{"id": 1, "v": "old"}])
+    wait_for(lambda: by_id(b, "t", 1), timeout=20, message="the old row on B")
+    wait_linked([(a, b)], ("system", "data"))
+    b.call("pause_replication", hostname="node-a")  # B keeps the old incarnation
+    a.call("drop_table", table="t")
+    a.call("create_table", table="t", primary_key="id")
+    a.call("insert", table="t", records=[{"id": 2}])
+    # A's link from B reconnects: B's hello names the old incarnation of t.
+    a.call("pause_replication", hostname="node-b", database="data")
+    a.call("resume_replication", hostname="node-b", database="data")
+    wait_linked([(a, b)], ("system", "data"))
+
+    # B's rows of the old table, delivered as a copy chunk to A's link from B (whose
+    # hello, from before the drop, named the old incarnation).
+    b_data = b.node.storage.databases["data"]
+    rows = b_data.iter_rows(b_data.tables["t"], None, 500)
+    sub = a.node.cluster.subscribers[("node-b", "data")]
+    work = _Work("rows", ("t", rows), dict(b_data.origin_names))
+    try:
+        _on_loop(a, sub._apply_rows(work))
+        refused = False
+    except ValueError as exc:  # DroppedIncarnationError: the link would retry
+        refused = "dropped here" in str(exc)
+    assert by_id(a, "t", 1) is None, "a row of the dropped table came back by copy"
+    assert refused
+    b.call("resume_replication", hostname="node-a")
+    wait_for(lambda: by_id(b, "t", 2) and by_id(b, "t", 1) is None, timeout=20,
+             message="B on the new incarnation")

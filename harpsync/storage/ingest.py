@@ -197,17 +197,29 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
     It never deletes a row that exists only on the receiver: only a tombstone with a
     newer version can remove a record. Rows that land are logged, one entry per origin
     with each row's own version, so nodes behind this one receive them too.
-    ``incarnation`` is the peer's incarnation of the table: rows of one that was
-    dropped here are skipped.
+    ``incarnation`` is the peer's incarnation of the table (from its hello).
+
+    Raises:
+        DroppedIncarnationError: that incarnation was dropped here; nothing lands.
+        UnknownTableError: the table, or the peer's incarnation of it, is not known here
+            yet (the link reconnects for a fresh hello).
     """
 
     def job(ctx: WriteContext) -> int:
         db = storage.databases.get(db_name)
         if db is None:
             return 0
+        if incarnation is None and table_name in db.tables \
+                and db.table_marker(ctx.txn(db), table_name):
+            # The name was dropped here once: copy only rows whose incarnation is known.
+            raise UnknownTableError(f"{peer}'s incarnation of '{db_name}.{table_name}' is "
+                                    "not known here yet")
         if schema.stale_op(ctx, db, table_name, incarnation):
-            write_cursor(ctx, db, peer, cursor)
-            return 0
+            # Its hello may be older than its table: retry with a fresh one, and wait
+            # while the peer still serves the incarnation dropped here.
+            raise schema.DroppedIncarnationError(
+                f"{peer} serves table '{db_name}.{table_name}' created at {incarnation}, "
+                "which was dropped here; waiting for it to apply the drop")
         table = db.tables[table_name]
         txn = ctx.txn(db)
         applied = 0
