@@ -81,6 +81,28 @@ def test_dropped_database_and_table_do_not_come_back_from_a_lagging_hello(node_f
                            has_table(b, "t2")]), duration=1.5)
 
 
+def test_lagging_hello_adds_nothing_to_a_recreated_database(node_factory):
+    """A peer still holding a dropped database's old incarnation lists it, with its old
+    tables, in its hello: none of those tables appear in the re-created database here."""
+    a, b = _pair(node_factory)
+    a.call("create_table", database="gone", table="old", primary_key="id")
+    a.call("insert", database="gone", table="old", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "old", 1, database="gone"), timeout=20, message="gone.old on B")
+    b.call("pause_replication", hostname="node-a")
+    a.call("drop_database", database="gone")
+    a.call("create_table", database="gone", table="fresh", primary_key="id")
+    a.call("pause_replication", hostname="node-b")
+    a.call("resume_replication", hostname="node-b")
+    wait_linked([(a, b)], ("system",))
+    assert sorted(a.call("describe_database", database="gone")) == ["fresh"]
+    b.call("resume_replication", hostname="node-a")
+    wait_for(lambda: _has_db(b, "gone") and sorted(
+        b.call("describe_database", database="gone")) == ["fresh"], timeout=20,
+        message="B on the new incarnation of gone")
+    stays(lambda: sorted(a.call("describe_database", database="gone")) == ["fresh"],
+          duration=1.0)
+
+
 def test_drop_and_recreate_of_a_database_in_one_applied_batch(node_factory):
     """One batch holding drop_database X and create_database X leaves X existing as the
     new incarnation (the re-create is applied after the drop's files are gone)."""

@@ -242,9 +242,15 @@ async def ensure_databases(storage: Storage, info: Any, peer: str) -> None:
                 apply_drop_database(storage, ctx, name, version, oid, log_it=True)
 
         await storage.write(drop)
+    markers = storage.database_markers()
     for name, entry in databases.items():
         created = entry.get("created")
-        if name not in storage.databases and isinstance(created, int) and created > 0:
+        if not isinstance(created, int) or isinstance(created, bool):
+            continue
+        db = storage.databases.get(name)
+        if created <= markers.get(name, -1) and (db is None or db.created != created):
+            continue  # the peer's incarnation was dropped here: nothing of it applies
+        if db is None and created > 0:
             await _ensure_database(storage, name, created, peer)
         tables = entry.get("tables")
         await ensure_tables(storage, name, tables if isinstance(tables, Mapping) else {},
