@@ -15,3 +15,14 @@ def pack(obj: Any) -> bytes:
 def unpack(data: bytes | memoryview) -> Any:
     """Decode msgpack bytes; maps may have integer keys."""
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def unpack_head(data: bytes | memoryview, count: int) -> list[Any]:
+    """Decode only the first ``count`` items of a msgpack array (a log entry's origin and
+    version), without decoding the rest."""
+    if len(data) < 4096:  # a small entry decodes faster whole than through an Unpacker
+        return list(unpack(data)[:count])
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(data)
+    unpacker.read_array_header()
+    return [unpacker.unpack() for _ in range(count)]

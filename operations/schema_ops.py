@@ -6,7 +6,7 @@ from typing import Any
 
 from harpsync.auth import User, require_table
 from harpsync.dispatch import OpContext, Operation
-from harpsync.errors import BadRequestError
+from harpsync.errors import BadRequestError, NotFoundError
 from harpsync.storage.database import Database, Table
 from harpsync.storage.store import SYSTEM
 
@@ -64,15 +64,23 @@ def visible(user: User, database: str, table: str) -> bool:
 
 
 def describe_db(db: Database, user: User | None = None) -> dict[str, Any]:
-    names = [n for n in sorted(db.tables) if user is None or visible(user, db.name, n)]
+    # A snapshot: a concurrent drop_table must not change the catalog under us.
+    tables = dict(db.tables)
+    names = [n for n in sorted(tables) if user is None or visible(user, db.name, n)]
     sizes = db.sizes() if names else {}
-    return {name: describe(db, db.tables[name], sizes) for name in names}
+    return {name: describe(db, tables[name], sizes) for name in names}
 
 
 async def describe_all(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     storage = ctx.services.storage
-    described = {name: describe_db(db, ctx.user) for name, db in sorted(storage.databases.items())
-                 if name != SYSTEM}
+    described: dict[str, Any] = {}
+    for name, db in sorted(storage.databases.items()):
+        if name == SYSTEM:
+            continue
+        try:
+            described[name] = describe_db(db, ctx.user)
+        except NotFoundError:
+            continue  # dropped while we described it
     if ctx.user.super_user:
         return described
     return {name: tables for name, tables in described.items() if tables}

@@ -67,6 +67,9 @@ class Publisher:
         if db is None:
             await self.link.close(1008, f"database '{self.database}' does not exist")
             return
+        if not self.rep.replicates_database(self.database):
+            await self.link.close(1008, f"database '{self.database}' does not replicate here")
+            return
         db.commit_listeners.append(self.notify)
         try:
             await self._serve(db)
@@ -129,7 +132,9 @@ class Publisher:
         names = db.origin_names
         system = self.database == "system"
         for seq, raw in entries:
-            origin, version, user, ops = codec.unpack(raw)
+            # Only the head: entries are skipped mostly by origin (a copy relayed here
+            # holds hundreds of rows, all from the peer it came from).
+            origin, version = codec.unpack_head(raw, 2)
             name = names.get(origin)
             if name is None or name == self.peer:
                 continue
@@ -142,7 +147,10 @@ class Publisher:
             if tables is None and not system:
                 out.append((seq, origin, raw))
                 continue
-            kept = [op for op in ops if peers.table_allowed(self.database, op[0], tables)]
+            user, ops = codec.unpack(raw)[2:]
+            kept = [op for op in ops if peers.table_allowed(self.database, op[0], tables)
+                    and (not system or op[1] not in ("create_database", "drop_database")
+                         or self.rep.replicates_database(op[2]))]
             if len(kept) == len(ops):
                 out.append((seq, origin, raw))
             elif kept:

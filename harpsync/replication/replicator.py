@@ -28,6 +28,7 @@ from harpsync.storage.database import Database
 from harpsync.storage.ingest import forget_cursor, write_cursor
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_stored
+from harpsync.storage.schema import describe_schema
 from harpsync.storage.store import SYSTEM, Storage
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Replicator:
         self._background: set[asyncio.Task[Any]] = set()
         self._reconcile_lock = asyncio.Lock()
         self.operation_handlers: dict[str, Callable[..., Any]] = {}
+        storage.replicates = self.replicates_database
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, sock: socket.socket | None = None) -> None:
@@ -139,14 +141,17 @@ class Replicator:
         return stored is not None and stored[2] is None
 
     # -- links -------------------------------------------------------------------------
-    def replicated_databases(self) -> list[str]:
-        """Databases that replicate: ``replication.databases`` ("*" or a list) + system."""
+    def replicates_database(self, name: str) -> bool:
+        """Whether ``name`` replicates: ``replication.databases`` ("*" or a list) + system."""
         setting = self.config.get("replication.databases")
-        names = list(self.storage.databases)
-        if setting in (None, "*"):
-            return names
-        allowed = set(setting if isinstance(setting, list) else str(setting).split(","))
-        return [n for n in names if n == SYSTEM or n in allowed]
+        if setting in (None, "*") or name == SYSTEM:
+            return True
+        allowed = setting if isinstance(setting, list) else str(setting).split(",")
+        return name in {str(a).strip() for a in allowed}
+
+    def replicated_databases(self) -> list[str]:
+        """Databases that replicate here (the others are local to this node)."""
+        return [n for n in list(self.storage.databases) if self.replicates_database(n)]
 
     def _wanted(self) -> set[tuple[str, str]]:
         wanted = set()
@@ -196,12 +201,9 @@ class Replicator:
         self.loop.call_soon_threadsafe(lambda: self.spawn(self.reconcile()))
 
     def table_definitions(self, db: Database) -> dict[str, Any]:
-        defs: dict[str, Any] = {name: t.definition() for name, t in list(db.tables.items())
-                                if peers.table_allowed(db.name, name, None)}
-        if db.name == SYSTEM:
-            defs["__databases__"] = {"names": sorted(n for n in list(self.storage.databases)
-                                                     if n != SYSTEM)}
-        return defs
+        """The schema our hello describes (tables, drop markers; databases in system)."""
+        return describe_schema(self.storage, db,
+                               lambda name: peers.table_allowed(db.name, name, None))
 
     # -- the listener ------------------------------------------------------------------
     async def _accept(self, link: Link) -> None:

@@ -34,7 +34,7 @@ from harpsync.replication.protocol import (
 )
 from harpsync.replication.transport import DIAL_ERRORS, Link, dial
 from harpsync.security import describe_tls_error
-from harpsync.storage import ingest
+from harpsync.storage import ingest, schema
 from harpsync.storage.hlc import ClockSkewError, wall_ms_of
 
 if TYPE_CHECKING:
@@ -142,6 +142,7 @@ class Subscriber:
         self._task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[_Work] = asyncio.Queue(QUEUE_LIMIT)
         self._session: SubscriberSession | None = None
+        self.peer_tables: dict[str, Any] = {}  # the peer's schema, from its hello
         # Writer jobs submitted and not yet finished: cancelling the task that awaits
         # one does not stop it in the writer thread, so ``stop`` waits for them.
         self._inflight: set[asyncio.Future[Any]] = set()
@@ -294,12 +295,8 @@ class Subscriber:
         if isinstance(event, PeerHello):
             if event.node != self.peer:
                 raise ProtocolError(f"peer says it is {event.node}, expected {self.peer}")
-            names = event.tables.get("__databases__", {}).get("names", []) \
-                if self.database == "system" else []
-            if names:
-                await self.rep.storage.ensure_databases(list(names))
-            await self.rep.storage.ensure_tables(
-                self.database, {k: v for k, v in event.tables.items() if k != "__databases__"})
+            self.peer_tables = dict(event.tables)
+            await schema.apply_hello(self.rep.storage, self.database, event.tables, self.peer)
             await self._subscribe(copy=False)
         elif isinstance(event, EntriesReceived):
             self.head_seq = max(self.head_seq, event.head_seq)
@@ -393,6 +390,15 @@ class Subscriber:
             self.rep.storage, self.database, self.peer, entries, origins, self._cursor(last_seq),
             self.rep.max_skew_ms, self.rep.node_name, floor)
         stats = await self._write(job, prepare)
+        while stats.resume_seq is not None:  # a database re-created after its drop
+            rest = [e for e in entries if e[0] >= stats.resume_seq]
+            job, prepare = ingest.apply_entries_job(
+                self.rep.storage, self.database, self.peer, rest, origins,
+                self._cursor(last_seq), self.rep.max_skew_ms, self.rep.node_name, floor)
+            more = await self._write(job, prepare)
+            more.entries += stats.entries
+            more.skewed += stats.skewed
+            stats = more
         committed = last_seq if stats.cursor_seq is None else stats.cursor_seq
         self.committed_seq = max(self.committed_seq, committed)
         self.txns_received += stats.entries
@@ -415,15 +421,18 @@ class Subscriber:
         copy_state = {"table": table, "key": rows[-1][0], "tombs": tombs,
                       "snapshot": self.copy_snapshot}
         cursor = {**self._cursor(int(old.get("seq", 0))), "copy": copy_state}
+        definition = self.peer_tables.get(table)
+        incarnation = definition.get("version") if isinstance(definition, dict) else None
         job = ingest.apply_rows_job(self.rep.storage, self.database, self.peer, table, rows,
-                                    work.origins, cursor, self.rep.start_floor(self.peer))
+                                    work.origins, cursor, self.rep.start_floor(self.peer),
+                                    incarnation if isinstance(incarnation, int) else None)
         try:
             await self._write(job)
         except ClockSkewError:
             self.rep.note_skew(self.peer, 1)
             self.state = "clock_skew"
             raise
-        if self.database == "system":  # copied rows add no log entry: tell the login cache
+        if self.database == "system":  # users or roles may have changed: tell the login cache
             self.rep.auth.forget_logins()
         if self.copy_progress is not None:
             self.copy_progress["records_copied"] += len(rows)

@@ -13,6 +13,7 @@ from typing import Any
 import lmdb
 
 from harpsync import codec
+from harpsync.errors import NotFoundError
 from harpsync.storage.keys import seq_key, seq_of
 
 TXNS_DBI = b"__txns__"
@@ -26,6 +27,10 @@ DROPPED_PREFIX = b"dropped:"
 # highest version of that origin's entries that pruning or purge_stream removed.
 HW_PREFIX = b"hw:"
 PRUNED_MAX_PREFIX = b"pruned_max:"
+# In the ``system`` database: the newest drop version of another database.
+DROPPED_DB_PREFIX = b"dropped_db:"
+# In a database's own ``__meta__``: the version of the create that made it.
+CREATED_KEY = b"created"
 LOCAL_ORIGIN = 0
 TIME_ATTRIBUTES = ("__createdtime__", "__updatedtime__")
 
@@ -78,7 +83,11 @@ class Database:
         # Set once the database was dropped: readers waiting on commits must give up.
         self.dropped = False
         self._lock = threading.Lock()
+        # Table DBI handles by name, kept across drops so a re-create needs no new open.
+        self.handles: dict[str, tuple[Any, Any]] = {}
+        self.closed = False
         self._load(local_name)
+        self.created = self._read_created()
 
     # -- loading ---------------------------------------------------------------------
     def _load(self, local_name: str) -> None:
@@ -103,26 +112,41 @@ class Database:
         # the whole log: a peer's cursor ("after pruned_through") must see new entries.
         self.next_seq = self.head_seq + 1
 
+    def _read_created(self) -> int:
+        with self.env.begin() as txn:
+            raw = txn.get(CREATED_KEY, db=self.meta_dbi)
+        return int(codec.unpack(raw)) if raw else 0
+
     def _open_table(self, definition: dict[str, Any]) -> Table:
         name = definition["name"]
+        dbi, tomb_dbi = self.open_table_handles(name)
         table = Table(
             name=name,
             primary_key=definition["primary_key"],
-            dbi=self.env.open_db(b"t:" + name.encode()),
-            tomb_dbi=self.env.open_db(b"x:" + name.encode()),
+            dbi=dbi,
+            tomb_dbi=tomb_dbi,
             attributes=list(definition.get("attributes", [])),
             version=definition.get("version", 0),
         )
         self.tables[name] = table
         return table
 
-    def was_dropped(self, txn: lmdb.Transaction, name: str) -> bool:
-        """Whether ``name`` was a table here that has been dropped."""
-        return txn.get(DROPPED_PREFIX + name.encode(), db=self.meta_dbi) is not None
+    def table_marker(self, txn: lmdb.Transaction, name: str) -> int:
+        """The newest drop version recorded for table ``name`` (0 if never dropped)."""
+        raw = txn.get(DROPPED_PREFIX + name.encode(), db=self.meta_dbi)
+        return int(codec.unpack(raw)) if raw else 0
+
+    def table_markers(self) -> dict[str, int]:
+        """Every table drop marker of this database."""
+        return {k.decode(): int(v) for k, v in self.iter_meta(DROPPED_PREFIX)}
 
     def open_table_handles(self, name: str) -> tuple[Any, Any]:
         """Create (or reopen) a table's DBIs. Writer thread only, outside a write txn."""
-        return self.env.open_db(b"t:" + name.encode()), self.env.open_db(b"x:" + name.encode())
+        handles = self.handles.get(name)
+        if handles is None:
+            handles = self.handles[name] = (self.env.open_db(b"t:" + name.encode()),
+                                            self.env.open_db(b"x:" + name.encode()))
+        return handles
 
     # -- reads -------------------------------------------------------------------------
     @property
@@ -211,8 +235,20 @@ class Database:
                         break
                     yield key[len(prefix):], codec.unpack(value)
 
+    def _gone(self, exc: lmdb.Error) -> Exception:
+        # A describe racing drop_database reads a closed environment: that is a 404.
+        if self.closed:
+            return NotFoundError(f"database '{self.name}' does not exist")
+        return exc
+
     def sizes(self) -> dict[str, int]:
         """Byte sizes for ``describe_table``: whole env and audit log."""
+        try:
+            return self._sizes()
+        except lmdb.Error as exc:
+            raise self._gone(exc) from None
+
+    def _sizes(self) -> dict[str, int]:
         info = self.env.info()
         stat = self.env.stat()
         with self.env.begin() as txn:
@@ -223,8 +259,11 @@ class Database:
 
     def table_size(self, table: Table) -> tuple[int, int]:
         """``(record_count, table_size in bytes)`` for a table."""
-        with self.env.begin() as txn:
-            st = txn.stat(table.dbi)
+        try:
+            with self.env.begin() as txn:
+                st = txn.stat(table.dbi)
+        except lmdb.Error as exc:
+            raise self._gone(exc) from None
         pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         return st["entries"], pages * st["psize"]
 
@@ -240,12 +279,14 @@ class Database:
         return str(self.path / "data.mdb")
 
     def close(self) -> None:
+        self.closed = True
         self.env.close()
 
     def destroy(self) -> None:
         """Close the environment and delete its files; wake every commit listener so
         readers of this database see ``dropped`` and stop."""
         self.dropped = True
+        self.closed = True
         self.notify_commit()
         self.env.close()
         shutil.rmtree(self.path, ignore_errors=True)

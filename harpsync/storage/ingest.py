@@ -13,23 +13,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harpsync import codec
-from harpsync.storage.database import CURSOR_PREFIX, HW_PREFIX, ORIGIN_PREFIX, Database
+from harpsync.storage import schema
+from harpsync.storage.database import CURSOR_PREFIX, HW_PREFIX, Database
 from harpsync.storage.hlc import ClockSkewError
-from harpsync.storage.keys import encode_id
+from harpsync.storage.keys import decode_id, encode_id
 from harpsync.storage.records import get_stored, incoming_wins, put_record, put_tombstone
-from harpsync.storage.store import SYSTEM, Storage
+from harpsync.storage.schema import UnknownTableError, local_origin
+from harpsync.storage.store import NAME_RE, SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
 from harpsync.storage.writes import note_attributes
 
 log = logging.getLogger(__name__)
 
-
-class UnknownTableError(ValueError):
-    """A peer sent rows of a table this node has not learned yet.
-
-    The whole batch (and its cursor) is rolled back; the link reconnects, and the new
-    hello creates the table before the same entries are applied again.
-    """
+__all__ = ["ApplyStats", "UnknownTableError", "apply_entries_job", "apply_rows_job",
+           "forget_cursor", "local_origin", "write_cursor"]
 
 
 @dataclass
@@ -45,27 +42,10 @@ class ApplyStats:
     skew_error: ClockSkewError | None = None
     cursor_seq: int | None = None
     created_tables: list[str] = field(default_factory=list)
-
-
-def local_origin(ctx: WriteContext, db: Database, name: str) -> int:
-    """The local origin id for node ``name`` in ``db``, assigning one if new."""
-    oid = db.origin_ids.get(name)
-    if oid is not None:
-        return oid
-    # Never reuse an id, even one whose job rolled back: a publisher may have
-    # announced it to a peer already.
-    oid = max(max(db.origin_names, default=0), db.origin_high) + 1
-    db.origin_high = oid
-    db.origin_ids[name] = oid
-    db.origin_names[oid] = name
-
-    def undo() -> None:
-        db.origin_ids.pop(name, None)
-        db.origin_names.pop(oid, None)
-
-    ctx.on_undo(undo)
-    ctx.txn(db).put(ORIGIN_PREFIX + name.encode(), codec.pack(oid), db=db.meta_dbi)
-    return oid
+    dropped_databases: set[str] = field(default_factory=set)
+    # Set when the job stopped before this entry (it re-creates a database dropped
+    # earlier in the job): the caller applies the entries from here in a new job.
+    resume_seq: int | None = None
 
 
 def write_cursor(ctx: WriteContext, db: Database, peer: str, cursor: dict[str, Any]) -> None:
@@ -95,32 +75,29 @@ def forget_cursor(ctx: WriteContext, db: Database, peer: str) -> None:
 
 def _apply_op(storage: Storage, ctx: WriteContext, db: Database, op: list[Any], version: int,
               origin_name: str, origin_id: int, stats: ApplyStats) -> bool:
-    table_name, kind, rid, value = op
+    table_name, kind, rid, value = op[:4]
+    if len(op) > 5 and isinstance(op[5], int):
+        version = op[5]  # a relayed copied row keeps its own version
     if kind == "create_table":
-        if table_name in db.tables:
-            return False
-        handles = storage.pending_handles.pop((db.name, table_name), None)
-        if handles is None:
-            return False
-        fn, _ = storage._create_table_job(db.name, table_name, value["primary_key"],
-                                          list(value.get("attributes", [])), log_it=False,
-                                          version=version, exists_ok=True, handles=handles)
-        fn(ctx)
-        stats.created_tables.append(table_name)
-        return True
+        created = schema.apply_create_table(storage, ctx, db, table_name, value, version,
+                                            origin_id, log_it=False)
+        if created:
+            stats.created_tables.append(table_name)
+        return created
     if kind == "drop_table":
-        table = db.tables.get(table_name)
-        if table is None or table.version > version:
-            return False
-        storage.drop_table_in(ctx, db, table_name, version, origin_id, log_it=False)
-        return True
-    if kind in ("create_database", "drop_database"):
-        return _apply_database_op(storage, ctx, kind, rid, version, origin_id)
-    table = db.tables.get(table_name)
-    if table is None:
-        if db.was_dropped(ctx.txn(db), table_name):
-            return False  # a write racing a drop: the table is gone everywhere
-        raise UnknownTableError(f"table '{db.name}.{table_name}' is not known here yet")
+        return schema.apply_drop_table(storage, ctx, db, table_name, version, origin_id,
+                                       log_it=False)
+    if kind == "create_database":
+        return schema.apply_create_database(storage, ctx, rid, version, origin_id, False)
+    if kind == "drop_database":
+        existed = rid in storage.databases
+        dropped = schema.apply_drop_database(storage, ctx, rid, version, origin_id, False)
+        if existed and rid not in storage.databases:
+            stats.dropped_databases.add(rid)
+        return dropped
+    if schema.stale_op(ctx, db, table_name, op[4] if len(op) > 4 else None):
+        return False  # a late write to a dropped incarnation: the drop superseded it
+    table = db.tables[table_name]
     txn = ctx.txn(db)
     key = encode_id(rid)
     if not incoming_wins(db, get_stored(txn, table, key), version, origin_name):
@@ -133,35 +110,34 @@ def _apply_op(storage: Storage, ctx: WriteContext, db: Database, op: list[Any], 
     return True
 
 
-def _apply_database_op(storage: Storage, ctx: WriteContext, kind: str, name: str,
-                       version: int, origin_id: int) -> bool:
-    if kind == "create_database":
-        if name in storage.databases:
-            return False
-        pending = storage.pending_envs.pop(name, None)
-        if pending is None:
-            return False
-        storage._register_database(ctx, pending)
-        return True
-    if name not in storage.databases or name == SYSTEM:
-        return False
-    storage.drop_database_in(ctx, name, version, origin_id, log_it=False)
-    return True
+def _recreates_dropped(ops: list[list[Any]], stats: ApplyStats) -> bool:
+    # The dropped environment's files go after the commit, at the path a re-create
+    # would open: the re-create waits for a job of its own.
+    return any(op[1] == "create_database" and op[2] in stats.dropped_databases for op in ops)
 
 
 def prepare_entries(storage: Storage, db_name: str,
-                    decoded: Sequence[tuple[int, str, int, Any, list[list[Any]]]]) -> None:
-    """Open DBIs and environments that the entries will create (outside any txn)."""
+                    decoded: Sequence[tuple[int, str, int, Any, list[list[Any]]]]) -> list[str]:
+    """Open DBIs and environments that the entries will create (outside any txn).
+
+    Returns:
+        The databases whose environment was opened for a create.
+    """
     db = storage.databases.get(db_name)
+    opened: list[str] = []
     if db is None:
-        return
+        return opened
     for _seq, _origin, _version, _user, ops in decoded:
-        for table_name, kind, rid, _value in ops:
-            if kind == "create_table":  # also when it exists: a drop may precede it
-                storage.pending_handles[(db_name, table_name)] = db.open_table_handles(table_name)
-            elif kind == "create_database" and rid not in storage.databases:
-                if rid not in storage.pending_envs:
-                    storage.pending_envs[rid] = storage._open_env(rid)
+        for op in ops:
+            table_name, kind, rid = op[0], op[1], op[2]
+            if kind == "create_table" and isinstance(table_name, str):
+                db.open_table_handles(table_name)
+            elif (kind == "create_database" and isinstance(rid, str)
+                  and rid not in storage.databases and NAME_RE.match(rid)
+                  and storage.replicates(rid)):
+                storage.pending_env(rid)
+                opened.append(rid)
+    return opened
 
 
 def decode_entries(entries: Sequence[tuple[int, bytes]], origins: Mapping[int, str],
@@ -190,20 +166,28 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
     Entries older than ``floor`` (a ``start_time`` version) are skipped.
     """
     decoded: list[tuple[int, str, int, Any, list[list[Any]]]] = []
+    opened: list[str] = []
 
     def prepare() -> None:
         decoded.extend(e for e in decode_entries(entries, origins, local_name)
                        if e[2] >= floor)
-        prepare_entries(storage, db_name, decoded)
+        opened.extend(prepare_entries(storage, db_name, decoded))
 
     def job(ctx: WriteContext) -> ApplyStats:
         stats = ApplyStats()
         db = storage.databases.get(db_name)
         if db is None:
             return stats
+        if opened:
+            ctx.after_commit.append(lambda: storage.discard_pending(opened))
         committed = cursor
         seen: dict[str, int] = {}
         for seq, origin_name, version, user, ops in decoded:
+            if stats.dropped_databases and _recreates_dropped(ops, stats):
+                # Applied by the caller in a new job, once the old files are gone.
+                stats.resume_seq = seq
+                committed = {**cursor, "seq": seq - 1}
+                break
             try:
                 storage.hlc.check(version)
             except ClockSkewError as exc:
@@ -237,22 +221,40 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
 
 def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                    rows: Sequence[tuple[bytes, bytes]], origins: Mapping[int, str],
-                   cursor: dict[str, Any], floor: int = 0) -> Callable[[WriteContext], int]:
+                   cursor: dict[str, Any], floor: int = 0, incarnation: int | None = None,
+                   ) -> Callable[[WriteContext], int]:
     """A writer job merging full-copy rows (live records and tombstones) by LWW.
 
     It never deletes a row that exists only on the receiver: only a tombstone with a
-    newer version can remove a record.
+    newer version can remove a record. Rows that land are logged, one entry per origin
+    with each row's own version, so nodes behind this one receive them too.
+    ``incarnation`` is the peer's incarnation of the table (from its hello).
+
+    Raises:
+        DroppedIncarnationError: that incarnation was dropped here; nothing lands.
+        UnknownTableError: the table, or the peer's incarnation of it, is not known here
+            yet (the link reconnects for a fresh hello).
     """
 
     def job(ctx: WriteContext) -> int:
         db = storage.databases.get(db_name)
         if db is None:
             return 0
-        if table_name not in db.tables:
-            raise UnknownTableError(f"table '{db_name}.{table_name}' is not known here yet")
+        if incarnation is None and table_name in db.tables \
+                and db.table_marker(ctx.txn(db), table_name):
+            # The name was dropped here once: copy only rows whose incarnation is known.
+            raise UnknownTableError(f"{peer}'s incarnation of '{db_name}.{table_name}' is "
+                                    "not known here yet")
+        if schema.stale_op(ctx, db, table_name, incarnation):
+            # Its hello may be older than its table: retry with a fresh one, and wait
+            # while the peer still serves the incarnation dropped here.
+            raise schema.DroppedIncarnationError(
+                f"{peer} serves table '{db_name}.{table_name}' created at {incarnation}, "
+                "which was dropped here; waiting for it to apply the drop")
         table = db.tables[table_name]
         txn = ctx.txn(db)
         applied = 0
+        relay: dict[int, list[list[Any]]] = {}
         for key, raw in rows:
             version, origin, record = codec.unpack(raw)
             origin_name = origins.get(origin)
@@ -268,7 +270,12 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
             else:
                 put_record(txn, table, key, version, oid, record)
                 note_attributes(ctx, db, table, [record])
+            relay.setdefault(oid, []).append(
+                [table_name, "delete" if record is None else "upsert", decode_id(key), record,
+                 table.version, version])
             applied += 1
+        for oid, ops in relay.items():
+            storage.append_log(ctx, db, ops, max(op[5] for op in ops), oid)
         write_cursor(ctx, db, peer, cursor)
         return applied
 

@@ -11,6 +11,8 @@ from typing import Any
 from harpsync import codec
 from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
 from harpsync.storage.database import (
+    CREATED_KEY,
+    DROPPED_DB_PREFIX,
     DROPPED_PREFIX,
     LOCAL_ORIGIN,
     TABLE_PREFIX,
@@ -48,17 +50,28 @@ class Storage:
         self.pending_envs: dict[str, Database] = {}
         # Called (in the writer thread, after commit) with (event, database name).
         self.database_listeners: list[Callable[[str, str], None]] = []
+        # Whether a database replicates (``replication.databases``); a database that
+        # does not is never created, dropped or filled because of a peer.
+        self.replicates: Callable[[str], bool] = lambda _name: True
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
         """Open every database on disk, create ``system`` if needed, start the writer."""
         base = self.root / "database"
         base.mkdir(parents=True, exist_ok=True)
+        self.databases[SYSTEM] = self._open_env(SYSTEM)
+        markers = self.database_markers()
         for path in sorted(base.iterdir()):
-            if path.is_dir() and NAME_RE.match(path.name):
-                self.databases[path.name] = self._open_env(path.name)
-        if SYSTEM not in self.databases:
-            self.databases[SYSTEM] = self._open_env(SYSTEM)
+            if path.name == SYSTEM or not path.is_dir() or not NAME_RE.match(path.name):
+                continue
+            db = self._open_env(path.name)
+            marker = markers.get(path.name)
+            if marker is not None and marker >= db.created:
+                # The drop committed but its directory outlived it (a crash): finish it.
+                log.info("removing dropped database '%s'", path.name)
+                db.destroy()
+                continue
+            self.databases[path.name] = db
         for db in self.databases.values():
             self._observe_log_versions(db)
         self.writer.start()
@@ -74,6 +87,52 @@ class Storage:
 
     def _open_env(self, name: str) -> Database:
         return Database(name, self.root / "database" / name, self.map_size, self.node_name)
+
+    def pending_env(self, name: str) -> Database:
+        """The environment a create of database ``name`` will register (writer thread,
+        outside a transaction). Every job of a group that may create ``name`` shares it,
+        so one path is never opened twice."""
+        db = self.pending_envs.get(name)
+        if db is None:
+            db = self.pending_envs[name] = self._open_env(name)
+        return db
+
+    def discard_pending(self, names: list[str]) -> None:
+        """After a group: delete environments opened for creates that did not happen."""
+        for name in names:
+            if name in self.databases:
+                continue
+            db = self.pending_envs.pop(name, None)
+            if db is not None:
+                db.destroy()
+
+    def database_markers(self) -> dict[str, int]:
+        """Drop markers of databases (``dropped_db:<name>`` in ``system``)."""
+        return {k.decode(): int(v)
+                for k, v in self.databases[SYSTEM].iter_meta(DROPPED_DB_PREFIX)}
+
+    def database_marker(self, ctx: WriteContext, name: str) -> int:
+        system = self.databases[SYSTEM]
+        raw = ctx.txn(system).get(DROPPED_DB_PREFIX + name.encode(), db=system.meta_dbi)
+        return int(codec.unpack(raw)) if raw else 0
+
+    def raise_database_marker(self, ctx: WriteContext, name: str, version: int) -> bool:
+        """Record that database ``name`` is dropped up to ``version``; markers only rise."""
+        if version <= self.database_marker(ctx, name):
+            return False
+        system = self.databases[SYSTEM]
+        ctx.txn(system).put(DROPPED_DB_PREFIX + name.encode(), codec.pack(version),
+                            db=system.meta_dbi)
+        return True
+
+    def raise_table_marker(self, ctx: WriteContext, db: Database, name: str,
+                           version: int) -> bool:
+        """Record that table ``name`` is dropped up to ``version``; markers only rise."""
+        txn = ctx.txn(db)
+        if version <= db.table_marker(txn, name):
+            return False
+        txn.put(DROPPED_PREFIX + name.encode(), codec.pack(version), db=db.meta_dbi)
+        return True
 
     def _observe_log_versions(self, db: Database) -> None:
         # Keep versions monotonic across restarts even if the wall clock stepped back.
@@ -121,106 +180,92 @@ class Storage:
         return seq
 
     # -- schema jobs -------------------------------------------------------------------
-    def _register_database(self, ctx: WriteContext, db: Database) -> None:
-        self.databases[db.name] = db
-        ctx.on_undo(lambda: self.databases.pop(db.name, None))
-        ctx.after_commit.append(lambda: self._emit("created", db.name))
+    def create_database_in(self, ctx: WriteContext, name: str, version: int, origin: int,
+                           log_it: bool) -> Database:
+        """Register the pending environment of ``name`` as database incarnation ``version``."""
+        db = self.pending_envs.pop(name)
+        self.databases[name] = db
+        old_created = db.created
+
+        def undo() -> None:
+            self.databases.pop(name, None)
+            db.created = old_created
+            self.pending_envs.setdefault(name, db)
+
+        ctx.on_undo(undo)
+        db.created = version
+        ctx.txn(db).put(CREATED_KEY, codec.pack(version), db=db.meta_dbi)
+        self.hlc.observe(version)
+        if log_it:
+            self.append_log(ctx, self.databases[SYSTEM],
+                            [[None, "create_database", name, None]], version, origin)
+        ctx.after_commit.append(lambda: self._emit("created", name))
+        return db
 
     def _emit(self, event: str, name: str) -> None:
         for listener in list(self.database_listeners):
             listener(event, name)
 
-    def _database_job(self, name: str, version: int | None, log_it: bool,
-                      exists_ok: bool) -> tuple[Callable[[WriteContext], Any], Callable[[], None]]:
-        box: dict[str, Database] = {}
-
-        def prepare() -> None:
-            if name not in self.databases:
-                box["db"] = self._open_env(name)
-
-        def fn(ctx: WriteContext) -> str:
-            if name in self.databases:
-                if exists_ok:
-                    return "exists"
-                raise BadRequestError(f"database '{name}' already exists")
-            self._register_database(ctx, box["db"])
-            if log_it:
-                system = self.databases[SYSTEM]
-                self.append_log(ctx, system, [[None, "create_database", name, None]],
-                                version or self.hlc.now())
-            return "created"
-
-        return fn, prepare
+    def _new_database(self, ctx: WriteContext, name: str) -> Database:
+        """A local create of ``name``: a version newer than any drop of it."""
+        if name not in self.pending_envs:
+            raise BadRequestError(f"database '{name}' changed concurrently; retry")
+        self.hlc.observe(self.database_marker(ctx, name))
+        return self.create_database_in(ctx, name, self.hlc.now(), LOCAL_ORIGIN, True)
 
     async def create_database(self, name: str) -> None:
-        fn, prepare = self._database_job(name, None, True, False)
+        def prepare() -> None:
+            if name not in self.databases:
+                self.pending_env(name)
+
+        def fn(ctx: WriteContext) -> None:
+            if name in self.databases:
+                raise BadRequestError(f"database '{name}' already exists")
+            self._new_database(ctx, name)
+
         await self.write(fn, prepare)
 
-    def _create_table_job(self, db_name: str, name: str, primary_key: str,
-                          attributes: list[str], log_it: bool = True, version: int | None = None,
-                          origin: int = LOCAL_ORIGIN, exists_ok: bool = False,
-                          handles: tuple[Any, Any] | None = None,
-                          ) -> tuple[Callable[[WriteContext], Any], Callable[[], None]]:
-        box: dict[str, Any] = {} if handles is None else {"handles": handles}
+    def create_table_in(self, ctx: WriteContext, db: Database, name: str,
+                        definition: dict[str, Any], version: int, origin: int,
+                        log_it: bool) -> Table:
+        """Add table incarnation ``version`` to the catalog (its handles must be open)."""
+        table = Table(name, str(definition.get("primary_key", "id")), *db.handles[name],
+                      attributes=list(definition.get("attributes", [])), version=version)
+        db.tables[name] = table
+        ctx.on_undo(lambda: db.tables.pop(name, None))
+        ctx.txn(db).put(TABLE_PREFIX + name.encode(), codec.pack(table.definition()),
+                        db=db.meta_dbi)
+        self.hlc.observe(version)
+        if log_it:
+            self.append_log(ctx, db, [[name, "create_table", None, table.definition()]],
+                            version, origin)
+        return table
 
+    def _create_table_job(self, db_name: str, name: str, primary_key: str,
+                          attributes: list[str], log_it: bool = True,
+                          ) -> tuple[Callable[[WriteContext], Any], Callable[[], None]]:
         def prepare() -> None:
             db = self.databases.get(db_name)
             if db is None:
-                db = box["new_db"] = self._open_env(db_name)
-            if name not in db.tables and "handles" not in box:
-                box["handles"] = db.open_table_handles(name)
+                db = self.pending_env(db_name)
+            db.open_table_handles(name)
 
         def fn(ctx: WriteContext) -> str:
-            if "new_db" in box:
-                if db_name in self.databases:
-                    raise BadRequestError(f"database '{db_name}' changed concurrently; retry")
-                self._register_database(ctx, box["new_db"])
-                if log_it:
-                    self.append_log(ctx, self.databases[SYSTEM],
-                                    [[None, "create_database", db_name, None]], self.hlc.now())
+            if db_name not in self.databases:
+                self._new_database(ctx, db_name)
             db = self.databases[db_name]
             if name in db.tables:
-                if exists_ok:
-                    return "exists"
                 raise BadRequestError(f"Table '{name}' already exists in '{db_name}'")
-            if "handles" not in box:
+            if name not in db.handles:
                 raise BadRequestError(f"Table '{name}' changed concurrently; retry")
-            v = version or self.hlc.now()
-            table = Table(name, primary_key, *box["handles"], attributes=list(attributes),
-                          version=v)
-            db.tables[name] = table
-            ctx.on_undo(lambda: db.tables.pop(name, None))
-            ctx.txn(db).put(TABLE_PREFIX + name.encode(), codec.pack(table.definition()),
-                            db=db.meta_dbi)
-            ctx.txn(db).delete(DROPPED_PREFIX + name.encode(), db=db.meta_dbi)
-            if log_it:
-                self.append_log(ctx, db, [[name, "create_table", None, table.definition()]],
-                                v, origin)
+            # A new incarnation must be newer than every drop of the name.
+            self.hlc.observe(db.table_marker(ctx.txn(db), name))
+            self.create_table_in(ctx, db, name, {"primary_key": primary_key,
+                                                 "attributes": attributes},
+                                 self.hlc.now(), LOCAL_ORIGIN, log_it)
             return "created"
 
         return fn, prepare
-
-    async def ensure_tables(self, db_name: str, definitions: dict[str, Any]) -> None:
-        """Create missing tables from a peer's definitions (not logged: peers learn
-        tables from their own hello exchange)."""
-        db = self.databases.get(db_name)
-        if db is None:
-            return
-        for name, definition in definitions.items():
-            if name in db.tables or not NAME_RE.match(name) or not isinstance(definition, dict):
-                continue
-            fn, prepare = self._create_table_job(
-                db_name, name, str(definition.get("primary_key", "id")),
-                list(definition.get("attributes", [])), log_it=False,
-                version=int(definition.get("version", 0)) or None, exists_ok=True)
-            await self.write(fn, prepare)
-
-    async def ensure_databases(self, names: list[str]) -> None:
-        """Create missing databases a peer reported (not logged)."""
-        for name in names:
-            if name not in self.databases and NAME_RE.match(name):
-                fn, prepare = self._database_job(name, None, False, True)
-                await self.write(fn, prepare)
 
     async def create_table(self, db_name: str, name: str, primary_key: str,
                            attributes: list[str] | None = None) -> None:
@@ -229,14 +274,17 @@ class Storage:
 
     def drop_table_in(self, ctx: WriteContext, db: Database, name: str, version: int,
                       origin: int, log_it: bool) -> None:
-        """Empty and forget a table inside a job (the named DBIs stay, empty, for reuse)."""
+        """Empty and forget a table inside a job (the named DBIs stay, empty, for reuse).
+
+        The drop marker rises to ``version`` (never down).
+        """
         table = db.tables.pop(name)
         ctx.on_undo(lambda: db.tables.__setitem__(name, table))
         txn = ctx.txn(db)
         txn.drop(table.dbi, delete=False)
         txn.drop(table.tomb_dbi, delete=False)
         txn.delete(TABLE_PREFIX + name.encode(), db=db.meta_dbi)
-        txn.put(DROPPED_PREFIX + name.encode(), codec.pack(version), db=db.meta_dbi)
+        self.raise_table_marker(ctx, db, name, version)
         if log_it:
             self.append_log(ctx, db, [[name, "drop_table", None, None]], version, origin)
 
@@ -249,11 +297,16 @@ class Storage:
 
     def drop_database_in(self, ctx: WriteContext, name: str, version: int, origin: int,
                          log_it: bool) -> None:
-        """Forget a database inside a job; its files are deleted after the commit."""
+        """Forget a database inside a job; its files are deleted after the commit.
+
+        The drop marker (``version``) commits with the job, so a crash
+        before the files go still leaves the database dropped (``open`` finishes it).
+        """
         if name == SYSTEM:
             raise BadRequestError("the 'system' database cannot be dropped")
         db = self.databases.pop(name)
         ctx.on_undo(lambda: self.databases.__setitem__(name, db))
+        self.raise_database_marker(ctx, name, version)
         if log_it:
             self.append_log(ctx, self.databases[SYSTEM],
                             [[None, "drop_database", name, None]], version, origin)

@@ -106,7 +106,8 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
             this_job[key] = new
             written.append(rid)
             stored_records.append(record)
-            ops.append([table_name, mode, rid, new])
+            # The incarnation lets a peer tell a late write to a dropped table.
+            ops.append([table_name, mode, rid, new, table.version])
         if ops:
             note_attributes(ctx, db, table, stored_records)
             storage.append_log(ctx, db, ops, version, LOCAL_ORIGIN, user)
@@ -150,7 +151,7 @@ def delete_records(storage: Storage, db_name: str, table_name: str, ids: list[An
             done.add(key)
             put_tombstone(txn, table, key, version, LOCAL_ORIGIN)
             deleted.append(rid)
-            ops.append([table_name, "delete", rid, None])
+            ops.append([table_name, "delete", rid, None, table.version])
         if ops:
             storage.append_log(ctx, db, ops, version, LOCAL_ORIGIN, user)
         noun = "record" if len(ids) == 1 else "records"

@@ -1,0 +1,293 @@
+"""Drops, re-creates and schema learned from peers (issue 7 items 2, 3, 4, 5, 9, the
+concurrency 500s, and the schema half of item 10), with real nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+from typing import Any
+
+import httpx
+
+from harpsync import codec
+from tests.helpers import ADMIN, wait_for
+from tests.repl_util import by_id, has_table, join, stays, wait_linked
+
+
+def _has_db(node: Any, database: str) -> bool:
+    return node.post({"operation": "describe_database",
+                      "database": database}).status_code == 200
+
+
+def _on_loop(node: Any, coro: Any, timeout: float = 30) -> Any:
+    """Run a coroutine on an in-process node's event loop and return its result."""
+    return asyncio.run_coroutine_threadsafe(coro, node.loop).result(timeout)
+
+
+def _pair(node_factory: Any) -> tuple[Any, Any]:
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system",))
+    return a, b
+
+
+def test_local_database_is_never_dropped_or_created_by_a_peer(node_factory):
+    """With ``replication.databases: data`` a peer's drop of a same-named database leaves
+    this node's private copy alone, and a peer's other databases are not created here."""
+    a = node_factory("node-a", env={"REPLICATION_DATABASES": "data"})
+    b = node_factory("node-b")
+    a.call("create_table", database="priv", table="t", primary_key="id")
+    a.call("insert", database="priv", table="t", records=[{"id": 1, "secret": "a-only"}])
+    b.call("create_table", database="priv", table="t", primary_key="id")
+    b.call("create_table", database="other", table="t", primary_key="id")
+    b.call("create_table", table="mark", primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    b.call("drop_database", database="priv")
+    b.call("create_database", database="later")
+    b.call("insert", table="mark", records=[{"id": 1}])
+    wait_for(lambda: by_id(a, "mark", 1) is not None, timeout=20,
+             message="B's later data write on A")
+    row = by_id(a, "t", 1, database="priv")
+    assert row is not None and row["secret"] == "a-only", "B's drop destroyed A's private data"
+    assert not _has_db(a, "other") and not _has_db(a, "later")
+    assert not _has_db(b, "priv"), "A's local database was announced to B"
+
+
+def test_dropped_database_and_table_do_not_come_back_from_a_lagging_hello(node_factory):
+    """A peer that has not yet seen a drop re-lists the database and table in its hello;
+    they stay dropped here, and the peer drops them when it catches up."""
+    a, b = _pair(node_factory)
+    a.call("create_table", database="gone", table="t", primary_key="id")
+    a.call("insert", database="gone", table="t", records=[{"id": 1}])
+    a.call("create_table", table="t2", primary_key="id")
+    a.call("insert", table="t2", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t", 1, database="gone") and by_id(b, "t2", 1), timeout=20,
+             message="gone.t and data.t2 on B")
+    b.call("pause_replication", hostname="node-a")  # B lags: it will not see the drops
+    a.call("drop_database", database="gone")
+    a.call("drop_table", table="t2")
+    # A's links from B reconnect: B's new hellos still list gone and data.t2.
+    a.call("pause_replication", hostname="node-b")
+    a.call("resume_replication", hostname="node-b")
+    wait_linked([(a, b)], ("system", "data"))
+    assert not _has_db(a, "gone") and not has_table(a, "t2"), "the lagging hello re-created them"
+    b.call("resume_replication", hostname="node-a")
+    wait_for(lambda: not _has_db(b, "gone") and not has_table(b, "t2"), timeout=20,
+             message="B to apply the drops")
+    stays(lambda: not any([_has_db(a, "gone"), has_table(a, "t2"), _has_db(b, "gone"),
+                           has_table(b, "t2")]), duration=1.5)
+
+
+def test_lagging_hello_adds_nothing_to_a_recreated_database(node_factory):
+    """A peer still holding a dropped database's old incarnation lists it, with its old
+    tables, in its hello: none of those tables appear in the re-created database here."""
+    a, b = _pair(node_factory)
+    a.call("create_table", database="gone", table="old", primary_key="id")
+    a.call("insert", database="gone", table="old", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "old", 1, database="gone"), timeout=20, message="gone.old on B")
+    b.call("pause_replication", hostname="node-a")
+    a.call("drop_database", database="gone")
+    a.call("create_table", database="gone", table="fresh", primary_key="id")
+    a.call("pause_replication", hostname="node-b")
+    a.call("resume_replication", hostname="node-b")
+    wait_linked([(a, b)], ("system",))
+    assert sorted(a.call("describe_database", database="gone")) == ["fresh"]
+    b.call("resume_replication", hostname="node-a")
+    wait_for(lambda: _has_db(b, "gone") and sorted(
+        b.call("describe_database", database="gone")) == ["fresh"], timeout=20,
+        message="B on the new incarnation of gone")
+    stays(lambda: sorted(a.call("describe_database", database="gone")) == ["fresh"],
+          duration=1.0)
+
+
+def test_drop_and_recreate_of_a_database_in_one_applied_batch(node_factory):
+    """One batch holding drop_database X and create_database X leaves X existing as the
+    new incarnation (the re-create is applied after the drop's files are gone)."""
+    from harpsync.replication.subscriber import _Work
+
+    a, b = _pair(node_factory)
+    a.call("create_table", database="x", table="t", primary_key="id")
+    a.call("insert", database="x", table="t", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t", 1, database="x"), timeout=20, message="x.t on B")
+    b.call("pause_replication", hostname="node-a")
+    a.call("drop_database", database="x")
+    a.call("create_table", database="x", table="t", primary_key="id")
+    a.call("insert", database="x", table="t", records=[{"id": 2}])
+
+    # Deliver A's system log after B's cursor as ONE batch, as the apply loop would.
+    a_system = a.node.storage.databases["system"]
+    b_system = b.node.storage.databases["system"]
+    after = int(b_system.cursor("node-a").get("seq", 0))
+    entries = a_system.log_after(after, 1000)
+    kinds = [op[1] for _seq, raw in entries for op in codec.unpack(raw)[3]]
+    assert kinds.index("drop_database") < kinds.index("create_database"), kinds
+    sub = b.node.cluster.subscribers[("node-a", "system")]
+    _on_loop(b, sub._apply_entries([_Work("entries", entries, dict(a_system.origin_names))]))
+    assert _has_db(b, "x"), "the re-create in the same batch was lost"
+    assert b.node.storage.databases["x"].created == a.node.storage.databases["x"].created
+    b.call("resume_replication", hostname="node-a")
+    wait_for(lambda: by_id(b, "t", 2, database="x"), timeout=20, message="new x.t row on B")
+    assert by_id(b, "t", 1, database="x") is None
+
+
+def test_stale_write_does_not_land_in_a_recreated_table(node_factory):
+    """A write to the old table, relayed late by a third node, is discarded by the table
+    re-created under the same name."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    a.call("create_table", table="t", primary_key="id")
+    join(a, b)
+    join(a, c)
+    for x, y in [(a, b), (b, a), (a, c), (c, a), (b, c), (c, b)]:
+        wait_linked([(x, y)], ("system", "data"))
+    b.call("pause_replication", hostname="node-c", database="data")
+    a.call("insert", table="t", records=[{"id": 1, "v": "old"}])
+    wait_for(lambda: by_id(c, "t", 1), timeout=20, message="the old write on C")
+    a.call("drop_table", table="t")
+    a.call("create_table", table="t", primary_key="id")
+    a.call("insert", table="t", records=[{"id": 2}])
+    wait_for(lambda: by_id(b, "t", 2) and by_id(c, "t", 2), timeout=20,
+             message="the new table's row on B and C")
+    b.call("pause_replication", hostname="node-a", database="data")
+    b.call("resume_replication", hostname="node-c", database="data")
+    c.call("insert", table="t", records=[{"id": 3}])
+    wait_for(lambda: by_id(b, "t", 3), timeout=20, message="C's write after the stale one")
+    assert by_id(b, "t", 1) is None, "a write to the dropped table landed in the new one"
+    assert b.count("t") == 2
+
+
+def test_drop_database_survives_a_crash_before_its_files_go(node_factory, tmp_path):
+    """A database whose drop committed but whose directory survived (a crash between the
+    two) stays dropped after restart, and its directory is removed."""
+    a = node_factory("node-a")
+    a.call("create_table", database="x", table="t", primary_key="id")
+    a.call("insert", database="x", table="t", records=[{"id": 1}])
+    a.stop()
+    path = a.root / "database" / "x"
+    shutil.copytree(path, tmp_path / "x-copy")
+    a.start()
+    a.call("drop_database", database="x")
+    a.stop()
+    shutil.copytree(tmp_path / "x-copy", path)  # the files the crash left behind
+    a.start()
+    assert not _has_db(a, "x")
+    assert "x" not in a.call("describe_all")
+    assert not path.exists()
+    a.call("create_table", database="x", table="t", primary_key="id")  # and it can come back
+    assert a.count("t", database="x") == 0
+
+
+def _race(node: Any, calls: list[dict[str, Any]]) -> list[httpx.Response]:
+    barrier = threading.Barrier(len(calls))
+    out: list[httpx.Response] = [None] * len(calls)  # type: ignore[list-item]
+
+    def run(i: int) -> None:
+        with httpx.Client(timeout=30) as client:
+            barrier.wait()
+            out[i] = client.post(node.url, json=calls[i], auth=ADMIN)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_concurrent_create_database_never_answers_500(node):
+    """Eight concurrent create_database calls of one name: one 200, the rest 400."""
+    for round_ in range(3):
+        name = f"db{round_}"
+        res = _race(node, [{"operation": "create_database", "database": name}] * 8)
+        codes = sorted(r.status_code for r in res)
+        assert codes == [200] + [400] * 7, [(r.status_code, r.text[:100]) for r in res]
+        assert _has_db(node, name)
+
+
+def test_describe_racing_drops_never_answers_500(node):
+    """describe_database / describe_all racing drop_table and drop_database give 200/404."""
+    stop = threading.Event()
+    codes: list[tuple[str, int, str]] = []
+
+    def describe() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                for body in ({"operation": "describe_database", "database": "r"},
+                             {"operation": "describe_all"}):
+                    res = client.post(node.url, json=body, auth=ADMIN)
+                    codes.append((body["operation"], res.status_code, res.text[:200]))
+
+    threads = [threading.Thread(target=describe) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(12):
+            for j in range(4):
+                node.call("create_table", database="r", table=f"t{j}", primary_key="id")
+            for j in range(4):
+                node.call("drop_table", database="r", table=f"t{j}")
+            if i % 3 == 2:
+                node.call("drop_database", database="r")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert codes and all(code in (200, 404) for _op, code, _ in codes), \
+        [c for c in codes if c[1] not in (200, 404)][:3]
+    assert all(code == 200 for op, code, _ in codes if op == "describe_all")
+
+
+def test_publish_only_node_learns_the_tables_it_publishes_from(node_factory):
+    """Schema is not data: a node that only publishes table t to its peer gets t's
+    definition through the system hello, so it can write rows that reach the peer."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t", primary_key="id")
+    a.call("insert", table="t", records=[{"id": 1, "from": "a"}])
+    join(b, a, subscriptions=[{"database": "data", "table": "t", "subscribe": False,
+                               "publish": True}])
+    wait_for(lambda: has_table(b, "t"), timeout=20, message="table t on the publish-only B")
+    b.call("insert", table="t", records=[{"id": 5, "from": "b"}])
+    wait_for(lambda: by_id(a, "t", 5), timeout=20, message="B's row on A")
+    assert by_id(b, "t", 1) is None  # schema only: B does not subscribe to A's rows
+
+
+def test_copied_rows_of_a_dropped_table_incarnation_never_land(node_factory):
+    """Full-copy rows from a peer that still has the table's dropped incarnation are
+    refused (the link retries), and the peer converges to the new incarnation."""
+    from harpsync.replication.subscriber import _Work
+
+    a, b = _pair(node_factory)
+    a.call("create_table", table="t", primary_key="id")
+    a.call("insert", table="t", records=[{"id": 1, "v": "old"}])
+    wait_for(lambda: by_id(b, "t", 1), timeout=20, message="the old row on B")
+    wait_linked([(a, b)], ("system", "data"))
+    b.call("pause_replication", hostname="node-a")  # B keeps the old incarnation
+    a.call("drop_table", table="t")
+    a.call("create_table", table="t", primary_key="id")
+    a.call("insert", table="t", records=[{"id": 2}])
+    # A's link from B reconnects: B's hello names the old incarnation of t.
+    a.call("pause_replication", hostname="node-b", database="data")
+    a.call("resume_replication", hostname="node-b", database="data")
+    wait_linked([(a, b)], ("system", "data"))
+
+    # B's rows of the old table, delivered as a copy chunk to A's link from B (whose
+    # hello, from before the drop, named the old incarnation).
+    b_data = b.node.storage.databases["data"]
+    rows = b_data.iter_rows(b_data.tables["t"], None, 500)
+    sub = a.node.cluster.subscribers[("node-b", "data")]
+    work = _Work("rows", ("t", rows), dict(b_data.origin_names))
+    try:
+        _on_loop(a, sub._apply_rows(work))
+        refused = False
+    except ValueError as exc:  # DroppedIncarnationError: the link would retry
+        refused = "dropped here" in str(exc)
+    assert by_id(a, "t", 1) is None, "a row of the dropped table came back by copy"
+    assert refused
+    b.call("resume_replication", hostname="node-a")
+    wait_for(lambda: by_id(b, "t", 2) and by_id(b, "t", 1) is None, timeout=20,
+             message="B on the new incarnation")
