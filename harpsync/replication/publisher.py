@@ -182,8 +182,15 @@ class Publisher:
         if sub.copy:
             pos = await self._copy(db, sub, tables)
         caught_up_sent = False
+        known_origins = 0
         while True:
             self._wakeup.clear()
+            if len(db.origin_names) != known_origins:
+                # Every origin this log may hold, even those this link filters out: the
+                # subscriber learns of nodes it has no link to and asks a relay for them.
+                known_origins = len(db.origin_names)
+                self.session.announce_origins(dict(db.origin_names))
+                await self.flush()
             if db.dropped:
                 await self.link.close(1001, f"database '{self.database}' was dropped")
                 return
