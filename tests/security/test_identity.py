@@ -128,18 +128,48 @@ def test_revoked_node_is_refused_with_a_freshly_minted_certificate(node_factory,
     assert "error" in answer, answer
 
 
+def _stockpile(node: Any, target: Any, common_name: str, out: Path) -> Path | None:
+    """While ``node`` is a member, ask ``target`` (certificate only) to sign a CSR named
+    ``common_name`` for a new key. Returns the directory with what it got, if anything."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    answer = node_request(target.repl_url, {
+        "type": "join", "node": node.name, "url": node.repl_url,
+        "csr": csr(key, common_name, (common_name,)), "subscriptions": None, "nodes": [],
+        "ca": (node.root / "keys" / "ca.pem").read_text(),
+    }, client_context(_peer_cert_dir(node, target)))
+    if not answer.get("cert"):
+        return None
+    from cryptography.hazmat.primitives import serialization
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "node.pem").write_text(answer["cert"])
+    (out / "node.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return out
+
+
+@pytest.mark.timeout(120)
 def test_removed_node_is_refused_with_any_certificate_it_can_make(node_factory, tmp_path):
-    """After A removes X, X's certificate from A's CA, a fresh one from X's CA with X's
-    key, and a certificate-only join are all refused."""
+    """X, while a member, tries to stockpile certificates from A's CA (for its own name
+    with a new key, and for B's name). After A removes X, none of them, nor X's
+    certificate from A's CA, nor one X mints with its own CA, opens a socket to A, and a
+    certificate-only join is refused."""
     a = node_factory("node-a")
+    b = node_factory("node-b")
     x = node_factory("node-x")
     a.call("create_table", table="dog", primary_key="id")
     join(x, a)
-    wait_linked([(x, a)], ("system", "data"))
+    join(b, a)
+    wait_linked([(x, a), (b, a)], ("system", "data"))
+    stock = {name: _stockpile(x, a, name, tmp_path / f"stock-{name}")
+             for name in (x.name, b.name)}
     a.call("remove_node", hostname=x.name)
     wait_for(lambda: connection(a, x.name) is None, timeout=10, message="A forgot X")
     minted = mint_with_node_ca(x.root, x.name, tmp_path / "minted", same_key=True)
-    for cert_dir in (_peer_cert_dir(x, a), minted, x.root / "keys"):
+    tries = [_peer_cert_dir(x, a), minted, x.root / "keys",
+             *[d for d in stock.values() if d is not None]]
+    for cert_dir in tries:
         kind, detail = dial_outcome(a.repl_url + "/data", client_context(cert_dir))
         assert (kind, detail) == ("closed", 1008), (cert_dir.name, kind, detail)
         answer = node_request(a.repl_url, {"type": "join", "node": x.name, "url": x.repl_url,
