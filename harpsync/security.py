@@ -542,6 +542,31 @@ class NodeKeys:
         return IssuedCert(cert.public_bytes(_PEM).decode("ascii"), _spki_pin(public_key),
                           serial_to_hex(cert.serial_number))
 
+    # -- keys of removed nodes ---------------------------------------------------------
+    @property
+    def _barred_path(self) -> Path:
+        return self.keys_dir / "removed_pins"
+
+    def barred_pins(self) -> set[str]:
+        """Pins of nodes an operator removed (``keys/removed_pins``, one a line)."""
+        try:
+            return {line for line in self._barred_path.read_text().split() if valid_pin(line)}
+        except FileNotFoundError:
+            return set()
+
+    def bar_pin(self, pin: str, barred: bool = True) -> None:
+        """Record (or, with ``barred=False``, forget) the key of a removed node, so no
+        row learned later, under any name, accepts it until an operator re-adds it."""
+        if not valid_pin(pin):
+            return
+        with self._lock:
+            pins = self.barred_pins()
+            if (pin in pins) == barred:
+                return
+            pins = pins | {pin} if barred else pins - {pin}
+            _write(self._barred_path, "".join(f"{p}\n" for p in sorted(pins)).encode(),
+                   0o600)
+
     def trusted_ca_pems(self) -> list[bytes]:
         """Peer CA certificates trusted so far.
 

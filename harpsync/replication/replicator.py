@@ -241,6 +241,8 @@ class Replicator:
             return f"certificate names {cert.common_name!r}, not {name!r}"
         if self.revoked(row, cert.serial_hex):
             return f"certificate of {name} revoked"
+        if cert.pin in self.keys.barred_pins():
+            return f"certificate of {name} carries the key of a removed node"
         if not cert.issued_by([row.get("ca") or "", self.keys.ca_pem]):
             return f"certificate for {name} not issued by its CA"
         pin = row.get("pin")
@@ -295,6 +297,7 @@ class Replicator:
                 serials.append(check_node_cert(str(body["cert"]), ca, name, issued.pin))
             self.keys.trust_ca(ca)
             cert = issued.pem
+            self.keys.bar_pin(issued.pin, barred=False)  # an operator adds it back
             row = {"name": name, "url": url, "ca": ca, "pin": issued.pin,
                    "serials": serials, **settings}
         else:
@@ -350,6 +353,7 @@ class Replicator:
                                   "that is not that node's")
         if existing is None or existing.get("pin") != server.pin:
             pin_fields = {"pin": server.pin, "serials": [server.serial_hex]}
+        self.keys.bar_pin(server.pin, barred=False)  # an operator adds it (back)
         self.keys.trust_ca(answer["ca"])
         if answer.get("cert"):
             self.keys.store_peer_signed_cert(name, answer["cert"])
@@ -387,14 +391,16 @@ class Replicator:
             # Trust for a learned node is bound to its name: its CA vouches only for
             # certificates named after it (check_peer), with the key the introducer
             # saw (``pin``) or, if it sent none, the first key seen.
+            learned = peers.identity(node)
+            if not valid_pin(learned.get("pin")):
+                learned.pop("pin", None)
+            elif learned["pin"] in self.keys.barred_pins():
+                continue  # a removed node coming back under another name
             if node.get("ca"):
                 try:
                     self.keys.trust_ca(str(node["ca"]))
                 except ValueError:
                     continue
-            learned = peers.identity(node)
-            if not valid_pin(learned.get("pin")):
-                learned.pop("pin", None)
             await self.save_row({**learned, "replicates": True, "subscriptions": None})
             changed = True
         if changed and reconcile:
@@ -421,6 +427,8 @@ class Replicator:
             with contextlib.suppress(Exception):
                 await node_request(self, row["url"], {"type": "remove"}, verify=True,
                                    present_cert=True, timeout=5, expect=name)
+        if row.get("pin"):
+            self.keys.bar_pin(str(row["pin"]))
         await self.storage.write(writes.delete_records(self.storage, SYSTEM, "hdb_nodes",
                                                        [name], None))
         self.rows.pop(name, None)

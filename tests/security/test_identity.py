@@ -294,3 +294,33 @@ def test_revocation_stops_reads_through_every_socket(node_factory):
              timeout=20, message="B's sockets to A closed")
     assert by_id(b, "dog", 7) is None
     assert by_id(a, "dog", 8) is None
+
+
+@pytest.mark.timeout(120)
+def test_removed_node_cannot_come_back_under_another_name(node_factory, tmp_path):
+    """After A removes X, X has B (still its peer) learn a node ``x2`` with X's key and
+    CA; when A hears of ``x2`` from B, it does not take it, and a certificate named
+    ``x2`` that X mints is refused."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    x = node_factory("node-x")
+    a.call("create_table", table="dog", primary_key="id")
+    join(x, a)
+    join(b, a)
+    wait_linked([(x, a), (b, a), (x, b)], ("system",))
+    x_pin = _row(a, x.name).get("pin")
+    a.call("remove_node", hostname=x.name)
+    wait_for(lambda: connection(a, x.name) is None, timeout=10, message="A forgot X")
+    answer = node_request(b.repl_url, {
+        "type": "mesh", "nodes": [{"name": "x2", "url": x.repl_url,
+                                   "ca": (x.root / "keys" / "ca.pem").read_text(),
+                                   **({"pin": x_pin} if x_pin else {})}],
+    }, client_context(x.root / "keys"))
+    assert answer.get("ok"), answer
+    wait_for(lambda: "x2" in {r["name"] for r in hdb_nodes(b)}, timeout=10,
+             message="B learned x2")
+    a.call("update_node", hostname=b.name, replicates=True)  # A hears B's nodes again
+    assert "x2" not in {r["name"] for r in hdb_nodes(a)}
+    minted = mint_with_node_ca(x.root, "x2", tmp_path / "x2", same_key=True)
+    kind, detail = dial_outcome(a.repl_url + "/data", client_context(minted))
+    assert (kind, detail) == ("closed", 1008), (kind, detail)
