@@ -254,6 +254,11 @@ class Replicator:
         return None
 
     # -- membership --------------------------------------------------------------------
+    async def check_super_user(self, username: str, password: str) -> bool:
+        """Whether these are a super_user's credentials (not throttled; see below)."""
+        user = await asyncio.to_thread(self.auth.check_password, username, password)
+        return user is not None and user.super_user
+
     async def check_join_credentials(self, address: str, username: str,
                                      password: str) -> None:
         """Check a joiner's super_user credentials, throttled per client address like
@@ -265,12 +270,12 @@ class Replicator:
         """
         self.auth.throttle.check(address)
         # scrypt is deliberately slow: keep it off the event loop.
-        user = await asyncio.to_thread(self.auth.check_password, username, password)
-        if user is None or not user.super_user:
+        if not await self.check_super_user(username, password):
             self.auth.throttle.failed(address)
             raise PeerError("authorization failed: super_user credentials are required")
 
-    async def accept_join(self, body: dict[str, Any], credentialed: bool) -> dict[str, Any]:
+    async def accept_join(self, body: dict[str, Any],
+                          credentialed: bool = False) -> dict[str, Any]:
         """A peer joins (or updates) its relationship with this node.
 
         With super_user credentials (``credentialed``) the joiner may name itself and
