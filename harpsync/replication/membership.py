@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from harpsync import codec
-from harpsync.errors import PeerError, TooManyRequestsError
+from harpsync.errors import HarpsyncError, PeerError, TooManyRequestsError
 from harpsync.replication.subscriber import describe_error
 from harpsync.replication.transport import DIAL_ERRORS, Link, dial
 
@@ -76,7 +76,7 @@ async def serve_node_request(rep: Replicator, link: Link) -> None:
         answer = await _dispatch(rep, link, body)
     except TooManyRequestsError as exc:
         answer = {"error": exc.message, "status": 429, "retry_after_seconds": exc.retry_after}
-    except PeerError as exc:
+    except HarpsyncError as exc:
         answer = {"error": exc.message}
     except (ValueError, TypeError, KeyError) as exc:
         answer = {"error": f"bad request: {exc}"}

@@ -294,6 +294,8 @@ class Replicator:
         cert: str | None = None
         if credentialed:
             url = str(body["url"])
+            if urlparse(url).scheme not in ("ws", "wss") or not urlparse(url).hostname:
+                raise BadRequestError(f"'url' must look like wss://host:port, got {url[:100]!r}")
             issued = self.keys.sign_csr(str(body.get("csr") or ""), name,
                                         urlparse(url).hostname)
             ca = str(body["ca"])

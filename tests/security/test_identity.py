@@ -97,6 +97,8 @@ def test_credentialed_join_gets_a_certificate_for_its_own_name_only(node_factory
     assert "error" in answer and "mallory" in answer["error"], answer
     assert "mallory" not in {r["name"] for r in hdb_nodes(a)}
     body["csr"] = csr(key, "joiner", (a.name, "localhost", "evil.example"))
+    answer = node_request(a.repl_url, {**body, "url": "file:///etc/passwd"}, client_context())
+    assert "url" in answer.get("error", ""), answer
     answer = node_request(a.repl_url, body, client_context())
     assert answer.get("cert"), answer
     assert _sans(answer["cert"]) == {"joiner", "10.9.9.9"}
