@@ -104,14 +104,18 @@ async def _dispatch(rep: Replicator, link: Link, body: dict[str, Any]) -> dict[s
     proven = _authenticated_as(rep, link)
     if proven is not None:
         link.authenticated()
+    # Credentials, on any request, are checked first and throttled per address (failed
+    # ones count with failed HTTP logins), so no request type can be used to guess them.
+    credentialed = False
+    user = body.get("authorization")
+    if user is not None:
+        if not (isinstance(user, list | tuple) and len(user) == 2):
+            raise PeerError("authorization must be [username, password]")
+        await rep.check_join_credentials(link.remote_host, str(user[0]), str(user[1]))
+        credentialed = True
     if kind == "join":
         name = str(body["node"])
-        user = body.get("authorization")
-        if user is not None:
-            # Credentials always win over a certificate: they may re-key the node.
-            if not (isinstance(user, list | tuple) and len(user) == 2):
-                raise PeerError("authorization must be [username, password]")
-            await rep.check_join_credentials(link.remote_host, str(user[0]), str(user[1]))
+        if credentialed:  # credentials win over a certificate: they may re-key the node
             return await rep.accept_join(body, credentialed=True)
         if proven != name:
             raise PeerError("authorization failed: super_user credentials are required")
