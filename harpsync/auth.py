@@ -7,11 +7,16 @@ is cached by its exact ``Authorization`` header until the next write to ``system
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from harpsync.errors import ForbiddenError, UnauthorizedError
-from harpsync.passwords import parse_authorization, verify_password
+from harpsync.errors import ForbiddenError, TooManyRequestsError, UnauthorizedError
+from harpsync.passwords import hash_password, parse_authorization, verify_password
 from harpsync.storage.reads import get_by_ids
 from harpsync.storage.store import SYSTEM, Storage
 
@@ -37,11 +42,69 @@ def camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
+class LoginThrottle:
+    """Failed logins per client address in a sliding window.
+
+    After ``limit`` failures within ``window`` seconds from one address, every password
+    check from it is refused with 429 until the oldest of those failures leaves the
+    window. Refused attempts are not counted, so the block ends on time. Other
+    addresses are never affected.
+    """
+
+    def __init__(self, limit: int = 10, window: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> deque[float] | None:
+        times = self._failures.get(address)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+            return None
+        return times
+
+    def check(self, address: str) -> None:
+        """Raise ``TooManyRequestsError`` if ``address`` must wait."""
+        if self.limit <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            times = self._recent(address, now)
+            if times is not None and len(times) >= self.limit:
+                wait = math.ceil(times[0] + self.window - now)
+                raise TooManyRequestsError(
+                    f"Too many failed logins from this address; retry in {max(1, wait)} "
+                    "seconds", max(1, wait))
+
+    def failed(self, address: str) -> None:
+        """Count one failed login from ``address``."""
+        with self._lock:
+            now = self.clock()
+            if len(self._failures) > 10_000:  # forget the oldest addresses first
+                for key in list(self._failures)[:1000]:
+                    self._recent(key, now)
+            times = self._recent(address, now) or self._failures.setdefault(address, deque())
+            times.append(now)
+            while len(times) > self.limit:
+                times.popleft()
+
+
 class Authenticator:
     """Checks Basic credentials against ``hdb_user`` and caches successful logins."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, throttle: LoginThrottle | None = None) -> None:
         self.storage = storage
+        self.throttle = throttle or LoginThrottle()
+        # An unknown or inactive user is checked against this hash, so a wrong
+        # username costs the same scrypt time as a wrong password (no enumeration).
+        self._dummy_hash = hash_password("harpsync-no-such-user")
         self._cache: dict[str, User] = {}
         # Bumped whenever the ``system`` log grows: a login verified across a change to
         # the users or roles must not be cached with what it read before the change.
@@ -64,11 +127,16 @@ class Authenticator:
         """The user of a recently verified ``Authorization`` header, without hashing."""
         return self._cache.get(header) if header else None
 
-    def authenticate(self, header: str | None) -> User:
+    def authenticate(self, header: str | None, address: str = "") -> User:
         """Resolve an ``Authorization`` header to a user.
+
+        Args:
+            header: The ``Authorization`` header value.
+            address: The client's address, for the failed-login throttle.
 
         Raises:
             UnauthorizedError: ``Must login`` without a header, ``Login failed`` otherwise.
+            TooManyRequestsError: ``address`` failed too many logins recently.
         """
         if not header:
             raise UnauthorizedError("Must login")
@@ -81,9 +149,11 @@ class Authenticator:
             raise UnauthorizedError(str(exc) or "Invalid character") from None
         if creds is None:
             raise UnauthorizedError("Must login")
+        self.throttle.check(address)
         generation = self._generation
         user = self.check_password(*creds)
         if user is None:
+            self.throttle.failed(address)
             raise UnauthorizedError("Login failed")
         if len(self._cache) > 1000:
             self._cache.clear()
@@ -95,10 +165,9 @@ class Authenticator:
         """The user for a username and password, or None (also for inactive users)."""
         db, users = self.storage.table(SYSTEM, "hdb_user")
         found = get_by_ids(db, users, [username])
-        if not found:
-            return None
-        record = found[0]
-        if not record.get("active", True):
+        record = found[0] if found else None
+        if record is None or not record.get("active", True):
+            verify_password(password, self._dummy_hash)  # same cost as a wrong password
             return None
         if not verify_password(password, str(record.get("password", ""))):
             return None

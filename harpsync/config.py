@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
         "network": {"host": "127.0.0.1", "port": 9925, "securePort": None,
                     "maxBodySize": 10 * 1024 * 1024},
         "tls": {"certificate": None, "privateKey": None},
+        "rateLimit": {"requestsPerMinute": 0, "burst": 10},
     },
     "replication": {
         "hostname": None,
@@ -36,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
         "pingInterval": 1_000,
         "retentionInterval": "10s",
         "compression": "zstd",
+        "maxConnections": 1024,
+        "maxPendingPerAddress": 32,
     },
     "logging": {"level": "info", "auditRetention": "3d"},
     "storage": {"mapSize": 64 * 1024**3, "trimInterval": "2s"},
@@ -189,6 +192,13 @@ class Config:
         self.duration_ms("replication.pingInterval")
         self.duration_ms("replication.retentionInterval")
         self.duration_ms("storage.trimInterval")
+        for key, low in (("operationsApi.rateLimit.requestsPerMinute", 0),
+                         ("operationsApi.rateLimit.burst", 1),
+                         ("replication.maxConnections", 1),
+                         ("replication.maxPendingPerAddress", 1)):
+            value = self.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
         map_size = self.get("storage.mapSize")
         if isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1 << 20:
             raise ConfigError("storage.mapSize must be an integer of at least 1 MiB")

@@ -72,6 +72,21 @@ class PayloadTooLargeError(HarpsyncError):
     status = 413
 
 
+class TooManyRequestsError(HarpsyncError):
+    """Too many failed logins or requests from one client; retry later (429).
+
+    ``retry_after`` (whole seconds) becomes the ``Retry-After`` header.
+    """
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.retry_after = max(1, int(retry_after))
+        self.headers = {"Retry-After": str(self.retry_after), **(headers or {})}
+
+
 class PeerError(HarpsyncError):
     """A peer could not be reached, refused us, or failed TLS (502-ish, reported as 400)."""
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import os
 import secrets
 import socket
 import time
@@ -100,7 +101,8 @@ class Node:
                     repl_sock: socket.socket | None = None) -> None:
         """Open storage, make keys and the admin user, then bind both listeners."""
         root = self.config.root
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)  # keys and databases live here, whatever the umask
         await asyncio.to_thread(self.storage.open)
         self.auth = Authenticator(self.storage)
         hosts = [self.node_name]

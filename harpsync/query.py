@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from itertools import islice
@@ -68,8 +67,37 @@ COMPARATORS: dict[str, Callable[[Any, Any], bool]] = {
 
 
 @lru_cache(maxsize=256)
-def _wildcard(pattern: str) -> re.Pattern[str]:
-    return re.compile(re.escape(pattern).replace(r"\*", ".*"), re.DOTALL)
+def _wildcard(pattern: str) -> Callable[[str], bool]:
+    """A matcher for a pattern where ``*`` stands for any run of characters.
+
+    No regular expression: a backtracking ``.*`` per star takes exponential time on
+    patterns such as ``*a*a*a*a*a*a*c``. Here the pieces between stars are found left
+    to right with ``str.find`` (taking the leftmost place for each piece is always
+    right when the only wildcard is ``*``), so a match costs one pass over the value.
+    """
+    if "*" not in pattern:
+        return pattern.__eq__
+    first, *middle, last = pattern.split("*")
+    pieces = [p for p in middle if p]
+    minimum = len(first) + len(last) + sum(len(p) for p in pieces)
+
+    def match(value: str) -> bool:
+        if len(value) < minimum or not value.startswith(first) or not value.endswith(last):
+            return False
+        position, end = len(first), len(value) - len(last)
+        for piece in pieces:
+            found = value.find(piece, position, end)
+            if found < 0:
+                return False
+            position = found + len(piece)
+        return True
+
+    return match
+
+
+def wildcard_match(pattern: str, value: str) -> bool:
+    """Whether ``value`` matches ``pattern`` (``*`` = any run of characters)."""
+    return _wildcard(pattern)(value)
 
 
 def value_predicate(attribute: str, value: Any) -> Predicate:
@@ -77,9 +105,8 @@ def value_predicate(attribute: str, value: Any) -> Predicate:
     if isinstance(value, str) and "*" in value:
         if value == "*":
             return lambda r: attribute in r
-        rx = _wildcard(value)
-        return lambda r: (isinstance(r.get(attribute), str)
-                          and rx.fullmatch(r[attribute]) is not None)
+        match = _wildcard(value)
+        return lambda r: isinstance(r.get(attribute), str) and match(r[attribute])
     return lambda r: attribute in r and _equal(r[attribute], value)
 
 

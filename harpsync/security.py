@@ -35,8 +35,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from harpsync.passwords import hash_password, parse_authorization, verify_password
 
 __all__ = [
-    "NodeKeys", "PeerIdentity", "peer_identity", "serial_to_hex", "hash_password",
-    "verify_password", "parse_authorization",
+    "NodeKeys", "PeerIdentity", "PeerCert", "peer_identity", "peer_cert", "serial_to_hex",
+    "hash_password", "verify_password", "parse_authorization", "IssuedCert",
+    "check_node_cert", "valid_pin",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,106 @@ def _cn(name: x509.Name) -> str | None:
     """The first commonName of an X.509 name, or None."""
     attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else None
+
+
+_PIN_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _spki_pin(public_key: Any) -> str:
+    """SHA-256 (hex) of a public key's DER SubjectPublicKeyInfo: the key a node is
+    pinned by. Every certificate a node presents (its own, or ones peers signed for
+    it) carries the same node key, so one pin covers them all."""
+    der = public_key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(der)
+    return digest.finalize().hex()
+
+
+def valid_pin(value: Any) -> bool:
+    """Whether ``value`` looks like a pin made by this module (64 hex digits)."""
+    return isinstance(value, str) and _PIN_RE.match(value) is not None
+
+
+@dataclass(frozen=True)
+class PeerCert:
+    """The certificate the other end of a TLS connection presented (verified or not)."""
+
+    common_name: str
+    pin: str
+    serial_hex: str
+    der: bytes = field(repr=False)
+
+    def issued_by(self, ca_pems: list[bytes | str]) -> bool:
+        """Whether this certificate was signed directly by one of ``ca_pems``."""
+        return _issued_by(x509.load_der_x509_certificate(self.der), ca_pems)
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    """A certificate this node's CA signed for a joining peer."""
+
+    pem: str
+    pin: str
+    serial_hex: str
+
+
+def _issued_by(cert: x509.Certificate, ca_pems: list[bytes | str]) -> bool:
+    for pem in ca_pems:
+        if not pem:
+            continue
+        try:
+            ca = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+            cert.verify_directly_issued_by(ca)
+            return True
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    return False
+
+
+def peer_cert(ssl_object: Any) -> PeerCert | None:
+    """The certificate the peer presented on a TLS connection, or None.
+
+    Unlike :func:`peer_identity` this also reads a certificate that was not verified
+    (a client dialing with ``verify=False`` still learns which key answered).
+    """
+    if ssl_object is None:
+        return None
+    try:
+        der = ssl_object.getpeercert(binary_form=True)
+    except ValueError:
+        return None
+    if not der:
+        return None
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+    return PeerCert(_cn(cert.subject) or "", _spki_pin(cert.public_key()),
+                    serial_to_hex(cert.serial_number), der)
+
+
+def check_node_cert(cert_pem: bytes | str, ca_pem: bytes | str, node_name: str,
+                    pin: str) -> str:
+    """Check that a node's own certificate is named ``node_name``, carries the pinned
+    key and was signed by ``ca_pem``; return its serial.
+
+    Raises:
+        ValueError: naming what does not match.
+    """
+    if isinstance(cert_pem, str):
+        cert_pem = cert_pem.encode("utf-8")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as exc:
+        raise ValueError("node certificate is not PEM") from exc
+    if _cn(cert.subject) != node_name:
+        raise ValueError(f"node certificate is not named {node_name!r}")
+    if _spki_pin(cert.public_key()) != pin:
+        raise ValueError("node certificate does not carry the key of the CSR")
+    if not _issued_by(cert, [ca_pem]):
+        raise ValueError("node certificate was not signed by the CA it came with")
+    return serial_to_hex(cert.serial_number)
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -317,7 +418,12 @@ class NodeKeys:
         """
         keys_dir = Path(keys_dir)
         keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (keys_dir / "trusted").mkdir(exist_ok=True)
+        (keys_dir / "trusted").mkdir(exist_ok=True, mode=0o700)
+        # Whatever the umask was, or an older version left: private keys stay private.
+        os.chmod(keys_dir, 0o700)
+        for private in (keys_dir / "ca.key", keys_dir / "node.key"):
+            if private.exists():
+                os.chmod(private, 0o600)
         ca_path, ca_key_path = keys_dir / "ca.pem", keys_dir / "ca.key"
         node_path, node_key_path = keys_dir / "node.pem", keys_dir / "node.key"
         if ca_path.exists() != ca_key_path.exists():
@@ -386,18 +492,32 @@ class NodeKeys:
         )
         return csr.public_bytes(_PEM)
 
-    def sign_csr(self, csr_pem: bytes | str, days: int = VALIDITY_DAYS) -> bytes:
-        """Sign a peer's CSR with this node's CA.
+    @property
+    def pin(self) -> str:
+        """The pin (SPKI SHA-256) of this node's key."""
+        return _spki_pin(self.node_key.public_key())
+
+    def sign_csr(self, csr_pem: bytes | str, node_name: str, url_host: str | None,
+                 days: int = VALIDITY_DAYS) -> IssuedCert:
+        """Sign a joining peer's CSR with this node's CA, for that peer only.
+
+        The certificate names exactly the node that proved itself with super_user
+        credentials: CN = ``node_name`` and SANs = that name and the host of the URL it
+        claimed. Whatever else the CSR asks for is ignored; a CSR whose CN is another
+        name is refused.
 
         Args:
             csr_pem: The CSR in PEM form.
+            node_name: The joining node's name.
+            url_host: The host of the joining node's replication URL, if any.
             days: Validity in days (capped at the CA's expiry).
 
         Returns:
-            The signed certificate as PEM (CN and SANs copied from the CSR).
+            The signed certificate, the pin of its key and its serial.
 
         Raises:
-            ValueError: If the CSR cannot be parsed, has no CN, or its signature is bad.
+            ValueError: If the CSR cannot be parsed, its signature is bad or it names
+                another node.
         """
         if isinstance(csr_pem, str):
             csr_pem = csr_pem.encode("utf-8")
@@ -412,16 +532,40 @@ class NodeKeys:
         if not valid:
             raise ValueError("Invalid CSR: signature does not match its public key")
         cn = _cn(csr.subject)
-        if not cn:
-            raise ValueError("Invalid CSR: subject has no common name")
+        if cn != node_name:
+            raise ValueError(f"Invalid CSR: it names {cn!r}, not the joining node "
+                             f"{node_name!r}")
+        sans = [n for n in (_general_name(h) for h in [node_name, url_host or ""] if h)
+                if n is not None]
+        unique = list({_name_key(n): n for n in sans}.values())
+        cert = _issue(node_name, public_key, self.ca_key, self.ca_cert, sans=unique, days=days)
+        return IssuedCert(cert.public_bytes(_PEM).decode("ascii"), _spki_pin(public_key),
+                          serial_to_hex(cert.serial_number))
+
+    # -- keys of removed nodes ---------------------------------------------------------
+    @property
+    def _barred_path(self) -> Path:
+        return self.keys_dir / "removed_pins"
+
+    def barred_pins(self) -> set[str]:
+        """Pins of nodes an operator removed (``keys/removed_pins``, one a line)."""
         try:
-            sans = list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
-        except x509.ExtensionNotFound:
-            sans = [n for n in [_general_name(cn)] if n is not None]
-        except (ValueError, x509.DuplicateExtension) as exc:
-            raise ValueError("Invalid CSR: malformed extensions") from exc
-        cert = _issue(cn, public_key, self.ca_key, self.ca_cert, sans=sans, days=days)
-        return cert.public_bytes(_PEM)
+            return {line for line in self._barred_path.read_text().split() if valid_pin(line)}
+        except FileNotFoundError:
+            return set()
+
+    def bar_pin(self, pin: str, barred: bool = True) -> None:
+        """Record (or, with ``barred=False``, forget) the key of a removed node, so no
+        row learned later, under any name, accepts it until an operator re-adds it."""
+        if not valid_pin(pin):
+            return
+        with self._lock:
+            pins = self.barred_pins()
+            if (pin in pins) == barred:
+                return
+            pins = pins | {pin} if barred else pins - {pin}
+            _write(self._barred_path, "".join(f"{p}\n" for p in sorted(pins)).encode(),
+                   0o600)
 
     def trusted_ca_pems(self) -> list[bytes]:
         """Peer CA certificates trusted so far.
@@ -584,28 +728,3 @@ def describe_tls_error(exc: BaseException) -> str | None:
     if isinstance(exc, ssl.SSLError):
         return f"TLS failure: {exc.reason or exc}"
     return None
-
-
-def peer_issued_by(ssl_object: Any, ca_pems: list[bytes | str]) -> bool:
-    """Whether the peer's verified certificate was signed directly by one of ``ca_pems``.
-
-    Chaining to *some* trusted CA is not enough to be node X: every peer's CA is
-    trusted, so each could sign a certificate named X. Only X's own CA (or ours, which
-    signed X's CSR when it joined) may vouch for X.
-    """
-    if ssl_object is None:
-        return False
-    der = ssl_object.getpeercert(binary_form=True)
-    if not der:
-        return False
-    cert = x509.load_der_x509_certificate(der)
-    for pem in ca_pems:
-        if not pem:
-            continue
-        try:
-            ca = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
-            cert.verify_directly_issued_by(ca)
-            return True
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-    return False

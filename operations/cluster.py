@@ -29,8 +29,8 @@ def _row_settings(body: dict[str, Any], subs: list[dict[str, Any]] | None) -> di
     for key in ("shard", "start_time", "revoked_certificates"):
         if key in body:
             row[key] = body[key]
-    if body.get("retain_authorization") and body.get("authorization") is not None:
-        row["authorization"] = body["authorization"]
+    # ``retain_authorization`` is accepted for compatibility but nothing is kept: a
+    # pinned node re-joins with its certificate, so a peer's password has no use here.
     return row
 
 
@@ -68,7 +68,8 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
         subs = row.get("subscriptions")
     creds = parse_credentials(body)
     answer = await rep.join(row["url"], creds, True if creds is None else
-                            bool(body.get("verify_tls", True)), subs, body)
+                            bool(body.get("verify_tls", True)), subs, body,
+                            expect=None if creds is not None else row["name"])
     settings = _row_settings(body, subs)
     await rep.adopt(answer, row["url"], {**{k: v for k, v in row.items()
                                             if k != "authorization"}, **settings})

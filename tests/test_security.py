@@ -279,7 +279,7 @@ async def test_peer_signed_certificate_is_presented_to_that_peer(
 ) -> None:
     """After a join, B dials A with the cert A's CA signed and A verifies it."""
     b.trust_ca(a.ca_pem)
-    signed = a.sign_csr(b.make_csr())
+    signed = a.sign_csr(b.make_csr(), "b", "10.0.0.2").pem.encode()
     b.store_peer_signed_cert("a", signed)
     assert (b.keys_dir / "peer_certs" / "a.pem").read_bytes() == signed
     serial = serial_to_hex(x509.load_pem_x509_certificate(signed).serial_number)
@@ -312,13 +312,17 @@ def test_trust_ca_rejects_non_ca_input(a: NodeKeys, b: NodeKeys, which: str) -> 
 
 
 def test_sign_csr_issues_cert_verifying_against_signer_ca(a: NodeKeys, b: NodeKeys) -> None:
-    """B's CSR signed by A's CA keeps B's CN, SANs and key and chains to A's CA."""
+    """B's CSR signed by A's CA names B, carries only B's name and URL host as SANs (not
+    what the CSR asked for), keeps B's key and chains to A's CA."""
     csr = x509.load_pem_x509_csr(b.make_csr())
     assert csr.is_signature_valid
-    cert = x509.load_pem_x509_certificate(a.sign_csr(b.make_csr(), days=30))
+    issued = a.sign_csr(b.make_csr(), "b", "10.0.0.2", days=30)
+    cert = x509.load_pem_x509_certificate(issued.pem.encode())
     cert.verify_directly_issued_by(a.ca_cert)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "b"
-    assert _san_strings(cert) == _san_strings(b.node_cert)
+    assert _san_strings(cert) == {"b", "10.0.0.2"}
+    assert issued.pin == b.pin
+    assert issued.serial_hex == serial_to_hex(cert.serial_number)
     assert cert.public_key() == b.node_cert.public_key()
     assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 31
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -328,14 +332,21 @@ def test_sign_csr_issues_cert_verifying_against_signer_ca(a: NodeKeys, b: NodeKe
 def test_sign_csr_rejects_garbage_and_bad_signature(a: NodeKeys, b: NodeKeys) -> None:
     """A non-CSR and a CSR with a tampered signature both raise ValueError."""
     with pytest.raises(ValueError, match="Invalid CSR"):
-        a.sign_csr("-----BEGIN CERTIFICATE REQUEST-----\nnope\n-----END CERTIFICATE REQUEST-----\n")
+        a.sign_csr("-----BEGIN CERTIFICATE REQUEST-----\nnope\n-----END CERTIFICATE REQUEST-----\n",
+                   "b", None)
     with pytest.raises(ValueError, match="Invalid CSR"):
-        a.sign_csr(b"garbage")
+        a.sign_csr(b"garbage", "b", None)
     der = bytearray(x509.load_pem_x509_csr(b.make_csr()).public_bytes(serialization.Encoding.DER))
     der[-1] ^= 0x01
     tampered = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
     with pytest.raises(ValueError, match="signature"):
-        a.sign_csr(tampered)
+        a.sign_csr(tampered, "b", None)
+
+
+def test_sign_csr_refuses_a_csr_for_another_name(a: NodeKeys, b: NodeKeys) -> None:
+    """A CSR whose CN is not the joining node's name is refused."""
+    with pytest.raises(ValueError, match="names 'b'"):
+        a.sign_csr(b.make_csr(), "mallory", None)
 
 
 def test_store_peer_signed_cert_validates_input(a: NodeKeys, b: NodeKeys) -> None:
@@ -343,7 +354,7 @@ def test_store_peer_signed_cert_validates_input(a: NodeKeys, b: NodeKeys) -> Non
     with pytest.raises(ValueError, match="key"):
         b.store_peer_signed_cert("a", a.node_cert_pem)
     with pytest.raises(ValueError, match="peer name"):
-        b.store_peer_signed_cert("../a", a.sign_csr(b.make_csr()))
+        b.store_peer_signed_cert("../a", a.sign_csr(b.make_csr(), "b", None).pem)
 
 
 def test_peer_identity_of_none_is_none() -> None:

@@ -14,8 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from harpsync import codec
-from harpsync.errors import PeerError
-from harpsync.replication import peers
+from harpsync.errors import HarpsyncError, PeerError, TooManyRequestsError
 from harpsync.replication.subscriber import describe_error
 from harpsync.replication.transport import DIAL_ERRORS, Link, dial
 
@@ -28,8 +27,13 @@ NODE_PATH = "/.node"
 
 
 async def node_request(rep: Replicator, url: str, body: dict[str, Any], *, verify: bool,
-                       present_cert: bool, timeout: float = 10.0) -> dict[str, Any]:
+                       present_cert: bool, timeout: float = 10.0,
+                       expect: str | None = None) -> dict[str, Any]:
     """Send one request to a peer's ``/.node`` endpoint and return its answer.
+
+    With ``expect`` the server must pass :meth:`Replicator.check_peer` as that node
+    (its pinned key) before anything is sent. The server's certificate is returned
+    under ``__server_cert__`` so a join can pin it.
 
     Raises:
         PeerError: the peer is unreachable, refused TLS, or answered with an error; the
@@ -39,6 +43,10 @@ async def node_request(rep: Replicator, url: str, body: dict[str, Any], *, verif
     link: Link | None = None
     try:
         link = await dial(url, NODE_PATH, context, rep.ping_interval, timeout=timeout)
+        if expect is not None:
+            refused = rep.check_peer(expect, link)
+            if refused is not None:
+                raise PeerError(f"Node at '{url}' is not {expect}: {refused}")
         await link.send(codec.pack(body))
         answer = codec.unpack(await asyncio.wait_for(link.recv(), timeout))
     except DIAL_ERRORS as exc:
@@ -51,7 +59,11 @@ async def node_request(rep: Replicator, url: str, body: dict[str, Any], *, verif
     if not isinstance(answer, dict):
         raise PeerError(f"Node at '{url}' sent an unreadable answer")
     if answer.get("error"):
-        raise PeerError(f"Node at '{url}' refused the request: {answer['error']}")
+        message = f"Node at '{url}' refused the request: {str(answer['error'])[:300]}"
+        if answer.get("status") == 429:
+            raise TooManyRequestsError(message, int(answer.get("retry_after_seconds") or 60))
+        raise PeerError(message)
+    answer["__server_cert__"] = link.cert if link is not None else None
     return answer
 
 
@@ -62,7 +74,9 @@ async def serve_node_request(rep: Replicator, link: Link) -> None:
         if not isinstance(body, dict):
             raise ValueError("request must be a map")
         answer = await _dispatch(rep, link, body)
-    except PeerError as exc:
+    except TooManyRequestsError as exc:
+        answer = {"error": exc.message, "status": 429, "retry_after_seconds": exc.retry_after}
+    except HarpsyncError as exc:
         answer = {"error": exc.message}
     except (ValueError, TypeError, KeyError) as exc:
         answer = {"error": f"bad request: {exc}"}
@@ -76,42 +90,42 @@ async def serve_node_request(rep: Replicator, link: Link) -> None:
         pass
 
 
-def _authenticated_as(rep: Replicator, link: Link, body: dict[str, Any]) -> str | None:
-    """The node name proven by the TLS certificate, if any and known."""
+def _authenticated_as(rep: Replicator, link: Link) -> str | None:
+    """The node name proven by the TLS certificate (see ``Replicator.check_peer``)."""
     if link.peer is None:
         return None
-    row = rep.rows.get(link.peer.common_name)
-    if row is None or peers.serial_revoked(link.peer.serial_hex,
-                                           row.get("revoked_certificates")):
-        return None
-    if not link.issued_by([row.get("ca") or "", rep.keys.ca_pem]):
+    if rep.check_peer(link.peer.common_name, link) is not None:
         return None
     return link.peer.common_name
 
 
-async def _require_super_user(rep: Replicator, body: dict[str, Any]) -> None:
-    user = body.get("authorization")
-    if not (isinstance(user, list | tuple) and len(user) == 2
-            and await rep.check_super_user(str(user[0]), str(user[1]))):
-        raise PeerError("authorization failed: super_user credentials are required")
-
-
 async def _dispatch(rep: Replicator, link: Link, body: dict[str, Any]) -> dict[str, Any]:
     kind = body.get("type")
-    proven = _authenticated_as(rep, link, body)
+    proven = _authenticated_as(rep, link)
+    if proven is not None:
+        link.authenticated()
+    # Credentials, on any request, are checked first and throttled per address (failed
+    # ones count with failed HTTP logins), so no request type can be used to guess them.
+    credentialed = False
+    user = body.get("authorization")
+    if user is not None:
+        if not (isinstance(user, list | tuple) and len(user) == 2):
+            raise PeerError("authorization must be [username, password]")
+        await rep.check_join_credentials(link.remote_host, str(user[0]), str(user[1]))
+        credentialed = True
     if kind == "join":
         name = str(body["node"])
+        if credentialed:  # credentials win over a certificate: they may re-key the node
+            return await rep.accept_join(body, credentialed=True)
         if proven != name:
-            user = body.get("authorization")
-            if not (isinstance(user, list | tuple) and len(user) == 2
-                    and await rep.check_super_user(str(user[0]), str(user[1]))):
-                raise PeerError("authorization failed: super_user credentials are required")
-        return await rep.accept_join(body)
+            raise PeerError("authorization failed: super_user credentials are required")
+        return await rep.accept_join(body, credentialed=False)
     if kind == "probe":
         # configure_cluster checks a connection (reachable, TLS, credentials) before it
-        # changes anything; a probe joins nothing.
-        if proven is None:
-            await _require_super_user(rep, body)
+        # changes anything; a probe joins nothing. Credentials were checked (and
+        # throttled) above.
+        if proven is None and not credentialed:
+            raise PeerError("authorization failed: super_user credentials are required")
         return {"ok": True, "node": rep.node_name}
     if proven is None:
         raise PeerError("this request needs a verified node certificate")

@@ -11,8 +11,9 @@ from typing import Any
 
 from harpsync.storage.store import SYSTEM
 
-# Keys of a row that describe the peer itself and may be learned from other nodes.
-IDENTITY_KEYS = ("name", "url", "ca", "shard")
+# Keys of a row that describe the peer itself and may be learned from other nodes
+# (``pin``: the SHA-256 of the peer's key, which the introducer verified).
+IDENTITY_KEYS = ("name", "url", "ca", "pin", "shard")
 # The system database always replicates (users, roles), except the node table itself,
 # which every node keeps from its own point of view.
 LOCAL_ONLY_TABLES = {(SYSTEM, "hdb_nodes")}

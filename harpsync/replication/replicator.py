@@ -14,15 +14,17 @@ import logging
 import socket
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlparse
 
-from harpsync.errors import BadRequestError
+from harpsync.errors import BadRequestError, PeerError
 from harpsync.replication import peers
 from harpsync.replication.maintenance import retention_loop
 from harpsync.replication.membership import NODE_PATH, node_request, serve_node_request
 from harpsync.replication.publisher import Publisher
 from harpsync.replication.relays import RelayPlanner
 from harpsync.replication.subscriber import PeerGate, Subscriber, backoff_delay
-from harpsync.replication.transport import Link, listen
+from harpsync.replication.transport import Gate, Link, listen
+from harpsync.security import PeerCert, check_node_cert, valid_pin
 from harpsync.storage import reads, writes
 from harpsync.storage.database import Database
 from harpsync.storage.ingest import forget_cursor, write_cursor
@@ -79,9 +81,12 @@ class Replicator:
         self._sock = sock
         self.url = self.config.replication_url(self.port)
         context = self.keys.server_context() if self.url.startswith("wss://") else None
-        self._server = await listen(sock, context, self._accept, self.ping_interval)
+        self.gate = Gate(int(self.config.get("replication.maxPendingPerAddress")),
+                         int(self.config.get("replication.maxConnections")))
+        self._server = await listen(sock, context, self._accept, self.ping_interval, self.gate)
         self._load_rows()
         await self._save_own_row()
+        await self._scrub_secrets()
         self.storage.database_listeners.append(self._on_database_event)
         await self.reconcile()
         self.spawn(retention_loop(self))
@@ -118,6 +123,12 @@ class Replicator:
             if row.get("ca"):
                 with contextlib.suppress(ValueError):
                     self.keys.trust_ca(row["ca"])
+
+    async def _scrub_secrets(self) -> None:
+        """Forget peer passwords older versions kept with ``retain_authorization``."""
+        for name, row in list(self.rows.items()):
+            if row.get("authorization") is not None:
+                await self.save_row({"name": name, "authorization": None})
 
     async def _write_row(self, row: dict[str, Any], mode: str = "upsert") -> None:
         await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_nodes", [row],
@@ -215,16 +226,11 @@ class Replicator:
         if peer is None:
             await link.close(1008, "a verified node certificate is required")
             return
-        row = self.rows.get(peer.common_name)
-        if row is None:
-            await link.close(1008, f"unknown node {peer.common_name}")
+        refused = self.check_peer(peer.common_name, link)
+        if refused is not None:
+            await link.close(1008, refused)
             return
-        if peers.serial_revoked(peer.serial_hex, row.get("revoked_certificates")):
-            await link.close(1008, "certificate revoked")
-            return
-        if not link.issued_by([row.get("ca") or "", self.keys.ca_pem]):
-            await link.close(1008, f"certificate for {peer.common_name} not issued by its CA")
-            return
+        link.authenticated()
         publisher = Publisher(self, link, peer.common_name, database)
         key = (peer.common_name, database)
         self.publishers.setdefault(key, set()).add(publisher)
@@ -233,29 +239,111 @@ class Replicator:
         finally:
             self.publishers.get(key, set()).discard(publisher)
 
+    # -- trust (DESIGN.md "Trust model") -----------------------------------------------
+    def revoked(self, row: dict[str, Any], serial_hex: str | None = None) -> bool:
+        """Whether the node of ``row`` is revoked: the presented serial, or any serial
+        recorded for that node when it joined, is in ``revoked_certificates``. A
+        revoked node is refused whatever certificate it makes for its key."""
+        revoked = row.get("revoked_certificates")
+        if not revoked:
+            return False
+        known = [str(s) for s in row.get("serials") or []]
+        return any(peers.serial_revoked(s, revoked)
+                   for s in [*known, *([serial_hex] if serial_hex else [])])
+
+    def check_peer(self, name: str, link: Link) -> str | None:
+        """Why the certificate on ``link`` may not act as node ``name`` (None: it may).
+
+        Used for accepted sockets (the client's certificate) and for dialed ones (the
+        server's). The certificate must be named ``name``, be signed by that node's own
+        CA or ours, carry the key pinned for that node, and the node must not be
+        revoked. A row without a pin yet (a node learned by gossip from an older peer)
+        is pinned to the first key that passes the CA check.
+        """
+        row = self.rows.get(name)
+        if row is None:
+            return f"unknown node {name}"
+        cert = link.cert
+        if cert is None:
+            return "a node certificate is required"
+        if cert.common_name != name:
+            return f"certificate names {cert.common_name!r}, not {name!r}"
+        if self.revoked(row, cert.serial_hex):
+            return f"certificate of {name} revoked"
+        if cert.pin in self.keys.barred_pins():
+            return f"certificate of {name} carries the key of a removed node"
+        if not cert.issued_by([row.get("ca") or "", self.keys.ca_pem]):
+            return f"certificate for {name} not issued by its CA"
+        pin = row.get("pin")
+        if pin is None:
+            row["pin"] = cert.pin  # trust on first verified use, limited to this name
+            self.spawn(self._write_row({"name": name, "pin": cert.pin}))
+        elif pin != cert.pin:
+            return f"certificate key of {name} does not match the key pinned for it"
+        return None
+
     # -- membership --------------------------------------------------------------------
     async def check_super_user(self, username: str, password: str) -> bool:
-        # scrypt is deliberately slow: keep it off the event loop.
+        """Whether these are a super_user's credentials (not throttled; see below)."""
         user = await asyncio.to_thread(self.auth.check_password, username, password)
         return user is not None and user.super_user
 
-    async def accept_join(self, body: dict[str, Any]) -> dict[str, Any]:
-        """A peer joins (or updates) its relationship with this node."""
+    async def check_join_credentials(self, address: str, username: str,
+                                     password: str) -> None:
+        """Check a joiner's super_user credentials, throttled per client address like
+        HTTP logins (10 failures a minute, then 429 until the window passes).
+
+        Raises:
+            TooManyRequestsError: the address failed too often recently.
+            PeerError: the credentials are wrong or not a super_user's.
+        """
+        self.auth.throttle.check(address)
+        # scrypt is deliberately slow: keep it off the event loop.
+        if not await self.check_super_user(username, password):
+            self.auth.throttle.failed(address)
+            raise PeerError("authorization failed: super_user credentials are required")
+
+    async def accept_join(self, body: dict[str, Any],
+                          credentialed: bool = False) -> dict[str, Any]:
+        """A peer joins (or updates) its relationship with this node.
+
+        With super_user credentials (``credentialed``) the joiner may name itself and
+        its URL: its CSR is signed for exactly that name and URL host, and its key is
+        pinned. A join proven only by the node's certificate changes settings
+        (subscriptions, shard, start time): no certificate is issued and the recorded
+        CA, URL and pin stay as they are.
+        """
         name = str(body["node"])
         if name == self.node_name:
             raise BadRequestError("a node cannot join itself")
-        ca = str(body["ca"])
-        self.keys.trust_ca(ca)
-        cert = self.keys.sign_csr(body["csr"]).decode() if body.get("csr") else None
         subs = peers.normalize_subscriptions(body.get("subscriptions"))
         existed = name in self.rows
-        row = {"name": name, "url": str(body["url"]), "ca": ca,
-               "replicates": subs is None, "subscriptions": subs, "learned": False,
-               "shard": body.get("shard"), "start_time": body.get("start_time")}
-        await self._replace_row(row)
+        settings = {"replicates": subs is None, "subscriptions": subs,
+                    "shard": body.get("shard"), "start_time": body.get("start_time")}
+        cert: str | None = None
+        if credentialed:
+            url = str(body["url"])
+            if urlparse(url).scheme not in ("ws", "wss") or not urlparse(url).hostname:
+                raise BadRequestError(f"'url' must look like wss://host:port, got {url[:100]!r}")
+            issued = self.keys.sign_csr(str(body.get("csr") or ""), name,
+                                        urlparse(url).hostname)
+            ca = str(body["ca"])
+            serials = [issued.serial_hex]
+            if body.get("cert"):  # the joiner's own certificate: same key, its CA
+                serials.append(check_node_cert(str(body["cert"]), ca, name, issued.pin))
+            self.keys.trust_ca(ca)
+            cert = issued.pem
+            self.keys.bar_pin(issued.pin, barred=False)  # an operator adds it back
+            row = {"name": name, "url": url, "ca": ca, "pin": issued.pin,
+                   "serials": serials, **settings}
+        else:
+            row = {"name": name, **settings}
+        await self._replace_row({**row, "learned": False})
         # The joiner's other nodes: one add_node joins this node to its whole mesh.
         await self.learn_nodes(list(body.get("nodes", [])), reconcile=False)
         await self.reconcile(restart_peer=name if existed else None)
+        if credentialed and existed:  # a new key or CA: sockets made with the old go
+            await self.drop_inbound(name, "node re-joined")
         self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
         return {"node": self.node_name, "url": self.url, "ca": self.keys.ca_pem.decode(),
                 "cert": cert,
@@ -263,11 +351,16 @@ class Replicator:
 
     async def join(self, url: str, credentials: tuple[str, str] | None, verify: bool,
                    subscriptions: list[dict[str, Any]] | None, extra: dict[str, Any],
-                   ) -> dict[str, Any]:
-        """Ask the node at ``url`` to pair with this one; returns its answer."""
+                   expect: str | None = None) -> dict[str, Any]:
+        """Ask the node at ``url`` to pair with this one; returns its answer.
+
+        Without credentials the request is proven by this node's certificate and the
+        server must be ``expect`` (its pinned key).
+        """
         body: dict[str, Any] = {
             "type": "join", "node": self.node_name, "url": self.url,
             "ca": self.keys.ca_pem.decode(), "csr": self.keys.make_csr().decode(),
+            "cert": self.keys.node_cert_pem.decode(),
             "subscriptions": peers.mirror(subscriptions),
             "shard": extra.get("shard"), "start_time": extra.get("start_time"),
             "nodes": [peers.identity(r) for r in self.rows.values() if r.get("url") != url],
@@ -275,7 +368,7 @@ class Replicator:
         if credentials is not None:
             body["authorization"] = list(credentials)
         return await node_request(self, url, body, verify=verify,
-                                  present_cert=credentials is None)
+                                  present_cert=credentials is None, expect=expect)
 
     async def probe(self, url: str, credentials: tuple[str, str] | None,
                     verify: bool) -> str:
@@ -293,14 +386,30 @@ class Replicator:
         return str(answer.get("node", ""))
 
     async def adopt(self, answer: dict[str, Any], url: str, row: dict[str, Any]) -> str:
-        """Record a peer after a successful join answer."""
+        """Record a peer after a successful join answer.
+
+        The peer is pinned to the key its server certificate carried on the join
+        socket, which must be named after the peer and signed by the CA it answered
+        with (or, when the row exists already, the pin must match: node_request checked).
+        """
         name = str(answer["node"])
+        server: PeerCert | None = answer.pop("__server_cert__", None)
+        existing = self.rows.get(name)
+        pin_fields: dict[str, Any] = {}
+        if server is None:
+            raise BadRequestError(f"node at '{url}' presented no certificate")
+        if server.common_name != name or not server.issued_by([str(answer["ca"])]):
+            raise BadRequestError(f"node at '{url}' answered as {name!r} with a certificate "
+                                  "that is not that node's")
+        if existing is None or existing.get("pin") != server.pin:
+            pin_fields = {"pin": server.pin, "serials": [server.serial_hex]}
+        self.keys.bar_pin(server.pin, barred=False)  # an operator adds it (back)
         self.keys.trust_ca(answer["ca"])
         if answer.get("cert"):
             self.keys.store_peer_signed_cert(name, answer["cert"])
-        existed = name in self.rows
+        existed = existing is not None
         await self._replace_row({**row, "name": name, "url": url, "ca": str(answer["ca"]),
-                                 "learned": False})
+                                 "learned": False, **pin_fields})
         await self.learn_nodes(list(answer.get("nodes", [])), reconcile=False)
         await self.reconcile(restart_peer=name if existed else None)
         if existed:  # settings such as revoked_certificates apply to its sockets now
@@ -345,12 +454,23 @@ class Replicator:
             name = str(node["name"])
             if name == self.node_name or name in self.rows or self._was_removed(name):
                 continue
+            # Trust for a learned node is bound to its name: its CA vouches only for
+            # certificates named after it (check_peer), with the key the introducer
+            # saw (``pin``) or, if it sent none, the first key seen.
+            learned = peers.identity(node)
+            if not valid_pin(learned.get("pin")):
+                learned.pop("pin", None)
+            elif learned["pin"] in self.keys.barred_pins():
+                continue  # a removed node coming back under another name
             if node.get("ca"):
-                self.keys.trust_ca(str(node["ca"]))
+                try:
+                    self.keys.trust_ca(str(node["ca"]))
+                except ValueError:
+                    continue
             # Gossip never widens what an operator configured: a selective node, or a
             # node added somewhere with subscriptions, gets a system-only link.
             system_only = self.is_selective() or bool(node.get("selective"))
-            await self.save_row({**peers.identity(node), "learned": True,
+            await self.save_row({**learned, "learned": True,
                                  "selective": bool(node.get("selective")),
                                  "replicates": not system_only,
                                  "subscriptions": [] if system_only else None})
@@ -362,11 +482,11 @@ class Replicator:
         for name, row in list(self.rows.items()):
             if name in exclude or not row.get("url"):
                 continue
-            self.spawn(self._tell(row["url"], {"type": "mesh", "nodes": nodes}))
+            self.spawn(self._tell(row["url"], {"type": "mesh", "nodes": nodes}, name))
 
-    async def _tell(self, url: str, body: dict[str, Any]) -> None:
+    async def _tell(self, url: str, body: dict[str, Any], name: str) -> None:
         try:
-            await node_request(self, url, body, verify=True, present_cert=True)
+            await node_request(self, url, body, verify=True, present_cert=True, expect=name)
         except Exception as exc:
             log.info("could not tell %s about the mesh: %s", url, exc)
 
@@ -378,7 +498,9 @@ class Replicator:
         if notify and row.get("url"):
             with contextlib.suppress(Exception):
                 await node_request(self, row["url"], {"type": "remove"}, verify=True,
-                                   present_cert=True, timeout=5)
+                                   present_cert=True, timeout=5, expect=name)
+        if row.get("pin"):
+            self.keys.bar_pin(str(row["pin"]))
         async with self._reconcile_lock:
             await self.storage.write(writes.delete_records(self.storage, SYSTEM, "hdb_nodes",
                                                            [name], None))

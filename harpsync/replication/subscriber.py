@@ -232,6 +232,10 @@ class Subscriber:
                                self.rep.keys.client_context(verify=True, peer_name=self.peer),
                                self.rep.ping_interval, timeout=DIAL_TIMEOUT)
         self.rep.peer_gate(self.peer).mark_up()
+        # The server must be this peer (its pinned key), not any node whose CA we trust.
+        refused = self.rep.check_peer(self.peer, self.link)
+        if refused is not None:
+            raise RuntimeError(refused)
         self._queue = asyncio.Queue(QUEUE_LIMIT)  # nothing from an earlier session survives
         session = self._session = SubscriberSession(
             self.rep.node_name, self.database, self.rep.table_definitions(db),

@@ -2,6 +2,12 @@
 
 Each replication socket is a ``Link``: binary frames in and out, the peer's verified
 TLS identity, and the ping latency that ``websockets`` keepalive measures.
+
+Work before authentication is bounded (DESIGN.md "Trust model"): an accepted socket
+reads frames of at most ``PREAUTH_FRAME`` bytes and buffers at most ``PREAUTH_QUEUE`` of
+them until the replicator calls :meth:`Link.authenticated`; TLS and the WebSocket
+handshake must finish within ``HANDSHAKE_TIMEOUT``; a ``Gate`` caps unauthenticated
+sockets per client address and all sockets in total.
 """
 
 from __future__ import annotations
@@ -18,14 +24,20 @@ from websockets.protocol import State
 
 from harpsync.security import (
     TLS_ERRORS,
+    PeerCert,
     PeerIdentity,
     TLSContext,
+    peer_cert,
     peer_identity,
-    peer_issued_by,
 )
 
 SUBPROTOCOL = "harpsync-replication-1"
 MAX_FRAME = 64 * 1024 * 1024
+# Until the peer is authenticated: one small frame at a time (a join request with a CSR,
+# a CA and a list of nodes fits easily).
+PREAUTH_FRAME = 64 * 1024
+PREAUTH_QUEUE = 2
+HANDSHAKE_TIMEOUT = 5.0
 # Frames websockets buffers before it stops reading the socket. Generous, so control
 # frames (pongs) keep flowing while the subscriber's apply queue is briefly full.
 MAX_QUEUE = 64
@@ -38,6 +50,40 @@ DIAL_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class Gate:
+    """Caps on accepted sockets: unauthenticated ones per client address, all in total."""
+
+    def __init__(self, per_address: int, total: int) -> None:
+        self.per_address = per_address
+        self.total = total
+        self.open = 0
+        self.pending: dict[str, int] = {}
+        self.refused = 0
+
+    def admit(self, address: str) -> bool:
+        if self.open >= self.total or self.pending.get(address, 0) >= self.per_address:
+            self.refused += 1
+            return False
+        self.open += 1
+        self.pending[address] = self.pending.get(address, 0) + 1
+        return True
+
+    def _unpend(self, address: str) -> None:
+        left = self.pending.get(address, 0) - 1
+        if left > 0:
+            self.pending[address] = left
+        else:
+            self.pending.pop(address, None)
+
+    def authenticated(self, address: str) -> None:
+        self._unpend(address)
+
+    def release(self, address: str, was_pending: bool) -> None:
+        self.open -= 1
+        if was_pending:
+            self._unpend(address)
+
+
 class Link:
     """One replication WebSocket, either accepted or dialed."""
 
@@ -47,11 +93,26 @@ class Link:
         ssl_object = conn.transport.get_extra_info("ssl_object") if conn.transport else None
         self._ssl_object = ssl_object
         self.peer: PeerIdentity | None = peer_identity(ssl_object)
+        self.cert: PeerCert | None = peer_cert(ssl_object)
         self.bytes_sent = 0
+
+    @property
+    def remote_host(self) -> str:
+        """The client's IP address (``""`` if unknown)."""
+        address = self._conn.remote_address
+        return str(address[0]) if address else ""
 
     def issued_by(self, ca_pems: list[bytes | str]) -> bool:
         """Whether the peer's certificate was signed by one of these CAs."""
-        return peer_issued_by(self._ssl_object, ca_pems)
+        return self.cert is not None and self.cert.issued_by(ca_pems)
+
+    def authenticated(self) -> None:
+        """The peer proved who it is: lift the pre-authentication limits."""
+        conn = self._conn
+        conn.protocol.max_message_size = MAX_FRAME
+        conn.recv_messages.high, conn.recv_messages.low = MAX_QUEUE, MAX_QUEUE // 4
+        if isinstance(conn, _GatedConnection):
+            conn.mark_authenticated()
 
     @property
     def latency_ms(self) -> float:
@@ -81,17 +142,49 @@ class Link:
 
 
 
+class _GatedConnection(ServerConnection):
+    """A server connection counted by a ``Gate`` from TCP accept to close."""
+
+    gate: Gate
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self._address = str(peer[0]) if peer else ""
+        self._pending = self._admitted = self.gate.admit(self._address)
+        if not self._admitted:
+            transport.abort()
+
+    def mark_authenticated(self) -> None:
+        if self._pending:
+            self._pending = False
+            self.gate.authenticated(self._address)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "_admitted", False):
+            self._admitted = False
+            self.gate.release(self._address, self._pending)
+        super().connection_lost(exc)
+
+
 async def listen(sock: socket.socket, ssl_context: TLSContext | None,
-                 handler: Callable[[Link], Awaitable[None]], ping_interval: float) -> Server:
-    """Serve replication sockets on an already-bound listening socket."""
+                 handler: Callable[[Link], Awaitable[None]], ping_interval: float,
+                 gate: Gate | None = None) -> Server:
+    """Serve replication sockets on an already-bound listening socket.
+
+    Accepted sockets start with the pre-authentication limits; the handler lifts them
+    with :meth:`Link.authenticated` once the peer is known.
+    """
 
     async def on_connection(conn: ServerConnection) -> None:
         await handler(Link(conn, conn.request.path if conn.request else "/"))
 
+    gated = type("GatedConnection", (_GatedConnection,), {"gate": gate or Gate(64, 1024)})
     return await serve(
         on_connection, sock=sock, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-        ping_interval=ping_interval, ping_timeout=ping_interval * 2, max_size=MAX_FRAME,
-        compression=None, close_timeout=2, write_limit=256 * 1024, max_queue=MAX_QUEUE,
+        ping_interval=ping_interval, ping_timeout=ping_interval * 2, max_size=PREAUTH_FRAME,
+        compression=None, close_timeout=2, write_limit=256 * 1024, max_queue=PREAUTH_QUEUE,
+        open_timeout=HANDSHAKE_TIMEOUT, create_connection=gated,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -66,11 +67,16 @@ class Database:
     def __init__(self, name: str, path: Path, map_size: int, local_name: str) -> None:
         self.name = name
         self.path = path
-        path.mkdir(parents=True, exist_ok=True)
+        # Private whatever the umask: the files hold password hashes and node rows.
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
         self.env = lmdb.Environment(
             str(path), map_size=map_size, max_dbs=4096, max_readers=512, subdir=True,
-            sync=True, metasync=True, readahead=False,
+            sync=True, metasync=True, readahead=False, mode=0o600,
         )
+        for name in ("data.mdb", "lock.mdb"):
+            if (path / name).exists():
+                os.chmod(path / name, 0o600)
         self.txns_dbi = self.env.open_db(TXNS_DBI)
         self.meta_dbi = self.env.open_db(META_DBI)
         self.tables: dict[str, Table] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +59,9 @@ class Storage:
     def open(self) -> None:
         """Open every database on disk, create ``system`` if needed, start the writer."""
         base = self.root / "database"
-        base.mkdir(parents=True, exist_ok=True)
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+        os.chmod(base, 0o700)
         self.databases[SYSTEM] = self._open_env(SYSTEM)
         markers = self.database_markers()
         for path in sorted(base.iterdir()):

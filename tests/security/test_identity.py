@@ -1,0 +1,328 @@
+"""Issue 8, points 1-3: a certificate names exactly one node, revocation and removal
+hold, and no peer can impersonate another."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+from tests.helpers import wait_for
+from tests.repl_util import PASSWORD as CREDS_PASSWORD
+from tests.repl_util import by_id, connection, hdb_nodes, join, wait_linked
+from tests.security.attacker import (
+    SUBPROTOCOL,
+    client_context,
+    csr,
+    dial_outcome,
+    load_cert,
+    mint,
+    mint_with_node_ca,
+    new_ca,
+    node_request,
+    serial_hex,
+)
+
+
+def _row(node: Any, name: str) -> dict[str, Any]:
+    return {r["name"]: r for r in hdb_nodes(node)}[name]
+
+
+def _peer_cert_dir(node: Any, peer: Any) -> Path:
+    """A directory holding the certificate ``peer``'s CA signed for ``node`` (+ key)."""
+    keys = node.root / "keys"
+    out = node.root.parent / f"{node.name}-for-{peer.name}"
+    out.mkdir(exist_ok=True)
+    (out / "node.pem").write_bytes((keys / "peer_certs" / f"{peer.name}.pem").read_bytes())
+    (out / "node.key").write_bytes((keys / "node.key").read_bytes())
+    return out
+
+
+def _sans(pem: str) -> set[str]:
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(v.value) for v in san}
+
+
+# ---------------------------------------------------------------- 1. one name per cert
+
+def test_certificate_only_join_cannot_get_a_csr_signed(node_factory):
+    """With only its certificate, a joined node (B) asks A to sign a CSR named
+    ``mallory`` with SANs A and localhost, and to move B's row to another URL and CA.
+    A signs nothing and keeps B's URL, CA and pin."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    join(b, a)  # A signs B's CSR: B holds keys/peer_certs/node-a.pem
+    wait_linked([(a, b), (b, a)])
+    before = _row(a, b.name)
+    attacker_key = ec.generate_private_key(ec.SECP256R1())
+    _fake_key, fake_ca = new_ca("mallory CA")
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    answer = node_request(a.repl_url, {
+        "type": "join", "node": b.name, "url": "wss://127.0.0.1:1",
+        "ca": fake_ca.public_bytes(Encoding.PEM).decode(),
+        "csr": csr(attacker_key, "mallory", (a.name, "localhost")),
+        "subscriptions": None, "nodes": [],
+    }, client_context(_peer_cert_dir(b, a)))
+    assert not answer.get("cert"), "A signed a CSR for a certificate-only join"
+    after = _row(a, b.name)
+    for key in ("url", "ca", "pin"):
+        assert after.get(key) == before.get(key), key
+    assert before.get("pin"), "A pinned B's key when B joined"
+
+
+def test_credentialed_join_gets_a_certificate_for_its_own_name_only(node_factory):
+    """Even with super_user credentials, a CSR naming another node is refused, and the
+    certificate issued carries only the joiner's name and URL host."""
+    a = node_factory("node-a")
+    key = ec.generate_private_key(ec.SECP256R1())
+    _ca_key, ca = new_ca("joiner CA")
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    ca_pem = ca.public_bytes(Encoding.PEM).decode()
+    body = {"type": "join", "node": "joiner", "url": "wss://10.9.9.9:9933", "ca": ca_pem,
+            "csr": csr(key, "mallory", (a.name, "localhost")), "subscriptions": None,
+            "nodes": [], "authorization": ["admin", CREDS_PASSWORD]}
+    answer = node_request(a.repl_url, body, client_context())
+    assert "error" in answer and "mallory" in answer["error"], answer
+    assert "mallory" not in {r["name"] for r in hdb_nodes(a)}
+    body["csr"] = csr(key, "joiner", (a.name, "localhost", "evil.example"))
+    answer = node_request(a.repl_url, {**body, "url": "file:///etc/passwd"}, client_context())
+    assert "url" in answer.get("error", ""), answer
+    answer = node_request(a.repl_url, body, client_context())
+    assert answer.get("cert"), answer
+    assert _sans(answer["cert"]) == {"joiner", "10.9.9.9"}
+    cert = x509.load_pem_x509_certificate(answer["cert"].encode())
+    assert cert.subject.rfc4514_string() == "CN=joiner"
+
+
+# ------------------------------------------------------------ 2. revocation and removal
+
+@pytest.mark.timeout(120)
+def test_revoked_node_is_refused_with_a_freshly_minted_certificate(node_factory, tmp_path):
+    """A revokes the certificate B presents (B's node.pem). B holds its CA key and mints
+    new certificates: with its own key and with a new one. A refuses every socket."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="dog", primary_key="id")
+    join(a, b)
+    wait_linked([(b, a)], ("system", "data"))
+    presented = serial_hex(load_cert(b.root / "keys" / "node.pem"))
+    a.call("update_node", hostname=b.name, revoked_certificates=[presented])
+    same_key = mint_with_node_ca(b.root, b.name, tmp_path / "same", same_key=True)
+    new_key = mint_with_node_ca(b.root, b.name, tmp_path / "new")
+    for cert_dir in (same_key, new_key, b.root / "keys"):
+        kind, detail = dial_outcome(a.repl_url + "/data", client_context(cert_dir))
+        assert (kind, detail) == ("closed", 1008), (cert_dir.name, kind, detail)
+    answer = node_request(a.repl_url, {"type": "join", "node": b.name, "url": b.repl_url,
+                                       "subscriptions": None, "nodes": []},
+                          client_context(same_key))
+    assert "error" in answer, answer
+
+
+def _stockpile(node: Any, target: Any, common_name: str, out: Path) -> Path | None:
+    """While ``node`` is a member, ask ``target`` (certificate only) to sign a CSR named
+    ``common_name`` for a new key. Returns the directory with what it got, if anything."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    answer = node_request(target.repl_url, {
+        "type": "join", "node": node.name, "url": node.repl_url,
+        "csr": csr(key, common_name, (common_name,)), "subscriptions": None, "nodes": [],
+        "ca": (node.root / "keys" / "ca.pem").read_text(),
+    }, client_context(_peer_cert_dir(node, target)))
+    if not answer.get("cert"):
+        return None
+    from cryptography.hazmat.primitives import serialization
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "node.pem").write_text(answer["cert"])
+    (out / "node.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_removed_node_is_refused_with_any_certificate_it_can_make(node_factory, tmp_path):
+    """X, while a member, tries to stockpile certificates from A's CA (for its own name
+    with a new key, and for B's name). After A removes X, none of them, nor X's
+    certificate from A's CA, nor one X mints with its own CA, opens a socket to A, and a
+    certificate-only join is refused."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    x = node_factory("node-x")
+    a.call("create_table", table="dog", primary_key="id")
+    join(x, a)
+    join(b, a)
+    wait_linked([(x, a), (b, a)], ("system", "data"))
+    stock = {name: _stockpile(x, a, name, tmp_path / f"stock-{name}")
+             for name in (x.name, b.name)}
+    a.call("remove_node", hostname=x.name)
+    wait_for(lambda: connection(a, x.name) is None, timeout=10, message="A forgot X")
+    minted = mint_with_node_ca(x.root, x.name, tmp_path / "minted", same_key=True)
+    tries = [_peer_cert_dir(x, a), minted, x.root / "keys",
+             *[d for d in stock.values() if d is not None]]
+    for cert_dir in tries:
+        kind, detail = dial_outcome(a.repl_url + "/data", client_context(cert_dir))
+        assert (kind, detail) == ("closed", 1008), (cert_dir.name, kind, detail)
+        answer = node_request(a.repl_url, {"type": "join", "node": x.name, "url": x.repl_url,
+                                           "subscriptions": None, "nodes": []},
+                              client_context(cert_dir))
+        assert "error" in answer, answer
+    assert x.name not in {r["name"] for r in hdb_nodes(a)}
+
+
+# ---------------------------------------------------------------- 3. impersonation
+
+class FakeServer:
+    """A TLS WebSocket server on a stopped node's port, with a forged certificate.
+    Records every frame a client sends it."""
+
+    def __init__(self, sock: Any, cert_dir: Path) -> None:
+        self.frames: list[bytes] = []
+        self.connections = 0
+        self._sock = sock.dup()
+        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._ctx.load_cert_chain(cert_dir / "node.pem", cert_dir / "node.key")
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Future[None] | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def handler(ws: Any) -> None:
+            self.connections += 1
+            with contextlib.suppress(ConnectionClosed):
+                async for frame in ws:
+                    self.frames.append(frame)
+
+        async def main() -> None:
+            self._stop = self._loop.create_future()
+            self._sock.setblocking(False)
+            async with serve(handler, sock=self._sock, ssl=self._ctx,
+                             subprotocols=[SUBPROTOCOL]):  # type: ignore[list-item]
+                self._ready.set()
+                await self._stop
+
+        self._loop.run_until_complete(main())
+
+    def close(self) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set_result, None)
+        self._thread.join(10)
+
+
+def _last_errors(node: Any, peer: str) -> list[str]:
+    conn = connection(node, peer)
+    return [s.get("last_error") or "" for s in (conn or {}).get("database_sockets", [])]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("forger", ["peer_ca", "gossiped_ca"])
+def test_no_peer_can_impersonate_another_peers_server(node_factory, tmp_path, forger):
+    """X, a peer of A, takes over B's address with a certificate named B that X made:
+    signed by X's own CA, or by a fake CA X gossiped to A in a ``mesh`` request (with a
+    fake row for B and a new node). A never talks to the impostor, and the gossip neither
+    replaces B's row nor lets the fake CA vouch for B."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    x = node_factory("node-x")
+    join(a, b)
+    join(a, x)
+    wait_linked([(a, b), (a, x), (x, a)])
+    b_row = _row(a, b.name)
+    if forger == "peer_ca":
+        forged = mint_with_node_ca(x.root, b.name, tmp_path / "forged")
+    else:
+        fake_key, fake_ca = new_ca("mallory CA")
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        fake_pem = fake_ca.public_bytes(Encoding.PEM).decode()
+        answer = node_request(a.repl_url, {"type": "mesh", "nodes": [
+            {"name": b.name, "url": "wss://127.0.0.1:1", "ca": fake_pem},
+            {"name": "ghost", "url": "wss://127.0.0.1:2", "ca": fake_pem},
+        ]}, client_context(x.root / "keys"))
+        assert answer.get("ok"), answer
+        forged = mint(fake_key, fake_ca, b.name, tmp_path / "forged")
+        after = _row(a, b.name)
+        assert (after["url"], after["ca"], after.get("pin")) == (
+            b_row["url"], b_row["ca"], b_row.get("pin"))
+    b.stop()
+    fake = FakeServer(b.repl_sock, forged)
+    try:
+        # Restart A's links to B now rather than after their reconnect backoff.
+        a.call("pause_replication", hostname=b.name)
+        a.call("resume_replication", hostname=b.name)
+        wait_for(lambda: fake.connections > 0 and any(
+            "pinned" in e or "not issued by its CA" in e for e in _last_errors(a, b.name)),
+            timeout=30, message="A refusing the impostor at B's address")
+        assert fake.frames == [], "A sent replication frames to the impostor"
+    finally:
+        fake.close()
+    # The forged certificate does not open a socket to A as B either.
+    kind, detail = dial_outcome(a.repl_url + "/system", client_context(forged))
+    assert (kind, detail) in {("closed", 1008)} or kind == "refused", (kind, detail)
+
+
+@pytest.mark.timeout(120)
+def test_revocation_stops_reads_through_every_socket(node_factory):
+    """After A revokes B, A's writes stop reaching B and A no longer pulls from B."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="dog", primary_key="id")
+    join(a, b)
+    wait_linked([(b, a), (a, b)], ("system", "data"))
+    presented = serial_hex(load_cert(b.root / "keys" / "node.pem"))
+    a.call("update_node", hostname=b.name, revoked_certificates=[presented])
+    wait_for(lambda: all("revoked" in e for e in _last_errors(a, b.name))
+             and _last_errors(a, b.name), timeout=20, message="A's dials to B refused")
+    a.call("insert", table="dog", records=[{"id": 7}])
+    b.call("insert", table="dog", records=[{"id": 8}])
+    wait_for(lambda: not (connection(b, a.name) or {}).get("database_sockets")
+             or not any(s["connected"] for s in connection(b, a.name)["database_sockets"]),
+             timeout=20, message="B's sockets to A closed")
+    assert by_id(b, "dog", 7) is None
+    assert by_id(a, "dog", 8) is None
+
+
+@pytest.mark.timeout(120)
+def test_removed_node_cannot_come_back_under_another_name(node_factory, tmp_path):
+    """After A removes X, X has B (still its peer) learn a node ``x2`` with X's key and
+    CA; when A hears of ``x2`` from B, it does not take it, and a certificate named
+    ``x2`` that X mints is refused."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    x = node_factory("node-x")
+    a.call("create_table", table="dog", primary_key="id")
+    join(x, a)
+    join(b, a)
+    wait_linked([(x, a), (b, a), (x, b)], ("system",))
+    x_pin = _row(a, x.name).get("pin")
+    a.call("remove_node", hostname=x.name)
+    wait_for(lambda: connection(a, x.name) is None, timeout=10, message="A forgot X")
+    answer = node_request(b.repl_url, {
+        "type": "mesh", "nodes": [{"name": "x2", "url": x.repl_url,
+                                   "ca": (x.root / "keys" / "ca.pem").read_text(),
+                                   **({"pin": x_pin} if x_pin else {})}],
+    }, client_context(x.root / "keys"))
+    assert answer.get("ok"), answer
+    wait_for(lambda: "x2" in {r["name"] for r in hdb_nodes(b)}, timeout=10,
+             message="B learned x2")
+    a.call("update_node", hostname=b.name, replicates=True)  # A hears B's nodes again
+    assert "x2" not in {r["name"] for r in hdb_nodes(a)}
+    minted = mint_with_node_ca(x.root, "x2", tmp_path / "x2", same_key=True)
+    kind, detail = dial_outcome(a.repl_url + "/data", client_context(minted))
+    assert (kind, detail) == ("closed", 1008), (kind, detail)

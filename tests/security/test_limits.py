@@ -1,0 +1,54 @@
+"""The login throttle and the rate limiter over time (a clock the test moves)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harpsync.app import RateLimiter
+from harpsync.auth import LoginThrottle
+from harpsync.errors import TooManyRequestsError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_login_throttle_blocks_until_the_window_passes():
+    clock = Clock()
+    throttle = LoginThrottle(limit=10, window=60, clock=clock)
+    for _ in range(10):
+        throttle.check("10.0.0.1")
+        throttle.failed("10.0.0.1")
+        clock.now += 1
+    with pytest.raises(TooManyRequestsError) as err:
+        throttle.check("10.0.0.1")
+    assert err.value.status == 429 and err.value.headers["Retry-After"] == "50"
+    throttle.check("10.0.0.2")  # another address is not affected
+    clock.now += 49
+    with pytest.raises(TooManyRequestsError):
+        throttle.check("10.0.0.1")
+    clock.now += 1  # the first failure leaves the window
+    throttle.check("10.0.0.1")
+    throttle.failed("10.0.0.1")  # one more failure fills the window again
+    with pytest.raises(TooManyRequestsError):
+        throttle.check("10.0.0.1")
+
+
+def test_rate_limiter_refills_at_the_configured_rate():
+    clock = Clock()
+    limiter = RateLimiter(per_minute=60, burst=2, clock=clock)
+    assert limiter.take("ann")["X-RateLimit-Remaining"] == "1"
+    assert limiter.take("ann")["X-RateLimit-Remaining"] == "0"
+    with pytest.raises(TooManyRequestsError) as err:
+        limiter.take("ann")
+    body = err.value.body()
+    assert body["code"] == "RATE_LIMIT_EXCEEDED" and body["retry_after_seconds"] == 1
+    assert err.value.headers["X-RateLimit-Limit"] == "60"
+    assert limiter.take("bob")["X-RateLimit-Remaining"] == "1"  # per user
+    clock.now += 1  # one token back
+    assert limiter.take("ann")["X-RateLimit-Remaining"] == "0"
+    assert not RateLimiter(per_minute=0, burst=10).enabled  # off by default
