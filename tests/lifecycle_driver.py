@@ -147,6 +147,17 @@ class LifecycleRun:
 
         wait_for(linked, timeout=timeout, interval=0.1, message="every link connected")
 
+    def link_summary(self) -> dict[str, list[str]]:
+        """Per node, each socket as ``peer/database:state`` (for failure messages)."""
+        out: dict[str, list[str]] = {}
+        for i in self.live():
+            status = self.nodes[i].call("cluster_status")
+            out[self.nodes[i].name] = [
+                f"{c['name']}/{s['database']}:{s.get('state')}"
+                + (f"({s['last_error']})" if s.get("last_error") else "")
+                for c in status["connections"] for s in c["database_sockets"]]
+        return out
+
     # -- schema (calm only) ------------------------------------------------------------
     def schema(self, operation: str, db: str, table: str | None = None) -> None:
         assert self.calm(), "schema changes only while every link is up"
@@ -163,8 +174,14 @@ class LifecycleRun:
         self.stats.schema_changes += 1
         getattr(self.model, operation)(db, *([table] if table else []))
         wanted = self.model_schema()
-        wait_for(lambda: all(self.node_schema(n) == wanted for n in self.live()),
-                 timeout=20, interval=0.05, message=f"{operation} {db}.{table} on every node")
+        try:
+            wait_for(lambda: all(self.node_schema(n) == wanted for n in self.live()),
+                     timeout=20, interval=0.05, message=f"{operation} {db}.{table} on every node")
+        except AssertionError as exc:
+            seen = {self.nodes[n].name: sorted(self.node_schema(n) ^ wanted)
+                    for n in self.live()}
+            raise AssertionError(f"{exc}; tables differing from the model per node: {seen}; "
+                                 f"links: {self.link_summary()}") from None
 
     def model_schema(self) -> set[tuple[str, str]]:
         return set(self.model.tables())
@@ -510,7 +527,8 @@ class LifecycleRun:
         try:
             wait_for(done, timeout=timeout, interval=0.25, message="convergence")
         except AssertionError:
-            return last or ["no convergence (a node did not answer)"]
+            return (last or ["no convergence (a node did not answer)"]) + [
+                f"links: {self.link_summary()}"]
         self.stats.convergence_s = time.monotonic() - started
         return []
 
