@@ -20,13 +20,14 @@ from typing import Any
 import httpx
 
 from tests.helpers import ADMIN, ProcessNode, wait_for
-from tests.lifecycle_model import INF, Model, Op
+from tests.lifecycle_model import INF, MARKER, Model, Op, SchemaEvent, markers_of
 from tests.repl_util import CREDS
 
 DATA = "data"
 DATA_TABLES = ("t1", "t2")
-EXTRA_DB = "dbx"
+EXTRA_DB = "dbx"  # created and dropped only while every link is up
 EXTRA_TABLE = "u1"
+TABLES = [(DATA, t) for t in DATA_TABLES] + [(EXTRA_DB, EXTRA_TABLE)]
 PROBE = ("data", "probe")  # never dropped: a node's own key brackets its deletes
 KEYS = 6  # ids per table: few, so writes collide
 FRESH_BASE = 1000  # ids of writes sent while a node dies (written once each)
@@ -59,6 +60,9 @@ class LifecycleRun:
 
     def __init__(self, tmp: Path, settings: Settings) -> None:
         self.settings = settings
+        # Each step draws from its own generator seeded by the master one, so a step
+        # whose course depends on timing does not shift the steps after it.
+        self.master = random.Random(settings.seed)
         self.rng = random.Random(settings.seed)
         self.model = Model()
         self.stats = Stats()
@@ -76,6 +80,8 @@ class LifecycleRun:
         self.narrowed: set[tuple[int, int]] = set()  # (on, peer): subscriptions set
         self.removed: set[tuple[int, int]] = set()  # (on, peer): remove_node called
         self.counter = 0
+        self.tokens = 0
+        self.probe_inc = 0
 
     # -- plumbing ----------------------------------------------------------------------
     def note(self, text: str) -> None:
@@ -120,9 +126,15 @@ class LifecycleRun:
             a.call("add_node", hostname=other.name, url=other.repl_url, verify_tls=False,
                    authorization=CREDS)
         self.wait_links()
-        self.schema("create_table", DATA, PROBE[1])
+        # The probe table first, unbracketed (there is nothing to probe with yet).
+        self.probe_inc = self.model.new_incarnation(*PROBE)
+        self.ok(0, "create_table", database=DATA, table=PROBE[1], primary_key="id",
+                attributes=[{"name": f"{MARKER}{self.probe_inc}"}])
+        self.model.add_event(*PROBE, SchemaEvent("create", 0.0, 0.0, True, self.probe_inc,
+                                                 "probe table"))
+        self.wait_agree("the probe table on every node", lambda t: PROBE in t)
         for table in DATA_TABLES:
-            self.schema("create_table", DATA, table)
+            self.calm_schema("create_table", DATA, table)
 
     def close(self) -> None:
         for node in self.nodes:
@@ -158,60 +170,151 @@ class LifecycleRun:
                 for c in status["connections"] for s in c["database_sockets"]]
         return out
 
-    # -- schema (calm only) ------------------------------------------------------------
-    def schema(self, operation: str, db: str, table: str | None = None) -> None:
-        assert self.calm(), "schema changes only while every link is up"
-        i = self.rng.choice(self.live())
+    # -- markers, probes --------------------------------------------------------------
+    def markers(self, i: int) -> dict[tuple[str, str], set[int]] | None:
+        """Node ``i``'s tables and the incarnation markers in their definitions."""
+        res = self.post(i, "describe_all")
+        if res is None or res.status_code != 200:
+            return None
+        return {(db, t): markers_of(d.get("attributes", []))
+                for db, tables in res.json().items() for t, d in tables.items()}
+
+    def marker(self, i: int, db: str, table: str) -> int | None:
+        """The incarnation node ``i`` has of a table (None: none, or unreadable)."""
+        res = self.post(i, "describe_table", database=db, table=table)
+        if res is None or res.status_code != 200:
+            return None
+        found = markers_of(res.json().get("attributes", []))
+        if len(found) != 1:
+            self.anomalies.append(f"#{self.counter} {db}.{table} on {self.nodes[i].name} "
+                                  f"shows incarnation markers {sorted(found)}")
+            return None
+        return found.pop()
+
+    def probe(self, i: int) -> float | None:
+        """Write node ``i``'s probe key; its version bounds what the node did just
+        before (above) or just after (below)."""
+        before = len(self.model.history(self.probe_inc, i))
+        self.put(i, *PROBE, i, "upsert")
+        ops = self.model.history(self.probe_inc, i)
+        if len(ops) == before or not ops[-1].exact:
+            return None
+        return ops[-1].lo
+
+    def place(self, rid: Any, op: Op, m1: int | None, m2: int | None) -> None:
+        """Record ``op`` in the incarnation its node had: if the marker changed around
+        it, it may be in either one (or, for a put, superseded): record it as unsure."""
+        if m1 is not None and m1 == m2:
+            self.model.add(m1, rid, op)
+            return
+        for inc in {m1, m2} - {None}:
+            assert inc is not None
+            self.model.add(inc, rid, Op(op.kind, op.record, op.lo, op.hi, False,
+                                        label=op.label + " (incarnation changed)"))
+
+    # -- schema ------------------------------------------------------------------------
+    def schema_op(self, i: int, operation: str, db: str, table: str | None = None) -> bool:
+        """One create/drop on node ``i``, bracketed by probe writes; True if acked."""
+        node = self.nodes[i].name
+        label = f"#{self.counter} {operation} {db}.{table or ''} on {node}"
+        lo = self.probe(i) or 0.0
         body: dict[str, Any] = {"database": db}
+        number = None
         if table is not None:
             body["table"] = table
         if operation == "create_table":
+            assert table is not None
+            number = self.model.new_incarnation(db, table)
             body["primary_key"] = "id"
-        self.counter += 1
-        self.note(f"{operation} {db}.{table or ''} on {self.nodes[i].name}")
-        if self.ok(i, operation, **body) is None:
-            raise AssertionError(f"schema change failed: {self.anomalies[-1]}")
-        self.stats.schema_changes += 1
-        getattr(self.model, operation)(db, *([table] if table else []))
-        wanted = self.model_schema()
+            body["attributes"] = [{"name": f"{MARKER}{number}"}]
+        res = self.post(i, operation, **body)
+        acked = res is not None and res.status_code == 200
+        if res is not None and res.status_code < 500 and not acked:
+            self.note(f"{label}: refused {res.status_code} {res.text[:120]}")
+            return False
+        hi = self.probe(i) or INF
+        kind = "create" if operation == "create_table" else "drop"
+        tables = [table] if table is not None else [EXTRA_TABLE]  # drop_database: its tables
+        if operation != "create_database":
+            for name in tables:
+                self.model.add_event(db, name, SchemaEvent(kind, lo, hi, acked, number, label))
+        self.stats.schema_changes += acked
+        self.note(f"{label} ({'acked' if acked else 'unknown outcome'}"
+                  f"{f', inc{number}' if number else ''})")
+        return acked
+
+    def agree(self) -> dict[tuple[str, str], set[int]] | None:
+        """Every live node's tables and markers, if they are all the same."""
+        seen = [self.markers(i) for i in self.live()]
+        if any(m is None for m in seen) or any(m != seen[0] for m in seen):
+            return None
+        return seen[0]
+
+    def wait_agree(self, what: str, check: Any = None) -> None:
+        def done() -> bool:
+            tables = self.agree()
+            return tables is not None and (check is None or check(tables))
+
         try:
-            wait_for(lambda: all(self.node_schema(n) == wanted for n in self.live()),
-                     timeout=20, interval=0.05, message=f"{operation} {db}.{table} on every node")
+            wait_for(done, timeout=20, interval=0.05, message=what)
         except AssertionError as exc:
-            seen = {self.nodes[n].name: sorted(self.node_schema(n) ^ wanted)
-                    for n in self.live()}
-            raise AssertionError(f"{exc}; tables differing from the model per node: {seen}; "
+            seen = {self.nodes[i].name: self.markers(i) for i in self.live()}
+            raise AssertionError(f"{exc}; tables per node: {seen}; "
                                  f"links: {self.link_summary()}") from None
 
-    def model_schema(self) -> set[tuple[str, str]]:
-        return set(self.model.tables())
-
-    def node_schema(self, i: int) -> set[tuple[str, str]]:
-        described = self.nodes[i].call("describe_all")
-        return {(db, t) for db, tables in described.items() for t in tables}
+    def calm_schema(self, operation: str, db: str, table: str | None = None) -> None:
+        """A schema change while every link is up, waited for on every node."""
+        assert self.calm(), "calm schema changes need every link up"
+        self.wait_agree("every node to agree on the schema first")
+        i = self.rng.choice(self.live())
+        if not self.schema_op(i, operation, db, table):
+            raise AssertionError(f"schema change refused: {self.stats.log[-1]}")
+        key = (db, table or EXTRA_TABLE)
+        if operation == "create_table":
+            number = self.model.events[key][-1].incarnation
+            self.wait_agree(f"{db}.{table} inc{number} on every node",
+                            lambda t: t.get(key) == {number})
+        elif operation in ("drop_table", "drop_database"):
+            self.wait_agree(f"{operation} {db}.{table or ''} on every node",
+                            lambda t: key not in t)
 
     def schema_step(self) -> None:
+        """Calm: drop and re-create a table, toggle one, or drop/create a database."""
         choice = self.rng.random()
+        tables = self.agree() or {}
         if choice < 0.45:
             table = self.rng.choice(DATA_TABLES)
-            if (DATA, table) in self.model.current:
-                self.schema("drop_table", DATA, table)
-            self.schema("create_table", DATA, table)  # drop + re-create of the same name
+            if (DATA, table) in tables:
+                self.calm_schema("drop_table", DATA, table)
+            self.calm_schema("create_table", DATA, table)  # drop + re-create of the name
         elif choice < 0.6:
             table = self.rng.choice(DATA_TABLES)
-            if (DATA, table) in self.model.current:
-                self.schema("drop_table", DATA, table)
+            if (DATA, table) in tables:
+                self.calm_schema("drop_table", DATA, table)
             else:
-                self.schema("create_table", DATA, table)
-        elif EXTRA_DB in self.model.databases:
-            self.schema("drop_database", EXTRA_DB)
+                self.calm_schema("create_table", DATA, table)
+        elif (EXTRA_DB, EXTRA_TABLE) in tables:
+            self.calm_schema("drop_database", EXTRA_DB)
         else:
-            self.schema("create_database", EXTRA_DB)
-            self.schema("create_table", EXTRA_DB, EXTRA_TABLE)
+            self.calm_schema("create_database", EXTRA_DB)
+            self.calm_schema("create_table", EXTRA_DB, EXTRA_TABLE)
+
+    def racing_schema(self) -> None:
+        """A drop, create or drop + re-create on one node while links may be down:
+        other nodes may write to the old incarnation meanwhile."""
+        i = self.rng.choice(self.live())
+        table = self.rng.choice(DATA_TABLES)
+        current = self.marker(i, DATA, table)
+        if current is not None:
+            self.schema_op(i, "drop_table", DATA, table)
+            if self.rng.random() < 0.5:
+                return
+        self.schema_op(i, "create_table", DATA, table)
 
     # -- data --------------------------------------------------------------------------
     def token(self) -> str:
-        return f"s{self.settings.seed}o{self.counter}"
+        self.tokens += 1
+        return f"s{self.settings.seed}w{self.tokens}"
 
     def read(self, i: int, db: str, table: str, rid: Any) -> tuple[bool, dict[str, Any] | None]:
         """(read worked, the record or None)."""
@@ -222,16 +325,28 @@ class LifecycleRun:
         rows = res.json()
         return True, (rows[0] if rows else None)
 
+    def incarnation_of(self, i: int, db: str, table: str) -> int | None:
+        if (db, table) == PROBE:
+            return self.probe_inc
+        return self.marker(i, db, table)
+
     def put(self, i: int, db: str, table: str, rid: Any, mode: str) -> None:
+        m1 = self.incarnation_of(i, db, table)
+        if m1 is None:
+            self.note(f"{mode} {db}.{table} on {self.nodes[i].name}: no such table there")
+            return
         record = {"id": rid, "v": self.token(), "n": self.nodes[i].name,
                   "x": self.rng.randrange(1000)}
         label = f"#{self.counter} {mode} on {self.nodes[i].name}"
         res = self.post(i, mode, database=db, table=table, records=[record])
+        if res is not None and res.status_code < 500 and res.status_code != 200:
+            self.note(f"{label} {db}.{table} refused: {res.status_code} {res.text[:100]}")
+            return
         if res is None or res.status_code != 200:
             # Unknown outcome: it may have been applied (at any version).
-            self.model.add(db, table, rid, Op("put", record, 0.0, INF, False, label=label))
+            op = Op("put", record, 0.0, INF, False, label=label)
+            self.place(rid, op, m1, self.incarnation_of(i, db, table))
             self.stats.unacked_writes += 1
-            self.note(f"{label} {db}.{table} id={rid} unacked")
             return
         body = res.json()
         written = body.get("inserted_hashes", body.get("update_hashes",
@@ -249,43 +364,39 @@ class LifecycleRun:
             newer = float(row["__updatedtime__"])
             op = Op("put", record, 0.0, math.nextafter(newer, 0.0), True, label=label)
         elif ok:  # superseded by a delete made earlier elsewhere
-            op = Op("put", record, 0.0, self.model.delete_bound(db, table, rid), True,
-                    label=label)
+            op = Op("put", record, 0.0, self.model.delete_bound(m1, rid), True, label=label)
         else:
             op = Op("put", record, 0.0, INF, True, label=label)
-        self.model.add(db, table, rid, op)
+        self.place(rid, op, m1, self.incarnation_of(i, db, table))
         self.note(f"{op.describe()} {db}.{table} id={rid}")
 
-    def probe(self, i: int) -> float:
-        """Write node ``i``'s probe key and return its version (an upper bound)."""
-        ops = self.model.history(*PROBE, i)
-        before = len(ops)
-        self.put(i, *PROBE, i, "upsert")
-        if len(ops) == before or not ops[-1].exact:
-            return INF
-        return ops[-1].lo
-
     def delete(self, i: int, db: str, table: str, rid: Any) -> None:
+        m1 = self.incarnation_of(i, db, table)
+        if m1 is None:
+            return
         label = f"#{self.counter} delete on {self.nodes[i].name}"
         # A delete observes the version it removes, so it is newer than that one.
         ok, row = self.read(i, db, table, rid)
         lo = float(row["__updatedtime__"]) if ok and row is not None else 0.0
         res = self.post(i, "delete", database=db, table=table, ids=[rid])
+        if res is not None and res.status_code < 500 and res.status_code != 200:
+            return
         if res is None or res.status_code != 200:
-            self.model.add(db, table, rid, Op("delete", None, lo, INF, False, label=label))
-            self.note(f"{label} {db}.{table} id={rid} unacked")
+            self.place(rid, Op("delete", None, lo, INF, False, label=label), m1,
+                       self.incarnation_of(i, db, table))
             return
         if rid not in res.json().get("deleted_hashes", []):
             self.note(f"{label} {db}.{table} id={rid} skipped (not present there)")
             return
         self.stats.acked_writes += 1
-        hi = self.probe(i)
-        op = self.model.add(db, table, rid, Op("delete", None, lo, hi, True, label=label))
+        hi = self.probe(i) or INF
+        op = Op("delete", None, lo, hi, True, label=label)
+        self.place(rid, op, m1, self.incarnation_of(i, db, table))
         self.note(f"{op.describe()} {db}.{table} id={rid}")
 
     def data_step(self) -> None:
         i = self.rng.choice(self.live())
-        db, table = self.rng.choice([t for t in self.model.tables() if t != PROBE])
+        db, table = self.rng.choice(TABLES)
         rid = self.rng.randrange(KEYS)
         roll = self.rng.random()
         if roll < 0.5:
@@ -302,19 +413,21 @@ class LifecycleRun:
         return [(i, j) for i in range(3) for j in range(3) if i != j]
 
     def kill(self, i: int) -> None:
-        """SIGKILL node ``i`` while a second thread writes fresh keys to it."""
-        db, table = self.rng.choice([t for t in self.model.tables() if t != PROBE])
+        """SIGKILL node ``i`` while a second thread writes fresh keys to it (in the
+        probe table, whose one incarnation is sure)."""
+        db, table = PROBE
         results: list[tuple[dict[str, Any], bool]] = []
         sent = threading.Event()
         stop = threading.Event()
         node = self.nodes[i]
         base = FRESH_BASE + 100 * self.counter
+        prefix = self.token()
 
         def writer() -> None:
             with httpx.Client(timeout=10) as client:
                 n = 0
                 while not stop.is_set() and n < 100:
-                    record = {"id": base + n, "v": f"{self.token()}k{n}", "n": node.name,
+                    record = {"id": base + n, "v": f"{prefix}k{n}", "n": node.name,
                               "x": n}
                     n += 1
                     try:
@@ -340,8 +453,8 @@ class LifecycleRun:
         for record, acked in results:
             state = "acked" if acked else "unacked"
             label = f"#{self.counter} in-flight upsert on {node.name} ({state})"
-            self.model.add(db, table, record["id"], Op("put", record, 0.0, INF, acked,
-                                                       label=label))
+            self.model.add(self.probe_inc, record["id"], Op("put", record, 0.0, INF, acked,
+                                                            label=label))
             if acked:
                 self.stats.acked_writes += 1
             else:
@@ -361,7 +474,7 @@ class LifecycleRun:
             options += ["kill", "restart"]
         if len(self.live()) < 3:
             options += ["start"]
-        options += ["pause", "narrow", "remove", "wait_prune"]
+        options += ["pause", "narrow", "remove", "wait_prune", "schema"]
         if self.paused:
             options.append("resume")
         if self.narrowed:
@@ -383,7 +496,7 @@ class LifecycleRun:
             self.start_node(next(i for i in range(3) if not self.up[i]))
         elif action == "pause":
             i, j = self.rng.choice([(i, j) for i, j in self.pairs() if i in live])
-            db = self.rng.choice([None, DATA])
+            db = self.rng.choice([None, DATA, "system"])
             body: dict[str, Any] = {"hostname": self.nodes[j].name}
             if db:
                 body["database"] = db
@@ -425,6 +538,8 @@ class LifecycleRun:
             i, j = sorted(self.removed)[0]
             if self.up[i] and self.up[j]:
                 self.readd(i, j)
+        elif action == "schema":
+            self.racing_schema()
         elif action == "wait_prune":
             # Longer than the log's retention: a stopped or paused link may now need a
             # full copy. Polling a clock, not a condition of the product, by design.
@@ -472,46 +587,57 @@ class LifecycleRun:
         for _round in range(self.settings.rounds):
             for _ in range(self.settings.steps):
                 self.counter += 1
+                self.rng = random.Random(self.master.getrandbits(64))
                 if self.rng.random() < 0.22:
                     self.disturb()
                 else:
                     self.data_step()
             self.heal()
-            for _ in range(self.rng.randrange(1, 3)):
+            for _ in range(self.master.randrange(1, 3)):
                 self.counter += 1
+                self.rng = random.Random(self.master.getrandbits(64))
                 self.schema_step()
+            self.wait_agree("every node to agree on the schema")
             for _ in range(4):
                 self.counter += 1
+                self.rng = random.Random(self.master.getrandbits(64))
                 self.data_step()
         self.heal()
 
     # -- the check ---------------------------------------------------------------------
-    def snapshot(self, i: int) -> dict[tuple[str, str], list[dict[str, Any]]]:
-        out = {}
-        for db, table in sorted(self.node_schema(i)):
-            rows = self.nodes[i].call(
+    def snapshot(self, i: int) -> tuple[dict[tuple[str, str], set[int]],
+                                        dict[tuple[str, str], list[dict[str, Any]]]]:
+        """Node ``i``'s tables with their markers, and every table's rows."""
+        tables = self.markers(i)
+        if tables is None:
+            raise AssertionError(f"{self.nodes[i].name} did not answer describe_all")
+        rows = {}
+        for db, table in sorted(tables):
+            found = self.nodes[i].call(
                 "search_by_conditions", database=db, table=table, get_attributes=["*"],
                 conditions=[{"attribute": "id", "comparator": "greater_than_equal",
                              "value": 0}])
-            out[(db, table)] = sorted(rows, key=lambda r: r["id"])
-        return out
+            rows[(db, table)] = sorted(found, key=lambda r: r["id"])
+        return tables, rows
 
     def problems(self) -> list[str]:
         """Everything that differs from the model or between nodes (empty = converged)."""
         problems: list[str] = []
         snaps = [self.snapshot(i) for i in range(3)]
-        wanted = self.model_schema()
-        for i, snap in enumerate(snaps):
+        for i, (tables, rows) in enumerate(snaps):
             name = self.nodes[i].name
-            if set(snap) != wanted:
-                problems.append(f"{name}: tables {sorted(snap)} != model {sorted(wanted)}")
-            for db, table in sorted(set(snap) & wanted):
-                problems += [f"{name}: {p}" for p in
-                             self.model.check_table(db, table, snap[(db, table)])]
+            problems += [f"{name}: {p}" for p in self.model.check_schema(tables)]
+            for key, markers in sorted(tables.items()):
+                if len(markers) == 1 and min(markers) in self.model.incarnations:
+                    problems += [f"{name}: {p}" for p in
+                                 self.model.check_rows(min(markers), rows[key])]
         for i in (1, 2):
-            for key in sorted(set(snaps[0]) | set(snaps[i])):
-                if snaps[0].get(key) != snaps[i].get(key):
-                    problems.append(f"{key[0]}.{key[1]} differs between "
+            if snaps[i][0] != snaps[0][0]:
+                problems.append(f"tables differ between {self.nodes[0].name} "
+                                f"({snaps[0][0]}) and {self.nodes[i].name} ({snaps[i][0]})")
+            for key in sorted(set(snaps[0][1]) | set(snaps[i][1])):
+                if snaps[0][1].get(key) != snaps[i][1].get(key):
+                    problems.append(f"{key[0]}.{key[1]} rows differ between "
                                     f"{self.nodes[0].name} and {self.nodes[i].name}")
         return problems
 

@@ -1,22 +1,24 @@
-"""Reference model for the randomized lifecycle test (pure Python, no I/O).
+"""Reference model for the randomized lifecycle and partition tests (pure Python).
 
 It records what the test was told (acknowledged operations) and what it may only
-suspect (writes in flight when a node died, requests that failed), and computes, for
-every key, the set of final states last-writer-wins allows.
+suspect (writes in flight when a node died, requests whose outcome is unknown), and
+computes the final states that last-writer-wins and the drop rule (SPEC.md) allow.
 
-Versions: a write's version is known exactly when the test read its own value back
-(``__updatedtime__`` = version / 65536, a float that may merge versions a few counter
-steps apart, so equal floats count as a tie and either side may win). A delete's
-version is only known to lie in an interval: above the version of what it deleted
-(and of every earlier version the node issued), below a probe write made on the same
-node right after it. An operation ``X`` can be the final state of its key iff no
-acknowledged operation ``Y`` is surely newer: ``lo(Y) <= hi(X)`` for every such ``Y``.
+Versions. A write's version is known exactly when the test read its own value back
+(``__updatedtime__`` = version / 65536, a float that can merge versions a few counter
+steps apart, so equal floats count as a tie and either side may win). Otherwise it is
+known to lie in an interval: a delete is newer than the version it removed and older
+than a probe write made on the same node right after it; a schema change lies between
+two probe writes made on its node just before and after it. An event ``X`` can be the
+newest of its history iff no acknowledged event ``Y`` is surely newer:
+``lo(Y) <= hi(X)`` for every acknowledged ``Y``.
 
-Schema (SPEC.md, the drop rule): every create of a table makes a new incarnation;
-writes belong to the incarnation the writing node had; only writes to the final
-incarnation survive, and a table exists iff its newest create/drop is a create. The
-generator only changes schema while every link is up and waits until every node shows
-the change, so the incarnation of each later write is the model's current one.
+Schema. Every ``create_table`` makes a new incarnation, numbered by the test and
+recognisable on every node by a marker attribute ``inc<number>`` in its definition.
+A write belongs to the incarnation its node had (the test reads the marker before and
+after the write). The final state of a table name is decided by the newest of its
+creates and drops; if that is a create, the table holds the last-writer-wins merge of
+the writes to that incarnation only.
 """
 
 from __future__ import annotations
@@ -24,13 +26,20 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 INF = math.inf
+MARKER = "inc"  # incarnation marker attribute prefix: inc<number>
 # Attributes the model does not predict (kept from whatever the writing node had).
 UNPREDICTED = ("__createdtime__",)
 
 TableKey = tuple[str, str]  # (database, table)
+
+
+class Versioned(Protocol):
+    lo: float
+    hi: float
+    acked: bool
 
 
 @dataclass
@@ -53,92 +62,134 @@ class Op:
 
 
 @dataclass
+class SchemaEvent:
+    """A create (with its incarnation number) or a drop of one table name."""
+
+    kind: str  # "create" or "drop"
+    lo: float
+    hi: float
+    acked: bool
+    incarnation: int | None = None
+    label: str = ""
+
+    def describe(self) -> str:
+        what = f"create inc{self.incarnation}" if self.kind == "create" else "drop"
+        state = "acked" if self.acked else "unacked"
+        return f"{self.label}: {what} (v in [{self.lo!r}, {self.hi!r}], {state})"
+
+
+@dataclass
 class Incarnation:
     """One create of a table and the writes made to it, per primary key."""
 
     number: int
+    table: TableKey
     keys: dict[Any, list[Op]] = field(default_factory=dict)
 
 
+def possible_winners(events: list[Any]) -> list[Any]:
+    """The events of one history that may be its newest."""
+    return [x for x in events
+            if all(y is x or not y.acked or y.lo <= x.hi for y in events)]
+
+
+def markers_of(attributes: list[dict[str, Any]]) -> set[int]:
+    """Incarnation numbers named by a describe_table ``attributes`` list."""
+    found = set()
+    for attr in attributes:
+        name = str(attr.get("attribute", ""))
+        if name.startswith(MARKER) and name[len(MARKER):].isdigit():
+            found.add(int(name[len(MARKER):]))
+    return found
+
+
 class Model:
-    """Schema events and data operations, in acknowledgement order."""
+    """Schema events and data operations of one run."""
 
     def __init__(self) -> None:
-        self.databases: set[str] = set()
-        self.current: dict[TableKey, Incarnation] = {}  # tables that exist now
-        self._numbers = 0
+        self.incarnations: dict[int, Incarnation] = {}
+        self.events: dict[TableKey, list[SchemaEvent]] = {}
 
     # -- schema ----------------------------------------------------------------------
-    def create_database(self, db: str) -> None:
-        self.databases.add(db)
+    def new_incarnation(self, db: str, table: str) -> int:
+        number = len(self.incarnations) + 1
+        self.incarnations[number] = Incarnation(number, (db, table))
+        return number
 
-    def drop_database(self, db: str) -> None:
-        self.databases.discard(db)
-        for key in [k for k in self.current if k[0] == db]:
-            del self.current[key]
+    def add_event(self, db: str, table: str, event: SchemaEvent) -> SchemaEvent:
+        self.events.setdefault((db, table), []).append(event)
+        return event
 
-    def create_table(self, db: str, table: str) -> None:
-        self.databases.add(db)
-        self._numbers += 1
-        self.current[(db, table)] = Incarnation(self._numbers)
+    def allowed_tables(self, db: str, table: str) -> tuple[bool, set[int]]:
+        """(absent allowed, incarnations that may be the final one) for a table name."""
+        events = self.events.get((db, table), [])
+        winners = possible_winners(events)
+        absent = (not any(e.acked for e in events)
+                  or any(e.kind == "drop" for e in winners))
+        return absent, {e.incarnation for e in winners if e.kind == "create"
+                        and e.incarnation is not None}
 
-    def drop_table(self, db: str, table: str) -> None:
-        self.current.pop((db, table), None)
-
-    def tables(self) -> list[TableKey]:
-        return sorted(self.current)
+    def table_names(self) -> list[TableKey]:
+        return sorted(self.events)
 
     # -- data ------------------------------------------------------------------------
-    def history(self, db: str, table: str, rid: Any) -> list[Op]:
-        return self.current[(db, table)].keys.setdefault(rid, [])
+    def history(self, incarnation: int, rid: Any) -> list[Op]:
+        return self.incarnations[incarnation].keys.setdefault(rid, [])
 
-    def add(self, db: str, table: str, rid: Any, op: Op) -> Op:
-        self.history(db, table, rid).append(op)
+    def add(self, incarnation: int, rid: Any, op: Op) -> Op:
+        self.history(incarnation, rid).append(op)
         return op
 
-    def delete_bound(self, db: str, table: str, rid: Any) -> float:
+    def delete_bound(self, incarnation: int, rid: Any) -> float:
         """An upper bound for a delete that superseded a write read back as absent."""
-        deletes = [op.hi for op in self.history(db, table, rid) if op.kind == "delete"]
+        deletes = [op.hi for op in self.history(incarnation, rid) if op.kind == "delete"]
         return max(deletes) if deletes else INF
 
     # -- outcomes --------------------------------------------------------------------
     @staticmethod
-    def possible_winners(ops: list[Op]) -> list[Op]:
-        """The operations that may be the newest of a key's history."""
-        winners = []
-        for x in ops:
-            if all(y is x or not y.acked or y.lo <= x.hi for y in ops):
-                winners.append(x)
-        return winners
-
-    def allowed(self, ops: list[Op]) -> tuple[bool, list[Op]]:
+    def allowed(ops: list[Op]) -> tuple[bool, list[Op]]:
         """(absent allowed, puts that may be the final value) for one key."""
-        winners = self.possible_winners(ops)
+        winners = possible_winners(ops)
         absent = (not any(op.acked for op in ops)
                   or any(op.kind == "delete" for op in winners))
         return absent, [op for op in winners if op.kind == "put"]
 
-    def check_table(self, db: str, table: str,
-                    rows: list[dict[str, Any]]) -> list[str]:
-        """Differences between one node's rows of a table and the allowed outcomes."""
+    def check_schema(self, tables: dict[TableKey, set[int]]) -> list[str]:
+        """Differences between one node's tables (name -> markers) and the model."""
+        problems = []
+        for key in sorted(set(tables) | set(self.events)):
+            absent_ok, allowed = self.allowed_tables(*key)
+            history = "; ".join(e.describe() for e in self.events.get(key, [])) or "none"
+            markers = tables.get(key)
+            if markers is None:
+                if not absent_ok:
+                    problems.append(f"{key[0]}.{key[1]}: missing; expected incarnation "
+                                    f"{sorted(allowed)}; history: {history}")
+            elif len(markers) != 1 or not markers <= allowed:
+                problems.append(f"{key[0]}.{key[1]}: has incarnation {sorted(markers)}; "
+                                f"allowed: {'absent, ' if absent_ok else ''}"
+                                f"{sorted(allowed)}; history: {history}")
+        return problems
+
+    def check_rows(self, incarnation: int, rows: list[dict[str, Any]]) -> list[str]:
+        """Differences between one node's rows of an incarnation and the allowed ones."""
         problems: list[str] = []
-        inc = self.current[(db, table)]
+        inc = self.incarnations[incarnation]
+        where = f"{inc.table[0]}.{inc.table[1]} (inc{incarnation})"
         found = {row["id"]: row for row in rows}
         for rid in sorted(set(found) | set(inc.keys), key=repr):
             ops = inc.keys.get(rid, [])
             absent_ok, puts = self.allowed(ops)
+            history = "; ".join(op.describe() for op in ops) or "none"
             row = found.get(rid)
             if row is None:
                 if not absent_ok:
-                    problems.append(f"{db}.{table} id={rid!r}: missing; expected one of "
-                                    f"{[op.label for op in puts]}; history: "
-                                    + "; ".join(op.describe() for op in ops))
-                continue
-            if not any(_matches(row, op) for op in puts):
-                problems.append(f"{db}.{table} id={rid!r}: holds {_short(row)}; allowed: "
+                    problems.append(f"{where} id={rid!r}: missing; expected one of "
+                                    f"{[op.label for op in puts]}; history: {history}")
+            elif not any(_matches(row, op) for op in puts):
+                problems.append(f"{where} id={rid!r}: holds {_short(row)}; allowed: "
                                 + ("absent, " if absent_ok else "")
-                                + f"{[op.label for op in puts]}; history: "
-                                + ("; ".join(op.describe() for op in ops) or "none"))
+                                + f"{[op.label for op in puts]}; history: {history}")
         return problems
 
 
@@ -154,4 +205,5 @@ def _short(row: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in row.items() if k not in UNPREDICTED}, sort_keys=True)
 
 
-__all__ = ["INF", "Incarnation", "Model", "Op"]
+__all__ = ["INF", "MARKER", "Incarnation", "Model", "Op", "SchemaEvent", "markers_of",
+           "possible_winners"]

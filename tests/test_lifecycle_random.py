@@ -62,7 +62,7 @@ def test_lifecycle_converges_to_model(lifecycle_seed: int, tmp_path: Path,
     finally:
         run.close()
     stats = run.stats
-    print(f"\nlifecycle seed={lifecycle_seed}: requests={stats.operations} "
+    print(f"\nlifecycle seed={lifecycle_seed}: steps={run.counter} requests={stats.operations} "
           f"acked_writes={stats.acked_writes} unacked_writes={stats.unacked_writes} "
           f"schema_changes={stats.schema_changes} disturbances={stats.disturbances} "
           f"kills={stats.kills} restarts={stats.restarts} "
