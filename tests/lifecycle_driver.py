@@ -390,7 +390,8 @@ class LifecycleRun:
             return
         self.stats.acked_writes += 1
         hi = self.probe(i) or INF
-        op = Op("delete", None, lo, hi, True, label=label)
+        op = Op("delete", None, lo, hi, True, label=label,
+                supersedes=row.get("v") if row is not None else None)
         self.place(rid, op, m1, self.incarnation_of(i, db, table))
         self.note(f"{op.describe()} {db}.{table} id={rid}")
 

@@ -53,6 +53,7 @@ class Op:
     acked: bool  # acknowledged: it happened (else it may or may not have)
     exact: bool = False  # lo == hi is the version read back
     label: str = ""  # for failure messages: "#17 upsert on node-b"
+    supersedes: str | None = None  # a delete: the ``v`` of the row it removed (older)
 
     def describe(self) -> str:
         rng = f"v={self.lo!r}" if self.exact else f"v in [{self.lo!r}, {self.hi!r}]"
@@ -87,10 +88,19 @@ class Incarnation:
     keys: dict[Any, list[Op]] = field(default_factory=dict)
 
 
+def _surely_newer(y: Any, x: Any) -> bool:
+    if y is x or not y.acked:
+        return False
+    if y.lo > x.hi:
+        return True
+    # A delete is newer than the row it removed, even when their floats are equal.
+    record = getattr(x, "record", None)
+    return bool(getattr(y, "supersedes", None) and record and y.supersedes == record.get("v"))
+
+
 def possible_winners(events: list[Any]) -> list[Any]:
     """The events of one history that may be its newest."""
-    return [x for x in events
-            if all(y is x or not y.acked or y.lo <= x.hi for y in events)]
+    return [x for x in events if not any(_surely_newer(y, x) for y in events)]
 
 
 def markers_of(attributes: list[dict[str, Any]]) -> set[int]:
