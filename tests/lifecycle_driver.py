@@ -263,20 +263,17 @@ class LifecycleRun:
                                  f"links: {self.link_summary()}") from None
 
     def calm_schema(self, operation: str, db: str, table: str | None = None) -> None:
-        """A schema change while every link is up, waited for on every node."""
+        """A schema change while every link is up, then a wait until every node shows
+        the same tables (any state: convergence is what is waited for)."""
         assert self.calm(), "calm schema changes need every link up"
         self.wait_agree("every node to agree on the schema first")
         i = self.rng.choice(self.live())
         if not self.schema_op(i, operation, db, table):
             raise AssertionError(f"schema change refused: {self.stats.log[-1]}")
-        key = (db, table or EXTRA_TABLE)
-        if operation == "create_table":
-            number = self.model.events[key][-1].incarnation
-            self.wait_agree(f"{db}.{table} inc{number} on every node",
-                            lambda t: t.get(key) == {number})
-        elif operation in ("drop_table", "drop_database"):
-            self.wait_agree(f"{operation} {db}.{table or ''} on every node",
-                            lambda t: key not in t)
+        # Wait until every node shows the same tables again. Not necessarily this
+        # change: a drop made on a skewed clock during a partition may be newer, and
+        # the final check judges the outcome against the model.
+        self.wait_agree(f"every node to agree after {operation} {db}.{table or ''}")
 
     def schema_step(self) -> None:
         """Calm: drop and re-create a table, toggle one, or drop/create a database."""
@@ -554,7 +551,15 @@ class LifecycleRun:
         if db:
             body["database"] = db
         if self.up[i]:
-            self.ok(i, "resume_replication", **body)
+            res = self.post(i, "resume_replication", **body)
+            if res is not None and res.status_code == 400 and "no replication link" in res.text:
+                # A subscription change since the pause removed that link: nothing to do.
+                self.note(f"resume {self.nodes[i].name} <- {self.nodes[j].name} {db}: "
+                          f"{res.text[:100]}")
+            elif res is None or res.status_code != 200:
+                self.anomalies.append(f"#{self.counter} resume_replication {body} on "
+                                      f"{self.nodes[i].name}: "
+                                      f"{None if res is None else (res.status_code, res.text)}")
         self.paused.discard((i, j, db))
         self.note(f"{self.nodes[i].name} resumed {self.nodes[j].name} {db}")
 
