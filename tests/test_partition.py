@@ -89,9 +89,11 @@ class Writer:
     """A client thread writing to one node: upserts of the shared keys (read back for
     their version) and inserts of its own fresh keys; every outcome goes to the model."""
 
-    def __init__(self, node: NetnsNode, model: Model, lock: threading.Lock, seed: int) -> None:
+    def __init__(self, node: NetnsNode, model: Model, inc: int, lock: threading.Lock,
+                 seed: int) -> None:
         self.node = node
         self.model = model
+        self.inc = inc
         self.lock = lock
         self.rng = random.Random(seed)
         self.acked = 0
@@ -114,7 +116,7 @@ class Writer:
 
     def _add(self, rid: Any, op: Op) -> None:
         with self.lock:
-            self.model.add(DB, TABLE, rid, op)
+            self.model.add(self.inc, rid, op)
         if op.acked:
             self.acked += 1
         else:
@@ -190,8 +192,8 @@ def test_partitions_converge_to_last_writer_wins(lab: NetLab, mesh: list[NetnsNo
                                  "table": TABLE}).status_code == 200 for n in mesh),
              timeout=20, message="the table on every node")
     model, lock = Model(), threading.Lock()
-    model.create_table(DB, TABLE)
-    writers = [Writer(node, model, lock, SEED * 10 + i) for i, node in enumerate(mesh)]
+    inc = model.new_incarnation(DB, TABLE)
+    writers = [Writer(node, model, inc, lock, SEED * 10 + i) for i, node in enumerate(mesh)]
     steps: list[str] = []
     started = time.monotonic()
     for writer in writers:
@@ -248,7 +250,7 @@ def test_partitions_converge_to_last_writer_wins(lab: NetLab, mesh: list[NetnsNo
         snaps = [rows_of(n) for n in mesh]
         last = [f"{mesh[i].name} differs from {a.name}" for i in (1, 2) if snaps[i] != snaps[0]]
         last += [f"{n.name}: {p}" for n, s in zip(mesh, snaps, strict=True)
-                 for p in model.check_table(DB, TABLE, s)]
+                 for p in model.check_rows(inc, s)]
         return not last
 
     try:
