@@ -37,12 +37,36 @@ OPS_PORT = 9925
 REPL_PORT = 9933
 
 
+def _install_iproute2() -> str:
+    """On a root Debian/Ubuntu machine without ``ip`` (a fresh CI image), install
+    iproute2 with apt-get; set HARPSYNC_NETNS_INSTALL=0 to forbid it. Returns what
+    happened, for the skip reason if ``ip`` is still missing."""
+    if os.environ.get("HARPSYNC_NETNS_INSTALL") == "0":
+        return "install disabled by HARPSYNC_NETNS_INSTALL=0"
+    if shutil.which("apt-get") is None:
+        return "no apt-get to install it with"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        done = subprocess.run(["apt-get", "install", "-y", "-q", "iproute2"], env=env,
+                              capture_output=True, text=True, timeout=90)
+        if done.returncode != 0:  # a fresh image has no package lists yet
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True,
+                           timeout=90)
+            done = subprocess.run(["apt-get", "install", "-y", "-q", "iproute2"], env=env,
+                                  capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        return "apt-get install iproute2 timed out"
+    return f"apt-get install iproute2 exited {done.returncode}: {done.stderr.strip()[-200:]}"
+
+
 def unavailable_reason() -> str | None:
     """Why namespaces cannot be built here (None if they can)."""
     if os.geteuid() != 0:
         return "network namespaces need root (run as root, as CI does)"
     if shutil.which("ip") is None:
-        return "iproute2's 'ip' is not installed"
+        attempt = _install_iproute2()
+        if shutil.which("ip") is None:
+            return f"iproute2's 'ip' is not installed ({attempt})"
     probe = f"hsprobe{os.getpid() % 100000}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
@@ -183,6 +207,9 @@ class NetLab:
     def slow(self, i: int, j: int) -> str:
         """Slow the link: ``netem delay 50ms`` if the kernel has netem, else a token
         bucket of 256 kbit/s (queueing delay). Returns the qdisc used."""
+        if shutil.which("tc") is None:
+            self.slow_kind = "not slowed: no tc (iproute2) here"
+            return self.slow_kind
         for a, b in self._ends(i, j):
             args = ["tc", "-n", self.namespaces[a], "qdisc", "replace", "dev", self.link(a, b),
                     "root"]
