@@ -166,6 +166,8 @@ class LifecycleRun:
             status = self.nodes[i].call("cluster_status")
             out[self.nodes[i].name] = [
                 f"{c['name']}/{s['database']}:{s.get('state')}"
+                f"[recv={s.get('received_seq')},commit={s.get('committed_seq')},"
+                f"lag={s.get('lag_txns')},sent={s.get('sent_seq')}]"
                 + (f"({s['last_error']})" if s.get("last_error") else "")
                 for c in status["connections"] for s in c["database_sockets"]]
         return out

@@ -68,15 +68,13 @@ def test_lifecycle_converges_to_model(lifecycle_seed: int, tmp_path: Path,
           f"kills={stats.kills} restarts={stats.restarts} "
           f"convergence_s={stats.convergence_s:.2f}")
     failures = problems + [f"unexpected response: {a}" for a in run.anomalies]
-    steps_file = tmp_path / "steps.log"
-    steps_file.write_text("\n".join(stats.log) + "\n")
     if failures:
-        logs = "\n".join(stats.log[-40:])
+        logs = "\n".join(stats.log)
         node_logs = "\n".join(f"  {node.log_path}" for node in run.nodes)
         pytest.fail(
             f"seed {lifecycle_seed} failed ({len(failures)} problems):\n  "
             + "\n  ".join(failures[:25])
-            + f"\nlast steps (all in {steps_file}):\n{logs}\nnode logs:\n{node_logs}\n"
+            + f"\nsteps:\n{logs}\nnode logs:\n{node_logs}\n"
             f"reproduce: .venv/bin/pytest -q -s tests/test_lifecycle_random.py "
             f"--lifecycle-seed={lifecycle_seed} --lifecycle-rounds={rounds}",
             pytrace=False)
