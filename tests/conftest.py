@@ -69,7 +69,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run the randomized lifecycle test with this one seed only; "
                          "env HARPSYNC_LIFECYCLE_SEED")
     group.addoption("--lifecycle-rounds", type=int, default=None,
-                    help="disturbance rounds per lifecycle seed (default 3)")
+                    help="disturbance rounds per lifecycle seed (default 2; 3 for the "
+                         "extra, slow-marked seeds)")
 
 
 __all__ = ["wait_for"]

@@ -474,7 +474,7 @@ class LifecycleRun:
             options += ["kill", "restart"]
         if len(self.live()) < 3:
             options += ["start"]
-        options += ["pause", "narrow", "remove", "wait_prune", "schema"]
+        options += ["pause", "narrow", "remove", "wait_prune", "schema", "schema", "isolate"]
         if self.paused:
             options.append("resume")
         if self.narrowed:
@@ -538,6 +538,18 @@ class LifecycleRun:
             i, j = sorted(self.removed)[0]
             if self.up[i] and self.up[j]:
                 self.readd(i, j)
+        elif action == "isolate":
+            # Pause every link to and from one node: a partition that both sides keep
+            # writing through (and may change the schema through).
+            i = self.rng.choice(live)
+            for j in range(3):
+                if j == i or {i, j} in [set(p) for p in self.removed]:
+                    continue
+                for on, peer in ((i, j), (j, i)):
+                    if self.up[on] and self.ok(on, "pause_replication",
+                                               hostname=self.nodes[peer].name) is not None:
+                        self.paused.add((on, peer, None))
+            self.note(f"isolated {self.nodes[i].name} (paused both ways)")
         elif action == "schema":
             self.racing_schema()
         elif action == "wait_prune":
@@ -596,7 +608,7 @@ class LifecycleRun:
             for _ in range(self.settings.steps):
                 self.counter += 1
                 self.rng = random.Random(self.master.getrandbits(64))
-                if self.rng.random() < 0.22:
+                if self.rng.random() < 0.3:
                     self.disturb()
                 else:
                     self.data_step()

@@ -49,7 +49,8 @@ def test_lifecycle_converges_to_model(lifecycle_seed: int, tmp_path: Path,
     """After any seeded sequence of writes, schema changes and faults, and a full heal,
     every node holds exactly the last-writer-wins result of the acknowledged writes to
     each table's final incarnation, and all nodes hold the same rows."""
-    rounds = request.config.getoption("--lifecycle-rounds") or 3
+    slow = request.node.get_closest_marker("slow") is not None
+    rounds = request.config.getoption("--lifecycle-rounds") or (3 if slow else 2)
     settings = Settings(seed=lifecycle_seed, rounds=rounds,
                         skew_ms=SKEW_MS if lifecycle_seed % 2 else -SKEW_MS)
     run = LifecycleRun(tmp_path, settings)
@@ -67,6 +68,8 @@ def test_lifecycle_converges_to_model(lifecycle_seed: int, tmp_path: Path,
           f"schema_changes={stats.schema_changes} disturbances={stats.disturbances} "
           f"kills={stats.kills} restarts={stats.restarts} "
           f"convergence_s={stats.convergence_s:.2f}")
+    if os.environ.get("HARPSYNC_LIFECYCLE_VERBOSE"):
+        print("\n".join(stats.log))
     failures = problems + [f"unexpected response: {a}" for a in run.anomalies]
     if failures:
         logs = "\n".join(stats.log)
