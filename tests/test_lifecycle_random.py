@@ -79,5 +79,7 @@ def test_lifecycle_converges_to_model(lifecycle_seed: int, tmp_path: Path,
             + "\n  ".join(failures[:25])
             + f"\nsteps:\n{logs}\nnode logs:\n{node_logs}\n"
             f"reproduce: .venv/bin/pytest -q -s tests/test_lifecycle_random.py "
-            f"--lifecycle-seed={lifecycle_seed} --lifecycle-rounds={rounds}",
+            f"--lifecycle-seed={lifecycle_seed} --lifecycle-rounds={rounds}\n"
+            "(the steps are fixed by the seed; replication timing is not, so a rare "
+            "failure may need a few runs; HARPSYNC_LIFECYCLE_VERBOSE=1 prints every step)",
             pytrace=False)
