@@ -16,7 +16,7 @@ import pytest
 
 from tests.lifecycle_driver import LifecycleRun, Settings
 
-DEFAULT_SEEDS = (1, 2)
+DEFAULT_SEEDS = (1, 2, 3)
 SKEW_MS = 3000  # node-c's clock runs ahead (well below replication.maxClockSkew)
 
 
