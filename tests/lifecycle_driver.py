@@ -475,6 +475,8 @@ class LifecycleRun:
         if len(self.live()) < 3:
             options += ["start"]
         options += ["pause", "narrow", "remove", "wait_prune", "schema", "schema", "isolate"]
+        if self.paused:  # a partition is where the drop rule matters most
+            options += ["schema", "schema"]
         if self.paused:
             options.append("resume")
         if self.narrowed:
