@@ -60,4 +60,17 @@ def _all_connected(node: Any, peers: int) -> bool:
                if s["database"] == "system")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("harpsync")
+    group.addoption("--lifecycle-seeds", type=int, default=None,
+                    help="run the randomized lifecycle test with seeds 1..N (marked slow "
+                         "beyond the default ones); env HARPSYNC_LIFECYCLE_SEEDS")
+    group.addoption("--lifecycle-seed", type=int, default=None,
+                    help="run the randomized lifecycle test with this one seed only; "
+                         "env HARPSYNC_LIFECYCLE_SEED")
+    group.addoption("--lifecycle-rounds", type=int, default=None,
+                    help="disturbance rounds per lifecycle seed (default 2; 3 for the "
+                         "extra, slow-marked seeds)")
+
+
 __all__ = ["wait_for"]
