@@ -28,8 +28,8 @@ FIRST_PARTY = {"harpsync", "operations", "schemas"}
 OWNERS: dict[str, tuple[str, ...]] = {
     "msgpack": ("harpsync/codec.py",),
     "lmdb": ("harpsync/storage/",),
-    "cryptography": ("harpsync/security.py",),
-    "ssl": ("harpsync/security.py",),
+    "cryptography": ("harpsync/security/",),
+    "ssl": ("harpsync/security/",),
     "jsonschema": ("harpsync/validation.py",),
     "fastjsonschema": ("harpsync/validation.py",),  # the compiled fast path of validation
     "websockets": ("harpsync/replication/transport.py",),
