@@ -95,11 +95,11 @@ class Replicator:
             self.spawn(self.connect_route(route))
 
     async def stop(self) -> None:
-        for sub in list(self.subscribers.values()):
-            await sub.stop()
-        self.subscribers.clear()
-        for task in list(self._background):
+        for task in list(self._background):  # the relay planner restarts links: first
             task.cancel()
+        for sub in list(self.subscribers.values()):
+            await sub.retire()
+        self.subscribers.clear()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -180,7 +180,7 @@ class Replicator:
             wanted = self._wanted()
             for key in list(self.subscribers):
                 if key not in wanted or key[0] == restart_peer:
-                    await self.subscribers.pop(key).stop()
+                    await self.subscribers.pop(key).retire()
             for key in sorted(wanted):
                 if key not in self.subscribers:
                     sub = Subscriber(self, *key)
@@ -206,7 +206,7 @@ class Replicator:
         """Stop every link from ``name`` and wait for their in-flight writes (call with
         the reconcile lock held, so nothing restarts them meanwhile)."""
         for key in [k for k in self.subscribers if k[0] == name]:
-            await self.subscribers.pop(key).stop()
+            await self.subscribers.pop(key).retire()
 
     def _on_database_event(self, _event: str, _name: str) -> None:
         self.loop.call_soon_threadsafe(lambda: self.spawn(self.reconcile()))
@@ -535,8 +535,9 @@ class Replicator:
         """Stop receiving from ``peer``; the committed cursor is kept."""
         subs = self.links_of(peer, database)
         for sub in subs:
+            sub.paused = True  # first: a relay hand-over restarts only unpaused links
             await sub.stop()
-            sub.paused, sub.state = True, "paused"
+            sub.state = "paused"
         return [s.database for s in subs]
 
     async def resume(self, peer: str, database: str | None) -> list[str]:
@@ -554,6 +555,7 @@ class Replicator:
         than ``from_version``) and stream again; applying twice is harmless."""
         subs = self.links_of(peer, database)
         for sub in subs:
+            sub.paused = True  # held while the cursor is rewound (no restart meanwhile)
             await sub.stop()
             try:
                 db = self.storage.databases[sub.database]

@@ -137,6 +137,7 @@ class Subscriber:
         self.latency_ms: float | None = None
         self.copy_progress: dict[str, int] | None = None
         self.paused = False
+        self.retired = False
         self.replay_floor = 0
         self.copy_snapshot = 0
         self._task: asyncio.Task[None] | None = None
@@ -160,7 +161,16 @@ class Subscriber:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
+        """Run the link (once: a running or retired link is left as it is)."""
+        if self.retired or (self._task is not None and not self._task.done()):
+            return
         self._task = asyncio.create_task(self._run(), name=f"sub-{self.peer}-{self.database}")
+
+    async def retire(self) -> None:
+        """Stop for good: the link was removed, and nothing (a relay hand-over, a
+        restart) may start it again."""
+        self.retired = True
+        await self.stop()
 
     async def stop(self) -> None:
         """Stop the link and wait until no write of it is left in the writer: after
@@ -474,7 +484,7 @@ class Subscriber:
         """Reconnect (to subscribe again with new origins), unless paused."""
         await self.stop()
         if not self.paused:
-            self.start()
+            self.start()  # a no-op once retired
 
     # -- status ------------------------------------------------------------------------
     def lag_txns(self) -> int:
