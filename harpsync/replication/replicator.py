@@ -514,11 +514,16 @@ class Replicator:
 
     async def drop_inbound(self, name: str, reason: str) -> None:
         """Close the sockets ``name`` opened to this node; it reconnects if still allowed."""
-        for key, pubs in list(self.publishers.items()):
-            if key[0] == name:
-                for pub in list(pubs):
-                    with contextlib.suppress(Exception):
-                        await pub.link.close(1000, reason)
+        links = [pub.link for key, pubs in list(self.publishers.items()) if key[0] == name
+                 for pub in list(pubs)]
+
+        async def close(link: Link) -> None:
+            with contextlib.suppress(Exception):
+                await link.close(1000, reason)
+
+        # Together: each close may wait for the peer's close frame (close_timeout), and
+        # an operation such as set_node_replication waits for all of them.
+        await asyncio.gather(*(close(link) for link in links))
 
     # -- operator controls: pause, resume, replay --------------------------------------
     def links_of(self, peer: str, database: str | None) -> list[Subscriber]:
