@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
         "maxClockSkew": 60_000,
         "pingInterval": 1_000,
         "retentionInterval": "10s",
-        "compression": "zstd",
+        "compression": "auto",
         "maxConnections": 1024,
         "maxPendingPerAddress": 32,
     },
@@ -181,8 +181,8 @@ class Config:
         elif not isinstance(routes, list):
             raise ConfigError("replication.routes must be a list")
         compression = self.get("replication.compression")
-        if compression not in ("zstd", "none"):
-            raise ConfigError("replication.compression must be 'zstd' or 'none', "
+        if compression not in ("auto", "zstd", "none"):
+            raise ConfigError("replication.compression must be 'auto', 'zstd' or 'none', "
                               f"got {compression!r}")
         level = self.get("logging.level")
         if not isinstance(level, str) or level.lower() not in _LEVELS:

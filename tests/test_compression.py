@@ -93,9 +93,10 @@ def test_a_decompression_bomb_is_refused() -> None:
 
 @pytest.mark.timeout(120)
 def test_links_report_compression_in_status_and_metrics(node_factory):
-    """Two nodes negotiate zstd by default; a node configured with none does not."""
-    a = node_factory("node-a")
-    b = node_factory("node-b")
+    """Nodes set to zstd negotiate it (on loopback too); a node set to none does not."""
+    zstd = {"REPLICATION_COMPRESSION": "zstd"}
+    a = node_factory("node-a", env=zstd)
+    b = node_factory("node-b", env=zstd)
     c = node_factory("node-c", env={"REPLICATION_COMPRESSION": "none"})
     a.call("create_table", table="t", primary_key="id")
     join(a, b)
@@ -115,3 +116,23 @@ def test_links_report_compression_in_status_and_metrics(node_factory):
     assert on_c.get("compression") is None
     metrics = b.client.get(b.url.rstrip("/") + "/metrics").text
     assert "harpsync_replication_compression_ratio" in metrics
+
+
+@pytest.mark.timeout(60)
+def test_auto_leaves_links_on_this_host_uncompressed(node_factory):
+    """The default (auto) does not compress to a peer on a loopback address."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    join(a, b)
+    wait_linked([(b, a)], ("system",))
+    sock = db_socket(b.call("cluster_status"), "node-a", "system")
+    assert sock is not None and sock.get("compression") is None
+
+
+def test_loopback_urls_are_recognised() -> None:
+    """localhost and 127.0.0.0/8 or ::1 are this host; other names and addresses not."""
+    from harpsync.replication.replicator import is_loopback
+
+    assert is_loopback("wss://127.0.0.1:9933") and is_loopback("wss://127.8.0.1:1")
+    assert is_loopback("wss://localhost:9933") and is_loopback("wss://[::1]:9933")
+    assert not is_loopback("wss://10.0.0.5:9933") and not is_loopback("wss://node-b:9933")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable
@@ -51,7 +52,10 @@ class Replicator:
         self.url: str = ""
         self.ping_interval = config.duration_ms("replication.pingInterval") / 1000.0
         self.max_skew_ms = config.duration_ms("replication.maxClockSkew")
-        self.compression: bool = config.get("replication.compression") == "zstd"
+        # "auto": compress except to peers on this host (there bytes cost nothing and
+        # compressing would only spend CPU); "zstd": always; "none": never.
+        self.compression_mode = str(config.get("replication.compression"))
+        self.compression: bool = self.compression_mode != "none"
         self.rows: dict[str, dict[str, Any]] = {}
         self.subscribers: dict[tuple[str, str], Subscriber] = {}
         self.gates: dict[str, PeerGate] = {}
@@ -186,6 +190,12 @@ class Replicator:
                     sub = Subscriber(self, *key)
                     self.subscribers[key] = sub
                     sub.start()
+
+    def offers_compression(self, url: str) -> bool:
+        """Whether a link dialing ``url`` offers zstd (see ``compression_mode``)."""
+        if self.compression_mode == "auto":
+            return not is_loopback(url)
+        return self.compression_mode == "zstd"
 
     def _known_origins(self, database: str) -> list[str]:
         """Every node whose transactions this node may need for ``database``."""
@@ -664,6 +674,17 @@ class Replicator:
             out.append({"node": peer, "database": database, "connected": sub.connected,
                         "state": sub.state, "lag_txns": sub.lag_txns()})
         return out
+
+
+def is_loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine (localhost or a loopback address)."""
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def default_url(hostname: str) -> str:

@@ -249,7 +249,7 @@ class Subscriber:
         self._queue = asyncio.Queue(QUEUE_LIMIT)  # nothing from an earlier session survives
         session = self._session = SubscriberSession(
             self.rep.node_name, self.database, self.rep.table_definitions(db),
-            dict(db.origin_names), compression=self.rep.compression)
+            dict(db.origin_names), compression=self.rep.offers_compression(row["url"]))
         session.start()
         await self._flush()
         # Receiving and applying run side by side; whichever fails first ends the
