@@ -106,3 +106,24 @@ def test_a_cut_link_is_relayed_then_the_direct_path_resumes(cluster):
         assert got == [3 * K] * 4, f"transactions received per node after the heal: {got}"
     finally:
         to_a.close()
+
+
+@pytest.mark.timeout(120)
+def test_replay_sends_the_log_again_despite_the_floors(node_factory):
+    """replay_replication streams the peer's log again from the given sequence, even
+    though this node already holds every version in it (one-copy floors do not apply)."""
+    from tests.repl_util import join, wait_linked
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t", primary_key="id")
+    join(a, b)
+    wait_linked([(b, a)], ("system", "data"))
+    wait_for(lambda: has_table(b, "t"), timeout=20, message="table t on B")
+    for i in range(K):
+        a.call("insert", table="t", records=[{"id": i}])
+    wait_for(lambda: b.count("t") == K, timeout=20, message="K records on B")
+    before = _quiet([b])[0]
+    b.call("replay_replication", hostname=a.name, database="data", from_seq=0)
+    wait_for(lambda: _received(b) >= before + K, timeout=20,
+             message="the replayed transactions to arrive again")

@@ -578,6 +578,7 @@ class Replicator:
                 await self.storage.write(lambda ctx, d=db, s=seq: write_cursor(
                     ctx, d, peer, {"seq": s}))
                 sub.replay_floor = from_version or 0
+                sub.replaying = True
             finally:  # whatever happened, the link runs again
                 sub.paused, sub.state = False, "connecting"
                 sub.start()

@@ -139,6 +139,8 @@ class Subscriber:
         self.paused = False
         self.retired = False
         self.replay_floor = 0
+        # Set by replay_replication: send everything again, whatever this node holds.
+        self.replaying = False
         self.copy_snapshot = 0
         self._task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[_Work] = asyncio.Queue(QUEUE_LIMIT)
@@ -298,7 +300,8 @@ class Subscriber:
         if cursor and not copy and "origins" in cursor \
                 and not covered <= set(cursor["origins"]):
             after = 0  # a newly relayed origin: read the log again, above its floor
-        floors = {name: db.origin_hw.get(name) for name in covered}
+        floors = {name: None if self.replaying else db.origin_hw.get(name)
+                  for name in covered}
         self.received_seq = self.committed_seq = self.acked_seq = after
         self._session.subscribe(after_seq=after, origins=floors,
                                 tables=None if tables is None else list(tables or []),
@@ -379,6 +382,7 @@ class Subscriber:
         applied; entries filtered out on its side need no apply, so the cursor moves
         past them (durably, before the ack that lets the publisher prune them)."""
         self.replay_floor = 0  # a replay ends once it has read the whole log
+        self.replaying = False
         if seq <= self.committed_seq or self.state == "copying":
             return
         db = self.rep.storage.databases[self.database]
