@@ -291,3 +291,26 @@ def test_copied_rows_of_a_dropped_table_incarnation_never_land(node_factory):
     b.call("resume_replication", hostname="node-a")
     wait_for(lambda: by_id(b, "t", 2) and by_id(b, "t", 1) is None, timeout=20,
              message="B on the new incarnation")
+
+
+def test_concurrent_creates_converge_on_one_definition(node_factory):
+    """Two nodes create the same table apart (no drop between): after they pair, both
+    hold one table with the united attributes and the same incarnation."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t", primary_key="id", attributes=[{"name": "from_a"}])
+    b.call("create_table", table="t", primary_key="id", attributes=[{"name": "from_b"}])
+    a.call("insert", table="t", records=[{"id": 1}])
+    b.call("insert", table="t", records=[{"id": 2}])
+    join(a, b)
+
+    def described(node):
+        d = node.call("describe_table", table="t")
+        return sorted(x["attribute"] for x in d["attributes"]), d["record_count"]
+
+    wait_for(lambda: described(a) == described(b) and described(a)[1] == 2, timeout=20,
+             message="one definition and both rows on both nodes")
+    names, _ = described(a)
+    assert {"from_a", "from_b"} <= set(names)
+    versions = {n.node.storage.databases["data"].tables["t"].version for n in (a, b)}
+    assert len(versions) == 1

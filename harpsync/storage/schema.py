@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from harpsync import codec
-from harpsync.storage.database import ORIGIN_PREFIX, Database
+from harpsync.storage.database import ORIGIN_PREFIX, TABLE_PREFIX, Database
 from harpsync.storage.store import NAME_RE, SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
 
@@ -77,12 +77,40 @@ def apply_create_table(storage: Storage, ctx: WriteContext, db: Database, name: 
     """
     if not isinstance(definition, dict) or not NAME_RE.match(name) or db.name == SYSTEM:
         return False
-    if name in db.tables or version <= db.table_marker(ctx.txn(db), name):
+    after_drop = definition.get("after_drop")
+    if isinstance(after_drop, int) and not isinstance(after_drop, bool) \
+            and 0 < after_drop < version:
+        # The creator had seen this drop: apply it first (it kills older incarnations).
+        apply_drop_table(storage, ctx, db, name, after_drop, origin_id, log_it=False)
+    if version <= db.table_marker(ctx.txn(db), name):
+        return False
+    if name in db.tables:
+        # A concurrent create (no drop between): the same table. Its definition
+        # converges on every node: attributes are united, the newer version names it.
+        _merge_definition(ctx, db, db.tables[name], definition, version)
         return False
     if name not in db.handles:
         raise UnknownTableError(f"table '{db.name}.{name}' is not ready here yet")
     storage.create_table_in(ctx, db, name, definition, version, origin_id, log_it)
     return True
+
+
+def _merge_definition(ctx: WriteContext, db: Database, table: Any, definition: dict[str, Any],
+                      version: int) -> None:
+    attributes = [a for a in definition.get("attributes", []) if isinstance(a, str)]
+    added = [a for a in attributes if a not in table.attributes and a != table.primary_key]
+    if not added and version <= table.version:
+        return
+    old_attributes, old_version = list(table.attributes), table.version
+    table.attributes = old_attributes + added
+    table.version = max(old_version, version)
+
+    def undo() -> None:
+        table.attributes, table.version = old_attributes, old_version
+
+    ctx.on_undo(undo)
+    ctx.txn(db).put(TABLE_PREFIX + table.name.encode(), codec.pack(table.definition()),
+                    db=db.meta_dbi)
 
 
 def apply_drop_table(storage: Storage, ctx: WriteContext, db: Database, name: str,

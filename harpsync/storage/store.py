@@ -240,7 +240,12 @@ class Storage:
                         db=db.meta_dbi)
         self.hlc.observe(version)
         if log_it:
-            self.append_log(ctx, db, [[name, "create_table", None, table.definition()]],
+            # The drop this create follows travels with it: with one copy per link a
+            # peer may get this create (from its origin) before that drop (from
+            # another origin), and must not mistake the create for a concurrent one.
+            after_drop = db.table_marker(ctx.txn(db), name)
+            self.append_log(ctx, db, [[name, "create_table", None,
+                                       {**table.definition(), "after_drop": after_drop}]],
                             version, origin)
         return table
 
