@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 
 def pack(obj: Any) -> bytes:
     """Encode ``obj`` as msgpack bytes."""
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 def unpack(data: bytes | memoryview) -> Any:

@@ -100,6 +100,10 @@ def wildcard_match(pattern: str, value: str) -> bool:
     return _wildcard(pattern)(value)
 
 
+def _condition(attribute: str, compare: Callable[[Any, Any], bool], target: Any) -> Predicate:
+    return lambda r: attribute in r and compare(r[attribute], target)
+
+
 def value_predicate(attribute: str, value: Any) -> Predicate:
     """``search_by_value``: equality, or ``*`` wildcards for strings."""
     if isinstance(value, str) and "*" in value:
@@ -122,7 +126,7 @@ def conditions_predicate(operator: str, conditions: list[dict[str, Any]]) -> Pre
         if comparator == "between" and not (isinstance(target, list) and len(target) == 2):
             raise BadRequestError(f"'conditions[{index}].value' must be an array of two values")
         attr = cond["attribute"]
-        checks.append(lambda r, a=attr, c=compare, t=target: a in r and c(r[a], t))
+        checks.append(_condition(attr, compare, target))
     if operator == "or":
         if len(checks) < 2:
             raise BadRequestError('An "or" operator requires at least two conditions')

@@ -24,8 +24,10 @@ from importlib.resources.abc import Traversable
 from typing import Any
 
 import fastjsonschema
-from jsonschema import Draft202012Validator, validators
-from jsonschema.exceptions import ValidationError as SchemaValidationError
+from jsonschema import Draft202012Validator, validators  # type: ignore[import-untyped]
+from jsonschema.exceptions import (  # type: ignore[import-untyped]
+    ValidationError as SchemaValidationError,
+)
 from jsonschema.exceptions import best_match
 
 from harpsync.errors import ValidationError

@@ -138,4 +138,5 @@ _E = TypeVar("_E", bound=Event)
 
 def event_from(cls: type[_E], fields: Mapping[str, Any]) -> _E:
     """Build an event whose field names are those of its (validated) control frame."""
-    return cls(**{field.name: fields.get(field.name) for field in dataclasses.fields(cls)})
+    names = [field.name for field in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    return cls(**{name: fields.get(name) for name in names})

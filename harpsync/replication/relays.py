@@ -143,6 +143,6 @@ class RelayPlanner:
                 del current[origin]
                 changed.add(relay)
         for peer in sorted(changed):
-            link = links.get((peer, database))
-            if link is not None:
-                await link.restart()
+            relay_link = links.get((peer, database))
+            if relay_link is not None:
+                await relay_link.restart()

@@ -153,7 +153,7 @@ class _GatedConnection(ServerConnection):
         self._address = str(peer[0]) if peer else ""
         self._pending = self._admitted = self.gate.admit(self._address)
         if not self._admitted:
-            transport.abort()
+            transport.abort()  # type: ignore[attr-defined]  # a socket transport
 
     def mark_authenticated(self) -> None:
         if self._pending:

@@ -73,7 +73,7 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> PeerIdent
     if ssl_object is None:
         return None
     try:
-        cert = ssl_object.getpeercert()
+        cert: Any = ssl_object.getpeercert()
     except ValueError:  # handshake not done yet
         return None
     if not cert:  # None: no certificate; {}: present but not verified (CERT_NONE)

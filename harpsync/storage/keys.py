@@ -21,7 +21,8 @@ def seq_key(seq: int) -> bytes:
 
 def seq_of(key: bytes) -> int:
     """The log sequence held in a ``seq_key``."""
-    return _U64.unpack(key)[0]
+    seq: int = _U64.unpack(key)[0]
+    return seq
 
 
 def encode_id(value: object) -> bytes:
@@ -54,7 +55,9 @@ def decode_id(key: bytes) -> Id:
     """Invert ``encode_id``."""
     tag, body = key[:1], key[1:]
     if tag == b"i":
-        return _U64.unpack(body)[0] - _INT_BIAS
+        biased: int = _U64.unpack(body)[0]
+        return biased - _INT_BIAS
     if tag == b"s":
         return body.decode()
-    return codec.unpack(body)
+    value: Id = codec.unpack(body)
+    return value
