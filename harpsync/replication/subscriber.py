@@ -60,8 +60,8 @@ GATED_RETRY = 10.0
 DIAL_TIMEOUT = 4.0
 # A change for a table still unknown after this many attempts, the first this many
 # seconds ago (each attempt reconnects for a fresh hello), becomes a dead letter.
-UNKNOWN_ATTEMPTS = 5
-UNKNOWN_SECONDS = 3.0
+UNKNOWN_ATTEMPTS = 4
+UNKNOWN_SECONDS = 2.0
 
 
 def unappliable(exc: BaseException) -> bool:

@@ -164,7 +164,8 @@ def select(rows: Iterable[dict[str, Any]], filters: Mapping[str, Any],
     oldest first, at most ``limit``."""
     out = []
     for row in rows:
-        if any(v is not None and k != "node" and row.get(k) != v for k, v in filters.items()):
+        if any(v is not None and k not in ("node", "error") and row.get(k) != v
+               for k, v in filters.items()):
             continue
         node = filters.get("node")
         if node is not None and node not in (row.get("peer"), row.get("node")):
