@@ -261,3 +261,19 @@ def test_bad_input_is_a_4xx_naming_the_problem(pair) -> None:
     a.call("list_dead_letters", expect=400, limit=0)
     response = a.post({"operation": "list_conflicts"}, auth=("nobody", "x"))
     assert response.status_code == 401
+
+
+def test_policy_lookup_order_and_the_system_database(pair) -> None:
+    """A table's policy beats the peer's, which beats the node default; the system
+    database (users, roles) is always last-writer-wins."""
+    a, _b = pair
+    a.call("update_node", hostname="node-b", conflict="source_wins")
+    rep = a.node.cluster
+    lookup = rep.policy_lookup("pol")
+    assert lookup("node-b", "t_man") == "manual_review"
+    assert lookup("node-b", "untracked") == "source_wins"
+    assert lookup("node-x", "t_man") == "last_writer_wins"
+    assert rep.policy_lookup("system") is None
+    assert stream(a, "node-b", "pol")["conflict"] == "source_wins"
+    a.call("update_node", hostname="node-b", conflict="last_writer_wins")
+    assert stream(a, "node-b", "pol")["conflict"] == "last_writer_wins"

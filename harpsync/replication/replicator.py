@@ -609,6 +609,8 @@ class Replicator:
     def policy_lookup(self, database: str) -> PolicyLookup | None:
         """``(origin, table) -> policy`` for changes to ``database``; None while every
         policy is last-writer-wins (the apply path then skips the review)."""
+        if database == SYSTEM:
+            return None  # users, roles and schema always converge (and hold secrets)
         default = self.default_conflict
         rows = self.rows
         if default == LWW and not any(
