@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
         "compression": "auto",
         "maxConnections": 1024,
         "maxPendingPerAddress": 32,
+        "conflict": "last_writer_wins",
     },
     "logging": {"level": "info", "auditRetention": "3d"},
     "storage": {"mapSize": 64 * 1024**3, "trimInterval": "2s"},
@@ -48,7 +49,9 @@ DEFAULTS: dict[str, Any] = {
 # number, and a node name or URL is never anything but text.
 _TEXT_KEYS = {"rootPath", "operationsApi.network.host", "replication.hostname",
               "replication.url", "replication.host", "logging.level",
-              "replication.compression"}
+              "replication.compression", "replication.conflict"}
+# The conflict policies of a subscription (see harpsync/storage/conflicts.py).
+CONFLICT_POLICIES = ("last_writer_wins", "source_wins", "dest_wins", "manual_review")
 _LEVELS = {"trace", "debug", "info", "warn", "warning", "error", "fatal", "notify"}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1}
@@ -184,6 +187,10 @@ class Config:
         if compression not in ("auto", "zstd", "none"):
             raise ConfigError("replication.compression must be 'auto', 'zstd' or 'none', "
                               f"got {compression!r}")
+        conflict = self.get("replication.conflict")
+        if conflict not in CONFLICT_POLICIES:
+            raise ConfigError(f"replication.conflict must be one of {list(CONFLICT_POLICIES)}, "
+                              f"got {conflict!r}")
         level = self.get("logging.level")
         if not isinstance(level, str) or level.lower() not in _LEVELS:
             raise ConfigError(f"logging.level must be one of {sorted(_LEVELS)}, got {level!r}")

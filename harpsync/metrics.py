@@ -34,6 +34,16 @@ class Metrics:
         self.connected = Gauge("harpsync_replication_connected",
                                "1 while the link is connected", ["peer", "database"],
                                registry=r)
+        self.conflicts = Counter("harpsync_replication_conflicts_total",
+                                 "Changes held for manual review (manual_review policy)",
+                                 ["peer", "database"], registry=r)
+        self.dead_letters = Counter("harpsync_replication_dead_letters_total",
+                                    "Changes moved to the dead letters (unappliable or "
+                                    "refused by a policy)", ["peer", "database"], registry=r)
+        self.conflicts_pending = Gauge("harpsync_replication_conflicts_pending",
+                                       "Conflicts waiting for resolve_conflict", registry=r)
+        self.dead_letters_pending = Gauge("harpsync_replication_dead_letters_pending",
+                                          "Dead letters not reprocessed or deleted", registry=r)
         self.rss = Gauge("harpsync_process_rss_bytes", "Resident set size", registry=r)
         self.commits = Gauge("harpsync_writer_commits", "Group commits so far", registry=r)
         self.jobs = Gauge("harpsync_writer_jobs", "Write jobs so far", registry=r)
@@ -51,3 +61,8 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def bind_pending(self, conflicts: Callable[[], float],
+                     dead_letters: Callable[[], float]) -> None:
+        self.conflicts_pending.set_function(conflicts)
+        self.dead_letters_pending.set_function(dead_letters)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from harpsync.dispatch import OpContext, Operation
@@ -26,7 +26,7 @@ def _row_settings(body: dict[str, Any], subs: list[dict[str, Any]] | None) -> di
         "replicates": body.get("replicates", subs is None) if subs is None else True,
         "subscriptions": subs,
     }
-    for key in ("shard", "start_time", "revoked_certificates"):
+    for key in ("shard", "start_time", "revoked_certificates", "conflict"):
         if key in body:
             row[key] = body[key]
     # ``retain_authorization`` is accepted for compatibility but nothing is kept: a
@@ -109,14 +109,25 @@ async def resume_replication(ctx: OpContext, body: dict[str, Any]) -> dict[str, 
 
 async def replay_replication(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     from_version = None
-    if body.get("from_time") is not None:
+    # ``from`` (a wall-clock time: ISO 8601 or ms since 1970) or ``from_time`` (ISO).
+    start = body.get("from", body.get("from_time"))
+    field = "from" if "from" in body else "from_time"
+    if isinstance(start, int) and not isinstance(start, bool):
+        if start > 253402300799999:  # after the year 9999
+            raise BadRequestError(f"'{field}' is too far in the future")
+        from_version = ms_to_version(start)
+    elif start is not None:
         try:
-            when = datetime.fromisoformat(str(body["from_time"]).replace("Z", "+00:00"))
+            when = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)  # a time without a zone is UTC
             from_version = ms_to_version(when.timestamp() * 1000)
             if from_version < 0:
                 raise ValueError("before 1970")
         except (ValueError, OverflowError, OSError):
-            raise BadRequestError("'from_time' must be an ISO 8601 time after 1970") from None
+            raise BadRequestError(f"'{field}' must be an ISO 8601 time "
+                                  "(e.g. 2026-11-30T01:00:00Z) after 1970, or milliseconds "
+                                  "since 1970") from None
     dbs = await ctx.services.cluster.replay(body["hostname"], body.get("database"),
                                             body.get("from_seq"), from_version)
     return {"message": f"Replaying replication from '{body['hostname']}'", "databases": dbs}

@@ -61,6 +61,9 @@ CANONICAL_OPERATIONS = {
     "resume_replication",
     "replay_replication",
 }
+# Operator control of streams (operations/streams.py).
+CANONICAL_OPERATIONS |= {"get_replication_status", "list_conflicts", "resolve_conflict",
+                         "list_dead_letters", "reprocess_dead_letters", "delete_dead_letters"}
 
 SUBSCRIPTION = {"database": "dev", "table": "dog", "subscribe": True, "publish": True}
 PERMISSION = {
@@ -162,6 +165,14 @@ VALID: dict[str, dict[str, Any]] = {
     "pause_replication": {"hostname": "127.0.0.2", "database": "dev"},
     "resume_replication": {"hostname": "127.0.0.2"},
     "replay_replication": {"hostname": "127.0.0.2", "from_seq": 0},
+}
+VALID |= {
+    "get_replication_status": {"node": "b", "database": "data"},
+    "list_conflicts": {"database": "data", "table": "dog", "node": "b", "limit": 10},
+    "resolve_conflict": {"id": "abc", "keep": "remote"},
+    "list_dead_letters": {"node": "b", "error": "unknown", "limit": 5},
+    "reprocess_dead_letters": {"database": "data", "table": "dog", "limit": 5},
+    "delete_dead_letters": {"ids": ["abc"]},
 }
 
 # (operation, body, exact expected message)
@@ -331,7 +342,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("cluster_delete_routes", {}, "'routes' is required"),
     ("purge_stream", {"table": "dog", "options": {"keep": -5}}, "'options.keep' must be >= 0"),
     ("pause_replication", {"database": "dev"}, "'hostname' is required"),
-    ("replay_replication", {"hostname": "a"}, "'from_seq' or 'from_time' is required"),
+    ("replay_replication", {"hostname": "a"},
+     "'from_seq' or 'from_time' or 'from' is required"),
     ("system_information", {"attributes": "cpu"}, "'attributes' must be an array"),
 ]
 

@@ -16,7 +16,8 @@ from harpsync.storage.store import SYSTEM
 IDENTITY_KEYS = ("name", "url", "ca", "pin", "shard")
 # The system database always replicates (users, roles), except the node table itself,
 # which every node keeps from its own point of view.
-LOCAL_ONLY_TABLES = {(SYSTEM, "hdb_nodes")}
+LOCAL_ONLY_TABLES = {(SYSTEM, "hdb_nodes"), (SYSTEM, "hdb_conflicts"),
+                     (SYSTEM, "hdb_dead_letters")}
 
 
 def normalize_subscriptions(subs: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -25,10 +26,48 @@ def normalize_subscriptions(subs: list[dict[str, Any]] | None) -> list[dict[str,
         return None
     out = []
     for sub in subs:
-        out.append({"database": sub.get("database", "data"), "table": sub["table"],
-                    "subscribe": bool(sub.get("subscribe")),
-                    "publish": bool(sub.get("publish"))})
+        entry = {"database": sub.get("database", "data"), "table": sub["table"],
+                 "subscribe": bool(sub.get("subscribe")), "publish": bool(sub.get("publish"))}
+        if sub.get("conflict") is not None:
+            entry["conflict"] = sub["conflict"]  # this node's policy for the peer's changes
+        out.append(entry)
     return out
+
+
+def without_policies(subs: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Subscriptions minus their ``conflict`` policies (which move no data)."""
+    if subs is None:
+        return None
+    return [{k: v for k, v in s.items() if k != "conflict"} for s in subs]
+
+
+def keep_policies(old: list[dict[str, Any]] | None,
+                  new: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """``new`` with the ``conflict`` policies of ``old`` for the same tables: a peer's
+    join sends its mirror of the subscriptions, which never carries this node's
+    policies."""
+    if new is None or not old:
+        return new
+    policies = {(s.get("database"), s.get("table")): s["conflict"] for s in old
+                if s.get("conflict") is not None}
+    out = []
+    for sub in new:
+        policy = policies.get((sub.get("database"), sub.get("table")))
+        out.append({**sub, "conflict": policy} if policy and "conflict" not in sub else sub)
+    return out
+
+
+def conflict_policy(row: dict[str, Any] | None, database: str, table: str,
+                    default: str) -> str:
+    """The policy for changes from the node of ``row`` to ``database.table``: its
+    subscription's, else the row's own ``conflict``, else the node default."""
+    if row is None:
+        return default
+    for sub in row.get("subscriptions") or []:
+        if sub.get("database", "data") == database and sub.get("table") == table \
+                and sub.get("conflict"):
+            return str(sub["conflict"])
+    return str(row.get("conflict") or default)
 
 
 def merge_subscriptions(old: list[dict[str, Any]] | None,
@@ -46,7 +85,8 @@ def mirror(subs: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     """The peer's view of the same subscriptions: ``subscribe`` and ``publish`` swapped."""
     if subs is None:
         return None
-    return [{**s, "subscribe": s["publish"], "publish": s["subscribe"]} for s in subs]
+    return [{**{k: v for k, v in s.items() if k != "conflict"},
+             "subscribe": s["publish"], "publish": s["subscribe"]} for s in subs]
 
 
 def _tables(row: dict[str, Any], database: str, direction: str) -> list[str] | None | bool:

@@ -26,7 +26,8 @@ from harpsync.replication.relays import RelayPlanner
 from harpsync.replication.subscriber import PeerGate, Subscriber, backoff_delay
 from harpsync.replication.transport import Gate, Link, listen
 from harpsync.security import PeerCert, check_node_cert, valid_pin
-from harpsync.storage import reads, writes
+from harpsync.storage import deadletters, reads, writes
+from harpsync.storage.conflicts import LWW, PolicyLookup, Review
 from harpsync.storage.database import Database
 from harpsync.storage.ingest import forget_cursor, write_cursor
 from harpsync.storage.keys import encode_id
@@ -56,6 +57,7 @@ class Replicator:
         # compressing would only spend CPU); "zstd": always; "none": never.
         self.compression_mode = str(config.get("replication.compression"))
         self.compression: bool = self.compression_mode != "none"
+        self.default_conflict = str(config.get("replication.conflict"))
         self.rows: dict[str, dict[str, Any]] = {}
         self.subscribers: dict[tuple[str, str], Subscriber] = {}
         self.gates: dict[str, PeerGate] = {}
@@ -92,6 +94,9 @@ class Replicator:
         await self._save_own_row()
         await self._scrub_secrets()
         self.storage.database_listeners.append(self._on_database_event)
+        self.metrics.bind_pending(
+            lambda: deadletters.count(self.storage, deadletters.CONFLICTS),
+            lambda: deadletters.count(self.storage, deadletters.DEAD_LETTERS))
         await self.reconcile()
         self.spawn(retention_loop(self))
         self.spawn(self.relays.run())
@@ -189,6 +194,9 @@ class Replicator:
                 if key not in self.subscribers:
                     sub = Subscriber(self, *key)
                     self.subscribers[key] = sub
+                    if key[1] in (self.rows.get(key[0], {}).get("paused") or []):
+                        sub.paused, sub.state = True, "paused"  # paused before a restart
+                        continue
                     sub.start()
 
     def offers_compression(self, url: str) -> bool:
@@ -327,6 +335,8 @@ class Replicator:
         if name == self.node_name:
             raise BadRequestError("a node cannot join itself")
         subs = peers.normalize_subscriptions(body.get("subscriptions"))
+        # Policies are this node's own: the peer's mirror never carries them.
+        subs = peers.keep_policies((self.rows.get(name) or {}).get("subscriptions"), subs)
         existed = name in self.rows
         settings = {"replicates": subs is None, "subscriptions": subs,
                     "shard": body.get("shard"), "start_time": body.get("start_time")}
@@ -439,7 +449,8 @@ class Replicator:
         name = str(row["name"])
         async with self._reconcile_lock:
             old = self.rows.get(name)
-            if old is not None and old.get("subscriptions") != row.get("subscriptions"):
+            if old is not None and peers.without_policies(old.get("subscriptions")) \
+                    != peers.without_policies(row.get("subscriptions")):
                 await self._stop_links(name)
                 await self._forget_cursors(name, include_system=False)
             await self.save_row(row)
@@ -553,7 +564,15 @@ class Replicator:
             sub.paused = True  # first: a relay hand-over restarts only unpaused links
             await sub.stop()
             sub.state = "paused"
+        await self._persist_paused(peer, {s.database for s in subs}, set())
         return [s.database for s in subs]
+
+    async def _persist_paused(self, peer: str, add: set[str], remove: set[str]) -> None:
+        """Keep the paused databases in the peer's row, so a pause survives a restart."""
+        old = set(self.rows.get(peer, {}).get("paused") or [])
+        new = (old | add) - remove
+        if new != old and peer in self.rows:
+            await self.save_row({"name": peer, "paused": sorted(new)})
 
     async def resume(self, peer: str, database: str | None) -> list[str]:
         """Restart paused links from their committed cursor."""
@@ -562,6 +581,7 @@ class Replicator:
             if sub.paused:
                 sub.paused, sub.state = False, "connecting"
                 sub.start()
+        await self._persist_paused(peer, set(), {s.database for s in subs})
         return [s.database for s in subs]
 
     async def replay(self, peer: str, database: str | None, from_seq: int | None,
@@ -582,7 +602,32 @@ class Replicator:
             finally:  # whatever happened, the link runs again
                 sub.paused, sub.state = False, "connecting"
                 sub.start()
+        await self._persist_paused(peer, set(), {s.database for s in subs})
         return [s.database for s in subs]
+
+    # -- conflict policies (storage/conflicts.py) --------------------------------------
+    def policy_lookup(self, database: str) -> PolicyLookup | None:
+        """``(origin, table) -> policy`` for changes to ``database``; None while every
+        policy is last-writer-wins (the apply path then skips the review)."""
+        if database == SYSTEM:
+            return None  # users, roles and schema always converge (and hold secrets)
+        default = self.default_conflict
+        rows = self.rows
+        if default == LWW and not any(
+                row.get("conflict") not in (None, LWW)
+                or any(s.get("conflict") not in (None, LWW)
+                       for s in row.get("subscriptions") or [])
+                for row in list(rows.values())):
+            return None
+        return lambda origin, table: peers.conflict_policy(rows.get(origin), database, table,
+                                                           default)
+
+    def review(self, peer: str, database: str) -> Review | None:
+        """The policy review for one apply job of the link from ``peer``."""
+        lookup = self.policy_lookup(database)
+        if lookup is None:
+            return None
+        return Review(self.storage, peer, lookup, deadletters.refuser(self.storage, peer))
 
     # -- routes ----------------------------------------------------------------------
     @staticmethod
@@ -636,6 +681,21 @@ class Replicator:
     def note_received(self, peer: str, database: str, txns: int, size: int) -> None:
         self.metrics.txns_received.labels(peer, database).inc(txns)
         self.metrics.bytes_received.labels(peer, database).inc(size)
+
+    def note_review(self, peer: str, database: str, review: Review | None) -> None:
+        """Count what the conflict policies of one apply job did."""
+        if review is None:
+            return
+        if review.conflicts:
+            self.metrics.conflicts.labels(peer, database).inc(review.conflicts)
+        if review.refused:
+            self.metrics.dead_letters.labels(peer, database).inc(review.refused)
+        review.conflicts = review.refused = 0
+
+    def note_dead_letters(self, peer: str, database: str, count: int) -> None:
+        self.metrics.dead_letters.labels(peer, database).inc(count)
+        log.warning("%d change(s) from %s for '%s' moved to the dead letters", count, peer,
+                    database)
 
     def note_skew(self, peer: str, count: int) -> None:
         self.metrics.clock_skew.labels(peer).inc(count)

@@ -13,9 +13,11 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from harpsync.errors import HarpsyncError
 from harpsync.replication import peers
 from harpsync.replication.messages import ProtocolError
 from harpsync.replication.protocol import (
@@ -34,7 +36,7 @@ from harpsync.replication.protocol import (
 )
 from harpsync.replication.transport import DIAL_ERRORS, Link, dial
 from harpsync.security import describe_tls_error
-from harpsync.storage import ingest, schema
+from harpsync.storage import deadletters, ingest, schema
 from harpsync.storage.hlc import ClockSkewError, wall_ms_of
 
 if TYPE_CHECKING:
@@ -56,6 +58,20 @@ GATED_RETRY = 10.0
 # A dial that takes longer than this is abandoned and retried: a long open timeout
 # would hold a link down long after the network heals.
 DIAL_TIMEOUT = 4.0
+# A change for a table still unknown after this many attempts, the first this many
+# seconds ago (each attempt reconnects for a fresh hello), becomes a dead letter.
+UNKNOWN_ATTEMPTS = 4
+UNKNOWN_SECONDS = 2.0
+
+
+def unappliable(exc: BaseException) -> bool:
+    """Whether applying a change failed because of the change itself (it goes to the
+    dead letters) rather than the link or the node (the link retries). Held-back
+    versions (clock skew) and a peer still serving a dropped incarnation wait."""
+    if isinstance(exc, ClockSkewError | schema.DroppedIncarnationError):
+        return False
+    return isinstance(exc, ValueError | HarpsyncError | OverflowError | TypeError | KeyError
+                      | IndexError | AttributeError)
 
 
 @dataclass
@@ -136,6 +152,10 @@ class Subscriber:
         self.last_commit_confirmed: float | None = None
         self.latency_ms: float | None = None
         self.copy_progress: dict[str, int] | None = None
+        self.checkpoint_at: float | None = None  # when the cursor last committed
+        self.error_times: deque[float] = deque(maxlen=1000)
+        # Failed attempts at one change (publisher sequence, or copy chunk): count, first.
+        self._attempts: dict[Any, tuple[int, float]] = {}
         self.paused = False
         self.retired = False
         self.replay_floor = 0
@@ -160,6 +180,8 @@ class Subscriber:
         # Timestamped, so a link that recovered shows when its last error was.
         self._last_error = value
         self.last_error_at = time.time() if value is not None else None
+        if value is not None:
+            self.error_times.append(self.last_error_at)  # type: ignore[arg-type]
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -371,6 +393,7 @@ class Subscriber:
                 await self._write(lambda ctx, s=snapshot, d=db: ingest.write_cursor(
                     ctx, d, self.peer, self._cursor(s)))
                 self.committed_seq = snapshot
+                self.checkpoint_at = time.time()
                 self.received_seq = max(self.received_seq, snapshot)
                 self.copy_progress = None
                 self.state = "streaming"
@@ -389,6 +412,7 @@ class Subscriber:
         await self._write(lambda ctx: ingest.write_cursor(ctx, db, self.peer,
                                                          self._cursor(seq)))
         self.committed_seq = seq
+        self.checkpoint_at = time.time()
         self.received_seq = max(self.received_seq, seq)
         self._ack(seq)
 
@@ -402,23 +426,71 @@ class Subscriber:
         origins: dict[int, str] = {}
         for w in work:
             origins.update(w.origins)
+        try:
+            await self._apply_batch(entries, origins)
+        except Exception as exc:
+            if not unappliable(exc):
+                raise
+            # One change of the batch cannot be applied: apply them one by one, and
+            # move the bad one to the dead letters instead of failing forever.
+            for entry in entries:
+                if entry[0] > self.committed_seq:
+                    await self._apply_or_dead_letter(entry, origins)
+
+    def _give_up(self, key: Any, exc: BaseException) -> bool:
+        """Whether a change that failed with ``exc`` goes to the dead letters now: at
+        once when it cannot be applied as it is, after retries when its table is not
+        known yet (a fresh hello may bring it)."""
+        if not isinstance(exc, schema.UnknownTableError):
+            return True
+        count, first = self._attempts.get(key, (0, time.monotonic()))
+        self._attempts[key] = (count + 1, first)
+        return count + 1 >= UNKNOWN_ATTEMPTS and time.monotonic() - first >= UNKNOWN_SECONDS
+
+    async def _apply_or_dead_letter(self, entry: tuple[int, bytes],
+                                    origins: dict[int, str]) -> None:
+        seq = entry[0]
+        try:
+            await self._apply_batch([entry], origins)
+            self._attempts.pop(seq, None)
+            return
+        except Exception as exc:
+            if not unappliable(exc) or not self._give_up(seq, exc):
+                raise
+            error = describe_error(exc)
+        letters = deadletters.entry_letters(self.peer, self.database, [entry], origins, error)
+        await self._write(deadletters.record_job(self.rep.storage, self.database, self.peer,
+                                                 letters, self._cursor(seq)))
+        self._attempts.pop(seq, None)
+        self.committed_seq = max(self.committed_seq, seq)
+        self.checkpoint_at = time.time()
+        self.last_error = f"dead letter: {error}"
+        self.rep.note_dead_letters(self.peer, self.database, len(letters))
+        self._ack(seq)
+
+    async def _apply_batch(self, entries: list[tuple[int, bytes]],
+                           origins: dict[int, str]) -> None:
         last_seq = entries[-1][0]
         floor = max(self.rep.start_floor(self.peer), self.replay_floor)
+        review = self.rep.review(self.peer, self.database)
         job, prepare = ingest.apply_entries_job(
             self.rep.storage, self.database, self.peer, entries, origins, self._cursor(last_seq),
-            self.rep.max_skew_ms, self.rep.node_name, floor)
+            self.rep.max_skew_ms, self.rep.node_name, floor, review)
         stats = await self._write(job, prepare)
         while stats.resume_seq is not None:  # a database re-created after its drop
             rest = [e for e in entries if e[0] >= stats.resume_seq]
             job, prepare = ingest.apply_entries_job(
                 self.rep.storage, self.database, self.peer, rest, origins,
-                self._cursor(last_seq), self.rep.max_skew_ms, self.rep.node_name, floor)
+                self._cursor(last_seq), self.rep.max_skew_ms, self.rep.node_name, floor,
+                review)
             more = await self._write(job, prepare)
             more.entries += stats.entries
             more.skewed += stats.skewed
             stats = more
         committed = last_seq if stats.cursor_seq is None else stats.cursor_seq
         self.committed_seq = max(self.committed_seq, committed)
+        self.checkpoint_at = time.time()
+        self.rep.note_review(self.peer, self.database, review)
         self.txns_received += stats.entries
         if stats.last_version:
             self.last_version = stats.last_version
@@ -441,15 +513,32 @@ class Subscriber:
         cursor = {**self._cursor(int(old.get("seq", 0))), "copy": copy_state}
         definition = self.peer_tables.get(table)
         incarnation = definition.get("version") if isinstance(definition, dict) else None
+        incarnation = incarnation if isinstance(incarnation, int) else None
+        review = self.rep.review(self.peer, self.database)
         job = ingest.apply_rows_job(self.rep.storage, self.database, self.peer, table, rows,
                                     work.origins, cursor, self.rep.start_floor(self.peer),
-                                    incarnation if isinstance(incarnation, int) else None)
+                                    incarnation, review)
         try:
             await self._write(job)
+            self._attempts.pop((table, rows[0][0]), None)
         except ClockSkewError:
             self.rep.note_skew(self.peer, 1)
             self.state = "clock_skew"
             raise
+        except Exception as exc:
+            if not unappliable(exc) or not self._give_up((table, rows[0][0]), exc):
+                raise
+            # The chunk cannot be applied: its rows go to the dead letters, the copy
+            # goes on after them.
+            error = describe_error(exc)
+            letters = deadletters.row_letters(self.peer, self.database, table, rows,
+                                              work.origins, incarnation, error)
+            await self._write(deadletters.record_job(self.rep.storage, self.database,
+                                                     self.peer, letters, cursor))
+            self._attempts.pop((table, rows[0][0]), None)
+            self.last_error = f"dead letter: {error}"
+            self.rep.note_dead_letters(self.peer, self.database, len(letters))
+        self.rep.note_review(self.peer, self.database, review)
         if self.database == "system":  # users or roles may have changed: tell the login cache
             self.rep.auth.forget_logins()
         if self.copy_progress is not None:

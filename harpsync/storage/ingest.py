@@ -25,7 +25,7 @@ from harpsync.storage.writes import note_attributes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ApplyStats", "UnknownTableError", "apply_entries_job", "apply_rows_job",
+__all__ = ["ApplyStats", "UnknownTableError", "apply_entries_job", "apply_op", "apply_rows_job",
            "forget_cursor", "local_origin", "write_cursor"]
 
 
@@ -74,7 +74,8 @@ def forget_cursor(ctx: WriteContext, db: Database, peer: str) -> None:
 
 
 def _apply_op(storage: Storage, ctx: WriteContext, db: Database, op: list[Any], version: int,
-              origin_name: str, origin_id: int, stats: ApplyStats) -> bool:
+              origin_name: str, origin_id: int, stats: ApplyStats,
+              review: Any = None) -> bool:
     table_name, kind, rid, value = op[:4]
     if len(op) > 5 and isinstance(op[5], int):
         version = op[5]  # a relayed copied row keeps its own version
@@ -100,7 +101,11 @@ def _apply_op(storage: Storage, ctx: WriteContext, db: Database, op: list[Any], 
     table = db.tables[table_name]
     txn = ctx.txn(db)
     key = encode_id(rid)
-    if not incoming_wins(db, get_stored(txn, table, key), version, origin_name):
+    stored = get_stored(txn, table, key)
+    if review is not None:  # a conflict policy other than last-writer-wins (conflicts.py)
+        if not review.admit(ctx, db, table, op, stored, version, origin_name):
+            return False
+    elif not incoming_wins(db, stored, version, origin_name):
         return False
     if kind == "delete" or value is None:
         put_tombstone(txn, table, key, version, origin_id)
@@ -108,6 +113,9 @@ def _apply_op(storage: Storage, ctx: WriteContext, db: Database, op: list[Any], 
         put_record(txn, table, key, version, origin_id, value)
         note_attributes(ctx, db, table, [value])
     return True
+
+
+apply_op = _apply_op  # for reprocessing dead letters (deadletters.py)
 
 
 def _recreates_dropped(ops: list[list[Any]], stats: ApplyStats) -> bool:
@@ -158,7 +166,7 @@ def decode_entries(entries: Sequence[tuple[int, bytes]], origins: Mapping[int, s
 def apply_entries_job(storage: Storage, db_name: str, peer: str,
                       entries: Sequence[tuple[int, bytes]], origins: Mapping[int, str],
                       cursor: dict[str, Any], max_skew_ms: int, local_name: str,
-                      floor: int = 0,
+                      floor: int = 0, review: Any = None,
                       ) -> tuple[Callable[[WriteContext], ApplyStats], Callable[[], None]]:
     """A writer job applying a peer's log entries and committing ``cursor`` with them.
 
@@ -203,7 +211,8 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
             storage.hlc.observe(version)
             origin_id = local_origin(ctx, db, origin_name)
             applied = [op for op in ops
-                       if _apply_op(storage, ctx, db, op, version, origin_name, origin_id, stats)]
+                       if _apply_op(storage, ctx, db, op, version, origin_name, origin_id, stats,
+                                    review)]
             stats.last_version = version
             if applied:
                 stats.applied += 1
@@ -222,7 +231,7 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
 def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                    rows: Sequence[tuple[bytes, bytes]], origins: Mapping[int, str],
                    cursor: dict[str, Any], floor: int = 0, incarnation: int | None = None,
-                   ) -> Callable[[WriteContext], int]:
+                   review: Any = None) -> Callable[[WriteContext], int]:
     """A writer job merging full-copy rows (live records and tombstones) by LWW.
 
     It never deletes a row that exists only on the receiver: only a tombstone with a
@@ -261,7 +270,13 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
             if origin_name is None or version < floor:
                 continue
             storage.hlc.check(version)  # a skewed row fails the chunk; the copy resumes
-            if not incoming_wins(db, get_stored(txn, table, key), version, origin_name):
+            stored = get_stored(txn, table, key)
+            if review is not None:
+                op = [table_name, "delete" if record is None else "upsert", decode_id(key),
+                      record, incarnation, version]
+                if not review.admit(ctx, db, table, op, stored, version, origin_name):
+                    continue
+            elif not incoming_wins(db, stored, version, origin_name):
                 continue
             storage.hlc.observe(version)
             oid = local_origin(ctx, db, origin_name)

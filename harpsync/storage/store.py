@@ -28,7 +28,8 @@ from harpsync.storage.writer import WriteContext, Writer
 log = logging.getLogger(__name__)
 
 SYSTEM = "system"
-SYSTEM_TABLES = {"hdb_user": "username", "hdb_role": "id", "hdb_nodes": "name"}
+SYSTEM_TABLES = {"hdb_user": "username", "hdb_role": "id", "hdb_nodes": "name",
+                 "hdb_conflicts": "id", "hdb_dead_letters": "id"}
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 
 

@@ -1,0 +1,176 @@
+"""Conflict policies for replicated writes, and the conflicts table.
+
+A policy belongs to a subscription (a peer and a table, or the peer, or the node's
+``replication.conflict`` default) and decides what happens when a change from that
+peer meets a stored record written by another node:
+
+- ``last_writer_wins``: the higher ``(version, origin name)`` is kept (every node ends
+  up the same);
+- ``source_wins``: the peer's change is applied even if older;
+- ``dest_wins``: the peer's change never overwrites a record last written on this
+  node; when last-writer-wins would have applied it, it goes to the dead letters;
+- ``manual_review``: when the peer's change would overwrite a record last written on
+  this node, or lose to it, nothing changes and both versions go to
+  ``system.hdb_conflicts`` for an operator to resolve.
+
+Changes of one origin never conflict with each other: its own log is in version order,
+so between two of its versions last-writer-wins always decides (a replay of older
+entries cannot roll a record back, whatever the policy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from harpsync.storage.database import LOCAL_ORIGIN, Database, Table
+from harpsync.storage.hlc import version_to_ms
+from harpsync.storage.keys import decode_id, encode_id
+from harpsync.storage.records import Stored, get_stored, put_record, put_tombstone, wins
+from harpsync.storage.store import SYSTEM, Storage
+from harpsync.storage.writer import WriteContext
+
+# The same names as ``harpsync.config.CONFLICT_POLICIES`` (storage never imports config).
+POLICIES = ("last_writer_wins", "source_wins", "dest_wins", "manual_review")
+LWW, SOURCE_WINS, DEST_WINS, MANUAL_REVIEW = POLICIES
+CONFLICTS = "hdb_conflicts"
+APPLY, SKIP, REFUSE, CONFLICT = "apply", "skip", "refuse", "conflict"
+
+# (origin name, table) -> policy name
+PolicyLookup = Callable[[str, str], str]
+
+
+def decide(policy: str, stored: Stored | None, stored_origin: str, version: int,
+           origin: str) -> str:
+    """What to do with a remote write of ``(version, origin)`` over ``stored``.
+
+    Returns:
+        ``APPLY``, ``SKIP`` (it loses, as under last-writer-wins), ``REFUSE``
+        (``dest_wins`` kept a local record the write would have replaced) or
+        ``CONFLICT`` (``manual_review``: the write meets a local record).
+    """
+    if stored is None:
+        return APPLY
+    lww = APPLY if wins(version, origin, stored[0], stored_origin) else SKIP
+    if policy == LWW or stored_origin == origin:
+        return lww
+    if policy == SOURCE_WINS:
+        return APPLY
+    if stored[1] != LOCAL_ORIGIN:
+        return lww
+    if policy == DEST_WINS:
+        return REFUSE if lww == APPLY else SKIP
+    return CONFLICT
+
+
+def entry_id(*parts: Any) -> str:
+    """A deterministic id: recording the same event twice (a batch applied again after
+    a crash) updates one row instead of adding another."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
+def iso_ms(ms: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + \
+        f".{int(ms % 1000):03d}Z"
+
+
+def system_put(ctx: WriteContext, storage: Storage, table_name: str,
+               row: dict[str, Any]) -> None:
+    """Store a row of a local-only system table (not logged: it never replicates)."""
+    system = storage.databases[SYSTEM]
+    table = system.tables[table_name]
+    put_record(ctx.txn(system), table, encode_id(row["id"]), storage.hlc.now(),
+               LOCAL_ORIGIN, row)
+
+
+def system_delete(ctx: WriteContext, storage: Storage, table_name: str, ids: list[str]) -> int:
+    """Delete rows of a local-only system table outright (no tombstone: not logged)."""
+    system = storage.databases[SYSTEM]
+    table = system.tables[table_name]
+    txn = ctx.txn(system)
+    return sum(1 for rid in ids if txn.delete(encode_id(rid), db=table.dbi))
+
+
+def _version(stored: Stored, db: Database) -> dict[str, Any]:
+    return {"version": stored[0], "time": iso_ms(version_to_ms(stored[0])),
+            "node": db.origin_names.get(stored[1], ""), "record": stored[2]}
+
+
+@dataclass
+class Review:
+    """Applies the policies for one apply job and counts what they did."""
+
+    storage: Storage
+    peer: str
+    policy_for: PolicyLookup
+    refuse: Callable[[WriteContext, Database, list[Any], int, str, str], None]
+    conflicts: int = 0
+    refused: int = 0
+    touched: list[str] = field(default_factory=list)
+
+    def admit(self, ctx: WriteContext, db: Database, table: Table, op: list[Any],
+              stored: Stored | None, version: int, origin: str) -> bool:
+        """Whether the remote ``op`` may be written over ``stored``; records a conflict
+        or a refusal (dead letter) when its policy keeps it out."""
+        stored_origin = db.origin_names.get(stored[1], "") if stored is not None else ""
+        verdict = decide(self.policy_for(origin, table.name), stored, stored_origin,
+                         version, origin)
+        if verdict == APPLY:
+            return True
+        if verdict == REFUSE:
+            self.refused += 1
+            self.refuse(ctx, db, op, version, origin,
+                        f"refused by the dest_wins policy: the record was last written on "
+                        f"this node at {iso_ms(version_to_ms(stored[0]))}"  # type: ignore[index]
+                        )
+        elif verdict == CONFLICT:
+            assert stored is not None
+            self.conflicts += 1
+            rid = op[2]
+            row = {"id": entry_id(db.name, table.name, rid, origin, version, stored[0]),
+                   "database": db.name, "table": table.name, "record_id": rid,
+                   "node": origin, "peer": self.peer, "time": iso_ms(time.time() * 1000),
+                   "local": _version(stored, db),
+                   "remote": {"version": version, "time": iso_ms(version_to_ms(version)),
+                              "node": origin, "operation": op[1],
+                              "record": None if op[1] == "delete" else op[3]}}
+            system_put(ctx, self.storage, CONFLICTS, row)
+        return False
+
+
+def resolve_job(storage: Storage, conflict: dict[str, Any], keep: str | None,
+                record: dict[str, Any] | None, user: str | None,
+                ) -> Callable[[WriteContext], dict[str, Any]]:
+    """A job writing the chosen version as a normal local write (logged, so it
+    replicates and beats both versions everywhere), then removing the conflict."""
+    db_name, table_name = conflict["database"], conflict["table"]
+    rid = conflict["record_id"]
+
+    def job(ctx: WriteContext) -> dict[str, Any]:
+        db, table = storage.table(db_name, table_name, status=400)
+        txn = ctx.txn(db)
+        key = encode_id(rid)
+        stored = get_stored(txn, table, key)
+        newest = max(int(conflict["local"]["version"]), int(conflict["remote"]["version"]),
+                     stored[0] if stored is not None else 0)
+        version = storage.hlc.now_after(newest)
+        if record is not None:
+            chosen: dict[str, Any] | None = dict(record)
+        else:
+            chosen = conflict["local" if keep == "local" else "remote"]["record"]
+        if chosen is None:
+            put_tombstone(txn, table, key, version, LOCAL_ORIGIN)
+            op = [table_name, "delete", rid, None, table.version]
+        else:
+            chosen = {**chosen, table.primary_key: decode_id(key)}
+            chosen["__updatedtime__"] = version_to_ms(version)
+            put_record(txn, table, key, version, LOCAL_ORIGIN, chosen)
+            op = [table_name, "upsert", rid, chosen, table.version]
+        storage.append_log(ctx, db, [op], version, LOCAL_ORIGIN, user)
+        system_delete(ctx, storage, CONFLICTS, [conflict["id"]])
+        return {"record": chosen, "version": version}
+
+    return job

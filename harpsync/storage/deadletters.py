@@ -1,0 +1,195 @@
+"""Dead letters: replicated changes this node could not apply, kept to reprocess.
+
+A change lands here when it cannot be applied (a table still unknown after retries, a
+value that cannot be stored) or when a ``dest_wins`` policy refused it. The link's
+cursor moves past it in the same transaction, so one bad change never wedges a link.
+A row keeps the transaction itself (origin, version, user, ops), so reprocessing
+applies it exactly as the link would have, under the policies in force then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from harpsync import codec
+from harpsync.storage import ingest
+from harpsync.storage.conflicts import (
+    CONFLICTS,
+    Review,
+    entry_id,
+    iso_ms,
+    system_delete,
+    system_put,
+)
+from harpsync.storage.database import Database
+from harpsync.storage.keys import decode_id
+from harpsync.storage.reads import scan
+from harpsync.storage.store import SYSTEM, Storage
+from harpsync.storage.writer import WriteContext
+
+DEAD_LETTERS = "hdb_dead_letters"
+
+
+class RefusedAgainError(ValueError):
+    """A reprocessed change was refused by its policy again."""
+
+
+def dead_letter(peer: str, database: str, origin: str | None, version: int, user: Any,
+                ops: list[list[Any]], error: str, failed: list[Any] | None = None,
+                ) -> dict[str, Any]:
+    """A dead-letter row for a transaction (or one op of it: ``ops`` has one op).
+
+    ``failed`` is the op that could not be applied (its table and id are shown).
+    """
+    first = failed if failed is not None else (ops[0] if ops else [None, None, None])
+    now = time.time() * 1000
+    return {"id": entry_id(database, origin, version, len(ops),
+                           *(op[:3] for op in ops[:1] if len(ops) == 1)),
+            "peer": peer, "database": database, "table": first[0], "record_id": first[2],
+            "error": error[:500], "time": iso_ms(now), "timestamp": int(now),
+            "node": origin, "version": version, "user": user, "ops": ops}
+
+
+def refuser(storage: Storage, peer: str,
+            ) -> Callable[[WriteContext, Database, list[Any], int, str, str], None]:
+    """The ``Review.refuse`` hook: a refused op becomes a dead letter of its own."""
+
+    def refuse(ctx: WriteContext, db: Database, op: list[Any], version: int, origin: str,
+               error: str) -> None:
+        system_put(ctx, storage, DEAD_LETTERS,
+                   dead_letter(peer, db.name, origin, version, None, [list(op)], error, op))
+
+    return refuse
+
+
+def record_job(storage: Storage, db_name: str, peer: str, rows: Sequence[dict[str, Any]],
+               cursor: dict[str, Any]) -> Callable[[WriteContext], int]:
+    """A job storing dead letters and moving ``peer``'s cursor past them, together."""
+
+    def job(ctx: WriteContext) -> int:
+        for row in rows:
+            system_put(ctx, storage, DEAD_LETTERS, row)
+        db = storage.databases.get(db_name)
+        if db is not None:
+            ingest.write_cursor(ctx, db, peer, cursor)
+        return len(rows)
+
+    return job
+
+
+def entry_letters(peer: str, database: str, entries: Sequence[tuple[int, bytes]],
+                  origins: Mapping[int, str], error: str) -> list[dict[str, Any]]:
+    """Dead letters for undecodable or unappliable log entries (one per entry)."""
+    rows = []
+    for seq, raw in entries:
+        name: str | None
+        try:
+            origin, version, user, ops = codec.unpack(raw)
+            name = origins.get(origin)  # None: cannot be reprocessed (origin unknown)
+        except Exception:
+            name, version, user, ops = None, 0, None, []
+        rows.append({**dead_letter(peer, database, name, int(version), user, list(ops), error),
+                     "seq": seq})
+    return rows
+
+
+def row_letters(peer: str, database: str, table: str, rows: Sequence[tuple[bytes, bytes]],
+                origins: Mapping[int, str], incarnation: int | None,
+                error: str) -> list[dict[str, Any]]:
+    """Dead letters for full-copy rows that could not be applied (one per row)."""
+    out = []
+    for key, raw in rows:
+        version, origin, record = codec.unpack(raw)
+        op = [table, "delete" if record is None else "upsert", decode_id(key), record,
+              incarnation, version]
+        out.append(dead_letter(peer, database, origins.get(origin, peer), version, None,
+                               [op], error))
+    return out
+
+
+def reprocess_job(storage: Storage, row: dict[str, Any], review: Review | None,
+                  ) -> Callable[[WriteContext], int]:
+    """A job applying one dead letter again; it deletes the row when it applied.
+
+    Raises:
+        RefusedAgainError: the policy refused it again (the row stays).
+        UnknownTableError, ValueError, ...: it still cannot be applied.
+    """
+
+    def job(ctx: WriteContext) -> int:
+        db = storage.databases.get(str(row["database"]))
+        if db is None:
+            raise ingest.UnknownTableError(f"database '{row['database']}' does not exist")
+        if not row.get("node") or not row.get("ops"):
+            raise ValueError("the change's origin or operations could not be read")
+        origin, version = str(row["node"]), int(row["version"])
+        stats = ingest.ApplyStats()
+        origin_id = ingest.local_origin(ctx, db, origin)
+        applied = [op for op in row["ops"] if ingest.apply_op(
+            storage, ctx, db, op, version, origin, origin_id, stats, review)]
+        if review is not None and review.refused:
+            raise RefusedAgainError(f"refused again: {row['error']}")
+        if applied:
+            storage.append_log(ctx, db, applied, version, origin_id, row.get("user"))
+        system_delete(ctx, storage, DEAD_LETTERS, [str(row["id"])])
+        return len(applied)
+
+    return job
+
+
+def delete_job(storage: Storage, table: str, ids: list[str]) -> Callable[[WriteContext], int]:
+    return lambda ctx: system_delete(ctx, storage, table, ids)
+
+
+def rows_of(storage: Storage, table: str) -> list[dict[str, Any]]:
+    system = storage.databases[SYSTEM]
+    return list(scan(system, system.tables[table]))
+
+
+def count(storage: Storage, table: str) -> int:
+    """Rows in a local system table (LMDB's entry count, no scan)."""
+    system = storage.databases.get(SYSTEM)
+    if system is None or table not in system.tables:
+        return 0
+    with system.env.begin() as txn:
+        return int(txn.stat(system.tables[table].dbi)["entries"])
+
+
+def select(rows: Iterable[dict[str, Any]], filters: Mapping[str, Any],
+           limit: int | None) -> list[dict[str, Any]]:
+    """Rows matching every given filter (``node`` matches the peer or the origin),
+    oldest first, at most ``limit``."""
+    out = []
+    for row in rows:
+        if any(v is not None and k not in ("node", "error") and row.get(k) != v
+               for k, v in filters.items()):
+            continue
+        node = filters.get("node")
+        if node is not None and node not in (row.get("peer"), row.get("node")):
+            continue
+        if filters.get("error") is not None and filters["error"] not in str(row.get("error")):
+            continue
+        out.append(row)
+    out.sort(key=lambda r: (str(r.get("time")), str(r.get("id"))))
+    return out if limit is None else out[:limit]
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals by peer, by table and by error, and the oldest and newest entry."""
+    ordered = sorted(rows, key=lambda r: (str(r.get("time")), str(r.get("id"))))
+    return {
+        "total": len(rows),
+        "by_peer": dict(Counter(str(r.get("peer")) for r in rows)),
+        "by_table": dict(Counter(f"{r.get('database')}.{r.get('table')}" for r in rows)),
+        "by_error": dict(Counter(str(r.get("error")) for r in rows)),
+        "oldest": ordered[0] if ordered else None,
+        "newest": ordered[-1] if ordered else None,
+    }
+
+
+__all__ = ["CONFLICTS", "DEAD_LETTERS", "RefusedAgainError", "count", "dead_letter",
+           "delete_job", "entry_letters", "record_job", "refuser", "reprocess_job", "row_letters",
+           "rows_of", "select", "summary"]

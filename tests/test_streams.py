@@ -1,0 +1,279 @@
+"""Operator control of streams (issue 11, items 1-3): conflict policies, conflicts and
+their resolution, dead letters, stream status, pause across a restart, replay from a
+time. Two real nodes share one module-scoped pair; node a receives from node b."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from harpsync.config import CONFLICT_POLICIES, Config
+from harpsync.errors import ConfigError
+from harpsync.storage.conflicts import APPLY, CONFLICT, POLICIES, REFUSE, SKIP, decide
+from tests.helpers import ADMIN, InProcessNode, wait_for
+
+POLICY_TABLES = {"t_lww": "last_writer_wins", "t_src": "source_wins",
+                 "t_dst": "dest_wins", "t_man": "manual_review"}
+
+
+def sub(database: str, table: str, conflict: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"database": database, "table": table, "subscribe": True,
+                           "publish": True}
+    if conflict:
+        out["conflict"] = conflict
+    return out
+
+
+SUBSCRIPTIONS = [*(sub("pol", t, p) for t, p in POLICY_TABLES.items()),
+                 sub("dl", "__audit"), sub("dl", "fine")]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
+    root = tmp_path_factory.mktemp("streams")
+    a = InProcessNode("node-a", root / "a").start()
+    b = InProcessNode("node-b", root / "b").start()
+    try:
+        b.call("create_database", database="pol")
+        for table in POLICY_TABLES:
+            b.call("create_table", database="pol", table=table, primary_key="id")
+        a.call("add_node", hostname="node-b", url=b.repl_url, verify_tls=False,
+               authorization={"username": ADMIN[0], "password": ADMIN[1]},
+               subscriptions=SUBSCRIPTIONS)
+        wait_for(lambda: _has_db(a, "pol") and set(a.call("describe_database",
+                                                          database="pol")) >= set(POLICY_TABLES),
+                 timeout=20, message="pol tables on node-a")
+        wait_for(lambda: running(a, "node-b", "pol"), timeout=20, message="pol streaming")
+        yield a, b
+    finally:
+        b.close()
+        a.close()
+
+
+def _has_db(node: Any, name: str) -> bool:
+    return name in node.call("describe_all")
+
+
+def streams(target: Any, **filters: Any) -> list[dict[str, Any]]:
+    return target.call("get_replication_status", **filters)["streams"]
+
+
+def stream(target: Any, peer: str, database: str) -> dict[str, Any]:
+    found = streams(target, node=peer, database=database)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def running(node: Any, peer: str, database: str) -> bool:
+    entry = stream(node, peer, database)
+    return entry["state"] == "running" and entry["lag_events"] == 0
+
+
+def value(node: Any, table: str, rid: str, database: str = "pol") -> Any:
+    rows = node.call("search_by_id", database=database, table=table, ids=[rid],
+                     get_attributes=["*"])
+    return rows[0]["v"] if rows else None
+
+
+def upsert(node: Any, table: str, rid: str, v: str, database: str = "pol") -> None:
+    node.call("upsert", database=database, table=table, records=[{"id": rid, "v": v}])
+
+
+def test_decide_is_the_pure_policy_rule() -> None:
+    """The rule: LWW between one origin's versions, else what the policy says."""
+    assert POLICIES == CONFLICT_POLICIES
+    local_old, remote_new = (5, 0, {"v": 1}), 9
+    assert decide("last_writer_wins", local_old, "a", remote_new, "b") == APPLY
+    assert decide("last_writer_wins", (10, 0, {}), "a", 9, "b") == SKIP
+    assert decide("source_wins", (10, 0, {}), "a", 9, "b") == APPLY
+    assert decide("source_wins", (10, 2, {}), "b", 9, "b") == SKIP  # own older version
+    assert decide("dest_wins", local_old, "a", remote_new, "b") == REFUSE
+    assert decide("dest_wins", (10, 0, {}), "a", 9, "b") == SKIP
+    assert decide("dest_wins", (5, 3, {}), "c", 9, "b") == APPLY  # not written here
+    assert decide("manual_review", local_old, "a", remote_new, "b") == CONFLICT
+    assert decide("manual_review", (10, 0, {}), "a", 9, "b") == CONFLICT
+    assert decide("manual_review", None, "", 9, "b") == APPLY
+
+
+def test_node_default_policy_is_validated() -> None:
+    """replication.conflict defaults to last_writer_wins and rejects unknown names."""
+    assert Config.load(None, env={}).get("replication.conflict") == "last_writer_wins"
+    with pytest.raises(ConfigError, match="replication.conflict"):
+        Config.load(None, env={"REPLICATION_CONFLICT": "newest"})
+
+
+def test_each_policy_on_a_conflicting_pair_then_resolution_replicates(pair) -> None:
+    """node-a pauses its stream from node-b; both write the same ids; on resume each
+    table's policy decides, manual_review holds both versions, a resolution replicates,
+    and a dest_wins refusal is reprocessed once the policy is changed."""
+    a, b = pair
+    a.call("pause_replication", hostname="node-b", database="pol")
+    assert stream(a, "node-b", "pol")["state"] == "paused"
+    for table in POLICY_TABLES:  # "older": node-b writes first, node-a after it
+        upsert(b, table, "older", "b")
+    for table in POLICY_TABLES:
+        upsert(a, table, "older", "a")
+        upsert(a, table, "newer", "a")
+    wait_for(lambda: all(value(b, t, "newer") == "a" for t in POLICY_TABLES),
+             message="node-a's writes on node-b")
+    for table in POLICY_TABLES:  # "newer": node-b overwrites node-a's write
+        upsert(b, table, "newer", "b")
+    a.call("resume_replication", hostname="node-b", database="pol")
+    wait_for(lambda: value(a, "t_lww", "newer") == "b", message="stream resumed")
+    wait_for(lambda: running(a, "node-b", "pol"), message="caught up")
+
+    assert (value(a, "t_lww", "older"), value(a, "t_lww", "newer")) == ("a", "b")
+    assert (value(a, "t_src", "older"), value(a, "t_src", "newer")) == ("b", "b")
+    assert (value(a, "t_dst", "older"), value(a, "t_dst", "newer")) == ("a", "a")
+    assert (value(a, "t_man", "older"), value(a, "t_man", "newer")) == ("a", "a")
+
+    found = a.call("list_conflicts", database="pol", table="t_man")["conflicts"]
+    assert sorted(c["record_id"] for c in found) == ["newer", "older"]
+    for conflict in found:
+        assert conflict["local"]["record"]["v"] == "a"
+        assert conflict["remote"]["record"]["v"] == "b"
+        assert conflict["node"] == "node-b" and conflict["local"]["node"] == "node-a"
+    assert a.call("list_conflicts", node="node-c")["conflicts"] == []
+    assert len(a.call("list_conflicts", limit=1)["conflicts"]) == 1
+    by_id = {c["record_id"]: c for c in found}
+    a.call("resolve_conflict", id=by_id["older"]["id"], keep="remote")
+    a.call("resolve_conflict", id=by_id["newer"]["id"], record={"v": "merged"})
+    assert value(a, "t_man", "older") == "b"
+    wait_for(lambda: value(b, "t_man", "newer") == "merged", message="resolution replicated")
+    wait_for(lambda: value(b, "t_man", "older") == "b", message="resolution replicated")
+    assert a.call("list_conflicts")["conflicts"] == []
+    a.call("resolve_conflict", expect=404, id=by_id["older"]["id"], keep="local")
+
+    # dest_wins refused node-b's newer write: a dead letter, kept until the cause goes.
+    letters = a.call("list_dead_letters", table="t_dst")
+    assert [d["record_id"] for d in letters["dead_letters"]] == ["newer"]
+    assert "dest_wins" in letters["dead_letters"][0]["error"]
+    assert letters["summary"]["by_peer"] == {"node-b": 1}
+    again = a.call("reprocess_dead_letters", table="t_dst")
+    assert (again["succeeded"], again["failed"]) == (0, 1)
+    a.call("update_node", hostname="node-b",
+           subscriptions=[sub("pol", "t_dst", "last_writer_wins")])
+    done = a.call("reprocess_dead_letters", table="t_dst")
+    assert (done["succeeded"], done["failed"]) == (1, 0)
+    assert value(a, "t_dst", "newer") == "b"
+    assert a.call("list_dead_letters", table="t_dst")["dead_letters"] == []
+
+    metrics = httpx.get(a.url + "metrics").text
+    assert 'harpsync_replication_conflicts_total{database="pol",peer="node-b"} 2.0' in metrics
+    assert 'harpsync_replication_dead_letters_total{database="pol",peer="node-b"} 1.0' \
+        in metrics
+    assert "harpsync_replication_conflicts_pending 0.0" in metrics
+
+
+def test_unknown_table_goes_to_dead_letters_and_is_reprocessed(pair) -> None:
+    """A table node-a never learns (a name starting with '__' is skipped in hellos)
+    wedged the copy for good; now its rows go to the dead letters after retries, the
+    link moves on, and they apply once the table exists."""
+    a, b = pair
+    a.call("pause_replication", hostname="node-b", database="system")
+    b.call("create_database", database="dl")
+    b.call("create_table", database="dl", table="__audit", primary_key="id")
+    b.call("create_table", database="dl", table="fine", primary_key="id")
+    b.call("insert", database="dl", table="__audit", records=[{"id": 1}, {"id": 2}])
+    b.call("insert", database="dl", table="fine", records=[{"id": 1}])
+    a.call("resume_replication", hostname="node-b", database="system")
+    wait_for(lambda: _has_db(a, "dl"), timeout=20, message="dl on node-a")
+    # While the copy retries the chunk it cannot apply, the stream shows a snapshot.
+    wait_for(lambda: stream(a, "node-b", "dl")["state"] == "snapshot", timeout=20,
+             interval=0.005, message="copy in progress")
+    wait_for(lambda: a.call("list_dead_letters", database="dl")["summary"]["total"] == 2,
+             timeout=20, message="dead letters for the copy")
+    b.call("insert", database="dl", table="__audit", records=[{"id": 3}])
+    wait_for(lambda: a.call("list_dead_letters", database="dl")["summary"]["total"] == 3,
+             timeout=20, message="dead letter for the streamed entry")
+    b.call("insert", database="dl", table="fine", records=[{"id": 2}])
+    wait_for(lambda: a.count("fine", "dl") == 2, message="the link moved past them")
+    status = stream(a, "node-b", "dl")
+    assert status["dead_letters"] == 3 and status["errors_last_hour"] >= 1
+    assert "not known here yet" in status["last_error"]
+    summary = a.call("list_dead_letters", node="node-b", database="dl")["summary"]
+    assert summary["by_table"] == {"dl.__audit": 3}
+    assert summary["oldest"]["time"] <= summary["newest"]["time"]
+
+    failed = a.call("reprocess_dead_letters", database="dl", limit=1)
+    assert (failed["succeeded"], failed["failed"]) == (0, 1)
+    a.call("create_table", database="dl", table="__audit", primary_key="id")
+    done = a.call("reprocess_dead_letters", node="node-b", database="dl",
+                  error="not known here yet")
+    assert (done["succeeded"], done["failed"]) == (3, 0)
+    assert a.count("__audit", "dl") == 3
+    assert a.call("list_dead_letters")["summary"]["total"] == 0
+
+
+def test_status_fields_pause_survives_restart_and_replay_from_a_time(pair) -> None:
+    """Streaming status carries checkpoints and counters; a pause survives a restart;
+    replay from a wall-clock time re-applies what node-b wrote after it."""
+    a, b = pair
+    before = datetime.now(UTC).isoformat()
+    upsert(b, "t_src", "replayed", "b")
+    wait_for(lambda: value(a, "t_src", "replayed") == "b", message="write replicated")
+    wait_for(lambda: running(a, "node-b", "pol"), message="pol running")
+    entry = stream(a, "node-b", "pol")
+    assert entry["name"] == "node-b/pol" and entry["connected"]
+    assert entry["last_event"]["version"] > 0 and entry["last_event"]["time"].endswith("Z")
+    assert entry["last_checkpoint"]["sequence"] > 0 and entry["last_checkpoint"]["time"]
+    assert entry["events_replicated"] > 0 and entry["bytes_replicated"] > 0
+    assert entry["lag_seconds"] == 0 and entry["lag_events"] == 0
+    assert entry["conflict"] == "last_writer_wins"
+    assert entry["conflict_tables"]["t_src"] == "source_wins"
+    assert {s["database"] for s in streams(a, node="node-b")} >= {"pol", "system", "dl"}
+
+    upsert(a, "t_src", "replayed", "a")  # source_wins: a replay brings node-b's back
+
+    a.call("pause_replication", hostname="node-b", database="pol")
+    a.restart()
+    assert stream(a, "node-b", "pol")["state"] == "paused"
+    assert stream(a, "node-b", "system")["state"] != "paused"
+    subs = a.call("cluster_status")["connections"][0]["subscriptions"]
+    assert {s["table"]: s.get("conflict") for s in subs}["t_man"] == "manual_review"
+    upsert(b, "t_lww", "while-paused", "b")
+    a.call("resume_replication", hostname="node-b", database="pol")
+    wait_for(lambda: value(a, "t_lww", "while-paused") == "b", message="resumed after restart")
+    assert value(a, "t_src", "replayed") == "a"
+
+    a.call("replay_replication", hostname="node-b", database="pol", **{"from": before})
+    wait_for(lambda: value(a, "t_src", "replayed") == "b", message="replayed from the time")
+    a.call("replay_replication", expect=400, hostname="node-b", **{"from": "yesterday"})
+
+
+def test_bad_input_is_a_4xx_naming_the_problem(pair) -> None:
+    """Unknown policies, peers and conflicts, and ambiguous resolutions are refused."""
+    a, _b = pair
+    bad = a.call("update_node", expect=400, hostname="node-b",
+                 subscriptions=[sub("pol", "t_lww", "newest_wins")])
+    assert "conflict" in bad["error"]
+    assert "node-z" in a.call("get_replication_status", expect=400, node="node-z")["error"]
+    assert "nope" in a.call("get_replication_status", expect=400, database="nope")["error"]
+    a.call("resolve_conflict", expect=400, id="x", keep="local", record={"v": 1})
+    a.call("resolve_conflict", expect=400, id="x", keep="mine")
+    a.call("resolve_conflict", expect=404, id="x", keep="local")
+    assert "ids" in a.call("delete_dead_letters", expect=400)["error"]
+    assert a.call("delete_dead_letters", all=True)["deleted"] == 0
+    a.call("list_dead_letters", expect=400, limit=0)
+    response = a.post({"operation": "list_conflicts"}, auth=("nobody", "x"))
+    assert response.status_code == 401
+
+
+def test_policy_lookup_order_and_the_system_database(pair) -> None:
+    """A table's policy beats the peer's, which beats the node default; the system
+    database (users, roles) is always last-writer-wins."""
+    a, _b = pair
+    a.call("update_node", hostname="node-b", conflict="source_wins")
+    rep = a.node.cluster
+    lookup = rep.policy_lookup("pol")
+    assert lookup("node-b", "t_man") == "manual_review"
+    assert lookup("node-b", "untracked") == "source_wins"
+    assert lookup("node-x", "t_man") == "last_writer_wins"
+    assert rep.policy_lookup("system") is None
+    assert stream(a, "node-b", "pol")["conflict"] == "source_wins"
+    a.call("update_node", hostname="node-b", conflict="last_writer_wins")
+    assert stream(a, "node-b", "pol")["conflict"] == "last_writer_wins"
