@@ -18,12 +18,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from harpsync import requests_ctx
 from harpsync.errors import (
     BadRequestError,
     HarpsyncError,
     PayloadTooLargeError,
     TooManyRequestsError,
+    code_for_status,
 )
+from harpsync.requests_ctx import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +159,23 @@ def build_app(services: Any) -> Any:
                           int(services.config.get("operationsApi.rateLimit.burst") or 1))
 
     async def run_operation(header: str | None, declared: bytes | None, receive: Any,
-                            client: str) -> tuple[int, Any, dict[str, str]]:
+                            client: str, request_id: bytes | str | None = None,
+                            ) -> tuple[int, Any, dict[str, str]]:
+        request = requests_ctx.begin(request_id)
+        started = time.perf_counter()
+        status, payload, headers, name = await _run_operation(header, declared, receive, client)
+        if status != 200:
+            payload["request_id"] = request.request_id
+        else:
+            headers.update(request.headers)
+        headers[REQUEST_ID_HEADER] = request.request_id
+        services.metrics.observe_operation(name, status, time.perf_counter() - started)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("operation %s answered %d", name or "(rejected)", status)
+        return status, payload, headers
+
+    async def _run_operation(header: str | None, declared: bytes | None, receive: Any,
+                             client: str) -> tuple[int, Any, dict[str, str], str | None]:
         headers: dict[str, str] = {}
         try:
             # A password check is a deliberately slow scrypt: keep it off the event loop.
@@ -179,20 +198,21 @@ def build_app(services: Any) -> Any:
                 chunks.append(chunk)
                 if not message.get("more_body"):
                     break
-            body = parse_json(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            try:
+                body = parse_json(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            except BadRequestError as exc:
+                exc.code = "INVALID_REQUEST"  # malformed, as opposed to failing validation
+                raise
             result = await services.dispatcher.run(services, user, body)
-            services.metrics.count_operation(body["operation"], 200)
-            return 200, result, headers
+            return 200, result, headers, body["operation"]
         except TooManyRequestsError as exc:
-            services.metrics.count_operation(None, exc.status)
-            return exc.status, exc.body(), exc.headers
+            return exc.status, exc.body(), exc.headers, None
         except HarpsyncError as exc:
-            services.metrics.count_operation(None, exc.status)
-            return exc.status, exc.body(), headers
+            return exc.status, exc.body(), headers, None
         except Exception:
             log.exception("operation failed with an unexpected error")
-            services.metrics.count_operation(None, 500)
-            return 500, {"error": "Internal error; see the node log"}, headers
+            return 500, {"error": "Internal error; see the node log",
+                         "code": "INTERNAL_ERROR"}, headers, None
 
     async def health(request: Request) -> Response:
         report = services.health()
@@ -204,16 +224,21 @@ def build_app(services: Any) -> Any:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         # Unknown paths and methods get the same {"error": ...} shape as everything else.
+        request_id = requests_ctx.current_id()
         if not isinstance(exc, HTTPException):
-            return json_response({"error": "Internal error; see the node log"}, 500)
-        response = json_response({"error": exc.detail}, exc.status_code)
+            log.error("request failed: %r", exc)
+            return json_response({"error": "Internal error; see the node log",
+                                  "code": "INTERNAL_ERROR", "request_id": request_id}, 500)
+        response = json_response({"error": exc.detail, "code": code_for_status(exc.status_code),
+                                  "request_id": request_id}, exc.status_code)
         response.headers.update(exc.headers or {})
         return response
 
     async def operations(request: Request) -> Response:  # reached only via Starlette
         status, payload, headers = await run_operation(
             request.headers.get("authorization"), None, request.receive,
-            request.client.host if request.client else "")
+            request.client.host if request.client else "",
+            request.headers.get(REQUEST_ID_HEADER))
         response = json_response(payload, status)
         response.headers.update(headers)
         return response
@@ -223,21 +248,41 @@ def build_app(services: Any) -> Any:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
+                                                            Exception: http_error})
+
+    async def other(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Everything but ``POST /``: Starlette, with the request id on every response."""
+        if scope["type"] not in ("http", "websocket"):
+            await starlette(scope, receive, send)
+            return
+        sent = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        header = (b"x-request-id", requests_ctx.begin(sent).request_id.encode())
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] in ("http.response.start", "websocket.accept",
+                                   "websocket.http.response.start"):
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        await starlette(scope, receive, send_with_id)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/":
-            await starlette(scope, receive, send)
+            await other(scope, receive, send)
             return
-        header = declared = None
+        header = declared = request_id = None
         for key, value in scope["headers"]:
             if key == b"authorization":
                 header = value.decode("latin-1")
             elif key == b"content-length":
                 declared = value
+            elif key == b"x-request-id":
+                request_id = value
         client = scope.get("client")
         status, payload, extra = await run_operation(header, declared, receive,
-                                                     str(client[0]) if client else "")
+                                                     str(client[0]) if client else "",
+                                                     request_id)
         data = json.dumps(payload, separators=(",", ":"), default=str).encode()
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(data)).encode())]

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import uvicorn
 
-from harpsync import procinfo
+from harpsync import procinfo, requests_ctx
 from harpsync.app import build_app
 from harpsync.auth import SUPER_ROLE, Authenticator
 from harpsync.config import Config
@@ -84,6 +84,9 @@ class Node:
         if self.env.get(OFFSET_ENV):
             self.storage.hlc.offset_ms = int(self.env[OFFSET_ENV])
         self.metrics = Metrics()
+        requests_ctx.install_log_context()
+        self.storage.on_write_version = requests_ctx.note_version
+        self.storage.writer.on_group = self.metrics.observe_group
         self.dispatcher = Dispatcher(SchemaRegistry.load())
         for module in OPERATION_MODULES:
             self.dispatcher.register(*module.OPERATIONS)
