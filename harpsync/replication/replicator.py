@@ -63,6 +63,10 @@ class Replicator:
                                    self.replicated_databases, self._known_origins)
         self.publishers: dict[tuple[str, str], set[Publisher]] = {}
         self.acks: dict[tuple[str, str], int] = {}
+        # How far each peer has durably applied this node's log, per database (acks and
+        # the cursor a subscribe starts from); listeners hear of every advance.
+        self.positions: dict[tuple[str, str], int] = {}
+        self.position_listeners: list[Callable[[], None]] = []
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
         self._server: Any = None
         self._sock: socket.socket | None = None
@@ -632,6 +636,18 @@ class Replicator:
     # -- hooks used by links -----------------------------------------------------------
     def note_ack(self, peer: str, database: str, seq: int) -> None:
         self.acks[(peer, database)] = seq
+        self.note_position(peer, database, seq)
+
+    def note_position(self, peer: str, database: str, seq: int, reset: bool = False) -> None:
+        """``peer`` holds this node's ``database`` log through ``seq`` (``reset``: it
+        starts a full copy, so it holds nothing certain until that ends)."""
+        key = (peer, database)
+        if reset:
+            self.positions[key] = 0
+        elif seq > self.positions.get(key, 0):
+            self.positions[key] = seq
+            for listener in list(self.position_listeners):
+                listener()
 
     def note_received(self, peer: str, database: str, txns: int, size: int) -> None:
         self.metrics.txns_received.labels(peer, database).inc(txns)
