@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from harpsync import requests_ctx
+from harpsync import probes, requests_ctx
 from harpsync.errors import (
     BadRequestError,
     HarpsyncError,
@@ -218,6 +218,20 @@ def build_app(services: Any) -> Any:
         report = services.health()
         return json_response(report, 200 if report["status"] == "ok" else 503)
 
+    async def ready(request: Request) -> Response:
+        status, report = probes.readiness(services)
+        return json_response(report, status)
+
+    async def health_component(request: Request) -> Response:
+        name = request.path_params["component"]
+        found = probes.health_component(services, name)
+        if found is None:
+            return json_response({"error": f"unknown health component '{name[:100]}': use "
+                                           f"{', '.join(probes.COMPONENTS)} or a peer's name",
+                                  "code": "NOT_FOUND",
+                                  "request_id": requests_ctx.current_id()}, 404)
+        return json_response(found[1], found[0])
+
     async def metrics(request: Request) -> Response:
         data, content_type = services.metrics_report()
         return Response(data, media_type=content_type)
@@ -247,6 +261,8 @@ def build_app(services: Any) -> Any:
         Route("/", operations, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/health/{component}", health_component, methods=["GET"]),
     ]
     starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
                                                             Exception: http_error})

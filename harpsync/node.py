@@ -207,6 +207,16 @@ class Node:
         await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_user",
                                                       [record], "insert", None))
 
+    def listeners_up(self) -> dict[str, bool]:
+        """Whether each listener accepts connections (``GET /ready``)."""
+        up = {"operations API": bool(self._servers) and all(
+            server.started and not server.should_exit and not task.done()
+            for server, task in self._servers)}
+        if self.cluster is not None:
+            server = self.cluster._server
+            up["replication"] = server is not None and bool(server.is_serving())
+        return up
+
     def metrics_report(self) -> tuple[bytes, str]:
         """``GET /metrics``: refresh the per-link gauges, then render."""
         if self.cluster is not None:
