@@ -16,9 +16,11 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from harpsync import probes, requests_ctx
+from harpsync.changes import ChangeFeed
 from harpsync.errors import (
     BadRequestError,
     HarpsyncError,
@@ -143,6 +145,32 @@ class RateLimiter:
         return headers
 
 
+class _SocketChannel:
+    """A Starlette WebSocket as the change feed's ``Channel``."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+
+    async def receive_text(self) -> str | None:
+        while True:
+            try:
+                message = await self.websocket.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return None
+            if message["type"] == "websocket.disconnect":
+                return None
+            if message.get("text") is not None:
+                return str(message["text"])
+            if message.get("bytes") is not None:
+                return bytes(message["bytes"]).decode("utf-8", errors="replace")
+
+    async def send_text(self, text: str) -> None:
+        await self.websocket.send_text(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.websocket.close(code, reason)
+
+
 def build_app(services: Any) -> Any:
     """The ASGI app; ``services`` is the node's composition of collaborators.
 
@@ -232,6 +260,26 @@ def build_app(services: Any) -> Any:
                                   "request_id": requests_ctx.current_id()}, 404)
         return json_response(found[1], found[0])
 
+    feed = ChangeFeed(services.storage, services.metrics,
+                      int(services.config.get("operationsApi.changes.maxQueue") or 10_000),
+                      int(services.config.get("operationsApi.changes.maxClients") or 100))
+
+    async def changes_socket(websocket: WebSocket) -> None:
+        """``/changes``: the same Basic login as ``POST /`` on the upgrade request."""
+        client = websocket.client.host if websocket.client else ""
+        header = websocket.headers.get("authorization")
+        try:
+            user = (services.auth.cached(header)
+                    or await asyncio.to_thread(services.auth.authenticate, header, client))
+        except HarpsyncError as exc:
+            denial = json_response({**exc.body(), "request_id": requests_ctx.current_id()},
+                                   exc.status)
+            denial.headers.update(getattr(exc, "headers", {}))
+            await websocket.send_denial_response(denial)
+            return
+        await websocket.accept()
+        await feed.serve(_SocketChannel(websocket), user, requests_ctx.current_id())
+
     async def metrics(request: Request) -> Response:
         data, content_type = services.metrics_report()
         return Response(data, media_type=content_type)
@@ -263,6 +311,7 @@ def build_app(services: Any) -> Any:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/health/{component}", health_component, methods=["GET"]),
+        WebSocketRoute("/changes", changes_socket),
     ]
     starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
                                                             Exception: http_error})

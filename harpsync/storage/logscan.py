@@ -58,3 +58,26 @@ def local_version_at(db: Database, seq: int) -> int:
 def newest_local_version(db: Database) -> int:
     """The version of this node's newest entry in the log (0 if none)."""
     return local_version_at(db, db.next_seq)
+
+
+def entry_seq_of_version(db: Database, version: int) -> int | None:
+    """The sequence of the log entry stamped ``version`` (``None`` if none is left).
+
+    Two origins can stamp the same version (their clocks met in one millisecond); the
+    earliest such entry near the end of the log is returned, so a feed resuming from
+    it repeats rather than skips.
+    """
+    found: int | None = None
+    with db.env.begin() as txn:
+        cur = txn.cursor(db=db.txns_dbi)
+        if not cur.last():
+            return None
+        for scanned, (key, value) in enumerate(cur.iterprev()):
+            if scanned > SCAN_LIMIT:
+                break
+            entry_version = codec.unpack_head(value, 2)[1]
+            if entry_version == version:
+                found = seq_of(key)
+            elif found is not None and entry_version < version:
+                break  # past the entries stamped at or after it
+    return found
