@@ -111,12 +111,6 @@ class Metrics:
         self.group_size.observe(jobs)
         self.commit_seconds.observe(commit_seconds)
 
-    def observe_apply(self, peer: str, database: str, seconds: float,
-                      delay_seconds: float | None) -> None:
-        self.apply_seconds.labels(peer, database).observe(seconds)
-        if delay_seconds is not None and delay_seconds >= 0:
-            self.apply_delay.labels(peer).observe(delay_seconds)
-
     def set_copy(self, peer: str, database: str, progress: dict[str, int] | None) -> None:
         """Full-copy progress of one link (``None``: no copy running)."""
         self.copying.labels(peer, database).set(0 if progress is None else 1)

@@ -221,6 +221,8 @@ class Node:
         """``GET /metrics``: refresh the per-link gauges, then render."""
         if self.cluster is not None:
             cluster_status(self.cluster)  # sets lag and connected gauges as it goes
+            for (peer, database), sub in list(self.cluster.subscribers.items()):
+                self.metrics.set_copy(peer, database, sub.copy_progress)
         return self.metrics.render()
 
     # -- reports -----------------------------------------------------------------------

@@ -75,34 +75,40 @@ def ready(node: Any) -> tuple[int, dict[str, Any]]:
     return response.status_code, response.json()
 
 
-def test_ready_is_503_during_a_startup_copy(source, tmp_path):
+@pytest.fixture(scope="module")
+def joiner(source: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """node-c (not joined yet) and the proxy it will reach node-a through."""
+    c = InProcessNode("node-c", tmp_path_factory.mktemp("probes-c") / "node-c",
+                      SLOW_PINGS).start()
+    proxy = BudgetProxy(source.repl_port, budget=1_000_000)
+    yield {"node": c, "proxy": proxy}
+    proxy.release()
+    c.close()
+    proxy.close()
+
+
+def test_ready_is_503_during_a_startup_copy(source, joiner):
     """A new node is not ready while its first copy of dev runs (503 naming the database
     and the peer), and is ready once the copy completes."""
-    c = InProcessNode("node-c", tmp_path / "node-c", SLOW_PINGS).start()
-    proxy = BudgetProxy(source.repl_port, budget=1_000_000)
-    try:
-        assert ready(c) == (200, {"ready": True})
-        c.call("add_node", hostname="node-a", url=proxy.url, verify_tls=False,
-               authorization=CREDS)
+    c, proxy = joiner["node"], joiner["proxy"]
+    assert ready(c) == (200, {"ready": True})
+    c.call("add_node", hostname="node-a", url=proxy.url, verify_tls=False,
+           authorization=CREDS)
 
-        def copying_dev() -> dict[str, Any] | None:
-            status, body = ready(c)
-            reasons = body.get("reasons", [])
-            return body if status == 503 and any("'dev'" in r for r in reasons) else None
+    def copying_dev() -> dict[str, Any] | None:
+        status, body = ready(c)
+        reasons = body.get("reasons", [])
+        return body if status == 503 and any("'dev'" in r for r in reasons) else None
 
-        body = wait_for(copying_dev, timeout=30, message="node-c not ready during its copy")
-        assert body["ready"] is False
-        assert any("database 'dev' is receiving its first full copy from node-a" in r
-                   for r in body["reasons"]), body
-        assert c.count("dog", "dev") < RECORDS  # it really is half way
-        proxy.release()
-        wait_for(lambda: ready(c)[0] == 200, timeout=30, message="node-c ready after the copy")
-        assert c.count("dog", "dev") == RECORDS
-        assert ready(c) == (200, {"ready": True})
-    finally:
-        proxy.release()
-        c.close()
-        proxy.close()
+    body = wait_for(copying_dev, timeout=30, message="node-c not ready during its copy")
+    assert body["ready"] is False
+    assert any("database 'dev' is receiving its first full copy from node-a" in r
+               for r in body["reasons"]), body
+    assert c.count("dog", "dev") < RECORDS  # it really is half way
+    proxy.release()
+    wait_for(lambda: ready(c)[0] == 200, timeout=30, message="node-c ready after the copy")
+    assert c.count("dog", "dev") == RECORDS
+    assert ready(c) == (200, {"ready": True})
 
 
 def test_health_components(source):
@@ -125,24 +131,19 @@ def test_health_components(source):
     assert "unknown health component 'nothing-here'" in harper_error(unknown.json())["error"]
 
 
-def test_health_of_a_peer(source, tmp_path):
+def test_health_of_a_peer(source, joiner):
     """/health/<peer> lists that peer's links: 200 while connected, 503 once it stops."""
-    b = InProcessNode("node-b", tmp_path / "node-b", SLOW_PINGS).start()
-    try:
-        source.call("add_node", hostname="node-b", url=b.repl_url, verify_tls=False,
-                    authorization=CREDS)
+    c = joiner["node"]
 
-        def peer() -> tuple[int, dict[str, Any]]:
-            response = source.client.get(source.url + "health/node-b")
-            return response.status_code, response.json()
+    def peer() -> tuple[int, dict[str, Any]]:
+        response = source.client.get(source.url + "health/node-c")
+        return response.status_code, response.json()
 
-        status, body = wait_for(lambda: peer()[0] == 200 and peer(), timeout=30,
-                                message="node-b links up")
-        assert body["node"] == "node-b" and body["links"]
-        assert all(link["node"] == "node-b" for link in body["links"])
-        b.stop()
-        status, body = wait_for(lambda: peer()[0] == 503 and peer(), timeout=30,
-                                message="node-b shown down")
-        assert body["status"] == "degraded"
-    finally:
-        b.close()
+    status, body = wait_for(lambda: peer()[0] == 200 and peer(), timeout=30,
+                            message="node-c links up")
+    assert body["node"] == "node-c" and body["links"]
+    assert all(link["node"] == "node-c" for link in body["links"])
+    c.stop()
+    status, body = wait_for(lambda: peer()[0] == 503 and peer(), timeout=30,
+                            message="node-c shown down")
+    assert body["status"] == "degraded"

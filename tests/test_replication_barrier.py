@@ -113,3 +113,33 @@ def test_wait_for_replication_times_out_on_a_stopped_peer(pair):
     answer = wait(a, version=version, database="dev", timeout=30000)
     assert answer.status_code == 200, answer.text
     assert by_id(b, "dog", 20, "dev") is not None
+
+
+def test_metrics_follow_prometheus_conventions(pair):
+    """/metrics has latency histograms per operation, apply time and delay per peer,
+    group commit size and time, reconnects (node-b was restarted above) and copy
+    progress; every counter ends in _total and no _created series is sent."""
+    a, b = pair
+    write = a.post({"operation": "upsert", "database": "dev", "table": "dog",
+                    "records": [{"id": 30}]})
+    assert wait(a, version=write.headers[VERSION], database="dev",
+                timeout=20000).status_code == 200
+    text = a.client.get(a.url + "metrics").text
+    samples = {line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    assert samples['harpsync_operation_duration_seconds_count{operation="upsert"}'] >= 1
+    assert samples['harpsync_operation_duration_seconds_count{operation="rejected"}'] >= 1
+    assert samples["harpsync_writer_group_jobs_count"] >= 1
+    assert samples["harpsync_writer_commit_seconds_count"] >= 1
+    assert samples["harpsync_writer_commits_total"] >= 1
+    assert any(k.startswith('harpsync_replication_reconnects_total{database="dev",'
+                            'peer="node-b"}') and v >= 1 for k, v in samples.items()), text
+    assert samples['harpsync_replication_copy_active{database="dev",peer="node-b"}'] == 0
+    b_text = b.client.get(b.url + "metrics").text
+    assert 'harpsync_replication_apply_seconds_count{database="dev",peer="node-a"}' in b_text
+    assert 'harpsync_replication_apply_delay_seconds_count{peer="node-a"}' in b_text
+    for body in (text, b_text):
+        assert "_created" not in body
+        for line in body.splitlines():
+            if line.startswith("# TYPE ") and line.endswith(" counter"):
+                assert line.split()[2].endswith("_total"), line

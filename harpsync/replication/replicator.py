@@ -28,6 +28,7 @@ from harpsync.replication.transport import Gate, Link, listen
 from harpsync.security import PeerCert, check_node_cert, valid_pin
 from harpsync.storage import reads, writes
 from harpsync.storage.database import Database
+from harpsync.storage.hlc import wall_ms_of
 from harpsync.storage.ingest import forget_cursor, write_cursor
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_stored
@@ -67,6 +68,7 @@ class Replicator:
         # the cursor a subscribe starts from); listeners hear of every advance.
         self.positions: dict[tuple[str, str], int] = {}
         self.position_listeners: list[Callable[[], None]] = []
+        self._dialed: set[tuple[str, str]] = set()
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
         self._server: Any = None
         self._sock: socket.socket | None = None
@@ -652,6 +654,17 @@ class Replicator:
     def note_received(self, peer: str, database: str, txns: int, size: int) -> None:
         self.metrics.txns_received.labels(peer, database).inc(txns)
         self.metrics.bytes_received.labels(peer, database).inc(size)
+        sub = self.subscribers.get((peer, database))
+        if sub is not None and sub.last_version and txns:
+            # From the newest applied transaction's commit on its origin to now.
+            delay_ms = self.storage.hlc.wall_now_ms() - wall_ms_of(sub.last_version)
+            self.metrics.apply_delay.labels(peer).observe(max(0, delay_ms) / 1000.0)
+
+    def note_dialed(self, peer: str, database: str) -> None:
+        """A link's socket opened; every open after its first is a reconnect."""
+        if (peer, database) in self._dialed:
+            self.metrics.reconnects.labels(peer, database).inc()
+        self._dialed.add((peer, database))
 
     def note_skew(self, peer: str, count: int) -> None:
         self.metrics.clock_skew.labels(peer).inc(count)

@@ -189,6 +189,9 @@ class Subscriber:
         future = asyncio.ensure_future(self.rep.storage.write(job, prepare))
         self._inflight.add(future)
         future.add_done_callback(self._inflight.discard)
+        started = time.perf_counter()
+        future.add_done_callback(lambda _f: self.rep.metrics.apply_seconds.labels(
+            self.peer, self.database).observe(time.perf_counter() - started))
         return await asyncio.shield(future)
 
     @property
@@ -244,6 +247,7 @@ class Subscriber:
                                self.rep.keys.client_context(verify=True, peer_name=self.peer),
                                self.rep.ping_interval, timeout=DIAL_TIMEOUT)
         self.rep.peer_gate(self.peer).mark_up()
+        self.rep.note_dialed(self.peer, self.database)
         # The server must be this peer (its pinned key), not any node whose CA we trust.
         refused = self.rep.check_peer(self.peer, self.link)
         if refused is not None:
