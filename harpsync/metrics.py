@@ -8,6 +8,7 @@ of one node) are switched off.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -98,13 +99,19 @@ class Metrics:
                                        "/changes clients dropped for falling behind",
                                        registry=r)
         self._totals: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._operation_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         r.register(_FunctionCounters(self._totals))
 
     def observe_operation(self, operation: str | None, status: int, seconds: float) -> None:
         """Count and time one answered request (failed ones as ``rejected``)."""
         name = operation if status == 200 and operation else "rejected"
-        self.operations.labels(name, str(status)).inc()
-        self.operation_seconds.labels(name).observe(seconds)
+        children = self._operation_children.get((name, status))
+        if children is None:  # labels() validates and locks: look each pair up once
+            children = (self.operations.labels(name, str(status)),
+                        self.operation_seconds.labels(name))
+            self._operation_children[(name, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_group(self, jobs: int, commit_seconds: float) -> None:
         """One group commit of the writer thread (called from that thread)."""

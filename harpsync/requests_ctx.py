@@ -7,6 +7,7 @@ and every log line written while serving it carries the request's id.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import secrets
@@ -34,8 +35,14 @@ class RequestContext:
 _CURRENT: ContextVar[RequestContext | None] = ContextVar("harpsync_request", default=None)
 
 
+# Ids only need to be unique, not secret: a random per-process prefix and a counter
+# (a system call for random bytes per request would cost more than the rest of this).
+_PREFIX = "req-" + secrets.token_hex(6) + "-"
+_COUNTER = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return "req-" + secrets.token_hex(12)
+    return f"{_PREFIX}{next(_COUNTER):x}"
 
 
 def accept_request_id(sent: str | bytes | None) -> str:
