@@ -143,3 +143,15 @@ def test_metrics_follow_prometheus_conventions(pair):
         for line in body.splitlines():
             if line.startswith("# TYPE ") and line.endswith(" counter"):
                 assert line.split()[2].endswith("_total"), line
+
+def test_a_restarted_node_learns_positions_from_its_peers_cursors(pair):
+    """After this node restarts (its in-memory acks gone), a caught-up peer that has
+    nothing new to acknowledge still counts: its subscribe starts from its cursor."""
+    a, b = pair
+    version = int(a.post({"operation": "upsert", "database": "dev", "table": "dog",
+                          "records": [{"id": 25}]}).headers[VERSION])
+    assert wait(a, version=version, database="dev", timeout=20000).status_code == 200
+    a.restart()
+    answer = wait(a, version=version, database="dev", timeout=20000)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["nodes"]["node-b"]["applied_version"] >= version
