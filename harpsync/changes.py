@@ -174,33 +174,49 @@ class ChangeFeed:
 
     async def serve(self, channel: Channel, user: User, request_id: str | None) -> None:
         """Run one accepted WebSocket until the client leaves or is dropped."""
-        try:
-            if self.clients >= self.max_clients:
-                raise ServiceUnavailableError(
-                    f"too many change feed clients (operationsApi.changes.maxClients is "
-                    f"{self.max_clients}); retry later")
-            try:
-                text = await asyncio.wait_for(channel.receive_text(), SUBSCRIBE_TIMEOUT)
-            except TimeoutError:
-                raise BadRequestError("no subscribe message within 30 seconds") from None
-            if text is None:
-                return
-            sub = parse_subscribe(text)
-            db = check_access(self.storage, user, sub)
-            follower = Follower(self, channel, user, sub, db)
-            await follower.start()
-        except HarpsyncError as exc:
-            body = {**exc.body(), "request_id": request_id}
-            close = CLOSE_TRY_LATER if exc.status == 503 else CLOSE_POLICY
-            await _refuse(channel, body, close)
+        if self.clients >= self.max_clients:
+            error = ServiceUnavailableError(
+                f"too many change feed clients (operationsApi.changes.maxClients is "
+                f"{self.max_clients}); retry later")
+            await _refuse(channel, {**error.body(), "request_id": request_id}, CLOSE_TRY_LATER)
             return
         self.clients += 1
         self.metrics.changes_clients.set(self.clients)
         try:
-            await follower.run()
+            follower = await self._subscribe(channel, user)
+        except HarpsyncError as exc:
+            self._left()
+            await _refuse(channel, {**exc.body(), "request_id": request_id}, CLOSE_POLICY)
+            return
+        except BaseException:
+            self._left()
+            raise
+        try:
+            if follower is not None:
+                await follower.run()
         finally:
-            self.clients -= 1
-            self.metrics.changes_clients.set(self.clients)
+            self._left()
+
+    def _left(self) -> None:
+        self.clients -= 1
+        self.metrics.changes_clients.set(self.clients)
+
+    async def _subscribe(self, channel: Channel, user: User) -> Follower | None:
+        try:
+            text = await asyncio.wait_for(channel.receive_text(), SUBSCRIBE_TIMEOUT)
+        except TimeoutError:
+            raise BadRequestError("no subscribe message within 30 seconds") from None
+        if text is None:
+            return None  # the client left first
+        sub = parse_subscribe(text)
+        db = check_access(self.storage, user, sub)
+        follower = Follower(self, channel, user, sub, db)
+        try:
+            await follower.start()
+        except BaseException:
+            follower.stop()
+            raise
+        return follower
 
 
 async def _refuse(channel: Channel, body: dict[str, Any], code: int) -> None:
@@ -252,7 +268,6 @@ class Follower:
                 pruned = db.pruned_through()
                 lost = max(db.pruned_max().values(), default=None)
                 if pruned and (lost is None or lost > since):
-                    self.stop()
                     raise BadRequestError(
                         f"changes after version {since} are no longer in the log (it keeps "
                         "logging.auditRetention); subscribe without 'since' and reload")

@@ -129,11 +129,6 @@ class Metrics:
         """Expose a counter kept elsewhere as ``<name>_total`` (read at scrape time)."""
         self._totals[name] = (documentation, read)
 
-    def count_operation(self, operation: str | None, status: int) -> None:
-        """Count one answered request; failed ones are counted without their name
-        (it may be anything a client sent)."""
-        self.operations.labels(operation if status == 200 else "rejected", str(status)).inc()
-
     def bind(self, rss: Callable[[], float], commits: Callable[[], float],
              jobs: Callable[[], float]) -> None:
         self.rss.set_function(rss)

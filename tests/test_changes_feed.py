@@ -6,6 +6,7 @@ close reason (bounded queue). Two real nodes joined over mutual TLS.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from tests.helpers import ADMIN, InProcessNode, harper_error, wait_for
 from tests.repl_util import has_table, join, wait_linked
 
 MAX_QUEUE = 50  # node-a's operationsApi.changes.maxQueue
+MAX_CLIENTS = 3  # and maxClients
 
 
 def basic(user: str, password: str) -> str:
@@ -29,7 +31,8 @@ def basic(user: str, password: str) -> str:
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
     root = tmp_path_factory.mktemp("changes")
     a = InProcessNode("node-a", root / "node-a",
-                      {"OPERATIONSAPI_CHANGES_MAXQUEUE": str(MAX_QUEUE)}).start()
+                      {"OPERATIONSAPI_CHANGES_MAXQUEUE": str(MAX_QUEUE),
+                       "OPERATIONSAPI_CHANGES_MAXCLIENTS": str(MAX_CLIENTS)}).start()
     b = InProcessNode("node-b", root / "node-b").start()
     try:
         join(a, b)
@@ -86,6 +89,9 @@ def test_local_and_replicated_changes_arrive_live(pair):
         write(a, "insert", table="cat", records=[{"id": 1}])  # another table: not sent
         v2 = write(a, "update", records=[{"id": 1, "name": "Kato"}])
         v3 = write(b, "upsert", records=[{"id": 2, "name": "Rex"}])
+        # Replicated into a before a's next write, so a's log has them in this order.
+        assert b.post({"operation": "wait_for_replication", "version": v3, "database": "dev",
+                       "timeout": 20000}).status_code == 200
         v4 = write(a, "delete", ids=[1])
         got = changes(ws, 4)
     assert [(c["operation"], c["id"], c["version"], c["origin"]) for c in got] == [
@@ -153,6 +159,28 @@ def test_login_and_subscribe_are_checked(pair):
             with pytest.raises(ConnectionClosed) as closed:
                 ws.recv(timeout=30)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+def test_clients_beyond_max_clients_are_refused(pair):
+    """With maxClients feeds open, one more gets SERVICE_UNAVAILABLE and close 1013; a
+    slot frees when a client leaves."""
+    a, _ = pair
+    with contextlib.ExitStack() as stack:
+        for _ in range(MAX_CLIENTS):
+            ws = stack.enter_context(feed(a))
+            assert subscribe(ws, database="dev")["action"] == "subscribed"
+        with feed(a) as extra:
+            answer = json.loads(extra.recv(timeout=30))
+            assert answer["code"] == "SERVICE_UNAVAILABLE", answer
+            with pytest.raises(ConnectionClosed) as closed:
+                extra.recv(timeout=30)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+
+    def admitted() -> bool:
+        with feed(a) as ws:
+            return subscribe(ws, database="dev").get("action") == "subscribed"
+
+    wait_for(admitted, timeout=30, message="a feed admitted once the others left")
 
 
 def test_a_slow_client_is_dropped_and_can_resume(pair):
