@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ipaddress
 import logging
 import socket
@@ -121,7 +122,8 @@ class Replicator:
         return int(self._sock.getsockname()[1])
 
     def spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+        # A fresh context: background work outlives the request that started it.
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 import time
@@ -166,7 +167,10 @@ class Subscriber:
         """Run the link (once: a running or retired link is left as it is)."""
         if self.retired or (self._task is not None and not self._task.done()):
             return
-        self._task = asyncio.create_task(self._run(), name=f"sub-{self.peer}-{self.database}")
+        # A fresh context: a link outlives the request that started it, and its log
+        # lines must not carry that request's id.
+        self._task = asyncio.create_task(self._run(), name=f"sub-{self.peer}-{self.database}",
+                                         context=contextvars.Context())
 
     async def retire(self) -> None:
         """Stop for good: the link was removed, and nothing (a relay hand-over, a
