@@ -333,6 +333,9 @@ class Follower:
                     self.position = seq
                 await asyncio.sleep(0)  # a long replay must not hold the event loop
         except Exception:
+            if db.dropped:  # closed under the reader
+                self.closing = (CLOSE_GOING_AWAY, f"database '{self.sub.database}' was dropped")
+                return
             log.exception("change feed reader failed")
             self.closing = (CLOSE_ERROR, "internal error; see the node log")
 

@@ -161,6 +161,22 @@ def test_login_and_subscribe_are_checked(pair):
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
+def test_dropping_the_database_closes_the_feed(pair):
+    """A feed of a database that is dropped closes with 1001 and a reason saying so."""
+    a, _ = pair
+    a.call("create_table", database="scratch", table="t", primary_key="id")
+    with feed(a) as ws:
+        subscribe(ws, database="scratch")
+        a.call("insert", database="scratch", table="t", records=[{"id": 1}])
+        assert changes(ws, 1)[0]["operation"] == "insert"
+        a.call("drop_database", database="scratch")
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=30)
+    frame = closed.value.rcvd
+    assert frame is not None and frame.code == 1001 and "scratch" in frame.reason
+
+
 def test_clients_beyond_max_clients_are_refused(pair):
     """With maxClients feeds open, one more gets SERVICE_UNAVAILABLE and close 1013; a
     slot frees when a client leaves."""
