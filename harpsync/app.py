@@ -16,14 +16,19 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from harpsync import probes, requests_ctx
+from harpsync.changes import ChangeFeed
 from harpsync.errors import (
     BadRequestError,
     HarpsyncError,
     PayloadTooLargeError,
     TooManyRequestsError,
+    code_for_status,
 )
+from harpsync.requests_ctx import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +145,32 @@ class RateLimiter:
         return headers
 
 
+class _SocketChannel:
+    """A Starlette WebSocket as the change feed's ``Channel``."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+
+    async def receive_text(self) -> str | None:
+        while True:
+            try:
+                message = await self.websocket.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return None
+            if message["type"] == "websocket.disconnect":
+                return None
+            if message.get("text") is not None:
+                return str(message["text"])
+            if message.get("bytes") is not None:
+                return bytes(message["bytes"]).decode("utf-8", errors="replace")
+
+    async def send_text(self, text: str) -> None:
+        await self.websocket.send_text(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.websocket.close(code, reason)
+
+
 def build_app(services: Any) -> Any:
     """The ASGI app; ``services`` is the node's composition of collaborators.
 
@@ -156,7 +187,23 @@ def build_app(services: Any) -> Any:
                           int(services.config.get("operationsApi.rateLimit.burst") or 1))
 
     async def run_operation(header: str | None, declared: bytes | None, receive: Any,
-                            client: str) -> tuple[int, Any, dict[str, str]]:
+                            client: str, request_id: bytes | str | None = None,
+                            ) -> tuple[int, Any, dict[str, str]]:
+        request = requests_ctx.begin(request_id)
+        started = time.perf_counter()
+        status, payload, headers, name = await _run_operation(header, declared, receive, client)
+        if status != 200:
+            payload["request_id"] = request.request_id
+        else:
+            headers.update(request.headers)
+        headers[REQUEST_ID_HEADER] = request.request_id
+        services.metrics.observe_operation(name, status, time.perf_counter() - started)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("operation %s answered %d", name or "(rejected)", status)
+        return status, payload, headers
+
+    async def _run_operation(header: str | None, declared: bytes | None, receive: Any,
+                             client: str) -> tuple[int, Any, dict[str, str], str | None]:
         headers: dict[str, str] = {}
         try:
             # A password check is a deliberately slow scrypt: keep it off the event loop.
@@ -179,24 +226,59 @@ def build_app(services: Any) -> Any:
                 chunks.append(chunk)
                 if not message.get("more_body"):
                     break
-            body = parse_json(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            try:
+                body = parse_json(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            except BadRequestError as exc:
+                exc.code = "INVALID_REQUEST"  # malformed, as opposed to failing validation
+                raise
             result = await services.dispatcher.run(services, user, body)
-            services.metrics.count_operation(body["operation"], 200)
-            return 200, result, headers
+            return 200, result, headers, body["operation"]
         except TooManyRequestsError as exc:
-            services.metrics.count_operation(None, exc.status)
-            return exc.status, exc.body(), exc.headers
+            return exc.status, exc.body(), exc.headers, None
         except HarpsyncError as exc:
-            services.metrics.count_operation(None, exc.status)
-            return exc.status, exc.body(), headers
+            return exc.status, exc.body(), headers, None
         except Exception:
             log.exception("operation failed with an unexpected error")
-            services.metrics.count_operation(None, 500)
-            return 500, {"error": "Internal error; see the node log"}, headers
+            return 500, {"error": "Internal error; see the node log",
+                         "code": "INTERNAL_ERROR"}, headers, None
 
     async def health(request: Request) -> Response:
         report = services.health()
         return json_response(report, 200 if report["status"] == "ok" else 503)
+
+    async def ready(request: Request) -> Response:
+        status, report = probes.readiness(services)
+        return json_response(report, status)
+
+    async def health_component(request: Request) -> Response:
+        name = request.path_params["component"]
+        found = probes.health_component(services, name)
+        if found is None:
+            return json_response({"error": f"unknown health component '{name[:100]}': use "
+                                           f"{', '.join(probes.COMPONENTS)} or a peer's name",
+                                  "code": "NOT_FOUND",
+                                  "request_id": requests_ctx.current_id()}, 404)
+        return json_response(found[1], found[0])
+
+    feed = ChangeFeed(services.storage, services.metrics,
+                      int(services.config.get("operationsApi.changes.maxQueue") or 10_000),
+                      int(services.config.get("operationsApi.changes.maxClients") or 100))
+
+    async def changes_socket(websocket: WebSocket) -> None:
+        """``/changes``: the same Basic login as ``POST /`` on the upgrade request."""
+        client = websocket.client.host if websocket.client else ""
+        header = websocket.headers.get("authorization")
+        try:
+            user = (services.auth.cached(header)
+                    or await asyncio.to_thread(services.auth.authenticate, header, client))
+        except HarpsyncError as exc:
+            denial = json_response({**exc.body(), "request_id": requests_ctx.current_id()},
+                                   exc.status)
+            denial.headers.update(getattr(exc, "headers", {}))
+            await websocket.send_denial_response(denial)
+            return
+        await websocket.accept()
+        await feed.serve(_SocketChannel(websocket), user, requests_ctx.current_id())
 
     async def metrics(request: Request) -> Response:
         data, content_type = services.metrics_report()
@@ -204,16 +286,21 @@ def build_app(services: Any) -> Any:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         # Unknown paths and methods get the same {"error": ...} shape as everything else.
+        request_id = requests_ctx.current_id()
         if not isinstance(exc, HTTPException):
-            return json_response({"error": "Internal error; see the node log"}, 500)
-        response = json_response({"error": exc.detail}, exc.status_code)
+            log.error("request failed: %r", exc)
+            return json_response({"error": "Internal error; see the node log",
+                                  "code": "INTERNAL_ERROR", "request_id": request_id}, 500)
+        response = json_response({"error": exc.detail, "code": code_for_status(exc.status_code),
+                                  "request_id": request_id}, exc.status_code)
         response.headers.update(exc.headers or {})
         return response
 
     async def operations(request: Request) -> Response:  # reached only via Starlette
         status, payload, headers = await run_operation(
             request.headers.get("authorization"), None, request.receive,
-            request.client.host if request.client else "")
+            request.client.host if request.client else "",
+            request.headers.get(REQUEST_ID_HEADER))
         response = json_response(payload, status)
         response.headers.update(headers)
         return response
@@ -222,22 +309,45 @@ def build_app(services: Any) -> Any:
         Route("/", operations, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/health/{component}", health_component, methods=["GET"]),
+        WebSocketRoute("/changes", changes_socket),
     ]
-    starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
+                                                            Exception: http_error})
+
+    async def other(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Everything but ``POST /``: Starlette, with the request id on every response."""
+        if scope["type"] not in ("http", "websocket"):
+            await starlette(scope, receive, send)
+            return
+        sent = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        header = (b"x-request-id", requests_ctx.begin(sent).request_id.encode())
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] in ("http.response.start", "websocket.accept",
+                                   "websocket.http.response.start"):
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        await starlette(scope, receive, send_with_id)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/":
-            await starlette(scope, receive, send)
+            await other(scope, receive, send)
             return
-        header = declared = None
+        header = declared = request_id = None
         for key, value in scope["headers"]:
             if key == b"authorization":
                 header = value.decode("latin-1")
             elif key == b"content-length":
                 declared = value
+            elif key == b"x-request-id":
+                request_id = value
         client = scope.get("client")
         status, payload, extra = await run_operation(header, declared, receive,
-                                                     str(client[0]) if client else "")
+                                                     str(client[0]) if client else "",
+                                                     request_id)
         data = json.dumps(payload, separators=(",", ":"), default=str).encode()
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(data)).encode())]

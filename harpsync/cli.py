@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harpsync import requests_ctx
 from harpsync.config import Config
 from harpsync.errors import ConfigError
 
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"harpsync: configuration error: {exc}", file=sys.stderr)
         return 2
     level = _LOG_LEVELS.get(str(config.get("logging.level")).lower(), logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    requests_ctx.install_log_context()  # lines about a request carry its id
+    logging.basicConfig(level=level, format=requests_ctx.LOG_FORMAT)
     from harpsync.node import install_event_loop_policy
 
     install_event_loop_policy()

@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
                     "maxBodySize": 10 * 1024 * 1024},
         "tls": {"certificate": None, "privateKey": None},
         "rateLimit": {"requestsPerMinute": 0, "burst": 10},
+        "changes": {"maxQueue": 10_000, "maxClients": 100},
     },
     "replication": {
         "hostname": None,
@@ -202,6 +203,8 @@ class Config:
         for key, low in (("operationsApi.rateLimit.requestsPerMinute", 0),
                          ("operationsApi.rateLimit.burst", 1),
                          ("replication.maxConnections", 1),
+                         ("operationsApi.changes.maxQueue", 1),
+                         ("operationsApi.changes.maxClients", 1),
                          ("replication.maxPendingPerAddress", 1)):
             value = self.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import uvicorn
 
-from harpsync import procinfo
+from harpsync import procinfo, requests_ctx
 from harpsync.app import build_app
 from harpsync.auth import SUPER_ROLE, Authenticator
 from harpsync.config import Config
@@ -30,11 +30,22 @@ from harpsync.storage import reads, writes
 from harpsync.storage.hlc import OFFSET_ENV
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.validation import SchemaRegistry
-from operations import cluster, cluster_admin, data, schema_ops, streams, system, users
+from operations import (
+    cluster,
+    cluster_admin,
+    data,
+    schema_ops,
+    streams,
+    system,
+    users,
+    waits,
+)
 
 log = logging.getLogger("harpsync")
 
-OPERATION_MODULES = [schema_ops, data, users, system, cluster, cluster_admin, streams]
+OPERATION_MODULES = [schema_ops, data, users, system, cluster, cluster_admin]
+OPERATION_MODULES.append(streams)
+OPERATION_MODULES.append(waits)
 
 
 class _Server(uvicorn.Server):
@@ -84,6 +95,9 @@ class Node:
         if self.env.get(OFFSET_ENV):
             self.storage.hlc.offset_ms = int(self.env[OFFSET_ENV])
         self.metrics = Metrics()
+        requests_ctx.install_log_context()
+        self.storage.on_write_version = requests_ctx.note_version
+        self.storage.writer.on_group = self.metrics.observe_group
         self.dispatcher = Dispatcher(SchemaRegistry.load())
         for module in OPERATION_MODULES:
             self.dispatcher.register(*module.OPERATIONS)
@@ -203,10 +217,22 @@ class Node:
         await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_user",
                                                       [record], "insert", None))
 
+    def listeners_up(self) -> dict[str, bool]:
+        """Whether each listener accepts connections (``GET /ready``)."""
+        up = {"operations API": bool(self._servers) and all(
+            server.started and not server.should_exit and not task.done()
+            for server, task in self._servers)}
+        if self.cluster is not None:
+            server = self.cluster._server
+            up["replication"] = server is not None and bool(server.is_serving())
+        return up
+
     def metrics_report(self) -> tuple[bytes, str]:
         """``GET /metrics``: refresh the per-link gauges, then render."""
         if self.cluster is not None:
             cluster_status(self.cluster)  # sets lag and connected gauges as it goes
+            for (peer, database), sub in list(self.cluster.subscribers.items()):
+                self.metrics.set_copy(peer, database, sub.copy_progress)
         return self.metrics.render()
 
     # -- reports -----------------------------------------------------------------------

@@ -41,6 +41,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
                          + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
+TRACE_KEYS = ("code", "request_id")
+
+
+def harper_error(body: Any) -> dict[str, Any]:
+    """An error body as Harper sends it: harpsync's ``code`` and ``request_id`` are
+    checked present and taken out, so the rest compares with Harper's body."""
+    assert isinstance(body, dict), body
+    assert isinstance(body.get("code"), str) and body["code"].isupper(), body
+    assert isinstance(body.get("request_id"), str) and body["request_id"], body
+    return {k: v for k, v in body.items() if k not in TRACE_KEYS}
+
+
 def bind_socket(port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -12,15 +12,23 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import ADMIN, InProcessNode
+from tests.helpers import ADMIN, InProcessNode, harper_error
+
+# The ``code`` each status may carry (seed 000 section 6.2).
+CODES = {400: {"VALIDATION_ERROR", "INVALID_REQUEST"}, 401: {"UNAUTHORIZED"},
+         403: {"FORBIDDEN"}, 404: {"NOT_FOUND"}, 405: {"METHOD_NOT_ALLOWED"},
+         413: {"PAYLOAD_TOO_LARGE"}, 429: {"RATE_LIMIT_EXCEEDED"}, 500: {"INTERNAL_ERROR"}}
 
 
 def assert_error(response: httpx.Response, status: int, message: str | None = None) -> str:
-    """The response is ``status`` with a body of exactly ``{"error": str}``; returns it."""
+    """The response is ``status`` with a body of exactly ``{"error": str, "code": str,
+    "request_id": str}``, the id matching the ``X-Request-Id`` header; returns the error."""
     assert response.status_code == status, (response.status_code, response.text)
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert isinstance(body, dict) and list(body) == ["error"], body
+    assert isinstance(body, dict) and list(body) == ["error", "code", "request_id"], body
+    assert body["code"] in CODES[status], body
+    assert body["request_id"] == response.headers["x-request-id"], (body, response.headers)
     assert isinstance(body["error"], str) and body["error"]
     assert "Traceback" not in response.text
     if message is not None:
@@ -377,7 +385,7 @@ def test_forbidden_body_has_harper_keys(node):
     node.call("add_user", role="nobody", username="eve", password="evepw")
     response = node.post({"operation": "create_database", "database": "x"}, auth=("eve", "evepw"))
     assert response.status_code == 403
-    assert response.json() == {
+    assert harper_error(response.json()) == {
         "error": "This operation is not authorized due to role restrictions and/or invalid "
                  "database items",
         "unauthorized_access": ["Operation 'createDatabase' is restricted to 'super_user' roles"],

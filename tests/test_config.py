@@ -14,6 +14,7 @@ import pytest
 
 from harpsync.config import Config, env_name
 from harpsync.errors import ConfigError
+from tests.helpers import harper_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,7 +217,7 @@ def test_call_error_exits_non_zero(node, tmp_path):
     result = cli("call", "describe_table", "table=nope", "--url", node.url, "--user", "admin",
                  "--password", "test-password", cwd=tmp_path)
     assert result.returncode != 0
-    assert json.loads(result.stdout) == {"error": "database 'data' does not exist"}
+    assert harper_error(json.loads(result.stdout)) == {"error": "database 'data' does not exist"}
 
 
 def test_call_bad_password_exits_non_zero(node, tmp_path):
@@ -224,4 +225,4 @@ def test_call_bad_password_exits_non_zero(node, tmp_path):
     result = cli("call", "describe_all", "--url", node.url, "--user", "admin",
                  "--password", "wrong", cwd=tmp_path)
     assert result.returncode != 0
-    assert json.loads(result.stdout) == {"error": "Login failed"}
+    assert harper_error(json.loads(result.stdout)) == {"error": "Login failed"}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.helpers import harper_error
+
 # describe_table of a fresh table, as recorded (node B; sizes are compared by type only).
 RECORDED_DESCRIBE_DOG: dict[str, Any] = {
     "schema": "dev", "name": "dog", "hash_attribute": "id", "audit": True,
@@ -38,7 +40,7 @@ def test_create_database_twice_is_400(node):
     """Creating an existing database is a 400 naming it."""
     node.call("create_database", database="dev")
     body = node.call("create_database", expect=400, database="dev")
-    assert body == {"error": "database 'dev' already exists"}
+    assert harper_error(body) == {"error": "database 'dev' already exists"}
 
 
 def test_create_schema_alias(node):
@@ -54,7 +56,7 @@ def test_drop_database_removes_it(node):
     node.call("drop_database", database="gone")
     assert "gone" not in node.call("describe_all")
     body = node.call("describe_database", expect=404, database="gone")
-    assert body == {"error": "database 'gone' does not exist"}
+    assert harper_error(body) == {"error": "database 'gone' does not exist"}
 
 
 def test_drop_schema_alias(node):
@@ -66,7 +68,7 @@ def test_drop_schema_alias(node):
 
 def test_drop_missing_database_is_404(node):
     """Dropping a database that does not exist names it in a 404."""
-    assert node.call("drop_database", expect=404, database="nodb") == {
+    assert harper_error(node.call("drop_database", expect=404, database="nodb")) == {
         "error": "database 'nodb' does not exist"}
 
 
@@ -109,7 +111,7 @@ def test_create_table_twice_is_400(node):
     """Creating an existing table is Harper's recorded 400."""
     node.call("create_table", database="dev", table="dog", primary_key="id")
     body = node.call("create_table", expect=400, database="dev", table="dog", primary_key="id")
-    assert body == {"error": "Table 'dog' already exists in 'dev'"}
+    assert harper_error(body) == {"error": "Table 'dog' already exists in 'dev'"}
 
 
 def test_create_table_with_attributes(node):
@@ -133,7 +135,7 @@ def test_drop_table(node):
     node.call("insert", database="dev", table="dog", records=[{"id": 1}])
     assert node.call("drop_table", database="dev", table="dog") == {
         "message": "successfully deleted table 'dev.dog'"}
-    assert node.call("describe_table", expect=404, database="dev", table="dog") == {
+    assert harper_error(node.call("describe_table", expect=404, database="dev", table="dog")) == {
         "error": "Table 'dev.dog' does not exist"}
 
 
@@ -150,7 +152,7 @@ def test_drop_table_then_recreate_is_empty(node):
 def test_drop_missing_table_is_404(node):
     """Dropping a table that does not exist is a 404 naming it."""
     node.call("create_database", database="dev")
-    assert node.call("drop_table", expect=404, database="dev", table="nope") == {
+    assert harper_error(node.call("drop_table", expect=404, database="dev", table="nope")) == {
         "error": "Table 'dev.nope' does not exist"}
 
 
@@ -191,7 +193,7 @@ def test_describe_table_lists_new_attributes(node):
 
 def test_describe_table_missing_database_is_404(node):
     """describe_table in a missing database is Harper's recorded 404."""
-    assert node.call("describe_table", expect=404, database="nodb", table="nope") == {
+    assert harper_error(node.call("describe_table", expect=404, database="nodb", table="nope")) == {
         "error": "database 'nodb' does not exist"}
 
 
@@ -254,7 +256,7 @@ def test_drop_missing_attribute_is_404(node):
     """Dropping an attribute that does not exist is a 404 naming it."""
     node.call("create_table", table="dog", primary_key="id")
     body = node.call("drop_attribute", expect=404, table="dog", attribute="nope")
-    assert body == {"error": "attribute 'nope' does not exist"}
+    assert harper_error(body) == {"error": "attribute 'nope' does not exist"}
 
 
 def test_schema_survives_restart(node):

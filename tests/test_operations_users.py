@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import harper_error
+
 READER_PERMISSION: dict[str, Any] = {
     "super_user": False,
     "dev": {"tables": {"dog": {"read": True, "insert": False, "update": False,
@@ -127,7 +129,7 @@ def test_add_user_duplicate_is_409(reader):
     """Adding an existing user is Harper's recorded 409."""
     body = reader.call("add_user", expect=409, role="reader", username="bob",
                        password="other", active=True)
-    assert body == {"error": "User bob already exists"}
+    assert harper_error(body) == {"error": "User bob already exists"}
     assert as_bob(reader, "user_info").status_code == 200  # the old password still works
 
 
@@ -167,14 +169,14 @@ def test_alter_user_password(reader):
     assert body["update_hashes"] == ["bob"] and body["skipped_hashes"] == []
     assert as_bob(reader, "user_info", login="newpw").status_code == 200
     old = as_bob(reader, "user_info")
-    assert (old.status_code, old.json()) == (401, {"error": "Login failed"})
+    assert (old.status_code, harper_error(old.json())) == (401, {"error": "Login failed"})
 
 
 def test_alter_user_inactive_cannot_login(reader):
     """A user set inactive gets Login failed; set active again, they log in."""
     assert as_bob(reader, "user_info").status_code == 200
     reader.call("alter_user", username="bob", active=False)
-    assert as_bob(reader, "user_info").json() == {"error": "Login failed"}
+    assert harper_error(as_bob(reader, "user_info").json()) == {"error": "Login failed"}
     reader.call("alter_user", username="bob", active=True)
     assert as_bob(reader, "user_info").status_code == 200
 
@@ -200,7 +202,7 @@ def test_drop_user(reader):
     """drop_user removes the user, who can no longer log in."""
     assert reader.call("drop_user", username="bob") == {"message": "bob successfully deleted"}
     assert [u["username"] for u in reader.call("list_users")] == ["admin"]
-    assert as_bob(reader, "user_info").json() == {"error": "Login failed"}
+    assert harper_error(as_bob(reader, "user_info").json()) == {"error": "Login failed"}
 
 
 def test_drop_missing_user_is_404(node):
@@ -227,7 +229,7 @@ def test_role_insert_forbidden_matches_recorded_response(reader):
     """A role without insert gets Harper's recorded 403 body, and nothing is written."""
     response = as_bob(reader, "insert", database="dev", table="dog", records=[{"id": 50}])
     assert response.status_code == 403
-    assert response.json() == RECORDED_INSERT_FORBIDDEN
+    assert harper_error(response.json()) == RECORDED_INSERT_FORBIDDEN
     assert reader.call("search_by_id", database="dev", table="dog", ids=[50]) == []
 
 
@@ -275,7 +277,7 @@ def test_super_user_only_operations(reader, operation, body, camel):
     """super_user operations answer a role user with Harper's exact 403 body."""
     response = as_bob(reader, operation, **body)
     assert response.status_code == 403
-    assert response.json() == restricted(camel)
+    assert harper_error(response.json()) == restricted(camel)
 
 
 def test_permission_change_takes_effect_at_once(reader):
@@ -310,4 +312,4 @@ def test_login_cache_follows_user_changes(reader):
         assert as_bob(reader, "user_info").status_code == 200
     reader.call("drop_user", username="bob")
     response = as_bob(reader, "user_info")
-    assert (response.status_code, response.json()) == (401, {"error": "Login failed"})
+    assert (response.status_code, harper_error(response.json())) == (401, {"error": "Login failed"})

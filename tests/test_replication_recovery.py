@@ -11,7 +11,7 @@ import lmdb
 import pytest
 
 from harpsync import codec
-from tests.helpers import wait_for
+from tests.helpers import harper_error, wait_for
 from tests.repl_util import (
     all_records,
     by_id,
@@ -48,7 +48,7 @@ def test_remove_node_then_add_again(node_factory):
 
     res = a.post({"operation": "remove_node", "hostname": "ghost-node"})
     assert res.status_code == 400
-    assert res.json() == {"error": "ghost-node does not exist"}
+    assert harper_error(res.json()) == {"error": "ghost-node does not exist"}
 
     res = join(a, b)
     assert res == {"message": f"Successfully added '{b.repl_url}' to cluster"}

@@ -98,6 +98,8 @@ class Publisher:
             self.session.accept(self.database, self.rep.table_definitions(db),
                                 dict(db.origin_names), compression=self.rep.compression)
         elif isinstance(event, SubscribeRequested):
+            if event.copy or event.after_seq < db.next_seq:  # (past our head: a reset log)
+                self.rep.note_position(self.peer, self.database, event.after_seq, event.copy)
             if self._pump is not None:
                 self._pump.cancel()
                 with contextlib.suppress(BaseException):

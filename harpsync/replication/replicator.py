@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ipaddress
 import logging
 import socket
@@ -29,6 +30,7 @@ from harpsync.security import PeerCert, check_node_cert, valid_pin
 from harpsync.storage import deadletters, reads, writes
 from harpsync.storage.conflicts import LWW, PolicyLookup, Review
 from harpsync.storage.database import Database
+from harpsync.storage.hlc import wall_ms_of
 from harpsync.storage.ingest import forget_cursor, write_cursor
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_stored
@@ -65,6 +67,11 @@ class Replicator:
                                    self.replicated_databases, self._known_origins)
         self.publishers: dict[tuple[str, str], set[Publisher]] = {}
         self.acks: dict[tuple[str, str], int] = {}
+        # How far each peer has durably applied this node's log, per database (acks and
+        # the cursor a subscribe starts from); listeners hear of every advance.
+        self.positions: dict[tuple[str, str], int] = {}
+        self.position_listeners: list[Callable[[], None]] = []
+        self._dialed: set[tuple[str, str]] = set()
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
         self._server: Any = None
         self._sock: socket.socket | None = None
@@ -120,7 +127,8 @@ class Replicator:
         return int(self._sock.getsockname()[1])
 
     def spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+        # A fresh context: background work outlives the request that started it.
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -677,10 +685,33 @@ class Replicator:
     # -- hooks used by links -----------------------------------------------------------
     def note_ack(self, peer: str, database: str, seq: int) -> None:
         self.acks[(peer, database)] = seq
+        self.note_position(peer, database, seq)
+
+    def note_position(self, peer: str, database: str, seq: int, reset: bool = False) -> None:
+        """``peer`` holds this node's ``database`` log through ``seq`` (``reset``: it
+        starts a full copy, so it holds nothing certain until that ends)."""
+        key = (peer, database)
+        if reset:
+            self.positions[key] = 0
+        elif seq > self.positions.get(key, 0):
+            self.positions[key] = seq
+            for listener in list(self.position_listeners):
+                listener()
 
     def note_received(self, peer: str, database: str, txns: int, size: int) -> None:
         self.metrics.txns_received.labels(peer, database).inc(txns)
         self.metrics.bytes_received.labels(peer, database).inc(size)
+        sub = self.subscribers.get((peer, database))
+        if sub is not None and sub.last_version and txns:
+            # From the newest applied transaction's commit on its origin to now.
+            delay_ms = self.storage.hlc.wall_now_ms() - wall_ms_of(sub.last_version)
+            self.metrics.apply_delay.labels(peer).observe(max(0, delay_ms) / 1000.0)
+
+    def note_dialed(self, peer: str, database: str) -> None:
+        """A link's socket opened; every open after its first is a reconnect."""
+        if (peer, database) in self._dialed:
+            self.metrics.reconnects.labels(peer, database).inc()
+        self._dialed.add((peer, database))
 
     def note_review(self, peer: str, database: str, review: Review | None) -> None:
         """Count what the conflict policies of one apply job did."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 import time
@@ -188,7 +189,10 @@ class Subscriber:
         """Run the link (once: a running or retired link is left as it is)."""
         if self.retired or (self._task is not None and not self._task.done()):
             return
-        self._task = asyncio.create_task(self._run(), name=f"sub-{self.peer}-{self.database}")
+        # A fresh context: a link outlives the request that started it, and its log
+        # lines must not carry that request's id.
+        self._task = asyncio.create_task(self._run(), name=f"sub-{self.peer}-{self.database}",
+                                         context=contextvars.Context())
 
     async def retire(self) -> None:
         """Stop for good: the link was removed, and nothing (a relay hand-over, a
@@ -211,6 +215,9 @@ class Subscriber:
         future = asyncio.ensure_future(self.rep.storage.write(job, prepare))
         self._inflight.add(future)
         future.add_done_callback(self._inflight.discard)
+        started = time.perf_counter()
+        future.add_done_callback(lambda _f: self.rep.metrics.apply_seconds.labels(
+            self.peer, self.database).observe(time.perf_counter() - started))
         return await asyncio.shield(future)
 
     @property
@@ -266,6 +273,7 @@ class Subscriber:
                                self.rep.keys.client_context(verify=True, peer_name=self.peer),
                                self.rep.ping_interval, timeout=DIAL_TIMEOUT)
         self.rep.peer_gate(self.peer).mark_up()
+        self.rep.note_dialed(self.peer, self.database)
         # The server must be this peer (its pinned key), not any node whose CA we trust.
         refused = self.rep.check_peer(self.peer, self.link)
         if refused is not None:

@@ -55,6 +55,9 @@ class Storage:
         # Whether a database replicates (``replication.databases``); a database that
         # does not is never created, dropped or filled because of a peer.
         self.replicates: Callable[[str], bool] = lambda _name: True
+        # Told, in the awaiting task, the newest version each write job logged (the
+        # HTTP layer answers it as ``X-Harpsync-Version``).
+        self.on_write_version: Callable[[int], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
@@ -165,7 +168,20 @@ class Storage:
     async def write(self, fn: Callable[[WriteContext], Any],
                     prepare: Callable[[], None] | None = None) -> Any:
         """Run ``fn`` in the writer thread; return once its transaction is durable."""
-        return await self.writer.submit(fn, prepare)
+        listener = self.on_write_version
+        if listener is None:
+            return await self.writer.submit(fn, prepare)
+        logged = [0]
+
+        def run(ctx: WriteContext) -> Any:
+            result = fn(ctx)
+            logged[0] = ctx.version
+            return result
+
+        result = await self.writer.submit(run, prepare)
+        if logged[0]:
+            listener(logged[0])
+        return result
 
     # -- log -----------------------------------------------------------------------------
     def append_log(self, ctx: WriteContext, db: Database, ops: list[list[Any]], version: int,
@@ -177,6 +193,8 @@ class Storage:
         """
         seq = db.next_seq
         db.next_seq += 1
+        if version > ctx.version:
+            ctx.version = version
         # A job that fails after this gives its sequence back: no gap, no phantom lag.
         ctx.on_undo(lambda: setattr(db, "next_seq", min(db.next_seq, seq)))
         ctx.txn(db).put(seq_key(seq), codec.pack([origin, version, user, ops]),

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,8 @@ class WriteContext:
         self._children: dict[Database, lmdb.Transaction] = {}
         self._undo: list[Callable[[], None]] = []
         self.after_commit: list[Callable[[], None]] = []
+        # The newest version this job appended to a transaction log (0: none).
+        self.version = 0
 
     def txn(self, db: Database) -> lmdb.Transaction:
         """The job's write transaction for ``db`` (a child of the group's transaction)."""
@@ -108,6 +111,8 @@ class Writer:
         self._on_commit = on_commit
         self.commits = 0
         self.jobs = 0
+        # Told (jobs in the group, seconds its commits took) after every group commit.
+        self.on_group: Callable[[int, float], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -217,6 +222,7 @@ class Writer:
                 job.error = exc
             job.dbs = ctx.databases
         failed: set[Database] = set()
+        commit_started = time.perf_counter()
         for db, txn in parents.items():
             try:
                 txn.commit()
@@ -225,6 +231,11 @@ class Writer:
                 failed.add(db)
         self.commits += 1
         self.jobs += len(jobs)
+        if self.on_group is not None:
+            try:
+                self.on_group(len(jobs), time.perf_counter() - commit_started)
+            except Exception:
+                log.exception("group commit observer failed")
         for job in jobs:
             if job.error is None and any(db in failed for db in job.dbs):
                 job.error = StorageError("the write could not be committed to storage")

@@ -1,0 +1,83 @@
+"""Reading the transaction log backwards: which sequence holds this node's version V.
+
+``wait_for_replication`` knows a peer's position in this node's log (its acknowledged
+sequence) and asks about a version. This node's own entries (origin 0) are appended
+in version order, so "every local write up to version V is applied" is "the peer's
+position reaches the last local entry whose version is at most V".
+"""
+
+from __future__ import annotations
+
+from harpsync import codec
+from harpsync.storage.database import LOCAL_ORIGIN, Database
+from harpsync.storage.keys import seq_key, seq_of
+
+# A backward scan gives up after this many entries of other origins (a node relaying a
+# busy peer); the answer is then the conservative one.
+SCAN_LIMIT = 200_000
+
+
+def local_seq_through(db: Database, version: int) -> int:
+    """The sequence of the newest local log entry with a version at most ``version``.
+
+    Returns 0 when there is none in the log (nothing local at or below ``version``, or
+    it was pruned, in which case every peer position past the pruned part covers it).
+    """
+    with db.env.begin() as txn:
+        cur = txn.cursor(db=db.txns_dbi)
+        if not cur.last():
+            return 0
+        for scanned, (key, value) in enumerate(cur.iterprev()):
+            if scanned > SCAN_LIMIT:
+                return seq_of(key)
+            origin, entry_version = codec.unpack_head(value, 2)
+            if origin == LOCAL_ORIGIN and entry_version <= version:
+                return seq_of(key)
+    return 0
+
+
+def local_version_at(db: Database, seq: int) -> int:
+    """The version of the newest local log entry at or before ``seq`` (0 if none is
+    left in the log): what a peer that applied through ``seq`` holds of this node."""
+    with db.env.begin() as txn:
+        cur = txn.cursor(db=db.txns_dbi)
+        if not cur.set_range(seq_key(seq + 1)):
+            if not cur.last():
+                return 0
+        elif not cur.prev():
+            return 0
+        for scanned, (_key, value) in enumerate(cur.iterprev()):
+            if scanned > SCAN_LIMIT:
+                return 0
+            origin, entry_version = codec.unpack_head(value, 2)
+            if origin == LOCAL_ORIGIN:
+                return int(entry_version)
+    return 0
+
+
+def newest_local_version(db: Database) -> int:
+    """The version of this node's newest entry in the log (0 if none)."""
+    return local_version_at(db, db.next_seq)
+
+
+def entry_seq_of_version(db: Database, version: int) -> int | None:
+    """The sequence of the log entry stamped ``version`` (``None`` if none is left).
+
+    Two origins can stamp the same version (their clocks met in one millisecond); the
+    earliest such entry near the end of the log is returned, so a feed resuming from
+    it repeats rather than skips.
+    """
+    found: int | None = None
+    with db.env.begin() as txn:
+        cur = txn.cursor(db=db.txns_dbi)
+        if not cur.last():
+            return None
+        for scanned, (key, value) in enumerate(cur.iterprev()):
+            if scanned > SCAN_LIMIT:
+                break
+            entry_version = codec.unpack_head(value, 2)[1]
+            if entry_version == version:
+                found = seq_of(key)
+            elif found is not None and entry_version < version:
+                break  # past the entries stamped at or after it
+    return found
