@@ -64,6 +64,8 @@ CANONICAL_OPERATIONS = {
 # Operator control of streams (operations/streams.py).
 CANONICAL_OPERATIONS |= {"get_replication_status", "list_conflicts", "resolve_conflict",
                          "list_dead_letters", "reprocess_dead_letters", "delete_dead_letters"}
+# Replication barrier (operations/waits.py).
+CANONICAL_OPERATIONS |= {"wait_for_replication"}
 
 SUBSCRIPTION = {"database": "dev", "table": "dog", "subscribe": True, "publish": True}
 PERMISSION = {
@@ -173,6 +175,9 @@ VALID |= {
     "list_dead_letters": {"node": "b", "error": "unknown", "limit": 5},
     "reprocess_dead_letters": {"database": "data", "table": "dog", "limit": 5},
     "delete_dead_letters": {"ids": ["abc"]},
+}
+VALID |= {
+    "wait_for_replication": {"version": 123, "nodes": ["b"], "database": "data", "timeout": 50},
 }
 
 # (operation, body, exact expected message)
