@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from harpsync import dashboard
 from harpsync.errors import (
     BadRequestError,
     HarpsyncError,
@@ -218,7 +219,15 @@ def build_app(services: Any) -> Any:
         response.headers.update(headers)
         return response
 
+    async def dashboard_file(request: Request) -> Response:  # static; data comes via POST /
+        found = dashboard.asset(request.path_params.get("name", "index.html"))
+        if found is None:
+            raise HTTPException(404, "Not Found")
+        return Response(found[0], media_type=found[1], headers=dashboard.HEADERS)
+
     routes = [
+        Route("/dashboard", dashboard_file, methods=["GET"]),
+        Route("/dashboard/{name}", dashboard_file, methods=["GET"]),
         Route("/", operations, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

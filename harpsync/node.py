@@ -31,10 +31,12 @@ from harpsync.storage.hlc import OFFSET_ENV
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.validation import SchemaRegistry
 from operations import cluster, cluster_admin, data, schema_ops, system, users
+from operations import dashboard as dashboard_ops
 
 log = logging.getLogger("harpsync")
 
 OPERATION_MODULES = [schema_ops, data, users, system, cluster, cluster_admin]
+OPERATION_MODULES.append(dashboard_ops)
 
 
 class _Server(uvicorn.Server):
@@ -116,6 +118,7 @@ class Node:
                           lambda: self.storage.writer.jobs)
         self.cluster = Replicator(self.config, self.storage, self.keys, self.auth, self.metrics)
         cluster_admin.register_peer_handlers(self.cluster)
+        dashboard_ops.register_peer_handlers(self.cluster)
         await self.cluster.start(repl_sock)
         self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),
                                           int(self.config.get("operationsApi.network.port")))
