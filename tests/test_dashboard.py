@@ -8,6 +8,7 @@ install it) the browser tests skip with the reason; the JSON tests still run.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ProcessNode]
     root: Path = tmp_path_factory.mktemp("dashboard")
     nodes = [ProcessNode(name, root / name) for name in NAMES]
     try:
-        for node in nodes:
-            node.start()
+        with ThreadPoolExecutor(len(nodes)) as pool:  # three start-ups at once
+            list(pool.map(ProcessNode.start, nodes))
         a = nodes[0]
         a.call("create_table", database="data", table="dog", primary_key="id")
         a.call("create_table", database="data", table="cat", primary_key="id")

@@ -3,7 +3,9 @@
 'use strict';
 
 (function () {
-  const POLL_MS = 1500;          // the page updates at least this often
+  const POLL_MS = 1500;          // an update starts this long after the last one started
+  const PEER_TIMEOUT_MS = 1200;  // a peer slower than this is shown unreachable, so a
+                                 // hung node never holds the page past 2 s
   const EXTRAS_EVERY = 4;        // dead letters and conflicts: every 4th update
   const HISTORY_MS = 5 * 60 * 1000;
   const STALE_MS = 5000;
@@ -22,6 +24,8 @@
   let user = null;              // {username, super_user}
   let timer = null;
   let polling = false;
+  let extrasRunning = false;
+  let generation = 0;
   let polls = 0;
   let lastOk = 0;
   let overview = null;
@@ -101,8 +105,9 @@
   }
 
   function signOut(message) {
-    if (timer) clearInterval(timer);
+    if (timer) clearTimeout(timer);
     timer = null;
+    generation += 1;
     auth = null;
     user = null;
     overview = null;
@@ -116,9 +121,16 @@
   }
 
   function start() {
-    if (timer) clearInterval(timer);
-    poll();
-    timer = setInterval(poll, POLL_MS);
+    if (timer) clearTimeout(timer);
+    generation += 1;
+    loop(generation);
+  }
+
+  async function loop(mine) {
+    const began = Date.now();
+    await poll();
+    if (!auth || mine !== generation) return;  // signed out, or a newer loop runs
+    timer = setTimeout(() => loop(mine), Math.max(0, POLL_MS - (Date.now() - began)));
   }
 
   // -- polling ------------------------------------------------------------------------
@@ -128,11 +140,11 @@
     if (polling) return;
     polling = true;
     try {
-      const data = await call({ operation: 'cluster_overview' });
+      const data = await call({ operation: 'cluster_overview', timeout: PEER_TIMEOUT_MS });
       overview = data;
       lastOk = Date.now();
       render(data);
-      if (polls % EXTRAS_EVERY === 0) await extras(data);
+      if (polls % EXTRAS_EVERY === 0) extras(data);  // not awaited: never delays updates
       polls += 1;
       showAge();
     } catch (error) {
@@ -256,6 +268,10 @@
       const angle = -Math.PI / 2 + (2 * Math.PI * i) / names.length;
       pos.set(name, { x: cx + r * Math.cos(angle), y: cy + r * Math.sin(angle) });
     });
+    // Centre the drawing (a triangle's circle leaves its lower part empty).
+    const ys = [...pos.values()].map((p) => p.y);
+    const shift = cy - (Math.min(...ys) + Math.max(...ys)) / 2;
+    for (const p of pos.values()) p.y += shift;
     return pos;
   }
 
@@ -263,7 +279,7 @@
     const mesh = $('mesh');
     const names = data.nodes.map((n) => n.name).sort();
     const pos = layout(names, 640, 420);
-    const radius = 34;
+    const radius = 36;
     const defs = svg('defs', {});
     for (const s of STATES) {
       defs.append(svg('marker', { id: `arrow-${s}`, viewBox: '0 0 10 10', refX: 9, refY: 5,
@@ -293,11 +309,18 @@
       svg('title', { text: `${d.from} → ${d.to}: ${LABELS[d.state]}` +
         (d.reason ? ` (${d.reason})` : '') }));
       links.append(line);
-      const lx = a.x + dx * 0.62 + ox * 3.4;
-      const ly = a.y + dy * 0.62 + oy * 3.4 + 4;
+      // The label runs along its own line, on that line's side of the pair, so the
+      // labels of a pair (and of neighbouring pairs) never cross.
       const text = d.state === 'down' || d.state === 'paused' ? LABELS[d.state]
         : `${fmt(d.latency, 1, ' ms')} · lag ${fmt(d.lag_ms, 0, ' ms')}`;
-      labels.append(svg('text', { class: 'link-label', x: lx, y: ly, text }));
+      let angle = (Math.atan2(dy, dx) * 180) / Math.PI;
+      if (angle > 90) angle -= 180;
+      if (angle < -90) angle += 180;
+      const lx = (a.x + b.x) / 2 + ox * 3.4;
+      const ly = (a.y + b.y) / 2 + oy * 3.4;
+      labels.append(svg('text', { class: 'link-label', x: lx, y: ly, text,
+        'text-anchor': 'middle', 'dominant-baseline': 'middle',
+        transform: `rotate(${angle.toFixed(1)} ${lx.toFixed(1)} ${ly.toFixed(1)})` }));
     }
     const nodes = svg('g', { class: 'nodes' });
     for (const n of data.nodes) {
@@ -309,8 +332,10 @@
       const sub = n.reachable ? `${counts.toLocaleString()} records` : 'down';
       nodes.append(svg('g', { class: cls, 'data-node': n.name, 'data-state': n.reachable ? 'up' : 'down' },
         svg('circle', { cx: p.x, cy: p.y, r: radius }),
-        svg('text', { x: p.x, y: p.y + 1, text: n.name }),
-        svg('text', { class: 'sub', x: p.x, y: p.y + 15, text: sub }),
+        svg('text', { x: p.x, y: p.y + 5, text: n.name }),
+        // below the shape, or above it for nodes in the upper half (clear of links)
+        svg('text', { class: 'sub', x: p.x,
+          y: p.y < 210 ? p.y - radius - 8 : p.y + radius + 16, text: sub }),
         svg('title', { text: `${n.name}${n.url ? ' ' + n.url : ''}` +
           (n.reachable ? `, answered in ${n.response_ms} ms` : `: ${n.error || 'unreachable'}`) })));
     }
@@ -318,14 +343,16 @@
   }
 
   function sparkline(rates) {
-    const width = 120;
+    const width = 100;
     const height = 24;
     const box = svg('svg', { class: 'spark', width, height, viewBox: `0 0 ${width} ${height}` });
     if (!rates || rates.length < 2) return box;
     const now = Date.now();
     const top = Math.max(1, ...rates.map((r) => r.rate));
+    // The time axis grows with the history, from one minute up to HISTORY_MS.
+    const span = Math.min(HISTORY_MS, Math.max(60000, now - rates[0].t));
     const points = rates.map((r) => {
-      const x = width - ((now - r.t) / HISTORY_MS) * width;
+      const x = width - ((now - r.t) / span) * width;
       const y = height - 2 - (r.rate / top) * (height - 4);
       return `${x.toFixed(1)},${y.toFixed(1)}`;
     });
@@ -370,7 +397,8 @@
             'data-peer': d.from, text: paused ? 'Resume' : 'Pause',
           }));
         } else if (receiver && receiver.reachable) {
-          actions.append(el('span', { className: 'hint', text: `on ${d.to}'s dashboard` }));
+          actions.append(el('span', { className: 'hint', text: `on ${d.to}`,
+            title: `Pause and resume this link on ${d.to}'s dashboard` }));
         }
       }
       const state = el('span', { className: `badge b-${d.state}`, text: LABELS[d.state] });
@@ -383,7 +411,7 @@
         el('td', { className: 'num', text: fmt(d.lag_ms, 0, ' ms') }),
         el('td', { className: 'num', text: String(d.lag_txns) }),
         el('td', {}, sparkline(d.rates), el('span', { className: 'rate',
-          text: rate === null ? '' : `${Math.round(rate).toLocaleString()}/s` })),
+          text: rate === null ? '' : `${rate < 10 ? rate.toFixed(1) : Math.round(rate).toLocaleString()} txn/s` })),
         el('td', { text: verifiedText(d.verified) }),
         actions);
     });
@@ -501,8 +529,14 @@
 
   // -- dead letters, conflicts: operations of other issues, shown once they exist ------
   async function extras(data) {
-    await listing(data, 'list_dead_letters', 'dead-card', 'dead-letters');
-    await listing(data, 'list_conflicts', 'conflicts-card', 'conflicts');
+    if (extrasRunning) return;
+    extrasRunning = true;
+    try {
+      await listing(data, 'list_dead_letters', 'dead-card', 'dead-letters');
+      await listing(data, 'list_conflicts', 'conflicts-card', 'conflicts');
+    } finally {
+      extrasRunning = false;
+    }
   }
 
   async function listing(data, op, cardId, boxId) {
