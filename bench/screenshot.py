@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 wait_for(lambda: nodes[1].call("cluster_status", expect=None)
                          .get("connections"), timeout=30, message="node-b linked")
                 nodes[1].call("pause_replication", hostname="node-c")
-            with chromium(1440, 1400) as driver:
+            with chromium(1440, 960) as driver:
                 sign_in(driver, a.url, *ADMIN)
                 wait_for(lambda: len(link_states(driver)) == 6, timeout=30,
                          message="six links drawn")

@@ -129,12 +129,15 @@ async def shared_gather(rep: Any, timeout_ms: float) -> list[dict[str, Any]]:
 
 
 def _filtered(node: dict[str, Any], user: Any) -> dict[str, Any]:
-    """A copy of ``node`` showing only the tables ``user`` may see."""
+    """A copy of ``node`` showing only the tables ``user`` may see, and only the links of
+    ``system`` and of databases its role names (their names are not for everyone)."""
     if user.super_user:
         return node
     tables = {db: {t: c for t, c in counts.items() if visible(user, db, t)}
               for db, counts in node.get("tables", {}).items()}
-    return {**node, "tables": {db: c for db, c in tables.items() if c}}
+    links = [link for link in node.get("links", [])
+             if link.get("database") == SYSTEM or link.get("database") in user.permission]
+    return {**node, "tables": {db: c for db, c in tables.items() if c}, "links": links}
 
 
 async def cluster_overview(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:

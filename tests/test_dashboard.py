@@ -125,6 +125,14 @@ def test_cluster_overview_rejects_bad_input_and_filters_tables_for_readers(mesh)
     assert all(n["tables"] == {"data": {"dog": 25}} for n in overview["nodes"])
     assert mesh[1].post({"operation": "cluster_overview"},
                         auth=("viewer", "wrong")).status_code == 401
+    # A role that names no database sees the mesh (system links) but no table or database.
+    mesh[0].call("add_role", role="watcher", permission={"super_user": False})
+    mesh[0].call("add_user", role="watcher", username="watch", password="watch-pw", active=True)
+    response = mesh[0].post({"operation": "cluster_overview"}, auth=("watch", "watch-pw"))
+    assert response.status_code == 200, response.text
+    nodes = response.json()["nodes"]
+    assert len(nodes) == 3 and all(n["tables"] == {} for n in nodes)
+    assert {link["database"] for n in nodes for link in n["links"]} == {"system"}
 
 
 def test_dashboard_page_is_static_and_self_contained(mesh):
@@ -225,3 +233,17 @@ def test_read_only_user_sees_the_mesh_without_controls(mesh, browser):
     assert not browser.find_element(By.ID, "verify-controls").is_displayed()
     assert all(not th.is_displayed()
                for th in browser.find_elements(By.CSS_SELECTOR, "#links .controls-col"))
+
+
+def test_link_status_names_each_state_the_page_colours():
+    """Each cluster_status socket maps to one dashboard state; a stale backlog is catching up."""
+    from operations.dashboard import link_status
+
+    streaming = {"state": "streaming", "connected": True, "lag_txns": 0, "lag_ms": 0}
+    assert link_status(streaming) == "streaming"
+    assert link_status({**streaming, "lag_txns": 3, "lag_ms": 40}) == "streaming"
+    assert link_status({**streaming, "lag_txns": 3, "lag_ms": 2500}) == "catching_up"
+    assert link_status({**streaming, "state": "copying"}) == "copying"
+    assert link_status({**streaming, "state": "connecting", "connected": False}) == "down"
+    for state in ("paused", "resync_required", "clock_skew"):
+        assert link_status({**streaming, "state": state, "connected": False}) == state
