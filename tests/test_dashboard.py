@@ -86,6 +86,15 @@ def _links(mesh: list[ProcessNode]) -> dict[tuple[str, str], str]:
     return out
 
 
+def _admin_page(driver: Any, node: ProcessNode) -> None:
+    """Show ``node``'s dashboard signed in as admin (each browser test can run alone)."""
+    shown = driver.execute_script(
+        "const m = document.getElementById('main'); const w = document.getElementById('who');"
+        "return m && !m.hidden && w && w.textContent.startsWith('admin') ? location.href : '';")
+    if not shown.startswith(node.url + "dashboard"):
+        sign_in(driver, node.url, *ADMIN)
+
+
 def _accept_confirm(driver: Any) -> str:
     alert = wait_for(lambda: driver.switch_to.alert, timeout=5, message="the confirm dialog")
     text = str(alert.text)
@@ -174,6 +183,8 @@ def test_pause_and_resume_a_link_from_the_page(mesh, browser):
     """Pause on the node-b → node-a row asks first, then cluster_status reports it paused."""
     from selenium.webdriver.common.by import By
 
+    _admin_page(browser, mesh[0])
+
     def button() -> Any:
         return browser.find_element(
             By.CSS_SELECTOR, '#links tr[data-from="node-b"][data-to="node-a"] button')
@@ -199,6 +210,7 @@ def test_pause_and_resume_a_link_from_the_page(mesh, browser):
 
 def test_killed_node_links_turn_down_then_recover(mesh, browser):
     """SIGKILL node-c: its node and four links are drawn down within 5 s; back after restart."""
+    _admin_page(browser, mesh[0])
     wait_for(lambda: link_states(browser) == {pair: "streaming" for pair in ALL_LINKS},
              timeout=15, message="six links streaming before the kill")
     victim = mesh[2]
@@ -222,9 +234,11 @@ def test_read_only_user_sees_the_mesh_without_controls(mesh, browser):
     """A user without super_user sees nodes and links but no pause, resume or verify."""
     from selenium.webdriver.common.by import By
 
-    browser.find_element(By.ID, "logout").click()
-    wait_for(lambda: browser.find_element(By.ID, "login-form").is_displayed(), timeout=5,
-             message="the sign-in form")
+    logout = browser.find_elements(By.ID, "logout")
+    if logout and logout[0].is_displayed():  # signed in by the earlier tests
+        logout[0].click()
+        wait_for(lambda: browser.find_element(By.ID, "login-form").is_displayed(), timeout=5,
+                 message="the sign-in form")
     sign_in(browser, mesh[1].url, "viewer", "viewer-pw")
     wait_for(lambda: len(link_states(browser)) == 6, timeout=10,
              message="six links drawn for the reader")
