@@ -190,7 +190,7 @@ def test_pause_and_resume_a_link_from_the_page(mesh, browser):
             By.CSS_SELECTOR, '#links tr[data-from="node-b"][data-to="node-a"] button')
 
     wait_for(lambda: button().text == "Pause", timeout=10, message="a Pause button")
-    button().click()
+    wait_for(lambda: button().click() or True, timeout=5, message="a click on the button")
     assert "node-b" in _accept_confirm(browser)
 
     def paused() -> bool:
@@ -202,7 +202,7 @@ def test_pause_and_resume_a_link_from_the_page(mesh, browser):
     wait_for(lambda: link_states(browser).get(("node-b", "node-a")) == "paused", timeout=5,
              message="the line drawn paused")
     wait_for(lambda: button().text == "Resume", timeout=5, message="a Resume button")
-    button().click()
+    wait_for(lambda: button().click() or True, timeout=5, message="a click on the button")
     _accept_confirm(browser)
     wait_for(lambda: link_states(browser).get(("node-b", "node-a")) == "streaming",
              timeout=15, message="the link streaming again")

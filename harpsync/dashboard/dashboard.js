@@ -419,10 +419,28 @@
       rows.push(el('tr', {}, el('td', { colspan: 8, className: 'empty',
         text: 'This node has no peers yet (add_node joins one).' })));
     }
-    body.replaceChildren(...rows);
+    const patched = rows.map((row) => patchRow(body, row));
+    const current = [...body.rows];
+    if (patched.length !== current.length || patched.some((row, i) => row !== current[i])) {
+      body.replaceChildren(...patched);
+    }
     for (const th of document.querySelectorAll('.controls-col')) {
       th.hidden = !(user && user.super_user);
     }
+  }
+
+  // Rows and their buttons are updated in place, not rebuilt: a button replaced between
+  // a press and its release would swallow the click.
+  function patchRow(body, fresh) {
+    const key = fresh.dataset.from ? `${fresh.dataset.from}>${fresh.dataset.to}` : null;
+    const old = key && [...body.rows].find((r) => `${r.dataset.from}>${r.dataset.to}` === key);
+    if (!old || old.cells.length !== fresh.cells.length) return fresh;
+    old.dataset.state = fresh.dataset.state;
+    [...fresh.cells].forEach((cell, i) => {
+      const current = old.cells[i];
+      if (current.innerHTML !== cell.innerHTML) current.replaceChildren(...cell.childNodes);
+    });
+    return old;
   }
 
   function drawRecords(data) {
