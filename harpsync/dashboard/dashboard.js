@@ -560,7 +560,7 @@
   async function listing(data, op, cardId, boxId) {
     if (!has(data, op)) { $(cardId).hidden = true; return; }
     try {
-      const result = await call({ operation: op });
+      const result = await call({ operation: op, limit: 50 });
       $(cardId).hidden = false;
       $(boxId).replaceChildren(...describeListing(result));
     } catch (error) {
@@ -637,11 +637,16 @@
       const result = await call({ operation: op });
       const checked = result.checked || [];
       const bad = checked.filter((c) => c.in_sync === false);
+      const rows = checked.slice(0, 50).map((c) => el('tr', {},
+        el('td', { text: `${c.node || ''}` }), el('td', { text: `${c.database}.${c.table}` }),
+        el('td', { className: c.in_sync === false ? 'bad-text' : 'ok-text',
+          text: c.in_sync === false ? `${c.differences} differ` : 'in sync' })));
       box.replaceChildren(
         el('p', { className: result.in_sync === false ? 'bad-text' : 'ok-text',
           text: result.in_sync === false ? `Not in sync: ${bad.length} table(s) differ`
             : (result.message || 'In sync') }),
-        el('pre', { className: 'small', text: JSON.stringify(result, null, 1) }));
+        ...(rows.length ? [el('table', {}, el('tbody', {}, ...rows))] : []),
+        ...(repair ? [el('pre', { className: 'small', text: JSON.stringify(result, null, 1) })] : []));
     } catch (error) {
       if (notFound(error)) missing.add(op);
       box.replaceChildren(el('p', { className: 'error', text: `${op} failed: ${error.message}` }));
