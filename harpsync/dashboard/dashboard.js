@@ -201,8 +201,9 @@
       const receiver = byName.get(d.to);
       const down = !receiver || !receiver.reachable;
       d.state = down ? 'down' : worst(d.sockets.map((s) => s.status));
-      d.latency = max(d.sockets.map((s) => s.latency));
-      d.lag_ms = max(d.sockets.map((s) => s.lag_ms));
+      // A down link's last latency and lag describe the past: show none.
+      d.latency = d.state === 'down' ? null : max(d.sockets.map((s) => s.latency));
+      d.lag_ms = d.state === 'down' ? null : max(d.sockets.map((s) => s.lag_ms));
       d.lag_txns = d.sockets.reduce((a, s) => a + (s.lag_txns || 0), 0);
       d.total = d.sockets.reduce((a, s) => a + (s.txns_received || 0), 0);
       d.verified = d.sockets.map((s) => s.verified).filter(Boolean);
