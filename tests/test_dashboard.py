@@ -23,8 +23,9 @@ from tests.browser_util import (
 )
 from tests.helpers import ADMIN, ProcessNode, wait_for
 
-# The first test may install Chromium on a fresh machine (apt-get): more than 120 s.
-pytestmark = pytest.mark.timeout(600)
+# The first browser test may install Chromium on a fresh machine (apt-get, in its set-up):
+# that can take more than the default 120 s.
+browser_test = pytest.mark.timeout(600)
 
 NAMES = ("node-a", "node-b", "node-c")
 ALL_LINKS = {(a, b) for a in NAMES for b in NAMES if a != b}
@@ -162,6 +163,7 @@ def test_dashboard_page_is_static_and_self_contained(mesh):
 
 
 # -- the page in Chromium -----------------------------------------------------------------
+@browser_test
 def test_page_draws_every_node_and_link_streaming(mesh, browser):
     """Signed in on node-a, the page draws three nodes and six streaming links."""
     sign_in(browser, mesh[0].url, *ADMIN)
@@ -179,6 +181,7 @@ def test_page_draws_every_node_and_link_streaming(mesh, browser):
         ".every(id => document.getElementById(id).hidden);")
 
 
+@browser_test
 def test_pause_and_resume_a_link_from_the_page(mesh, browser):
     """Pause on the node-b → node-a row asks first, then cluster_status reports it paused."""
     from selenium.webdriver.common.by import By
@@ -208,6 +211,7 @@ def test_pause_and_resume_a_link_from_the_page(mesh, browser):
              timeout=15, message="the link streaming again")
 
 
+@browser_test
 def test_killed_node_links_turn_down_then_recover(mesh, browser):
     """SIGKILL node-c: its node and four links are drawn down within 5 s; back after restart."""
     _admin_page(browser, mesh[0])
@@ -230,6 +234,7 @@ def test_killed_node_links_turn_down_then_recover(mesh, browser):
              timeout=30, message="node-c and its links back to streaming")
 
 
+@browser_test
 def test_read_only_user_sees_the_mesh_without_controls(mesh, browser):
     """A user without super_user sees nodes and links but no pause, resume or verify."""
     from selenium.webdriver.common.by import By
