@@ -60,6 +60,7 @@ CANONICAL_OPERATIONS = {
     "pause_replication",
     "resume_replication",
     "replay_replication",
+    "cluster_overview",
 }
 
 SUBSCRIPTION = {"database": "dev", "table": "dog", "subscribe": True, "publish": True}
@@ -162,6 +163,7 @@ VALID: dict[str, dict[str, Any]] = {
     "pause_replication": {"hostname": "127.0.0.2", "database": "dev"},
     "resume_replication": {"hostname": "127.0.0.2"},
     "replay_replication": {"hostname": "127.0.0.2", "from_seq": 0},
+    "cluster_overview": {"timeout": 800, "peers": False},
 }
 
 # (operation, body, exact expected message)
@@ -303,6 +305,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("update_node", {}, "'hostname' or 'url' is required"),
     ("remove_node", {}, "'hostname' is required"),
     ("cluster_network", {"timeout": -1}, "'timeout' must be >= 0"),
+    ("cluster_overview", {"timeout": 0}, "'timeout' must be >= 1"),
+    ("cluster_overview", {"peers": "yes"}, "'peers' must be a boolean"),
     ("configure_cluster", {}, "'connections' is required"),
     (
         "configure_cluster",
