@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from harpsync import probes, requests_ctx
+from harpsync import dashboard, probes, requests_ctx
 from harpsync.changes import ChangeFeed
 from harpsync.errors import (
     BadRequestError,
@@ -305,7 +305,15 @@ def build_app(services: Any) -> Any:
         response.headers.update(headers)
         return response
 
+    async def dashboard_file(request: Request) -> Response:  # static; data comes via POST /
+        found = dashboard.asset(request.path_params.get("name", "index.html"))
+        if found is None:
+            raise HTTPException(404, "Not Found")
+        return Response(found[0], media_type=found[1], headers=dashboard.HEADERS)
+
     routes = [
+        Route("/dashboard", dashboard_file, methods=["GET"]),
+        Route("/dashboard/{name}", dashboard_file, methods=["GET"]),
         Route("/", operations, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -40,12 +40,14 @@ from operations import (
     users,
     waits,
 )
+from operations import dashboard as dashboard_ops
 
 log = logging.getLogger("harpsync")
 
 OPERATION_MODULES = [schema_ops, data, users, system, cluster, cluster_admin]
 OPERATION_MODULES.append(streams)
 OPERATION_MODULES.append(waits)
+OPERATION_MODULES.append(dashboard_ops)
 
 
 class _Server(uvicorn.Server):
@@ -130,6 +132,7 @@ class Node:
                           lambda: self.storage.writer.jobs)
         self.cluster = Replicator(self.config, self.storage, self.keys, self.auth, self.metrics)
         cluster_admin.register_peer_handlers(self.cluster)
+        dashboard_ops.register_peer_handlers(self.cluster)
         await self.cluster.start(repl_sock)
         self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),
                                           int(self.config.get("operationsApi.network.port")))

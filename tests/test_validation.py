@@ -60,6 +60,7 @@ CANONICAL_OPERATIONS = {
     "pause_replication",
     "resume_replication",
     "replay_replication",
+    "cluster_overview",
 }
 # Operator control of streams (operations/streams.py).
 CANONICAL_OPERATIONS |= {"get_replication_status", "list_conflicts", "resolve_conflict",
@@ -167,6 +168,7 @@ VALID: dict[str, dict[str, Any]] = {
     "pause_replication": {"hostname": "127.0.0.2", "database": "dev"},
     "resume_replication": {"hostname": "127.0.0.2"},
     "replay_replication": {"hostname": "127.0.0.2", "from_seq": 0},
+    "cluster_overview": {"timeout": 800, "peers": False},
 }
 VALID |= {
     "get_replication_status": {"node": "b", "database": "data"},
@@ -319,6 +321,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("update_node", {}, "'hostname' or 'url' is required"),
     ("remove_node", {}, "'hostname' is required"),
     ("cluster_network", {"timeout": -1}, "'timeout' must be >= 0"),
+    ("cluster_overview", {"timeout": 0}, "'timeout' must be >= 1"),
+    ("cluster_overview", {"peers": "yes"}, "'peers' must be a boolean"),
     ("configure_cluster", {}, "'connections' is required"),
     (
         "configure_cluster",
