@@ -175,10 +175,15 @@ def test_page_draws_every_node_and_link_streaming(mesh, browser):
         "return [...document.querySelectorAll('#records tr[data-table=\"data.dog\"] td')]"
         ".map(td => td.textContent);")
     assert cells == ["data.dog", "25", "25", "25"]
-    # No dead letters, conflicts or verify in this build: those sections stay hidden.
-    assert browser.execute_script(
-        "return ['dead-card','conflicts-card','verify-card']"
-        ".every(id => document.getElementById(id).hidden);")
+    # The dead-letter, conflict and verify sections show exactly when the node has them.
+    has = set(mesh[0].call("cluster_overview", peers=False)["operations"])
+    expected = {"dead-card": "list_dead_letters" in has,
+                "conflicts-card": "list_conflicts" in has,
+                "verify-card": bool(has & {"verify_cluster", "repair_cluster"})}
+    shown = ("const ids = ['dead-card','conflicts-card','verify-card'];"
+             "return Object.fromEntries(ids.map(id => [id, !document.getElementById(id).hidden]));")
+    wait_for(lambda: browser.execute_script(shown) == expected, timeout=10,
+             message=f"optional sections shown as {expected}")
 
 
 @browser_test
