@@ -128,11 +128,12 @@ def _check(ok: bool, name: str, measured: str, reference: str = "") -> list[str]
 
 def _peer_section(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Alternating node-alone and with-peer rounds, then the replication latency."""
-    out: dict[str, Any] = {"rounds": {}, "lmdb": [], "latency": [], "peer_cpu": {}}
+    out: dict[str, Any] = {"rounds": {}, "lmdb": [], "latency": [], "counts": {}}
     lmdb_dir = tmp / "lmdb-ceiling"
     out["lmdb"].append(pairs.lmdb_synced_commits(lmdb_dir / "before", args.lmdb_seconds))
     pair = pairs.Pair(tmp / "pair", args.code_root)
     pair.start()
+    out["counts"] = {"alone": pairs.count(pair.alone), "peer": pairs.count(pair.origin)}
     try:
         base = 2_000_000_000
         for pinned in (False, True) if "peer" in args.sections else ():
@@ -144,14 +145,25 @@ def _peer_section(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
                         scenario = Scenario("insert 1 rec/POST", "insert", clients, 1,
                                             DATABASE, TABLE, id_base=base)
                         peer_cpu = cpu_seconds(pair.peer.pid)
+                        commits = [pairs.writer_commits(n) for n in (node, pair.peer)]
                         result = run_load(scenario, node.port, ADMIN, args.warmup,
                                           args.duration, node.pid)
+                        if which == "peer":
+                            pair.wait_synced()
+                        # Commits over the whole round (warm-up, catch-up) per record
+                        # written in it: the figure is about the ratio, not the rate.
+                        records = max(1, pairs.count(node) - out["counts"][which])
+                        out["counts"][which] = pairs.count(node)
+                        after = [pairs.writer_commits(n) for n in (node, pair.peer)]
+                        result.extra = {
+                            "commits_per_rec": (after[0] - commits[0]) / records,
+                            "peer_commits_per_rec": (after[1] - commits[1]) / records,
+                            "peer_cpu": (cpu_seconds(pair.peer.pid) - peer_cpu)
+                            / result.duration,
+                            "cpu_ms_per_rec": 1000 * (result.server_cpu_s or 0.0)
+                            / max(1, result.records)}
                         key = (pinned, clients, which)
                         out["rounds"].setdefault(key, []).append(result)
-                        if which == "peer":
-                            out["peer_cpu"].setdefault(key, []).append(
-                                (cpu_seconds(pair.peer.pid) - peer_cpu) / result.duration)
-                            pair.wait_synced()
         pair.pin(False)
         if "latency" in args.sections:
             out["latency"] = pairs.replication_latency(pair.origin, pair.peer,
@@ -174,20 +186,27 @@ def _peer_rows(peer: dict[str, Any], clients: int) -> tuple[list[list[str]], dic
             a = pairs.median([r.rec_per_s for r in alone])
             w = pairs.median([r.rec_per_s for r in withp])
             fractions[(pinned, n)] = w / a if a else 0.0
-            cpu = pairs.median(peer["peer_cpu"].get((pinned, n, "peer"), []))
+            cpu = pairs.median([r.extra["peer_cpu"] for r in withp])
+
+            def med(runs: list[LoadResult], key: str) -> float:
+                return pairs.median([r.extra[key] for r in runs])
             rows.append([
                 "origin 0, peer 1" if pinned else "unpinned", str(n),
                 " / ".join(f"{r.rec_per_s:,.0f}" for r in alone), f"{a:,.0f}",
                 " / ".join(f"{r.rec_per_s:,.0f}" for r in withp), f"{w:,.0f}",
                 f"{100 * w / a:.0f}%" if a else "-",
                 fmt_num(pairs.median([r.p50_ms for r in withp]), 2),
+                f"{med(alone, 'cpu_ms_per_rec'):.2f} / {med(withp, 'cpu_ms_per_rec'):.2f}",
+                f"{med(alone, 'commits_per_rec'):.2f} / {med(withp, 'commits_per_rec'):.2f}"
+                f" / {med(withp, 'peer_commits_per_rec'):.2f}",
                 f"{100 * cpu:.0f}",
             ])
     return rows, fractions
 
 
 PEER_HEADERS = ["cores", "clients", "alone rec/s (rounds)", "median", "with peer (rounds)",
-                "median", "with/alone", "peer p50 ms", "peer CPU%"]
+                "median", "with/alone", "p50 ms", "CPU ms/rec a/o", "commits/rec a/o/p",
+                "peer CPU%"]
 
 
 def _base_section(tmp: Path, args: argparse.Namespace, echo: dict[int, LoadResult],
@@ -313,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nsingle-record inserts, node alone against origin with one live peer "
               "(alternating rounds, medians)")
         print(format_table(PEER_HEADERS, peer_rows, left=1))
-        print("peer CPU%: the peer process's CPU while the origin was loaded")
+        print("p50 ms: request latency with the peer; CPU ms/rec: server CPU per record, "
+              "alone / origin; commits/rec: synced group commits per record, alone / "
+              "origin / peer; peer CPU%: the peer's CPU while the origin was loaded")
     if peer.get("lmdb"):
         print("raw py-lmdb synced single-record commits on the same disk: "
               + " / ".join(f"{x:,.0f}" for x in peer["lmdb"])

@@ -151,6 +151,22 @@ class Pair:
         raise TimeoutError(f"the peer did not reach {want} records in {timeout} s")
 
 
+def writer_commits(node: NodeProcess) -> float:
+    """``harpsync_writer_commits`` from ``/metrics`` (synced group commits so far)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+    try:
+        conn.request("GET", "/metrics", headers={"Authorization": basic_auth(*node.auth)})
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    for line in text.splitlines():
+        if line.startswith("harpsync_writer_commits "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def count(node: NodeProcess) -> int:
     status, body = node.call("describe_table", database=DATABASE, table=TABLE)
     if status != 200:
