@@ -37,11 +37,16 @@ class Metrics:
         self.rss = Gauge("harpsync_process_rss_bytes", "Resident set size", registry=r)
         self.commits = Gauge("harpsync_writer_commits", "Group commits so far", registry=r)
         self.jobs = Gauge("harpsync_writer_jobs", "Write jobs so far", registry=r)
+        self._operation_children: dict[tuple[str | None, int], Counter] = {}
 
     def count_operation(self, operation: str | None, status: int) -> None:
         """Count one answered request; failed ones are counted without their name
         (it may be anything a client sent)."""
-        self.operations.labels(operation if status == 200 else "rejected", str(status)).inc()
+        key = (operation if status == 200 else "rejected", status)
+        child = self._operation_children.get(key)
+        if child is None:  # labels() costs a lock and a tuple build: once per pair
+            child = self._operation_children[key] = self.operations.labels(key[0], str(status))
+        child.inc()
 
     def bind(self, rss: Callable[[], float], commits: Callable[[], float],
              jobs: Callable[[], float]) -> None:

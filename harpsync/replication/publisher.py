@@ -36,10 +36,10 @@ log = logging.getLogger(__name__)
 
 READ_BATCH = 1000
 COPY_CHUNK = 500
-# Progress made only of entries this link filters out (the peer's own transactions
-# coming back, other tables) is reported at most this often: each report makes the
-# subscriber commit its cursor, and one synced commit per write on the far side would
-# cost its writer as much as the writes themselves.
+# After the first, caught_up reports go out at most this often: one per commit would
+# cost a frame each way, and where the entries read were filtered out (the peer's own
+# transactions coming back, other tables) each report makes the subscriber commit its
+# cursor, a synced commit on the far side per write there.
 CAUGHT_UP_INTERVAL = 0.5
 
 
@@ -202,7 +202,6 @@ class Publisher:
             pos = await self._copy(db, sub, tables)
         reported = -1  # the position last reported with caught_up
         reported_at = 0.0
-        sent_since_report = True  # the first report of a session goes out at once
         known_origins = 0
         while True:
             self._wakeup.clear()
@@ -225,33 +224,35 @@ class Publisher:
                 # Nothing pruned is above the subscriber's per-origin floors.
                 pos = pruned
                 continue
-            if not entries:
-                self.sending_since = None
-                wait: float | None = None
-                if reported != pos:
-                    due = 0.0 if sent_since_report else \
-                        reported_at + CAUGHT_UP_INTERVAL - time.monotonic()
-                    if due <= 0:
-                        self.session.send_caught_up(pos)
-                        await self.flush()
-                        reported, reported_at = pos, time.monotonic()
-                        sent_since_report = False
-                    else:
-                        wait = due
-                if wait is None:
-                    await self._wakeup.wait()
+            if entries:
+                pos = entries[-1][0]
+                kept = self._filter(db, entries, sub.origins, tables)
+                if kept:
+                    self.sending_since = self.sending_since or time.time()
+                    self.session.send_entries(db.next_seq - 1, kept, dict(db.origin_names))
+                    self.sent_seq = kept[-1][0]
+                    await self.flush()
+                if len(entries) >= READ_BATCH or self._wakeup.is_set():
+                    continue  # more to read; otherwise nothing was committed since the read
+            # The log is read to its end.
+            self.sending_since = None
+            wait: float | None = None
+            if reported != pos:
+                # The first report of a session goes out at once (the subscriber's state
+                # and lag follow it); later ones at most every CAUGHT_UP_INTERVAL.
+                due = 0.0 if reported < 0 else \
+                    reported_at + CAUGHT_UP_INTERVAL - time.monotonic()
+                if due <= 0:
+                    self.session.send_caught_up(pos)
+                    await self.flush()
+                    reported, reported_at = pos, time.monotonic()
                 else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), wait)
-                continue
-            pos = entries[-1][0]
-            kept = self._filter(db, entries, sub.origins, tables)
-            if kept:
-                self.sending_since = self.sending_since or time.time()
-                self.session.send_entries(db.next_seq - 1, kept, dict(db.origin_names))
-                self.sent_seq = kept[-1][0]
-                sent_since_report = True
-                await self.flush()
+                    wait = due
+            if wait is None:
+                await self._wakeup.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
 
     async def _copy(self, db: Database, sub: SubscribeRequested,
                     tables: list[str] | None) -> int:
