@@ -51,6 +51,9 @@ APPLY_GROUP = 16
 # write at a time) commits each batch at once, so an isolated write is not delayed.
 BUSY_GATHER = 0.02
 BUSY_GROUP = 48
+# Whatever the mode, one apply transaction takes at most about this many entries (as
+# many as APPLY_GROUP full batches), so a gathered group is never a longer apply.
+APPLY_ENTRIES = 16_000
 # Reconnect backoff: short enough that a link is back within a few seconds of a network
 # heal, with jitter so links do not dial in lockstep. While a peer is unreachable only
 # its system link keeps probing at this pace; its database links wait for that probe
@@ -369,10 +372,16 @@ class Subscriber:
             # apply keeps the receiver from reading (and from answering pings). The
             # caught_up reports between them are absorbed: they only move the cursor.
             limit = BUSY_GROUP if busy else APPLY_GROUP
+            batches = 1
+            size = len(work[0].payload) if work[0].kind == "entries" else 0
             while work[0].kind == "entries" and not self._queue.empty() \
                     and self._queue._queue[0].kind in ("entries", "caught_up") \
-                    and sum(w.kind == "entries" for w in work) < limit:  # type: ignore[attr-defined]
-                work.append(self._queue.get_nowait())
+                    and batches < limit and size < APPLY_ENTRIES:  # type: ignore[attr-defined]
+                item = self._queue.get_nowait()
+                work.append(item)
+                if item.kind == "entries":
+                    batches += 1
+                    size += len(item.payload)
             first = work[0]
             if first.kind == "entries":
                 last_commit = time.monotonic()
