@@ -40,6 +40,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "prometheus_client": ("harpsync/metrics.py",),
     "httpx": ("harpsync/cli.py",),
     "zstandard": ("harpsync/compression.py",),
+    "orjson": ("harpsync/jsonio.py",),  # fast JSON, falling back to the stdlib's answer
 }
 SANS_IO = ("harpsync/replication/protocol.py", "harpsync/replication/messages.py")
 SANS_IO_FORBIDDEN = {"asyncio", "websockets", "lmdb"}
