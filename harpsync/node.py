@@ -31,10 +31,12 @@ from harpsync.storage.hlc import OFFSET_ENV
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.validation import SchemaRegistry
 from operations import cluster, cluster_admin, data, schema_ops, system, users
+from operations import sql as sql_ops
 
 log = logging.getLogger("harpsync")
 
 OPERATION_MODULES = [schema_ops, data, users, system, cluster, cluster_admin]
+OPERATION_MODULES += [sql_ops]
 
 
 class _Server(uvicorn.Server):

@@ -40,6 +40,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "prometheus_client": ("harpsync/metrics.py",),
     "httpx": ("harpsync/cli.py",),
     "zstandard": ("harpsync/compression.py",),
+    "sqlglot": ("harpsync/sql/parser.py",),
 }
 SANS_IO = ("harpsync/replication/protocol.py", "harpsync/replication/messages.py")
 SANS_IO_FORBIDDEN = {"asyncio", "websockets", "lmdb"}

@@ -163,6 +163,11 @@ VALID: dict[str, dict[str, Any]] = {
     "resume_replication": {"hostname": "127.0.0.2"},
     "replay_replication": {"hostname": "127.0.0.2", "from_seq": 0},
 }
+# Issue 14: SQL, CSV jobs, the transaction log, configuration.
+CANONICAL_OPERATIONS |= {"sql"}
+VALID.update({
+    "sql": {"sql": "SELECT * FROM dev.dog WHERE id = 1"},
+})
 
 # (operation, body, exact expected message)
 INVALID: list[tuple[str, dict[str, Any], str]] = [
