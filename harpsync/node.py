@@ -21,6 +21,7 @@ from harpsync.app import build_app
 from harpsync.auth import SUPER_ROLE, Authenticator
 from harpsync.config import Config
 from harpsync.dispatch import Dispatcher
+from harpsync.jobs import JobManager
 from harpsync.metrics import Metrics
 from harpsync.passwords import hash_password
 from harpsync.replication.replicator import Replicator
@@ -30,13 +31,14 @@ from harpsync.storage import reads, writes
 from harpsync.storage.hlc import OFFSET_ENV
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.validation import SchemaRegistry
+from operations import bulk as bulk_ops
 from operations import cluster, cluster_admin, data, schema_ops, system, users
 from operations import sql as sql_ops
 
 log = logging.getLogger("harpsync")
 
 OPERATION_MODULES = [schema_ops, data, users, system, cluster, cluster_admin]
-OPERATION_MODULES += [sql_ops]
+OPERATION_MODULES += [sql_ops, bulk_ops]
 
 
 class _Server(uvicorn.Server):
@@ -97,6 +99,7 @@ class Node:
         self.ops_sock: socket.socket | None = None
         self.generated_password: str | None = None
         self._trimmer: asyncio.Task[None] | None = None
+        self.jobs: JobManager | None = None
 
     # -- start / stop ------------------------------------------------------------------
     async def start(self, ops_sock: socket.socket | None = None,
@@ -106,6 +109,7 @@ class Node:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)  # keys and databases live here, whatever the umask
         await asyncio.to_thread(self.storage.open)
+        self.jobs = await asyncio.to_thread(JobManager.open, root / "jobs")
         self.auth = Authenticator(self.storage)
         hosts = [self.node_name]
         url_host = urlparse(self.config.replication_url()).hostname
@@ -173,6 +177,8 @@ class Node:
         for _server, task in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 10)
+        if self.jobs is not None:
+            await self.jobs.stop()
         if self.cluster is not None:
             await self.cluster.stop()
         await asyncio.to_thread(self.storage.close)

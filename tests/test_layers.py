@@ -38,7 +38,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "uvloop": ("harpsync/node.py",),  # uvicorn[standard]'s event loop, chosen by the root
     "yaml": ("harpsync/config.py",),
     "prometheus_client": ("harpsync/metrics.py",),
-    "httpx": ("harpsync/cli.py",),
+    "httpx": ("harpsync/cli.py", "harpsync/csvsource.py"),  # csv_url_load downloads
     "zstandard": ("harpsync/compression.py",),
     "sqlglot": ("harpsync/sql/parser.py",),
 }

@@ -164,9 +164,18 @@ VALID: dict[str, dict[str, Any]] = {
     "replay_replication": {"hostname": "127.0.0.2", "from_seq": 0},
 }
 # Issue 14: SQL, CSV jobs, the transaction log, configuration.
-CANONICAL_OPERATIONS |= {"sql"}
+CANONICAL_OPERATIONS |= {"sql", "csv_data_load", "csv_file_load", "csv_url_load", "get_job",
+                         "search_jobs_by_start_date"}
 VALID.update({
     "sql": {"sql": "SELECT * FROM dev.dog WHERE id = 1"},
+    "csv_data_load": {"database": "dev", "table": "breed", "action": "insert",
+                      "data": "id,name\n1,Labrador\n"},
+    "csv_file_load": {"database": "dev", "table": "breed", "action": "upsert",
+                      "file_path": "/home/user/imports/breeds.csv"},
+    "csv_url_load": {"table": "breed", "csv_url": "https://example.com/breeds.csv"},
+    "get_job": {"id": "4a982782-929a-4507-8794-26dae1132def"},
+    "search_jobs_by_start_date": {"from_date": "2021-01-25T22:05:27.464+0000",
+                                  "to_date": "2021-01-25T23:05:27.464+0000"},
 })
 
 # (operation, body, exact expected message)
