@@ -34,11 +34,12 @@ from harpsync.validation import SchemaRegistry
 from operations import bulk as bulk_ops
 from operations import cluster, cluster_admin, data, schema_ops, system, users
 from operations import sql as sql_ops
+from operations import txlog as txlog_ops
 
 log = logging.getLogger("harpsync")
 
 OPERATION_MODULES = [schema_ops, data, users, system, cluster, cluster_admin]
-OPERATION_MODULES += [sql_ops, bulk_ops]
+OPERATION_MODULES += [sql_ops, bulk_ops, txlog_ops]
 
 
 class _Server(uvicorn.Server):

@@ -251,6 +251,80 @@ def test_search_jobs_by_start_date(mesh):
                   to_date="2020-01-02T00:00:00Z") == []
 
 
+# -- the transaction log ---------------------------------------------------------------
+def _plain(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in TIMES} for r in records]
+
+
+def test_read_transaction_log_shape_and_filters(mesh):
+    """Each write to the table is one entry, in order, with user, timestamp and records;
+    from/to/limit filter; other tables stay out; only super users may read it."""
+    node, _ = mesh
+    node.call("create_table", database="dev", table="logdog", primary_key="id")
+    node.call("create_table", database="dev", table="cat", primary_key="id")
+    node.call("insert", database="dev", table="logdog",
+              records=[{"id": 1, "dog_name": "Penny"}, {"id": 2, "dog_name": "Harper"}])
+    node.call("insert", database="dev", table="cat", records=[{"id": 1}])
+    middle = time.time() * 1000
+    node.call("update", database="dev", table="logdog", records=[{"id": 1, "dog_name": "Penny B"}])
+    node.call("sql", sql="DELETE FROM dev.logdog WHERE id = 2")
+    log = node.call("read_transaction_log", schema="dev", table="logdog")
+    assert [(e["operation"], e["user"]) for e in log] == [
+        ("insert", "admin"), ("update", "admin"), ("delete", "admin")]
+    assert _plain(log[0]["records"]) == [{"id": 1, "dog_name": "Penny"},
+                                         {"id": 2, "dog_name": "Harper"}]
+    assert all(isinstance(t, float) for r in log[0]["records"] for t in
+               (r["__createdtime__"], r["__updatedtime__"]))
+    assert _plain(log[1]["records"]) == [{"id": 1, "dog_name": "Penny B"}]
+    assert log[2]["hash_values"] == [2] and log[2]["records"] == [{"id": 2}]
+    stamps = [e["timestamp"] for e in log]
+    assert stamps == sorted(stamps) and all(isinstance(s, float) for s in stamps)
+    assert stamps[0] < middle <= stamps[1]
+    later = node.call("read_transaction_log", database="dev", table="logdog", **{"from": middle})
+    assert [e["operation"] for e in later] == ["update", "delete"]
+    assert [e["operation"] for e in node.call("read_transaction_log", database="dev",
+                                              table="logdog", to=middle)] == ["insert"]
+    assert len(node.call("read_transaction_log", database="dev", table="logdog", limit=2)) == 2
+    assert node.call("read_transaction_log", database="dev", table="logdog",
+                     **{"from": middle, "to": middle - 1}, expect=400)["error"] == \
+        "'to' is before 'from'"
+    assert node.call("read_transaction_log", database="dev", table="nope",
+                     expect=404)["error"] == "Table 'dev.nope' does not exist"
+    for body in ({"operation": "read_transaction_log", "database": "dev", "table": "dog"},
+                 {"operation": "delete_transaction_logs_before", "database": "dev",
+                  "table": "dog", "timestamp": 1}):
+        assert node.post(body, auth=("bob", "bobpw")).status_code == 403, body
+
+
+def test_pruned_log_sends_a_lagging_peer_to_resync(mesh):
+    """delete_transaction_logs_before prunes only what is older, answers with a job, and
+    a peer that was down past the pruned point repairs itself to every record."""
+    a, b = mesh
+    a.call("create_table", database="dev", table="t", primary_key="id")
+    a.call("insert", database="dev", table="t", records=[{"id": i} for i in range(1, 51)])
+    wait_for(lambda: b.post({"operation": "describe_table", "database": "dev", "table": "t"})
+             .status_code == 200 and b.count("t", "dev") == 50, timeout=20,
+             message="50 records on B")
+    b.stop()
+    for start in range(51, 91, 10):
+        a.call("insert", database="dev", table="t",
+               records=[{"id": i} for i in range(start, start + 10)])
+    cutoff = time.time() * 1000
+    a.call("insert", database="dev", table="t", records=[{"id": 91}])
+    response = a.call("delete_transaction_logs_before", schema="dev", table="t",
+                      timestamp=cutoff)
+    assert response["message"] == f"Starting job with id {response['job_id']}"
+    record = finished(a, response["job_id"])
+    # The table's create and its first five inserts; the insert after the cutoff stays.
+    assert record["status"] == "COMPLETE" and record["result"]["removed"] == 6, record
+    remaining = a.call("read_transaction_log", database="dev", table="t")
+    assert [[r["id"] for r in e["records"]] for e in remaining] == [[91]]
+    b.start()
+    wait_for(lambda: b.count("t", "dev") == 91, timeout=40, message="B repaired to 91 records")
+    a.call("insert", database="dev", table="t", records=[{"id": 92}])
+    wait_for(lambda: b.count("t", "dev") == 92, timeout=20, message="streaming after the repair")
+
+
 def test_a_job_the_node_died_under_reads_as_failed(node_factory, csv_server):
     """After a SIGKILL mid-load, the restarted node reports the job failed (interrupted)."""
     base, bodies = csv_server
