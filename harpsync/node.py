@@ -33,13 +33,14 @@ from harpsync.storage.store import SYSTEM, Storage
 from harpsync.validation import SchemaRegistry
 from operations import bulk as bulk_ops
 from operations import cluster, cluster_admin, data, schema_ops, system, users
+from operations import configuration as configuration_ops
 from operations import sql as sql_ops
 from operations import txlog as txlog_ops
 
 log = logging.getLogger("harpsync")
 
 OPERATION_MODULES = [schema_ops, data, users, system, cluster, cluster_admin]
-OPERATION_MODULES += [sql_ops, bulk_ops, txlog_ops]
+OPERATION_MODULES += [sql_ops, bulk_ops, txlog_ops, configuration_ops]
 
 
 class _Server(uvicorn.Server):
@@ -101,6 +102,10 @@ class Node:
         self.generated_password: str | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self.jobs: JobManager | None = None
+        # Set by ``harpsync run``: the restart operations call it to stop the node and
+        # run it again (``restart_requested`` names what asked).
+        self.restart_hook: Any = None
+        self.restart_requested: str | None = None
 
     # -- start / stop ------------------------------------------------------------------
     async def start(self, ops_sock: socket.socket | None = None,
@@ -183,6 +188,11 @@ class Node:
         if self.cluster is not None:
             await self.cluster.stop()
         await asyncio.to_thread(self.storage.close)
+
+    def listening_sockets(self) -> tuple[socket.socket, socket.socket]:
+        """The operations API and replication listeners (a restart hands them over)."""
+        assert self.ops_sock is not None and self.cluster is not None
+        return self.ops_sock, self.cluster._sock
 
     @property
     def ops_port(self) -> int:

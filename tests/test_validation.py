@@ -166,7 +166,8 @@ VALID: dict[str, dict[str, Any]] = {
 # Issue 14: SQL, CSV jobs, the transaction log, configuration.
 CANONICAL_OPERATIONS |= {"sql", "csv_data_load", "csv_file_load", "csv_url_load", "get_job",
                          "search_jobs_by_start_date", "read_transaction_log",
-                         "delete_transaction_logs_before"}
+                         "delete_transaction_logs_before", "get_configuration",
+                         "set_configuration", "restart", "restart_service"}
 VALID.update({
     "sql": {"sql": "SELECT * FROM dev.dog WHERE id = 1"},
     "csv_data_load": {"database": "dev", "table": "breed", "action": "insert",
@@ -181,6 +182,10 @@ VALID.update({
                              "to": 1660585656639, "limit": 10},
     "delete_transaction_logs_before": {"schema": "dev", "table": "dog",
                                        "timestamp": 1598290282817},
+    "get_configuration": {},
+    "set_configuration": {"logging_level": "trace"},
+    "restart": {},
+    "restart_service": {"service": "http_workers"},
 })
 
 # (operation, body, exact expected message)
