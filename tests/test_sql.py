@@ -176,6 +176,27 @@ def test_primary_key_lookups_use_the_key():
     assert plan("NOT id = 1") is None
 
 
+def test_key_lookups_never_scan_the_table(mesh, monkeypatch):
+    """On the node, a statement whose WHERE names the keys reads them without a scan."""
+    from operations import sql as sql_ops
+
+    scans: list[str] = []
+    real_scan = sql_ops.reads.scan
+
+    def counting_scan(db: Any, table: Any) -> Any:
+        scans.append(table.name)
+        return real_scan(db, table)
+
+    monkeypatch.setattr(sql_ops.reads, "scan", counting_scan)
+    a, _ = mesh
+    assert ids(sql(a, "SELECT id FROM dev.dog WHERE id IN (2, 1) AND age = 7")) == [2, 1]
+    assert sql(a, "SELECT COUNT(*) AS c FROM dev.dog WHERE id = 3 OR id = 4") == [{"c": 2}]
+    assert sql(a, "UPDATE dev.dog SET age = age WHERE id = 99")["update_hashes"] == []
+    assert scans == []
+    assert ids(sql(a, "SELECT id FROM dev.dog WHERE age = 8")) == [5]
+    assert scans == ["dog"]
+
+
 # -- errors ----------------------------------------------------------------------------
 @pytest.mark.parametrize(("text", "fragment"), [
     ("SELEC * FROM dev.dog", "SQL syntax error"),
