@@ -1,7 +1,8 @@
-"""CSV loads as jobs (csv_data_load, csv_file_load, csv_url_load), get_job and
-search_jobs_by_start_date, on two replicating nodes; a job across a crash.
+"""CSV loads as jobs (csv_data_load, csv_file_load, csv_url_load), get_job,
+search_jobs_by_start_date and the transaction log (read_transaction_log,
+delete_transaction_logs_before), on two replicating nodes; a job across a crash.
 
-Shapes follow Harper's bulk-operations and jobs documentation (4.7).
+Shapes follow Harper's bulk-operations, jobs and logs documentation (4.7).
 """
 
 from __future__ import annotations
