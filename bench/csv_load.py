@@ -39,6 +39,9 @@ def run(rows: int, peer: bool) -> None:
         size = write_csv(csv_path, rows)
         node = NodeProcess(work / "a", "csv-a")
         other = NodeProcess(work / "b", "csv-b") if peer else None
+        for each in (node, other):
+            if each is not None:  # peers dial each other on loopback
+                each.extra_env["REPLICATION_URL"] = f"wss://127.0.0.1:{each.repl_port}"
         node.start()
         try:
             if other is not None:
@@ -83,11 +86,14 @@ def run(rows: int, peer: bool) -> None:
                 ["job message", record["message"]],
             ]
             if other is not None:
-                while True:
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
                     status, counted = other.call("sql", sql="SELECT COUNT(*) AS c FROM bench.dog")
                     if status == 200 and counted[0]["c"] == rows:
                         break
                     time.sleep(0.2)
+                else:
+                    raise SystemExit(f"the peer did not get every record: {counted}")
                 table.append(["peer holds all (s after start)",
                               fmt_num(time.monotonic() - started, 2)])
                 table.append(["peer RSS (MiB)", fmt_num(other.rss_mib(), 1)])
