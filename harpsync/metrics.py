@@ -37,6 +37,11 @@ class Metrics:
         self.rss = Gauge("harpsync_process_rss_bytes", "Resident set size", registry=r)
         self.commits = Gauge("harpsync_writer_commits", "Group commits so far", registry=r)
         self.jobs = Gauge("harpsync_writer_jobs", "Write jobs so far", registry=r)
+        self.divergent_keys = Gauge("harpsync_divergent_keys",
+                                    "Keys that differed from the peer at the last verification",
+                                    ["peer", "database", "table"], registry=r)
+        self.last_verification = Gauge("harpsync_last_verification_timestamp_seconds",
+                                       "Unix time of the last verification", registry=r)
 
     def count_operation(self, operation: str | None, status: int) -> None:
         """Count one answered request; failed ones are counted without their name

@@ -25,16 +25,19 @@ from harpsync.metrics import Metrics
 from harpsync.passwords import hash_password
 from harpsync.replication.replicator import Replicator
 from harpsync.replication.status import cluster_status
+from harpsync.replication.verifier import Verifier, peer_handlers
 from harpsync.security import NodeKeys
 from harpsync.storage import reads, writes
 from harpsync.storage.hlc import OFFSET_ENV
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.validation import SchemaRegistry
 from operations import cluster, cluster_admin, data, schema_ops, system, users
+from operations import verify as verify_ops
 
 log = logging.getLogger("harpsync")
 
 OPERATION_MODULES = [schema_ops, data, users, system, cluster, cluster_admin]
+OPERATION_MODULES.append(verify_ops)
 
 
 class _Server(uvicorn.Server):
@@ -90,6 +93,7 @@ class Node:
         self.auth: Authenticator | None = None
         self.keys: NodeKeys | None = None
         self.cluster: Any = None
+        self.verifier: Verifier | None = None
         self._servers: list[tuple[_Server, asyncio.Task[None]]] = []
         self.secure_sock: socket.socket | None = None
         self.ops_sock: socket.socket | None = None
@@ -116,7 +120,11 @@ class Node:
                           lambda: self.storage.writer.jobs)
         self.cluster = Replicator(self.config, self.storage, self.keys, self.auth, self.metrics)
         cluster_admin.register_peer_handlers(self.cluster)
+        self.verifier = Verifier(self.cluster)
+        self.cluster.operation_handlers.update(peer_handlers(self.cluster))
+        self.cluster.copy_listeners.append(self.verifier.after_copy)
         await self.cluster.start(repl_sock)
+        self.verifier.start(self.config.duration_ms("replication.verifyInterval") / 1000.0)
         self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),
                                           int(self.config.get("operationsApi.network.port")))
         host = self.config.get("operationsApi.network.host")
@@ -171,6 +179,8 @@ class Node:
         for _server, task in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 10)
+        if self.verifier is not None:
+            await self.verifier.stop()
         if self.cluster is not None:
             await self.cluster.stop()
         await asyncio.to_thread(self.storage.close)
