@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
 import threading
@@ -227,3 +228,49 @@ def test_bad_filters_are_named(pair):
     assert response.status_code == 400 and "node-x" in response.text
     response = a.post({"operation": "repair_cluster", "dry_run": "yes"})
     assert response.status_code == 400 and "dry_run" in response.text
+
+
+def test_rows_missed_by_a_narrowed_subscription_are_found_one_way_for_one_way_tables(
+        node_factory):
+    """Rows written before a subscription was widened with start_time are found by a
+    plain verify; a table replicated one way is checked one way (the receiver must hold
+    the sender's rows, not the other way round), and repaired one way."""
+    c = node_factory("node-c", env={"REPLICATION_VERIFYINTERVAL": "0"})
+    d = node_factory("node-d", env={"REPLICATION_VERIFYINTERVAL": "0"})
+    for table in ("t1", "gap", "oneway"):
+        c.call("create_table", database="data", table=table, primary_key="id")
+    for table in ("gap", "oneway"):
+        c.call("insert", database="data", table=table,
+               records=[{"id": i, "v": "early"} for i in range(5)])
+    join(d, c, subscriptions=[{"database": "data", "table": "t1", "subscribe": True,
+                               "publish": True}])
+    wait_for(lambda: "oneway" in d.call("describe_database", database="data"), timeout=20,
+             message="the tables on node-d")
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    d.call("set_node_replication", hostname=c.name, start_time=now, subscriptions=[
+        {"database": "data", "table": "gap", "subscribe": True, "publish": True},
+        {"database": "data", "table": "oneway", "subscribe": True, "publish": False}])
+    c.call("insert", database="data", table="gap", records=[{"id": 100, "v": "late"}])
+    c.call("insert", database="data", table="oneway", records=[{"id": 100, "v": "late"}])
+    wait_for(lambda: d.count("gap") == 1 and d.count("oneway") == 1, timeout=20,
+             message="writes after start_time replicated")
+    d.call("insert", database="data", table="oneway", records=[{"id": 200, "v": "d only"}])
+
+    gap = d.call("verify_cluster", database="data", table="gap")
+    assert gap["in_sync"] is False
+    [entry] = gap["checked"]
+    assert entry["direction"] == "both" and entry["differences"] == 5
+    assert {k["id"]: (k["winner"], k["this"]) for k in entry["keys"]} == {
+        i: ("node-c", {"absent": True}) for i in range(5)}
+
+    for node, direction in ((d, "pull"), (c, "push")):
+        [entry] = node.call("verify_cluster", database="data", table="oneway")["checked"]
+        assert entry["direction"] == direction
+        assert sorted(k["id"] for k in entry["keys"]) == list(range(5))  # not id 200
+
+    repaired = c.call("repair_cluster", database="data", table="oneway")
+    [entry] = repaired["checked"]
+    assert sorted(entry["changed"]["node-d"]) == list(range(5))
+    assert entry["changed"]["node-c"] == []
+    assert d.count("oneway") == 7 and c.count("oneway") == 6
+    assert d.call("verify_cluster", database="data", table="oneway")["in_sync"] is True
