@@ -16,7 +16,7 @@ from harpsync import codec
 from harpsync.storage import digest
 from harpsync.storage.database import Database
 from harpsync.storage.keys import encode_id
-from tests.helpers import InProcessNode, wait_for
+from tests.helpers import ADMIN, InProcessNode, wait_for
 from tests.repl_util import join
 
 MAP_SIZE = 1 << 30
@@ -43,6 +43,15 @@ def _linked(node: Any, peer: str) -> bool:
             return bool(conn["database_sockets"]) and all(
                 s["connected"] for s in conn["database_sockets"])
     return False
+
+
+def _socket(node: Any, peer: str, database: str) -> dict[str, Any]:
+    for conn in node.call("cluster_status")["connections"]:
+        if conn["name"] == peer:
+            for sock in conn["database_sockets"]:
+                if sock["database"] == database:
+                    return dict(sock)
+    return {}
 
 
 def rows(node: Any, table: str) -> list[dict[str, Any]]:
@@ -246,6 +255,10 @@ def test_rows_missed_by_a_narrowed_subscription_are_found_one_way_for_one_way_ta
                                "publish": True}])
     wait_for(lambda: "oneway" in d.call("describe_database", database="data"), timeout=20,
              message="the tables on node-d")
+    # The first link of data copied node-c's tables; the copy ends with a verification.
+    copied = wait_for(lambda: _socket(d, "node-c", "data").get("verified"), timeout=20,
+                      message="the copy verified")
+    assert copied["in_sync"] is True and copied["differences"] == 0 and copied["at"]
     now = datetime.datetime.now(datetime.UTC).isoformat()
     d.call("set_node_replication", hostname=c.name, start_time=now, subscriptions=[
         {"database": "data", "table": "gap", "subscribe": True, "publish": True},
@@ -262,6 +275,11 @@ def test_rows_missed_by_a_narrowed_subscription_are_found_one_way_for_one_way_ta
     assert entry["direction"] == "both" and entry["differences"] == 5
     assert {k["id"]: (k["winner"], k["this"]) for k in entry["keys"]} == {
         i: ("node-c", {"absent": True}) for i in range(5)}
+    assert _socket(d, "node-c", "data")["verified"]["differences"] == 5
+    metrics = d.client.get(d.url + "metrics", auth=ADMIN).text
+    assert ('harpsync_divergent_keys{database="data",peer="node-c",table="gap"} 5.0'
+            in metrics)
+    assert "harpsync_last_verification_timestamp_seconds" in metrics
 
     for node, direction in ((d, "pull"), (c, "push")):
         [entry] = node.call("verify_cluster", database="data", table="oneway")["checked"]
