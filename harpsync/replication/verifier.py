@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 MAX_KEYS = 100
 SETTLE_SECONDS = 5.0
 KEY_CHUNK = 2000
+REPAIR_CHUNK = 500
 BOTH, PULL, PUSH = "both", "pull", "push"
 
 
@@ -283,9 +284,9 @@ class Verifier:
                     self.storage, pair.database, pair.table, table.version,
                     [(k, list(row)) for k, row in here]))
             changed_there = []
-            for i in range(0, len(there), KEY_CHUNK):
+            for i in range(0, len(there), REPAIR_CHUNK):
                 answer = await self._ask(outcome, "verify_repair", incarnation=table.version,
-                                         rows=[[k, row] for k, row in there[i:i + KEY_CHUNK]])
+                                         rows=[[k, row] for k, row in there[i:i + REPAIR_CHUNK]])
                 changed_there.extend(answer.get("changed") or [])
         outcome.changed = {self.rep.node_name: changed_here, pair.peer: changed_there}
 
