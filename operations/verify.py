@@ -26,6 +26,7 @@ def _entry(node: str, outcome: Outcome) -> dict[str, Any]:
                   "winner": node if side > 0 else pair.peer}
                  for key, mine, theirs, side in outcome.differences[:MAX_KEYS]],
         "rounds": outcome.rounds, "bytes": outcome.bytes_exchanged,
+        "timings": outcome.timings,
     }
     if outcome.error is not None:
         out["error"] = outcome.error

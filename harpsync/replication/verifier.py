@@ -69,6 +69,7 @@ class Outcome:
     rounds: int = 0
     error: str | None = None
     changed: dict[str, list[Any]] = field(default_factory=dict)
+    timings: list[Any] = field(default_factory=list)
 
 
 def applied_seq(sub: Any) -> int:
@@ -167,8 +168,10 @@ class Verifier:
         request = {"type": "operation",
                    "body": {"operation": operation, "database": pair.database,
                             "table": pair.table, **body}}
+        began = time.perf_counter()
         answer = await node_request(self.rep, pair.url, request, verify=True,
                                     present_cert=True, timeout=60, expect=pair.peer)
+        outcome.timings.append((operation, round((time.perf_counter() - began) * 1000, 1)))
         if answer.get("error"):
             raise BadRequestError(f"{pair.peer} refused {operation}: {answer['error']}")
         result = answer.get("result")
