@@ -61,6 +61,7 @@ CANONICAL_OPERATIONS = {
     "resume_replication",
     "replay_replication",
 }
+CANONICAL_OPERATIONS |= {"verify_cluster", "repair_cluster"}
 
 SUBSCRIPTION = {"database": "dev", "table": "dog", "subscribe": True, "publish": True}
 PERMISSION = {
@@ -163,6 +164,9 @@ VALID: dict[str, dict[str, Any]] = {
     "resume_replication": {"hostname": "127.0.0.2"},
     "replay_replication": {"hostname": "127.0.0.2", "from_seq": 0},
 }
+VALID["verify_cluster"] = {"database": "dev", "table": "dog", "nodes": ["node-b"],
+                           "deep": True}
+VALID["repair_cluster"] = {"database": "dev", "dry_run": True}
 
 # (operation, body, exact expected message)
 INVALID: list[tuple[str, dict[str, Any], str]] = [
