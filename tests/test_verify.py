@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import random
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from harpsync import codec
+from harpsync.replication.verifier import Pair
 from harpsync.storage import digest
 from harpsync.storage.database import Database
 from harpsync.storage.keys import encode_id
@@ -246,14 +248,14 @@ def test_rows_missed_by_a_narrowed_subscription_are_found_one_way_for_one_way_ta
     the sender's rows, not the other way round), and repaired one way."""
     c = node_factory("node-c", env={"REPLICATION_VERIFYINTERVAL": "0"})
     d = node_factory("node-d", env={"REPLICATION_VERIFYINTERVAL": "0"})
-    for table in ("t1", "gap", "oneway"):
+    for table in ("t1", "gap", "oneway", "private"):
         c.call("create_table", database="data", table=table, primary_key="id")
     for table in ("gap", "oneway"):
         c.call("insert", database="data", table=table,
                records=[{"id": i, "v": "early"} for i in range(5)])
     join(d, c, subscriptions=[{"database": "data", "table": "t1", "subscribe": True,
                                "publish": True}])
-    wait_for(lambda: "oneway" in d.call("describe_database", database="data"), timeout=20,
+    wait_for(lambda: "private" in d.call("describe_database", database="data"), timeout=20,
              message="the tables on node-d")
     # The first link of data copied node-c's tables; the copy ends with a verification.
     copied = wait_for(lambda: _socket(d, "node-c", "data").get("verified"), timeout=20,
@@ -285,6 +287,14 @@ def test_rows_missed_by_a_narrowed_subscription_are_found_one_way_for_one_way_ta
         [entry] = node.call("verify_cluster", database="data", table="oneway")["checked"]
         assert entry["direction"] == direction
         assert sorted(k["id"] for k in entry["keys"]) == list(range(5))  # not id 200
+
+    # A peer learns nothing about a table it does not share: node-c refuses to answer
+    # node-d about one.
+    assert d.call("verify_cluster", database="data", table="private")["checked"] == []
+    forged = Pair(c.name, c.repl_url, "data", "private", "both")
+    [outcome] = asyncio.run_coroutine_threadsafe(d.node.verifier.run([forged]),
+                                                 d.loop).result(30)
+    assert outcome.error and "does not replicate with node-d" in outcome.error
 
     repaired = c.call("repair_cluster", database="data", table="oneway")
     [entry] = repaired["checked"]

@@ -352,25 +352,35 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
     """The ``verify_*`` requests a peer's verifier sends to this node."""
     storage = rep.storage
 
-    def target(body: dict[str, Any]) -> tuple[Any, Any]:
+    def target(peer: str, body: dict[str, Any], receive: bool = False) -> tuple[Any, Any]:
+        """The table a request names, if it replicates with ``peer`` (into this node,
+        for a repair); a peer learns nothing about tables it does not share."""
         database, table = str(body.get("database")), str(body.get("table"))
-        if database == SYSTEM or not rep.replicates_database(database):
-            raise BadRequestError(f"database '{database}' does not replicate here")
-        return storage.table(database, table)
+        row = rep.rows.get(peer)
+        if database == SYSTEM or not rep.replicates_database(database) or row is None:
+            raise BadRequestError(f"database '{database}' does not replicate with {peer}")
+        found = storage.table(database, table)
+        directions = [peers.subscribe_tables(row, database)]
+        if not receive:
+            directions.append(peers.publish_tables(row, database))
+        if not any(d is not False and peers.table_allowed(database, table, d)
+                   for d in directions):
+            raise BadRequestError(f"table '{database}.{table}' does not replicate with {peer}")
+        return found
 
     def applied(peer: str, database: str) -> int:
         return applied_seq(rep.subscribers.get((peer, database)))
 
     async def top(peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        db, table = target(body)
+        db, table = target(peer, body)
         if body.get("deep"):
             await storage.write(compare.rebuild_job(storage, db.name, table.name))
         items = await asyncio.to_thread(compare.all_buckets, db, table)
         return {"incarnation": table.version, "top": digest.top(items),
                 "head": db.head_seq, "applied": applied(peer, db.name)}
 
-    async def ranges(_peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        db, table = target(body)
+    async def ranges(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        db, table = target(peer, body)
         starts = [bytes(s) for s in body.get("starts") or []]
         if not starts or starts[0] != b"" or starts != sorted(starts):
             raise BadRequestError("'starts' must be sorted and begin with b''")
@@ -380,25 +390,25 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         return [(bytes(lo), None if hi is None else bytes(hi))
                 for lo, hi in body.get("ranges") or []]
 
-    async def buckets(_peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        db, table = target(body)
+    async def buckets(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        db, table = target(peer, body)
         found = await asyncio.to_thread(compare.buckets_in, db, table, parse_ranges(body))
         return {"buckets": [[[s, h] for s, h in items] for items in found]}
 
-    async def rows(_peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        db, table = target(body)
+    async def rows(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        db, table = target(peer, body)
         found = await asyncio.to_thread(compare.rows_in, db, table, parse_ranges(body))
         return {"rows": [[[k, d] for k, d in sorted(m.items())] for m in found]}
 
     async def keys(peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        db, table = target(body)
+        db, table = target(peer, body)
         wanted = [bytes(k) for k in body.get("keys") or []]
         found = await asyncio.to_thread(compare.read_rows, db, table, wanted,
                                         bool(body.get("records")))
         return {"rows": found, "applied": applied(peer, db.name), "head": db.head_seq}
 
-    async def repair(_peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        db, table = target(body)
+    async def repair(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        db, table = target(peer, body, receive=True)
         rows_in = [(bytes(k), list(row)) for k, row in body.get("rows") or []]
         changed = await storage.write(compare.repair_job(
             storage, db.name, table.name, int(body.get("incarnation", -1)), rows_in))
