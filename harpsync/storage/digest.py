@@ -111,9 +111,11 @@ def _bucket_of(cur: Any, key: bytes) -> bytes:
     bk = BUCKET + key
     if cur.set_range(bk) and cur.key() == bk:
         return bk
-    if not cur.prev():  # there is always a head bucket before
-        raise ValueError("hash DBI has no head bucket")
-    return bytes(cur.key())
+    if cur.prev() and cur.key().startswith(BUCKET):
+        return bytes(cur.key())
+    # No head bucket: the hashes were cleared under a live table (never by this code).
+    cur.put(BUCKET, ZERO)
+    return BUCKET
 
 
 def _rows_between(txn: Any, table: Any, lo: bytes, hi: bytes | None,
