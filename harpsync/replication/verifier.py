@@ -6,7 +6,7 @@ round, like ``cluster_network``):
 1. ``verify_top``: the peer's top hash, incarnation and log head. Equal tops end it.
 2. ``verify_ranges``: the peer's hashes over this node's coarse ranges (about one per
    4096 rows); only ranges that differ go on.
-3. ``verify_buckets``: the peer's buckets (about 64 rows each) in those ranges; both
+3. ``verify_buckets``: the peer's buckets (about 32 rows each) in those ranges; both
    sides' hashes are compared over the union of both bucket boundaries.
 4. ``verify_rows``: ``key -> row digest`` of the rows in the buckets that differ.
 5. ``verify_keys``: the candidate keys are read again on both sides, once each side has
@@ -171,14 +171,16 @@ class Verifier:
         began = time.perf_counter()
         answer = await node_request(self.rep, pair.url, request, verify=True,
                                     present_cert=True, timeout=60, expect=pair.peer)
-        outcome.timings.append((operation, round((time.perf_counter() - began) * 1000, 1)))
         if answer.get("error"):
             raise BadRequestError(f"{pair.peer} refused {operation}: {answer['error']}")
         result = answer.get("result")
         if not isinstance(result, dict):
             raise BadRequestError(f"{pair.peer} sent an unreadable {operation} answer")
+        size = len(codec.pack(request)) + len(codec.pack(result))
         outcome.rounds += 1
-        outcome.bytes_exchanged += len(codec.pack(request)) + len(codec.pack(result))
+        outcome.bytes_exchanged += size
+        outcome.timings.append([operation, round((time.perf_counter() - began) * 1000, 1),
+                                size])
         return result
 
     async def _compare(self, outcome: Outcome, start_version: int, deep: bool,

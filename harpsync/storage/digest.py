@@ -2,7 +2,7 @@
 
 The rows of a table (live records and tombstones together, in primary-key order) are cut
 into *buckets* at content-defined boundaries: a key is a boundary when the low
-``LEAF_BITS`` bits of its CRC-32 are zero, so about one key in 64 starts a bucket and
+``LEAF_BITS`` bits of its CRC-32 are zero, so about one key in 32 starts a bucket and
 two nodes holding the same keys cut them at the same places. A bucket runs from its
 boundary key to the next one; the *head* bucket holds the keys before the first
 boundary. Each bucket's hash is the XOR of its rows' digests.
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
 
-LEAF_BITS = 6
+LEAF_BITS = 5
 GROUP_BITS = 12
 DIGEST_SIZE = 16
 ZERO = bytes(DIGEST_SIZE)
@@ -66,7 +66,7 @@ def is_boundary(key: bytes) -> bool:
 
 
 def is_group_boundary(key: bytes) -> bool:
-    """Whether ``key`` starts a group of buckets (one boundary in about 64)."""
+    """Whether ``key`` starts a group of buckets (about one boundary in 128)."""
     return zlib.crc32(key) & _GROUP_MASK == 0
 
 
