@@ -302,3 +302,22 @@ def test_rows_missed_by_a_narrowed_subscription_are_found_one_way_for_one_way_ta
     assert entry["changed"]["node-c"] == []
     assert d.count("oneway") == 7 and c.count("oneway") == 6
     assert d.call("verify_cluster", database="data", table="oneway")["in_sync"] is True
+
+
+def test_background_verification_updates_status_and_metrics(pair):
+    """The background loop (replication.verifyInterval) verifies every replicated table
+    and records each link's result without being asked."""
+    a, b = pair
+    setup_table(a, b, "bg", 50)
+    verifier = a.node.verifier
+    before = verifier.last_run
+    a.loop.call_soon_threadsafe(verifier.start, 0.2)
+    try:
+        wait_for(lambda: verifier.last_run is not None and verifier.last_run != before,
+                 timeout=20, message="a background verification")
+    finally:
+        asyncio.run_coroutine_threadsafe(verifier.stop(), a.loop).result(10)
+    verified = _socket(a, "node-b", "data")["verified"]
+    assert verified["in_sync"] is True and verified["differences"] == 0
+    metrics = a.client.get(a.url + "metrics", auth=ADMIN).text
+    assert 'harpsync_divergent_keys{database="data",peer="node-b",table="bg"} 0.0' in metrics
