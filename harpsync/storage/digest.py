@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import os
 import struct
+import weakref
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ class TableDigest:
 
     dbi: Any
     origin_names: Mapping[int, str]
+    # The bucket the last write landed in, valid only inside that write transaction:
+    # (weak reference to the transaction, bucket key, next bucket key or None, hash).
+    # Consecutive keys share a bucket, so most writes skip the bucket lookup.
+    cache: tuple[Any, bytes, bytes | None, int] | None = None
 
 
 def is_boundary(key: bytes) -> bool:
@@ -90,14 +95,14 @@ def row_digest(key: bytes, raw: bytes, deleted: bool, origin_names: Mapping[int,
     """The digest of a stored ``[version, origin, record]``; equal on every node that
     holds the same row."""
     if raw[1] == 0xCF and raw[10] < 0x80:  # the usual head: a uint64 version, origin < 128
-        version, origin, pos = raw[2:10], raw[10], 11
-    else:
-        number, pos = _uint(raw, 1)
-        version = _U64.pack(number)
-        origin, pos = _uint(raw, pos)
-    name = origin_names.get(origin, "").encode()
-    return blake2b(b"".join((_U16.pack(len(key)), key, _FLAG[deleted], version, name,
-                             b"\0", raw[pos:])), digest_size=DIGEST_SIZE).digest()
+        return blake2b(b"".join((len(key).to_bytes(2, "big"), key, _FLAG[deleted], raw[2:10],
+                                 origin_names.get(raw[10], "").encode(), b"\0", raw[11:])),
+                       digest_size=DIGEST_SIZE).digest()
+    number, pos = _uint(raw, 1)
+    origin, pos = _uint(raw, pos)
+    return blake2b(b"".join((len(key).to_bytes(2, "big"), key, _FLAG[deleted],
+                             _U64.pack(number), origin_names.get(origin, "").encode(), b"\0",
+                             raw[pos:])), digest_size=DIGEST_SIZE).digest()
 
 
 def xor(a: bytes | None, b: bytes) -> bytes:
@@ -159,13 +164,23 @@ def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
         delta ^= int.from_bytes(row_digest(key, old_raw, old_deleted, d.origin_names), "big")
         if not delta:
             return
-    cur = txn.cursor(db=d.dbi)
-    if old_raw is None and is_boundary(key):
-        _split(txn, table, d, cur, key)
-    bk = _bucket_of(cur, key)
-    old = cur.value()
-    value = int.from_bytes(old, "big") ^ delta if old else delta
+    elif is_boundary(key):
+        d.cache = None
+        _split(txn, table, d, txn.cursor(db=d.dbi), key)
+    bkey = BUCKET + key
+    cache = d.cache
+    if cache is not None and cache[0]() is txn and cache[1] <= bkey \
+            and (cache[2] is None or bkey < cache[2]):
+        _, bk, hi, value = cache
+    else:
+        cur = txn.cursor(db=d.dbi)
+        bk = _bucket_of(cur, key)
+        old = cur.value()
+        value = int.from_bytes(old, "big") if old else 0
+        hi = bytes(cur.key()) if cur.next() and cur.key().startswith(BUCKET) else None
+    value ^= delta
     txn.put(bk, value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
+    d.cache = (weakref.ref(txn), bk, hi, value)
 
 
 def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: bool) -> None:
@@ -173,6 +188,7 @@ def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: boo
     d = table.digest
     if d is None or not ENABLED:
         return
+    d.cache = None
     cur = txn.cursor(db=d.dbi)
     bk = _bucket_of(cur, key)
     value = xor(cur.value(), row_digest(key, old_raw, old_deleted, d.origin_names))
@@ -187,12 +203,14 @@ def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: boo
 def clear(txn: Any, table: Any) -> None:
     """The table was emptied (dropped): forget every hash."""
     if table.digest is not None:
+        table.digest.cache = None
         txn.drop(table.digest.dbi, delete=False)
 
 
 def mark_built(txn: Any, table: Any) -> None:
     """Start the hashes of a new, empty table."""
     if table.digest is not None and ENABLED:
+        table.digest.cache = None
         txn.put(BUCKET, ZERO, db=table.digest.dbi)
         txn.put(MARK, b"1", db=table.digest.dbi)
 
@@ -210,6 +228,7 @@ def rebuild(txn: Any, table: Any) -> int:
     d = table.digest
     if d is None:
         return 0
+    d.cache = None
     txn.drop(d.dbi, delete=False)
     names = d.origin_names
     streams = [_rows_of(txn, dbi, deleted)
