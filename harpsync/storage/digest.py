@@ -62,7 +62,7 @@ class TableDigest:
     # The bucket the last write landed in, valid only inside that write transaction:
     # (weak reference to the transaction, bucket key, next bucket key or None, hash).
     # Consecutive keys share a bucket, so most writes skip the bucket lookup.
-    cache: tuple[Any, bytes, bytes | None, int] | None = None
+    cache: list[Any] | None = None
 
 
 def is_boundary(key: bytes) -> bool:
@@ -171,16 +171,17 @@ def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
     cache = d.cache
     if cache is not None and cache[0]() is txn and cache[1] <= bkey \
             and (cache[2] is None or bkey < cache[2]):
-        _, bk, hi, value = cache
-    else:
-        cur = txn.cursor(db=d.dbi)
-        bk = _bucket_of(cur, key)
-        old = cur.value()
-        value = int.from_bytes(old, "big") if old else 0
-        hi = bytes(cur.key()) if cur.next() and cur.key().startswith(BUCKET) else None
-    value ^= delta
+        value = cache[3] ^ delta
+        cache[3] = value
+        txn.put(cache[1], value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
+        return
+    cur = txn.cursor(db=d.dbi)
+    bk = _bucket_of(cur, key)
+    old = cur.value()
+    value = (int.from_bytes(old, "big") if old else 0) ^ delta
+    hi = bytes(cur.key()) if cur.next() and cur.key().startswith(BUCKET) else None
     txn.put(bk, value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
-    d.cache = (weakref.ref(txn), bk, hi, value)
+    d.cache = [weakref.ref(txn), bk, hi, value]
 
 
 def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: bool) -> None:
