@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
         "maxConnections": 1024,
         "maxPendingPerAddress": 32,
         "conflict": "last_writer_wins",
+        "verifyInterval": "10m",
     },
     "logging": {"level": "info", "auditRetention": "3d"},
     "storage": {"mapSize": 64 * 1024**3, "trimInterval": "2s"},
@@ -200,6 +201,7 @@ class Config:
         self.duration_ms("replication.pingInterval")
         self.duration_ms("replication.retentionInterval")
         self.duration_ms("storage.trimInterval")
+        self.duration_ms("replication.verifyInterval")
         for key, low in (("operationsApi.rateLimit.requestsPerMinute", 0),
                          ("operationsApi.rateLimit.burst", 1),
                          ("replication.maxConnections", 1),

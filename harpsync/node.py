@@ -26,6 +26,7 @@ from harpsync.metrics import Metrics
 from harpsync.passwords import hash_password
 from harpsync.replication.replicator import Replicator
 from harpsync.replication.status import cluster_status
+from harpsync.replication.verifier import Verifier, peer_handlers
 from harpsync.security import NodeKeys
 from harpsync.storage import reads, writes
 from harpsync.storage.hlc import OFFSET_ENV
@@ -46,6 +47,7 @@ from operations import configuration as configuration_ops
 from operations import dashboard as dashboard_ops
 from operations import sql as sql_ops
 from operations import txlog as txlog_ops
+from operations import verify as verify_ops
 
 log = logging.getLogger("harpsync")
 
@@ -54,6 +56,7 @@ OPERATION_MODULES.append(streams)
 OPERATION_MODULES.append(waits)
 OPERATION_MODULES.append(dashboard_ops)
 OPERATION_MODULES += [sql_ops, bulk_ops, txlog_ops, configuration_ops]
+OPERATION_MODULES.append(verify_ops)
 
 
 class _Server(uvicorn.Server):
@@ -112,6 +115,7 @@ class Node:
         self.auth: Authenticator | None = None
         self.keys: NodeKeys | None = None
         self.cluster: Any = None
+        self.verifier: Verifier | None = None
         self._servers: list[tuple[_Server, asyncio.Task[None]]] = []
         self.secure_sock: socket.socket | None = None
         self.ops_sock: socket.socket | None = None
@@ -145,7 +149,11 @@ class Node:
         self.cluster = Replicator(self.config, self.storage, self.keys, self.auth, self.metrics)
         cluster_admin.register_peer_handlers(self.cluster)
         dashboard_ops.register_peer_handlers(self.cluster)
+        self.verifier = Verifier(self.cluster)
+        self.cluster.operation_handlers.update(peer_handlers(self.cluster))
+        self.cluster.copy_listeners.append(self.verifier.after_copy)
         await self.cluster.start(repl_sock)
+        self.verifier.start(self.config.duration_ms("replication.verifyInterval") / 1000.0)
         self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),
                                           int(self.config.get("operationsApi.network.port")))
         host = self.config.get("operationsApi.network.host")
@@ -202,6 +210,8 @@ class Node:
                 await asyncio.wait_for(task, 10)
         if self.jobs is not None:
             await self.jobs.stop()
+        if self.verifier is not None:
+            await self.verifier.stop()
         if self.cluster is not None:
             await self.cluster.stop()
         await asyncio.to_thread(self.storage.close)

@@ -67,6 +67,7 @@ CANONICAL_OPERATIONS |= {"get_replication_status", "list_conflicts", "resolve_co
                          "list_dead_letters", "reprocess_dead_letters", "delete_dead_letters"}
 # Replication barrier (operations/waits.py).
 CANONICAL_OPERATIONS |= {"wait_for_replication"}
+CANONICAL_OPERATIONS |= {"verify_cluster", "repair_cluster"}
 
 SUBSCRIPTION = {"database": "dev", "table": "dog", "subscribe": True, "publish": True}
 PERMISSION = {
@@ -205,6 +206,9 @@ VALID.update({
     "restart": {},
     "restart_service": {"service": "http_workers"},
 })
+VALID["verify_cluster"] = {"database": "dev", "table": "dog", "nodes": ["node-b"],
+                           "deep": True}
+VALID["repair_cluster"] = {"database": "dev", "dry_run": True}
 
 # (operation, body, exact expected message)
 INVALID: list[tuple[str, dict[str, Any], str]] = [

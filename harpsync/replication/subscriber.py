@@ -438,6 +438,8 @@ class Subscriber:
                 self.copy_progress = None
                 self.state = "streaming"
                 self._ack(snapshot)
+                for listener in list(self.rep.copy_listeners):
+                    listener(self.peer, self.database)
             await self._flush()
 
     async def _advance(self, seq: int) -> None:
