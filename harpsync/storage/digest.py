@@ -33,7 +33,7 @@ import struct
 import weakref
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
 
@@ -55,14 +55,25 @@ _U64 = struct.Struct(">Q")
 
 @dataclass
 class TableDigest:
-    """A table's hash DBI and the origin-name map of its database."""
+    """A table's hash DBI, the origin-name map of its database, and the bucket changes
+    of the write transaction in progress (written by ``flush`` before it commits)."""
 
     dbi: Any
     origin_names: Mapping[int, str]
-    # The bucket the last write landed in, valid only inside that write transaction:
-    # (weak reference to the transaction, bucket key, next bucket key or None, hash).
-    # Consecutive keys share a bucket, so most writes skip the bucket lookup.
-    cache: list[Any] | None = None
+    # The transaction ``pending`` belongs to (a weak reference), None: nothing pending.
+    txn: Any = None
+    # Bucket DBI key -> XOR of the row digests added to or removed from it.
+    pending: dict[bytes, int] = field(default_factory=dict)
+    # The bucket the last write landed in: its DBI key and its keys ``[lo, hi)`` (hi
+    # None: to the end). Consecutive keys share a bucket, so most writes skip the lookup.
+    bucket: bytes | None = None
+    lo: bytes = b""
+    hi: bytes | None = None
+    cursor: Any = None
+
+
+# Tables with pending bucket changes, by the id of their transaction.
+_dirty: dict[int, list[TableDigest]] = {}
 
 
 def is_boundary(key: bytes) -> bool:
@@ -137,9 +148,11 @@ def _rows_between(txn: Any, table: Any, lo: bytes, hi: bytes | None,
             found = cur.next()
 
 
-def _split(txn: Any, table: Any, d: TableDigest, cur: Any, key: bytes) -> None:
+def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
     # ``key`` is a new boundary: the rows after it, up to the next boundary, leave the
     # bucket before it for the bucket it starts (``key`` itself is added by the caller).
+    _settle(txn, d)
+    cur = txn.cursor(db=d.dbi)
     owner = _bucket_of(cur, key)
     nxt = cur.next() and cur.key().startswith(BUCKET)
     hi = bytes(cur.key()[1:]) if nxt else None
@@ -150,38 +163,90 @@ def _split(txn: Any, table: Any, d: TableDigest, cur: Any, key: bytes) -> None:
     value = moved.to_bytes(DIGEST_SIZE, "big")
     if moved:
         txn.put(owner, xor(txn.get(owner, db=d.dbi), value), db=d.dbi)
-    txn.put(BUCKET + key, value, db=d.dbi)
+    bk = BUCKET + key
+    txn.put(bk, value, db=d.dbi)
+    _pend(txn, d)
+    d.bucket, d.lo, d.hi = bk, key, hi
+    d.pending[bk] = 0
+
+
+def _pend(txn: Any, d: TableDigest) -> None:
+    # Make ``d`` collect changes for ``txn`` (changes left from an ended transaction
+    # that was neither flushed nor discarded are dropped with it).
+    d.txn = weakref.ref(txn)
+    d.pending = {}
+    d.bucket = None
+    d.cursor = None
+    _dirty.setdefault(id(txn), []).append(d)
 
 
 def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
              old_raw: bytes | None, old_deleted: bool) -> None:
-    """``raw`` was stored under ``key``, replacing ``old_raw`` (None: a new key)."""
+    """``raw`` was stored under ``key``, replacing ``old_raw`` (None: a new key).
+
+    The bucket changes wait in ``table.digest`` until ``flush(txn)``, which must run
+    before ``txn`` commits (the writer does it for every job).
+    """
     d = table.digest
     if d is None or not ENABLED:
         return
-    delta = int.from_bytes(row_digest(key, raw, deleted, d.origin_names), "big")
+    names = d.origin_names
+    if raw[1] == 0xCF and raw[10] < 0x80:  # row_digest's usual case, inlined
+        delta = int.from_bytes(blake2b(b"".join((
+            len(key).to_bytes(2, "big"), key, _FLAG[deleted], raw[2:10],
+            names.get(raw[10], "").encode(), b"\0", raw[11:])),
+            digest_size=DIGEST_SIZE).digest(), "big")
+    else:
+        delta = int.from_bytes(row_digest(key, raw, deleted, names), "big")
     if old_raw is not None:
-        delta ^= int.from_bytes(row_digest(key, old_raw, old_deleted, d.origin_names), "big")
+        delta ^= int.from_bytes(row_digest(key, old_raw, old_deleted, names), "big")
         if not delta:
             return
-    elif is_boundary(key):
-        d.cache = None
-        _split(txn, table, d, txn.cursor(db=d.dbi), key)
-    bkey = BUCKET + key
-    cache = d.cache
-    if cache is not None and cache[0]() is txn and cache[1] <= bkey \
-            and (cache[2] is None or bkey < cache[2]):
-        value = cache[3] ^ delta
-        cache[3] = value
-        txn.put(cache[1], value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
+    elif zlib.crc32(key) & _LEAF_MASK == 0:
+        _split(txn, table, d, key)
+        d.pending[d.bucket] ^= delta  # type: ignore[index]
         return
-    cur = txn.cursor(db=d.dbi)
-    bk = _bucket_of(cur, key)
-    old = cur.value()
-    value = (int.from_bytes(old, "big") if old else 0) ^ delta
-    hi = bytes(cur.key()) if cur.next() and cur.key().startswith(BUCKET) else None
-    txn.put(bk, value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
-    d.cache = [weakref.ref(txn), bk, hi, value]
+    ref = d.txn
+    if ref is None or ref() is not txn:
+        _pend(txn, d)
+    bucket = d.bucket
+    if bucket is None or key < d.lo or (d.hi is not None and key >= d.hi):
+        cur = d.cursor
+        if cur is None:
+            cur = d.cursor = txn.cursor(db=d.dbi)
+        bucket = d.bucket = _bucket_of(cur, key)
+        d.lo = bucket[1:]
+        d.hi = bytes(cur.key()[1:]) if cur.next() and cur.key().startswith(BUCKET) else None
+        if bucket not in d.pending:
+            d.pending[bucket] = delta
+            return
+    d.pending[bucket] ^= delta
+
+
+def _settle(txn: Any, d: TableDigest) -> None:
+    # Write ``d``'s pending changes if they belong to ``txn``; forget them either way.
+    ref, pending = d.txn, d.pending
+    d.txn, d.pending, d.bucket, d.cursor = None, {}, None, None
+    if ref is None or ref() is not txn:
+        return
+    for bk, delta in pending.items():
+        if delta:
+            old = txn.get(bk, db=d.dbi)
+            value = (int.from_bytes(old, "big") if old else 0) ^ delta
+            txn.put(bk, value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
+
+
+def flush(txn: Any) -> None:
+    """Write the bucket changes collected for ``txn``; call before it commits."""
+    for d in _dirty.pop(id(txn), ()):
+        _settle(txn, d)
+
+
+def discard(txn: Any) -> None:
+    """Forget the bucket changes collected for ``txn`` (it is aborted)."""
+    for d in _dirty.pop(id(txn), ()):
+        if d.txn is not None and d.txn() is txn:
+            d.txn, d.pending, d.bucket, d.cursor = None, {}, None, None
 
 
 def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: bool) -> None:
@@ -189,7 +254,7 @@ def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: boo
     d = table.digest
     if d is None or not ENABLED:
         return
-    d.cache = None
+    _settle(txn, d)
     cur = txn.cursor(db=d.dbi)
     bk = _bucket_of(cur, key)
     value = xor(cur.value(), row_digest(key, old_raw, old_deleted, d.origin_names))
@@ -204,14 +269,14 @@ def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: boo
 def clear(txn: Any, table: Any) -> None:
     """The table was emptied (dropped): forget every hash."""
     if table.digest is not None:
-        table.digest.cache = None
+        _settle(None, table.digest)
         txn.drop(table.digest.dbi, delete=False)
 
 
 def mark_built(txn: Any, table: Any) -> None:
     """Start the hashes of a new, empty table."""
     if table.digest is not None and ENABLED:
-        table.digest.cache = None
+        _settle(None, table.digest)
         txn.put(BUCKET, ZERO, db=table.digest.dbi)
         txn.put(MARK, b"1", db=table.digest.dbi)
 
@@ -229,7 +294,7 @@ def rebuild(txn: Any, table: Any) -> int:
     d = table.digest
     if d is None:
         return 0
-    d.cache = None
+    _settle(None, d)  # the rows already hold this transaction's writes
     txn.drop(d.dbi, delete=False)
     names = d.origin_names
     streams = [_rows_of(txn, dbi, deleted)
@@ -261,6 +326,10 @@ Bucket = tuple[bytes, bytes]  # (start key, b"" for the head; hash)
 def buckets(txn: Any, table: Any, lo: bytes = b"", hi: bytes | None = None) -> list[Bucket]:
     """The buckets starting in ``[lo, hi)`` (the head bucket counts as starting at b"")."""
     out: list[Bucket] = []
+    d = table.digest
+    ref = d.txn
+    if ref is not None and ref() is txn:  # the writer reading its own changes
+        _settle(txn, d)
     cur = txn.cursor(db=table.digest.dbi)
     if not cur.set_range(BUCKET + lo):
         return out
