@@ -55,25 +55,28 @@ _U64 = struct.Struct(">Q")
 
 @dataclass
 class TableDigest:
-    """A table's hash DBI, the origin-name map of its database, and the bucket changes
-    of the write transaction in progress (written by ``flush`` before it commits)."""
+    """A table's hash DBI, the origin-name map of its database, and the rows written by
+    the transaction in progress, hashed into their buckets by ``flush`` before it
+    commits."""
 
     dbi: Any
     origin_names: Mapping[int, str]
-    # The transaction ``pending`` belongs to (a weak reference), None: nothing pending.
+    # The transaction ``rows`` belong to (a weak reference); None: nothing pending.
     txn: Any = None
-    # Bucket DBI key -> XOR of the row digests added to or removed from it.
-    pending: dict[bytes, int] = field(default_factory=dict)
-    # The bucket the last write landed in: its DBI key and its keys ``[lo, hi)`` (hi
-    # None: to the end). Consecutive keys share a bucket, so most writes skip the lookup.
-    bucket: bytes | None = None
-    lo: bytes = b""
-    hi: bytes | None = None
-    cursor: Any = None
+    # (key, stored, deleted, replaced stored or None, replaced was deleted) per write.
+    rows: list[PendingRow] = field(default_factory=list)
 
 
-# Tables with pending bucket changes, by the id of their transaction.
+PendingRow = tuple[bytes, bytes, bool, "bytes | None", bool]
+
+# Tables with pending rows, by the id of their transaction.
 _dirty: dict[int, list[TableDigest]] = {}
+# blake2b-128 before any input: copying it is cheaper than a new keyed constructor.
+_EMPTY = blake2b(digest_size=DIGEST_SIZE)
+# ``len(key)`` as two bytes, for the usual short keys.
+_KEY_LEN = tuple(n.to_bytes(2, "big") for n in range(256))
+# An origin name's UTF-8 bytes and the NUL after them, by name.
+_NAMES: dict[str, bytes] = {}
 
 
 def is_boundary(key: bytes) -> bool:
@@ -105,15 +108,24 @@ def _uint(raw: bytes, pos: int) -> tuple[int, int]:
 def row_digest(key: bytes, raw: bytes, deleted: bool, origin_names: Mapping[int, str]) -> bytes:
     """The digest of a stored ``[version, origin, record]``; equal on every node that
     holds the same row."""
+    h = _EMPTY.copy()
     if raw[1] == 0xCF and raw[10] < 0x80:  # the usual head: a uint64 version, origin < 128
-        return blake2b(b"".join((len(key).to_bytes(2, "big"), key, _FLAG[deleted], raw[2:10],
-                                 origin_names.get(raw[10], "").encode(), b"\0", raw[11:])),
-                       digest_size=DIGEST_SIZE).digest()
+        name = origin_names.get(raw[10], "")
+        h.update(b"".join((_KEY_LEN[len(key)] if len(key) < 256 else _U16.pack(len(key)),
+                           key, _FLAG[deleted], raw[2:10],
+                           _NAMES.get(name) or _name_bytes(name), raw[11:])))
+        return h.digest()
     number, pos = _uint(raw, 1)
     origin, pos = _uint(raw, pos)
-    return blake2b(b"".join((len(key).to_bytes(2, "big"), key, _FLAG[deleted],
-                             _U64.pack(number), origin_names.get(origin, "").encode(), b"\0",
-                             raw[pos:])), digest_size=DIGEST_SIZE).digest()
+    name = origin_names.get(origin, "")
+    h.update(b"".join((_U16.pack(len(key)), key, _FLAG[deleted], _U64.pack(number),
+                       _NAMES.get(name) or _name_bytes(name), raw[pos:])))
+    return h.digest()
+
+
+def _name_bytes(name: str) -> bytes:
+    out = _NAMES[name] = name.encode() + b"\0"
+    return out
 
 
 def xor(a: bytes | None, b: bytes) -> bytes:
@@ -151,6 +163,7 @@ def _rows_between(txn: Any, table: Any, lo: bytes, hi: bytes | None,
 def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
     # ``key`` is a new boundary: the rows after it, up to the next boundary, leave the
     # bucket before it for the bucket it starts (``key`` itself is added by the caller).
+    # Pending rows are hashed into the buckets as they were before the split.
     _settle(txn, d)
     cur = txn.cursor(db=d.dbi)
     owner = _bucket_of(cur, key)
@@ -163,90 +176,78 @@ def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
     value = moved.to_bytes(DIGEST_SIZE, "big")
     if moved:
         txn.put(owner, xor(txn.get(owner, db=d.dbi), value), db=d.dbi)
-    bk = BUCKET + key
-    txn.put(bk, value, db=d.dbi)
-    _pend(txn, d)
-    d.bucket, d.lo, d.hi = bk, key, hi
-    d.pending[bk] = 0
-
-
-def _pend(txn: Any, d: TableDigest) -> None:
-    # Make ``d`` collect changes for ``txn`` (changes left from an ended transaction
-    # that was neither flushed nor discarded are dropped with it).
-    d.txn = weakref.ref(txn)
-    d.pending = {}
-    d.bucket = None
-    d.cursor = None
-    _dirty.setdefault(id(txn), []).append(d)
+    txn.put(BUCKET + key, value, db=d.dbi)
 
 
 def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
              old_raw: bytes | None, old_deleted: bool) -> None:
     """``raw`` was stored under ``key``, replacing ``old_raw`` (None: a new key).
 
-    The bucket changes wait in ``table.digest`` until ``flush(txn)``, which must run
-    before ``txn`` commits (the writer does it for every job).
+    The row is hashed into its bucket by ``flush(txn)``, which must run before ``txn``
+    commits (the writer does it for every job).
     """
     d = table.digest
     if d is None or not ENABLED:
         return
-    names = d.origin_names
-    if raw[1] == 0xCF and raw[10] < 0x80:  # row_digest's usual case, inlined
-        delta = int.from_bytes(blake2b(b"".join((
-            len(key).to_bytes(2, "big"), key, _FLAG[deleted], raw[2:10],
-            names.get(raw[10], "").encode(), b"\0", raw[11:])),
-            digest_size=DIGEST_SIZE).digest(), "big")
-    else:
-        delta = int.from_bytes(row_digest(key, raw, deleted, names), "big")
-    if old_raw is not None:
-        delta ^= int.from_bytes(row_digest(key, old_raw, old_deleted, names), "big")
-        if not delta:
-            return
-    elif zlib.crc32(key) & _LEAF_MASK == 0:
-        _split(txn, table, d, key)
-        d.pending[d.bucket] ^= delta  # type: ignore[index]
-        return
     ref = d.txn
     if ref is None or ref() is not txn:
-        _pend(txn, d)
-    bucket = d.bucket
-    if bucket is None or key < d.lo or (d.hi is not None and key >= d.hi):
-        cur = d.cursor
-        if cur is None:
-            cur = d.cursor = txn.cursor(db=d.dbi)
-        bucket = d.bucket = _bucket_of(cur, key)
-        d.lo = bucket[1:]
-        d.hi = bytes(cur.key()[1:]) if cur.next() and cur.key().startswith(BUCKET) else None
-        if bucket not in d.pending:
-            d.pending[bucket] = delta
-            return
-    d.pending[bucket] ^= delta
+        d.txn = weakref.ref(txn)
+        d.rows = []
+        _dirty.setdefault(id(txn), []).append(d)
+    if old_raw is None and zlib.crc32(key) & _LEAF_MASK == 0:
+        _split(txn, table, d, key)
+    d.rows.append((key, raw, deleted, old_raw, old_deleted))
 
 
 def _settle(txn: Any, d: TableDigest) -> None:
-    # Write ``d``'s pending changes if they belong to ``txn``; forget them either way.
-    ref, pending = d.txn, d.pending
-    d.txn, d.pending, d.bucket, d.cursor = None, {}, None, None
+    # Hash ``d``'s pending rows into their buckets if they belong to ``txn`` (a bucket
+    # is read and written once); forget them either way.
+    ref, rows = d.txn, d.rows
     if ref is None or ref() is not txn:
+        d.txn, d.rows = None, []
         return
-    for bk, delta in pending.items():
+    d.rows = []
+    names, empty, key_len, flags, known = d.origin_names, _EMPTY, _KEY_LEN, _FLAG, _NAMES
+    from_bytes = int.from_bytes
+    cur = txn.cursor(db=d.dbi)
+    deltas: dict[bytes, int] = {}
+    bucket, lo, hi = BUCKET, b"", b""  # hi == lo: look the first bucket up
+    for key, raw, deleted, old_raw, old_deleted in rows:
+        if raw[1] == 0xCF and raw[10] < 0x80 and len(key) < 256:  # row_digest, inlined
+            h = empty.copy()
+            name = names.get(raw[10], "")
+            h.update(b"".join((key_len[len(key)], key, flags[deleted], raw[2:10],
+                               known.get(name) or _name_bytes(name), raw[11:])))
+            delta = from_bytes(h.digest(), "big")
+        else:
+            delta = from_bytes(row_digest(key, raw, deleted, names), "big")
+        if old_raw is not None:
+            delta ^= from_bytes(row_digest(key, old_raw, old_deleted, names), "big")
+        if key < lo or (hi is not None and key >= hi):
+            bucket = _bucket_of(cur, key)
+            lo = bucket[1:]
+            hi = bytes(cur.key()[1:]) if cur.next() and cur.key().startswith(BUCKET) else None
+        deltas[bucket] = deltas.get(bucket, 0) ^ delta
+    for bk, delta in deltas.items():
         if delta:
             old = txn.get(bk, db=d.dbi)
-            value = (int.from_bytes(old, "big") if old else 0) ^ delta
+            value = (from_bytes(old, "big") if old else 0) ^ delta
             txn.put(bk, value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
 
 
 def flush(txn: Any) -> None:
-    """Write the bucket changes collected for ``txn``; call before it commits."""
+    """Hash the rows written by ``txn`` into their buckets; call before it commits."""
     for d in _dirty.pop(id(txn), ()):
         _settle(txn, d)
+        if d.txn is not None and d.txn() is txn:
+            d.txn = None
 
 
 def discard(txn: Any) -> None:
-    """Forget the bucket changes collected for ``txn`` (it is aborted)."""
+    """Forget the rows written by ``txn`` (it is aborted)."""
     for d in _dirty.pop(id(txn), ()):
         if d.txn is not None and d.txn() is txn:
-            d.txn, d.pending, d.bucket, d.cursor = None, {}, None, None
+            d.txn, d.rows = None, []
 
 
 def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: bool) -> None:
