@@ -30,7 +30,6 @@ from __future__ import annotations
 import heapq
 import os
 import struct
-import weakref
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ class TableDigest:
 
     dbi: Any
     origin_names: Mapping[int, str]
-    # The transaction ``rows`` belong to (a weak reference); None: nothing pending.
+    # The transaction ``rows`` belong to; None: nothing pending.
     txn: Any = None
     # (key, stored, deleted, replaced stored or None, replaced was deleted) per write.
     rows: list[PendingRow] = field(default_factory=list)
@@ -73,8 +72,8 @@ PendingRow = tuple[bytes, bytes, bool, "bytes | None", bool]
 _dirty: dict[int, list[TableDigest]] = {}
 # blake2b-128 before any input: copying it is cheaper than a new keyed constructor.
 _EMPTY = blake2b(digest_size=DIGEST_SIZE)
-# ``len(key)`` as two bytes, for the usual short keys.
-_KEY_LEN = tuple(n.to_bytes(2, "big") for n in range(256))
+# ``len(key)`` as two bytes (LMDB keys are at most 511 bytes).
+_KEY_LEN = tuple(n.to_bytes(2, "big") for n in range(512))
 # An origin name's UTF-8 bytes and the NUL after them, by name.
 _NAMES: dict[str, bytes] = {}
 
@@ -111,8 +110,7 @@ def row_digest(key: bytes, raw: bytes, deleted: bool, origin_names: Mapping[int,
     h = _EMPTY.copy()
     if raw[1] == 0xCF and raw[10] < 0x80:  # the usual head: a uint64 version, origin < 128
         name = origin_names.get(raw[10], "")
-        h.update(b"".join((_KEY_LEN[len(key)] if len(key) < 256 else _U16.pack(len(key)),
-                           key, _FLAG[deleted], raw[2:10],
+        h.update(b"".join((_U16.pack(len(key)), key, _FLAG[deleted], raw[2:10],
                            _NAMES.get(name) or _name_bytes(name), raw[11:])))
         return h.digest()
     number, pos = _uint(raw, 1)
@@ -124,7 +122,10 @@ def row_digest(key: bytes, raw: bytes, deleted: bool, origin_names: Mapping[int,
 
 
 def _name_bytes(name: str) -> bytes:
-    out = _NAMES[name] = name.encode() + b"\0"
+    # An origin name's bytes in a row digest: UTF-8, then NUL.
+    out = _NAMES.get(name)
+    if out is None:
+        out = _NAMES[name] = name.encode() + b"\0"
     return out
 
 
@@ -189,9 +190,8 @@ def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
     d = table.digest
     if d is None or not ENABLED:
         return
-    ref = d.txn
-    if ref is None or ref() is not txn:
-        d.txn = weakref.ref(txn)
+    if d.txn is not txn:
+        d.txn = txn
         d.rows = []
         _dirty.setdefault(id(txn), []).append(d)
     if old_raw is None and zlib.crc32(key) & _LEAF_MASK == 0:
@@ -200,34 +200,42 @@ def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
 
 
 def _settle(txn: Any, d: TableDigest) -> None:
-    # Hash ``d``'s pending rows into their buckets if they belong to ``txn`` (a bucket
-    # is read and written once); forget them either way.
-    ref, rows = d.txn, d.rows
-    if ref is None or ref() is not txn:
-        d.txn, d.rows = None, []
+    # Hash ``d``'s pending rows into their buckets if they belong to ``txn`` (each
+    # bucket is read and written once).
+    rows = d.rows
+    if d.txn is not txn:
         return
     d.rows = []
-    names, empty, key_len, flags, known = d.origin_names, _EMPTY, _KEY_LEN, _FLAG, _NAMES
+    names, empty, key_len, flags = d.origin_names, _EMPTY, _KEY_LEN, _FLAG
     from_bytes = int.from_bytes
+    # Origin id (one-byte msgpack) -> name bytes, for this call.
+    origin: dict[int, bytes] = {}
     cur = txn.cursor(db=d.dbi)
     deltas: dict[bytes, int] = {}
-    bucket, lo, hi = BUCKET, b"", b""  # hi == lo: look the first bucket up
+    bucket, lo, hi, acc = BUCKET, b"", b"", 0  # hi == lo: look the first bucket up
     for key, raw, deleted, old_raw, old_deleted in rows:
-        if raw[1] == 0xCF and raw[10] < 0x80 and len(key) < 256:  # row_digest, inlined
+        # row_digest, inlined for the usual head: a uint64 version, an origin < 128.
+        name = origin.get(raw[10]) if raw[1] == 0xCF else None
+        if name is None:
+            if raw[1] == 0xCF and raw[10] < 0x80:
+                name = origin[raw[10]] = _name_bytes(names.get(raw[10], ""))
+        if name is not None:
             h = empty.copy()
-            name = names.get(raw[10], "")
-            h.update(b"".join((key_len[len(key)], key, flags[deleted], raw[2:10],
-                               known.get(name) or _name_bytes(name), raw[11:])))
+            h.update(b"".join((key_len[len(key)], key, flags[deleted], raw[2:10], name,
+                               raw[11:])))
             delta = from_bytes(h.digest(), "big")
         else:
             delta = from_bytes(row_digest(key, raw, deleted, names), "big")
         if old_raw is not None:
             delta ^= from_bytes(row_digest(key, old_raw, old_deleted, names), "big")
         if key < lo or (hi is not None and key >= hi):
+            deltas[bucket] = deltas.get(bucket, 0) ^ acc
             bucket = _bucket_of(cur, key)
             lo = bucket[1:]
             hi = bytes(cur.key()[1:]) if cur.next() and cur.key().startswith(BUCKET) else None
-        deltas[bucket] = deltas.get(bucket, 0) ^ delta
+            acc = 0
+        acc ^= delta
+    deltas[bucket] = deltas.get(bucket, 0) ^ acc
     for bk, delta in deltas.items():
         if delta:
             old = txn.get(bk, db=d.dbi)
@@ -235,18 +243,23 @@ def _settle(txn: Any, d: TableDigest) -> None:
             txn.put(bk, value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
 
 
+def _forget(d: TableDigest) -> None:
+    # The hashes are being rebuilt or cleared: the pending rows need no hashing.
+    d.txn, d.rows = None, []
+
+
 def flush(txn: Any) -> None:
     """Hash the rows written by ``txn`` into their buckets; call before it commits."""
     for d in _dirty.pop(id(txn), ()):
         _settle(txn, d)
-        if d.txn is not None and d.txn() is txn:
+        if d.txn is txn:
             d.txn = None
 
 
 def discard(txn: Any) -> None:
     """Forget the rows written by ``txn`` (it is aborted)."""
     for d in _dirty.pop(id(txn), ()):
-        if d.txn is not None and d.txn() is txn:
+        if d.txn is txn:
             d.txn, d.rows = None, []
 
 
@@ -270,14 +283,14 @@ def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: boo
 def clear(txn: Any, table: Any) -> None:
     """The table was emptied (dropped): forget every hash."""
     if table.digest is not None:
-        _settle(None, table.digest)
+        _forget(table.digest)
         txn.drop(table.digest.dbi, delete=False)
 
 
 def mark_built(txn: Any, table: Any) -> None:
     """Start the hashes of a new, empty table."""
     if table.digest is not None and ENABLED:
-        _settle(None, table.digest)
+        _forget(table.digest)
         txn.put(BUCKET, ZERO, db=table.digest.dbi)
         txn.put(MARK, b"1", db=table.digest.dbi)
 
@@ -295,7 +308,7 @@ def rebuild(txn: Any, table: Any) -> int:
     d = table.digest
     if d is None:
         return 0
-    _settle(None, d)  # the rows already hold this transaction's writes
+    _forget(d)  # the rows already hold this transaction's writes
     txn.drop(d.dbi, delete=False)
     names = d.origin_names
     streams = [_rows_of(txn, dbi, deleted)
@@ -328,8 +341,7 @@ def buckets(txn: Any, table: Any, lo: bytes = b"", hi: bytes | None = None) -> l
     """The buckets starting in ``[lo, hi)`` (the head bucket counts as starting at b"")."""
     out: list[Bucket] = []
     d = table.digest
-    ref = d.txn
-    if ref is not None and ref() is txn:  # the writer reading its own changes
+    if d.txn is txn:  # the writer reading its own changes
         _settle(txn, d)
     cur = txn.cursor(db=table.digest.dbi)
     if not cur.set_range(BUCKET + lo):
