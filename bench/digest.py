@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -133,14 +134,21 @@ def http_bench(rows: int, rounds: int) -> tuple[dict[bool, list[float]],
 
 def summary(label: str, rates: dict[bool, list[float]], cpus: dict[bool, list[float]],
             ) -> list[list[str]]:
+    """Best rate and least CPU of each side, and the median over the rounds of the cost
+    measured within each round (an on and an off run back to back): on a busy machine
+    the neighbours' load changes from round to round, much less within one."""
     on, off = max(rates[True]), max(rates[False])
     cpu_on, cpu_off = min(cpus[True]), min(cpus[False])
+    paired = statistics.median(1 - a / b for a, b in zip(rates[True], rates[False], strict=True))
+    paired_cpu = statistics.median(a / b - 1 for a, b in zip(cpus[True], cpus[False], strict=True))
     return [[f"{label}: maintenance on", f"{on:,.0f}", f"{cpu_on:.1f}",
              ", ".join(f"{r:,.0f}" for r in rates[True])],
             [f"{label}: maintenance off", f"{off:,.0f}", f"{cpu_off:.1f}",
              ", ".join(f"{r:,.0f}" for r in rates[False])],
             [f"{label}: cost of maintenance", f"{(1 - on / off) * 100:.1f}%",
-             f"{(cpu_on / cpu_off - 1) * 100:.1f}%", "best rates / least CPU"]]
+             f"{(cpu_on / cpu_off - 1) * 100:.1f}%", "best rates / least CPU"],
+            [f"{label}: cost, median of rounds", f"{paired * 100:.1f}%",
+             f"{paired_cpu * 100:.1f}%", f"{len(rates[True])} rounds"]]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,8 @@ class TableDigest:
     txn: Any = None
     # (key, stored, deleted, replaced stored or None, replaced was deleted) per write.
     rows: list[PendingRow] = field(default_factory=list)
+    # The greatest key in ``rows`` (b"" when empty).
+    top: bytes = b""
 
 
 PendingRow = tuple[bytes, bytes, bool, "bytes | None", bool]
@@ -164,8 +166,11 @@ def _rows_between(txn: Any, table: Any, lo: bytes, hi: bytes | None,
 def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
     # ``key`` is a new boundary: the rows after it, up to the next boundary, leave the
     # bucket before it for the bucket it starts (``key`` itself is added by the caller).
-    # Pending rows are hashed into the buckets as they were before the split.
-    _settle(txn, d)
+    # Pending rows at or after ``key`` are hashed into the buckets as they were before
+    # the split first (the moved digests are those of the stored rows); rows before it
+    # (all of them when appending) wait.
+    if d.top >= key:
+        _settle(txn, d)
     cur = txn.cursor(db=d.dbi)
     owner = _bucket_of(cur, key)
     nxt = cur.next() and cur.key().startswith(BUCKET)
@@ -191,11 +196,12 @@ def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
     if d is None or not ENABLED:
         return
     if d.txn is not txn:
-        d.txn = txn
-        d.rows = []
+        d.txn, d.rows, d.top = txn, [], b""
         _dirty.setdefault(id(txn), []).append(d)
     if old_raw is None and zlib.crc32(key) & _LEAF_MASK == 0:
         _split(txn, table, d, key)
+    if key > d.top:
+        d.top = key
     d.rows.append((key, raw, deleted, old_raw, old_deleted))
 
 
@@ -205,20 +211,22 @@ def _settle(txn: Any, d: TableDigest) -> None:
     rows = d.rows
     if d.txn is not txn:
         return
-    d.rows = []
+    d.rows, d.top = [], b""
     names, empty, key_len, flags = d.origin_names, _EMPTY, _KEY_LEN, _FLAG
     from_bytes = int.from_bytes
-    # Origin id (one-byte msgpack) -> name bytes, for this call.
-    origin: dict[int, bytes] = {}
+    # Stored bytes 1 and 10 (the version's and the origin's msgpack tags) -> the origin
+    # name's bytes, or None when the head is not the usual one; for this call.
+    heads: dict[bytes, bytes | None] = {}
     cur = txn.cursor(db=d.dbi)
     deltas: dict[bytes, int] = {}
     bucket, lo, hi, acc = BUCKET, b"", b"", 0  # hi == lo: look the first bucket up
     for key, raw, deleted, old_raw, old_deleted in rows:
         # row_digest, inlined for the usual head: a uint64 version, an origin < 128.
-        name = origin.get(raw[10]) if raw[1] == 0xCF else None
-        if name is None:
-            if raw[1] == 0xCF and raw[10] < 0x80:
-                name = origin[raw[10]] = _name_bytes(names.get(raw[10], ""))
+        head = raw[1:11:9]
+        name = heads.get(head, b"")
+        if name == b"":
+            name = heads[head] = (_name_bytes(names.get(raw[10], ""))
+                                  if raw[1] == 0xCF and raw[10] < 0x80 else None)
         if name is not None:
             h = empty.copy()
             h.update(b"".join((key_len[len(key)], key, flags[deleted], raw[2:10], name,
@@ -245,7 +253,7 @@ def _settle(txn: Any, d: TableDigest) -> None:
 
 def _forget(d: TableDigest) -> None:
     # The hashes are being rebuilt or cleared: the pending rows need no hashing.
-    d.txn, d.rows = None, []
+    d.txn, d.rows, d.top = None, [], b""
 
 
 def flush(txn: Any) -> None:
@@ -260,7 +268,7 @@ def discard(txn: Any) -> None:
     """Forget the rows written by ``txn`` (it is aborted)."""
     for d in _dirty.pop(id(txn), ()):
         if d.txn is txn:
-            d.txn, d.rows = None, []
+            d.txn, d.rows, d.top = None, [], b""
 
 
 def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: bool) -> None:
