@@ -52,25 +52,32 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
 
-@dataclass
+@dataclass(slots=True)
 class TableDigest:
-    """A table's hash DBI, the origin-name map of its database, and the rows written by
-    the transaction in progress, hashed into their buckets by ``flush`` before it
-    commits."""
+    """A table's hash DBI, the origin-name map of its database, and the bucket changes
+    of the write transaction in progress (written by ``flush`` before it commits)."""
 
     dbi: Any
     origin_names: Mapping[int, str]
-    # The transaction ``rows`` belong to; None: nothing pending.
+    # The transaction the changes below belong to; None: nothing pending.
     txn: Any = None
-    # (key, stored, deleted, replaced stored or None, replaced was deleted) per write.
-    rows: list[PendingRow] = field(default_factory=list)
-    # The greatest key in ``rows`` (b"" when empty).
-    top: bytes = b""
+    # Bucket DBI key -> XOR of the row digests added to and removed from it.
+    pending: dict[bytes, int] = field(default_factory=dict)
+    # The bucket the last write landed in (its DBI key, its keys ``[lo, hi)``, hi None:
+    # to the end) and the XOR of the digests written to it since (not in ``pending``).
+    # Consecutive keys share a bucket, so most writes skip the lookup. ``hi == lo``:
+    # no current bucket.
+    bucket: bytes = BUCKET
+    lo: bytes = b""
+    hi: bytes | None = b""
+    acc: int = 0
+    # Stored bytes 1 and 10 (the msgpack tags of the version and the origin) -> the
+    # origin name's bytes, or None when the head is not the usual one.
+    heads: dict[bytes, bytes | None] = field(default_factory=dict)
+    cursor: Any = None
 
 
-PendingRow = tuple[bytes, bytes, bool, "bytes | None", bool]
-
-# Tables with pending rows, by the id of their transaction.
+# Tables with pending bucket changes, by the id of their transaction.
 _dirty: dict[int, list[TableDigest]] = {}
 # blake2b-128 before any input: copying it is cheaper than a new keyed constructor.
 _EMPTY = blake2b(digest_size=DIGEST_SIZE)
@@ -164,14 +171,12 @@ def _rows_between(txn: Any, table: Any, lo: bytes, hi: bytes | None,
 
 
 def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
-    # ``key`` is a new boundary: the rows after it, up to the next boundary, leave the
-    # bucket before it for the bucket it starts (``key`` itself is added by the caller).
-    # Pending rows at or after ``key`` are hashed into the buckets as they were before
-    # the split first (the moved digests are those of the stored rows); rows before it
-    # (all of them when appending) wait.
-    if d.top >= key:
-        _settle(txn, d)
-    cur = txn.cursor(db=d.dbi)
+    # ``key`` is a new boundary: the stored rows after it, up to the next boundary,
+    # leave the bucket before it for the bucket it starts (``key`` itself is added by
+    # the caller). Pending changes stay with the buckets they were made in: a pending
+    # row after ``key`` is among the moved rows, so XOR moves it whole.
+    d.pending[d.bucket] = d.pending.get(d.bucket, 0) ^ d.acc
+    cur = d.cursor
     owner = _bucket_of(cur, key)
     nxt = cur.next() and cur.key().startswith(BUCKET)
     hi = bytes(cur.key()[1:]) if nxt else None
@@ -182,93 +187,99 @@ def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
     value = moved.to_bytes(DIGEST_SIZE, "big")
     if moved:
         txn.put(owner, xor(txn.get(owner, db=d.dbi), value), db=d.dbi)
-    txn.put(BUCKET + key, value, db=d.dbi)
+    d.bucket = BUCKET + key
+    txn.put(d.bucket, value, db=d.dbi)
+    d.lo, d.hi, d.acc = key, hi, 0
+
+
+def _start(txn: Any, d: TableDigest) -> None:
+    # Collect changes for ``txn`` (those left from a transaction that ended without
+    # ``flush`` or ``discard`` belonged to an aborted one).
+    d.txn, d.pending, d.heads = txn, {}, {}
+    d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
+    d.cursor = txn.cursor(db=d.dbi)
+    _dirty.setdefault(id(txn), []).append(d)
+
+
+def _head_name(d: TableDigest, raw: bytes, head: bytes) -> bytes | None:
+    name = d.heads[head] = (_name_bytes(d.origin_names.get(raw[10], ""))
+                            if raw[1] == 0xCF and raw[10] < 0x80 else None)
+    return name
 
 
 def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
              old_raw: bytes | None, old_deleted: bool) -> None:
     """``raw`` was stored under ``key``, replacing ``old_raw`` (None: a new key).
 
-    The row is hashed into its bucket by ``flush(txn)``, which must run before ``txn``
-    commits (the writer does it for every job).
+    The bucket changes wait in ``table.digest`` until ``flush(txn)``, which must run
+    before ``txn`` commits (the writer does it for every job).
     """
     d = table.digest
     if d is None or not ENABLED:
         return
     if d.txn is not txn:
-        d.txn, d.rows, d.top = txn, [], b""
-        _dirty.setdefault(id(txn), []).append(d)
-    if old_raw is None and zlib.crc32(key) & _LEAF_MASK == 0:
+        _start(txn, d)
+    # row_digest, inlined for the usual head: a uint64 version, an origin < 128.
+    head = raw[1:11:9]
+    name = d.heads.get(head, b"")
+    if name == b"":
+        name = _head_name(d, raw, head)
+    if name is not None:
+        h = _EMPTY.copy()
+        h.update(b"".join((_KEY_LEN[len(key)], key, _FLAG[deleted], raw[2:10], name,
+                           raw[11:])))
+        delta = int.from_bytes(h.digest(), "big")
+    else:
+        delta = int.from_bytes(row_digest(key, raw, deleted, d.origin_names), "big")
+    if old_raw is not None:
+        delta ^= int.from_bytes(row_digest(key, old_raw, old_deleted, d.origin_names), "big")
+    elif zlib.crc32(key) & _LEAF_MASK == 0:
         _split(txn, table, d, key)
-    if key > d.top:
-        d.top = key
-    d.rows.append((key, raw, deleted, old_raw, old_deleted))
+        d.acc = delta
+        return
+    if key < d.lo or (d.hi is not None and key >= d.hi):
+        pending = d.pending
+        pending[d.bucket] = pending.get(d.bucket, 0) ^ d.acc
+        cur = d.cursor
+        bucket = d.bucket = _bucket_of(cur, key)
+        d.lo = bucket[1:]
+        d.hi = bytes(cur.key()[1:]) if cur.next() and cur.key().startswith(BUCKET) else None
+        d.acc = delta
+    else:
+        d.acc ^= delta
 
 
 def _settle(txn: Any, d: TableDigest) -> None:
-    # Hash ``d``'s pending rows into their buckets if they belong to ``txn`` (each
-    # bucket is read and written once).
-    rows = d.rows
+    # Write ``d``'s pending changes if they belong to ``txn``; then nothing is pending.
     if d.txn is not txn:
         return
-    d.rows, d.top = [], b""
-    names, empty, key_len, flags = d.origin_names, _EMPTY, _KEY_LEN, _FLAG
-    from_bytes = int.from_bytes
-    # Stored bytes 1 and 10 (the version's and the origin's msgpack tags) -> the origin
-    # name's bytes, or None when the head is not the usual one; for this call.
-    heads: dict[bytes, bytes | None] = {}
-    cur = txn.cursor(db=d.dbi)
-    deltas: dict[bytes, int] = {}
-    bucket, lo, hi, acc = BUCKET, b"", b"", 0  # hi == lo: look the first bucket up
-    for key, raw, deleted, old_raw, old_deleted in rows:
-        # row_digest, inlined for the usual head: a uint64 version, an origin < 128.
-        head = raw[1:11:9]
-        name = heads.get(head, b"")
-        if name == b"":
-            name = heads[head] = (_name_bytes(names.get(raw[10], ""))
-                                  if raw[1] == 0xCF and raw[10] < 0x80 else None)
-        if name is not None:
-            h = empty.copy()
-            h.update(b"".join((key_len[len(key)], key, flags[deleted], raw[2:10], name,
-                               raw[11:])))
-            delta = from_bytes(h.digest(), "big")
-        else:
-            delta = from_bytes(row_digest(key, raw, deleted, names), "big")
-        if old_raw is not None:
-            delta ^= from_bytes(row_digest(key, old_raw, old_deleted, names), "big")
-        if key < lo or (hi is not None and key >= hi):
-            deltas[bucket] = deltas.get(bucket, 0) ^ acc
-            bucket = _bucket_of(cur, key)
-            lo = bucket[1:]
-            hi = bytes(cur.key()[1:]) if cur.next() and cur.key().startswith(BUCKET) else None
-            acc = 0
-        acc ^= delta
-    deltas[bucket] = deltas.get(bucket, 0) ^ acc
-    for bk, delta in deltas.items():
+    pending = d.pending
+    pending[d.bucket] = pending.get(d.bucket, 0) ^ d.acc
+    _forget(d)
+    for bk, delta in pending.items():
         if delta:
             old = txn.get(bk, db=d.dbi)
-            value = (from_bytes(old, "big") if old else 0) ^ delta
+            value = (int.from_bytes(old, "big") if old else 0) ^ delta
             txn.put(bk, value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
 
 
 def _forget(d: TableDigest) -> None:
-    # The hashes are being rebuilt or cleared: the pending rows need no hashing.
-    d.txn, d.rows, d.top = None, [], b""
+    # Nothing pending (written, or the hashes are being rebuilt or cleared).
+    d.txn, d.pending, d.heads, d.cursor = None, {}, {}, None
+    d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
 
 
 def flush(txn: Any) -> None:
-    """Hash the rows written by ``txn`` into their buckets; call before it commits."""
+    """Write the bucket changes collected for ``txn``; call before it commits."""
     for d in _dirty.pop(id(txn), ()):
         _settle(txn, d)
-        if d.txn is txn:
-            d.txn = None
 
 
 def discard(txn: Any) -> None:
-    """Forget the rows written by ``txn`` (it is aborted)."""
+    """Forget the bucket changes collected for ``txn`` (it is aborted)."""
     for d in _dirty.pop(id(txn), ()):
         if d.txn is txn:
-            d.txn, d.rows, d.top = None, [], b""
+            _forget(d)
 
 
 def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: bool) -> None:
