@@ -15,14 +15,19 @@ A row digest is blake2b-128 over the primary key, the version, the origin *name*
 (origin ids are local to each node), the deleted flag and the record's msgpack bytes:
 two nodes holding the same row compute the same digest.
 
-Costs per write: one or two digests and one bucket read-modify-write, in the write's
-own transaction. A new key that is a boundary splits its bucket (hashing the rows after
-it up to the next boundary, about 64, none for keys appended at the end); a removed
-boundary key (a pruned tombstone) merges its bucket into the previous one.
+Costs per write: one or two digests, XORed into the current bucket's accumulator (a
+bucket lookup only when the key leaves the previous write's bucket). The changes of a
+transaction are written by ``flush(txn)`` before it commits, one read-modify-write per
+touched bucket; the writer flushes every job's transaction (``discard`` when it aborts),
+and any other writer of rows must call ``flush`` itself. A new key that is a boundary
+splits its bucket (hashing the stored rows after it up to the next boundary, about 32,
+none for keys appended at the end; pending changes stay where they are, XOR moves a
+pending row whole); a removed boundary key (a pruned tombstone) merges its bucket into
+the previous one, after writing what is pending.
 
 ``HARPSYNC_DIGEST=off`` (read at import) turns maintenance off, only to measure its
-cost (``bench/verify.py``); tables written that way are rebuilt when next opened with
-it on.
+cost (``bench/digest.py``, ``bench/verify.py``); tables written that way are rebuilt
+when next opened with it on.
 """
 
 from __future__ import annotations
