@@ -27,6 +27,7 @@ from typing import Any
 from bench.common import NodeProcess, cpu_seconds, format_table
 from bench.replication import Client, insert_batches, join, wait_count
 from harpsync import codec
+from harpsync.storage import digest
 from harpsync.storage.database import Database
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import put_record
@@ -45,6 +46,7 @@ def damage(root: Path, ids: list[int]) -> None:
                 key = encode_id(rid)
                 version, origin, record = codec.unpack(txn.get(key, db=table.dbi))
                 put_record(txn, table, key, version - 1, origin, {**record, "name": "stale"})
+            digest.flush(txn)
     finally:
         db.close()
 

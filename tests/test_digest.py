@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from harpsync.errors import BadRequestError
 from harpsync.storage import digest, retention, writes
+from harpsync.storage.keys import encode_id
+from harpsync.storage.records import put_record
 from harpsync.storage.store import Storage
+from harpsync.storage.writer import WriteContext
 
 MAP_SIZE = 1 << 27
 
@@ -133,3 +137,72 @@ def test_reopen_rebuilds_tables_without_hashes(tmp_path: Path):
         assert buckets(store) == expected
     finally:
         store.close()
+
+
+def test_hashes_exact_after_failed_and_multi_table_jobs(storage: Storage):
+    """Bucket changes wait until the job commits: a job writing two tables of two
+    databases leaves both exact, and the rows of a failed job leave no trace (its
+    transaction is aborted and its pending rows are never hashed)."""
+    async def run() -> None:
+        await storage.create_table("data", "dog", "id")
+        await storage.create_table("data", "cat", "id")
+        await storage.create_table("other", "bird", "id")
+
+        def both(ctx: WriteContext) -> None:
+            for db_name, name in (("data", "dog"), ("data", "cat"), ("other", "bird")):
+                db, table = storage.table(db_name, name)
+                txn = ctx.txn(db)
+                for i in range(400):
+                    put_record(txn, table, encode_id(i), 1 + i, 0, {"id": i, "t": name})
+
+        def failing(ctx: WriteContext) -> None:
+            db, table = storage.table("data", "dog")
+            txn = ctx.txn(db)
+            for i in range(350, 900):
+                put_record(txn, table, encode_id(i), 5000 + i, 0, {"id": i, "bad": True})
+            raise BadRequestError("fails after writing")
+
+        await storage.write(both)
+        with pytest.raises(BadRequestError):
+            await storage.write(failing)
+        await storage.write(writes.write_records(storage, "data", "dog",
+                                                 [{"id": i, "v": 2} for i in range(380, 420)],
+                                                 "upsert", None))
+
+    asyncio.run(run())
+    dog = buckets(storage)
+    assert len(dog) > 5 and dog == rebuilt(storage)
+    assert buckets(storage, "cat") == rebuilt(storage, "cat")
+    db, bird = storage.table("other", "bird")
+    with db.env.begin() as txn:
+        kept = digest.buckets(txn, bird)
+    txn = db.env.begin(write=True)
+    try:
+        digest.rebuild(txn, bird)
+        assert kept == digest.buckets(txn, bird)
+    finally:
+        txn.abort()
+
+
+def test_a_job_reading_its_own_buckets_sees_its_writes(storage: Storage):
+    """Reading the buckets inside the writing transaction hashes its pending rows first."""
+    async def run() -> tuple[list[digest.Bucket], list[digest.Bucket]]:
+        await storage.create_table("data", "dog", "id")
+
+        def job(ctx: WriteContext) -> tuple[list[digest.Bucket], list[digest.Bucket]]:
+            db, table = storage.table("data", "dog")
+            txn = ctx.txn(db)
+            for i in range(300):
+                put_record(txn, table, encode_id(i), 1 + i, 0, {"id": i})
+            seen = digest.buckets(txn, table)
+            child = db.env.begin(write=True, parent=txn)
+            try:
+                digest.rebuild(child, table)
+                return seen, digest.buckets(child, table)
+            finally:
+                child.abort()
+
+        return await storage.write(job)
+
+    seen, expected = asyncio.run(run())
+    assert len(seen) > 3 and seen == expected

@@ -15,14 +15,19 @@ A row digest is blake2b-128 over the primary key, the version, the origin *name*
 (origin ids are local to each node), the deleted flag and the record's msgpack bytes:
 two nodes holding the same row compute the same digest.
 
-Costs per write: one or two digests and one bucket read-modify-write, in the write's
-own transaction. A new key that is a boundary splits its bucket (hashing the rows after
-it up to the next boundary, about 64, none for keys appended at the end); a removed
-boundary key (a pruned tombstone) merges its bucket into the previous one.
+Costs per write: one or two digests, XORed into the current bucket's accumulator (a
+bucket lookup only when the key leaves the previous write's bucket). The changes of a
+transaction are written by ``flush(txn)`` before it commits, one read-modify-write per
+touched bucket; the writer flushes every job's transaction (``discard`` when it aborts),
+and any other writer of rows must call ``flush`` itself. A new key that is a boundary
+splits its bucket (hashing the stored rows after it up to the next boundary, about 32,
+none for keys appended at the end; pending changes stay where they are, XOR moves a
+pending row whole); a removed boundary key (a pruned tombstone) merges its bucket into
+the previous one, after writing what is pending.
 
 ``HARPSYNC_DIGEST=off`` (read at import) turns maintenance off, only to measure its
-cost (``bench/verify.py``); tables written that way are rebuilt when next opened with
-it on.
+cost (``bench/digest.py``, ``bench/verify.py``); tables written that way are rebuilt
+when next opened with it on.
 """
 
 from __future__ import annotations
@@ -30,10 +35,9 @@ from __future__ import annotations
 import heapq
 import os
 import struct
-import weakref
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
 
@@ -53,16 +57,39 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
 
-@dataclass
+@dataclass(slots=True)
 class TableDigest:
-    """A table's hash DBI and the origin-name map of its database."""
+    """A table's hash DBI, the origin-name map of its database, and the bucket changes
+    of the write transaction in progress (written by ``flush`` before it commits)."""
 
     dbi: Any
     origin_names: Mapping[int, str]
-    # The bucket the last write landed in, valid only inside that write transaction:
-    # (weak reference to the transaction, bucket key, next bucket key or None, hash).
-    # Consecutive keys share a bucket, so most writes skip the bucket lookup.
-    cache: list[Any] | None = None
+    # The transaction the changes below belong to; None: nothing pending.
+    txn: Any = None
+    # Bucket DBI key -> XOR of the row digests added to and removed from it.
+    pending: dict[bytes, int] = field(default_factory=dict)
+    # The bucket the last write landed in (its DBI key, its keys ``[lo, hi)``, hi None:
+    # to the end) and the XOR of the digests written to it since (not in ``pending``).
+    # Consecutive keys share a bucket, so most writes skip the lookup. ``hi == lo``:
+    # no current bucket.
+    bucket: bytes = BUCKET
+    lo: bytes = b""
+    hi: bytes | None = b""
+    acc: int = 0
+    # Stored bytes 1 and 10 (the msgpack tags of the version and the origin) -> the
+    # origin name's bytes, or None when the head is not the usual one.
+    heads: dict[bytes, bytes | None] = field(default_factory=dict)
+    cursor: Any = None
+
+
+# Tables with pending bucket changes, by the id of their transaction.
+_dirty: dict[int, list[TableDigest]] = {}
+# blake2b-128 before any input: copying it is cheaper than a new keyed constructor.
+_EMPTY = blake2b(digest_size=DIGEST_SIZE)
+# ``len(key)`` as two bytes (LMDB keys are at most 511 bytes).
+_KEY_LEN = tuple(n.to_bytes(2, "big") for n in range(512))
+# An origin name's UTF-8 bytes and the NUL after them, by name.
+_NAMES: dict[str, bytes] = {}
 
 
 def is_boundary(key: bytes) -> bool:
@@ -94,15 +121,26 @@ def _uint(raw: bytes, pos: int) -> tuple[int, int]:
 def row_digest(key: bytes, raw: bytes, deleted: bool, origin_names: Mapping[int, str]) -> bytes:
     """The digest of a stored ``[version, origin, record]``; equal on every node that
     holds the same row."""
+    h = _EMPTY.copy()
     if raw[1] == 0xCF and raw[10] < 0x80:  # the usual head: a uint64 version, origin < 128
-        return blake2b(b"".join((len(key).to_bytes(2, "big"), key, _FLAG[deleted], raw[2:10],
-                                 origin_names.get(raw[10], "").encode(), b"\0", raw[11:])),
-                       digest_size=DIGEST_SIZE).digest()
+        name = origin_names.get(raw[10], "")
+        h.update(b"".join((_U16.pack(len(key)), key, _FLAG[deleted], raw[2:10],
+                           _NAMES.get(name) or _name_bytes(name), raw[11:])))
+        return h.digest()
     number, pos = _uint(raw, 1)
     origin, pos = _uint(raw, pos)
-    return blake2b(b"".join((len(key).to_bytes(2, "big"), key, _FLAG[deleted],
-                             _U64.pack(number), origin_names.get(origin, "").encode(), b"\0",
-                             raw[pos:])), digest_size=DIGEST_SIZE).digest()
+    name = origin_names.get(origin, "")
+    h.update(b"".join((_U16.pack(len(key)), key, _FLAG[deleted], _U64.pack(number),
+                       _NAMES.get(name) or _name_bytes(name), raw[pos:])))
+    return h.digest()
+
+
+def _name_bytes(name: str) -> bytes:
+    # An origin name's bytes in a row digest: UTF-8, then NUL.
+    out = _NAMES.get(name)
+    if out is None:
+        out = _NAMES[name] = name.encode() + b"\0"
+    return out
 
 
 def xor(a: bytes | None, b: bytes) -> bytes:
@@ -137,9 +175,13 @@ def _rows_between(txn: Any, table: Any, lo: bytes, hi: bytes | None,
             found = cur.next()
 
 
-def _split(txn: Any, table: Any, d: TableDigest, cur: Any, key: bytes) -> None:
-    # ``key`` is a new boundary: the rows after it, up to the next boundary, leave the
-    # bucket before it for the bucket it starts (``key`` itself is added by the caller).
+def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
+    # ``key`` is a new boundary: the stored rows after it, up to the next boundary,
+    # leave the bucket before it for the bucket it starts (``key`` itself is added by
+    # the caller). Pending changes stay with the buckets they were made in: a pending
+    # row after ``key`` is among the moved rows, so XOR moves it whole.
+    d.pending[d.bucket] = d.pending.get(d.bucket, 0) ^ d.acc
+    cur = d.cursor
     owner = _bucket_of(cur, key)
     nxt = cur.next() and cur.key().startswith(BUCKET)
     hi = bytes(cur.key()[1:]) if nxt else None
@@ -150,38 +192,99 @@ def _split(txn: Any, table: Any, d: TableDigest, cur: Any, key: bytes) -> None:
     value = moved.to_bytes(DIGEST_SIZE, "big")
     if moved:
         txn.put(owner, xor(txn.get(owner, db=d.dbi), value), db=d.dbi)
-    txn.put(BUCKET + key, value, db=d.dbi)
+    d.bucket = BUCKET + key
+    txn.put(d.bucket, value, db=d.dbi)
+    d.lo, d.hi, d.acc = key, hi, 0
+
+
+def _start(txn: Any, d: TableDigest) -> None:
+    # Collect changes for ``txn`` (those left from a transaction that ended without
+    # ``flush`` or ``discard`` belonged to an aborted one).
+    d.txn, d.pending, d.heads = txn, {}, {}
+    d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
+    d.cursor = txn.cursor(db=d.dbi)
+    _dirty.setdefault(id(txn), []).append(d)
+
+
+def _head_name(d: TableDigest, raw: bytes, head: bytes) -> bytes | None:
+    name = d.heads[head] = (_name_bytes(d.origin_names.get(raw[10], ""))
+                            if raw[1] == 0xCF and raw[10] < 0x80 else None)
+    return name
 
 
 def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
              old_raw: bytes | None, old_deleted: bool) -> None:
-    """``raw`` was stored under ``key``, replacing ``old_raw`` (None: a new key)."""
+    """``raw`` was stored under ``key``, replacing ``old_raw`` (None: a new key).
+
+    The bucket changes wait in ``table.digest`` until ``flush(txn)``, which must run
+    before ``txn`` commits (the writer does it for every job).
+    """
     d = table.digest
     if d is None or not ENABLED:
         return
-    delta = int.from_bytes(row_digest(key, raw, deleted, d.origin_names), "big")
+    if d.txn is not txn:
+        _start(txn, d)
+    # row_digest, inlined for the usual head: a uint64 version, an origin < 128.
+    head = raw[1:11:9]
+    name = d.heads.get(head, b"")
+    if name == b"":
+        name = _head_name(d, raw, head)
+    if name is not None:
+        h = _EMPTY.copy()
+        h.update(b"".join((_KEY_LEN[len(key)], key, _FLAG[deleted], raw[2:10], name,
+                           raw[11:])))
+        delta = int.from_bytes(h.digest(), "big")
+    else:
+        delta = int.from_bytes(row_digest(key, raw, deleted, d.origin_names), "big")
     if old_raw is not None:
         delta ^= int.from_bytes(row_digest(key, old_raw, old_deleted, d.origin_names), "big")
-        if not delta:
-            return
-    elif is_boundary(key):
-        d.cache = None
-        _split(txn, table, d, txn.cursor(db=d.dbi), key)
-    bkey = BUCKET + key
-    cache = d.cache
-    if cache is not None and cache[0]() is txn and cache[1] <= bkey \
-            and (cache[2] is None or bkey < cache[2]):
-        value = cache[3] ^ delta
-        cache[3] = value
-        txn.put(cache[1], value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
+    elif zlib.crc32(key) & _LEAF_MASK == 0:
+        _split(txn, table, d, key)
+        d.acc = delta
         return
-    cur = txn.cursor(db=d.dbi)
-    bk = _bucket_of(cur, key)
-    old = cur.value()
-    value = (int.from_bytes(old, "big") if old else 0) ^ delta
-    hi = bytes(cur.key()) if cur.next() and cur.key().startswith(BUCKET) else None
-    txn.put(bk, value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
-    d.cache = [weakref.ref(txn), bk, hi, value]
+    if key < d.lo or (d.hi is not None and key >= d.hi):
+        pending = d.pending
+        pending[d.bucket] = pending.get(d.bucket, 0) ^ d.acc
+        cur = d.cursor
+        bucket = d.bucket = _bucket_of(cur, key)
+        d.lo = bucket[1:]
+        d.hi = bytes(cur.key()[1:]) if cur.next() and cur.key().startswith(BUCKET) else None
+        d.acc = delta
+    else:
+        d.acc ^= delta
+
+
+def _settle(txn: Any, d: TableDigest) -> None:
+    # Write ``d``'s pending changes if they belong to ``txn``; then nothing is pending.
+    if d.txn is not txn:
+        return
+    pending = d.pending
+    pending[d.bucket] = pending.get(d.bucket, 0) ^ d.acc
+    _forget(d)
+    for bk, delta in pending.items():
+        if delta:
+            old = txn.get(bk, db=d.dbi)
+            value = (int.from_bytes(old, "big") if old else 0) ^ delta
+            txn.put(bk, value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
+
+
+def _forget(d: TableDigest) -> None:
+    # Nothing pending (written, or the hashes are being rebuilt or cleared).
+    d.txn, d.pending, d.heads, d.cursor = None, {}, {}, None
+    d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
+
+
+def flush(txn: Any) -> None:
+    """Write the bucket changes collected for ``txn``; call before it commits."""
+    for d in _dirty.pop(id(txn), ()):
+        _settle(txn, d)
+
+
+def discard(txn: Any) -> None:
+    """Forget the bucket changes collected for ``txn`` (it is aborted)."""
+    for d in _dirty.pop(id(txn), ()):
+        if d.txn is txn:
+            _forget(d)
 
 
 def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: bool) -> None:
@@ -189,7 +292,7 @@ def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: boo
     d = table.digest
     if d is None or not ENABLED:
         return
-    d.cache = None
+    _settle(txn, d)
     cur = txn.cursor(db=d.dbi)
     bk = _bucket_of(cur, key)
     value = xor(cur.value(), row_digest(key, old_raw, old_deleted, d.origin_names))
@@ -204,14 +307,14 @@ def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: boo
 def clear(txn: Any, table: Any) -> None:
     """The table was emptied (dropped): forget every hash."""
     if table.digest is not None:
-        table.digest.cache = None
+        _forget(table.digest)
         txn.drop(table.digest.dbi, delete=False)
 
 
 def mark_built(txn: Any, table: Any) -> None:
     """Start the hashes of a new, empty table."""
     if table.digest is not None and ENABLED:
-        table.digest.cache = None
+        _forget(table.digest)
         txn.put(BUCKET, ZERO, db=table.digest.dbi)
         txn.put(MARK, b"1", db=table.digest.dbi)
 
@@ -229,7 +332,7 @@ def rebuild(txn: Any, table: Any) -> int:
     d = table.digest
     if d is None:
         return 0
-    d.cache = None
+    _forget(d)  # the rows already hold this transaction's writes
     txn.drop(d.dbi, delete=False)
     names = d.origin_names
     streams = [_rows_of(txn, dbi, deleted)
@@ -261,6 +364,9 @@ Bucket = tuple[bytes, bytes]  # (start key, b"" for the head; hash)
 def buckets(txn: Any, table: Any, lo: bytes = b"", hi: bytes | None = None) -> list[Bucket]:
     """The buckets starting in ``[lo, hi)`` (the head bucket counts as starting at b"")."""
     out: list[Bucket] = []
+    d = table.digest
+    if d.txn is txn:  # the writer reading its own changes
+        _settle(txn, d)
     cur = txn.cursor(db=table.digest.dbi)
     if not cur.set_range(BUCKET + lo):
         return out

@@ -19,6 +19,7 @@ from typing import Any
 import lmdb
 
 from harpsync.errors import StorageError
+from harpsync.storage import digest
 from harpsync.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,18 @@ class WriteContext:
         self._undo.clear()
 
     def _finish(self, ok: bool) -> None:
+        if ok:
+            try:
+                for child in self._children.values():
+                    digest.flush(child)  # the table hashes' pending bucket changes
+            except Exception:
+                self._finish(ok=False)
+                raise
         for child in self._children.values():
             if ok:
                 child.commit()
             else:
+                digest.discard(child)
                 child.abort()
         if not ok:
             for fn in reversed(self._undo):
