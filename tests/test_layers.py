@@ -41,7 +41,8 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "httpx": ("harpsync/cli.py",),
     "zstandard": ("harpsync/compression.py",),
 }
-SANS_IO = ("harpsync/replication/protocol.py", "harpsync/replication/messages.py")
+SANS_IO = ("harpsync/replication/protocol.py", "harpsync/replication/messages.py",
+           "harpsync/replication/steps.py")
 SANS_IO_FORBIDDEN = {"asyncio", "websockets", "lmdb"}
 # What storage may import from the project: it is layer 2 and never reaches upward.
 STORAGE_MAY_IMPORT = ("harpsync.errors", "harpsync.codec", "harpsync.types", "harpsync.storage")

@@ -25,7 +25,7 @@ def ack_floor(rep: Replicator, db: Database) -> int | None:
 
 
 async def prune_database(rep: Replicator, db: Database, now_ms: float | None = None,
-                         tombstones: bool = True) -> dict:
+                         tombstones: bool = True) -> dict[str, int]:
     """Prune ``db``'s log entries older than ``auditRetention``, and tombstones that are
     both that old and acknowledged by every peer.
 
@@ -46,7 +46,7 @@ async def prune_database(rep: Replicator, db: Database, now_ms: float | None = N
     if through <= db.pruned_through() and not tomb_floor:
         return {"entries": 0, "tombstones": 0, "through": db.pruned_through()}
     job = retention.prune_log_job(db, through, tomb_floor)
-    result: dict = await rep.storage.write(job)
+    result: dict[str, int] = await rep.storage.write(job)
     if result["entries"] or result["tombstones"]:
         log.info("pruned %d log entries and %d tombstones of %s through %d",
                  result["entries"], result["tombstones"], db.name, result["through"])

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import ipaddress
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from harpsync.errors import BadRequestError, PeerError
@@ -24,6 +25,7 @@ from harpsync.replication.maintenance import retention_loop
 from harpsync.replication.membership import NODE_PATH, node_request, serve_node_request
 from harpsync.replication.publisher import Publisher
 from harpsync.replication.relays import RelayPlanner
+from harpsync.replication.seams import LogSource, PublisherHost, SubscriberHost
 from harpsync.replication.subscriber import PeerGate, Subscriber, backoff_delay
 from harpsync.replication.transport import Gate, Link, listen
 from harpsync.security import PeerCert, check_node_cert, valid_pin
@@ -161,6 +163,10 @@ class Replicator:
         stored = reads.get_by_ids(db, table, [row["name"]])
         if stored:
             self.rows[row["name"]] = stored[0]
+
+    def peer_row(self, peer: str) -> dict[str, Any] | None:
+        """``peer``'s ``hdb_nodes`` row (None: not known here)."""
+        return self.rows.get(peer)
 
     def _was_removed(self, name: str) -> bool:
         db, table = self.storage.table(SYSTEM, "hdb_nodes")
@@ -466,7 +472,7 @@ class Replicator:
     async def _forget_cursors(self, name: str, include_system: bool) -> None:
         for db in list(self.storage.databases.values()):
             if include_system or db.name != SYSTEM:
-                await self.storage.write(lambda ctx, d=db: forget_cursor(ctx, d, name))
+                await self.storage.write(functools.partial(forget_cursor, db=db, peer=name))
 
     def is_selective(self) -> bool:
         """Whether an operator gave this node explicit subscriptions with some peer:
@@ -603,8 +609,8 @@ class Replicator:
             try:
                 db = self.storage.databases[sub.database]
                 seq = from_seq if from_seq is not None else 0
-                await self.storage.write(lambda ctx, d=db, s=seq: write_cursor(
-                    ctx, d, peer, {"seq": s}))
+                await self.storage.write(functools.partial(write_cursor, db=db, peer=peer,
+                                                           cursor={"seq": seq}))
                 sub.replay_floor = from_version or 0
                 sub.replaying = True
             finally:  # whatever happened, the link runs again
@@ -782,3 +788,10 @@ def is_loopback(url: str) -> bool:
 def default_url(hostname: str) -> str:
     return f"wss://{hostname}:{DEFAULT_PORT}"
 
+
+
+if TYPE_CHECKING:
+    def _implements_seams(rep: Replicator, db: Database,
+                          ) -> tuple[PublisherHost, SubscriberHost, LogSource]:
+        """mypy checks that the replicator and a database fill the seams they serve."""
+        return rep, rep, db
