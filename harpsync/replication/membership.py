@@ -20,13 +20,14 @@ from harpsync.replication.transport import DIAL_ERRORS, Link, dial
 
 if TYPE_CHECKING:
     from harpsync.replication.replicator import Replicator
+    from harpsync.replication.seams import NodeClient
 
 log = logging.getLogger(__name__)
 
 NODE_PATH = "/.node"
 
 
-async def node_request(rep: Replicator, url: str, body: dict[str, Any], *, verify: bool,
+async def node_request(rep: NodeClient, url: str, body: dict[str, Any], *, verify: bool,
                        present_cert: bool, timeout: float = 10.0,
                        expect: str | None = None) -> dict[str, Any]:
     """Send one request to a peer's ``/.node`` endpoint and return its answer.

@@ -12,19 +12,22 @@ Who implements what (see DESIGN.md, "Seams"):
 - :class:`LinkHost` is what every link needs from the node: its name, how it talks
   to peers, the peer's row and the hooks it reports to. :class:`PublisherHost` and
   :class:`SubscriberHost` add what only one side uses. ``Replicator`` implements all
-  three; ``tests/replication/test_seams.py`` checks that (and mypy does too, below).
+  of them, and ``_implements_seams`` at the end of ``replicator.py`` lets mypy check it.
+- :class:`MeshHost` is what membership (``mesh.py``) needs from the link runtime.
 - :class:`CopyListener`, :class:`PositionListener`: callbacks links invoke.
 
-This module is typing only: it imports no asyncio, sockets or LMDB, and nothing here
-runs at import time beyond the class definitions.
+This module is typing only: it imports no asyncio (but for annotations), sockets or
+LMDB, and nothing here runs at import time beyond the class definitions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import asyncio
+
     from harpsync.replication.transport import Link
     from harpsync.storage.database import Table
 
@@ -157,6 +160,55 @@ class SubscriberHost(LinkHost, Protocol):
 
     def note_skew(self, peer: str, count: int) -> None:
         """Count transactions held back for clock skew."""
+        ...
+
+
+class NodeClient(Protocol):
+    """What one ``/.node`` request to a peer needs (membership.py's ``node_request``)."""
+
+    keys: Any
+
+    @property
+    def ping_interval(self) -> float: ...
+
+    def check_peer(self, name: str, link: Link) -> str | None: ...
+
+
+class MeshHost(Protocol):
+    """What membership (mesh.py) needs from the link runtime: its address and the
+    power to start, stop and close links when rows change."""
+
+    keys: Any
+
+    @property
+    def url(self) -> str:
+        """This node's replication URL."""
+        ...
+
+    @property
+    def ping_interval(self) -> float: ...
+
+    @property
+    def reconcile_lock(self) -> asyncio.Lock:
+        """Held while links are reconciled; hold it to change a peer's cursors."""
+        ...
+
+    def check_peer(self, name: str, link: Link) -> str | None: ...
+
+    async def reconcile(self, restart_peer: str | None = None) -> None:
+        """Start the links the rows call for, stop the others (restart ``restart_peer``'s)."""
+        ...
+
+    async def stop_links(self, name: str) -> None:
+        """Stop ``name``'s links and wait for their writes (reconcile lock held)."""
+        ...
+
+    async def drop_inbound(self, name: str, reason: str) -> None:
+        """Close the sockets ``name`` opened to this node."""
+        ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background, outliving the request that started it."""
         ...
 
 
