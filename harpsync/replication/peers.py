@@ -7,6 +7,7 @@ trust (``ca``, ``revoked_certificates``) and which tables flow in each direction
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from harpsync.storage.store import SYSTEM
@@ -92,7 +93,7 @@ def mirror(subs: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
              "subscribe": s["publish"], "publish": s["subscribe"]} for s in subs]
 
 
-def _tables(row: dict[str, Any], database: str, direction: str) -> TableFilter:
+def _tables(row: Mapping[str, Any], database: str, direction: str) -> TableFilter:
     if database == SYSTEM:
         return None
     subs = row.get("subscriptions")
@@ -103,12 +104,12 @@ def _tables(row: dict[str, Any], database: str, direction: str) -> TableFilter:
     return tables or False
 
 
-def subscribe_tables(row: dict[str, Any], database: str) -> TableFilter:
+def subscribe_tables(row: Mapping[str, Any], database: str) -> TableFilter:
     """Tables of ``database`` this node receives from the peer: None = all, False = none."""
     return _tables(row, database, "subscribe")
 
 
-def publish_tables(row: dict[str, Any], database: str) -> TableFilter:
+def publish_tables(row: Mapping[str, Any], database: str) -> TableFilter:
     """Tables of ``database`` this node sends to the peer: None = all, False = none."""
     return _tables(row, database, "publish")
 

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from harpsync.errors import BadRequestError
 from harpsync.replication import peers, routes
-from harpsync.replication.maintenance import retention_loop
+from harpsync.replication.maintenance import ack_floor, retention_loop
 from harpsync.replication.membership import NODE_PATH, serve_node_request
 from harpsync.replication.mesh import Mesh
 from harpsync.replication.publisher import Publisher
@@ -106,7 +106,9 @@ class Replicator:
             lambda: deadletters.count(self.storage, deadletters.CONFLICTS),
             lambda: deadletters.count(self.storage, deadletters.DEAD_LETTERS))
         await self.reconcile()
-        self.spawn(retention_loop(self))
+        self.spawn(retention_loop(
+            self.storage, self.config.duration_ms("replication.retentionInterval") / 1000.0,
+            self.config.retention_ms, self.ack_floor))
         self.spawn(self.relays.run())
         for route in self.config.get("replication.routes") or []:
             self.spawn(self.connect_route(route))
@@ -388,6 +390,10 @@ class Replicator:
 
     async def drop_route(self, route: Any) -> None:
         await routes.drop_route(self.mesh, route)
+
+    def ack_floor(self, database: str) -> int | None:
+        """The sequence of ``database``'s log every peer receiving it acknowledged."""
+        return ack_floor(self.acks, self.rows, database)
 
     # -- hooks used by links -----------------------------------------------------------
     def note_ack(self, peer: str, database: str, seq: int) -> None:
