@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from harpsync.errors import BadRequestError, PeerError
@@ -25,12 +25,15 @@ from harpsync.replication import peers
 from harpsync.replication.membership import node_request
 from harpsync.replication.seams import MeshHost
 from harpsync.replication.transport import Link
-from harpsync.security import PeerCert, check_node_cert, valid_pin
+from harpsync.security import NodeKeys, PeerCert, check_node_cert, valid_pin
 from harpsync.storage import reads, writes
 from harpsync.storage.ingest import forget_cursor
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_stored
 from harpsync.storage.store import SYSTEM, Storage
+
+if TYPE_CHECKING:
+    from harpsync.auth import Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 class Mesh:
     """This node's view of its peers: their rows, joins, gossip and removals."""
 
-    def __init__(self, host: MeshHost, storage: Storage, keys: Any, auth: Any,
+    def __init__(self, host: MeshHost, storage: Storage, keys: NodeKeys, auth: Authenticator,
                  node_name: str) -> None:
         self._host = host
         self.storage = storage

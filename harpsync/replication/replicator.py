@@ -37,6 +37,12 @@ from harpsync.storage.ingest import write_cursor
 from harpsync.storage.schema import describe_schema
 from harpsync.storage.store import SYSTEM, Storage
 
+if TYPE_CHECKING:
+    from harpsync.auth import Authenticator
+    from harpsync.config import Config
+    from harpsync.metrics import Metrics
+    from harpsync.security import NodeKeys
+
 log = logging.getLogger(__name__)
 
 
@@ -44,21 +50,23 @@ log = logging.getLogger(__name__)
 class Replicator:
     """All replication of one node."""
 
-    def __init__(self, config: Any, storage: Storage, keys: Any, auth: Any, metrics: Any) -> None:
+    def __init__(self, config: Config, storage: Storage, keys: NodeKeys, auth: Authenticator,
+                 metrics: Metrics) -> None:
         self.config = config
+        self.settings = settings = config.replication_settings()
         self.storage = storage
         self.keys = keys
         self.auth = auth
         self.metrics = metrics
-        self.node_name: str = config.node_name
+        self.node_name: str = settings.node_name
         self.url: str = ""
-        self.ping_interval = config.duration_ms("replication.pingInterval") / 1000.0
-        self.max_skew_ms = config.duration_ms("replication.maxClockSkew")
+        self.ping_interval = settings.ping_interval
+        self.max_skew_ms = config.duration_ms("replication.maxClockSkew")  # live setting
         # "auto": compress except to peers on this host (there bytes cost nothing and
         # compressing would only spend CPU); "zstd": always; "none": never.
-        self.compression_mode = str(config.get("replication.compression"))
+        self.compression_mode = settings.compression
         self.compression: bool = self.compression_mode != "none"
-        self.default_conflict = str(config.get("replication.conflict"))
+        self.default_conflict = settings.conflict
         # The hdb_nodes rows, joins, gossip and removals (mesh.py).
         self.mesh = Mesh(self, storage, keys, auth, self.node_name)
         self.subscribers: dict[tuple[str, str], Subscriber] = {}
@@ -88,15 +96,13 @@ class Replicator:
             # IPPROTO_TCP so asyncio sets TCP_NODELAY on accepted sockets.
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.config.get("replication.host"),
-                       int(self.config.get("replication.port"))))
+            sock.bind((self.settings.host, self.settings.port))
             sock.listen(256)
             sock.setblocking(False)
         self._sock = sock
         self.url = self.config.replication_url(self.port)
         context = self.keys.server_context() if self.url.startswith("wss://") else None
-        self.gate = Gate(int(self.config.get("replication.maxPendingPerAddress")),
-                         int(self.config.get("replication.maxConnections")))
+        self.gate = Gate(self.settings.max_pending_per_address, self.settings.max_connections)
         self._server = await listen(sock, context, self._accept, self.ping_interval, self.gate)
         self.mesh.load_rows()
         await self.mesh.save_own_row()
@@ -107,7 +113,7 @@ class Replicator:
             lambda: deadletters.count(self.storage, deadletters.DEAD_LETTERS))
         await self.reconcile()
         self.spawn(retention_loop(
-            self.storage, self.config.duration_ms("replication.retentionInterval") / 1000.0,
+            self.storage, self.settings.retention_interval,
             self.config.retention_ms, self.ack_floor))
         self.spawn(self.relays.run())
         for route in self.config.get("replication.routes") or []:

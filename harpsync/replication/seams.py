@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from harpsync.replication.transport import Link
+    from harpsync.security import NodeKeys
     from harpsync.storage.database import Table
 
 #: A peer's ``hdb_nodes`` row as this node keeps it (see peers.py for its fields).
@@ -166,7 +167,7 @@ class SubscriberHost(LinkHost, Protocol):
 class NodeClient(Protocol):
     """What one ``/.node`` request to a peer needs (membership.py's ``node_request``)."""
 
-    keys: Any
+    keys: NodeKeys
 
     @property
     def ping_interval(self) -> float: ...
@@ -178,7 +179,7 @@ class MeshHost(Protocol):
     """What membership (mesh.py) needs from the link runtime: its address and the
     power to start, stop and close links when rows change."""
 
-    keys: Any
+    keys: NodeKeys
 
     @property
     def url(self) -> str:
