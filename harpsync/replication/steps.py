@@ -20,7 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-#: After the first, ``caught_up`` reports go out at most this often (seconds).
+# After the first, caught_up reports go out at most this often (seconds): one per commit
+# would cost a frame each way, and where the entries read were filtered out (the peer's
+# own transactions coming back, other tables) each report makes the subscriber commit its
+# cursor, a synced commit on the far side per write there.
 CAUGHT_UP_INTERVAL = 0.5
 
 
