@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, MutableMapping
@@ -19,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from harpsync import dashboard, probes, requests_ctx
+from harpsync import dashboard, jsonio, probes, requests_ctx
 from harpsync.changes import ChangeFeed
 from harpsync.errors import (
     BadRequestError,
@@ -40,65 +38,11 @@ JSON = "application/json"
 
 
 def json_response(payload: Any, status: int = 200) -> Response:
-    body = json.dumps(payload, separators=(",", ":"), default=str).encode()
+    body = jsonio.dumps(payload)
     return Response(body, status_code=status, media_type=JSON)
 
 
-def _reject_constant(name: str) -> Any:
-    # Python's json accepts NaN and Infinity, which are not JSON and which no client
-    # could read back from a search.
-    raise BadRequestError(f"Invalid JSON: {name} is not a JSON value")
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):  # 1e400: not representable, and unreadable once echoed back
-        raise BadRequestError(f"Invalid JSON: the number {text[:40]} is out of range")
-    return value
-
-
-# Built once: json.loads with hooks would build a new decoder on every request.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
-
-
-# A \ud800-\udfff escape may decode to a lone surrogate, which is not text: it cannot
-# be encoded as UTF-8 for keys, msgpack or password hashing.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _reject_lone_surrogates(value: Any) -> None:
-    stack = [value]
-    while stack:  # iterative: the parsed value may be nested close to the parser's limit
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BadRequestError("Invalid JSON: a string holds an unpaired surrogate "
-                                      "escape (\\ud800-\\udfff)") from None
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
-def parse_json(raw: bytes) -> Any:
-    if not raw.strip():
-        raise BadRequestError("Body cannot be empty when content-type is set to 'application/json'")
-    try:
-        value = _DECODER.decode(raw.decode("utf-8"))
-        if _SURROGATE_ESCAPE.search(raw):
-            _reject_lone_surrogates(value)
-        return value
-    except UnicodeDecodeError:
-        raise BadRequestError("Request body must be UTF-8 encoded JSON") from None
-    except json.JSONDecodeError as exc:
-        raise BadRequestError(f"Invalid JSON: {exc.msg} at position {exc.pos}") from None
-    except RecursionError:
-        raise BadRequestError("Invalid JSON: nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
-        raise BadRequestError(f"Invalid JSON: {str(exc)[:100]}") from None
+parse_json = jsonio.parse_request
 
 
 class RateLimiter:
@@ -367,7 +311,7 @@ def build_app(services: Services) -> Any:
         status, payload, extra = await run_operation(header, declared, receive,
                                                      str(client[0]) if client else "",
                                                      request_id)
-        data = json.dumps(payload, separators=(",", ":"), default=str).encode()
+        data = jsonio.dumps(payload)
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(data)).encode())]
         headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())

@@ -22,14 +22,23 @@ _LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.I
                "fatal": logging.CRITICAL, "notify": logging.INFO}
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config) -> dict[str, str] | None:
+    """Run a node until a signal (returns None) or a restart operation (returns the
+    variables that hand the still-open listening sockets to the next run)."""
     from harpsync.node import Node
 
     node = Node(config, dict(os.environ))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    signalled: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        signalled.append(sig)  # a signal, even during a restart, means stop for good
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+    node.restart_hook = stop.set
     # Test harnesses may hand over listening sockets they bound themselves.
     await node.start(ops_sock=_inherited("HARPSYNC_OPS_FD"),
                      repl_sock=_inherited("HARPSYNC_REPL_FD"))
@@ -37,8 +46,40 @@ async def _serve(config: Config) -> None:
           f"http://{config.get('operationsApi.network.host')}:{node.ops_port}/"
           + (f", replication port {node.cluster.port}" if node.cluster else ""), flush=True)
     await stop.wait()
-    logging.getLogger("harpsync").info("shutting down")
+    handover = None
+    if (node.restart_requested and not signalled and node.ops_sock is not None
+            and node.cluster is not None):
+        # Duplicates outlive the node's own close: the addresses stay bound (and accept
+        # into the backlog) until the next run takes them over.
+        ops_sock, repl_sock = node.listening_sockets()
+        handover = {"HARPSYNC_OPS_FD": _keep(ops_sock), "HARPSYNC_REPL_FD": _keep(repl_sock)}
+        logging.getLogger("harpsync").info("restarting (%s)", node.restart_requested)
+    else:
+        logging.getLogger("harpsync").info("shutting down")
     await node.stop()
+    if handover and signalled:
+        for fd in handover.values():
+            os.close(int(fd))
+        return None
+    return handover
+
+
+def _keep(sock: socket.socket) -> str:
+    fd = os.dup(sock.fileno())
+    os.set_inheritable(fd, True)
+    return str(fd)
+
+
+def _restart(handover: dict[str, str]) -> None:
+    """Run the same command line again in this process, with the listening sockets."""
+    os.environ.update(handover)
+    # A signal mask survives exec: the next run must see SIGTERM and SIGINT again.
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "harpsync.cli", *sys.argv[1:]])
 
 
 def _inherited(variable: str) -> socket.socket | None:
@@ -68,10 +109,12 @@ def run(args: argparse.Namespace) -> int:
 
     install_event_loop_policy()
     try:
-        asyncio.run(_serve(config))
+        handover = asyncio.run(_serve(config))
     except OSError as exc:
         print(f"harpsync: cannot start: {exc}", file=sys.stderr)
         return 1
+    if handover:
+        _restart(handover)
     return 0
 
 

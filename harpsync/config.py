@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
         "maxConnections": 1024,
         "maxPendingPerAddress": 32,
         "conflict": "last_writer_wins",
+        "verifyInterval": "10m",
     },
     "logging": {"level": "info", "auditRetention": "3d"},
     "storage": {"mapSize": 64 * 1024**3, "trimInterval": "2s"},
@@ -221,6 +222,7 @@ class Config:
         self.duration_ms("replication.pingInterval")
         self.duration_ms("replication.retentionInterval")
         self.duration_ms("storage.trimInterval")
+        self.duration_ms("replication.verifyInterval")
         for key, low in (("operationsApi.rateLimit.requestsPerMinute", 0),
                          ("operationsApi.rateLimit.burst", 1),
                          ("replication.maxConnections", 1),
@@ -289,3 +291,28 @@ class Config:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(data, sort_keys=False))
         tmp.replace(self.path)
+
+
+def write_settings(path: Path, updates: dict[str, Any]) -> None:
+    """Set dotted ``updates`` in the YAML file at ``path``, keeping its other keys.
+
+    Written to a private temporary file and renamed over the old one, so a crash never
+    leaves half a file.
+    """
+    data: dict[str, Any] = {}
+    if path.exists():
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if isinstance(loaded, Mapping):
+            data = dict(loaded)
+    for key, value in updates.items():
+        Config._set(data, key, value)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+
+
+def setting_keys(values: Mapping[str, Any]) -> list[str]:
+    """Every settable dotted key: the defaults' leaves and any others in ``values``."""
+    return list(dict.fromkeys([*_flatten(DEFAULTS), *_flatten(values)]))

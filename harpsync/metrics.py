@@ -67,6 +67,11 @@ class Metrics:
                                           "Dead letters not reprocessed or deleted", registry=r)
         self.rss = Gauge("harpsync_process_rss_bytes", "Resident set size", registry=r)
         self._add_detail_metrics(r)
+        self.divergent_keys = Gauge("harpsync_divergent_keys",
+                                    "Keys that differed from the peer at the last verification",
+                                    ["peer", "database", "table"], registry=r)
+        self.last_verification = Gauge("harpsync_last_verification_timestamp_seconds",
+                                       "Unix time of the last verification", registry=r)
 
     def _add_detail_metrics(self, r: CollectorRegistry) -> None:
         self.operation_seconds = Histogram(

@@ -21,15 +21,18 @@ from harpsync.app import build_app
 from harpsync.auth import SUPER_ROLE, Authenticator
 from harpsync.config import Config
 from harpsync.dispatch import Dispatcher
+from harpsync.jobs import JobManager
 from harpsync.metrics import Metrics
 from harpsync.passwords import hash_password
 from harpsync.replication.replicator import Replicator
 from harpsync.replication.status import cluster_status
+from harpsync.replication.verifier import Verifier, peer_handlers
 from harpsync.security import NodeKeys
 from harpsync.storage import reads, writes
 from harpsync.storage.hlc import OFFSET_ENV
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.validation import SchemaRegistry
+from operations import bulk as bulk_ops
 from operations import (
     cluster,
     cluster_admin,
@@ -40,7 +43,11 @@ from operations import (
     users,
     waits,
 )
+from operations import configuration as configuration_ops
 from operations import dashboard as dashboard_ops
+from operations import sql as sql_ops
+from operations import txlog as txlog_ops
+from operations import verify as verify_ops
 
 log = logging.getLogger("harpsync")
 
@@ -48,6 +55,8 @@ OPERATION_MODULES = [schema_ops, data, users, system, cluster, cluster_admin]
 OPERATION_MODULES.append(streams)
 OPERATION_MODULES.append(waits)
 OPERATION_MODULES.append(dashboard_ops)
+OPERATION_MODULES += [sql_ops, bulk_ops, txlog_ops, configuration_ops]
+OPERATION_MODULES.append(verify_ops)
 
 
 class _Server(uvicorn.Server):
@@ -106,11 +115,17 @@ class Node:
         self.auth: Authenticator | None = None
         self.keys: NodeKeys | None = None
         self.cluster: Any = None
+        self.verifier: Verifier | None = None
         self._servers: list[tuple[_Server, asyncio.Task[None]]] = []
         self.secure_sock: socket.socket | None = None
         self.ops_sock: socket.socket | None = None
         self.generated_password: str | None = None
         self._trimmer: asyncio.Task[None] | None = None
+        self.jobs: JobManager | None = None
+        # Set by ``harpsync run``: the restart operations call it to stop the node and
+        # run it again (``restart_requested`` names what asked).
+        self.restart_hook: Any = None
+        self.restart_requested: str | None = None
 
     # -- start / stop ------------------------------------------------------------------
     async def start(self, ops_sock: socket.socket | None = None,
@@ -120,6 +135,7 @@ class Node:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)  # keys and databases live here, whatever the umask
         await asyncio.to_thread(self.storage.open)
+        self.jobs = await asyncio.to_thread(JobManager.open, root / "jobs")
         self.auth = Authenticator(self.storage)
         hosts = [self.node_name]
         url_host = urlparse(self.config.replication_url()).hostname
@@ -133,7 +149,11 @@ class Node:
         self.cluster = Replicator(self.config, self.storage, self.keys, self.auth, self.metrics)
         cluster_admin.register_peer_handlers(self.cluster)
         dashboard_ops.register_peer_handlers(self.cluster)
+        self.verifier = Verifier(self.cluster)
+        self.cluster.operation_handlers.update(peer_handlers(self.cluster))
+        self.cluster.copy_listeners.append(self.verifier.after_copy)
         await self.cluster.start(repl_sock)
+        self.verifier.start(self.config.duration_ms("replication.verifyInterval") / 1000.0)
         self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),
                                           int(self.config.get("operationsApi.network.port")))
         host = self.config.get("operationsApi.network.host")
@@ -188,9 +208,18 @@ class Node:
         for _server, task in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 10)
+        if self.jobs is not None:
+            await self.jobs.stop()
+        if self.verifier is not None:
+            await self.verifier.stop()
         if self.cluster is not None:
             await self.cluster.stop()
         await asyncio.to_thread(self.storage.close)
+
+    def listening_sockets(self) -> tuple[socket.socket, socket.socket]:
+        """The operations API and replication listeners (a restart hands them over)."""
+        assert self.ops_sock is not None and self.cluster is not None
+        return self.ops_sock, self.cluster._sock
 
     @property
     def ops_port(self) -> int:

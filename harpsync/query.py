@@ -134,9 +134,18 @@ def conditions_predicate(operator: str, conditions: list[dict[str, Any]]) -> Pre
     return lambda r: all(check(r) for check in checks)
 
 
-def project(record: dict[str, Any], attributes: list[str] | None) -> dict[str, Any]:
-    """Keep ``get_attributes``; ``["*"]`` (the default) keeps everything."""
+def project(record: dict[str, Any], attributes: list[str] | None,
+            known: list[str] | None = None) -> dict[str, Any]:
+    """Keep ``get_attributes``; ``["*"]`` (the default) keeps everything.
+
+    With ``*``, each attribute in ``known`` that the record lacks comes back as null
+    (Harper's shape); explicitly listed attributes are returned only where present.
+    """
     if not attributes or "*" in attributes:
+        if known and any(name not in record for name in known):
+            record = dict(record)
+            for name in known:
+                record.setdefault(name, None)
         return record
     return {a: record[a] for a in attributes if a in record}
 
@@ -157,7 +166,8 @@ def _sort_key(attribute: str) -> Callable[[dict[str, Any]], tuple[int, Any]]:
 
 def select(records: Iterable[dict[str, Any]], predicate: Predicate,
            attributes: list[str] | None, sort: dict[str, Any] | None = None,
-           offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+           offset: int = 0, limit: int | None = None,
+           known: list[str] | None = None) -> list[dict[str, Any]]:
     """Filter, then sort, page and project. Without ``sort`` it streams."""
     matched: Iterator[dict[str, Any]] = (r for r in records if predicate(r))
     if sort:
@@ -165,4 +175,4 @@ def select(records: Iterable[dict[str, Any]], predicate: Predicate,
                          reverse=bool(sort.get("descending")))
         matched = iter(ordered)
     stop = None if limit is None else offset + limit
-    return [project(r, attributes) for r in islice(matched, offset, stop)]
+    return [project(r, attributes, known) for r in islice(matched, offset, stop)]

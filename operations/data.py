@@ -10,6 +10,7 @@ from harpsync import query
 from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError
 from harpsync.storage import reads, writes
+from harpsync.storage.database import TIME_ATTRIBUTES, Table
 from harpsync.storage.store import SYSTEM
 
 # Scans of tables larger than this run in a worker thread, off the event loop.
@@ -31,6 +32,25 @@ def _public(records: Iterable[dict[str, Any]], body: dict[str, Any]) -> Iterable
         return records
     secret = _SECRET_FIELDS[body["table"]]
     return ({k: v for k, v in r.items() if k != secret} for r in records)
+
+
+def public_records(records: Iterable[dict[str, Any]], database: str,
+                   table: str) -> Iterable[dict[str, Any]]:
+    """``records`` of ``database.table`` without the secret fields system tables hold."""
+    return _public(records, {"database": database, "table": table})
+
+
+def known_attributes(database: str, table: Table) -> list[str]:
+    """Every attribute ``table`` knows (secrets left out), as ``get_attributes: ["*"]``
+    returns them: a record without one shows it as null, as Harper does."""
+    secret = _SECRET_FIELDS.get(table.name) if database == SYSTEM else None
+    names = dict.fromkeys([table.primary_key, *TIME_ATTRIBUTES, *table.attributes])
+    return [name for name in names if name != secret]
+
+
+def check_writable(database: str) -> None:
+    """Refuse direct writes to the ``system`` database (400)."""
+    _writable({"database": database, "table": ""})
 
 
 def _writable(body: dict[str, Any]) -> tuple[str, str]:
@@ -77,7 +97,8 @@ async def search_by_id(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, A
     db, table = ctx.services.storage.table(*_target(body))
     attrs = body.get("get_attributes")
     found = _public(reads.get_by_ids(db, table, body["ids"]), body)
-    return [query.project(r, attrs) for r in found]
+    known = known_attributes(db.name, table)
+    return [query.project(r, attrs, known) for r in found]
 
 
 async def _scan(ctx: OpContext, body: dict[str, Any], predicate: query.Predicate,
@@ -87,7 +108,7 @@ async def _scan(ctx: OpContext, body: dict[str, Any], predicate: query.Predicate
     def run() -> list[dict[str, Any]]:
         return query.select(_public(reads.scan(db, table), body), predicate,
                             body.get("get_attributes"), sort, body.get("offset", 0),
-                            body.get("limit"))
+                            body.get("limit"), known_attributes(db.name, table))
 
     if db.table_size(table)[0] > OFFLOAD_ROWS:
         return await asyncio.to_thread(run)

@@ -150,6 +150,16 @@ def test_bad_value_raises_config_error_naming_key(env, key):
     assert key in str(info.value)
 
 
+def test_verify_interval_defaults_to_ten_minutes_and_is_validated():
+    """replication.verifyInterval is 10 minutes unless set; 0 is allowed (off); a value
+    that is not a duration names the key."""
+    assert load({}).duration_ms("replication.verifyInterval") == 600_000
+    assert load({"REPLICATION_VERIFYINTERVAL": "0"}).duration_ms(
+        "replication.verifyInterval") == 0
+    with pytest.raises(ConfigError, match="replication.verifyInterval"):
+        load({"REPLICATION_VERIFYINTERVAL": "soon"})
+
+
 def test_bad_yaml_value_names_key(tmp_path):
     """A bad value in config.yaml is reported with its key."""
     path = tmp_path / "config.yaml"

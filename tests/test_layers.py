@@ -38,8 +38,10 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "uvloop": ("harpsync/node.py",),  # uvicorn[standard]'s event loop, chosen by the root
     "yaml": ("harpsync/config.py",),
     "prometheus_client": ("harpsync/metrics.py",),
-    "httpx": ("harpsync/cli.py",),
+    "httpx": ("harpsync/cli.py", "harpsync/csvsource.py"),  # csv_url_load downloads
     "zstandard": ("harpsync/compression.py",),
+    "orjson": ("harpsync/jsonio.py",),  # fast JSON, falling back to the stdlib's answer
+    "sqlglot": ("harpsync/sql/parser.py",),
 }
 SANS_IO = ("harpsync/replication/protocol.py", "harpsync/replication/messages.py",
            "harpsync/replication/steps.py", "harpsync/replication/session.py",

@@ -42,6 +42,12 @@ def strip_times(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def with_nulls(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as ``get_attributes: ["*"]`` returns it: every attribute DOGS holds,
+    null where this record lacks it (Harper's shape)."""
+    return {**{k: None for dog in DOGS for k in dog}, **record}
+
+
 def ids_of(records: list[dict[str, Any]]) -> list[Any]:
     return [r["id"] for r in records]
 
@@ -176,7 +182,8 @@ def test_upsert_matches_recorded_response(dev):
                                                                      "age": 1}])
     assert body == {"message": "upserted 2 of 2 records", "upserted_hashes": [2, 3]}
     found = dev.call("search_by_id", database="dev", table="dog", ids=[2, 3])
-    assert strip_times(found) == [{**PENNY, "age": 4}, {"id": 3, "name": "Rex", "age": 1}]
+    assert strip_times(found) == [{**PENNY, "age": 4},
+                                  {"id": 3, "name": "Rex", "age": 1, "breed": None}]
 
 
 def test_upsert_generates_uuid_when_primary_key_missing(dev):
@@ -220,7 +227,7 @@ def test_delete_then_insert_same_id(dev):
     body = dev.call("insert", database="dev", table="dog", records=[{"id": 1, "name": "new"}])
     assert body["inserted_hashes"] == [1]
     found = dev.call("search_by_id", database="dev", table="dog", ids=[1])
-    assert strip_times(found) == [{"id": 1, "name": "new"}]
+    assert strip_times(found) == [{**dict.fromkeys(HARPER), "id": 1, "name": "new"}]
 
 
 # -- search_by_id -----------------------------------------------------------------------
@@ -234,7 +241,8 @@ def test_search_by_id_matches_recorded_response(dogs):
 def test_search_by_id_default_attributes_include_timestamps(dogs):
     """Without get_attributes every attribute comes back, with float timestamps."""
     (record,) = dogs.call("search_by_id", database="dev", table="dog", ids=[3])
-    assert set(record) == {"id", "name", "breed", "age", *TIMES}
+    assert set(record) == {"id", "name", "breed", "age", "tags", "vaccinated", *TIMES}
+    assert record["tags"] is None and record["vaccinated"] is None
     assert all(isinstance(record[key], float) for key in TIMES)
 
 
@@ -242,7 +250,7 @@ def test_search_by_id_star_includes_timestamps(dogs):
     """get_attributes ["*"] includes __createdtime__ and __updatedtime__ as floats."""
     (record,) = dogs.call("search_by_id", database="dev", table="dog", ids=[3],
                           get_attributes=["*"])
-    assert strip_times([record]) == [DOGS[2]]
+    assert strip_times([record]) == [with_nulls(DOGS[2])]
     assert set(TIMES) <= set(record)
 
 
@@ -258,7 +266,7 @@ def test_search_by_value_wildcard_suffix(dogs):
     """search_by_value "Pen*" matches names starting with Pen (recorded shape)."""
     found = dogs.call("search_by_value", database="dev", table="dog",
                       search_attribute="name", search_value="Pen*", get_attributes=["*"])
-    assert strip_times(found) == [DOGS[1], DOGS[3]]
+    assert strip_times(found) == [with_nulls(DOGS[1]), with_nulls(DOGS[3])]
 
 
 def test_search_by_value_wildcard_prefix_and_infix(dogs):
@@ -311,7 +319,7 @@ def test_search_by_conditions_matches_recorded_response(dogs):
                            "search_value": 4},
                           {"search_attribute": "name", "search_type": "starts_with",
                            "search_value": "P"}])
-    assert strip_times(found) == [DOGS[3]]
+    assert strip_times(found) == [with_nulls(DOGS[3])]
 
 
 def test_search_by_conditions_between_sorted_descending(dogs):

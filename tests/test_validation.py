@@ -67,6 +67,7 @@ CANONICAL_OPERATIONS |= {"get_replication_status", "list_conflicts", "resolve_co
                          "list_dead_letters", "reprocess_dead_letters", "delete_dead_letters"}
 # Replication barrier (operations/waits.py).
 CANONICAL_OPERATIONS |= {"wait_for_replication"}
+CANONICAL_OPERATIONS |= {"verify_cluster", "repair_cluster"}
 
 SUBSCRIPTION = {"database": "dev", "table": "dog", "subscribe": True, "publish": True}
 PERMISSION = {
@@ -181,6 +182,33 @@ VALID |= {
 VALID |= {
     "wait_for_replication": {"version": 123, "nodes": ["b"], "database": "data", "timeout": 50},
 }
+# Issue 14: SQL, CSV jobs, the transaction log, configuration.
+CANONICAL_OPERATIONS |= {"sql", "csv_data_load", "csv_file_load", "csv_url_load", "get_job",
+                         "search_jobs_by_start_date", "read_transaction_log",
+                         "delete_transaction_logs_before", "get_configuration",
+                         "set_configuration", "restart", "restart_service"}
+VALID.update({
+    "sql": {"sql": "SELECT * FROM dev.dog WHERE id = 1"},
+    "csv_data_load": {"database": "dev", "table": "breed", "action": "insert",
+                      "data": "id,name\n1,Labrador\n"},
+    "csv_file_load": {"database": "dev", "table": "breed", "action": "upsert",
+                      "file_path": "/home/user/imports/breeds.csv"},
+    "csv_url_load": {"table": "breed", "csv_url": "https://example.com/breeds.csv"},
+    "get_job": {"id": "4a982782-929a-4507-8794-26dae1132def"},
+    "search_jobs_by_start_date": {"from_date": "2021-01-25T22:05:27.464+0000",
+                                  "to_date": "2021-01-25T23:05:27.464+0000"},
+    "read_transaction_log": {"schema": "dev", "table": "dog", "from": 1560249020865,
+                             "to": 1660585656639, "limit": 10},
+    "delete_transaction_logs_before": {"schema": "dev", "table": "dog",
+                                       "timestamp": 1598290282817},
+    "get_configuration": {},
+    "set_configuration": {"logging_level": "trace"},
+    "restart": {},
+    "restart_service": {"service": "http_workers"},
+})
+VALID["verify_cluster"] = {"database": "dev", "table": "dog", "nodes": ["node-b"],
+                           "deep": True}
+VALID["repair_cluster"] = {"database": "dev", "dry_run": True}
 
 # (operation, body, exact expected message)
 INVALID: list[tuple[str, dict[str, Any], str]] = [

@@ -71,6 +71,8 @@ async def node_request(rep: NodeClient, url: str, body: dict[str, Any], *, verif
 async def serve_node_request(rep: Replicator, link: Link) -> None:
     """Answer one ``/.node`` request on an accepted socket."""
     try:
+        if _authenticated_as(rep, link) is not None:
+            link.authenticated()  # a proven node may send more than a join's small frame
         body = codec.unpack(await asyncio.wait_for(link.recv(), 10))
         if not isinstance(body, dict):
             raise ValueError("request must be a map")

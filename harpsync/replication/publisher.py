@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 READ_BATCH = 1000
 COPY_CHUNK = 500
+# After the first, caught_up reports go out at most this often: one per commit would
+# cost a frame each way, and where the entries read were filtered out (the peer's own
+# transactions coming back, other tables) each report makes the subscriber commit its
+# cursor, a synced commit on the far side per write there.
+CAUGHT_UP_INTERVAL = 0.5
 
 
 class Publisher:
@@ -53,13 +58,26 @@ class Publisher:
         self.last_ack_time: float | None = None
         self.acked_seq = 0
         self.sent_seq = 0
+        self._db: Database | None = None
+        self._notified_head = -1
 
     async def flush(self) -> None:
         for frame in self.session.data_to_send():
             await self.link.send(frame)
 
-    def notify(self, _head: int) -> None:
-        """Commit listener; called from the writer thread."""
+    def notify(self, head: int) -> None:
+        """Commit listener; called from the writer thread.
+
+        A commit that appended nothing to the log (a cursor, a status row) wakes nobody,
+        nor does one while a wake-up is still pending: each wake-up is a cross-thread
+        call and a log read on the event loop.
+        """
+        db = self._db
+        if head <= self._notified_head and not (db is not None and db.dropped):
+            return
+        self._notified_head = head
+        if self._wakeup.is_set():
+            return  # the pump has not run since the last wake-up; it reads past ``head``
         self.rep.loop.call_soon_threadsafe(self._wakeup.set)
 
     async def run(self) -> None:
@@ -70,6 +88,7 @@ class Publisher:
         if not self.rep.replicates_database(self.database):
             await self.link.close(1008, f"database '{self.database}' does not replicate here")
             return
+        self._db = db
         db.commit_listeners.append(self.notify)
         try:
             await self._serve(db)
@@ -183,7 +202,8 @@ class Publisher:
             return
         if sub.copy:
             pos = await self._copy(db, sub, tables)
-        caught_up_sent = False
+        reported = -1  # the position last reported with caught_up
+        reported_at = 0.0
         known_origins = 0
         while True:
             self._wakeup.clear()
@@ -206,22 +226,35 @@ class Publisher:
                 # Nothing pruned is above the subscriber's per-origin floors.
                 pos = pruned
                 continue
-            if not entries:
-                if not caught_up_sent:
+            if entries:
+                pos = entries[-1][0]
+                kept = self._filter(db, entries, sub.origins, tables)
+                if kept:
+                    self.sending_since = self.sending_since or time.time()
+                    self.session.send_entries(db.next_seq - 1, kept, dict(db.origin_names))
+                    self.sent_seq = kept[-1][0]
+                    await self.flush()
+                if len(entries) >= READ_BATCH or self._wakeup.is_set():
+                    continue  # more to read; otherwise nothing was committed since the read
+            # The log is read to its end.
+            self.sending_since = None
+            wait: float | None = None
+            if reported != pos:
+                # The first report of a session goes out at once (the subscriber's state
+                # and lag follow it); later ones at most every CAUGHT_UP_INTERVAL.
+                due = 0.0 if reported < 0 else \
+                    reported_at + CAUGHT_UP_INTERVAL - time.monotonic()
+                if due <= 0:
                     self.session.send_caught_up(pos)
                     await self.flush()
-                    caught_up_sent = True
-                self.sending_since = None
+                    reported, reported_at = pos, time.monotonic()
+                else:
+                    wait = due
+            if wait is None:
                 await self._wakeup.wait()
-                continue
-            caught_up_sent = False
-            pos = entries[-1][0]
-            kept = self._filter(db, entries, sub.origins, tables)
-            if kept:
-                self.sending_since = self.sending_since or time.time()
-                self.session.send_entries(db.next_seq - 1, kept, dict(db.origin_names))
-                self.sent_seq = kept[-1][0]
-                await self.flush()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
 
     async def _copy(self, db: Database, sub: SubscribeRequested,
                     tables: list[str] | None) -> int:

@@ -86,6 +86,9 @@ class Replicator:
         self._background: set[asyncio.Task[Any]] = set()
         self._reconcile_lock = asyncio.Lock()
         self.operation_handlers: dict[str, Callable[..., Any]] = {}
+        # Last verification per (peer, database) and who to tell when a full copy ends.
+        self.verified: dict[tuple[str, str], dict[str, Any]] = {}
+        self.copy_listeners: list[Callable[[str, str], None]] = []
         storage.replicates = self.replicates_database
 
 

@@ -56,6 +56,9 @@ def _socket(rep: Replicator, sub: Subscriber) -> dict[str, Any]:
         out["sendingMessage"] = http_date(pub.sending_since)
     if sub.copy_progress is not None:
         out["copy"] = dict(sub.copy_progress)
+    verified = rep.verified.get((sub.peer, sub.database))
+    if verified is not None:
+        out["verified"] = {**verified, "at": http_date(verified["at"])}
     rep.metrics.lag_txns.labels(sub.peer, sub.database).set(out["lag_txns"])
     rep.metrics.connected.labels(sub.peer, sub.database).set(1 if out["connected"] else 0)
     if out["compression_ratio"] is not None:

@@ -15,6 +15,7 @@ import lmdb
 
 from harpsync import codec
 from harpsync.errors import NotFoundError
+from harpsync.storage import digest
 from harpsync.storage.keys import seq_key, seq_of
 
 TXNS_DBI = b"__txns__"
@@ -46,6 +47,8 @@ class Table:
     tomb_dbi: Any
     attributes: list[str] = field(default_factory=list)
     version: int = 0
+    # The maintained row hashes (storage/digest.py); None only while a table is built.
+    digest: Any = None
 
     def definition(self) -> dict[str, Any]:
         """The plain dict stored in ``__meta__`` and sent to peers in ``hello``."""
@@ -91,6 +94,7 @@ class Database:
         self._lock = threading.Lock()
         # Table DBI handles by name, kept across drops so a re-create needs no new open.
         self.handles: dict[str, tuple[Any, Any]] = {}
+        self.digest_dbis: dict[str, Any] = {}
         self.closed = False
         self._load(local_name)
         self.created = self._read_created()
@@ -114,6 +118,8 @@ class Database:
             with self.env.begin(write=True) as txn:
                 txn.put(ORIGIN_PREFIX + local_name.encode(), codec.pack(LOCAL_ORIGIN),
                         db=self.meta_dbi)
+        for table in self.tables.values():
+            self._ensure_digest(table)
         # Sequences continue after the highest ever assigned, also when retention pruned
         # the whole log: a peer's cursor ("after pruned_through") must see new entries.
         self.next_seq = self.head_seq + 1
@@ -134,6 +140,7 @@ class Database:
             attributes=list(definition.get("attributes", [])),
             version=definition.get("version", 0),
         )
+        table.digest = self.table_digest(name)
         self.tables[name] = table
         return table
 
@@ -146,12 +153,25 @@ class Database:
         """Every table drop marker of this database."""
         return {k.decode(): int(v) for k, v in self.iter_meta(DROPPED_PREFIX)}
 
+    def table_digest(self, name: str) -> digest.TableDigest:
+        """The hash DBI of table ``name`` (opened with its handles)."""
+        return digest.TableDigest(self.digest_dbis[name], self.origin_names)
+
+    def _ensure_digest(self, table: Table) -> None:
+        # Tables from before hash maintenance (or written with it off) are hashed once.
+        if not digest.ENABLED:
+            return
+        with self.env.begin(write=True) as txn:
+            if not digest.is_built(txn, table):
+                digest.rebuild(txn, table)
+
     def open_table_handles(self, name: str) -> tuple[Any, Any]:
         """Create (or reopen) a table's DBIs. Writer thread only, outside a write txn."""
         handles = self.handles.get(name)
         if handles is None:
             handles = self.handles[name] = (self.env.open_db(b"t:" + name.encode()),
                                             self.env.open_db(b"x:" + name.encode()))
+            self.digest_dbis[name] = self.env.open_db(b"h:" + name.encode())
         return handles
 
     # -- reads -------------------------------------------------------------------------

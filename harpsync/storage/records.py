@@ -11,6 +11,7 @@ from typing import Any
 import lmdb
 
 from harpsync import codec
+from harpsync.storage import digest
 from harpsync.storage.database import Database, Table
 
 Stored = tuple[int, int, dict[str, Any] | None]
@@ -39,15 +40,19 @@ def get_live(txn: lmdb.Transaction, table: Table, key: bytes) -> Stored | None:
 def put_record(txn: lmdb.Transaction, table: Table, key: bytes, version: int, origin: int,
                record: dict[str, Any]) -> None:
     """Store a live record and clear any tombstone for its key."""
-    txn.put(key, codec.pack([version, origin, record]), db=table.dbi)
-    txn.delete(key, db=table.tomb_dbi)
+    raw = codec.pack([version, origin, record])
+    old = txn.replace(key, raw, db=table.dbi)
+    tomb = txn.pop(key, db=table.tomb_dbi)
+    digest.on_write(txn, table, key, raw, False, old if old is not None else tomb, old is None)
 
 
 def put_tombstone(txn: lmdb.Transaction, table: Table, key: bytes, version: int,
                   origin: int) -> None:
     """Delete a live record and leave a tombstone carrying the delete's version."""
-    txn.delete(key, db=table.dbi)
-    txn.put(key, codec.pack([version, origin, None]), db=table.tomb_dbi)
+    old = txn.pop(key, db=table.dbi)
+    raw = codec.pack([version, origin, None])
+    tomb = txn.replace(key, raw, db=table.tomb_dbi)
+    digest.on_write(txn, table, key, raw, True, old if old is not None else tomb, old is None)
 
 
 def wins(version: int, origin_name: str, old_version: int, old_origin_name: str) -> bool:

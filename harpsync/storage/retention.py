@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from harpsync import codec
+from harpsync.storage import digest
 from harpsync.storage.database import PRUNED_KEY, PRUNED_MAX_PREFIX, Database
 from harpsync.storage.keys import seq_key, seq_of
 from harpsync.storage.writer import WriteContext
@@ -101,6 +102,7 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
                     version = codec.unpack(tcur.value())[0]
                     if version < tombstones_before:
                         tombs += 1
+                        digest.on_remove(txn, table, tcur.key(), tcur.value(), True)
                         ok = tcur.delete() and bool(tcur.key())
                     else:
                         ok = tcur.next()

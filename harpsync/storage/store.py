@@ -11,6 +11,7 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
+from harpsync.storage import digest
 from harpsync.storage.database import (
     CREATED_KEY,
     DROPPED_DB_PREFIX,
@@ -253,6 +254,8 @@ class Storage:
         """Add table incarnation ``version`` to the catalog (its handles must be open)."""
         table = Table(name, str(definition.get("primary_key", "id")), *db.handles[name],
                       attributes=list(definition.get("attributes", [])), version=version)
+        table.digest = db.table_digest(name)
+        digest.mark_built(ctx.txn(db), table)
         db.tables[name] = table
         ctx.on_undo(lambda: db.tables.pop(name, None))
         ctx.txn(db).put(TABLE_PREFIX + name.encode(), codec.pack(table.definition()),
@@ -310,6 +313,7 @@ class Storage:
         txn = ctx.txn(db)
         txn.drop(table.dbi, delete=False)
         txn.drop(table.tomb_dbi, delete=False)
+        digest.clear(txn, table)
         txn.delete(TABLE_PREFIX + name.encode(), db=db.meta_dbi)
         self.raise_table_marker(ctx, db, name, version)
         if log_it:

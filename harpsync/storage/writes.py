@@ -79,6 +79,7 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
         version = storage.hlc.now_after(newest)
         now_ms = version_to_ms(version)
         this_job: dict[bytes, dict[str, Any]] = {}
+        op_index: dict[bytes, int] = {}
         for index, record, rid, key, existing in prepared:
             if key in this_job:  # the same id twice in one request
                 existing = (version, LOCAL_ORIGIN, this_job[key])
@@ -103,11 +104,19 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
                 # msgpack holds integers of at most 64 bits and bounded nesting.
                 raise BadRequestError(f"'records[{index}]' holds a value that cannot be "
                                       f"stored: {exc}") from None
-            this_job[key] = new
             written.append(rid)
             stored_records.append(record)
             # The incarnation lets a peer tell a late write to a dropped table.
-            ops.append([table_name, mode, rid, new, table.version])
+            op = [table_name, mode, rid, new, table.version]
+            if key in this_job:
+                # The same id twice: log its final value once. A peer applies ops of one
+                # version only once per key (equal versions do not win), so it would
+                # keep the first value while this node keeps the last.
+                ops[op_index[key]] = op
+            else:
+                op_index[key] = len(ops)
+                ops.append(op)
+            this_job[key] = new
         if ops:
             note_attributes(ctx, db, table, stored_records)
             storage.append_log(ctx, db, ops, version, LOCAL_ORIGIN, user)

@@ -1,0 +1,166 @@
+"""Background jobs (CSV loads): start, progress, result, and what a restart leaves.
+
+A job answers its request at once and runs as an asyncio task. Its record (Harper's
+``hdb_job`` fields plus ``progress``, ``result`` and ``error``) is kept current in memory
+and saved to the :class:`JobStore` when it starts, at most every ``SAVE_INTERVAL``
+seconds while it runs, and when it ends. A job the node stopped under, cleanly or by a
+crash, reads as ``ERROR`` with a "failed (interrupted)" message, never as in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from harpsync.errors import HarpsyncError
+from harpsync.storage.jobs import COMPLETE, ERROR, IN_PROGRESS, JobStore
+
+log = logging.getLogger(__name__)
+
+SAVE_INTERVAL = 0.5
+INTERRUPTED = "failed (interrupted): the node stopped before the job finished"
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+def iso(ms: float | None) -> str | None:
+    """Milliseconds since the epoch as Harper's ``..._converted`` text."""
+    if ms is None:
+        return None
+    stamp = datetime.fromtimestamp(ms / 1000.0, tz=UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+class RunningJob:
+    """What a job's work sees: its record and a way to report progress."""
+
+    def __init__(self, record: dict[str, Any], store: JobStore) -> None:
+        self.record = record
+        self._store = store
+        self._saved = 0.0
+
+    @property
+    def id(self) -> str:
+        return str(self.record["id"])
+
+    def progress(self, done: int, total: int | None = None) -> None:
+        """Records done so far (and the total once known); saved now and then."""
+        progress = self.record["progress"]
+        progress["records"] = done
+        if total is not None:
+            progress["total"] = total
+        self.record["__updatedtime__"] = now_ms()
+        if time.monotonic() - self._saved >= SAVE_INTERVAL:
+            self.save()
+
+    def save(self) -> None:
+        self._saved = time.monotonic()
+        self._store.put(self.record)
+
+
+Work = Callable[[RunningJob], Awaitable[dict[str, Any]]]
+
+
+class JobManager:
+    """Starts jobs, answers ``get_job`` and ``search_jobs_by_start_date``."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.running: dict[str, RunningJob] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    @classmethod
+    def open(cls, path: Path) -> JobManager:
+        """Open the store; jobs left in progress by the last run become failed."""
+        store = JobStore(path)
+        left = store.interrupt_unfinished(INTERRUPTED, now_ms())
+        if left:
+            log.warning("%d job(s) were interrupted by the last stop: %s", len(left),
+                        ", ".join(left))
+        return cls(store)
+
+    def start(self, kind: str, user: str, details: dict[str, Any], work: Work) -> str:
+        """Record a new job, start ``work`` in the background, return the job id."""
+        stamp = now_ms()
+        record: dict[str, Any] = {
+            "id": str(uuid.uuid4()), "user": user, "type": kind, "status": IN_PROGRESS,
+            "job_body": None, "message": None, "created_datetime": stamp,
+            "start_datetime": stamp, "end_datetime": None, "__createdtime__": stamp,
+            "__updatedtime__": stamp, "progress": {"records": 0, "total": None},
+            "result": None, "error": None, **details,
+        }
+        job = RunningJob(record, self.store)
+        job.save()
+        self.running[job.id] = job
+        self.tasks[job.id] = asyncio.create_task(self._run(job, work), name=f"job-{job.id}")
+        return job.id
+
+    async def _run(self, job: RunningJob, work: Work) -> None:
+        record = job.record
+        try:
+            result = await work(job)
+        except asyncio.CancelledError:
+            self._finish(job, ERROR, INTERRUPTED, error=INTERRUPTED)
+            raise
+        except HarpsyncError as exc:
+            self._finish(job, ERROR, exc.message, error=exc.message)
+        except Exception as exc:  # the job fails; the node and other jobs go on
+            log.exception("job %s failed", job.id)
+            message = f"{type(exc).__name__}: {exc}"
+            self._finish(job, ERROR, message, error=message)
+        else:
+            record["result"] = result
+            self._finish(job, COMPLETE, str(result.get("message", "")))
+        finally:
+            self.running.pop(job.id, None)
+            self.tasks.pop(job.id, None)
+
+    def _finish(self, job: RunningJob, status: str, message: str,
+                error: str | None = None) -> None:
+        stamp = now_ms()
+        job.record.update(status=status, message=message, error=error, end_datetime=stamp,
+                          __updatedtime__=stamp)
+        try:
+            job.save()
+        except Exception:  # the store is closed under a stopping node; restart marks it
+            log.warning("could not save the end of job %s", job.id)
+
+    @staticmethod
+    def view(record: dict[str, Any]) -> dict[str, Any]:
+        """A record as Harper shows it, with the ``..._converted`` times."""
+        return {**record, "start_datetime_converted": iso(record.get("start_datetime")),
+                "end_datetime_converted": iso(record.get("end_datetime"))}
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        running = self.running.get(job_id)
+        record = dict(running.record) if running else self.store.get(job_id)
+        return self.view(record) if record is not None else None
+
+    def search(self, start_ms: float, end_ms: float) -> list[dict[str, Any]]:
+        """Jobs that started within ``[start_ms, end_ms]``, oldest first."""
+        records = {r["id"]: r for r in self.store.all()}
+        for job_id, job in list(self.running.items()):
+            records[job_id] = dict(job.record)
+        found = [r for r in records.values()
+                 if start_ms <= float(r.get("start_datetime") or 0) <= end_ms]
+        found.sort(key=lambda r: float(r.get("start_datetime") or 0))
+        return [self.view(r) for r in found]
+
+    async def stop(self) -> None:
+        """Cancel running jobs (each is saved as interrupted), then close the store."""
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self.store.close()

@@ -1,0 +1,420 @@
+"""Verify and repair: compare a table's hashes with a peer's, then only what differs.
+
+The exchange runs over the peer's ``/.node`` endpoint (mutual TLS, one request per
+round, like ``cluster_network``):
+
+1. ``verify_top``: the peer's top hash, incarnation and log head. Equal tops end it.
+2. ``verify_ranges``: the peer's hashes over this node's coarse ranges (about one per
+   4096 rows); only ranges that differ go on.
+3. ``verify_buckets``: the peer's buckets (about 32 rows each) in those ranges; both
+   sides' hashes are compared over the union of both bucket boundaries.
+4. ``verify_rows``: ``key -> row digest`` of the rows in the buckets that differ.
+5. ``verify_keys``: the candidate keys are read again on both sides, once each side has
+   applied the other's log up to the head it had when the verify began (or a deadline
+   passed), so writes still in flight are not reported; keys written after the verify
+   began are left to replication.
+
+So identical tables cost one small round, and k differences cost about k buckets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from harpsync import codec
+from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
+from harpsync.replication import peers
+from harpsync.replication.membership import node_request
+from harpsync.storage import compare, digest
+from harpsync.storage.keys import decode_id
+from harpsync.storage.store import SYSTEM
+
+if TYPE_CHECKING:
+    from harpsync.replication.replicator import Replicator
+
+log = logging.getLogger(__name__)
+
+MAX_KEYS = 100
+SETTLE_SECONDS = 5.0
+KEY_CHUNK = 2000
+REPAIR_CHUNK = 500
+BOTH, PULL, PUSH = "both", "pull", "push"
+
+
+@dataclass
+class Pair:
+    """One (peer, database, table) to compare, and which way it replicates."""
+
+    peer: str
+    url: str
+    database: str
+    table: str
+    direction: str  # both; pull: this node receives only; push: it sends only
+
+
+@dataclass
+class Outcome:
+    """What comparing one pair found."""
+
+    pair: Pair
+    in_sync: bool = True
+    differences: list[tuple[bytes, compare.RowState, compare.RowState, int]] = field(
+        default_factory=list)
+    bytes_exchanged: int = 0
+    rounds: int = 0
+    error: str | None = None
+    changed: dict[str, list[Any]] = field(default_factory=dict)
+    timings: list[Any] = field(default_factory=list)
+
+
+def applied_seq(sub: Any) -> int:
+    """How far a subscriber has applied its peer's log (as ``lag_txns`` counts it)."""
+    if sub is None:
+        return 0
+    applied = int(sub.committed_seq)
+    if sub._queue.empty() and sub.caught_up_seq >= sub.received_seq:
+        applied = max(applied, int(sub.caught_up_seq))
+    return applied
+
+
+class Verifier:
+    """Runs verifications for one node and keeps each link's last result."""
+
+    def __init__(self, rep: Replicator) -> None:
+        self.rep = rep
+        self.storage = rep.storage
+        self._task: asyncio.Task[None] | None = None
+        self.last_run: float | None = None
+
+    # -- planning ----------------------------------------------------------------------
+    def plan(self, database: str | None = None, table: str | None = None,
+             nodes: list[str] | None = None) -> list[Pair]:
+        """Every (peer, database, table) this node replicates, narrowed by the filters.
+
+        Raises:
+            NotFoundError: the database or table does not exist here.
+            BadRequestError: a node in ``nodes`` is not a peer of this node.
+        """
+        rep = self.rep
+        if database is not None:
+            db = self.storage.database(database)
+            if table is not None and table not in db.tables:
+                raise NotFoundError(f"Table '{database}.{table}' does not exist")
+        elif table is not None:
+            raise BadRequestError("'table' needs 'database'")
+        if nodes is not None:
+            unknown = [n for n in nodes if n not in rep.rows]
+            if unknown:
+                raise BadRequestError(f"'nodes': not peers of this node: {', '.join(unknown)}")
+        out: list[Pair] = []
+        for name, row in sorted(rep.rows.items()):
+            if nodes is not None and name not in nodes or not row.get("url"):
+                continue
+            for db_name in sorted(rep.replicated_databases()):
+                if db_name == SYSTEM or database is not None and db_name != database:
+                    continue
+                db = self.storage.databases.get(db_name)
+                if db is None:
+                    continue
+                receive = peers.subscribe_tables(row, db_name)
+                send = peers.publish_tables(row, db_name)
+                for table_name in sorted(db.tables):
+                    if table is not None and table_name != table:
+                        continue
+                    pull = receive is not False and peers.table_allowed(db_name, table_name,
+                                                                        receive)
+                    push = send is not False and peers.table_allowed(db_name, table_name,
+                                                                     send)
+                    if pull or push:
+                        direction = BOTH if pull and push else PULL if pull else PUSH
+                        out.append(Pair(name, str(row["url"]), db_name, table_name,
+                                        direction))
+        return out
+
+    # -- running -----------------------------------------------------------------------
+    async def run(self, pairs: list[Pair], deep: bool = False, repair: bool = False,
+                  dry_run: bool = False) -> list[Outcome]:
+        """Compare (and optionally repair) every pair, a few at a time."""
+        start_version = self.storage.hlc.now()
+        if deep:
+            for db_name, table_name in sorted({(p.database, p.table) for p in pairs}):
+                await self.storage.write(compare.rebuild_job(self.storage, db_name,
+                                                             table_name))
+        gate = asyncio.Semaphore(4)
+
+        async def one(pair: Pair) -> Outcome:
+            async with gate:
+                outcome = Outcome(pair)
+                try:
+                    await self._compare(outcome, start_version, deep, repair)
+                    if repair and outcome.differences:
+                        await self._repair(outcome, dry_run)
+                except HarpsyncError as exc:
+                    outcome.in_sync = False
+                    outcome.error = exc.message
+                return outcome
+
+        outcomes = list(await asyncio.gather(*(one(p) for p in pairs)))
+        self._record(outcomes)
+        return outcomes
+
+    async def _ask(self, outcome: Outcome, operation: str, **body: Any) -> dict[str, Any]:
+        pair = outcome.pair
+        request = {"type": "operation",
+                   "body": {"operation": operation, "database": pair.database,
+                            "table": pair.table, **body}}
+        began = time.perf_counter()
+        answer = await node_request(self.rep, pair.url, request, verify=True,
+                                    present_cert=True, timeout=60, expect=pair.peer)
+        if answer.get("error"):
+            raise BadRequestError(f"{pair.peer} refused {operation}: {answer['error']}")
+        result = answer.get("result")
+        if not isinstance(result, dict):
+            raise BadRequestError(f"{pair.peer} sent an unreadable {operation} answer")
+        size = len(codec.pack(request)) + len(codec.pack(result))
+        outcome.rounds += 1
+        outcome.bytes_exchanged += size
+        outcome.timings.append([operation, round((time.perf_counter() - began) * 1000, 1),
+                                size])
+        return result
+
+    async def _compare(self, outcome: Outcome, start_version: int, deep: bool,
+                       repair: bool) -> None:
+        pair = outcome.pair
+        db, table = self.storage.table(pair.database, pair.table)
+        my_head = db.head_seq
+        items = await asyncio.to_thread(compare.all_buckets, db, table)
+        peer_top = await self._ask(outcome, "verify_top", deep=deep)
+        if peer_top.get("incarnation") != table.version:
+            raise BadRequestError(f"{pair.peer} holds another incarnation of "
+                                  f"'{pair.database}.{pair.table}' (created at "
+                                  f"{peer_top.get('incarnation')}, here {table.version})")
+        if peer_top.get("top") == digest.top(items):
+            return
+        leaves = await self._differing_ranges(outcome, items)
+        if not leaves:
+            return
+        answer = await self._ask(outcome, "verify_rows", ranges=leaves)
+        theirs_by_range = answer.get("rows") or []
+        mine_by_range = await asyncio.to_thread(compare.rows_in, db, table,
+                                                [(lo, hi) for lo, hi in leaves])
+        candidates: set[bytes] = set()
+        for mine, theirs in zip(mine_by_range, theirs_by_range, strict=False):
+            theirs_map = {bytes(k): bytes(v) for k, v in theirs}
+            for key in mine.keys() | theirs_map.keys():
+                if mine.get(key) != theirs_map.get(key):
+                    candidates.add(key)
+        if candidates:
+            await self._confirm(outcome, sorted(candidates), int(peer_top.get("head", 0)),
+                                my_head, start_version, repair)
+
+    async def _differing_ranges(self, outcome: Outcome, items: list[digest.Bucket],
+                                ) -> list[list[Any]]:
+        starts = digest.group_starts(items)
+        mine = digest.combine(items, starts)
+        answer = await self._ask(outcome, "verify_ranges", starts=starts)
+        theirs = answer.get("hashes") or []
+        groups: list[tuple[bytes, bytes | None]] = []
+        for i, start in enumerate(starts):
+            if i >= len(theirs) or theirs[i] != mine[i]:
+                groups.append((start, starts[i + 1] if i + 1 < len(starts) else None))
+        if not groups:
+            return []
+        answer = await self._ask(outcome, "verify_buckets", ranges=[list(g) for g in groups])
+        peer_lists = answer.get("buckets") or []
+        leaves: list[list[Any]] = []
+        for (lo, hi), peer_items in zip(groups, peer_lists, strict=False):
+            their_items = [(bytes(s), bytes(h)) for s, h in peer_items]
+            my_items = [(s, h) for s, h in items if s >= lo and (hi is None or s < hi)]
+            subs = sorted({lo} | {s for s, _ in my_items} | {s for s, _ in their_items})
+            a = digest.combine(my_items, subs)
+            b = digest.combine(their_items, subs)
+            for j, sub in enumerate(subs):
+                if a[j] != b[j]:
+                    leaves.append([sub, subs[j + 1] if j + 1 < len(subs) else hi])
+        return leaves
+
+    async def _confirm(self, outcome: Outcome, keys: list[bytes], peer_head: int,
+                       my_head: int, start_version: int, repair: bool) -> None:
+        """Read the candidates again on both sides at a common point; keep real ones."""
+        pair = outcome.pair
+        db, table = self.storage.table(pair.database, pair.table)
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while True:
+            sub = self.rep.subscribers.get((pair.peer, pair.database))
+            here_caught = pair.direction == PUSH or applied_seq(sub) >= peer_head
+            theirs: list[compare.RowState] = []
+            peer_applied = 0
+            for i in range(0, len(keys), KEY_CHUNK):
+                answer = await self._ask(outcome, "verify_keys", keys=keys[i:i + KEY_CHUNK],
+                                         records=repair)
+                theirs.extend(answer.get("rows") or [])
+                peer_applied = int(answer.get("applied", 0))
+            mine = await asyncio.to_thread(compare.read_rows, db, table, keys, repair)
+            there_caught = pair.direction == PULL or peer_applied >= my_head
+            found = []
+            for key, m, t in zip(keys, mine, theirs, strict=False):
+                if not compare.differs(m, t):
+                    continue
+                newest = max(m[1] if m else 0, t[1] if t else 0)
+                if newest > start_version:
+                    continue  # written after the verify began: replication's job
+                side = compare.winner(m, t)
+                if pair.direction == PULL and side > 0 or pair.direction == PUSH and side < 0:
+                    continue  # one-way: the receiver must hold at least the sender's rows
+                found.append((key, m, t, side))
+            keys = [k for k, _m, _t, _s in found]
+            if not found or here_caught and there_caught or time.monotonic() > deadline:
+                outcome.differences = found
+                outcome.in_sync = not found
+                return
+            await asyncio.sleep(0.1)
+
+    async def _repair(self, outcome: Outcome, dry_run: bool) -> None:
+        """Bring each differing key to its winner on the side that lacks it."""
+        pair = outcome.pair
+        _db, table = self.storage.table(pair.database, pair.table)
+        here = [(k, t) for k, _m, t, side in outcome.differences if side < 0 and t]
+        there = [(k, m) for k, m, _t, side in outcome.differences if side > 0 and m]
+        changed_here: list[Any] = [decode_id(k) for k, _ in here]
+        changed_there: list[Any] = [decode_id(k) for k, _ in there]
+        if not dry_run:
+            if here:
+                changed_here = await self.storage.write(compare.repair_job(
+                    self.storage, pair.database, pair.table, table.version,
+                    [(k, list(row)) for k, row in here]))
+            changed_there = []
+            for i in range(0, len(there), REPAIR_CHUNK):
+                answer = await self._ask(outcome, "verify_repair", incarnation=table.version,
+                                         rows=[[k, row] for k, row in there[i:i + REPAIR_CHUNK]])
+                changed_there.extend(answer.get("changed") or [])
+        outcome.changed = {self.rep.node_name: changed_here, pair.peer: changed_there}
+
+    # -- results -----------------------------------------------------------------------
+    def _record(self, outcomes: list[Outcome]) -> None:
+        """Keep each link's last result (``cluster_status``) and export the metrics."""
+        now = time.time()
+        self.last_run = now
+        by_link: dict[tuple[str, str], dict[str, Any]] = {}
+        for o in outcomes:
+            p = o.pair
+            entry = by_link.setdefault((p.peer, p.database),
+                                       {"at": now, "in_sync": True, "differences": 0})
+            entry["in_sync"] = entry["in_sync"] and o.in_sync
+            entry["differences"] += len(o.differences)
+            self.rep.metrics.divergent_keys.labels(p.peer, p.database, p.table).set(
+                len(o.differences))
+        self.rep.verified.update(by_link)
+        self.rep.metrics.last_verification.set(now)
+
+    # -- background --------------------------------------------------------------------
+    def start(self, interval_s: float) -> None:
+        """Verify every replicated table every ``interval_s`` seconds (0: never)."""
+        if interval_s > 0:
+            self._task = asyncio.create_task(self._loop(interval_s))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.run(self.plan())
+            except HarpsyncError as exc:
+                log.warning("background verification failed: %s", exc.message)
+            except Exception:
+                log.exception("background verification failed")
+
+    def after_copy(self, peer: str, database: str) -> None:
+        """A full copy from ``peer`` ended: verify what it copied."""
+        async def check() -> None:
+            try:
+                await self.run(self.plan(database=database, nodes=[peer]))
+            except HarpsyncError as exc:
+                log.warning("verification after the copy from %s failed: %s", peer,
+                            exc.message)
+
+        self.rep.spawn(check())
+
+
+# -- the peer side -----------------------------------------------------------------------
+PeerHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
+    """The ``verify_*`` requests a peer's verifier sends to this node."""
+    storage = rep.storage
+
+    def target(peer: str, body: dict[str, Any], receive: bool = False) -> tuple[Any, Any]:
+        """The table a request names, if it replicates with ``peer`` (into this node,
+        for a repair); a peer learns nothing about tables it does not share."""
+        database, table = str(body.get("database")), str(body.get("table"))
+        row = rep.rows.get(peer)
+        if database == SYSTEM or not rep.replicates_database(database) or row is None:
+            raise BadRequestError(f"database '{database}' does not replicate with {peer}")
+        found = storage.table(database, table)
+        directions = [peers.subscribe_tables(row, database)]
+        if not receive:
+            directions.append(peers.publish_tables(row, database))
+        if not any(d is not False and peers.table_allowed(database, table, d)
+                   for d in directions):
+            raise BadRequestError(f"table '{database}.{table}' does not replicate with {peer}")
+        return found
+
+    def applied(peer: str, database: str) -> int:
+        return applied_seq(rep.subscribers.get((peer, database)))
+
+    async def top(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        db, table = target(peer, body)
+        if body.get("deep"):
+            await storage.write(compare.rebuild_job(storage, db.name, table.name))
+        items = await asyncio.to_thread(compare.all_buckets, db, table)
+        return {"incarnation": table.version, "top": digest.top(items),
+                "head": db.head_seq, "applied": applied(peer, db.name)}
+
+    async def ranges(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        db, table = target(peer, body)
+        starts = [bytes(s) for s in body.get("starts") or []]
+        if not starts or starts[0] != b"" or starts != sorted(starts):
+            raise BadRequestError("'starts' must be sorted and begin with b''")
+        return {"hashes": await asyncio.to_thread(compare.range_hashes, db, table, starts)}
+
+    def parse_ranges(body: dict[str, Any]) -> list[compare.Range]:
+        return [(bytes(lo), None if hi is None else bytes(hi))
+                for lo, hi in body.get("ranges") or []]
+
+    async def buckets(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        db, table = target(peer, body)
+        found = await asyncio.to_thread(compare.buckets_in, db, table, parse_ranges(body))
+        return {"buckets": [[[s, h] for s, h in items] for items in found]}
+
+    async def rows(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        db, table = target(peer, body)
+        found = await asyncio.to_thread(compare.rows_in, db, table, parse_ranges(body))
+        return {"rows": [[[k, d] for k, d in sorted(m.items())] for m in found]}
+
+    async def keys(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        db, table = target(peer, body)
+        wanted = [bytes(k) for k in body.get("keys") or []]
+        found = await asyncio.to_thread(compare.read_rows, db, table, wanted,
+                                        bool(body.get("records")))
+        return {"rows": found, "applied": applied(peer, db.name), "head": db.head_seq}
+
+    async def repair(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        db, table = target(peer, body, receive=True)
+        rows_in = [(bytes(k), list(row)) for k, row in body.get("rows") or []]
+        changed = await storage.write(compare.repair_job(
+            storage, db.name, table.name, int(body.get("incarnation", -1)), rows_in))
+        return {"changed": changed}
+
+    return {"verify_top": top, "verify_ranges": ranges, "verify_buckets": buckets,
+            "verify_rows": rows, "verify_keys": keys, "verify_repair": repair}

@@ -1,0 +1,295 @@
+"""SQL expressions over one record, with SQL's three-valued logic.
+
+A condition evaluates to ``True``, ``False`` or ``None`` (unknown: a comparison with a
+missing or null value). ``WHERE`` keeps a row only when its condition is ``True``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Row = dict[str, Any]
+
+
+class Expr:
+    """Base of every expression node."""
+
+    def eval(self, row: Row) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Col(Expr):
+    """A column; a record without it reads as null."""
+
+    name: str
+
+    def eval(self, row: Row) -> Any:
+        return row.get(self.name)
+
+
+@dataclass(frozen=True)
+class Lit(Expr):
+    value: Any
+
+    def eval(self, row: Row) -> Any:
+        return self.value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _ordered(a: Any, b: Any) -> bool:
+    """Whether ``a < b`` means something: numbers with numbers, text with text."""
+    return (_number(a) and _number(b)) or (isinstance(a, str) and isinstance(b, str))
+
+
+def equal(a: Any, b: Any) -> bool:
+    """JSON equality: ``true`` is not ``1`` (Python's ``True == 1`` is)."""
+    if isinstance(a, bool) != isinstance(b, bool):
+        return False
+    return bool(a == b)
+
+
+_ORDER_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+}
+
+
+@dataclass(frozen=True)
+class Cmp(Expr):
+    """``=``, ``<>``, ``<``, ``<=``, ``>``, ``>=``."""
+
+    op: str
+    left: Expr
+    right: Expr
+
+    def eval(self, row: Row) -> bool | None:
+        a, b = self.left.eval(row), self.right.eval(row)
+        if a is None or b is None:
+            return None
+        if self.op == "=":
+            return equal(a, b)
+        if self.op == "<>":
+            return not equal(a, b)
+        return _ORDER_OPS[self.op](a, b) if _ordered(a, b) else False
+
+
+@dataclass(frozen=True)
+class And(Expr):
+    items: tuple[Expr, ...]
+
+    def eval(self, row: Row) -> bool | None:
+        unknown = False
+        for item in self.items:
+            value = truth(item.eval(row))
+            if value is False:
+                return False
+            if value is None:
+                unknown = True
+        return None if unknown else True
+
+
+@dataclass(frozen=True)
+class Or(Expr):
+    items: tuple[Expr, ...]
+
+    def eval(self, row: Row) -> bool | None:
+        unknown = False
+        for item in self.items:
+            value = truth(item.eval(row))
+            if value is True:
+                return True
+            if value is None:
+                unknown = True
+        return None if unknown else False
+
+
+@dataclass(frozen=True)
+class Not(Expr):
+    item: Expr
+
+    def eval(self, row: Row) -> bool | None:
+        value = truth(self.item.eval(row))
+        return None if value is None else not value
+
+
+def truth(value: Any) -> bool | None:
+    """A value used as a condition: null is unknown, otherwise its truthiness."""
+    if value is None or isinstance(value, bool):
+        return value
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class InList(Expr):
+    item: Expr
+    values: tuple[Expr, ...]
+
+    def eval(self, row: Row) -> bool | None:
+        value = self.item.eval(row)
+        if value is None:
+            return None
+        unknown = False
+        for candidate in self.values:
+            target = candidate.eval(row)
+            if target is None:
+                unknown = True
+            elif equal(value, target):
+                return True
+        return None if unknown else False
+
+
+@dataclass(frozen=True)
+class Between(Expr):
+    item: Expr
+    low: Expr
+    high: Expr
+
+    def eval(self, row: Row) -> bool | None:
+        value, low, high = self.item.eval(row), self.low.eval(row), self.high.eval(row)
+        if value is None or low is None or high is None:
+            return None
+        return _ordered(value, low) and _ordered(value, high) and low <= value <= high
+
+
+@dataclass(frozen=True)
+class IsNull(Expr):
+    item: Expr
+
+    def eval(self, row: Row) -> bool:
+        return self.item.eval(row) is None
+
+
+@functools.lru_cache(maxsize=256)
+def _like_pattern(pattern: str) -> str:
+    return pattern.casefold()
+
+
+def like_match(pattern: str, value: str) -> bool:
+    """SQL ``LIKE``: ``%`` any run, ``_`` one character, case-insensitive (as Harper).
+
+    Greedy matching that backtracks only to the last ``%``: at most
+    ``len(pattern) * len(value)`` steps, never the exponential blow-up of a regex.
+    """
+    p, v = _like_pattern(pattern), value.casefold()
+    pi = vi = 0
+    star, mark = -1, 0
+    while vi < len(v):
+        if pi < len(p) and p[pi] == "%":
+            star, mark = pi, vi
+            pi += 1
+        elif pi < len(p) and (p[pi] == "_" or p[pi] == v[vi]):
+            pi += 1
+            vi += 1
+        elif star >= 0:
+            pi, mark = star + 1, mark + 1
+            vi = mark
+        else:
+            return False
+    while pi < len(p) and p[pi] == "%":
+        pi += 1
+    return pi == len(p)
+
+
+@dataclass(frozen=True)
+class Like(Expr):
+    item: Expr
+    pattern: Expr
+
+    def eval(self, row: Row) -> bool | None:
+        value, pattern = self.item.eval(row), self.pattern.eval(row)
+        if value is None or pattern is None:
+            return None
+        if _number(value):
+            value = str(value)
+        if not isinstance(value, str) or not isinstance(pattern, str):
+            return False
+        return like_match(pattern, value)
+
+
+def _divide(a: Any, b: Any) -> Any:
+    return None if b == 0 else a / b
+
+
+def _modulo(a: Any, b: Any) -> Any:
+    return None if b == 0 else a % b
+
+
+_ARITH: dict[str, Callable[[Any, Any], Any]] = {
+    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+    "/": _divide, "%": _modulo,
+}
+
+
+@dataclass(frozen=True)
+class Arith(Expr):
+    """Arithmetic on numbers; anything else (or division by zero) gives null."""
+
+    op: str
+    left: Expr
+    right: Expr
+
+    def eval(self, row: Row) -> Any:
+        a, b = self.left.eval(row), self.right.eval(row)
+        if not (_number(a) and _number(b)):
+            return None
+        return _ARITH[self.op](a, b)
+
+
+@dataclass(frozen=True)
+class Neg(Expr):
+    item: Expr
+
+    def eval(self, row: Row) -> Any:
+        value = self.item.eval(row)
+        return -value if _number(value) else None
+
+
+
+
+@dataclass(frozen=True)
+class Agg(Expr):
+    """An aggregate; after grouping its result sits in the group row under ``slot``."""
+
+    func: str
+    arg: Expr | None  # None: COUNT(*)
+    distinct: bool
+    slot: str
+
+    def eval(self, row: Row) -> Any:
+        return row.get(self.slot)
+
+
+def contains_agg(expr: Expr | None) -> bool:
+    """Whether an aggregate appears anywhere in ``expr``."""
+    if expr is None:
+        return False
+    if isinstance(expr, Agg):
+        return True
+    for value in vars(expr).values():
+        if isinstance(value, Expr) and contains_agg(value):
+            return True
+        if isinstance(value, tuple) and any(isinstance(v, Expr) and contains_agg(v)
+                                            for v in value):
+            return True
+    return False
+
+
+def sort_key(value: Any) -> tuple[int, Any]:
+    """A total order over JSON values: null, booleans, numbers, text, then the rest."""
+    if value is None:
+        return (0, 0)
+    if isinstance(value, bool):
+        return (1, int(value))
+    if _number(value):
+        return (2, value)
+    if isinstance(value, str):
+        return (3, value)
+    return (4, json.dumps(value, sort_keys=True, default=str))

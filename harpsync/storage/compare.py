@@ -1,0 +1,159 @@
+"""What a verify reads from one table, and the jobs that rebuild and repair it.
+
+The reads run in short read transactions (any thread); the jobs run in the writer
+thread like every other write. See ``DESIGN.md`` (hash layout, tie rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from harpsync import codec
+from harpsync.errors import BadRequestError
+from harpsync.storage import digest
+from harpsync.storage.database import Database, Table
+from harpsync.storage.keys import decode_id
+from harpsync.storage.records import put_record, put_tombstone
+from harpsync.storage.schema import local_origin
+from harpsync.storage.store import Storage
+from harpsync.storage.writer import WriteContext
+from harpsync.storage.writes import note_attributes
+
+Range = tuple[bytes, bytes | None]
+# What one side holds under a key: None (absent) or
+# [digest, version, origin name, deleted, record or None].
+RowState = list[Any] | None
+
+
+def _check(table: Table) -> None:
+    if not digest.ENABLED or table.digest is None:
+        raise BadRequestError("table hashes are not maintained on this node "
+                              "(HARPSYNC_DIGEST=off)")
+
+
+def all_buckets(db: Database, table: Table) -> list[digest.Bucket]:
+    """Every bucket of the table, in key order (the head first)."""
+    _check(table)
+    with db.env.begin() as txn:
+        return digest.buckets(txn, table)
+
+
+def range_hashes(db: Database, table: Table, starts: Sequence[bytes]) -> list[bytes]:
+    """The table's hash per range ``[starts[i], starts[i+1])`` (``starts[0]`` is b"")."""
+    return digest.combine(all_buckets(db, table), list(starts))
+
+
+def buckets_in(db: Database, table: Table, ranges: Sequence[Range]) -> list[list[digest.Bucket]]:
+    """The buckets starting in each range."""
+    _check(table)
+    with db.env.begin() as txn:
+        return [digest.buckets(txn, table, lo, hi) for lo, hi in ranges]
+
+
+# Row digests are compared by their first bytes only: a candidate found this way is read
+# again in full (``read_rows``), and a row that differs hides behind a shorter prefix
+# with probability 2**-64.
+ROW_PREFIX = 8
+
+
+def rows_in(db: Database, table: Table, ranges: Sequence[Range]) -> list[dict[bytes, bytes]]:
+    """``key -> row digest prefix`` of the stored rows in each range."""
+    _check(table)
+    with db.env.begin() as txn:
+        return [{k: d[:ROW_PREFIX] for k, d in digest.row_digests(txn, table, lo, hi).items()}
+                for lo, hi in ranges]
+
+
+def read_rows(db: Database, table: Table, keys: Sequence[bytes],
+              with_records: bool) -> list[RowState]:
+    """What is stored under each key, with origin names (comparable across nodes)."""
+    _check(table)
+    out: list[RowState] = []
+    with db.env.begin() as txn:
+        for key in keys:
+            found = digest.stored_row(txn, table, key, codec.unpack)
+            if found is None:
+                out.append(None)
+                continue
+            row_digest, (version, origin, record) = found
+            out.append([row_digest, version, db.origin_names.get(origin, ""),
+                        record is None, record if with_records else None])
+    return out
+
+
+def differs(mine: RowState, theirs: RowState) -> bool:
+    """Whether two sides disagree: a tombstone and nothing at all agree (both say the
+    row does not exist; retention prunes tombstones on each node at its own time)."""
+    if mine is None or theirs is None:
+        present = mine if mine is not None else theirs
+        return present is not None and not present[3]
+    return bool(mine[0] != theirs[0])
+
+
+def winner(mine: RowState, theirs: RowState) -> int:
+    """Which side's row wins: 1 for ``mine``, -1 for ``theirs`` (never 0 for rows that
+    differ). Last writer wins on ``(version, origin name)``; a row beats nothing; equal
+    version and origin (only damage makes those differ) go to the greater digest, a
+    rule every node applies the same way."""
+    if theirs is None:
+        return 1
+    if mine is None:
+        return -1
+    a = (mine[1], mine[2], mine[0])
+    b = (theirs[1], theirs[2], theirs[0])
+    return 1 if a > b else -1
+
+
+def rebuild_job(storage: Storage, db_name: str, table_name: str,
+                ) -> Callable[[WriteContext], int]:
+    """A job recomputing the table's hashes from its stored rows (``deep``)."""
+
+    def job(ctx: WriteContext) -> int:
+        db, table = storage.table(db_name, table_name, status=400)
+        _check(table)
+        return digest.rebuild(ctx.txn(db), table)
+
+    return job
+
+
+def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int,
+               rows: Sequence[tuple[bytes, list[Any]]],
+               ) -> Callable[[WriteContext], list[Any]]:
+    """A job storing each winning row ``(key, [digest, version, origin, deleted, record])``
+    where something else is stored, logged under the row's origin and version so the
+    repair replicates like a copied row.
+
+    Returns:
+        The ids changed here.
+    """
+
+    def job(ctx: WriteContext) -> list[Any]:
+        db, table = storage.table(db_name, table_name, status=400)
+        _check(table)
+        if table.version != incarnation:
+            raise BadRequestError(f"table '{db_name}.{table_name}' was re-created; "
+                                  "verify again")
+        txn = ctx.txn(db)
+        changed: list[Any] = []
+        relay: dict[int, list[list[Any]]] = {}
+        for key, (row_digest, version, origin_name, deleted, record) in rows:
+            found = digest.stored_row(txn, table, key, codec.unpack)
+            if found is not None and found[0] == row_digest:
+                continue
+            oid = local_origin(ctx, db, origin_name)
+            if deleted:
+                put_tombstone(txn, table, key, version, oid)
+            else:
+                put_record(txn, table, key, version, oid, record)
+                note_attributes(ctx, db, table, [record])
+            rid = decode_id(key)
+            changed.append(rid)
+            relay.setdefault(oid, []).append(
+                [table_name, "delete" if deleted else "upsert", rid,
+                 None if deleted else record, table.version, version])
+        for oid, ops in relay.items():
+            storage.append_log(ctx, db, ops, max(op[5] for op in ops), oid)
+        return changed
+
+    return job

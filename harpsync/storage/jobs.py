@@ -1,0 +1,60 @@
+"""The node's job records (``hdb_job``): one small LMDB environment under ``<root>/jobs``.
+
+Jobs belong to the node that runs them, so they live outside the replicated databases
+and never travel to peers. A record is a plain dict keyed by its id.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from harpsync import codec
+
+IN_PROGRESS = "IN_PROGRESS"
+COMPLETE = "COMPLETE"
+ERROR = "ERROR"
+
+
+class JobStore:
+    """Job records on disk; every ``put`` is durable when it returns."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+        self.env = lmdb.Environment(str(path), map_size=1 << 30, max_dbs=1, subdir=True,
+                                    sync=True, metasync=True, readahead=False, mode=0o600)
+
+    def put(self, job: dict[str, Any]) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(str(job["id"]).encode(), codec.pack(job))
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self.env.begin() as txn:
+            raw = txn.get(job_id.encode())
+        return codec.unpack(raw) if raw is not None else None
+
+    def all(self) -> Iterator[dict[str, Any]]:
+        with self.env.begin() as txn:
+            rows = [codec.unpack(value) for _, value in txn.cursor()]
+        yield from rows
+
+    def interrupt_unfinished(self, message: str, now_ms: float) -> list[str]:
+        """Mark every job still ``IN_PROGRESS`` (the node stopped under it) as failed."""
+        changed = []
+        with self.env.begin(write=True) as txn:
+            for key, value in txn.cursor():
+                job = codec.unpack(value)
+                if job.get("status") == IN_PROGRESS:
+                    job.update(status=ERROR, message=message, error=message,
+                               end_datetime=now_ms, __updatedtime__=now_ms)
+                    txn.put(key, codec.pack(job))
+                    changed.append(str(job["id"]))
+        return changed
+
+    def close(self) -> None:
+        self.env.close()

@@ -1,0 +1,352 @@
+"""CSV loads as jobs (csv_data_load, csv_file_load, csv_url_load), get_job,
+search_jobs_by_start_date and the transaction log (read_transaction_log,
+delete_transaction_logs_before), on two replicating nodes; a job across a crash.
+
+Shapes follow Harper's bulk-operations, jobs and logs documentation (4.7).
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from operations.bulk import BATCH
+from tests.helpers import ADMIN, InProcessNode, wait_for
+
+BREEDS = ("id,name,section,country,image\n"
+          "1,ENGLISH POINTER,British and Irish Pointers and Setters,GREAT BRITAIN,"
+          "https://www.fci.be/Nomenclature/Illustrations/001g07.jpg\n"
+          "2,ENGLISH SETTER,British and Irish Pointers and Setters,GREAT BRITAIN,"
+          "https://www.fci.be/Nomenclature/Illustrations/002g07.jpg\n"
+          "3,KERRY BLUE TERRIER,Large and medium sized Terriers,IRELAND,\n")
+READER = {"super_user": False,
+          "dev": {"tables": {"breed": {"read": True, "insert": False, "update": False,
+                                       "delete": False, "attribute_permissions": []}}}}
+TIMES = ("__createdtime__", "__updatedtime__")
+
+
+class _CsvHandler(http.server.BaseHTTPRequestHandler):
+    """Serves ``bodies``; a path starting ``/stall`` sends its body, then hangs until
+    the server stops (a download that never ends)."""
+
+    bodies: dict[str, bytes] = {}
+    release = threading.Event()
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        path = self.path.split("?")[0]
+        body = self.bodies.get(path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/csv")
+        if not path.startswith("/stall"):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        if path.startswith("/stall"):
+            self.release.wait(60)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def csv_server() -> Iterator[tuple[str, dict[str, bytes]]]:
+    """A local HTTP server on 127.0.0.1 (port chosen by the OS) serving CSV bodies."""
+    bodies: dict[str, bytes] = {}
+    release = threading.Event()
+    handler = type("Handler", (_CsvHandler,), {"bodies": bodies, "release": release})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", bodies
+    release.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
+    """A and B replicating, ``dev.breed`` on both, and a read-only user bob."""
+    root: Path = tmp_path_factory.mktemp("bulk")
+    a = InProcessNode("bulk-a", root / "a").start()
+    b = InProcessNode("bulk-b", root / "b").start()
+    try:
+        a.call("add_node", hostname=b.name, url=b.repl_url, verify_tls=False,
+               authorization={"username": ADMIN[0], "password": ADMIN[1]})
+        a.call("create_table", database="dev", table="breed", primary_key="id")
+        a.call("add_role", role="reader", permission=READER)
+        a.call("add_user", role="reader", username="bob", password="bobpw", active=True)
+        wait_for(lambda: b.post({"operation": "describe_table", "database": "dev",
+                                 "table": "breed"}).status_code == 200, timeout=20,
+                 message="dev.breed on B")
+        yield a, b
+    finally:
+        b.close()
+        a.close()
+
+
+def finished(node: Any, job_id: str) -> dict[str, Any]:
+    """The job record once it is no longer in progress."""
+    def done() -> dict[str, Any] | None:
+        (record,) = node.call("get_job", id=job_id)
+        return record if record["status"] != "IN_PROGRESS" else None
+
+    return wait_for(done, timeout=30, message=f"job {job_id} to finish")
+
+
+def started(response: dict[str, Any]) -> str:
+    """The job id of Harper's ``Starting job with id ...`` answer."""
+    assert set(response) == {"message", "job_id"}
+    assert response["message"] == f"Starting job with id {response['job_id']}"
+    return str(response["job_id"])
+
+
+def test_csv_data_load_matches_documented_shapes_and_replicates(mesh):
+    """The documented csv_data_load answers at once; get_job reports it; B gets the rows."""
+    a, b = mesh
+    job_id = started(a.call("csv_data_load", database="dev", action="insert", table="breed",
+                            data=BREEDS))
+    record = finished(a, job_id)
+    assert record["status"] == "COMPLETE", record["error"]
+    assert record["message"] == "successfully loaded 3 of 3 records"
+    assert record["progress"] == {"records": 3, "total": 3}
+    assert record["type"] == "csv_data_load" and record["user"] == "admin"
+    assert record["id"] == job_id and record["job_body"] is None
+    for key in ("created_datetime", "start_datetime", "end_datetime", *TIMES):
+        assert isinstance(record[key], float), key
+    assert record["end_datetime_converted"].endswith("Z")
+    expected = {"id": 3, "name": "KERRY BLUE TERRIER",
+                "section": "Large and medium sized Terriers", "country": "IRELAND",
+                "image": None}
+
+    def on_b() -> list[dict[str, Any]]:
+        return b.call("search_by_id", database="dev", table="breed", ids=[3],
+                      get_attributes=list(expected))
+
+    assert wait_for(lambda: on_b() == [expected], timeout=20, message="the load on B")
+
+
+def test_csv_file_load_actions_and_typing(mesh, tmp_path):
+    """csv_file_load streams a file; upsert merges, update skips unknown ids; cells typed."""
+    a, b = mesh
+    a.call("create_table", database="dev", table="dog", primary_key="id")
+    path = tmp_path / "dogs.csv"
+    path.write_text('id,name,age,good,zip,tags,note\n'
+                    '1,Penny,7,true,02134,"[""a"", ""b""]","line one\nline two"\n'
+                    '2,Kato,6.5,FALSE,,{"x": 1},\n')
+    record = finished(a, started(a.call("csv_file_load", database="dev", table="dog",
+                                        action="upsert", file_path=str(path))))
+    assert record["status"] == "COMPLETE" and record["file_path"] == str(path), record
+    found = a.call("search_by_id", database="dev", table="dog", ids=[1, 2],
+                   get_attributes=["id", "name", "age", "good", "zip", "tags", "note"])
+    assert found == [
+        {"id": 1, "name": "Penny", "age": 7, "good": True, "zip": "02134", "tags": ["a", "b"],
+         "note": "line one\nline two"},
+        {"id": 2, "name": "Kato", "age": 6.5, "good": False, "zip": None, "tags": {"x": 1},
+         "note": None}]
+    path.write_text("id,age\n2,9\n77,1\n")
+    record = finished(a, started(a.call("csv_file_load", database="dev", table="dog",
+                                        action="update", file_path=str(path))))
+    assert record["message"] == "successfully loaded 1 of 2 records", record
+    assert record["result"]["skipped"] == 1
+    wait_for(lambda: b.call("search_by_id", database="dev", table="dog", ids=[2],
+                            get_attributes=["age", "name"]) == [{"age": 9, "name": "Kato"}],
+             timeout=20, message="the update on B")
+
+
+def test_csv_url_load_from_a_local_server(mesh, csv_server):
+    """csv_url_load downloads and loads; a 404 fails the job with a message naming it."""
+    a, b = mesh
+    base, bodies = csv_server
+    a.call("create_table", database="dev", table="url", primary_key="id")
+    rows = "".join(f"{i},name-{i}\n" for i in range(2500))
+    bodies["/big.csv"] = ("id,name\n" + rows).encode()
+    record = finished(a, started(a.call("csv_url_load", database="dev", table="url",
+                                        csv_url=f"{base}/big.csv?sig=secret")))
+    assert record["status"] == "COMPLETE", record["error"]
+    assert record["message"] == "successfully loaded 2500 of 2500 records"
+    assert record["csv_url"] == f"{base}/big.csv"  # the query (a signature) is not kept
+    wait_for(lambda: b.count("url", "dev") == 2500, timeout=20, message="2500 rows on B")
+    record = finished(a, started(a.call("csv_url_load", database="dev", table="url",
+                                        csv_url=f"{base}/missing.csv")))
+    assert record["status"] == "ERROR" and "HTTP 404" in record["error"], record
+
+
+def test_bad_loads_are_refused_or_fail_the_job(mesh, tmp_path):
+    """Bad requests are 400s before any job; bad CSV content fails its job, naming it."""
+    a, _ = mesh
+    cases = [
+        ({"operation": "csv_data_load", "database": "dev", "table": "nope", "data": "id\n1"},
+         "Table 'dev.nope' does not exist"),
+        ({"operation": "csv_data_load", "table": "breed", "database": "dev", "data": "x",
+          "action": "merge"}, "'action'"),
+        ({"operation": "csv_file_load", "database": "dev", "table": "breed",
+          "file_path": str(tmp_path / "absent.csv")}, "does not exist"),
+        ({"operation": "csv_file_load", "database": "dev", "table": "breed",
+          "file_path": "relative.csv"}, "absolute path"),
+        ({"operation": "csv_url_load", "database": "dev", "table": "breed",
+          "csv_url": "file:///etc/passwd"}, "http:// or https://"),
+        ({"operation": "csv_data_load", "database": "system", "table": "hdb_user",
+          "data": "username\nx"}, "'system' database"),
+        ({"operation": "search_jobs_by_start_date", "from_date": "yesterday",
+          "to_date": "2030-01-01"}, "'from_date'"),
+    ]
+    for body, fragment in cases:
+        response = a.post(body)
+        assert response.status_code == 400, (body, response.text)
+        assert fragment in response.json()["error"], (body, response.text)
+    assert a.call("get_job", expect=404, id="no-such-job")["error"] == \
+        "job 'no-such-job' not found"
+    for data, fragment in (("id,name\n1,a,extra\n", "line 2 has 3 fields"),
+                           ("id,id\n1,2\n", "names a column twice"),
+                           ("", "no header row")):
+        record = finished(a, started(a.call("csv_data_load", database="dev", table="breed",
+                                            data=data or "\n")))
+        assert record["status"] == "ERROR" and fragment in record["error"], record
+
+
+def test_job_permissions(mesh):
+    """A role needs the action's table permission; file/URL loads and searches are for
+    super users; another user's job cannot be read."""
+    a, _ = mesh
+    bob = ("bob", "bobpw")
+    response = a.post({"operation": "csv_data_load", "database": "dev", "table": "breed",
+                       "data": "id\n9"}, auth=bob)
+    assert response.status_code == 403
+    assert response.json()["unauthorized_access"][0]["required_table_permissions"] == [
+        "insert"]
+    response = a.post({"operation": "csv_data_load", "database": "dev", "table": "breed",
+                       "action": "upsert", "data": "id\n9"}, auth=bob)
+    assert response.json()["unauthorized_access"][0]["required_table_permissions"] == [
+        "insert", "update"]
+    for body in ({"operation": "csv_file_load", "table": "breed", "file_path": "/etc/hosts"},
+                 {"operation": "csv_url_load", "table": "breed", "csv_url": "http://x/"},
+                 {"operation": "search_jobs_by_start_date", "from_date": 0, "to_date": 1}):
+        assert a.post(body, auth=bob).status_code == 403, body
+    job_id = started(a.call("csv_data_load", database="dev", table="breed", data="id\n10"))
+    finished(a, job_id)
+    assert a.post({"operation": "get_job", "id": job_id}, auth=bob).status_code == 404
+
+
+def test_search_jobs_by_start_date(mesh):
+    """Jobs started in the window are listed oldest first; outside it they are not."""
+    a, _ = mesh
+    before = time.time() * 1000
+    first = started(a.call("csv_data_load", database="dev", table="breed", data="id\n20"))
+    second = started(a.call("csv_data_load", database="dev", table="breed", data="id\n21"))
+    finished(a, first)
+    finished(a, second)
+    found = a.call("search_jobs_by_start_date", from_date=before, to_date=time.time() * 1000)
+    assert [j["id"] for j in found] == [first, second]
+    assert all(j["status"] == "COMPLETE" and "start_datetime_converted" in j for j in found)
+    assert a.call("search_jobs_by_start_date", from_date="2020-01-01T00:00:00.000+0000",
+                  to_date="2020-01-02T00:00:00Z") == []
+
+
+# -- the transaction log ---------------------------------------------------------------
+def _plain(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in TIMES} for r in records]
+
+
+def test_read_transaction_log_shape_and_filters(mesh):
+    """Each write to the table is one entry, in order, with user, timestamp and records;
+    from/to/limit filter; other tables stay out; only super users may read it."""
+    node, _ = mesh
+    node.call("create_table", database="dev", table="logdog", primary_key="id")
+    node.call("create_table", database="dev", table="cat", primary_key="id")
+    node.call("insert", database="dev", table="logdog",
+              records=[{"id": 1, "dog_name": "Penny"}, {"id": 2, "dog_name": "Harper"}])
+    node.call("insert", database="dev", table="cat", records=[{"id": 1}])
+    middle = time.time() * 1000
+    node.call("update", database="dev", table="logdog", records=[{"id": 1, "dog_name": "Penny B"}])
+    node.call("sql", sql="DELETE FROM dev.logdog WHERE id = 2")
+    log = node.call("read_transaction_log", schema="dev", table="logdog")
+    assert [(e["operation"], e["user"]) for e in log] == [
+        ("insert", "admin"), ("update", "admin"), ("delete", "admin")]
+    assert _plain(log[0]["records"]) == [{"id": 1, "dog_name": "Penny"},
+                                         {"id": 2, "dog_name": "Harper"}]
+    assert all(isinstance(t, float) for r in log[0]["records"] for t in
+               (r["__createdtime__"], r["__updatedtime__"]))
+    assert _plain(log[1]["records"]) == [{"id": 1, "dog_name": "Penny B"}]
+    assert log[2]["hash_values"] == [2] and log[2]["records"] == [{"id": 2}]
+    stamps = [e["timestamp"] for e in log]
+    assert stamps == sorted(stamps) and all(isinstance(s, float) for s in stamps)
+    assert stamps[0] < middle <= stamps[1]
+    later = node.call("read_transaction_log", database="dev", table="logdog", **{"from": middle})
+    assert [e["operation"] for e in later] == ["update", "delete"]
+    assert [e["operation"] for e in node.call("read_transaction_log", database="dev",
+                                              table="logdog", to=middle)] == ["insert"]
+    assert len(node.call("read_transaction_log", database="dev", table="logdog", limit=2)) == 2
+    assert node.call("read_transaction_log", database="dev", table="logdog",
+                     **{"from": middle, "to": middle - 1}, expect=400)["error"] == \
+        "'to' is before 'from'"
+    assert node.call("read_transaction_log", database="dev", table="nope",
+                     expect=404)["error"] == "Table 'dev.nope' does not exist"
+    for body in ({"operation": "read_transaction_log", "database": "dev", "table": "dog"},
+                 {"operation": "delete_transaction_logs_before", "database": "dev",
+                  "table": "dog", "timestamp": 1}):
+        assert node.post(body, auth=("bob", "bobpw")).status_code == 403, body
+
+
+def test_pruned_log_sends_a_lagging_peer_to_resync(mesh):
+    """delete_transaction_logs_before prunes only what is older, answers with a job, and
+    a peer that was down past the pruned point repairs itself to every record."""
+    a, b = mesh
+    a.call("create_table", database="dev", table="t", primary_key="id")
+    a.call("insert", database="dev", table="t", records=[{"id": i} for i in range(1, 51)])
+    wait_for(lambda: b.post({"operation": "describe_table", "database": "dev", "table": "t"})
+             .status_code == 200 and b.count("t", "dev") == 50, timeout=20,
+             message="50 records on B")
+    b.stop()
+    for start in range(51, 91, 10):
+        a.call("insert", database="dev", table="t",
+               records=[{"id": i} for i in range(start, start + 10)])
+    cutoff = time.time() * 1000
+    a.call("insert", database="dev", table="t", records=[{"id": 91}])
+    response = a.call("delete_transaction_logs_before", schema="dev", table="t",
+                      timestamp=cutoff)
+    assert response["message"] == f"Starting job with id {response['job_id']}"
+    record = finished(a, response["job_id"])
+    # The table's create and its first five inserts; the insert after the cutoff stays.
+    assert record["status"] == "COMPLETE" and record["result"]["removed"] == 6, record
+    remaining = a.call("read_transaction_log", database="dev", table="t")
+    assert [[r["id"] for r in e["records"]] for e in remaining] == [[91]]
+    b.start()
+    wait_for(lambda: b.count("t", "dev") == 91, timeout=40, message="B repaired to 91 records")
+    a.call("insert", database="dev", table="t", records=[{"id": 92}])
+    wait_for(lambda: b.count("t", "dev") == 92, timeout=20, message="streaming after the repair")
+
+
+def test_a_job_the_node_died_under_reads_as_failed(node_factory, csv_server):
+    """After a SIGKILL mid-load, the restarted node reports the job failed (interrupted)."""
+    base, bodies = csv_server
+    node = node_factory("jobs-crash", process=True)
+    node.call("create_table", database="dev", table="big", primary_key="id")
+    # The download stalls after one and a half batches: the first batch commits, then the
+    # job waits for the rest.
+    rows = BATCH + BATCH // 2
+    bodies["/stall.csv"] = ("id,name\n" + "".join(f"{i},n{i}\n" for i in range(rows))).encode()
+    job_id = started(node.call("csv_url_load", database="dev", table="big",
+                               csv_url=f"{base}/stall.csv"))
+
+    def loading() -> bool:
+        (record,) = node.call("get_job", id=job_id)
+        assert record["status"] == "IN_PROGRESS", record
+        return record["progress"]["records"] == BATCH
+
+    wait_for(loading, timeout=30, message="the first batch of the load")
+    node.kill()
+    node.start()
+    (record,) = node.call("get_job", id=job_id)
+    assert record["status"] == "ERROR", record
+    assert "interrupted" in record["error"] and record["end_datetime"] is not None
+    assert node.count("big", "dev") == BATCH

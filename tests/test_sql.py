@@ -1,0 +1,342 @@
+"""The ``sql`` operation on two replicating nodes, and null attributes in every read.
+
+Shapes follow Harper's SQL operations documentation (4.7) and the recorded
+``sql`` exchanges in ``shared/harper-reference/transcripts.jsonl``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harpsync.errors import BadRequestError
+from harpsync.sql.parser import parse
+from harpsync.sql.plan import key_lookup
+from tests.helpers import ADMIN, InProcessNode, wait_for
+
+DOGS: list[dict[str, Any]] = [
+    {"id": 1, "dog_name": "Penny", "age": 7, "breed": "Mutt", "weight_lbs": 38},
+    {"id": 2, "dog_name": "Harper", "age": 7, "breed": "Husky", "weight_lbs": 55},
+    {"id": 3, "dog_name": "Alby", "age": 7, "breed": "Mutt", "weight_lbs": 84},
+    {"id": 4, "dog_name": "Billy", "age": 6, "breed": "Lab"},
+    {"id": 5, "dog_name": "Rose Merry", "age": 8, "breed": "Mutt", "weight_lbs": 15},
+    {"id": 6, "dog_name": "Kato", "age": 6},
+    {"id": 7, "dog_name": "penelope", "age": 3, "breed": "Lab", "weight_lbs": 35},
+]
+ATTRS = ["id", "dog_name", "age", "breed", "weight_lbs"]
+TIMES = ("__createdtime__", "__updatedtime__")
+READER = {"super_user": False,
+          "dev": {"tables": {"dog": {"read": True, "insert": False, "update": False,
+                                     "delete": False, "attribute_permissions": []}}}}
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
+    """Nodes A and B replicating, with ``dev.dog`` = DOGS on both and a reader user."""
+    root: Path = tmp_path_factory.mktemp("sql")
+    a = InProcessNode("sql-a", root / "a").start()
+    b = InProcessNode("sql-b", root / "b").start()
+    try:
+        a.call("add_node", hostname=b.name, url=b.repl_url, verify_tls=False,
+               authorization={"username": ADMIN[0], "password": ADMIN[1]})
+        a.call("create_database", database="dev")
+        a.call("create_table", database="dev", table="dog", primary_key="id")
+        a.call("insert", database="dev", table="dog", records=DOGS)
+        a.call("add_role", role="reader", permission=READER)
+        a.call("add_user", role="reader", username="bob", password="bobpw", active=True)
+        wait_for(lambda: _count(b, "dog") == len(DOGS), timeout=20, message="B has the dogs")
+        yield a, b
+    finally:
+        b.close()
+        a.close()
+
+
+def _count(node: Any, table: str) -> int:
+    response = node.post({"operation": "sql", "sql": f"SELECT COUNT(*) AS c FROM dev.{table}"})
+    return int(response.json()[0]["c"]) if response.status_code == 200 else -1
+
+
+def sql(node: Any, text: str, expect: int = 200, auth: Any = ADMIN) -> Any:
+    response = node.post({"operation": "sql", "sql": text}, auth=auth)
+    assert response.status_code == expect, (text, response.status_code, response.text)
+    return response.json()
+
+
+def ids(rows: list[dict[str, Any]]) -> list[Any]:
+    return [row["id"] for row in rows]
+
+
+def strip_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if k not in TIMES} for row in rows]
+
+
+# -- SELECT ----------------------------------------------------------------------------
+def test_count_matches_recorded_response(mesh):
+    """``SELECT count(*) AS c`` answers ``[{"c": n}]`` as Harper recorded, also on B."""
+    a, b = mesh
+    assert sql(a, "SELECT count(*) AS c FROM dev.dog") == [{"c": 7}]
+    assert sql(b, "SELECT count(*) AS c FROM dev.dog WHERE id >= 5") == [{"c": 3}]
+
+
+def test_select_star_by_id_matches_documented_shape(mesh):
+    """``SELECT * ... WHERE id = 1`` returns the whole record with float timestamps."""
+    a, _ = mesh
+    (row,) = sql(a, "SELECT * FROM dev.dog WHERE id = 1")
+    assert strip_times([row]) == [DOGS[0]]
+    assert all(isinstance(row[t], float) for t in TIMES)
+
+
+def test_select_star_fills_missing_attributes_with_null(mesh):
+    """SELECT * shows every attribute the table knows, null where a record lacks it."""
+    a, _ = mesh
+    (row,) = sql(a, "SELECT * FROM dev.dog WHERE id = 6")
+    assert strip_times([row]) == [{**dict.fromkeys(ATTRS), **DOGS[5]}]
+
+
+@pytest.mark.parametrize(("where", "expected"), [
+    ("age = 7", [1, 2, 3]),
+    ("age <> 7", [4, 5, 6, 7]),
+    ("age != 7", [4, 5, 6, 7]),
+    ("age < 7", [4, 6, 7]),
+    ("age <= 6", [4, 6, 7]),
+    ("age > 7", [5]),
+    ("age >= 7", [1, 2, 3, 5]),
+    ("age = 7 AND breed = 'Mutt'", [1, 3]),
+    ("age = 3 OR breed = 'Husky'", [2, 7]),
+    ("NOT breed = 'Mutt'", [2, 4, 7]),
+    ("breed IN ('Lab', 'Husky')", [2, 4, 7]),
+    ("breed NOT IN ('Lab', 'Husky')", [1, 3, 5]),
+    ("dog_name LIKE 'pen%'", [1, 7]),
+    ("dog_name LIKE '_ato'", [6]),
+    ("dog_name NOT LIKE '%e%'", [3, 4, 6]),
+    ("weight_lbs BETWEEN 30 AND 60", [1, 2, 7]),
+    ("weight_lbs NOT BETWEEN 30 AND 60", [3, 5]),
+    ("breed IS NULL", [6]),
+    ("weight_lbs IS NOT NULL AND (age < 7 OR breed = 'Husky')", [2, 7]),
+    ("id IN (3, 1, 99)", [1, 3]),
+    ("id = 2 AND age = 1", []),
+])
+def test_where_operators(mesh, where, expected):
+    """Each WHERE operator of the subset selects the expected ids (null is unknown)."""
+    a, _ = mesh
+    assert sorted(ids(sql(a, f"SELECT id FROM dev.dog WHERE {where}"))) == expected
+
+
+def test_columns_aliases_order_limit_offset(mesh):
+    """Column lists, AS, ORDER BY (several keys, DESC), LIMIT and OFFSET."""
+    a, _ = mesh
+    rows = sql(a, "SELECT id, dog_name AS name FROM dev.dog ORDER BY age DESC, id "
+                  "LIMIT 3 OFFSET 1")
+    assert rows == [{"id": 1, "name": "Penny"}, {"id": 2, "name": "Harper"},
+                    {"id": 3, "name": "Alby"}]
+    rows = sql(a, "SELECT d.id, weight_lbs FROM dev.dog AS d WHERE d.age = 6 ORDER BY id")
+    assert rows == [{"id": 4, "weight_lbs": None}, {"id": 6, "weight_lbs": None}]
+    assert ids(sql(a, "SELECT id FROM dev.dog ORDER BY weight_lbs LIMIT 2, 2")) == [5, 7]
+
+
+def test_aggregates_with_group_by(mesh):
+    """COUNT(*), COUNT(col), MIN, MAX, SUM and AVG per GROUP BY group, ordered by alias."""
+    a, _ = mesh
+    rows = sql(a, "SELECT breed, COUNT(*) AS n, COUNT(weight_lbs) AS weighed, MIN(age) AS lo,"
+                  " MAX(dog_name) AS last, SUM(weight_lbs) AS total, AVG(age) AS mean "
+                  "FROM dev.dog GROUP BY breed ORDER BY n DESC, breed")
+    assert rows == [
+        {"breed": "Mutt", "n": 3, "weighed": 3, "lo": 7, "last": "Rose Merry",
+         "total": 137, "mean": 22 / 3},
+        {"breed": "Lab", "n": 2, "weighed": 1, "lo": 3, "last": "penelope", "total": 35,
+         "mean": 4.5},
+        {"breed": None, "n": 1, "weighed": 0, "lo": 6, "last": "Kato", "total": None,
+         "mean": 6.0},
+        {"breed": "Husky", "n": 1, "weighed": 1, "lo": 7, "last": "Harper", "total": 55,
+         "mean": 7.0},
+    ]
+    assert sql(a, "SELECT COUNT(*), MAX(age) FROM dev.dog WHERE id > 100") == [
+        {"COUNT(*)": 0, "MAX(age)": None}]
+    assert sql(a, "SELECT DISTINCT breed FROM dev.dog WHERE breed IS NOT NULL "
+                  "ORDER BY breed") == [{"breed": "Husky"}, {"breed": "Lab"},
+                                        {"breed": "Mutt"}]
+
+
+def test_primary_key_lookups_use_the_key():
+    """``pk = v``, ``pk IN (...)`` (alone, in an AND, in an OR of them) plan key reads."""
+    def plan(where: str) -> Any:
+        return key_lookup(parse(f"SELECT * FROM dev.dog WHERE {where}").where, "id")
+
+    assert plan("id = 5") == [5]
+    assert plan("5 = id") == [5]
+    assert plan("id IN (1, 2, 2)") == [1, 2]
+    assert plan("age > 3 AND id IN ('a', 'b')") == ["a", "b"]
+    assert plan("id = 1 OR id IN (2, 3)") == [1, 2, 3]
+    assert plan("id = 1 OR age = 2") is None
+    assert plan("age = 1") is None
+    assert plan("NOT id = 1") is None
+
+
+def test_key_lookups_never_scan_the_table(mesh, monkeypatch):
+    """On the node, a statement whose WHERE names the keys reads them without a scan."""
+    from operations import sql as sql_ops
+
+    scans: list[str] = []
+    real_scan = sql_ops.reads.scan
+
+    def counting_scan(db: Any, table: Any) -> Any:
+        scans.append(table.name)
+        return real_scan(db, table)
+
+    monkeypatch.setattr(sql_ops.reads, "scan", counting_scan)
+    a, _ = mesh
+    assert ids(sql(a, "SELECT id FROM dev.dog WHERE id IN (2, 1) AND age = 7")) == [2, 1]
+    assert sql(a, "SELECT COUNT(*) AS c FROM dev.dog WHERE id = 3 OR id = 4") == [{"c": 2}]
+    assert sql(a, "UPDATE dev.dog SET age = age WHERE id = 99")["update_hashes"] == []
+    assert scans == []
+    assert ids(sql(a, "SELECT id FROM dev.dog WHERE age = 8")) == [5]
+    assert scans == ["dog"]
+
+
+# -- errors ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("SELEC * FROM dev.dog", "SQL syntax error"),
+    ("SELECT * FROM dev.dog WHERE", "SQL syntax error"),
+    ("SELECT * FROM dev.dog JOIN dev.cat ON dog.id = cat.id", "JOIN"),
+    ("SELECT * FROM dev.dog UNION SELECT * FROM dev.dog", "UNION"),
+    ("SELECT * FROM (SELECT * FROM dev.dog) q", "sub-SELECT"),
+    ("SELECT * FROM dev.dog WHERE id IN (SELECT id FROM dev.dog)", "sub-SELECT"),
+    ("SELECT UPPER(dog_name) FROM dev.dog", "UPPER"),
+    ("SELECT breed FROM dev.dog GROUP BY breed HAVING COUNT(*) > 1", "HAVING"),
+    ("SELECT * FROM dev.dog WHERE COUNT(*) > 1", "aggregate COUNT"),
+    ("SELECT * FROM dev.dog LIMIT 'x'", "LIMIT"),
+    ("SELECT x.id FROM dev.dog", "'x'"),
+    ("SELECT * FROM dev.dog; DELETE FROM dev.dog", "exactly one statement"),
+    ("DROP TABLE dev.dog", "DROP"),
+    ("CREATE TABLE dev.x (id INT)", "CREATE"),
+    ("INSERT INTO dev.dog VALUES (1)", "column list"),
+    ("INSERT INTO dev.dog (id, age) VALUES (1)", "row 1 has 1 values for 2 columns"),
+    ("INSERT INTO dev.dog (id) SELECT id FROM dev.dog", "INSERT ... SELECT"),
+    ("UPDATE dev.dog SET id = 9 WHERE id = 1", "primary key 'id'"),
+    ("UPDATE system.hdb_user SET active = false", "'system' database"),
+    ("INSERT INTO dev.nope (id) VALUES (1)", "Table 'dev.nope' does not exist"),
+    ("SELECT * FROM nodb.dog", "database 'nodb' does not exist"),
+])
+def test_bad_sql_is_4xx_naming_the_problem(mesh, text, fragment):
+    """Invalid SQL or SQL outside the subset answers 400 (404 for a missing read target)."""
+    a, _ = mesh
+    response = a.post({"operation": "sql", "sql": text})
+    assert response.status_code in (400, 404), response.text
+    assert fragment in response.json()["error"]
+
+
+def test_sql_body_validation(mesh):
+    """A missing or non-string ``sql`` is a 400 naming the field."""
+    a, _ = mesh
+    assert a.call("sql", expect=400)["error"] == "'sql' is required"
+    assert "'sql'" in a.call("sql", expect=400, sql=5)["error"]
+
+
+TOKENS = ["SELECT", "INSERT", "INTO", "UPDATE", "SET", "DELETE", "FROM", "WHERE", "VALUES",
+          "dev.dog", "dog", "id", "age", "*", ",", "(", ")", "=", "<>", "<", ">=", "AND",
+          "OR", "NOT", "IN", "LIKE", "BETWEEN", "IS", "NULL", "ORDER", "BY", "GROUP",
+          "LIMIT", "OFFSET", "COUNT(*)", "MAX", "'x'", "'%a_'", "1", "-2.5", ";", "AS",
+          "JOIN", "DESC", "`q`", "\"s\"", "?", "@", "/*", "--"]
+
+
+def test_parser_never_fails_other_than_400():
+    """Random token soup either parses or raises a 400 error; never another exception."""
+    rng = random.Random(14)
+    for _ in range(400):
+        text = " ".join(rng.choice(TOKENS) for _ in range(rng.randint(1, 14)))
+        try:
+            parse(text)
+        except BadRequestError:
+            pass
+
+
+# -- writes ----------------------------------------------------------------------------
+def test_insert_update_delete_answer_as_harper_and_replicate(mesh):
+    """INSERT/UPDATE/DELETE answer Harper's documented bodies and reach the peer."""
+    a, b = mesh
+    a.call("create_table", database="dev", table="sqlw", primary_key="id")
+    wait_for(lambda: _count(b, "sqlw") == 0, timeout=20, message="sqlw on B")
+    assert sql(a, "INSERT INTO dev.sqlw (id, dog_name) VALUE (22, 'Simon')") == {
+        "message": "inserted 1 of 1 records", "inserted_hashes": [22], "skipped_hashes": []}
+    assert sql(a, "INSERT INTO dev.sqlw (id, dog_name, age) VALUES (1, 'Penny', 4), "
+                  "(2, 'Kato', -1.5), (22, 'dup', NULL)") == {
+        "message": "inserted 2 of 3 records", "inserted_hashes": [1, 2],
+        "skipped_hashes": [22]}
+    assert sql(a, "UPDATE dev.sqlw SET dog_name = 'penelope' WHERE id = 1") == {
+        "message": "updated 1 of 1 records", "update_hashes": [1], "skipped_hashes": []}
+    assert sql(a, "UPDATE dev.sqlw SET age = age * 2 + 1 WHERE age IS NOT NULL") == {
+        "message": "updated 2 of 2 records", "update_hashes": [1, 2], "skipped_hashes": []}
+    assert sql(a, "DELETE FROM dev.sqlw WHERE id = 22") == {
+        "message": "1 of 1 record successfully deleted", "deleted_hashes": [22],
+        "skipped_hashes": []}
+    expected = [{"id": 1, "dog_name": "penelope", "age": 9},
+                {"id": 2, "dog_name": "Kato", "age": -2.0}]
+    query = "SELECT id, dog_name, age FROM dev.sqlw ORDER BY id"
+    assert sql(a, query) == expected
+    wait_for(lambda: sql(b, query) == expected, timeout=20, message="SQL writes on B")
+    assert sql(a, "DELETE FROM dev.sqlw WHERE age < 100") == {
+        "message": "2 of 2 records successfully deleted", "deleted_hashes": [1, 2],
+        "skipped_hashes": []}
+    wait_for(lambda: _count(b, "sqlw") == 0, timeout=20, message="SQL delete on B")
+
+
+# -- permissions -----------------------------------------------------------------------
+def test_role_permissions_apply_per_table_and_statement(mesh):
+    """A read-only role may SELECT dev.dog, but not write it or read another table."""
+    a, _ = mesh
+    bob = ("bob", "bobpw")
+    assert sql(a, "SELECT id FROM dev.dog WHERE id = 1", auth=bob) == [{"id": 1}]
+    body = sql(a, "INSERT INTO dev.dog (id) VALUES (50)", expect=403, auth=bob)
+    assert body["unauthorized_access"] == [{
+        "schema": "dev", "table": "dog", "required_table_permissions": ["insert"],
+        "required_attribute_permissions": []}]
+    for text, needed in (("UPDATE dev.dog SET age = 1", "update"),
+                         ("DELETE FROM dev.dog WHERE id = 1", "delete")):
+        body = sql(a, text, expect=403, auth=bob)
+        assert body["unauthorized_access"][0]["required_table_permissions"] == [needed]
+    body = sql(a, "SELECT * FROM system.hdb_user", expect=403, auth=bob)
+    assert body["unauthorized_access"][0]["table"] == "hdb_user"
+    assert sql(a, "SELECT COUNT(*) AS c FROM dev.dog") == [{"c": 7}]  # nothing changed
+
+
+def test_system_tables_hide_secrets(mesh):
+    """SELECT * from system.hdb_user never shows password hashes, not even as null."""
+    a, _ = mesh
+    rows = sql(a, "SELECT * FROM system.hdb_user")
+    assert {r["username"] for r in rows} == {"admin", "bob"}
+    assert all("password" not in r for r in rows)
+    assert sql(a, "SELECT username FROM system.hdb_user WHERE password LIKE '%'") == []
+
+
+# -- null attributes in every read -----------------------------------------------------
+def test_reads_show_missing_attributes_as_null_on_the_peer(mesh):
+    """As recorded on B: a record inserted without breed/age reads them as null."""
+    a, b = mesh
+    a.call("create_table", database="dev", table="nulls", primary_key="id")
+    a.call("insert", database="dev", table="nulls",
+           records=[{"id": 1, "name": "Harper", "breed": "Mutt", "age": 6},
+                    {"id": 2, "name": "auto-id"}])
+    wait_for(lambda: _count(b, "nulls") == 2, timeout=20, message="nulls on B")
+    full = [{"id": 1, "name": "Harper", "breed": "Mutt", "age": 6},
+            {"id": 2, "name": "auto-id", "breed": None, "age": None}]
+    found = b.call("search_by_conditions", database="dev", table="nulls",
+                   get_attributes=["*"], conditions=[{"search_attribute": "id",
+                                                      "search_type": "greater_than_equal",
+                                                      "search_value": 0}])
+    assert strip_times(found) == full
+    assert all(isinstance(r[t], float) for r in found for t in TIMES)
+    found = b.call("search_by_id", database="dev", table="nulls", ids=[2],
+                   get_attributes=["*"])
+    assert strip_times(found) == full[1:]
+    found = b.call("search_by_value", database="dev", table="nulls",
+                   search_attribute="name", search_value="auto*", get_attributes=["*"])
+    assert strip_times(found) == full[1:]
+    assert strip_times(sql(b, "SELECT * FROM dev.nulls ORDER BY id")) == full
+    # Listed attributes stay as they are: no null for what a record lacks.
+    found = b.call("search_by_id", database="dev", table="nulls", ids=[2],
+                   get_attributes=["id", "age"])
+    assert found == [{"id": 2}]
