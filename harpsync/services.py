@@ -14,8 +14,10 @@ if TYPE_CHECKING:
     from harpsync.auth import Authenticator
     from harpsync.config import Config
     from harpsync.dispatch import Dispatcher
+    from harpsync.jobs import JobManager
     from harpsync.metrics import Metrics
     from harpsync.replication.replicator import Replicator
+    from harpsync.replication.verifier import Verifier
     from harpsync.storage.store import Storage
 
 
@@ -47,6 +49,15 @@ class Services(Protocol):
 
     @property
     def dispatcher(self) -> Dispatcher: ...
+
+    @property
+    def jobs(self) -> JobManager: ...
+
+    @property
+    def verifier(self) -> Verifier: ...
+
+    #: What asked for a restart in progress (``restart``, ``restart_service``), if any.
+    restart_requested: str | None
 
     def listeners_up(self) -> dict[str, bool]:
         """Whether each listener accepts connections (``GET /ready``)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import functools
 import ipaddress
 import logging
 import socket
@@ -33,7 +32,6 @@ from harpsync.storage import deadletters
 from harpsync.storage.conflicts import LWW, PolicyLookup, Review
 from harpsync.storage.database import Database
 from harpsync.storage.hlc import wall_ms_of
-from harpsync.storage.ingest import write_cursor
 from harpsync.storage.schema import describe_schema
 from harpsync.storage.store import SYSTEM, Storage
 
@@ -226,7 +224,7 @@ class Replicator:
                     sub = Subscriber(self, *key)
                     self.subscribers[key] = sub
                     if key[1] in (self.rows.get(key[0], {}).get("paused") or []):
-                        sub.paused, sub.state = True, "paused"  # paused before a restart
+                        sub.hold()  # paused before a restart
                         continue
                     sub.start()
 
@@ -285,7 +283,8 @@ class Replicator:
             await link.close(1008, refused)
             return
         link.authenticated()
-        publisher = Publisher(self, link, peer.common_name, database)
+        publisher = Publisher(self, link, peer.common_name, database,
+                              self.storage.databases.get(database))
         key = (peer.common_name, database)
         self.publishers.setdefault(key, set()).add(publisher)
         try:
@@ -322,9 +321,7 @@ class Replicator:
         """Stop receiving from ``peer``; the committed cursor is kept."""
         subs = self.links_of(peer, database)
         for sub in subs:
-            sub.paused = True  # first: a relay hand-over restarts only unpaused links
-            await sub.stop()
-            sub.state = "paused"
+            await sub.pause()
         await self._persist_paused(peer, {s.database for s in subs}, set())
         return [s.database for s in subs]
 
@@ -339,9 +336,7 @@ class Replicator:
         """Restart paused links from their committed cursor."""
         subs = self.links_of(peer, database)
         for sub in subs:
-            if sub.paused:
-                sub.paused, sub.state = False, "connecting"
-                sub.start()
+            sub.resume()
         await self._persist_paused(peer, set(), {s.database for s in subs})
         return [s.database for s in subs]
 
@@ -351,18 +346,7 @@ class Replicator:
         than ``from_version``) and stream again; applying twice is harmless."""
         subs = self.links_of(peer, database)
         for sub in subs:
-            sub.paused = True  # held while the cursor is rewound (no restart meanwhile)
-            await sub.stop()
-            try:
-                db = self.storage.databases[sub.database]
-                seq = from_seq if from_seq is not None else 0
-                await self.storage.write(functools.partial(write_cursor, db=db, peer=peer,
-                                                           cursor={"seq": seq}))
-                sub.replay_floor = from_version or 0
-                sub.replaying = True
-            finally:  # whatever happened, the link runs again
-                sub.paused, sub.state = False, "connecting"
-                sub.start()
+            await sub.rewind(from_seq if from_seq is not None else 0, from_version or 0)
         await self._persist_paused(peer, set(), {s.database for s in subs})
         return [s.database for s in subs]
 

@@ -28,9 +28,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import asyncio
 
+    from harpsync.auth import Authenticator
+    from harpsync.metrics import Metrics
+    from harpsync.replication.relays import RelayPlanner
+    from harpsync.replication.subscriber import PeerGate
     from harpsync.replication.transport import Link
     from harpsync.security import NodeKeys
+    from harpsync.storage.conflicts import Review
     from harpsync.storage.database import Table
+    from harpsync.storage.store import Storage
 
 #: A peer's ``hdb_nodes`` row as this node keeps it (see peers.py for its fields).
 PeerRow = Mapping[str, Any]
@@ -39,6 +45,9 @@ Rows = list[tuple[bytes, bytes]]
 #: ``(publisher sequence, packed log entry)`` in increasing sequence order.
 Entries = list[tuple[int, bytes]]
 CommitListener = Callable[[int], None]
+PositionListener = Callable[[], None]
+#: Told ``(peer, database)`` when a link's full copy ended.
+CopyListener = Callable[[str, str], None]
 
 
 class LogSource(Protocol):
@@ -83,6 +92,10 @@ class LogSource(Protocol):
 
     def table_size(self, table: Table) -> tuple[int, int]:
         """``(records, bytes)`` of ``table``."""
+        ...
+
+    def tombstone_count(self, table: Table) -> int:
+        """How many tombstones ``table`` holds."""
         ...
 
 
@@ -135,9 +148,35 @@ class PublisherHost(LinkHost, Protocol):
 
 
 class SubscriberHost(LinkHost, Protocol):
-    """What a subscriber (a dialed link applying a peer's log) needs, beyond storage."""
+    """What a subscriber (a dialed link applying a peer's log) needs.
+
+    Still wide: it applies through storage and dials with the node's keys; narrowing
+    it (an apply seam over storage) is left for later (see DESIGN.md, "Seams").
+    """
 
     max_skew_ms: int
+    storage: Storage
+    keys: NodeKeys
+    auth: Authenticator
+    metrics: Metrics
+    relays: RelayPlanner
+    copy_listeners: list[CopyListener]
+
+    def peer_gate(self, peer: str) -> PeerGate:
+        """The reachability shared by every link to ``peer``."""
+        ...
+
+    def review(self, peer: str, database: str) -> Review | None:
+        """The conflict-policy review for one apply job (None: all last-writer-wins)."""
+        ...
+
+    def note_review(self, peer: str, database: str, review: Review | None) -> None:
+        """Count what the conflict policies of one apply job did."""
+        ...
+
+    def operation_completed(self, event: Any) -> None:
+        """A peer answered an operation this node asked for."""
+        ...
 
     def offers_compression(self, url: str) -> bool:
         """Whether a link dialing ``url`` offers zstd."""
@@ -212,6 +251,3 @@ class MeshHost(Protocol):
         """Run ``coro`` in the background, outliving the request that started it."""
         ...
 
-
-PositionListener = Callable[[], None]
-CopyListener = Callable[[str, str], None]

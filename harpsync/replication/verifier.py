@@ -118,9 +118,10 @@ class Verifier:
             for db_name in sorted(rep.replicated_databases()):
                 if db_name == SYSTEM or database is not None and db_name != database:
                     continue
-                db = self.storage.databases.get(db_name)
-                if db is None:
+                found = self.storage.databases.get(db_name)
+                if found is None:
                     continue
+                db = found
                 receive = peers.subscribe_tables(row, db_name)
                 send = peers.publish_tables(row, db_name)
                 for table_name in sorted(db.tables):
