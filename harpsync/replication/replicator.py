@@ -24,9 +24,16 @@ from harpsync.replication.maintenance import ack_floor, retention_loop
 from harpsync.replication.membership import NODE_PATH, serve_node_request
 from harpsync.replication.mesh import Mesh
 from harpsync.replication.publisher import Publisher
+from harpsync.replication.reconnect import PeerGate
 from harpsync.replication.relays import RelayPlanner
-from harpsync.replication.seams import LogSource, MeshHost, PublisherHost, SubscriberHost
-from harpsync.replication.subscriber import PeerGate, Subscriber
+from harpsync.replication.seams import (
+    LogSource,
+    MeshHost,
+    NodeServer,
+    PublisherHost,
+    SubscriberHost,
+)
+from harpsync.replication.subscriber import Subscriber
 from harpsync.replication.transport import Gate, Link, listen
 from harpsync.storage import deadletters
 from harpsync.storage.conflicts import LWW, PolicyLookup, Review
@@ -493,6 +500,7 @@ def default_url(hostname: str) -> str:
 
 if TYPE_CHECKING:
     def _implements_seams(rep: Replicator, db: Database,
-                          ) -> tuple[PublisherHost, SubscriberHost, MeshHost, LogSource]:
+                          ) -> tuple[PublisherHost, SubscriberHost, MeshHost, NodeServer,
+                                     LogSource]:
         """mypy checks that the replicator and a database fill the seams they serve."""
-        return rep, rep, rep, db
+        return rep, rep, rep, rep, db

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from harpsync.replication.mesh import Mesh
-from harpsync.replication.subscriber import backoff_delay
+from harpsync.replication.reconnect import backoff_delay
 
 log = logging.getLogger(__name__)
 

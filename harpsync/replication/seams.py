@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
     from harpsync.auth import Authenticator
     from harpsync.metrics import Metrics
+    from harpsync.replication.reconnect import PeerGate
     from harpsync.replication.relays import RelayPlanner
-    from harpsync.replication.subscriber import PeerGate
     from harpsync.replication.transport import Link
     from harpsync.security import NodeKeys
     from harpsync.storage.conflicts import Review
@@ -212,6 +212,30 @@ class NodeClient(Protocol):
     def ping_interval(self) -> float: ...
 
     def check_peer(self, name: str, link: Link) -> str | None: ...
+
+
+class NodeServer(Protocol):
+    """What answering a ``/.node`` request needs (membership.py's ``serve_node_request``)."""
+
+    @property
+    def node_name(self) -> str: ...
+
+    def check_peer(self, name: str, link: Link) -> str | None: ...
+
+    async def check_join_credentials(self, address: str, username: str,
+                                     password: str) -> None:
+        """Check (and throttle) a joiner's super_user credentials."""
+        ...
+
+    async def accept_join(self, body: dict[str, Any],
+                          credentialed: bool = False) -> dict[str, Any]: ...
+
+    async def forget_node(self, name: str, notify: bool) -> None: ...
+
+    async def learn_nodes(self, nodes: list[Any], reconcile: bool = True) -> None: ...
+
+    async def peer_operation(self, peer: str, body: dict[str, Any]) -> tuple[Any, str | None]:
+        ...
 
 
 class MeshHost(Protocol):

@@ -14,7 +14,6 @@ import contextvars
 import enum
 import functools
 import logging
-import random
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -37,8 +36,13 @@ from harpsync.replication.protocol import (
     ResyncRequired,
     SubscriberSession,
 )
+from harpsync.replication.reconnect import (
+    DIAL_TIMEOUT,
+    GATED_RETRY,
+    backoff_delay,
+    describe_error,
+)
 from harpsync.replication.transport import DIAL_ERRORS, Link, dial
-from harpsync.security import describe_tls_error
 from harpsync.storage import deadletters, ingest, schema
 from harpsync.storage.hlc import ClockSkewError, wall_ms_of
 
@@ -59,18 +63,6 @@ BUSY_GROUP = 48
 # Whatever the mode, one apply transaction takes at most about this many entries (as
 # many as APPLY_GROUP full batches), so a gathered group is never a longer apply.
 APPLY_ENTRIES = 16_000
-# Reconnect backoff: short enough that a link is back within a few seconds of a network
-# heal, with jitter so links do not dial in lockstep. While a peer is unreachable only
-# its system link keeps probing at this pace; its database links wait for that probe
-# (see ``PeerGate``), so a dead peer sees about one dial per interval, not one per link.
-MIN_BACKOFF = 0.1
-MAX_BACKOFF = 2.0
-# Database links of an unreachable peer still dial on their own this often, in case
-# only the system link cannot connect.
-GATED_RETRY = 10.0
-# A dial that takes longer than this is abandoned and retried: a long open timeout
-# would hold a link down long after the network heals.
-DIAL_TIMEOUT = 4.0
 # A change for a table still unknown after this many attempts, the first this many
 # seconds ago (each attempt reconnects for a fresh hello), becomes a dead letter.
 UNKNOWN_ATTEMPTS = 4
@@ -121,53 +113,6 @@ class _WorkQueue(asyncio.Queue[_Work]):
     def peek(self) -> _Work | None:
         """The oldest queued work, left in the queue (None when empty)."""
         return self._queue[0] if self._queue else None  # type: ignore[attr-defined]
-
-
-class PeerGate:
-    """Reachability of one peer, shared by all links to it.
-
-    The system link is the probe: when it fails to dial, the peer is marked down and
-    the database links wait (up to ``GATED_RETRY``) for it to connect again instead of
-    each dialing a dead peer.
-    """
-
-    def __init__(self) -> None:
-        self.reachable = asyncio.Event()
-        self.reachable.set()
-
-    def mark_down(self) -> None:
-        self.reachable.clear()
-
-    def mark_up(self) -> None:
-        self.reachable.set()
-
-    async def wait_up(self, timeout: float) -> bool:
-        """Wait until the peer is reachable again; False if ``timeout`` passed first."""
-        try:
-            await asyncio.wait_for(self.reachable.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-
-def backoff_delay(failures: int) -> float:
-    """Seconds to wait after ``failures`` consecutive failures: doubling from
-    ``MIN_BACKOFF``, capped at ``MAX_BACKOFF``, with jitter (never above the cap)."""
-    base = min(MIN_BACKOFF * 2.0 ** max(0, failures - 1), MAX_BACKOFF)
-    return base * random.uniform(0.5, 1.0)
-
-
-def describe_error(exc: BaseException) -> str:
-    """A short, secret-free cause for ``last_error`` and ``add_node`` errors."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    tls = describe_tls_error(exc)
-    if tls is not None:
-        return tls
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    return text[:200]
 
 
 class Subscriber:
