@@ -25,7 +25,7 @@ from harpsync.jobs import JobManager
 from harpsync.metrics import Metrics
 from harpsync.passwords import hash_password
 from harpsync.replication.replicator import Replicator
-from harpsync.replication.status import cluster_status
+from harpsync.replication.status import refresh_gauges
 from harpsync.replication.verifier import Verifier, peer_handlers
 from harpsync.security import NodeKeys
 from harpsync.storage import reads, writes
@@ -283,9 +283,7 @@ class Node:
     def metrics_report(self) -> tuple[bytes, str]:
         """``GET /metrics``: refresh the per-link gauges, then render."""
         if self.cluster is not None:
-            cluster_status(self.cluster)  # sets lag and connected gauges as it goes
-            for (peer, database), sub in list(self.cluster.subscribers.items()):
-                self.metrics.set_copy(peer, database, sub.copy_progress)
+            refresh_gauges(self.cluster)
         return self.metrics.render()
 
     # -- reports -----------------------------------------------------------------------

@@ -632,6 +632,10 @@ class Subscriber:
             self.start()  # a no-op once retired
 
     # -- status ------------------------------------------------------------------------
+    def backlog(self) -> int:
+        """Batches received and not applied yet (the apply queue holds QUEUE_LIMIT)."""
+        return self._queue.qsize()
+
     def lag_txns(self) -> int:
         applied = self.committed_seq
         if self._queue.empty() and self.caught_up_seq >= self.received_seq:

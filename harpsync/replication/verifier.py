@@ -77,7 +77,7 @@ def applied_seq(sub: Any) -> int:
     if sub is None:
         return 0
     applied = int(sub.committed_seq)
-    if sub._queue.empty() and sub.caught_up_seq >= sub.received_seq:
+    if sub.backlog() == 0 and sub.caught_up_seq >= sub.received_seq:
         applied = max(applied, int(sub.caught_up_seq))
     return applied
 
