@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 class Replicator:
     """All replication of one node."""
 
@@ -95,7 +94,6 @@ class Replicator:
         self.verified: dict[tuple[str, str], dict[str, Any]] = {}
         self.copy_listeners: list[Callable[[str, str], None]] = []
         storage.replicates = self.replicates_database
-
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, sock: socket.socket | None = None) -> None:
@@ -312,7 +310,6 @@ class Replicator:
         # an operation such as set_node_replication waits for all of them.
         await asyncio.gather(*(close(link) for link in links))
 
-
     # -- operator controls: pause, resume, replay --------------------------------------
     def links_of(self, peer: str, database: str | None) -> list[Subscriber]:
         if peer not in self.rows:
@@ -495,7 +492,6 @@ def is_loopback(url: str) -> bool:
 def default_url(hostname: str) -> str:
     """The replication URL of a peer named only by its host (the default port)."""
     return f"wss://{hostname}:{routes.DEFAULT_PORT}"
-
 
 
 if TYPE_CHECKING:
