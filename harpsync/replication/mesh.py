@@ -74,7 +74,7 @@ class Mesh:
 
     async def save_own_row(self) -> None:
         await self.write_row({"name": self.node_name, "url": self._host.url,
-                               "ca": self.keys.ca_pem.decode(), "replicates": True})
+                              "ca": self.keys.ca_pem.decode(), "replicates": True})
 
     async def save_row(self, row: dict[str, Any]) -> None:
         await self.write_row(row)
