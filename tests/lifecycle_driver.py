@@ -328,7 +328,7 @@ class LifecycleRun:
         if res is None or res.status_code != 200:
             return False, None
         rows = res.json()
-        return True, (rows[0] if rows else None)
+        return True, (_stored(rows[0]) if rows else None)
 
     def incarnation_of(self, i: int, db: str, table: str) -> int | None:
         if (db, table) == PROBE:
@@ -652,7 +652,7 @@ class LifecycleRun:
                 "search_by_conditions", database=db, table=table, get_attributes=["*"],
                 conditions=[{"attribute": "id", "comparator": "greater_than_equal",
                              "value": 0}])
-            rows[(db, table)] = sorted(found, key=lambda r: r["id"])
+            rows[(db, table)] = sorted((_stored(r) for r in found), key=lambda r: r["id"])
         return tables, rows
 
     def problems(self) -> list[str]:
@@ -695,3 +695,10 @@ class LifecycleRun:
 
 
 __all__ = ["LifecycleRun", "Settings", "Stats"]
+
+
+def _stored(row: dict[str, Any]) -> dict[str, Any]:
+    """A record as stored: reads with ``get_attributes: ["*"]`` answer every attribute
+    of the table, ``null`` where the record lacks it (Harper's shape), and the marker
+    attributes that name a table's incarnation are never written to records."""
+    return {k: v for k, v in row.items() if not (v is None and k.startswith(MARKER))}
