@@ -163,8 +163,11 @@ def build_app(services: Services) -> Any:
                              client: str) -> tuple[int, Any, dict[str, str], str | None]:
         headers: dict[str, str] = {}
         try:
-            # A password check is a deliberately slow scrypt: keep it off the event loop.
-            user = await _login(services, header, client)
+            # The login cache first, without a coroutine (the hot path); a password check
+            # is a deliberately slow scrypt, kept off the event loop.
+            user = services.auth.cached(header)
+            if user is None:
+                user = await asyncio.to_thread(services.auth.authenticate, header, client)
             if limiter.enabled:
                 headers = limiter.take(user.username)
             if declared is not None and declared.isdigit() and int(declared) > limit:
