@@ -7,8 +7,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -27,6 +27,10 @@ from harpsync.errors import (
     code_for_status,
 )
 from harpsync.requests_ctx import REQUEST_ID_HEADER
+from harpsync.services import Services
+
+if TYPE_CHECKING:
+    from harpsync.auth import User
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +119,16 @@ class _SocketChannel:
         await self.websocket.close(code, reason)
 
 
-def build_app(services: Any) -> Any:
+async def _login(services: Services, header: str | None, client: str) -> User:
+    """The user of an ``Authorization`` header: from the login cache, or checked in a
+    worker thread (a password check is a deliberately slow scrypt)."""
+    user = services.auth.cached(header)
+    if user is None:
+        user = await asyncio.to_thread(services.auth.authenticate, header, client)
+    return user
+
+
+def build_app(services: Services) -> Any:
     """The ASGI app; ``services`` is the node's composition of collaborators.
 
     ``POST /`` (every operation) is served by a small ASGI function; everything else
@@ -150,9 +163,11 @@ def build_app(services: Any) -> Any:
                              client: str) -> tuple[int, Any, dict[str, str], str | None]:
         headers: dict[str, str] = {}
         try:
-            # A password check is a deliberately slow scrypt: keep it off the event loop.
-            user = (services.auth.cached(header)
-                    or await asyncio.to_thread(services.auth.authenticate, header, client))
+            # The login cache first, without a coroutine (the hot path); a password check
+            # is a deliberately slow scrypt, kept off the event loop.
+            user = services.auth.cached(header)
+            if user is None:
+                user = await asyncio.to_thread(services.auth.authenticate, header, client)
             if limiter.enabled:
                 headers = limiter.take(user.username)
             if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -213,8 +228,7 @@ def build_app(services: Any) -> Any:
         client = websocket.client.host if websocket.client else ""
         header = websocket.headers.get("authorization")
         try:
-            user = (services.auth.cached(header)
-                    or await asyncio.to_thread(services.auth.authenticate, header, client))
+            user = await _login(services, header, client)
         except HarpsyncError as exc:
             denial = json_response({**exc.body(), "request_id": requests_ctx.current_id()},
                                    exc.status)
@@ -276,7 +290,7 @@ def build_app(services: Any) -> Any:
         sent = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
         header = (b"x-request-id", requests_ctx.begin(sent).request_id.encode())
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
             if message["type"] in ("http.response.start", "websocket.accept",
                                    "websocket.http.response.start"):
                 message = {**message, "headers": [*message.get("headers", []), header]}

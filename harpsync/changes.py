@@ -113,7 +113,7 @@ def check_access(storage: Any, user: User, sub: Subscription) -> Database:
     """
     if sub.database == SYSTEM:
         raise BadRequestError("the 'system' database has no change feed")
-    db = storage.database(sub.database)
+    db: Database = storage.database(sub.database)
     if sub.table is not None:
         storage.table(sub.database, sub.table)
         require_table(user, sub.database, sub.table, ["read"])

@@ -11,6 +11,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,26 @@ def _parse_env(raw: str) -> Any:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+
+
+@dataclass(frozen=True)
+class ReplicationSettings:
+    """The replication settings read once at start: validated, typed and frozen.
+
+    Settings that change while the node runs (``replication.routes``,
+    ``replication.databases``, ``logging.auditRetention``, ``replication.maxClockSkew``)
+    are read from :class:`Config` where they are used.
+    """
+
+    node_name: str
+    host: str
+    port: int
+    ping_interval: float  # seconds
+    retention_interval: float  # seconds
+    compression: str  # "auto", "zstd" or "none"
+    conflict: str  # one of CONFLICT_POLICIES
+    max_connections: int
+    max_pending_per_address: int
 
 
 class Config:
@@ -235,6 +256,20 @@ class Config:
     @property
     def node_name(self) -> str:
         return str(self.get("replication.hostname"))
+
+    def replication_settings(self) -> ReplicationSettings:
+        """The replication settings as typed values (call after ``validate()``)."""
+        return ReplicationSettings(
+            node_name=self.node_name,
+            host=str(self.get("replication.host")),
+            port=int(self.get("replication.port")),
+            ping_interval=self.duration_ms("replication.pingInterval") / 1000.0,
+            retention_interval=self.duration_ms("replication.retentionInterval") / 1000.0,
+            compression=str(self.get("replication.compression")),
+            conflict=str(self.get("replication.conflict")),
+            max_connections=int(self.get("replication.maxConnections")),
+            max_pending_per_address=int(self.get("replication.maxPendingPerAddress")),
+        )
 
     def replication_url(self, bound_port: int | None = None) -> str:
         """The URL peers dial; derived from hostname and port when not set."""

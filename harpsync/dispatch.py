@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harpsync.auth import User, require_super, require_table
 from harpsync.errors import BadRequestError
 from harpsync.validation import SchemaRegistry
+
+if TYPE_CHECKING:
+    from harpsync.services import Services
 
 Handler = Callable[["OpContext", dict[str, Any]], Awaitable[Any]]
 
@@ -43,7 +46,7 @@ class Operation:
 class OpContext:
     """What a handler sees: the node's services and the calling user."""
 
-    services: Any
+    services: Services
     user: User
     operation: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -121,7 +124,7 @@ class Dispatcher:
         self.schemas.validate(canonical, body)
         return op, body
 
-    async def run(self, services: Any, user: User, body: Any) -> Any:
+    async def run(self, services: Services, user: User, body: Any) -> Any:
         op, body = self.resolve(body)
         self.authorize(op, user, body)
         return await op.handler(OpContext(services, user, op.name), body)

@@ -25,7 +25,7 @@ from harpsync.jobs import JobManager
 from harpsync.metrics import Metrics
 from harpsync.passwords import hash_password
 from harpsync.replication.replicator import Replicator
-from harpsync.replication.status import cluster_status
+from harpsync.replication.status import refresh_gauges
 from harpsync.replication.verifier import Verifier, peer_handlers
 from harpsync.security import NodeKeys
 from harpsync.storage import reads, writes
@@ -112,20 +112,41 @@ class Node:
         self.dispatcher = Dispatcher(SchemaRegistry.load())
         for module in OPERATION_MODULES:
             self.dispatcher.register(*module.OPERATIONS)
-        self.auth: Authenticator | None = None
+        self._auth: Authenticator | None = None
         self.keys: NodeKeys | None = None
         self.cluster: Any = None
-        self.verifier: Verifier | None = None
+        self._verifier: Verifier | None = None
         self._servers: list[tuple[_Server, asyncio.Task[None]]] = []
         self.secure_sock: socket.socket | None = None
         self.ops_sock: socket.socket | None = None
         self.generated_password: str | None = None
         self._trimmer: asyncio.Task[None] | None = None
-        self.jobs: JobManager | None = None
+        self._jobs: JobManager | None = None
         # Set by ``harpsync run``: the restart operations call it to stop the node and
         # run it again (``restart_requested`` names what asked).
         self.restart_hook: Any = None
         self.restart_requested: str | None = None
+
+    @property
+    def jobs(self) -> JobManager:
+        """Background jobs (from ``start()`` on)."""
+        if self._jobs is None:
+            raise RuntimeError("the node has not started")
+        return self._jobs
+
+    @property
+    def verifier(self) -> Verifier:
+        """Background and on-demand verification (from ``start()`` on)."""
+        if self._verifier is None:
+            raise RuntimeError("the node has not started")
+        return self._verifier
+
+    @property
+    def auth(self) -> Authenticator:
+        """Checks logins (from ``start()`` on: it reads the users in storage)."""
+        if self._auth is None:
+            raise RuntimeError("the node has not started")
+        return self._auth
 
     # -- start / stop ------------------------------------------------------------------
     async def start(self, ops_sock: socket.socket | None = None,
@@ -135,8 +156,8 @@ class Node:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)  # keys and databases live here, whatever the umask
         await asyncio.to_thread(self.storage.open)
-        self.jobs = await asyncio.to_thread(JobManager.open, root / "jobs")
-        self.auth = Authenticator(self.storage)
+        self._jobs = await asyncio.to_thread(JobManager.open, root / "jobs")
+        self._auth = Authenticator(self.storage)
         hosts = [self.node_name]
         url_host = urlparse(self.config.replication_url()).hostname
         if url_host:
@@ -149,7 +170,7 @@ class Node:
         self.cluster = Replicator(self.config, self.storage, self.keys, self.auth, self.metrics)
         cluster_admin.register_peer_handlers(self.cluster)
         dashboard_ops.register_peer_handlers(self.cluster)
-        self.verifier = Verifier(self.cluster)
+        self._verifier = Verifier(self.cluster)
         self.cluster.operation_handlers.update(peer_handlers(self.cluster))
         self.cluster.copy_listeners.append(self.verifier.after_copy)
         await self.cluster.start(repl_sock)
@@ -208,10 +229,10 @@ class Node:
         for _server, task in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 10)
-        if self.jobs is not None:
-            await self.jobs.stop()
-        if self.verifier is not None:
-            await self.verifier.stop()
+        if self._jobs is not None:
+            await self._jobs.stop()
+        if self._verifier is not None:
+            await self._verifier.stop()
         if self.cluster is not None:
             await self.cluster.stop()
         await asyncio.to_thread(self.storage.close)
@@ -262,9 +283,7 @@ class Node:
     def metrics_report(self) -> tuple[bytes, str]:
         """``GET /metrics``: refresh the per-link gauges, then render."""
         if self.cluster is not None:
-            cluster_status(self.cluster)  # sets lag and connected gauges as it goes
-            for (peer, database), sub in list(self.cluster.subscribers.items()):
-                self.metrics.set_copy(peer, database, sub.copy_progress)
+            refresh_gauges(self.cluster)
         return self.metrics.render()
 
     # -- reports -----------------------------------------------------------------------

@@ -104,7 +104,7 @@ def install_log_context() -> None:
     tagger = RequestIdFilter()
 
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:
-        record = previous(*args, **kwargs)  # type: ignore[arg-type]
+        record = previous(*args, **kwargs)
         tagger.filter(record)
         return record
 

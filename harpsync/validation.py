@@ -24,8 +24,8 @@ from importlib.resources.abc import Traversable
 from typing import Any
 
 import fastjsonschema
-from jsonschema import Draft202012Validator, validators  # type: ignore[import-untyped]
-from jsonschema.exceptions import (  # type: ignore[import-untyped]
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import (
     ValidationError as SchemaValidationError,
 )
 from jsonschema.exceptions import best_match
@@ -86,7 +86,8 @@ def _items_keyword(
     yield from _ITEMS(validator, items, instance, schema)
 
 
-_Validator = validators.extend(
+# ``extend`` is untyped in types-jsonschema.
+_Validator = validators.extend(  # type: ignore[no-untyped-call]
     Draft202012Validator, {"pattern": _pattern_keyword, "items": _items_keyword}
 )
 
@@ -148,7 +149,8 @@ def _required_alternatives(error: SchemaValidationError) -> list[str] | None:
 def message_for(error: SchemaValidationError) -> str:
     """Turn one jsonschema error into a single Harper-style message naming the field."""
     path = list(error.absolute_path)
-    kw, value = error.validator, error.validator_value
+    kw = error.validator
+    value: Any = error.validator_value
     field = _field(path)
     if kw == "required":
         present = error.instance if isinstance(error.instance, dict) else {}

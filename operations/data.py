@@ -68,7 +68,8 @@ async def _write(ctx: OpContext, body: dict[str, Any], mode: str) -> dict[str, A
     db, table = _writable(body)
     storage.table(db, table, status=400)  # fail fast, before queueing
     job = writes.write_records(storage, db, table, body["records"], mode, ctx.user.username)
-    return await storage.write(job)
+    result: dict[str, Any] = await storage.write(job)
+    return result
 
 
 async def insert(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
@@ -87,8 +88,9 @@ async def delete(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     storage = ctx.services.storage
     db, table = _writable(body)
     storage.table(db, table, status=400)
-    return await storage.write(
+    result: dict[str, Any] = await storage.write(
         writes.delete_records(storage, db, table, body["ids"], ctx.user.username))
+    return result
 
 
 async def search_by_id(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:

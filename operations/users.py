@@ -39,7 +39,8 @@ async def _system_write(ctx: OpContext, table: str, records: list[dict[str, Any]
                         mode: str) -> dict[str, Any]:
     storage = ctx.services.storage
     job = writes.write_records(storage, SYSTEM, table, records, mode, ctx.user.username)
-    return await storage.write(job)
+    result: dict[str, Any] = await storage.write(job)
+    return result
 
 
 async def add_user(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:

@@ -236,3 +236,18 @@ def test_call_bad_password_exits_non_zero(node, tmp_path):
                  "--password", "wrong", cwd=tmp_path)
     assert result.returncode != 0
     assert harper_error(json.loads(result.stdout)) == {"error": "Login failed"}
+
+
+def test_replication_settings_are_typed_and_frozen():
+    """The replication settings come out of the loader typed (durations in seconds)
+    and frozen: a node cannot change one behind the config's back."""
+    import dataclasses
+
+    config = load({"REPLICATION_HOSTNAME": "node-x", "REPLICATION_PINGINTERVAL": "2s",
+                   "REPLICATION_MAXCONNECTIONS": "7"})
+    settings = config.replication_settings()
+    assert settings.node_name == "node-x"
+    assert settings.ping_interval == 2.0 and settings.retention_interval == 10.0
+    assert settings.max_connections == 7 and settings.compression == "auto"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.port = 1  # type: ignore[misc]

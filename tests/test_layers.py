@@ -43,7 +43,10 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "orjson": ("harpsync/jsonio.py",),  # fast JSON, falling back to the stdlib's answer
     "sqlglot": ("harpsync/sql/parser.py",),
 }
-SANS_IO = ("harpsync/replication/protocol.py", "harpsync/replication/messages.py")
+SANS_IO = ("harpsync/replication/protocol.py", "harpsync/replication/messages.py",
+           "harpsync/replication/steps.py", "harpsync/replication/session.py",
+           "harpsync/replication/subscriber_session.py",
+           "harpsync/replication/publisher_session.py")
 SANS_IO_FORBIDDEN = {"asyncio", "websockets", "lmdb"}
 # What storage may import from the project: it is layer 2 and never reaches upward.
 STORAGE_MAY_IMPORT = ("harpsync.errors", "harpsync.codec", "harpsync.types", "harpsync.storage")

@@ -1,41 +1,49 @@
-"""Background upkeep of the replication log: retention by acknowledgement and by age."""
+"""Background upkeep of the replication log: retention by acknowledgement and by age.
+
+It depends on plain values, not on the replicator: the acknowledgements per (peer,
+database), the peers' rows, the storage and two settings (read on every round, so a
+live configuration change applies).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
 
 from harpsync.replication import peers
+from harpsync.replication.seams import PeerRow
 from harpsync.storage import retention
 from harpsync.storage.database import Database
-
-if TYPE_CHECKING:
-    from harpsync.replication.replicator import Replicator
+from harpsync.storage.store import Storage
 
 log = logging.getLogger(__name__)
 
+TOMBSTONE_EVERY = 60.0  # seconds between tombstone sweeps (they scan every tombstone)
 
-def ack_floor(rep: Replicator, db: Database) -> int | None:
-    """The sequence every peer that receives ``db`` has acknowledged (None if no peer)."""
-    floors = [rep.acks.get((name, db.name), 0) for name, row in rep.rows.items()
-              if peers.publish_tables(row, db.name) is not False]
+
+def ack_floor(acks: Mapping[tuple[str, str], int], rows: Mapping[str, PeerRow],
+              database: str) -> int | None:
+    """The sequence every peer that receives ``database`` has acknowledged (None if no
+    peer receives it; 0 for a peer that never acknowledged)."""
+    floors = [acks.get((name, database), 0) for name, row in list(rows.items())
+              if peers.publish_tables(row, database) is not False]
     return min(floors) if floors else None
 
 
-async def prune_database(rep: Replicator, db: Database, now_ms: float | None = None,
-                         tombstones: bool = True) -> dict:
-    """Prune ``db``'s log entries older than ``auditRetention``, and tombstones that are
-    both that old and acknowledged by every peer.
+async def prune_database(storage: Storage, db: Database, retention_ms: int,
+                         acked: int | None, now_ms: float | None = None,
+                         tombstones: bool = True) -> dict[str, int]:
+    """Prune ``db``'s log entries older than ``retention_ms``, and tombstones that are
+    both that old and acknowledged by every peer (``acked``: see :func:`ack_floor`).
 
     Log entries are kept for the whole retention even when every peer has them, so the
     log stays a useful audit trail; a peer away for longer is repaired by a full copy.
     """
-    now_ms = rep.storage.hlc.wall_now_ms() if now_ms is None else now_ms
-    cutoff_version = int(now_ms - rep.config.retention_ms()) << 16
+    now_ms = storage.hlc.wall_now_ms() if now_ms is None else now_ms
+    cutoff_version = int(now_ms - retention_ms) << 16
     through = retention.seq_for_time(db, cutoff_version)
-    acked = ack_floor(rep, db)
     tomb_floor = None
     if not tombstones:
         pass
@@ -46,26 +54,27 @@ async def prune_database(rep: Replicator, db: Database, now_ms: float | None = N
     if through <= db.pruned_through() and not tomb_floor:
         return {"entries": 0, "tombstones": 0, "through": db.pruned_through()}
     job = retention.prune_log_job(db, through, tomb_floor)
-    result: dict = await rep.storage.write(job)
+    result: dict[str, int] = await storage.write(job)
     if result["entries"] or result["tombstones"]:
         log.info("pruned %d log entries and %d tombstones of %s through %d",
                  result["entries"], result["tombstones"], db.name, result["through"])
     return result
 
 
-TOMBSTONE_EVERY = 60.0  # seconds between tombstone sweeps (they scan every tombstone)
-
-
-async def retention_loop(rep: Replicator) -> None:
-    interval = rep.config.duration_ms("replication.retentionInterval") / 1000.0
+async def retention_loop(storage: Storage, interval: float,
+                         retention_ms: Callable[[], int],
+                         acked: Callable[[str], int | None]) -> None:
+    """Every ``interval`` seconds prune each database's log (tombstones at most every
+    ``TOMBSTONE_EVERY``); ``acked(database)`` is that database's :func:`ack_floor`."""
     last_sweep = time.monotonic()
     while True:
         await asyncio.sleep(interval)
         sweep = time.monotonic() - last_sweep >= max(TOMBSTONE_EVERY, interval)
         if sweep:
             last_sweep = time.monotonic()
-        for db in list(rep.storage.databases.values()):
+        for db in list(storage.databases.values()):
             try:
-                await prune_database(rep, db, tombstones=sweep)
+                await prune_database(storage, db, retention_ms(), acked(db.name),
+                                     tombstones=sweep)
             except Exception:
                 log.exception("pruning %s failed", db.name)

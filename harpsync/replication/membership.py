@@ -15,23 +15,23 @@ from typing import TYPE_CHECKING, Any
 
 from harpsync import codec
 from harpsync.errors import HarpsyncError, PeerError, TooManyRequestsError
-from harpsync.replication.subscriber import describe_error
+from harpsync.replication.reconnect import describe_error
 from harpsync.replication.transport import DIAL_ERRORS, Link, dial
 
 if TYPE_CHECKING:
-    from harpsync.replication.replicator import Replicator
+    from harpsync.replication.seams import NodeClient, NodeServer
 
 log = logging.getLogger(__name__)
 
 NODE_PATH = "/.node"
 
 
-async def node_request(rep: Replicator, url: str, body: dict[str, Any], *, verify: bool,
+async def node_request(rep: NodeClient, url: str, body: dict[str, Any], *, verify: bool,
                        present_cert: bool, timeout: float = 10.0,
                        expect: str | None = None) -> dict[str, Any]:
     """Send one request to a peer's ``/.node`` endpoint and return its answer.
 
-    With ``expect`` the server must pass :meth:`Replicator.check_peer` as that node
+    With ``expect`` the server must pass ``check_peer`` (mesh.py) as that node
     (its pinned key) before anything is sent. The server's certificate is returned
     under ``__server_cert__`` so a join can pin it.
 
@@ -67,7 +67,7 @@ async def node_request(rep: Replicator, url: str, body: dict[str, Any], *, verif
     return answer
 
 
-async def serve_node_request(rep: Replicator, link: Link) -> None:
+async def serve_node_request(rep: NodeServer, link: Link) -> None:
     """Answer one ``/.node`` request on an accepted socket."""
     try:
         if _authenticated_as(rep, link) is not None:
@@ -92,8 +92,8 @@ async def serve_node_request(rep: Replicator, link: Link) -> None:
         pass
 
 
-def _authenticated_as(rep: Replicator, link: Link) -> str | None:
-    """The node name proven by the TLS certificate (see ``Replicator.check_peer``)."""
+def _authenticated_as(rep: NodeServer, link: Link) -> str | None:
+    """The node name proven by the TLS certificate (see ``Mesh.check_peer``)."""
     if link.peer is None:
         return None
     if rep.check_peer(link.peer.common_name, link) is not None:
@@ -101,7 +101,7 @@ def _authenticated_as(rep: Replicator, link: Link) -> str | None:
     return link.peer.common_name
 
 
-async def _dispatch(rep: Replicator, link: Link, body: dict[str, Any]) -> dict[str, Any]:
+async def _dispatch(rep: NodeServer, link: Link, body: dict[str, Any]) -> dict[str, Any]:
     kind = body.get("type")
     proven = _authenticated_as(rep, link)
     if proven is not None:

@@ -7,13 +7,17 @@ trust (``ca``, ``revoked_certificates``) and which tables flow in each direction
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from harpsync.storage.store import SYSTEM
 
 # Keys of a row that describe the peer itself and may be learned from other nodes
 # (``pin``: the SHA-256 of the peer's key, which the introducer verified).
 IDENTITY_KEYS = ("name", "url", "ca", "pin", "shard")
+#: Which tables of a database a link carries: None = every table, a list = those
+#: tables, False = none (no link for that database).
+TableFilter = list[str] | None | Literal[False]
 # The system database always replicates (users, roles), except the node table itself,
 # which every node keeps from its own point of view.
 LOCAL_ONLY_TABLES = {(SYSTEM, "hdb_nodes"), (SYSTEM, "hdb_conflicts"),
@@ -89,7 +93,7 @@ def mirror(subs: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
              "subscribe": s["publish"], "publish": s["subscribe"]} for s in subs]
 
 
-def _tables(row: dict[str, Any], database: str, direction: str) -> list[str] | None | bool:
+def _tables(row: Mapping[str, Any], database: str, direction: str) -> TableFilter:
     if database == SYSTEM:
         return None
     subs = row.get("subscriptions")
@@ -100,12 +104,12 @@ def _tables(row: dict[str, Any], database: str, direction: str) -> list[str] | N
     return tables or False
 
 
-def subscribe_tables(row: dict[str, Any], database: str) -> list[str] | None | bool:
+def subscribe_tables(row: Mapping[str, Any], database: str) -> TableFilter:
     """Tables of ``database`` this node receives from the peer: None = all, False = none."""
     return _tables(row, database, "subscribe")
 
 
-def publish_tables(row: dict[str, Any], database: str) -> list[str] | None | bool:
+def publish_tables(row: Mapping[str, Any], database: str) -> TableFilter:
     """Tables of ``database`` this node sends to the peer: None = all, False = none."""
     return _tables(row, database, "publish")
 

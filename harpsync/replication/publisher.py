@@ -26,40 +26,49 @@ from harpsync.replication.protocol import (
     PublisherSession,
     SubscribeRequested,
 )
+from harpsync.replication.seams import LogSource, PublisherHost
+from harpsync.replication.steps import (
+    CAUGHT_UP_INTERVAL,
+    CaughtUp,
+    Copy,
+    LogRead,
+    Reported,
+    Resync,
+    Stream,
+    first_step,
+    next_step,
+)
 from harpsync.replication.transport import Link, LinkClosed
-from harpsync.storage.database import Database, Table
 
 if TYPE_CHECKING:
-    from harpsync.replication.replicator import Replicator
+    from harpsync.storage.database import Table
 
 log = logging.getLogger(__name__)
 
 READ_BATCH = 1000
 COPY_CHUNK = 500
-# After the first, caught_up reports go out at most this often: one per commit would
-# cost a frame each way, and where the entries read were filtered out (the peer's own
-# transactions coming back, other tables) each report makes the subscriber commit its
-# cursor, a synced commit on the far side per write there.
-CAUGHT_UP_INTERVAL = 0.5
 
 
 class Publisher:
     """One inbound socket: a peer pulling ``database`` from this node."""
 
-    def __init__(self, rep: Replicator, link: Link, peer: str, database: str) -> None:
-        self.rep = rep
+    def __init__(self, host: PublisherHost, link: Link, peer: str, database: str,
+                 source: LogSource | None) -> None:
+        """``source`` is ``database``'s log (None: no such database here)."""
+        self.host = host
         self.link = link
         self.peer = peer
         self.database = database
-        self.session = PublisherSession(rep.node_name)
+        self.source = source
+        self.session = PublisherSession(host.node_name)
         self._wakeup = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
         self.sending_since: float | None = None
         self.last_ack_time: float | None = None
         self.acked_seq = 0
         self.sent_seq = 0
-        self._db: Database | None = None
         self._notified_head = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def flush(self) -> None:
         for frame in self.session.data_to_send():
@@ -72,23 +81,24 @@ class Publisher:
         nor does one while a wake-up is still pending: each wake-up is a cross-thread
         call and a log read on the event loop.
         """
-        db = self._db
+        db = self.source
         if head <= self._notified_head and not (db is not None and db.dropped):
             return
         self._notified_head = head
         if self._wakeup.is_set():
             return  # the pump has not run since the last wake-up; it reads past ``head``
-        self.rep.loop.call_soon_threadsafe(self._wakeup.set)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wakeup.set)
 
     async def run(self) -> None:
-        db = self.rep.storage.databases.get(self.database)
+        db = self.source
         if db is None:
             await self.link.close(1008, f"database '{self.database}' does not exist")
             return
-        if not self.rep.replicates_database(self.database):
+        if not self.host.replicates_database(self.database):
             await self.link.close(1008, f"database '{self.database}' does not replicate here")
             return
-        self._db = db
+        self._loop = asyncio.get_running_loop()
         db.commit_listeners.append(self.notify)
         try:
             await self._serve(db)
@@ -102,23 +112,23 @@ class Publisher:
                 with contextlib.suppress(BaseException):
                     await self._pump
 
-    async def _serve(self, db: Database) -> None:
+    async def _serve(self, db: LogSource) -> None:
         while True:
             self.session.receive(await self.link.recv())
             for event in self.session.events_received():
                 await self._handle(db, event)
             await self.flush()
 
-    async def _handle(self, db: Database, event: Any) -> None:
+    async def _handle(self, db: LogSource, event: Any) -> None:
         if isinstance(event, PeerHello):
             if event.node != self.peer or event.database != self.database:
                 self.session.reject("identity", "hello does not match the certificate")
                 return
-            self.session.accept(self.database, self.rep.table_definitions(db),
-                                dict(db.origin_names), compression=self.rep.compression)
+            self.session.accept(self.database, self.host.table_definitions(db),
+                                dict(db.origin_names), compression=self.host.compression)
         elif isinstance(event, SubscribeRequested):
             if event.copy or event.after_seq < db.next_seq:  # (past our head: a reset log)
-                self.rep.note_position(self.peer, self.database, event.after_seq, event.copy)
+                self.host.note_position(self.peer, self.database, event.after_seq, event.copy)
             if self._pump is not None:
                 self._pump.cancel()
                 with contextlib.suppress(BaseException):
@@ -127,16 +137,16 @@ class Publisher:
         elif isinstance(event, AckReceived):
             self.acked_seq = max(self.acked_seq, event.seq)
             self.last_ack_time = time.time()
-            self.rep.note_ack(self.peer, self.database, self.acked_seq)
+            self.host.note_ack(self.peer, self.database, self.acked_seq)
         elif isinstance(event, OperationRequested):
-            result, error = await self.rep.peer_operation(self.peer, event.body)
+            result, error = await self.host.peer_operation(self.peer, event.body)
             self.session.respond_operation(event.id, result, error)
         elif isinstance(event, ProtocolFailed | PeerFailed):
             raise ProtocolError(str(event))
 
     # -- streaming ---------------------------------------------------------------------
-    def _allowed_tables(self, requested: list[str] | None) -> list[str] | None | bool:
-        row = self.rep.rows.get(self.peer, {})
+    def _allowed_tables(self, requested: list[str] | None) -> peers.TableFilter:
+        row = self.host.peer_row(self.peer) or {}
         mine = peers.publish_tables(row, self.database)
         if mine is False:
             return False
@@ -146,7 +156,7 @@ class Publisher:
             return list(requested)
         return [t for t in requested if t in mine]
 
-    def _filter(self, db: Database, entries: list[tuple[int, bytes]],
+    def _filter(self, db: LogSource, entries: list[tuple[int, bytes]],
                 origins: dict[str, Any] | None,
                 tables: list[str] | None) -> list[tuple[int, int, bytes]]:
         out: list[tuple[int, int, bytes]] = []
@@ -171,14 +181,14 @@ class Publisher:
             user, ops = codec.unpack(raw)[2:]
             kept = [op for op in ops if peers.table_allowed(self.database, op[0], tables)
                     and (not system or op[1] not in ("create_database", "drop_database")
-                         or self.rep.replicates_database(op[2]))]
+                         or self.host.replicates_database(op[2]))]
             if len(kept) == len(ops):
                 out.append((seq, origin, raw))
             elif kept:
                 out.append((seq, origin, codec.pack([origin, version, user, kept])))
         return out
 
-    async def _stream(self, db: Database, sub: SubscribeRequested) -> None:
+    async def _stream(self, db: LogSource, sub: SubscribeRequested) -> None:
         try:
             await self._stream_inner(db, sub)
         except (LinkClosed, ConnectionError, asyncio.CancelledError):
@@ -190,20 +200,15 @@ class Publisher:
                 await self.flush()
                 await self.link.close(1011, "publisher error")
 
-    async def _stream_inner(self, db: Database, sub: SubscribeRequested) -> None:
+    async def _stream_inner(self, db: LogSource, sub: SubscribeRequested) -> None:
         allowed = self._allowed_tables(sub.tables)
         tables = [] if allowed is False else allowed
-        pos = sub.after_seq
-        if not sub.copy and pos > db.head_seq:
-            # A cursor past our head: this node's log was reset (wiped, restored).
-            self.session.send_resync_required(
-                db.head_seq, f"cursor {pos} is beyond this node's log head {db.head_seq}")
-            await self.flush()
+        first = first_step(sub.after_seq, sub.copy, db.head_seq)
+        if isinstance(first, Resync):
+            await self._resync(first)
             return
-        if sub.copy:
-            pos = await self._copy(db, sub, tables)
-        reported = -1  # the position last reported with caught_up
-        reported_at = 0.0
+        pos = await self._copy(db, sub, tables) if isinstance(first, Copy) else first.after_seq
+        reported = Reported()
         known_origins = 0
         while True:
             self._wakeup.clear()
@@ -217,46 +222,43 @@ class Publisher:
                 await self.link.close(1001, f"database '{self.database}' was dropped")
                 return
             pruned, entries = db.read_log(pos, READ_BATCH)
-            if pruned > pos:
-                if not floors_cover(sub.origins, db.pruned_max()):
-                    self.session.send_resync_required(
-                        pruned + 1, f"log entries up to {pruned} were pruned; cursor is {pos}")
-                    await self.flush()
-                    return
-                # Nothing pruned is above the subscriber's per-origin floors.
-                pos = pruned
-                continue
-            if entries:
-                pos = entries[-1][0]
+            if entries and pruned <= pos:
                 kept = self._filter(db, entries, sub.origins, tables)
                 if kept:
                     self.sending_since = self.sending_since or time.time()
                     self.session.send_entries(db.next_seq - 1, kept, dict(db.origin_names))
                     self.sent_seq = kept[-1][0]
                     await self.flush()
-                if len(entries) >= READ_BATCH or self._wakeup.is_set():
-                    continue  # more to read; otherwise nothing was committed since the read
+            read = LogRead(pruned, entries[-1][0] if entries else None,
+                           full=len(entries) >= READ_BATCH, woken=self._wakeup.is_set())
+            step = next_step(pos, read, reported, time.monotonic(), origins=sub.origins,
+                             pruned_max=db.pruned_max() if pruned > pos else None,
+                             interval=CAUGHT_UP_INTERVAL)
+            if isinstance(step, Resync):
+                await self._resync(step)
+                return
+            if isinstance(step, Stream):
+                pos = step.after_seq
+                continue
             # The log is read to its end.
+            pos = pos if read.last_seq is None else read.last_seq
             self.sending_since = None
-            wait: float | None = None
-            if reported != pos:
-                # The first report of a session goes out at once (the subscriber's state
-                # and lag follow it); later ones at most every CAUGHT_UP_INTERVAL.
-                due = 0.0 if reported < 0 else \
-                    reported_at + CAUGHT_UP_INTERVAL - time.monotonic()
-                if due <= 0:
-                    self.session.send_caught_up(pos)
-                    await self.flush()
-                    reported, reported_at = pos, time.monotonic()
-                else:
-                    wait = due
-            if wait is None:
+            if isinstance(step, CaughtUp):
+                self.session.send_caught_up(step.seq)
+                await self.flush()
+                reported = Reported(step.seq, time.monotonic())
+                await self._wakeup.wait()
+            elif step.timeout is None:
                 await self._wakeup.wait()
             else:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                    await asyncio.wait_for(self._wakeup.wait(), step.timeout)
 
-    async def _copy(self, db: Database, sub: SubscribeRequested,
+    async def _resync(self, step: Resync) -> None:
+        self.session.send_resync_required(step.oldest_seq, step.reason)
+        await self.flush()
+
+    async def _copy(self, db: LogSource, sub: SubscribeRequested,
                     tables: list[str] | None) -> int:
         resume = sub.copy_resume or {}
         snapshot = db.head_seq if resume.get("snapshot") is None else int(resume["snapshot"])
@@ -265,16 +267,17 @@ class Publisher:
         total = 0
         for name in names:
             table = db.tables[name]
-            total += db.table_size(table)[0] + _tomb_count(db, table)
+            total += db.table_size(table)[0] + db.tombstone_count(table)
         self.session.begin_copy(snapshot, total, names)
         await self.flush()
         start_table = resume.get("table")
         for name in names:
             if start_table and name < start_table:
                 continue
-            table = db.tables.get(name)
-            if table is None:
+            found = db.tables.get(name)
+            if found is None:
                 continue
+            table = found
             resuming = name == start_table
             for tombs in (False, True):
                 if resuming and resume.get("tombs") and not tombs:
@@ -286,7 +289,7 @@ class Publisher:
         await self.flush()
         return snapshot
 
-    async def _copy_rows(self, db: Database, table: Table, tombs: bool,
+    async def _copy_rows(self, db: LogSource, table: Table, tombs: bool,
                          after: bytes | None) -> None:
         while True:
             rows = db.iter_rows(table, after, COPY_CHUNK, tombs=tombs)
@@ -300,21 +303,8 @@ class Publisher:
                 return
 
 
-def _row_origins(db: Database, rows: list[tuple[bytes, bytes]]) -> dict[int, str]:
+def _row_origins(db: LogSource, rows: list[tuple[bytes, bytes]]) -> dict[int, str]:
     """Names of the origin ids the stored rows use (ids may be newer than our hello)."""
     names = db.origin_names
     ids = {codec.unpack(raw)[1] for _, raw in rows}
     return {oid: names[oid] for oid in ids if oid in names}
-
-
-def floors_cover(origins: dict[str, int | None] | None, pruned_max: dict[str, int]) -> bool:
-    """Whether a subscription with per-origin version floors lost nothing to pruning:
-    every requested origin's newest pruned version is at or below its floor."""
-    if origins is None or not pruned_max:  # no record: pruned before versions were kept
-        return False
-    return all(pruned_max.get(name, 0) <= (floor or 0) for name, floor in origins.items())
-
-
-def _tomb_count(db: Database, table: Table) -> int:
-    with db.env.begin() as txn:
-        return int(txn.stat(table.tomb_dbi)["entries"])

@@ -36,7 +36,7 @@ def _socket(rep: Replicator, sub: Subscriber) -> dict[str, Any]:
         "lastReceivedLocalTime": http_date(sub.last_received_local),
         "lastReceivedVersion": version_to_ms(sub.last_version) if sub.last_version else 0,
         "lastReceivedStatus": "Receiving" if sub.lag_txns() else "Waiting",
-        "backPressurePercent": round(100 * sub._queue.qsize() / QUEUE_LIMIT),
+        "backPressurePercent": round(100 * sub.backlog() / QUEUE_LIMIT),
         "state": sub.state,
         "lag_ms": round(sub.lag_ms(), 1),
         "lag_txns": sub.lag_txns(),
@@ -59,13 +59,22 @@ def _socket(rep: Replicator, sub: Subscriber) -> dict[str, Any]:
     verified = rep.verified.get((sub.peer, sub.database))
     if verified is not None:
         out["verified"] = {**verified, "at": http_date(verified["at"])}
-    rep.metrics.lag_txns.labels(sub.peer, sub.database).set(out["lag_txns"])
-    rep.metrics.connected.labels(sub.peer, sub.database).set(1 if out["connected"] else 0)
-    if out["compression_ratio"] is not None:
-        rep.metrics.compression_ratio.labels(sub.peer, sub.database).set(
-            out["compression_ratio"])
     return {k: v for k, v in out.items() if v is not None
             or k in ("last_error", "last_error_at", "latency")}
+
+
+def refresh_gauges(rep: Replicator) -> None:
+    """Set the per-link gauges ``/metrics`` shows: lag, connected, compression ratio and
+    copy progress (``cluster_status`` only reports; it sets nothing)."""
+    metrics = rep.metrics
+    for (peer, database), sub in sorted(rep.subscribers.items()):
+        metrics.lag_txns.labels(peer, database).set(sub.lag_txns())
+        metrics.connected.labels(peer, database).set(1 if sub.connected else 0)
+        session = sub.session
+        if session is not None and session.compression_ratio:
+            metrics.compression_ratio.labels(peer, database).set(
+                round(session.compression_ratio, 3))
+        metrics.set_copy(peer, database, sub.copy_progress)
 
 
 def cluster_status(rep: Replicator) -> dict[str, Any]:
@@ -84,4 +93,4 @@ def cluster_status(rep: Replicator) -> dict[str, Any]:
             "url": rep.url, "is_enabled": True}
 
 
-__all__ = ["cluster_status", "peers"]
+__all__ = ["cluster_status", "peers", "refresh_gauges"]

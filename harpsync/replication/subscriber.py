@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import enum
+import functools
 import logging
-import random
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -35,13 +36,18 @@ from harpsync.replication.protocol import (
     ResyncRequired,
     SubscriberSession,
 )
+from harpsync.replication.reconnect import (
+    DIAL_TIMEOUT,
+    GATED_RETRY,
+    backoff_delay,
+    describe_error,
+)
 from harpsync.replication.transport import DIAL_ERRORS, Link, dial
-from harpsync.security import describe_tls_error
 from harpsync.storage import deadletters, ingest, schema
 from harpsync.storage.hlc import ClockSkewError, wall_ms_of
 
 if TYPE_CHECKING:
-    from harpsync.replication.replicator import Replicator
+    from harpsync.replication.seams import SubscriberHost
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +63,6 @@ BUSY_GROUP = 48
 # Whatever the mode, one apply transaction takes at most about this many entries (as
 # many as APPLY_GROUP full batches), so a gathered group is never a longer apply.
 APPLY_ENTRIES = 16_000
-# Reconnect backoff: short enough that a link is back within a few seconds of a network
-# heal, with jitter so links do not dial in lockstep. While a peer is unreachable only
-# its system link keeps probing at this pace; its database links wait for that probe
-# (see ``PeerGate``), so a dead peer sees about one dial per interval, not one per link.
-MIN_BACKOFF = 0.1
-MAX_BACKOFF = 2.0
-# Database links of an unreachable peer still dial on their own this often, in case
-# only the system link cannot connect.
-GATED_RETRY = 10.0
-# A dial that takes longer than this is abandoned and retried: a long open timeout
-# would hold a link down long after the network heals.
-DIAL_TIMEOUT = 4.0
 # A change for a table still unknown after this many attempts, the first this many
 # seconds ago (each attempt reconnects for a fresh hello), becomes a dead letter.
 UNKNOWN_ATTEMPTS = 4
@@ -85,6 +79,23 @@ def unappliable(exc: BaseException) -> bool:
                       | IndexError | AttributeError)
 
 
+class LinkState(enum.StrEnum):
+    """What a link is doing, as ``cluster_status`` shows it (a ``str``: compares and
+    serializes as its value)."""
+
+    CONNECTING = "connecting"
+    STREAMING = "streaming"
+    COPYING = "copying"
+    RESYNC_REQUIRED = "resync_required"
+    CLOCK_SKEW = "clock_skew"
+    PAUSED = "paused"
+
+
+# Failures after which a link retries with backoff (anything else is logged as a bug).
+_RETRIED: tuple[type[BaseException], ...] = (*DIAL_ERRORS, ProtocolError, ValueError,
+                                             RuntimeError)
+
+
 @dataclass
 class _Work:
     kind: str  # "entries", "rows", "copy_end"
@@ -92,61 +103,26 @@ class _Work:
     origins: dict[int, str]
 
 
-class PeerGate:
-    """Reachability of one peer, shared by all links to it.
+class _WorkQueue(asyncio.Queue[_Work]):
+    """The apply queue, which the applier may look into without taking from it."""
 
-    The system link is the probe: when it fails to dial, the peer is marked down and
-    the database links wait (up to ``GATED_RETRY``) for it to connect again instead of
-    each dialing a dead peer.
-    """
+    def pending(self) -> list[_Work]:
+        """The queued work, oldest first (a copy)."""
+        return list(self._queue)  # type: ignore[attr-defined]  # asyncio.Queue's deque
 
-    def __init__(self) -> None:
-        self.reachable = asyncio.Event()
-        self.reachable.set()
-
-    def mark_down(self) -> None:
-        self.reachable.clear()
-
-    def mark_up(self) -> None:
-        self.reachable.set()
-
-    async def wait_up(self, timeout: float) -> bool:
-        """Wait until the peer is reachable again; False if ``timeout`` passed first."""
-        try:
-            await asyncio.wait_for(self.reachable.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-
-def backoff_delay(failures: int) -> float:
-    """Seconds to wait after ``failures`` consecutive failures: doubling from
-    ``MIN_BACKOFF``, capped at ``MAX_BACKOFF``, with jitter (never above the cap)."""
-    base = min(MIN_BACKOFF * (2 ** max(0, failures - 1)), MAX_BACKOFF)
-    return base * random.uniform(0.5, 1.0)
-
-
-def describe_error(exc: BaseException) -> str:
-    """A short, secret-free cause for ``last_error`` and ``add_node`` errors."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    tls = describe_tls_error(exc)
-    if tls is not None:
-        return tls
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    return text[:200]
+    def peek(self) -> _Work | None:
+        """The oldest queued work, left in the queue (None when empty)."""
+        return self._queue[0] if self._queue else None  # type: ignore[attr-defined]
 
 
 class Subscriber:
     """The receiving side of one (peer, database) link, reconnecting with backoff."""
 
-    def __init__(self, rep: Replicator, peer: str, database: str) -> None:
+    def __init__(self, rep: SubscriberHost, peer: str, database: str) -> None:
         self.rep = rep
         self.peer = peer
         self.database = database
-        self.state = "connecting"
+        self.state = LinkState.CONNECTING
         self.link: Link | None = None
         self._last_error: str | None = None
         self.last_error_at: float | None = None
@@ -174,7 +150,7 @@ class Subscriber:
         self.replaying = False
         self.copy_snapshot = 0
         self._task: asyncio.Task[None] | None = None
-        self._queue: asyncio.Queue[_Work] = asyncio.Queue(QUEUE_LIMIT)
+        self._queue = _WorkQueue(QUEUE_LIMIT)
         self._session: SubscriberSession | None = None
         self.peer_tables: dict[str, Any] = {}  # the peer's schema, from its hello
         # Writer jobs submitted and not yet finished: cancelling the task that awaits
@@ -220,6 +196,38 @@ class Subscriber:
         self._task = None
         await self.settle()
 
+    def hold(self) -> None:
+        """Keep a new link paused (it was paused before a restart): it does not start."""
+        self.paused, self.state = True, LinkState.PAUSED
+
+    async def pause(self) -> None:
+        """Stop receiving; the committed cursor is kept."""
+        self.paused = True  # first: a relay hand-over restarts only unpaused links
+        await self.stop()
+        self.state = LinkState.PAUSED
+
+    def resume(self) -> None:
+        """Run again from the committed cursor (a link that is not paused runs on)."""
+        if self.paused:
+            self.paused, self.state = False, LinkState.CONNECTING
+            self.start()
+
+    async def rewind(self, seq: int, from_version: int) -> None:
+        """Stream again from publisher sequence ``seq``, skipping versions at or below
+        ``from_version`` (0: none) until the log is read to its end; applying twice is
+        harmless. The link runs again afterwards, whatever happened."""
+        self.paused = True  # held while the cursor is rewound (no restart meanwhile)
+        await self.stop()
+        try:
+            db = self.rep.storage.databases[self.database]
+            await self.rep.storage.write(functools.partial(
+                ingest.write_cursor, db=db, peer=self.peer, cursor={"seq": seq}))
+            self.replay_floor = from_version
+            self.replaying = True
+        finally:
+            self.paused, self.state = False, LinkState.CONNECTING
+            self.start()
+
     async def _write(self, job: Any, prepare: Any = None) -> Any:
         """``storage.write`` that ``stop`` can wait for, even if this task is cancelled."""
         future = asyncio.ensure_future(self.rep.storage.write(job, prepare))
@@ -232,7 +240,7 @@ class Subscriber:
 
     @property
     def connected(self) -> bool:
-        return self.link is not None and self.link.open and self.state != "connecting"
+        return self.link is not None and self.link.open and self.state != LinkState.CONNECTING
 
     async def _run(self) -> None:
         gate = self.rep.peer_gate(self.peer)
@@ -244,7 +252,7 @@ class Subscriber:
                 await self._connect_once()
             except asyncio.CancelledError:
                 raise
-            except (*DIAL_ERRORS, ProtocolError, ValueError, RuntimeError) as exc:
+            except _RETRIED as exc:
                 self.last_error = describe_error(exc)
                 unreachable = self.link is None and isinstance(exc, DIAL_ERRORS)
                 log.debug("link %s/%s: %s", self.peer, self.database, self.last_error)
@@ -255,8 +263,9 @@ class Subscriber:
                 link, self.link = self.link, None
                 if link is not None:
                     link.abort()
-                if self.state not in ("resync_required", "paused", "clock_skew"):
-                    self.state = "connecting"
+                if self.state not in (LinkState.RESYNC_REQUIRED, LinkState.PAUSED,
+                                      LinkState.CLOCK_SKEW):
+                    self.state = LinkState.CONNECTING
             if time.monotonic() - started > 10:
                 self.failures = 0  # the link worked for a while: retry promptly
             self.failures += 1
@@ -273,7 +282,7 @@ class Subscriber:
             await self.link.send(frame)
 
     async def _connect_once(self) -> None:
-        row = self.rep.rows.get(self.peer)
+        row = self.rep.peer_row(self.peer)
         if row is None or not row.get("url"):
             raise RuntimeError(f"no URL known for node {self.peer}")
         db = self.rep.storage.databases.get(self.database)
@@ -288,7 +297,7 @@ class Subscriber:
         refused = self.rep.check_peer(self.peer, self.link)
         if refused is not None:
             raise RuntimeError(refused)
-        self._queue = asyncio.Queue(QUEUE_LIMIT)  # nothing from an earlier session survives
+        self._queue = _WorkQueue(QUEUE_LIMIT)  # nothing from an earlier session survives
         session = self._session = SubscriberSession(
             self.rep.node_name, self.database, self.rep.table_definitions(db),
             dict(db.origin_names), compression=self.rep.offers_compression(row["url"]))
@@ -329,7 +338,7 @@ class Subscriber:
             copy = True
         elif not cursor:
             copy = True  # a new pairing starts with a full copy, then streams
-        row = self.rep.rows.get(self.peer, {})
+        row = (self.rep.peer_row(self.peer) or {})
         tables = peers.subscribe_tables(row, self.database)
         after = int(cursor.get("seq", 0))
         # One copy per link: this peer's own transactions, plus the origins it relays
@@ -346,9 +355,10 @@ class Subscriber:
         self._session.subscribe(after_seq=after, origins=floors,
                                 tables=None if tables is None else list(tables or []),
                                 copy=copy, copy_resume=resume or None)
-        self.state = "copying" if copy else "streaming"
+        self.state = LinkState.COPYING if copy else LinkState.STREAMING
 
     async def _handle(self, event: Any) -> None:
+        assert self._session is not None  # events come from the session
         if isinstance(event, PeerHello):
             if event.node != self.peer:
                 raise ProtocolError(f"peer says it is {event.node}, expected {self.peer}")
@@ -365,7 +375,7 @@ class Subscriber:
             self.head_seq = max(self.head_seq, event.seq)
             await self._queue.put(_Work("caught_up", event.seq, {}))
         elif isinstance(event, CopyBegan):
-            self.state = "copying"
+            self.state = LinkState.COPYING
             self.copy_snapshot = event.snapshot_seq
             self.copy_progress = {"records_copied": 0, "records_total": event.total}
             self.head_seq = max(self.head_seq, event.snapshot_seq)
@@ -375,7 +385,7 @@ class Subscriber:
         elif isinstance(event, CopyEnded):
             await self._queue.put(_Work("copy_end", event.snapshot_seq, {}))
         elif isinstance(event, ResyncRequired):
-            self.state = "resync_required"
+            self.state = LinkState.RESYNC_REQUIRED
             self.last_error = f"resync required: {event.reason}"
             await self._subscribe(copy=True, resync=True)
         elif isinstance(event, OperationRequested):
@@ -404,9 +414,10 @@ class Subscriber:
             limit = BUSY_GROUP if busy else APPLY_GROUP
             batches = 1
             size = len(work[0].payload) if work[0].kind == "entries" else 0
-            while work[0].kind == "entries" and not self._queue.empty() \
-                    and self._queue._queue[0].kind in ("entries", "caught_up") \
-                    and batches < limit and size < APPLY_ENTRIES:  # type: ignore[attr-defined]
+            while work[0].kind == "entries" and batches < limit and size < APPLY_ENTRIES:
+                following = self._queue.peek()
+                if following is None or following.kind not in ("entries", "caught_up"):
+                    break
                 item = self._queue.get_nowait()
                 work.append(item)
                 if item.kind == "entries":
@@ -421,8 +432,7 @@ class Subscriber:
                 if caught:
                     await self._advance(max(caught))
                 # Entries that arrived during the commit: the stream is busy.
-                busy = any(w.kind == "entries"
-                           for w in self._queue._queue)  # type: ignore[attr-defined]
+                busy = any(w.kind == "entries" for w in self._queue.pending())
             elif first.kind == "rows":
                 await self._apply_rows(first)
             elif first.kind == "caught_up":
@@ -436,7 +446,7 @@ class Subscriber:
                 self.checkpoint_at = time.time()
                 self.received_seq = max(self.received_seq, snapshot)
                 self.copy_progress = None
-                self.state = "streaming"
+                self.state = LinkState.STREAMING
                 self._ack(snapshot)
                 for listener in list(self.rep.copy_listeners):
                     listener(self.peer, self.database)
@@ -448,7 +458,7 @@ class Subscriber:
         past them (durably, before the ack that lets the publisher prune them)."""
         self.replay_floor = 0  # a replay ends once it has read the whole log
         self.replaying = False
-        if seq <= self.committed_seq or self.state == "copying":
+        if seq <= self.committed_seq or self.state == LinkState.COPYING:
             return
         db = self.rep.storage.databases[self.database]
         await self._write(lambda ctx: ingest.write_cursor(ctx, db, self.peer,
@@ -541,7 +551,7 @@ class Subscriber:
         self._ack(committed)
         if stats.skew_error is not None:
             self.rep.note_skew(self.peer, stats.skewed)
-            self.state = "clock_skew"
+            self.state = LinkState.CLOCK_SKEW
             raise stats.skew_error
 
     async def _apply_rows(self, work: _Work) -> None:
@@ -565,7 +575,7 @@ class Subscriber:
             self._attempts.pop((table, rows[0][0]), None)
         except ClockSkewError:
             self.rep.note_skew(self.peer, 1)
-            self.state = "clock_skew"
+            self.state = LinkState.CLOCK_SKEW
             raise
         except Exception as exc:
             if not unappliable(exc) or not self._give_up((table, rows[0][0]), exc):
@@ -603,7 +613,7 @@ class Subscriber:
 
     @property
     def streaming(self) -> bool:
-        return self.connected and self.state in ("streaming", "copying")
+        return self.connected and self.state in (LinkState.STREAMING, LinkState.COPYING)
 
     def origin_names(self) -> list[str]:
         """Origin names the peer announced for this database."""
@@ -622,6 +632,10 @@ class Subscriber:
             self.start()  # a no-op once retired
 
     # -- status ------------------------------------------------------------------------
+    def backlog(self) -> int:
+        """Batches received and not applied yet (the apply queue holds QUEUE_LIMIT)."""
+        return self._queue.qsize()
+
     def lag_txns(self) -> int:
         applied = self.committed_seq
         if self._queue.empty() and self.caught_up_seq >= self.received_seq:

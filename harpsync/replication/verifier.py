@@ -77,7 +77,7 @@ def applied_seq(sub: Any) -> int:
     if sub is None:
         return 0
     applied = int(sub.committed_seq)
-    if sub._queue.empty() and sub.caught_up_seq >= sub.received_seq:
+    if sub.backlog() == 0 and sub.caught_up_seq >= sub.received_seq:
         applied = max(applied, int(sub.caught_up_seq))
     return applied
 
@@ -118,9 +118,10 @@ class Verifier:
             for db_name in sorted(rep.replicated_databases()):
                 if db_name == SYSTEM or database is not None and db_name != database:
                     continue
-                db = self.storage.databases.get(db_name)
-                if db is None:
+                found = self.storage.databases.get(db_name)
+                if found is None:
                     continue
+                db = found
                 receive = peers.subscribe_tables(row, db_name)
                 send = peers.publish_tables(row, db_name)
                 for table_name in sorted(db.tables):

@@ -94,6 +94,8 @@ def parse(text: str) -> Statement:
     if len(statements) > 1:
         raise BadRequestError("'sql' must hold exactly one statement")
     statement = statements[0]
+    if not isinstance(statement, exp.Expression):
+        raise BadRequestError(f"SQL statement not understood: '{_clip(text.strip())}'")
     try:
         return _statement(statement)
     except RecursionError:

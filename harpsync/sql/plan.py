@@ -208,7 +208,7 @@ def _order_exprs(plan: Select) -> list[tuple[Expr, bool]]:
     for expr, desc in plan.order:
         if isinstance(expr, Col) and expr.name in by_name and not _is_plain_col(
                 by_name[expr.name], expr.name):
-            expr = by_name[expr.name]  # type: ignore[assignment]
+            expr = by_name[expr.name]
         elif isinstance(expr, Lit) and isinstance(expr.value, int) and not isinstance(
                 expr.value, bool) and 1 <= expr.value <= len(plan.items):
             target = plan.items[expr.value - 1].expr

@@ -293,6 +293,14 @@ class Database:
         pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         return st["entries"], pages * st["psize"]
 
+    def tombstone_count(self, table: Table) -> int:
+        """How many tombstones (deleted keys kept for replication) ``table`` holds."""
+        try:
+            with self.env.begin() as txn:
+                return int(txn.stat(table.tomb_dbi)["entries"])
+        except lmdb.Error as exc:
+            raise self._gone(exc) from None
+
     # -- notifications -----------------------------------------------------------------
     def notify_commit(self) -> None:
         """Tell every listener (publishers) that new entries were committed."""

@@ -7,6 +7,7 @@ landed is not logged again, so a transaction that arrives twice is counted once.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ def note_origin_versions(ctx: WriteContext, db: Database, seen: Mapping[str, int
         if version <= old:
             continue
         db.origin_hw[name] = version
-        ctx.on_undo(lambda n=name, o=old: db.origin_hw.__setitem__(n, o))
+        ctx.on_undo(functools.partial(db.origin_hw.__setitem__, name, old))
         ctx.txn(db).put(HW_PREFIX + name.encode(), codec.pack(version), db=db.meta_dbi)
 
 

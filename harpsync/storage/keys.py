@@ -19,7 +19,7 @@ def seq_key(seq: int) -> bytes:
     return _U64.pack(seq)
 
 
-def seq_of(key: bytes) -> int:
+def seq_of(key: bytes | memoryview) -> int:
     """The log sequence held in a ``seq_key``."""
     seq: int = _U64.unpack(key)[0]
     return seq

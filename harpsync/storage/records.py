@@ -43,7 +43,8 @@ def put_record(txn: lmdb.Transaction, table: Table, key: bytes, version: int, or
     raw = codec.pack([version, origin, record])
     old = txn.replace(key, raw, db=table.dbi)
     tomb = txn.pop(key, db=table.tomb_dbi)
-    digest.on_write(txn, table, key, raw, False, old if old is not None else tomb, old is None)
+    digest.on_write(txn, table, key, raw, False, old if old is not None else tomb,  # type: ignore[arg-type]
+                    old is None)
 
 
 def put_tombstone(txn: lmdb.Transaction, table: Table, key: bytes, version: int,
@@ -52,7 +53,8 @@ def put_tombstone(txn: lmdb.Transaction, table: Table, key: bytes, version: int,
     old = txn.pop(key, db=table.dbi)
     raw = codec.pack([version, origin, None])
     tomb = txn.replace(key, raw, db=table.tomb_dbi)
-    digest.on_write(txn, table, key, raw, True, old if old is not None else tomb, old is None)
+    digest.on_write(txn, table, key, raw, True, old if old is not None else tomb,  # type: ignore[arg-type]
+                    old is None)
 
 
 def wins(version: int, origin_name: str, old_version: int, old_origin_name: str) -> bool:

@@ -39,7 +39,7 @@ class _RemovedVersions:
         self.db = db
         self.newest: dict[int, int] = {}
 
-    def note(self, raw: bytes) -> None:
+    def note(self, raw: bytes | memoryview) -> None:
         origin, version = codec.unpack(raw)[:2]
         if version > self.newest.get(origin, 0):
             self.newest[origin] = version
@@ -102,7 +102,8 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
                     version = codec.unpack(tcur.value())[0]
                     if version < tombstones_before:
                         tombs += 1
-                        digest.on_remove(txn, table, tcur.key(), tcur.value(), True)
+                        digest.on_remove(txn, table, bytes(tcur.key()), bytes(tcur.value()),
+                                         True)
                         ok = tcur.delete() and bool(tcur.key())
                     else:
                         ok = tcur.next()
@@ -150,6 +151,8 @@ def purge_table_job(db: Database, table: str, keep: int | None, upto_seq: int | 
         versions = _RemovedVersions(db)
         for seq in touching:
             raw = txn.get(seq_key(seq), db=db.txns_dbi)
+            if raw is None:
+                continue
             versions.note(raw)
             origin, version, user, ops = codec.unpack(raw)
             rest = [op for op in ops if op[0] != table]

@@ -248,9 +248,9 @@ async def ensure_tables(storage: Storage, db_name: str, tables: Mapping[str, Any
         for name, version in dropped.items():
             apply_drop_table(storage, ctx, db, name, version, oid, log_it=True)
         for name, definition in defs.items():
-            version = definition.get("version")
-            if isinstance(version, int) and not isinstance(version, bool):
-                apply_create_table(storage, ctx, db, name, definition, version, oid, True)
+            created = definition.get("version")
+            if isinstance(created, int) and not isinstance(created, bool):
+                apply_create_table(storage, ctx, db, name, definition, created, oid, True)
 
     await storage.write(fn, prepare)
 

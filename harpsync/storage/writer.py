@@ -33,7 +33,7 @@ class WriteContext:
     def __init__(self, parents: dict[Database, lmdb.Transaction]) -> None:
         self._parents = parents
         self._children: dict[Database, lmdb.Transaction] = {}
-        self._undo: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], object]] = []
         self.after_commit: list[Callable[[], None]] = []
         # The newest version this job appended to a transaction log (0: none).
         self.version = 0
@@ -50,7 +50,7 @@ class WriteContext:
             self._children[db] = child
         return child
 
-    def on_undo(self, fn: Callable[[], None]) -> None:
+    def on_undo(self, fn: Callable[[], object]) -> None:
         """Register a catalog rollback to run if this job fails."""
         self._undo.append(fn)
 

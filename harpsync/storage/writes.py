@@ -153,12 +153,12 @@ def delete_records(storage: Storage, db_name: str, table_name: str, ids: list[An
         skipped: list[Any] = []
         ops: list[list[Any]] = []
         done: set[bytes] = set()
-        for rid, key in live:
-            if key is None or key in done:
+        for rid, live_key in live:
+            if live_key is None or live_key in done:
                 skipped.append(rid)
                 continue
-            done.add(key)
-            put_tombstone(txn, table, key, version, LOCAL_ORIGIN)
+            done.add(live_key)
+            put_tombstone(txn, table, live_key, version, LOCAL_ORIGIN)
             deleted.append(rid)
             ops.append([table_name, "delete", rid, None, table.version])
         if ops:

@@ -1,0 +1,366 @@
+"""Membership: the ``hdb_nodes`` rows and who may act as which node.
+
+This is the state behind joining and leaving (DESIGN.md, "hdb_nodes is local" and
+"Trust model"): one row per peer, kept in memory and in ``system.hdb_nodes``; joining
+(``accept_join`` for the target, ``join`` + ``adopt`` for the joiner), gossip
+(``learn_nodes`` and telling the other peers), removal (``forget_node``), and the
+certificate check every replication socket passes (``check_peer``).
+
+A :class:`Mesh` changes rows; what that means for links (start, stop, restart, close
+inbound sockets) it asks of its :class:`~harpsync.replication.seams.MeshHost`, the
+link runtime, which it never reaches into.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from harpsync.errors import BadRequestError, PeerError
+from harpsync.replication import peers
+from harpsync.replication.membership import node_request
+from harpsync.replication.seams import MeshHost
+from harpsync.replication.transport import Link
+from harpsync.security import NodeKeys, PeerCert, check_node_cert, valid_pin
+from harpsync.storage import reads, writes
+from harpsync.storage.ingest import forget_cursor
+from harpsync.storage.keys import encode_id
+from harpsync.storage.records import get_stored
+from harpsync.storage.store import SYSTEM, Storage
+
+if TYPE_CHECKING:
+    from harpsync.auth import Authenticator
+
+log = logging.getLogger(__name__)
+
+
+class Mesh:
+    """This node's view of its peers: their rows, joins, gossip and removals."""
+
+    def __init__(self, host: MeshHost, storage: Storage, keys: NodeKeys, auth: Authenticator,
+                 node_name: str) -> None:
+        self._host = host
+        self.storage = storage
+        self.keys = keys
+        self.auth = auth
+        self.node_name = node_name
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def peer_row(self, peer: str) -> dict[str, Any] | None:
+        """``peer``'s ``hdb_nodes`` row (None: not known here)."""
+        return self.rows.get(peer)
+
+    def load_rows(self) -> None:
+        db, table = self.storage.table(SYSTEM, "hdb_nodes")
+        self.rows = {r["name"]: r for r in reads.scan(db, table) if r.get("name") != self.node_name}
+        for row in self.rows.values():
+            if row.get("ca"):
+                with contextlib.suppress(ValueError):
+                    self.keys.trust_ca(row["ca"])
+
+    async def scrub_secrets(self) -> None:
+        """Forget peer passwords older versions kept with ``retain_authorization``."""
+        for name, row in list(self.rows.items()):
+            if row.get("authorization") is not None:
+                await self.save_row({"name": name, "authorization": None})
+
+    async def write_row(self, row: dict[str, Any], mode: str = "upsert") -> None:
+        await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_nodes", [row],
+                                                      mode, None))
+
+    async def save_own_row(self) -> None:
+        await self.write_row({"name": self.node_name, "url": self._host.url,
+                              "ca": self.keys.ca_pem.decode(), "replicates": True})
+
+    async def save_row(self, row: dict[str, Any]) -> None:
+        await self.write_row(row)
+        db, table = self.storage.table(SYSTEM, "hdb_nodes")
+        stored = reads.get_by_ids(db, table, [row["name"]])
+        if stored:
+            self.rows[row["name"]] = stored[0]
+
+    def _was_removed(self, name: str) -> bool:
+        db, table = self.storage.table(SYSTEM, "hdb_nodes")
+        with db.env.begin() as txn:
+            stored = get_stored(txn, table, encode_id(name))
+        return stored is not None and stored[2] is None
+
+    # -- trust (DESIGN.md "Trust model") -----------------------------------------------
+    def revoked(self, row: dict[str, Any], serial_hex: str | None = None) -> bool:
+        """Whether the node of ``row`` is revoked: the presented serial, or any serial
+        recorded for that node when it joined, is in ``revoked_certificates``. A
+        revoked node is refused whatever certificate it makes for its key."""
+        revoked = row.get("revoked_certificates")
+        if not revoked:
+            return False
+        known = [str(s) for s in row.get("serials") or []]
+        return any(peers.serial_revoked(s, revoked)
+                   for s in [*known, *([serial_hex] if serial_hex else [])])
+
+    def check_peer(self, name: str, link: Link) -> str | None:
+        """Why the certificate on ``link`` may not act as node ``name`` (None: it may).
+
+        Used for accepted sockets (the client's certificate) and for dialed ones (the
+        server's). The certificate must be named ``name``, be signed by that node's own
+        CA or ours, carry the key pinned for that node, and the node must not be
+        revoked. A row without a pin yet (a node learned by gossip from an older peer)
+        is pinned to the first key that passes the CA check.
+        """
+        row = self.rows.get(name)
+        if row is None:
+            return f"unknown node {name}"
+        cert = link.cert
+        if cert is None:
+            return "a node certificate is required"
+        if cert.common_name != name:
+            return f"certificate names {cert.common_name!r}, not {name!r}"
+        if self.revoked(row, cert.serial_hex):
+            return f"certificate of {name} revoked"
+        if cert.pin in self.keys.barred_pins():
+            return f"certificate of {name} carries the key of a removed node"
+        if not cert.issued_by([row.get("ca") or "", self.keys.ca_pem]):
+            return f"certificate for {name} not issued by its CA"
+        pin = row.get("pin")
+        if pin is None:
+            row["pin"] = cert.pin  # trust on first verified use, limited to this name
+            self._host.spawn(self.write_row({"name": name, "pin": cert.pin}))
+        elif pin != cert.pin:
+            return f"certificate key of {name} does not match the key pinned for it"
+        return None
+
+    # -- membership --------------------------------------------------------------------
+    async def check_super_user(self, username: str, password: str) -> bool:
+        """Whether these are a super_user's credentials (not throttled; see below)."""
+        user = await asyncio.to_thread(self.auth.check_password, username, password)
+        return user is not None and user.super_user
+
+    async def check_join_credentials(self, address: str, username: str,
+                                     password: str) -> None:
+        """Check a joiner's super_user credentials, throttled per client address like
+        HTTP logins (10 failures a minute, then 429 until the window passes).
+
+        Raises:
+            TooManyRequestsError: the address failed too often recently.
+            PeerError: the credentials are wrong or not a super_user's.
+        """
+        self.auth.throttle.check(address)
+        # scrypt is deliberately slow: keep it off the event loop.
+        if not await self.check_super_user(username, password):
+            self.auth.throttle.failed(address)
+            raise PeerError("authorization failed: super_user credentials are required")
+
+    async def accept_join(self, body: dict[str, Any],
+                          credentialed: bool = False) -> dict[str, Any]:
+        """A peer joins (or updates) its relationship with this node.
+
+        With super_user credentials (``credentialed``) the joiner may name itself and
+        its URL: its CSR is signed for exactly that name and URL host, and its key is
+        pinned. A join proven only by the node's certificate changes settings
+        (subscriptions, shard, start time): no certificate is issued and the recorded
+        CA, URL and pin stay as they are.
+        """
+        name = str(body["node"])
+        if name == self.node_name:
+            raise BadRequestError("a node cannot join itself")
+        subs = peers.normalize_subscriptions(body.get("subscriptions"))
+        # Policies are this node's own: the peer's mirror never carries them.
+        subs = peers.keep_policies((self.rows.get(name) or {}).get("subscriptions"), subs)
+        existed = name in self.rows
+        settings = {"replicates": subs is None, "subscriptions": subs,
+                    "shard": body.get("shard"), "start_time": body.get("start_time")}
+        cert: str | None = None
+        if credentialed:
+            url = str(body["url"])
+            if urlparse(url).scheme not in ("ws", "wss") or not urlparse(url).hostname:
+                raise BadRequestError(f"'url' must look like wss://host:port, got {url[:100]!r}")
+            issued = self.keys.sign_csr(str(body.get("csr") or ""), name,
+                                        urlparse(url).hostname)
+            ca = str(body["ca"])
+            serials = [issued.serial_hex]
+            if body.get("cert"):  # the joiner's own certificate: same key, its CA
+                serials.append(check_node_cert(str(body["cert"]), ca, name, issued.pin))
+            self.keys.trust_ca(ca)
+            cert = issued.pem
+            self.keys.bar_pin(issued.pin, barred=False)  # an operator adds it back
+            row = {"name": name, "url": url, "ca": ca, "pin": issued.pin,
+                   "serials": serials, **settings}
+        else:
+            row = {"name": name, **settings}
+        await self._replace_row({**row, "learned": False})
+        # The joiner's other nodes: one add_node joins this node to its whole mesh.
+        await self.learn_nodes(list(body.get("nodes", [])), reconcile=False)
+        await self._host.reconcile(restart_peer=name if existed else None)
+        if credentialed and existed:  # a new key or CA: sockets made with the old go
+            await self._host.drop_inbound(name, "node re-joined")
+        self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
+        return {"node": self.node_name, "url": self._host.url, "ca": self.keys.ca_pem.decode(),
+                "cert": cert,
+                "nodes": [peers.identity(r) for n, r in self.rows.items() if n != name]}
+
+    async def join(self, url: str, credentials: tuple[str, str] | None, verify: bool,
+                   subscriptions: list[dict[str, Any]] | None, extra: dict[str, Any],
+                   expect: str | None = None) -> dict[str, Any]:
+        """Ask the node at ``url`` to pair with this one; returns its answer.
+
+        Without credentials the request is proven by this node's certificate and the
+        server must be ``expect`` (its pinned key).
+        """
+        body: dict[str, Any] = {
+            "type": "join", "node": self.node_name, "url": self._host.url,
+            "ca": self.keys.ca_pem.decode(), "csr": self.keys.make_csr().decode(),
+            "cert": self.keys.node_cert_pem.decode(),
+            "subscriptions": peers.mirror(subscriptions),
+            "shard": extra.get("shard"), "start_time": extra.get("start_time"),
+            "nodes": [peers.identity(r) for r in self.rows.values() if r.get("url") != url],
+        }
+        if credentials is not None:
+            body["authorization"] = list(credentials)
+        return await node_request(self._host, url, body, verify=verify,
+                                  present_cert=credentials is None, expect=expect)
+
+    async def probe(self, url: str, credentials: tuple[str, str] | None,
+                    verify: bool) -> str:
+        """Check that the node at ``url`` answers over TLS and accepts these credentials
+        (or this node's certificate), without joining; returns its name.
+
+        Raises:
+            PeerError: unreachable, TLS refused, or credentials refused.
+        """
+        body: dict[str, Any] = {"type": "probe", "node": self.node_name}
+        if credentials is not None:
+            body["authorization"] = list(credentials)
+        answer = await node_request(self._host, url, body, verify=verify,
+                                    present_cert=credentials is None)
+        return str(answer.get("node", ""))
+
+    async def adopt(self, answer: dict[str, Any], url: str, row: dict[str, Any]) -> str:
+        """Record a peer after a successful join answer.
+
+        The peer is pinned to the key its server certificate carried on the join
+        socket, which must be named after the peer and signed by the CA it answered
+        with (or, when the row exists already, the pin must match: node_request checked).
+        """
+        name = str(answer["node"])
+        server: PeerCert | None = answer.pop("__server_cert__", None)
+        existing = self.rows.get(name)
+        pin_fields: dict[str, Any] = {}
+        if server is None:
+            raise BadRequestError(f"node at '{url}' presented no certificate")
+        if server.common_name != name or not server.issued_by([str(answer["ca"])]):
+            raise BadRequestError(f"node at '{url}' answered as {name!r} with a certificate "
+                                  "that is not that node's")
+        if existing is None or existing.get("pin") != server.pin:
+            pin_fields = {"pin": server.pin, "serials": [server.serial_hex]}
+        self.keys.bar_pin(server.pin, barred=False)  # an operator adds it (back)
+        self.keys.trust_ca(answer["ca"])
+        if answer.get("cert"):
+            self.keys.store_peer_signed_cert(name, answer["cert"])
+        existed = existing is not None
+        await self._replace_row({**row, "name": name, "url": url, "ca": str(answer["ca"]),
+                                 "learned": False, **pin_fields})
+        await self.learn_nodes(list(answer.get("nodes", [])), reconcile=False)
+        await self._host.reconcile(restart_peer=name if existed else None)
+        if existed:  # settings such as revoked_certificates apply to its sockets now
+            await self._host.drop_inbound(name, "node settings changed")
+        self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
+        return name
+
+    async def _replace_row(self, row: dict[str, Any]) -> None:
+        """Save an operator-made row. When the peer's subscriptions change, its cursors
+        go: tables that now replicate must arrive with their history, so the links
+        start with a full copy (merged by last-writer-wins, so nothing here is lost).
+
+        The links are stopped first, and their in-flight apply jobs finished, so no
+        late cursor write can bring a forgotten cursor back (which would skip the
+        copy); the reconcile lock keeps them from restarting until the row is saved.
+        """
+        name = str(row["name"])
+        async with self._host.reconcile_lock:
+            old = self.rows.get(name)
+            if old is not None and peers.without_policies(old.get("subscriptions")) \
+                    != peers.without_policies(row.get("subscriptions")):
+                await self._host.stop_links(name)
+                await self._forget_cursors(name, include_system=False)
+            await self.save_row(row)
+
+    async def _forget_cursors(self, name: str, include_system: bool) -> None:
+        for db in list(self.storage.databases.values()):
+            if include_system or db.name != SYSTEM:
+                await self.storage.write(functools.partial(forget_cursor, db=db, peer=name))
+
+    def is_selective(self) -> bool:
+        """Whether an operator gave this node explicit subscriptions with some peer:
+        then links formed by gossip carry no data (see DESIGN.md, gossip rule)."""
+        return any(r.get("subscriptions") is not None and not r.get("learned")
+                   for r in list(self.rows.values()))
+
+    async def learn_nodes(self, nodes: list[Any], reconcile: bool = True) -> None:
+        """Add nodes heard of from a peer, unless known or deliberately removed here."""
+        changed = False
+        for node in nodes:
+            if not isinstance(node, dict) or not node.get("name") or not node.get("url"):
+                continue
+            name = str(node["name"])
+            if name == self.node_name or name in self.rows or self._was_removed(name):
+                continue
+            # Trust for a learned node is bound to its name: its CA vouches only for
+            # certificates named after it (check_peer), with the key the introducer
+            # saw (``pin``) or, if it sent none, the first key seen.
+            learned = peers.identity(node)
+            if not valid_pin(learned.get("pin")):
+                learned.pop("pin", None)
+            elif learned["pin"] in self.keys.barred_pins():
+                continue  # a removed node coming back under another name
+            if node.get("ca"):
+                try:
+                    self.keys.trust_ca(str(node["ca"]))
+                except ValueError:
+                    continue
+            # Gossip never widens what an operator configured: a selective node, or a
+            # node added somewhere with subscriptions, gets a system-only link.
+            system_only = self.is_selective() or bool(node.get("selective"))
+            await self.save_row({**learned, "learned": True,
+                                 "selective": bool(node.get("selective")),
+                                 "replicates": not system_only,
+                                 "subscriptions": [] if system_only else None})
+            changed = True
+        if changed and reconcile:
+            await self._host.reconcile()
+
+    def _gossip(self, exclude: set[str], nodes: list[dict[str, Any]]) -> None:
+        for name, row in list(self.rows.items()):
+            if name in exclude or not row.get("url"):
+                continue
+            self._host.spawn(self._tell(row["url"], {"type": "mesh", "nodes": nodes}, name))
+
+    async def _tell(self, url: str, body: dict[str, Any], name: str) -> None:
+        try:
+            await node_request(self._host, url, body, verify=True, present_cert=True, expect=name)
+        except Exception as exc:
+            log.info("could not tell %s about the mesh: %s", url, exc)
+
+    async def forget_node(self, name: str, notify: bool) -> None:
+        """Stop replicating with ``name`` and delete its row (both sides if ``notify``)."""
+        row = self.rows.get(name)
+        if row is None:
+            raise BadRequestError(f"{name} does not exist")
+        if notify and row.get("url"):
+            with contextlib.suppress(Exception):
+                await node_request(self._host, row["url"], {"type": "remove"}, verify=True,
+                                   present_cert=True, timeout=5, expect=name)
+        if row.get("pin"):
+            self.keys.bar_pin(str(row["pin"]))
+        async with self._host.reconcile_lock:
+            await self.storage.write(writes.delete_records(self.storage, SYSTEM, "hdb_nodes",
+                                                           [name], None))
+            self.rows.pop(name, None)
+            # Its cursors go too: if it comes back, it may be a new node with a new log.
+            # The links stop (in-flight writes done) first, or one could write it back.
+            await self._host.stop_links(name)
+            await self._forget_cursors(name, include_system=True)
+        await self._host.reconcile()
+        await self._host.drop_inbound(name, "node removed")

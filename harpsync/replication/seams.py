@@ -1,0 +1,277 @@
+"""The seams of the replication glue, as small ``typing.Protocol``s.
+
+Each consumer declares only what it uses from the rest of the node (rqlite's habit:
+``http/service.go`` lists the few ``Store`` methods it calls). A publisher, a subscriber,
+membership or maintenance reads through these, never through ``Replicator``'s
+dictionaries, so each can be built with a fake of its seam instead of a whole node.
+
+Who implements what (see DESIGN.md, "Seams"):
+
+- :class:`LogSource` is one database's log as a publisher reads it;
+  ``harpsync.storage.database.Database`` implements it.
+- :class:`LinkHost` is what every link needs from the node: its name, how it talks
+  to peers, the peer's row and the hooks it reports to. :class:`PublisherHost` and
+  :class:`SubscriberHost` add what only one side uses. ``Replicator`` implements all
+  of them, and ``_implements_seams`` at the end of ``replicator.py`` lets mypy check it.
+- :class:`MeshHost` is what membership (``mesh.py``) needs from the link runtime.
+- :class:`CopyListener`, :class:`PositionListener`: callbacks links invoke.
+
+This module is typing only: it imports no asyncio (but for annotations), sockets or
+LMDB, and nothing here runs at import time beyond the class definitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from harpsync.auth import Authenticator
+    from harpsync.metrics import Metrics
+    from harpsync.replication.reconnect import PeerGate
+    from harpsync.replication.relays import RelayPlanner
+    from harpsync.replication.transport import Link
+    from harpsync.security import NodeKeys
+    from harpsync.storage.conflicts import Review
+    from harpsync.storage.database import Table
+    from harpsync.storage.store import Storage
+
+#: A peer's ``hdb_nodes`` row as this node keeps it (see peers.py for its fields).
+PeerRow = Mapping[str, Any]
+#: ``(key, stored value)`` rows of one table, in key order.
+Rows = list[tuple[bytes, bytes]]
+#: ``(publisher sequence, packed log entry)`` in increasing sequence order.
+Entries = list[tuple[int, bytes]]
+CommitListener = Callable[[int], None]
+PositionListener = Callable[[], None]
+#: Told ``(peer, database)`` when a link's full copy ended.
+CopyListener = Callable[[str, str], None]
+
+
+class LogSource(Protocol):
+    """One database's replication log, as a publisher reads it.
+
+    Reads are snapshots: ``read_log`` returns the pruned-through sequence and the
+    entries after a cursor from one transaction, so they always agree.
+    """
+
+    name: str
+    origin_names: dict[int, str]
+    commit_listeners: list[CommitListener]
+    tables: dict[str, Table]
+    dropped: bool
+
+    @property
+    def head_seq(self) -> int:
+        """The newest log sequence (0 for an empty log)."""
+        ...
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence the next local commit will get."""
+        ...
+
+    def pruned_through(self) -> int:
+        """Every entry up to this sequence was pruned."""
+        ...
+
+    def pruned_max(self) -> dict[str, int]:
+        """Per origin, the newest version pruned from this log."""
+        ...
+
+    def read_log(self, after_seq: int, limit: int) -> tuple[int, Entries]:
+        """``(pruned_through, up to limit entries after after_seq)`` in one snapshot."""
+        ...
+
+    def iter_rows(self, table: Table, after_key: bytes | None, limit: int,
+                  tombs: bool = False) -> Rows:
+        """Up to ``limit`` rows (or tombstones) of ``table`` after ``after_key``."""
+        ...
+
+    def table_size(self, table: Table) -> tuple[int, int]:
+        """``(records, bytes)`` of ``table``."""
+        ...
+
+    def tombstone_count(self, table: Table) -> int:
+        """How many tombstones ``table`` holds."""
+        ...
+
+
+class LinkHost(Protocol):
+    """What any link (publisher, subscriber, a ``/.node`` exchange) needs from the node."""
+
+    @property
+    def node_name(self) -> str:
+        """This node's name (it goes in every hello)."""
+        ...
+
+    @property
+    def ping_interval(self) -> float:
+        """Seconds between WebSocket pings on replication sockets."""
+        ...
+
+    def peer_row(self, peer: str) -> PeerRow | None:
+        """``peer``'s ``hdb_nodes`` row, or None if this node does not know it."""
+        ...
+
+    def replicates_database(self, name: str) -> bool:
+        """Whether ``name`` replicates here (``replication.databases``)."""
+        ...
+
+    def table_definitions(self, db: Any) -> dict[str, Any]:
+        """The schema a hello describes for ``db``."""
+        ...
+
+    def check_peer(self, name: str, link: Link) -> str | None:
+        """Why the certificate on ``link`` may not act as node ``name`` (None: it may)."""
+        ...
+
+    async def peer_operation(self, peer: str, body: dict[str, Any]) -> tuple[Any, str | None]:
+        """Run an operation a peer asked for: ``(result, error message)``."""
+        ...
+
+
+class PublisherHost(LinkHost, Protocol):
+    """What a publisher (an accepted socket streaming this node's log) needs."""
+
+    compression: bool
+
+    def note_position(self, peer: str, database: str, seq: int, reset: bool = False) -> None:
+        """``peer`` holds this node's log through ``seq`` (``reset``: a copy starts)."""
+        ...
+
+    def note_ack(self, peer: str, database: str, seq: int) -> None:
+        """``peer`` acknowledged this node's log through ``seq``."""
+        ...
+
+
+class SubscriberHost(LinkHost, Protocol):
+    """What a subscriber (a dialed link applying a peer's log) needs.
+
+    Still wide: it applies through storage and dials with the node's keys; narrowing
+    it (an apply seam over storage) is left for later (see DESIGN.md, "Seams").
+    """
+
+    max_skew_ms: int
+    storage: Storage
+    keys: NodeKeys
+    auth: Authenticator
+    metrics: Metrics
+    relays: RelayPlanner
+    copy_listeners: list[CopyListener]
+
+    def peer_gate(self, peer: str) -> PeerGate:
+        """The reachability shared by every link to ``peer``."""
+        ...
+
+    def review(self, peer: str, database: str) -> Review | None:
+        """The conflict-policy review for one apply job (None: all last-writer-wins)."""
+        ...
+
+    def note_review(self, peer: str, database: str, review: Review | None) -> None:
+        """Count what the conflict policies of one apply job did."""
+        ...
+
+    def operation_completed(self, event: Any) -> None:
+        """A peer answered an operation this node asked for."""
+        ...
+
+    def offers_compression(self, url: str) -> bool:
+        """Whether a link dialing ``url`` offers zstd."""
+        ...
+
+    def start_floor(self, peer: str) -> int:
+        """Versions of ``peer`` at or below this are skipped (its ``start_time``)."""
+        ...
+
+    def note_dialed(self, peer: str, database: str) -> None:
+        """A link's socket opened (every open after the first is a reconnect)."""
+        ...
+
+    def note_received(self, peer: str, database: str, txns: int, size: int) -> None:
+        """Count transactions and bytes applied from ``peer``."""
+        ...
+
+    def note_dead_letters(self, peer: str, database: str, count: int) -> None:
+        """Count changes moved to the dead letters."""
+        ...
+
+    def note_skew(self, peer: str, count: int) -> None:
+        """Count transactions held back for clock skew."""
+        ...
+
+
+class NodeClient(Protocol):
+    """What one ``/.node`` request to a peer needs (membership.py's ``node_request``)."""
+
+    keys: NodeKeys
+
+    @property
+    def ping_interval(self) -> float: ...
+
+    def check_peer(self, name: str, link: Link) -> str | None: ...
+
+
+class NodeServer(Protocol):
+    """What answering a ``/.node`` request needs (membership.py's ``serve_node_request``)."""
+
+    @property
+    def node_name(self) -> str: ...
+
+    def check_peer(self, name: str, link: Link) -> str | None: ...
+
+    async def check_join_credentials(self, address: str, username: str,
+                                     password: str) -> None:
+        """Check (and throttle) a joiner's super_user credentials."""
+        ...
+
+    async def accept_join(self, body: dict[str, Any],
+                          credentialed: bool = False) -> dict[str, Any]: ...
+
+    async def forget_node(self, name: str, notify: bool) -> None: ...
+
+    async def learn_nodes(self, nodes: list[Any], reconcile: bool = True) -> None: ...
+
+    async def peer_operation(self, peer: str, body: dict[str, Any]) -> tuple[Any, str | None]:
+        ...
+
+
+class MeshHost(Protocol):
+    """What membership (mesh.py) needs from the link runtime: its address and the
+    power to start, stop and close links when rows change."""
+
+    keys: NodeKeys
+
+    @property
+    def url(self) -> str:
+        """This node's replication URL."""
+        ...
+
+    @property
+    def ping_interval(self) -> float: ...
+
+    @property
+    def reconcile_lock(self) -> asyncio.Lock:
+        """Held while links are reconciled; hold it to change a peer's cursors."""
+        ...
+
+    def check_peer(self, name: str, link: Link) -> str | None: ...
+
+    async def reconcile(self, restart_peer: str | None = None) -> None:
+        """Start the links the rows call for, stop the others (restart ``restart_peer``'s)."""
+        ...
+
+    async def stop_links(self, name: str) -> None:
+        """Stop ``name``'s links and wait for their writes (reconcile lock held)."""
+        ...
+
+    async def drop_inbound(self, name: str, reason: str) -> None:
+        """Close the sockets ``name`` opened to this node."""
+        ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background, outliving the request that started it."""
+        ...
+

@@ -1,0 +1,66 @@
+"""harpsync/replication/maintenance.py: retention from plain values and a real LMDB log."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harpsync.replication.maintenance import ack_floor, prune_database
+from harpsync.storage import writes
+from harpsync.storage.store import Storage
+
+DATA_ONLY_PUBLISH = [{"database": "data", "table": "t", "publish": True, "subscribe": True}]
+
+
+def test_ack_floor_is_the_slowest_receiving_peer():
+    """The floor is the lowest acknowledgement among peers that receive the database,
+    0 for one that never acknowledged."""
+    rows = {"b": {"name": "b"}, "c": {"name": "c"}, "d": {"name": "d"}}
+    assert ack_floor({("b", "data"): 9, ("c", "data"): 4, ("d", "data"): 7}, rows,
+                     "data") == 4
+    assert ack_floor({("b", "data"): 9}, rows, "data") == 0
+
+
+def test_ack_floor_ignores_peers_that_do_not_receive_it():
+    """A peer this node sends nothing of the database to does not hold pruning back;
+    with no receiving peer there is no floor."""
+    rows = {"b": {"name": "b", "subscriptions": [
+        {"database": "other", "table": "t", "publish": True}]}}
+    assert ack_floor({}, rows, "data") is None
+    assert ack_floor({}, {}, "data") is None
+    assert ack_floor({("b", "other"): 3}, rows, "other") == 3
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Storage]:
+    store = Storage(tmp_path / "db", "node-a", 1 << 26)
+    store.open()
+    yield store
+    store.close()
+
+
+async def _writes(storage: Storage, count: int) -> None:
+    await storage.create_table("data", "t", "id")
+    for i in range(count):
+        await storage.write(writes.write_records(storage, "data", "t", [{"id": i}],
+                                                 "upsert", None))
+
+
+async def test_prune_keeps_entries_younger_than_retention(storage):
+    """Nothing is pruned while every entry is younger than the retention."""
+    await _writes(storage, 3)
+    db = storage.databases["data"]
+    result = await prune_database(storage, db, retention_ms=60_000, acked=None)
+    assert result["entries"] == 0 and db.pruned_through() == 0
+
+
+async def test_prune_removes_entries_older_than_retention(storage):
+    """Entries older than the retention go, whatever peers acknowledged."""
+    await _writes(storage, 3)
+    db = storage.databases["data"]
+    head = db.head_seq
+    later = storage.hlc.wall_now_ms() + 120_000
+    result = await prune_database(storage, db, retention_ms=60_000, acked=0, now_ms=later)
+    assert result["entries"] == head and db.pruned_through() == head

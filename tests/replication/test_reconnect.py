@@ -1,0 +1,51 @@
+"""harpsync/replication/reconnect.py: backoff, the per-peer gate and error causes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from harpsync.replication.reconnect import (
+    MAX_BACKOFF,
+    MIN_BACKOFF,
+    PeerGate,
+    backoff_delay,
+    describe_error,
+)
+
+
+@pytest.mark.parametrize("failures", [0, 1, 2, 3, 5, 10, 60])
+def test_backoff_stays_between_half_the_step_and_the_cap(failures):
+    """The delay doubles from MIN_BACKOFF, is jittered down to half, and never passes
+    MAX_BACKOFF, even after many failures."""
+    step = min(MIN_BACKOFF * 2.0 ** max(0, failures - 1), MAX_BACKOFF)
+    for _ in range(50):
+        delay = backoff_delay(failures)
+        assert step / 2 <= delay <= step <= MAX_BACKOFF
+
+
+async def test_gate_waits_until_the_peer_is_up():
+    """A marked-down peer holds waiters until it is marked up again."""
+    gate = PeerGate()
+    gate.mark_down()
+    waiter = asyncio.ensure_future(gate.wait_up(5.0))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    gate.mark_up()
+    assert await waiter is True
+
+
+async def test_gate_wait_gives_up_after_its_timeout():
+    """Waiting on a peer that stays down returns False once the timeout passes."""
+    gate = PeerGate()
+    gate.mark_down()
+    assert await gate.wait_up(0.01) is False
+
+
+def test_describe_error_is_short_and_names_the_cause():
+    """Refusals and timeouts get a plain cause; other errors keep their (clipped) text."""
+    assert describe_error(ConnectionRefusedError()) == "connection refused"
+    assert describe_error(TimeoutError()) == "timed out"
+    assert describe_error(ValueError("x" * 500)) == "x" * 200
+    assert describe_error(RuntimeError()) == "RuntimeError"
