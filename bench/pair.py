@@ -14,15 +14,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.common import ADMIN, NodeProcess, basic_auth
+from bench.replication import RawClient
 
 DATABASE, TABLE = "bench", "dog"
 
@@ -67,34 +66,6 @@ def lmdb_synced_commits(path: Path, seconds: float) -> float:
 
 
 # -- a raw keep-alive client (no http.client overhead on the latency path) ----------------
-class RawClient:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.head = (f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
-                     f"{basic_auth(*ADMIN)}\r\nContent-Type: application/json\r\n"
-                     "Content-Length: ").encode()
-        self.buffer = b""
-
-    def call(self, body: dict[str, Any]) -> Any:
-        payload = json.dumps(body).encode()
-        self.sock.sendall(self.head + str(len(payload)).encode() + b"\r\n\r\n" + payload)
-        while b"\r\n\r\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the node closed the connection")
-            self.buffer += chunk
-        header, _, rest = self.buffer.partition(b"\r\n\r\n")
-        length = int(header.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        while len(rest) < length:
-            rest += self.sock.recv(65536)
-        self.buffer = rest[length:]
-        return json.loads(rest[:length])
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 # -- the three nodes ------------------------------------------------------------------------
 class Pair:
     """``alone`` without peers, and ``origin`` replicating to ``peer``."""

@@ -67,13 +67,19 @@ class RawClient:
         payload = json.dumps(body).encode()
         self.sock.sendall(self.head + str(len(payload)).encode() + b"\r\n\r\n" + payload)
         while b"\r\n\r\n" not in self.buffer:
-            self.buffer += self.sock.recv(65536)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the node closed the connection")
+            self.buffer += chunk
         header, _, rest = self.buffer.partition(b"\r\n\r\n")
         length = int(header.lower().split(b"content-length:")[1].split(b"\r\n")[0])
         while len(rest) < length:
             rest += self.sock.recv(65536)
         self.buffer = rest[length:]
         return json.loads(rest[:length])
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def node(workdir: Path, name: str) -> NodeProcess:
