@@ -142,6 +142,9 @@ async def cluster_delete_routes(ctx: OpContext, body: dict[str, Any]) -> dict[st
 
 
 # -- cluster_network ------------------------------------------------------------------
+NESTED_BUDGET = 0.6
+
+
 def _local_entry(rep: Any) -> dict[str, Any]:
     connected = sorted({peer for (peer, _db), sub in rep.subscribers.items() if sub.connected})
     return {"name": rep.node_name, "response_time": 0, "connected_nodes": connected,
@@ -154,10 +157,14 @@ async def collect_network(rep: Any, visited: set[str], timeout_ms: float) -> lis
     ask = [n for n in me["connected_nodes"] if n not in visited and n in rep.rows]
     seen = visited | {rep.node_name} | set(ask)
 
+    # A peer asks its own peers in turn: it gets a smaller budget than this node waits,
+    # so that its answer (with whatever its peers sent in time) arrives before ours ends.
+    nested_ms = timeout_ms * NESTED_BUDGET
+
     async def one(name: str) -> list[dict[str, Any]]:
         started = time.perf_counter()
         body = {"type": "operation", "body": {"operation": "cluster_network_collect",
-                                              "visited": sorted(seen), "timeout": timeout_ms}}
+                                              "visited": sorted(seen), "timeout": nested_ms}}
         try:
             answer = await node_request(rep, rep.rows[name]["url"], body, verify=True,
                                         present_cert=True, timeout=timeout_ms / 1000)
