@@ -8,6 +8,7 @@ from harpsync.auth import User, require_table
 from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, NotFoundError
 from harpsync.storage.database import Database, Table
+from harpsync.storage.schema import RESERVED_KEYS
 from harpsync.storage.store import SYSTEM
 
 
@@ -20,6 +21,13 @@ def _not_system(db: str, table: str) -> None:
     if db == SYSTEM:
         raise BadRequestError(f"Table '{db}.{table}' is a system table and cannot be "
                               "created or dropped")
+
+
+def _not_reserved(table: str) -> None:
+    # A schema hello keys table definitions by name beside its own entries
+    # (``__dropped__``, ``__created__``, ``__databases__``): such a name would be ambiguous.
+    if table in RESERVED_KEYS:
+        raise BadRequestError(f"Table name '{table}' is reserved")
 
 
 async def create_database(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +101,7 @@ async def describe_database(ctx: OpContext, body: dict[str, Any]) -> dict[str, A
 async def create_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     db, name = _db_name(body), body["table"]
     _not_system(db, name)
+    _not_reserved(name)
     attrs = [a["name"] for a in body.get("attributes", []) if a.get("name") != body["primary_key"]]
     await ctx.services.storage.create_table(db, name, body["primary_key"], attrs)
     return {"message": f"table '{db}.{name}' successfully created."}

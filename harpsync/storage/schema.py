@@ -28,6 +28,8 @@ from harpsync.storage.writer import WriteContext
 DATABASES_KEY = "__databases__"
 DROPPED_KEY = "__dropped__"
 CREATED_KEY = "__created__"
+# Keys of a schema hello that are not table names; create_table refuses them as names.
+RESERVED_KEYS = frozenset({DATABASES_KEY, DROPPED_KEY, CREATED_KEY})
 
 
 class DroppedIncarnationError(ValueError):
@@ -230,7 +232,7 @@ async def ensure_tables(storage: Storage, db_name: str, tables: Mapping[str, Any
     nodes that reach this one only through it learn them too.
     """
     defs = {k: v for k, v in tables.items()
-            if isinstance(v, dict) and NAME_RE.match(k) and not k.startswith("__")}
+            if isinstance(v, dict) and NAME_RE.match(k) and k not in RESERVED_KEYS}
     if db_name == SYSTEM or (not defs and not dropped):
         return
 
