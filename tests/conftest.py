@@ -68,6 +68,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--lifecycle-seed", type=int, default=None,
                     help="run the randomized lifecycle test with this one seed only; "
                          "env HARPSYNC_LIFECYCLE_SEED")
+    group.addoption("--partition-seeds", type=int, default=None,
+                    help="also run the partition suite with N random fault schedules "
+                         "(seeds 1..N, marked slow); env HARPSYNC_PARTITION_SEEDS")
+    group.addoption("--partition-seed", type=int, default=None,
+                    help="run the partition suite with this one schedule seed only "
+                         "(0: the fixed default schedule); env HARPSYNC_PARTITION_SEED")
     group.addoption("--lifecycle-rounds", type=int, default=None,
                     help="disturbance rounds per lifecycle seed (default 2; 3 for the "
                          "extra, slow-marked seeds)")

@@ -5,11 +5,16 @@ connected, every node holds the same rows, and those rows are what last-writer-w
 makes of the acknowledged writes (tests/lifecycle_model.py).
 
 Needs root and iproute2 (CI runs as root); skips with the reason otherwise.
+
+Default: one fixed schedule (cut, isolate, SIGKILL, slow). Random schedules, marked slow:
+``--partition-seeds=N`` (seeds 1..N, or HARPSYNC_PARTITION_SEEDS=N); one of them:
+``--partition-seed=S``. A failing run prints the command that reproduces its schedule.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import threading
 import time
@@ -30,6 +35,25 @@ pytestmark = [pytest.mark.netns]
 DB, TABLE = "data", "kv"
 SHARED_KEYS = 12  # every writer upserts these: conflicts on every key
 SEED = 7
+FIXED = 0  # the schedule id of the fixed default schedule
+
+
+def _option(config: pytest.Config, name: str, env: str) -> int | None:
+    value = config.getoption(name)
+    if value is None and os.environ.get(env):
+        value = int(os.environ[env])
+    return value
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "schedule_seed" not in metafunc.fixturenames:
+        return
+    one = _option(metafunc.config, "--partition-seed", "HARPSYNC_PARTITION_SEED")
+    many = _option(metafunc.config, "--partition-seeds", "HARPSYNC_PARTITION_SEEDS") or 0
+    seeds = [one] if one is not None else [FIXED, *range(1, many + 1)]
+    metafunc.parametrize("schedule_seed", [
+        pytest.param(s, id="fixed" if s == FIXED else f"schedule{s}",
+                     marks=() if s == FIXED else (pytest.mark.slow,)) for s in seeds])
 
 
 @pytest.fixture
@@ -181,55 +205,100 @@ def rows_of(node: NetnsNode) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: repr(r["id"]))
 
 
-@pytest.mark.timeout(150)
-def test_partitions_converge_to_last_writer_wins(lab: NetLab, mesh: list[NetnsNode]) -> None:
-    """Through a cut link, an isolated node, a SIGKILL and a slowed link, under writes
-    to the same keys on every node, no acknowledged write is lost unless a newer
-    acknowledged write replaced it, all nodes end identical, and every link is back."""
-    a, b, c = mesh
+def _cut(lab: NetLab, mesh: list[NetnsNode], writers: list[Writer], steps: list[str],
+         i: int, j: int) -> None:
+    """Cut the link i -/- j (both still reach the third node), write, heal."""
+    lab.cut(i, j)
+    steps.append(f"cut {mesh[i].name}-{mesh[j].name}")
+    wait_for(lambda: link_down(mesh[i], mesh[j]) and link_down(mesh[j], mesh[i]), timeout=15,
+             message=f"{mesh[i].name} and {mesh[j].name} notice the cut link")
+    advance(writers)
+    lab.heal(i, j)
+    steps.append("healed")
+
+
+def _isolate(lab: NetLab, mesh: list[NetnsNode], writers: list[Writer], steps: list[str],
+             i: int) -> None:
+    """Node i alone, still written to by its client; then healed."""
+    lab.isolate(i)
+    steps.append(f"isolated {mesh[i].name}")
+    others = [n for k, n in enumerate(mesh) if k != i]
+    wait_for(lambda: all(link_down(mesh[i], o) for o in others), timeout=15,
+             message=f"{mesh[i].name} notices it is isolated")
+    advance(writers)
+    for k in range(len(mesh)):
+        if k != i:
+            lab.heal(min(i, k), max(i, k))
+    steps.append("healed")
+
+
+def _kill(mesh: list[NetnsNode], writers: list[Writer], steps: list[str], i: int) -> None:
+    """SIGKILL node i, write elsewhere, restart it."""
+    mesh[i].kill()
+    steps.append(f"SIGKILL {mesh[i].name}")
+    advance(writers, skip=(i,))
+    mesh[i].start()
+    steps.append(f"restarted {mesh[i].name}")
+
+
+def _slow(lab: NetLab, mesh: list[NetnsNode], writers: list[Writer], steps: list[str],
+          i: int, j: int) -> None:
+    kind = lab.slow(i, j)
+    steps.append(f"slowed {mesh[i].name}-{mesh[j].name} ({kind})")
+    advance(writers)
+    lab.unslow(i, j)
+    steps.append("restored")
+
+
+def run_schedule(seed: int, lab: NetLab, mesh: list[NetnsNode], writers: list[Writer],
+                 steps: list[str]) -> None:
+    """The fixed schedule (seed 0), or a random one of 4-7 faults drawn from ``seed``."""
+    if seed == FIXED:
+        _cut(lab, mesh, writers, steps, 0, 1)
+        _isolate(lab, mesh, writers, steps, 2)
+        _kill(mesh, writers, steps, 1)
+        advance(writers)
+        _slow(lab, mesh, writers, steps, 0, 2)
+        return
+    rng = random.Random(seed)
+    for _ in range(rng.randint(4, 7)):
+        i, j = sorted(rng.sample(range(len(mesh)), 2))
+        kind = rng.choice(["cut", "isolate", "kill", "slow", "write"])
+        if kind == "cut":
+            _cut(lab, mesh, writers, steps, i, j)
+        elif kind == "isolate":
+            _isolate(lab, mesh, writers, steps, i)
+        elif kind == "kill":
+            _kill(mesh, writers, steps, i)
+        elif kind == "slow":
+            _slow(lab, mesh, writers, steps, i, j)
+        else:
+            advance(writers)
+
+
+@pytest.mark.timeout(240)
+def test_partitions_converge_to_last_writer_wins(lab: NetLab, mesh: list[NetnsNode],
+                                                 schedule_seed: int) -> None:
+    """Through cut links, isolated nodes, SIGKILLs and slowed links, under writes to the
+    same keys on every node, no acknowledged write is lost unless a newer acknowledged
+    write replaced it, all nodes end identical, and every link is back."""
+    a = mesh[0]
     a.call("create_table", database=DB, table=TABLE, primary_key="id")
     wait_for(lambda: all(n.post({"operation": "describe_table", "database": DB,
                                  "table": TABLE}).status_code == 200 for n in mesh),
              timeout=20, message="the table on every node")
     model, lock = Model(), threading.Lock()
     inc = model.new_incarnation(DB, TABLE)
-    writers = [Writer(node, model, inc, lock, SEED * 10 + i) for i, node in enumerate(mesh)]
+    writer_seed = SEED if schedule_seed == FIXED else schedule_seed
+    writers = [Writer(node, model, inc, lock, writer_seed * 10 + i)
+               for i, node in enumerate(mesh)]
     steps: list[str] = []
     started = time.monotonic()
     for writer in writers:
         writer.thread.start()
     try:
         advance(writers)
-
-        lab.cut(0, 1)  # a -/- b; both still reach c
-        steps.append("cut a-b")
-        wait_for(lambda: link_down(a, b) and link_down(b, a), timeout=15,
-                 message="a and b notice the cut link")
-        advance(writers)
-        lab.heal(0, 1)
-        steps.append("healed a-b")
-
-        lab.isolate(2)  # c alone, still written to by its client
-        steps.append("isolated c")
-        wait_for(lambda: link_down(c, a) and link_down(c, b), timeout=15,
-                 message="c notices it is isolated")
-        advance(writers)
-        lab.heal(0, 2)
-        lab.heal(1, 2)
-        steps.append("healed c")
-
-        b.kill()
-        steps.append("SIGKILL b")
-        advance(writers, skip=(1,))
-        b.start()
-        steps.append("restarted b")
-        advance(writers)
-
-        slow_kind = lab.slow(0, 2)
-        steps.append(f"slowed a-c ({slow_kind})")
-        advance(writers)
-        lab.unslow(0, 2)
-        steps.append("restored a-c")
+        run_schedule(schedule_seed, lab, mesh, writers, steps)
         advance(writers, more=5)
     finally:
         for writer in writers:
@@ -257,7 +326,9 @@ def test_partitions_converge_to_last_writer_wins(lab: NetLab, mesh: list[NetnsNo
         wait_for(converged, timeout=45, interval=0.25, message="convergence after the heal")
     except AssertionError:
         pytest.fail("no convergence after the heal:\n  " + "\n  ".join(last[:20])
-                    + f"\nsteps: {steps}\nnode logs: {[str(n.log_path) for n in mesh]}",
+                    + f"\nsteps: {steps}\nnode logs: {[str(n.log_path) for n in mesh]}"
+                    + f"\nreproduce: pytest tests/test_partition.py "
+                    f"--partition-seed={schedule_seed}",
                     pytrace=False)
     convergence_s = time.monotonic() - healed_at
     acked = sum(w.acked for w in writers)
