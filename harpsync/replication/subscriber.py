@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import contextvars
 import enum
-import functools
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from harpsync.errors import HarpsyncError
 from harpsync.replication import peers
@@ -37,19 +37,19 @@ from harpsync.replication.protocol import (
     SubscriberSession,
 )
 from harpsync.replication.reconnect import (
-    DIAL_TIMEOUT,
     GATED_RETRY,
     backoff_delay,
     describe_error,
 )
-from harpsync.replication.transport import DIAL_ERRORS, Link, dial
-from harpsync.storage import deadletters, ingest, schema
+from harpsync.replication.transport import DIAL_ERRORS, Link
+from harpsync.storage import deadletters, schema
 from harpsync.storage.hlc import ClockSkewError, wall_ms_of
 
 if TYPE_CHECKING:
-    from harpsync.replication.seams import SubscriberHost
+    from harpsync.replication.seams import LinkStore, OriginPlanner, SubscriberHost
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 QUEUE_LIMIT = 64
 APPLY_GROUP = 16
@@ -118,8 +118,11 @@ class _WorkQueue(asyncio.Queue[_Work]):
 class Subscriber:
     """The receiving side of one (peer, database) link, reconnecting with backoff."""
 
-    def __init__(self, rep: SubscriberHost, peer: str, database: str) -> None:
-        self.rep = rep
+    def __init__(self, host: SubscriberHost, store: LinkStore, relays: OriginPlanner,
+                 peer: str, database: str) -> None:
+        self.host = host
+        self.store = store
+        self.relays = relays
         self.peer = peer
         self.database = database
         self.state = LinkState.CONNECTING
@@ -219,23 +222,22 @@ class Subscriber:
         self.paused = True  # held while the cursor is rewound (no restart meanwhile)
         await self.stop()
         try:
-            db = self.rep.storage.databases[self.database]
-            await self.rep.storage.write(functools.partial(
-                ingest.write_cursor, db=db, peer=self.peer, cursor={"seq": seq}))
+            await self.store.write_cursor(self.database, self.peer, {"seq": seq})
             self.replay_floor = from_version
             self.replaying = True
         finally:
             self.paused, self.state = False, LinkState.CONNECTING
             self.start()
 
-    async def _write(self, job: Any, prepare: Any = None) -> Any:
-        """``storage.write`` that ``stop`` can wait for, even if this task is cancelled."""
-        future = asyncio.ensure_future(self.rep.storage.write(job, prepare))
+    async def _write(self, job: Awaitable[T]) -> T:
+        """Run one writer job of the store so that ``stop`` can wait for it, even if
+        this task is cancelled."""
+        future = asyncio.ensure_future(job)
         self._inflight.add(future)
         future.add_done_callback(self._inflight.discard)
         started = time.perf_counter()
-        future.add_done_callback(lambda _f: self.rep.metrics.apply_seconds.labels(
-            self.peer, self.database).observe(time.perf_counter() - started))
+        future.add_done_callback(lambda _f: self.host.note_apply_seconds(
+            self.peer, self.database, time.perf_counter() - started))
         return await asyncio.shield(future)
 
     @property
@@ -243,7 +245,7 @@ class Subscriber:
         return self.link is not None and self.link.open and self.state != LinkState.CONNECTING
 
     async def _run(self) -> None:
-        gate = self.rep.peer_gate(self.peer)
+        gate = self.host.peer_gate(self.peer)
         probe = self.database == "system"
         while True:
             started = time.monotonic()
@@ -282,25 +284,23 @@ class Subscriber:
             await self.link.send(frame)
 
     async def _connect_once(self) -> None:
-        row = self.rep.peer_row(self.peer)
+        row = self.host.peer_row(self.peer)
         if row is None or not row.get("url"):
             raise RuntimeError(f"no URL known for node {self.peer}")
-        db = self.rep.storage.databases.get(self.database)
-        if db is None:
+        if not self.store.has_database(self.database):
             raise RuntimeError(f"database {self.database} is gone")
-        self.link = await dial(row["url"], "/" + self.database,
-                               self.rep.keys.client_context(verify=True, peer_name=self.peer),
-                               self.rep.ping_interval, timeout=DIAL_TIMEOUT)
-        self.rep.peer_gate(self.peer).mark_up()
-        self.rep.note_dialed(self.peer, self.database)
+        self.link = await self.host.dial_peer(self.peer, row["url"], "/" + self.database)
+        self.host.peer_gate(self.peer).mark_up()
+        self.host.note_dialed(self.peer, self.database)
         # The server must be this peer (its pinned key), not any node whose CA we trust.
-        refused = self.rep.check_peer(self.peer, self.link)
+        refused = self.host.check_peer(self.peer, self.link)
         if refused is not None:
             raise RuntimeError(refused)
         self._queue = _WorkQueue(QUEUE_LIMIT)  # nothing from an earlier session survives
+        tables, origins = self.store.hello_schema(self.database)
         session = self._session = SubscriberSession(
-            self.rep.node_name, self.database, self.rep.table_definitions(db),
-            dict(db.origin_names), compression=self.rep.offers_compression(row["url"]))
+            self.host.node_name, self.database, tables, origins,
+            compression=self.host.offers_compression(row["url"]))
         session.start()
         await self._flush()
         # Receiving and applying run side by side; whichever fails first ends the
@@ -330,27 +330,27 @@ class Subscriber:
 
     async def _subscribe(self, copy: bool, resync: bool = False) -> None:
         assert self._session is not None
-        db = self.rep.storage.databases[self.database]
-        cursor = db.cursor(self.peer)
+        cursor = self.store.cursor(self.database, self.peer)
         # After resync_required an interrupted copy's resume point is stale too.
         resume = None if resync else cursor.get("copy")
         if resume:
             copy = True
         elif not cursor:
             copy = True  # a new pairing starts with a full copy, then streams
-        row = (self.rep.peer_row(self.peer) or {})
+        row = (self.host.peer_row(self.peer) or {})
         tables = peers.subscribe_tables(row, self.database)
         after = int(cursor.get("seq", 0))
         # One copy per link: this peer's own transactions, plus the origins it relays
         # for us, each above the newest version already held (from any path).
-        await self.rep.relays.release(self.peer, self.database)
-        covered = self.rep.relays.covered(self.peer, self.database)
+        await self.relays.release(self.peer, self.database)
+        covered = self.relays.covered(self.peer, self.database)
         self._covered = sorted(covered)
         if cursor and not copy and "origins" in cursor \
                 and not covered <= set(cursor["origins"]):
             after = 0  # a newly relayed origin: read the log again, above its floor
-        floors = {name: None if self.replaying else db.origin_hw.get(name)
-                  for name in covered}
+        floors: dict[str, int | None] = (
+            dict.fromkeys(covered) if self.replaying
+            else self.store.origin_floors(self.database, covered))
         self.received_seq = self.committed_seq = self.acked_seq = after
         self._session.subscribe(after_seq=after, origins=floors,
                                 tables=None if tables is None else list(tables or []),
@@ -363,7 +363,7 @@ class Subscriber:
             if event.node != self.peer:
                 raise ProtocolError(f"peer says it is {event.node}, expected {self.peer}")
             self.peer_tables = dict(event.tables)
-            await schema.apply_hello(self.rep.storage, self.database, event.tables, self.peer)
+            await self.store.learn_schema(self.database, event.tables, self.peer)
             await self._subscribe(copy=False)
         elif isinstance(event, EntriesReceived):
             self.head_seq = max(self.head_seq, event.head_seq)
@@ -390,16 +390,15 @@ class Subscriber:
             await self._subscribe(copy=True, resync=True)
         elif isinstance(event, OperationRequested):
             assert self._session is not None
-            result, error = await self.rep.peer_operation(self.peer, event.body)
+            result, error = await self.host.peer_operation(self.peer, event.body)
             self._session.respond_operation(event.id, result, error)
         elif isinstance(event, OperationCompleted):
-            self.rep.operation_completed(event)
+            self.host.operation_completed(event)
         elif isinstance(event, ProtocolFailed | PeerFailed):
             raise ProtocolError(str(event))
 
     # -- applying ----------------------------------------------------------------------
     async def _apply_loop(self) -> None:
-        storage = self.rep.storage
         busy = False
         last_commit = 0.0
         while True:
@@ -439,17 +438,15 @@ class Subscriber:
                 await self._advance(int(first.payload))
             else:
                 snapshot = int(first.payload)
-                db = storage.databases[self.database]
-                await self._write(lambda ctx, s=snapshot, d=db: ingest.write_cursor(
-                    ctx, d, self.peer, self._cursor(s)))
+                await self._write(self.store.write_cursor(self.database, self.peer,
+                                                          self._cursor(snapshot)))
                 self.committed_seq = snapshot
                 self.checkpoint_at = time.time()
                 self.received_seq = max(self.received_seq, snapshot)
                 self.copy_progress = None
                 self.state = LinkState.STREAMING
                 self._ack(snapshot)
-                for listener in list(self.rep.copy_listeners):
-                    listener(self.peer, self.database)
+                self.host.copy_finished(self.peer, self.database)
             await self._flush()
 
     async def _advance(self, seq: int) -> None:
@@ -460,9 +457,8 @@ class Subscriber:
         self.replaying = False
         if seq <= self.committed_seq or self.state == LinkState.COPYING:
             return
-        db = self.rep.storage.databases[self.database]
-        await self._write(lambda ctx: ingest.write_cursor(ctx, db, self.peer,
-                                                         self._cursor(seq)))
+        await self._write(self.store.write_cursor(self.database, self.peer,
+                                                  self._cursor(seq)))
         self.committed_seq = seq
         self.checkpoint_at = time.time()
         self.received_seq = max(self.received_seq, seq)
@@ -511,46 +507,44 @@ class Subscriber:
                 raise
             error = describe_error(exc)
         letters = deadletters.entry_letters(self.peer, self.database, [entry], origins, error)
-        await self._write(deadletters.record_job(self.rep.storage, self.database, self.peer,
-                                                 letters, self._cursor(seq)))
+        await self._write(self.store.dead_letter(self.database, self.peer, letters,
+                                                 self._cursor(seq)))
         self._attempts.pop(seq, None)
         self.committed_seq = max(self.committed_seq, seq)
         self.checkpoint_at = time.time()
         self.last_error = f"dead letter: {error}"
-        self.rep.note_dead_letters(self.peer, self.database, len(letters))
+        self.host.note_dead_letters(self.peer, self.database, len(letters))
         self._ack(seq)
 
     async def _apply_batch(self, entries: list[tuple[int, bytes]],
                            origins: dict[int, str]) -> None:
         last_seq = entries[-1][0]
-        floor = max(self.rep.start_floor(self.peer), self.replay_floor)
-        review = self.rep.review(self.peer, self.database)
-        job, prepare = ingest.apply_entries_job(
-            self.rep.storage, self.database, self.peer, entries, origins, self._cursor(last_seq),
-            self.rep.max_skew_ms, self.rep.node_name, floor, review)
-        stats = await self._write(job, prepare)
+        host = self.host
+        floor = max(host.start_floor(self.peer), self.replay_floor)
+        review = host.review(self.peer, self.database)
+        stats = await self._write(self.store.apply_entries(
+            self.database, self.peer, entries, origins, self._cursor(last_seq),
+            host.max_skew_ms, host.node_name, floor, review))
         while stats.resume_seq is not None:  # a database re-created after its drop
             rest = [e for e in entries if e[0] >= stats.resume_seq]
-            job, prepare = ingest.apply_entries_job(
-                self.rep.storage, self.database, self.peer, rest, origins,
-                self._cursor(last_seq), self.rep.max_skew_ms, self.rep.node_name, floor,
-                review)
-            more = await self._write(job, prepare)
+            more = await self._write(self.store.apply_entries(
+                self.database, self.peer, rest, origins, self._cursor(last_seq),
+                host.max_skew_ms, host.node_name, floor, review))
             more.entries += stats.entries
             more.skewed += stats.skewed
             stats = more
         committed = last_seq if stats.cursor_seq is None else stats.cursor_seq
         self.committed_seq = max(self.committed_seq, committed)
         self.checkpoint_at = time.time()
-        self.rep.note_review(self.peer, self.database, review)
+        host.note_review(self.peer, self.database, review)
         self.txns_received += stats.entries
         if stats.last_version:
             self.last_version = stats.last_version
-        self.rep.note_received(self.peer, self.database, stats.entries,
-                               sum(len(e[1]) for e in entries))
+        host.note_received(self.peer, self.database, stats.entries,
+                           sum(len(e[1]) for e in entries), self.last_version)
         self._ack(committed)
         if stats.skew_error is not None:
-            self.rep.note_skew(self.peer, stats.skewed)
+            host.note_skew(self.peer, stats.skewed)
             self.state = LinkState.CLOCK_SKEW
             raise stats.skew_error
 
@@ -558,23 +552,21 @@ class Subscriber:
         table, rows = work.payload
         tombs = table.endswith("\x00")
         table = table.rstrip("\x00")
-        db = self.rep.storage.databases[self.database]
-        old = db.cursor(self.peer)
+        old = self.store.cursor(self.database, self.peer)
         copy_state = {"table": table, "key": rows[-1][0], "tombs": tombs,
                       "snapshot": self.copy_snapshot}
         cursor = {**self._cursor(int(old.get("seq", 0))), "copy": copy_state}
         definition = self.peer_tables.get(table)
         incarnation = definition.get("version") if isinstance(definition, dict) else None
         incarnation = incarnation if isinstance(incarnation, int) else None
-        review = self.rep.review(self.peer, self.database)
-        job = ingest.apply_rows_job(self.rep.storage, self.database, self.peer, table, rows,
-                                    work.origins, cursor, self.rep.start_floor(self.peer),
-                                    incarnation, review)
+        review = self.host.review(self.peer, self.database)
+        job = self.store.apply_rows(self.database, self.peer, table, rows, work.origins, cursor,
+                                    self.host.start_floor(self.peer), incarnation, review)
         try:
             await self._write(job)
             self._attempts.pop((table, rows[0][0]), None)
         except ClockSkewError:
-            self.rep.note_skew(self.peer, 1)
+            self.host.note_skew(self.peer, 1)
             self.state = LinkState.CLOCK_SKEW
             raise
         except Exception as exc:
@@ -585,14 +577,14 @@ class Subscriber:
             error = describe_error(exc)
             letters = deadletters.row_letters(self.peer, self.database, table, rows,
                                               work.origins, incarnation, error)
-            await self._write(deadletters.record_job(self.rep.storage, self.database,
-                                                     self.peer, letters, cursor))
+            await self._write(self.store.dead_letter(self.database, self.peer, letters,
+                                                     cursor))
             self._attempts.pop((table, rows[0][0]), None)
             self.last_error = f"dead letter: {error}"
-            self.rep.note_dead_letters(self.peer, self.database, len(letters))
-        self.rep.note_review(self.peer, self.database, review)
+            self.host.note_dead_letters(self.peer, self.database, len(letters))
+        self.host.note_review(self.peer, self.database, review)
         if self.database == "system":  # users or roles may have changed: tell the login cache
-            self.rep.auth.forget_logins()
+            self.host.logins_changed()
         if self.copy_progress is not None:
             self.copy_progress["records_copied"] += len(rows)
 
@@ -645,4 +637,4 @@ class Subscriber:
     def lag_ms(self) -> float:
         if self.lag_txns() == 0 or not self.last_version:
             return 0.0
-        return max(0.0, self.rep.storage.hlc.wall_now_ms() - wall_ms_of(self.last_version))
+        return max(0.0, self.store.wall_now_ms() - wall_ms_of(self.last_version))
