@@ -130,12 +130,11 @@ class Subscriber:
         self._last_error: str | None = None
         self.last_error_at: float | None = None
         self.failures = 0
-        self.received_seq = 0
+        # Sequence and byte counters of the wire live in the session (see the
+        # properties below); the link keeps what it applied and committed.
         self.committed_seq = 0
-        self.acked_seq = 0
-        self.head_seq = 0
         self.caught_up_seq = 0
-        self.bytes_received = 0
+        self._bytes_before = 0  # received by the sessions before the current one
         self.txns_received = 0
         self.last_version = 0
         self.last_received_local: float | None = None
@@ -298,9 +297,12 @@ class Subscriber:
             raise RuntimeError(refused)
         self._queue = _WorkQueue(QUEUE_LIMIT)  # nothing from an earlier session survives
         tables, origins = self.store.hello_schema(self.database)
+        previous = self._session
+        if previous is not None:
+            self._bytes_before += previous.bytes_received
         session = self._session = SubscriberSession(
             self.host.node_name, self.database, tables, origins,
-            compression=self.host.offers_compression(row["url"]))
+            compression=self.host.offers_compression(row["url"]), previous=previous)
         session.start()
         await self._flush()
         # Receiving and applying run side by side; whichever fails first ends the
@@ -321,9 +323,7 @@ class Subscriber:
     async def _receive_loop(self, session: SubscriberSession) -> None:
         assert self.link is not None
         while True:
-            data = await self.link.recv()
-            self.bytes_received += len(data)
-            session.receive(data)
+            session.receive(await self.link.recv())
             for event in session.events_received():
                 await self._handle(event)
             await self._flush()
@@ -351,7 +351,7 @@ class Subscriber:
         floors: dict[str, int | None] = (
             dict.fromkeys(covered) if self.replaying
             else self.store.origin_floors(self.database, covered))
-        self.received_seq = self.committed_seq = self.acked_seq = after
+        self.committed_seq = after
         self._session.subscribe(after_seq=after, origins=floors,
                                 tables=None if tables is None else list(tables or []),
                                 copy=copy, copy_resume=resume or None)
@@ -366,19 +366,15 @@ class Subscriber:
             await self.store.learn_schema(self.database, event.tables, self.peer)
             await self._subscribe(copy=False)
         elif isinstance(event, EntriesReceived):
-            self.head_seq = max(self.head_seq, event.head_seq)
-            self.received_seq = event.entries[-1][0] if event.entries else self.received_seq
             self.last_received_local = time.time()
             await self._queue.put(_Work("entries", event.entries, dict(self._session.peer_origins)))
         elif isinstance(event, CaughtUp):
             self.caught_up_seq = event.seq
-            self.head_seq = max(self.head_seq, event.seq)
             await self._queue.put(_Work("caught_up", event.seq, {}))
         elif isinstance(event, CopyBegan):
             self.state = LinkState.COPYING
             self.copy_snapshot = event.snapshot_seq
             self.copy_progress = {"records_copied": 0, "records_total": event.total}
-            self.head_seq = max(self.head_seq, event.snapshot_seq)
         elif isinstance(event, CopyRows):
             await self._queue.put(_Work("rows", (event.table, event.rows),
                                         dict(self._session.peer_origins)))
@@ -442,7 +438,6 @@ class Subscriber:
                                                           self._cursor(snapshot)))
                 self.committed_seq = snapshot
                 self.checkpoint_at = time.time()
-                self.received_seq = max(self.received_seq, snapshot)
                 self.copy_progress = None
                 self.state = LinkState.STREAMING
                 self._ack(snapshot)
@@ -461,12 +456,10 @@ class Subscriber:
                                                   self._cursor(seq)))
         self.committed_seq = seq
         self.checkpoint_at = time.time()
-        self.received_seq = max(self.received_seq, seq)
         self._ack(seq)
 
     def _ack(self, seq: int) -> None:
         if self._session is not None and self._session.ack(seq):
-            self.acked_seq = seq
             self.last_commit_confirmed = time.time()
 
     async def _apply_entries(self, work: list[_Work]) -> None:
@@ -592,6 +585,29 @@ class Subscriber:
     def session(self) -> SubscriberSession | None:
         """The current session (for status: negotiated compression and its ratio)."""
         return self._session
+
+    # -- counters, read from the session ----------------------------------------------
+    @property
+    def received_seq(self) -> int:
+        """The newest publisher sequence received, or committed past (``caught_up``)."""
+        session = self._session
+        return max(session.received_seq if session is not None else 0, self.committed_seq)
+
+    @property
+    def head_seq(self) -> int:
+        """The publisher's newest sequence as last reported."""
+        return self._session.head_seq if self._session is not None else 0
+
+    @property
+    def acked_seq(self) -> int:
+        """The newest sequence acknowledged to the publisher on this session."""
+        return self._session.acked_seq if self._session is not None else 0
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes received on this link, over all its sessions."""
+        session = self._session
+        return self._bytes_before + (session.bytes_received if session is not None else 0)
 
     def _cursor(self, seq: int) -> dict[str, Any]:
         """The cursor to commit: the publisher sequence and the origins it covers."""
