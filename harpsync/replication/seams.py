@@ -294,7 +294,16 @@ class SubscriberReports(Protocol):
         ...
 
 
-class SubscriberHost(LinkHost, PeerDialer, ApplyPolicy, SubscriberReports, Protocol):
+class ApplyHost(ApplyPolicy, SubscriberReports, Protocol):
+    """What a link's applier (``applier.py``) needs from the node."""
+
+    @property
+    def node_name(self) -> str:
+        """This node's name (its own entries are never applied)."""
+        ...
+
+
+class SubscriberHost(LinkHost, PeerDialer, ApplyHost, Protocol):
     """Everything a subscriber needs from the node besides its :class:`LinkStore` and
     :class:`OriginPlanner`: each part is one of the small protocols above."""
 

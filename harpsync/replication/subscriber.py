@@ -1,9 +1,11 @@
 """One outbound replication socket: pulling one database from one peer.
 
-Batches are applied in one writer transaction together with the cursor for this peer
-and database, so a crash can neither lose nor double-apply a batch. Several queued
-batches share one transaction. The receive loop stops reading while the apply queue is
-full, which pushes back on the publisher through TCP.
+A :class:`Subscriber` dials its peer, reconnects with backoff, says hello, subscribes
+from its committed cursor (or asks for a full copy) and turns the session's events into
+work for its :class:`~harpsync.replication.applier.Applier`, which applies each batch in
+one writer transaction together with the cursor. The receive loop stops reading while
+the apply queue is full, which pushes back on the publisher through TCP. Pause, resume
+and rewind are the link's own methods.
 """
 
 from __future__ import annotations
@@ -15,12 +17,10 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from harpsync.errors import HarpsyncError
 from harpsync.replication import peers
+from harpsync.replication.applier import Applier, Work
 from harpsync.replication.messages import ProtocolError
 from harpsync.replication.protocol import (
     CaughtUp,
@@ -42,42 +42,13 @@ from harpsync.replication.reconnect import (
     describe_error,
 )
 from harpsync.replication.transport import DIAL_ERRORS, Link
-from harpsync.storage import deadletters, schema
-from harpsync.storage.hlc import ClockSkewError, wall_ms_of
+from harpsync.storage.hlc import wall_ms_of
 
 if TYPE_CHECKING:
     from harpsync.replication.seams import LinkStore, OriginPlanner, SubscriberHost
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-QUEUE_LIMIT = 64
-APPLY_GROUP = 16
-# A busy stream (entries arrived while the last apply was committing) gathers entries
-# for up to this long after the last commit began, so the peer makes a few synced
-# commits a second instead of one per commit on the origin: on a shared disk each of
-# its fsyncs costs the origin's writer as much as one of its own. A quiet link (one
-# write at a time) commits each batch at once, so an isolated write is not delayed.
-BUSY_GATHER = 0.02
-BUSY_GROUP = 48
-# Whatever the mode, one apply transaction takes at most about this many entries (as
-# many as APPLY_GROUP full batches), so a gathered group is never a longer apply.
-APPLY_ENTRIES = 16_000
-# A change for a table still unknown after this many attempts, the first this many
-# seconds ago (each attempt reconnects for a fresh hello), becomes a dead letter.
-UNKNOWN_ATTEMPTS = 4
-UNKNOWN_SECONDS = 2.0
-
-
-def unappliable(exc: BaseException) -> bool:
-    """Whether applying a change failed because of the change itself (it goes to the
-    dead letters) rather than the link or the node (the link retries). Held-back
-    versions (clock skew) and a peer still serving a dropped incarnation wait."""
-    if isinstance(exc, ClockSkewError | schema.DroppedIncarnationError):
-        return False
-    return isinstance(exc, ValueError | HarpsyncError | OverflowError | TypeError | KeyError
-                      | IndexError | AttributeError)
-
+_Work = Work  # the name tests/test_drops.py imports
 
 class LinkState(enum.StrEnum):
     """What a link is doing, as ``cluster_status`` shows it (a ``str``: compares and
@@ -94,25 +65,6 @@ class LinkState(enum.StrEnum):
 # Failures after which a link retries with backoff (anything else is logged as a bug).
 _RETRIED: tuple[type[BaseException], ...] = (*DIAL_ERRORS, ProtocolError, ValueError,
                                              RuntimeError)
-
-
-@dataclass
-class _Work:
-    kind: str  # "entries", "rows", "copy_end"
-    payload: Any
-    origins: dict[int, str]
-
-
-class _WorkQueue(asyncio.Queue[_Work]):
-    """The apply queue, which the applier may look into without taking from it."""
-
-    def pending(self) -> list[_Work]:
-        """The queued work, oldest first (a copy)."""
-        return list(self._queue)  # type: ignore[attr-defined]  # asyncio.Queue's deque
-
-    def peek(self) -> _Work | None:
-        """The oldest queued work, left in the queue (None when empty)."""
-        return self._queue[0] if self._queue else None  # type: ignore[attr-defined]
 
 
 class Subscriber:
@@ -132,33 +84,18 @@ class Subscriber:
         self.failures = 0
         # Sequence and byte counters of the wire live in the session (see the
         # properties below); the link keeps what it applied and committed.
-        self.committed_seq = 0
         self.caught_up_seq = 0
         self._bytes_before = 0  # received by the sessions before the current one
-        self.txns_received = 0
-        self.last_version = 0
         self.last_received_local: float | None = None
         self.last_commit_confirmed: float | None = None
         self.latency_ms: float | None = None
-        self.copy_progress: dict[str, int] | None = None
-        self.checkpoint_at: float | None = None  # when the cursor last committed
         self.error_times: deque[float] = deque(maxlen=1000)
-        # Failed attempts at one change (publisher sequence, or copy chunk): count, first.
-        self._attempts: dict[Any, tuple[int, float]] = {}
         self.paused = False
         self.retired = False
-        self.replay_floor = 0
-        # Set by replay_replication: send everything again, whatever this node holds.
-        self.replaying = False
-        self.copy_snapshot = 0
         self._task: asyncio.Task[None] | None = None
-        self._queue = _WorkQueue(QUEUE_LIMIT)
         self._session: SubscriberSession | None = None
-        self.peer_tables: dict[str, Any] = {}  # the peer's schema, from its hello
-        # Writer jobs submitted and not yet finished: cancelling the task that awaits
-        # one does not stop it in the writer thread, so ``stop`` waits for them.
-        self._inflight: set[asyncio.Future[Any]] = set()
-        self._covered: list[str] = [peer]
+        # What was applied and committed (the cursor, copy progress) lives there.
+        self.applier = Applier(self, host, store, peer, database)
 
     @property
     def last_error(self) -> str | None:
@@ -222,22 +159,11 @@ class Subscriber:
         await self.stop()
         try:
             await self.store.write_cursor(self.database, self.peer, {"seq": seq})
-            self.replay_floor = from_version
-            self.replaying = True
+            self.applier.replay_floor = from_version
+            self.applier.replaying = True
         finally:
             self.paused, self.state = False, LinkState.CONNECTING
             self.start()
-
-    async def _write(self, job: Awaitable[T]) -> T:
-        """Run one writer job of the store so that ``stop`` can wait for it, even if
-        this task is cancelled."""
-        future = asyncio.ensure_future(job)
-        self._inflight.add(future)
-        future.add_done_callback(self._inflight.discard)
-        started = time.perf_counter()
-        future.add_done_callback(lambda _f: self.host.note_apply_seconds(
-            self.peer, self.database, time.perf_counter() - started))
-        return await asyncio.shield(future)
 
     @property
     def connected(self) -> bool:
@@ -295,7 +221,7 @@ class Subscriber:
         refused = self.host.check_peer(self.peer, self.link)
         if refused is not None:
             raise RuntimeError(refused)
-        self._queue = _WorkQueue(QUEUE_LIMIT)  # nothing from an earlier session survives
+        self.applier.new_session()  # nothing from an earlier session survives
         tables, origins = self.store.hello_schema(self.database)
         previous = self._session
         if previous is not None:
@@ -308,7 +234,7 @@ class Subscriber:
         # Receiving and applying run side by side; whichever fails first ends the
         # session (the receiver may be blocked on a full queue when the applier dies).
         tasks = [asyncio.create_task(self._receive_loop(session)),
-                 asyncio.create_task(self._apply_loop())]
+                 asyncio.create_task(self.applier.run())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -344,14 +270,14 @@ class Subscriber:
         # for us, each above the newest version already held (from any path).
         await self.relays.release(self.peer, self.database)
         covered = self.relays.covered(self.peer, self.database)
-        self._covered = sorted(covered)
+        self.applier.covered = sorted(covered)
         if cursor and not copy and "origins" in cursor \
                 and not covered <= set(cursor["origins"]):
             after = 0  # a newly relayed origin: read the log again, above its floor
         floors: dict[str, int | None] = (
-            dict.fromkeys(covered) if self.replaying
+            dict.fromkeys(covered) if self.applier.replaying
             else self.store.origin_floors(self.database, covered))
-        self.committed_seq = after
+        self.applier.committed_seq = after
         self._session.subscribe(after_seq=after, origins=floors,
                                 tables=None if tables is None else list(tables or []),
                                 copy=copy, copy_resume=resume or None)
@@ -362,24 +288,24 @@ class Subscriber:
         if isinstance(event, PeerHello):
             if event.node != self.peer:
                 raise ProtocolError(f"peer says it is {event.node}, expected {self.peer}")
-            self.peer_tables = dict(event.tables)
+            self.applier.peer_tables = dict(event.tables)
             await self.store.learn_schema(self.database, event.tables, self.peer)
             await self._subscribe(copy=False)
         elif isinstance(event, EntriesReceived):
             self.last_received_local = time.time()
-            await self._queue.put(_Work("entries", event.entries, dict(self._session.peer_origins)))
+            await self.applier.queue.put(Work("entries", event.entries,
+                                              dict(self._session.peer_origins)))
         elif isinstance(event, CaughtUp):
             self.caught_up_seq = event.seq
-            await self._queue.put(_Work("caught_up", event.seq, {}))
+            await self.applier.queue.put(Work("caught_up", event.seq, {}))
         elif isinstance(event, CopyBegan):
             self.state = LinkState.COPYING
-            self.copy_snapshot = event.snapshot_seq
-            self.copy_progress = {"records_copied": 0, "records_total": event.total}
+            self.applier.begin_copy(event.snapshot_seq, event.total)
         elif isinstance(event, CopyRows):
-            await self._queue.put(_Work("rows", (event.table, event.rows),
-                                        dict(self._session.peer_origins)))
+            await self.applier.queue.put(Work("rows", (event.table, event.rows),
+                                              dict(self._session.peer_origins)))
         elif isinstance(event, CopyEnded):
-            await self._queue.put(_Work("copy_end", event.snapshot_seq, {}))
+            await self.applier.queue.put(Work("copy_end", event.snapshot_seq, {}))
         elif isinstance(event, ResyncRequired):
             self.state = LinkState.RESYNC_REQUIRED
             self.last_error = f"resync required: {event.reason}"
@@ -393,198 +319,66 @@ class Subscriber:
         elif isinstance(event, ProtocolFailed | PeerFailed):
             raise ProtocolError(str(event))
 
-    # -- applying ----------------------------------------------------------------------
-    async def _apply_loop(self) -> None:
-        busy = False
-        last_commit = 0.0
-        while True:
-            work = [await self._queue.get()]
-            if busy and work[0].kind == "entries":
-                delay = last_commit + BUSY_GATHER - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            # Several queued batches share one transaction, but not too many: a long
-            # apply keeps the receiver from reading (and from answering pings). The
-            # caught_up reports between them are absorbed: they only move the cursor.
-            limit = BUSY_GROUP if busy else APPLY_GROUP
-            batches = 1
-            size = len(work[0].payload) if work[0].kind == "entries" else 0
-            while work[0].kind == "entries" and batches < limit and size < APPLY_ENTRIES:
-                following = self._queue.peek()
-                if following is None or following.kind not in ("entries", "caught_up"):
-                    break
-                item = self._queue.get_nowait()
-                work.append(item)
-                if item.kind == "entries":
-                    batches += 1
-                    size += len(item.payload)
-            first = work[0]
-            if first.kind == "entries":
-                last_commit = time.monotonic()
-                entries = [w for w in work if w.kind == "entries"]
-                caught = [int(w.payload) for w in work if w.kind == "caught_up"]
-                await self._apply_entries(entries)
-                if caught:
-                    await self._advance(max(caught))
-                # Entries that arrived during the commit: the stream is busy.
-                busy = any(w.kind == "entries" for w in self._queue.pending())
-            elif first.kind == "rows":
-                await self._apply_rows(first)
-            elif first.kind == "caught_up":
-                await self._advance(int(first.payload))
-            else:
-                snapshot = int(first.payload)
-                await self._write(self.store.write_cursor(self.database, self.peer,
-                                                          self._cursor(snapshot)))
-                self.committed_seq = snapshot
-                self.checkpoint_at = time.time()
-                self.copy_progress = None
-                self.state = LinkState.STREAMING
-                self._ack(snapshot)
-                self.host.copy_finished(self.peer, self.database)
-            await self._flush()
-
-    async def _advance(self, seq: int) -> None:
-        """The publisher's log is read through ``seq`` and everything before it was
-        applied; entries filtered out on its side need no apply, so the cursor moves
-        past them (durably, before the ack that lets the publisher prune them)."""
-        self.replay_floor = 0  # a replay ends once it has read the whole log
-        self.replaying = False
-        if seq <= self.committed_seq or self.state == LinkState.COPYING:
-            return
-        await self._write(self.store.write_cursor(self.database, self.peer,
-                                                  self._cursor(seq)))
-        self.committed_seq = seq
-        self.checkpoint_at = time.time()
-        self._ack(seq)
-
+    # -- what the applier tells its owner (applier.ApplyOwner) --------------------------
     def _ack(self, seq: int) -> None:
         if self._session is not None and self._session.ack(seq):
             self.last_commit_confirmed = time.time()
 
-    async def _apply_entries(self, work: list[_Work]) -> None:
-        entries = [e for w in work for e in w.payload]
-        origins: dict[int, str] = {}
-        for w in work:
-            origins.update(w.origins)
-        try:
-            await self._apply_batch(entries, origins)
-        except Exception as exc:
-            if not unappliable(exc):
-                raise
-            # One change of the batch cannot be applied: apply them one by one, and
-            # move the bad one to the dead letters instead of failing forever.
-            for entry in entries:
-                if entry[0] > self.committed_seq:
-                    await self._apply_or_dead_letter(entry, origins)
-
-    def _give_up(self, key: Any, exc: BaseException) -> bool:
-        """Whether a change that failed with ``exc`` goes to the dead letters now: at
-        once when it cannot be applied as it is, after retries when its table is not
-        known yet (a fresh hello may bring it)."""
-        if not isinstance(exc, schema.UnknownTableError):
-            return True
-        count, first = self._attempts.get(key, (0, time.monotonic()))
-        self._attempts[key] = (count + 1, first)
-        return count + 1 >= UNKNOWN_ATTEMPTS and time.monotonic() - first >= UNKNOWN_SECONDS
-
-    async def _apply_or_dead_letter(self, entry: tuple[int, bytes],
-                                    origins: dict[int, str]) -> None:
-        seq = entry[0]
-        try:
-            await self._apply_batch([entry], origins)
-            self._attempts.pop(seq, None)
-            return
-        except Exception as exc:
-            if not unappliable(exc) or not self._give_up(seq, exc):
-                raise
-            error = describe_error(exc)
-        letters = deadletters.entry_letters(self.peer, self.database, [entry], origins, error)
-        await self._write(self.store.dead_letter(self.database, self.peer, letters,
-                                                 self._cursor(seq)))
-        self._attempts.pop(seq, None)
-        self.committed_seq = max(self.committed_seq, seq)
-        self.checkpoint_at = time.time()
-        self.last_error = f"dead letter: {error}"
-        self.host.note_dead_letters(self.peer, self.database, len(letters))
+    def acknowledge(self, seq: int) -> None:
         self._ack(seq)
 
-    async def _apply_batch(self, entries: list[tuple[int, bytes]],
-                           origins: dict[int, str]) -> None:
-        last_seq = entries[-1][0]
-        host = self.host
-        floor = max(host.start_floor(self.peer), self.replay_floor)
-        review = host.review(self.peer, self.database)
-        stats = await self._write(self.store.apply_entries(
-            self.database, self.peer, entries, origins, self._cursor(last_seq),
-            host.max_skew_ms, host.node_name, floor, review))
-        while stats.resume_seq is not None:  # a database re-created after its drop
-            rest = [e for e in entries if e[0] >= stats.resume_seq]
-            more = await self._write(self.store.apply_entries(
-                self.database, self.peer, rest, origins, self._cursor(last_seq),
-                host.max_skew_ms, host.node_name, floor, review))
-            more.entries += stats.entries
-            more.skewed += stats.skewed
-            stats = more
-        committed = last_seq if stats.cursor_seq is None else stats.cursor_seq
-        self.committed_seq = max(self.committed_seq, committed)
-        self.checkpoint_at = time.time()
-        host.note_review(self.peer, self.database, review)
-        self.txns_received += stats.entries
-        if stats.last_version:
-            self.last_version = stats.last_version
-        host.note_received(self.peer, self.database, stats.entries,
-                           sum(len(e[1]) for e in entries), self.last_version)
-        self._ack(committed)
-        if stats.skew_error is not None:
-            host.note_skew(self.peer, stats.skewed)
-            self.state = LinkState.CLOCK_SKEW
-            raise stats.skew_error
+    @property
+    def copying(self) -> bool:
+        return self.state == LinkState.COPYING
 
-    async def _apply_rows(self, work: _Work) -> None:
-        table, rows = work.payload
-        tombs = table.endswith("\x00")
-        table = table.rstrip("\x00")
-        old = self.store.cursor(self.database, self.peer)
-        copy_state = {"table": table, "key": rows[-1][0], "tombs": tombs,
-                      "snapshot": self.copy_snapshot}
-        cursor = {**self._cursor(int(old.get("seq", 0))), "copy": copy_state}
-        definition = self.peer_tables.get(table)
-        incarnation = definition.get("version") if isinstance(definition, dict) else None
-        incarnation = incarnation if isinstance(incarnation, int) else None
-        review = self.host.review(self.peer, self.database)
-        job = self.store.apply_rows(self.database, self.peer, table, rows, work.origins, cursor,
-                                    self.host.start_floor(self.peer), incarnation, review)
-        try:
-            await self._write(job)
-            self._attempts.pop((table, rows[0][0]), None)
-        except ClockSkewError:
-            self.host.note_skew(self.peer, 1)
-            self.state = LinkState.CLOCK_SKEW
-            raise
-        except Exception as exc:
-            if not unappliable(exc) or not self._give_up((table, rows[0][0]), exc):
-                raise
-            # The chunk cannot be applied: its rows go to the dead letters, the copy
-            # goes on after them.
-            error = describe_error(exc)
-            letters = deadletters.row_letters(self.peer, self.database, table, rows,
-                                              work.origins, incarnation, error)
-            await self._write(self.store.dead_letter(self.database, self.peer, letters,
-                                                     cursor))
-            self._attempts.pop((table, rows[0][0]), None)
-            self.last_error = f"dead letter: {error}"
-            self.host.note_dead_letters(self.peer, self.database, len(letters))
-        self.host.note_review(self.peer, self.database, review)
-        if self.database == "system":  # users or roles may have changed: tell the login cache
-            self.host.logins_changed()
-        if self.copy_progress is not None:
-            self.copy_progress["records_copied"] += len(rows)
+    def report_error(self, message: str) -> None:
+        self.last_error = message
+
+    def copy_ended(self) -> None:
+        self.state = LinkState.STREAMING
+
+    def clock_skewed(self) -> None:
+        self.state = LinkState.CLOCK_SKEW
+
+    async def flush(self) -> None:
+        await self._flush()
+
+    # tests/test_drops.py drives single apply jobs through the link (kept while it does).
+    async def _apply_entries(self, work: list[Work]) -> None:
+        await self.applier._apply_entries(work)
+
+    async def _apply_rows(self, work: Work) -> None:
+        await self.applier._apply_rows(work)
 
     @property
     def session(self) -> SubscriberSession | None:
         """The current session (for status: negotiated compression and its ratio)."""
         return self._session
+
+    # -- what was applied (read from the applier) --------------------------------------
+    @property
+    def committed_seq(self) -> int:
+        """The publisher sequence durably applied (the committed cursor's)."""
+        return self.applier.committed_seq
+
+    @property
+    def checkpoint_at(self) -> float | None:
+        """When the cursor last committed."""
+        return self.applier.checkpoint_at
+
+    @property
+    def txns_received(self) -> int:
+        return self.applier.txns_received
+
+    @property
+    def last_version(self) -> int:
+        """The newest version applied from this link (0: none yet)."""
+        return self.applier.last_version
+
+    @property
+    def copy_progress(self) -> dict[str, int] | None:
+        """Records copied of the total while a full copy runs."""
+        return self.applier.copy_progress
 
     # -- counters, read from the session ----------------------------------------------
     @property
@@ -609,10 +403,6 @@ class Subscriber:
         session = self._session
         return self._bytes_before + (session.bytes_received if session is not None else 0)
 
-    def _cursor(self, seq: int) -> dict[str, Any]:
-        """The cursor to commit: the publisher sequence and the origins it covers."""
-        return {"seq": seq, "origins": list(self._covered)}
-
     # -- relays (see relays.py) --------------------------------------------------------
     @property
     def reachable(self) -> bool:
@@ -630,8 +420,7 @@ class Subscriber:
 
     async def settle(self) -> None:
         """Wait until no write of this link is left in the writer."""
-        while self._inflight:
-            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        await self.applier.settle()
 
     async def restart(self) -> None:
         """Reconnect (to subscribe again with new origins), unless paused."""
@@ -642,11 +431,11 @@ class Subscriber:
     # -- status ------------------------------------------------------------------------
     def backlog(self) -> int:
         """Batches received and not applied yet (the apply queue holds QUEUE_LIMIT)."""
-        return self._queue.qsize()
+        return self.applier.queue.qsize()
 
     def lag_txns(self) -> int:
         applied = self.committed_seq
-        if self._queue.empty() and self.caught_up_seq >= self.received_seq:
+        if self.applier.queue.empty() and self.caught_up_seq >= self.received_seq:
             applied = max(applied, self.caught_up_seq)
         return max(0, self.head_seq - applied)
 
