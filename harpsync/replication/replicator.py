@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from harpsync.errors import BadRequestError
 from harpsync.replication import peers, routes
@@ -27,6 +25,7 @@ from harpsync.replication.mesh import Mesh
 from harpsync.replication.publisher import Publisher
 from harpsync.replication.reconnect import DIAL_TIMEOUT, PeerGate
 from harpsync.replication.relays import RelayPlanner
+from harpsync.replication.routes import is_loopback
 from harpsync.replication.seams import (
     LinkStore,
     LogSource,
@@ -461,18 +460,7 @@ class Replicator:
                     "node's clock; check the clocks", count, peer, self.max_skew_ms)
 
     def start_floor(self, peer: str) -> int:
-        from harpsync.storage.hlc import ms_to_version
-
-        start = self.rows.get(peer, {}).get("start_time")
-        if not start:
-            return 0
-        from datetime import datetime
-
-        try:
-            when = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
-        except ValueError:
-            return 0
-        return ms_to_version(when.timestamp() * 1000)
+        return peers.start_floor(self.rows.get(peer))
 
     async def peer_operation(self, peer: str, body: dict[str, Any]) -> tuple[Any, str | None]:
         handler = self.operation_handlers.get(str(body.get("operation")))
@@ -493,22 +481,6 @@ class Replicator:
             out.append({"node": peer, "database": database, "connected": sub.connected,
                         "state": sub.state, "lag_txns": sub.lag_txns()})
         return out
-
-
-def is_loopback(url: str) -> bool:
-    """Whether ``url``'s host is this machine (localhost or a loopback address)."""
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def default_url(hostname: str) -> str:
-    """The replication URL of a peer named only by its host (the default port)."""
-    return f"wss://{hostname}:{routes.DEFAULT_PORT}"
 
 
 if TYPE_CHECKING:
