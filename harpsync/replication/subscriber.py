@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _Work = Work  # the name tests/test_drops.py imports
 
+
 class LinkState(enum.StrEnum):
     """What a link is doing, as ``cluster_status`` shows it (a ``str``: compares and
     serializes as its value)."""
