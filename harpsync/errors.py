@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -71,6 +73,27 @@ class NotFoundError(HarpsyncError):
 
     status = 404
     code = "NOT_FOUND"
+
+
+class MissingError(NotFoundError):
+    """Something a request names does not exist (404).
+
+    Lower layers raise it in their own terms (storage's ``NoSuchDatabaseError``,
+    ``NoSuchTableError``, ``NoSuchAttributeError``) and choose no status: a missing
+    name is answered as 404, except where the operation says otherwise with
+    :func:`missing_is_bad_request` (Harper answers writes naming a missing table with
+    400).
+    """
+
+
+@contextlib.contextmanager
+def missing_is_bad_request() -> Iterator[None]:
+    """Answer a :class:`MissingError` raised in the block as a 400 with its message
+    (the status Harper gives writes, loads and resolutions naming a missing table)."""
+    try:
+        yield
+    except MissingError as exc:
+        raise BadRequestError(exc.message) from None
 
 
 class ConflictError(HarpsyncError):

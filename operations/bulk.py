@@ -21,7 +21,7 @@ from typing import Any
 from harpsync import csvsource
 from harpsync.auth import require_table
 from harpsync.dispatch import OpContext, Operation
-from harpsync.errors import BadRequestError, NotFoundError
+from harpsync.errors import BadRequestError, NotFoundError, missing_is_bad_request
 from harpsync.jobs import RunningJob
 from harpsync.storage import writes
 from operations.data import check_writable
@@ -40,7 +40,8 @@ def _target(ctx: OpContext, body: dict[str, Any]) -> tuple[str, str, str]:
     action = str(body.get("action", "insert"))
     require_table(ctx.user, database, table, _ACTION_PERMISSIONS[action])
     check_writable(database)
-    ctx.services.storage.table(database, table, status=400)
+    with missing_is_bad_request():
+        ctx.services.storage.table(database, table)
     return database, table, action
 
 
@@ -64,8 +65,9 @@ async def _load(ctx: OpContext, job: RunningJob, database: str, table: str, acti
                 break
             pending = asyncio.ensure_future(asyncio.to_thread(batches.next_batch))
             try:
-                result = await storage.write(
-                    writes.write_records(storage, database, table, batch, action, user))
+                with missing_is_bad_request():  # the table was dropped during the load
+                    result = await storage.write(
+                        writes.write_records(storage, database, table, batch, action, user))
             except BadRequestError as exc:
                 raise BadRequestError(f"records {done + 1}-{done + len(batch)}: "
                                       f"{exc.message}") from None

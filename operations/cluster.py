@@ -9,7 +9,7 @@ from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, PeerError
 from harpsync.passwords import parse_authorization
 from harpsync.replication import peers
-from harpsync.replication.replicator import default_url
+from harpsync.replication.routes import default_url
 from harpsync.replication.status import cluster_status as build_status
 from harpsync.storage.hlc import ms_to_version
 

@@ -9,7 +9,7 @@ from typing import Any
 from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, HarpsyncError
 from harpsync.replication.membership import node_request
-from harpsync.replication.replicator import default_url
+from harpsync.replication.routes import default_url
 from harpsync.storage import retention
 from operations.cluster import add_node, parse_credentials, set_node_replication
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from harpsync import query
 from harpsync.dispatch import OpContext, Operation
-from harpsync.errors import BadRequestError
+from harpsync.errors import BadRequestError, missing_is_bad_request
 from harpsync.storage import reads, writes
 from harpsync.storage.database import TIME_ATTRIBUTES, Table
 from harpsync.storage.store import SYSTEM
@@ -66,9 +66,11 @@ def _writable(body: dict[str, Any]) -> tuple[str, str]:
 async def _write(ctx: OpContext, body: dict[str, Any], mode: str) -> dict[str, Any]:
     storage = ctx.services.storage
     db, table = _writable(body)
-    storage.table(db, table, status=400)  # fail fast, before queueing
-    job = writes.write_records(storage, db, table, body["records"], mode, ctx.user.username)
-    result: dict[str, Any] = await storage.write(job)
+    with missing_is_bad_request():  # Harper answers a write to a missing table with 400
+        storage.table(db, table)  # fail fast, before queueing
+        job = writes.write_records(storage, db, table, body["records"], mode,
+                                   ctx.user.username)
+        result: dict[str, Any] = await storage.write(job)
     return result
 
 
@@ -87,9 +89,10 @@ async def upsert(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 async def delete(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     storage = ctx.services.storage
     db, table = _writable(body)
-    storage.table(db, table, status=400)
-    result: dict[str, Any] = await storage.write(
-        writes.delete_records(storage, db, table, body["ids"], ctx.user.username))
+    with missing_is_bad_request():
+        storage.table(db, table)
+        result: dict[str, Any] = await storage.write(
+            writes.delete_records(storage, db, table, body["ids"], ctx.user.username))
     return result
 
 

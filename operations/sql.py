@@ -14,7 +14,7 @@ from typing import Any
 
 from harpsync.auth import require_table
 from harpsync.dispatch import OpContext, Operation
-from harpsync.errors import BadRequestError
+from harpsync.errors import BadRequestError, missing_is_bad_request
 from harpsync.sql import parser
 from harpsync.sql.expr import Expr
 from harpsync.sql.plan import Delete, Insert, Select, Update, key_lookup, matches, run_select
@@ -39,12 +39,13 @@ async def sql(ctx: OpContext, body: dict[str, Any]) -> Any:
     if isinstance(statement, Select):
         return await _select(ctx, statement)
     check_writable(target.database)
-    ctx.services.storage.table(target.database, target.table, status=400)
-    if isinstance(statement, Insert):
-        return await _insert(ctx, statement)
-    if isinstance(statement, Update):
-        return await _update(ctx, statement)
-    return await _delete(ctx, statement)
+    with missing_is_bad_request():  # as for insert/update/delete: a missing table is 400
+        ctx.services.storage.table(target.database, target.table)
+        if isinstance(statement, Insert):
+            return await _insert(ctx, statement)
+        if isinstance(statement, Update):
+            return await _update(ctx, statement)
+        return await _delete(ctx, statement)
 
 
 async def _offload(db: Database, table: Table, scanning: bool, fn: Any) -> Any:
@@ -77,7 +78,7 @@ async def _insert(ctx: OpContext, plan: Insert) -> dict[str, Any]:
 async def _matching_ids(ctx: OpContext, db_name: str, table_name: str,
                         where: Expr | None) -> list[Any]:
     """The ids of the records ``where`` matches now (by key when it names them)."""
-    db, table = ctx.services.storage.table(db_name, table_name, status=400)
+    db, table = ctx.services.storage.table(db_name, table_name)
     pk = table.primary_key
     ids = key_lookup(where, pk)
 
@@ -91,7 +92,7 @@ async def _matching_ids(ctx: OpContext, db_name: str, table_name: str,
 def _live_matches(ctx: WriteContext, storage: Any, db_name: str, table_name: str,
                   ids: list[Any], where: Expr | None) -> list[tuple[Any, dict[str, Any]]]:
     """Inside a write job: the records of ``ids`` that exist and still match."""
-    db, table = storage.table(db_name, table_name, status=400)
+    db, table = storage.table(db_name, table_name)
     txn = ctx.txn(db)
     out = []
     for rid in ids:
@@ -104,7 +105,7 @@ def _live_matches(ctx: WriteContext, storage: Any, db_name: str, table_name: str
 async def _update(ctx: OpContext, plan: Update) -> dict[str, Any]:
     storage = ctx.services.storage
     db_name, table_name = plan.table.database, plan.table.table
-    _, table = storage.table(db_name, table_name, status=400)
+    _, table = storage.table(db_name, table_name)
     pk = table.primary_key
     if any(name == pk for name, _ in plan.assignments):
         raise BadRequestError(f"SQL: UPDATE cannot change the primary key '{pk}'")

@@ -6,7 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from harpsync.dispatch import OpContext, Operation
-from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
+from harpsync.errors import (
+    BadRequestError,
+    HarpsyncError,
+    NotFoundError,
+    missing_is_bad_request,
+)
 from harpsync.replication.streams import replication_status
 from harpsync.storage import conflicts, deadletters
 
@@ -35,14 +40,15 @@ async def resolve_conflict(ctx: OpContext, body: dict[str, Any]) -> dict[str, An
         raise NotFoundError(f"conflict '{body['id']}' does not exist")
     conflict = found[0]
     record = body.get("record")
-    if record is not None:
-        db, table = storage.table(conflict["database"], conflict["table"], status=400)
-        pk = table.primary_key
-        if pk in record and record[pk] != conflict["record_id"]:
-            raise BadRequestError(f"'record.{pk}' must be the conflicting record's id "
-                                  f"{conflict['record_id']!r}")
-    result = await storage.write(conflicts.resolve_job(storage, conflict, body.get("keep"),
-                                                       record, ctx.user.username))
+    with missing_is_bad_request():  # the conflict names a table that is gone: 400
+        if record is not None:
+            db, table = storage.table(conflict["database"], conflict["table"])
+            pk = table.primary_key
+            if pk in record and record[pk] != conflict["record_id"]:
+                raise BadRequestError(f"'record.{pk}' must be the conflicting record's id "
+                                      f"{conflict['record_id']!r}")
+        result = await storage.write(conflicts.resolve_job(
+            storage, conflict, body.get("keep"), record, ctx.user.username))
     kept = "the given record" if record is not None else f"the {body['keep']} version"
     return {"message": f"conflict '{conflict['id']}' resolved with {kept}",
             "database": conflict["database"], "table": conflict["table"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from harpsync.dispatch import OpContext, Operation
+from harpsync.errors import missing_is_bad_request
 from harpsync.replication.verifier import MAX_KEYS, Outcome
 from harpsync.storage import compare
 from harpsync.storage.keys import decode_id
@@ -37,8 +38,9 @@ async def _run(ctx: OpContext, body: dict[str, Any], repair: bool) -> dict[str, 
     verifier = ctx.services.verifier
     pairs = verifier.plan(body.get("database"), body.get("table"), body.get("nodes"))
     dry_run = bool(body.get("dry_run"))
-    outcomes = await verifier.run(pairs, deep=bool(body.get("deep")), repair=repair,
-                                  dry_run=dry_run)
+    with missing_is_bad_request():  # a table dropped before its deep rebuild
+        outcomes = await verifier.run(pairs, deep=bool(body.get("deep")), repair=repair,
+                                      dry_run=dry_run)
     node = ctx.services.node_name
     checked = [_entry(node, o) for o in outcomes]
     result: dict[str, Any] = {"in_sync": all(o.in_sync for o in outcomes),

@@ -429,3 +429,32 @@ def test_lag_is_never_negative() -> None:
     """lag() is head minus applied, floored at zero."""
     assert lag(10, 4) == 6
     assert lag(4, 10) == 0
+
+
+def test_copy_begin_raises_the_reported_head() -> None:
+    """The snapshot a copy begins at is the publisher's head as far as the subscriber
+    knows (its lag counts from there)."""
+    sub, pub = subscribed(copy=True)
+    pub.begin_copy(40, 0, [])
+    pump(pub, sub)
+    assert sub.head_seq == 40
+
+
+def test_a_session_continues_the_positions_of_the_one_before() -> None:
+    """A link's new session reports the head and received sequence of its last one
+    until it subscribes (status reads them from the session); bytes start at zero."""
+    old, pub = subscribed(after_seq=3)
+    pub.send_entries(9, [(4, 1, b"x")], NAMES)
+    pump(pub, old)
+    new = SubscriberSession("node-b", "data", TABLES, {1: "node-b"}, previous=old)
+    assert (new.head_seq, new.received_seq, new.bytes_received) == (9, 4, 0)
+
+
+def test_publisher_last_entry_seq_moves_only_with_entries() -> None:
+    """``last_entry_seq`` is the newest entry sent: a re-subscribe or a copy leaves it."""
+    sub, pub = subscribed()
+    pub.send_entries(5, [(5, 1, b"x")], NAMES)
+    pub.receive(encode_control("subscribe", after_seq=2, origins=None, tables=None, copy=True))
+    pub.begin_copy(30, 0, [])
+    pub.end_copy(30)
+    assert (pub.sent_seq, pub.last_entry_seq) == (30, 5)

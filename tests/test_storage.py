@@ -375,3 +375,31 @@ async def test_stored_record_layout(storage):
     assert origin == LOCAL_ORIGIN
     assert record["name"] == "rex" and record["id"] == 7
     assert record["__createdtime__"] == record["__updatedtime__"] == version_to_ms(version)
+
+
+def test_lookups_raise_domain_errors_that_pick_no_status(storage: Storage) -> None:
+    """A missing database or table is a storage error named in storage's terms (404 by
+    default); the operations edge turns it into a 400 with the same message."""
+    from harpsync.errors import missing_is_bad_request
+    from harpsync.storage.errors import NoSuchDatabaseError, NoSuchTableError
+
+    with pytest.raises(NoSuchDatabaseError) as missing_db:
+        storage.database("nope")
+    assert (missing_db.value.status, missing_db.value.body()) == (
+        404, {"error": "database 'nope' does not exist", "code": "NOT_FOUND"})
+    with pytest.raises(NoSuchTableError) as missing_table:
+        storage.table(SYSTEM, "nope")
+    assert missing_table.value.message == "Table 'system.nope' does not exist"
+    with pytest.raises(BadRequestError) as bad, missing_is_bad_request():
+        storage.table(SYSTEM, "nope")
+    assert (bad.value.status, bad.value.body()) == (
+        400, {"error": "Table 'system.nope' does not exist", "code": "VALIDATION_ERROR"})
+
+
+async def test_a_write_job_for_a_missing_table_raises_no_such_table(storage: Storage) -> None:
+    """Storage's write jobs report a missing table in storage's terms, not as HTTP."""
+    from harpsync.storage.errors import NoSuchTableError
+
+    with pytest.raises(NoSuchTableError):
+        await storage.write(writes.write_records(storage, SYSTEM, "nope", [{"id": 1}],
+                                                 "insert", None))

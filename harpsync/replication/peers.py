@@ -8,8 +8,10 @@ trust (``ca``, ``revoked_certificates``) and which tables flow in each direction
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Literal
 
+from harpsync.storage.hlc import ms_to_version
 from harpsync.storage.store import SYSTEM
 
 # Keys of a row that describe the peer itself and may be learned from other nodes
@@ -147,3 +149,15 @@ def identity(row: dict[str, Any]) -> dict[str, Any]:
         out["selective"] = True
     return out
 
+
+def start_floor(row: Mapping[str, Any] | None) -> int:
+    """The version at or below which the peer's changes are skipped: its row's
+    ``start_time`` (ISO 8601) as a version, 0 without one or when it does not parse."""
+    start = (row or {}).get("start_time")
+    if not start:
+        return 0
+    try:
+        when = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+    except ValueError:
+        return 0
+    return ms_to_version(when.timestamp() * 1000)

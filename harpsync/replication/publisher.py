@@ -65,10 +65,18 @@ class Publisher:
         self._pump: asyncio.Task[None] | None = None
         self.sending_since: float | None = None
         self.last_ack_time: float | None = None
-        self.acked_seq = 0
-        self.sent_seq = 0
         self._notified_head = -1
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def sent_seq(self) -> int:
+        """The newest log sequence sent to the peer (read from the session)."""
+        return self.session.last_entry_seq
+
+    @property
+    def acked_seq(self) -> int:
+        """The newest log sequence the peer acknowledged (read from the session)."""
+        return self.session.acked_seq
 
     async def flush(self) -> None:
         for frame in self.session.data_to_send():
@@ -135,7 +143,6 @@ class Publisher:
                     await self._pump
             self._pump = asyncio.create_task(self._stream(db, event))
         elif isinstance(event, AckReceived):
-            self.acked_seq = max(self.acked_seq, event.seq)
             self.last_ack_time = time.time()
             self.host.note_ack(self.peer, self.database, self.acked_seq)
         elif isinstance(event, OperationRequested):
@@ -227,7 +234,6 @@ class Publisher:
                 if kept:
                     self.sending_since = self.sending_since or time.time()
                     self.session.send_entries(db.next_seq - 1, kept, dict(db.origin_names))
-                    self.sent_seq = kept[-1][0]
                     await self.flush()
             read = LogRead(pruned, entries[-1][0] if entries else None,
                            full=len(entries) >= READ_BATCH, woken=self._wakeup.is_set())

@@ -40,6 +40,8 @@ class PublisherSession(Session):
 
     Attributes:
         sent_seq: the highest sequence sent (or copied up to) on this subscription.
+        last_entry_seq: the sequence of the newest entry sent on this session (neither
+            a subscribe nor a copy moves it; 0 before the first).
         acked_seq: the highest sequence the subscriber acknowledged.
         subscription: the current :class:`SubscribeRequested`, if any.
         entries_sent, bytes_sent: counters for metrics.
@@ -54,6 +56,7 @@ class PublisherSession(Session):
         self.state = PublisherState.AWAIT_HELLO
         self.subscription: SubscribeRequested | None = None
         self.sent_seq = 0
+        self.last_entry_seq = 0
         self.acked_seq = 0
         self.entries_sent = 0
         self.copying = False
@@ -127,6 +130,8 @@ class PublisherSession(Session):
         if len(builder):
             self._queue_data(builder.build(head_seq))
         self.sent_seq = previous
+        if entries:
+            self.last_entry_seq = previous
         self.entries_sent += len(entries)
 
     def announce_origins(self, origin_names: Mapping[int, str]) -> None:

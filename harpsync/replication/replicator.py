@@ -11,35 +11,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from harpsync.errors import BadRequestError
 from harpsync.replication import peers, routes
+from harpsync.replication.linkstore import StorageLinkStore, table_definitions
 from harpsync.replication.maintenance import ack_floor, retention_loop
 from harpsync.replication.membership import NODE_PATH, serve_node_request
 from harpsync.replication.mesh import Mesh
 from harpsync.replication.publisher import Publisher
-from harpsync.replication.reconnect import PeerGate
+from harpsync.replication.reconnect import DIAL_TIMEOUT, PeerGate
 from harpsync.replication.relays import RelayPlanner
+from harpsync.replication.routes import is_loopback
 from harpsync.replication.seams import (
+    LinkStore,
     LogSource,
     MeshHost,
     NodeServer,
+    OriginPlanner,
     PublisherHost,
     SubscriberHost,
 )
 from harpsync.replication.subscriber import Subscriber
-from harpsync.replication.transport import Gate, Link, listen
+from harpsync.replication.transport import Gate, Link, dial, listen
 from harpsync.storage import deadletters
 from harpsync.storage.conflicts import LWW, PolicyLookup, Review
 from harpsync.storage.database import Database
 from harpsync.storage.hlc import wall_ms_of
-from harpsync.storage.schema import describe_schema
 from harpsync.storage.store import SYSTEM, Storage
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class Replicator:
         self.mesh = Mesh(self, storage, keys, auth, self.node_name)
         self.subscribers: dict[tuple[str, str], Subscriber] = {}
         self.gates: dict[str, PeerGate] = {}
+        self.link_store = StorageLinkStore(storage)
         self.relays = RelayPlanner(self.node_name, lambda: self.subscribers,
                                    self.replicated_databases, self._known_origins)
         self.publishers: dict[tuple[str, str], set[Publisher]] = {}
@@ -226,7 +228,7 @@ class Replicator:
                     await self.subscribers.pop(key).retire()
             for key in sorted(wanted):
                 if key not in self.subscribers:
-                    sub = Subscriber(self, *key)
+                    sub = Subscriber(self, self.link_store, self.relays, *key)
                     self.subscribers[key] = sub
                     if key[1] in (self.rows.get(key[0], {}).get("paused") or []):
                         sub.hold()  # paused before a restart
@@ -270,8 +272,12 @@ class Replicator:
 
     def table_definitions(self, db: Database) -> dict[str, Any]:
         """The schema our hello describes (tables, drop markers; databases in system)."""
-        return describe_schema(self.storage, db,
-                               lambda name: peers.table_allowed(db.name, name, None))
+        return table_definitions(self.storage, db)
+
+    async def dial_peer(self, peer: str, url: str, path: str) -> Link:
+        """Open a replication socket to ``peer`` (mutual TLS, its name checked)."""
+        return await dial(url, path, self.keys.client_context(verify=True, peer_name=peer),
+                          self.ping_interval, timeout=DIAL_TIMEOUT)
 
     # -- the listener ------------------------------------------------------------------
     async def _accept(self, link: Link) -> None:
@@ -408,14 +414,24 @@ class Replicator:
             for listener in list(self.position_listeners):
                 listener()
 
-    def note_received(self, peer: str, database: str, txns: int, size: int) -> None:
+    def note_received(self, peer: str, database: str, txns: int, size: int,
+                      last_version: int) -> None:
         self.metrics.txns_received.labels(peer, database).inc(txns)
         self.metrics.bytes_received.labels(peer, database).inc(size)
-        sub = self.subscribers.get((peer, database))
-        if sub is not None and sub.last_version and txns:
+        if last_version and txns:
             # From the newest applied transaction's commit on its origin to now.
-            delay_ms = self.storage.hlc.wall_now_ms() - wall_ms_of(sub.last_version)
+            delay_ms = self.storage.hlc.wall_now_ms() - wall_ms_of(last_version)
             self.metrics.apply_delay.labels(peer).observe(max(0, delay_ms) / 1000.0)
+
+    def note_apply_seconds(self, peer: str, database: str, seconds: float) -> None:
+        self.metrics.apply_seconds.labels(peer, database).observe(seconds)
+
+    def copy_finished(self, peer: str, database: str) -> None:
+        for listener in list(self.copy_listeners):
+            listener(peer, database)
+
+    def logins_changed(self) -> None:
+        self.auth.forget_logins()
 
     def note_dialed(self, peer: str, database: str) -> None:
         """A link's socket opened; every open after its first is a reconnect."""
@@ -444,18 +460,7 @@ class Replicator:
                     "node's clock; check the clocks", count, peer, self.max_skew_ms)
 
     def start_floor(self, peer: str) -> int:
-        from harpsync.storage.hlc import ms_to_version
-
-        start = self.rows.get(peer, {}).get("start_time")
-        if not start:
-            return 0
-        from datetime import datetime
-
-        try:
-            when = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
-        except ValueError:
-            return 0
-        return ms_to_version(when.timestamp() * 1000)
+        return peers.start_floor(self.rows.get(peer))
 
     async def peer_operation(self, peer: str, body: dict[str, Any]) -> tuple[Any, str | None]:
         handler = self.operation_handlers.get(str(body.get("operation")))
@@ -478,25 +483,9 @@ class Replicator:
         return out
 
 
-def is_loopback(url: str) -> bool:
-    """Whether ``url``'s host is this machine (localhost or a loopback address)."""
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def default_url(hostname: str) -> str:
-    """The replication URL of a peer named only by its host (the default port)."""
-    return f"wss://{hostname}:{routes.DEFAULT_PORT}"
-
-
 if TYPE_CHECKING:
     def _implements_seams(rep: Replicator, db: Database,
                           ) -> tuple[PublisherHost, SubscriberHost, MeshHost, NodeServer,
-                                     LogSource]:
+                                     LogSource, LinkStore, OriginPlanner]:
         """mypy checks that the replicator and a database fill the seams they serve."""
-        return rep, rep, rep, rep, db
+        return rep, rep, rep, rep, db, rep.link_store, rep.relays

@@ -8,8 +8,10 @@ existing pair. Pairing is a join proven by this node's certificate, then an adop
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from typing import Any
+from urllib.parse import urlparse
 
 from harpsync.replication.mesh import Mesh
 from harpsync.replication.reconnect import backoff_delay
@@ -60,3 +62,19 @@ async def drop_route(mesh: Mesh, route: Any) -> None:
     for name, row in list(mesh.rows.items()):
         if row.get("url") == url:
             await mesh.forget_node(name, notify=True)
+
+
+def is_loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine (localhost or a loopback address)."""
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_url(hostname: str) -> str:
+    """The replication URL of a peer named only by its host (the default port)."""
+    return f"wss://{hostname}:{DEFAULT_PORT}"

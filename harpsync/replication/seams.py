@@ -11,8 +11,13 @@ Who implements what (see DESIGN.md, "Seams"):
   ``harpsync.storage.database.Database`` implements it.
 - :class:`LinkHost` is what every link needs from the node: its name, how it talks
   to peers, the peer's row and the hooks it reports to. :class:`PublisherHost` and
-  :class:`SubscriberHost` add what only one side uses. ``Replicator`` implements all
-  of them, and ``_implements_seams`` at the end of ``replicator.py`` lets mypy check it.
+  :class:`SubscriberHost` add what only one side uses; the subscriber's is made of
+  small parts (:class:`PeerDialer`, :class:`ApplyPolicy`, :class:`SubscriberReports`).
+  ``Replicator`` implements all of them, and ``_implements_seams`` at the end of
+  ``replicator.py`` lets mypy check it.
+- :class:`LinkStore` is what a subscriber reads and writes locally (cursor, hello
+  schema, apply jobs); ``linkstore.StorageLinkStore`` implements it over storage.
+  :class:`OriginPlanner` is which origins a link carries (``relays.RelayPlanner``).
 - :class:`MeshHost` is what membership (``mesh.py``) needs from the link runtime.
 - :class:`CopyListener`, :class:`PositionListener`: callbacks links invoke.
 
@@ -22,21 +27,18 @@ LMDB, and nothing here runs at import time beyond the class definitions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import asyncio
 
-    from harpsync.auth import Authenticator
-    from harpsync.metrics import Metrics
     from harpsync.replication.reconnect import PeerGate
-    from harpsync.replication.relays import RelayPlanner
     from harpsync.replication.transport import Link
     from harpsync.security import NodeKeys
     from harpsync.storage.conflicts import Review
     from harpsync.storage.database import Table
-    from harpsync.storage.store import Storage
+    from harpsync.storage.ingest import ApplyStats
 
 #: A peer's ``hdb_nodes`` row as this node keeps it (see peers.py for its fields).
 PeerRow = Mapping[str, Any]
@@ -147,51 +149,128 @@ class PublisherHost(LinkHost, Protocol):
         ...
 
 
-class SubscriberHost(LinkHost, Protocol):
-    """What a subscriber (a dialed link applying a peer's log) needs.
+class LinkStore(Protocol):
+    """What a subscriber reads and writes on this node: its cursor, the schema its hello
+    describes, and the apply jobs (each commits the cursor with the data it applies).
 
-    Still wide: it applies through storage and dials with the node's keys; narrowing
-    it (an apply seam over storage) is left for later (see DESIGN.md, "Seams").
+    The write methods return an awaitable that runs one writer job; the subscriber
+    keeps it, so stopping a link can wait for a job already in the writer thread.
+    ``harpsync.replication.linkstore.StorageLinkStore`` implements it over storage.
     """
 
-    max_skew_ms: int
-    storage: Storage
-    keys: NodeKeys
-    auth: Authenticator
-    metrics: Metrics
-    relays: RelayPlanner
-    copy_listeners: list[CopyListener]
+    def has_database(self, name: str) -> bool:
+        """Whether database ``name`` exists here."""
+        ...
+
+    def hello_schema(self, database: str) -> tuple[dict[str, Any], dict[int, str]]:
+        """``(tables, origin names)`` this node's hello describes for ``database``."""
+        ...
+
+    def cursor(self, database: str, peer: str) -> dict[str, Any]:
+        """The committed cursor of ``peer``'s link for ``database`` (``{}``: none)."""
+        ...
+
+    def origin_floors(self, database: str, origins: Iterable[str]) -> dict[str, int | None]:
+        """The newest version held from each origin, by any path (None: nothing)."""
+        ...
+
+    def wall_now_ms(self) -> int:
+        """This node's wall clock, in milliseconds (for lag)."""
+        ...
+
+    async def learn_schema(self, database: str, tables: Mapping[str, Any], peer: str) -> None:
+        """Create what ``peer``'s hello for ``database`` describes and this node lacks."""
+        ...
+
+    def write_cursor(self, database: str, peer: str,
+                     cursor: dict[str, Any]) -> Awaitable[Any]:
+        """Commit ``cursor`` for ``peer``'s link alone."""
+        ...
+
+    def apply_entries(self, database: str, peer: str, entries: Entries,
+                      origins: Mapping[int, str], cursor: dict[str, Any], max_skew_ms: int,
+                      local_name: str, floor: int, review: Review | None,
+                      ) -> Awaitable[ApplyStats]:
+        """Apply log entries and commit ``cursor`` with them (see ingest.apply_entries_job)."""
+        ...
+
+    def apply_rows(self, database: str, peer: str, table: str, rows: Rows,
+                   origins: Mapping[int, str], cursor: dict[str, Any], floor: int,
+                   incarnation: int | None, review: Review | None) -> Awaitable[Any]:
+        """Merge full-copy rows and commit ``cursor`` with them (ingest.apply_rows_job)."""
+        ...
+
+    def dead_letter(self, database: str, peer: str, letters: list[dict[str, Any]],
+                    cursor: dict[str, Any]) -> Awaitable[Any]:
+        """Store dead letters and move ``peer``'s cursor past them, together."""
+        ...
+
+
+class OriginPlanner(Protocol):
+    """Which origins a link carries (``relays.RelayPlanner``)."""
+
+    def covered(self, peer: str, database: str) -> set[str]:
+        """The origins the link from ``peer`` asks for: the peer and those it relays."""
+        ...
+
+    async def release(self, origin: str, database: str) -> None:
+        """Hand ``origin`` back from its relay before its direct link subscribes."""
+        ...
+
+
+class PeerDialer(Protocol):
+    """How a subscriber reaches its peer."""
+
+    async def dial_peer(self, peer: str, url: str, path: str) -> Link:
+        """Open a replication socket to ``peer`` at ``url`` + ``path`` (mutual TLS).
+
+        Raises:
+            One of ``transport.DIAL_ERRORS`` when the peer cannot be reached.
+        """
+        ...
 
     def peer_gate(self, peer: str) -> PeerGate:
         """The reachability shared by every link to ``peer``."""
-        ...
-
-    def review(self, peer: str, database: str) -> Review | None:
-        """The conflict-policy review for one apply job (None: all last-writer-wins)."""
-        ...
-
-    def note_review(self, peer: str, database: str, review: Review | None) -> None:
-        """Count what the conflict policies of one apply job did."""
-        ...
-
-    def operation_completed(self, event: Any) -> None:
-        """A peer answered an operation this node asked for."""
         ...
 
     def offers_compression(self, url: str) -> bool:
         """Whether a link dialing ``url`` offers zstd."""
         ...
 
+
+class ApplyPolicy(Protocol):
+    """The settings an apply job follows."""
+
+    max_skew_ms: int
+
     def start_floor(self, peer: str) -> int:
         """Versions of ``peer`` at or below this are skipped (its ``start_time``)."""
         ...
+
+    def review(self, peer: str, database: str) -> Review | None:
+        """The conflict-policy review for one apply job (None: all last-writer-wins)."""
+        ...
+
+
+class SubscriberReports(Protocol):
+    """What a subscriber tells the node (metrics, logs, listeners)."""
 
     def note_dialed(self, peer: str, database: str) -> None:
         """A link's socket opened (every open after the first is a reconnect)."""
         ...
 
-    def note_received(self, peer: str, database: str, txns: int, size: int) -> None:
-        """Count transactions and bytes applied from ``peer``."""
+    def note_received(self, peer: str, database: str, txns: int, size: int,
+                      last_version: int) -> None:
+        """Count transactions and bytes applied from ``peer`` (``last_version``: the
+        newest applied, 0 if none)."""
+        ...
+
+    def note_apply_seconds(self, peer: str, database: str, seconds: float) -> None:
+        """How long one writer job of the link took."""
+        ...
+
+    def note_review(self, peer: str, database: str, review: Review | None) -> None:
+        """Count what the conflict policies of one apply job did."""
         ...
 
     def note_dead_letters(self, peer: str, database: str, count: int) -> None:
@@ -201,6 +280,32 @@ class SubscriberHost(LinkHost, Protocol):
     def note_skew(self, peer: str, count: int) -> None:
         """Count transactions held back for clock skew."""
         ...
+
+    def copy_finished(self, peer: str, database: str) -> None:
+        """A link's full copy ended."""
+        ...
+
+    def logins_changed(self) -> None:
+        """Users or roles may have changed (a ``system`` copy applied rows)."""
+        ...
+
+    def operation_completed(self, event: Any) -> None:
+        """A peer answered an operation this node asked for."""
+        ...
+
+
+class ApplyHost(ApplyPolicy, SubscriberReports, Protocol):
+    """What a link's applier (``applier.py``) needs from the node."""
+
+    @property
+    def node_name(self) -> str:
+        """This node's name (its own entries are never applied)."""
+        ...
+
+
+class SubscriberHost(LinkHost, PeerDialer, ApplyHost, Protocol):
+    """Everything a subscriber needs from the node besides its :class:`LinkStore` and
+    :class:`OriginPlanner`: each part is one of the small protocols above."""
 
 
 class NodeClient(Protocol):

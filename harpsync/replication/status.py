@@ -6,7 +6,8 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
 from harpsync.replication import peers
-from harpsync.replication.subscriber import QUEUE_LIMIT, Subscriber
+from harpsync.replication.applier import QUEUE_LIMIT
+from harpsync.replication.subscriber import Subscriber
 from harpsync.storage.hlc import version_to_ms, wall_ms_of
 
 if TYPE_CHECKING:

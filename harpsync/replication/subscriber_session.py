@@ -48,6 +48,10 @@ class SubscriberSession(Session):
         head_seq: the publisher's newest sequence as last reported.
         acked_seq: the highest sequence acknowledged to the publisher.
         entries_received, bytes_received: counters for metrics.
+
+    A link's status reads these counters here (they are not copied elsewhere); a
+    session that replaces another on the same link continues its reported positions
+    (``previous``).
     """
 
     _FAILED = SubscriberState.FAILED
@@ -58,7 +62,7 @@ class SubscriberSession(Session):
 
     def __init__(
         self, node: str, database: str, tables: dict[str, Any], origins: dict[int, str],
-        compression: bool = False,
+        compression: bool = False, previous: SubscriberSession | None = None,
     ) -> None:
         super().__init__(node)
         self._offer = compression
@@ -67,8 +71,9 @@ class SubscriberSession(Session):
         self.tables = tables
         self.origins = origins
         self.peer_origins: dict[int, str] = {}
-        self.received_seq = 0
-        self.head_seq = 0
+        # Until it subscribes, a new session reports where the link's last one was.
+        self.received_seq: int = previous.received_seq if previous is not None else 0
+        self.head_seq: int = previous.head_seq if previous is not None else 0
         self.acked_seq = 0
         self.entries_received = 0
         self._snapshot_seq: int | None = None
@@ -179,6 +184,7 @@ class SubscriberSession(Session):
         elif type_ == "copy_begin":
             self._require(s.SUBSCRIBED)
             self._snapshot_seq = fields["snapshot_seq"]
+            self.head_seq = max(self.head_seq, fields["snapshot_seq"])
             self.state = s.COPYING
             self._events.append(event_from(CopyBegan, fields))
         elif type_ == "copy_end":

@@ -18,9 +18,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from websockets.asyncio.client import connect
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-from websockets.protocol import State
+from websockets.protocol import Protocol, Side, State
 
 from harpsync.security import (
     TLS_ERRORS,
@@ -208,3 +209,24 @@ async def dial(url: str, path: str, ssl_context: TLSContext | None, ping_interva
         write_limit=256 * 1024, max_queue=MAX_QUEUE, **kwargs,
     )
     return Link(conn, path)
+
+
+async def socket_pair(path: str = "/") -> tuple[Link, Link]:
+    """Two open links joined by ``socket.socketpair()``: ``(dialed, accepted)``.
+
+    No TLS and no HTTP handshake: both WebSocket connections start open, as the
+    websockets library tests its asyncio layer. The glue (publisher, subscriber) is
+    tested over these without a listener, a port or a node.
+    """
+    loop = asyncio.get_running_loop()
+    dialed_sock, accepted_sock = socket.socketpair()
+
+    def connection(side: Side) -> Connection:
+        return Connection(Protocol(side, max_size=MAX_FRAME), ping_interval=None,
+                          close_timeout=2, max_queue=MAX_QUEUE, write_limit=256 * 1024)
+
+    _, dialed = await loop.create_connection(lambda: connection(Side.CLIENT),
+                                             sock=dialed_sock)
+    _, accepted = await loop.connect_accepted_socket(lambda: connection(Side.SERVER),
+                                                     sock=accepted_sock)
+    return Link(dialed, path), Link(accepted, path)

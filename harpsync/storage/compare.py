@@ -110,7 +110,7 @@ def rebuild_job(storage: Storage, db_name: str, table_name: str,
     """A job recomputing the table's hashes from its stored rows (``deep``)."""
 
     def job(ctx: WriteContext) -> int:
-        db, table = storage.table(db_name, table_name, status=400)
+        db, table = storage.table(db_name, table_name)
         _check(table)
         return digest.rebuild(ctx.txn(db), table)
 
@@ -129,7 +129,7 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
     """
 
     def job(ctx: WriteContext) -> list[Any]:
-        db, table = storage.table(db_name, table_name, status=400)
+        db, table = storage.table(db_name, table_name)
         _check(table)
         if table.version != incarnation:
             raise BadRequestError(f"table '{db_name}.{table_name}' was re-created; "

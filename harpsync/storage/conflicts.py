@@ -150,7 +150,7 @@ def resolve_job(storage: Storage, conflict: dict[str, Any], keep: str | None,
     rid = conflict["record_id"]
 
     def job(ctx: WriteContext) -> dict[str, Any]:
-        db, table = storage.table(db_name, table_name, status=400)
+        db, table = storage.table(db_name, table_name)
         txn = ctx.txn(db)
         key = encode_id(rid)
         stored = get_stored(txn, table, key)

@@ -14,8 +14,8 @@ from typing import Any
 import lmdb
 
 from harpsync import codec
-from harpsync.errors import NotFoundError
 from harpsync.storage import digest
+from harpsync.storage.errors import NoSuchDatabaseError
 from harpsync.storage.keys import seq_key, seq_of
 
 TXNS_DBI = b"__txns__"
@@ -264,7 +264,7 @@ class Database:
     def _gone(self, exc: lmdb.Error) -> Exception:
         # A describe racing drop_database reads a closed environment: that is a 404.
         if self.closed:
-            return NotFoundError(f"database '{self.name}' does not exist")
+            return NoSuchDatabaseError(self.name)
         return exc
 
     def sizes(self) -> dict[str, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from harpsync import codec
-from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
+from harpsync.errors import BadRequestError
 from harpsync.storage import digest
 from harpsync.storage.database import (
     CREATED_KEY,
@@ -22,6 +22,7 @@ from harpsync.storage.database import (
     Table,
     release_mapped_pages,
 )
+from harpsync.storage.errors import NoSuchAttributeError, NoSuchDatabaseError, NoSuchTableError
 from harpsync.storage.hlc import HLC
 from harpsync.storage.keys import seq_key
 from harpsync.storage.writer import WriteContext, Writer
@@ -32,10 +33,6 @@ SYSTEM = "system"
 SYSTEM_TABLES = {"hdb_user": "username", "hdb_role": "id", "hdb_nodes": "name",
                  "hdb_conflicts": "id", "hdb_dead_letters": "id"}
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
-
-
-def _missing(status: int, message: str) -> HarpsyncError:
-    return NotFoundError(message) if status == 404 else BadRequestError(message)
 
 
 class Storage:
@@ -153,17 +150,27 @@ class Storage:
         return release_mapped_pages({db.data_file for db in list(self.databases.values())})
 
     # -- lookups -----------------------------------------------------------------------
-    def database(self, name: str, status: int = 404) -> Database:
+    def database(self, name: str) -> Database:
+        """The open database ``name``.
+
+        Raises:
+            NoSuchDatabaseError: there is none.
+        """
         db = self.databases.get(name)
         if db is None:
-            raise _missing(status, f"database '{name}' does not exist")
+            raise NoSuchDatabaseError(name)
         return db
 
-    def table(self, db_name: str, table_name: str, status: int = 404) -> tuple[Database, Table]:
-        db = self.database(db_name, status)
+    def table(self, db_name: str, table_name: str) -> tuple[Database, Table]:
+        """The table ``db_name.table_name`` and its database.
+
+        Raises:
+            NoSuchDatabaseError, NoSuchTableError: either does not exist.
+        """
+        db = self.database(db_name)
         table = db.tables.get(table_name)
         if table is None:
-            raise _missing(status, f"Table '{db_name}.{table_name}' does not exist")
+            raise NoSuchTableError(db_name, table_name)
         return db, table
 
     async def write(self, fn: Callable[[WriteContext], Any],
@@ -366,7 +373,7 @@ class Storage:
                                           f"{db_name}.{table_name}")
             for attr in remove:
                 if attr not in table.attributes:
-                    raise NotFoundError(f"attribute '{attr}' does not exist")
+                    raise NoSuchAttributeError(attr)
             old = list(table.attributes)
             table.attributes = [a for a in old if a not in remove] + list(add)
             ctx.on_undo(lambda: setattr(table, "attributes", old))

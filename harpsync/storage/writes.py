@@ -51,7 +51,7 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
     """
 
     def job(ctx: WriteContext) -> dict[str, Any]:
-        db, table = storage.table(db_name, table_name, status=400)
+        db, table = storage.table(db_name, table_name)
         txn = ctx.txn(db)
         pk = table.primary_key
         written: list[Any] = []
@@ -138,7 +138,7 @@ def delete_records(storage: Storage, db_name: str, table_name: str, ids: list[An
     """A job that deletes ``ids``, leaving tombstones; missing ids are skipped."""
 
     def job(ctx: WriteContext) -> dict[str, Any]:
-        db, table = storage.table(db_name, table_name, status=400)
+        db, table = storage.table(db_name, table_name)
         txn = ctx.txn(db)
         live: list[tuple[Any, bytes | None]] = []
         newest = 0

@@ -1,0 +1,356 @@
+"""Applying what one link received: in order, each job committing the cursor with it.
+
+The subscriber (``subscriber.py``) owns one :class:`Applier` per link and feeds its
+queue from the session's events; the applier writes through the ``LinkStore`` seam and
+tells its owner what happened through :class:`ApplyOwner` (acks, errors, the end of a
+copy, clock skew). Batches queued together share one transaction; a change that cannot
+be applied goes to the dead letters instead of stopping the link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from harpsync.errors import HarpsyncError
+from harpsync.replication.reconnect import describe_error
+from harpsync.storage import deadletters, schema
+from harpsync.storage.hlc import ClockSkewError
+
+if TYPE_CHECKING:
+    from harpsync.replication.seams import ApplyHost, LinkStore
+
+T = TypeVar("T")
+
+QUEUE_LIMIT = 64
+APPLY_GROUP = 16
+# A busy stream (entries arrived while the last apply was committing) gathers entries
+# for up to this long after the last commit began, so the peer makes a few synced
+# commits a second instead of one per commit on the origin: on a shared disk each of
+# its fsyncs costs the origin's writer as much as one of its own. A quiet link (one
+# write at a time) commits each batch at once, so an isolated write is not delayed.
+BUSY_GATHER = 0.02
+BUSY_GROUP = 48
+# Whatever the mode, one apply transaction takes at most about this many entries (as
+# many as APPLY_GROUP full batches), so a gathered group is never a longer apply.
+APPLY_ENTRIES = 16_000
+# A change for a table still unknown after this many attempts, the first this many
+# seconds ago (each attempt reconnects for a fresh hello), becomes a dead letter.
+UNKNOWN_ATTEMPTS = 4
+UNKNOWN_SECONDS = 2.0
+
+
+def unappliable(exc: BaseException) -> bool:
+    """Whether applying a change failed because of the change itself (it goes to the
+    dead letters) rather than the link or the node (the link retries). Held-back
+    versions (clock skew) and a peer still serving a dropped incarnation wait."""
+    if isinstance(exc, ClockSkewError | schema.DroppedIncarnationError):
+        return False
+    return isinstance(exc, ValueError | HarpsyncError | OverflowError | TypeError | KeyError
+                      | IndexError | AttributeError)
+
+
+@dataclass
+class Work:
+    """One item of the apply queue."""
+
+    kind: str  # "entries", "caught_up", "rows", "copy_end"
+    payload: Any
+    origins: dict[int, str]
+
+
+class WorkQueue(asyncio.Queue[Work]):
+    """The apply queue, which the applier may look into without taking from it."""
+
+    def pending(self) -> list[Work]:
+        """The queued work, oldest first (a copy)."""
+        return list(self._queue)  # type: ignore[attr-defined]  # asyncio.Queue's deque
+
+    def peek(self) -> Work | None:
+        """The oldest queued work, left in the queue (None when empty)."""
+        return self._queue[0] if self._queue else None  # type: ignore[attr-defined]
+
+
+class ApplyOwner(Protocol):
+    """What the applier tells the link that owns it."""
+
+    @property
+    def copying(self) -> bool:
+        """A full copy is under way (``caught_up`` must not move the cursor)."""
+        ...
+
+    def acknowledge(self, seq: int) -> None:
+        """Everything through ``seq`` is durable: ack it to the publisher."""
+        ...
+
+    def report_error(self, message: str) -> None:
+        """Show ``message`` as the link's last error (the link goes on)."""
+        ...
+
+    def copy_ended(self) -> None:
+        """The full copy is applied; the link streams."""
+        ...
+
+    def clock_skewed(self) -> None:
+        """Entries were held back for clock skew (the failure that follows ends the
+        session)."""
+        ...
+
+    async def flush(self) -> None:
+        """Send what the session queued (acks)."""
+        ...
+
+
+class Applier:
+    """The apply side of one (peer, database) link.
+
+    Attributes:
+        committed_seq: the publisher sequence durably applied (the cursor's).
+        checkpoint_at: when the cursor last committed.
+        txns_received, last_version: transactions applied, and the newest version.
+        copy_progress: records copied of the total while a copy runs (None otherwise).
+        replay_floor, replaying: set by a replay (versions at or below the floor are
+            skipped, and floors are not sent) until the log is read to its end.
+        covered: the origins the link's cursor covers.
+        peer_tables: the peer's schema, from its hello.
+    """
+
+    def __init__(self, owner: ApplyOwner, host: ApplyHost, store: LinkStore, peer: str,
+                 database: str) -> None:
+        self.owner = owner
+        self.host = host
+        self.store = store
+        self.peer = peer
+        self.database = database
+        self.queue = WorkQueue(QUEUE_LIMIT)
+        self.committed_seq = 0
+        self.checkpoint_at: float | None = None
+        self.txns_received = 0
+        self.last_version = 0
+        self.copy_progress: dict[str, int] | None = None
+        self.copy_snapshot = 0
+        self.replay_floor = 0
+        # Set by replay_replication: send everything again, whatever this node holds.
+        self.replaying = False
+        self.covered: list[str] = [peer]
+        self.peer_tables: dict[str, Any] = {}
+        # Failed attempts at one change (publisher sequence, or copy chunk): count, first.
+        self._attempts: dict[Any, tuple[int, float]] = {}
+        # Writer jobs submitted and not yet finished: cancelling the task that awaits
+        # one does not stop it in the writer thread, so ``settle`` waits for them.
+        self._inflight: set[asyncio.Future[Any]] = set()
+
+    def new_session(self) -> None:
+        """Nothing queued in an earlier session survives into a new one."""
+        self.queue = WorkQueue(QUEUE_LIMIT)
+
+    def begin_copy(self, snapshot_seq: int, total: int) -> None:
+        self.copy_snapshot = snapshot_seq
+        self.copy_progress = {"records_copied": 0, "records_total": total}
+
+    async def settle(self) -> None:
+        """Wait until no write of this link is left in the writer."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+    async def _write(self, job: Awaitable[T]) -> T:
+        """Run one writer job of the store so that ``stop`` can wait for it, even if
+        this task is cancelled."""
+        future = asyncio.ensure_future(job)
+        self._inflight.add(future)
+        future.add_done_callback(self._inflight.discard)
+        started = time.perf_counter()
+        future.add_done_callback(lambda _f: self.host.note_apply_seconds(
+            self.peer, self.database, time.perf_counter() - started))
+        return await asyncio.shield(future)
+
+    def cursor(self, seq: int) -> dict[str, Any]:
+        """The cursor to commit: the publisher sequence and the origins it covers."""
+        return {"seq": seq, "origins": list(self.covered)}
+
+    async def run(self) -> None:
+        """Apply queued work in order until cancelled (the link's session ends)."""
+        busy = False
+        last_commit = 0.0
+        while True:
+            work = [await self.queue.get()]
+            if busy and work[0].kind == "entries":
+                delay = last_commit + BUSY_GATHER - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            # Several queued batches share one transaction, but not too many: a long
+            # apply keeps the receiver from reading (and from answering pings). The
+            # caught_up reports between them are absorbed: they only move the cursor.
+            limit = BUSY_GROUP if busy else APPLY_GROUP
+            batches = 1
+            size = len(work[0].payload) if work[0].kind == "entries" else 0
+            while work[0].kind == "entries" and batches < limit and size < APPLY_ENTRIES:
+                following = self.queue.peek()
+                if following is None or following.kind not in ("entries", "caught_up"):
+                    break
+                item = self.queue.get_nowait()
+                work.append(item)
+                if item.kind == "entries":
+                    batches += 1
+                    size += len(item.payload)
+            first = work[0]
+            if first.kind == "entries":
+                last_commit = time.monotonic()
+                entries = [w for w in work if w.kind == "entries"]
+                caught = [int(w.payload) for w in work if w.kind == "caught_up"]
+                await self._apply_entries(entries)
+                if caught:
+                    await self._advance(max(caught))
+                # Entries that arrived during the commit: the stream is busy.
+                busy = any(w.kind == "entries" for w in self.queue.pending())
+            elif first.kind == "rows":
+                await self._apply_rows(first)
+            elif first.kind == "caught_up":
+                await self._advance(int(first.payload))
+            else:
+                snapshot = int(first.payload)
+                await self._write(self.store.write_cursor(self.database, self.peer,
+                                                          self.cursor(snapshot)))
+                self.committed_seq = snapshot
+                self.checkpoint_at = time.time()
+                self.copy_progress = None
+                self.owner.copy_ended()
+                self.owner.acknowledge(snapshot)
+                self.host.copy_finished(self.peer, self.database)
+            await self.owner.flush()
+
+    async def _advance(self, seq: int) -> None:
+        """The publisher's log is read through ``seq`` and everything before it was
+        applied; entries filtered out on its side need no apply, so the cursor moves
+        past them (durably, before the ack that lets the publisher prune them)."""
+        self.replay_floor = 0  # a replay ends once it has read the whole log
+        self.replaying = False
+        if seq <= self.committed_seq or self.owner.copying:
+            return
+        await self._write(self.store.write_cursor(self.database, self.peer,
+                                                  self.cursor(seq)))
+        self.committed_seq = seq
+        self.checkpoint_at = time.time()
+        self.owner.acknowledge(seq)
+
+    async def _apply_entries(self, work: list[Work]) -> None:
+        entries = [e for w in work for e in w.payload]
+        origins: dict[int, str] = {}
+        for w in work:
+            origins.update(w.origins)
+        try:
+            await self._apply_batch(entries, origins)
+        except Exception as exc:
+            if not unappliable(exc):
+                raise
+            # One change of the batch cannot be applied: apply them one by one, and
+            # move the bad one to the dead letters instead of failing forever.
+            for entry in entries:
+                if entry[0] > self.committed_seq:
+                    await self._apply_or_dead_letter(entry, origins)
+
+    def _give_up(self, key: Any, exc: BaseException) -> bool:
+        """Whether a change that failed with ``exc`` goes to the dead letters now: at
+        once when it cannot be applied as it is, after retries when its table is not
+        known yet (a fresh hello may bring it)."""
+        if not isinstance(exc, schema.UnknownTableError):
+            return True
+        count, first = self._attempts.get(key, (0, time.monotonic()))
+        self._attempts[key] = (count + 1, first)
+        return count + 1 >= UNKNOWN_ATTEMPTS and time.monotonic() - first >= UNKNOWN_SECONDS
+
+    async def _apply_or_dead_letter(self, entry: tuple[int, bytes],
+                                    origins: dict[int, str]) -> None:
+        seq = entry[0]
+        try:
+            await self._apply_batch([entry], origins)
+            self._attempts.pop(seq, None)
+            return
+        except Exception as exc:
+            if not unappliable(exc) or not self._give_up(seq, exc):
+                raise
+            error = describe_error(exc)
+        letters = deadletters.entry_letters(self.peer, self.database, [entry], origins, error)
+        await self._write(self.store.dead_letter(self.database, self.peer, letters,
+                                                 self.cursor(seq)))
+        self._attempts.pop(seq, None)
+        self.committed_seq = max(self.committed_seq, seq)
+        self.checkpoint_at = time.time()
+        self.owner.report_error(f"dead letter: {error}")
+        self.host.note_dead_letters(self.peer, self.database, len(letters))
+        self.owner.acknowledge(seq)
+
+    async def _apply_batch(self, entries: list[tuple[int, bytes]],
+                           origins: dict[int, str]) -> None:
+        last_seq = entries[-1][0]
+        host = self.host
+        floor = max(host.start_floor(self.peer), self.replay_floor)
+        review = host.review(self.peer, self.database)
+        stats = await self._write(self.store.apply_entries(
+            self.database, self.peer, entries, origins, self.cursor(last_seq),
+            host.max_skew_ms, host.node_name, floor, review))
+        while stats.resume_seq is not None:  # a database re-created after its drop
+            rest = [e for e in entries if e[0] >= stats.resume_seq]
+            more = await self._write(self.store.apply_entries(
+                self.database, self.peer, rest, origins, self.cursor(last_seq),
+                host.max_skew_ms, host.node_name, floor, review))
+            more.entries += stats.entries
+            more.skewed += stats.skewed
+            stats = more
+        committed = last_seq if stats.cursor_seq is None else stats.cursor_seq
+        self.committed_seq = max(self.committed_seq, committed)
+        self.checkpoint_at = time.time()
+        host.note_review(self.peer, self.database, review)
+        self.txns_received += stats.entries
+        if stats.last_version:
+            self.last_version = stats.last_version
+        host.note_received(self.peer, self.database, stats.entries,
+                           sum(len(e[1]) for e in entries), self.last_version)
+        self.owner.acknowledge(committed)
+        if stats.skew_error is not None:
+            host.note_skew(self.peer, stats.skewed)
+            self.owner.clock_skewed()
+            raise stats.skew_error
+
+    async def _apply_rows(self, work: Work) -> None:
+        table, rows = work.payload
+        tombs = table.endswith("\x00")
+        table = table.rstrip("\x00")
+        old = self.store.cursor(self.database, self.peer)
+        copy_state = {"table": table, "key": rows[-1][0], "tombs": tombs,
+                      "snapshot": self.copy_snapshot}
+        cursor = {**self.cursor(int(old.get("seq", 0))), "copy": copy_state}
+        definition = self.peer_tables.get(table)
+        incarnation = definition.get("version") if isinstance(definition, dict) else None
+        incarnation = incarnation if isinstance(incarnation, int) else None
+        review = self.host.review(self.peer, self.database)
+        job = self.store.apply_rows(self.database, self.peer, table, rows, work.origins, cursor,
+                                    self.host.start_floor(self.peer), incarnation, review)
+        try:
+            await self._write(job)
+            self._attempts.pop((table, rows[0][0]), None)
+        except ClockSkewError:
+            self.host.note_skew(self.peer, 1)
+            self.owner.clock_skewed()
+            raise
+        except Exception as exc:
+            if not unappliable(exc) or not self._give_up((table, rows[0][0]), exc):
+                raise
+            # The chunk cannot be applied: its rows go to the dead letters, the copy
+            # goes on after them.
+            error = describe_error(exc)
+            letters = deadletters.row_letters(self.peer, self.database, table, rows,
+                                              work.origins, incarnation, error)
+            await self._write(self.store.dead_letter(self.database, self.peer, letters,
+                                                     cursor))
+            self._attempts.pop((table, rows[0][0]), None)
+            self.owner.report_error(f"dead letter: {error}")
+            self.host.note_dead_letters(self.peer, self.database, len(letters))
+        self.host.note_review(self.peer, self.database, review)
+        if self.database == "system":  # users or roles may have changed: tell the login cache
+            self.host.logins_changed()
+        if self.copy_progress is not None:
+            self.copy_progress["records_copied"] += len(rows)

@@ -1,0 +1,79 @@
+"""A subscriber's view of this node's storage (the ``LinkStore`` seam).
+
+Every write is one writer job that commits the link's cursor with what it applies, so
+a crash can neither lose nor double-apply a batch. The subscriber sees only this small
+surface; the storage package keeps its own types and jobs (``ingest``, ``deadletters``,
+``schema``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from harpsync.replication import peers
+from harpsync.replication.seams import Entries, Rows
+from harpsync.storage import deadletters, ingest, schema
+from harpsync.storage.conflicts import Review
+from harpsync.storage.ingest import ApplyStats
+from harpsync.storage.store import Storage
+
+
+class StorageLinkStore:
+    """:class:`~harpsync.replication.seams.LinkStore` over a :class:`Storage`."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def has_database(self, name: str) -> bool:
+        return name in self.storage.databases
+
+    def hello_schema(self, database: str) -> tuple[dict[str, Any], dict[int, str]]:
+        db = self.storage.databases[database]
+        return table_definitions(self.storage, db), dict(db.origin_names)
+
+    def cursor(self, database: str, peer: str) -> dict[str, Any]:
+        return self.storage.databases[database].cursor(peer)
+
+    def origin_floors(self, database: str, origins: Iterable[str]) -> dict[str, int | None]:
+        held = self.storage.databases[database].origin_hw
+        return {name: held.get(name) for name in origins}
+
+    def wall_now_ms(self) -> int:
+        return int(self.storage.hlc.wall_now_ms())
+
+    async def learn_schema(self, database: str, tables: Mapping[str, Any], peer: str) -> None:
+        await schema.apply_hello(self.storage, database, tables, peer)
+
+    async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any]) -> Any:
+        db = self.storage.databases[database]
+        return await self.storage.write(functools.partial(
+            ingest.write_cursor, db=db, peer=peer, cursor=cursor))
+
+    async def apply_entries(self, database: str, peer: str, entries: Entries,
+                            origins: Mapping[int, str], cursor: dict[str, Any],
+                            max_skew_ms: int, local_name: str, floor: int,
+                            review: Review | None) -> ApplyStats:
+        job, prepare = ingest.apply_entries_job(self.storage, database, peer, entries, origins,
+                                                cursor, max_skew_ms, local_name, floor, review)
+        stats: ApplyStats = await self.storage.write(job, prepare)
+        return stats
+
+    async def apply_rows(self, database: str, peer: str, table: str, rows: Rows,
+                         origins: Mapping[int, str], cursor: dict[str, Any], floor: int,
+                         incarnation: int | None, review: Review | None) -> Any:
+        return await self.storage.write(ingest.apply_rows_job(
+            self.storage, database, peer, table, rows, origins, cursor, floor, incarnation,
+            review))
+
+    async def dead_letter(self, database: str, peer: str, letters: list[dict[str, Any]],
+                          cursor: dict[str, Any]) -> Any:
+        return await self.storage.write(deadletters.record_job(
+            self.storage, database, peer, letters, cursor))
+
+
+def table_definitions(storage: Storage, db: Any) -> dict[str, Any]:
+    """The schema a hello describes for ``db`` (tables, drop markers; databases in system)."""
+    return schema.describe_schema(storage, db,
+                                  lambda name: peers.table_allowed(db.name, name, None))

@@ -1,0 +1,244 @@
+"""harpsync/replication/publisher.py over a socket pair, with a fake ``LogSource``.
+
+The test plays the subscribing peer with a real ``SubscriberSession`` on the other end
+of ``socket.socketpair()``: no node, no listener, no LMDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from harpsync.replication.protocol import (
+    CaughtUp,
+    CopyBegan,
+    CopyEnded,
+    CopyRows,
+    EntriesReceived,
+    OperationCompleted,
+    PeerHello,
+    ResyncRequired,
+    SubscriberSession,
+    SubscriberState,
+)
+from harpsync.replication.publisher import Publisher
+from harpsync.replication.transport import socket_pair
+
+from .fakes import PEER, FakeLog, FakePublisherHost, Wire, entry, stored_row, until
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@dataclass
+class Served:
+    publisher: Publisher
+    peer: Wire
+    host: FakePublisherHost
+    log: FakeLog
+    task: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def serve(log: FakeLog | None, database: str = "data") -> AsyncIterator[Served]:
+    """A publisher serving ``log`` on one end of a socket pair; the test's peer on the
+    other end has said hello and been answered."""
+    dialed, accepted = await socket_pair("/" + database)
+    host = FakePublisherHost()
+    publisher = Publisher(host, accepted, PEER, database, log)
+    task = asyncio.create_task(publisher.run())
+    peer = Wire(dialed, SubscriberSession(PEER, database, {}, {}))
+    try:
+        yield Served(publisher, peer, host, log or FakeLog(), task)
+    finally:
+        await dialed.close()
+        await asyncio.wait_for(task, 5)
+
+
+async def hello(served: Served) -> SubscriberSession:
+    session = served.peer.session
+    assert isinstance(session, SubscriberSession)
+    session.start()
+    await served.peer.flush()
+    await served.peer.expect(PeerHello)
+    return session
+
+
+async def subscribe(served: Served, after: int, copy: bool = False) -> None:
+    session = await hello(served) if served.peer.session.peer is None else served.peer.session
+    assert isinstance(session, SubscriberSession)
+    session.subscribe(after_seq=after, origins=None, tables=None, copy=copy)
+    await served.peer.flush()
+
+
+def logged(log: FakeLog, count: int, origin_id: int = 1) -> None:
+    for i in range(count):
+        log.append(entry(origin_id, 1000 + log.next_seq, key=i))
+
+
+async def test_streams_the_entries_after_the_cursor():
+    """Entries after the subscriber's cursor arrive in order, then ``caught_up`` at the
+    head; the host hears where the peer starts from."""
+    log = FakeLog()
+    logged(log, 5)
+    async with serve(log) as served:
+        await subscribe(served, after=2)
+        got = await served.peer.expect(EntriesReceived)
+        assert [seq for seq, _ in got.entries] == [3, 4, 5]
+        assert (await served.peer.expect(CaughtUp)).seq == 5
+        assert served.host.positions == [(PEER, "data", 2, False)]
+        assert served.publisher.sent_seq == 5
+
+
+async def test_skips_the_peers_own_entries_but_reports_past_them():
+    """An entry that originated on the peer is not sent back; ``caught_up`` still
+    covers it, so the subscriber's cursor moves past it."""
+    log = FakeLog()
+    logged(log, 1)
+    logged(log, 1, origin_id=2)  # from the peer itself
+    async with serve(log) as served:
+        await subscribe(served, after=0)
+        got = await served.peer.expect(EntriesReceived)
+        assert [seq for seq, _ in got.entries] == [1]
+        assert (await served.peer.expect(CaughtUp)).seq == 2
+
+
+async def test_sends_caught_up_at_once_for_a_cursor_at_the_head():
+    """A subscriber already at the head hears ``caught_up`` right away."""
+    log = FakeLog()
+    logged(log, 3)
+    async with serve(log) as served:
+        await subscribe(served, after=3)
+        assert (await served.peer.expect(CaughtUp)).seq == 3
+        assert not [e for e in served.peer.events if isinstance(e, EntriesReceived)]
+
+
+async def test_resyncs_a_cursor_behind_the_pruned_log():
+    """A cursor older than what was pruned gets ``resync_required`` naming the oldest
+    sequence still held, and no entries."""
+    log = FakeLog()
+    logged(log, 6)
+    log.prune(through=4)
+    async with serve(log) as served:
+        await subscribe(served, after=1)
+        resync = await served.peer.expect(ResyncRequired)
+        assert resync.oldest_seq == 5 and "pruned" in resync.reason
+        assert not [e for e in served.peer.events if isinstance(e, EntriesReceived)]
+
+
+async def test_resyncs_a_cursor_past_the_head():
+    """A cursor past this node's head (its log was reset) must copy again."""
+    log = FakeLog()
+    logged(log, 2)
+    async with serve(log) as served:
+        await subscribe(served, after=9)
+        assert "beyond" in (await served.peer.expect(ResyncRequired)).reason
+
+
+async def test_waits_at_the_end_of_the_log_and_resumes_on_a_commit():
+    """At the end of its log the publisher waits for a commit notification; a new
+    entry wakes it and is streamed."""
+    log = FakeLog()
+    logged(log, 2)
+    async with serve(log) as served:
+        await subscribe(served, after=0)
+        await served.peer.expect(EntriesReceived)
+        await served.peer.expect(CaughtUp)
+        assert served.publisher.notify in log.commit_listeners
+        seq = log.append(entry(1, 5000))  # the writer commits and notifies
+        got = await served.peer.expect(EntriesReceived)
+        assert [s for s, _ in got.entries] == [seq]
+
+
+async def test_a_new_subscribe_restarts_the_stream_from_its_cursor():
+    """Subscribing again on the same socket (after a resync, say) streams from the new
+    cursor; the old stream stops."""
+    log = FakeLog()
+    logged(log, 4)
+    async with serve(log) as served:
+        await subscribe(served, after=3)
+        await served.peer.expect(EntriesReceived)
+        await served.peer.expect(CaughtUp)
+        session = served.peer.session
+        assert isinstance(session, SubscriberSession)
+        # The peer's session lets a resubscribe only after resync_required: force READY.
+        session.state = SubscriberState.READY
+        session.subscribe(after_seq=1, origins=None, tables=None)
+        await served.peer.flush()
+        got = await served.peer.expect(EntriesReceived)
+        assert [s for s, _ in got.entries] == [2, 3, 4]
+
+
+async def test_full_copy_sends_rows_and_tombstones_then_streams():
+    """A copy sends every table's rows, then its tombstones (NUL-suffixed name), ends
+    at the snapshot it began at, and streams on from there."""
+    log = FakeLog()
+    log.add_table("dog", [stored_row(1, 10, k) for k in (1, 2, 3)],
+                  tombs=[stored_row(3, 11, 9)])
+    logged(log, 2)
+    async with serve(log) as served:
+        await subscribe(served, after=0, copy=True)
+        began = await served.peer.expect(CopyBegan)
+        assert (began.snapshot_seq, began.total, began.tables) == (2, 4, ["dog"])
+        rows = await served.peer.expect(CopyRows)
+        assert (rows.table, [k for k, _ in rows.rows]) == ("dog", [b"1", b"2", b"3"])
+        tombs = await served.peer.expect(CopyRows)
+        assert (tombs.table, [k for k, _ in tombs.rows]) == ("dog\x00", [b"9"])
+        assert (await served.peer.expect(CopyEnded)).snapshot_seq == 2
+        assert (await served.peer.expect(CaughtUp)).seq == 2
+        assert served.host.positions == [(PEER, "data", 0, True)]
+        # Origin 3 (node-c) was announced before the tombstone that uses it.
+        session = served.peer.session
+        assert isinstance(session, SubscriberSession)
+        assert session.peer_origins[3] == "node-c"
+
+
+async def test_acks_reach_the_host():
+    """An ack from the subscriber is reported once, with the publisher's acked_seq."""
+    log = FakeLog()
+    logged(log, 3)
+    async with serve(log) as served:
+        await subscribe(served, after=0)
+        await served.peer.expect(CaughtUp)
+        session = served.peer.session
+        assert isinstance(session, SubscriberSession)
+        session.ack(3)
+        await served.peer.flush()
+        await until(lambda: served.host.acks, message="the ack")
+        assert served.host.acks == [(PEER, "data", 3)]
+        assert served.publisher.acked_seq == 3
+
+
+async def test_answers_a_peer_operation():
+    """An operation the subscriber asks for runs on the host and its result returns."""
+    log = FakeLog()
+    async with serve(log) as served:
+        session = await hello(served)
+        session.request_operation({"operation": "ping"})
+        await served.peer.flush()
+        done = await served.peer.expect(OperationCompleted)
+        assert done.result == {"ok": True} and done.error is None
+        assert served.host.operations == [{"operation": "ping"}]
+
+
+async def test_refuses_a_database_that_does_not_exist():
+    """A socket for an unknown database is closed with 1008, naming it."""
+    async with serve(None, "nope") as served:
+        code, reason = await served.peer.closed()
+        assert code == 1008 and reason is not None and "nope" in reason
+
+
+async def test_closes_when_the_database_is_dropped():
+    """A dropped database ends the stream with 1001."""
+    log = FakeLog()
+    logged(log, 1)
+    async with serve(log) as served:
+        await subscribe(served, after=0)
+        await served.peer.expect(CaughtUp)
+        log.dropped = True
+        log.append(entry(1, 9000))
+        code, _ = await served.peer.closed()
+        assert code == 1001

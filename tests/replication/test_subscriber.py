@@ -1,0 +1,231 @@
+"""harpsync/replication/subscriber.py over socket pairs, with fakes of its seams.
+
+The subscriber dials through a fake host whose every dial opens a
+``socket.socketpair()``; the test plays the publishing peer on the accepted end with a
+real ``PublisherSession``, and a fake ``LinkStore`` records what was applied: no node,
+no listener, no LMDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from harpsync.replication.protocol import (
+    AckReceived,
+    PeerHello,
+    PublisherSession,
+    SubscribeRequested,
+)
+from harpsync.replication.subscriber import LinkState, Subscriber
+
+from .fakes import (
+    PEER,
+    WAIT,
+    FakeLinkStore,
+    FakeRelays,
+    FakeSubscriberHost,
+    Wire,
+    entry,
+    stored_row,
+    until,
+)
+
+pytestmark = pytest.mark.timeout(30)
+PEER_IDS = {1: PEER, 3: "node-c"}  # the publisher's origin ids
+
+
+@dataclass
+class Linked:
+    sub: Subscriber
+    host: FakeSubscriberHost
+    store: FakeLinkStore
+
+
+@contextlib.asynccontextmanager
+async def running(cursor: dict[str, Any] | None = None) -> AsyncIterator[Linked]:
+    """A started subscriber for ``data`` from the peer (with ``cursor`` committed)."""
+    host, store = FakeSubscriberHost(), FakeLinkStore()
+    if cursor is not None:
+        store.cursors[("data", PEER)] = cursor
+    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
+    sub.start()
+    try:
+        yield Linked(sub, host, store)
+    finally:
+        await sub.retire()
+
+
+async def accept(linked: Linked) -> tuple[Wire, SubscribeRequested]:
+    """Take the subscriber's next dial as its peer: answer its hello, return its
+    subscribe."""
+    link = await _next_accepted(linked.host)
+    peer = Wire(link, PublisherSession(PEER))
+    hello = await peer.expect(PeerHello)
+    assert (hello.node, hello.database) == ("node-a", "data")
+    session = peer.session
+    assert isinstance(session, PublisherSession)
+    session.accept("data", {"dog": {"version": 1}}, dict(PEER_IDS))
+    await peer.flush()
+    return peer, await peer.expect(SubscribeRequested)
+
+
+async def _next_accepted(host: FakeSubscriberHost) -> Any:
+    return await asyncio.wait_for(host.accepted.get(), WAIT)
+
+
+def publisher(peer: Wire) -> PublisherSession:
+    assert isinstance(peer.session, PublisherSession)
+    return peer.session
+
+
+async def send_entries(peer: Wire, seqs: list[int], origin_id: int = 1) -> None:
+    publisher(peer).send_entries(max(seqs), [(s, origin_id, entry(origin_id, 100 + s, key=s))
+                                             for s in seqs], PEER_IDS)
+    await peer.flush()
+
+
+async def acked(peer: Wire, seq: int) -> None:
+    """Wait for the subscriber's ack of ``seq`` (acks only move forward)."""
+    while (await peer.expect(AckReceived)).seq < seq:
+        pass
+
+
+async def test_a_new_pairing_starts_with_a_full_copy_then_streams():
+    """With no cursor the subscriber asks for a copy; rows land with a cursor holding
+    the resume point, the end of the copy commits the snapshot, acks it, tells the host,
+    and the link streams."""
+    async with running() as linked:
+        peer, sub = await accept(linked)
+        assert sub.copy and sub.after_seq == 0 and sub.origins == {PEER: None}
+        assert linked.store.hellos == [{"dog": {"version": 1}}]
+        session = publisher(peer)
+        session.begin_copy(7, 2, ["dog"])
+        session.send_copy_rows("dog", [stored_row(1, 50, 1), stored_row(1, 51, 2)], PEER_IDS)
+        session.end_copy(7)
+        await peer.flush()
+        await acked(peer, 7)
+        [(table, keys, cursor)] = linked.store.copied
+        assert (table, keys) == ("dog", [b"1", b"2"])
+        assert cursor["copy"] == {"table": "dog", "key": b"2", "tombs": False, "snapshot": 7}
+        assert linked.store.cursors[("data", PEER)] == {"seq": 7, "origins": [PEER]}
+        assert linked.host.copies == [(PEER, "data")]
+        assert linked.sub.state == LinkState.STREAMING and linked.sub.copy_progress is None
+
+
+async def test_applies_batches_in_order_and_acks_them():
+    """Batches after the cursor are applied in sequence order, the cursor committed with
+    them, and each commit acked."""
+    async with running({"seq": 5, "origins": [PEER]}) as linked:
+        peer, sub = await accept(linked)
+        assert (sub.after_seq, sub.copy) == (5, False)
+        await send_entries(peer, [6, 7])
+        await send_entries(peer, [8, 9])
+        await acked(peer, 9)
+        assert linked.store.applied == [6, 7, 8, 9]
+        assert linked.store.cursors[("data", PEER)]["seq"] == 9
+        assert (linked.sub.committed_seq, linked.sub.received_seq) == (9, 9)
+        assert linked.sub.txns_received == 4 and linked.sub.lag_txns() == 0
+
+
+async def test_caught_up_moves_the_cursor_past_filtered_entries():
+    """``caught_up`` past the last entry received (the rest was filtered out on the
+    publisher's side) commits the cursor there and acks it."""
+    async with running({"seq": 5, "origins": [PEER]}) as linked:
+        peer, _ = await accept(linked)
+        await send_entries(peer, [6])
+        publisher(peer).send_caught_up(12)
+        await peer.flush()
+        await acked(peer, 12)
+        assert linked.store.cursors[("data", PEER)]["seq"] == 12
+        assert linked.store.applied == [6]
+
+
+async def test_reconnects_and_resumes_from_its_cursor():
+    """When the socket closes the subscriber dials again and subscribes after the
+    cursor it committed, without a copy."""
+    async with running({"seq": 5, "origins": [PEER]}) as linked:
+        peer, _ = await accept(linked)
+        await send_entries(peer, [6, 7])
+        await acked(peer, 7)
+        await peer.link.close(1001, "going away")
+        again, sub = await accept(linked)
+        assert (sub.after_seq, sub.copy) == (7, False)
+        assert len(linked.host.dialed) == 2
+        await send_entries(again, [8])
+        await acked(again, 8)
+        assert linked.store.applied == [6, 7, 8]
+
+
+async def test_resync_required_asks_for_a_copy():
+    """After ``resync_required`` the subscriber asks for a full copy on the same socket."""
+    async with running({"seq": 2, "origins": [PEER]}) as linked:
+        peer, _ = await accept(linked)
+        publisher(peer).send_resync_required(10, "log entries up to 9 were pruned")
+        await peer.flush()
+        sub = await peer.expect(SubscribeRequested)
+        assert sub.copy and sub.copy_resume is None
+        assert linked.sub.state == LinkState.COPYING
+        assert "resync required" in (linked.sub.last_error or "")
+
+
+async def test_an_interrupted_copy_resumes_where_it_stopped():
+    """A cursor holding a copy's resume point asks for the copy again from there."""
+    resume = {"table": "dog", "key": b"2", "tombs": False, "snapshot": 7}
+    async with running({"seq": 0, "origins": [PEER], "copy": resume}) as linked:
+        _, sub = await accept(linked)
+        assert sub.copy and sub.copy_resume == resume
+
+
+async def test_pause_keeps_the_cursor_and_resume_streams_from_it():
+    """Pausing closes the link and keeps the committed cursor; resuming dials again and
+    subscribes after it."""
+    async with running({"seq": 5, "origins": [PEER]}) as linked:
+        peer, _ = await accept(linked)
+        await send_entries(peer, [6])
+        await acked(peer, 6)
+        await linked.sub.pause()
+        assert linked.sub.state == LinkState.PAUSED and not linked.sub.connected
+        await peer.closed()
+        linked.sub.resume()
+        _, sub = await accept(linked)
+        assert (sub.after_seq, sub.copy) == (6, False)
+
+
+async def test_an_unappliable_change_goes_to_the_dead_letters():
+    """A batch failing on one change is applied entry by entry; the bad entry becomes a
+    dead letter with the cursor past it, the others apply."""
+    async with running({"seq": 0, "origins": [PEER]}) as linked:
+        linked.store.refuse = {2}
+        peer, _ = await accept(linked)
+        await send_entries(peer, [1, 2, 3])
+        await acked(peer, 3)
+        assert linked.store.applied == [1, 3]
+        assert [letter["peer"] for letter in linked.store.letters] == [PEER]
+        assert linked.host.dead_letters == 1
+        assert (linked.sub.last_error or "").startswith("dead letter:")
+
+
+async def test_counters_come_from_the_session():
+    """The link reports the session's byte and sequence counters, and keeps bytes
+    across reconnects."""
+    async with running({"seq": 5, "origins": [PEER]}) as linked:
+        peer, _ = await accept(linked)
+        await send_entries(peer, [6, 7])
+        await acked(peer, 7)
+        session = linked.sub.session
+        assert session is not None
+        assert linked.sub.bytes_received == session.bytes_received > 0
+        assert linked.sub.head_seq == session.head_seq == 7
+        first = linked.sub.bytes_received
+        await peer.link.close(1001, "going away")
+        again, _ = await accept(linked)
+        await send_entries(again, [8])
+        await acked(again, 8)
+        assert linked.sub.bytes_received > first
+        await until(lambda: linked.sub.head_seq == 8)
