@@ -33,6 +33,7 @@ from harpsync.replication.seams import (
     NodeServer,
     OriginPlanner,
     PublisherHost,
+    StatusSource,
     SubscriberHost,
 )
 from harpsync.replication.subscriber import Subscriber
@@ -486,6 +487,6 @@ class Replicator:
 if TYPE_CHECKING:
     def _implements_seams(rep: Replicator, db: Database,
                           ) -> tuple[PublisherHost, SubscriberHost, MeshHost, NodeServer,
-                                     LogSource, LinkStore, OriginPlanner]:
+                                     LogSource, LinkStore, OriginPlanner, StatusSource]:
         """mypy checks that the replicator and a database fill the seams they serve."""
-        return rep, rep, rep, rep, db, rep.link_store, rep.relays
+        return rep, rep, rep, rep, db, rep.link_store, rep.relays, rep

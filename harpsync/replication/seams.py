@@ -33,12 +33,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import asyncio
 
+    from harpsync.metrics import Metrics
+    from harpsync.replication.publisher import Publisher
     from harpsync.replication.reconnect import PeerGate
+    from harpsync.replication.subscriber import Subscriber
     from harpsync.replication.transport import Link
     from harpsync.security import NodeKeys
     from harpsync.storage.conflicts import Review
     from harpsync.storage.database import Table
     from harpsync.storage.ingest import ApplyStats
+    from harpsync.storage.store import Storage
 
 #: A peer's ``hdb_nodes`` row as this node keeps it (see peers.py for its fields).
 PeerRow = Mapping[str, Any]
@@ -380,3 +384,26 @@ class MeshHost(Protocol):
         """Run ``coro`` in the background, outliving the request that started it."""
         ...
 
+
+
+class StatusSource(Protocol):
+    """What the read side (``cluster_status``, ``get_replication_status``, the gauges of
+    ``/metrics``) reads of the link runtime; it changes nothing through it."""
+
+    metrics: Metrics
+    storage: Storage
+    default_conflict: str
+    subscribers: dict[tuple[str, str], Subscriber]
+    publishers: dict[tuple[str, str], set[Publisher]]
+    verified: dict[tuple[str, str], dict[str, Any]]
+
+    @property
+    def node_name(self) -> str: ...
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """The peers' ``hdb_nodes`` rows."""
+        ...

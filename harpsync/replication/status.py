@@ -11,14 +11,14 @@ from harpsync.replication.subscriber import Subscriber
 from harpsync.storage.hlc import version_to_ms, wall_ms_of
 
 if TYPE_CHECKING:
-    from harpsync.replication.replicator import Replicator
+    from harpsync.replication.seams import StatusSource
 
 
 def http_date(ts: float | None) -> str | None:
     return None if ts is None else formatdate(ts, usegmt=True)
 
 
-def _socket(rep: Replicator, sub: Subscriber) -> dict[str, Any]:
+def _socket(rep: StatusSource, sub: Subscriber) -> dict[str, Any]:
     pubs = rep.publishers.get((sub.peer, sub.database), set())
     pub = max(pubs, key=lambda p: p.sent_seq, default=None)
     if sub.link is not None:
@@ -64,7 +64,7 @@ def _socket(rep: Replicator, sub: Subscriber) -> dict[str, Any]:
             or k in ("last_error", "last_error_at", "latency")}
 
 
-def refresh_gauges(rep: Replicator) -> None:
+def refresh_gauges(rep: StatusSource) -> None:
     """Set the per-link gauges ``/metrics`` shows: lag, connected, compression ratio and
     copy progress (``cluster_status`` only reports; it sets nothing)."""
     metrics = rep.metrics
@@ -78,7 +78,7 @@ def refresh_gauges(rep: Replicator) -> None:
         metrics.set_copy(peer, database, sub.copy_progress)
 
 
-def cluster_status(rep: Replicator) -> dict[str, Any]:
+def cluster_status(rep: StatusSource) -> dict[str, Any]:
     connections = []
     for name, row in sorted(rep.rows.items()):
         subs = [s for (peer, _db), s in sorted(rep.subscribers.items()) if peer == name]

@@ -19,7 +19,7 @@ from harpsync.storage.conflicts import iso_ms
 from harpsync.storage.hlc import wall_ms_of
 
 if TYPE_CHECKING:
-    from harpsync.replication.replicator import Replicator
+    from harpsync.replication.seams import StatusSource
 
 HOUR = 3600.0
 
@@ -41,7 +41,7 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else iso_ms(ts * 1000)
 
 
-def stream_entry(rep: Replicator, sub: Subscriber, letters: list[dict[str, Any]],
+def stream_entry(rep: StatusSource, sub: Subscriber, letters: list[dict[str, Any]],
                  conflicts: list[dict[str, Any]]) -> dict[str, Any]:
     row = rep.rows.get(sub.peer, {})
     db = rep.storage.databases.get(sub.database)
@@ -78,7 +78,7 @@ def stream_entry(rep: Replicator, sub: Subscriber, letters: list[dict[str, Any]]
     }
 
 
-def replication_status(rep: Replicator, node: str | None,
+def replication_status(rep: StatusSource, node: str | None,
                        database: str | None) -> list[dict[str, Any]]:
     """The streams of this node, optionally of one peer and/or one database.
 
