@@ -280,6 +280,28 @@ async def test_small_write_waits_for_queued_jobs(storage):
     assert order == ["hold"] and threads == ["harpsync-writer"]
 
 
+async def test_small_writes_stay_in_the_thread_while_other_requests_come(storage):
+    """While other requests begin between writes (readers served while a lone client
+    writes), small writes commit in the writer thread: the loop keeps serving them."""
+    await storage.create_table("data", "dog", "id")
+    begun = [0]
+
+    def activity() -> int:
+        return begun[0]
+
+    storage.writer.activity = activity
+    threads: list[str] = []
+    for rid in range(10):
+        begun[0] += 2  # this write's request, and a reader's
+        await storage.write(_thread_of(storage, rid, threads), small=True)
+    assert set(threads) == {"harpsync-writer"}
+    quiet: list[str] = []
+    for rid in range(10, 20):
+        begun[0] += 1  # only the write's own request
+        await storage.write(_thread_of(storage, rid, quiet), small=True)
+    assert quiet[-1] == threading.current_thread().name
+
+
 async def test_concurrent_small_writes_share_group_commits(storage):
     """Many small writes at once still go to the writer thread and share commits."""
     await storage.create_table("data", "dog", "id")

@@ -134,6 +134,11 @@ class Writer:
         # How many groups in a row held a single job (a heuristic: unguarded).
         self._singles = 0
         self.inline_groups = 0
+        # Requests begun so far (set by the node): a small write runs on the loop only
+        # if its own request is the one begun since the last group ended, so readers
+        # served while a lone writer waits are never held up by a commit.
+        self.activity: Callable[[], int] | None = None
+        self._activity_mark = 0
         # Told (jobs in the group, seconds its commits took) after every group commit.
         self.on_group: Callable[[int, float], None] | None = None
 
@@ -151,7 +156,8 @@ class Writer:
 
         A ``small`` job (the caller vouches that it is quick: a few records) may instead
         run and commit on the event loop, when it is the only job of its loop iteration,
-        the thread is idle, and the last ``INLINE_AFTER`` groups held one job each. One
+        the thread is idle, the last ``INLINE_AFTER`` groups held one job each, and no
+        other request began since the last group ended (``activity``). One
         client writing one record at a time then costs no hand-over to the thread and
         back (two cross-thread wake-ups, about a sixth of such a request); the loop
         waits for the commit, as the one client does anyway. Concurrent writers make
@@ -175,11 +181,15 @@ class Writer:
         if not jobs:
             return
         if len(jobs) == 1 and jobs[0].small and self._singles >= INLINE_AFTER \
-                and self._run_inline(jobs):
+                and self._quiet() and self._run_inline(jobs):
             return
         with self._count_lock:
             self._outstanding += len(jobs)
         self._queue.put(jobs)
+
+    def _quiet(self) -> bool:
+        activity = self.activity
+        return activity is None or activity() - self._activity_mark <= 1
 
     def _run_inline(self, jobs: list[_Job]) -> bool:
         """Run ``jobs`` as a group on the calling (event-loop) thread if the writer
@@ -259,6 +269,9 @@ class Writer:
                 if job.error is None:
                     job.error = exc
         self._singles = self._singles + 1 if len(jobs) == 1 else 0
+        activity = self.activity
+        if activity is not None:
+            self._activity_mark = activity()
 
     def _run_group(self, jobs: list[_Job]) -> None:
         parents: dict[Database, lmdb.Transaction] = {}
