@@ -79,64 +79,6 @@ def install_event_loop_policy() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-class _HeadHolder:
-    """The transport one response is written to: its status line and headers wait for
-    the first body bytes, so the response leaves in one ``write``.
-
-    uvicorn writes the head and the body separately: two system calls, two segments,
-    and two wake-ups of the client, which on this kind of small virtual machine cost
-    about 50 us each, as much as the rest of the HTTP layer for a one-record insert.
-    Anything written before the response starts (``100 Continue``) or after the first
-    body bytes goes straight through; closing sends a held head first.
-    """
-
-    __slots__ = ("_transport", "_cycle", "_head", "_holding")
-
-    def __init__(self, transport: Any, cycle: Any) -> None:
-        self._transport = transport
-        self._cycle = cycle
-        self._head: bytes | None = None
-        self._holding = True
-
-    def write(self, data: bytes) -> None:
-        head = self._head
-        if head is not None:
-            self._head = None
-            self._transport.write(head + data)
-        elif self._holding and self._cycle.response_started:
-            self._holding = False
-            self._head = data  # the status line and headers of the response
-        else:
-            self._transport.write(data)
-
-    def close(self) -> None:
-        if self._head is not None:
-            head, self._head = self._head, None
-            self._transport.write(head)
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-def _http_protocol() -> Any:
-    """uvicorn's httptools protocol, with each response written in one piece (h11 when
-    httptools is not installed)."""
-    if not _has("httptools"):
-        return "h11"
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    class OneWriteProtocol(HttpToolsProtocol):
-        def on_headers_complete(self) -> None:
-            before = self.cycle
-            super().on_headers_complete()
-            cycle = self.cycle
-            if cycle is not None and cycle is not before:  # not an upgrade (WebSocket)
-                cycle.transport = _HeadHolder(cycle.transport, cycle)  # type: ignore[assignment]
-
-    return OneWriteProtocol
-
-
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets it knows are
@@ -259,7 +201,7 @@ class Node:
                      ) -> tuple[_Server, asyncio.Task[None]]:
         """Run uvicorn on ``sockets`` and wait until it accepts."""
         config = uvicorn.Config(app, lifespan="off", access_log=False,
-                                http=_http_protocol(),
+                                http="httptools" if _has("httptools") else "h11",
                                 log_config=None, server_header=False, date_header=False,
                                 timeout_keep_alive=30, backlog=1024, **tls)
         server = _Server(config)
