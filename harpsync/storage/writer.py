@@ -159,7 +159,7 @@ class Writer:
         the thread is idle, the last ``INLINE_AFTER`` groups held one job each, and no
         other request began since the last group ended (``activity``). One
         client writing one record at a time then costs no hand-over to the thread and
-        back (two cross-thread wake-ups, about a sixth of such a request); the loop
+        back (two cross-thread wake-ups, about a tenth of such a request); the loop
         waits for the commit, as the one client does anyway. Concurrent writers make
         groups of several jobs, which keeps them in the thread (group commit).
 
