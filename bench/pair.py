@@ -123,7 +123,8 @@ class Pair:
 
 
 def writer_commits(node: NodeProcess) -> float:
-    """``harpsync_writer_commits`` from ``/metrics`` (synced group commits so far)."""
+    """``harpsync_writer_commits_total`` from ``/metrics`` (synced group commits so far;
+    older nodes name it without ``_total``)."""
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
@@ -133,7 +134,7 @@ def writer_commits(node: NodeProcess) -> float:
     finally:
         conn.close()
     for line in text.splitlines():
-        if line.startswith("harpsync_writer_commits "):
+        if line.startswith(("harpsync_writer_commits ", "harpsync_writer_commits_total ")):
             return float(line.split()[1])
     return 0.0
 

@@ -108,6 +108,8 @@ class Node:
         self.metrics = Metrics()
         requests_ctx.install_log_context()
         self.storage.on_write_version = requests_ctx.note_version
+        # A small write runs on the event loop only while no other request came in.
+        self.storage.writer.activity = requests_ctx.begun
         self.storage.writer.on_group = self.metrics.observe_group
         self.dispatcher = Dispatcher(SchemaRegistry.load())
         for module in OPERATION_MODULES:

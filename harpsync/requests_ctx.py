@@ -39,6 +39,8 @@ _CURRENT: ContextVar[RequestContext | None] = ContextVar("harpsync_request", def
 # (a system call for random bytes per request would cost more than the rest of this).
 _PREFIX = "req-" + secrets.token_hex(6) + "-"
 _COUNTER = itertools.count(1)
+# Requests begun in this process (the writer asks whether a write is the only one).
+_BEGUN = [0]
 
 
 def new_request_id() -> str:
@@ -59,7 +61,13 @@ def begin(sent: str | bytes | None = None) -> RequestContext:
     """Start serving a request in the current context; returns its context."""
     ctx = RequestContext(accept_request_id(sent))
     _CURRENT.set(ctx)
+    _BEGUN[0] += 1
     return ctx
+
+
+def begun() -> int:
+    """How many requests this process has begun serving (any route)."""
+    return _BEGUN[0]
 
 
 def current() -> RequestContext | None:

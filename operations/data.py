@@ -15,6 +15,9 @@ from harpsync.storage.store import SYSTEM
 
 # Scans of tables larger than this run in a worker thread, off the event loop.
 OFFLOAD_ROWS = 5000
+# Writes of at most this many records are quick enough to commit on the event loop
+# when one client writes alone (``Writer.submit``).
+SMALL_WRITE = 16
 
 
 def _target(body: dict[str, Any]) -> tuple[str, str]:
@@ -68,9 +71,9 @@ async def _write(ctx: OpContext, body: dict[str, Any], mode: str) -> dict[str, A
     db, table = _writable(body)
     with missing_is_bad_request():  # Harper answers a write to a missing table with 400
         storage.table(db, table)  # fail fast, before queueing
-        job = writes.write_records(storage, db, table, body["records"], mode,
-                                   ctx.user.username)
-        result: dict[str, Any] = await storage.write(job)
+        records = body["records"]
+        job = writes.write_records(storage, db, table, records, mode, ctx.user.username)
+        result: dict[str, Any] = await storage.write(job, small=len(records) <= SMALL_WRITE)
     return result
 
 
@@ -91,8 +94,10 @@ async def delete(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     db, table = _writable(body)
     with missing_is_bad_request():
         storage.table(db, table)
+        ids = body["ids"]
         result: dict[str, Any] = await storage.write(
-            writes.delete_records(storage, db, table, body["ids"], ctx.user.username))
+            writes.delete_records(storage, db, table, ids, ctx.user.username),
+            small=len(ids) <= SMALL_WRITE)
     return result
 
 

@@ -213,6 +213,108 @@ async def test_group_commit_shares_commits(storage):
     assert db.table_size(table)[0] == 200
 
 
+def _thread_of(storage: Storage, rid: int, threads: list[str]) -> Any:
+    """An insert job of ``[{"id": rid}]`` that notes which thread ran it."""
+    inner = writes.write_records(storage, "data", "dog", [{"id": rid}], "insert", None)
+
+    def job(ctx: WriteContext) -> Any:
+        threads.append(threading.current_thread().name)
+        return inner(ctx)
+
+    return job
+
+
+async def _lone_small_writes(storage: Storage, ids: range, threads: list[str]) -> None:
+    for rid in ids:
+        await storage.write(_thread_of(storage, rid, threads), small=True)
+
+
+async def test_lone_small_writes_commit_on_the_event_loop(tmp_path):
+    """Once single-job groups follow each other, a small write commits on the event loop
+    (no hand-over to the writer thread and back), durably, and a big one never does."""
+    storage = Storage(tmp_path, "node-a", MAP_SIZE)
+    storage.open()
+    try:
+        await storage.create_table("data", "dog", "id")
+        threads: list[str] = []
+        await _lone_small_writes(storage, range(10), threads)
+        assert threads[-1] == threading.current_thread().name  # the event loop's
+        assert storage.writer.inline_groups > 0
+        big: list[str] = []
+        await storage.write(_thread_of(storage, 100, big))  # not vouched small
+        assert big == ["harpsync-writer"]
+    finally:
+        storage.close()
+    reopened = Storage(tmp_path, "node-a", MAP_SIZE)
+    reopened.open()
+    try:
+        db, table = reopened.table("data", "dog")
+        assert [r["id"] for r in reads.scan(db, table)] == [*range(10), 100]
+        assert len(log_entries(db)) >= 11
+    finally:
+        reopened.close()
+
+
+async def test_small_write_waits_for_queued_jobs(storage):
+    """A small write never overtakes jobs already handed to the writer thread: it
+    queues behind them and runs there, in order."""
+    await storage.create_table("data", "dog", "id")
+    await _lone_small_writes(storage, range(10), [])
+    order: list[str] = []
+    gate = threading.Event()
+
+    def hold(ctx: WriteContext) -> str:
+        gate.wait(30)
+        order.append("hold")
+        return "held"
+
+    held = storage.writer.submit(hold)
+    await asyncio.sleep(0)  # the hold is handed over (and running) before the next write
+    threads: list[str] = []
+    small = asyncio.ensure_future(storage.write(_thread_of(storage, 50, threads), small=True))
+    await asyncio.sleep(0.05)
+    assert not small.done()
+    gate.set()
+    assert await held == "held"
+    assert (await small)["inserted_hashes"] == [50]
+    assert order == ["hold"] and threads == ["harpsync-writer"]
+
+
+async def test_small_writes_stay_in_the_thread_while_other_requests_come(storage):
+    """While other requests begin between writes (readers served while a lone client
+    writes), small writes commit in the writer thread: the loop keeps serving them."""
+    await storage.create_table("data", "dog", "id")
+    begun = [0]
+
+    def activity() -> int:
+        return begun[0]
+
+    storage.writer.activity = activity
+    threads: list[str] = []
+    for rid in range(10):
+        begun[0] += 2  # this write's request, and a reader's
+        await storage.write(_thread_of(storage, rid, threads), small=True)
+    assert set(threads) == {"harpsync-writer"}
+    quiet: list[str] = []
+    for rid in range(10, 20):
+        begun[0] += 1  # only the write's own request
+        await storage.write(_thread_of(storage, rid, quiet), small=True)
+    assert quiet[-1] == threading.current_thread().name
+
+
+async def test_concurrent_small_writes_share_group_commits(storage):
+    """Many small writes at once still go to the writer thread and share commits."""
+    await storage.create_table("data", "dog", "id")
+    await _lone_small_writes(storage, range(10), [])
+    commits, jobs = storage.writer.commits, storage.writer.jobs
+    threads: list[str] = []
+    await asyncio.gather(*(storage.write(_thread_of(storage, 100 + i, threads), small=True)
+                           for i in range(100)))
+    assert storage.writer.jobs - jobs == 100
+    assert storage.writer.commits - commits < 100
+    assert set(threads) == {"harpsync-writer"}
+
+
 async def test_failing_job_aborts_alone(storage):
     """In one group, a job that fails half-way leaves no trace; the others commit."""
     await storage.create_table("data", "dog", "id")

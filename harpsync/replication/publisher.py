@@ -257,8 +257,15 @@ class Publisher:
             elif step.timeout is None:
                 await self._wakeup.wait()
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), step.timeout)
+                # A timer rather than ``wait_for``, which (Python 3.11) wraps the wait in
+                # a task of its own: a commit's wake-up then reached this loop two
+                # event-loop iterations later, behind whatever else was ready. A timer
+                # that fires only makes the loop read the log once more.
+                timer = asyncio.get_running_loop().call_later(step.timeout, self._wakeup.set)
+                try:
+                    await self._wakeup.wait()
+                finally:
+                    timer.cancel()
 
     async def _resync(self, step: Resync) -> None:
         self.session.send_resync_required(step.oldest_seq, step.reason)

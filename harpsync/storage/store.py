@@ -174,11 +174,15 @@ class Storage:
         return db, table
 
     async def write(self, fn: Callable[[WriteContext], Any],
-                    prepare: Callable[[], None] | None = None) -> Any:
-        """Run ``fn`` in the writer thread; return once its transaction is durable."""
+                    prepare: Callable[[], None] | None = None, small: bool = False) -> Any:
+        """Run ``fn`` in the writer thread; return once its transaction is durable.
+
+        ``small``: ``fn`` is quick (a few records), so it may run on the event loop
+        (see ``Writer.submit``).
+        """
         listener = self.on_write_version
         if listener is None:
-            return await self.writer.submit(fn, prepare)
+            return await self.writer.submit(fn, prepare, small)
         logged = [0]
 
         def run(ctx: WriteContext) -> Any:
@@ -186,7 +190,7 @@ class Storage:
             logged[0] = ctx.version
             return result
 
-        result = await self.writer.submit(run, prepare)
+        result = await self.writer.submit(run, prepare, small)
         if logged[0]:
             listener(logged[0])
         return result

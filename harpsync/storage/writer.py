@@ -25,6 +25,10 @@ from harpsync.storage.database import Database
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 2000
+# A small write is committed on the event loop itself once this many groups in a row
+# held one job each (one client writing, one request at a time), if the writer thread
+# is idle: see ``Writer.submit``.
+INLINE_AFTER = 4
 
 
 class WriteContext:
@@ -84,15 +88,17 @@ class WriteContext:
 
 
 class _Job:
-    __slots__ = ("fn", "prepare", "future", "loop", "result", "error", "dbs", "ctx")
+    __slots__ = ("fn", "prepare", "future", "loop", "small", "result", "error", "dbs", "ctx")
 
     def __init__(self, fn: Callable[[WriteContext], Any],
                  prepare: Callable[[], None] | None,
-                 future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
+                 future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop,
+                 small: bool = False) -> None:
         self.fn = fn
         self.prepare = prepare
         self.future = future
         self.loop = loop
+        self.small = small
         self.result: Any = None
         self.error: BaseException | None = None
         self.dbs: list[Database] = []
@@ -120,6 +126,19 @@ class Writer:
         self._on_commit = on_commit
         self.commits = 0
         self.jobs = 0
+        # Held while a group runs (in the thread, or inline on the event loop).
+        self._group_lock = threading.Lock()
+        # Jobs handed to the thread and not finished yet (guarded by ``_count_lock``).
+        self._count_lock = threading.Lock()
+        self._outstanding = 0
+        # How many groups in a row held a single job (a heuristic: unguarded).
+        self._singles = 0
+        self.inline_groups = 0
+        # Requests begun so far (set by the node): a small write runs on the loop only
+        # if its own request is the one begun since the last group ended, so readers
+        # served while a lone writer waits are never held up by a commit.
+        self.activity: Callable[[], int] | None = None
+        self._activity_mark = 0
         # Told (jobs in the group, seconds its commits took) after every group commit.
         self.on_group: Callable[[int, float], None] | None = None
 
@@ -131,25 +150,62 @@ class Writer:
         self._thread.join(timeout=30)
 
     def submit(self, fn: Callable[[WriteContext], Any],
-               prepare: Callable[[], None] | None = None) -> asyncio.Future[Any]:
+               prepare: Callable[[], None] | None = None,
+               small: bool = False) -> asyncio.Future[Any]:
         """Queue ``fn`` to run in the writer thread; the future resolves once durable.
+
+        A ``small`` job (the caller vouches that it is quick: a few records) may instead
+        run and commit on the event loop, when it is the only job of its loop iteration,
+        the thread is idle, the last ``INLINE_AFTER`` groups held one job each, and no
+        other request began since the last group ended (``activity``). One
+        client writing one record at a time then costs no hand-over to the thread and
+        back (two cross-thread wake-ups, about a tenth of such a request); the loop
+        waits for the commit, as the one client does anyway. Concurrent writers make
+        groups of several jobs, which keeps them in the thread (group commit).
 
         Args:
             fn: runs inside the group transaction with a ``WriteContext``.
             prepare: runs first in the writer thread outside any transaction (for
                 opening new DBIs or environments).
+            small: ``fn`` is quick enough to run on the event loop.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._hand_over)
-        self._pending.append(_Job(fn, prepare, fut, loop))
+        self._pending.append(_Job(fn, prepare, fut, loop, small and prepare is None))
         return fut
 
     def _hand_over(self) -> None:
         jobs, self._pending = self._pending, []
-        if jobs:
-            self._queue.put(jobs)
+        if not jobs:
+            return
+        if len(jobs) == 1 and jobs[0].small and self._singles >= INLINE_AFTER \
+                and self._quiet() and self._run_inline(jobs):
+            return
+        with self._count_lock:
+            self._outstanding += len(jobs)
+        self._queue.put(jobs)
+
+    def _quiet(self) -> bool:
+        activity = self.activity
+        return activity is None or activity() - self._activity_mark <= 1
+
+    def _run_inline(self, jobs: list[_Job]) -> bool:
+        """Run ``jobs`` as a group on the calling (event-loop) thread if the writer
+        thread has nothing queued or running; returns whether it did."""
+        with self._count_lock:
+            if self._outstanding:
+                return False  # earlier jobs are queued: they commit first, in order
+        if not self._group_lock.acquire(blocking=False):
+            return False
+        try:
+            self._run_group_safely(jobs)
+        finally:
+            self._group_lock.release()
+        self.inline_groups += 1
+        _resolve_all(jobs)
+        return True
 
     def run_sync(self, fn: Callable[[WriteContext], Any],
                  prepare: Callable[[], None] | None = None) -> Any:
@@ -170,6 +226,8 @@ class Writer:
                 done.set()
 
         job = _Job(fn, prepare, _SyncFuture(), None)  # type: ignore[arg-type]
+        with self._count_lock:
+            self._outstanding += 1
         self._queue.put([job])
         done.wait()
         if "error" in box:
@@ -193,16 +251,27 @@ class Writer:
                     stop = True
                     break
                 jobs.extend(nxt)
-            try:
-                self._run_group(jobs)
-            except BaseException as exc:  # never let the writer thread die silently
-                log.exception("writer group failed")
-                for job in jobs:
-                    if job.error is None:
-                        job.error = exc
+            with self._group_lock:
+                self._run_group_safely(jobs)
+                with self._count_lock:
+                    self._outstanding -= len(jobs)
+            # Only now: the next write of a lone client must find the thread idle.
             self._deliver(jobs)
             if stop:
                 return
+
+    def _run_group_safely(self, jobs: list[_Job]) -> None:
+        try:
+            self._run_group(jobs)
+        except BaseException as exc:  # never let the writer thread die silently
+            log.exception("writer group failed")
+            for job in jobs:
+                if job.error is None:
+                    job.error = exc
+        self._singles = self._singles + 1 if len(jobs) == 1 else 0
+        activity = self.activity
+        if activity is not None:
+            self._activity_mark = activity()
 
     def _run_group(self, jobs: list[_Job]) -> None:
         parents: dict[Database, lmdb.Transaction] = {}
