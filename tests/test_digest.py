@@ -12,7 +12,7 @@ import pytest
 from harpsync.errors import BadRequestError
 from harpsync.storage import digest, retention, writes
 from harpsync.storage.keys import encode_id
-from harpsync.storage.records import put_record
+from harpsync.storage.records import put_record, put_tombstone
 from harpsync.storage.store import Storage
 from harpsync.storage.writer import WriteContext
 
@@ -206,3 +206,53 @@ def test_a_job_reading_its_own_buckets_sees_its_writes(storage: Storage):
 
     seen, expected = asyncio.run(run())
     assert len(seen) > 3 and seen == expected
+
+
+def test_runs_of_new_keys_in_gaps_stay_exact(storage: Storage):
+    """Batches of increasing new ids written into gaps between stored ids (out of order,
+    as concurrent clients send them), appends, and jobs that mix such runs with
+    overwrites, deletes and new tombstones of keys inside and after the run leave the
+    same buckets as a rebuild after every job."""
+    rng = random.Random(11)
+    db_table = ("data", "dog")
+
+    def mixed(ctx: WriteContext, lo: int, hi: int, step: int) -> None:
+        db, table = storage.table(*db_table)
+        txn = ctx.txn(db)
+        for i in range(lo, hi, step):
+            put_record(txn, table, encode_id(i), 10_000_000 + i, 0, {"id": i, "m": 1})
+            if i % 7 == 0:  # an overwrite of a stored key just past the run
+                j = hi + rng.randrange(0, 40)
+                put_record(txn, table, encode_id(j), 20_000_000 + i, 0, {"id": j, "o": i})
+            if i % 11 == 0:  # a new tombstone inside the gap, then the run goes on
+                put_tombstone(txn, table, encode_id(i + step // 2 or i + 1),
+                              30_000_000 + i, 0)
+
+    async def run() -> None:
+        await storage.create_table(*db_table, "id")
+        # Sparse stored ids first, so that later batches land in gaps between them.
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": i * 1000} for i in range(40)], "insert", None))
+        starts = list(range(0, 40_000, 500))
+        rng.shuffle(starts)
+        for n, first in enumerate(starts[:30]):
+            if n % 5 == 4:
+                lo = first + 1
+                await storage.write(lambda ctx, lo=lo: mixed(ctx, lo, lo + 400, 3))
+            else:
+                records = [{"id": i} for i in range(first + 1, first + 1 + rng.randrange(2, 480))]
+                await storage.write(writes.write_records(storage, *db_table, records,
+                                                         "upsert", None))
+            assert buckets(storage) == rebuilt(storage), f"after job {n}"
+        # Appends past every stored id, a duplicate id inside one request, and a
+        # decreasing batch.
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": 50_000 + i} for i in range(300)] + [{"id": 50_010}],
+            "upsert", None))
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": 60_000 - i} for i in range(300)], "insert", None))
+
+    asyncio.run(run())
+    current = buckets(storage)
+    assert len(current) > 100
+    assert current == rebuilt(storage)

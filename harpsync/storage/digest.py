@@ -80,6 +80,20 @@ class TableDigest:
     # origin name's bytes, or None when the head is not the usual one.
     heads: dict[bytes, bytes | None] = field(default_factory=dict)
     cursor: Any = None
+    # A *run*: keys and stored rows of new live records written in increasing key order
+    # with no other stored key between them (a batch of increasing ids, a full-copy
+    # chunk), hashed and cut into buckets together by ``_settle_run``. The current
+    # bucket is the one holding its first key. ``gap_hi``: the first stored key after
+    # the run (None: none), known once the run has two keys.
+    run_keys: list[bytes] = field(default_factory=list)
+    run_raws: list[bytes] = field(default_factory=list)
+    gap_hi: bytes | None = None
+    table: Any = None
+    # The write being made while the run settles: stored, not hashed yet; its old row
+    # (None: a new key) is what the buckets hold for it.
+    writing: bytes | None = None
+    writing_old: bytes | None = None
+    writing_old_deleted: bool = False
 
 
 # Tables with pending bucket changes, by the id of their transaction.
@@ -175,6 +189,24 @@ def _rows_between(txn: Any, table: Any, lo: bytes, hi: bytes | None,
             found = cur.next()
 
 
+def _accounted(txn: Any, table: Any, d: TableDigest, lo: bytes, hi: bytes | None,
+               skip: bytes | None) -> int:
+    # The XOR of the digests the buckets hold for the stored rows in ``[lo, hi)``: the
+    # row ``skip`` and a write not yet hashed (``d.writing``: its old row, if any,
+    # stands for it) are left out.
+    total = 0
+    names = d.origin_names
+    for row_key, raw, deleted in _rows_between(txn, table, lo, hi):
+        if row_key == skip:
+            continue
+        if row_key == d.writing:
+            if d.writing_old is None:
+                continue
+            raw, deleted = d.writing_old, d.writing_old_deleted
+        total ^= int.from_bytes(row_digest(row_key, raw, deleted, names), "big")
+    return total
+
+
 def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
     # ``key`` is a new boundary: the stored rows after it, up to the next boundary,
     # leave the bucket before it for the bucket it starts (``key`` itself is added by
@@ -185,10 +217,7 @@ def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
     owner = _bucket_of(cur, key)
     nxt = cur.next() and cur.key().startswith(BUCKET)
     hi = bytes(cur.key()[1:]) if nxt else None
-    moved = 0
-    for row_key, raw, deleted in _rows_between(txn, table, key, hi):
-        if row_key != key:
-            moved ^= int.from_bytes(row_digest(row_key, raw, deleted, d.origin_names), "big")
+    moved = _accounted(txn, table, d, key, hi, key)
     value = moved.to_bytes(DIGEST_SIZE, "big")
     if moved:
         txn.put(owner, xor(txn.get(owner, db=d.dbi), value), db=d.dbi)
@@ -197,10 +226,10 @@ def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
     d.lo, d.hi, d.acc = key, hi, 0
 
 
-def _start(txn: Any, d: TableDigest) -> None:
+def _start(txn: Any, table: Any, d: TableDigest) -> None:
     # Collect changes for ``txn`` (those left from a transaction that ended without
     # ``flush`` or ``discard`` belonged to an aborted one).
-    d.txn, d.pending, d.heads = txn, {}, {}
+    d.txn, d.table, d.pending, d.heads, d.run_keys, d.run_raws = txn, table, {}, {}, [], []
     d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
     d.cursor = txn.cursor(db=d.dbi)
     _dirty.setdefault(id(txn), []).append(d)
@@ -223,7 +252,32 @@ def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
     if d is None or not ENABLED:
         return
     if d.txn is not txn:
-        _start(txn, d)
+        _start(txn, table, d)
+    run_keys = d.run_keys
+    if old_raw is None and not deleted:
+        if run_keys and key > run_keys[-1] and (
+                (d.gap_hi is None or key < d.gap_hi) if len(run_keys) > 1
+                else _opens_run(txn, table, d, key)):
+            run_keys.append(key)
+            d.run_raws.append(raw)
+            return
+        if run_keys:
+            _settle_before(txn, d, key, None, False)
+        if key < d.lo or (d.hi is not None and key >= d.hi):
+            _move_to(d, key)
+        run_keys = d.run_keys
+        run_keys.append(key)
+        d.run_raws.append(raw)
+        return
+    if run_keys:  # the layout below must hold the run's buckets
+        _settle_before(txn, d, key, old_raw, old_deleted)
+    _write_row(txn, table, d, key, raw, deleted, old_raw, old_deleted)
+
+
+def _write_row(txn: Any, table: Any, d: TableDigest, key: bytes, raw: bytes,
+               deleted: bool, old_raw: bytes | None, old_deleted: bool) -> None:
+    # One write, on its own: its digest (and the old one's) into its bucket's
+    # accumulator; a new boundary key splits its bucket.
     # row_digest, inlined for the usual head: a uint64 version, an origin < 128.
     head = raw[1:11:9]
     name = d.heads.get(head, b"")
@@ -243,21 +297,127 @@ def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
         d.acc = delta
         return
     if key < d.lo or (d.hi is not None and key >= d.hi):
-        pending = d.pending
-        pending[d.bucket] = pending.get(d.bucket, 0) ^ d.acc
-        cur = d.cursor
-        bucket = d.bucket = _bucket_of(cur, key)
-        d.lo = bucket[1:]
-        d.hi = bytes(cur.key()[1:]) if cur.next() and cur.key().startswith(BUCKET) else None
+        _move_to(d, key)
         d.acc = delta
     else:
         d.acc ^= delta
+
+
+def _settle_before(txn: Any, d: TableDigest, key: bytes, old_raw: bytes | None,
+                   old_deleted: bool) -> None:
+    # Settle the run before the write of ``key`` (already stored, not yet hashed).
+    d.writing, d.writing_old, d.writing_old_deleted = key, old_raw, old_deleted
+    try:
+        _settle_run(txn, d)
+    finally:
+        d.writing, d.writing_old = None, None
+
+
+def _opens_run(txn: Any, table: Any, d: TableDigest, key: bytes) -> bool:
+    # Whether ``key`` (new, just stored, above the run's only key and in its bucket)
+    # extends the run: no other stored key lies between them. Sets ``gap_hi``.
+    if d.hi is not None and key >= d.hi:
+        return False
+    first = d.run_keys[0]
+    gap_hi: bytes | None = None
+    for dbi in (table.dbi, table.tomb_dbi):
+        cur = txn.cursor(db=dbi)
+        found = cur.set_range(first)
+        if found and cur.key() == first:
+            found = cur.next()
+        if found and cur.key() == key:
+            found = cur.next()
+        if found:
+            after = cur.key()
+            if after < key:
+                return False
+            if gap_hi is None or after < gap_hi:
+                gap_hi = bytes(after)
+    d.gap_hi = gap_hi
+    return True
+
+
+def _move_to(d: TableDigest, key: bytes) -> None:
+    # Make the bucket holding ``key`` the current one (its accumulator empty).
+    pending = d.pending
+    pending[d.bucket] = pending.get(d.bucket, 0) ^ d.acc
+    cur = d.cursor
+    bucket = d.bucket = _bucket_of(cur, key)
+    d.lo = bucket[1:]
+    d.hi = bytes(cur.key()[1:]) if cur.next() and cur.key().startswith(BUCKET) else None
+    d.acc = 0
+
+
+def _settle_run(txn: Any, d: TableDigest) -> None:
+    # Hash the run's rows together. Those before the first boundary among them join the
+    # current bucket (the one holding the run); each boundary starts a new bucket that
+    # holds the run's rows up to the next one, written here whole (no read). The last
+    # new bucket also takes the stored rows after the run up to the next stored
+    # boundary (``[gap_hi, hi)``), which leave the current bucket: XOR moves them whole.
+    keys, raws = d.run_keys, d.run_raws
+    d.run_keys, d.run_raws = [], []
+    if len(keys) == 1:
+        _write_row(txn, d.table, d, keys[0], raws[0], False, None, False)
+        return
+    digests = _live_digests(d, keys, raws)
+    crc32 = zlib.crc32
+    starts = [i for i, key in enumerate(keys) if not crc32(key) & _LEAF_MASK]
+    if not starts:
+        d.acc ^= _xor_all(digests)
+        return
+    moved = 0 if d.gap_hi is None else _accounted(txn, d.table, d, d.gap_hi, d.hi, None)
+    d.acc ^= _xor_all(digests[:starts[0]]) ^ moved
+    d.pending[d.bucket] = d.pending.get(d.bucket, 0) ^ d.acc
+    starts.append(len(keys))
+    last = len(starts) - 2
+    for i in range(last + 1):
+        value = _xor_all(digests[starts[i]:starts[i + 1]]) ^ (moved if i == last else 0)
+        txn.put(BUCKET + keys[starts[i]], value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
+    d.lo = keys[starts[last]]
+    d.bucket, d.acc = BUCKET + d.lo, 0
+
+
+def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> list[bytes]:
+    # row_digest of live rows, inlined for the usual head (a uint64 version, an origin
+    # below 128); consecutive rows mostly share their origin.
+    out: list[bytes] = []
+    append, join, empty, key_len = out.append, b"".join, _EMPTY, _KEY_LEN
+    names = d.origin_names
+    origin, name = -1, b""
+    for key, raw in zip(keys, raws, strict=True):
+        if raw[1] != 0xCF or raw[10] != origin:
+            if raw[1] != 0xCF or raw[10] >= 0x80:
+                append(row_digest(key, raw, False, names))
+                continue
+            origin = raw[10]
+            name = _name_bytes(names.get(origin, ""))
+        h = empty.copy()
+        h.update(join((key_len[len(key)], key, b"\0", raw[2:10], name, raw[11:])))
+        append(h.digest())
+    return out
+
+
+def _xor_all(digests: list[bytes]) -> int:
+    # The XOR of ``digests`` as one integer: XOR the upper half of the concatenation
+    # into the lower half until one digest is left (a few big-integer operations
+    # instead of one conversion and XOR per digest).
+    width = len(digests)
+    if width == 0:
+        return 0
+    value = int.from_bytes(b"".join(digests), "big")
+    while width > 1:
+        bits = (width // 2) * DIGEST_SIZE * 8
+        value = (value >> bits) ^ (value & ((1 << bits) - 1))
+        width -= width // 2
+    return value
 
 
 def _settle(txn: Any, d: TableDigest) -> None:
     # Write ``d``'s pending changes if they belong to ``txn``; then nothing is pending.
     if d.txn is not txn:
         return
+    if d.run_keys:
+        _settle_run(txn, d)
     pending = d.pending
     pending[d.bucket] = pending.get(d.bucket, 0) ^ d.acc
     _forget(d)
@@ -270,7 +430,8 @@ def _settle(txn: Any, d: TableDigest) -> None:
 
 def _forget(d: TableDigest) -> None:
     # Nothing pending (written, or the hashes are being rebuilt or cleared).
-    d.txn, d.pending, d.heads, d.cursor = None, {}, {}, None
+    d.txn, d.table, d.pending, d.heads, d.cursor = None, None, {}, {}, None
+    d.run_keys, d.run_raws = [], []
     d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
 
 
