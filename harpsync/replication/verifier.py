@@ -191,6 +191,12 @@ class Verifier:
         my_head = db.head_seq
         items = await asyncio.to_thread(compare.all_buckets, db, table)
         peer_top = await self._ask(outcome, "verify_top", deep=deep)
+        if peer_top.get("format", 1) != digest.FORMAT:
+            # Another row-digest layout (a node of another release): every row would
+            # differ, and a repair would rewrite rows that are equal.
+            raise BadRequestError(f"{pair.peer} hashes rows in layout "
+                                  f"{peer_top.get('format', 1)}, this node in "
+                                  f"{digest.FORMAT}: upgrade both to compare them")
         if peer_top.get("incarnation") != table.version:
             raise BadRequestError(f"{pair.peer} holds another incarnation of "
                                   f"'{pair.database}.{pair.table}' (created at "
@@ -380,6 +386,7 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
             await storage.write(compare.rebuild_job(storage, db.name, table.name))
         items = await asyncio.to_thread(compare.all_buckets, db, table)
         return {"incarnation": table.version, "top": digest.top(items),
+                "format": digest.FORMAT,
                 "head": db.head_seq, "applied": applied(peer, db.name)}
 
     async def ranges(peer: str, body: dict[str, Any]) -> dict[str, Any]:

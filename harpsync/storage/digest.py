@@ -47,6 +47,10 @@ DIGEST_SIZE = 16
 ZERO = bytes(DIGEST_SIZE)
 BUCKET = b"B"
 MARK = b"M"
+# The row-digest layout the stored hashes follow (the value under ``MARK``); hashes of
+# another layout are rebuilt when the table opens, and peers compare only equal layouts.
+FORMAT = 2
+_FORMAT_MARK = str(FORMAT).encode()
 ENABLED = os.environ.get("HARPSYNC_DIGEST", "on").lower() not in ("off", "0", "false")
 
 _LEAF_MASK = (1 << LEAF_BITS) - 1
@@ -76,9 +80,9 @@ class TableDigest:
     lo: bytes = b""
     hi: bytes | None = b""
     acc: int = 0
-    # Stored bytes 1 and 10 (the msgpack tags of the version and the origin) -> the
-    # origin name's bytes, or None when the head is not the usual one.
-    heads: dict[bytes, bytes | None] = field(default_factory=dict)
+    # Per deleted flag: a stored row's first 11 bytes (array tag, uint64 version, origin
+    # id) -> blake2b state after the row digest's prefix (see ``row_digest``).
+    states: tuple[dict[bytes, Any], dict[bytes, Any]] = field(default_factory=lambda: ({}, {}))
     cursor: Any = None
     # A *run*: keys and stored rows of new live records written in increasing key order
     # with no other stored key between them (a batch of increasing ids, a full-copy
@@ -100,8 +104,6 @@ class TableDigest:
 _dirty: dict[int, list[TableDigest]] = {}
 # blake2b-128 before any input: copying it is cheaper than a new keyed constructor.
 _EMPTY = blake2b(digest_size=DIGEST_SIZE)
-# ``len(key)`` as two bytes (LMDB keys are at most 511 bytes).
-_KEY_LEN = tuple(n.to_bytes(2, "big") for n in range(512))
 # An origin name's UTF-8 bytes and the NUL after them, by name.
 _NAMES: dict[str, bytes] = {}
 
@@ -132,21 +134,52 @@ def _uint(raw: bytes, pos: int) -> tuple[int, int]:
     raise ValueError(f"stored row does not start with a version and origin (0x{tag:02x})")
 
 
-def row_digest(key: bytes, raw: bytes, deleted: bool, origin_names: Mapping[int, str]) -> bytes:
+def row_digest(key: bytes, raw: bytes, deleted: bool, origin_names: Mapping[int, str],
+               states: dict[bytes, Any] | None = None) -> bytes:
     """The digest of a stored ``[version, origin, record]``; equal on every node that
-    holds the same row."""
-    h = _EMPTY.copy()
+    holds the same row.
+
+    blake2b-128 over the version (8 bytes, big-endian), the origin *name* (UTF-8) and a
+    NUL, the deleted flag (one byte), the record's msgpack bytes as stored, then the key.
+    The version and origin come first, so rows written together (one version and
+    origin) share the state after them (``states`` keeps them across calls with one
+    origin map); the record is self-delimiting, so the key needs no length.
+    """
     if raw[1] == 0xCF and raw[10] < 0x80:  # the usual head: a uint64 version, origin < 128
-        name = origin_names.get(raw[10], "")
-        h.update(b"".join((_U16.pack(len(key)), key, _FLAG[deleted], raw[2:10],
-                           _NAMES.get(name) or _name_bytes(name), raw[11:])))
-        return h.digest()
-    number, pos = _uint(raw, 1)
-    origin, pos = _uint(raw, pos)
-    name = origin_names.get(origin, "")
-    h.update(b"".join((_U16.pack(len(key)), key, _FLAG[deleted], _U64.pack(number),
-                       _NAMES.get(name) or _name_bytes(name), raw[pos:])))
-    return h.digest()
+        if states is None:
+            h = _prefix(raw[2:10], origin_names.get(raw[10], ""), deleted)
+        else:  # prefix states by head and flag, for many rows with the same origin map
+            head = raw[:11] + _FLAG[deleted]
+            state = states.get(head)
+            if state is None:
+                state = states[head] = _prefix(raw[2:10], origin_names.get(raw[10], ""),
+                                               deleted)
+            h = state.copy()
+        h.update(raw[11:])
+    else:
+        number, pos = _uint(raw, 1)
+        origin, pos = _uint(raw, pos)
+        h = _prefix(_U64.pack(number), origin_names.get(origin, ""), deleted)
+        h.update(raw[pos:])
+    h.update(key)
+    return bytes(h.digest())
+
+
+def _prefix(version: bytes, origin_name: str, deleted: bool) -> Any:
+    # A blake2b state after a row digest's prefix.
+    h = _EMPTY.copy()
+    h.update(version + _name_bytes(origin_name) + _FLAG[deleted])
+    return h
+
+
+def _prefix_of(d: TableDigest, raw: bytes, deleted: bool) -> Any:
+    # The prefix state of a stored row with the usual head, kept per transaction.
+    states = d.states[deleted]
+    head = raw[:11]
+    state = states.get(head)
+    if state is None:
+        state = states[head] = _prefix(raw[2:10], d.origin_names.get(raw[10], ""), deleted)
+    return state
 
 
 def _name_bytes(name: str) -> bytes:
@@ -196,6 +229,7 @@ def _accounted(txn: Any, table: Any, d: TableDigest, lo: bytes, hi: bytes | None
     # stands for it) are left out.
     total = 0
     names = d.origin_names
+    states: dict[bytes, Any] = {}
     for row_key, raw, deleted in _rows_between(txn, table, lo, hi):
         if row_key == skip:
             continue
@@ -203,7 +237,7 @@ def _accounted(txn: Any, table: Any, d: TableDigest, lo: bytes, hi: bytes | None
             if d.writing_old is None:
                 continue
             raw, deleted = d.writing_old, d.writing_old_deleted
-        total ^= int.from_bytes(row_digest(row_key, raw, deleted, names), "big")
+        total ^= int.from_bytes(row_digest(row_key, raw, deleted, names, states), "big")
     return total
 
 
@@ -229,16 +263,11 @@ def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
 def _start(txn: Any, table: Any, d: TableDigest) -> None:
     # Collect changes for ``txn`` (those left from a transaction that ended without
     # ``flush`` or ``discard`` belonged to an aborted one).
-    d.txn, d.table, d.pending, d.heads, d.run_keys, d.run_raws = txn, table, {}, {}, [], []
+    d.txn, d.table, d.pending, d.states, d.run_keys, d.run_raws = (txn, table, {}, ({}, {}),
+                                                                   [], [])
     d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
     d.cursor = txn.cursor(db=d.dbi)
     _dirty.setdefault(id(txn), []).append(d)
-
-
-def _head_name(d: TableDigest, raw: bytes, head: bytes) -> bytes | None:
-    name = d.heads[head] = (_name_bytes(d.origin_names.get(raw[10], ""))
-                            if raw[1] == 0xCF and raw[10] < 0x80 else None)
-    return name
 
 
 def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
@@ -274,19 +303,28 @@ def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
     _write_row(txn, table, d, key, raw, deleted, old_raw, old_deleted)
 
 
+def on_insert(txn: Any, table: Any, key: bytes, raw: bytes) -> None:
+    """``on_write`` for a live row stored under a new key (the common case, kept short:
+    a key that extends the current run is only remembered)."""
+    d = table.digest
+    if d is not None and d.txn is txn:
+        run_keys = d.run_keys
+        if len(run_keys) > 1 and key > run_keys[-1] and (d.gap_hi is None or key < d.gap_hi):
+            run_keys.append(key)
+            d.run_raws.append(raw)
+            return
+    on_write(txn, table, key, raw, False, None, False)
+
+
 def _write_row(txn: Any, table: Any, d: TableDigest, key: bytes, raw: bytes,
                deleted: bool, old_raw: bytes | None, old_deleted: bool) -> None:
     # One write, on its own: its digest (and the old one's) into its bucket's
     # accumulator; a new boundary key splits its bucket.
     # row_digest, inlined for the usual head: a uint64 version, an origin < 128.
-    head = raw[1:11:9]
-    name = d.heads.get(head, b"")
-    if name == b"":
-        name = _head_name(d, raw, head)
-    if name is not None:
-        h = _EMPTY.copy()
-        h.update(b"".join((_KEY_LEN[len(key)], key, _FLAG[deleted], raw[2:10], name,
-                           raw[11:])))
+    if raw[1] == 0xCF and raw[10] < 0x80:
+        h = _prefix_of(d, raw, deleted).copy()
+        h.update(raw[11:])
+        h.update(key)
         delta = int.from_bytes(h.digest(), "big")
     else:
         delta = int.from_bytes(row_digest(key, raw, deleted, d.origin_names), "big")
@@ -379,20 +417,20 @@ def _settle_run(txn: Any, d: TableDigest) -> None:
 
 def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> list[bytes]:
     # row_digest of live rows, inlined for the usual head (a uint64 version, an origin
-    # below 128); consecutive rows mostly share their origin.
+    # below 128); consecutive rows mostly share their version and origin (a job's rows
+    # all do), so they share the prefix state.
     out: list[bytes] = []
-    append, join, empty, key_len = out.append, b"".join, _EMPTY, _KEY_LEN
-    names = d.origin_names
-    origin, name = -1, b""
-    for key, raw in zip(keys, raws, strict=True):
-        if raw[1] != 0xCF or raw[10] != origin:
+    append = out.append
+    head, state = b"\xff", _EMPTY  # no stored row starts with 0xff (an array tag does)
+    for key, raw in zip(keys, raws, strict=False):
+        if not raw.startswith(head):
             if raw[1] != 0xCF or raw[10] >= 0x80:
-                append(row_digest(key, raw, False, names))
+                append(row_digest(key, raw, False, d.origin_names))
                 continue
-            origin = raw[10]
-            name = _name_bytes(names.get(origin, ""))
-        h = empty.copy()
-        h.update(join((key_len[len(key)], key, b"\0", raw[2:10], name, raw[11:])))
+            head, state = raw[:11], _prefix_of(d, raw, False)
+        h = state.copy()
+        h.update(raw[11:])
+        h.update(key)
         append(h.digest())
     return out
 
@@ -430,7 +468,7 @@ def _settle(txn: Any, d: TableDigest) -> None:
 
 def _forget(d: TableDigest) -> None:
     # Nothing pending (written, or the hashes are being rebuilt or cleared).
-    d.txn, d.table, d.pending, d.heads, d.cursor = None, None, {}, {}, None
+    d.txn, d.table, d.pending, d.states, d.cursor = None, None, {}, ({}, {}), None
     d.run_keys, d.run_raws = [], []
     d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
 
@@ -477,11 +515,12 @@ def mark_built(txn: Any, table: Any) -> None:
     if table.digest is not None and ENABLED:
         _forget(table.digest)
         txn.put(BUCKET, ZERO, db=table.digest.dbi)
-        txn.put(MARK, b"1", db=table.digest.dbi)
+        txn.put(MARK, _FORMAT_MARK, db=table.digest.dbi)
 
 
 def is_built(txn: Any, table: Any) -> bool:
-    return table.digest is not None and txn.get(MARK, db=table.digest.dbi) is not None
+    return (table.digest is not None
+            and txn.get(MARK, db=table.digest.dbi) == _FORMAT_MARK)
 
 
 def rebuild(txn: Any, table: Any) -> int:
@@ -499,17 +538,19 @@ def rebuild(txn: Any, table: Any) -> int:
     streams = [_rows_of(txn, dbi, deleted)
                for dbi, deleted in ((table.dbi, False), (table.tomb_dbi, True))]
     buckets: dict[bytes, int] = {BUCKET: 0}
+    states: dict[bytes, Any] = {}
     current = BUCKET
     count = 0
     for key, raw, deleted in heapq.merge(*streams):
         if is_boundary(key):
             current = BUCKET + key
             buckets[current] = 0
-        buckets[current] ^= int.from_bytes(row_digest(key, raw, deleted, names), "big")
+        buckets[current] ^= int.from_bytes(row_digest(key, raw, deleted, names, states),
+                                           "big")
         count += 1
     cur = txn.cursor(db=d.dbi)
     cur.putmulti([(k, v.to_bytes(DIGEST_SIZE, "big")) for k, v in buckets.items()])
-    txn.put(MARK, b"1", db=d.dbi)
+    txn.put(MARK, _FORMAT_MARK, db=d.dbi)
     return count
 
 
@@ -570,7 +611,8 @@ def row_digests(txn: Any, table: Any, lo: bytes, hi: bytes | None,
                 ) -> dict[bytes, bytes]:
     """``key -> row digest`` of every stored row in ``[lo, hi)``."""
     names = table.digest.origin_names
-    return {key: row_digest(key, raw, deleted, names)
+    states: dict[bytes, Any] = {}
+    return {key: row_digest(key, raw, deleted, names, states)
             for key, raw, deleted in _rows_between(txn, table, lo, hi)}
 
 

@@ -43,8 +43,11 @@ def put_record(txn: lmdb.Transaction, table: Table, key: bytes, version: int, or
     raw = codec.pack([version, origin, record])
     old = txn.replace(key, raw, db=table.dbi)
     tomb = txn.pop(key, db=table.tomb_dbi)
-    digest.on_write(txn, table, key, raw, False, old if old is not None else tomb,  # type: ignore[arg-type]
-                    old is None)
+    if old is None and tomb is None:
+        digest.on_insert(txn, table, key, raw)
+    else:
+        digest.on_write(txn, table, key, raw, False, old if old is not None else tomb,  # type: ignore[arg-type]
+                        old is None)
 
 
 def put_tombstone(txn: lmdb.Transaction, table: Table, key: bytes, version: int,
