@@ -251,6 +251,14 @@ def test_runs_of_new_keys_in_gaps_stay_exact(storage: Storage):
             "upsert", None))
         await storage.write(writes.write_records(
             storage, *db_table, [{"id": 60_000 - i} for i in range(300)], "insert", None))
+        # New ids in increasing order around stored ones and a tombstone: not one run.
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": 70_000 + 2 * i} for i in range(200)], "insert", None))
+        await storage.write(writes.delete_records(storage, *db_table, [70_100], None))
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": 70_001 + 2 * i} for i in range(200)], "insert", None))
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": 70_099}, {"id": 70_101}], "insert", None))
 
     asyncio.run(run())
     current = buckets(storage)

@@ -33,6 +33,7 @@ when next opened with it on.
 from __future__ import annotations
 
 import heapq
+import operator
 import os
 import struct
 import zlib
@@ -314,6 +315,39 @@ def on_insert(txn: Any, table: Any, key: bytes, raw: bytes) -> None:
             d.run_raws.append(raw)
             return
     on_write(txn, table, key, raw, False, None, False)
+
+
+def add_run(txn: Any, table: Any, keys: list[bytes], raws: list[bytes]) -> bool:
+    """Take live rows about to be stored under new keys (nothing stored under any, no
+    row and no tombstone) as one run, if the keys ascend with no stored key between
+    them; they are hashed at the next settle, after the caller has stored them.
+
+    Returns:
+        True: store them (no ``on_write`` per row); False: store and report them one by
+        one (they do not form a run).
+    """
+    d = table.digest
+    if d is None or not ENABLED:
+        return True
+    if len(keys) < 2 or not all(map(operator.lt, keys, keys[1:])):
+        return False
+    gap_hi: bytes | None = None
+    for dbi in (table.dbi, table.tomb_dbi):
+        cur = txn.cursor(db=dbi)
+        if cur.set_range(keys[0]):
+            after = cur.key()
+            if after <= keys[-1]:
+                return False
+            if gap_hi is None or after < gap_hi:
+                gap_hi = bytes(after)
+    if d.txn is not txn:
+        _start(txn, table, d)
+    if d.run_keys:
+        _settle_run(txn, d)  # these rows are not stored yet: the settle cannot see them
+    if keys[0] < d.lo or (d.hi is not None and keys[0] >= d.hi):
+        _move_to(d, keys[0])
+    d.run_keys, d.run_raws, d.gap_hi = list(keys), list(raws), gap_hi
+    return True
 
 
 def _write_row(txn: Any, table: Any, d: TableDigest, key: bytes, raw: bytes,

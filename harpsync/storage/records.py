@@ -50,6 +50,18 @@ def put_record(txn: lmdb.Transaction, table: Table, key: bytes, version: int, or
                         old is None)
 
 
+def put_new_records(txn: lmdb.Transaction, table: Table, keys: list[bytes],
+                    raws: list[bytes]) -> None:
+    """Store packed live records (``[version, origin, record]``) under keys that hold
+    nothing yet, neither a record nor a tombstone (the caller read them in ``txn``)."""
+    if digest.add_run(txn, table, keys, raws):
+        txn.cursor(db=table.dbi).putmulti(list(zip(keys, raws, strict=True)))
+        return
+    for key, raw in zip(keys, raws, strict=True):
+        txn.put(key, raw, db=table.dbi)
+        digest.on_insert(txn, table, key, raw)
+
+
 def put_tombstone(txn: lmdb.Transaction, table: Table, key: bytes, version: int,
                   origin: int) -> None:
     """Delete a live record and leave a tombstone carrying the delete's version."""
