@@ -8,22 +8,25 @@ boundary key to the next one; the *head* bucket holds the keys before the first
 boundary. Each bucket's hash is the XOR of its rows' digests.
 
 The table's DBI ``h:<table>`` holds ``B`` + boundary key -> bucket hash (``B`` alone is
-the head), and ``M`` once the hashes cover every stored row. Everything is keyed in
-primary-key order, so a write touches the bucket page next to the rows it writes.
+the head), and under ``M`` the row-digest layout (``FORMAT``) once the hashes cover
+every stored row. Everything is keyed in primary-key order, so a write touches the
+bucket page next to the rows it writes.
 
-A row digest is blake2b-128 over the primary key, the version, the origin *name*
-(origin ids are local to each node), the deleted flag and the record's msgpack bytes:
+A row digest (``row_digest``) is blake2b-128 over the version, the origin *name* (origin
+ids are local to each node), the deleted flag, the record's msgpack bytes and the key:
 two nodes holding the same row compute the same digest.
 
-Costs per write: one or two digests, XORed into the current bucket's accumulator (a
-bucket lookup only when the key leaves the previous write's bucket). The changes of a
-transaction are written by ``flush(txn)`` before it commits, one read-modify-write per
-touched bucket; the writer flushes every job's transaction (``discard`` when it aborts),
-and any other writer of rows must call ``flush`` itself. A new key that is a boundary
-splits its bucket (hashing the stored rows after it up to the next boundary, about 32,
-none for keys appended at the end; pending changes stay where they are, XOR moves a
-pending row whole); a removed boundary key (a pruned tombstone) merges its bucket into
-the previous one, after writing what is pending.
+Costs per write. New keys written in ascending order with no stored key between them
+(a batch of ids, a full-copy chunk) form a *run*: remembered, then hashed together when
+the run ends, in one loop (``_settle_run``), with one bucket lookup and at most one scan
+per run. Other writes are hashed one by one, XORed into the current bucket's
+accumulator (a lookup only when the key leaves the previous write's bucket). The changes
+of a transaction are written by ``flush(txn)`` before it commits, one read-modify-write
+per touched bucket; the writer flushes every job's transaction (``discard`` when it
+aborts), and any other writer of rows must call ``flush`` itself. A new key that is a
+boundary splits its bucket (hashing the stored rows after it up to the next boundary,
+about 32, none for keys appended at the end); a removed boundary key (a pruned
+tombstone) merges its bucket into the previous one, after writing what is pending.
 
 ``HARPSYNC_DIGEST=off`` (read at import) turns maintenance off, only to measure its
 cost (``bench/digest.py``, ``bench/verify.py``); tables written that way are rebuilt
@@ -40,6 +43,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from hashlib import blake2b
+from itertools import repeat
 from typing import Any
 
 LEAF_BITS = 5
@@ -82,8 +86,9 @@ class TableDigest:
     hi: bytes | None = b""
     acc: int = 0
     # Per deleted flag: a stored row's first 11 bytes (array tag, uint64 version, origin
-    # id) -> blake2b state after the row digest's prefix (see ``row_digest``).
-    states: tuple[dict[bytes, Any], dict[bytes, Any]] = field(default_factory=lambda: ({}, {}))
+    # id) -> blake2b state after the row digest's prefix (see ``row_digest``); then the
+    # cache ``row_digest`` keeps for this transaction.
+    states: tuple[dict[bytes, Any], ...] = field(default_factory=lambda: ({}, {}, {}))
     cursor: Any = None
     # A *run*: keys and stored rows of new live records written in increasing key order
     # with no other stored key between them (a batch of increasing ids, a full-copy
@@ -264,7 +269,7 @@ def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
 def _start(txn: Any, table: Any, d: TableDigest) -> None:
     # Collect changes for ``txn`` (those left from a transaction that ended without
     # ``flush`` or ``discard`` belonged to an aborted one).
-    d.txn, d.table, d.pending, d.states, d.run_keys, d.run_raws = (txn, table, {}, ({}, {}),
+    d.txn, d.table, d.pending, d.states, d.run_keys, d.run_raws = (txn, table, {}, ({}, {}, {}),
                                                                    [], [])
     d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
     d.cursor = txn.cursor(db=d.dbi)
@@ -320,7 +325,8 @@ def on_insert(txn: Any, table: Any, key: bytes, raw: bytes) -> None:
 def add_run(txn: Any, table: Any, keys: list[bytes], raws: list[bytes]) -> bool:
     """Take live rows about to be stored under new keys (nothing stored under any, no
     row and no tombstone) as one run, if the keys ascend with no stored key between
-    them; they are hashed at the next settle, after the caller has stored them.
+    them; they are hashed at the next settle, after the caller has stored them. The
+    lists become the run's (the caller must not change them).
 
     Returns:
         True: store them (no ``on_write`` per row); False: store and report them one by
@@ -346,7 +352,7 @@ def add_run(txn: Any, table: Any, keys: list[bytes], raws: list[bytes]) -> bool:
         _settle_run(txn, d)  # these rows are not stored yet: the settle cannot see them
     if keys[0] < d.lo or (d.hi is not None and keys[0] >= d.hi):
         _move_to(d, keys[0])
-    d.run_keys, d.run_raws, d.gap_hi = list(keys), list(raws), gap_hi
+    d.run_keys, d.run_raws, d.gap_hi = keys, raws, gap_hi
     return True
 
 
@@ -433,7 +439,7 @@ def _settle_run(txn: Any, d: TableDigest) -> None:
         return
     digests = _live_digests(d, keys, raws)
     crc32 = zlib.crc32
-    starts = [i for i, key in enumerate(keys) if not crc32(key) & _LEAF_MASK]
+    starts = [i for i, crc in enumerate(map(crc32, keys)) if not crc & _LEAF_MASK]
     if not starts:
         d.acc ^= _xor_all(digests)
         return
@@ -453,20 +459,22 @@ def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> list[
     # row_digest of live rows, inlined for the usual head (a uint64 version, an origin
     # below 128); consecutive rows mostly share their version and origin (a job's rows
     # all do), so they share the prefix state.
-    out: list[bytes] = []
-    append = out.append
-    head, state = b"\xff", _EMPTY  # no stored row starts with 0xff (an array tag does)
-    for key, raw in zip(keys, raws, strict=False):
-        if not raw.startswith(head):
-            if raw[1] != 0xCF or raw[10] >= 0x80:
-                append(row_digest(key, raw, False, d.origin_names))
-                continue
-            head, state = raw[:11], _prefix_of(d, raw, False)
-        h = state.copy()
-        h.update(raw[11:])
-        h.update(key)
-        append(h.digest())
-    return out
+    first = raws[0]
+    if first[1] == 0xCF and first[10] < 0x80:
+        head = first[:11]
+        if all(map(bytes.startswith, raws, repeat(head, len(raws)))):
+            # One version and origin (a local write's rows): one prefix for all.
+            copy = _prefix_of(d, first, False).copy
+            out: list[bytes] = []
+            append = out.append
+            for key, raw in zip(keys, raws, strict=False):
+                h = copy()
+                h.update(raw[11:])
+                h.update(key)
+                append(h.digest())
+            return out
+    return [row_digest(key, raw, False, d.origin_names, d.states[2])
+            for key, raw in zip(keys, raws, strict=False)]
 
 
 def _xor_all(digests: list[bytes]) -> int:
@@ -502,7 +510,7 @@ def _settle(txn: Any, d: TableDigest) -> None:
 
 def _forget(d: TableDigest) -> None:
     # Nothing pending (written, or the hashes are being rebuilt or cleared).
-    d.txn, d.table, d.pending, d.states, d.cursor = None, None, {}, ({}, {}), None
+    d.txn, d.table, d.pending, d.states, d.cursor = None, None, {}, ({}, {}, {}), None
     d.run_keys, d.run_raws = [], []
     d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
 
