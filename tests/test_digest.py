@@ -33,6 +33,12 @@ def buckets(storage: Storage, table: str = "dog") -> list[digest.Bucket]:
         return digest.buckets(txn, t)
 
 
+def stored_top(storage: Storage, table: str = "dog") -> bytes:
+    db, t = storage.table("data", table)
+    with db.env.begin() as txn:
+        return digest.stored_top(txn, t)
+
+
 def rebuilt(storage: Storage, table: str = "dog") -> list[digest.Bucket]:
     """The buckets a rebuild from the stored rows gives (computed, then rolled back)."""
     db, t = storage.table("data", table)
@@ -76,6 +82,7 @@ def test_maintained_hashes_equal_a_rebuild_under_random_writes(storage: Storage)
     assert len(current) > 10  # several buckets, so splits happened
     assert current == rebuilt(storage)
     assert digest.top(current) != digest.ZERO
+    assert stored_top(storage) == digest.top(current)
 
 
 def test_same_rows_same_top_hash_whatever_the_order(tmp_path: Path):
@@ -244,6 +251,7 @@ def test_runs_of_new_keys_in_gaps_stay_exact(storage: Storage):
                 await storage.write(writes.write_records(storage, *db_table, records,
                                                          "upsert", None))
             assert buckets(storage) == rebuilt(storage), f"after job {n}"
+            assert stored_top(storage) == digest.top(buckets(storage)), f"after job {n}"
         # Appends past every stored id, a duplicate id inside one request, and a
         # decreasing batch.
         await storage.write(writes.write_records(
@@ -264,3 +272,4 @@ def test_runs_of_new_keys_in_gaps_stay_exact(storage: Storage):
     current = buckets(storage)
     assert len(current) > 100
     assert current == rebuilt(storage)
+    assert stored_top(storage) == digest.top(current)

@@ -39,6 +39,13 @@ def all_buckets(db: Database, table: Table) -> list[digest.Bucket]:
         return digest.buckets(txn, table)
 
 
+def top_hash(db: Database, table: Table) -> bytes:
+    """The table's top hash (the XOR of every bucket), read in one lookup."""
+    _check(table)
+    with db.env.begin() as txn:
+        return digest.stored_top(txn, table)
+
+
 def range_hashes(db: Database, table: Table, starts: Sequence[bytes]) -> list[bytes]:
     """The table's hash per range ``[starts[i], starts[i+1])`` (``starts[0]`` is b"")."""
     return digest.combine(all_buckets(db, table), list(starts))

@@ -52,6 +52,7 @@ DIGEST_SIZE = 16
 ZERO = bytes(DIGEST_SIZE)
 BUCKET = b"B"
 MARK = b"M"
+TOP = b"T"
 # The row-digest layout the stored hashes follow (the value under ``MARK``); hashes of
 # another layout are rebuilt when the table opens, and peers compare only equal layouts.
 FORMAT = 2
@@ -85,6 +86,9 @@ class TableDigest:
     lo: bytes = b""
     hi: bytes | None = b""
     acc: int = 0
+    # The XOR of the bucket values written directly (new buckets) since the last flush,
+    # for the stored top hash.
+    top_delta: int = 0
     # Per deleted flag: a stored row's first 11 bytes (array tag, uint64 version, origin
     # id) -> blake2b state after the row digest's prefix (see ``row_digest``); then the
     # cache ``row_digest`` keeps for this transaction.
@@ -271,7 +275,7 @@ def _start(txn: Any, table: Any, d: TableDigest) -> None:
     # ``flush`` or ``discard`` belonged to an aborted one).
     d.txn, d.table, d.pending, d.states, d.run_keys, d.run_raws = (txn, table, {}, ({}, {}, {}),
                                                                    [], [])
-    d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
+    d.bucket, d.lo, d.hi, d.acc, d.top_delta = BUCKET, b"", b"", 0, 0
     d.cursor = txn.cursor(db=d.dbi)
     _dirty.setdefault(id(txn), []).append(d)
 
@@ -450,6 +454,7 @@ def _settle_run(txn: Any, d: TableDigest) -> None:
     last = len(starts) - 2
     for i in range(last + 1):
         value = _xor_all(digests[starts[i]:starts[i + 1]]) ^ (moved if i == last else 0)
+        d.top_delta ^= value
         txn.put(BUCKET + keys[starts[i]], value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
     d.lo = keys[starts[last]]
     d.bucket, d.acc = BUCKET + d.lo, 0
@@ -500,19 +505,24 @@ def _settle(txn: Any, d: TableDigest) -> None:
         _settle_run(txn, d)
     pending = d.pending
     pending[d.bucket] = pending.get(d.bucket, 0) ^ d.acc
+    total = d.top_delta
     _forget(d)
     for bk, delta in pending.items():
         if delta:
+            total ^= delta
             old = txn.get(bk, db=d.dbi)
             value = (int.from_bytes(old, "big") if old else 0) ^ delta
             txn.put(bk, value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
+    if total:
+        txn.put(TOP, xor(txn.get(TOP, db=d.dbi), total.to_bytes(DIGEST_SIZE, "big")),
+                db=d.dbi)
 
 
 def _forget(d: TableDigest) -> None:
     # Nothing pending (written, or the hashes are being rebuilt or cleared).
     d.txn, d.table, d.pending, d.states, d.cursor = None, None, {}, ({}, {}, {}), None
     d.run_keys, d.run_raws = [], []
-    d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
+    d.bucket, d.lo, d.hi, d.acc, d.top_delta = BUCKET, b"", b"", 0, 0
 
 
 def flush(txn: Any) -> None:
@@ -536,13 +546,15 @@ def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: boo
     _settle(txn, d)
     cur = txn.cursor(db=d.dbi)
     bk = _bucket_of(cur, key)
-    value = xor(cur.value(), row_digest(key, old_raw, old_deleted, d.origin_names))
+    gone = row_digest(key, old_raw, old_deleted, d.origin_names)
+    value = xor(cur.value(), gone)
     if bk == BUCKET + key:  # the bucket's first key went: merge it into the one before
         txn.delete(bk, db=d.dbi)
         prev = _bucket_of(cur, key)
         value = xor(cur.value(), value)
         bk = prev
     txn.put(bk, value, db=d.dbi)
+    txn.put(TOP, xor(txn.get(TOP, db=d.dbi), gone), db=d.dbi)
 
 
 def clear(txn: Any, table: Any) -> None:
@@ -557,6 +569,7 @@ def mark_built(txn: Any, table: Any) -> None:
     if table.digest is not None and ENABLED:
         _forget(table.digest)
         txn.put(BUCKET, ZERO, db=table.digest.dbi)
+        txn.put(TOP, ZERO, db=table.digest.dbi)
         txn.put(MARK, _FORMAT_MARK, db=table.digest.dbi)
 
 
@@ -592,6 +605,10 @@ def rebuild(txn: Any, table: Any) -> int:
         count += 1
     cur = txn.cursor(db=d.dbi)
     cur.putmulti([(k, v.to_bytes(DIGEST_SIZE, "big")) for k, v in buckets.items()])
+    total = 0
+    for v in buckets.values():
+        total ^= v
+    txn.put(TOP, total.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
     txn.put(MARK, _FORMAT_MARK, db=d.dbi)
     return count
 
@@ -622,6 +639,16 @@ def buckets(txn: Any, table: Any, lo: bytes = b"", hi: bytes | None = None) -> l
             break
         out.append((start, bytes(value)))
     return out
+
+
+def stored_top(txn: Any, table: Any) -> bytes:
+    """The XOR of every bucket, as kept with them (one read): equal on two nodes that
+    hold the same rows."""
+    d = table.digest
+    if d.txn is txn:  # the writer reading its own changes
+        _settle(txn, d)
+    value = txn.get(TOP, db=d.dbi)
+    return bytes(value) if value is not None else top(buckets(txn, table))
 
 
 def top(items: list[Bucket]) -> bytes:
