@@ -3,7 +3,10 @@
 The exchange runs over the peer's ``/.node`` endpoint (mutual TLS, one request per
 round, like ``cluster_network``):
 
-1. ``verify_top``: the peer's top hash, incarnation and log head. Equal tops end it.
+1. ``verify_top``: the peer's top hash (one stored value), incarnation, row-digest
+   layout, log head, and whether it is receiving a full copy from this node. Equal tops
+   end it; unequal ones while a copy runs either way end it too (``busy``: the
+   verification after a copy waits for the other way's copy to end, then runs again).
 2. ``verify_ranges``: the peer's hashes over this node's coarse ranges (about one per
    4096 rows); only ranges that differ go on.
 3. ``verify_buckets``: the peer's buckets (about 32 rows each) in those ranges; both
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 
 MAX_KEYS = 100
 SETTLE_SECONDS = 5.0
+# How long the verification after a full copy waits for a copy the other way to end.
+AFTER_COPY_WAIT = 3600.0
 KEY_CHUNK = 2000
 REPAIR_CHUNK = 500
 BOTH, PULL, PUSH = "both", "pull", "push"
@@ -70,6 +75,14 @@ class Outcome:
     error: str | None = None
     changed: dict[str, list[Any]] = field(default_factory=dict)
     timings: list[Any] = field(default_factory=list)
+    # A full copy between the two was under way and the tops differed: nothing was
+    # compared (a half-copied table differs in every row not copied yet).
+    busy: bool = False
+
+
+def copying(sub: Any) -> bool:
+    """Whether a subscriber is receiving a full copy."""
+    return sub is not None and getattr(sub, "copy_progress", None) is not None
 
 
 def applied_seq(sub: Any) -> int:
@@ -203,6 +216,13 @@ class Verifier:
                                   f"{peer_top.get('incarnation')}, here {table.version})")
         if peer_top.get("top") == my_top:
             return  # equal tables cost one lookup on each side
+        if peer_top.get("copying") or copying(self.rep.subscribers.get((pair.peer,
+                                                                         pair.database))):
+            # Descending would read and compare every row not copied yet, over and
+            # over while the copy runs, and slow the copy down.
+            outcome.busy = True
+            raise BadRequestError(f"a full copy between this node and {pair.peer} is in "
+                                  "progress: verify again once it ends")
         items = await asyncio.to_thread(compare.all_buckets, db, table)
         leaves = await self._differing_ranges(outcome, items)
         if not leaves:
@@ -310,6 +330,8 @@ class Verifier:
         self.last_run = now
         by_link: dict[tuple[str, str], dict[str, Any]] = {}
         for o in outcomes:
+            if o.busy:
+                continue  # not compared: the link keeps its last result
             p = o.pair
             entry = by_link.setdefault((p.peer, p.database),
                                        {"at": now, "in_sync": True, "differences": 0})
@@ -343,10 +365,16 @@ class Verifier:
                 log.exception("background verification failed")
 
     def after_copy(self, peer: str, database: str) -> None:
-        """A full copy from ``peer`` ended: verify what it copied."""
+        """A full copy from ``peer`` ended: verify what it copied (once the peer's own
+        copy from this node, if one runs, has ended too)."""
         async def check() -> None:
+            deadline = time.monotonic() + AFTER_COPY_WAIT
             try:
-                await self.run(self.plan(database=database, nodes=[peer]))
+                while True:
+                    outcomes = await self.run(self.plan(database=database, nodes=[peer]))
+                    if not any(o.busy for o in outcomes) or time.monotonic() > deadline:
+                        return
+                    await asyncio.sleep(1.0)
             except HarpsyncError as exc:
                 log.warning("verification after the copy from %s failed: %s", peer,
                             exc.message)
@@ -387,6 +415,7 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
             await storage.write(compare.rebuild_job(storage, db.name, table.name))
         return {"incarnation": table.version,
                 "top": await asyncio.to_thread(compare.top_hash, db, table),
+                "copying": copying(rep.subscribers.get((peer, db.name))),
                 "format": digest.FORMAT,
                 "head": db.head_seq, "applied": applied(peer, db.name)}
 
