@@ -227,7 +227,7 @@ def test_runs_of_new_keys_in_gaps_stay_exact(storage: Storage):
         db, table = storage.table(*db_table)
         txn = ctx.txn(db)
         for i in range(lo, hi, step):
-            put_record(txn, table, encode_id(i), 10_000_000 + i, 0, {"id": i, "m": 1})
+            put_record(txn, table, encode_id(i), (1 << 40) + i, 0, {"id": i, "m": 1})
             if i % 7 == 0:  # an overwrite of a stored key just past the run
                 j = hi + rng.randrange(0, 40)
                 put_record(txn, table, encode_id(j), 20_000_000 + i, 0, {"id": j, "o": i})

@@ -90,9 +90,8 @@ class TableDigest:
     # for the stored top hash.
     top_delta: int = 0
     # Per deleted flag: a stored row's first 11 bytes (array tag, uint64 version, origin
-    # id) -> blake2b state after the row digest's prefix (see ``row_digest``); then the
-    # cache ``row_digest`` keeps for this transaction.
-    states: tuple[dict[bytes, Any], ...] = field(default_factory=lambda: ({}, {}, {}))
+    # id) -> blake2b state after the row digest's prefix (see ``row_digest``).
+    states: tuple[dict[bytes, Any], ...] = field(default_factory=lambda: ({}, {}))
     cursor: Any = None
     # A *run*: keys and stored rows of new live records written in increasing key order
     # with no other stored key between them (a batch of increasing ids, a full-copy
@@ -145,26 +144,24 @@ def _uint(raw: bytes, pos: int) -> tuple[int, int]:
 
 
 def row_digest(key: bytes, raw: bytes, deleted: bool, origin_names: Mapping[int, str],
-               states: dict[bytes, Any] | None = None) -> bytes:
+               last: list[Any] | None = None) -> bytes:
     """The digest of a stored ``[version, origin, record]``; equal on every node that
     holds the same row.
 
     blake2b-128 over the version (8 bytes, big-endian), the origin *name* (UTF-8) and a
     NUL, the deleted flag (one byte), the record's msgpack bytes as stored, then the key.
     The version and origin come first, so rows written together (one version and
-    origin) share the state after them (``states`` keeps them across calls with one
-    origin map); the record is self-delimiting, so the key needs no length.
+    origin) share the state after them (``last`` keeps the previous row's across calls
+    with one origin map); the record is self-delimiting, so the key needs no length.
     """
     if raw[1] == 0xCF and raw[10] < 0x80:  # the usual head: a uint64 version, origin < 128
-        if states is None:
+        if last is None:
             h = _prefix(raw[2:10], origin_names.get(raw[10], ""), deleted)
-        else:  # prefix states by head and flag, for many rows with the same origin map
+        else:  # [head and flag, prefix state] of the previous row, for rows in a scan
             head = raw[:11] + _FLAG[deleted]
-            state = states.get(head)
-            if state is None:
-                state = states[head] = _prefix(raw[2:10], origin_names.get(raw[10], ""),
-                                               deleted)
-            h = state.copy()
+            if last[0] != head:
+                last[:] = head, _prefix(raw[2:10], origin_names.get(raw[10], ""), deleted)
+            h = last[1].copy()
         h.update(raw[11:])
     else:
         number, pos = _uint(raw, 1)
@@ -188,6 +185,8 @@ def _prefix_of(d: TableDigest, raw: bytes, deleted: bool) -> Any:
     head = raw[:11]
     state = states.get(head)
     if state is None:
+        if len(states) > 64:  # rows of many versions (a copy): keep it small
+            states.clear()
         state = states[head] = _prefix(raw[2:10], d.origin_names.get(raw[10], ""), deleted)
     return state
 
@@ -239,7 +238,7 @@ def _accounted(txn: Any, table: Any, d: TableDigest, lo: bytes, hi: bytes | None
     # stands for it) are left out.
     total = 0
     names = d.origin_names
-    states: dict[bytes, Any] = {}
+    last: list[Any] = [b"", None]
     for row_key, raw, deleted in _rows_between(txn, table, lo, hi):
         if row_key == skip:
             continue
@@ -247,7 +246,7 @@ def _accounted(txn: Any, table: Any, d: TableDigest, lo: bytes, hi: bytes | None
             if d.writing_old is None:
                 continue
             raw, deleted = d.writing_old, d.writing_old_deleted
-        total ^= int.from_bytes(row_digest(row_key, raw, deleted, names, states), "big")
+        total ^= int.from_bytes(row_digest(row_key, raw, deleted, names, last), "big")
     return total
 
 
@@ -273,7 +272,7 @@ def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
 def _start(txn: Any, table: Any, d: TableDigest) -> None:
     # Collect changes for ``txn`` (those left from a transaction that ended without
     # ``flush`` or ``discard`` belonged to an aborted one).
-    d.txn, d.table, d.pending, d.states, d.run_keys, d.run_raws = (txn, table, {}, ({}, {}, {}),
+    d.txn, d.table, d.pending, d.states, d.run_keys, d.run_raws = (txn, table, {}, ({}, {}),
                                                                    [], [])
     d.bucket, d.lo, d.hi, d.acc, d.top_delta = BUCKET, b"", b"", 0, 0
     d.cursor = txn.cursor(db=d.dbi)
@@ -478,8 +477,21 @@ def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> list[
                 h.update(key)
                 append(h.digest())
             return out
-    return [row_digest(key, raw, False, d.origin_names, d.states[2])
-            for key, raw in zip(keys, raws, strict=False)]
+    # Rows of many versions (a full-copy chunk): one prefix per row.
+    out = []
+    append, join, empty, names = out.append, b"".join, _EMPTY, d.origin_names
+    tails: dict[int, bytes] = {}  # origin id -> name, NUL, live flag
+    for key, raw in zip(keys, raws, strict=False):
+        if raw[1] != 0xCF or raw[10] >= 0x80:
+            append(row_digest(key, raw, False, names))
+            continue
+        tail = tails.get(raw[10])
+        if tail is None:
+            tail = tails[raw[10]] = _name_bytes(names.get(raw[10], "")) + _FLAG[False]
+        h = empty.copy()
+        h.update(join((raw[2:10], tail, raw[11:], key)))
+        append(h.digest())
+    return out
 
 
 def _xor_all(digests: list[bytes]) -> int:
@@ -520,7 +532,7 @@ def _settle(txn: Any, d: TableDigest) -> None:
 
 def _forget(d: TableDigest) -> None:
     # Nothing pending (written, or the hashes are being rebuilt or cleared).
-    d.txn, d.table, d.pending, d.states, d.cursor = None, None, {}, ({}, {}, {}), None
+    d.txn, d.table, d.pending, d.states, d.cursor = None, None, {}, ({}, {}), None
     d.run_keys, d.run_raws = [], []
     d.bucket, d.lo, d.hi, d.acc, d.top_delta = BUCKET, b"", b"", 0, 0
 
@@ -593,14 +605,14 @@ def rebuild(txn: Any, table: Any) -> int:
     streams = [_rows_of(txn, dbi, deleted)
                for dbi, deleted in ((table.dbi, False), (table.tomb_dbi, True))]
     buckets: dict[bytes, int] = {BUCKET: 0}
-    states: dict[bytes, Any] = {}
+    last: list[Any] = [b"", None]
     current = BUCKET
     count = 0
     for key, raw, deleted in heapq.merge(*streams):
         if is_boundary(key):
             current = BUCKET + key
             buckets[current] = 0
-        buckets[current] ^= int.from_bytes(row_digest(key, raw, deleted, names, states),
+        buckets[current] ^= int.from_bytes(row_digest(key, raw, deleted, names, last),
                                            "big")
         count += 1
     cur = txn.cursor(db=d.dbi)
@@ -680,8 +692,8 @@ def row_digests(txn: Any, table: Any, lo: bytes, hi: bytes | None,
                 ) -> dict[bytes, bytes]:
     """``key -> row digest`` of every stored row in ``[lo, hi)``."""
     names = table.digest.origin_names
-    states: dict[bytes, Any] = {}
-    return {key: row_digest(key, raw, deleted, names, states)
+    last: list[Any] = [b"", None]
+    return {key: row_digest(key, raw, deleted, names, last)
             for key, raw, deleted in _rows_between(txn, table, lo, hi)}
 
 
