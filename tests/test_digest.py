@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harpsync.errors import BadRequestError
-from harpsync.storage import digest, retention, writes
+from harpsync.storage import digest, retention, rowhash, writes
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import put_record, put_tombstone
 from harpsync.storage.store import Storage
@@ -27,7 +27,7 @@ def storage(tmp_path: Path) -> Iterator[Storage]:
     opened.close()
 
 
-def buckets(storage: Storage, table: str = "dog") -> list[digest.Bucket]:
+def buckets(storage: Storage, table: str = "dog") -> list[rowhash.Bucket]:
     db, t = storage.table("data", table)
     with db.env.begin() as txn:
         return digest.buckets(txn, t)
@@ -39,7 +39,7 @@ def stored_top(storage: Storage, table: str = "dog") -> bytes:
         return digest.stored_top(txn, t)
 
 
-def rebuilt(storage: Storage, table: str = "dog") -> list[digest.Bucket]:
+def rebuilt(storage: Storage, table: str = "dog") -> list[rowhash.Bucket]:
     """The buckets a rebuild from the stored rows gives (computed, then rolled back)."""
     db, t = storage.table("data", table)
     txn = db.env.begin(write=True)
@@ -81,8 +81,8 @@ def test_maintained_hashes_equal_a_rebuild_under_random_writes(storage: Storage)
     current = buckets(storage)
     assert len(current) > 10  # several buckets, so splits happened
     assert current == rebuilt(storage)
-    assert digest.top(current) != digest.ZERO
-    assert stored_top(storage) == digest.top(current)
+    assert rowhash.top(current) != rowhash.ZERO
+    assert stored_top(storage) == rowhash.top(current)
 
 
 def test_same_rows_same_top_hash_whatever_the_order(tmp_path: Path):
@@ -118,7 +118,7 @@ def test_drop_and_recreate_starts_empty(storage: Storage):
         await storage.create_table("data", "dog", "id")
 
     asyncio.run(run())
-    assert buckets(storage) == [(b"", digest.ZERO)]
+    assert buckets(storage) == [(b"", rowhash.ZERO)]
 
 
 def test_reopen_rebuilds_tables_without_hashes(tmp_path: Path):
@@ -193,10 +193,10 @@ def test_hashes_exact_after_failed_and_multi_table_jobs(storage: Storage):
 
 def test_a_job_reading_its_own_buckets_sees_its_writes(storage: Storage):
     """Reading the buckets inside the writing transaction hashes its pending rows first."""
-    async def run() -> tuple[list[digest.Bucket], list[digest.Bucket]]:
+    async def run() -> tuple[list[rowhash.Bucket], list[rowhash.Bucket]]:
         await storage.create_table("data", "dog", "id")
 
-        def job(ctx: WriteContext) -> tuple[list[digest.Bucket], list[digest.Bucket]]:
+        def job(ctx: WriteContext) -> tuple[list[rowhash.Bucket], list[rowhash.Bucket]]:
             db, table = storage.table("data", "dog")
             txn = ctx.txn(db)
             for i in range(300):
@@ -251,7 +251,7 @@ def test_runs_of_new_keys_in_gaps_stay_exact(storage: Storage):
                 await storage.write(writes.write_records(storage, *db_table, records,
                                                          "upsert", None))
             assert buckets(storage) == rebuilt(storage), f"after job {n}"
-            assert stored_top(storage) == digest.top(buckets(storage)), f"after job {n}"
+            assert stored_top(storage) == rowhash.top(buckets(storage)), f"after job {n}"
         # Appends past every stored id, a duplicate id inside one request, and a
         # decreasing batch.
         await storage.write(writes.write_records(
@@ -272,4 +272,4 @@ def test_runs_of_new_keys_in_gaps_stay_exact(storage: Storage):
     current = buckets(storage)
     assert len(current) > 100
     assert current == rebuilt(storage)
-    assert stored_top(storage) == digest.top(current)
+    assert stored_top(storage) == rowhash.top(current)

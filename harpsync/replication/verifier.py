@@ -33,7 +33,7 @@ from harpsync import codec
 from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
 from harpsync.replication import peers
 from harpsync.replication.membership import node_request
-from harpsync.storage import compare, digest
+from harpsync.storage import compare, rowhash
 from harpsync.storage.keys import decode_id
 from harpsync.storage.store import SYSTEM
 
@@ -204,12 +204,12 @@ class Verifier:
         my_head = db.head_seq
         my_top = await asyncio.to_thread(compare.top_hash, db, table)
         peer_top = await self._ask(outcome, "verify_top", deep=deep)
-        if peer_top.get("format", 1) != digest.FORMAT:
+        if peer_top.get("format", 1) != rowhash.FORMAT:
             # Another row-digest layout (a node of another release): every row would
             # differ, and a repair would rewrite rows that are equal.
             raise BadRequestError(f"{pair.peer} hashes rows in layout "
                                   f"{peer_top.get('format', 1)}, this node in "
-                                  f"{digest.FORMAT}: upgrade both to compare them")
+                                  f"{rowhash.FORMAT}: upgrade both to compare them")
         if peer_top.get("incarnation") != table.version:
             raise BadRequestError(f"{pair.peer} holds another incarnation of "
                                   f"'{pair.database}.{pair.table}' (created at "
@@ -241,10 +241,10 @@ class Verifier:
             await self._confirm(outcome, sorted(candidates), int(peer_top.get("head", 0)),
                                 my_head, start_version, repair)
 
-    async def _differing_ranges(self, outcome: Outcome, items: list[digest.Bucket],
+    async def _differing_ranges(self, outcome: Outcome, items: list[rowhash.Bucket],
                                 ) -> list[list[Any]]:
-        starts = digest.group_starts(items)
-        mine = digest.combine(items, starts)
+        starts = rowhash.group_starts(items)
+        mine = rowhash.combine(items, starts)
         answer = await self._ask(outcome, "verify_ranges", starts=starts)
         theirs = answer.get("hashes") or []
         groups: list[tuple[bytes, bytes | None]] = []
@@ -260,8 +260,8 @@ class Verifier:
             their_items = [(bytes(s), bytes(h)) for s, h in peer_items]
             my_items = [(s, h) for s, h in items if s >= lo and (hi is None or s < hi)]
             subs = sorted({lo} | {s for s, _ in my_items} | {s for s, _ in their_items})
-            a = digest.combine(my_items, subs)
-            b = digest.combine(their_items, subs)
+            a = rowhash.combine(my_items, subs)
+            b = rowhash.combine(their_items, subs)
             for j, sub in enumerate(subs):
                 if a[j] != b[j]:
                     leaves.append([sub, subs[j + 1] if j + 1 < len(subs) else hi])
@@ -416,7 +416,7 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         return {"incarnation": table.version,
                 "top": await asyncio.to_thread(compare.top_hash, db, table),
                 "copying": copying(rep.subscribers.get((peer, db.name))),
-                "format": digest.FORMAT,
+                "format": rowhash.FORMAT,
                 "head": db.head_seq, "applied": applied(peer, db.name)}
 
     async def ranges(peer: str, body: dict[str, Any]) -> dict[str, Any]:

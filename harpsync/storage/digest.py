@@ -38,33 +38,34 @@ from __future__ import annotations
 import heapq
 import operator
 import os
-import struct
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from hashlib import blake2b
 from itertools import repeat
 from typing import Any
 
-LEAF_BITS = 5
-GROUP_BITS = 12
-DIGEST_SIZE = 16
-ZERO = bytes(DIGEST_SIZE)
+from harpsync.storage.rowhash import (
+    DIGEST_SIZE,
+    EMPTY,
+    FLAG,
+    FORMAT,
+    LEAF_MASK,
+    ZERO,
+    Bucket,
+    is_boundary,
+    name_bytes,
+    prefix_state,
+    row_digest,
+    top,
+    xor,
+    xor_all,
+)
+
 BUCKET = b"B"
 MARK = b"M"
 TOP = b"T"
-# The row-digest layout the stored hashes follow (the value under ``MARK``); hashes of
-# another layout are rebuilt when the table opens, and peers compare only equal layouts.
-FORMAT = 2
 _FORMAT_MARK = str(FORMAT).encode()
 ENABLED = os.environ.get("HARPSYNC_DIGEST", "on").lower() not in ("off", "0", "false")
-
-_LEAF_MASK = (1 << LEAF_BITS) - 1
-_GROUP_MASK = (1 << GROUP_BITS) - 1
-_FLAG = (b"\0", b"\1")
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 
 
 @dataclass(slots=True)
@@ -111,72 +112,6 @@ class TableDigest:
 
 # Tables with pending bucket changes, by the id of their transaction.
 _dirty: dict[int, list[TableDigest]] = {}
-# blake2b-128 before any input: copying it is cheaper than a new keyed constructor.
-_EMPTY = blake2b(digest_size=DIGEST_SIZE)
-# An origin name's UTF-8 bytes and the NUL after them, by name.
-_NAMES: dict[str, bytes] = {}
-
-
-def is_boundary(key: bytes) -> bool:
-    """Whether ``key`` starts a bucket (the same answer on every node)."""
-    return zlib.crc32(key) & _LEAF_MASK == 0
-
-
-def is_group_boundary(key: bytes) -> bool:
-    """Whether ``key`` starts a group of buckets (about one boundary in 128)."""
-    return zlib.crc32(key) & _GROUP_MASK == 0
-
-
-def _uint(raw: bytes, pos: int) -> tuple[int, int]:
-    # A non-negative msgpack integer at ``pos``: (value, position after it).
-    tag = raw[pos]
-    if tag < 0x80:
-        return tag, pos + 1
-    if tag == 0xCF:
-        return _U64.unpack_from(raw, pos + 1)[0], pos + 9
-    if tag == 0xCE:
-        return _U32.unpack_from(raw, pos + 1)[0], pos + 5
-    if tag == 0xCD:
-        return _U16.unpack_from(raw, pos + 1)[0], pos + 3
-    if tag == 0xCC:
-        return raw[pos + 1], pos + 2
-    raise ValueError(f"stored row does not start with a version and origin (0x{tag:02x})")
-
-
-def row_digest(key: bytes, raw: bytes, deleted: bool, origin_names: Mapping[int, str],
-               last: list[Any] | None = None) -> bytes:
-    """The digest of a stored ``[version, origin, record]``; equal on every node that
-    holds the same row.
-
-    blake2b-128 over the version (8 bytes, big-endian), the origin *name* (UTF-8) and a
-    NUL, the deleted flag (one byte), the record's msgpack bytes as stored, then the key.
-    The version and origin come first, so rows written together (one version and
-    origin) share the state after them (``last`` keeps the previous row's across calls
-    with one origin map); the record is self-delimiting, so the key needs no length.
-    """
-    if raw[1] == 0xCF and raw[10] < 0x80:  # the usual head: a uint64 version, origin < 128
-        if last is None:
-            h = _prefix(raw[2:10], origin_names.get(raw[10], ""), deleted)
-        else:  # [head and flag, prefix state] of the previous row, for rows in a scan
-            head = raw[:11] + _FLAG[deleted]
-            if last[0] != head:
-                last[:] = head, _prefix(raw[2:10], origin_names.get(raw[10], ""), deleted)
-            h = last[1].copy()
-        h.update(raw[11:])
-    else:
-        number, pos = _uint(raw, 1)
-        origin, pos = _uint(raw, pos)
-        h = _prefix(_U64.pack(number), origin_names.get(origin, ""), deleted)
-        h.update(raw[pos:])
-    h.update(key)
-    return bytes(h.digest())
-
-
-def _prefix(version: bytes, origin_name: str, deleted: bool) -> Any:
-    # A blake2b state after a row digest's prefix.
-    h = _EMPTY.copy()
-    h.update(version + _name_bytes(origin_name) + _FLAG[deleted])
-    return h
 
 
 def _prefix_of(d: TableDigest, raw: bytes, deleted: bool) -> Any:
@@ -187,22 +122,8 @@ def _prefix_of(d: TableDigest, raw: bytes, deleted: bool) -> Any:
     if state is None:
         if len(states) > 64:  # rows of many versions (a copy): keep it small
             states.clear()
-        state = states[head] = _prefix(raw[2:10], d.origin_names.get(raw[10], ""), deleted)
+        state = states[head] = prefix_state(raw[2:10], d.origin_names.get(raw[10], ""), deleted)
     return state
-
-
-def _name_bytes(name: str) -> bytes:
-    # An origin name's bytes in a row digest: UTF-8, then NUL.
-    out = _NAMES.get(name)
-    if out is None:
-        out = _NAMES[name] = name.encode() + b"\0"
-    return out
-
-
-def xor(a: bytes | None, b: bytes) -> bytes:
-    if not a:
-        return b
-    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(DIGEST_SIZE, "big")
 
 
 def _bucket_of(cur: Any, key: bytes) -> bytes:
@@ -373,7 +294,7 @@ def _write_row(txn: Any, table: Any, d: TableDigest, key: bytes, raw: bytes,
         delta = int.from_bytes(row_digest(key, raw, deleted, d.origin_names), "big")
     if old_raw is not None:
         delta ^= int.from_bytes(row_digest(key, old_raw, old_deleted, d.origin_names), "big")
-    elif zlib.crc32(key) & _LEAF_MASK == 0:
+    elif zlib.crc32(key) & LEAF_MASK == 0:
         _split(txn, table, d, key)
         d.acc = delta
         return
@@ -442,17 +363,17 @@ def _settle_run(txn: Any, d: TableDigest) -> None:
         return
     digests = _live_digests(d, keys, raws)
     crc32 = zlib.crc32
-    starts = [i for i, crc in enumerate(map(crc32, keys)) if not crc & _LEAF_MASK]
+    starts = [i for i, crc in enumerate(map(crc32, keys)) if not crc & LEAF_MASK]
     if not starts:
-        d.acc ^= _xor_all(digests)
+        d.acc ^= xor_all(digests)
         return
     moved = 0 if d.gap_hi is None else _accounted(txn, d.table, d, d.gap_hi, d.hi, None)
-    d.acc ^= _xor_all(digests[:starts[0]]) ^ moved
+    d.acc ^= xor_all(digests[:starts[0]]) ^ moved
     d.pending[d.bucket] = d.pending.get(d.bucket, 0) ^ d.acc
     starts.append(len(keys))
     last = len(starts) - 2
     for i in range(last + 1):
-        value = _xor_all(digests[starts[i]:starts[i + 1]]) ^ (moved if i == last else 0)
+        value = xor_all(digests[starts[i]:starts[i + 1]]) ^ (moved if i == last else 0)
         d.top_delta ^= value
         txn.put(BUCKET + keys[starts[i]], value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
     d.lo = keys[starts[last]]
@@ -479,7 +400,7 @@ def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> list[
             return out
     # Rows of many versions (a full-copy chunk): one prefix per row.
     out = []
-    append, join, empty, names = out.append, b"".join, _EMPTY, d.origin_names
+    append, join, empty, names = out.append, b"".join, EMPTY, d.origin_names
     tails: dict[int, bytes] = {}  # origin id -> name, NUL, live flag
     for key, raw in zip(keys, raws, strict=False):
         if raw[1] != 0xCF or raw[10] >= 0x80:
@@ -487,26 +408,11 @@ def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> list[
             continue
         tail = tails.get(raw[10])
         if tail is None:
-            tail = tails[raw[10]] = _name_bytes(names.get(raw[10], "")) + _FLAG[False]
+            tail = tails[raw[10]] = name_bytes(names.get(raw[10], "")) + FLAG[False]
         h = empty.copy()
         h.update(join((raw[2:10], tail, raw[11:], key)))
         append(h.digest())
     return out
-
-
-def _xor_all(digests: list[bytes]) -> int:
-    # The XOR of ``digests`` as one integer: XOR the upper half of the concatenation
-    # into the lower half until one digest is left (a few big-integer operations
-    # instead of one conversion and XOR per digest).
-    width = len(digests)
-    if width == 0:
-        return 0
-    value = int.from_bytes(b"".join(digests), "big")
-    while width > 1:
-        bits = (width // 2) * DIGEST_SIZE * 8
-        value = (value >> bits) ^ (value & ((1 << bits) - 1))
-        width -= width // 2
-    return value
 
 
 def _settle(txn: Any, d: TableDigest) -> None:
@@ -631,7 +537,6 @@ def _rows_of(txn: Any, dbi: Any, deleted: bool) -> Iterator[tuple[bytes, bytes, 
 
 
 # -- reads (any thread, read transactions) ---------------------------------------------
-Bucket = tuple[bytes, bytes]  # (start key, b"" for the head; hash)
 
 
 def buckets(txn: Any, table: Any, lo: bytes = b"", hi: bytes | None = None) -> list[Bucket]:
@@ -661,31 +566,6 @@ def stored_top(txn: Any, table: Any) -> bytes:
         _settle(txn, d)
     value = txn.get(TOP, db=d.dbi)
     return bytes(value) if value is not None else top(buckets(txn, table))
-
-
-def top(items: list[Bucket]) -> bytes:
-    """The XOR of every bucket: equal on two nodes that hold the same rows."""
-    value = 0
-    for _, h in items:
-        value ^= int.from_bytes(h, "big")
-    return value.to_bytes(DIGEST_SIZE, "big")
-
-
-def combine(items: list[Bucket], starts: list[bytes]) -> list[bytes]:
-    """The XOR of ``items`` per range ``[starts[i], starts[i+1])``; ``starts[0]`` must
-    be at or before every item (``items`` and ``starts`` sorted)."""
-    out = [0] * len(starts)
-    i = 0
-    for start, h in items:
-        while i + 1 < len(starts) and starts[i + 1] <= start:
-            i += 1
-        out[i] ^= int.from_bytes(h, "big")
-    return [v.to_bytes(DIGEST_SIZE, "big") for v in out]
-
-
-def group_starts(items: list[Bucket]) -> list[bytes]:
-    """Start keys of the coarse ranges (head first) used for the first comparison."""
-    return [b""] + [start for start, _ in items if start and is_group_boundary(start)]
 
 
 def row_digests(txn: Any, table: Any, lo: bytes, hi: bytes | None,
