@@ -273,3 +273,34 @@ def test_runs_of_new_keys_in_gaps_stay_exact(storage: Storage):
     assert len(current) > 100
     assert current == rebuilt(storage)
     assert stored_top(storage) == rowhash.top(current)
+
+
+def test_hashes_of_another_layout_are_rebuilt_on_open(tmp_path: Path):
+    """Hashes marked with an older row-digest layout (a store from the previous release)
+    are recomputed when the database opens, top hash included."""
+    store = Storage(tmp_path, "node-a", MAP_SIZE)
+    store.open()
+
+    async def run() -> None:
+        await store.create_table("data", "dog", "id")
+        await store.write(writes.write_records(store, "data", "dog",
+                                               [{"id": i} for i in range(300)], "insert", None))
+
+    asyncio.run(run())
+    expected = buckets(store)
+    db, t = store.table("data", "dog")
+    with db.env.begin(write=True) as txn:
+        txn.put(digest.MARK, b"1", db=t.digest.dbi)
+        txn.put(digest.BUCKET, rowhash.ZERO, db=t.digest.dbi)  # as layout 1 would differ
+        txn.delete(digest.TOP, db=t.digest.dbi)
+    store.close()
+    store = Storage(tmp_path, "node-a", MAP_SIZE)
+    store.open()
+    try:
+        assert buckets(store) == expected
+        assert stored_top(store) == rowhash.top(expected)
+        db, t = store.table("data", "dog")
+        with db.env.begin() as txn:
+            assert txn.get(digest.MARK, db=t.digest.dbi) == str(rowhash.FORMAT).encode()
+    finally:
+        store.close()
