@@ -12,7 +12,7 @@ the head), and under ``M`` the row-digest layout (``FORMAT``) once the hashes co
 every stored row. Everything is keyed in primary-key order, so a write touches the
 bucket page next to the rows it writes.
 
-A row digest (``row_digest``) is blake2b-128 over the version, the origin *name* (origin
+A row digest (``rowhash.row_digest``) is XXH3-128 over the version, the origin *name* (origin
 ids are local to each node), the deleted flag, the record's msgpack bytes and the key:
 two nodes holding the same row compute the same digest.
 
@@ -46,7 +46,6 @@ from typing import Any
 
 from harpsync.storage.rowhash import (
     DIGEST_SIZE,
-    EMPTY,
     FLAG,
     FORMAT,
     LEAF_MASK,
@@ -54,12 +53,13 @@ from harpsync.storage.rowhash import (
     Bucket,
     is_boundary,
     name_bytes,
-    prefix_state,
+    prefix_bytes,
     row_digest,
     top,
     xor,
     xor_all,
 )
+from harpsync.storage.rowhash import XXH as _XXH
 
 BUCKET = b"B"
 MARK = b"M"
@@ -91,7 +91,7 @@ class TableDigest:
     # for the stored top hash.
     top_delta: int = 0
     # Per deleted flag: a stored row's first 11 bytes (array tag, uint64 version, origin
-    # id) -> blake2b state after the row digest's prefix (see ``row_digest``).
+    # id) -> the row digest's input before the record (see ``rowhash.row_digest``).
     states: tuple[dict[bytes, Any], ...] = field(default_factory=lambda: ({}, {}))
     cursor: Any = None
     # A *run*: keys and stored rows of new live records written in increasing key order
@@ -114,15 +114,15 @@ class TableDigest:
 _dirty: dict[int, list[TableDigest]] = {}
 
 
-def _prefix_of(d: TableDigest, raw: bytes, deleted: bool) -> Any:
-    # The prefix state of a stored row with the usual head, kept per transaction.
+def _prefix_of(d: TableDigest, raw: bytes, deleted: bool) -> bytes:
+    # The digest prefix of a stored row with the usual head, kept per transaction.
     states = d.states[deleted]
     head = raw[:11]
     state = states.get(head)
     if state is None:
         if len(states) > 64:  # rows of many versions (a copy): keep it small
             states.clear()
-        state = states[head] = prefix_state(raw[2:10], d.origin_names.get(raw[10], ""), deleted)
+        state = states[head] = prefix_bytes(raw[2:10], d.origin_names.get(raw[10], ""), deleted)
     return state
 
 
@@ -286,10 +286,8 @@ def _write_row(txn: Any, table: Any, d: TableDigest, key: bytes, raw: bytes,
     # accumulator; a new boundary key splits its bucket.
     # row_digest, inlined for the usual head: a uint64 version, an origin < 128.
     if raw[1] == 0xCF and raw[10] < 0x80:
-        h = _prefix_of(d, raw, deleted).copy()
-        h.update(raw[11:])
-        h.update(key)
-        delta = int.from_bytes(h.digest(), "big")
+        delta = int.from_bytes(_XXH(b"".join((_prefix_of(d, raw, deleted), raw[11:], key))),
+                               "big")
     else:
         delta = int.from_bytes(row_digest(key, raw, deleted, d.origin_names), "big")
     if old_raw is not None:
@@ -389,18 +387,12 @@ def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> list[
         head = first[:11]
         if all(map(bytes.startswith, raws, repeat(head, len(raws)))):
             # One version and origin (a local write's rows): one prefix for all.
-            copy = _prefix_of(d, first, False).copy
-            out: list[bytes] = []
-            append = out.append
-            for key, raw in zip(keys, raws, strict=False):
-                h = copy()
-                h.update(raw[11:])
-                h.update(key)
-                append(h.digest())
-            return out
+            prefix, join, xxh = _prefix_of(d, first, False), b"".join, _XXH
+            return [xxh(join((prefix, raw[11:], key)))
+                    for key, raw in zip(keys, raws, strict=False)]
     # Rows of many versions (a full-copy chunk): one prefix per row.
-    out = []
-    append, join, empty, names = out.append, b"".join, EMPTY, d.origin_names
+    out: list[bytes] = []
+    append, join, xxh, names = out.append, b"".join, _XXH, d.origin_names
     tails: dict[int, bytes] = {}  # origin id -> name, NUL, live flag
     for key, raw in zip(keys, raws, strict=False):
         if raw[1] != 0xCF or raw[10] >= 0x80:
@@ -409,9 +401,7 @@ def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> list[
         tail = tails.get(raw[10])
         if tail is None:
             tail = tails[raw[10]] = name_bytes(names.get(raw[10], "")) + FLAG[False]
-        h = empty.copy()
-        h.update(join((raw[2:10], tail, raw[11:], key)))
-        append(h.digest())
+        append(xxh(join((raw[2:10], tail, raw[11:], key))))
     return out
 
 
