@@ -57,9 +57,9 @@ from harpsync.storage.rowhash import (
     row_digest,
     top,
     xor,
-    xor_all,
 )
 from harpsync.storage.rowhash import XXH as _XXH
+from harpsync.storage.rowhash import XXH_INT as _XXH_INT
 
 BUCKET = b"B"
 MARK = b"M"
@@ -359,50 +359,59 @@ def _settle_run(txn: Any, d: TableDigest) -> None:
     if len(keys) == 1:
         _write_row(txn, d.table, d, keys[0], raws[0], False, None, False)
         return
-    digests = _live_digests(d, keys, raws)
-    crc32 = zlib.crc32
-    starts = [i for i, crc in enumerate(map(crc32, keys)) if not crc & LEAF_MASK]
+    # XOR of the rows before the first boundary, then of each bucket a boundary starts.
+    starts: list[int] = []
+    values: list[int] = []
+    acc = 0
+    for i, (value, crc) in enumerate(zip(_live_digests(d, keys, raws), map(zlib.crc32, keys),
+                                         strict=True)):
+        if crc & LEAF_MASK:
+            acc ^= value
+        else:
+            starts.append(i)
+            values.append(acc)
+            acc = value
+    values.append(acc)
     if not starts:
-        d.acc ^= xor_all(digests)
+        d.acc ^= acc
         return
     moved = 0 if d.gap_hi is None else _accounted(txn, d.table, d, d.gap_hi, d.hi, None)
-    d.acc ^= xor_all(digests[:starts[0]]) ^ moved
+    d.acc ^= values[0] ^ moved
     d.pending[d.bucket] = d.pending.get(d.bucket, 0) ^ d.acc
-    starts.append(len(keys))
-    last = len(starts) - 2
-    for i in range(last + 1):
-        value = xor_all(digests[starts[i]:starts[i + 1]]) ^ (moved if i == last else 0)
+    values[-1] ^= moved
+    for start, value in zip(starts, values[1:], strict=True):
         d.top_delta ^= value
-        txn.put(BUCKET + keys[starts[i]], value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
-    d.lo = keys[starts[last]]
+        txn.put(BUCKET + keys[start], value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
+    d.lo = keys[starts[-1]]
     d.bucket, d.acc = BUCKET + d.lo, 0
 
 
-def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> list[bytes]:
-    # row_digest of live rows, inlined for the usual head (a uint64 version, an origin
-    # below 128); consecutive rows mostly share their version and origin (a job's rows
-    # all do), so they share the prefix state.
+def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> Iterator[int]:
+    # row_digest of live rows as integers, inlined for the usual head (a uint64 version,
+    # an origin below 128). A local write's rows share their version and origin: their
+    # prefix is built once and the rest runs in C.
     first = raws[0]
     if first[1] == 0xCF and first[10] < 0x80:
         head = first[:11]
         if all(map(bytes.startswith, raws, repeat(head, len(raws)))):
-            # One version and origin (a local write's rows): one prefix for all.
-            prefix, join, xxh = _prefix_of(d, first, False), b"".join, _XXH
-            return [xxh(join((prefix, raw[11:], key)))
-                    for key, raw in zip(keys, raws, strict=False)]
+            records = map(operator.itemgetter(slice(11, None)), raws)
+            inputs = zip(repeat(_prefix_of(d, first, False)), records, keys)
+            return map(_XXH_INT, map(b"".join, inputs))
     # Rows of many versions (a full-copy chunk): one prefix per row.
-    out: list[bytes] = []
-    append, join, xxh, names = out.append, b"".join, _XXH, d.origin_names
+    return (int.from_bytes(digest, "big") for digest in _mixed_digests(d, keys, raws))
+
+
+def _mixed_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> Iterator[bytes]:
+    join, xxh, names = b"".join, _XXH, d.origin_names
     tails: dict[int, bytes] = {}  # origin id -> name, NUL, live flag
     for key, raw in zip(keys, raws, strict=False):
         if raw[1] != 0xCF or raw[10] >= 0x80:
-            append(row_digest(key, raw, False, names))
+            yield row_digest(key, raw, False, names)
             continue
         tail = tails.get(raw[10])
         if tail is None:
             tail = tails[raw[10]] = name_bytes(names.get(raw[10], "")) + FLAG[False]
-        append(xxh(join((raw[2:10], tail, raw[11:], key))))
-    return out
+        yield xxh(join((raw[2:10], tail, raw[11:], key)))
 
 
 def _settle(txn: Any, d: TableDigest) -> None:

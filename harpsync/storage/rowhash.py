@@ -27,6 +27,7 @@ FLAG = (b"\0", b"\1")
 # XXH3-128 of bytes, big-endian (one call per row: a third of blake2b's time, most of
 # which was Python calls on the hash object).
 XXH = xxhash.xxh3_128_digest
+XXH_INT = xxhash.xxh3_128_intdigest  # the same, as an integer
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -105,21 +106,6 @@ def xor(a: bytes | None, b: bytes) -> bytes:
     if not a:
         return b
     return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(DIGEST_SIZE, "big")
-
-
-def xor_all(digests: list[bytes]) -> int:
-    # The XOR of ``digests`` as one integer: XOR the upper half of the concatenation
-    # into the lower half until one digest is left (a few big-integer operations
-    # instead of one conversion and XOR per digest).
-    width = len(digests)
-    if width == 0:
-        return 0
-    value = int.from_bytes(b"".join(digests), "big")
-    while width > 1:
-        bits = (width // 2) * DIGEST_SIZE * 8
-        value = (value >> bits) ^ (value & ((1 << bits) - 1))
-        width -= width // 2
-    return value
 
 
 def top(items: list[Bucket]) -> bytes:
