@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from harpsync.errors import BadRequestError
-from harpsync.storage import digest, retention, writes
+from harpsync.storage import digest, retention, rowhash, writes
 from harpsync.storage.keys import encode_id
-from harpsync.storage.records import put_record
+from harpsync.storage.records import put_record, put_tombstone
 from harpsync.storage.store import Storage
 from harpsync.storage.writer import WriteContext
 
@@ -27,13 +27,19 @@ def storage(tmp_path: Path) -> Iterator[Storage]:
     opened.close()
 
 
-def buckets(storage: Storage, table: str = "dog") -> list[digest.Bucket]:
+def buckets(storage: Storage, table: str = "dog") -> list[rowhash.Bucket]:
     db, t = storage.table("data", table)
     with db.env.begin() as txn:
         return digest.buckets(txn, t)
 
 
-def rebuilt(storage: Storage, table: str = "dog") -> list[digest.Bucket]:
+def stored_top(storage: Storage, table: str = "dog") -> bytes:
+    db, t = storage.table("data", table)
+    with db.env.begin() as txn:
+        return digest.stored_top(txn, t)
+
+
+def rebuilt(storage: Storage, table: str = "dog") -> list[rowhash.Bucket]:
     """The buckets a rebuild from the stored rows gives (computed, then rolled back)."""
     db, t = storage.table("data", table)
     txn = db.env.begin(write=True)
@@ -75,7 +81,8 @@ def test_maintained_hashes_equal_a_rebuild_under_random_writes(storage: Storage)
     current = buckets(storage)
     assert len(current) > 10  # several buckets, so splits happened
     assert current == rebuilt(storage)
-    assert digest.top(current) != digest.ZERO
+    assert rowhash.top(current) != rowhash.ZERO
+    assert stored_top(storage) == rowhash.top(current)
 
 
 def test_same_rows_same_top_hash_whatever_the_order(tmp_path: Path):
@@ -111,7 +118,7 @@ def test_drop_and_recreate_starts_empty(storage: Storage):
         await storage.create_table("data", "dog", "id")
 
     asyncio.run(run())
-    assert buckets(storage) == [(b"", digest.ZERO)]
+    assert buckets(storage) == [(b"", rowhash.ZERO)]
 
 
 def test_reopen_rebuilds_tables_without_hashes(tmp_path: Path):
@@ -186,10 +193,10 @@ def test_hashes_exact_after_failed_and_multi_table_jobs(storage: Storage):
 
 def test_a_job_reading_its_own_buckets_sees_its_writes(storage: Storage):
     """Reading the buckets inside the writing transaction hashes its pending rows first."""
-    async def run() -> tuple[list[digest.Bucket], list[digest.Bucket]]:
+    async def run() -> tuple[list[rowhash.Bucket], list[rowhash.Bucket]]:
         await storage.create_table("data", "dog", "id")
 
-        def job(ctx: WriteContext) -> tuple[list[digest.Bucket], list[digest.Bucket]]:
+        def job(ctx: WriteContext) -> tuple[list[rowhash.Bucket], list[rowhash.Bucket]]:
             db, table = storage.table("data", "dog")
             txn = ctx.txn(db)
             for i in range(300):
@@ -206,3 +213,94 @@ def test_a_job_reading_its_own_buckets_sees_its_writes(storage: Storage):
 
     seen, expected = asyncio.run(run())
     assert len(seen) > 3 and seen == expected
+
+
+def test_runs_of_new_keys_in_gaps_stay_exact(storage: Storage):
+    """Batches of increasing new ids written into gaps between stored ids (out of order,
+    as concurrent clients send them), appends, and jobs that mix such runs with
+    overwrites, deletes and new tombstones of keys inside and after the run leave the
+    same buckets as a rebuild after every job."""
+    rng = random.Random(11)
+    db_table = ("data", "dog")
+
+    def mixed(ctx: WriteContext, lo: int, hi: int, step: int) -> None:
+        db, table = storage.table(*db_table)
+        txn = ctx.txn(db)
+        for i in range(lo, hi, step):
+            put_record(txn, table, encode_id(i), (1 << 40) + i, 0, {"id": i, "m": 1})
+            if i % 7 == 0:  # an overwrite of a stored key just past the run
+                j = hi + rng.randrange(0, 40)
+                put_record(txn, table, encode_id(j), 20_000_000 + i, 0, {"id": j, "o": i})
+            if i % 11 == 0:  # a new tombstone inside the gap, then the run goes on
+                put_tombstone(txn, table, encode_id(i + step // 2 or i + 1),
+                              30_000_000 + i, 0)
+
+    async def run() -> None:
+        await storage.create_table(*db_table, "id")
+        # Sparse stored ids first, so that later batches land in gaps between them.
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": i * 1000} for i in range(40)], "insert", None))
+        starts = list(range(0, 40_000, 500))
+        rng.shuffle(starts)
+        for n, first in enumerate(starts[:30]):
+            if n % 5 == 4:
+                lo = first + 1
+                await storage.write(lambda ctx, lo=lo: mixed(ctx, lo, lo + 400, 3))
+            else:
+                records = [{"id": i} for i in range(first + 1, first + 1 + rng.randrange(2, 480))]
+                await storage.write(writes.write_records(storage, *db_table, records,
+                                                         "upsert", None))
+            assert buckets(storage) == rebuilt(storage), f"after job {n}"
+            assert stored_top(storage) == rowhash.top(buckets(storage)), f"after job {n}"
+        # Appends past every stored id, a duplicate id inside one request, and a
+        # decreasing batch.
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": 50_000 + i} for i in range(300)] + [{"id": 50_010}],
+            "upsert", None))
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": 60_000 - i} for i in range(300)], "insert", None))
+        # New ids in increasing order around stored ones and a tombstone: not one run.
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": 70_000 + 2 * i} for i in range(200)], "insert", None))
+        await storage.write(writes.delete_records(storage, *db_table, [70_100], None))
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": 70_001 + 2 * i} for i in range(200)], "insert", None))
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": 70_099}, {"id": 70_101}], "insert", None))
+
+    asyncio.run(run())
+    current = buckets(storage)
+    assert len(current) > 100
+    assert current == rebuilt(storage)
+    assert stored_top(storage) == rowhash.top(current)
+
+
+def test_hashes_of_another_layout_are_rebuilt_on_open(tmp_path: Path):
+    """Hashes marked with an older row-digest layout (a store from the previous release)
+    are recomputed when the database opens, top hash included."""
+    store = Storage(tmp_path, "node-a", MAP_SIZE)
+    store.open()
+
+    async def run() -> None:
+        await store.create_table("data", "dog", "id")
+        await store.write(writes.write_records(store, "data", "dog",
+                                               [{"id": i} for i in range(300)], "insert", None))
+
+    asyncio.run(run())
+    expected = buckets(store)
+    db, t = store.table("data", "dog")
+    with db.env.begin(write=True) as txn:
+        txn.put(digest.MARK, b"1", db=t.digest.dbi)
+        txn.put(digest.BUCKET, rowhash.ZERO, db=t.digest.dbi)  # as layout 1 would differ
+        txn.delete(digest.TOP, db=t.digest.dbi)
+    store.close()
+    store = Storage(tmp_path, "node-a", MAP_SIZE)
+    store.open()
+    try:
+        assert buckets(store) == expected
+        assert stored_top(store) == rowhash.top(expected)
+        db, t = store.table("data", "dog")
+        with db.env.begin() as txn:
+            assert txn.get(digest.MARK, db=t.digest.dbi) == str(rowhash.FORMAT).encode()
+    finally:
+        store.close()

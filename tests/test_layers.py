@@ -28,6 +28,7 @@ FIRST_PARTY = {"harpsync", "operations", "schemas"}
 OWNERS: dict[str, tuple[str, ...]] = {
     "msgpack": ("harpsync/codec.py",),
     "lmdb": ("harpsync/storage/",),
+    "xxhash": ("harpsync/storage/rowhash.py",),
     "cryptography": ("harpsync/security/",),
     "ssl": ("harpsync/security/",),
     "jsonschema": ("harpsync/validation.py",),

@@ -147,3 +147,41 @@ def test_health_of_a_peer(source, joiner):
     status, body = wait_for(lambda: peer()[0] == 503 and peer(), timeout=30,
                             message="node-c shown down")
     assert body["status"] == "degraded"
+
+
+@pytest.mark.timeout(120)
+def test_verify_during_a_full_copy_waits_for_it(source, tmp_path_factory):
+    """While a new node's first copy is held half done, a verify between the two answers
+    at once that a copy is in progress (instead of reading every row not copied yet);
+    once the copy ends, the verification after it shows both sides in sync."""
+    d = InProcessNode("node-d", tmp_path_factory.mktemp("probes-d") / "node-d",
+                      SLOW_PINGS).start()
+    proxy = BudgetProxy(source.repl_port, budget=1_000_000)
+    try:
+        d.call("add_node", hostname="node-a", url=proxy.url, verify_tls=False,
+               authorization=CREDS)
+        wait_for(lambda: ready(d)[0] == 503, timeout=30, message="node-d copying")
+        assert d.count("dog", "dev") < RECORDS
+        for node in (source, d):
+            result = node.call("verify_cluster", database="dev", nodes=[
+                "node-d" if node is source else "node-a"])
+            entry = result["checked"][0]
+            assert result["in_sync"] is False and entry["differences"] == 0, result
+            assert "full copy" in entry["error"] and "in progress" in entry["error"], result
+        proxy.release()
+
+        def verified(node: Any, peer: str) -> bool:
+            links = [s for c in node.call("cluster_status")["connections"]
+                     if c["name"] == peer for s in c["database_sockets"]
+                     if s["database"] == "dev"]
+            return bool(links) and all((s.get("verified") or {}).get("in_sync")
+                                       for s in links)
+
+        wait_for(lambda: verified(d, "node-a") and verified(source, "node-d"), timeout=60,
+                 message="both sides verified after the copy")
+        assert d.count("dog", "dev") == RECORDS
+        assert source.call("verify_cluster", database="dev", nodes=["node-d"])["in_sync"]
+    finally:
+        proxy.release()
+        d.close()
+        proxy.close()

@@ -15,7 +15,7 @@ import pytest
 
 from harpsync import codec
 from harpsync.replication.verifier import Pair
-from harpsync.storage import digest
+from harpsync.storage import rowhash
 from harpsync.storage.database import Database
 from harpsync.storage.keys import encode_id
 from tests.helpers import ADMIN, InProcessNode, wait_for
@@ -158,8 +158,8 @@ def _damage(root: Path) -> dict[int, bytes]:
             names = dict(db.origin_names)
     finally:
         db.close()
-    return {0: digest.row_digest(encode_id(1), raw1, False, names),
-            1: digest.row_digest(encode_id(1), damaged1, False, names)}
+    return {0: rowhash.row_digest(encode_id(1), raw1, False, names),
+            1: rowhash.row_digest(encode_id(1), damaged1, False, names)}
 
 
 def _keys(entry: dict[str, Any]) -> dict[Any, dict[str, Any]]:

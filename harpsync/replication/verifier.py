@@ -3,7 +3,10 @@
 The exchange runs over the peer's ``/.node`` endpoint (mutual TLS, one request per
 round, like ``cluster_network``):
 
-1. ``verify_top``: the peer's top hash, incarnation and log head. Equal tops end it.
+1. ``verify_top``: the peer's top hash (one stored value), incarnation, row-digest
+   layout, log head, and whether it is receiving a full copy from this node. Equal tops
+   end it; unequal ones while a copy runs either way end it too (``busy``: the
+   verification after a copy waits for the other way's copy to end, then runs again).
 2. ``verify_ranges``: the peer's hashes over this node's coarse ranges (about one per
    4096 rows); only ranges that differ go on.
 3. ``verify_buckets``: the peer's buckets (about 32 rows each) in those ranges; both
@@ -30,7 +33,7 @@ from harpsync import codec
 from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
 from harpsync.replication import peers
 from harpsync.replication.membership import node_request
-from harpsync.storage import compare, digest
+from harpsync.storage import compare, rowhash
 from harpsync.storage.keys import decode_id
 from harpsync.storage.store import SYSTEM
 
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 
 MAX_KEYS = 100
 SETTLE_SECONDS = 5.0
+# How long the verification after a full copy waits for a copy the other way to end.
+AFTER_COPY_WAIT = 3600.0
 KEY_CHUNK = 2000
 REPAIR_CHUNK = 500
 BOTH, PULL, PUSH = "both", "pull", "push"
@@ -70,6 +75,14 @@ class Outcome:
     error: str | None = None
     changed: dict[str, list[Any]] = field(default_factory=dict)
     timings: list[Any] = field(default_factory=list)
+    # A full copy between the two was under way and the tops differed: nothing was
+    # compared (a half-copied table differs in every row not copied yet).
+    busy: bool = False
+
+
+def copying(sub: Any) -> bool:
+    """Whether a subscriber is receiving a full copy."""
+    return sub is not None and getattr(sub, "copy_progress", None) is not None
 
 
 def applied_seq(sub: Any) -> int:
@@ -189,14 +202,28 @@ class Verifier:
         pair = outcome.pair
         db, table = self.storage.table(pair.database, pair.table)
         my_head = db.head_seq
-        items = await asyncio.to_thread(compare.all_buckets, db, table)
+        my_top = await asyncio.to_thread(compare.top_hash, db, table)
         peer_top = await self._ask(outcome, "verify_top", deep=deep)
+        if peer_top.get("format", 1) != rowhash.FORMAT:
+            # Another row-digest layout (a node of another release): every row would
+            # differ, and a repair would rewrite rows that are equal.
+            raise BadRequestError(f"{pair.peer} hashes rows in layout "
+                                  f"{peer_top.get('format', 1)}, this node in "
+                                  f"{rowhash.FORMAT}: upgrade both to compare them")
         if peer_top.get("incarnation") != table.version:
             raise BadRequestError(f"{pair.peer} holds another incarnation of "
                                   f"'{pair.database}.{pair.table}' (created at "
                                   f"{peer_top.get('incarnation')}, here {table.version})")
-        if peer_top.get("top") == digest.top(items):
-            return
+        if peer_top.get("top") == my_top:
+            return  # equal tables cost one lookup on each side
+        if peer_top.get("copying") or copying(self.rep.subscribers.get((pair.peer,
+                                                                         pair.database))):
+            # Descending would read and compare every row not copied yet, over and
+            # over while the copy runs, and slow the copy down.
+            outcome.busy = True
+            raise BadRequestError(f"a full copy between this node and {pair.peer} is in "
+                                  "progress: verify again once it ends")
+        items = await asyncio.to_thread(compare.all_buckets, db, table)
         leaves = await self._differing_ranges(outcome, items)
         if not leaves:
             return
@@ -214,10 +241,10 @@ class Verifier:
             await self._confirm(outcome, sorted(candidates), int(peer_top.get("head", 0)),
                                 my_head, start_version, repair)
 
-    async def _differing_ranges(self, outcome: Outcome, items: list[digest.Bucket],
+    async def _differing_ranges(self, outcome: Outcome, items: list[rowhash.Bucket],
                                 ) -> list[list[Any]]:
-        starts = digest.group_starts(items)
-        mine = digest.combine(items, starts)
+        starts = rowhash.group_starts(items)
+        mine = rowhash.combine(items, starts)
         answer = await self._ask(outcome, "verify_ranges", starts=starts)
         theirs = answer.get("hashes") or []
         groups: list[tuple[bytes, bytes | None]] = []
@@ -233,8 +260,8 @@ class Verifier:
             their_items = [(bytes(s), bytes(h)) for s, h in peer_items]
             my_items = [(s, h) for s, h in items if s >= lo and (hi is None or s < hi)]
             subs = sorted({lo} | {s for s, _ in my_items} | {s for s, _ in their_items})
-            a = digest.combine(my_items, subs)
-            b = digest.combine(their_items, subs)
+            a = rowhash.combine(my_items, subs)
+            b = rowhash.combine(their_items, subs)
             for j, sub in enumerate(subs):
                 if a[j] != b[j]:
                     leaves.append([sub, subs[j + 1] if j + 1 < len(subs) else hi])
@@ -303,6 +330,8 @@ class Verifier:
         self.last_run = now
         by_link: dict[tuple[str, str], dict[str, Any]] = {}
         for o in outcomes:
+            if o.busy:
+                continue  # not compared: the link keeps its last result
             p = o.pair
             entry = by_link.setdefault((p.peer, p.database),
                                        {"at": now, "in_sync": True, "differences": 0})
@@ -336,10 +365,16 @@ class Verifier:
                 log.exception("background verification failed")
 
     def after_copy(self, peer: str, database: str) -> None:
-        """A full copy from ``peer`` ended: verify what it copied."""
+        """A full copy from ``peer`` ended: verify what it copied (once the peer's own
+        copy from this node, if one runs, has ended too)."""
         async def check() -> None:
+            deadline = time.monotonic() + AFTER_COPY_WAIT
             try:
-                await self.run(self.plan(database=database, nodes=[peer]))
+                while True:
+                    outcomes = await self.run(self.plan(database=database, nodes=[peer]))
+                    if not any(o.busy for o in outcomes) or time.monotonic() > deadline:
+                        return
+                    await asyncio.sleep(1.0)
             except HarpsyncError as exc:
                 log.warning("verification after the copy from %s failed: %s", peer,
                             exc.message)
@@ -378,8 +413,10 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         db, table = target(peer, body)
         if body.get("deep"):
             await storage.write(compare.rebuild_job(storage, db.name, table.name))
-        items = await asyncio.to_thread(compare.all_buckets, db, table)
-        return {"incarnation": table.version, "top": digest.top(items),
+        return {"incarnation": table.version,
+                "top": await asyncio.to_thread(compare.top_hash, db, table),
+                "copying": copying(rep.subscribers.get((peer, db.name))),
+                "format": rowhash.FORMAT,
                 "head": db.head_seq, "applied": applied(peer, db.name)}
 
     async def ranges(peer: str, body: dict[str, Any]) -> dict[str, Any]:

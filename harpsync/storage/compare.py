@@ -11,7 +11,7 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.errors import BadRequestError
-from harpsync.storage import digest
+from harpsync.storage import digest, rowhash
 from harpsync.storage.database import Database, Table
 from harpsync.storage.keys import decode_id
 from harpsync.storage.records import put_record, put_tombstone
@@ -32,19 +32,26 @@ def _check(table: Table) -> None:
                               "(HARPSYNC_DIGEST=off)")
 
 
-def all_buckets(db: Database, table: Table) -> list[digest.Bucket]:
+def all_buckets(db: Database, table: Table) -> list[rowhash.Bucket]:
     """Every bucket of the table, in key order (the head first)."""
     _check(table)
     with db.env.begin() as txn:
         return digest.buckets(txn, table)
 
 
+def top_hash(db: Database, table: Table) -> bytes:
+    """The table's top hash (the XOR of every bucket), read in one lookup."""
+    _check(table)
+    with db.env.begin() as txn:
+        return digest.stored_top(txn, table)
+
+
 def range_hashes(db: Database, table: Table, starts: Sequence[bytes]) -> list[bytes]:
     """The table's hash per range ``[starts[i], starts[i+1])`` (``starts[0]`` is b"")."""
-    return digest.combine(all_buckets(db, table), list(starts))
+    return rowhash.combine(all_buckets(db, table), list(starts))
 
 
-def buckets_in(db: Database, table: Table, ranges: Sequence[Range]) -> list[list[digest.Bucket]]:
+def buckets_in(db: Database, table: Table, ranges: Sequence[Range]) -> list[list[rowhash.Bucket]]:
     """The buckets starting in each range."""
     _check(table)
     with db.env.begin() as txn:

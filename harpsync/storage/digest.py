@@ -8,22 +8,25 @@ boundary key to the next one; the *head* bucket holds the keys before the first
 boundary. Each bucket's hash is the XOR of its rows' digests.
 
 The table's DBI ``h:<table>`` holds ``B`` + boundary key -> bucket hash (``B`` alone is
-the head), and ``M`` once the hashes cover every stored row. Everything is keyed in
-primary-key order, so a write touches the bucket page next to the rows it writes.
+the head), and under ``M`` the row-digest layout (``FORMAT``) once the hashes cover
+every stored row. Everything is keyed in primary-key order, so a write touches the
+bucket page next to the rows it writes.
 
-A row digest is blake2b-128 over the primary key, the version, the origin *name*
-(origin ids are local to each node), the deleted flag and the record's msgpack bytes:
+A row digest (``rowhash.row_digest``) is XXH3-128 over the version, the origin *name* (origin
+ids are local to each node), the deleted flag, the record's msgpack bytes and the key:
 two nodes holding the same row compute the same digest.
 
-Costs per write: one or two digests, XORed into the current bucket's accumulator (a
-bucket lookup only when the key leaves the previous write's bucket). The changes of a
-transaction are written by ``flush(txn)`` before it commits, one read-modify-write per
-touched bucket; the writer flushes every job's transaction (``discard`` when it aborts),
-and any other writer of rows must call ``flush`` itself. A new key that is a boundary
-splits its bucket (hashing the stored rows after it up to the next boundary, about 32,
-none for keys appended at the end; pending changes stay where they are, XOR moves a
-pending row whole); a removed boundary key (a pruned tombstone) merges its bucket into
-the previous one, after writing what is pending.
+Costs per write. New keys written in ascending order with no stored key between them
+(a batch of ids, a full-copy chunk) form a *run*: remembered, then hashed together when
+the run ends, in one loop (``_settle_run``), with one bucket lookup and at most one scan
+per run. Other writes are hashed one by one, XORed into the current bucket's
+accumulator (a lookup only when the key leaves the previous write's bucket). The changes
+of a transaction are written by ``flush(txn)`` before it commits, one read-modify-write
+per touched bucket; the writer flushes every job's transaction (``discard`` when it
+aborts), and any other writer of rows must call ``flush`` itself. A new key that is a
+boundary splits its bucket (hashing the stored rows after it up to the next boundary,
+about 32, none for keys appended at the end); a removed boundary key (a pruned
+tombstone) merges its bucket into the previous one, after writing what is pending.
 
 ``HARPSYNC_DIGEST=off`` (read at import) turns maintenance off, only to measure its
 cost (``bench/digest.py``, ``bench/verify.py``); tables written that way are rebuilt
@@ -33,28 +36,36 @@ when next opened with it on.
 from __future__ import annotations
 
 import heapq
+import operator
 import os
-import struct
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from hashlib import blake2b
+from itertools import repeat
 from typing import Any
 
-LEAF_BITS = 5
-GROUP_BITS = 12
-DIGEST_SIZE = 16
-ZERO = bytes(DIGEST_SIZE)
+from harpsync.storage.rowhash import (
+    DIGEST_SIZE,
+    FLAG,
+    FORMAT,
+    LEAF_MASK,
+    ZERO,
+    Bucket,
+    is_boundary,
+    name_bytes,
+    prefix_bytes,
+    row_digest,
+    top,
+    xor,
+)
+from harpsync.storage.rowhash import XXH as _XXH
+from harpsync.storage.rowhash import XXH_INT as _XXH_INT
+
 BUCKET = b"B"
 MARK = b"M"
+TOP = b"T"
+_FORMAT_MARK = str(FORMAT).encode()
 ENABLED = os.environ.get("HARPSYNC_DIGEST", "on").lower() not in ("off", "0", "false")
-
-_LEAF_MASK = (1 << LEAF_BITS) - 1
-_GROUP_MASK = (1 << GROUP_BITS) - 1
-_FLAG = (b"\0", b"\1")
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 
 
 @dataclass(slots=True)
@@ -76,77 +87,43 @@ class TableDigest:
     lo: bytes = b""
     hi: bytes | None = b""
     acc: int = 0
-    # Stored bytes 1 and 10 (the msgpack tags of the version and the origin) -> the
-    # origin name's bytes, or None when the head is not the usual one.
-    heads: dict[bytes, bytes | None] = field(default_factory=dict)
+    # The XOR of the bucket values written directly (new buckets) since the last flush,
+    # for the stored top hash.
+    top_delta: int = 0
+    # Per deleted flag: a stored row's first 11 bytes (array tag, uint64 version, origin
+    # id) -> the row digest's input before the record (see ``rowhash.row_digest``).
+    states: tuple[dict[bytes, Any], ...] = field(default_factory=lambda: ({}, {}))
     cursor: Any = None
+    # A *run*: keys and stored rows of new live records written in increasing key order
+    # with no other stored key between them (a batch of increasing ids, a full-copy
+    # chunk), hashed and cut into buckets together by ``_settle_run``. The current
+    # bucket is the one holding its first key. ``gap_hi``: the first stored key after
+    # the run (None: none), known once the run has two keys.
+    run_keys: list[bytes] = field(default_factory=list)
+    run_raws: list[bytes] = field(default_factory=list)
+    gap_hi: bytes | None = None
+    table: Any = None
+    # The write being made while the run settles: stored, not hashed yet; its old row
+    # (None: a new key) is what the buckets hold for it.
+    writing: bytes | None = None
+    writing_old: bytes | None = None
+    writing_old_deleted: bool = False
 
 
 # Tables with pending bucket changes, by the id of their transaction.
 _dirty: dict[int, list[TableDigest]] = {}
-# blake2b-128 before any input: copying it is cheaper than a new keyed constructor.
-_EMPTY = blake2b(digest_size=DIGEST_SIZE)
-# ``len(key)`` as two bytes (LMDB keys are at most 511 bytes).
-_KEY_LEN = tuple(n.to_bytes(2, "big") for n in range(512))
-# An origin name's UTF-8 bytes and the NUL after them, by name.
-_NAMES: dict[str, bytes] = {}
 
 
-def is_boundary(key: bytes) -> bool:
-    """Whether ``key`` starts a bucket (the same answer on every node)."""
-    return zlib.crc32(key) & _LEAF_MASK == 0
-
-
-def is_group_boundary(key: bytes) -> bool:
-    """Whether ``key`` starts a group of buckets (about one boundary in 128)."""
-    return zlib.crc32(key) & _GROUP_MASK == 0
-
-
-def _uint(raw: bytes, pos: int) -> tuple[int, int]:
-    # A non-negative msgpack integer at ``pos``: (value, position after it).
-    tag = raw[pos]
-    if tag < 0x80:
-        return tag, pos + 1
-    if tag == 0xCF:
-        return _U64.unpack_from(raw, pos + 1)[0], pos + 9
-    if tag == 0xCE:
-        return _U32.unpack_from(raw, pos + 1)[0], pos + 5
-    if tag == 0xCD:
-        return _U16.unpack_from(raw, pos + 1)[0], pos + 3
-    if tag == 0xCC:
-        return raw[pos + 1], pos + 2
-    raise ValueError(f"stored row does not start with a version and origin (0x{tag:02x})")
-
-
-def row_digest(key: bytes, raw: bytes, deleted: bool, origin_names: Mapping[int, str]) -> bytes:
-    """The digest of a stored ``[version, origin, record]``; equal on every node that
-    holds the same row."""
-    h = _EMPTY.copy()
-    if raw[1] == 0xCF and raw[10] < 0x80:  # the usual head: a uint64 version, origin < 128
-        name = origin_names.get(raw[10], "")
-        h.update(b"".join((_U16.pack(len(key)), key, _FLAG[deleted], raw[2:10],
-                           _NAMES.get(name) or _name_bytes(name), raw[11:])))
-        return h.digest()
-    number, pos = _uint(raw, 1)
-    origin, pos = _uint(raw, pos)
-    name = origin_names.get(origin, "")
-    h.update(b"".join((_U16.pack(len(key)), key, _FLAG[deleted], _U64.pack(number),
-                       _NAMES.get(name) or _name_bytes(name), raw[pos:])))
-    return h.digest()
-
-
-def _name_bytes(name: str) -> bytes:
-    # An origin name's bytes in a row digest: UTF-8, then NUL.
-    out = _NAMES.get(name)
-    if out is None:
-        out = _NAMES[name] = name.encode() + b"\0"
-    return out
-
-
-def xor(a: bytes | None, b: bytes) -> bytes:
-    if not a:
-        return b
-    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(DIGEST_SIZE, "big")
+def _prefix_of(d: TableDigest, raw: bytes, deleted: bool) -> bytes:
+    # The digest prefix of a stored row with the usual head, kept per transaction.
+    states = d.states[deleted]
+    head = raw[:11]
+    state = states.get(head)
+    if state is None:
+        if len(states) > 64:  # rows of many versions (a copy): keep it small
+            states.clear()
+        state = states[head] = prefix_bytes(raw[2:10], d.origin_names.get(raw[10], ""), deleted)
+    return state
 
 
 def _bucket_of(cur: Any, key: bytes) -> bytes:
@@ -175,6 +152,25 @@ def _rows_between(txn: Any, table: Any, lo: bytes, hi: bytes | None,
             found = cur.next()
 
 
+def _accounted(txn: Any, table: Any, d: TableDigest, lo: bytes, hi: bytes | None,
+               skip: bytes | None) -> int:
+    # The XOR of the digests the buckets hold for the stored rows in ``[lo, hi)``: the
+    # row ``skip`` and a write not yet hashed (``d.writing``: its old row, if any,
+    # stands for it) are left out.
+    total = 0
+    names = d.origin_names
+    last: list[Any] = [b"", None]
+    for row_key, raw, deleted in _rows_between(txn, table, lo, hi):
+        if row_key == skip:
+            continue
+        if row_key == d.writing:
+            if d.writing_old is None:
+                continue
+            raw, deleted = d.writing_old, d.writing_old_deleted
+        total ^= int.from_bytes(row_digest(row_key, raw, deleted, names, last), "big")
+    return total
+
+
 def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
     # ``key`` is a new boundary: the stored rows after it, up to the next boundary,
     # leave the bucket before it for the bucket it starts (``key`` itself is added by
@@ -185,10 +181,7 @@ def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
     owner = _bucket_of(cur, key)
     nxt = cur.next() and cur.key().startswith(BUCKET)
     hi = bytes(cur.key()[1:]) if nxt else None
-    moved = 0
-    for row_key, raw, deleted in _rows_between(txn, table, key, hi):
-        if row_key != key:
-            moved ^= int.from_bytes(row_digest(row_key, raw, deleted, d.origin_names), "big")
+    moved = _accounted(txn, table, d, key, hi, key)
     value = moved.to_bytes(DIGEST_SIZE, "big")
     if moved:
         txn.put(owner, xor(txn.get(owner, db=d.dbi), value), db=d.dbi)
@@ -197,19 +190,14 @@ def _split(txn: Any, table: Any, d: TableDigest, key: bytes) -> None:
     d.lo, d.hi, d.acc = key, hi, 0
 
 
-def _start(txn: Any, d: TableDigest) -> None:
+def _start(txn: Any, table: Any, d: TableDigest) -> None:
     # Collect changes for ``txn`` (those left from a transaction that ended without
     # ``flush`` or ``discard`` belonged to an aborted one).
-    d.txn, d.pending, d.heads = txn, {}, {}
-    d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
+    d.txn, d.table, d.pending, d.states, d.run_keys, d.run_raws = (txn, table, {}, ({}, {}),
+                                                                   [], [])
+    d.bucket, d.lo, d.hi, d.acc, d.top_delta = BUCKET, b"", b"", 0, 0
     d.cursor = txn.cursor(db=d.dbi)
     _dirty.setdefault(id(txn), []).append(d)
-
-
-def _head_name(d: TableDigest, raw: bytes, head: bytes) -> bytes | None:
-    name = d.heads[head] = (_name_bytes(d.origin_names.get(raw[10], ""))
-                            if raw[1] == 0xCF and raw[10] < 0x80 else None)
-    return name
 
 
 def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
@@ -223,55 +211,235 @@ def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
     if d is None or not ENABLED:
         return
     if d.txn is not txn:
-        _start(txn, d)
+        _start(txn, table, d)
+    run_keys = d.run_keys
+    if old_raw is None and not deleted:
+        if run_keys and key > run_keys[-1] and (
+                (d.gap_hi is None or key < d.gap_hi) if len(run_keys) > 1
+                else _opens_run(txn, table, d, key)):
+            run_keys.append(key)
+            d.run_raws.append(raw)
+            return
+        if run_keys:
+            _settle_before(txn, d, key, None, False)
+        if key < d.lo or (d.hi is not None and key >= d.hi):
+            _move_to(d, key)
+        run_keys = d.run_keys
+        run_keys.append(key)
+        d.run_raws.append(raw)
+        return
+    if run_keys:  # the layout below must hold the run's buckets
+        _settle_before(txn, d, key, old_raw, old_deleted)
+    _write_row(txn, table, d, key, raw, deleted, old_raw, old_deleted)
+
+
+def on_insert(txn: Any, table: Any, key: bytes, raw: bytes) -> None:
+    """``on_write`` for a live row stored under a new key (the common case, kept short:
+    a key that extends the current run is only remembered)."""
+    d = table.digest
+    if d is not None and d.txn is txn:
+        run_keys = d.run_keys
+        if len(run_keys) > 1 and key > run_keys[-1] and (d.gap_hi is None or key < d.gap_hi):
+            run_keys.append(key)
+            d.run_raws.append(raw)
+            return
+    on_write(txn, table, key, raw, False, None, False)
+
+
+def add_run(txn: Any, table: Any, keys: list[bytes], raws: list[bytes]) -> bool:
+    """Take live rows about to be stored under new keys (nothing stored under any, no
+    row and no tombstone) as one run, if the keys ascend with no stored key between
+    them; they are hashed at the next settle, after the caller has stored them. The
+    lists become the run's (the caller must not change them).
+
+    Returns:
+        True: store them (no ``on_write`` per row); False: store and report them one by
+        one (they do not form a run).
+    """
+    d = table.digest
+    if d is None or not ENABLED:
+        return True
+    if len(keys) < 2 or not all(map(operator.lt, keys, keys[1:])):
+        return False
+    gap_hi: bytes | None = None
+    for dbi in (table.dbi, table.tomb_dbi):
+        cur = txn.cursor(db=dbi)
+        if cur.set_range(keys[0]):
+            after = cur.key()
+            if after <= keys[-1]:
+                return False
+            if gap_hi is None or after < gap_hi:
+                gap_hi = bytes(after)
+    if d.txn is not txn:
+        _start(txn, table, d)
+    if d.run_keys:
+        _settle_run(txn, d)  # these rows are not stored yet: the settle cannot see them
+    if keys[0] < d.lo or (d.hi is not None and keys[0] >= d.hi):
+        _move_to(d, keys[0])
+    d.run_keys, d.run_raws, d.gap_hi = keys, raws, gap_hi
+    return True
+
+
+def _write_row(txn: Any, table: Any, d: TableDigest, key: bytes, raw: bytes,
+               deleted: bool, old_raw: bytes | None, old_deleted: bool) -> None:
+    # One write, on its own: its digest (and the old one's) into its bucket's
+    # accumulator; a new boundary key splits its bucket.
     # row_digest, inlined for the usual head: a uint64 version, an origin < 128.
-    head = raw[1:11:9]
-    name = d.heads.get(head, b"")
-    if name == b"":
-        name = _head_name(d, raw, head)
-    if name is not None:
-        h = _EMPTY.copy()
-        h.update(b"".join((_KEY_LEN[len(key)], key, _FLAG[deleted], raw[2:10], name,
-                           raw[11:])))
-        delta = int.from_bytes(h.digest(), "big")
+    if raw[1] == 0xCF and raw[10] < 0x80:
+        delta = int.from_bytes(_XXH(b"".join((_prefix_of(d, raw, deleted), raw[11:], key))),
+                               "big")
     else:
         delta = int.from_bytes(row_digest(key, raw, deleted, d.origin_names), "big")
     if old_raw is not None:
         delta ^= int.from_bytes(row_digest(key, old_raw, old_deleted, d.origin_names), "big")
-    elif zlib.crc32(key) & _LEAF_MASK == 0:
+    elif zlib.crc32(key) & LEAF_MASK == 0:
         _split(txn, table, d, key)
         d.acc = delta
         return
     if key < d.lo or (d.hi is not None and key >= d.hi):
-        pending = d.pending
-        pending[d.bucket] = pending.get(d.bucket, 0) ^ d.acc
-        cur = d.cursor
-        bucket = d.bucket = _bucket_of(cur, key)
-        d.lo = bucket[1:]
-        d.hi = bytes(cur.key()[1:]) if cur.next() and cur.key().startswith(BUCKET) else None
+        _move_to(d, key)
         d.acc = delta
     else:
         d.acc ^= delta
+
+
+def _settle_before(txn: Any, d: TableDigest, key: bytes, old_raw: bytes | None,
+                   old_deleted: bool) -> None:
+    # Settle the run before the write of ``key`` (already stored, not yet hashed).
+    d.writing, d.writing_old, d.writing_old_deleted = key, old_raw, old_deleted
+    try:
+        _settle_run(txn, d)
+    finally:
+        d.writing, d.writing_old = None, None
+
+
+def _opens_run(txn: Any, table: Any, d: TableDigest, key: bytes) -> bool:
+    # Whether ``key`` (new, just stored, above the run's only key and in its bucket)
+    # extends the run: no other stored key lies between them. Sets ``gap_hi``.
+    if d.hi is not None and key >= d.hi:
+        return False
+    first = d.run_keys[0]
+    gap_hi: bytes | None = None
+    for dbi in (table.dbi, table.tomb_dbi):
+        cur = txn.cursor(db=dbi)
+        found = cur.set_range(first)
+        if found and cur.key() == first:
+            found = cur.next()
+        if found and cur.key() == key:
+            found = cur.next()
+        if found:
+            after = cur.key()
+            if after < key:
+                return False
+            if gap_hi is None or after < gap_hi:
+                gap_hi = bytes(after)
+    d.gap_hi = gap_hi
+    return True
+
+
+def _move_to(d: TableDigest, key: bytes) -> None:
+    # Make the bucket holding ``key`` the current one (its accumulator empty).
+    pending = d.pending
+    pending[d.bucket] = pending.get(d.bucket, 0) ^ d.acc
+    cur = d.cursor
+    bucket = d.bucket = _bucket_of(cur, key)
+    d.lo = bucket[1:]
+    d.hi = bytes(cur.key()[1:]) if cur.next() and cur.key().startswith(BUCKET) else None
+    d.acc = 0
+
+
+def _settle_run(txn: Any, d: TableDigest) -> None:
+    # Hash the run's rows together. Those before the first boundary among them join the
+    # current bucket (the one holding the run); each boundary starts a new bucket that
+    # holds the run's rows up to the next one, written here whole (no read). The last
+    # new bucket also takes the stored rows after the run up to the next stored
+    # boundary (``[gap_hi, hi)``), which leave the current bucket: XOR moves them whole.
+    keys, raws = d.run_keys, d.run_raws
+    d.run_keys, d.run_raws = [], []
+    if len(keys) == 1:
+        _write_row(txn, d.table, d, keys[0], raws[0], False, None, False)
+        return
+    # XOR of the rows before the first boundary, then of each bucket a boundary starts.
+    starts: list[int] = []
+    values: list[int] = []
+    acc = 0
+    for i, (value, crc) in enumerate(zip(_live_digests(d, keys, raws), map(zlib.crc32, keys),
+                                         strict=True)):
+        if crc & LEAF_MASK:
+            acc ^= value
+        else:
+            starts.append(i)
+            values.append(acc)
+            acc = value
+    values.append(acc)
+    if not starts:
+        d.acc ^= acc
+        return
+    moved = 0 if d.gap_hi is None else _accounted(txn, d.table, d, d.gap_hi, d.hi, None)
+    d.acc ^= values[0] ^ moved
+    d.pending[d.bucket] = d.pending.get(d.bucket, 0) ^ d.acc
+    values[-1] ^= moved
+    for start, value in zip(starts, values[1:], strict=True):
+        d.top_delta ^= value
+        txn.put(BUCKET + keys[start], value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
+    d.lo = keys[starts[-1]]
+    d.bucket, d.acc = BUCKET + d.lo, 0
+
+
+def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> Iterator[int]:
+    # row_digest of live rows as integers, inlined for the usual head (a uint64 version,
+    # an origin below 128). A local write's rows share their version and origin: their
+    # prefix is built once and the rest runs in C.
+    first = raws[0]
+    if first[1] == 0xCF and first[10] < 0x80:
+        head = first[:11]
+        if all(map(bytes.startswith, raws, repeat(head, len(raws)))):
+            records = map(operator.itemgetter(slice(11, None)), raws)
+            inputs = zip(repeat(_prefix_of(d, first, False)), records, keys)
+            return map(_XXH_INT, map(b"".join, inputs))
+    # Rows of many versions (a full-copy chunk): one prefix per row.
+    return (int.from_bytes(digest, "big") for digest in _mixed_digests(d, keys, raws))
+
+
+def _mixed_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> Iterator[bytes]:
+    join, xxh, names = b"".join, _XXH, d.origin_names
+    tails: dict[int, bytes] = {}  # origin id -> name, NUL, live flag
+    for key, raw in zip(keys, raws, strict=False):
+        if raw[1] != 0xCF or raw[10] >= 0x80:
+            yield row_digest(key, raw, False, names)
+            continue
+        tail = tails.get(raw[10])
+        if tail is None:
+            tail = tails[raw[10]] = name_bytes(names.get(raw[10], "")) + FLAG[False]
+        yield xxh(join((raw[2:10], tail, raw[11:], key)))
 
 
 def _settle(txn: Any, d: TableDigest) -> None:
     # Write ``d``'s pending changes if they belong to ``txn``; then nothing is pending.
     if d.txn is not txn:
         return
+    if d.run_keys:
+        _settle_run(txn, d)
     pending = d.pending
     pending[d.bucket] = pending.get(d.bucket, 0) ^ d.acc
+    total = d.top_delta
     _forget(d)
     for bk, delta in pending.items():
         if delta:
+            total ^= delta
             old = txn.get(bk, db=d.dbi)
             value = (int.from_bytes(old, "big") if old else 0) ^ delta
             txn.put(bk, value.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
+    if total:
+        txn.put(TOP, xor(txn.get(TOP, db=d.dbi), total.to_bytes(DIGEST_SIZE, "big")),
+                db=d.dbi)
 
 
 def _forget(d: TableDigest) -> None:
     # Nothing pending (written, or the hashes are being rebuilt or cleared).
-    d.txn, d.pending, d.heads, d.cursor = None, {}, {}, None
-    d.bucket, d.lo, d.hi, d.acc = BUCKET, b"", b"", 0
+    d.txn, d.table, d.pending, d.states, d.cursor = None, None, {}, ({}, {}), None
+    d.run_keys, d.run_raws = [], []
+    d.bucket, d.lo, d.hi, d.acc, d.top_delta = BUCKET, b"", b"", 0, 0
 
 
 def flush(txn: Any) -> None:
@@ -295,13 +463,15 @@ def on_remove(txn: Any, table: Any, key: bytes, old_raw: bytes, old_deleted: boo
     _settle(txn, d)
     cur = txn.cursor(db=d.dbi)
     bk = _bucket_of(cur, key)
-    value = xor(cur.value(), row_digest(key, old_raw, old_deleted, d.origin_names))
+    gone = row_digest(key, old_raw, old_deleted, d.origin_names)
+    value = xor(cur.value(), gone)
     if bk == BUCKET + key:  # the bucket's first key went: merge it into the one before
         txn.delete(bk, db=d.dbi)
         prev = _bucket_of(cur, key)
         value = xor(cur.value(), value)
         bk = prev
     txn.put(bk, value, db=d.dbi)
+    txn.put(TOP, xor(txn.get(TOP, db=d.dbi), gone), db=d.dbi)
 
 
 def clear(txn: Any, table: Any) -> None:
@@ -316,11 +486,13 @@ def mark_built(txn: Any, table: Any) -> None:
     if table.digest is not None and ENABLED:
         _forget(table.digest)
         txn.put(BUCKET, ZERO, db=table.digest.dbi)
-        txn.put(MARK, b"1", db=table.digest.dbi)
+        txn.put(TOP, ZERO, db=table.digest.dbi)
+        txn.put(MARK, _FORMAT_MARK, db=table.digest.dbi)
 
 
 def is_built(txn: Any, table: Any) -> bool:
-    return table.digest is not None and txn.get(MARK, db=table.digest.dbi) is not None
+    return (table.digest is not None
+            and txn.get(MARK, db=table.digest.dbi) == _FORMAT_MARK)
 
 
 def rebuild(txn: Any, table: Any) -> int:
@@ -338,17 +510,23 @@ def rebuild(txn: Any, table: Any) -> int:
     streams = [_rows_of(txn, dbi, deleted)
                for dbi, deleted in ((table.dbi, False), (table.tomb_dbi, True))]
     buckets: dict[bytes, int] = {BUCKET: 0}
+    last: list[Any] = [b"", None]
     current = BUCKET
     count = 0
     for key, raw, deleted in heapq.merge(*streams):
         if is_boundary(key):
             current = BUCKET + key
             buckets[current] = 0
-        buckets[current] ^= int.from_bytes(row_digest(key, raw, deleted, names), "big")
+        buckets[current] ^= int.from_bytes(row_digest(key, raw, deleted, names, last),
+                                           "big")
         count += 1
     cur = txn.cursor(db=d.dbi)
     cur.putmulti([(k, v.to_bytes(DIGEST_SIZE, "big")) for k, v in buckets.items()])
-    txn.put(MARK, b"1", db=d.dbi)
+    total = 0
+    for v in buckets.values():
+        total ^= v
+    txn.put(TOP, total.to_bytes(DIGEST_SIZE, "big"), db=d.dbi)
+    txn.put(MARK, _FORMAT_MARK, db=d.dbi)
     return count
 
 
@@ -358,7 +536,6 @@ def _rows_of(txn: Any, dbi: Any, deleted: bool) -> Iterator[tuple[bytes, bytes, 
 
 
 # -- reads (any thread, read transactions) ---------------------------------------------
-Bucket = tuple[bytes, bytes]  # (start key, b"" for the head; hash)
 
 
 def buckets(txn: Any, table: Any, lo: bytes = b"", hi: bytes | None = None) -> list[Bucket]:
@@ -380,36 +557,22 @@ def buckets(txn: Any, table: Any, lo: bytes = b"", hi: bytes | None = None) -> l
     return out
 
 
-def top(items: list[Bucket]) -> bytes:
-    """The XOR of every bucket: equal on two nodes that hold the same rows."""
-    value = 0
-    for _, h in items:
-        value ^= int.from_bytes(h, "big")
-    return value.to_bytes(DIGEST_SIZE, "big")
-
-
-def combine(items: list[Bucket], starts: list[bytes]) -> list[bytes]:
-    """The XOR of ``items`` per range ``[starts[i], starts[i+1])``; ``starts[0]`` must
-    be at or before every item (``items`` and ``starts`` sorted)."""
-    out = [0] * len(starts)
-    i = 0
-    for start, h in items:
-        while i + 1 < len(starts) and starts[i + 1] <= start:
-            i += 1
-        out[i] ^= int.from_bytes(h, "big")
-    return [v.to_bytes(DIGEST_SIZE, "big") for v in out]
-
-
-def group_starts(items: list[Bucket]) -> list[bytes]:
-    """Start keys of the coarse ranges (head first) used for the first comparison."""
-    return [b""] + [start for start, _ in items if start and is_group_boundary(start)]
+def stored_top(txn: Any, table: Any) -> bytes:
+    """The XOR of every bucket, as kept with them (one read): equal on two nodes that
+    hold the same rows."""
+    d = table.digest
+    if d.txn is txn:  # the writer reading its own changes
+        _settle(txn, d)
+    value = txn.get(TOP, db=d.dbi)
+    return bytes(value) if value is not None else top(buckets(txn, table))
 
 
 def row_digests(txn: Any, table: Any, lo: bytes, hi: bytes | None,
                 ) -> dict[bytes, bytes]:
     """``key -> row digest`` of every stored row in ``[lo, hi)``."""
     names = table.digest.origin_names
-    return {key: row_digest(key, raw, deleted, names)
+    last: list[Any] = [b"", None]
+    return {key: row_digest(key, raw, deleted, names, last)
             for key, raw, deleted in _rows_between(txn, table, lo, hi)}
 
 

@@ -43,8 +43,23 @@ def put_record(txn: lmdb.Transaction, table: Table, key: bytes, version: int, or
     raw = codec.pack([version, origin, record])
     old = txn.replace(key, raw, db=table.dbi)
     tomb = txn.pop(key, db=table.tomb_dbi)
-    digest.on_write(txn, table, key, raw, False, old if old is not None else tomb,  # type: ignore[arg-type]
-                    old is None)
+    if old is None and tomb is None:
+        digest.on_insert(txn, table, key, raw)
+    else:
+        digest.on_write(txn, table, key, raw, False, old if old is not None else tomb,  # type: ignore[arg-type]
+                        old is None)
+
+
+def put_new_records(txn: lmdb.Transaction, table: Table, keys: list[bytes],
+                    raws: list[bytes]) -> None:
+    """Store packed live records (``[version, origin, record]``) under keys that hold
+    nothing yet, neither a record nor a tombstone (the caller read them in ``txn``)."""
+    if digest.add_run(txn, table, keys, raws):
+        txn.cursor(db=table.dbi).putmulti(list(zip(keys, raws, strict=True)))
+        return
+    for key, raw in zip(keys, raws, strict=True):
+        txn.put(key, raw, db=table.dbi)
+        digest.on_insert(txn, table, key, raw)
 
 
 def put_tombstone(txn: lmdb.Transaction, table: Table, key: bytes, version: int,

@@ -14,7 +14,13 @@ from harpsync.errors import BadRequestError
 from harpsync.storage.database import LOCAL_ORIGIN, TABLE_PREFIX, TIME_ATTRIBUTES, Database, Table
 from harpsync.storage.hlc import version_to_ms
 from harpsync.storage.keys import encode_id
-from harpsync.storage.records import get_live, get_stored, put_record, put_tombstone
+from harpsync.storage.records import (
+    get_live,
+    get_stored,
+    put_new_records,
+    put_record,
+    put_tombstone,
+)
 from harpsync.storage.store import Storage
 from harpsync.storage.writer import WriteContext
 
@@ -73,14 +79,16 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
             if stored is not None:
                 newest = max(newest, stored[0])
             live = stored if stored is not None and stored[2] is not None else None
-            prepared.append((index, record, rid, key, live))
+            prepared.append((index, record, rid, key, live, stored is None))
         # A local write must beat what it overwrites under last-writer-wins, even a
         # version from a peer whose clock runs ahead of ours.
         version = storage.hlc.now_after(newest)
         now_ms = version_to_ms(version)
         this_job: dict[bytes, dict[str, Any]] = {}
         op_index: dict[bytes, int] = {}
-        for index, record, rid, key, existing in prepared:
+        # (records index, key, value, nothing stored under the key before this job)
+        puts: list[tuple[int, bytes, dict[str, Any], bool]] = []
+        for index, record, rid, key, existing, fresh in prepared:
             if key in this_job:  # the same id twice in one request
                 existing = (version, LOCAL_ORIGIN, this_job[key])
             if existing is not None and mode == "insert":
@@ -98,12 +106,7 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
                 new["__createdtime__"] = now_ms
             new[pk] = rid
             new["__updatedtime__"] = now_ms
-            try:
-                put_record(txn, table, key, version, LOCAL_ORIGIN, new)
-            except (OverflowError, ValueError) as exc:
-                # msgpack holds integers of at most 64 bits and bounded nesting.
-                raise BadRequestError(f"'records[{index}]' holds a value that cannot be "
-                                      f"stored: {exc}") from None
+            puts.append((index, key, new, fresh and key not in this_job))
             written.append(rid)
             stored_records.append(record)
             # The incarnation lets a peer tell a late write to a dropped table.
@@ -117,6 +120,7 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
                 op_index[key] = len(ops)
                 ops.append(op)
             this_job[key] = new
+        _store(txn, table, version, puts)
         if ops:
             note_attributes(ctx, db, table, stored_records)
             storage.append_log(ctx, db, ops, version, LOCAL_ORIGIN, user)
@@ -131,6 +135,26 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
                 "upserted_hashes": written}
 
     return job
+
+
+def _store(txn: Any, table: Table, version: int,
+           puts: list[tuple[int, bytes, dict[str, Any], bool]]) -> None:
+    # Store a job's values in order; when every key is new (the usual bulk insert),
+    # packed first and stored together.
+    bulk = bool(puts) and all(fresh for _, _, _, fresh in puts)
+    raws: list[bytes] = []
+    for index, key, new, _ in puts:
+        try:
+            if bulk:
+                raws.append(codec.pack([version, LOCAL_ORIGIN, new]))
+            else:
+                put_record(txn, table, key, version, LOCAL_ORIGIN, new)
+        except (OverflowError, ValueError) as exc:
+            # msgpack holds integers of at most 64 bits and bounded nesting.
+            raise BadRequestError(f"'records[{index}]' holds a value that cannot be "
+                                  f"stored: {exc}") from None
+    if bulk:
+        put_new_records(txn, table, [key for _, key, _, _ in puts], raws)
 
 
 def delete_records(storage: Storage, db_name: str, table_name: str, ids: list[Any],
