@@ -265,6 +265,7 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
         txn = ctx.txn(db)
         applied = 0
         relay: dict[int, list[list[Any]]] = {}
+        stored_records: list[dict[str, Any]] = []
         for key, raw in rows:
             version, origin, record = codec.unpack(raw)
             origin_name = origins.get(origin)
@@ -285,11 +286,12 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                 put_tombstone(txn, table, key, version, oid)
             else:
                 put_record(txn, table, key, version, oid, record)
-                note_attributes(ctx, db, table, [record])
+                stored_records.append(record)
             relay.setdefault(oid, []).append(
                 [table_name, "delete" if record is None else "upsert", decode_id(key), record,
                  table.version, version])
             applied += 1
+        note_attributes(ctx, db, table, stored_records)  # once per chunk, not per row
         for oid, ops in relay.items():
             storage.append_log(ctx, db, ops, max(op[5] for op in ops), oid)
         write_cursor(ctx, db, peer, cursor)
