@@ -9,7 +9,6 @@ full, which pushes back on the publisher through TCP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import enum
 import functools
@@ -41,6 +40,7 @@ from harpsync.replication.reconnect import (
     GATED_RETRY,
     backoff_delay,
     describe_error,
+    end_tasks,
 )
 from harpsync.replication.transport import DIAL_ERRORS, Link, dial
 from harpsync.storage import deadletters, ingest, schema
@@ -190,9 +190,7 @@ class Subscriber:
         """Stop the link and wait until no write of it is left in the writer: after
         this returns, nothing of this link (cursor included) will be written."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            await end_tasks([self._task])
         self._task = None
         await self.settle()
 
@@ -312,11 +310,7 @@ class Subscriber:
             for task in done:
                 task.result()
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
+            await end_tasks(tasks)
 
     async def _receive_loop(self, session: SubscriberSession) -> None:
         assert self.link is not None
