@@ -160,7 +160,10 @@ class LifecycleRun:
                         return False
             return True
 
-        wait_for(linked, timeout=timeout, interval=0.1, message="every link connected")
+        try:
+            wait_for(linked, timeout=timeout, interval=0.1, message="every link connected")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; links: {self.link_summary()}") from None
 
     def link_summary(self) -> dict[str, list[str]]:
         """Per node, each socket as ``peer/database:state`` (for failure messages)."""
@@ -455,7 +458,7 @@ class LifecycleRun:
         stop.set()
         thread.join(15)
         self.up[i] = False
-        self.paused = {p for p in self.paused if p[0] != i}  # pauses are not durable
+        # Pauses are durable (kept in the peer's row), so the heal still resumes them.
         for record, acked in results:
             state = "acked" if acked else "unacked"
             label = f"#{self.counter} in-flight upsert on {node.name} ({state})"
@@ -496,8 +499,7 @@ class LifecycleRun:
             self.kill(self.rng.choice(live))
         elif action == "restart":
             i = self.rng.choice(live)
-            self.nodes[i].restart()
-            self.paused = {p for p in self.paused if p[0] != i}
+            self.nodes[i].restart()  # its pauses survive (kept in the peer's row)
             self.stats.restarts += 1
             self.note(f"restarted {self.nodes[i].name}")
         elif action == "start":
@@ -579,16 +581,17 @@ class LifecycleRun:
         body: dict[str, Any] = {"hostname": self.nodes[j].name}
         if db:
             body["database"] = db
-        if self.up[i]:
-            res = self.post(i, "resume_replication", **body)
-            if res is not None and res.status_code == 400 and "no replication link" in res.text:
-                # A subscription change since the pause removed that link: nothing to do.
-                self.note(f"resume {self.nodes[i].name} <- {self.nodes[j].name} {db}: "
-                          f"{res.text[:100]}")
-            elif res is None or res.status_code != 200:
-                self.anomalies.append(f"#{self.counter} resume_replication {body} on "
-                                      f"{self.nodes[i].name}: "
-                                      f"{None if res is None else (res.status_code, res.text)}")
+        if not self.up[i]:
+            return  # its pause is durable: resumed once it is up (heal starts it first)
+        res = self.post(i, "resume_replication", **body)
+        if res is not None and res.status_code == 400 and "no replication link" in res.text:
+            # A subscription change since the pause removed that link: nothing to do.
+            self.note(f"resume {self.nodes[i].name} <- {self.nodes[j].name} {db}: "
+                      f"{res.text[:100]}")
+        elif res is None or res.status_code != 200:
+            self.anomalies.append(f"#{self.counter} resume_replication {body} on "
+                                  f"{self.nodes[i].name}: "
+                                  f"{None if res is None else (res.status_code, res.text)}")
         self.paused.discard((i, j, db))
         self.note(f"{self.nodes[i].name} resumed {self.nodes[j].name} {db}")
 

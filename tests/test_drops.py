@@ -314,3 +314,49 @@ def test_concurrent_creates_converge_on_one_definition(node_factory):
     assert {"from_a", "from_b"} <= set(names)
     versions = {n.node.storage.databases["data"].tables["t"].version for n in (a, b)}
     assert len(versions) == 1
+
+
+def _system_seq(node: Any) -> int:
+    return node.node.storage.databases["system"].next_seq - 1
+
+
+def _caught_up(node: Any, peer: Any) -> bool:
+    """``node`` has applied ``peer``'s system log through its current end."""
+    cursor = node.node.storage.databases["system"].cursor(peer.name)
+    return int(cursor.get("seq", 0)) >= _system_seq(peer)
+
+
+def test_recreated_database_survives_its_drop_arriving_after_it(node_factory):
+    """B drops database x, C (having seen the drop) re-creates it by creating a table,
+    and A gets C's create before B's drop (one copy per link: A's link from B is
+    paused, and B's from C, so B's next hello does not list the new x). A applies the
+    drop the create follows first, so B's late drop removes nothing and every node ends
+    with C's incarnation and its table."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    a.call("create_table", database="x", table="old", primary_key="id")
+    join(a, b)
+    join(a, c)
+    pairs = [(a, b), (b, a), (a, c), (c, a), (b, c), (c, b)]
+    wait_linked(pairs, ("system", "x"))
+    a.call("pause_replication", hostname="node-b", database="system")
+    b.call("pause_replication", hostname="node-c", database="system")
+    b.call("drop_database", database="x")
+    wait_for(lambda: not _has_db(c, "x"), timeout=20, message="the drop on C")
+    c.call("create_table", database="x", table="fresh", primary_key="id")
+    wait_for(lambda: _caught_up(a, c), timeout=20, message="C's create on A")
+    a.call("resume_replication", hostname="node-b", database="system")
+    wait_for(lambda: _caught_up(a, b), timeout=20, message="B's drop on A")
+    b.call("resume_replication", hostname="node-c", database="system")
+    created = c.node.storage.databases["x"].created
+
+    def converged() -> bool:
+        for n in (a, b, c):
+            db = n.node.storage.databases.get("x")
+            if db is None or db.created != created or not has_table(n, "fresh", "x"):
+                return False
+        return True
+
+    wait_for(converged, timeout=10, message="C's incarnation of x with its table everywhere")
+    stays(lambda: _has_db(a, "x") and not has_table(a, "old", "x"), duration=1.0)

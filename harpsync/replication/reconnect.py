@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Sequence
+from typing import Any
 
 from harpsync.security import describe_tls_error
 
@@ -43,10 +45,38 @@ class PeerGate:
     async def wait_up(self, timeout: float) -> bool:
         """Wait until the peer is reachable again; False if ``timeout`` passed first."""
         try:
-            await asyncio.wait_for(self.reachable.wait(), timeout)
+            # Not ``wait_for``: on Python 3.11 it drops a cancellation that arrives as
+            # the event is set, and a link that ignores its cancellation never retires.
+            async with asyncio.timeout(timeout):
+                await self.reachable.wait()
         except TimeoutError:
             return False
         return True
+
+
+async def end_tasks(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until they have ended.
+
+    A cancellation of the caller that arrives meanwhile is raised once they have ended,
+    never absorbed: awaiting a cancelled task under ``suppress(BaseException)`` would
+    swallow it (the caller's cancel goes to the task it awaits, and the task's
+    ``CancelledError`` is then suppressed), and a link whose cancellation was swallowed
+    keeps running while ``retire()`` waits for it forever, holding the reconcile lock.
+    Their exceptions count as retrieved (the caller raised the one that mattered).
+    """
+    for task in tasks:
+        task.cancel()
+    cancelled = False
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            cancelled = True
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def backoff_delay(failures: int) -> float:

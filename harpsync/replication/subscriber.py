@@ -11,7 +11,6 @@ and rewind are the link's own methods.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import enum
 import logging
@@ -40,6 +39,7 @@ from harpsync.replication.reconnect import (
     GATED_RETRY,
     backoff_delay,
     describe_error,
+    end_tasks,
 )
 from harpsync.replication.transport import DIAL_ERRORS, Link
 from harpsync.storage.hlc import wall_ms_of
@@ -130,9 +130,7 @@ class Subscriber:
         """Stop the link and wait until no write of it is left in the writer: after
         this returns, nothing of this link (cursor included) will be written."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            await end_tasks([self._task])
         self._task = None
         await self.settle()
 
@@ -241,11 +239,7 @@ class Subscriber:
             for task in done:
                 task.result()
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
+            await end_tasks(tasks)
 
     async def _receive_loop(self, session: SubscriberSession) -> None:
         assert self.link is not None

@@ -90,7 +90,8 @@ def _apply_op(storage: Storage, ctx: WriteContext, db: Database, op: list[Any], 
         return schema.apply_drop_table(storage, ctx, db, table_name, version, origin_id,
                                        log_it=False)
     if kind == "create_database":
-        return schema.apply_create_database(storage, ctx, rid, version, origin_id, False)
+        return schema.apply_create_database(storage, ctx, rid, version, origin_id, False,
+                                            schema.after_drop_of(value, version))
     if kind == "drop_database":
         existed = rid in storage.databases
         dropped = schema.apply_drop_database(storage, ctx, rid, version, origin_id, False)
@@ -123,6 +124,22 @@ def _recreates_dropped(ops: list[list[Any]], stats: ApplyStats) -> bool:
     # The dropped environment's files go after the commit, at the path a re-create
     # would open: the re-create waits for a job of its own.
     return any(op[1] == "create_database" and op[2] in stats.dropped_databases for op in ops)
+
+
+def _drop_first(storage: Storage, ctx: WriteContext, ops: list[list[Any]], version: int,
+                origin_id: int, stats: ApplyStats) -> bool:
+    """Apply the drops that an entry's ``create_database`` ops say they follow, where
+    they remove a database here; True if one did (the entry waits for a new job)."""
+    dropped = False
+    for op in ops:
+        if op[1] != "create_database":
+            continue
+        after = schema.drops_before_create(storage, op[2], op[3], version)
+        if after:
+            schema.apply_drop_database(storage, ctx, op[2], after, origin_id, log_it=False)
+            stats.dropped_databases.add(op[2])
+            dropped = True
+    return dropped
 
 
 def prepare_entries(storage: Storage, db_name: str,
@@ -207,10 +224,16 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
                 committed = {**cursor, "seq": seq - 1}
                 stats.cursor_seq = seq - 1
                 break
+            origin_id = local_origin(ctx, db, origin_name)
+            if _drop_first(storage, ctx, ops, version, origin_id, stats):
+                # A create that follows a drop this node has not applied: the drop is
+                # applied now, the entry again in a new job, once the old files are gone.
+                stats.resume_seq = seq
+                committed = {**cursor, "seq": seq - 1}
+                break
             stats.entries += 1
             seen[origin_name] = max(seen.get(origin_name, 0), version)
             storage.hlc.observe(version)
-            origin_id = local_origin(ctx, db, origin_name)
             applied = [op for op in ops
                        if _apply_op(storage, ctx, db, op, version, origin_name, origin_id, stats,
                                     review)]

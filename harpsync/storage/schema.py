@@ -153,14 +153,44 @@ def _replicated(storage: Storage, name: str) -> bool:
     return name != SYSTEM and bool(NAME_RE.match(name)) and storage.replicates(name)
 
 
+def after_drop_of(value: Any, version: int) -> int:
+    """The drop a create op at ``version`` says its creator had seen (0: none)."""
+    after = value.get("after_drop") if isinstance(value, Mapping) else None
+    if isinstance(after, int) and not isinstance(after, bool) and 0 < after < version:
+        return after
+    return 0
+
+
+def drops_before_create(storage: Storage, name: Any, value: Any, version: int) -> int:
+    """The drop to apply in a job of its own before a ``create_database`` op (0: none).
+
+    Nonzero when the creator had seen a drop that covers this node's incarnation of
+    ``name``: that incarnation goes first, and since its files are deleted only after
+    the commit, the create must wait for the next job.
+    """
+    if not isinstance(name, str) or not _replicated(storage, name):
+        return 0
+    after = after_drop_of(value, version)
+    db = storage.databases.get(name)
+    return after if db is not None and db.created < after else 0
+
+
 def apply_create_database(storage: Storage, ctx: WriteContext, name: str, version: int,
-                          origin_id: int, log_it: bool) -> bool:
+                          origin_id: int, log_it: bool, after_drop: int = 0) -> bool:
     """A peer's create of database ``name`` at ``version``; True if it created it.
+
+    ``after_drop`` is the drop marker the creator had (the op's ``after_drop``): it is
+    applied first, so a node that gets this create before that drop does not take it
+    for a concurrent create and then lose it to the drop.
 
     Raises:
         UnknownTableError: its environment was not opened before the job (retry).
     """
-    if not _replicated(storage, name) or name in storage.databases:
+    if not _replicated(storage, name):
+        return False
+    if 0 < after_drop < version:
+        apply_drop_database(storage, ctx, name, after_drop, origin_id, log_it=False)
+    if name in storage.databases:
         return False
     if version <= storage.database_marker(ctx, name):
         return False

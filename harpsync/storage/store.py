@@ -231,8 +231,14 @@ class Storage:
         ctx.txn(db).put(CREATED_KEY, codec.pack(version), db=db.meta_dbi)
         self.hlc.observe(version)
         if log_it:
+            # As for tables: the drop this create follows travels with it, so a peer that
+            # gets the create (from its origin) before the drop (from another origin)
+            # applies the drop first instead of taking the create for a concurrent one.
+            after_drop = self.database_marker(ctx, name)
             self.append_log(ctx, self.databases[SYSTEM],
-                            [[None, "create_database", name, None]], version, origin)
+                            [[None, "create_database", name,
+                              {"after_drop": after_drop} if after_drop else None]],
+                            version, origin)
         ctx.after_commit.append(lambda: self._emit("created", name))
         return db
 

@@ -12,6 +12,7 @@ from harpsync.replication.reconnect import (
     PeerGate,
     backoff_delay,
     describe_error,
+    end_tasks,
 )
 
 
@@ -49,3 +50,39 @@ def test_describe_error_is_short_and_names_the_cause():
     assert describe_error(TimeoutError()) == "timed out"
     assert describe_error(ValueError("x" * 500)) == "x" * 200
     assert describe_error(RuntimeError()) == "RuntimeError"
+
+
+@pytest.mark.timeout(20)
+async def test_end_tasks_never_absorbs_the_callers_cancellation():
+    """A caller cancelled while it waits for its cancelled child tasks to end is
+    cancelled once they have ended (seed 2 of the lifecycle test: a link that swallowed
+    its cancellation kept running, and ``retire()`` waited for it forever)."""
+    ending = asyncio.Event()
+
+    async def slow_to_end() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            ending.set()
+            await asyncio.sleep(0.05)  # cleanup that takes a while, as a link's does
+
+    async def session() -> str:
+        children = [asyncio.ensure_future(slow_to_end())]
+        await asyncio.sleep(0)
+        try:
+            raise ConnectionError("the peer closed the link")
+        finally:
+            await end_tasks(children)
+
+    async def link() -> str:
+        while True:  # retries its session as Subscriber._run does
+            try:
+                await session()
+            except ConnectionError:
+                await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(link())
+    await ending.wait()  # inside end_tasks: the child is still cleaning up
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=2)
+    assert task in done and task.cancelled(), "the link swallowed its cancellation"
