@@ -35,6 +35,7 @@ from harpsync.storage.database import Database
 from harpsync.storage.hlc import version_to_ms
 from harpsync.storage.logscan import entry_seq_of_version
 from harpsync.storage.store import SYSTEM
+from harpsync.tasks import end_tasks
 
 log = logging.getLogger(__name__)
 
@@ -287,11 +288,7 @@ class Follower:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.stop()
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
+            await end_tasks(tasks)
         if self.closing is not None:
             code, reason = self.closing
             with contextlib.suppress(Exception):

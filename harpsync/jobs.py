@@ -10,7 +10,6 @@ crash, reads as ``ERROR`` with a "failed (interrupted)" message, never as in pro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -21,6 +20,7 @@ from typing import Any
 
 from harpsync.errors import HarpsyncError
 from harpsync.storage.jobs import COMPLETE, ERROR, IN_PROGRESS, JobStore
+from harpsync.tasks import end_tasks
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,5 @@ class JobManager:
     async def stop(self) -> None:
         """Cancel running jobs (each is saved as interrupted), then close the store."""
         tasks = list(self.tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await end_tasks(tasks)
         self.store.close()

@@ -39,6 +39,7 @@ from harpsync.replication.steps import (
     next_step,
 )
 from harpsync.replication.transport import Link, LinkClosed
+from harpsync.tasks import end_tasks
 
 if TYPE_CHECKING:
     from harpsync.storage.database import Table
@@ -116,9 +117,7 @@ class Publisher:
             with contextlib.suppress(ValueError):
                 db.commit_listeners.remove(self.notify)
             if self._pump is not None:
-                self._pump.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._pump
+                await end_tasks([self._pump])
 
     async def _serve(self, db: LogSource) -> None:
         while True:
@@ -138,9 +137,7 @@ class Publisher:
             if event.copy or event.after_seq < db.next_seq:  # (past our head: a reset log)
                 self.host.note_position(self.peer, self.database, event.after_seq, event.copy)
             if self._pump is not None:
-                self._pump.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._pump
+                await end_tasks([self._pump])
             self._pump = asyncio.create_task(self._stream(db, event))
         elif isinstance(event, AckReceived):
             self.last_ack_time = time.time()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
-from typing import Any
 
 from harpsync.security import describe_tls_error
 
@@ -52,31 +50,6 @@ class PeerGate:
         except TimeoutError:
             return False
         return True
-
-
-async def end_tasks(tasks: Sequence[asyncio.Task[Any]]) -> None:
-    """Cancel ``tasks`` and wait until they have ended.
-
-    A cancellation of the caller that arrives meanwhile is raised once they have ended,
-    never absorbed: awaiting a cancelled task under ``suppress(BaseException)`` would
-    swallow it (the caller's cancel goes to the task it awaits, and the task's
-    ``CancelledError`` is then suppressed), and a link whose cancellation was swallowed
-    keeps running while ``retire()`` waits for it forever, holding the reconcile lock.
-    Their exceptions count as retrieved (the caller raised the one that mattered).
-    """
-    for task in tasks:
-        task.cancel()
-    cancelled = False
-    while not all(task.done() for task in tasks):
-        try:
-            await asyncio.wait(tasks)
-        except asyncio.CancelledError:
-            cancelled = True
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()
-    if cancelled:
-        raise asyncio.CancelledError
 
 
 def backoff_delay(failures: int) -> float:

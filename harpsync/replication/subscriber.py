@@ -39,10 +39,10 @@ from harpsync.replication.reconnect import (
     GATED_RETRY,
     backoff_delay,
     describe_error,
-    end_tasks,
 )
 from harpsync.replication.transport import DIAL_ERRORS, Link
 from harpsync.storage.hlc import wall_ms_of
+from harpsync.tasks import end_tasks
 
 if TYPE_CHECKING:
     from harpsync.replication.seams import LinkStore, OriginPlanner, SubscriberHost

@@ -12,8 +12,8 @@ from harpsync.replication.reconnect import (
     PeerGate,
     backoff_delay,
     describe_error,
-    end_tasks,
 )
+from harpsync.tasks import end_tasks
 
 
 @pytest.mark.parametrize("failures", [0, 1, 2, 3, 5, 10, 60])
