@@ -37,23 +37,3 @@ def test_a_peer_costs_the_origin_no_commit_per_write(cluster):
     assert spent <= WRITES + reports + 5, (spent, WRITES, reports)
     assert b.count("dog") == WRITES + 1
 
-
-def test_a_quiet_link_applies_lone_writes_on_the_event_loop(cluster):
-    """One write at a time on A: B applies each one-entry batch as a small write, so
-    once its writer thread has been idle it commits on B's event loop (no hand-over to
-    the thread and back). Nothing polls B over HTTP meanwhile: a request begun on B
-    would rightly keep its commits in the thread."""
-    a, b = cluster(2)
-    a.call("create_table", table="dog", primary_key="id")
-    wait_for(lambda: has_table(b, "dog"), timeout=20, message="dog to reach node-b")
-    a.call("insert", table="dog", records=[{"id": 0}])
-    wait_for(lambda: by_id(b, "dog", 0) is not None, timeout=20, message="id 0 on node-b")
-    link = b.node.cluster.subscribers[("node-a", "data")]
-    writer = b.node.storage.writer
-    received, inline = link.txns_received, writer.inline_groups
-    for i in range(1, 13):
-        a.call("insert", table="dog", records=[{"id": i}])
-        wait_for(lambda i=i: link.txns_received >= received + i and link.applier.queue.empty(),
-                 timeout=20, message=f"id {i} applied on node-b")
-    assert writer.inline_groups > inline
-    assert b.count("dog") == 13

@@ -19,11 +19,6 @@ from harpsync.storage.conflicts import Review
 from harpsync.storage.ingest import ApplyStats
 from harpsync.storage.store import Storage
 
-# A batch of at most this many entries is a ``small`` write: while the link is quiet
-# (one batch at a time, the writer thread idle) it commits on the event loop, with no
-# hand-over to the writer thread and back (see ``Writer.submit``).
-SMALL_APPLY = 4
-
 
 class StorageLinkStore:
     """:class:`~harpsync.replication.seams.LinkStore` over a :class:`Storage`."""
@@ -62,8 +57,7 @@ class StorageLinkStore:
                             review: Review | None) -> ApplyStats:
         job, prepare = ingest.apply_entries_job(self.storage, database, peer, entries, origins,
                                                 cursor, max_skew_ms, local_name, floor, review)
-        stats: ApplyStats = await self.storage.write(job, prepare,
-                                                     small=len(entries) <= SMALL_APPLY)
+        stats: ApplyStats = await self.storage.write(job, prepare)
         return stats
 
     async def apply_rows(self, database: str, peer: str, table: str, rows: Rows,

@@ -165,15 +165,15 @@ class Writer:
 
         Args:
             fn: runs inside the group transaction with a ``WriteContext``.
-            prepare: runs first outside any transaction (for opening new DBIs or
-                environments): in the writer thread, or on the loop with a small job.
+            prepare: runs first in the writer thread outside any transaction (for
+                opening new DBIs or environments).
             small: ``fn`` is quick enough to run on the event loop.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._hand_over)
-        self._pending.append(_Job(fn, prepare, fut, loop, small))
+        self._pending.append(_Job(fn, prepare, fut, loop, small and prepare is None))
         return fut
 
     def _hand_over(self) -> None:
