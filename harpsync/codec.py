@@ -27,3 +27,35 @@ def unpack_head(data: bytes | memoryview, count: int) -> list[Any]:
     unpacker.feed(data)
     unpacker.read_array_header()
     return [unpacker.unpack() for _ in range(count)]
+
+
+_UINT_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
+def entry_head(data: bytes) -> tuple[Any, Any]:
+    """The first two items of a msgpack array (a log entry's origin id and version).
+
+    Read straight from the bytes when the array is a fixarray and both items are
+    non-negative integers (how log entries are packed); anything else goes through
+    :func:`unpack_head`.
+    """
+    if len(data) > 2 and 0x92 <= data[0] <= 0x9F:
+        first = data[1]
+        if first < 0x80:  # positive fixint
+            at = 2
+        else:
+            size = _UINT_SIZES.get(first)
+            if size is None:
+                head = unpack_head(data, 2)
+                return head[0], head[1]
+            at = 2 + size
+            first = int.from_bytes(data[2:at], "big")
+        if at < len(data):
+            second = data[at]
+            if second < 0x80:
+                return first, second
+            size = _UINT_SIZES.get(second)
+            if size is not None and at + 1 + size <= len(data):
+                return first, int.from_bytes(data[at + 1:at + 1 + size], "big")
+    head = unpack_head(data, 2)
+    return head[0], head[1]

@@ -36,3 +36,4 @@ def test_a_peer_costs_the_origin_no_commit_per_write(cluster):
     # little slack for other bookkeeping; before, every write cost a second commit.
     assert spent <= WRITES + reports + 5, (spent, WRITES, reports)
     assert b.count("dog") == WRITES + 1
+

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from harpsync.codec import pack
+from harpsync.codec import entry_head, pack, unpack_head
 from harpsync.replication.messages import (
     BATCH_ENTRY_OVERHEAD,
     BATCH_HEADER_SIZE,
@@ -177,3 +177,21 @@ def test_split_rows_gives_oversized_row_its_own_chunk() -> None:
     """A row larger than the limit goes alone in its own chunk."""
     rows = [(b"a", b"1"), (b"b", b"x" * 10_000), (b"c", b"3")]
     assert list(split_rows(rows, max_bytes=1000)) == [[rows[0]], [rows[1]], [rows[2]]]
+
+
+@pytest.mark.parametrize("origin", [0, 1, 127, 128, 255, 256, 65_535, 65_536, 2**32, 2**63])
+@pytest.mark.parametrize("version", [0, 127, 128, 2**16, 2**40, 2**64 - 1])
+def test_entry_head_reads_origin_and_version_from_the_bytes(origin: int, version: int) -> None:
+    """A publisher filters log entries by their head read straight from the bytes: it
+    agrees with decoding for every integer width msgpack uses."""
+    for rest in ([None, []], ["admin", [["dog", "insert", 1, {"id": 1, "name": "x"}]]]):
+        raw = pack([origin, version, *rest])
+        assert entry_head(raw) == tuple(unpack_head(raw, 2)) == (origin, version)
+
+
+def test_entry_head_falls_back_to_decoding_other_shapes() -> None:
+    """Anything but a fixarray of two non-negative integers first is decoded."""
+    for value in ([-1, 5, None, []], [1, -5, None, []], ["x", 1, None, []], [1, 2],
+                  list(range(20)), [1, "v" * 5000, None, []]):
+        raw = pack(value)
+        assert entry_head(raw) == tuple(unpack_head(raw, 2)) == tuple(value[:2])

@@ -161,10 +161,14 @@ class Applier:
         this task is cancelled."""
         future = asyncio.ensure_future(job)
         self._inflight.add(future)
-        future.add_done_callback(self._inflight.discard)
         started = time.perf_counter()
-        future.add_done_callback(lambda _f: self.host.note_apply_seconds(
-            self.peer, self.database, time.perf_counter() - started))
+
+        def done(_f: asyncio.Future[T]) -> None:
+            self._inflight.discard(future)
+            self.host.note_apply_seconds(self.peer, self.database,
+                                         time.perf_counter() - started)
+
+        future.add_done_callback(done)
         return await asyncio.shield(future)
 
     def cursor(self, seq: int) -> dict[str, Any]:

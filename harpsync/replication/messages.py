@@ -251,7 +251,8 @@ def _decode_control(data: bytes) -> ControlFrame:
 
 
 def _decode_batch(data: bytes) -> BatchFrame:
-    view = memoryview(data)
+    # Slices of the bytes themselves: each value is copied once, with no view between.
+    view = data if isinstance(data, bytes) else bytes(data)
     size = len(view)
     if size < BATCH_HEADER_SIZE:
         raise ProtocolError("truncated batch header")
@@ -269,7 +270,7 @@ def _decode_batch(data: bytes) -> BatchFrame:
         end = offset + length
         if end > size:
             raise ProtocolError("batch entry overruns the frame")
-        append((seq, view[offset:end].tobytes()))
+        append((seq, view[offset:end]))
         offset = end
     return BatchFrame(head_seq, entries)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,7 @@ class Publisher:
         self.last_ack_time: float | None = None
         self._notified_head = -1
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
 
     @property
     def sent_seq(self) -> int:
@@ -84,7 +86,8 @@ class Publisher:
             await self.link.send(frame)
 
     def notify(self, head: int) -> None:
-        """Commit listener; called from the writer thread.
+        """Commit listener; called by the thread that committed: the writer thread, or
+        the event loop when a lone small write committed there.
 
         A commit that appended nothing to the log (a cursor, a status row) wakes nobody,
         nor does one while a wake-up is still pending: each wake-up is a cross-thread
@@ -96,7 +99,13 @@ class Publisher:
         self._notified_head = head
         if self._wakeup.is_set():
             return  # the pump has not run since the last wake-up; it reads past ``head``
-        if self._loop is not None:
+        if self._loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            # A group committed on the event loop itself (a lone small write): no
+            # cross-thread call, whose wake-up of the loop costs two system calls.
+            self._wakeup.set()
+        else:
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
     async def run(self) -> None:
@@ -108,6 +117,7 @@ class Publisher:
             await self.link.close(1008, f"database '{self.database}' does not replicate here")
             return
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         db.commit_listeners.append(self.notify)
         try:
             await self._serve(db)
@@ -166,10 +176,11 @@ class Publisher:
         out: list[tuple[int, int, bytes]] = []
         names = db.origin_names
         system = self.database == "system"
+        head = codec.entry_head
         for seq, raw in entries:
             # Only the head: entries are skipped mostly by origin (a copy relayed here
             # holds hundreds of rows, all from the peer it came from).
-            origin, version = codec.unpack_head(raw, 2)
+            origin, version = head(raw)
             name = names.get(origin)
             if name is None or name == self.peer:
                 continue
@@ -230,7 +241,7 @@ class Publisher:
                 kept = self._filter(db, entries, sub.origins, tables)
                 if kept:
                     self.sending_since = self.sending_since or time.time()
-                    self.session.send_entries(db.next_seq - 1, kept, dict(db.origin_names))
+                    self.session.send_entries(db.next_seq - 1, kept, db.origin_names)
                     await self.flush()
             read = LogRead(pruned, entries[-1][0] if entries else None,
                            full=len(entries) >= READ_BATCH, woken=self._wakeup.is_set())

@@ -87,6 +87,9 @@ class Replicator:
         self.positions: dict[tuple[str, str], int] = {}
         self.position_listeners: list[Callable[[], None]] = []
         self._dialed: set[tuple[str, str]] = set()
+        # Each link's metric children, looked up once: ``labels()`` costs a lock and a
+        # tuple key per call, and a link applies one batch per write on its origin.
+        self._link_metrics: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
         self._server: Any = None
         self._sock: socket.socket | None = None
@@ -415,17 +418,30 @@ class Replicator:
             for listener in list(self.position_listeners):
                 listener()
 
+    def _link_children(self, peer: str, database: str) -> tuple[Any, Any, Any, Any]:
+        """``txns_received``, ``bytes_received``, ``apply_delay`` and ``apply_seconds``
+        of one link (the children live as long as the metrics)."""
+        children = self._link_metrics.get((peer, database))
+        if children is None:
+            m = self.metrics
+            children = (m.txns_received.labels(peer, database),
+                        m.bytes_received.labels(peer, database),
+                        m.apply_delay.labels(peer), m.apply_seconds.labels(peer, database))
+            self._link_metrics[(peer, database)] = children
+        return children
+
     def note_received(self, peer: str, database: str, txns: int, size: int,
                       last_version: int) -> None:
-        self.metrics.txns_received.labels(peer, database).inc(txns)
-        self.metrics.bytes_received.labels(peer, database).inc(size)
+        txns_received, bytes_received, apply_delay, _ = self._link_children(peer, database)
+        txns_received.inc(txns)
+        bytes_received.inc(size)
         if last_version and txns:
             # From the newest applied transaction's commit on its origin to now.
             delay_ms = self.storage.hlc.wall_now_ms() - wall_ms_of(last_version)
-            self.metrics.apply_delay.labels(peer).observe(max(0, delay_ms) / 1000.0)
+            apply_delay.observe(max(0, delay_ms) / 1000.0)
 
     def note_apply_seconds(self, peer: str, database: str, seconds: float) -> None:
-        self.metrics.apply_seconds.labels(peer, database).observe(seconds)
+        self._link_children(peer, database)[3].observe(seconds)
 
     def copy_finished(self, peer: str, database: str) -> None:
         for listener in list(self.copy_listeners):
