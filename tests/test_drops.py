@@ -106,7 +106,7 @@ def test_lagging_hello_adds_nothing_to_a_recreated_database(node_factory):
 def test_drop_and_recreate_of_a_database_in_one_applied_batch(node_factory):
     """One batch holding drop_database X and create_database X leaves X existing as the
     new incarnation (the re-create is applied after the drop's files are gone)."""
-    from harpsync.replication.subscriber import _Work
+    from harpsync.replication.applier import Work
 
     a, b = _pair(node_factory)
     a.call("create_table", database="x", table="t", primary_key="id")
@@ -125,7 +125,7 @@ def test_drop_and_recreate_of_a_database_in_one_applied_batch(node_factory):
     kinds = [op[1] for _seq, raw in entries for op in codec.unpack(raw)[3]]
     assert kinds.index("drop_database") < kinds.index("create_database"), kinds
     sub = b.node.cluster.subscribers[("node-a", "system")]
-    _on_loop(b, sub._apply_entries([_Work("entries", entries, dict(a_system.origin_names))]))
+    _on_loop(b, sub.applier.apply_entries([Work("entries", entries, dict(a_system.origin_names))]))
     assert _has_db(b, "x"), "the re-create in the same batch was lost"
     assert b.node.storage.databases["x"].created == a.node.storage.databases["x"].created
     b.call("resume_replication", hostname="node-a")
@@ -259,7 +259,7 @@ def test_publish_only_node_learns_the_tables_it_publishes_from(node_factory):
 def test_copied_rows_of_a_dropped_table_incarnation_never_land(node_factory):
     """Full-copy rows from a peer that still has the table's dropped incarnation are
     refused (the link retries), and the peer converges to the new incarnation."""
-    from harpsync.replication.subscriber import _Work
+    from harpsync.replication.applier import Work
 
     a, b = _pair(node_factory)
     a.call("create_table", table="t", primary_key="id")
@@ -280,9 +280,9 @@ def test_copied_rows_of_a_dropped_table_incarnation_never_land(node_factory):
     b_data = b.node.storage.databases["data"]
     rows = b_data.iter_rows(b_data.tables["t"], None, 500)
     sub = a.node.cluster.subscribers[("node-b", "data")]
-    work = _Work("rows", ("t", rows), dict(b_data.origin_names))
+    work = Work("rows", ("t", rows), dict(b_data.origin_names))
     try:
-        _on_loop(a, sub._apply_rows(work))
+        _on_loop(a, sub.applier.apply_rows(work))
         refused = False
     except ValueError as exc:  # DroppedIncarnationError: the link would retry
         refused = "dropped here" in str(exc)

@@ -205,13 +205,13 @@ class Applier:
                 last_commit = time.monotonic()
                 entries = [w for w in work if w.kind == "entries"]
                 caught = [int(w.payload) for w in work if w.kind == "caught_up"]
-                await self._apply_entries(entries)
+                await self.apply_entries(entries)
                 if caught:
                     await self._advance(max(caught))
                 # Entries that arrived during the commit: the stream is busy.
                 busy = any(w.kind == "entries" for w in self.queue.pending())
             elif first.kind == "rows":
-                await self._apply_rows(first)
+                await self.apply_rows(first)
             elif first.kind == "caught_up":
                 await self._advance(int(first.payload))
             else:
@@ -240,7 +240,7 @@ class Applier:
         self.checkpoint_at = time.time()
         self.owner.acknowledge(seq)
 
-    async def _apply_entries(self, work: list[Work]) -> None:
+    async def apply_entries(self, work: list[Work]) -> None:
         entries = [e for w in work for e in w.payload]
         origins: dict[int, str] = {}
         for w in work:
@@ -319,7 +319,7 @@ class Applier:
             self.owner.clock_skewed()
             raise stats.skew_error
 
-    async def _apply_rows(self, work: Work) -> None:
+    async def apply_rows(self, work: Work) -> None:
         table, rows = work.payload
         tombs = table.endswith("\x00")
         table = table.rstrip("\x00")

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from harpsync.replication.seams import LinkStore, OriginPlanner, SubscriberHost
 
 log = logging.getLogger(__name__)
-_Work = Work  # the name tests/test_drops.py imports
 
 
 class LinkState(enum.StrEnum):
@@ -337,13 +336,6 @@ class Subscriber:
 
     async def flush(self) -> None:
         await self._flush()
-
-    # tests/test_drops.py drives single apply jobs through the link (kept while it does).
-    async def _apply_entries(self, work: list[Work]) -> None:
-        await self.applier._apply_entries(work)
-
-    async def _apply_rows(self, work: Work) -> None:
-        await self.applier._apply_rows(work)
 
     @property
     def session(self) -> SubscriberSession | None:
