@@ -26,3 +26,25 @@ def test_widened_subscription_copies_existing_rows(node_factory):
              message="t2's earlier row to arrive after widening")
     a.call("insert", table="t1", records=[{"id": 2}])
     wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=15, message="t1 still flowing")
+
+
+def test_resume_clears_pause_of_a_link_a_narrowing_removed(node_factory):
+    """resume_replication for a peer also ends the pause of a database whose link a
+    subscription change had removed, so widening again starts that link streaming
+    (lifecycle seeds 29 and 4 with 3 rounds: it came back held, paused for good)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t1", primary_key="id")
+    join(b, a)
+    a.call("insert", table="t1", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=15, message="t1 flowing")
+
+    b.call("pause_replication", hostname=a.name)  # data and system
+    b.call("set_node_replication", hostname=a.name,
+           subscriptions=[{"database": "data", "table": "t1",
+                           "subscribe": False, "publish": False}])  # no data link now
+    b.call("resume_replication", hostname=a.name)
+    b.call("set_node_replication", hostname=a.name, replicates=True)
+    a.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=15,
+             message="the data link to stream again after widening")
