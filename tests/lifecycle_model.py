@@ -18,7 +18,11 @@ recognisable on every node by a marker attribute ``inc<number>`` in its definiti
 A write belongs to the incarnation its node had (the test reads the marker before and
 after the write). The final state of a table name is decided by the newest of its
 creates and drops; if that is a create, the table holds the last-writer-wins merge of
-the writes to that incarnation only.
+the writes to the incarnations created after the newest drop. Usually that is one, but
+creates made concurrently (on nodes that had not heard of each other's, with no drop
+between them) are one table by the drop rule (replication/DESIGN.md "Concurrent creates
+merge"): its definition carries every one of their markers, and its rows merge the
+writes to all of them.
 """
 
 from __future__ import annotations
@@ -139,6 +143,20 @@ class Model:
         return absent, {e.incarnation for e in winners if e.kind == "create"
                         and e.incarnation is not None}
 
+    def merged_tables(self, db: str, table: str) -> tuple[set[int], set[int]]:
+        """(incarnations that may be live, those that must be) when the name exists.
+
+        A create may be live unless an acknowledged drop is surely newer; it must be
+        live when acknowledged and surely newer than every drop (acked or not)."""
+        events = self.events.get((db, table), [])
+        drops = [e for e in events if e.kind == "drop"]
+        creates = [e for e in events if e.kind == "create"]
+        may = {c.incarnation for c in creates if c.incarnation is not None
+               and not any(d.acked and d.lo > c.hi for d in drops)}
+        must = {c.incarnation for c in creates if c.incarnation is not None
+                and c.acked and all(d.hi < c.lo for d in drops)}
+        return may, must
+
     def table_names(self) -> list[TableKey]:
         return sorted(self.events)
 
@@ -175,20 +193,37 @@ class Model:
                 if not absent_ok:
                     problems.append(f"{key[0]}.{key[1]}: missing; expected incarnation "
                                     f"{sorted(allowed)}; history: {history}")
-            elif len(markers) != 1 or not markers <= allowed:
+            elif not self._markers_allowed(key, markers, allowed):
                 problems.append(f"{key[0]}.{key[1]}: has incarnation {sorted(markers)}; "
                                 f"allowed: {'absent, ' if absent_ok else ''}"
                                 f"{sorted(allowed)}; history: {history}")
         return problems
 
-    def check_rows(self, incarnation: int, rows: list[dict[str, Any]]) -> list[str]:
-        """Differences between one node's rows of an incarnation and the allowed ones."""
+    def _markers_allowed(self, key: TableKey, markers: set[int], allowed: set[int]) -> bool:
+        """One newest-possible incarnation, or concurrent creates merged into one table
+        (one of them newest-possible, none surely dropped, none missing that surely
+        followed every drop)."""
+        if len(markers) == 1:
+            return markers <= allowed
+        may, must = self.merged_tables(*key)
+        return bool(markers & allowed) and markers <= may and must <= markers
+
+    def check_rows(self, incarnations: int | set[int],
+                   rows: list[dict[str, Any]]) -> list[str]:
+        """Differences between one node's rows of a table and the allowed ones: the
+        merge of the writes to its incarnations (several when creates merged)."""
         problems: list[str] = []
-        inc = self.incarnations[incarnation]
-        where = f"{inc.table[0]}.{inc.table[1]} (inc{incarnation})"
+        numbers = sorted({incarnations} if isinstance(incarnations, int) else incarnations)
+        incs = [self.incarnations[n] for n in numbers]
+        inc = incs[0]
+        where = f"{inc.table[0]}.{inc.table[1]} ({'+'.join(f'inc{n}' for n in numbers)})"
+        keys: dict[Any, list[Op]] = {}
+        for one in incs:
+            for rid, ops_of in one.keys.items():
+                keys.setdefault(rid, []).extend(ops_of)
         found = {row["id"]: row for row in rows}
-        for rid in sorted(set(found) | set(inc.keys), key=repr):
-            ops = inc.keys.get(rid, [])
+        for rid in sorted(set(found) | set(keys), key=repr):
+            ops = keys.get(rid, [])
             absent_ok, puts = self.allowed(ops)
             history = "; ".join(op.describe() for op in ops) or "none"
             row = found.get(rid)

@@ -347,12 +347,22 @@ class Replicator:
             await self.save_row({"name": peer, "paused": sorted(new)})
 
     async def resume(self, peer: str, database: str | None) -> list[str]:
-        """Restart paused links from their committed cursor."""
-        subs = self.links_of(peer, database)
+        """Restart paused links from their committed cursor. The pause of a database
+        whose link a subscription change removed meanwhile ends too (kept, it would
+        hold that link again once a widening re-creates it)."""
+        held = {d for d in self.rows.get(peer, {}).get("paused") or []
+                if database is None or d == database}
+        try:
+            subs = self.links_of(peer, database)
+        except BadRequestError:
+            if not held:
+                raise
+            subs = []
         for sub in subs:
             sub.resume()
-        await self._persist_paused(peer, set(), {s.database for s in subs})
-        return [s.database for s in subs]
+        resumed = {s.database for s in subs} | held
+        await self._persist_paused(peer, set(), resumed)
+        return sorted(resumed)
 
     async def replay(self, peer: str, database: str | None, from_seq: int | None,
                      from_version: int | None) -> list[str]:
