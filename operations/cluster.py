@@ -67,12 +67,19 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
     else:
         subs = row.get("subscriptions")
     creds = parse_credentials(body)
-    answer = await rep.join(row["url"], creds, True if creds is None else
-                            bool(body.get("verify_tls", True)), subs, body,
-                            expect=None if creds is not None else row["name"])
-    settings = _row_settings(body, subs)
-    await rep.adopt(answer, row["url"], {**{k: v for k, v in row.items()
-                                            if k != "authorization"}, **settings})
+    old = {k: v for k, v in row.items() if k != "authorization"}
+    new = {**old, **_row_settings(body, subs), "learned": False}
+    # In use here before the peer hears of it: the peer re-copies at once, and that copy
+    # must already see what this node now publishes (see Mesh.stage_settings).
+    rep.stage_settings(new)
+    try:
+        answer = await rep.join(row["url"], creds, True if creds is None else
+                                bool(body.get("verify_tls", True)), subs, body,
+                                expect=None if creds is not None else row["name"])
+        await rep.adopt(answer, row["url"], new)
+    except BaseException:
+        rep.unstage_settings(row["name"])  # nothing half-applied (a no-op once saved)
+        raise
     shown = body.get("url") or row["name"]
     if verb == "added":
         return {"message": f"Successfully added '{shown}' to cluster"}

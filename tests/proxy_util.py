@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import queue
 import socket
 import threading
+import time
 
 from tests.helpers import bind_socket
 
@@ -13,7 +15,8 @@ class TcpProxy:
     """Forwards connections on its own port to ``target_port`` on 127.0.0.1.
 
     ``cut()`` closes every forwarded connection and refuses new ones (accepted, then
-    closed at once); ``heal()`` forwards again.
+    closed at once); ``heal()`` forwards again. ``reply_delay`` (seconds) holds each
+    chunk the target sends back for that long: a slow path, one way.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -21,6 +24,7 @@ class TcpProxy:
         self.listener = bind_socket()
         self.port = int(self.listener.getsockname()[1])
         self._cut = threading.Event()
+        self.reply_delay = 0.0
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -68,16 +72,24 @@ class TcpProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._open.update((client, upstream))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, reply in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(src, dst, reply),
+                                 daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, reply: bool) -> None:
+        send = dst.sendall
+        if reply:  # replies go through a queue, each sent reply_delay after it arrived
+            chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
+            threading.Thread(target=self._late, args=(chunks, dst), daemon=True).start()
+
+            def send(data: bytes) -> None:
+                chunks.put((time.monotonic() + self.reply_delay, data))
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                dst.sendall(data)
+                send(data)
         except OSError:
             pass
         finally:
@@ -87,3 +99,10 @@ class TcpProxy:
             with self._lock:
                 self._open.discard(src)
                 self._open.discard(dst)
+
+    def _late(self, chunks: queue.Queue[tuple[float, bytes]], dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                due, data = chunks.get()
+                self._closed.wait(max(0.0, due - time.monotonic()))  # the injected latency
+                dst.sendall(data)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.helpers import wait_for
-from tests.repl_util import by_id, connection, has_table, join
+from tests.proxy_util import TcpProxy
+from tests.repl_util import CREDS, by_id, connection, has_table, join
 
 
 def test_widened_subscription_copies_existing_rows(node_factory):
@@ -52,33 +51,36 @@ def test_resume_clears_pause_of_a_link_a_narrowing_removed(node_factory):
              message="the data link to stream again after widening")
 
 
-@pytest.mark.xfail(strict=False, reason="known bug (lifecycle seed 77), about half the runs: "
-                   "rows a peer wrote to a table "
-                   "while it did not publish it may never reach the receiver once it "
-                   "publishes it again")
 def test_widened_publish_side_sends_rows_written_while_narrowed(node_factory):
     """When node-b stops publishing a table to node-a and later publishes it again, the
-    rows node-b wrote meanwhile reach node-a (node-a's cursor had moved past them).
+    rows node-b wrote meanwhile reach node-a (lifecycle seeds 77 and 88).
 
-    Likely cause (not fixed): on node-b, ``Mesh.adopt`` saves the widened row only after
-    node-a answered the settings join; node-a forgets its cursor and reconnects at
-    once, node-b's publisher still filters with the old row, node-a's cursor passes
-    the filtered rows again (caught_up), and the reconnect forced by node-b's
-    ``drop_inbound`` resumes from there."""
+    node-a forgets its cursor and re-copies from node-b as soon as it hears of the
+    change. node-b used to save its widened row only after node-a's answer, so that
+    copy was filtered by the old row, node-a's cursor passed the rows written
+    meanwhile, and they never arrived. The answer travels back through a slow proxy
+    here, so the copy always wins that race on the old code."""
     a = node_factory("node-a")
     b = node_factory("node-b")
     a.call("create_table", table="t2", primary_key="id")
-    join(b, a)
-    wait_for(lambda: has_table(b, "t2"), timeout=15, message="t2 on node-b")
-    b.call("set_node_replication", hostname=a.name,
-           subscriptions=[{"database": "data", "table": "t2",
-                           "subscribe": True, "publish": False}])
-    # The change reaches node-a (mirrored: it no longer subscribes to t2 from node-b).
-    wait_for(lambda: (connection(a, b.name) or {}).get("subscriptions")
-             == [{"database": "data", "table": "t2", "subscribe": False, "publish": True}],
-             timeout=15, message="node-a to mirror the narrowing")
-    b.call("insert", table="t2", records=[{"id": 5, "v": "while narrowed"}])
-    b.call("set_node_replication", hostname=a.name, replicates=True)
-    b.call("insert", table="t2", records=[{"id": 7, "v": "after"}])
-    wait_for(lambda: by_id(a, "t2", 7) is not None, timeout=15, message="t2 flowing again")
-    assert by_id(a, "t2", 5) is not None
+    to_a = TcpProxy(a.repl_port)  # node-b reaches node-a only through it
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        wait_for(lambda: has_table(b, "t2"), timeout=15, message="t2 on node-b")
+        b.call("set_node_replication", hostname=a.name,
+               subscriptions=[{"database": "data", "table": "t2",
+                               "subscribe": True, "publish": False}])
+        # The change reaches node-a (mirrored: it no longer subscribes to t2 from node-b).
+        wait_for(lambda: (connection(a, b.name) or {}).get("subscriptions")
+                 == [{"database": "data", "table": "t2", "subscribe": False,
+                      "publish": True}], timeout=15, message="node-a to mirror the narrowing")
+        b.call("insert", table="t2", records=[{"id": 5, "v": "while narrowed"}])
+        to_a.reply_delay = 0.5
+        b.call("set_node_replication", hostname=a.name, replicates=True)
+        to_a.reply_delay = 0.0
+        b.call("insert", table="t2", records=[{"id": 7, "v": "after"}])
+        wait_for(lambda: by_id(a, "t2", 7) is not None, timeout=15, message="t2 flowing again")
+        assert by_id(a, "t2", 5) is not None
+    finally:
+        to_a.close()

@@ -49,6 +49,8 @@ class Mesh:
         self.auth = auth
         self.node_name = node_name
         self.rows: dict[str, dict[str, Any]] = {}
+        # Saved rows replaced in memory by staged settings (stage_settings), by peer.
+        self._staged: dict[str, dict[str, Any] | None] = {}
 
     def peer_row(self, peer: str) -> dict[str, Any] | None:
         """``peer``'s ``hdb_nodes`` row (None: not known here)."""
@@ -269,6 +271,28 @@ class Mesh:
         self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
         return name
 
+    def stage_settings(self, row: dict[str, Any]) -> None:
+        """Use an operator's new settings for a known peer here BEFORE telling the peer,
+        in memory only; ``adopt`` saves them (and forgets cursors if the subscriptions
+        changed) once the peer has them too, ``unstage_settings`` drops them.
+
+        The peer forgets its cursors and re-copies from this node as soon as it hears of
+        the change: that copy must already be filtered by what this node now publishes,
+        or the peer's cursor passes rows written while they were not published and they
+        never arrive (lifecycle seeds 77 and 88). This node's own re-copy waits for
+        ``adopt``, when the peer publishes what it now subscribes to.
+        """
+        name = str(row["name"])
+        self._staged.setdefault(name, self.rows.get(name))
+        self.rows[name] = row
+
+    def unstage_settings(self, name: str) -> None:
+        """Back to the saved row (telling the peer failed)."""
+        if name in self._staged:
+            old = self._staged.pop(name)
+            if old is not None:
+                self.rows[name] = old
+
     async def _replace_row(self, row: dict[str, Any]) -> None:
         """Save an operator-made row. When the peer's subscriptions change, its cursors
         go: tables that now replicate must arrive with their history, so the links
@@ -280,7 +304,8 @@ class Mesh:
         """
         name = str(row["name"])
         async with self._host.reconcile_lock:
-            old = self.rows.get(name)
+            # Compare with the row the links last ran with, not a staged one.
+            old = self._staged.pop(name) if name in self._staged else self.rows.get(name)
             if old is not None and peers.without_policies(old.get("subscriptions")) \
                     != peers.without_policies(row.get("subscriptions")):
                 await self._host.stop_links(name)

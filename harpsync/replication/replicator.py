@@ -191,6 +191,12 @@ class Replicator:
     async def adopt(self, answer: dict[str, Any], url: str, row: dict[str, Any]) -> str:
         return await self.mesh.adopt(answer, url, row)
 
+    def stage_settings(self, row: dict[str, Any]) -> None:
+        self.mesh.stage_settings(row)
+
+    def unstage_settings(self, name: str) -> None:
+        self.mesh.unstage_settings(name)
+
     async def learn_nodes(self, nodes: list[Any], reconcile: bool = True) -> None:
         await self.mesh.learn_nodes(nodes, reconcile)
 
