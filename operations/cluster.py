@@ -71,7 +71,10 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
     new = {**old, **_row_settings(body, subs), "learned": False}
     # In use here before the peer hears of it: the peer re-copies at once, and that copy
     # must already see what this node now publishes (see Mesh.stage_settings).
-    rep.stage_settings(new)
+    # Only what decides what flows (certificate revocations etc. apply once saved: the
+    # peer must still be recognised while it is told).
+    rep.stage_settings({**old, "replicates": new["replicates"],
+                        "subscriptions": new["subscriptions"]})
     try:
         answer = await rep.join(row["url"], creds, True if creds is None else
                                 bool(body.get("verify_tls", True)), subs, body,

@@ -37,8 +37,8 @@ class BudgetProxy(TcpProxy):
     def release(self) -> None:
         self.released.set()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        from_target = src.getpeername()[1] == self.target_port
+    def _pump(self, src: socket.socket, dst: socket.socket, reply: bool) -> None:
+        from_target = reply
         sent = 0
         try:
             while True:
