@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.helpers import ADMIN, bind_socket
 from tests.repl_util import CREDS
 
-__all__ = ["CREDS", "StatusWatcher", "db_socket", "free_port", "log_head", "log_pruned_through",
-           "peer_names", "post_with"]
+__all__ = ["CREDS", "StatusWatcher", "db_socket", "free_port", "int_option", "log_head",
+           "log_pruned_through", "peer_names", "post_with"]
 
 
 def free_port() -> int:
@@ -102,3 +104,11 @@ class StatusWatcher:
                             if sock.get("last_error"):
                                 self.errors.add(str(sock["last_error"]))
                 self._stop.wait(0.005)
+
+
+def int_option(config: pytest.Config, name: str, env: str) -> int | None:
+    """An integer command-line option of the long runs, else its environment variable."""
+    value = config.getoption(name)
+    if value is None and os.environ.get(env):
+        value = int(os.environ[env])
+    return value

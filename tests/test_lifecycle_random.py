@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.lifecycle_driver import LifecycleRun, Settings
+from tests.lifecycle_util import int_option
 
 # More with --lifecycle-seeds. Seed 2 drops a database and re-creates it on another node
 # (it caught a link that swallowed its cancellation and left the re-created database
@@ -23,19 +24,12 @@ DEFAULT_SEEDS = (1, 2)
 SKEW_MS = 3000  # node-c's clock runs ahead (well below replication.maxClockSkew)
 
 
-def _option(config: pytest.Config, name: str, env: str) -> int | None:
-    value = config.getoption(name)
-    if value is None and os.environ.get(env):
-        value = int(os.environ[env])
-    return value
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "lifecycle_seed" not in metafunc.fixturenames:
         return
     config = metafunc.config
-    one = _option(config, "--lifecycle-seed", "HARPSYNC_LIFECYCLE_SEED")
-    many = _option(config, "--lifecycle-seeds", "HARPSYNC_LIFECYCLE_SEEDS")
+    one = int_option(config, "--lifecycle-seed", "HARPSYNC_LIFECYCLE_SEED")
+    many = int_option(config, "--lifecycle-seeds", "HARPSYNC_LIFECYCLE_SEEDS")
     if one is not None:
         seeds = [pytest.param(one, id=f"seed{one}")]
     else:

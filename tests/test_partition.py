@@ -14,7 +14,6 @@ Default: one fixed schedule (cut, isolate, SIGKILL, slow). Random schedules, mar
 from __future__ import annotations
 
 import math
-import os
 import random
 import threading
 import time
@@ -27,6 +26,7 @@ import pytest
 
 from tests.helpers import ADMIN, wait_for
 from tests.lifecycle_model import INF, Model, Op
+from tests.lifecycle_util import int_option
 from tests.netns_util import NetLab, NetnsNode, unavailable_reason
 from tests.repl_util import CREDS
 
@@ -38,18 +38,11 @@ SEED = 7
 FIXED = 0  # the schedule id of the fixed default schedule
 
 
-def _option(config: pytest.Config, name: str, env: str) -> int | None:
-    value = config.getoption(name)
-    if value is None and os.environ.get(env):
-        value = int(os.environ[env])
-    return value
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "schedule_seed" not in metafunc.fixturenames:
         return
-    one = _option(metafunc.config, "--partition-seed", "HARPSYNC_PARTITION_SEED")
-    many = _option(metafunc.config, "--partition-seeds", "HARPSYNC_PARTITION_SEEDS") or 0
+    one = int_option(metafunc.config, "--partition-seed", "HARPSYNC_PARTITION_SEED")
+    many = int_option(metafunc.config, "--partition-seeds", "HARPSYNC_PARTITION_SEEDS") or 0
     seeds = [one] if one is not None else [FIXED, *range(1, many + 1)]
     metafunc.parametrize("schedule_seed", [
         pytest.param(s, id="fixed" if s == FIXED else f"schedule{s}",
