@@ -23,7 +23,7 @@ from harpsync.errors import BadRequestError
 from harpsync.jobs import RunningJob
 from harpsync.storage import retention
 from harpsync.storage.database import Database
-from harpsync.storage.hlc import ms_to_version, version_to_ms
+from harpsync.storage.hlc import first_version_at, version_to_ms
 
 DATA_KINDS = ("insert", "update", "upsert", "delete")
 CHUNK = 1000
@@ -92,9 +92,11 @@ async def delete_transaction_logs_before(ctx: OpContext, body: dict[str, Any],
     assert stamp is not None  # the schema requires it
 
     async def work(job: RunningJob) -> dict[str, Any]:
-        # Entries of this table up to the last one older than the timestamp go; the
-        # prune is recorded, so a peer still behind it resyncs.
-        through = await asyncio.to_thread(retention.seq_for_time, db, ms_to_version(stamp))
+        # Entries of this table up to the last one older than the timestamp go (older as
+        # read_transaction_log shows their timestamps, to the fraction of a millisecond);
+        # the prune is recorded, so a peer still behind it resyncs.
+        through = await asyncio.to_thread(retention.seq_for_time, db,
+                                          first_version_at(stamp))
         removed = 0
         if through:
             result = await storage.write(retention.purge_table_job(db, table_name, None,

@@ -8,6 +8,7 @@ Shapes follow Harper's bulk-operations, jobs and logs documentation (4.7).
 from __future__ import annotations
 
 import http.server
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -257,6 +258,16 @@ def _plain(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in TIMES} for r in records]
 
 
+def cutoff_after(entry: dict[str, Any]) -> float:
+    """A whole millisecond after ``entry``'s timestamp, once the clock has passed it by
+    one more: a write from now on is stamped after the cutoff, and none shares its
+    millisecond (a wall-clock reading could share one with the write just before it)."""
+    cutoff = float(math.floor(entry["timestamp"]) + 1)
+    wait_for(lambda: time.time() * 1000 >= cutoff + 1, timeout=5, interval=0.001,
+             message="the clock passes the cutoff")
+    return cutoff
+
+
 def test_read_transaction_log_shape_and_filters(mesh):
     """Each write to the table is one entry, in order, with user, timestamp and records;
     from/to/limit filter; other tables stay out; only super users may read it."""
@@ -266,7 +277,7 @@ def test_read_transaction_log_shape_and_filters(mesh):
     node.call("insert", database="dev", table="logdog",
               records=[{"id": 1, "dog_name": "Penny"}, {"id": 2, "dog_name": "Harper"}])
     node.call("insert", database="dev", table="cat", records=[{"id": 1}])
-    middle = time.time() * 1000
+    middle = cutoff_after(node.call("read_transaction_log", database="dev", table="logdog")[-1])
     node.call("update", database="dev", table="logdog", records=[{"id": 1, "dog_name": "Penny B"}])
     node.call("sql", sql="DELETE FROM dev.logdog WHERE id = 2")
     log = node.call("read_transaction_log", schema="dev", table="logdog")
@@ -310,7 +321,7 @@ def test_pruned_log_sends_a_lagging_peer_to_resync(mesh):
     for start in range(51, 91, 10):
         a.call("insert", database="dev", table="t",
                records=[{"id": i} for i in range(start, start + 10)])
-    cutoff = time.time() * 1000
+    cutoff = cutoff_after(a.call("read_transaction_log", database="dev", table="t")[-1])
     a.call("insert", database="dev", table="t", records=[{"id": 91}])
     response = a.call("delete_transaction_logs_before", schema="dev", table="t",
                       timestamp=cutoff)

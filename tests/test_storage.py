@@ -14,7 +14,7 @@ from harpsync import codec
 from harpsync.errors import BadRequestError
 from harpsync.storage import reads, writes
 from harpsync.storage.database import LOCAL_ORIGIN, Database
-from harpsync.storage.hlc import COUNTER_BITS, HLC, version_to_ms, wall_ms_of
+from harpsync.storage.hlc import COUNTER_BITS, HLC, first_version_at, version_to_ms, wall_ms_of
 from harpsync.storage.keys import decode_id, encode_id, seq_key, seq_of
 from harpsync.storage.records import get_stored
 from harpsync.storage.store import SYSTEM, Storage
@@ -61,6 +61,15 @@ def test_hlc_packs_wall_milliseconds():
     after = int(time.time() * 1000)
     assert before <= wall_ms_of(version) <= after
     assert version_to_ms(version) == pytest.approx(version / (1 << COUNTER_BITS))
+
+
+def test_first_version_at_splits_at_the_fraction_of_a_millisecond():
+    """Versions below ``first_version_at(ms)`` read as earlier than ``ms``; it itself does
+    not (a cutoff of 1000.5 ms keeps the versions of the millisecond's second half)."""
+    for ms in (1000.0, 1000.5, 1000.25 + 1 / (1 << COUNTER_BITS)):
+        first = first_version_at(ms)
+        assert version_to_ms(first - 1) < ms <= version_to_ms(first)
+    assert wall_ms_of(first_version_at(1000.5)) == 1000
 
 
 def test_hlc_observe_moves_forward():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -24,6 +25,12 @@ def version_to_ms(version: int) -> float:
 def ms_to_version(ms: float) -> int:
     """The smallest version whose wall time is ``ms`` (for ``start_time`` filters)."""
     return int(ms) << COUNTER_BITS
+
+
+def first_version_at(ms: float) -> int:
+    """The smallest version that ``version_to_ms`` shows at or after ``ms``: versions
+    below it read as earlier than ``ms``, to the fraction of a millisecond."""
+    return math.ceil(ms * (1 << COUNTER_BITS))
 
 
 def _offset_from_env() -> int:
