@@ -12,14 +12,15 @@ the head), and under ``M`` the row-digest layout (``FORMAT``) once the hashes co
 every stored row. Everything is keyed in primary-key order, so a write touches the
 bucket page next to the rows it writes.
 
-A row digest (``rowhash.row_digest``) is XXH3-128 over the version, the origin *name* (origin
-ids are local to each node), the deleted flag, the record's msgpack bytes and the key:
-two nodes holding the same row compute the same digest.
+A row digest (``rowhash.row_digest``) is XXH3-64 of the record's msgpack bytes and the
+key, seeded with a hash of the version, the origin *name* (origin ids are local to each
+node) and the deleted flag: two nodes holding the same row compute the same digest.
 
 Costs per write. New keys written in ascending order with no stored key between them
 (a batch of ids, a full-copy chunk) form a *run*: remembered, then hashed together when
-the run ends, in one loop (``_settle_run``), with one bucket lookup and at most one scan
-per run. Other writes are hashed one by one, XORed into the current bucket's
+the run ends, in C-level loops (``_settle_run``: one hash call per row, the boundaries
+found in one bytes object, each bucket XORed by ``reduce``), with one bucket lookup and
+at most one scan per run. Other writes are hashed one by one, XORed into the current bucket's
 accumulator (a lookup only when the key leaves the previous write's bucket). The changes
 of a transaction are written by ``flush(txn)`` before it commits, one read-modify-write
 per touched bucket; the writer flushes every job's transaction (``discard`` when it
@@ -41,25 +42,24 @@ import os
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import repeat
+from functools import reduce
+from itertools import pairwise, repeat
 from typing import Any
 
 from harpsync.storage.rowhash import (
     DIGEST_SIZE,
-    FLAG,
     FORMAT,
     LEAF_MASK,
+    XXH_INT,
     ZERO,
     Bucket,
     is_boundary,
-    name_bytes,
-    prefix_bytes,
     row_digest,
+    row_digest_int,
+    row_seed,
     top,
     xor,
 )
-from harpsync.storage.rowhash import XXH as _XXH
-from harpsync.storage.rowhash import XXH_INT as _XXH_INT
 
 BUCKET = b"B"
 MARK = b"M"
@@ -91,8 +91,8 @@ class TableDigest:
     # for the stored top hash.
     top_delta: int = 0
     # Per deleted flag: a stored row's first 11 bytes (array tag, uint64 version, origin
-    # id) -> the row digest's input before the record (see ``rowhash.row_digest``).
-    states: tuple[dict[bytes, Any], ...] = field(default_factory=lambda: ({}, {}))
+    # id) -> the row digest's seed (see ``rowhash.row_digest``).
+    states: tuple[dict[bytes, int], ...] = field(default_factory=lambda: ({}, {}))
     cursor: Any = None
     # A *run*: keys and stored rows of new live records written in increasing key order
     # with no other stored key between them (a batch of increasing ids, a full-copy
@@ -101,6 +101,9 @@ class TableDigest:
     # the run (None: none), known once the run has two keys.
     run_keys: list[bytes] = field(default_factory=list)
     run_raws: list[bytes] = field(default_factory=list)
+    # The run's record bytes (each raw less its head), when every row of the run shares
+    # one head (one version and origin): given by ``add_run``, dropped when the run grows.
+    run_records: list[bytes] | None = None
     gap_hi: bytes | None = None
     table: Any = None
     # The write being made while the run settles: stored, not hashed yet; its old row
@@ -114,16 +117,16 @@ class TableDigest:
 _dirty: dict[int, list[TableDigest]] = {}
 
 
-def _prefix_of(d: TableDigest, raw: bytes, deleted: bool) -> bytes:
-    # The digest prefix of a stored row with the usual head, kept per transaction.
+def _seed_of(d: TableDigest, raw: bytes, deleted: bool) -> int:
+    # The digest seed of a stored row with the usual head, kept per transaction.
     states = d.states[deleted]
     head = raw[:11]
-    state = states.get(head)
-    if state is None:
+    seed = states.get(head)
+    if seed is None:
         if len(states) > 64:  # rows of many versions (a copy): keep it small
             states.clear()
-        state = states[head] = prefix_bytes(raw[2:10], d.origin_names.get(raw[10], ""), deleted)
-    return state
+        seed = states[head] = row_seed(raw[2:10], d.origin_names.get(raw[10], ""), deleted)
+    return seed
 
 
 def _bucket_of(cur: Any, key: bytes) -> bytes:
@@ -167,7 +170,7 @@ def _accounted(txn: Any, table: Any, d: TableDigest, lo: bytes, hi: bytes | None
             if d.writing_old is None:
                 continue
             raw, deleted = d.writing_old, d.writing_old_deleted
-        total ^= int.from_bytes(row_digest(row_key, raw, deleted, names, last), "big")
+        total ^= row_digest_int(row_key, raw, deleted, names, last)
     return total
 
 
@@ -195,6 +198,7 @@ def _start(txn: Any, table: Any, d: TableDigest) -> None:
     # ``flush`` or ``discard`` belonged to an aborted one).
     d.txn, d.table, d.pending, d.states, d.run_keys, d.run_raws = (txn, table, {}, ({}, {}),
                                                                    [], [])
+    d.run_records = None
     d.bucket, d.lo, d.hi, d.acc, d.top_delta = BUCKET, b"", b"", 0, 0
     d.cursor = txn.cursor(db=d.dbi)
     _dirty.setdefault(id(txn), []).append(d)
@@ -219,6 +223,7 @@ def on_write(txn: Any, table: Any, key: bytes, raw: bytes, deleted: bool,
                 else _opens_run(txn, table, d, key)):
             run_keys.append(key)
             d.run_raws.append(raw)
+            d.run_records = None
             return
         if run_keys:
             _settle_before(txn, d, key, None, False)
@@ -242,15 +247,19 @@ def on_insert(txn: Any, table: Any, key: bytes, raw: bytes) -> None:
         if len(run_keys) > 1 and key > run_keys[-1] and (d.gap_hi is None or key < d.gap_hi):
             run_keys.append(key)
             d.run_raws.append(raw)
+            d.run_records = None
             return
     on_write(txn, table, key, raw, False, None, False)
 
 
-def add_run(txn: Any, table: Any, keys: list[bytes], raws: list[bytes]) -> bool:
-    """Take live rows about to be stored under new keys (nothing stored under any, no
-    row and no tombstone) as one run, if the keys ascend with no stored key between
-    them; they are hashed at the next settle, after the caller has stored them. The
-    lists become the run's (the caller must not change them).
+def add_run(txn: Any, table: Any, keys: list[bytes], raws: list[bytes],
+            records: list[bytes] | None = None) -> bool:
+    """Take live rows about to be stored under distinct new keys (nothing stored under
+    any, no row and no tombstone) as one run, if the keys ascend with no stored key
+    between them; they are hashed at the next settle, after the caller has stored them.
+    ``records``: the rows' record bytes, when every raw is one head (one version and
+    origin) followed by its record. The lists become the run's (the caller must not
+    change them).
 
     Returns:
         True: store them (no ``on_write`` per row); False: store and report them one by
@@ -259,7 +268,7 @@ def add_run(txn: Any, table: Any, keys: list[bytes], raws: list[bytes]) -> bool:
     d = table.digest
     if d is None or not ENABLED:
         return True
-    if len(keys) < 2 or not all(map(operator.lt, keys, keys[1:])):
+    if len(keys) < 2 or keys != sorted(keys):
         return False
     gap_hi: bytes | None = None
     for dbi in (table.dbi, table.tomb_dbi):
@@ -276,7 +285,7 @@ def add_run(txn: Any, table: Any, keys: list[bytes], raws: list[bytes]) -> bool:
         _settle_run(txn, d)  # these rows are not stored yet: the settle cannot see them
     if keys[0] < d.lo or (d.hi is not None and keys[0] >= d.hi):
         _move_to(d, keys[0])
-    d.run_keys, d.run_raws, d.gap_hi = keys, raws, gap_hi
+    d.run_keys, d.run_raws, d.gap_hi, d.run_records = keys, raws, gap_hi, records
     return True
 
 
@@ -286,12 +295,11 @@ def _write_row(txn: Any, table: Any, d: TableDigest, key: bytes, raw: bytes,
     # accumulator; a new boundary key splits its bucket.
     # row_digest, inlined for the usual head: a uint64 version, an origin < 128.
     if raw[1] == 0xCF and raw[10] < 0x80:
-        delta = int.from_bytes(_XXH(b"".join((_prefix_of(d, raw, deleted), raw[11:], key))),
-                               "big")
+        delta = XXH_INT(raw[11:] + key, _seed_of(d, raw, deleted))
     else:
-        delta = int.from_bytes(row_digest(key, raw, deleted, d.origin_names), "big")
+        delta = row_digest_int(key, raw, deleted, d.origin_names)
     if old_raw is not None:
-        delta ^= int.from_bytes(row_digest(key, old_raw, old_deleted, d.origin_names), "big")
+        delta ^= row_digest_int(key, old_raw, old_deleted, d.origin_names)
     elif zlib.crc32(key) & LEAF_MASK == 0:
         _split(txn, table, d, key)
         d.acc = delta
@@ -354,27 +362,27 @@ def _settle_run(txn: Any, d: TableDigest) -> None:
     # holds the run's rows up to the next one, written here whole (no read). The last
     # new bucket also takes the stored rows after the run up to the next stored
     # boundary (``[gap_hi, hi)``), which leave the current bucket: XOR moves them whole.
-    keys, raws = d.run_keys, d.run_raws
-    d.run_keys, d.run_raws = [], []
+    keys, raws, records = d.run_keys, d.run_raws, d.run_records
+    d.run_keys, d.run_raws, d.run_records = [], [], None
     if len(keys) == 1:
         _write_row(txn, d.table, d, keys[0], raws[0], False, None, False)
         return
-    # XOR of the rows before the first boundary, then of each bucket a boundary starts.
-    starts: list[int] = []
-    values: list[int] = []
-    acc = 0
-    for i, (value, crc) in enumerate(zip(_live_digests(d, keys, raws), map(zlib.crc32, keys),
-                                         strict=True)):
-        if crc & LEAF_MASK:
-            acc ^= value
-        else:
-            starts.append(i)
-            values.append(acc)
-            acc = value
-    values.append(acc)
-    if not starts:
-        d.acc ^= acc
+    # XOR of the rows before the first boundary, then of each bucket a boundary starts:
+    # the boundaries are found in C (the zero bytes of the keys' masked CRCs), and each
+    # segment's digests are XORed by ``reduce``, so no Python code runs per row.
+    digests = _live_digests(d, keys, raws, records)
+    masked = bytes(map(operator.and_, map(zlib.crc32, keys), repeat(LEAF_MASK)))
+    at = masked.find(0)
+    if at < 0:
+        d.acc ^= reduce(operator.xor, digests, 0)
         return
+    starts: list[int] = []
+    while at >= 0:
+        starts.append(at)
+        at = masked.find(0, at + 1)
+    edges = [0, *starts, len(keys)]
+    values = [reduce(operator.xor, digests[lo:hi], 0)
+              for lo, hi in pairwise(edges)]
     moved = 0 if d.gap_hi is None else _accounted(txn, d.table, d, d.gap_hi, d.hi, None)
     d.acc ^= values[0] ^ moved
     d.pending[d.bucket] = d.pending.get(d.bucket, 0) ^ d.acc
@@ -386,32 +394,26 @@ def _settle_run(txn: Any, d: TableDigest) -> None:
     d.bucket, d.acc = BUCKET + d.lo, 0
 
 
-def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> Iterator[int]:
+def _live_digests(d: TableDigest, keys: list[bytes], raws: list[bytes],
+                  records: list[bytes] | None) -> list[int]:
     # row_digest of live rows as integers, inlined for the usual head (a uint64 version,
-    # an origin below 128). A local write's rows share their version and origin: their
-    # prefix is built once and the rest runs in C.
+    # an origin below 128). A local write's rows share their version and origin, so
+    # their seed: the rest runs in C, one hash call per row.
     first = raws[0]
     if first[1] == 0xCF and first[10] < 0x80:
+        seed = _seed_of(d, first, False)
+        if records is not None:  # one head, already cut off
+            return list(map(XXH_INT, map(operator.add, records, keys), repeat(seed)))
+        tails = map(operator.itemgetter(slice(11, None)), raws)
         head = first[:11]
         if all(map(bytes.startswith, raws, repeat(head, len(raws)))):
-            records = map(operator.itemgetter(slice(11, None)), raws)
-            inputs = zip(repeat(_prefix_of(d, first, False)), records, keys)
-            return map(_XXH_INT, map(b"".join, inputs))
-    # Rows of many versions (a full-copy chunk): one prefix per row.
-    return (int.from_bytes(digest, "big") for digest in _mixed_digests(d, keys, raws))
-
-
-def _mixed_digests(d: TableDigest, keys: list[bytes], raws: list[bytes]) -> Iterator[bytes]:
-    join, xxh, names = b"".join, _XXH, d.origin_names
-    tails: dict[int, bytes] = {}  # origin id -> name, NUL, live flag
-    for key, raw in zip(keys, raws, strict=False):
-        if raw[1] != 0xCF or raw[10] >= 0x80:
-            yield row_digest(key, raw, False, names)
-            continue
-        tail = tails.get(raw[10])
-        if tail is None:
-            tail = tails[raw[10]] = name_bytes(names.get(raw[10], "")) + FLAG[False]
-        yield xxh(join((raw[2:10], tail, raw[11:], key)))
+            return list(map(XXH_INT, map(operator.add, tails, keys), repeat(seed)))
+        if all(raw[1] == 0xCF and raw[10] < 0x80 for raw in raws):
+            # Rows of many versions (a full-copy chunk): a seed per version and origin.
+            seeds = [_seed_of(d, raw, False) for raw in raws]
+            return list(map(XXH_INT, map(operator.add, tails, keys), seeds))
+    return [row_digest_int(key, raw, False, d.origin_names) for key, raw in zip(keys, raws,
+                                                                               strict=True)]
 
 
 def _settle(txn: Any, d: TableDigest) -> None:
@@ -438,7 +440,7 @@ def _settle(txn: Any, d: TableDigest) -> None:
 def _forget(d: TableDigest) -> None:
     # Nothing pending (written, or the hashes are being rebuilt or cleared).
     d.txn, d.table, d.pending, d.states, d.cursor = None, None, {}, ({}, {}), None
-    d.run_keys, d.run_raws = [], []
+    d.run_keys, d.run_raws, d.run_records = [], [], None
     d.bucket, d.lo, d.hi, d.acc, d.top_delta = BUCKET, b"", b"", 0, 0
 
 
@@ -517,8 +519,7 @@ def rebuild(txn: Any, table: Any) -> int:
         if is_boundary(key):
             current = BUCKET + key
             buckets[current] = 0
-        buckets[current] ^= int.from_bytes(row_digest(key, raw, deleted, names, last),
-                                           "big")
+        buckets[current] ^= row_digest_int(key, raw, deleted, names, last)
         count += 1
     cur = txn.cursor(db=d.dbi)
     cur.putmulti([(k, v.to_bytes(DIGEST_SIZE, "big")) for k, v in buckets.items()])

@@ -51,10 +51,12 @@ def put_record(txn: lmdb.Transaction, table: Table, key: bytes, version: int, or
 
 
 def put_new_records(txn: lmdb.Transaction, table: Table, keys: list[bytes],
-                    raws: list[bytes]) -> None:
-    """Store packed live records (``[version, origin, record]``) under keys that hold
-    nothing yet, neither a record nor a tombstone (the caller read them in ``txn``)."""
-    if digest.add_run(txn, table, keys, raws):
+                    raws: list[bytes], records: list[bytes] | None = None) -> None:
+    """Store packed live records (``[version, origin, record]``) under distinct keys
+    that hold nothing yet, neither a record nor a tombstone (the caller read them in
+    ``txn``). ``records``: each row's record bytes, when the rows share one version and
+    origin (each raw is that head followed by its record)."""
+    if digest.add_run(txn, table, keys, raws, records):
         txn.cursor(db=table.dbi).putmulti(list(zip(keys, raws, strict=True)))
         return
     for key, raw in zip(keys, raws, strict=True):

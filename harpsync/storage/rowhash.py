@@ -16,18 +16,17 @@ import xxhash
 
 LEAF_BITS = 5
 GROUP_BITS = 12
-DIGEST_SIZE = 16
+DIGEST_SIZE = 8
 ZERO = bytes(DIGEST_SIZE)
 # The row-digest layout (stored under the hash DBI's mark); hashes of another layout are
 # rebuilt when the table opens, and peers compare only equal layouts.
-FORMAT = 3
+FORMAT = 4
 LEAF_MASK = (1 << LEAF_BITS) - 1
 GROUP_MASK = (1 << GROUP_BITS) - 1
 FLAG = (b"\0", b"\1")
-# XXH3-128 of bytes, big-endian (one call per row: a third of blake2b's time, most of
-# which was Python calls on the hash object).
-XXH = xxhash.xxh3_128_digest
-XXH_INT = xxhash.xxh3_128_intdigest  # the same, as an integer
+# XXH3-64 of bytes with a seed, as an integer (one C call per row; most of a row's cost
+# is the call, so 64 bits, not 128: no second half to build and XOR).
+XXH_INT = xxhash.xxh3_64_intdigest
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -67,35 +66,41 @@ def row_digest(key: bytes, raw: bytes, deleted: bool, origin_names: Mapping[int,
     """The digest of a stored ``[version, origin, record]``; equal on every node that
     holds the same row.
 
-    XXH3-128 over the version (8 bytes, big-endian), the origin *name* (UTF-8) and a NUL,
-    the deleted flag (one byte), the record's msgpack bytes as stored, then the key. The
-    record is self-delimiting, so the key needs no length. The part before the record
-    is the same for rows written together (one version and origin): ``last`` keeps the
+    XXH3-64 of the record's msgpack bytes as stored followed by the key, seeded with
+    ``row_seed`` of the version, the origin *name* and the deleted flag; 8 bytes,
+    big-endian. The record is self-delimiting, so the key needs no length. The seed is
+    the same for rows written together (one version and origin): ``last`` keeps the
     previous row's across calls with one origin map.
     """
+    return row_digest_int(key, raw, deleted, origin_names, last).to_bytes(DIGEST_SIZE, "big")
+
+
+def row_digest_int(key: bytes, raw: bytes, deleted: bool, origin_names: Mapping[int, str],
+                   last: list[Any] | None = None) -> int:
+    """``row_digest`` as an integer."""
     if raw[1] == 0xCF and raw[10] < 0x80:  # the usual head: a uint64 version, origin < 128
         if last is None:
-            prefix = prefix_bytes(raw[2:10], origin_names.get(raw[10], ""), deleted)
-        else:  # [head and flag, prefix] of the previous row, for rows in a scan
+            seed = row_seed(raw[2:10], origin_names.get(raw[10], ""), deleted)
+        else:  # [head and flag, seed] of the previous row, for rows in a scan
             head = raw[:11] + FLAG[deleted]
             if last[0] != head:
-                last[:] = head, prefix_bytes(raw[2:10], origin_names.get(raw[10], ""),
-                                             deleted)
-            prefix = last[1]
-        return XXH(b"".join((prefix, raw[11:], key)))
+                last[:] = head, row_seed(raw[2:10], origin_names.get(raw[10], ""), deleted)
+            seed = last[1]
+        return XXH_INT(raw[11:] + key, seed)
     number, pos = _uint(raw, 1)
     origin, pos = _uint(raw, pos)
-    return XXH(b"".join((prefix_bytes(_U64.pack(number), origin_names.get(origin, ""), deleted),
-                         raw[pos:], key)))
+    return XXH_INT(raw[pos:] + key,
+                   row_seed(_U64.pack(number), origin_names.get(origin, ""), deleted))
 
 
-def prefix_bytes(version: bytes, origin_name: str, deleted: bool) -> bytes:
-    """A row digest's input before the record: version, origin name, NUL, flag."""
-    return version + name_bytes(origin_name) + FLAG[deleted]
+def row_seed(version: bytes, origin_name: str, deleted: bool) -> int:
+    """A row digest's seed: XXH3-64 of the version (8 bytes, big-endian), the origin
+    name's UTF-8 bytes, a NUL and the deleted flag (one byte)."""
+    return XXH_INT(version + name_bytes(origin_name) + FLAG[deleted])
 
 
 def name_bytes(name: str) -> bytes:
-    # An origin name's bytes in a row digest: UTF-8, then NUL.
+    # An origin name's bytes in a row seed: UTF-8, then NUL.
     out = _NAMES.get(name)
     if out is None:
         out = _NAMES[name] = name.encode() + b"\0"

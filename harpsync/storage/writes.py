@@ -142,11 +142,15 @@ def _store(txn: Any, table: Table, version: int,
     # Store a job's values in order; when every key is new (the usual bulk insert),
     # packed first and stored together.
     bulk = bool(puts) and all(fresh for _, _, _, fresh in puts)
-    raws: list[bytes] = []
+    # A stored row is msgpack [version, origin, record]: in bulk, each record is packed
+    # alone after one shared head (the same bytes), and the table hashes take the
+    # records' bytes as they are.
+    head = codec.pack([version, LOCAL_ORIGIN, None])[:-1]
+    packed: list[bytes] = []
     for index, key, new, _ in puts:
         try:
             if bulk:
-                raws.append(codec.pack([version, LOCAL_ORIGIN, new]))
+                packed.append(codec.pack(new))
             else:
                 put_record(txn, table, key, version, LOCAL_ORIGIN, new)
         except (OverflowError, ValueError) as exc:
@@ -154,7 +158,8 @@ def _store(txn: Any, table: Table, version: int,
             raise BadRequestError(f"'records[{index}]' holds a value that cannot be "
                                   f"stored: {exc}") from None
     if bulk:
-        put_new_records(txn, table, [key for _, key, _, _ in puts], raws)
+        put_new_records(txn, table, [key for _, key, _, _ in puts],
+                        list(map(head.__add__, packed)), packed)
 
 
 def delete_records(storage: Storage, db_name: str, table_name: str, ids: list[Any],
