@@ -39,6 +39,7 @@ from __future__ import annotations
 import heapq
 import operator
 import os
+import struct
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ BUCKET = b"B"
 MARK = b"M"
 TOP = b"T"
 _FORMAT_MARK = str(FORMAT).encode()
+# A CRC-32's low byte -> 0 where it makes its key a boundary, else 1.
+_STARTS = bytes(int(bool(low & LEAF_MASK)) for low in range(256))
 ENABLED = os.environ.get("HARPSYNC_DIGEST", "on").lower() not in ("off", "0", "false")
 
 
@@ -371,7 +374,9 @@ def _settle_run(txn: Any, d: TableDigest) -> None:
     # the boundaries are found in C (the zero bytes of the keys' masked CRCs), and each
     # segment's digests are XORed by ``reduce``, so no Python code runs per row.
     digests = _live_digests(d, keys, raws, records)
-    masked = bytes(map(operator.and_, map(zlib.crc32, keys), repeat(LEAF_MASK)))
+    # Each key's CRC-32 as 4 little-endian bytes; every fourth byte is a low byte, and
+    # the table turns a boundary's into 0 (``rowhash.is_boundary``; LEAF_BITS <= 8).
+    masked = struct.pack(f"<{len(keys)}I", *map(zlib.crc32, keys))[::4].translate(_STARTS)
     at = masked.find(0)
     if at < 0:
         d.acc ^= reduce(operator.xor, digests, 0)
