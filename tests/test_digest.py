@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from harpsync import codec
 from harpsync.errors import BadRequestError
 from harpsync.storage import digest, retention, rowhash, writes
 from harpsync.storage.keys import encode_id
-from harpsync.storage.records import put_record, put_tombstone
+from harpsync.storage.records import put_new_records, put_record, put_tombstone
 from harpsync.storage.store import Storage
 from harpsync.storage.writer import WriteContext
 
@@ -267,6 +268,57 @@ def test_runs_of_new_keys_in_gaps_stay_exact(storage: Storage):
             storage, *db_table, [{"id": 70_001 + 2 * i} for i in range(200)], "insert", None))
         await storage.write(writes.write_records(
             storage, *db_table, [{"id": 70_099}, {"id": 70_101}], "insert", None))
+
+    asyncio.run(run())
+    current = buckets(storage)
+    assert len(current) > 100
+    assert current == rebuilt(storage)
+    assert stored_top(storage) == rowhash.top(current)
+
+
+def test_scattered_batches_of_new_keys_stay_exact(storage: Storage):
+    """Batches of new ids in random order among stored ids (hashed together in key
+    order, a boundary among them splitting its bucket while the batch's later rows are
+    stored but not hashed yet), alone, after a run in the same transaction, and before
+    overwrites and deletes of their own rows, leave the same buckets as a rebuild."""
+    rng = random.Random(5)
+    db_table = ("data", "dog")
+    taken: set[int] = set()
+
+    def fresh(count: int) -> list[int]:
+        ids = rng.sample([i for i in range(60_000) if i not in taken], count)
+        taken.update(ids)
+        return ids
+
+    def job(ctx: WriteContext, run: list[int], scattered: list[int], then: bool) -> None:
+        db, table = storage.table(*db_table)
+        txn = ctx.txn(db)
+        for ids in (run, scattered):
+            if ids:
+                keys = [encode_id(i) for i in ids]
+                raws = [codec.pack([(1 << 40) + i, 0, {"id": i}]) for i in ids]
+                put_new_records(txn, table, keys, raws)
+        if then:  # overwrite and delete rows of the batch just hashed
+            for i in scattered[::5]:
+                put_record(txn, table, encode_id(i), (1 << 41) + i, 0, {"id": i, "o": 1})
+            for i in scattered[1::7]:
+                put_tombstone(txn, table, encode_id(i), (1 << 41) + i, 0)
+
+    async def run() -> None:
+        await storage.create_table(*db_table, "id")
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": i} for i in fresh(3000)], "insert", None))
+        for n in range(24):
+            first = 100_000 + n * 1000
+            run_ids = list(range(first, first + rng.randrange(0, 300))) if n % 3 else []
+            scattered = fresh(rng.randrange(1, 400))
+            await storage.write(lambda ctx, r=run_ids, s=scattered, t=n % 4 == 3:
+                                job(ctx, r, s, t))
+            assert buckets(storage) == rebuilt(storage), f"after job {n}"
+            assert stored_top(storage) == rowhash.top(buckets(storage)), f"after job {n}"
+        # Through the insert path too: records in random order (ids of one version).
+        await storage.write(writes.write_records(
+            storage, *db_table, [{"id": i} for i in fresh(450)], "insert", None))
 
     asyncio.run(run())
     current = buckets(storage)

@@ -112,6 +112,8 @@ class TableDigest:
     # The write being made while the run settles: stored, not hashed yet; its old row
     # (None: a new key) is what the buckets hold for it.
     writing: bytes | None = None
+    # Keys stored by ``add_scattered`` whose rows it has not hashed yet.
+    unhashed: set[bytes] | None = None
     writing_old: bytes | None = None
     writing_old_deleted: bool = False
 
@@ -166,8 +168,9 @@ def _accounted(txn: Any, table: Any, d: TableDigest, lo: bytes, hi: bytes | None
     total = 0
     names = d.origin_names
     last: list[Any] = [b"", None]
+    unhashed = d.unhashed
     for row_key, raw, deleted in _rows_between(txn, table, lo, hi):
-        if row_key == skip:
+        if row_key == skip or (unhashed is not None and row_key in unhashed):
             continue
         if row_key == d.writing:
             if d.writing_old is None:
@@ -265,12 +268,16 @@ def add_run(txn: Any, table: Any, keys: list[bytes], raws: list[bytes],
     change them).
 
     Returns:
-        True: store them (no ``on_write`` per row); False: store and report them one by
-        one (they do not form a run).
+        True: store them, nothing more; False: they do not form a run: store them, then
+        hand them to ``add_scattered``.
     """
     d = table.digest
     if d is None or not ENABLED:
         return True
+    if d.txn is not txn:
+        _start(txn, table, d)
+    if d.run_keys:
+        _settle_run(txn, d)  # these rows are not stored yet: the settle cannot see them
     if len(keys) < 2 or keys != sorted(keys):
         return False
     gap_hi: bytes | None = None
@@ -282,14 +289,38 @@ def add_run(txn: Any, table: Any, keys: list[bytes], raws: list[bytes],
                 return False
             if gap_hi is None or after < gap_hi:
                 gap_hi = bytes(after)
-    if d.txn is not txn:
-        _start(txn, table, d)
-    if d.run_keys:
-        _settle_run(txn, d)  # these rows are not stored yet: the settle cannot see them
     if keys[0] < d.lo or (d.hi is not None and keys[0] >= d.hi):
         _move_to(d, keys[0])
     d.run_keys, d.run_raws, d.gap_hi, d.run_records = keys, raws, gap_hi, records
     return True
+
+
+def add_scattered(txn: Any, table: Any, keys: list[bytes], raws: list[bytes],
+                  records: list[bytes] | None = None) -> None:
+    """Hash live rows just stored under distinct new keys that ``add_run`` refused as a
+    run (random ids, or stored keys between them): the digests in one C-level map, then
+    the rows in key order, so rows sharing a bucket share its lookup. A boundary among
+    them splits its bucket; the batch's rows after it are not hashed yet, so the split
+    leaves them out (``TableDigest.unhashed``)."""
+    d = table.digest
+    if d is None or not ENABLED or not keys:
+        return
+    if d.txn is not txn:
+        _start(txn, table, d)
+    digests = _live_digests(d, keys, raws, records)
+    d.unhashed = set(keys)
+    try:
+        for key, value in sorted(zip(keys, digests, strict=True)):
+            if zlib.crc32(key) & LEAF_MASK == 0:
+                _split(txn, table, d, key)
+                d.acc = value
+            elif key < d.lo or (d.hi is not None and key >= d.hi):
+                _move_to(d, key)
+                d.acc = value
+            else:
+                d.acc ^= value
+    finally:
+        d.unhashed = None
 
 
 def _write_row(txn: Any, table: Any, d: TableDigest, key: bytes, raw: bytes,

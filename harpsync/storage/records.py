@@ -59,9 +59,10 @@ def put_new_records(txn: lmdb.Transaction, table: Table, keys: list[bytes],
     if digest.add_run(txn, table, keys, raws, records):
         txn.cursor(db=table.dbi).putmulti(list(zip(keys, raws, strict=True)))
         return
-    for key, raw in zip(keys, raws, strict=True):
-        txn.put(key, raw, db=table.dbi)
-        digest.on_insert(txn, table, key, raw)
+    # Not one run (ids out of order, or stored ids between them): in key order, then
+    # hashed together.
+    txn.cursor(db=table.dbi).putmulti(sorted(zip(keys, raws, strict=True)))
+    digest.add_scattered(txn, table, keys, raws, records)
 
 
 def put_tombstone(txn: lmdb.Transaction, table: Table, key: bytes, version: int,
