@@ -160,6 +160,39 @@ def test_stale_write_does_not_land_in_a_recreated_table(node_factory):
     assert b.count("t") == 2
 
 
+def test_rows_of_a_recreated_table_never_land_in_the_dropped_incarnation(node_factory):
+    """C drops and re-creates table t while B's link from C is paused; A learns the new
+    incarnation from C and writes a row to it, which reaches B before C's drop does.
+    B must not put the row into its old incarnation (C's late drop would then delete it
+    there for good): it learns the drop and the new table from A's hello first, so every
+    node ends with exactly the new incarnation's rows."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    a.call("create_table", table="t", primary_key="id")
+    join(a, b)
+    join(a, c)
+    for x, y in [(a, b), (b, a), (a, c), (c, a), (b, c), (c, b)]:
+        wait_linked([(x, y)], ("system", "data"))
+    a.call("insert", table="t", records=[{"id": 100, "v": "old"}])
+    wait_for(lambda: by_id(b, "t", 100) and by_id(c, "t", 100), timeout=20,
+             message="the old incarnation's row everywhere")
+    b.call("pause_replication", hostname="node-c", database="data")
+    c.call("drop_table", table="t")
+    c.call("create_table", table="t", primary_key="id")
+    c.call("insert", table="t", records=[{"id": 1}])
+    wait_for(lambda: by_id(a, "t", 1) and by_id(a, "t", 100) is None, timeout=20,
+             message="C's new incarnation on A")
+    a.call("insert", table="t", records=[{"id": 2}])
+    wait_for(lambda: by_id(b, "t", 2), timeout=20, message="A's row on B")
+    b.call("resume_replication", hostname="node-c", database="data")
+    for n in (a, b, c):
+        wait_for(lambda n=n: by_id(n, "t", 1) and by_id(n, "t", 2), timeout=20,
+                 message=f"both rows of the new incarnation on {n.name}")
+        assert by_id(n, "t", 100) is None, f"the dropped incarnation's row on {n.name}"
+        assert n.count("t") == 2, n.name
+
+
 def test_drop_database_survives_a_crash_before_its_files_go(node_factory, tmp_path):
     """A database whose drop committed but whose directory survived (a crash between the
     two) stays dropped after restart, and its directory is removed."""

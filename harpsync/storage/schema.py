@@ -135,7 +135,12 @@ def stale_op(ctx: WriteContext, db: Database, table_name: str,
     """Whether a data op for a table is a late write to a dropped incarnation.
 
     Raises:
-        UnknownTableError: the table is missing and not dropped (its create is on the way).
+        UnknownTableError: the table is missing and not dropped (its create is on the
+            way), or the op's incarnation is newer than the live table: a re-create
+            after a drop not seen here yet, or a concurrent create not merged here yet.
+            Either way the sender's next hello carries it (with its drop markers), so
+            the op waits for that rather than landing in an incarnation that a late
+            drop would empty.
     """
     table = db.tables.get(table_name)
     if table is None:
@@ -143,6 +148,9 @@ def stale_op(ctx: WriteContext, db: Database, table_name: str,
         if marker and (incarnation is None or incarnation <= marker):
             return True
         raise UnknownTableError(f"table '{db.name}.{table_name}' is not known here yet")
+    if incarnation is not None and incarnation > table.version:
+        raise UnknownTableError(f"the incarnation of table '{db.name}.{table_name}' created "
+                                f"at {incarnation} is not known here yet")
     # The live table is newer than every marker, so only an older incarnation can be dead.
     return (incarnation is not None and incarnation < table.version
             and incarnation <= db.table_marker(ctx.txn(db), table_name))
