@@ -7,8 +7,9 @@ of one node) are switched off.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,7 +20,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -35,8 +37,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.operations = Counter("harpsync_operations_total", "Operations handled",
-                                  ["operation", "status"], registry=r)
+        # Per-request figures are plain numbers, turned into metrics when scraped:
+        # prometheus_client takes a lock per increment, a few µs per request in all.
+        self._op_counts: dict[tuple[str, int], int] = {}
+        self._op_latency: dict[str, list[float]] = {}
+        r.register(_OperationCounts(self._op_counts))
         self.clock_skew = Counter("harpsync_clock_skew_total",
                                   "Remote versions ahead of local wall time by more than "
                                   "replication.maxClockSkew", ["peer"], registry=r)
@@ -74,10 +79,7 @@ class Metrics:
                                        "Unix time of the last verification", registry=r)
 
     def _add_detail_metrics(self, r: CollectorRegistry) -> None:
-        self.operation_seconds = Histogram(
-            "harpsync_operation_duration_seconds",
-            "Time from request to response, per operation (failed requests: 'rejected')",
-            ["operation"], buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_OperationSeconds(self._op_latency))
         self.apply_seconds = Histogram(
             "harpsync_replication_apply_seconds",
             "Time to apply one batch received from a peer (durable)", ["peer", "database"],
@@ -114,19 +116,23 @@ class Metrics:
                                        "/changes clients dropped for falling behind",
                                        registry=r)
         self._totals: dict[str, tuple[str, Callable[[], float]]] = {}
-        self._operation_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         r.register(_FunctionCounters(self._totals))
 
     def observe_operation(self, operation: str | None, status: int, seconds: float) -> None:
-        """Count and time one answered request (failed ones as ``rejected``)."""
+        """Count and time one answered request (failed ones as ``rejected``).
+
+        Called on the event loop only (the scrape reads the tallies there too).
+        """
         name = operation if status == 200 and operation else "rejected"
-        children = self._operation_children.get((name, status))
-        if children is None:  # labels() validates and locks: look each pair up once
-            children = (self.operations.labels(name, str(status)),
-                        self.operation_seconds.labels(name))
-            self._operation_children[(name, status)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        key = (name, status)
+        counts = self._op_counts
+        counts[key] = counts.get(key, 0) + 1
+        latency = self._op_latency.get(name)
+        if latency is None:  # the sum, then one count per bucket and +Inf
+            latency = self._op_latency[name] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        latency[0] += seconds
+        # The first bucket whose upper bound is >= seconds, as prometheus_client counts.
+        latency[1 + bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
     def observe_group(self, jobs: int, commit_seconds: float) -> None:
         """One group commit of the writer thread (called from that thread)."""
@@ -158,6 +164,43 @@ class Metrics:
                      dead_letters: Callable[[], float]) -> None:
         self.conflicts_pending.set_function(conflicts)
         self.dead_letters_pending.set_function(dead_letters)
+
+
+class _OperationCounts:
+    """``harpsync_operations_total`` by operation and status, from plain tallies."""
+
+    def __init__(self, counts: dict[tuple[str, int], int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("harpsync_operations_total", "Operations handled",
+                                     labels=["operation", "status"])
+        for (name, status), count in list(self._counts.items()):
+            family.add_metric([name, str(status)], count)
+        yield family
+
+
+class _OperationSeconds:
+    """``harpsync_operation_duration_seconds`` by operation, from plain tallies."""
+
+    _BOUNDS = [floatToGoString(b) for b in (*LATENCY_BUCKETS, math.inf)]  # type: ignore[no-untyped-call]
+
+    def __init__(self, latency: dict[str, list[float]]) -> None:
+        self._latency = latency
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "harpsync_operation_duration_seconds",
+            "Time from request to response, per operation (failed requests: 'rejected')",
+            labels=["operation"])
+        for name, tally in list(self._latency.items()):
+            buckets = []
+            cumulative = 0.0
+            for bound, count in zip(self._BOUNDS, tally[1:], strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric([name], buckets, tally[0])
+        yield family
 
 
 class _FunctionCounters:

@@ -22,7 +22,7 @@ MAX_ID_LENGTH = 128
 _ID_RE = re.compile(r"^[A-Za-z0-9._:/+=@-]{1," + str(MAX_ID_LENGTH) + r"}$")
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestContext:
     """One request: its id and the headers its handlers add to the response."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,12 +44,29 @@ def public_records(records: Iterable[dict[str, Any]], database: str,
     return _public(records, {"database": database, "table": table})
 
 
+# known_attributes of each table, kept until the table's attribute list changes (every
+# schema change assigns a new list): search_by_id asks on every request.
+_KNOWN: dict[int, tuple[weakref.ref[Table], str, list[str], int, list[str]]] = {}
+
+
 def known_attributes(database: str, table: Table) -> list[str]:
     """Every attribute ``table`` knows (secrets left out), as ``get_attributes: ["*"]``
-    returns them: a record without one shows it as null, as Harper does."""
+    returns them: a record without one shows it as null, as Harper does.
+
+    The list is shared between calls: callers must not change it.
+    """
+    attributes = table.attributes
+    cached = _KNOWN.get(id(table))
+    if (cached is not None and cached[0]() is table and cached[1] == database
+            and cached[2] is attributes and cached[3] == len(attributes)):
+        return cached[4]
     secret = _SECRET_FIELDS.get(table.name) if database == SYSTEM else None
-    names = dict.fromkeys([table.primary_key, *TIME_ATTRIBUTES, *table.attributes])
-    return [name for name in names if name != secret]
+    names = dict.fromkeys([table.primary_key, *TIME_ATTRIBUTES, *attributes])
+    known = [name for name in names if name != secret]
+    if len(_KNOWN) > 10_000:  # dropped tables leave dead entries behind
+        _KNOWN.clear()
+    _KNOWN[id(table)] = (weakref.ref(table), database, attributes, len(attributes), known)
+    return known
 
 
 def check_writable(database: str) -> None:

@@ -246,6 +246,30 @@ def test_search_by_id_default_attributes_include_timestamps(dogs):
     assert all(isinstance(record[key], float) for key in TIMES)
 
 
+def test_search_by_id_nulls_follow_schema_changes(dev):
+    """The attributes a search_by_id fills with null follow every schema change."""
+    def shown(database: str = "dev", ids: Any = (1,)) -> set[str]:
+        (record,) = dev.call("search_by_id", database=database, table="dog", ids=list(ids))
+        return set(record) - set(TIMES)
+
+    dev.call("insert", database="dev", table="dog", records=[{"id": 1, "name": "Rex"}])
+    assert shown() == {"id", "name"}
+    dev.call("insert", database="dev", table="dog", records=[{"id": 2, "age": 3}])
+    assert shown() == {"id", "name", "age"}
+    dev.call("create_attribute", database="dev", table="dog", attribute="color")
+    assert shown() == {"id", "name", "age", "color"}
+    dev.call("drop_attribute", database="dev", table="dog", attribute="color")
+    assert shown() == {"id", "name", "age"}
+    dev.call("drop_table", database="dev", table="dog")
+    dev.call("create_table", database="dev", table="dog", primary_key="key")
+    dev.call("insert", database="dev", table="dog", records=[{"key": "a"}])
+    assert shown(ids=["a"]) == {"key"}
+    dev.call("create_database", database="other")
+    dev.call("create_table", database="other", table="dog", primary_key="id")
+    dev.call("insert", database="other", table="dog", records=[{"id": 1, "size": 2}])
+    assert shown("other") == {"id", "size"}
+
+
 def test_search_by_id_star_includes_timestamps(dogs):
     """get_attributes ["*"] includes __createdtime__ and __updatedtime__ as floats."""
     (record,) = dogs.call("search_by_id", database="dev", table="dog", ids=[3],

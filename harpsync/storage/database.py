@@ -76,6 +76,9 @@ class Database:
         self.env = lmdb.Environment(
             str(path), map_size=map_size, max_dbs=4096, max_readers=512, subdir=True,
             sync=True, metasync=True, readahead=False, mode=0o600,
+            # Reuse one reset read transaction: with 4096 DBIs a fresh one costs a
+            # zeroed allocation of ~200 KB (about 2 µs, a tenth of a search_by_id).
+            max_spare_txns=1,
         )
         for name in ("data.mdb", "lock.mdb"):
             if (path / name).exists():
