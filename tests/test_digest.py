@@ -181,6 +181,10 @@ def test_hashes_exact_after_failed_and_multi_table_jobs(storage: Storage):
     dog = buckets(storage)
     assert len(dog) > 5 and dog == rebuilt(storage)
     assert buckets(storage, "cat") == rebuilt(storage, "cat")
+    db, table = storage.table("data", "dog")
+    with db.env.begin() as txn:  # the failed job ran alone, in the group's transaction
+        assert txn.get(encode_id(899), db=table.dbi) is None
+        assert codec.unpack(txn.get(encode_id(360), db=table.dbi))[2] == {"id": 360, "t": "dog"}
     db, bird = storage.table("other", "bird")
     with db.env.begin() as txn:
         kept = digest.buckets(txn, bird)

@@ -2,8 +2,9 @@
 
 py-lmdb ties a write transaction to its OS thread, and one fsync costs about 1 ms, so
 every write goes through this thread. It drains everything queued, runs each job in a
-nested child transaction (one bad job aborts alone), commits each touched environment
-once, and only then resolves the jobs' futures.
+nested child transaction (one bad job aborts alone; a group's only job writes to the
+group's transactions directly), commits each touched environment once, and only then
+resolves the jobs' futures.
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ INLINE_AFTER = 4
 
 
 class WriteContext:
-    """What a job sees: one child transaction per database it touches."""
+    """What a job sees: one child transaction per database it touches, or, for the only
+    job of its group (``direct``), the group's transactions themselves: a child costs a
+    begin that zeroes a few hundred KB (LMDB sizes it by ``max_dbs``), and a failure
+    then aborts the group's transactions, which hold nothing else."""
 
-    def __init__(self, parents: dict[Database, lmdb.Transaction]) -> None:
+    def __init__(self, parents: dict[Database, lmdb.Transaction], direct: bool = False,
+                 ) -> None:
         self._parents = parents
+        self._direct = direct
         self._children: dict[Database, lmdb.Transaction] = {}
         self._undo: list[Callable[[], object]] = []
         self.after_commit: list[Callable[[], None]] = []
@@ -50,7 +56,7 @@ class WriteContext:
             if parent is None:
                 parent = db.env.begin(write=True)
                 self._parents[db] = parent
-            child = db.env.begin(write=True, parent=parent)
+            child = parent if self._direct else db.env.begin(write=True, parent=parent)
             self._children[db] = child
         return child
 
@@ -72,12 +78,14 @@ class WriteContext:
             except Exception:
                 self._finish(ok=False)
                 raise
-        for child in self._children.values():
-            if ok:
-                child.commit()
-            else:
+        for db, child in self._children.items():
+            if not ok:
                 digest.discard(child)
                 child.abort()
+                if self._direct:  # the group's own transaction: nothing to commit
+                    self._parents.pop(db, None)
+            elif not self._direct:
+                child.commit()
         if not ok:
             for fn in reversed(self._undo):
                 fn()
@@ -283,10 +291,11 @@ class Writer:
                     job.prepare()
                 except Exception as exc:
                     job.error = exc
+        direct = len(jobs) == 1
         for job in jobs:
             if job.error is not None:
                 continue
-            ctx = WriteContext(parents)
+            ctx = WriteContext(parents, direct)
             job.ctx = ctx
             try:
                 job.result = job.fn(ctx)
