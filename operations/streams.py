@@ -82,7 +82,7 @@ async def reprocess_dead_letters(ctx: OpContext, body: dict[str, Any]) -> dict[s
     for row in _chosen(ctx, body):
         review = rep.review(str(row.get("peer")), str(row.get("database")))
         try:
-            await storage.write(deadletters.reprocess_job(storage, row, review))
+            await deadletters.reprocess(storage, row, review)
             succeeded += 1
         except (ValueError, HarpsyncError, TypeError, KeyError, IndexError) as exc:
             failures.append({"id": row.get("id"), "error": str(exc)[:300]})

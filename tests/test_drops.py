@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from harpsync import codec
+from harpsync.storage import deadletters
 from tests.helpers import ADMIN, wait_for
 from tests.repl_util import by_id, has_table, join, stays, wait_linked
 
@@ -191,6 +192,31 @@ def test_rows_of_a_recreated_table_never_land_in_the_dropped_incarnation(node_fa
                  message=f"both rows of the new incarnation on {n.name}")
         assert by_id(n, "t", 100) is None, f"the dropped incarnation's row on {n.name}"
         assert n.count("t") == 2, n.name
+
+
+def test_reprocessed_create_database_drops_the_incarnation_it_follows(node_factory):
+    """A dead-lettered create_database whose creator had seen a drop of the incarnation
+    still live here is reprocessed in two steps: the drop (its files go after that
+    commit), then the create. Before, the one job refused it (the new environment was
+    never prepared, and the drop in the same job could not free the name)."""
+    a = node_factory("node-a")
+    a.call("create_table", database="x", table="old", primary_key="id")
+    storage = a.node.storage
+    old = storage.databases["x"].created
+    dropped, created = storage.hlc.now(), storage.hlc.now()
+    letter = deadletters.dead_letter(
+        "node-b", "system", "node-b", created, None,
+        [[None, "create_database", "x", {"after_drop": dropped}]], "test: held back")
+    _on_loop(a, storage.write(deadletters.record_job(
+        storage, "system", "node-b", [letter], storage.databases["system"].cursor("node-b"))))
+    done = a.call("reprocess_dead_letters", node="node-b")
+    assert (done["succeeded"], done["failed"]) == (1, 0), done
+    db = storage.databases["x"]
+    assert db.created == created and db.created != old
+    assert not has_table(a, "old", "x")
+    assert a.call("list_dead_letters")["dead_letters"] == []
+    # The drop is remembered: the old incarnation's late writes are stale here.
+    assert storage.database_markers()["x"] == dropped
 
 
 def test_drop_database_survives_a_crash_before_its_files_go(node_factory, tmp_path):

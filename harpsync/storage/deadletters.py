@@ -110,16 +110,32 @@ def row_letters(peer: str, database: str, table: str, rows: Sequence[tuple[bytes
     return out
 
 
+# What a reprocess job answers when it applied only the drop that a create_database of
+# the dead letter follows: run it again, as a new job (the old files go after the commit).
+AGAIN = -1
+
+
 def reprocess_job(storage: Storage, row: dict[str, Any], review: Review | None,
-                  ) -> Callable[[WriteContext], int]:
-    """A job applying one dead letter again; it deletes the row when it applied.
+                  ) -> tuple[Callable[[WriteContext], int], Callable[[], None]]:
+    """A job applying one dead letter again, and its ``prepare`` (opening what its
+    creates need); the job deletes the row when it applied, and answers ``AGAIN``
+    when it applied only the drop its ``create_database`` follows.
 
     Raises:
         RefusedAgainError: the policy refused it again (the row stays).
         UnknownTableError, ValueError, ...: it still cannot be applied.
     """
+    opened: list[str] = []
+
+    def prepare() -> None:
+        ops = row.get("ops")
+        if isinstance(ops, list) and all(isinstance(op, list) and len(op) >= 3 for op in ops):
+            opened.extend(ingest.prepare_entries(storage, str(row["database"]), [
+                (0, str(row.get("node")), 0, None, ops)]))
 
     def job(ctx: WriteContext) -> int:
+        if opened:
+            ctx.after_commit.append(lambda: storage.discard_pending(opened))
         db = storage.databases.get(str(row["database"]))
         if db is None:
             raise ingest.UnknownTableError(f"database '{row['database']}' does not exist")
@@ -128,6 +144,8 @@ def reprocess_job(storage: Storage, row: dict[str, Any], review: Review | None,
         origin, version = str(row["node"]), int(row["version"])
         stats = ingest.ApplyStats()
         origin_id = ingest.local_origin(ctx, db, origin)
+        if ingest.drop_first(storage, ctx, row["ops"], version, origin_id, stats):
+            return AGAIN
         applied = [op for op in row["ops"] if ingest.apply_op(
             storage, ctx, db, op, version, origin, origin_id, stats, review)]
         if review is not None and review.refused:
@@ -137,7 +155,18 @@ def reprocess_job(storage: Storage, row: dict[str, Any], review: Review | None,
         system_delete(ctx, storage, DEAD_LETTERS, [str(row["id"])])
         return len(applied)
 
-    return job
+    return job, prepare
+
+
+async def reprocess(storage: Storage, row: dict[str, Any], review: Review | None) -> int:
+    """Apply one dead letter again (``reprocess_job``, twice when a create_database
+    first drops the incarnation its creator had seen dropped); the ops applied."""
+    for _ in range(3):
+        job, prepare = reprocess_job(storage, row, review)
+        applied = int(await storage.write(job, prepare))
+        if applied != AGAIN:
+            return applied
+    raise ValueError("the change kept asking for a drop first")
 
 
 def delete_job(storage: Storage, table: str, ids: list[str]) -> Callable[[WriteContext], int]:
@@ -190,6 +219,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-__all__ = ["CONFLICTS", "DEAD_LETTERS", "RefusedAgainError", "count", "dead_letter",
-           "delete_job", "entry_letters", "record_job", "refuser", "reprocess_job", "row_letters",
+__all__ = ["AGAIN", "CONFLICTS", "DEAD_LETTERS", "RefusedAgainError", "count", "dead_letter",
+           "delete_job", "entry_letters", "record_job", "refuser", "reprocess", "reprocess_job",
+           "row_letters",
            "rows_of", "select", "summary"]

@@ -126,7 +126,7 @@ def _recreates_dropped(ops: list[list[Any]], stats: ApplyStats) -> bool:
     return any(op[1] == "create_database" and op[2] in stats.dropped_databases for op in ops)
 
 
-def _drop_first(storage: Storage, ctx: WriteContext, ops: list[list[Any]], version: int,
+def drop_first(storage: Storage, ctx: WriteContext, ops: list[list[Any]], version: int,
                 origin_id: int, stats: ApplyStats) -> bool:
     """Apply the drops that an entry's ``create_database`` ops say they follow, where
     they remove a database here; True if one did (the entry waits for a new job)."""
@@ -225,7 +225,7 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
                 stats.cursor_seq = seq - 1
                 break
             origin_id = local_origin(ctx, db, origin_name)
-            if _drop_first(storage, ctx, ops, version, origin_id, stats):
+            if drop_first(storage, ctx, ops, version, origin_id, stats):
                 # A create that follows a drop this node has not applied: the drop is
                 # applied now, the entry again in a new job, once the old files are gone.
                 stats.resume_seq = seq
