@@ -1,4 +1,5 @@
-"""Shared fixtures: ``node_factory``, ``cluster`` and ``wait_for``."""
+"""Shared fixtures: ``node_factory``, ``cluster``, ``wait_for`` and the validation
+``registry``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from harpsync.validation import SchemaRegistry
 from tests.helpers import InProcessNode, ProcessNode, wait_for
 
 
@@ -58,6 +60,12 @@ def _all_connected(node: Any, peers: int) -> bool:
         return False
     return all(s["connected"] for c in conns for s in c["database_sockets"]
                if s["database"] == "system")
+
+
+@pytest.fixture(scope="module")
+def registry() -> SchemaRegistry:
+    """The registry loaded from the shipped schemas package (tests/test_validation*.py)."""
+    return SchemaRegistry.load()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
