@@ -332,8 +332,11 @@ def _write_row(txn: Any, table: Any, d: TableDigest, key: bytes, raw: bytes,
         delta = XXH_INT(raw[11:] + key, _seed_of(d, raw, deleted))
     else:
         delta = row_digest_int(key, raw, deleted, d.origin_names)
-    if old_raw is not None:
-        delta ^= row_digest_int(key, old_raw, old_deleted, d.origin_names)
+    if old_raw is not None:  # rows written together share their seed: cached
+        if old_raw[1] == 0xCF and old_raw[10] < 0x80:
+            delta ^= XXH_INT(old_raw[11:] + key, _seed_of(d, old_raw, old_deleted))
+        else:
+            delta ^= row_digest_int(key, old_raw, old_deleted, d.origin_names)
     elif zlib.crc32(key) & LEAF_MASK == 0:
         _split(txn, table, d, key)
         d.acc = delta
