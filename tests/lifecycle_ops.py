@@ -136,6 +136,9 @@ class LifecycleOps(LifecycleNodes):
     def schema_step(self) -> None:
         """Calm: drop and re-create a table, toggle one, or drop/create a database."""
         choice = self.rng.random()
+        # What exists decides drop or create: read it once the nodes agree (right
+        # after a heal they may not yet, and "no agreement" is not "no tables").
+        self.wait_agree("every node to agree on the schema first")
         tables = self.agree() or {}
         if choice < 0.45:
             table = self.rng.choice(DATA_TABLES)
