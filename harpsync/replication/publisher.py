@@ -82,8 +82,10 @@ class Publisher:
         return self.session.acked_seq
 
     async def flush(self) -> None:
+        link = self.link
         for frame in self.session.data_to_send():
-            await self.link.send(frame)
+            if not link.send_now(frame):
+                await link.send(frame)
 
     def notify(self, head: int) -> None:
         """Commit listener; called by the thread that committed: the writer thread, or
@@ -104,7 +106,9 @@ class Publisher:
         if threading.get_ident() == self._loop_thread:
             # A group committed on the event loop itself (a lone small write): no
             # cross-thread call, whose wake-up of the loop costs two system calls.
-            self._wakeup.set()
+            # One loop iteration later, so the writer's response goes out first: the
+            # send then overlaps that client's turn-around instead of adding to it.
+            self._loop.call_soon(self._wakeup.set)
         else:
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
