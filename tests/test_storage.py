@@ -472,6 +472,29 @@ async def test_read_log_tail_answers_as_the_log(storage):
                 (want_pruned, [(s, bytes(v)) for s, v in want[:limit]])
 
 
+async def test_read_log_tail_trims_to_its_bounds(storage, monkeypatch):
+    """The in-memory tail keeps the newest entries within its bounds; reads from before
+    it go to LMDB and answer the same."""
+    from harpsync.storage import database
+
+    monkeypatch.setattr(database, "TAIL_ENTRIES", 3)
+    await storage.create_table("data", "dog", "id")
+    db = storage.database("data")
+    db.commit_listeners.append(lambda head: None)
+    start = db.head_seq
+    for i in range(1, 12):
+        await insert(storage, [{"id": i, "pad": "x" * (i * 10)}])
+        assert len(db._tail) <= 6
+        for after in range(start, db.head_seq + 1):
+            assert db.read_log(after, 1000) == lmdb_log(db, after)
+    monkeypatch.setattr(database, "TAIL_BYTES", 200)
+    await insert(storage, [{"id": 99, "pad": "y" * 40}])
+    assert 0 < db._tail_size <= 200 and db._tail[-1][0] == db.head_seq
+    assert db.read_log(start, 1000) == lmdb_log(db, start)
+    await insert(storage, [{"id": 100, "pad": "z" * 400}])  # alone above the bound
+    assert db._tail == [] and db.read_log(start, 1000) == lmdb_log(db, start)
+
+
 async def test_read_log_after_purge_and_prune_sees_them(storage):
     """Entries rewritten by ``purge_stream`` and removed by pruning are read as LMDB holds
     them, never from the in-memory tail the publisher was reading."""

@@ -70,6 +70,10 @@ class Publisher:
         self._notified_head = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        # The pending wake-up for the next ``caught_up`` report, and the report time
+        # (``Reported.at``) it was set for.
+        self._report_timer: asyncio.TimerHandle | None = None
+        self._report_at = -1.0
 
     @property
     def sent_seq(self) -> int:
@@ -218,6 +222,8 @@ class Publisher:
                 self.session.send_error("publisher_error", str(exc)[:200])
                 await self.flush()
                 await self.link.close(1011, "publisher error")
+        finally:
+            self._cancel_report_timer()
 
     async def _stream_inner(self, db: LogSource, sub: SubscribeRequested) -> None:
         allowed = self._allowed_tables(sub.tables)
@@ -272,12 +278,24 @@ class Publisher:
                 # A timer rather than ``wait_for``, which (Python 3.11) wraps the wait in
                 # a task of its own: a commit's wake-up then reached this loop two
                 # event-loop iterations later, behind whatever else was ready. A timer
-                # that fires only makes the loop read the log once more.
-                timer = asyncio.get_running_loop().call_later(step.timeout, self._wakeup.set)
-                try:
-                    await self._wakeup.wait()
-                finally:
-                    timer.cancel()
+                # that fires only makes the loop read the log once more. The report is
+                # due at one time until the next goes out, so one timer serves every
+                # wait until then, not one per commit.
+                if self._report_timer is None or self._report_at != reported.at:
+                    self._cancel_report_timer()
+                    self._report_at = reported.at
+                    self._report_timer = asyncio.get_running_loop().call_later(
+                        step.timeout, self._report_due)
+                await self._wakeup.wait()
+
+    def _report_due(self) -> None:
+        self._report_timer = None
+        self._wakeup.set()
+
+    def _cancel_report_timer(self) -> None:
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
 
     async def _resync(self, step: Resync) -> None:
         self.session.send_resync_required(step.oldest_seq, step.reason)

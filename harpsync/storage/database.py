@@ -37,7 +37,8 @@ LOCAL_ORIGIN = 0
 # The newest committed log entries a database keeps in memory while it has commit
 # listeners (publishers), so a publisher woken by a commit reads them without an LMDB
 # transaction (each read transaction of an environment with 4096 DBIs allocates and
-# zeroes about 200 KiB). See ``Database.remember_log``.
+# zeroes about 200 KiB). At least this many are kept (up to twice as many between
+# trims), in at most ``TAIL_BYTES``. See ``Database.remember_log``.
 TAIL_ENTRIES = 128
 TAIL_BYTES = 1 << 20
 TIME_ATTRIBUTES = ("__createdtime__", "__updatedtime__")
@@ -253,13 +254,21 @@ class Database:
             return
         if not entries:
             return  # the log did not change
-        tail, size = self._tail, self._tail_size
-        if not tail or tail[-1][0] + 1 != entries[0][0]:
-            tail, size = [], 0
-        tail = tail + entries
-        size += sum(len(value) for _, value in entries)
-        drop = 0
-        while len(tail) - drop > TAIL_ENTRIES or (size > TAIL_BYTES and drop < len(tail)):
+        tail = self._tail
+        size = sum(len(value) for _, value in entries)
+        if tail and tail[-1][0] + 1 == entries[0][0]:
+            # In place: a reader on another thread indexes from ``tail[0]``, which an
+            # append does not move; trimming the front makes a new list (below).
+            tail.extend(entries)
+            size += self._tail_size
+        else:
+            tail = self._tail = list(entries)
+        self._tail_size = size
+        if len(tail) <= 2 * TAIL_ENTRIES and size <= TAIL_BYTES:
+            return
+        drop = max(0, len(tail) - TAIL_ENTRIES)
+        size -= sum(len(value) for _, value in tail[:drop])
+        while size > TAIL_BYTES and drop < len(tail):
             size -= len(tail[drop][1])
             drop += 1
         self._tail, self._tail_size = tail[drop:], size
