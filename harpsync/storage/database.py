@@ -277,13 +277,14 @@ class Database:
         """A job that rewrites or prunes log entries began: read them from LMDB until
         :meth:`release_log_tail` (after its commit, or its failure)."""
         self._tail_held += 1
-        self._forget_tail()
+        self.forget_log_tail()
 
     def release_log_tail(self) -> None:
         self._tail_held = max(0, self._tail_held - 1)
-        self._forget_tail()
+        self.forget_log_tail()
 
-    def _forget_tail(self) -> None:
+    def forget_log_tail(self) -> None:
+        """Drop the in-memory tail: reads go to LMDB until commits refill it."""
         self._tail, self._tail_size = [], 0
         self._tail_pruned = None
         self._tail_gen += 1

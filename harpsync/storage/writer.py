@@ -335,7 +335,7 @@ class Writer:
                 db.remember_log(logged.get(db, []))
             except Exception:
                 log.exception("log tail of %s failed", db.name)
-                db.release_log_tail()  # forget it: readers go to LMDB
+                db.forget_log_tail()  # readers go to LMDB
             try:
                 db.notify_commit()
                 if self._on_commit is not None:
