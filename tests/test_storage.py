@@ -444,6 +444,83 @@ async def test_log_sequence_survives_reopen(tmp_path):
         second.close()
 
 
+def lmdb_log(db: Database, after: int) -> tuple[int, list[tuple[int, bytes]]]:
+    """What ``read_log`` must answer, read from LMDB itself."""
+    return db.pruned_through(), db.log_after(after, 1_000_000)
+
+
+async def test_read_log_tail_answers_as_the_log(storage):
+    """While a publisher listens, ``read_log`` answers from the committed entries kept
+    in memory exactly as from LMDB, from any position, also past a failed job."""
+    await storage.create_table("data", "dog", "id")
+    db = storage.database("data")
+    db.commit_listeners.append(lambda head: None)
+    start = db.head_seq
+    await insert(storage, [{"id": 1}])
+    db.read_log(start, 1000)  # learns pruned_through
+    for i in range(2, 6):
+        await insert(storage, [{"id": i}])
+    with pytest.raises(BadRequestError):
+        await insert(storage, [{"id": 90}, {"id": True}])
+    await insert(storage, [{"id": 6}])
+    assert db._tail and db._tail[0][0] <= start + 2  # served from memory
+    for after in range(start, db.head_seq + 1):
+        for limit in (1, 2, 1000):
+            pruned, entries = db.read_log(after, limit)
+            want_pruned, want = lmdb_log(db, after)
+            assert (pruned, [(s, bytes(v)) for s, v in entries]) == \
+                (want_pruned, [(s, bytes(v)) for s, v in want[:limit]])
+
+
+async def test_read_log_tail_trims_to_its_bounds(storage, monkeypatch):
+    """The in-memory tail keeps the newest entries within its bounds; reads from before
+    it go to LMDB and answer the same."""
+    from harpsync.storage import database
+
+    monkeypatch.setattr(database, "TAIL_ENTRIES", 3)
+    await storage.create_table("data", "dog", "id")
+    db = storage.database("data")
+    db.commit_listeners.append(lambda head: None)
+    start = db.head_seq
+    for i in range(1, 12):
+        await insert(storage, [{"id": i, "pad": "x" * (i * 10)}])
+        assert len(db._tail) <= 6
+        for after in range(start, db.head_seq + 1):
+            assert db.read_log(after, 1000) == lmdb_log(db, after)
+    monkeypatch.setattr(database, "TAIL_BYTES", 200)
+    await insert(storage, [{"id": 99, "pad": "y" * 40}])
+    assert 0 < db._tail_size <= 200 and db._tail[-1][0] == db.head_seq
+    assert db.read_log(start, 1000) == lmdb_log(db, start)
+    await insert(storage, [{"id": 100, "pad": "z" * 400}])  # alone above the bound
+    assert db._tail == [] and db.read_log(start, 1000) == lmdb_log(db, start)
+
+
+async def test_read_log_after_purge_and_prune_sees_them(storage):
+    """Entries rewritten by ``purge_stream`` and removed by pruning are read as LMDB holds
+    them, never from the in-memory tail the publisher was reading."""
+    from harpsync.storage import retention
+
+    await storage.create_table("data", "dog", "id")
+    await storage.create_table("data", "cat", "id")
+    db = storage.database("data")
+    db.commit_listeners.append(lambda head: None)
+    start = db.head_seq
+    for i in range(1, 5):
+        await insert(storage, [{"id": i}])
+        await insert(storage, [{"id": i}], table="cat")
+    assert db.read_log(start, 1000)[1]  # the tail is in use
+    await storage.write(retention.purge_table_job(db, "dog", 1, None))
+    pruned, entries = db.read_log(start, 1000)
+    assert (pruned, entries) == lmdb_log(db, start)
+    assert sum(1 for _, v in entries if codec.unpack(v)[3][0][0] == "dog") == 1
+    await insert(storage, [{"id": 9}], table="cat")
+    db.read_log(start, 1000)
+    through = db.head_seq - 2
+    await storage.write(retention.prune_log_job(db, through, None))
+    assert db.read_log(start, 1000) == lmdb_log(db, start)
+    assert db.read_log(start, 1000)[0] == through
+
+
 # -- tombstones -----------------------------------------------------------------------------
 async def test_delete_leaves_tombstone(storage):
     """A delete removes the live record and stores [version, origin, None] as a tombstone."""

@@ -70,6 +70,10 @@ class Publisher:
         self._notified_head = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        # The pending wake-up for the next ``caught_up`` report, and the report time
+        # (``Reported.at``) it was set for.
+        self._report_timer: asyncio.TimerHandle | None = None
+        self._report_at = -1.0
 
     @property
     def sent_seq(self) -> int:
@@ -82,8 +86,10 @@ class Publisher:
         return self.session.acked_seq
 
     async def flush(self) -> None:
+        link = self.link
         for frame in self.session.data_to_send():
-            await self.link.send(frame)
+            if not link.send_now(frame):
+                await link.send(frame)
 
     def notify(self, head: int) -> None:
         """Commit listener; called by the thread that committed: the writer thread, or
@@ -103,7 +109,10 @@ class Publisher:
             return
         if threading.get_ident() == self._loop_thread:
             # A group committed on the event loop itself (a lone small write): no
-            # cross-thread call, whose wake-up of the loop costs two system calls.
+            # cross-thread call, whose wake-up of the loop costs two system calls. Set
+            # at once, so the entry goes out before the writer's response (deferring
+            # it behind the response cost 0.2 ms of replication latency, p50, and
+            # gained no rate in A/B rounds).
             self._wakeup.set()
         else:
             self._loop.call_soon_threadsafe(self._wakeup.set)
@@ -214,6 +223,8 @@ class Publisher:
                 self.session.send_error("publisher_error", str(exc)[:200])
                 await self.flush()
                 await self.link.close(1011, "publisher error")
+        finally:
+            self._cancel_report_timer()
 
     async def _stream_inner(self, db: LogSource, sub: SubscribeRequested) -> None:
         allowed = self._allowed_tables(sub.tables)
@@ -268,12 +279,24 @@ class Publisher:
                 # A timer rather than ``wait_for``, which (Python 3.11) wraps the wait in
                 # a task of its own: a commit's wake-up then reached this loop two
                 # event-loop iterations later, behind whatever else was ready. A timer
-                # that fires only makes the loop read the log once more.
-                timer = asyncio.get_running_loop().call_later(step.timeout, self._wakeup.set)
-                try:
-                    await self._wakeup.wait()
-                finally:
-                    timer.cancel()
+                # that fires only makes the loop read the log once more. The report is
+                # due at one time until the next goes out, so one timer serves every
+                # wait until then, not one per commit.
+                if self._report_timer is None or self._report_at != reported.at:
+                    self._cancel_report_timer()
+                    self._report_at = reported.at
+                    self._report_timer = asyncio.get_running_loop().call_later(
+                        step.timeout, self._report_due)
+                await self._wakeup.wait()
+
+    def _report_due(self) -> None:
+        self._report_timer = None
+        self._wakeup.set()
+
+    def _cancel_report_timer(self) -> None:
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
 
     async def _resync(self, step: Resync) -> None:
         self.session.send_resync_required(step.oldest_seq, step.reason)

@@ -203,8 +203,10 @@ class Subscriber:
 
     async def _flush(self) -> None:
         assert self._session is not None and self.link is not None
+        link = self.link
         for frame in self._session.data_to_send():
-            await self.link.send(frame)
+            if not link.send_now(frame):
+                await link.send(frame)
 
     async def _connect_once(self) -> None:
         row = self.host.peer_row(self.peer)

@@ -128,6 +128,30 @@ class Link:
         self.bytes_sent += len(data)
         await self._conn.send(data)
 
+    def send_now(self, data: bytes) -> bool:
+        """Write one binary frame at once if the socket can take it without waiting.
+
+        Returns False (nothing sent) when the connection is not open, its write buffer
+        is above the limit, or another message is being sent: the caller then awaits
+        :meth:`send`, which waits, or raises ``LinkClosed``. This is ``send`` without
+        its asynchronous context and drain, which cost a publisher about as much as
+        the frame's encryption (one frame per commit of a lone client).
+        """
+        conn = self._conn
+        protocol = conn.protocol
+        if (protocol.state is not State.OPEN or getattr(conn, "paused", True)
+                or getattr(conn, "send_in_progress", True) is not None
+                or conn.transport is None or conn.transport.is_closing()):
+            return False
+        protocol.send_binary(data)
+        try:
+            conn.send_data()
+        except Exception:
+            # The socket failed under us: let the regular path raise LinkClosed.
+            conn.transport.abort()
+        self.bytes_sent += len(data)
+        return True
+
     async def recv(self) -> bytes:
         """Receive one frame; raises ``LinkClosed`` when the socket closes."""
         data = await self._conn.recv()

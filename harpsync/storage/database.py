@@ -34,6 +34,13 @@ DROPPED_DB_PREFIX = b"dropped_db:"
 # In a database's own ``__meta__``: the version of the create that made it.
 CREATED_KEY = b"created"
 LOCAL_ORIGIN = 0
+# The newest committed log entries a database keeps in memory while it has commit
+# listeners (publishers), so a publisher woken by a commit reads them without an LMDB
+# transaction (each read transaction of an environment with 4096 DBIs allocates and
+# zeroes about 200 KiB). At least this many are kept (up to twice as many between
+# trims), in at most ``TAIL_BYTES``. See ``Database.remember_log``.
+TAIL_ENTRIES = 128
+TAIL_BYTES = 1 << 20
 TIME_ATTRIBUTES = ("__createdtime__", "__updatedtime__")
 
 
@@ -99,6 +106,15 @@ class Database:
         self.handles: dict[str, tuple[Any, Any]] = {}
         self.digest_dbis: dict[str, Any] = {}
         self.closed = False
+        # The log tail (see ``read_log``): consecutive committed entries, replaced as a
+        # whole (never changed in place), with the pruned-through sequence they were
+        # read under (None: unknown, read the log). ``_tail_held`` counts jobs that
+        # rewrite or prune the log and are not committed yet.
+        self._tail: list[tuple[int, bytes]] = []
+        self._tail_size = 0
+        self._tail_pruned: int | None = None
+        self._tail_gen = 0
+        self._tail_held = 0
         self._load(local_name)
         self.created = self._read_created()
 
@@ -204,6 +220,13 @@ class Database:
         Returns:
             ``(pruned_through, [(seq, stored value bytes), ...])``.
         """
+        tail, pruned_known = self._tail, self._tail_pruned
+        if tail and pruned_known is not None and pruned_known <= after_seq \
+                and not self._tail_held:
+            start = after_seq + 1 - tail[0][0]
+            if start >= 0:
+                return pruned_known, tail[start:start + limit]
+        gen = self._tail_gen
         out: list[tuple[int, bytes]] = []
         with self.env.begin() as txn:
             raw = txn.get(PRUNED_KEY, db=self.meta_dbi)
@@ -214,7 +237,60 @@ class Database:
                     out.append((seq_of(key), value))
                     if len(out) >= limit:
                         break
+        if gen == self._tail_gen and not self._tail_held:
+            # No prune began or committed during the read: its pruned-through holds.
+            self._tail_pruned = pruned
         return pruned, out
+
+    # -- the in-memory log tail --------------------------------------------------------
+    def remember_log(self, entries: list[tuple[int, bytes]]) -> None:
+        """Keep entries a commit just appended to the log (called by the writer right
+        after the commit, before the commit listeners).
+
+        The tail stays consecutive: entries that do not follow it start a new one.
+        Nothing is kept while no listener reads the log, or while a job that rewrites
+        or prunes it is in flight (``hold_log_tail``).
+        """
+        if self._tail_held or not self.commit_listeners:
+            if self._tail:
+                self._tail, self._tail_size = [], 0
+            return
+        if not entries:
+            return  # the log did not change
+        tail = self._tail
+        size = sum(len(value) for _, value in entries)
+        if tail and tail[-1][0] + 1 == entries[0][0]:
+            # In place: a reader on another thread indexes from ``tail[0]``, which an
+            # append does not move; trimming the front makes a new list (below).
+            tail.extend(entries)
+            size += self._tail_size
+        else:
+            tail = self._tail = list(entries)
+        self._tail_size = size
+        if len(tail) <= 2 * TAIL_ENTRIES and size <= TAIL_BYTES:
+            return
+        drop = max(0, len(tail) - TAIL_ENTRIES)
+        size -= sum(len(value) for _, value in tail[:drop])
+        while size > TAIL_BYTES and drop < len(tail):
+            size -= len(tail[drop][1])
+            drop += 1
+        self._tail, self._tail_size = tail[drop:], size
+
+    def hold_log_tail(self) -> None:
+        """A job that rewrites or prunes log entries began: read them from LMDB until
+        :meth:`release_log_tail` (after its commit, or its failure)."""
+        self._tail_held += 1
+        self.forget_log_tail()
+
+    def release_log_tail(self) -> None:
+        self._tail_held = max(0, self._tail_held - 1)
+        self.forget_log_tail()
+
+    def forget_log_tail(self) -> None:
+        """Drop the in-memory tail: reads go to LMDB until commits refill it."""
+        self._tail, self._tail_size = [], 0
+        self._tail_pruned = None
+        self._tail_gen += 1
 
     def log_after(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to ``limit`` committed log entries with sequence greater than ``after_seq``.

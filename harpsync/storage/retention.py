@@ -23,6 +23,14 @@ MAX_PRUNE = 50_000  # entries per job, so one prune never holds the writer for l
 KEEP_TOMBSTONES = {("system", "hdb_nodes")}
 
 
+def _hold_tail(ctx: WriteContext, db: Database) -> None:
+    """This job rewrites or removes log entries: the database's in-memory log tail is
+    not read from until the job committed or failed."""
+    db.hold_log_tail()
+    ctx.after_commit.append(db.release_log_tail)
+    ctx.on_undo(db.release_log_tail)
+
+
 def _mark_pruned(ctx: WriteContext, db: Database, seq: int) -> None:
     txn = ctx.txn(db)
     raw = txn.get(PRUNED_KEY, db=db.meta_dbi)
@@ -73,6 +81,7 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
     """Delete log entries up to ``through_seq``; tombstones with older versions too."""
 
     def job(ctx: WriteContext) -> dict[str, int]:
+        _hold_tail(ctx, db)
         txn = ctx.txn(db)
         removed = 0
         last = 0
@@ -135,6 +144,7 @@ def purge_table_job(db: Database, table: str, keep: int | None, upto_seq: int | 
     """
 
     def job(ctx: WriteContext) -> dict[str, Any]:
+        _hold_tail(ctx, db)
         txn = ctx.txn(db)
         touching: list[int] = []
         cur = txn.cursor(db=db.txns_dbi)

@@ -209,8 +209,9 @@ class Storage:
             ctx.version = version
         # A job that fails after this gives its sequence back: no gap, no phantom lag.
         ctx.on_undo(lambda: setattr(db, "next_seq", min(db.next_seq, seq)))
-        ctx.txn(db).put(seq_key(seq), codec.pack([origin, version, user, ops]),
-                        db=db.txns_dbi, append=True)
+        value = codec.pack([origin, version, user, ops])
+        ctx.txn(db).put(seq_key(seq), value, db=db.txns_dbi, append=True)
+        ctx.logged.append((db, seq, value))
         return seq
 
     # -- schema jobs -------------------------------------------------------------------

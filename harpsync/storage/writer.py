@@ -45,6 +45,9 @@ class WriteContext:
         self._children: dict[Database, lmdb.Transaction] = {}
         self._undo: list[Callable[[], object]] = []
         self.after_commit: list[Callable[[], None]] = []
+        # Log entries this job appended, ``(database, seq, value)``, for the databases'
+        # in-memory log tails once the group commits (``Database.remember_log``).
+        self.logged: list[tuple[Database, int, bytes]] = []
         # The newest version this job appended to a transaction log (0: none).
         self.version = 0
 
@@ -329,9 +332,19 @@ class Writer:
                 if job.ctx is not None:
                     job.ctx.rollback_catalog()
         # The group is durable now: nothing below may turn a job into a failure.
+        logged: dict[Database, list[tuple[int, bytes]]] = {}
+        for job in jobs:
+            if job.error is None and job.ctx is not None:
+                for db, seq, value in job.ctx.logged:
+                    logged.setdefault(db, []).append((seq, value))
         for db in parents:
             if db in failed:
                 continue
+            try:
+                db.remember_log(logged.get(db, []))
+            except Exception:
+                log.exception("log tail of %s failed", db.name)
+                db.forget_log_tail()  # readers go to LMDB
             try:
                 db.notify_commit()
                 if self._on_commit is not None:
