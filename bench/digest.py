@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import format_table
-from harpsync.storage import digest, writes
+from harpsync.storage import digest, digest_reads, writes
 from harpsync.storage.store import Storage
 
 BATCH = 500
@@ -84,9 +84,9 @@ def check(storage: Storage, table: str) -> bool:
     db, t = storage.table("bench", table)
     txn = db.env.begin(write=True)
     try:
-        kept = digest.buckets(txn, t)
+        kept = digest_reads.buckets(txn, t)
         digest.rebuild(txn, t)
-        return kept == digest.buckets(txn, t)
+        return kept == digest_reads.buckets(txn, t)
     finally:
         txn.abort()
 

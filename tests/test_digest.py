@@ -11,7 +11,7 @@ import pytest
 
 from harpsync import codec
 from harpsync.errors import BadRequestError
-from harpsync.storage import digest, retention, rowhash, writes
+from harpsync.storage import digest, digest_reads, retention, rowhash, writes
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import put_new_records, put_record, put_tombstone
 from harpsync.storage.store import Storage
@@ -31,13 +31,13 @@ def storage(tmp_path: Path) -> Iterator[Storage]:
 def buckets(storage: Storage, table: str = "dog") -> list[rowhash.Bucket]:
     db, t = storage.table("data", table)
     with db.env.begin() as txn:
-        return digest.buckets(txn, t)
+        return digest_reads.buckets(txn, t)
 
 
 def stored_top(storage: Storage, table: str = "dog") -> bytes:
     db, t = storage.table("data", table)
     with db.env.begin() as txn:
-        return digest.stored_top(txn, t)
+        return digest_reads.stored_top(txn, t)
 
 
 def rebuilt(storage: Storage, table: str = "dog") -> list[rowhash.Bucket]:
@@ -46,7 +46,7 @@ def rebuilt(storage: Storage, table: str = "dog") -> list[rowhash.Bucket]:
     txn = db.env.begin(write=True)
     try:
         digest.rebuild(txn, t)
-        return digest.buckets(txn, t)
+        return digest_reads.buckets(txn, t)
     finally:
         txn.abort()
 
@@ -187,11 +187,11 @@ def test_hashes_exact_after_failed_and_multi_table_jobs(storage: Storage):
         assert codec.unpack(txn.get(encode_id(360), db=table.dbi))[2] == {"id": 360, "t": "dog"}
     db, bird = storage.table("other", "bird")
     with db.env.begin() as txn:
-        kept = digest.buckets(txn, bird)
+        kept = digest_reads.buckets(txn, bird)
     txn = db.env.begin(write=True)
     try:
         digest.rebuild(txn, bird)
-        assert kept == digest.buckets(txn, bird)
+        assert kept == digest_reads.buckets(txn, bird)
     finally:
         txn.abort()
 
@@ -206,11 +206,11 @@ def test_a_job_reading_its_own_buckets_sees_its_writes(storage: Storage):
             txn = ctx.txn(db)
             for i in range(300):
                 put_record(txn, table, encode_id(i), 1 + i, 0, {"id": i})
-            seen = digest.buckets(txn, table)
+            seen = digest_reads.buckets(txn, table)
             child = db.env.begin(write=True, parent=txn)
             try:
                 digest.rebuild(child, table)
-                return seen, digest.buckets(child, table)
+                return seen, digest_reads.buckets(child, table)
             finally:
                 child.abort()
 

@@ -34,6 +34,19 @@ def _pair(node_factory: Any) -> tuple[Any, Any]:
     return a, b
 
 
+def _mesh_of_three(node_factory: Any, database: str, table: str) -> tuple[Any, Any, Any]:
+    """Nodes a, b, c, fully linked for ``system`` and ``database``, which holds
+    ``table`` (created on a before the joins)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    a.call("create_table", database=database, table=table, primary_key="id")
+    join(a, b)
+    join(a, c)
+    wait_linked([(a, b), (b, a), (a, c), (c, a), (b, c), (c, b)], ("system", database))
+    return a, b, c
+
+
 def test_local_database_is_never_dropped_or_created_by_a_peer(node_factory):
     """With ``replication.databases: data`` a peer's drop of a same-named database leaves
     this node's private copy alone, and a peer's other databases are not created here."""
@@ -137,14 +150,7 @@ def test_drop_and_recreate_of_a_database_in_one_applied_batch(node_factory):
 def test_stale_write_does_not_land_in_a_recreated_table(node_factory):
     """A write to the old table, relayed late by a third node, is discarded by the table
     re-created under the same name."""
-    a = node_factory("node-a")
-    b = node_factory("node-b")
-    c = node_factory("node-c")
-    a.call("create_table", table="t", primary_key="id")
-    join(a, b)
-    join(a, c)
-    for x, y in [(a, b), (b, a), (a, c), (c, a), (b, c), (c, b)]:
-        wait_linked([(x, y)], ("system", "data"))
+    a, b, c = _mesh_of_three(node_factory, "data", "t")
     b.call("pause_replication", hostname="node-c", database="data")
     a.call("insert", table="t", records=[{"id": 1, "v": "old"}])
     wait_for(lambda: by_id(c, "t", 1), timeout=20, message="the old write on C")
@@ -167,14 +173,7 @@ def test_rows_of_a_recreated_table_never_land_in_the_dropped_incarnation(node_fa
     B must not put the row into its old incarnation (C's late drop would then delete it
     there for good): it learns the drop and the new table from A's hello first, so every
     node ends with exactly the new incarnation's rows."""
-    a = node_factory("node-a")
-    b = node_factory("node-b")
-    c = node_factory("node-c")
-    a.call("create_table", table="t", primary_key="id")
-    join(a, b)
-    join(a, c)
-    for x, y in [(a, b), (b, a), (a, c), (c, a), (b, c), (c, b)]:
-        wait_linked([(x, y)], ("system", "data"))
+    a, b, c = _mesh_of_three(node_factory, "data", "t")
     a.call("insert", table="t", records=[{"id": 100, "v": "old"}])
     wait_for(lambda: by_id(b, "t", 100) and by_id(c, "t", 100), timeout=20,
              message="the old incarnation's row everywhere")
@@ -391,14 +390,7 @@ def test_recreated_database_survives_its_drop_arriving_after_it(node_factory):
     paused, and B's from C, so B's next hello does not list the new x). A applies the
     drop the create follows first, so B's late drop removes nothing and every node ends
     with C's incarnation and its table."""
-    a = node_factory("node-a")
-    b = node_factory("node-b")
-    c = node_factory("node-c")
-    a.call("create_table", database="x", table="old", primary_key="id")
-    join(a, b)
-    join(a, c)
-    pairs = [(a, b), (b, a), (a, c), (c, a), (b, c), (c, b)]
-    wait_linked(pairs, ("system", "x"))
+    a, b, c = _mesh_of_three(node_factory, "x", "old")
     a.call("pause_replication", hostname="node-b", database="system")
     b.call("pause_replication", hostname="node-c", database="system")
     b.call("drop_database", database="x")

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from harpsync.errors import BadRequestError, ValidationError
+from harpsync.errors import ValidationError
 from harpsync.validation import SchemaRegistry, validate_name
+from tests.validation_cases import refused_with
 
 # (operation, body, exact expected message)
 INVALID: list[tuple[str, dict[str, Any], str]] = [
@@ -41,11 +42,7 @@ def test_invalid_body_message(
     registry: SchemaRegistry, op: str, body: dict[str, Any], expected: str
 ) -> None:
     """An invalid body raises one 400 ValidationError whose message names the field."""
-    with pytest.raises(ValidationError) as info:
-        registry.validate(op, {"operation": op, **body})
-    assert info.value.message == expected
-    assert info.value.status == 400
-    assert isinstance(info.value, BadRequestError)
+    refused_with(registry, op, body, expected)
 
 
 @pytest.mark.parametrize("value", ["dog", "Dog_2", "a-b", "x" * 100, "0"])

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from harpsync.errors import ValidationError
+from harpsync.errors import BadRequestError, ValidationError
 from harpsync.validation import SchemaRegistry
 
 CANONICAL_OPERATIONS = {
@@ -216,3 +216,13 @@ def message(registry: SchemaRegistry, op: str, body: Any) -> str:
 
 
 __all__ = ["CANONICAL_OPERATIONS", "PERMISSION", "SUBSCRIPTION", "VALID", "message"]
+
+
+def refused_with(registry: SchemaRegistry, op: str, body: dict[str, Any], expected: str,
+                 ) -> None:
+    """``body`` for ``op`` raises one 400 ValidationError with exactly ``expected``."""
+    with pytest.raises(ValidationError) as info:
+        registry.validate(op, {"operation": op, **body})
+    assert info.value.message == expected
+    assert info.value.status == 400
+    assert isinstance(info.value, BadRequestError)

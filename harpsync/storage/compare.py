@@ -11,7 +11,7 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.errors import BadRequestError
-from harpsync.storage import digest, rowhash
+from harpsync.storage import digest, digest_reads, rowhash
 from harpsync.storage.database import Database, Table
 from harpsync.storage.keys import decode_id
 from harpsync.storage.records import put_record, put_tombstone
@@ -36,14 +36,14 @@ def all_buckets(db: Database, table: Table) -> list[rowhash.Bucket]:
     """Every bucket of the table, in key order (the head first)."""
     _check(table)
     with db.env.begin() as txn:
-        return digest.buckets(txn, table)
+        return digest_reads.buckets(txn, table)
 
 
 def top_hash(db: Database, table: Table) -> bytes:
     """The table's top hash (the XOR of every bucket), read in one lookup."""
     _check(table)
     with db.env.begin() as txn:
-        return digest.stored_top(txn, table)
+        return digest_reads.stored_top(txn, table)
 
 
 def range_hashes(db: Database, table: Table, starts: Sequence[bytes]) -> list[bytes]:
@@ -55,7 +55,7 @@ def buckets_in(db: Database, table: Table, ranges: Sequence[Range]) -> list[list
     """The buckets starting in each range."""
     _check(table)
     with db.env.begin() as txn:
-        return [digest.buckets(txn, table, lo, hi) for lo, hi in ranges]
+        return [digest_reads.buckets(txn, table, lo, hi) for lo, hi in ranges]
 
 
 # Row digests are compared by their first bytes only: a candidate found this way is read
@@ -68,7 +68,7 @@ def rows_in(db: Database, table: Table, ranges: Sequence[Range]) -> list[dict[by
     """``key -> row digest prefix`` of the stored rows in each range."""
     _check(table)
     with db.env.begin() as txn:
-        return [{k: d[:ROW_PREFIX] for k, d in digest.row_digests(txn, table, lo, hi).items()}
+        return [{k: d[:ROW_PREFIX] for k, d in digest_reads.row_digests(txn, table, lo, hi).items()}
                 for lo, hi in ranges]
 
 
@@ -79,7 +79,7 @@ def read_rows(db: Database, table: Table, keys: Sequence[bytes],
     out: list[RowState] = []
     with db.env.begin() as txn:
         for key in keys:
-            found = digest.stored_row(txn, table, key, codec.unpack)
+            found = digest_reads.stored_row(txn, table, key, codec.unpack)
             if found is None:
                 out.append(None)
                 continue
@@ -145,7 +145,7 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
         changed: list[Any] = []
         relay: dict[int, list[list[Any]]] = {}
         for key, (row_digest, version, origin_name, deleted, record) in rows:
-            found = digest.stored_row(txn, table, key, codec.unpack)
+            found = digest_reads.stored_row(txn, table, key, codec.unpack)
             if found is not None and found[0] == row_digest:
                 continue
             oid = local_origin(ctx, db, origin_name)

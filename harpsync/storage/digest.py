@@ -41,7 +41,7 @@ import operator
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import reduce
 from itertools import pairwise, repeat
@@ -53,12 +53,10 @@ from harpsync.storage.rowhash import (
     LEAF_MASK,
     XXH_INT,
     ZERO,
-    Bucket,
     is_boundary,
     row_digest,
     row_digest_int,
     row_seed,
-    top,
     xor,
 )
 
@@ -146,7 +144,7 @@ def _bucket_of(cur: Any, key: bytes) -> bytes:
     return BUCKET
 
 
-def _rows_between(txn: Any, table: Any, lo: bytes, hi: bytes | None,
+def rows_between(txn: Any, table: Any, lo: bytes, hi: bytes | None,
                   ) -> Iterator[tuple[bytes, bytes, bool]]:
     """Raw ``(key, stored, deleted)`` of live rows, then tombstones, in ``[lo, hi)``."""
     for dbi, deleted in ((table.dbi, False), (table.tomb_dbi, True)):
@@ -169,7 +167,7 @@ def _accounted(txn: Any, table: Any, d: TableDigest, lo: bytes, hi: bytes | None
     names = d.origin_names
     last: list[Any] = [b"", None]
     unhashed = d.unhashed
-    for row_key, raw, deleted in _rows_between(txn, table, lo, hi):
+    for row_key, raw, deleted in rows_between(txn, table, lo, hi):
         if row_key == skip or (unhashed is not None and row_key in unhashed):
             continue
         if row_key == d.writing:
@@ -575,53 +573,7 @@ def _rows_of(txn: Any, dbi: Any, deleted: bool) -> Iterator[tuple[bytes, bytes, 
         yield key, raw, deleted
 
 
-# -- reads (any thread, read transactions) ---------------------------------------------
-
-
-def buckets(txn: Any, table: Any, lo: bytes = b"", hi: bytes | None = None) -> list[Bucket]:
-    """The buckets starting in ``[lo, hi)`` (the head bucket counts as starting at b"")."""
-    out: list[Bucket] = []
-    d = table.digest
-    if d.txn is txn:  # the writer reading its own changes
-        _settle(txn, d)
-    cur = txn.cursor(db=table.digest.dbi)
-    if not cur.set_range(BUCKET + lo):
-        return out
-    for key, value in cur:
-        if not key.startswith(BUCKET):
-            break
-        start = bytes(key[1:])
-        if hi is not None and start >= hi:
-            break
-        out.append((start, bytes(value)))
-    return out
-
-
-def stored_top(txn: Any, table: Any) -> bytes:
-    """The XOR of every bucket, as kept with them (one read): equal on two nodes that
-    hold the same rows."""
-    d = table.digest
-    if d.txn is txn:  # the writer reading its own changes
-        _settle(txn, d)
-    value = txn.get(TOP, db=d.dbi)
-    return bytes(value) if value is not None else top(buckets(txn, table))
-
-
-def row_digests(txn: Any, table: Any, lo: bytes, hi: bytes | None,
-                ) -> dict[bytes, bytes]:
-    """``key -> row digest`` of every stored row in ``[lo, hi)``."""
-    names = table.digest.origin_names
-    last: list[Any] = [b"", None]
-    return {key: row_digest(key, raw, deleted, names, last)
-            for key, raw, deleted in _rows_between(txn, table, lo, hi)}
-
-
-def stored_row(txn: Any, table: Any, key: bytes,
-               unpack: Callable[[bytes], Any]) -> tuple[bytes, list[Any]] | None:
-    """``(digest, [version, origin, record])`` stored under ``key``, or None."""
-    for dbi, deleted in ((table.dbi, False), (table.tomb_dbi, True)):
-        raw = txn.get(key, db=dbi)
-        if raw is not None:
-            raw = bytes(raw)
-            return row_digest(key, raw, deleted, table.digest.origin_names), unpack(raw)
-    return None
+def settle_pending(txn: Any, table: Any) -> None:
+    """Write ``table``'s pending bucket changes if ``txn`` is the writer's transaction
+    that made them (a job reading its own buckets); otherwise nothing."""
+    _settle(txn, table.digest)

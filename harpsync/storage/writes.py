@@ -145,7 +145,6 @@ def _store(txn: Any, table: Table, version: int,
     # A stored row is msgpack [version, origin, record]: in bulk, each record is packed
     # alone after one shared head (the same bytes), and the table hashes take the
     # records' bytes as they are.
-    head = codec.pack([version, LOCAL_ORIGIN, None])[:-1]
     packed: list[bytes] = []
     for index, key, new, _ in puts:
         try:
@@ -158,6 +157,7 @@ def _store(txn: Any, table: Table, version: int,
             raise BadRequestError(f"'records[{index}]' holds a value that cannot be "
                                   f"stored: {exc}") from None
     if bulk:
+        head = codec.pack([version, LOCAL_ORIGIN, None])[:-1]
         put_new_records(txn, table, [key for _, key, _, _ in puts],
                         list(map(head.__add__, packed)), packed)
 
