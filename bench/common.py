@@ -324,12 +324,18 @@ class LoadResult:
 
 
 def run_load(scenario: Scenario, port: int, auth: tuple[str, str] | None, warmup: float,
-             duration: float, server_pid: int | None = None) -> LoadResult:
-    """Run one scenario in a separate client process; sample the server while it runs."""
+             duration: float, server_pid: int | None = None,
+             client_cores: set[int] | None = None) -> LoadResult:
+    """Run one scenario in a separate client process; sample the server while it runs.
+
+    ``client_cores`` pins the client process to those cores (it is pinned before it
+    connects: it waits for nothing but its own start-up)."""
     spec = scenario.spec(port, auth, warmup, duration)
     proc = subprocess.Popen([sys.executable, "-m", "bench.common", "loadgen", json.dumps(spec)],
                             cwd=REPO_ROOT, env=_child_env({}), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    if client_cores is not None:
+        os.sched_setaffinity(proc.pid, client_cores)
     assert proc.stdout is not None
     first = proc.stdout.readline().strip()
     if first != "start":

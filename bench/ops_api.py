@@ -14,8 +14,11 @@ with.
 
 The ``peer`` section starts three more nodes (see ``bench/pair.py``): one alone and a pair
 (origin with one live peer). Rounds of single-record inserts on the lone node and on the
-origin alternate (1 and 16 clients; unpinned, then origin and lone node on core 0 and the
-peer on core 1), and the table shows each median and the with-peer fraction. Raw py-lmdb
+origin alternate (1 and 16 clients) in three placements: unpinned; origin and lone node on
+core 0 and the peer on core 1 with the load client free to use both; and the same with the
+client on core 0 too, so that the peer has a core of its own (the pinned target applies to
+that one: elsewhere the client competes with the peer only in the with-peer rounds). The
+table shows each median and the with-peer fraction. Raw py-lmdb
 synced single-record commits on the same disk, measured before and after those rounds,
 are the second ceiling. The ``latency`` section times an insert on the origin until a
 ``search_by_id`` on the peer returns it. ``--code-root DIR`` runs the nodes from another
@@ -66,6 +69,13 @@ REFERENCE = {"insert x1": 67, "insert x1 c16": 298, "insert x100": 2_674}
 TARGET_SEARCH_ECHO = 0.60
 TARGET_PEER = {1: 0.75, 16: 0.85}
 TARGET_PEER_PINNED = 0.95
+# Where the origin (or the lone node), its load client and the peer run in the ``peer``
+# rounds. Only in the last does the peer have a core of its own: elsewhere the client
+# shares the peer's core or moves between both.
+UNPINNED = "unpinned"
+CLIENT_FLOATS = "origin 0, peer 1, client both"
+CLIENT_WITH_ORIGIN = "origin + client 0, peer 1"
+MODES = (UNPINNED, CLIENT_FLOATS, CLIENT_WITH_ORIGIN)
 TARGET_LMDB_FRACTION = 0.5
 TARGET_LATENCY_P50_MS = 2.0
 TARGET_LATENCY_P99_MS = 8.0
@@ -148,8 +158,9 @@ def _peer_section(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     out["counts"] = {"alone": pairs.count(pair.alone), "peer": pairs.count(pair.origin)}
     try:
         base = 2_000_000_000
-        for pinned in (False, True) if "peer" in args.sections else ():
-            pair.pin(pinned)
+        for mode in MODES if "peer" in args.sections else ():
+            pair.pin(mode != UNPINNED)
+            client_cores = {0} if mode == CLIENT_WITH_ORIGIN else None
             for clients in (1, args.clients):
                 for _ in range(args.peer_rounds):
                     for which, node in (("alone", pair.alone), ("peer", pair.origin)):
@@ -159,7 +170,7 @@ def _peer_section(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
                         peer_cpu = cpu_seconds(pair.peer.pid)
                         commits = [pairs.writer_commits(n) for n in (node, pair.peer)]
                         result = run_load(scenario, node.port, ADMIN, args.warmup,
-                                          args.duration, node.pid)
+                                          args.duration, node.pid, client_cores)
                         if which == "peer":
                             pair.wait_synced()
                         # Commits over the whole round (warm-up, catch-up) per record
@@ -174,7 +185,7 @@ def _peer_section(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
                             / result.duration,
                             "cpu_ms_per_rec": 1000 * (result.server_cpu_s or 0.0)
                             / max(1, result.records)}
-                        key = (pinned, clients, which)
+                        key = (mode, clients, which)
                         out["rounds"].setdefault(key, []).append(result)
         pair.pin(False)
         if "latency" in args.sections:
@@ -189,21 +200,21 @@ def _peer_section(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 def _peer_rows(peer: dict[str, Any], clients: int) -> tuple[list[list[str]], dict[Any, float]]:
     rows: list[list[str]] = []
     fractions: dict[Any, float] = {}
-    for pinned in (False, True):
+    for mode in MODES:
         for n in (1, clients):
-            alone = peer["rounds"].get((pinned, n, "alone"), [])
-            withp = peer["rounds"].get((pinned, n, "peer"), [])
+            alone = peer["rounds"].get((mode, n, "alone"), [])
+            withp = peer["rounds"].get((mode, n, "peer"), [])
             if not alone or not withp:
                 continue
             a = pairs.median([r.rec_per_s for r in alone])
             w = pairs.median([r.rec_per_s for r in withp])
-            fractions[(pinned, n)] = w / a if a else 0.0
+            fractions[(mode, n)] = w / a if a else 0.0
             cpu = pairs.median([r.extra["peer_cpu"] for r in withp])
 
             def med(runs: list[LoadResult], key: str) -> float:
                 return pairs.median([r.extra[key] for r in runs])
             rows.append([
-                "origin 0, peer 1" if pinned else "unpinned", str(n),
+                mode, str(n),
                 " / ".join(f"{r.rec_per_s:,.0f}" for r in alone), f"{a:,.0f}",
                 " / ".join(f"{r.rec_per_s:,.0f}" for r in withp), f"{w:,.0f}",
                 f"{100 * w / a:.0f}%" if a else "-",
@@ -406,12 +417,17 @@ def main(argv: list[str] | None = None) -> int:
                             f"search_by_id, {args.clients} clients >= "
                             f"{TARGET_SEARCH_ECHO:.0%} of echo",
                             f"{share:.0%} (CPU per request: {cpu:.0%})"))
-    for (pinned, n), share in sorted(fractions.items()):
+    for (mode, n), share in sorted(fractions.items(), key=lambda kv: (MODES.index(kv[0][0]),
+                                                                        kv[0][1])):
+        if mode == CLIENT_FLOATS:
+            continue  # shown in the table; the peer shares its core with the client there
+        pinned = mode == CLIENT_WITH_ORIGIN
         want = TARGET_PEER_PINNED if pinned else TARGET_PEER.get(n, TARGET_PEER[16])
-        lines.append(_check(share >= want, f"with one live peer{' (pinned)' if pinned else ''}"
+        lines.append(_check(share >= want, f"with one live peer"
+                            f"{' on its own core' if pinned else ''}"
                             f", {n} client{'s' if n > 1 else ''} >= {want:.0%} of alone",
                             f"{share:.0%}"))
-    alone_1 = peer.get("rounds", {}).get((False, 1, "alone"), []) if peer else []
+    alone_1 = peer.get("rounds", {}).get((UNPINNED, 1, "alone"), []) if peer else []
     if lmdb_rate and (alone_1 or single_1):
         lone = pairs.median([r.rec_per_s for r in alone_1]) if alone_1 else rate(single_1)
         lines.append(_check(lone >= TARGET_LMDB_FRACTION * lmdb_rate,
