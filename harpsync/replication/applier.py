@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from harpsync.errors import HarpsyncError
+from harpsync.errors import HarpsyncError, StorageError
 from harpsync.replication.reconnect import describe_error
 from harpsync.storage import deadletters, schema
 from harpsync.storage.hlc import ClockSkewError
@@ -47,8 +47,8 @@ def unappliable(exc: BaseException) -> bool:
     """Whether applying a change failed because of the change itself (it goes to the
     dead letters) rather than the link or the node (the link retries). Held-back
     versions (clock skew) and a peer still serving a dropped incarnation wait."""
-    if isinstance(exc, ClockSkewError | schema.DroppedIncarnationError):
-        return False
+    if isinstance(exc, ClockSkewError | schema.DroppedIncarnationError | StorageError):
+        return False  # a full database: retried until it has room
     return isinstance(exc, ValueError | HarpsyncError | OverflowError | TypeError | KeyError
                       | IndexError | AttributeError)
 

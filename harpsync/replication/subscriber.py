@@ -18,6 +18,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from harpsync.errors import StorageError
 from harpsync.replication import peers
 from harpsync.replication.applier import Applier, Work
 from harpsync.replication.messages import ProtocolError
@@ -181,6 +182,11 @@ class Subscriber:
                 self.last_error = describe_error(exc)
                 unreachable = self.link is None and isinstance(exc, DIAL_ERRORS)
                 log.debug("link %s/%s: %s", self.peer, self.database, self.last_error)
+            except StorageError as exc:  # a full database: retried, logged once
+                error = describe_error(exc)
+                if error != self.last_error:
+                    log.warning("link %s/%s: %s", self.peer, self.database, error)
+                self.last_error = error
             except Exception as exc:
                 self.last_error = describe_error(exc)
                 log.exception("link %s/%s failed", self.peer, self.database)

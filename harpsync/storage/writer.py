@@ -50,9 +50,13 @@ class WriteContext:
         self.logged: list[tuple[Database, int, bytes]] = []
         # The newest version this job appended to a transaction log (0: none).
         self.version = 0
+        # The database whose transaction the job asked for last: the one a storage
+        # failure (a full map) is reported against.
+        self.last_db: Database | None = None
 
     def txn(self, db: Database) -> lmdb.Transaction:
         """The job's write transaction for ``db`` (a child of the group's transaction)."""
+        self.last_db = db
         child = self._children.get(db)
         if child is None:
             parent = self._parents.get(db)
@@ -293,7 +297,7 @@ class Writer:
                 try:
                     job.prepare()
                 except Exception as exc:
-                    job.error = exc
+                    job.error = storage_failure(exc, None)
         direct = len(jobs) == 1
         for job in jobs:
             if job.error is not None:
@@ -303,22 +307,22 @@ class Writer:
             try:
                 job.result = job.fn(ctx)
             except Exception as exc:
-                job.error = exc
+                job.error = storage_failure(exc, ctx.last_db)
                 ctx._finish(ok=False)
                 continue
             try:
                 ctx._finish(ok=True)
             except Exception as exc:
-                job.error = exc
+                job.error = storage_failure(exc, ctx.last_db)
             job.dbs = ctx.databases
-        failed: set[Database] = set()
+        failed: dict[Database, Exception] = {}
         commit_started = time.perf_counter()
         for db, txn in parents.items():
             try:
                 txn.commit()
             except Exception as exc:
                 log.error("commit of database %s failed: %s", db.name, exc)
-                failed.add(db)
+                failed[db] = exc
         self.commits += 1
         self.jobs += len(jobs)
         if self.on_group is not None:
@@ -327,8 +331,10 @@ class Writer:
             except Exception:
                 log.exception("group commit observer failed")
         for job in jobs:
-            if job.error is None and any(db in failed for db in job.dbs):
-                job.error = StorageError("the write could not be committed to storage")
+            lost = next((db for db in job.dbs if db in failed), None)
+            if job.error is None and lost is not None:
+                job.error = storage_failure(failed[lost], lost, StorageError(
+                    f"the write to database '{lost.name}' could not be committed to storage"))
                 if job.ctx is not None:
                     job.ctx.rollback_catalog()
         # The group is durable now: nothing below may turn a job into a failure.
@@ -371,6 +377,26 @@ class Writer:
                 loop.call_soon_threadsafe(_resolve_all, batch)
             except RuntimeError:
                 pass  # the loop is closed; nobody waits
+
+
+def storage_failure(exc: Exception, db: Database | None,
+                    otherwise: Exception | None = None) -> Exception:
+    """What a client is told of ``exc``, raised while writing to ``db``: a database that
+    reached ``storage.mapSize``, or a full disk, is a ``StorageError`` (507) that names
+    it and says what to do; anything else stays ``exc`` (or becomes ``otherwise``).
+    Replication retries a ``StorageError`` instead of dead-lettering the change."""
+    where = f"database '{db.name}'" if db is not None else "a database"
+    if isinstance(exc, lmdb.MapFullError):
+        size = f" ({_mib(db.env.info()['map_size'])})" if db is not None else ""
+        return StorageError(f"{where} is full: it reached storage.mapSize{size}; raise "
+                            "storage.mapSize and restart the node, or delete data")
+    if isinstance(exc, lmdb.DiskError):
+        return StorageError(f"no space is left on the disk that holds {where}")
+    return exc if otherwise is None else otherwise
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**3:g} GiB" if size >= 1024**3 else f"{size / 1024**2:g} MiB"
 
 
 def _resolve_all(jobs: list[_Job]) -> None:
