@@ -89,3 +89,30 @@ def test_a_full_peer_retries_and_catches_up_once_it_has_room(node_factory):
     b.start()
     wait_for(lambda: b.count("t", "d") == 6000, timeout=60, message="B caught up")
     assert b.call("list_dead_letters")["dead_letters"] == []
+
+
+def test_a_database_refuses_a_table_it_has_no_room_for(node_factory):
+    """Each table takes three of an environment's LMDB sub-databases: past the limit a
+    create is refused whole with a 400, and a restart frees the slots of dropped tables."""
+    node = node_factory("node-a", process=True)
+    node.call("create_database", database="d")
+    created = 0
+    while True:
+        response = node.post({"operation": "create_table", "database": "d",
+                              "table": f"t{created}", "primary_key": "id"})
+        if response.status_code != 200:
+            break
+        created += 1
+        assert created < 5000, "no limit reached"
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert "database 'd' cannot hold another table" in body["error"], body
+    assert body["code"] == "VALIDATION_ERROR"
+    assert f"t{created}" not in node.call("describe_database", database="d")
+    node.call("insert", database="d", table="t0", records=[{"id": 1}])
+    node.call("drop_table", database="d", table="t1")
+    assert "Traceback" not in node.log_path.read_text()
+    node.restart()
+    node.call("create_table", database="d", table="fresh", primary_key="id")
+    node.call("insert", database="d", table="fresh", records=[{"id": 1}])
+    assert node.count("fresh", "d") == 1

@@ -15,7 +15,7 @@ import lmdb
 
 from harpsync import codec
 from harpsync.storage import digest
-from harpsync.storage.errors import NoSuchDatabaseError
+from harpsync.storage.errors import NoSuchDatabaseError, TooManyTablesError
 from harpsync.storage.keys import seq_key, seq_of
 
 TXNS_DBI = b"__txns__"
@@ -42,6 +42,11 @@ LOCAL_ORIGIN = 0
 TAIL_ENTRIES = 128
 TAIL_BYTES = 1 << 20
 TIME_ATTRIBUTES = ("__createdtime__", "__updatedtime__")
+# Named sub-databases per environment: ``__txns__`` and ``__meta__``, then three per
+# table (rows, tombstones, hashes). LMDB cannot close one while the environment is open,
+# so a dropped table's keep their slots until the node restarts.
+MAX_DBS = 4096
+MAX_TABLES = (MAX_DBS - 2) // 3
 
 
 @dataclass
@@ -81,7 +86,7 @@ class Database:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(path, 0o700)
         self.env = lmdb.Environment(
-            str(path), map_size=map_size, max_dbs=4096, max_readers=512, subdir=True,
+            str(path), map_size=map_size, max_dbs=MAX_DBS, max_readers=512, subdir=True,
             sync=True, metasync=True, readahead=False, mode=0o600,
             # Reuse one reset read transaction: with 4096 DBIs a fresh one costs a
             # zeroed allocation of ~200 KB (about 2 µs, a tenth of a search_by_id).
@@ -188,6 +193,8 @@ class Database:
         """Create (or reopen) a table's DBIs. Writer thread only, outside a write txn."""
         handles = self.handles.get(name)
         if handles is None:
+            if len(self.handles) >= MAX_TABLES:  # checked first: nothing half opened
+                raise TooManyTablesError(self.name, MAX_TABLES)
             handles = self.handles[name] = (self.env.open_db(b"t:" + name.encode()),
                                             self.env.open_db(b"x:" + name.encode()))
             self.digest_dbis[name] = self.env.open_db(b"h:" + name.encode())

@@ -1,4 +1,5 @@
-"""The storage layer's own errors: names the catalog does not hold.
+"""The storage layer's own errors: names the catalog does not hold, and a database
+that cannot open another table.
 
 Storage raises these in its own terms and picks no HTTP status; they derive from
 ``harpsync.errors.MissingError`` (404), and the operations that Harper answers with 400
@@ -8,7 +9,7 @@ Storage raises these in its own terms and picks no HTTP status; they derive from
 
 from __future__ import annotations
 
-from harpsync.errors import MissingError
+from harpsync.errors import BadRequestError, MissingError
 
 
 class NoSuchDatabaseError(MissingError):
@@ -34,3 +35,14 @@ class NoSuchAttributeError(MissingError):
     def __init__(self, attribute: str) -> None:
         super().__init__(f"attribute '{attribute}' does not exist")
         self.attribute = attribute
+
+
+class TooManyTablesError(BadRequestError):
+    """A database's environment has no room for another table's sub-databases."""
+
+    def __init__(self, database: str, limit: int) -> None:
+        super().__init__(
+            f"database '{database}' cannot hold another table: it has opened the most "
+            f"tables it can ({limit}, counting tables dropped since the node started); "
+            "use another database, or drop tables and restart the node")
+        self.database = database
