@@ -35,14 +35,14 @@ def _check(table: Table) -> None:
 def all_buckets(db: Database, table: Table) -> list[rowhash.Bucket]:
     """Every bucket of the table, in key order (the head first)."""
     _check(table)
-    with db.env.begin() as txn:
+    with db.reading() as txn:
         return digest_reads.buckets(txn, table)
 
 
 def top_hash(db: Database, table: Table) -> bytes:
     """The table's top hash (the XOR of every bucket), read in one lookup."""
     _check(table)
-    with db.env.begin() as txn:
+    with db.reading() as txn:
         return digest_reads.stored_top(txn, table)
 
 
@@ -54,7 +54,7 @@ def range_hashes(db: Database, table: Table, starts: Sequence[bytes]) -> list[by
 def buckets_in(db: Database, table: Table, ranges: Sequence[Range]) -> list[list[rowhash.Bucket]]:
     """The buckets starting in each range."""
     _check(table)
-    with db.env.begin() as txn:
+    with db.reading() as txn:
         return [digest_reads.buckets(txn, table, lo, hi) for lo, hi in ranges]
 
 
@@ -67,7 +67,7 @@ ROW_PREFIX = 8
 def rows_in(db: Database, table: Table, ranges: Sequence[Range]) -> list[dict[bytes, bytes]]:
     """``key -> row digest prefix`` of the stored rows in each range."""
     _check(table)
-    with db.env.begin() as txn:
+    with db.reading() as txn:
         return [{k: d[:ROW_PREFIX] for k, d in digest_reads.row_digests(txn, table, lo, hi).items()}
                 for lo, hi in ranges]
 
@@ -77,7 +77,7 @@ def read_rows(db: Database, table: Table, keys: Sequence[bytes],
     """What is stored under each key, with origin names (comparable across nodes)."""
     _check(table)
     out: list[RowState] = []
-    with db.env.begin() as txn:
+    with db.reading() as txn:
         for key in keys:
             found = digest_reads.stored_row(txn, table, key, codec.unpack)
             if found is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -318,7 +319,17 @@ class Database:
 
     def iter_rows(self, table: Table, after_key: bytes | None, limit: int,
                   tombs: bool = False) -> list[tuple[bytes, bytes]]:
-        """Up to ``limit`` raw ``(key, stored)`` rows (or tombstones) after ``after_key``."""
+        """Up to ``limit`` raw ``(key, stored)`` rows (or tombstones) after ``after_key``.
+
+        A scan reads a chunk at a time: a drop of the database between two chunks (or
+        during one) is a ``NoSuchDatabaseError``."""
+        try:
+            return self._iter_rows(table, after_key, limit, tombs)
+        except lmdb.Error as exc:
+            raise self.gone(exc) from None
+
+    def _iter_rows(self, table: Table, after_key: bytes | None, limit: int,
+                   tombs: bool) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
         with self.env.begin() as txn:
             cur = txn.cursor(db=table.tomb_dbi if tombs else table.dbi)
@@ -347,8 +358,20 @@ class Database:
                         break
                     yield key[len(prefix):], codec.unpack(value)
 
-    def _gone(self, exc: lmdb.Error) -> Exception:
-        # A describe racing drop_database reads a closed environment: that is a 404.
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction whose failure, when ``drop_database`` closed the
+        environment under it, is a ``NoSuchDatabaseError`` (for reads off the hot path:
+        the log, verification)."""
+        try:
+            with self.env.begin() as txn:
+                yield txn
+        except lmdb.Error as exc:
+            raise self.gone(exc) from None
+
+    def gone(self, exc: Exception) -> Exception:
+        """What to raise for ``exc``, an error of a read: a read racing drop_database
+        finds the environment closed, and that is a 404; anything else stays."""
         if self.closed:
             return NoSuchDatabaseError(self.name)
         return exc
@@ -358,7 +381,7 @@ class Database:
         try:
             return self._sizes()
         except lmdb.Error as exc:
-            raise self._gone(exc) from None
+            raise self.gone(exc) from None
 
     def _sizes(self) -> dict[str, int]:
         info = self.env.info()
@@ -375,7 +398,7 @@ class Database:
             with self.env.begin() as txn:
                 st = txn.stat(table.dbi)
         except lmdb.Error as exc:
-            raise self._gone(exc) from None
+            raise self.gone(exc) from None
         pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         return st["entries"], pages * st["psize"]
 
@@ -385,7 +408,7 @@ class Database:
             with self.env.begin() as txn:
                 return int(txn.stat(table.tomb_dbi)["entries"])
         except lmdb.Error as exc:
-            raise self._gone(exc) from None
+            raise self.gone(exc) from None
 
     # -- notifications -----------------------------------------------------------------
     def notify_commit(self) -> None:

@@ -23,7 +23,7 @@ def local_seq_through(db: Database, version: int) -> int:
     Returns 0 when there is none in the log (nothing local at or below ``version``, or
     it was pruned, in which case every peer position past the pruned part covers it).
     """
-    with db.env.begin() as txn:
+    with db.reading() as txn:
         cur = txn.cursor(db=db.txns_dbi)
         if not cur.last():
             return 0
@@ -39,7 +39,7 @@ def local_seq_through(db: Database, version: int) -> int:
 def local_version_at(db: Database, seq: int) -> int:
     """The version of the newest local log entry at or before ``seq`` (0 if none is
     left in the log): what a peer that applied through ``seq`` holds of this node."""
-    with db.env.begin() as txn:
+    with db.reading() as txn:
         cur = txn.cursor(db=db.txns_dbi)
         if not cur.set_range(seq_key(seq + 1)):
             if not cur.last():
@@ -68,7 +68,7 @@ def entry_seq_of_version(db: Database, version: int) -> int | None:
     it repeats rather than skips.
     """
     found: int | None = None
-    with db.env.begin() as txn:
+    with db.reading() as txn:
         cur = txn.cursor(db=db.txns_dbi)
         if not cur.last():
             return None

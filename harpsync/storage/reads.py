@@ -15,15 +15,20 @@ SCAN_CHUNK = 1000
 def get_by_ids(db: Database, table: Table, ids: list[Any]) -> list[dict[str, Any]]:
     """The live records for ``ids``, in request order; missing ids are left out."""
     out: list[dict[str, Any]] = []
-    with db.env.begin() as txn:
-        for rid in ids:
-            try:
-                key = encode_id(rid)
-            except Exception:
-                continue
-            raw = txn.get(key, db=table.dbi)
-            if raw is not None:
-                out.append(codec.unpack(raw)[2])
+    try:
+        with db.env.begin() as txn:
+            for rid in ids:
+                try:
+                    key = encode_id(rid)
+                except Exception:
+                    continue
+                raw = txn.get(key, db=table.dbi)
+                if raw is not None:
+                    out.append(codec.unpack(raw)[2])
+    except Exception as exc:
+        if db.closed:  # dropped under the read: a 404
+            raise db.gone(exc) from None
+        raise
     return out
 
 
