@@ -31,9 +31,14 @@ from harpsync.security import (
     peer_cert,
     peer_identity,
 )
+from harpsync.storage.database import MAX_LOG_ENTRY
 
 SUBPROTOCOL = "harpsync-replication-1"
-MAX_FRAME = 64 * 1024 * 1024
+# The largest frame a peer takes once authenticated: the largest log entry a write may
+# make, alone in a batch, with room for the frame's head. A lone entry goes in one frame
+# whatever its size; at 64 MiB an update that merged many large records (a small request)
+# made an entry no peer would take, and the link failed on it forever.
+MAX_FRAME = MAX_LOG_ENTRY + 1024 * 1024
 # Until the peer is authenticated: one small frame at a time (a join request with a CSR,
 # a CA and a list of nodes fits easily).
 PREAUTH_FRAME = 64 * 1024

@@ -47,6 +47,9 @@ TIME_ATTRIBUTES = ("__createdtime__", "__updatedtime__")
 # table (rows, tombstones, hashes). LMDB cannot close one while the environment is open,
 # so a dropped table's keep their slots until the node restarts.
 MAX_DBS = 4096
+# The largest transaction-log entry a local write may make: a peer receives an entry
+# in one replication frame (``replication/transport.MAX_FRAME`` is sized from this).
+MAX_LOG_ENTRY = 192 * 1024 * 1024
 MAX_TABLES = (MAX_DBS - 2) // 3
 
 

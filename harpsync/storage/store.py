@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from harpsync import codec
-from harpsync.errors import BadRequestError
+from harpsync.errors import BadRequestError, PayloadTooLargeError
 from harpsync.storage import digest
 from harpsync.storage.database import (
     CREATED_KEY,
     DROPPED_DB_PREFIX,
     DROPPED_PREFIX,
     LOCAL_ORIGIN,
+    MAX_LOG_ENTRY,
     TABLE_PREFIX,
     Database,
     Table,
@@ -210,6 +211,11 @@ class Storage:
         # A job that fails after this gives its sequence back: no gap, no phantom lag.
         ctx.on_undo(lambda: setattr(db, "next_seq", min(db.next_seq, seq)))
         value = codec.pack([origin, version, user, ops])
+        if len(value) > MAX_LOG_ENTRY and origin == LOCAL_ORIGIN:
+            raise PayloadTooLargeError(
+                f"this write would log {len(value) / 2**20:.0f} MiB in one transaction; at "
+                f"most {MAX_LOG_ENTRY // 2**20} MiB replicate to peers: write fewer or "
+                "smaller records per request")
         ctx.txn(db).put(seq_key(seq), value, db=db.txns_dbi, append=True)
         ctx.logged.append((db, seq, value))
         return seq
