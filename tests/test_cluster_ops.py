@@ -138,6 +138,21 @@ def test_add_node_bad_credentials(node_factory):
     assert b.call("cluster_status")["connections"] == []
 
 
+def test_add_node_refuses_a_peer_with_this_nodes_name(node_factory):
+    """Two nodes given the same replication.hostname (two containers with one host
+    name): the join is refused with a 400 that says each node needs its own name."""
+    a = node_factory("node-a")
+    twin = node_factory("node-b", env={"REPLICATION_HOSTNAME": "node-a"})
+    before_a, before_twin = hdb_nodes(a), hdb_nodes(twin)
+    res = a.post({"operation": "add_node", "hostname": "twin", "url": twin.repl_url,
+                  "verify_tls": False, "authorization": CREDS})
+    assert res.status_code == 400, res.text
+    error = res.json()["error"]
+    assert "named 'node-a'" in error and "replication.hostname" in error, error
+    assert a.call("cluster_status")["connections"] == []
+    assert (hdb_nodes(a), hdb_nodes(twin)) == (before_a, before_twin)
+
+
 def test_add_node_requires_hostname_or_url(node):
     """add_node without hostname and url is 400 "'hostname' or 'url' is required"."""
     before = hdb_nodes(node)

@@ -167,7 +167,9 @@ class Mesh:
         """
         name = str(body["node"])
         if name == self.node_name:
-            raise BadRequestError("a node cannot join itself")
+            raise BadRequestError(
+                f"a node cannot join itself, nor another node named '{name}' as it is: "
+                "each node of a mesh needs its own replication.hostname")
         subs = peers.normalize_subscriptions(body.get("subscriptions"))
         # Policies are this node's own: the peer's mirror never carries them.
         subs = peers.keep_policies((self.rows.get(name) or {}).get("subscriptions"), subs)
