@@ -374,6 +374,32 @@ def test_concurrent_creates_converge_on_one_definition(node_factory):
     assert len(versions) == 1
 
 
+def test_concurrent_creates_with_different_primary_keys_converge_on_the_newer(node_factory):
+    """The same table created apart with different primary keys: after the nodes pair,
+    both name the newer create's key (the other is an attribute), hold both rows, and
+    take writes keyed by it from either side."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t", primary_key="id")
+    b.call("create_table", table="t", primary_key="key")  # the newer create
+    a.call("insert", table="t", records=[{"id": 1, "v": "a"}])
+    b.call("insert", table="t", records=[{"key": 2, "v": "b"}])
+    join(a, b)
+
+    def described(node: Any) -> tuple[str, list[str], int]:
+        d = node.call("describe_table", table="t")
+        return (d["hash_attribute"], sorted(x["attribute"] for x in d["attributes"]),
+                d["record_count"])
+
+    wait_for(lambda: described(a) == described(b) and described(a)[2] == 2, timeout=20,
+             message="one definition and both rows on both nodes")
+    key, names, _ = described(a)
+    assert key == "key" and "id" in names, described(a)
+    a.call("insert", table="t", records=[{"key": 3, "v": "a again"}])
+    wait_for(lambda: by_id(b, "t", 3) is not None, timeout=10, message="A's row on B")
+    assert by_id(b, "t", 3)["v"] == "a again"
+
+
 def _system_seq(node: Any) -> int:
     return node.node.storage.databases["system"].next_seq - 1
 

@@ -17,6 +17,7 @@ the peer's markers, so a node learns of a drop before it could confuse incarnati
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +25,8 @@ from harpsync import codec
 from harpsync.storage.database import ORIGIN_PREFIX, TABLE_PREFIX, Database
 from harpsync.storage.store import NAME_RE, SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
+
+log = logging.getLogger(__name__)
 
 DATABASES_KEY = "__databases__"
 DROPPED_KEY = "__dropped__"
@@ -99,16 +102,32 @@ def apply_create_table(storage: Storage, ctx: WriteContext, db: Database, name: 
 
 def _merge_definition(ctx: WriteContext, db: Database, table: Any, definition: dict[str, Any],
                       version: int) -> None:
+    # Two creates may also name different primary keys: the newer create's (on a tie,
+    # the greater name) becomes the key on every node, and the other stays an
+    # attribute. Rows keep their keys and bytes, so the nodes still hold the same rows.
+    pk = definition.get("primary_key")
+    adopt = (isinstance(pk, str) and bool(pk) and pk != table.primary_key
+             and (version, pk) > (table.version, table.primary_key))
+    old_pk = table.primary_key
+    new_pk = pk if adopt else old_pk
     attributes = [a for a in definition.get("attributes", []) if isinstance(a, str)]
-    added = [a for a in attributes if a not in table.attributes and a != table.primary_key]
-    if not added and version <= table.version:
+    if adopt:
+        attributes.append(old_pk)
+    added = [a for a in attributes if a not in table.attributes and a != new_pk]
+    if not added and not adopt and version <= table.version:
         return
     old_attributes, old_version = list(table.attributes), table.version
-    table.attributes = old_attributes + added
+    table.attributes = [a for a in old_attributes if a != new_pk] + added
     table.version = max(old_version, version)
+    table.primary_key = new_pk
+    if adopt:
+        log.warning("table %s.%s was also created on another node with primary key '%s': "
+                    "its newer create makes that the key here too (it was '%s')",
+                    db.name, table.name, new_pk, old_pk)
 
     def undo() -> None:
-        table.attributes, table.version = old_attributes, old_version
+        table.attributes, table.version, table.primary_key = (old_attributes, old_version,
+                                                              old_pk)
 
     ctx.on_undo(undo)
     ctx.txn(db).put(TABLE_PREFIX + table.name.encode(), codec.pack(table.definition()),
