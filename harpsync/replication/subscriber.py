@@ -180,6 +180,9 @@ class Subscriber:
                 raise
             except _RETRIED as exc:
                 self.last_error = describe_error(exc)
+                if self.last_error.startswith("TLS certificate verification failed"):
+                    self.last_error += (f"; if the keys of {self.peer} were replaced, run "
+                                        "add_node for it again")
                 unreachable = self.link is None and isinstance(exc, DIAL_ERRORS)
                 log.debug("link %s/%s: %s", self.peer, self.database, self.last_error)
             except StorageError as exc:  # a full database: retried, logged once

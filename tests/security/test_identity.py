@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import ssl
 import threading
 from pathlib import Path
@@ -326,3 +327,28 @@ def test_removed_node_cannot_come_back_under_another_name(node_factory, tmp_path
     minted = mint_with_node_ca(x.root, "x2", tmp_path / "x2", same_key=True)
     kind, detail = dial_outcome(a.repl_url + "/data", client_context(minted))
     assert (kind, detail) == ("closed", 1008), (kind, detail)
+
+
+def test_a_peer_whose_keys_were_replaced_is_named_and_rejoins_by_add_node(node_factory):
+    """B loses its keys and restarts with new ones: A refuses it (its pin and trust are
+    for the old keys) and its link says what to do; add_node again brings B back."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    b.stop()
+    shutil.rmtree(b.root / "keys")
+    b.start()
+
+    def told() -> bool:
+        conn = connection(a, b.name)
+        return conn is not None and any(
+            "run add_node for it again" in (s.get("last_error") or "")
+            for s in conn["database_sockets"])
+
+    wait_for(told, timeout=20, message="A's link to B naming the fix")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    a.call("insert", table="t", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t", 1) is not None, timeout=10, message="A's row on B")
