@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import harper_error, wait_for
-from tests.repl_util import CREDS, PASSWORD, connection, hdb_nodes, join, wait_linked
+from tests.repl_util import CREDS, PASSWORD, by_id, connection, hdb_nodes, join, wait_linked
 
 TOP_KEYS = {"type", "connections", "node_name", "url", "is_enabled"}
 CONNECTION_KEYS = {"name", "url", "replicates", "subscriptions", "shard", "database_sockets"}
@@ -179,3 +179,32 @@ def test_cluster_operations_need_super_user(node, operation, camel):
                               f"Operation '{camel}' is restricted to 'super_user' roles"],
                           "invalid_schema_items": []}
     assert "bobpw" not in res.text
+
+
+def test_a_renamed_node_drops_its_old_row_and_its_peers_say_how_to_follow(node_factory):
+    """B restarts with another replication.hostname: it forgets the row of its old name
+    (it dialed itself under it), A's link names the fix, and remove_node plus add_node
+    on A bring the pair back."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    join(a, b)
+    wait_linked([(a, b), (b, a)])
+    b.stop()
+    b.extra_env["REPLICATION_HOSTNAME"] = "node-b2"
+    b.start()
+    assert {r["name"] for r in hdb_nodes(b)} == {"node-a", "node-b2"}
+
+    def told() -> bool:
+        conn = connection(a, "node-b")
+        return conn is not None and any(
+            "remove_node node-b and add_node it by its new name" in (s.get("last_error") or "")
+            for s in conn["database_sockets"])
+
+    wait_for(told, timeout=20, message="A's link to the old name naming the fix")
+    a.call("remove_node", hostname="node-b")
+    a.call("add_node", hostname="node-b2", url=b.repl_url, verify_tls=False,
+           authorization=CREDS)
+    a.call("create_table", table="t", primary_key="id")
+    a.call("insert", table="t", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t", 1) is not None, timeout=20, message="A's row on B")
+    assert connection(b, "node-b") is None

@@ -72,7 +72,12 @@ async def serve_node_request(rep: NodeServer, link: Link) -> None:
     try:
         if _authenticated_as(rep, link) is not None:
             link.authenticated()  # a proven node may send more than a join's small frame
-        body = codec.unpack(await asyncio.wait_for(link.recv(), 10))
+        try:
+            raw = await asyncio.wait_for(link.recv(), 10)
+        except DIAL_ERRORS as exc:  # the caller went away (or never asked): no answer due
+            log.debug("node request socket closed before its request: %s", exc)
+            return
+        body = codec.unpack(raw)
         if not isinstance(body, dict):
             raise ValueError("request must be a map")
         answer = await _dispatch(rep, link, body)

@@ -49,6 +49,8 @@ class Mesh:
         self.auth = auth
         self.node_name = node_name
         self.rows: dict[str, dict[str, Any]] = {}
+        # Names this node had before (its own old rows), removed at start.
+        self._former_names: list[str] = []
         # Saved rows replaced in memory by staged settings (stage_settings), by peer.
         self._staged: dict[str, dict[str, Any] | None] = {}
 
@@ -58,7 +60,20 @@ class Mesh:
 
     def load_rows(self) -> None:
         db, table = self.storage.table(SYSTEM, "hdb_nodes")
-        self.rows = {r["name"]: r for r in reads.scan(db, table) if r.get("name") != self.node_name}
+        own_ca = self.keys.ca_pem.decode()
+        self.rows = {}
+        self._former_names = []
+        for r in reads.scan(db, table):
+            if r.get("name") == self.node_name:
+                continue
+            if r.get("learned") is None and (r.get("ca") == own_ca
+                                             or r.get("url") == self._host.url):
+                # This node's own row from when it had another replication.hostname:
+                # left in, it became a "peer" this node dialed (itself, under its old
+                # name). Peers' rows always say whether they were learned.
+                self._former_names.append(str(r["name"]))
+                continue
+            self.rows[r["name"]] = r
         for row in self.rows.values():
             if row.get("ca"):
                 with contextlib.suppress(ValueError):
@@ -77,6 +92,13 @@ class Mesh:
     async def save_own_row(self) -> None:
         await self.write_row({"name": self.node_name, "url": self._host.url,
                               "ca": self.keys.ca_pem.decode(), "replicates": True})
+        if self._former_names:
+            log.warning("this node was named %s before it became %s: that row is removed; "
+                        "on its peers, remove_node the old name and add_node this one",
+                        ", ".join(self._former_names), self.node_name)
+            await self.storage.write(writes.delete_records(
+                self.storage, SYSTEM, "hdb_nodes", self._former_names, None))
+            self._former_names = []
 
     async def save_row(self, row: dict[str, Any]) -> None:
         await self.write_row(row)
@@ -119,7 +141,8 @@ class Mesh:
         if cert is None:
             return "a node certificate is required"
         if cert.common_name != name:
-            return f"certificate names {cert.common_name!r}, not {name!r}"
+            return (f"certificate names {cert.common_name!r}, not {name!r} (if {name} was "
+                    f"renamed, remove_node {name} and add_node it by its new name)")
         if self.revoked(row, cert.serial_hex):
             return f"certificate of {name} revoked"
         if cert.pin in self.keys.barred_pins():
