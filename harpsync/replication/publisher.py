@@ -229,7 +229,8 @@ class Publisher:
     async def _stream_inner(self, db: LogSource, sub: SubscribeRequested) -> None:
         allowed = self._allowed_tables(sub.tables)
         tables = [] if allowed is False else allowed
-        first = first_step(sub.after_seq, sub.copy, db.head_seq)
+        first = first_step(sub.after_seq, sub.copy, db.head_seq,
+                           max(db.opened_head, self.host.sent_through(self.peer, self.database)))
         if isinstance(first, Resync):
             await self._resync(first)
             return
@@ -252,6 +253,7 @@ class Publisher:
                 kept = self._filter(db, entries, sub.origins, tables)
                 if kept:
                     self.sending_since = self.sending_since or time.time()
+                    self.host.note_sent(self.peer, self.database, kept[-1][0])
                     self.session.send_entries(db.next_seq - 1, kept, db.origin_names)
                     await self.flush()
             read = LogRead(pruned, entries[-1][0] if entries else None,
@@ -269,6 +271,7 @@ class Publisher:
             pos = pos if read.last_seq is None else read.last_seq
             self.sending_since = None
             if isinstance(step, CaughtUp):
+                self.host.note_sent(self.peer, self.database, step.seq)
                 self.session.send_caught_up(step.seq)
                 await self.flush()
                 reported = Reported(step.seq, time.monotonic())
@@ -312,6 +315,7 @@ class Publisher:
         for name in names:
             table = db.tables[name]
             total += db.table_size(table)[0] + db.tombstone_count(table)
+        self.host.note_sent(self.peer, self.database, snapshot)
         self.session.begin_copy(snapshot, total, names)
         await self.flush()
         start_table = resume.get("table")

@@ -90,22 +90,31 @@ class LogRead:
     woken: bool = False
 
 
-def first_step(after_seq: int, copy: bool, head_seq: int) -> Resync | Copy | Stream:
+def first_step(after_seq: int, copy: bool, head_seq: int,
+               known_through: int | None = None) -> Resync | Copy | Stream:
     """What to do on a new subscribe.
 
     Args:
         after_seq: the subscriber's cursor in this node's log.
         copy: whether it asked for a full copy.
         head_seq: this node's newest log sequence.
+        known_through: the newest sequence the cursor can rightly be at: the head when
+            this process opened the log, or what it sent to this subscriber since.
 
     Returns:
         :class:`Copy` if asked; :class:`Resync` when the cursor is past the head (this
-        node's log was reset: wiped or restored), else :class:`Stream` after the cursor.
+        node's log was reset: wiped or restored), or past ``known_through`` (restored,
+        and written again since: the cursor names entries this log never sent), else
+        :class:`Stream` after the cursor.
     """
     if copy:
         return Copy()
     if after_seq > head_seq:
         return Resync(head_seq, f"cursor {after_seq} is beyond this node's log head {head_seq}")
+    if known_through is not None and after_seq > known_through:
+        return Resync(head_seq, f"cursor {after_seq} is past this node's log as it started "
+                                f"({known_through}) and nothing since took it there: the "
+                                "log was restored or replaced")
     return Stream(after_seq)
 
 

@@ -151,6 +151,10 @@ class Database:
         # Sequences continue after the highest ever assigned, also when retention pruned
         # the whole log: a peer's cursor ("after pruned_through") must see new entries.
         self.next_seq = self.head_seq + 1
+        # The head as this process found it: a subscriber's cursor past it must have
+        # come from entries this process sent (see replication/DESIGN.md, "Restored
+        # logs").
+        self.opened_head = self.next_seq - 1
 
     def _read_created(self) -> int:
         with self.env.begin() as txn:

@@ -138,6 +138,43 @@ async def test_resyncs_a_cursor_past_the_head():
         assert "beyond" in (await served.peer.expect(ResyncRequired)).reason
 
 
+async def test_resyncs_a_cursor_into_entries_written_after_a_restore():
+    """This node opened its log at 4 (restored from a backup) and wrote on to 9 before
+    the peer came back with cursor 7 from the old history: nothing this process sent
+    took the peer there, so it must copy again, or it would skip entries 5 to 7."""
+    log = FakeLog()
+    logged(log, 9)
+    log.opened = 4
+    async with serve(log) as served:
+        await subscribe(served, after=7)
+        resync = await served.peer.expect(ResyncRequired)
+        assert "restored" in resync.reason
+        assert not [e for e in served.peer.events if isinstance(e, EntriesReceived)]
+
+
+async def test_streams_a_cursor_past_the_opened_head_that_it_sent():
+    """A cursor past the head at start is right when this process sent it there (a
+    link that reconnects): it streams on from it, with no copy."""
+    log = FakeLog()
+    logged(log, 9)
+    log.opened = 4
+    async with serve(log) as served:
+        served.host.note_sent(PEER, "data", 7)
+        await subscribe(served, after=7)
+        got = await served.peer.expect(EntriesReceived)
+        assert [seq for seq, _ in got.entries] == [8, 9]
+
+
+async def test_notes_what_it_sends_for_the_restore_check():
+    """Batches and ``caught_up`` reports record how far they let the peer's cursor go."""
+    log = FakeLog()
+    logged(log, 3)
+    async with serve(log) as served:
+        await subscribe(served, after=0)
+        await served.peer.expect(CaughtUp)
+        assert served.host.sent_through(PEER, "data") == 3
+
+
 async def test_waits_at_the_end_of_the_log_and_resumes_on_a_commit():
     """At the end of its log the publisher waits for a commit notification; a new
     entry wakes it and is streamed."""

@@ -41,6 +41,14 @@ def test_first_step_resyncs_a_cursor_past_the_head():
     assert "9" in step.reason and "4" in step.reason
 
 
+def test_first_step_resyncs_a_cursor_past_what_this_log_knows():
+    """A cursor within the head but past ``known_through`` (the head at start, or what
+    was sent since) names entries of another history: copy again."""
+    step = first_step(after_seq=7, copy=False, head_seq=9, known_through=4)
+    assert isinstance(step, Resync) and "restored" in step.reason
+    assert first_step(after_seq=4, copy=False, head_seq=9, known_through=4) == Stream(4)
+
+
 # -- pruning -------------------------------------------------------------------------------------
 def test_pruned_past_the_cursor_resyncs_without_floors():
     """Entries after the cursor were pruned and the subscriber takes every origin: resync."""
