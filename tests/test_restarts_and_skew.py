@@ -207,3 +207,25 @@ def test_a_node_restored_from_a_backup_reaches_its_peers_again(node_factory, tmp
     a.call("repair_cluster", database="data", table="t")
     wait_for(lambda: a.count("t") == b.count("t") == 70, timeout=30,
              message="A holding its lost rows again")
+
+
+def test_writes_after_a_restart_with_the_clock_set_back_reach_the_peer(node_factory):
+    """A restarts with its clock 5 minutes behind the versions it issued before (beyond
+    the skew bound): its new writes must still rank after its old ones, or B, which
+    holds the old ones, filters the new ones out as already held."""
+    a = node_factory("node-a", process=True)
+    b = node_factory("node-b", process=True)
+    a.call("create_table", table="t", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    a.call("insert", table="t", records=[{"id": i} for i in range(5)])
+    wait_for(lambda: b.count("t") == 5, timeout=20, message="B holding the first rows")
+    a.stop()
+    a.extra_env["HARPSYNC_CLOCK_OFFSET_MS"] = "-300000"
+    a.start()
+    a.call("insert", table="t", records=[{"id": 5}])
+    a.call("update", table="t", records=[{"id": 0, "late": True}])
+    wait_for(lambda: by_id(b, "t", 5) is not None, timeout=20, message="the new row on B")
+    wait_for(lambda: (by_id(b, "t", 0) or {}).get("late") is True, timeout=20,
+             message="the update on B")
+    assert "s behind versions this node issued before" in a.log_path.read_text()

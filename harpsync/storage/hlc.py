@@ -114,6 +114,13 @@ class HLC:
             ahead = wall_ms_of(version) - self.wall_now_ms()
             raise ClockSkewError(version, ahead, self.max_skew_ms)
 
+    def advance_past(self, version: int) -> None:
+        """Move the clock to at least ``version``, whatever the skew bound: for versions
+        this node issued itself, which its next ones must exceed."""
+        with self._lock:
+            if version > self._last:
+                self._last = version
+
     def observe(self, version: int) -> None:
         """Move the clock forward past a version received from a peer (within bounds)."""
         if version > self.limit():

@@ -11,7 +11,7 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.errors import BadRequestError, PayloadTooLargeError
-from harpsync.storage import digest
+from harpsync.storage import digest, logscan
 from harpsync.storage.database import (
     CREATED_KEY,
     DROPPED_DB_PREFIX,
@@ -24,7 +24,7 @@ from harpsync.storage.database import (
     release_mapped_pages,
 )
 from harpsync.storage.errors import NoSuchAttributeError, NoSuchDatabaseError, NoSuchTableError
-from harpsync.storage.hlc import HLC
+from harpsync.storage.hlc import HLC, wall_ms_of
 from harpsync.storage.keys import seq_key
 from harpsync.storage.writer import WriteContext, Writer
 
@@ -145,6 +145,18 @@ class Storage:
         entries = db.log_after(max(0, db.next_seq - 2), 1)
         for _, raw in entries:
             self.hlc.observe(codec.unpack(raw)[1])
+        # This node's own versions keep rising whatever the clock did, past the skew
+        # bound too: a peer takes an origin's log to be in version order and skips what
+        # is at or below the newest version it holds from it (its floor), so a write
+        # stamped below an earlier one of this node would never reach it.
+        own = max(logscan.newest_local_version(db), db.pruned_max().get(self.node_name, 0))
+        behind_ms = wall_ms_of(own) - self.hlc.wall_now_ms()
+        if behind_ms > self.hlc.max_skew_ms:
+            log.warning("the clock is %.0f s behind versions this node issued before "
+                        "(database %s): its writes carry versions past the clock until it "
+                        "catches up, and peers may hold them back as clock skew",
+                        behind_ms / 1000, db.name)
+        self.hlc.advance_past(own)
 
     def trim_memory(self) -> int:
         """Unmap LMDB pages this process touched (they stay in the page cache)."""
