@@ -293,14 +293,15 @@ class Applier:
         host = self.host
         floor = max(host.start_floor(self.peer), self.replay_floor)
         review = host.review(self.peer, self.database)
+        held = host.narrow_origins(self.peer, self.database)
         stats = await self._write(self.store.apply_entries(
             self.database, self.peer, entries, origins, self.cursor(last_seq),
-            host.max_skew_ms, host.node_name, floor, review))
+            host.max_skew_ms, host.node_name, floor, review, held))
         while stats.resume_seq is not None:  # a database re-created after its drop
             rest = [e for e in entries if e[0] >= stats.resume_seq]
             more = await self._write(self.store.apply_entries(
                 self.database, self.peer, rest, origins, self.cursor(last_seq),
-                host.max_skew_ms, host.node_name, floor, review))
+                host.max_skew_ms, host.node_name, floor, review, held))
             more.entries += stats.entries
             more.skewed += stats.skewed
             stats = more

@@ -54,9 +54,11 @@ class StorageLinkStore:
     async def apply_entries(self, database: str, peer: str, entries: Entries,
                             origins: Mapping[int, str], cursor: dict[str, Any],
                             max_skew_ms: int, local_name: str, floor: int,
-                            review: Review | None) -> ApplyStats:
+                            review: Review | None,
+                            held_floors: frozenset[str] = frozenset()) -> ApplyStats:
         job, prepare = ingest.apply_entries_job(self.storage, database, peer, entries, origins,
-                                                cursor, max_skew_ms, local_name, floor, review)
+                                                cursor, max_skew_ms, local_name, floor, review,
+                                                held_floors)
         stats: ApplyStats = await self.storage.write(job, prepare)
         return stats
 

@@ -407,6 +407,27 @@ class Replicator:
             return None
         return Review(self.storage, peer, lookup, deadletters.refuser(self.storage, peer))
 
+    def narrow_origins(self, peer: str, database: str) -> frozenset[str]:
+        """Origins other than ``peer`` with a direct link here whose tables the link
+        from ``peer`` (a relay for them) may not all carry: this node's subscription
+        from ``peer`` does not cover its subscription from the origin. Their entries
+        applied from ``peer`` raise no floor, so the direct link, when it is back,
+        still sends what the relay left out (found by a relay taking only t1 while t2
+        was written: the direct link then skipped the t2 write for good)."""
+        mine = peers.subscribe_tables(self.mesh.peer_row(peer) or {}, database)
+        if mine is None:
+            return frozenset()
+        held = set()
+        for origin, row in list(self.mesh.rows.items()):
+            if origin == peer:
+                continue
+            theirs = peers.subscribe_tables(row, database)
+            if theirs is False:
+                continue
+            if mine is False or theirs is None or not set(theirs) <= set(mine):
+                held.add(origin)
+        return frozenset(held)
+
     # -- routes (routes.py) ------------------------------------------------------------
     route_url = staticmethod(routes.route_url)
 

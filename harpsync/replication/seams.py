@@ -204,6 +204,7 @@ class LinkStore(Protocol):
     def apply_entries(self, database: str, peer: str, entries: Entries,
                       origins: Mapping[int, str], cursor: dict[str, Any], max_skew_ms: int,
                       local_name: str, floor: int, review: Review | None,
+                      held_floors: frozenset[str] = frozenset(),
                       ) -> Awaitable[ApplyStats]:
         """Apply log entries and commit ``cursor`` with them (see ingest.apply_entries_job)."""
         ...
@@ -263,6 +264,11 @@ class ApplyPolicy(Protocol):
 
     def review(self, peer: str, database: str) -> Review | None:
         """The conflict-policy review for one apply job (None: all last-writer-wins)."""
+        ...
+
+    def narrow_origins(self, peer: str, database: str) -> frozenset[str]:
+        """Origins this node takes tables from directly that the link from ``peer``
+        does not carry: entries of theirs applied from it must not raise their floors."""
         ...
 
 

@@ -185,11 +185,13 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
                       entries: Sequence[tuple[int, bytes]], origins: Mapping[int, str],
                       cursor: dict[str, Any], max_skew_ms: int, local_name: str,
                       floor: int = 0, review: Any = None,
+                      held_floors: frozenset[str] = frozenset(),
                       ) -> tuple[Callable[[WriteContext], ApplyStats], Callable[[], None]]:
     """A writer job applying a peer's log entries and committing ``cursor`` with them.
 
     Decoding happens in the writer thread (in ``prepare``), off the event loop.
-    Entries older than ``floor`` (a ``start_time`` version) are skipped.
+    Entries older than ``floor`` (a ``start_time`` version) are skipped. Entries of the
+    origins in ``held_floors`` apply but leave those origins' high-water versions alone.
     """
     decoded: list[tuple[int, str, int, Any, list[list[Any]]]] = []
     opened: list[str] = []
@@ -232,7 +234,8 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
                 committed = {**cursor, "seq": seq - 1}
                 break
             stats.entries += 1
-            seen[origin_name] = max(seen.get(origin_name, 0), version)
+            if origin_name not in held_floors:
+                seen[origin_name] = max(seen.get(origin_name, 0), version)
             storage.hlc.observe(version)
             applied = [op for op in ops
                        if _apply_op(storage, ctx, db, op, version, origin_name, origin_id, stats,

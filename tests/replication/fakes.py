@@ -195,6 +195,9 @@ class FakeSubscriberHost(FakeLinkHost):
     def review(self, peer: str, database: str) -> None:
         return None
 
+    def narrow_origins(self, peer: str, database: str) -> frozenset[str]:
+        return frozenset()
+
     def note_dialed(self, peer: str, database: str) -> None:
         pass
 
@@ -266,7 +269,8 @@ class FakeLinkStore:
     async def apply_entries(self, database: str, peer: str, entries: list[tuple[int, bytes]],
                             origins: Mapping[int, str], cursor: dict[str, Any],
                             max_skew_ms: int, local_name: str, floor: int,
-                            review: Any) -> ApplyStats:
+                            review: Any, held_floors: frozenset[str] = frozenset(),
+                            ) -> ApplyStats:
         if any(seq in self.refuse for seq, _ in entries):
             raise ValueError("a change that cannot be applied")
         stats = ApplyStats()

@@ -1,0 +1,50 @@
+"""Relays and per-peer table subscriptions: a relay that does not carry every table a
+node takes from the origin must not raise that node's floor for the origin past
+writes it did not carry."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import wait_for
+from tests.lifecycle_util import db_socket
+from tests.proxy_util import TcpProxy
+from tests.repl_util import CREDS, by_id, has_table, join
+
+
+@pytest.mark.timeout(180)
+def test_a_narrower_relay_loses_nothing_of_the_tables_it_does_not_carry(node_factory):
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(c, a)
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        join(b, c, subscriptions=[{"database": "data", "table": "t1",
+                                   "subscribe": True, "publish": True}])
+        for node in (b, c):
+            wait_for(lambda n=node: has_table(n, "t1") and has_table(n, "t2"), timeout=20,
+                     message=f"tables on {node.name}")
+
+        def direct() -> bool:
+            sock = db_socket(b.call("cluster_status"), a.name, "data")
+            return bool(sock and sock["connected"] and sock.get("state") == "streaming")
+
+        wait_for(direct, timeout=30, message="b streaming from a")
+        to_a.cut()
+        wait_for(lambda: not direct(), timeout=20, message="b's direct link from a down")
+        a.call("insert", table="t2", records=[{"id": 1, "v": "only direct"}])
+        a.call("insert", table="t1", records=[{"id": 1, "v": "relayed"}])
+        wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=30,
+                 message="the t1 row relayed by c")
+        to_a.heal()
+        wait_for(direct, timeout=30, message="b streaming from a again")
+        a.call("insert", table="t1", records=[{"id": 2}])
+        wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="a's next row")
+        assert by_id(b, "t2", 1) is not None, "the t2 row written while relayed was lost"
+    finally:
+        to_a.close()
