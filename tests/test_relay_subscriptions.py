@@ -48,3 +48,51 @@ def test_a_narrower_relay_loses_nothing_of_the_tables_it_does_not_carry(node_fac
         assert by_id(b, "t2", 1) is not None, "the t2 row written while relayed was lost"
     finally:
         to_a.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_relay_that_holds_only_some_tables_of_the_origin_does_not_relay_it(node_factory):
+    """c takes only t1 from a; b takes everything from both. While b's direct link from
+    a is down, c must not relay a's t1 write: b's floor for a would pass a's t2 write,
+    which c never had, and the direct link would skip it when it came back."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(c, a, subscriptions=[{"database": "data", "table": "t1",
+                               "subscribe": True, "publish": True}])
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        join(b, c)
+        wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=20,
+                 message="tables on b")
+
+        def direct() -> bool:
+            sock = db_socket(b.call("cluster_status"), a.name, "data")
+            return bool(sock and sock["connected"] and sock.get("state") == "streaming")
+
+        wait_for(direct, timeout=30, message="b streaming from a")
+        to_a.cut()
+        wait_for(lambda: not direct(), timeout=20, message="b's direct link from a down")
+        a.call("insert", table="t2", records=[{"id": 1, "v": "c never has it"}])
+        a.call("insert", table="t1", records=[{"id": 1, "v": "c has it"}])
+        wait_for(lambda: by_id(c, "t1", 1) is not None, timeout=20, message="t1 on c")
+
+        def relayed_through_c() -> bool:
+            # b made c the relay for a, and c's stream to b has gone past a's t1 write.
+            relays = b.node.cluster.relays.assignments.get("data", {})
+            head = c.node.storage.databases["data"].head_seq
+            return bool(relays.get(a.name) == c.name
+                        and c.node.cluster.sent_through(b.name, "data") >= head)
+
+        wait_for(relayed_through_c, timeout=30, message="c relaying a to b")
+        to_a.heal()
+        wait_for(direct, timeout=30, message="b streaming from a again")
+        wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20, message="t1 on b")
+        wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20,
+                 message="the t2 row written while the direct link was down")
+    finally:
+        to_a.close()

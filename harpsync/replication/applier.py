@@ -137,6 +137,8 @@ class Applier:
         self.replaying = False
         self.covered: list[str] = [peer]
         self.peer_tables: dict[str, Any] = {}
+        # Per origin the peer takes only some tables from (its hello): what it relays.
+        self.relay_tables: dict[str, list[str]] = {}
         # Failed attempts at one change (publisher sequence, or copy chunk): count, first.
         self._attempts: dict[Any, tuple[int, float]] = {}
         # Writer jobs submitted and not yet finished: cancelling the task that awaits
@@ -293,7 +295,7 @@ class Applier:
         host = self.host
         floor = max(host.start_floor(self.peer), self.replay_floor)
         review = host.review(self.peer, self.database)
-        held = host.narrow_origins(self.peer, self.database)
+        held = host.narrow_origins(self.peer, self.database, self.relay_tables)
         stats = await self._write(self.store.apply_entries(
             self.database, self.peer, entries, origins, self.cursor(last_seq),
             host.max_skew_ms, host.node_name, floor, review, held))

@@ -151,7 +151,8 @@ class Publisher:
                 self.session.reject("identity", "hello does not match the certificate")
                 return
             self.session.accept(self.database, self.host.table_definitions(db),
-                                dict(db.origin_names), compression=self.host.compression)
+                                dict(db.origin_names), compression=self.host.compression,
+                                relay_tables=self._relay_tables(db))
         elif isinstance(event, SubscribeRequested):
             if event.copy or event.after_seq < db.next_seq:  # (past our head: a reset log)
                 self.host.note_position(self.peer, self.database, event.after_seq, event.copy)
@@ -166,6 +167,20 @@ class Publisher:
             self.session.respond_operation(event.id, result, error)
         elif isinstance(event, ProtocolFailed | PeerFailed):
             raise ProtocolError(str(event))
+
+    def _relay_tables(self, db: LogSource) -> dict[str, list[str]]:
+        """Per origin this node takes only some tables from: those tables. A peer that
+        takes more from that origin directly must not let what this node relays of it
+        raise its floor (``Replicator.narrow_origins``)."""
+        out: dict[str, list[str]] = {}
+        for name in set(db.origin_names.values()):
+            if name in (self.peer, self.host.node_name):
+                continue
+            row = self.host.peer_row(name)
+            tables = peers.subscribe_tables(row, self.database) if row is not None else None
+            if isinstance(tables, list):
+                out[name] = tables
+        return out
 
     # -- streaming ---------------------------------------------------------------------
     def _allowed_tables(self, requested: list[str] | None) -> peers.TableFilter:

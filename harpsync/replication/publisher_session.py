@@ -64,13 +64,16 @@ class PublisherSession(Session):
         self._peer_offers: list[str] = []
 
     def accept(self, database: str, tables: dict[str, Any], origins: dict[int, str],
-               compression: bool = False) -> None:
+               compression: bool = False,
+               relay_tables: Mapping[str, list[str]] | None = None) -> None:
         """Accept the peer's hello and answer with ours.
 
         Args:
             database: the database this link serves.
             tables: our table definitions.
             origins: our local origin-id map.
+            relay_tables: per origin this node takes only some tables from, those
+                tables: what it can relay of that origin (the rest it never holds).
 
         Raises:
             RuntimeError: unless a hello was received and not yet answered.
@@ -79,7 +82,8 @@ class PublisherSession(Session):
             raise RuntimeError("no hello to accept")
         if compression and COMPRESSION in self._peer_offers:
             self.compression = COMPRESSION
-        self._send_hello(database, tables, origins, compression=self.compression)
+        self._send_hello(database, tables, origins, compression=self.compression,
+                         relay_tables=None if relay_tables is None else dict(relay_tables))
         if self.compression is not None:
             self._compressor = FrameCompressor()
         self.state = PublisherState.AWAIT_SUBSCRIBE

@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import logging
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from harpsync.errors import BadRequestError
@@ -407,15 +407,19 @@ class Replicator:
             return None
         return Review(self.storage, peer, lookup, deadletters.refuser(self.storage, peer))
 
-    def narrow_origins(self, peer: str, database: str) -> frozenset[str]:
+    def narrow_origins(self, peer: str, database: str,
+                       relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
         """Origins other than ``peer`` with a direct link here whose tables the link
         from ``peer`` (a relay for them) may not all carry: this node's subscription
-        from ``peer`` does not cover its subscription from the origin. Their entries
-        applied from ``peer`` raise no floor, so the direct link, when it is back,
-        still sends what the relay left out (found by a relay taking only t1 while t2
-        was written: the direct link then skipped the t2 write for good)."""
+        from ``peer`` does not cover its subscription from the origin, or ``peer``
+        itself takes only some of the origin's tables (``relay_tables``, from its
+        hello). Their entries applied from ``peer`` raise no floor, so the direct link,
+        when it is back, still sends what the relay left out (found by a relay that
+        carried a t1 write while a t2 write was made: the direct link then skipped the
+        t2 write for good)."""
         mine = peers.subscribe_tables(self.mesh.peer_row(peer) or {}, database)
-        if mine is None:
+        relay_tables = relay_tables or {}
+        if mine is None and not relay_tables:
             return frozenset()
         held = set()
         for origin, row in list(self.mesh.rows.items()):
@@ -423,8 +427,12 @@ class Replicator:
                 continue
             theirs = peers.subscribe_tables(row, database)
             if theirs is False:
-                continue
-            if mine is False or theirs is None or not set(theirs) <= set(mine):
+                continue  # no data link with it: relays are its only path here
+            carried = relay_tables.get(origin)
+            if (mine is not None and (mine is False or theirs is None
+                                      or not set(theirs) <= set(mine))) \
+                    or (carried is not None and (theirs is None
+                                                 or not set(theirs) <= set(carried))):
                 held.add(origin)
         return frozenset(held)
 

@@ -266,7 +266,8 @@ class ApplyPolicy(Protocol):
         """The conflict-policy review for one apply job (None: all last-writer-wins)."""
         ...
 
-    def narrow_origins(self, peer: str, database: str) -> frozenset[str]:
+    def narrow_origins(self, peer: str, database: str,
+                       relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
         """Origins this node takes tables from directly that the link from ``peer``
         does not carry: entries of theirs applied from it must not raise their floors."""
         ...

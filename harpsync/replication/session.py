@@ -154,9 +154,11 @@ class Session:
         self._queue(encode_control(type_, **fields))
 
     def _send_hello(self, database: str, tables: dict[str, Any], origins: dict[int, str],
-                    compression: Any = None) -> None:
+                    compression: Any = None, relay_tables: Any = None) -> None:
         hello = {"node": self.node, "database": database, "protocol": PROTOCOL_VERSION}
-        extra = {} if compression is None else {"compression": compression}
+        extra: dict[str, Any] = {} if compression is None else {"compression": compression}
+        if relay_tables:
+            extra["relay_tables"] = relay_tables
         self._send("hello", **hello, tables=tables, origins=origins, **extra)
 
     def _queue(self, frame: bytes) -> None:

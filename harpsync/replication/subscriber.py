@@ -294,6 +294,7 @@ class Subscriber:
             if event.node != self.peer:
                 raise ProtocolError(f"peer says it is {event.node}, expected {self.peer}")
             self.applier.peer_tables = dict(event.tables)
+            self.applier.relay_tables = dict(self._session.relay_tables)
             await self.store.learn_schema(self.database, event.tables, self.peer)
             await self._subscribe(copy=False)
         elif isinstance(event, EntriesReceived):

@@ -71,6 +71,8 @@ class SubscriberSession(Session):
         self.tables = tables
         self.origins = origins
         self.peer_origins: dict[int, str] = {}
+        # Per origin the peer takes only some tables from: those tables (its hello).
+        self.relay_tables: dict[str, list[str]] = {}
         # Until it subscribes, a new session reports where the link's last one was.
         self.received_seq: int = previous.received_seq if previous is not None else 0
         self.head_seq: int = previous.head_seq if previous is not None else 0
@@ -168,6 +170,9 @@ class SubscriberSession(Session):
                 raise ProtocolError(f"unsupported protocol version {hello.protocol}")
             self.peer = hello
             self.peer_origins.update(hello.origins)
+            relay = fields.get("relay_tables")
+            self.relay_tables = {str(k): [str(t) for t in v] for k, v in relay.items()
+                                 if isinstance(v, list)} if isinstance(relay, dict) else {}
             if self._offer and fields.get("compression") == COMPRESSION:
                 self.compression = COMPRESSION
                 self._compressor = FrameCompressor()

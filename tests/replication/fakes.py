@@ -195,7 +195,8 @@ class FakeSubscriberHost(FakeLinkHost):
     def review(self, peer: str, database: str) -> None:
         return None
 
-    def narrow_origins(self, peer: str, database: str) -> frozenset[str]:
+    def narrow_origins(self, peer: str, database: str,
+                       relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
         return frozenset()
 
     def note_dialed(self, peer: str, database: str) -> None:
