@@ -86,7 +86,7 @@ def test_a_relay_that_holds_only_some_tables_of_the_origin_does_not_relay_it(nod
             relays = b.node.cluster.relays.assignments.get("data", {})
             head = c.node.storage.databases["data"].head_seq
             return bool(relays.get(a.name) == c.name
-                        and c.node.cluster.sent_through(b.name, "data") >= head)
+                        and c.node.storage.databases["data"].sent_to.get(b.name, 0) >= head)
 
         wait_for(relayed_through_c, timeout=30, message="c relaying a to b")
         to_a.heal()

@@ -245,7 +245,7 @@ class Publisher:
         allowed = self._allowed_tables(sub.tables)
         tables = [] if allowed is False else allowed
         first = first_step(sub.after_seq, sub.copy, db.head_seq,
-                           max(db.opened_head, self.host.sent_through(self.peer, self.database)))
+                           max(db.opened_head, db.sent_to.get(self.peer, 0)))
         if isinstance(first, Resync):
             await self._resync(first)
             return
@@ -268,7 +268,7 @@ class Publisher:
                 kept = self._filter(db, entries, sub.origins, tables)
                 if kept:
                     self.sending_since = self.sending_since or time.time()
-                    self.host.note_sent(self.peer, self.database, kept[-1][0])
+                    self._note_sent(db, kept[-1][0])
                     self.session.send_entries(db.next_seq - 1, kept, db.origin_names)
                     await self.flush()
             read = LogRead(pruned, entries[-1][0] if entries else None,
@@ -286,7 +286,7 @@ class Publisher:
             pos = pos if read.last_seq is None else read.last_seq
             self.sending_since = None
             if isinstance(step, CaughtUp):
-                self.host.note_sent(self.peer, self.database, step.seq)
+                self._note_sent(db, step.seq)
                 self.session.send_caught_up(step.seq)
                 await self.flush()
                 reported = Reported(step.seq, time.monotonic())
@@ -306,6 +306,12 @@ class Publisher:
                     self._report_timer = asyncio.get_running_loop().call_later(
                         step.timeout, self._report_due)
                 await self._wakeup.wait()
+
+    def _note_sent(self, db: LogSource, seq: int) -> None:
+        # What this process let the peer's cursor reach: a restored log is told by a
+        # cursor past it and past the head at open (``first_step``).
+        if seq > db.sent_to.get(self.peer, 0):
+            db.sent_to[self.peer] = seq
 
     def _report_due(self) -> None:
         self._report_timer = None
@@ -330,7 +336,7 @@ class Publisher:
         for name in names:
             table = db.tables[name]
             total += db.table_size(table)[0] + db.tombstone_count(table)
-        self.host.note_sent(self.peer, self.database, snapshot)
+        self._note_sent(db, snapshot)
         self.session.begin_copy(snapshot, total, names)
         await self.flush()
         start_table = resume.get("table")

@@ -85,9 +85,6 @@ class Replicator:
         # How far each peer has durably applied this node's log, per database (acks and
         # the cursor a subscribe starts from); listeners hear of every advance.
         self.positions: dict[tuple[str, str], int] = {}
-        # Per (peer, database): the highest log sequence a message sent by this process
-        # let that peer's cursor reach (a restored log is told by a cursor past it).
-        self.sent: dict[tuple[str, str], int] = {}
         self.position_listeners: list[Callable[[], None]] = []
         self._dialed: set[tuple[str, str]] = set()
         # Each link's metric children, looked up once: ``labels()`` costs a lock and a
@@ -454,14 +451,6 @@ class Replicator:
     def note_ack(self, peer: str, database: str, seq: int) -> None:
         self.acks[(peer, database)] = seq
         self.note_position(peer, database, seq)
-
-    def note_sent(self, peer: str, database: str, seq: int) -> None:
-        key = (peer, database)
-        if seq > self.sent.get(key, 0):
-            self.sent[key] = seq
-
-    def sent_through(self, peer: str, database: str) -> int:
-        return self.sent.get((peer, database), 0)
 
     def note_position(self, peer: str, database: str, seq: int, reset: bool = False) -> None:
         """``peer`` holds this node's ``database`` log through ``seq`` (``reset``: it

@@ -84,6 +84,7 @@ class LogSource(Protocol):
         ...
 
     opened_head: int  # the newest sequence when this process opened the log
+    sent_to: dict[str, int]  # per peer, the highest sequence sent (this process)
 
     def pruned_max(self) -> dict[str, int]:
         """Per origin, the newest version pruned from this log."""
@@ -152,14 +153,6 @@ class PublisherHost(LinkHost, Protocol):
 
     def note_ack(self, peer: str, database: str, seq: int) -> None:
         """``peer`` acknowledged this node's log through ``seq``."""
-        ...
-
-    def note_sent(self, peer: str, database: str, seq: int) -> None:
-        """A message that lets ``peer``'s cursor reach ``seq`` went out (this process)."""
-        ...
-
-    def sent_through(self, peer: str, database: str) -> int:
-        """The highest ``note_sent`` for ``peer`` and ``database`` (0: none)."""
         ...
 
 

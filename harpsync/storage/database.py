@@ -155,6 +155,9 @@ class Database:
         # come from entries this process sent (see replication/DESIGN.md, "Restored
         # logs").
         self.opened_head = self.next_seq - 1
+        # Per peer: the highest sequence a message this process sent it let its cursor
+        # reach (kept by publishers; it lives and dies with this incarnation).
+        self.sent_to: dict[str, int] = {}
 
     def _read_created(self) -> int:
         with self.env.begin() as txn:

@@ -57,6 +57,7 @@ class FakeLog:
         # The head when "this process" opened the log; None: the head now (a test
         # fills the log before it subscribes).
         self.opened: int | None = None
+        self.sent_to: dict[str, int] = {}
 
     @property
     def opened_head(self) -> int:
@@ -145,19 +146,12 @@ class FakePublisherHost(FakeLinkHost):
         super().__init__()
         self.positions: list[tuple[str, str, int, bool]] = []
         self.acks: list[tuple[str, str, int]] = []
-        self.sent: dict[tuple[str, str], int] = {}
 
     def note_position(self, peer: str, database: str, seq: int, reset: bool = False) -> None:
         self.positions.append((peer, database, seq, reset))
 
     def note_ack(self, peer: str, database: str, seq: int) -> None:
         self.acks.append((peer, database, seq))
-
-    def note_sent(self, peer: str, database: str, seq: int) -> None:
-        self.sent[(peer, database)] = max(seq, self.sent.get((peer, database), 0))
-
-    def sent_through(self, peer: str, database: str) -> int:
-        return self.sent.get((peer, database), 0)
 
 
 class FakeSubscriberHost(FakeLinkHost):

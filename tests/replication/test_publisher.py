@@ -159,7 +159,7 @@ async def test_streams_a_cursor_past_the_opened_head_that_it_sent():
     logged(log, 9)
     log.opened = 4
     async with serve(log) as served:
-        served.host.note_sent(PEER, "data", 7)
+        log.sent_to[PEER] = 7
         await subscribe(served, after=7)
         got = await served.peer.expect(EntriesReceived)
         assert [seq for seq, _ in got.entries] == [8, 9]
@@ -172,7 +172,7 @@ async def test_notes_what_it_sends_for_the_restore_check():
     async with serve(log) as served:
         await subscribe(served, after=0)
         await served.peer.expect(CaughtUp)
-        assert served.host.sent_through(PEER, "data") == 3
+        assert log.sent_to[PEER] == 3
 
 
 async def test_waits_at_the_end_of_the_log_and_resumes_on_a_commit():
