@@ -19,7 +19,7 @@ from harpsync.storage import rowhash
 from harpsync.storage.database import Database
 from harpsync.storage.keys import encode_id
 from tests.helpers import ADMIN, InProcessNode, wait_for
-from tests.repl_util import join
+from tests.repl_util import join, wait_linked
 
 MAP_SIZE = 1 << 30
 
@@ -270,11 +270,14 @@ def test_rows_missed_by_a_narrowed_subscription_are_found_one_way_for_one_way_ta
     wait_for(lambda: d.count("gap") == 1 and d.count("oneway") == 1, timeout=20,
              message="writes after start_time replicated")
     d.call("insert", database="data", table="oneway", records=[{"id": 200, "v": "d only"}])
+    # The settings change restarted the links; verify once both stream again (a verify
+    # racing the restart failed once in CI with an error and no differences).
+    wait_linked([(d, c), (c, d)], ("system", "data"))
 
     gap = d.call("verify_cluster", database="data", table="gap")
     assert gap["in_sync"] is False
     [entry] = gap["checked"]
-    assert entry["direction"] == "both" and entry["differences"] == 5
+    assert entry["direction"] == "both" and entry["differences"] == 5, entry
     assert {k["id"]: (k["winner"], k["this"]) for k in entry["keys"]} == {
         i: ("node-c", {"absent": True}) for i in range(5)}
     assert _socket(d, "node-c", "data")["verified"]["differences"] == 5
