@@ -4,12 +4,27 @@ writes it did not carry."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.helpers import wait_for
 from tests.lifecycle_util import db_socket
 from tests.proxy_util import TcpProxy
 from tests.repl_util import CREDS, by_id, has_table, join
+
+
+def _direct(b: Any, a: Any) -> bool:
+    """Whether ``b`` streams ``data`` from ``a`` over its direct link."""
+    sock = db_socket(b.call("cluster_status"), a.name, "data")
+    return bool(sock and sock["connected"] and sock.get("state") == "streaming")
+
+
+def _cut(b: Any, a: Any, to_a: TcpProxy) -> None:
+    """Wait for ``b``'s direct link from ``a`` (through ``to_a``), then cut it."""
+    wait_for(lambda: _direct(b, a), timeout=30, message="b streaming from a")
+    to_a.cut()
+    wait_for(lambda: not _direct(b, a), timeout=20, message="b's direct link from a down")
 
 
 @pytest.mark.timeout(180)
@@ -30,19 +45,13 @@ def test_a_narrower_relay_loses_nothing_of_the_tables_it_does_not_carry(node_fac
             wait_for(lambda n=node: has_table(n, "t1") and has_table(n, "t2"), timeout=20,
                      message=f"tables on {node.name}")
 
-        def direct() -> bool:
-            sock = db_socket(b.call("cluster_status"), a.name, "data")
-            return bool(sock and sock["connected"] and sock.get("state") == "streaming")
-
-        wait_for(direct, timeout=30, message="b streaming from a")
-        to_a.cut()
-        wait_for(lambda: not direct(), timeout=20, message="b's direct link from a down")
+        _cut(b, a, to_a)
         a.call("insert", table="t2", records=[{"id": 1, "v": "only direct"}])
         a.call("insert", table="t1", records=[{"id": 1, "v": "relayed"}])
         wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=30,
                  message="the t1 row relayed by c")
         to_a.heal()
-        wait_for(direct, timeout=30, message="b streaming from a again")
+        wait_for(lambda: _direct(b, a), timeout=30, message="b streaming from a again")
         a.call("insert", table="t1", records=[{"id": 2}])
         wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="a's next row")
         assert by_id(b, "t2", 1) is not None, "the t2 row written while relayed was lost"
@@ -70,13 +79,7 @@ def test_a_relay_that_holds_only_some_tables_of_the_origin_does_not_relay_it(nod
         wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=20,
                  message="tables on b")
 
-        def direct() -> bool:
-            sock = db_socket(b.call("cluster_status"), a.name, "data")
-            return bool(sock and sock["connected"] and sock.get("state") == "streaming")
-
-        wait_for(direct, timeout=30, message="b streaming from a")
-        to_a.cut()
-        wait_for(lambda: not direct(), timeout=20, message="b's direct link from a down")
+        _cut(b, a, to_a)
         a.call("insert", table="t2", records=[{"id": 1, "v": "c never has it"}])
         a.call("insert", table="t1", records=[{"id": 1, "v": "c has it"}])
         wait_for(lambda: by_id(c, "t1", 1) is not None, timeout=20, message="t1 on c")
@@ -90,7 +93,7 @@ def test_a_relay_that_holds_only_some_tables_of_the_origin_does_not_relay_it(nod
 
         wait_for(relayed_through_c, timeout=30, message="c relaying a to b")
         to_a.heal()
-        wait_for(direct, timeout=30, message="b streaming from a again")
+        wait_for(lambda: _direct(b, a), timeout=30, message="b streaming from a again")
         wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20, message="t1 on b")
         wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20,
                  message="the t2 row written while the direct link was down")
