@@ -118,6 +118,23 @@ def test_add_node_unreachable_url(node):
     assert node.call("cluster_status")["connections"] == []
 
 
+def test_add_node_to_a_url_that_cannot_be_a_node_says_why(node):
+    """A port out of range is a validation error naming the URL; the operations API's
+    own port (plain HTTP) is named as the likely mistake."""
+    before = hdb_nodes(node)
+    bad = "wss://127.0.0.1:99999"
+    res = node.post({"operation": "add_node", "hostname": "ghost", "url": bad,
+                     "verify_tls": False, "authorization": CREDS})
+    assert res.status_code == 400 and res.json()["code"] == "VALIDATION_ERROR", res.text
+    assert bad in res.json()["error"] and "port" in res.json()["error"].lower(), res.text
+    http = f"wss://127.0.0.1:{node.ops_port}"
+    res = node.post({"operation": "add_node", "hostname": "ghost", "url": http,
+                     "verify_tls": False, "authorization": CREDS})
+    assert res.status_code == 400, res.text
+    assert "operations API port rather than the replication port" in res.json()["error"]
+    assert hdb_nodes(node) == before
+
+
 def test_add_node_bad_credentials(node_factory):
     """add_node with a wrong password answers 4xx naming the peer and the auth failure."""
     a = node_factory("node-a")

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 from harpsync import codec
-from harpsync.errors import HarpsyncError, PeerError, TooManyRequestsError
+from harpsync.errors import BadRequestError, HarpsyncError, PeerError, TooManyRequestsError
 from harpsync.replication.reconnect import describe_error
 from harpsync.replication.transport import DIAL_ERRORS, Link, dial
 
@@ -39,6 +40,13 @@ async def node_request(rep: NodeClient, url: str, body: dict[str, Any], *, verif
         PeerError: the peer is unreachable, refused TLS, or answered with an error; the
             message names the peer and the cause, never the credentials.
     """
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018  (raises for a port out of range)
+    except ValueError as exc:
+        raise BadRequestError(f"'{url}' is not a valid node URL: {exc}") from None
+    if not parsed.hostname:
+        raise BadRequestError(f"'{url}' is not a valid node URL: it names no host")
     context = rep.keys.client_context(verify=verify, present_cert=present_cert)
     link: Link | None = None
     try:
@@ -50,7 +58,11 @@ async def node_request(rep: NodeClient, url: str, body: dict[str, Any], *, verif
         await link.send(codec.pack(body))
         answer = codec.unpack(await asyncio.wait_for(link.recv(), timeout))
     except DIAL_ERRORS as exc:
-        raise PeerError(f"Could not reach node at '{url}': {describe_error(exc)}") from None
+        cause = describe_error(exc)
+        if cause.endswith("WRONG_VERSION_NUMBER"):  # plain HTTP where TLS was expected
+            cause += (" (the port does not speak TLS: is it the operations API port "
+                      "rather than the replication port?)")
+        raise PeerError(f"Could not reach node at '{url}': {cause}") from None
     except (ValueError, TypeError) as exc:
         raise PeerError(f"Node at '{url}' sent an unreadable answer: {exc}") from None
     finally:
