@@ -175,7 +175,6 @@ class Node:
         self._verifier = Verifier(self.cluster)
         self.cluster.operation_handlers.update(peer_handlers(self.cluster))
         self.cluster.copy_listeners.append(self.verifier.after_copy)
-        self.cluster.restore_listeners.append(self.verifier.after_restore)
         await self.cluster.start(repl_sock)
         self.verifier.start(self.config.duration_ms("replication.verifyInterval") / 1000.0)
         self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),

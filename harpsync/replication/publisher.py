@@ -247,7 +247,6 @@ class Publisher:
         first = first_step(sub.after_seq, sub.copy, db.head_seq,
                            max(db.opened_head, db.sent_to.get(self.peer, 0)))
         if isinstance(first, Resync):
-            self.host.log_restored(self.peer, self.database)
             await self._resync(first)
             return
         pos = await self._copy(db, sub, tables) if isinstance(first, Copy) else first.after_seq

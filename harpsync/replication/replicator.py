@@ -99,9 +99,6 @@ class Replicator:
         # Last verification per (peer, database) and who to tell when a full copy ends.
         self.verified: dict[tuple[str, str], dict[str, Any]] = {}
         self.copy_listeners: list[Callable[[str, str], None]] = []
-        # Told (peer, database) when a peer's cursor shows this node's log lost history
-        # (a restore from a backup): the verifier repairs from that peer.
-        self.restore_listeners: list[Callable[[str, str], None]] = []
         storage.replicates = self.replicates_database
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -493,14 +490,6 @@ class Replicator:
 
     def copy_finished(self, peer: str, database: str) -> None:
         for listener in list(self.copy_listeners):
-            listener(peer, database)
-
-    def log_restored(self, peer: str, database: str) -> None:
-        """``peer`` held a cursor past this node's log: the log lost history."""
-        log.warning("%s's cursor is past this node's %s log: it was restored or replaced; "
-                    "%s copies it again, and this node repairs from %s what it lost",
-                    peer, database, peer, peer)
-        for listener in list(self.restore_listeners):
             listener(peer, database)
 
     def logins_changed(self) -> None:

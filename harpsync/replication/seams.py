@@ -155,10 +155,6 @@ class PublisherHost(LinkHost, Protocol):
         """``peer`` acknowledged this node's log through ``seq``."""
         ...
 
-    def log_restored(self, peer: str, database: str) -> None:
-        """``peer`` held a cursor past this node's log: the log lost history."""
-        ...
-
 
 class LinkStore(Protocol):
     """What a subscriber reads and writes on this node: its cursor, the schema its hello

@@ -364,29 +364,20 @@ class Verifier:
             except Exception:
                 log.exception("background verification failed")
 
-    def after_restore(self, peer: str, database: str) -> None:
-        """This node's log of ``database`` lost history that ``peer`` holds (a restore
-        from a backup): repair from it, once nothing is in flight between them."""
-        self._settle(peer, database, repair=True, what="repair after the restore")
-
     def after_copy(self, peer: str, database: str) -> None:
         """A full copy from ``peer`` ended: verify what it copied (once the peer's own
         copy from this node, if one runs, has ended too)."""
-        self._settle(peer, database, repair=False, what="verification after the copy")
-
-    def _settle(self, peer: str, database: str, repair: bool, what: str) -> None:
-        # Verify (or repair) ``database`` with ``peer`` until no pair is busy.
         async def check() -> None:
             deadline = time.monotonic() + AFTER_COPY_WAIT
             try:
                 while True:
-                    outcomes = await self.run(self.plan(database=database, nodes=[peer]),
-                                              repair=repair)
+                    outcomes = await self.run(self.plan(database=database, nodes=[peer]))
                     if not any(o.busy for o in outcomes) or time.monotonic() > deadline:
                         return
                     await asyncio.sleep(1.0)
             except HarpsyncError as exc:
-                log.warning("%s from %s failed: %s", what, peer, exc.message)
+                log.warning("verification after the copy from %s failed: %s", peer,
+                            exc.message)
 
         self.rep.spawn(check())
 

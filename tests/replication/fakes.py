@@ -146,16 +146,12 @@ class FakePublisherHost(FakeLinkHost):
         super().__init__()
         self.positions: list[tuple[str, str, int, bool]] = []
         self.acks: list[tuple[str, str, int]] = []
-        self.restored: list[tuple[str, str]] = []
 
     def note_position(self, peer: str, database: str, seq: int, reset: bool = False) -> None:
         self.positions.append((peer, database, seq, reset))
 
     def note_ack(self, peer: str, database: str, seq: int) -> None:
         self.acks.append((peer, database, seq))
-
-    def log_restored(self, peer: str, database: str) -> None:
-        self.restored.append((peer, database))
 
 
 class FakeSubscriberHost(FakeLinkHost):
