@@ -45,7 +45,7 @@ TAIL_BYTES = 1 << 20
 TIME_ATTRIBUTES = ("__createdtime__", "__updatedtime__")
 # Named sub-databases per environment: ``__txns__`` and ``__meta__``, then three per
 # table (rows, tombstones, hashes). LMDB cannot close one while the environment is open,
-# so a dropped table's keep their slots until the node restarts.
+# so a dropped table's three keep their slots until the node restarts.
 MAX_DBS = 4096
 # The largest transaction-log entry a local write may make: a peer receives an entry
 # in one replication frame (``replication/transport.MAX_FRAME`` is sized from this).
