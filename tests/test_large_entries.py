@@ -11,7 +11,7 @@ import pytest
 from harpsync import compression
 from harpsync.errors import PayloadTooLargeError
 from harpsync.replication import transport
-from harpsync.storage import database, reads, store, writes
+from harpsync.storage import database, reads, writes
 from harpsync.storage.store import Storage
 from tests.helpers import wait_for
 from tests.lifecycle_util import db_socket
@@ -51,10 +51,8 @@ def test_frames_fit_the_largest_entry_a_write_may_log():
     assert compression.MAX_OUTPUT >= transport.MAX_FRAME  # also when it came compressed
 
 
-async def test_a_write_logging_more_than_peers_take_is_refused_whole(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "MAX_LOG_ENTRY", 200_000)  # the limit, scaled down
-    storage = Storage(tmp_path, "node-a", 1 << 27)
+async def test_a_write_logging_more_than_peers_take_is_refused_whole(tmp_path: Path) -> None:
+    storage = Storage(tmp_path, "node-a", 1 << 27, max_log_entry=200_000)  # scaled down
     storage.open()
     try:
         await storage.create_database("d")

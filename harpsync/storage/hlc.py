@@ -123,8 +123,5 @@ class HLC:
 
     def observe(self, version: int) -> None:
         """Move the clock forward past a version received from a peer (within bounds)."""
-        if version > self.limit():
-            return
-        with self._lock:
-            if version > self._last:
-                self._last = version
+        if version <= self.limit():
+            self.advance_past(version)

@@ -39,10 +39,14 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 class Storage:
     """All databases of one node under ``<root>/database/<name>/``."""
 
-    def __init__(self, root: Path, node_name: str, map_size: int = 1 << 36) -> None:
+    def __init__(self, root: Path, node_name: str, map_size: int = 1 << 36,
+                 max_log_entry: int = MAX_LOG_ENTRY) -> None:
+        """``max_log_entry``: the largest log entry a local write may make (the frame
+        size peers take bounds it; a test may set it lower)."""
         self.root = root
         self.node_name = node_name
         self.map_size = map_size
+        self.max_log_entry = max_log_entry
         self.hlc = HLC()
         self.databases: dict[str, Database] = {}
         self.writer = Writer()
@@ -223,10 +227,10 @@ class Storage:
         # A job that fails after this gives its sequence back: no gap, no phantom lag.
         ctx.on_undo(lambda: setattr(db, "next_seq", min(db.next_seq, seq)))
         value = codec.pack([origin, version, user, ops])
-        if len(value) > MAX_LOG_ENTRY and origin == LOCAL_ORIGIN:
+        if len(value) > self.max_log_entry and origin == LOCAL_ORIGIN:
             raise PayloadTooLargeError(
                 f"this write would log {len(value) / 2**20:.0f} MiB in one transaction; at "
-                f"most {MAX_LOG_ENTRY // 2**20} MiB replicate to peers: write fewer or "
+                f"most {self.max_log_entry // 2**20} MiB replicate to peers: write fewer or "
                 "smaller records per request")
         ctx.txn(db).put(seq_key(seq), value, db=db.txns_dbi, append=True)
         ctx.logged.append((db, seq, value))
