@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 
@@ -51,6 +51,15 @@ MAX_DBS = 4096
 # in one replication frame (``replication/transport.MAX_FRAME`` is sized from this).
 MAX_LOG_ENTRY = 192 * 1024 * 1024
 MAX_TABLES = (MAX_DBS - 2) // 3
+
+
+class CommittedSchema(NamedTuple):
+    """What ``Database.committed_schema`` read: tables by name, their drop markers,
+    and the database's creation version (0: not committed yet, or from before it)."""
+
+    tables: dict[str, dict[str, Any]]
+    dropped: dict[str, int]
+    created: int
 
 
 @dataclass
@@ -361,12 +370,31 @@ class Database:
 
     def iter_meta(self, prefix: bytes) -> Iterator[tuple[bytes, Any]]:
         with self.env.begin() as txn:
-            cur = txn.cursor(db=self.meta_dbi)
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    yield key[len(prefix):], codec.unpack(value)
+            yield from self._meta_in(txn, prefix)
+
+    def _meta_in(self, txn: lmdb.Transaction, prefix: bytes) -> Iterator[tuple[bytes, Any]]:
+        cur = txn.cursor(db=self.meta_dbi)
+        if cur.set_range(prefix):
+            for raw_key, value in cur:
+                key = bytes(raw_key)  # bytes already (no buffers): no copy
+                if not key.startswith(prefix):
+                    break
+                yield key[len(prefix):], codec.unpack(value)
+
+    def committed_schema(self) -> CommittedSchema:
+        """Table definitions, drop markers and creation version as last committed,
+        from one snapshot.
+
+        What peers are told (hellos) comes from here, never from ``tables``: a writer
+        job changes that as it runs, so mid-job it may hold a re-created table whose
+        drop is not committed yet, and a peer told of the one without the other would
+        merge the new incarnation into its old one as a concurrent create.
+        """
+        with self.reading() as txn:
+            definitions = {k.decode(): v for k, v in self._meta_in(txn, TABLE_PREFIX)}
+            markers = {k.decode(): int(v) for k, v in self._meta_in(txn, DROPPED_PREFIX)}
+            raw = txn.get(CREATED_KEY, db=self.meta_dbi)
+        return CommittedSchema(definitions, markers, int(codec.unpack(raw)) if raw else 0)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[lmdb.Transaction]:

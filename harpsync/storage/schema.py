@@ -253,23 +253,26 @@ def describe_schema(storage: Storage, db: Database,
     For ``system`` it also lists every replicated database with its creation version,
     tables and table markers, and the database drop markers.
     """
-    defs: dict[str, Any] = {name: t.definition() for name, t in list(db.tables.items())
-                            if allowed(name)}
+    # Committed state only (``Database.committed_schema``): a hello naming a re-created
+    # table without the drop before it would make a peer merge the two incarnations.
+    committed = db.committed_schema()
+    defs: dict[str, Any] = {name: d for name, d in committed.tables.items() if allowed(name)}
     if db.name != SYSTEM:
-        defs[DROPPED_KEY] = {k: v for k, v in db.table_markers().items() if allowed(k)}
-        defs[CREATED_KEY] = db.created
+        defs[DROPPED_KEY] = {k: v for k, v in committed.dropped.items() if allowed(k)}
+        defs[CREATED_KEY] = committed.created
         return defs
     databases: dict[str, Any] = {}
     for name, other in sorted(storage.databases.items()):
         if name == SYSTEM or not storage.replicates(name):
             continue
         try:
-            databases[name] = {"created": other.created,
-                               "tables": {n: t.definition()
-                                          for n, t in list(other.tables.items())},
-                               "dropped": other.table_markers()}
+            listed = other.committed_schema()
         except Exception:  # dropped while we read it
             continue
+        databases[name] = {"created": listed.created, "tables": listed.tables,
+                           "dropped": listed.dropped}
+    # Read after the databases: a database re-created after a drop was committed after
+    # that drop's marker, so the markers read now cover every incarnation listed above.
     dropped = {k: v for k, v in storage.database_markers().items() if storage.replicates(k)}
     defs[DATABASES_KEY] = {"names": sorted(databases), "databases": databases,
                            "dropped": dropped}
