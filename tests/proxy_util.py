@@ -16,7 +16,8 @@ class TcpProxy:
 
     ``cut()`` closes every forwarded connection and refuses new ones (accepted, then
     closed at once); ``heal()`` forwards again. ``reply_delay`` (seconds) holds each
-    chunk the target sends back for that long: a slow path, one way.
+    chunk the target sends back for that long, ``request_delay`` each chunk sent to the
+    target: a slow path, one way.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -25,6 +26,7 @@ class TcpProxy:
         self.port = int(self.listener.getsockname()[1])
         self._cut = threading.Event()
         self.reply_delay = 0.0
+        self.request_delay = 0.0
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -77,22 +79,22 @@ class TcpProxy:
                                  daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, reply: bool) -> None:
-        send = dst.sendall
-        if reply:  # replies go through a queue, each sent reply_delay after it arrived
-            chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
-            threading.Thread(target=self._late, args=(chunks, dst), daemon=True).start()
-
-            def send(data: bytes) -> None:
-                chunks.put((time.monotonic() + self.reply_delay, data))
+        # Each chunk goes through a queue and is sent the current delay after it
+        # arrived; the end of the stream (b"") too, so nothing queued is cut off.
+        chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
+        sender = threading.Thread(target=self._late, args=(chunks, dst), daemon=True)
+        sender.start()
         try:
             while True:
                 data = src.recv(65536)
+                delay = self.reply_delay if reply else self.request_delay
+                chunks.put((time.monotonic() + delay, data))
                 if not data:
                     break
-                send(data)
         except OSError:
-            pass
+            chunks.put((0.0, b""))
         finally:
+            sender.join(timeout=30)
             for sock in (src, dst):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
@@ -104,5 +106,7 @@ class TcpProxy:
         with contextlib.suppress(OSError):
             while True:
                 due, data = chunks.get()
+                if not data:
+                    return
                 self._closed.wait(max(0.0, due - time.monotonic()))  # the injected latency
                 dst.sendall(data)

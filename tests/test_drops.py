@@ -437,3 +437,67 @@ def test_recreated_database_survives_its_drop_arriving_after_it(node_factory):
 
     wait_for(converged, timeout=10, message="C's incarnation of x with its table everywhere")
     stays(lambda: _has_db(a, "x") and not has_table(a, "old", "x"), duration=1.0)
+
+
+def _attributes(node: Any, table: str) -> set[str]:
+    described = node.call("describe_table", table=table)
+    return {a["attribute"] for a in described["attributes"]}
+
+
+def _data_link_state(node: Any, peer: str) -> str | None:
+    for conn in node.call("cluster_status")["connections"]:
+        if conn["name"] == peer:
+            for sock in conn["database_sockets"]:
+                if sock["database"] == "data":
+                    return str(sock.get("state"))
+    return None
+
+
+def test_a_drop_and_re_create_between_hello_and_copy_reaches_the_copying_peer(node_factory):
+    """A full copy starts at the publisher's head when it is asked for, which may be
+    well after its hello (a resync is asked for within the session). A drop and a
+    re-create made in between were in neither: the hello named the old incarnation,
+    and the stream went on from after them. The peer put the new incarnation's rows
+    into its old one and never dropped it: its old rows stayed, and the old
+    definition. The copy now names the schema it was taken with.
+
+    node-b reaches node-a through a proxy that holds what node-b sends for half a
+    second; node-a's log was purged while node-b was paused, so node-b's subscribe is
+    answered with resync_required and its second subscribe asks for the copy. The drop
+    comes once node-b has node-a's hello, before either subscribe lands."""
+    from tests.proxy_util import TcpProxy
+    from tests.repl_util import CREDS
+
+    slow_pings = {"REPLICATION_PINGINTERVAL": "2000"}  # pongs come half a second late
+    a = node_factory("node-a", env=slow_pings)
+    b = node_factory("node-b", env=slow_pings)
+    a.call("create_table", table="t1", primary_key="id", attributes=[{"name": "old"}])
+    a.call("insert", table="t1", records=[{"id": 1}, {"id": 2}])
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="t1 on node-b")
+        wait_for(lambda: _data_link_state(b, a.name) == "streaming", timeout=20,
+                 message="node-b streaming from node-a")
+        b.call("pause_replication", hostname=a.name, database="data")
+        wait_for(lambda: _data_link_state(b, a.name) == "paused", timeout=20,
+                 message="node-b paused")
+        a.call("insert", table="t1", records=[{"id": 4}])
+        a.call("purge_stream", table="t1")  # node-b's cursor is behind the log now
+        to_a.request_delay = 0.5
+        b.call("resume_replication", hostname=a.name, database="data")
+        # Streaming once node-b has learned node-a's hello and sent its subscribe (held
+        # by the proxy).
+        wait_for(lambda: _data_link_state(b, a.name) == "streaming", timeout=30,
+                 interval=0.01, message="node-b to have node-a's hello")
+        a.call("drop_table", table="t1")
+        a.call("create_table", table="t1", primary_key="id", attributes=[{"name": "new"}])
+        a.call("insert", table="t1", records=[{"id": 3}])
+        to_a.request_delay = 0.0
+        wait_for(lambda: by_id(b, "t1", 3) is not None, timeout=30, message="row 3 on node-b")
+        wait_for(lambda: by_id(b, "t1", 1) is None and "old" not in _attributes(b, "t1"),
+                 timeout=20, message="node-b to drop the old incarnation")
+        assert "new" in _attributes(b, "t1") and by_id(b, "t1", 4) is None
+    finally:
+        to_a.close()

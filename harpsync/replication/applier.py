@@ -57,7 +57,7 @@ def unappliable(exc: BaseException) -> bool:
 class Work:
     """One item of the apply queue."""
 
-    kind: str  # "entries", "caught_up", "rows", "copy_end"
+    kind: str  # "entries", "caught_up", "rows", "schema", "copy_end"
     payload: Any
     origins: dict[int, str]
 
@@ -216,6 +216,12 @@ class Applier:
                 await self.apply_rows(first)
             elif first.kind == "caught_up":
                 await self._advance(int(first.payload))
+            elif first.kind == "schema":
+                # A copy's schema (its drops, then its tables) before its rows, whose
+                # incarnations it names.
+                self.peer_tables = dict(first.payload)
+                await self._write(self.store.learn_schema(self.database, first.payload,
+                                                          self.peer))
             else:
                 snapshot = int(first.payload)
                 await self._write(self.store.write_cursor(self.database, self.peer,

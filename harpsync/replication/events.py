@@ -51,6 +51,9 @@ class CopyBegan(Event):
     snapshot_seq: int
     total: int
     tables: list[str]
+    # The schema the copy was taken with (as a hello describes it; None from older
+    # peers): learned before any row, in place of the hello's.
+    schema: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

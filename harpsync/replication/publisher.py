@@ -330,6 +330,12 @@ class Publisher:
                     tables: list[str] | None) -> int:
         resume = sub.copy_resume or {}
         snapshot = db.head_seq if resume.get("snapshot") is None else int(resume["snapshot"])
+        # The schema goes with the copy, read after its snapshot: the hello may be older
+        # (a resync within the session, or a subscribe that came late), and a drop and
+        # re-create in between would be in neither the hello nor the stream that
+        # follows the copy, so the peer would take the new incarnation's rows into its
+        # old one and never drop it.
+        schema = self.host.table_definitions(db)
         names = sorted(t for t in list(db.tables)
                        if peers.table_allowed(self.database, t, tables))
         total = 0
@@ -337,7 +343,7 @@ class Publisher:
             table = db.tables[name]
             total += db.table_size(table)[0] + db.tombstone_count(table)
         self._note_sent(db, snapshot)
-        self.session.begin_copy(snapshot, total, names)
+        self.session.begin_copy(snapshot, total, names, schema)
         await self.flush()
         start_table = resume.get("table")
         for name in names:

@@ -154,11 +154,14 @@ class PublisherSession(Session):
         self._require_streaming()
         self._send("caught_up", seq=seq)
 
-    def begin_copy(self, snapshot_seq: int, total: int, tables: Sequence[str]) -> None:
-        """Start a full copy taken at log sequence ``snapshot_seq``."""
+    def begin_copy(self, snapshot_seq: int, total: int, tables: Sequence[str],
+                   schema: Mapping[str, Any] | None = None) -> None:
+        """Start a full copy taken at log sequence ``snapshot_seq``; ``schema`` is the
+        schema it was taken with (as in a hello), read after the snapshot."""
         self._require_streaming()
         self.copying = True
-        self._send("copy_begin", snapshot_seq=snapshot_seq, total=total, tables=list(tables))
+        self._send("copy_begin", snapshot_seq=snapshot_seq, total=total, tables=list(tables),
+                   **({} if schema is None else {"schema": dict(schema)}))
 
     def send_copy_rows(self, table: str, rows: Sequence[tuple[bytes, bytes]],
                        origins: Mapping[int, str] | None = None) -> None:

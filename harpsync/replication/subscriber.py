@@ -307,6 +307,8 @@ class Subscriber:
         elif isinstance(event, CopyBegan):
             self.state = LinkState.COPYING
             self.applier.begin_copy(event.snapshot_seq, event.total)
+            if event.schema is not None:  # learned in order: after what is queued
+                await self.applier.queue.put(Work("schema", event.schema, {}))
         elif isinstance(event, CopyRows):
             await self.applier.queue.put(Work("rows", (event.table, event.rows),
                                               dict(self._session.peer_origins)))
