@@ -84,3 +84,31 @@ def test_widened_publish_side_sends_rows_written_while_narrowed(node_factory):
         assert by_id(a, "t2", 5) is not None
     finally:
         to_a.close()
+
+
+def test_a_drop_reaches_a_peer_that_does_not_take_the_table(node_factory):
+    """Schema is not data: a node learns the tables of a database it links for, also
+    those it takes no rows of (from hellos). Their drops and re-creates now reach it
+    in the stream too, not only at the next reconnect's hello: before, node-b kept a
+    table node-a had dropped for as long as the link stayed up."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a, subscriptions=[{"database": "data", "table": "t2",
+                               "subscribe": True, "publish": True}])
+    wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=15,
+             message="both tables on node-b")
+    a.call("insert", table="t2", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=15, message="t2 flowing")
+
+    a.call("drop_table", table="t1")
+    wait_for(lambda: not has_table(b, "t1"), timeout=15, message="the drop on node-b")
+    a.call("create_table", table="t1", primary_key="id", attributes=[{"name": "again"}])
+    wait_for(lambda: has_table(b, "t1") and {"attribute": "again"} in
+             b.call("describe_table", table="t1")["attributes"], timeout=15,
+             message="the re-create on node-b")
+    a.call("insert", table="t1", records=[{"id": 7}])
+    a.call("insert", table="t2", records=[{"id": 2}])
+    wait_for(lambda: by_id(b, "t2", 2) is not None, timeout=15, message="t2 still flowing")
+    assert by_id(b, "t1", 7) is None  # rows of t1 still do not flow

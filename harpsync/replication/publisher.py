@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+TABLE_SCHEMA_OPS = frozenset({"create_table", "drop_table"})
+
 READ_BATCH = 1000
 COPY_CHUNK = 500
 
@@ -218,7 +220,12 @@ class Publisher:
                 out.append((seq, origin, raw))
                 continue
             user, ops = codec.unpack(raw)[2:]
-            kept = [op for op in ops if peers.table_allowed(self.database, op[0], tables)
+            # Table creates and drops pass the table filter: schema is not data, and a
+            # peer that learned a table from a hello must learn its drop too, now rather
+            # than at its next reconnect.
+            kept = [op for op in ops
+                    if (op[1] in TABLE_SCHEMA_OPS and not system
+                        or peers.table_allowed(self.database, op[0], tables))
                     and (not system or op[1] not in ("create_database", "drop_database")
                          or self.host.replicates_database(op[2]))]
             if len(kept) == len(ops):
