@@ -7,6 +7,7 @@ from typing import Any
 from harpsync.auth import User, require_table
 from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, NotFoundError
+from harpsync.storage import writes
 from harpsync.storage.database import Database, Table
 from harpsync.storage.schema import RESERVED_KEYS
 from harpsync.storage.store import SYSTEM
@@ -123,13 +124,15 @@ async def describe_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]
 
 async def create_attribute(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     db, table, attr = _db_name(body), body["table"], body["attribute"]
-    await ctx.services.storage.set_attributes(db, table, [attr], [])
+    storage = ctx.services.storage
+    await storage.write(writes.attribute_job(storage, db, table, attr, present=True))
     return {"message": f"attribute '{db}.{table}.{attr}' successfully created."}
 
 
 async def drop_attribute(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     db, table, attr = _db_name(body), body["table"], body["attribute"]
-    await ctx.services.storage.set_attributes(db, table, [], [attr])
+    storage = ctx.services.storage
+    await storage.write(writes.attribute_job(storage, db, table, attr, present=False))
     return {"message": f"successfully deleted attribute '{attr}'"}
 
 

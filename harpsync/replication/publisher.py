@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TABLE_SCHEMA_OPS = frozenset({"create_table", "drop_table"})
+TABLE_SCHEMA_OPS = frozenset({"create_table", "drop_table", "set_attribute"})
 
 READ_BATCH = 1000
 COPY_CHUNK = 500

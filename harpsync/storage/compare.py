@@ -153,7 +153,7 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
                 put_tombstone(txn, table, key, version, oid)
             else:
                 put_record(txn, table, key, version, oid, record)
-                note_attributes(ctx, db, table, [record])
+                note_attributes(ctx, db, table, [record], version)
             rid = decode_id(key)
             changed.append(rid)
             relay.setdefault(oid, []).append(

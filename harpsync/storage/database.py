@@ -53,6 +53,16 @@ MAX_LOG_ENTRY = 192 * 1024 * 1024
 MAX_TABLES = (MAX_DBS - 2) // 3
 
 
+def attribute_marks_of(definition: Any) -> dict[str, list[Any]]:
+    """The well-formed ``attribute_marks`` of a table definition (stored or a peer's)."""
+    raw = definition.get("attribute_marks") if isinstance(definition, dict) else None
+    if not isinstance(raw, dict):
+        return {}
+    return {str(k): [int(v[0]), bool(v[1])] for k, v in raw.items()
+            if isinstance(v, list | tuple) and len(v) == 2 and isinstance(v[0], int)
+            and not isinstance(v[0], bool) and isinstance(v[1], bool)}
+
+
 class CommittedSchema(NamedTuple):
     """What ``Database.committed_schema`` read: tables by name, their drop markers,
     and the database's creation version (0: not committed yet, or from before it)."""
@@ -74,15 +84,21 @@ class Table:
     version: int = 0
     # The maintained row hashes (storage/digest.py); None only while a table is built.
     digest: Any = None
+    # Per attribute an operator created or dropped: ``[version, present]`` of the
+    # newest such change (``schema.set_attribute``), so that attribute changes converge.
+    attribute_marks: dict[str, list[Any]] = field(default_factory=dict)
 
     def definition(self) -> dict[str, Any]:
         """The plain dict stored in ``__meta__`` and sent to peers in ``hello``."""
-        return {
+        out = {
             "name": self.name,
             "primary_key": self.primary_key,
             "attributes": list(self.attributes),
             "version": self.version,
         }
+        if self.attribute_marks:
+            out["attribute_marks"] = {k: list(v) for k, v in self.attribute_marks.items()}
+        return out
 
 
 class Database:
@@ -183,6 +199,7 @@ class Database:
             tomb_dbi=tomb_dbi,
             attributes=list(definition.get("attributes", [])),
             version=definition.get("version", 0),
+            attribute_marks=attribute_marks_of(definition),
         )
         table.digest = self.table_digest(name)
         self.tables[name] = table

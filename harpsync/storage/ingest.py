@@ -22,7 +22,7 @@ from harpsync.storage.records import get_stored, incoming_wins, put_record, put_
 from harpsync.storage.schema import UnknownTableError, local_origin
 from harpsync.storage.store import NAME_RE, SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
-from harpsync.storage.writes import note_attributes
+from harpsync.storage.writes import note_attributes, set_attribute
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,11 @@ def _apply_op(storage: Storage, ctx: WriteContext, db: Database, op: list[Any], 
     if kind == "drop_table":
         return schema.apply_drop_table(storage, ctx, db, table_name, version, origin_id,
                                        log_it=False)
+    if kind == "set_attribute":
+        if not isinstance(rid, str) or not isinstance(value, bool) \
+                or schema.stale_op(ctx, db, table_name, op[4] if len(op) > 4 else None):
+            return False
+        return set_attribute(ctx, db, db.tables[table_name], rid, value, version)
     if kind == "create_database":
         return schema.apply_create_database(storage, ctx, rid, version, origin_id, False,
                                             schema.after_drop_of(value, version))
@@ -113,7 +118,7 @@ def _apply_op(storage: Storage, ctx: WriteContext, db: Database, op: list[Any], 
         put_tombstone(txn, table, key, version, origin_id)
     else:
         put_record(txn, table, key, version, origin_id, value)
-        note_attributes(ctx, db, table, [value])
+        note_attributes(ctx, db, table, [value], version)
     return True
 
 
@@ -292,6 +297,7 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
         applied = 0
         relay: dict[int, list[list[Any]]] = {}
         stored_records: list[dict[str, Any]] = []
+        stored_versions: list[int] = []
         for key, raw in rows:
             version, origin, record = codec.unpack(raw)
             origin_name = origins.get(origin)
@@ -313,11 +319,12 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
             else:
                 put_record(txn, table, key, version, oid, record)
                 stored_records.append(record)
+                stored_versions.append(version)
             relay.setdefault(oid, []).append(
                 [table_name, "delete" if record is None else "upsert", decode_id(key), record,
                  table.version, version])
             applied += 1
-        note_attributes(ctx, db, table, stored_records)  # once per chunk, not per row
+        note_attributes(ctx, db, table, stored_records, stored_versions)  # once per chunk
         for oid, ops in relay.items():
             storage.append_log(ctx, db, ops, max(op[5] for op in ops), oid)
         write_cursor(ctx, db, peer, cursor)

@@ -22,7 +22,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from harpsync import codec
-from harpsync.storage.database import ORIGIN_PREFIX, TABLE_PREFIX, Database
+from harpsync.storage.database import (
+    ORIGIN_PREFIX,
+    TABLE_PREFIX,
+    Database,
+    attribute_marks_of,
+)
 from harpsync.storage.store import NAME_RE, SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
 
@@ -113,11 +118,23 @@ def _merge_definition(ctx: WriteContext, db: Database, table: Any, definition: d
     attributes = [a for a in definition.get("attributes", []) if isinstance(a, str)]
     if adopt:
         attributes.append(old_pk)
-    added = [a for a in attributes if a not in table.attributes and a != new_pk]
-    if not added and not adopt and version <= table.version:
+    # Attributes an operator created or dropped: per attribute the newer change wins.
+    marks = dict(table.attribute_marks)
+    for name, mark in attribute_marks_of(definition).items():
+        if name not in marks or mark[0] > marks[name][0]:
+            marks[name] = mark
+    attributes += [a for a, (_, present) in marks.items() if present]
+    dropped = {a for a, (_, present) in marks.items() if not present}
+    added = [a for a in dict.fromkeys(attributes)
+             if a not in table.attributes and a != new_pk and a not in dropped]
+    kept = [a for a in table.attributes if a != new_pk and a not in dropped]
+    if not added and not adopt and version <= table.version \
+            and len(kept) == len(table.attributes) and marks == table.attribute_marks:
         return
     old_attributes, old_version = list(table.attributes), table.version
-    table.attributes = [a for a in old_attributes if a != new_pk] + added
+    old_marks = table.attribute_marks
+    table.attributes = kept + added
+    table.attribute_marks = marks
     table.version = max(old_version, version)
     table.primary_key = new_pk
     if adopt:
@@ -128,6 +145,7 @@ def _merge_definition(ctx: WriteContext, db: Database, table: Any, definition: d
     def undo() -> None:
         table.attributes, table.version, table.primary_key = (old_attributes, old_version,
                                                               old_pk)
+        table.attribute_marks = old_marks
 
     ctx.on_undo(undo)
     ctx.txn(db).put(TABLE_PREFIX + table.name.encode(), codec.pack(table.definition()),

@@ -21,9 +21,10 @@ from harpsync.storage.database import (
     TABLE_PREFIX,
     Database,
     Table,
+    attribute_marks_of,
     release_mapped_pages,
 )
-from harpsync.storage.errors import NoSuchAttributeError, NoSuchDatabaseError, NoSuchTableError
+from harpsync.storage.errors import NoSuchDatabaseError, NoSuchTableError
 from harpsync.storage.hlc import HLC, wall_ms_of
 from harpsync.storage.keys import seq_key
 from harpsync.storage.writer import WriteContext, Writer
@@ -293,7 +294,8 @@ class Storage:
                         log_it: bool) -> Table:
         """Add table incarnation ``version`` to the catalog (its handles must be open)."""
         table = Table(name, str(definition.get("primary_key", "id")), *db.handles[name],
-                      attributes=list(definition.get("attributes", [])), version=version)
+                      attributes=list(definition.get("attributes", [])), version=version,
+                      attribute_marks=attribute_marks_of(definition))
         table.digest = db.table_digest(name)
         digest.mark_built(ctx.txn(db), table)
         db.tables[name] = table
@@ -392,25 +394,5 @@ class Storage:
         def fn(ctx: WriteContext) -> None:
             self.database(name)
             self.drop_database_in(ctx, name, self.hlc.now(), LOCAL_ORIGIN, True)
-
-        await self.write(fn)
-
-    async def set_attributes(self, db_name: str, table_name: str, add: list[str],
-                             remove: list[str]) -> None:
-        """Add or remove attribute names in a table definition (``create_attribute``)."""
-        def fn(ctx: WriteContext) -> None:
-            db, table = self.table(db_name, table_name)
-            for attr in add:
-                if attr in table.attributes or attr == table.primary_key:
-                    raise BadRequestError(f"attribute '{attr}' already exists in "
-                                          f"{db_name}.{table_name}")
-            for attr in remove:
-                if attr not in table.attributes:
-                    raise NoSuchAttributeError(attr)
-            old = list(table.attributes)
-            table.attributes = [a for a in old if a not in remove] + list(add)
-            ctx.on_undo(lambda: setattr(table, "attributes", old))
-            ctx.txn(db).put(TABLE_PREFIX + table_name.encode(), codec.pack(table.definition()),
-                            db=db.meta_dbi)
 
         await self.write(fn)

@@ -6,12 +6,13 @@ Each job is one transaction: all of its records or none, and one log entry.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from harpsync import codec
 from harpsync.errors import BadRequestError
 from harpsync.storage.database import LOCAL_ORIGIN, TABLE_PREFIX, TIME_ATTRIBUTES, Database, Table
+from harpsync.storage.errors import NoSuchAttributeError
 from harpsync.storage.hlc import version_to_ms
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import (
@@ -28,24 +29,89 @@ Job = Callable[[WriteContext], dict[str, Any]]
 
 
 def note_attributes(ctx: WriteContext, db: Database, table: Table,
-                    records: list[dict[str, Any]]) -> None:
-    """Record attribute names seen for the first time in the table definition."""
+                    records: list[dict[str, Any]], versions: int | Sequence[int]) -> None:
+    """Record attribute names seen for the first time in the table definition.
+
+    ``versions``: the version each record was written at (one for all of them). An
+    attribute an operator dropped comes back only with a record written after the
+    drop; a record from before it (arriving late, or in a copy) leaves it dropped.
+    """
     known = set(table.attributes)
     known.add(table.primary_key)
     known.update(TIME_ATTRIBUTES)
-    new: list[str] = []
-    for record in records:
+    new: dict[str, int] = {}  # attribute -> the newest version of a record with it
+    for i, record in enumerate(records):
         for attr in record:
             if attr not in known:
-                known.add(attr)
-                new.append(attr)
+                version = versions if isinstance(versions, int) else versions[i]
+                if new.get(attr, -1) < version:
+                    new[attr] = version
     if not new:
         return
-    old = table.attributes
-    table.attributes = old + new
-    ctx.on_undo(lambda: setattr(table, "attributes", old))
+    marks = table.attribute_marks
+    added = [a for a, v in new.items() if a not in marks or v > marks[a][0]]
+    if not added:
+        return
+    old, old_marks = table.attributes, marks
+    table.attributes = old + added
+    if any(a in marks for a in added):  # back after a drop: as if created then
+        table.attribute_marks = {**marks, **{a: [new[a], True] for a in added if a in marks}}
+
+    def undo() -> None:
+        table.attributes, table.attribute_marks = old, old_marks
+
+    ctx.on_undo(undo)
     ctx.txn(db).put(TABLE_PREFIX + table.name.encode(), codec.pack(table.definition()),
                     db=db.meta_dbi)
+
+
+def set_attribute(ctx: WriteContext, db: Database, table: Table, name: str, present: bool,
+                  version: int) -> bool:
+    """Create (``present``) or drop attribute ``name`` as of ``version``, unless a newer
+    change of it is known here; True if anything changed.
+
+    Per attribute the newest change wins (``Table.attribute_marks``), on every node and
+    in any order, so ``create_attribute`` and ``drop_attribute`` converge: a drop no
+    longer comes back with a peer's next hello.
+    """
+    mark = table.attribute_marks.get(name)
+    if name == table.primary_key or (mark is not None and mark[0] >= version):
+        return False
+    old, old_marks = table.attributes, table.attribute_marks
+    table.attribute_marks = {**old_marks, name: [version, present]}
+    if present and name not in old:
+        table.attributes = old + [name]
+    elif not present:
+        table.attributes = [a for a in old if a != name]
+
+    def undo() -> None:
+        table.attributes, table.attribute_marks = old, old_marks
+
+    ctx.on_undo(undo)
+    ctx.txn(db).put(TABLE_PREFIX + table.name.encode(), codec.pack(table.definition()),
+                    db=db.meta_dbi)
+    return True
+
+
+def attribute_job(storage: Storage, db_name: str, table_name: str, name: str,
+                  present: bool) -> Callable[[WriteContext], None]:
+    """``create_attribute`` (``present``) or ``drop_attribute``: changed here and logged
+    (``set_attribute`` op), so peers make the same change."""
+
+    def job(ctx: WriteContext) -> None:
+        db, table = storage.table(db_name, table_name)
+        exists = name in table.attributes or name == table.primary_key
+        if present and exists:
+            raise BadRequestError(f"attribute '{name}' already exists in "
+                                  f"{db_name}.{table_name}")
+        if not present and name not in table.attributes:
+            raise NoSuchAttributeError(name)
+        version = storage.hlc.now_after(table.attribute_marks.get(name, [0])[0])
+        set_attribute(ctx, db, table, name, present, version)
+        storage.append_log(ctx, db, [[table_name, "set_attribute", name, present,
+                                      table.version]], version, LOCAL_ORIGIN)
+
+    return job
 
 
 def write_records(storage: Storage, db_name: str, table_name: str, records: list[Any],
@@ -122,7 +188,7 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
             this_job[key] = new
         _store(txn, table, version, puts)
         if ops:
-            note_attributes(ctx, db, table, stored_records)
+            note_attributes(ctx, db, table, stored_records, version)
             storage.append_log(ctx, db, ops, version, LOCAL_ORIGIN, user)
         total = len(records)
         if mode == "insert":
