@@ -37,8 +37,9 @@ class StorageLinkStore:
         return self.storage.databases[database].cursor(peer)
 
     def origin_floors(self, database: str, origins: Iterable[str]) -> dict[str, int | None]:
-        held = self.storage.databases[database].origin_hw
-        return {name: held.get(name) for name in origins}
+        # Committed, not ``origin_hw``: a job raises that before its commit, and a floor
+        # from a job that then failed would skip the entries it did not apply.
+        return self.storage.databases[database].committed_hw(origins)
 
     def wall_now_ms(self) -> int:
         return int(self.storage.hlc.wall_now_ms())

@@ -7,7 +7,7 @@ import ctypes
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -397,6 +397,14 @@ class Database:
                 if not key.startswith(prefix):
                     break
                 yield key[len(prefix):], codec.unpack(value)
+
+    def committed_hw(self, origins: Iterable[str]) -> dict[str, int | None]:
+        """Per origin, the newest version received from it by any path, as committed
+        (None: nothing yet)."""
+        with self.reading() as txn:
+            raw = {name: txn.get(HW_PREFIX + name.encode(), db=self.meta_dbi)
+                   for name in origins}
+        return {name: int(codec.unpack(v)) if v else None for name, v in raw.items()}
 
     def committed_schema(self) -> CommittedSchema:
         """Table definitions, drop markers and creation version as last committed,

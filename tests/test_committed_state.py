@@ -1,4 +1,5 @@
-"""A hello describes the schema as committed, never a writer job's work in progress.
+"""What a link tells a peer comes from committed state, never a writer job's work in
+progress: hellos (the schema) and subscribe floors (the origins' high-water versions).
 
 A writer job changes the in-memory catalog as it runs. A job that applies a peer's drop
 and re-create of a table (one batch, or a create carrying ``after_drop``) holds the new
@@ -18,9 +19,10 @@ from typing import Any
 
 import pytest
 
-from harpsync.replication.linkstore import table_definitions
+from harpsync.replication.linkstore import StorageLinkStore, table_definitions
 from harpsync.storage import schema
 from harpsync.storage.database import LOCAL_ORIGIN
+from harpsync.storage.ingest import note_origin_versions
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
 
@@ -94,3 +96,31 @@ async def test_a_hello_built_during_a_create_database_does_not_offer_it(
     after = table_definitions(storage, storage.databases[SYSTEM])
     assert after[schema.DATABASES_KEY]["databases"]["dbx"]["created"] \
         == storage.databases["dbx"].created > 0
+
+
+async def test_subscribe_floors_are_the_committed_high_water_versions(
+        storage: Storage) -> None:
+    """A job raises an origin's high-water version in memory before it commits. A link
+    subscribing meanwhile asked for that origin's entries above it only; had the job
+    then failed (a group commit on a full disk), the entries it did not apply would
+    never be asked for again on that link."""
+    await storage.create_table("data", "t1", "id", [])
+    db = storage.databases["data"]
+    store = StorageLinkStore(storage)
+    inside, release = threading.Event(), threading.Event()
+
+    def raise_hw(ctx: WriteContext) -> None:
+        note_origin_versions(ctx, db, {"node-x": 500})
+        inside.set()
+        release.wait(10)
+
+    await storage.write(lambda ctx: note_origin_versions(ctx, db, {"node-x": 100}))
+    job = asyncio.ensure_future(storage.write(raise_hw))
+    try:
+        assert await asyncio.to_thread(inside.wait, 10)
+        during = store.origin_floors("data", ["node-x", "node-y"])
+    finally:
+        release.set()
+        await job
+    assert during == {"node-x": 100, "node-y": None}
+    assert store.origin_floors("data", ["node-x"]) == {"node-x": 500}
