@@ -99,3 +99,63 @@ def test_a_relay_that_holds_only_some_tables_of_the_origin_does_not_relay_it(nod
                  message="the t2 row written while the direct link was down")
     finally:
         to_a.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_relay_never_carries_a_table_the_origin_does_not_publish_to_the_receiver(
+        node_factory):
+    """a publishes t2 to b, but not t1. While b's direct link from a is down, c relays
+    a's writes to b: only those of t2, as a's link would. Before, c relayed every table
+    b took from c, so b read a's t1 rows, which a never let it have."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(c, a)
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        join(b, c)
+        a.call("set_node_replication", hostname=b.name, subscriptions=[
+            {"database": "data", "table": "t1", "subscribe": True, "publish": False},
+            {"database": "data", "table": "t2", "subscribe": True, "publish": True}])
+        wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=20,
+                 message="tables on b")
+        a.call("insert", table="t2", records=[{"id": 0}])
+        wait_for(lambda: by_id(b, "t2", 0) is not None, timeout=20, message="t2 flowing")
+
+        _cut(b, a, to_a)
+        a.call("insert", table="t1", records=[{"id": 1, "v": "not for b"}])
+        a.call("insert", table="t2", records=[{"id": 1, "v": "for b"}])
+        wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=30,
+                 message="the t2 row relayed by c")
+        assert by_id(c, "t1", 1) is not None
+        assert by_id(b, "t1", 1) is None, "c relayed a t1 row a does not publish to b"
+    finally:
+        to_a.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_copy_from_another_peer_leaves_out_what_the_origin_does_not_publish(node_factory):
+    """b takes only t2 from a. b's first copy from c carries c's rows of every table,
+    and a's rows of t2 only: c holds a's t1 rows, but b does not take those from a."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(c, a)
+    a.call("insert", table="t1", records=[{"id": 1, "v": "a's, not for b"}])
+    a.call("insert", table="t2", records=[{"id": 1, "v": "a's, for b"}])
+    wait_for(lambda: by_id(c, "t1", 1) is not None and by_id(c, "t2", 1) is not None,
+             timeout=20, message="a's rows on c")
+    c.call("insert", table="t1", records=[{"id": 2, "v": "c's"}])
+    join(b, a, subscriptions=[
+        {"database": "data", "table": "t1", "subscribe": False, "publish": True},
+        {"database": "data", "table": "t2", "subscribe": True, "publish": True}])
+    wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20, message="t2 from a")
+    join(b, c)
+    wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="c's t1 row on b")
+    assert by_id(b, "t1", 1) is None, "c handed over a t1 row of a that b does not take"

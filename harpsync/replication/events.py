@@ -95,6 +95,9 @@ class SubscribeRequested(Event):
     tables: list[str] | None
     copy: bool
     copy_resume: dict[str, Any] | None
+    # Per origin, the only tables of its writes to send (streamed or copied): what
+    # the subscriber takes from that origin directly (None from older peers).
+    origin_tables: dict[str, list[str]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,12 @@ def _is_origin_versions(value: Any) -> bool:
     )
 
 
+def _is_origin_tables(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(name, str) and _is_names(tables) for name, tables in value.items()
+    )
+
+
 def _is_copy_resume(value: Any) -> bool:
     return (
         isinstance(value, dict)
@@ -104,6 +110,7 @@ CONTROL_SCHEMAS: dict[str, dict[str, _Check]] = {
         "tables": _optional(_is_names),
         "copy": lambda value: isinstance(value, bool),
         "copy_resume": _optional(_is_copy_resume),
+        "origin_tables": _optional(_is_origin_tables),
     },
     "origins": {"origins": _is_origin_ids},
     "ack": {"seq": _is_int},

@@ -116,6 +116,23 @@ def publish_tables(row: Mapping[str, Any], database: str) -> TableFilter:
     return _tables(row, database, "publish")
 
 
+def origin_tables(rows: Mapping[str, Mapping[str, Any]], peer: str,
+                  database: str) -> dict[str, list[str]]:
+    """Per origin other than ``peer``: the tables of ``database`` this node takes from
+    it, where an operator limited them (an explicit row with subscriptions; a row
+    learned by gossip limits nothing). A link from ``peer`` asks for no more of that
+    origin's writes (relayed or copied): what the origin does not publish to this
+    node, another peer must not hand over either."""
+    out: dict[str, list[str]] = {}
+    for name, row in rows.items():
+        if name == peer or row.get("learned") or row.get("subscriptions") is None:
+            continue
+        tables = subscribe_tables(row, database)
+        if tables is not None:
+            out[name] = [] if tables is False else list(tables)
+    return out
+
+
 def table_allowed(database: str, table: str | None, allowed: list[str] | None) -> bool:
     """Whether an operation on ``table`` passes a table filter."""
     if table is None:

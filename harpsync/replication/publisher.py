@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from harpsync import codec
@@ -197,8 +198,12 @@ class Publisher:
         return [t for t in requested if t in mine]
 
     def _filter(self, db: LogSource, entries: list[tuple[int, bytes]],
-                origins: dict[str, Any] | None,
-                tables: list[str] | None) -> list[tuple[int, int, bytes]]:
+                origins: dict[str, Any] | None, tables: list[str] | None,
+                limits: Mapping[str, list[str]] | None = None,
+                ) -> list[tuple[int, int, bytes]]:
+        """The entries to send: not the peer's own, of the origins it asked for above
+        their floors, with only the ops of tables it takes (``limits``: per origin,
+        the only tables of that origin's writes it may be handed)."""
         out: list[tuple[int, int, bytes]] = []
         names = db.origin_names
         system = self.database == "system"
@@ -216,7 +221,8 @@ class Publisher:
                 floor = origins[name]
                 if floor is not None and version <= floor:
                     continue
-            if tables is None and not system:
+            limit = limits.get(name) if limits else None
+            if tables is None and not system and limit is None:
                 out.append((seq, origin, raw))
                 continue
             user, ops = codec.unpack(raw)[2:]
@@ -225,7 +231,8 @@ class Publisher:
             # than at its next reconnect.
             kept = [op for op in ops
                     if (op[1] in TABLE_SCHEMA_OPS and not system
-                        or peers.table_allowed(self.database, op[0], tables))
+                        or (peers.table_allowed(self.database, op[0], tables)
+                            and (limit is None or op[0] in limit)))
                     and (not system or op[1] not in ("create_database", "drop_database")
                          or self.host.replicates_database(op[2]))]
             if len(kept) == len(ops):
@@ -272,7 +279,7 @@ class Publisher:
                 return
             pruned, entries = db.read_log(pos, READ_BATCH)
             if entries and pruned <= pos:
-                kept = self._filter(db, entries, sub.origins, tables)
+                kept = self._filter(db, entries, sub.origins, tables, sub.origin_tables)
                 if kept:
                     self.sending_since = self.sending_since or time.time()
                     self._note_sent(db, kept[-1][0])
@@ -366,22 +373,30 @@ class Publisher:
                     continue
                 after = resume.get("key") if resuming and bool(resume.get("tombs")) == tombs \
                     else None
-                await self._copy_rows(db, table, tombs, after)
+                # Rows of origins the peer takes this table from only directly (if at
+                # all) stay out, as they do from the stream.
+                withheld = {o for o, t in (sub.origin_tables or {}).items() if name not in t}
+                await self._copy_rows(db, table, tombs, after, withheld)
         self.session.end_copy(snapshot)
         await self.flush()
         return snapshot
 
     async def _copy_rows(self, db: LogSource, table: Table, tombs: bool,
-                         after: bytes | None) -> None:
+                         after: bytes | None, withheld: set[str]) -> None:
         while True:
-            rows = db.iter_rows(table, after, COPY_CHUNK, tombs=tombs)
-            if not rows:
+            read = db.iter_rows(table, after, COPY_CHUNK, tombs=tombs)
+            if not read:
                 return
-            self.session.send_copy_rows(table.name + ("\x00" if tombs else ""), rows,
-                                        _row_origins(db, rows))
-            await self.flush()
-            after = rows[-1][0]
-            if len(rows) < COPY_CHUNK:
+            rows = read
+            if withheld:
+                ids = {oid for oid, name in db.origin_names.items() if name in withheld}
+                rows = [row for row in read if codec.unpack(row[1])[1] not in ids]
+            if rows:
+                self.session.send_copy_rows(table.name + ("\x00" if tombs else ""), rows,
+                                            _row_origins(db, rows))
+                await self.flush()
+            after = read[-1][0]
+            if len(read) < COPY_CHUNK:
                 return
 
 

@@ -404,6 +404,9 @@ class Replicator:
             return None
         return Review(self.storage, peer, lookup, deadletters.refuser(self.storage, peer))
 
+    def origin_tables(self, peer: str, database: str) -> dict[str, list[str]]:
+        return peers.origin_tables(dict(self.mesh.rows), peer, database)
+
     def narrow_origins(self, peer: str, database: str,
                        relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
         """Origins other than ``peer`` with a direct link here whose tables the link

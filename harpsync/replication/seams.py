@@ -265,6 +265,11 @@ class ApplyPolicy(Protocol):
         does not carry: entries of theirs applied from it must not raise their floors."""
         ...
 
+    def origin_tables(self, peer: str, database: str) -> dict[str, list[str]]:
+        """Per origin an operator limited the tables of (``peers.origin_tables``): the
+        only ones of its writes the link from ``peer`` may hand over."""
+        ...
+
 
 class SubscriberReports(Protocol):
     """What a subscriber tells the node (metrics, logs, listeners)."""

@@ -285,7 +285,9 @@ class Subscriber:
         self.applier.committed_seq = after
         self._session.subscribe(after_seq=after, origins=floors,
                                 tables=None if tables is None else list(tables or []),
-                                copy=copy, copy_resume=resume or None)
+                                copy=copy, copy_resume=resume or None,
+                                origin_tables=self.host.origin_tables(self.peer,
+                                                                      self.database))
         self.state = LinkState.COPYING if copy else LinkState.STREAMING
 
     async def _handle(self, event: Any) -> None:

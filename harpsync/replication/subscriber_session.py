@@ -99,6 +99,7 @@ class SubscriberSession(Session):
         tables: Sequence[str] | None,
         copy: bool = False,
         copy_resume: Mapping[str, Any] | None = None,
+        origin_tables: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         """Ask the publisher for its log after ``after_seq``.
 
@@ -109,6 +110,8 @@ class SubscriberSession(Session):
             tables: table names, or ``None`` for every table.
             copy: request a full copy before streaming.
             copy_resume: ``{"table": str, "key": bytes}`` to resume a copy.
+            origin_tables: per origin other than the publisher, the only tables whose
+                writes by that origin to send (none or empty: no such limit).
 
         Raises:
             RuntimeError: unless the session is ``READY``.
@@ -122,6 +125,8 @@ class SubscriberSession(Session):
             tables=None if tables is None else list(tables),
             copy=copy,
             copy_resume=None if copy_resume is None else dict(copy_resume),
+            **({"origin_tables": {k: list(v) for k, v in origin_tables.items()}}
+               if origin_tables else {}),
         )
         self.received_seq = after_seq
         self.state = SubscriberState.SUBSCRIBED

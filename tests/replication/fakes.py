@@ -189,6 +189,9 @@ class FakeSubscriberHost(FakeLinkHost):
     def review(self, peer: str, database: str) -> None:
         return None
 
+    def origin_tables(self, peer: str, database: str) -> dict[str, list[str]]:
+        return {}
+
     def narrow_origins(self, peer: str, database: str,
                        relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
         return frozenset()
