@@ -58,6 +58,27 @@ def test_attribute_changes_replicate_and_a_drop_survives_reconnects(node_factory
     assert _attributes(a) == _attributes(b)
 
 
+def test_an_update_after_a_drop_leaves_both_nodes_with_the_same_attributes(node_factory):
+    """A record keeps its values when an attribute is dropped. An update of it later
+    logs the whole record, old attribute included, and the peer learned attributes from
+    that while the writing node learned them only from the request: the peer had the
+    attribute back and the writer did not (then hellos spread it back). Both now learn
+    from the record as written."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    a.call("insert", table="t", records=[{"id": 1, "size": 3}])
+    wait_for(lambda: by_id(b, "t", 1) is not None, timeout=15, message="the row on node-b")
+    a.call("drop_attribute", table="t", attribute="size")
+    wait_for(lambda: "size" not in _attributes(b), timeout=15, message="the drop on node-b")
+    a.call("update", table="t", records=[{"id": 1, "colour": "red"}])
+    wait_for(lambda: (by_id(b, "t", 1) or {}).get("colour") == "red", timeout=15,
+             message="the update on node-b")
+    assert _attributes(a) == _attributes(b)
+
+
 @pytest.fixture
 def storage(tmp_path: Path) -> Iterator[Storage]:
     opened = Storage(tmp_path, "node-a", 1 << 27)

@@ -174,7 +174,10 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
             new["__updatedtime__"] = now_ms
             puts.append((index, key, new, fresh and key not in this_job))
             written.append(rid)
-            stored_records.append(record)
+            # Attributes are learned from the record as stored and logged, as peers
+            # learn them from the op: an update of a record that still holds a dropped
+            # attribute brings it back here too, not only on the peers.
+            stored_records.append(new)
             # The incarnation lets a peer tell a late write to a dropped table.
             op = [table_name, mode, rid, new, table.version]
             if key in this_job:
