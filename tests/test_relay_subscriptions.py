@@ -4,6 +4,7 @@ writes it did not carry."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -159,3 +160,12 @@ def test_a_copy_from_another_peer_leaves_out_what_the_origin_does_not_publish(no
     join(b, c)
     wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="c's t1 row on b")
     assert by_id(b, "t1", 1) is None, "c handed over a t1 row of a that b does not take"
+    # Verifying against c counts a's t1 row as expected, not as a difference, and a
+    # repair does not fetch it either.
+    wait_for(lambda: _direct(b, c) and _direct(c, b), timeout=20,
+             message="b and c done copying from each other")
+    checked = {c["node"]: c for c in b.call("verify_cluster", database="data",
+                                            table="t1")["checked"]}
+    assert checked[c.name]["in_sync"] is True, json.dumps(checked[c.name], default=str)
+    b.call("repair_cluster", database="data", table="t1")
+    assert by_id(b, "t1", 1) is None, "a repair fetched a t1 row of a that b does not take"

@@ -273,6 +273,9 @@ class Verifier:
         pair = outcome.pair
         db, table = self.storage.table(pair.database, pair.table)
         deadline = time.monotonic() + SETTLE_SECONDS
+        # Origins this node takes only some tables from: their rows of other tables,
+        # held by this peer, are not this node's to have (nor to fetch by a repair).
+        limits = self.rep.origin_tables(pair.peer, pair.database)
         while True:
             sub = self.rep.subscribers.get((pair.peer, pair.database))
             here_caught = pair.direction == PUSH or applied_seq(sub) >= peer_head
@@ -295,6 +298,8 @@ class Verifier:
                 side = compare.winner(m, t)
                 if pair.direction == PULL and side > 0 or pair.direction == PUSH and side < 0:
                     continue  # one-way: the receiver must hold at least the sender's rows
+                if side < 0 and t and t[2] in limits and pair.table not in limits[t[2]]:
+                    continue  # a row of an origin this node does not take this table from
                 found.append((key, m, t, side))
             keys = [k for k, _m, _t, _s in found]
             if not found or here_caught and there_caught or time.monotonic() > deadline:
