@@ -169,3 +169,39 @@ def test_a_copy_from_another_peer_leaves_out_what_the_origin_does_not_publish(no
     assert checked[c.name]["in_sync"] is True, json.dumps(checked[c.name], default=str)
     b.call("repair_cluster", database="data", table="t1")
     assert by_id(b, "t1", 1) is None, "a repair fetched a t1 row of a that b does not take"
+
+
+@pytest.mark.timeout(180)
+def test_a_running_relay_takes_up_new_limits_at_once(node_factory):
+    """c is already relaying a to b when a stops publishing t1 to b: c's link to b
+    subscribes again with the new limit, rather than keeping the old one until it
+    happens to reconnect."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(c, a)
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        join(b, c)
+        wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=20,
+                 message="tables on b")
+        _cut(b, a, to_a)
+        a.call("insert", table="t1", records=[{"id": 1, "v": "relayed while allowed"}])
+        wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=30,
+                 message="c relaying a's t1 to b")
+        # a tells b over its own link to b (a dials b directly): b now takes only t2.
+        a.call("set_node_replication", hostname=b.name, subscriptions=[
+            {"database": "data", "table": "t1", "subscribe": True, "publish": False},
+            {"database": "data", "table": "t2", "subscribe": True, "publish": True}])
+        a.call("insert", table="t1", records=[{"id": 2, "v": "not for b any more"}])
+        a.call("insert", table="t2", records=[{"id": 2, "v": "for b"}])
+        wait_for(lambda: by_id(b, "t2", 2) is not None, timeout=30,
+                 message="a's t2 row relayed by c")
+        assert by_id(c, "t1", 2) is not None
+        assert by_id(b, "t1", 2) is None, "c relayed a t1 row under the old limits"
+    finally:
+        to_a.close()

@@ -236,6 +236,10 @@ class Replicator:
             for key in list(self.subscribers):
                 if key not in wanted or key[0] == restart_peer:
                     await self.subscribers.pop(key).retire()
+                elif restart_peer is not None and restart_peer in self.relays.covered(*key):
+                    # It relays restart_peer's writes: subscribe again, with the limits
+                    # of restart_peer's new row (``origin_tables``).
+                    await self.subscribers[key].restart()
             for key in sorted(wanted):
                 if key not in self.subscribers:
                     sub = Subscriber(self, self.link_store, self.relays, *key)
