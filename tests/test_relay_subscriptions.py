@@ -169,6 +169,9 @@ def test_a_copy_from_another_peer_leaves_out_what_the_origin_does_not_publish(no
     assert checked[c.name]["in_sync"] is True, json.dumps(checked[c.name], default=str)
     b.call("repair_cluster", database="data", table="t1")
     assert by_id(b, "t1", 1) is None, "a repair fetched a t1 row of a that b does not take"
+    # Nor does c's repair push it: c does not know b's limits, b refuses such rows.
+    c.call("repair_cluster", database="data", table="t1")
+    assert by_id(b, "t1", 1) is None, "c's repair pushed a t1 row of a that b does not take"
 
 
 @pytest.mark.timeout(180)

@@ -324,3 +324,32 @@ def test_background_verification_updates_status_and_metrics(pair):
     assert verified["in_sync"] is True and verified["differences"] == 0
     metrics = a.client.get(a.url + "metrics", auth=ADMIN).text
     assert 'harpsync_divergent_keys{database="data",peer="node-b",table="bg"} 0.0' in metrics
+
+
+def test_a_peer_reads_records_through_verify_only_of_tables_published_to_it(node_factory):
+    """verify_keys answers with whole records only for a table this node publishes to
+    the asking peer. a takes t1 from b but does not send t1 to b: b may compare (row
+    digests and versions, which its own verify of what it sends needs), but asking for
+    records returned a's own t1 rows, which a never let b have."""
+    from harpsync.replication.membership import node_request
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t1", primary_key="id")
+    join(a, b, subscriptions=[{"database": "data", "table": "t1",
+                               "subscribe": True, "publish": False}])
+    wait_linked([(a, b), (b, a)], ("system",))
+    a.call("insert", table="t1", records=[{"id": 1, "secret": "a's own"}])
+
+    def ask(records: bool) -> Any:
+        body = {"operation": "verify_keys", "database": "data", "table": "t1",
+                "keys": [encode_id(1)], "records": records}
+        coro = node_request(b.node.cluster, a.repl_url, {"type": "operation", "body": body},
+                            verify=True, present_cert=True, timeout=10, expect=a.name)
+        return asyncio.run_coroutine_threadsafe(coro, b.loop).result(20)
+
+    answer = ask(records=True)
+    assert answer.get("error") is None, answer
+    (row,) = answer["result"]["rows"]
+    assert row is not None and row[2] == a.name  # compared: digest, version, origin
+    assert "a's own" not in json.dumps(row, default=str), "a's record went to b"

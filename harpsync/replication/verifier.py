@@ -448,13 +448,22 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
     async def keys(peer: str, body: dict[str, Any]) -> dict[str, Any]:
         db, table = target(peer, body)
         wanted = [bytes(k) for k in body.get("keys") or []]
-        found = await asyncio.to_thread(compare.read_rows, db, table, wanted,
-                                        bool(body.get("records")))
+        # Whole records only of a table this node sends the peer: one it only receives
+        # from it may be compared (digests, versions), not read.
+        publish = peers.publish_tables(rep.rows.get(peer) or {}, db.name)
+        records = bool(body.get("records")) and publish is not False \
+            and peers.table_allowed(db.name, table.name, publish)
+        found = await asyncio.to_thread(compare.read_rows, db, table, wanted, records)
         return {"rows": found, "applied": applied(peer, db.name), "head": db.head_seq}
 
     async def repair(peer: str, body: dict[str, Any]) -> dict[str, Any]:
         db, table = target(peer, body, receive=True)
-        rows_in = [(bytes(k), list(row)) for k, row in body.get("rows") or []]
+        # Not rows of an origin this node does not take this table from (the peer does
+        # not know this node's limits).
+        limits = rep.origin_tables(peer, db.name)
+        rows_in = [(bytes(k), list(row)) for k, row in body.get("rows") or []
+                   if not (isinstance(row, list) and len(row) > 2 and row[2] in limits
+                           and table.name not in limits[row[2]])]
         changed = await storage.write(compare.repair_job(
             storage, db.name, table.name, int(body.get("incarnation", -1)), rows_in))
         return {"changed": changed}
