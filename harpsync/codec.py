@@ -32,6 +32,19 @@ def unpack_head(data: bytes | memoryview, count: int) -> list[Any]:
 _UINT_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 
 
+def with_first_item(data: bytes, first: int) -> bytes | None:
+    """``data`` (a msgpack array whose first item is a non-negative integer, as a log
+    entry's origin id is) with that item replaced by ``first``, the rest of the bytes as
+    they are; None if ``data`` is not shaped so."""
+    if len(data) < 2 or not 0x91 <= data[0] <= 0x9F:
+        return None
+    old = data[1]
+    at = 2 if old < 0x80 else 2 + _UINT_SIZES.get(old, -2)
+    if at < 2 or at > len(data):
+        return None
+    return data[:1] + pack(first) + data[at:]
+
+
 def entry_head(data: bytes) -> tuple[Any, Any]:
     """The first two items of a msgpack array (a log entry's origin id and version).
 

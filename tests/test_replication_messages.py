@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from harpsync.codec import entry_head, pack, unpack_head
+from harpsync.codec import entry_head, pack, unpack, unpack_head, with_first_item
 from harpsync.replication.messages import (
     BATCH_ENTRY_OVERHEAD,
     BATCH_HEADER_SIZE,
@@ -195,3 +195,18 @@ def test_entry_head_falls_back_to_decoding_other_shapes() -> None:
                   list(range(20)), [1, "v" * 5000, None, []]):
         raw = pack(value)
         assert entry_head(raw) == tuple(unpack_head(raw, 2)) == tuple(value[:2])
+
+
+@pytest.mark.parametrize("old", [0, 5, 127, 128, 255, 256, 65_536, 2**32])
+@pytest.mark.parametrize("new", [0, 1, 127, 128, 70_000])
+def test_with_first_item_swaps_the_origin_id_and_keeps_the_rest(old: int, new: int) -> None:
+    """A peer's entry applied whole is logged as received with the local origin id in
+    front: the same as packing it again."""
+    rest = [2**40 + 7, "admin", [["dog", "upsert", 1, {"id": 1, "n": "x" * 300}, 9]]]
+    assert with_first_item(pack([old, *rest]), new) == pack([new, *rest])
+    assert unpack(with_first_item(pack([old, *rest]), new) or b"") == [new, *rest]
+
+
+def test_with_first_item_leaves_other_shapes_alone() -> None:
+    for value in ([-1, 2, None, []], ["x", 1], list(range(20)), []):
+        assert with_first_item(pack(value), 1) is None

@@ -87,6 +87,19 @@ class Table:
     # Per attribute an operator created or dropped: ``[version, present]`` of the
     # newest such change (``schema.set_attribute``), so that attribute changes converge.
     attribute_marks: dict[str, list[Any]] = field(default_factory=dict)
+    # ``known_names``' cache: the ``attributes`` list it was built from, and the set.
+    _known: tuple[list[str], frozenset[str]] | None = field(default=None, repr=False,
+                                                            compare=False)
+
+    def known_names(self) -> frozenset[str]:
+        """Every field name a record may carry without being new to the definition:
+        the attributes, the primary key, the time attributes. Cached until
+        ``attributes`` is replaced (it is never changed in place)."""
+        cached = self._known
+        if cached is None or cached[0] is not self.attributes:
+            names = frozenset(self.attributes).union((self.primary_key, *TIME_ATTRIBUTES))
+            cached = self._known = (self.attributes, names)
+        return cached[1]
 
     def definition(self) -> dict[str, Any]:
         """The plain dict stored in ``__meta__`` and sent to peers in ``hello``."""

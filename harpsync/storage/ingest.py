@@ -200,6 +200,7 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
     """
     decoded: list[tuple[int, str, int, Any, list[list[Any]]]] = []
     opened: list[str] = []
+    raw_of = dict(entries)
 
     def prepare() -> None:
         decoded.extend(e for e in decode_entries(entries, origins, local_name)
@@ -250,9 +251,14 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
                 stats.applied += 1
                 stats.ops_applied += len(applied)
                 target = db
+                packed = None
                 if applied[0][1] in ("create_database", "drop_database"):
                     target = storage.databases[SYSTEM]
-                storage.append_log(ctx, target, applied, version, origin_id, user)
+                elif len(applied) == len(ops):
+                    # Logged as received, with this node's id for the origin: the ops
+                    # are not packed again (about a tenth of a peer's apply work).
+                    packed = codec.with_first_item(bytes(raw_of[seq]), origin_id)
+                storage.append_log(ctx, target, applied, version, origin_id, user, packed)
         note_origin_versions(ctx, db, seen)
         write_cursor(ctx, db, peer, committed)
         return stats

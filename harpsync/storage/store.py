@@ -215,8 +215,12 @@ class Storage:
 
     # -- log -----------------------------------------------------------------------------
     def append_log(self, ctx: WriteContext, db: Database, ops: list[list[Any]], version: int,
-                   origin: int = LOCAL_ORIGIN, user: str | None = None) -> int:
+                   origin: int = LOCAL_ORIGIN, user: str | None = None,
+                   packed: bytes | None = None) -> int:
         """Append one transaction-log entry ``[origin, version, user, ops]``.
+
+        ``packed``: that entry already encoded (a peer's entry applied whole, with this
+        node's origin id put in), so it is not packed again.
 
         Returns:
             The local commit sequence assigned to the entry.
@@ -227,7 +231,7 @@ class Storage:
             ctx.version = version
         # A job that fails after this gives its sequence back: no gap, no phantom lag.
         ctx.on_undo(lambda: setattr(db, "next_seq", min(db.next_seq, seq)))
-        value = codec.pack([origin, version, user, ops])
+        value = packed if packed is not None else codec.pack([origin, version, user, ops])
         if len(value) > self.max_log_entry and origin == LOCAL_ORIGIN:
             raise PayloadTooLargeError(
                 f"this write would log {len(value) / 2**20:.0f} MiB in one transaction; at "

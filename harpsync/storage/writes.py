@@ -11,7 +11,7 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.errors import BadRequestError
-from harpsync.storage.database import LOCAL_ORIGIN, TABLE_PREFIX, TIME_ATTRIBUTES, Database, Table
+from harpsync.storage.database import LOCAL_ORIGIN, TABLE_PREFIX, Database, Table
 from harpsync.storage.errors import NoSuchAttributeError
 from harpsync.storage.hlc import version_to_ms
 from harpsync.storage.keys import encode_id
@@ -36,9 +36,12 @@ def note_attributes(ctx: WriteContext, db: Database, table: Table,
     attribute an operator dropped comes back only with a record written after the
     drop; a record from before it (arriving late, or in a copy) leaves it dropped.
     """
-    known = set(table.attributes)
-    known.add(table.primary_key)
-    known.update(TIME_ATTRIBUTES)
+    known = table.known_names()
+    for record in records:  # the common case: nothing new (a C loop per record)
+        if not known.issuperset(record):
+            break
+    else:
+        return
     new: dict[str, int] = {}  # attribute -> the newest version of a record with it
     for i, record in enumerate(records):
         for attr in record:
