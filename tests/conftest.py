@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from harpsync.storage.store import Storage
 from harpsync.validation import SchemaRegistry
 from tests.helpers import InProcessNode, ProcessNode, wait_for
 
@@ -88,3 +89,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 __all__ = ["wait_for"]
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Storage]:
+    """An open Storage (real LMDB in ``tmp_path``, 128 MiB map) with its writer thread
+    running, closed after the test."""
+    opened = Storage(tmp_path, "node-a", 1 << 27)
+    opened.open()
+    yield opened
+    opened.close()

@@ -8,11 +8,7 @@ attribute the newest change wins everywhere (``Table.attribute_marks``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from harpsync.storage import writes
 from harpsync.storage.ingest import apply_rows_job
@@ -79,12 +75,6 @@ def test_an_update_after_a_drop_leaves_both_nodes_with_the_same_attributes(node_
     assert _attributes(a) == _attributes(b)
 
 
-@pytest.fixture
-def storage(tmp_path: Path) -> Iterator[Storage]:
-    opened = Storage(tmp_path, "node-a", 1 << 27)
-    opened.open()
-    yield opened
-    opened.close()
 
 
 async def test_a_record_older_than_a_drop_does_not_bring_the_attribute_back(

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from harpsync.replication.linkstore import StorageLinkStore, table_definitions
 from harpsync.storage import schema
@@ -25,14 +21,6 @@ from harpsync.storage.database import LOCAL_ORIGIN
 from harpsync.storage.ingest import note_origin_versions
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> Iterator[Storage]:
-    opened = Storage(tmp_path, "node-a", 1 << 27)
-    opened.open()
-    yield opened
-    opened.close()
 
 
 def _t1_as_described(storage: Storage) -> list[tuple[int, int]]:

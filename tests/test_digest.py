@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,6 @@ from harpsync.storage.writer import WriteContext
 MAP_SIZE = 1 << 27
 
 
-@pytest.fixture
-def storage(tmp_path: Path) -> Iterator[Storage]:
-    opened = Storage(tmp_path, "node-a", MAP_SIZE)
-    opened.open()
-    yield opened
-    opened.close()
 
 
 def buckets(storage: Storage, table: str = "dog") -> list[rowhash.Bucket]:

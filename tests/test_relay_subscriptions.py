@@ -4,7 +4,9 @@ writes it did not carry."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,20 +30,32 @@ def _cut(b: Any, a: Any, to_a: TcpProxy) -> None:
     wait_for(lambda: not _direct(b, a), timeout=20, message="b's direct link from a down")
 
 
-@pytest.mark.timeout(180)
-def test_a_narrower_relay_loses_nothing_of_the_tables_it_does_not_carry(node_factory):
-    a = node_factory("node-a")
-    b = node_factory("node-b")
-    c = node_factory("node-c")
+T1_ONLY = [{"database": "data", "table": "t1", "subscribe": True, "publish": True}]
+
+
+@contextlib.contextmanager
+def _relay_mesh(node_factory: Any, c_from_a: list[dict[str, Any]] | None = None,
+                b_from_c: list[dict[str, Any]] | None = None,
+                ) -> Iterator[tuple[Any, Any, Any, TcpProxy]]:
+    """Nodes a, b, c; a holds t1 and t2; c and b join a (b through a proxy it can cut,
+    ``to_a``), and b joins c. ``c_from_a``, ``b_from_c``: those joins' subscriptions."""
+    a, b, c = (node_factory(name) for name in ("node-a", "node-b", "node-c"))
     for table in ("t1", "t2"):
         a.call("create_table", table=table, primary_key="id")
-    join(c, a)
+    join(c, a, **({"subscriptions": c_from_a} if c_from_a else {}))
     to_a = TcpProxy(a.repl_port)
     try:
         b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
                authorization=CREDS)
-        join(b, c, subscriptions=[{"database": "data", "table": "t1",
-                                   "subscribe": True, "publish": True}])
+        join(b, c, **({"subscriptions": b_from_c} if b_from_c else {}))
+        yield a, b, c, to_a
+    finally:
+        to_a.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_narrower_relay_loses_nothing_of_the_tables_it_does_not_carry(node_factory):
+    with _relay_mesh(node_factory, b_from_c=T1_ONLY) as (a, b, c, to_a):
         for node in (b, c):
             wait_for(lambda n=node: has_table(n, "t1") and has_table(n, "t2"), timeout=20,
                      message=f"tables on {node.name}")
@@ -56,8 +70,6 @@ def test_a_narrower_relay_loses_nothing_of_the_tables_it_does_not_carry(node_fac
         a.call("insert", table="t1", records=[{"id": 2}])
         wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="a's next row")
         assert by_id(b, "t2", 1) is not None, "the t2 row written while relayed was lost"
-    finally:
-        to_a.close()
 
 
 @pytest.mark.timeout(180)
@@ -65,18 +77,7 @@ def test_a_relay_that_holds_only_some_tables_of_the_origin_does_not_relay_it(nod
     """c takes only t1 from a; b takes everything from both. While b's direct link from
     a is down, c must not relay a's t1 write: b's floor for a would pass a's t2 write,
     which c never had, and the direct link would skip it when it came back."""
-    a = node_factory("node-a")
-    b = node_factory("node-b")
-    c = node_factory("node-c")
-    for table in ("t1", "t2"):
-        a.call("create_table", table=table, primary_key="id")
-    join(c, a, subscriptions=[{"database": "data", "table": "t1",
-                               "subscribe": True, "publish": True}])
-    to_a = TcpProxy(a.repl_port)
-    try:
-        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
-               authorization=CREDS)
-        join(b, c)
+    with _relay_mesh(node_factory, c_from_a=T1_ONLY) as (a, b, c, to_a):
         wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=20,
                  message="tables on b")
 
@@ -98,8 +99,6 @@ def test_a_relay_that_holds_only_some_tables_of_the_origin_does_not_relay_it(nod
         wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20, message="t1 on b")
         wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20,
                  message="the t2 row written while the direct link was down")
-    finally:
-        to_a.close()
 
 
 @pytest.mark.timeout(180)
@@ -108,17 +107,7 @@ def test_a_relay_never_carries_a_table_the_origin_does_not_publish_to_the_receiv
     """a publishes t2 to b, but not t1. While b's direct link from a is down, c relays
     a's writes to b: only those of t2, as a's link would. Before, c relayed every table
     b took from c, so b read a's t1 rows, which a never let it have."""
-    a = node_factory("node-a")
-    b = node_factory("node-b")
-    c = node_factory("node-c")
-    for table in ("t1", "t2"):
-        a.call("create_table", table=table, primary_key="id")
-    join(c, a)
-    to_a = TcpProxy(a.repl_port)
-    try:
-        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
-               authorization=CREDS)
-        join(b, c)
+    with _relay_mesh(node_factory) as (a, b, c, to_a):
         a.call("set_node_replication", hostname=b.name, subscriptions=[
             {"database": "data", "table": "t1", "subscribe": True, "publish": False},
             {"database": "data", "table": "t2", "subscribe": True, "publish": True}])
@@ -134,8 +123,6 @@ def test_a_relay_never_carries_a_table_the_origin_does_not_publish_to_the_receiv
                  message="the t2 row relayed by c")
         assert by_id(c, "t1", 1) is not None
         assert by_id(b, "t1", 1) is None, "c relayed a t1 row a does not publish to b"
-    finally:
-        to_a.close()
 
 
 @pytest.mark.timeout(180)
@@ -179,17 +166,7 @@ def test_a_running_relay_takes_up_new_limits_at_once(node_factory):
     """c is already relaying a to b when a stops publishing t1 to b: c's link to b
     subscribes again with the new limit, rather than keeping the old one until it
     happens to reconnect."""
-    a = node_factory("node-a")
-    b = node_factory("node-b")
-    c = node_factory("node-c")
-    for table in ("t1", "t2"):
-        a.call("create_table", table=table, primary_key="id")
-    join(c, a)
-    to_a = TcpProxy(a.repl_port)
-    try:
-        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
-               authorization=CREDS)
-        join(b, c)
+    with _relay_mesh(node_factory) as (a, b, c, to_a):
         wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=20,
                  message="tables on b")
         _cut(b, a, to_a)
@@ -206,5 +183,3 @@ def test_a_running_relay_takes_up_new_limits_at_once(node_factory):
                  message="a's t2 row relayed by c")
         assert by_id(c, "t1", 2) is not None
         assert by_id(b, "t1", 2) is None, "c relayed a t1 row under the old limits"
-    finally:
-        to_a.close()

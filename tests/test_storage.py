@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,13 +21,6 @@ from harpsync.storage.writer import WriteContext
 MAP_SIZE = 1 << 27
 
 
-@pytest.fixture
-def storage(tmp_path: Path) -> Iterator[Storage]:
-    """An open Storage with its writer thread running, closed after the test."""
-    opened = Storage(tmp_path, "node-a", MAP_SIZE)
-    opened.open()
-    yield opened
-    opened.close()
 
 
 def log_entries(db: Database) -> list[tuple[int, list[Any]]]:
