@@ -223,9 +223,10 @@ class Database:
         raw = txn.get(DROPPED_PREFIX + name.encode(), db=self.meta_dbi)
         return int(codec.unpack(raw)) if raw else 0
 
-    def table_markers(self) -> dict[str, int]:
-        """Every table drop marker of this database."""
-        return {k.decode(): int(v) for k, v in self.iter_meta(DROPPED_PREFIX)}
+    def save_definition(self, txn: lmdb.Transaction, table: Table) -> None:
+        """Store ``table``'s definition in ``__meta__`` (within a writer job's txn)."""
+        txn.put(TABLE_PREFIX + table.name.encode(), codec.pack(table.definition()),
+                db=self.meta_dbi)
 
     def table_digest(self, name: str) -> digest.TableDigest:
         """The hash DBI of table ``name`` (opened with its handles)."""

@@ -24,7 +24,6 @@ from typing import Any
 from harpsync import codec
 from harpsync.storage.database import (
     ORIGIN_PREFIX,
-    TABLE_PREFIX,
     Database,
     attribute_marks_of,
 )
@@ -148,8 +147,7 @@ def _merge_definition(ctx: WriteContext, db: Database, table: Any, definition: d
         table.attribute_marks = old_marks
 
     ctx.on_undo(undo)
-    ctx.txn(db).put(TABLE_PREFIX + table.name.encode(), codec.pack(table.definition()),
-                    db=db.meta_dbi)
+    db.save_definition(ctx.txn(db), table)
 
 
 def apply_drop_table(storage: Storage, ctx: WriteContext, db: Database, name: str,

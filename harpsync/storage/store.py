@@ -304,8 +304,7 @@ class Storage:
         digest.mark_built(ctx.txn(db), table)
         db.tables[name] = table
         ctx.on_undo(lambda: db.tables.pop(name, None))
-        ctx.txn(db).put(TABLE_PREFIX + name.encode(), codec.pack(table.definition()),
-                        db=db.meta_dbi)
+        db.save_definition(ctx.txn(db), table)
         self.hlc.observe(version)
         if log_it:
             # The drop this create follows travels with it: with one copy per link a

@@ -11,7 +11,7 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.errors import BadRequestError
-from harpsync.storage.database import LOCAL_ORIGIN, TABLE_PREFIX, Database, Table
+from harpsync.storage.database import LOCAL_ORIGIN, Database, Table
 from harpsync.storage.errors import NoSuchAttributeError
 from harpsync.storage.hlc import version_to_ms
 from harpsync.storage.keys import encode_id
@@ -55,17 +55,9 @@ def note_attributes(ctx: WriteContext, db: Database, table: Table,
     added = [a for a, v in new.items() if a not in marks or v > marks[a][0]]
     if not added:
         return
-    old, old_marks = table.attributes, marks
-    table.attributes = old + added
-    if any(a in marks for a in added):  # back after a drop: as if created then
-        table.attribute_marks = {**marks, **{a: [new[a], True] for a in added if a in marks}}
-
-    def undo() -> None:
-        table.attributes, table.attribute_marks = old, old_marks
-
-    ctx.on_undo(undo)
-    ctx.txn(db).put(TABLE_PREFIX + table.name.encode(), codec.pack(table.definition()),
-                    db=db.meta_dbi)
+    back = {a: [new[a], True] for a in added if a in marks}  # as if created then
+    _replace_attributes(ctx, db, table, table.attributes + added,
+                        {**marks, **back} if back else marks)
 
 
 def set_attribute(ctx: WriteContext, db: Database, table: Table, name: str, present: bool,
@@ -80,20 +72,26 @@ def set_attribute(ctx: WriteContext, db: Database, table: Table, name: str, pres
     mark = table.attribute_marks.get(name)
     if name == table.primary_key or (mark is not None and mark[0] >= version):
         return False
+    old = table.attributes
+    attributes = (old + [name] if name not in old else old) if present \
+        else [a for a in old if a != name]
+    _replace_attributes(ctx, db, table, attributes,
+                        {**table.attribute_marks, name: [version, present]})
+    return True
+
+
+def _replace_attributes(ctx: WriteContext, db: Database, table: Table, attributes: list[str],
+                        marks: dict[str, list[Any]]) -> None:
+    """Give the table new attribute and mark objects (never changed in place: see
+    ``Table.known_names``), undone with the job, and store its definition."""
     old, old_marks = table.attributes, table.attribute_marks
-    table.attribute_marks = {**old_marks, name: [version, present]}
-    if present and name not in old:
-        table.attributes = old + [name]
-    elif not present:
-        table.attributes = [a for a in old if a != name]
+    table.attributes, table.attribute_marks = attributes, marks
 
     def undo() -> None:
         table.attributes, table.attribute_marks = old, old_marks
 
     ctx.on_undo(undo)
-    ctx.txn(db).put(TABLE_PREFIX + table.name.encode(), codec.pack(table.definition()),
-                    db=db.meta_dbi)
-    return True
+    db.save_definition(ctx.txn(db), table)
 
 
 def attribute_job(storage: Storage, db_name: str, table_name: str, name: str,
