@@ -146,8 +146,13 @@ class Applier:
         self._inflight: set[asyncio.Future[Any]] = set()
 
     def new_session(self) -> None:
-        """Nothing queued in an earlier session survives into a new one."""
+        """Nothing queued in an earlier session survives into a new one, nor a copy it
+        was running: a new session copies only if its peer begins a copy again."""
         self.queue = WorkQueue(QUEUE_LIMIT)
+        # The end of a copy can commit its cursor in a writer job that finishes after
+        # this task was cancelled (the link dropped): its bookkeeping never ran, and the
+        # copy would show as in progress, and verify refuse, for good.
+        self.copy_progress = None
 
     def begin_copy(self, snapshot_seq: int, total: int) -> None:
         self.copy_snapshot = snapshot_seq

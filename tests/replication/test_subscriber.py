@@ -146,6 +146,48 @@ async def test_caught_up_moves_the_cursor_past_filtered_entries():
         assert linked.store.applied == [6]
 
 
+class HeldCursorStore(FakeLinkStore):
+    """Cursor writes wait for ``release``: a writer job that outlives its session."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.writing = asyncio.Event()
+
+    async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any]) -> None:
+        self.writing.set()
+        await self.release.wait()
+        await super().write_cursor(database, peer, cursor)
+
+
+async def test_a_copy_whose_end_commits_as_the_link_drops_is_not_left_in_progress():
+    """The end of a copy commits its cursor in a writer job that finishes even when
+    the link drops meanwhile (the applier is cancelled while it waits). The next
+    session streams from that cursor, and no copy is shown in progress: status, the
+    copy gauge and verify (which refuses while a copy runs) read ``copy_progress``."""
+    host, store = FakeSubscriberHost(), HeldCursorStore()
+    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
+    sub.start()
+    linked = Linked(sub, host, store)
+    try:
+        peer, _ = await accept(linked)
+        session = publisher(peer)
+        session.begin_copy(7, 1, ["dog"])
+        session.send_copy_rows("dog", [stored_row(1, 50, 1)], PEER_IDS)
+        session.end_copy(7)
+        await peer.flush()
+        await asyncio.wait_for(store.writing.wait(), WAIT)
+        await peer.link.close(1001, "going away")
+        await until(lambda: sub.state == LinkState.CONNECTING)
+        store.release.set()
+        again, subscribed = await accept(linked)
+        assert (subscribed.after_seq, subscribed.copy) == (7, False)
+        await until(lambda: sub.state == LinkState.STREAMING)
+        assert sub.copy_progress is None
+    finally:
+        await sub.retire()
+
+
 async def test_reconnects_and_resumes_from_its_cursor():
     """When the socket closes the subscriber dials again and subscribes after the
     cursor it committed, without a copy."""
