@@ -14,11 +14,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harpsync import codec
+from harpsync.errors import BadRequestError
 from harpsync.storage import schema
 from harpsync.storage.database import CURSOR_PREFIX, HW_PREFIX, Database
 from harpsync.storage.hlc import ClockSkewError
 from harpsync.storage.keys import decode_id, encode_id
-from harpsync.storage.records import get_stored, incoming_wins, put_record, put_tombstone
+from harpsync.storage.records import (
+    absent,
+    get_stored,
+    incoming_wins,
+    put_new_records,
+    put_record,
+    put_tombstone,
+)
 from harpsync.storage.schema import UnknownTableError, local_origin
 from harpsync.storage.store import NAME_RE, SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
@@ -123,6 +131,46 @@ def _apply_op(storage: Storage, ctx: WriteContext, db: Database, op: list[Any], 
 
 
 apply_op = _apply_op  # for reprocessing dead letters (deadletters.py)
+
+_WRITE_KINDS = frozenset(("insert", "update", "upsert"))
+
+
+def _apply_fresh(ctx: WriteContext, db: Database, ops: list[list[Any]], version: int,
+                 origin_id: int) -> bool:
+    """Apply an entry's ops together, as a local bulk insert is stored, if they all write
+    records of one live incarnation of one table under ids that hold nothing here (the
+    usual entry: a batch of new records). Returns False, having written nothing, when they
+    do not; the caller then applies them one by one.
+
+    Under last-writer-wins an op wins over an empty key, so every op lands: the rows are
+    packed after one shared head and stored with one ``putmulti``, their hashes taken as
+    one run, and their attributes noted once.
+    """
+    if len(ops) < 2:
+        return False
+    first = ops[0]
+    table_name, incarnation = first[0], first[4] if len(first) > 4 else None
+    for op in ops:
+        # A relayed copied row (op[5]) keeps its own version: one by one.
+        if op[1] not in _WRITE_KINDS or op[0] != table_name or len(op) != len(first) \
+                or (len(op) > 4 and op[4] != incarnation) or type(op[3]) is not dict:
+            return False
+    if not isinstance(table_name, str) or schema.stale_op(ctx, db, table_name, incarnation):
+        return False
+    table = db.tables[table_name]
+    try:
+        keys = [encode_id(op[2]) for op in ops]
+    except (BadRequestError, ValueError):
+        return False  # an id this node cannot key: each op fails or is skipped on its own
+    txn = ctx.txn(db)
+    if not absent(txn, table, keys):
+        return False
+    records = [op[3] for op in ops]
+    packed = list(map(codec.pack, records))
+    head = codec.pack([version, origin_id, None])[:-1]
+    put_new_records(txn, table, keys, list(map(head.__add__, packed)), packed)
+    note_attributes(ctx, db, table, records, version)
+    return True
 
 
 def _recreates_dropped(ops: list[list[Any]], stats: ApplyStats) -> bool:
@@ -243,9 +291,12 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
             if origin_name not in held_floors:
                 seen[origin_name] = max(seen.get(origin_name, 0), version)
             storage.hlc.observe(version)
-            applied = [op for op in ops
-                       if _apply_op(storage, ctx, db, op, version, origin_name, origin_id, stats,
-                                    review)]
+            if review is None and _apply_fresh(ctx, db, ops, version, origin_id):
+                applied = ops
+            else:
+                applied = [op for op in ops
+                           if _apply_op(storage, ctx, db, op, version, origin_name, origin_id,
+                                        stats, review)]
             stats.last_version = version
             if applied:
                 stats.applied += 1

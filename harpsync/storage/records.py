@@ -50,6 +50,22 @@ def put_record(txn: lmdb.Transaction, table: Table, key: bytes, version: int, or
                         old is None)
 
 
+def absent(txn: lmdb.Transaction, table: Table, keys: list[bytes]) -> bool:
+    """Whether ``keys`` are distinct and nothing (no row, no tombstone) is stored under
+    any of them. Keys in ascending order cost one range probe per DBI."""
+    if len(set(keys)) != len(keys):
+        return False
+    if keys == sorted(keys):
+        for dbi in (table.dbi, table.tomb_dbi):
+            cur = txn.cursor(db=dbi)
+            if cur.set_range(keys[0]) and bytes(cur.key()) <= keys[-1]:
+                return False
+        return True
+    get = txn.get
+    return not any(get(key, db=table.dbi) is not None or get(key, db=table.tomb_dbi)
+                   is not None for key in keys)
+
+
 def put_new_records(txn: lmdb.Transaction, table: Table, keys: list[bytes],
                     raws: list[bytes], records: list[bytes] | None = None) -> None:
     """Store packed live records (``[version, origin, record]``) under distinct keys
