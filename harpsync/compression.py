@@ -17,10 +17,40 @@ class CompressionError(ValueError):
     """A compressed frame could not be inflated (corrupt, or larger than allowed)."""
 
 
+# Frames compressed lately, shared by every link of the process: the links of one
+# database send the same frame to each peer after a commit, and each frame is compressed
+# on its own (no state carries over between frames), so equal bytes compress to equal
+# bytes. A hit costs a comparison of the two frames instead of compressing again. Only
+# frames up to CACHE_MAX bytes are kept, so the cache stays small.
+RECENT = 4
+CACHE_MAX = 1 << 20
+
+
+class _Recent:
+    """The last ``RECENT`` (level, frame, compressed or None) of every link."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, bytes, bytes | None]] = []
+
+    def get(self, level: int, data: bytes) -> tuple[bool, bytes | None]:
+        for kept_level, frame, packed in self.frames:
+            if frame == data and kept_level == level:
+                return True, packed
+        return False, None
+
+    def put(self, level: int, data: bytes, packed: bytes | None) -> None:
+        if len(data) <= CACHE_MAX:
+            self.frames = [(level, data, packed), *self.frames[:RECENT - 1]]
+
+
+_recent = _Recent()
+
+
 class FrameCompressor:
     """One link's compressor and decompressor (zstd objects are not thread-safe)."""
 
     def __init__(self, level: int = 1) -> None:
+        self._level = level
         self._compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
         self._decompressor = zstandard.ZstdDecompressor()
 
@@ -28,8 +58,13 @@ class FrameCompressor:
         """``data`` compressed, or None when it is too small or does not pay."""
         if len(data) < MIN_SIZE:
             return None
-        packed = self._compressor.compress(data)
-        return packed if len(packed) <= len(data) * MAX_RATIO else None
+        found, packed = _recent.get(self._level, data)
+        if not found:
+            packed = self._compressor.compress(data)
+            if len(packed) > len(data) * MAX_RATIO:
+                packed = None
+            _recent.put(self._level, data, packed)
+        return packed
 
     def inflate(self, data: bytes | memoryview) -> bytes:
         """Inflate one compressed frame.

@@ -3,6 +3,7 @@ reported in cluster_status and /metrics; a bomb or a frame nobody agreed to fail
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -92,6 +93,22 @@ def test_a_decompression_bomb_is_refused() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_links_sending_the_same_frame_share_one_compression() -> None:
+    """Each peer's link gets the same frame after a commit: the second link takes the
+    first one's compressed bytes, and a frame of the same size with other bytes is
+    compressed on its own."""
+    frame = b"D" + b"".join(b"penny the dog %d " % i for i in range(400))
+    other = frame[:-1] + b"?"
+    first, second = FrameCompressor(), FrameCompressor()
+    packed = first.shrink(frame)
+    assert packed is not None and second.shrink(frame) is packed
+    changed = second.shrink(other)
+    assert changed is not None and changed != packed
+    assert first.inflate(changed) == other and second.inflate(packed) == frame
+    noise = random.Random(3).randbytes(4096)  # does not pay: None, from the cache too
+    assert first.shrink(noise) is None and second.shrink(noise) is None
+
+
 def test_links_report_compression_in_status_and_metrics(node_factory):
     """Nodes set to zstd negotiate it (on loopback too); a node set to none does not."""
     zstd = {"REPLICATION_COMPRESSION": "zstd"}
