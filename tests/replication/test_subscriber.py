@@ -22,6 +22,7 @@ from harpsync.replication.protocol import (
     PublisherSession,
     SubscribeRequested,
 )
+from harpsync.replication import subscriber
 from harpsync.replication.subscriber import LinkState, Subscriber
 
 from .fakes import (
@@ -131,6 +132,22 @@ async def test_applies_batches_in_order_and_acks_them():
         assert linked.store.cursors[("data", PEER)]["seq"] == 9
         assert (linked.sub.committed_seq, linked.sub.received_seq) == (9, 9)
         assert linked.sub.txns_received == 4 and linked.sub.lag_txns() == 0
+
+
+async def test_acks_of_commits_in_quick_succession_are_coalesced(monkeypatch):
+    """The first commit is acked at once; commits that follow within ``ACK_INTERVAL``
+    (long here, so that none of it depends on the machine's speed) share one ack,
+    sent when the interval ends, with the newest sequence."""
+    monkeypatch.setattr(subscriber, "ACK_INTERVAL", 1.0)
+    async with running({"seq": 5, "origins": [PEER]}) as linked:
+        peer, _ = await accept(linked)
+        await send_entries(peer, [6])
+        assert (await peer.expect(AckReceived)).seq == 6
+        for seq in (7, 8, 9):  # one apply job each
+            await send_entries(peer, [seq])
+            await until(lambda seq=seq: linked.store.applied[-1:] == [seq])
+        assert (await peer.expect(AckReceived, timeout=5)).seq == 9
+        assert linked.store.jobs == [[6], [7], [8], [9]]
 
 
 async def test_caught_up_moves_the_cursor_past_filtered_entries():
