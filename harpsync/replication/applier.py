@@ -302,19 +302,25 @@ class Applier:
 
     async def _apply_batch(self, entries: list[tuple[int, bytes]],
                            origins: dict[int, str]) -> None:
+        # One shielded unit: when the link drops during the commit, the commit still
+        # lands, and so must what it counts (a new session subscribes after it).
+        await self._write(self._apply_and_count(entries, origins))
+
+    async def _apply_and_count(self, entries: list[tuple[int, bytes]],
+                               origins: dict[int, str]) -> None:
         last_seq = entries[-1][0]
         host = self.host
         floor = max(host.start_floor(self.peer), self.replay_floor)
         review = host.review(self.peer, self.database)
         held = host.narrow_origins(self.peer, self.database, self.relay_tables)
-        stats = await self._write(self.store.apply_entries(
+        stats = await self.store.apply_entries(
             self.database, self.peer, entries, origins, self.cursor(last_seq),
-            host.max_skew_ms, host.node_name, floor, review, held))
+            host.max_skew_ms, host.node_name, floor, review, held)
         while stats.resume_seq is not None:  # a database re-created after its drop
             rest = [e for e in entries if e[0] >= stats.resume_seq]
-            more = await self._write(self.store.apply_entries(
+            more = await self.store.apply_entries(
                 self.database, self.peer, rest, origins, self.cursor(last_seq),
-                host.max_skew_ms, host.node_name, floor, review, held))
+                host.max_skew_ms, host.node_name, floor, review, held)
             more.entries += stats.entries
             more.skewed += stats.skewed
             stats = more

@@ -241,6 +241,9 @@ class Subscriber:
         refused = self.host.check_peer(self.peer, self.link)
         if refused is not None:
             raise RuntimeError(refused)
+        # A job of the last session may still be committing: the cursor this session
+        # subscribes from must include it, or its entries come again (and count twice).
+        await self.applier.settle()
         self.applier.new_session()  # nothing from an earlier session survives
         self._cancel_ack_timer()
         tables, origins = self.store.hello_schema(self.database)

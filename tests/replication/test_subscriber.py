@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
+from harpsync.replication import subscriber
 from harpsync.replication.protocol import (
     AckReceived,
     PeerHello,
     PublisherSession,
     SubscribeRequested,
 )
-from harpsync.replication import subscriber
 from harpsync.replication.subscriber import LinkState, Subscriber
 
 from .fakes import (
@@ -201,6 +201,47 @@ async def test_a_copy_whose_end_commits_as_the_link_drops_is_not_left_in_progres
         assert (subscribed.after_seq, subscribed.copy) == (7, False)
         await until(lambda: sub.state == LinkState.STREAMING)
         assert sub.copy_progress is None
+    finally:
+        await sub.retire()
+
+
+class HeldApplyStore(FakeLinkStore):
+    """Apply jobs wait for ``release``: a commit that outlives its session."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.applying = asyncio.Event()
+
+    async def apply_entries(self, *args: Any, **kwargs: Any) -> Any:
+        self.applying.set()
+        await self.release.wait()
+        return await super().apply_entries(*args, **kwargs)
+
+
+async def test_an_apply_that_commits_as_the_link_drops_is_counted_and_not_asked_again():
+    """The link drops while an apply job is in the writer (it commits anyway). The next
+    session subscribes after what that job committed, not from the cursor before it,
+    and the job's entries are counted once."""
+    host, store = FakeSubscriberHost(), HeldApplyStore()
+    store.cursors[("data", PEER)] = {"seq": 5, "origins": [PEER]}
+    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
+    sub.start()
+    linked = Linked(sub, host, store)
+    try:
+        peer, _ = await accept(linked)
+        await send_entries(peer, [6, 7])
+        await asyncio.wait_for(store.applying.wait(), WAIT)
+        await peer.link.close(1001, "going away")
+        await until(lambda: len(host.dialed) == 2, message="the next dial")
+        # The job commits a while after the new socket opened: a session that did not
+        # wait for it would have subscribed by then, from the cursor before it.
+        asyncio.get_running_loop().call_later(0.3, store.release.set)
+        again, subscribed = await accept(linked)
+        assert store.release.is_set()
+        assert (subscribed.after_seq, subscribed.copy) == (7, False)
+        assert store.applied == [6, 7]
+        assert sub.txns_received == 2 and sub.committed_seq == 7
     finally:
         await sub.retire()
 
