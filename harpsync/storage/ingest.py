@@ -16,7 +16,7 @@ from typing import Any
 from harpsync import codec
 from harpsync.errors import BadRequestError
 from harpsync.storage import schema
-from harpsync.storage.database import CURSOR_PREFIX, HW_PREFIX, Database
+from harpsync.storage.database import CURSOR_PREFIX, HW_PREFIX, Database, Table
 from harpsync.storage.hlc import ClockSkewError
 from harpsync.storage.keys import decode_id, encode_id
 from harpsync.storage.records import (
@@ -317,6 +317,39 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
     return job, prepare
 
 
+def _copy_fresh(storage: Storage, ctx: WriteContext, db: Database, table: Table,
+                decoded: list[tuple[bytes, int, int, Any]], origins: Mapping[int, str],
+                floor: int) -> list[tuple[bytes, int, int, Any]] | None:
+    """Store a copy chunk's rows together when all are live records of known origins at
+    or above ``floor``, under keys that hold nothing here (a new node's copy): each wins
+    under last-writer-wins, so they go to ``put_new_records`` as a bulk insert does.
+    Returns the rows as landed ``(key, version, local origin id, record)``, or None,
+    having stored nothing, when the chunk must go row by row.
+    """
+    if len(decoded) < 2:
+        return None
+    for _key, version, origin, record in decoded:
+        if record is None or version < floor or origin not in origins:
+            return None
+    keys = [row[0] for row in decoded]
+    txn = ctx.txn(db)
+    if not absent(txn, table, keys):
+        return None
+    for row in decoded:
+        storage.hlc.check(row[1])  # a skewed row fails the chunk; the copy resumes
+    local: dict[int, int] = {}
+    landed = []
+    for key, version, origin, record in decoded:
+        oid = local.get(origin)
+        if oid is None:
+            oid = local[origin] = local_origin(ctx, db, origins[origin])
+        landed.append((key, version, oid, record))
+    storage.hlc.observe(max(row[1] for row in decoded))
+    put_new_records(txn, table, keys, [codec.pack([version, oid, record])
+                                       for _key, version, oid, record in landed])
+    return landed
+
+
 def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                    rows: Sequence[tuple[bytes, bytes]], origins: Mapping[int, str],
                    cursor: dict[str, Any], floor: int = 0, incarnation: int | None = None,
@@ -351,40 +384,45 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                 "which was dropped here; waiting for it to apply the drop")
         table = db.tables[table_name]
         txn = ctx.txn(db)
-        applied = 0
+        decoded = [(key, *codec.unpack(raw)) for key, raw in rows]
+        landed = None if review is not None else _copy_fresh(storage, ctx, db, table, decoded,
+                                                              origins, floor)
+        if landed is None:
+            landed = []
+            for key, version, origin, record in decoded:
+                origin_name = origins.get(origin)
+                if origin_name is None or version < floor:
+                    continue
+                storage.hlc.check(version)  # a skewed row fails the chunk; the copy resumes
+                stored = get_stored(txn, table, key)
+                if review is not None:
+                    op = [table_name, "delete" if record is None else "upsert",
+                          decode_id(key), record, incarnation, version]
+                    if not review.admit(ctx, db, table, op, stored, version, origin_name):
+                        continue
+                elif not incoming_wins(db, stored, version, origin_name):
+                    continue
+                storage.hlc.observe(version)
+                oid = local_origin(ctx, db, origin_name)
+                if record is None:
+                    put_tombstone(txn, table, key, version, oid)
+                else:
+                    put_record(txn, table, key, version, oid, record)
+                landed.append((key, version, oid, record))
         relay: dict[int, list[list[Any]]] = {}
         stored_records: list[dict[str, Any]] = []
         stored_versions: list[int] = []
-        for key, raw in rows:
-            version, origin, record = codec.unpack(raw)
-            origin_name = origins.get(origin)
-            if origin_name is None or version < floor:
-                continue
-            storage.hlc.check(version)  # a skewed row fails the chunk; the copy resumes
-            stored = get_stored(txn, table, key)
-            if review is not None:
-                op = [table_name, "delete" if record is None else "upsert", decode_id(key),
-                      record, incarnation, version]
-                if not review.admit(ctx, db, table, op, stored, version, origin_name):
-                    continue
-            elif not incoming_wins(db, stored, version, origin_name):
-                continue
-            storage.hlc.observe(version)
-            oid = local_origin(ctx, db, origin_name)
-            if record is None:
-                put_tombstone(txn, table, key, version, oid)
-            else:
-                put_record(txn, table, key, version, oid, record)
+        for key, version, oid, record in landed:
+            if record is not None:
                 stored_records.append(record)
                 stored_versions.append(version)
             relay.setdefault(oid, []).append(
                 [table_name, "delete" if record is None else "upsert", decode_id(key), record,
                  table.version, version])
-            applied += 1
         note_attributes(ctx, db, table, stored_records, stored_versions)  # once per chunk
         for oid, ops in relay.items():
             storage.append_log(ctx, db, ops, max(op[5] for op in ops), oid)
         write_cursor(ctx, db, peer, cursor)
-        return applied
+        return len(landed)
 
     return job
