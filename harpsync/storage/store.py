@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -62,6 +63,7 @@ class Storage:
         # Told, in the awaiting task, the newest version each write job logged (the
         # HTTP layer answers it as ``X-Harpsync-Version``).
         self.on_write_version: Callable[[int], None] | None = None
+        self.trims = 0  # times the mapped pages were released (trim_memory)
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
@@ -165,7 +167,16 @@ class Storage:
 
     def trim_memory(self) -> int:
         """Unmap LMDB pages this process touched (they stay in the page cache)."""
+        self.trims += 1
         return release_mapped_pages({db.data_file for db in list(self.databases.values())})
+
+    def data_bytes(self) -> int:
+        """The size of the open databases' data files (what trims are paced by)."""
+        total = 0
+        for db in list(self.databases.values()):
+            with contextlib.suppress(OSError):  # a database being dropped
+                total += os.stat(db.data_file).st_size
+        return total
 
     # -- lookups -----------------------------------------------------------------------
     def database(self, name: str) -> Database:
