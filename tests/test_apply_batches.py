@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from harpsync import codec
 from harpsync.replication.linkstore import StorageLinkStore
@@ -15,6 +18,24 @@ from harpsync.storage import digest, digest_reads, rowhash, writes
 from harpsync.storage.store import Storage
 
 DB, TABLE = "data", "dog"
+Pair = tuple[Storage, Storage]
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    """Storages ``a`` and ``b``; b holds a's ``data.dog`` (shipped through a's log)."""
+    a = Storage(tmp_path / "a", "node-a", 1 << 27)
+    b = Storage(tmp_path / "b", "node-b", 1 << 27)
+    a.open()
+    b.open()
+    try:
+        asyncio.run(a.create_table(DB, TABLE, "id"))
+        _ship(a, b, "system", 0)
+        _ship(a, b, DB, 0)
+        yield a, b
+    finally:
+        a.close()
+        b.close()
 
 
 def _ship(src: Storage, dst: Storage, database: str, after: int, chunk: int = 5) -> int:
@@ -79,150 +100,111 @@ def _batch(rng: random.Random, step: int) -> tuple[str, list[Any]]:
     return "insert", [{"id": rng.randrange(300), "d": step} for _ in range(rng.randrange(2, 20))]
 
 
-def test_exchanged_batches_converge_with_exact_hashes(tmp_path: Path) -> None:
-    a = Storage(tmp_path / "a", "node-a", 1 << 27)
-    b = Storage(tmp_path / "b", "node-b", 1 << 27)
-    a.open()
-    b.open()
-    try:
-        asyncio.run(a.create_table(DB, TABLE, "id"))
-        _ship(a, b, "system", 0)
-        _ship(a, b, DB, 0)
-        shipped = {"a": _ship(a, b, DB, 0), "b": 0}
-        rng = random.Random(11)
-        for step in range(120):
-            node = a if rng.random() < 0.5 else b
-            kind, items = _batch(rng, step)
-            if kind == "delete":
-                job = writes.delete_records(node, DB, TABLE, items, None)
-            else:
-                job = writes.write_records(node, DB, TABLE, items, kind, None)
-            asyncio.run(node.write(job))
-            if rng.random() < 0.3:  # exchange now and then, so versions interleave
-                shipped["a"] = _ship(a, b, DB, shipped["a"], rng.randrange(1, 6))
-                shipped["b"] = _ship(b, a, DB, shipped["b"], rng.randrange(1, 6))
-        # Entries a node took from its peer come back in the peer's log: they are skipped.
-        shipped["a"] = _ship(a, b, DB, shipped["a"])
-        shipped["b"] = _ship(b, a, DB, shipped["b"])
-        _ship(a, b, DB, shipped["a"])
+def test_exchanged_batches_converge_with_exact_hashes(pair: Pair) -> None:
+    a, b = pair
+    shipped = {"a": _ship(a, b, DB, 0), "b": 0}
+    rng = random.Random(11)
+    for step in range(120):
+        node = a if rng.random() < 0.5 else b
+        kind, items = _batch(rng, step)
+        if kind == "delete":
+            job = writes.delete_records(node, DB, TABLE, items, None)
+        else:
+            job = writes.write_records(node, DB, TABLE, items, kind, None)
+        asyncio.run(node.write(job))
+        if rng.random() < 0.3:  # exchange now and then, so versions interleave
+            shipped["a"] = _ship(a, b, DB, shipped["a"], rng.randrange(1, 6))
+            shipped["b"] = _ship(b, a, DB, shipped["b"], rng.randrange(1, 6))
+    # Entries a node took from its peer come back in the peer's log: they are skipped.
+    shipped["a"] = _ship(a, b, DB, shipped["a"])
+    shipped["b"] = _ship(b, a, DB, shipped["b"])
+    _ship(a, b, DB, shipped["a"])
 
-        rows_a, rows_b = _rows(a), _rows(b)
-        assert len(rows_a) > 300
-        assert rows_a == rows_b
-        assert _hashes_exact(a) == _hashes_exact(b)
-    finally:
-        a.close()
-        b.close()
+    rows_a, rows_b = _rows(a), _rows(b)
+    assert len(rows_a) > 300
+    assert rows_a == rows_b
+    assert _hashes_exact(a) == _hashes_exact(b)
 
 
-def test_ascending_ids_over_tombstones_only(tmp_path: Path) -> None:
+def test_ascending_ids_over_tombstones_only(pair: Pair) -> None:
     """Ids in ascending order whose only rows here are tombstones: an older tombstone is
     replaced, a newer one (a delete made here after the peer's write) stays."""
-    a = Storage(tmp_path / "a", "node-a", 1 << 27)
-    b = Storage(tmp_path / "b", "node-b", 1 << 27)
-    a.open()
-    b.open()
-    try:
-        asyncio.run(a.create_table(DB, TABLE, "id"))
-        _ship(a, b, "system", 0)
-        seq = _ship(a, b, DB, 0)
-        asyncio.run(a.write(writes.write_records(a, DB, TABLE, [{"id": i} for i in range(1, 6)],
-                                                 "insert", None)))
-        asyncio.run(a.write(writes.delete_records(a, DB, TABLE, [1, 2, 3, 4, 5], None)))
-        seq = _ship(a, b, DB, seq)
-        asyncio.run(a.write(writes.write_records(a, DB, TABLE, [{"id": i, "v": 2}
-                                                                for i in range(1, 6)],
-                                                 "upsert", None)))
-        asyncio.run(a.write(writes.write_records(a, DB, TABLE, [{"id": 8}, {"id": 9}],
-                                                 "insert", None)))
-        asyncio.run(b.write(writes.write_records(b, DB, TABLE, [{"id": 9}], "insert", None)))
-        asyncio.run(b.write(writes.delete_records(b, DB, TABLE, [9], None)))
-        _ship(a, b, DB, seq)
-        rows = _rows(b)
-        assert sorted(r[2]["v"] for r in rows.values() if r[2] and "v" in r[2]) == [2] * 5
-        nine = rows[next(k for k, r in rows.items() if r[2] is None)]
-        assert nine[1] == "node-b", "a delete made here after the peer's insert was lost"
-        _hashes_exact(b)
-    finally:
-        a.close()
-        b.close()
+    a, b = pair
+    seq = a.databases[DB].head_seq
+    asyncio.run(a.write(writes.write_records(a, DB, TABLE, [{"id": i} for i in range(1, 6)],
+                                             "insert", None)))
+    asyncio.run(a.write(writes.delete_records(a, DB, TABLE, [1, 2, 3, 4, 5], None)))
+    seq = _ship(a, b, DB, seq)
+    asyncio.run(a.write(writes.write_records(a, DB, TABLE, [{"id": i, "v": 2}
+                                                            for i in range(1, 6)],
+                                             "upsert", None)))
+    asyncio.run(a.write(writes.write_records(a, DB, TABLE, [{"id": 8}, {"id": 9}],
+                                             "insert", None)))
+    asyncio.run(b.write(writes.write_records(b, DB, TABLE, [{"id": 9}], "insert", None)))
+    asyncio.run(b.write(writes.delete_records(b, DB, TABLE, [9], None)))
+    _ship(a, b, DB, seq)
+    rows = _rows(b)
+    assert sorted(r[2]["v"] for r in rows.values() if r[2] and "v" in r[2]) == [2] * 5
+    nine = rows[next(k for k, r in rows.items() if r[2] is None)]
+    assert nine[1] == "node-b", "a delete made here after the peer's insert was lost"
+    _hashes_exact(b)
 
 
-def test_an_entry_with_one_id_twice_applies_like_one_by_one(tmp_path: Path) -> None:
+def test_an_entry_with_one_id_twice_applies_like_one_by_one(pair: Pair) -> None:
     """Peers log an id once per entry, but an entry naming it twice must not be stored
     as two rows: it applies op by op (the first value, as equal versions do not win)."""
-    a = Storage(tmp_path / "a", "node-a", 1 << 27)
-    b = Storage(tmp_path / "b", "node-b", 1 << 27)
-    a.open()
-    b.open()
-    try:
-        asyncio.run(a.create_table(DB, TABLE, "id"))
-        _ship(a, b, "system", 0)
-        _ship(a, b, DB, 0)
-        table = a.databases[DB].tables[TABLE]
-        version = a.hlc.now()
-        entry = codec.pack([0, version, None, [[TABLE, "insert", 7, {"id": 7, "v": 1},
-                                                table.version],
-                                               [TABLE, "insert", 8, {"id": 8, "v": 1},
-                                                table.version],
-                                               [TABLE, "insert", 7, {"id": 7, "v": 2},
-                                                table.version]]])
-        store = StorageLinkStore(b)
-        asyncio.run(store.apply_entries(DB, "node-a", [(10_000, entry)],
-                                        dict(a.databases[DB].origin_names), {"seq": 10_000},
-                                        60_000, "node-b", 0, None))
-        rows = _rows(b)
-        assert len(rows) == 2
-        assert [r[2]["v"] for r in rows.values()] == [1, 1]
-        _hashes_exact(b)
-    finally:
-        a.close()
-        b.close()
+    a, b = pair
+    table = a.databases[DB].tables[TABLE]
+    version = a.hlc.now()
+    entry = codec.pack([0, version, None, [[TABLE, "insert", 7, {"id": 7, "v": 1},
+                                            table.version],
+                                           [TABLE, "insert", 8, {"id": 8, "v": 1},
+                                            table.version],
+                                           [TABLE, "insert", 7, {"id": 7, "v": 2},
+                                            table.version]]])
+    store = StorageLinkStore(b)
+    asyncio.run(store.apply_entries(DB, "node-a", [(10_000, entry)],
+                                    dict(a.databases[DB].origin_names), {"seq": 10_000},
+                                    60_000, "node-b", 0, None))
+    rows = _rows(b)
+    assert len(rows) == 2
+    assert [r[2]["v"] for r in rows.values()] == [1, 1]
+    _hashes_exact(b)
 
 
-def test_copied_chunks_merge_by_last_writer_wins_with_exact_hashes(tmp_path: Path) -> None:
+def test_copied_chunks_merge_by_last_writer_wins_with_exact_hashes(pair: Pair) -> None:
     """A full copy's chunks: those of new keys only are stored together, the rest row by
     row (a key held here, a tombstone, an older row); the result is the merge by
     last-writer-wins either way, and the table hashes equal a rebuild."""
-    a = Storage(tmp_path / "a", "node-a", 1 << 27)
-    b = Storage(tmp_path / "b", "node-b", 1 << 27)
-    a.open()
-    b.open()
-    try:
-        asyncio.run(a.create_table(DB, TABLE, "id"))
-        _ship(a, b, "system", 0)
-        _ship(a, b, DB, 0)
-        asyncio.run(b.write(writes.write_records(b, DB, TABLE, [{"id": i, "b": 1}
-                                                                for i in (40, 41, 260)],
-                                                 "insert", None)))
-        asyncio.run(a.write(writes.write_records(a, DB, TABLE, [{"id": i, "a": 1}
-                                                                for i in range(1, 301)],
-                                                 "insert", None)))
-        asyncio.run(a.write(writes.delete_records(a, DB, TABLE, [5, 120, 121], None)))
-        asyncio.run(b.write(writes.write_records(b, DB, TABLE, [{"id": i, "b": 2}
-                                                                for i in (120, 150, 151)],
-                                                 "upsert", None)))
-        asyncio.run(b.write(writes.delete_records(b, DB, TABLE, [151], None)))
-        before_a, before_b = _rows(a), _rows(b)
-        db, table = a.table(DB, TABLE)
-        with db.env.begin() as txn:
-            live = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=table.dbi)]
-            tombs = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=table.tomb_dbi)]
-        store = StorageLinkStore(b)
+    a, b = pair
+    asyncio.run(b.write(writes.write_records(b, DB, TABLE, [{"id": i, "b": 1}
+                                                            for i in (40, 41, 260)],
+                                             "insert", None)))
+    asyncio.run(a.write(writes.write_records(a, DB, TABLE, [{"id": i, "a": 1}
+                                                            for i in range(1, 301)],
+                                             "insert", None)))
+    asyncio.run(a.write(writes.delete_records(a, DB, TABLE, [5, 120, 121], None)))
+    asyncio.run(b.write(writes.write_records(b, DB, TABLE, [{"id": i, "b": 2}
+                                                            for i in (120, 150, 151)],
+                                             "upsert", None)))
+    asyncio.run(b.write(writes.delete_records(b, DB, TABLE, [151], None)))
+    before_a, before_b = _rows(a), _rows(b)
+    db, table = a.table(DB, TABLE)
+    with db.env.begin() as txn:
+        live = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=table.dbi)]
+        tombs = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=table.tomb_dbi)]
+    store = StorageLinkStore(b)
 
-        async def copy() -> None:
-            for rows in (live, tombs):
-                for i in range(0, len(rows), 50):
-                    await store.apply_rows(DB, "node-a", TABLE, rows[i:i + 50],
-                                           dict(db.origin_names), {"seq": 0}, 0,
-                                           table.version, None)
+    async def copy() -> None:
+        for rows in (live, tombs):
+            for i in range(0, len(rows), 50):
+                await store.apply_rows(DB, "node-a", TABLE, rows[i:i + 50],
+                                       dict(db.origin_names), {"seq": 0}, 0,
+                                       table.version, None)
 
-        asyncio.run(copy())
-        expected = {key: max((row for row in (before_a.get(key), before_b.get(key)) if row),
-                             key=lambda row: (row[0], row[1]))
-                    for key in before_a.keys() | before_b.keys()}
-        assert _rows(b) == expected
-        _hashes_exact(b)
-    finally:
-        a.close()
-        b.close()
+    asyncio.run(copy())
+    expected = {key: max((row for row in (before_a.get(key), before_b.get(key)) if row),
+                         key=lambda row: (row[0], row[1]))
+                for key in before_a.keys() | before_b.keys()}
+    assert _rows(b) == expected
+    _hashes_exact(b)
