@@ -208,3 +208,21 @@ def test_copied_chunks_merge_by_last_writer_wins_with_exact_hashes(pair: Pair) -
                 for key in before_a.keys() | before_b.keys()}
     assert _rows(b) == expected
     _hashes_exact(b)
+
+
+def test_a_relayed_copy_entry_keeps_each_row_version(pair: Pair) -> None:
+    """A node that took rows in a full copy logs them for the nodes behind it, one entry
+    per origin whose ops each carry the row's own version (``op[5]``); the entry's
+    version is their maximum. Applied, each row keeps its own version."""
+    a, b = pair
+    table = a.databases[DB].tables[TABLE]
+    first, second = a.hlc.now(), a.hlc.now()
+    entry = codec.pack([0, second, None, [
+        [TABLE, "upsert", 1, {"id": 1, "v": "older"}, table.version, first],
+        [TABLE, "upsert", 2, {"id": 2, "v": "newer"}, table.version, second]]])
+    asyncio.run(StorageLinkStore(b).apply_entries(
+        DB, "node-a", [(10_000, entry)], dict(a.databases[DB].origin_names),
+        {"seq": 10_000}, 60_000, "node-b", 0, None))
+    versions = sorted(row[0] for row in _rows(b).values())
+    assert versions == [first, second]
+    _hashes_exact(b)

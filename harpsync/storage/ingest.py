@@ -151,9 +151,11 @@ def _apply_fresh(ctx: WriteContext, db: Database, ops: list[list[Any]], version:
     first = ops[0]
     table_name, incarnation = first[0], first[4] if len(first) > 4 else None
     for op in ops:
-        # A relayed copied row (op[5]) keeps its own version: one by one.
+        # Rows relayed from a full copy (``op[5]``) keep each its own version, not the
+        # entry's (their maximum): one by one.
         if op[1] not in _WRITE_KINDS or op[0] != table_name or len(op) != len(first) \
-                or (len(op) > 4 and op[4] != incarnation) or type(op[3]) is not dict:
+                or len(op) > 5 or (len(op) > 4 and op[4] != incarnation) \
+                or type(op[3]) is not dict:
             return False
     if not isinstance(table_name, str) or schema.stale_op(ctx, db, table_name, incarnation):
         return False
