@@ -161,7 +161,9 @@ class Applier:
     async def settle(self) -> None:
         """Wait until no write of this link is left in the writer."""
         while self._inflight:
-            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+            # ``wait``, not ``gather``: a waiter that is cancelled (the link stopped while
+            # its next session waits here) must not cancel the jobs, nor their counting.
+            await asyncio.wait(list(self._inflight))
 
     async def _write(self, job: Awaitable[T]) -> T:
         """Run one writer job of the store so that ``stop`` can wait for it, even if

@@ -329,3 +329,55 @@ async def test_counters_come_from_the_session():
         await acked(again, 8)
         assert linked.sub.bytes_received > first
         await until(lambda: linked.sub.head_seq == 8)
+
+
+class WriterLikeStore(FakeLinkStore):
+    """Apply jobs run as the writer thread runs them: once submitted, a job commits when
+    ``release`` is set, whether or not its caller still waits (cancelling the caller
+    cancels only the future it awaits, as with ``Writer.submit``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.applying = asyncio.Event()
+        self.running: set[asyncio.Task[None]] = set()
+
+    async def apply_entries(self, *args: Any, **kwargs: Any) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def writer() -> None:
+            await self.release.wait()
+            stats = await FakeLinkStore.apply_entries(self, *args, **kwargs)
+            if not future.done():
+                future.set_result(stats)
+
+        task = asyncio.ensure_future(writer())
+        self.running.add(task)
+        self.applying.set()
+        return await future
+
+
+async def test_a_link_stopped_while_its_next_session_waits_for_the_last_job_waits_too():
+    """The link drops while an apply job is in the writer; its next session waits for
+    the job (``settle``) and the link is stopped meanwhile (pause, restart, shutdown).
+    ``stop`` returns only once the job committed, and the job is counted."""
+    host, store = FakeSubscriberHost(), WriterLikeStore()
+    store.cursors[("data", PEER)] = {"seq": 5, "origins": [PEER]}
+    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
+    sub.start()
+    linked = Linked(sub, host, store)
+    try:
+        peer, _ = await accept(linked)
+        await send_entries(peer, [6, 7])
+        await asyncio.wait_for(store.applying.wait(), WAIT)
+        await peer.link.close(1001, "going away")
+        await until(lambda: len(host.dialed) == 2, message="the next dial")
+        for _ in range(5):  # the new session reaches settle()
+            await asyncio.sleep(0)
+        asyncio.get_running_loop().call_later(0.3, store.release.set)
+        await sub.pause()
+        assert store.applied == [6, 7], "stop() returned with a job of the link left"
+        assert sub.txns_received == 2 and sub.committed_seq == 7
+    finally:
+        store.release.set()
+        await sub.retire()
