@@ -500,7 +500,8 @@ class Database:
 
     def close(self) -> None:
         self.closed = True
-        self.env.close()
+        with _MAPS_LOCK:  # not while a trim advises the ranges it read (see below)
+            self.env.close()
 
     def destroy(self) -> None:
         """Close the environment and delete its files; wake every commit listener so
@@ -508,11 +509,16 @@ class Database:
         self.dropped = True
         self.closed = True
         self.notify_commit()
-        self.env.close()
+        with _MAPS_LOCK:
+            self.env.close()
         shutil.rmtree(self.path, ignore_errors=True)
 
 
 _MADV_DONTNEED = 4
+# Held while a trim advises the ranges it read from /proc/self/maps, and while an
+# environment closes: a map closed in between frees its range, which the next mmap
+# (malloc's, Python's arenas) may take, and MADV_DONTNEED empties anonymous memory.
+_MAPS_LOCK = threading.Lock()
 
 
 def release_mapped_pages(data_files: set[str]) -> int:
@@ -524,6 +530,11 @@ def release_mapped_pages(data_files: set[str]) -> int:
     every page it ever read or copied, i.e. with the size of its tables. Linux only;
     elsewhere it does nothing.
     """
+    with _MAPS_LOCK:
+        return _release(data_files)
+
+
+def _release(data_files: set[str]) -> int:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         with open("/proc/self/maps") as fh:
