@@ -230,16 +230,19 @@ class Applier:
                 await self._write(self.store.learn_schema(self.database, first.payload,
                                                           self.peer))
             else:
-                snapshot = int(first.payload)
-                await self._write(self.store.write_cursor(self.database, self.peer,
-                                                          self.cursor(snapshot)))
-                self.committed_seq = snapshot
-                self.checkpoint_at = time.time()
-                self.copy_progress = None
+                # One shielded unit, as an apply is: a copy whose end commits as the link
+                # drops has ended (its verification runs), and the next session waits.
+                await self._write(self._end_copy(int(first.payload)))
                 self.owner.copy_ended()
-                self.owner.acknowledge(snapshot)
-                self.host.copy_finished(self.peer, self.database)
             await self.owner.flush()
+
+    async def _end_copy(self, snapshot: int) -> None:
+        await self.store.write_cursor(self.database, self.peer, self.cursor(snapshot))
+        self.committed_seq = snapshot
+        self.checkpoint_at = time.time()
+        self.copy_progress = None
+        self.owner.acknowledge(snapshot)
+        self.host.copy_finished(self.peer, self.database)
 
     async def _advance(self, seq: int) -> None:
         """The publisher's log is read through ``seq`` and everything before it was

@@ -381,3 +381,29 @@ async def test_a_link_stopped_while_its_next_session_waits_for_the_last_job_wait
     finally:
         store.release.set()
         await sub.retire()
+
+
+async def test_a_copy_whose_end_commits_as_the_link_drops_is_reported_finished():
+    """The end of a copy commits its cursor as the link drops: the copy still counts as
+    finished (``copy_finished``: the verification after a copy), and the next session
+    streams after it."""
+    host, store = FakeSubscriberHost(), HeldCursorStore()
+    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
+    sub.start()
+    linked = Linked(sub, host, store)
+    try:
+        peer, _ = await accept(linked)
+        session = publisher(peer)
+        session.begin_copy(7, 1, ["dog"])
+        session.send_copy_rows("dog", [stored_row(1, 50, 1)], PEER_IDS)
+        session.end_copy(7)
+        await peer.flush()
+        await asyncio.wait_for(store.writing.wait(), WAIT)
+        await peer.link.close(1001, "going away")
+        await until(lambda: sub.state == LinkState.CONNECTING)
+        store.release.set()
+        again, subscribed = await accept(linked)
+        assert (subscribed.after_seq, subscribed.copy) == (7, False)
+        assert host.copies == [(PEER, "data")]
+    finally:
+        await sub.retire()
