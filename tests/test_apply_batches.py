@@ -226,3 +226,17 @@ def test_a_relayed_copy_entry_keeps_each_row_version(pair: Pair) -> None:
     versions = sorted(row[0] for row in _rows(b).values())
     assert versions == [first, second]
     _hashes_exact(b)
+
+
+def test_an_entry_with_an_odd_op_kind_applies_like_one_by_one(pair: Pair) -> None:
+    """An op whose kind is not a string (nothing this code logs) is a write to the
+    op-by-op path: the bulk check must not fail on it where that path applies it."""
+    a, b = pair
+    table = a.databases[DB].tables[TABLE]
+    entry = codec.pack([0, a.hlc.now(), None, [
+        [TABLE, "insert", 7, {"id": 7}, table.version],
+        [TABLE, ["upsert"], 8, {"id": 8}, table.version]]])
+    asyncio.run(StorageLinkStore(b).apply_entries(
+        DB, "node-a", [(10_000, entry)], dict(a.databases[DB].origin_names),
+        {"seq": 10_000}, 60_000, "node-b", 0, None))
+    assert len(_rows(b)) == 2

@@ -153,8 +153,8 @@ def _apply_fresh(ctx: WriteContext, db: Database, ops: list[list[Any]], version:
     for op in ops:
         # Rows relayed from a full copy (``op[5]``) keep each its own version, not the
         # entry's (their maximum): one by one.
-        if op[1] not in _WRITE_KINDS or op[0] != table_name or len(op) != len(first) \
-                or len(op) > 5 or (len(op) > 4 and op[4] != incarnation) \
+        if type(op[1]) is not str or op[1] not in _WRITE_KINDS or op[0] != table_name \
+                or len(op) != len(first) or len(op) > 5 or (len(op) > 4 and op[4] != incarnation) \
                 or type(op[3]) is not dict:
             return False
     if not isinstance(table_name, str) or schema.stale_op(ctx, db, table_name, incarnation):
