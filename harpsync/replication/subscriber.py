@@ -140,6 +140,7 @@ class Subscriber:
     async def stop(self) -> None:
         """Stop the link and wait until no write of it is left in the writer: after
         this returns, nothing of this link (cursor included) will be written."""
+        self._send_due_ack_now()
         if self._task is not None:
             await end_tasks([self._task])
         self._task = None
@@ -369,6 +370,22 @@ class Subscriber:
         if session.ack(self._ack_due):
             self.last_commit_confirmed = time.time()
             self._ack_flush = asyncio.ensure_future(self._flush_quietly())
+
+    def _send_due_ack_now(self) -> None:
+        # The link stops with an ack waiting for its timer: it goes now, if the socket
+        # takes it at once, or the origin would not know of those commits until the
+        # link runs again (``wait_for_replication`` would wait for them).
+        if self._ack_timer is None:
+            return
+        self._ack_timer.cancel()
+        self._ack_timer = None
+        session, link = self._session, self.link
+        if session is None or link is None or not session.ack(self._ack_due):
+            return
+        self.last_commit_confirmed = time.time()
+        for frame in session.data_to_send():
+            if not link.send_now(frame):
+                break
 
     async def _flush_quietly(self) -> None:
         # A link that fails now is ended and reported by its receive loop.

@@ -407,3 +407,17 @@ async def test_a_copy_whose_end_commits_as_the_link_drops_is_reported_finished()
         assert host.copies == [(PEER, "data")]
     finally:
         await sub.retire()
+
+
+async def test_a_link_paused_right_after_a_commit_still_acks_it(monkeypatch):
+    """A commit acked by the timer (``ACK_INTERVAL``) when the link pauses first: the
+    ack goes before the socket closes, so the origin knows the peer holds it."""
+    monkeypatch.setattr(subscriber, "ACK_INTERVAL", 1.0)
+    async with running({"seq": 5, "origins": [PEER]}) as linked:
+        peer, _ = await accept(linked)
+        await send_entries(peer, [6])
+        assert (await peer.expect(AckReceived)).seq == 6
+        await send_entries(peer, [7])
+        await until(lambda: linked.store.applied[-1:] == [7])
+        await linked.sub.pause()
+        assert (await peer.expect(AckReceived, timeout=3)).seq == 7
