@@ -227,13 +227,16 @@ class Node:
         if interval <= 0:
             return
         storage = self.storage
-        last, size = time.monotonic(), storage.data_bytes()
+        last, sizes = time.monotonic(), storage.data_sizes()
         while True:
             await asyncio.sleep(min(interval, TRIM_POLL))
-            grown = storage.data_bytes()
-            if time.monotonic() - last >= interval or grown - size >= TRIM_GROWTH:
+            now = storage.data_sizes()
+            # Growth per database since the last trim (a new one counts whole): a
+            # database dropped since then must not hide what the others grew.
+            grown = sum(max(0, size - sizes.get(db, 0)) for db, size in now.items())
+            if time.monotonic() - last >= interval or grown >= TRIM_GROWTH:
                 await asyncio.to_thread(storage.trim_memory)
-                last, size = time.monotonic(), grown
+                last, sizes = time.monotonic(), now
 
     async def stop(self) -> None:
         """Stop accepting, close links, then close storage (all writes are durable)."""

@@ -81,3 +81,26 @@ def test_a_trim_never_advises_memory_mapped_after_a_database_closed(tmp_path: An
             libc.munmap(page["addr"], 4096)
     finally:
         storage.close()
+
+
+def test_growth_after_a_drop_still_trims(node_factory: Any) -> None:
+    """The growth that trims at once is counted per database: a database dropped since
+    the last trim (its files gone) must not hide what another one grew."""
+    node = node_factory("node-a", env={"STORAGE_TRIMINTERVAL": "1h"})
+    storage = node.node.storage
+    pad = "x" * 10_000
+
+    def load(database: str) -> None:  # about 20 MB of records, more in the files
+        node.call("create_database", database=database)
+        node.call("create_table", database=database, table="big", primary_key="id")
+        for first in range(0, 2_000, 100):
+            node.call("insert", database=database, table="big",
+                      records=[{"id": i, "pad": pad} for i in range(first, first + 100)])
+
+    load("first")
+    wait_for(lambda: storage.trims >= 1, timeout=20, message="a trim after the first load")
+    node.call("drop_database", database="first")
+    trims = storage.trims
+    load("second")
+    wait_for(lambda: storage.trims > trims, timeout=20,
+             message="a trim after another database grew by more than 16 MiB")

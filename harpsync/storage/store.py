@@ -170,13 +170,13 @@ class Storage:
         self.trims += 1
         return release_mapped_pages({db.data_file for db in list(self.databases.values())})
 
-    def data_bytes(self) -> int:
-        """The size of the open databases' data files (what trims are paced by)."""
-        total = 0
+    def data_sizes(self) -> dict[Database, int]:
+        """The size of each open database's data file (what trims are paced by)."""
+        sizes: dict[Database, int] = {}
         for db in list(self.databases.values()):
             with contextlib.suppress(OSError):  # a database being dropped
-                total += os.stat(db.data_file).st_size
-        return total
+                sizes[db] = os.stat(db.data_file).st_size
+        return sizes
 
     # -- lookups -----------------------------------------------------------------------
     def database(self, name: str) -> Database:
