@@ -53,7 +53,7 @@ async def prune_database(storage: Storage, db: Database, retention_ms: int,
         tomb_floor = min(cutoff_version, retention.version_at(db, acked) or 0)
     if through <= db.pruned_through() and not tomb_floor:
         return {"entries": 0, "tombstones": 0, "through": db.pruned_through()}
-    job = retention.prune_log_job(db, through, tomb_floor)
+    job = retention.prune_log_job(db, through, tomb_floor, acked or None)
     result: dict[str, int] = await storage.write(job)
     if result["entries"] or result["tombstones"]:
         log.info("pruned %d log entries and %d tombstones of %s through %d",
