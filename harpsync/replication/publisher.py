@@ -37,6 +37,7 @@ from harpsync.replication.steps import (
     Reported,
     Resync,
     Stream,
+    copy_resumable,
     first_step,
     next_step,
 )
@@ -258,12 +259,13 @@ class Publisher:
     async def _stream_inner(self, db: LogSource, sub: SubscribeRequested) -> None:
         allowed = self._allowed_tables(sub.tables)
         tables = [] if allowed is False else allowed
-        first = first_step(sub.after_seq, sub.copy, db.head_seq,
-                           max(db.opened_head, db.sent_to.get(self.peer, 0)))
+        known_through = max(db.opened_head, db.sent_to.get(self.peer, 0))
+        first = first_step(sub.after_seq, sub.copy, db.head_seq, known_through)
         if isinstance(first, Resync):
             await self._resync(first)
             return
-        pos = await self._copy(db, sub, tables) if isinstance(first, Copy) else first.after_seq
+        pos = await self._copy(db, sub, tables, known_through) if isinstance(first, Copy) \
+            else first.after_seq
         reported = Reported()
         known_origins = 0
         while True:
@@ -341,9 +343,13 @@ class Publisher:
         await self.flush()
 
     async def _copy(self, db: LogSource, sub: SubscribeRequested,
-                    tables: list[str] | None) -> int:
+                    tables: list[str] | None, known_through: int) -> int:
         resume = sub.copy_resume or {}
-        snapshot = db.head_seq if resume.get("snapshot") is None else int(resume["snapshot"])
+        head = db.head_seq
+        if resume.get("snapshot") is not None and not copy_resumable(
+                int(resume["snapshot"]), head, known_through):
+            resume = {}  # this log never sent that snapshot: start over
+        snapshot = head if resume.get("snapshot") is None else int(resume["snapshot"])
         # The schema goes with the copy, read after its snapshot: the hello may be older
         # (a resync within the session, or a subscribe that came late), and a drop and
         # re-create in between would be in neither the hello nor the stream that

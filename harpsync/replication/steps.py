@@ -118,6 +118,15 @@ def first_step(after_seq: int, copy: bool, head_seq: int,
     return Stream(after_seq)
 
 
+def copy_resumable(snapshot: int, head_seq: int, known_through: int) -> bool:
+    """Whether an interrupted copy may resume at its ``snapshot``: only if this log can
+    have sent it (the same rule as a cursor in :func:`first_step`). Past the head, or
+    past the head at open and anything sent since (the log was restored and written
+    again), the stream after the copy would skip the entries up to the old snapshot:
+    the copy starts over."""
+    return snapshot <= head_seq and snapshot <= known_through
+
+
 def floors_cover(origins: Mapping[str, int | None] | None,
                  pruned_max: Mapping[str, int]) -> bool:
     """Whether a subscription with per-origin version floors lost nothing to pruning:

@@ -233,6 +233,26 @@ async def test_full_copy_sends_rows_and_tombstones_then_streams():
         assert session.peer_origins[3] == "node-c"
 
 
+async def test_a_copy_resumed_past_a_restored_log_starts_over():
+    """An interrupted copy resumes at its snapshot only if this log can have sent it:
+    restored to 4 and written on to 9, a resume at snapshot 7 would stream on after 7
+    and skip entries 5 to 7 for good, so the copy starts over at the head."""
+    log = FakeLog()
+    log.add_table("dog", [stored_row(1, 10, k) for k in (1, 2, 3)])
+    logged(log, 9)
+    log.opened = 4
+    async with serve(log) as served:
+        session = await hello(served)
+        session.subscribe(after_seq=0, origins=None, tables=None, copy=True,
+                          copy_resume={"table": "dog", "key": b"2", "snapshot": 7})
+        await served.peer.flush()
+        began = await served.peer.expect(CopyBegan)
+        assert began.snapshot_seq == 9
+        rows = await served.peer.expect(CopyRows)
+        assert [k for k, _ in rows.rows] == [b"1", b"2", b"3"]
+        assert (await served.peer.expect(CopyEnded)).snapshot_seq == 9
+
+
 async def test_acks_reach_the_host():
     """An ack from the subscriber is reported once, with the publisher's acked_seq."""
     log = FakeLog()

@@ -13,6 +13,7 @@ from harpsync.replication.steps import (
     Resync,
     Stream,
     Wait,
+    copy_resumable,
     first_step,
     floors_cover,
     next_step,
@@ -132,3 +133,11 @@ def test_the_interval_is_a_parameter():
     """With no interval every new end of the log is reported at once."""
     assert next_step(9, LogRead(0, last_seq=12), Reported(9, 10.0), 10.0,
                      interval=0.0) == CaughtUp(12)
+
+
+def test_a_copy_resumes_only_at_a_snapshot_this_log_can_have_sent():
+    """A resume snapshot past the head, or past the head at open and all sent since (a
+    restored log), starts the copy over; one within them resumes."""
+    assert copy_resumable(7, head_seq=9, known_through=9)
+    assert not copy_resumable(7, head_seq=9, known_through=4)
+    assert not copy_resumable(12, head_seq=9, known_through=12)
