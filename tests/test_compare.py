@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from harpsync.errors import BadRequestError
 from harpsync.storage import compare, writes
 from harpsync.storage.keys import encode_id
 from harpsync.storage.store import Storage
@@ -31,5 +34,31 @@ def test_repair_never_overwrites_a_newer_row(storage: Storage) -> None:
         row = _row(storage, 1)
         assert row is not None and row[4]["v"] == "new"
         assert changed == []
+
+    asyncio.run(run())
+
+
+def test_a_repair_after_a_re_create_writes_nothing(storage: Storage) -> None:
+    """A verify compared the table's old incarnation; dropped and re-created before the
+    repair, the new table takes none of the old comparison's rows."""
+    from types import SimpleNamespace
+
+    from harpsync.replication.verifier import BOTH, Outcome, Pair, Verifier
+
+    async def run() -> None:
+        await storage.create_table("data", "t", "id")
+        await storage.write(writes.write_records(storage, "data", "t",
+                                                 [{"id": 1, "v": "old"}], "insert", None))
+        theirs = _row(storage, 1)  # the peer's row that won the comparison
+        await storage.write(writes.delete_records(storage, "data", "t", [1], None))
+        verifier = Verifier(SimpleNamespace(storage=storage, node_name="node-a"))  # type: ignore[arg-type]
+        outcome = Outcome(Pair("node-b", "https://unused", "data", "t", BOTH))
+        outcome.incarnation = storage.table("data", "t")[1].version  # as _compare notes it
+        outcome.differences = [(encode_id(1), _row(storage, 1), theirs, -1)]
+        await storage.drop_table("data", "t")
+        await storage.create_table("data", "t", "id")
+        with pytest.raises(BadRequestError, match="re-created"):
+            await verifier._repair(outcome, dry_run=False)
+        assert _row(storage, 1) is None
 
     asyncio.run(run())
