@@ -88,3 +88,19 @@ async def test_tombstone_of_an_unacknowledged_entry_stays(storage):
     later = storage.hlc.wall_now_ms() + 120_000
     await prune_database(storage, db, retention_ms=60_000, acked=acked, now_ms=later)
     assert db.tombstone_count(table) == 1
+
+
+def test_a_subscribe_from_an_older_cursor_lowers_the_peers_acknowledgement(node_factory):
+    """The acknowledgement retention trusts is where the peer durably is: a peer that
+    comes back from an older cursor (restored from a backup) or asks for a full copy
+    holds nothing past that, whatever its previous session acknowledged, so the
+    tombstones it lacks must not be pruned on the strength of that old ack."""
+    rep = node_factory("node-a").node.cluster
+    rep.note_ack("node-b", "data", 9)
+    rep.note_position("node-b", "data", 3)  # a subscribe after 3
+    assert rep.acks[("node-b", "data")] == 3
+    rep.note_ack("node-b", "data", 9)
+    rep.note_position("node-b", "data", 0, reset=True)  # a subscribe asking for a copy
+    assert rep.acks[("node-b", "data")] == 0
+    rep.note_ack("node-b", "data", 12)  # the new session's acks count again
+    assert rep.acks[("node-b", "data")] == 12
