@@ -40,6 +40,7 @@ from harpsync.replication.steps import (
     copy_resumable,
     first_step,
     next_step,
+    sendable,
 )
 from harpsync.replication.transport import Link, LinkClosed
 from harpsync.tasks import end_tasks
@@ -280,7 +281,8 @@ class Publisher:
                 await self.link.close(1001, f"database '{self.database}' was dropped")
                 return
             pruned, entries = db.read_log(pos, READ_BATCH)
-            if entries and pruned <= pos:
+            pruned_max = db.pruned_max() if pruned > pos else None
+            if entries and sendable(pos, pruned, sub.origins, pruned_max):
                 kept = self._filter(db, entries, sub.origins, tables, sub.origin_tables)
                 if kept:
                     self.sending_since = self.sending_since or time.time()
@@ -290,7 +292,7 @@ class Publisher:
             read = LogRead(pruned, entries[-1][0] if entries else None,
                            full=len(entries) >= READ_BATCH, woken=self._wakeup.is_set())
             step = next_step(pos, read, reported, time.monotonic(), origins=sub.origins,
-                             pruned_max=db.pruned_max() if pruned > pos else None,
+                             pruned_max=pruned_max,
                              interval=CAUGHT_UP_INTERVAL)
             if isinstance(step, Resync):
                 await self._resync(step)

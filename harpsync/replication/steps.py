@@ -140,6 +140,13 @@ def floors_cover(origins: Mapping[str, int | None] | None,
     return all(pruned_max.get(name, 0) <= (floor or 0) for name, floor in origins.items())
 
 
+def sendable(pos: int, pruned_through: int, origins: Mapping[str, int | None] | None,
+             pruned_max: Mapping[str, int] | None) -> bool:
+    """Whether entries read after ``pos`` may be sent: nothing after ``pos`` was pruned,
+    or the floors cover everything that was (then :func:`next_step` streams on)."""
+    return pruned_through <= pos or floors_cover(origins, pruned_max or {})
+
+
 def next_step(pos: int, read: LogRead, reported: Reported, now: float, *,
               origins: Mapping[str, int | None] | None = None,
               pruned_max: Mapping[str, int] | None = None,
@@ -158,7 +165,9 @@ def next_step(pos: int, read: LogRead, reported: Reported, now: float, *,
 
     Returns:
         When entries after ``pos`` were pruned: :class:`Resync` unless the floors
-        cover everything pruned, else :class:`Stream` from the pruned point. When
+        cover everything pruned, else :class:`Stream` after the last entry read (the
+        caller sends the entries a partial prune left; see :func:`sendable`), or from
+        the pruned point when none is left. When
         entries were read (the caller sends them) and more may follow:
         :class:`Stream` after the last one. At the end of the log: :class:`CaughtUp`
         if the position was not reported yet and the last report is old enough,
@@ -169,7 +178,9 @@ def next_step(pos: int, read: LogRead, reported: Reported, now: float, *,
             return Resync(read.pruned_through + 1,
                           f"log entries up to {read.pruned_through} were pruned; "
                           f"cursor is {pos}")
-        return Stream(read.pruned_through)  # nothing pruned is above the floors
+        # Nothing pruned is above the floors. ``purge_stream`` removes one table's
+        # entries and keeps the rest: those read (and sent) here go on after the last.
+        return Stream(read.pruned_through if read.last_seq is None else read.last_seq)
     if read.last_seq is not None:
         pos = read.last_seq
         if read.full or read.woken:

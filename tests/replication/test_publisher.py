@@ -129,6 +129,25 @@ async def test_resyncs_a_cursor_behind_the_pruned_log():
         assert not [e for e in served.peer.events if isinstance(e, EntriesReceived)]
 
 
+async def test_entries_left_inside_a_purged_range_are_sent():
+    """``purge_stream`` removed entries 1 and 3 (one table's) and left 2 (another
+    origin's): a subscriber whose floors cover what was removed streams on, and still
+    receives entry 2 instead of jumping past the whole purged range."""
+    log = FakeLog()
+    log.append(entry(1, 1001, table="purged"))
+    log.append(entry(3, 1002))
+    log.append(entry(1, 1003, table="purged"))
+    log.entries = [e for e in log.entries if e[0] == 2]
+    log._pruned, log._pruned_max = 3, {"node-a": 1003}
+    async with serve(log) as served:
+        session = await hello(served)
+        session.subscribe(after_seq=0, origins={"node-a": 1003, "node-c": None}, tables=None)
+        await served.peer.flush()
+        got = await served.peer.expect(EntriesReceived)
+        assert [seq for seq, _ in got.entries] == [2]
+        assert (await served.peer.expect(CaughtUp)).seq == 3
+
+
 async def test_resyncs_a_cursor_past_the_head():
     """A cursor past this node's head (its log was reset) must copy again."""
     log = FakeLog()

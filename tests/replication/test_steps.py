@@ -17,6 +17,7 @@ from harpsync.replication.steps import (
     first_step,
     floors_cover,
     next_step,
+    sendable,
 )
 
 NEVER = Reported()
@@ -64,6 +65,18 @@ def test_pruned_below_every_floor_skips_the_pruned_part():
     step = next_step(3, LogRead(pruned_through=10), NEVER, 0.0,
                      origins={"a": 7, "b": 9}, pruned_max={"a": 7, "b": 2})
     assert step == Stream(10)
+
+
+def test_entries_left_in_a_partly_pruned_range_are_streamed():
+    """``purge_stream`` leaves other tables' entries inside the pruned range: covered by
+    the floors, those read are sent (``sendable``) and reading goes on after the last,
+    not from the pruned point past them."""
+    origins, pruned_max = {"a": 7}, {"a": 7}
+    assert sendable(3, 10, origins, pruned_max)
+    assert not sendable(3, 10, None, pruned_max)
+    step = next_step(3, LogRead(pruned_through=10, last_seq=6), NEVER, 0.0,
+                     origins=origins, pruned_max=pruned_max)
+    assert step == Stream(6)
 
 
 def test_pruned_above_one_floor_resyncs():
