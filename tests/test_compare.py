@@ -62,3 +62,23 @@ def test_a_repair_after_a_re_create_writes_nothing(storage: Storage) -> None:
         assert _row(storage, 1) is None
 
     asyncio.run(run())
+
+
+def test_a_repair_skips_a_live_row_that_came_without_its_record(storage: Storage) -> None:
+    """A peer gives whole records only of tables it publishes to this node; a winning
+    live row it answered without one cannot be stored: it is skipped (and reported
+    unchanged), and the rows with records in the same repair still land."""
+    async def run() -> None:
+        await storage.create_table("data", "t", "id")
+        _db, table = storage.table("data", "t")
+        version = storage.hlc.now()
+        changed = await storage.write(compare.repair_job(
+            storage, "data", "t", table.version,
+            [(encode_id(1), [b"12345678", version, "node-b", False, None]),
+             (encode_id(2), [b"87654321", version, "node-b", False, {"id": 2}])]))
+        assert changed == [2]
+        assert _row(storage, 1) is None
+        row = _row(storage, 2)
+        assert row is not None and row[4] == {"id": 2}
+
+    asyncio.run(run())

@@ -321,7 +321,10 @@ class Verifier:
         incarnation = outcome.incarnation
         if incarnation is None:
             return  # nothing was compared
-        here = [(k, t) for k, _m, t, side in outcome.differences if side < 0 and t]
+        # A live row comes with its record only from a peer that publishes the table to
+        # this node: without one there is nothing to store.
+        here = [(k, t) for k, _m, t, side in outcome.differences
+                if side < 0 and t and (t[3] or isinstance(t[4], dict))]
         there = [(k, m) for k, m, _t, side in outcome.differences if side > 0 and m]
         changed_here: list[Any] = [decode_id(k) for k, _ in here]
         changed_there: list[Any] = [decode_id(k) for k, _ in there]

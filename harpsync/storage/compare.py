@@ -146,6 +146,8 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
         changed: list[Any] = []
         relay: dict[int, list[list[Any]]] = {}
         for key, (row_digest, version, origin_name, deleted, record) in rows:
+            if not deleted and not isinstance(record, dict):
+                continue  # a live row without its record (not published here): unknown
             found = digest_reads.stored_row(txn, table, key, codec.unpack)
             if found is not None:
                 if found[0] == row_digest:
