@@ -76,21 +76,30 @@ def seq_for_time(db: Database, cutoff_version: int) -> int:
     return found
 
 
-def _oldest_version_after(txn: Any, db: Database, seq: int) -> int | None:
-    """The oldest version written by a log entry after ``seq`` (None: no entry): the
-    entry's own, or a relayed copy row's (``op[5]``, older than its entry's)."""
+def _oldest_in(txn: Any, db: Database, seq: int) -> tuple[int | None, int]:
+    """The oldest version written by a log entry after ``seq`` (None: no entry), its
+    own or a relayed copy row's (``op[5]``, older than its entry's), and the last
+    sequence read."""
     oldest: int | None = None
+    last = seq
     cur = txn.cursor(db=db.txns_dbi)
     if not cur.set_range(seq_key(seq + 1)):
-        return None
-    for _key, value in cur:
+        return None, last
+    for key, value in cur:
+        last = seq_of(key)
         version, ops = codec.unpack(value)[1::2]
-        versions = [version] + [op[5] for op in ops if isinstance(op, list) and len(op) > 5
-                                and isinstance(op[5], int)]
-        low = min(versions)
+        low = min([version] + [op[5] for op in ops if isinstance(op, list) and len(op) > 5
+                               and isinstance(op[5], int)])
         if oldest is None or low < oldest:
             oldest = low
-    return oldest
+    return oldest, last
+
+
+def oldest_version_after(db: Database, seq: int) -> tuple[int | None, int]:
+    """``(oldest version written after seq or None, last sequence read)``, read outside
+    the writer: the part of the log no peer acknowledged may be long (a peer away)."""
+    with db.reading() as txn:
+        return _oldest_in(txn, db, seq)
 
 
 def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
@@ -98,11 +107,13 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
                   ) -> Callable[[WriteContext], dict[str, int]]:
     """Delete log entries up to ``through_seq``; tombstones with older versions too.
 
-    With ``unacked_after`` (the sequence every peer acknowledged), tombstones at least as
-    new as any version the entries after it wrote stay: the log is not in version order
-    (another origin's delete can arrive late, stamped before entries peers acknowledged),
-    and a peer that has not received such a delete needs its tombstone, from the log or
-    from a full copy after this prune.
+    With ``unacked_after``, tombstones at least as new as any version the entries after
+    it wrote stay. The caller lowered ``tombstones_before`` by the entries no peer
+    acknowledged, read up to ``unacked_after`` (:func:`oldest_version_after`); the job
+    adds those appended since. The log is not in version order (another origin's
+    delete can arrive late, stamped before entries peers acknowledged), and a peer that
+    has not received such a delete needs its tombstone, from the log or from a full
+    copy after this prune.
     """
 
     def job(ctx: WriteContext) -> dict[str, int]:
@@ -110,7 +121,7 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
         txn = ctx.txn(db)
         floor = tombstones_before
         if floor and unacked_after is not None:
-            oldest = _oldest_version_after(txn, db, unacked_after)
+            oldest = _oldest_in(txn, db, unacked_after)[0]
             if oldest is not None:
                 floor = min(floor, oldest)
         removed = 0
