@@ -53,18 +53,27 @@ def read_entries(db: Database, table: str, primary_key: str, start: float | None
             if (start is not None and stamp < start) or (end is not None and stamp > end):
                 continue
             mine = [op for op in ops if op[0] == table and op[1] in DATA_KINDS]
-            if not mine:
-                continue
-            kinds = {op[1] for op in mine}
-            kind = mine[0][1] if len(kinds) == 1 else "upsert"
-            entry: dict[str, Any] = {"operation": kind, "user": user, "timestamp": stamp}
-            if kind == "delete":
-                entry["hash_values"] = [op[2] for op in mine]
-                entry["records"] = [{primary_key: op[2]} for op in mine]
-            else:
-                entry["records"] = [op[3] if op[3] is not None else {primary_key: op[2]}
-                                    for op in mine]
-            out.append(entry)
+            # One entry per run of deletes or of writes: a repair or a relayed copy logs
+            # both in one transaction, and a delete must not read as an upsert.
+            runs: list[list[list[Any]]] = []
+            for op in mine:
+                if runs and (runs[-1][0][1] == "delete") == (op[1] == "delete"):
+                    runs[-1].append(op)
+                else:
+                    runs.append([op])
+            for run in runs:
+                kinds = {op[1] for op in run}
+                kind = run[0][1] if len(kinds) == 1 else "upsert"
+                entry: dict[str, Any] = {"operation": kind, "user": user, "timestamp": stamp}
+                if kind == "delete":
+                    entry["hash_values"] = [op[2] for op in run]
+                    entry["records"] = [{primary_key: op[2]} for op in run]
+                else:
+                    entry["records"] = [op[3] if op[3] is not None else {primary_key: op[2]}
+                                        for op in run]
+                out.append(entry)
+                if limit is not None and len(out) >= limit:
+                    break
             if limit is not None and len(out) >= limit:
                 break
         if len(entries) < CHUNK:

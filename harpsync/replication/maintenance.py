@@ -45,15 +45,22 @@ async def prune_database(storage: Storage, db: Database, retention_ms: int,
     cutoff_version = int(now_ms - retention_ms) << 16
     through = retention.seq_for_time(db, cutoff_version)
     tomb_floor = None
+    read_through = None
     if not tombstones:
         pass
     elif acked is None:
         tomb_floor = cutoff_version
     elif acked:
         tomb_floor = min(cutoff_version, retention.version_at(db, acked) or 0)
+        # The log is not in version order: a tombstone written by an entry after the
+        # acknowledged one may be older than it, and no peer has it yet.
+        oldest, read_through = await asyncio.to_thread(retention.oldest_version_after, db,
+                                                       acked)
+        if tomb_floor and oldest is not None:
+            tomb_floor = min(tomb_floor, oldest)
     if through <= db.pruned_through() and not tomb_floor:
         return {"entries": 0, "tombstones": 0, "through": db.pruned_through()}
-    job = retention.prune_log_job(db, through, tomb_floor)
+    job = retention.prune_log_job(db, through, tomb_floor, read_through)
     result: dict[str, int] = await storage.write(job)
     if result["entries"] or result["tombstones"]:
         log.info("pruned %d log entries and %d tombstones of %s through %d",

@@ -37,8 +37,10 @@ from harpsync.replication.steps import (
     Reported,
     Resync,
     Stream,
+    copy_resumable,
     first_step,
     next_step,
+    sendable,
 )
 from harpsync.replication.transport import Link, LinkClosed
 from harpsync.tasks import end_tasks
@@ -258,12 +260,13 @@ class Publisher:
     async def _stream_inner(self, db: LogSource, sub: SubscribeRequested) -> None:
         allowed = self._allowed_tables(sub.tables)
         tables = [] if allowed is False else allowed
-        first = first_step(sub.after_seq, sub.copy, db.head_seq,
-                           max(db.opened_head, db.sent_to.get(self.peer, 0)))
+        known_through = max(db.opened_head, db.sent_to.get(self.peer, 0))
+        first = first_step(sub.after_seq, sub.copy, db.head_seq, known_through)
         if isinstance(first, Resync):
             await self._resync(first)
             return
-        pos = await self._copy(db, sub, tables) if isinstance(first, Copy) else first.after_seq
+        pos = await self._copy(db, sub, tables, known_through) if isinstance(first, Copy) \
+            else first.after_seq
         reported = Reported()
         known_origins = 0
         while True:
@@ -278,7 +281,8 @@ class Publisher:
                 await self.link.close(1001, f"database '{self.database}' was dropped")
                 return
             pruned, entries = db.read_log(pos, READ_BATCH)
-            if entries and pruned <= pos:
+            pruned_max = db.pruned_max() if pruned > pos else None
+            if entries and sendable(pos, pruned, sub.origins, pruned_max):
                 kept = self._filter(db, entries, sub.origins, tables, sub.origin_tables)
                 if kept:
                     self.sending_since = self.sending_since or time.time()
@@ -288,7 +292,7 @@ class Publisher:
             read = LogRead(pruned, entries[-1][0] if entries else None,
                            full=len(entries) >= READ_BATCH, woken=self._wakeup.is_set())
             step = next_step(pos, read, reported, time.monotonic(), origins=sub.origins,
-                             pruned_max=db.pruned_max() if pruned > pos else None,
+                             pruned_max=pruned_max,
                              interval=CAUGHT_UP_INTERVAL)
             if isinstance(step, Resync):
                 await self._resync(step)
@@ -341,9 +345,13 @@ class Publisher:
         await self.flush()
 
     async def _copy(self, db: LogSource, sub: SubscribeRequested,
-                    tables: list[str] | None) -> int:
+                    tables: list[str] | None, known_through: int) -> int:
         resume = sub.copy_resume or {}
-        snapshot = db.head_seq if resume.get("snapshot") is None else int(resume["snapshot"])
+        head = db.head_seq
+        if resume.get("snapshot") is not None and not copy_resumable(
+                int(resume["snapshot"]), head, known_through):
+            resume = {}  # this log never sent that snapshot: start over
+        snapshot = head if resume.get("snapshot") is None else int(resume["snapshot"])
         # The schema goes with the copy, read after its snapshot: the hello may be older
         # (a resync within the session, or a subscribe that came late), and a drop and
         # re-create in between would be in neither the hello nor the stream that

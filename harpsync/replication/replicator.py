@@ -461,8 +461,14 @@ class Replicator:
 
     def note_position(self, peer: str, database: str, seq: int, reset: bool = False) -> None:
         """``peer`` holds this node's ``database`` log through ``seq`` (``reset``: it
-        starts a full copy, so it holds nothing certain until that ends)."""
+        starts a full copy, so it holds nothing certain until that ends).
+
+        Its acknowledgement (what retention lets tombstones go by) comes down to it: a
+        subscribe from an older cursor (a peer restored from a backup) or a copy says
+        the peer no longer holds what its previous session acknowledged."""
         key = (peer, database)
+        if reset or seq < self.acks.get(key, 0):
+            self.acks[key] = 0 if reset else seq
         if reset:
             self.positions[key] = 0
         elif seq > self.positions.get(key, 0):

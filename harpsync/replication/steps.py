@@ -118,6 +118,15 @@ def first_step(after_seq: int, copy: bool, head_seq: int,
     return Stream(after_seq)
 
 
+def copy_resumable(snapshot: int, head_seq: int, known_through: int) -> bool:
+    """Whether an interrupted copy may resume at its ``snapshot``: only if this log can
+    have sent it (the same rule as a cursor in :func:`first_step`). Past the head, or
+    past the head at open and anything sent since (the log was restored and written
+    again), the stream after the copy would skip the entries up to the old snapshot:
+    the copy starts over."""
+    return snapshot <= head_seq and snapshot <= known_through
+
+
 def floors_cover(origins: Mapping[str, int | None] | None,
                  pruned_max: Mapping[str, int]) -> bool:
     """Whether a subscription with per-origin version floors lost nothing to pruning:
@@ -129,6 +138,13 @@ def floors_cover(origins: Mapping[str, int | None] | None,
     if origins is None or not pruned_max:
         return False
     return all(pruned_max.get(name, 0) <= (floor or 0) for name, floor in origins.items())
+
+
+def sendable(pos: int, pruned_through: int, origins: Mapping[str, int | None] | None,
+             pruned_max: Mapping[str, int] | None) -> bool:
+    """Whether entries read after ``pos`` may be sent: nothing after ``pos`` was pruned,
+    or the floors cover everything that was (then :func:`next_step` streams on)."""
+    return pruned_through <= pos or floors_cover(origins, pruned_max or {})
 
 
 def next_step(pos: int, read: LogRead, reported: Reported, now: float, *,
@@ -149,7 +165,9 @@ def next_step(pos: int, read: LogRead, reported: Reported, now: float, *,
 
     Returns:
         When entries after ``pos`` were pruned: :class:`Resync` unless the floors
-        cover everything pruned, else :class:`Stream` from the pruned point. When
+        cover everything pruned, else :class:`Stream` after the last entry read (the
+        caller sends the entries a partial prune left; see :func:`sendable`), or from
+        the pruned point when none is left. When
         entries were read (the caller sends them) and more may follow:
         :class:`Stream` after the last one. At the end of the log: :class:`CaughtUp`
         if the position was not reported yet and the last report is old enough,
@@ -160,7 +178,9 @@ def next_step(pos: int, read: LogRead, reported: Reported, now: float, *,
             return Resync(read.pruned_through + 1,
                           f"log entries up to {read.pruned_through} were pruned; "
                           f"cursor is {pos}")
-        return Stream(read.pruned_through)  # nothing pruned is above the floors
+        # Nothing pruned is above the floors. ``purge_stream`` removes one table's
+        # entries and keeps the rest: those read (and sent) here go on after the last.
+        return Stream(read.pruned_through if read.last_seq is None else read.last_seq)
     if read.last_seq is not None:
         pos = read.last_seq
         if read.full or read.woken:

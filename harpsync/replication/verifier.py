@@ -78,6 +78,9 @@ class Outcome:
     # A full copy between the two was under way and the tops differed: nothing was
     # compared (a half-copied table differs in every row not copied yet).
     busy: bool = False
+    # The table's incarnation both sides held when compared: a repair writes only into
+    # it (a drop and re-create since makes the comparison's rows another table's).
+    incarnation: int | None = None
 
 
 def copying(sub: Any) -> bool:
@@ -214,6 +217,7 @@ class Verifier:
             raise BadRequestError(f"{pair.peer} holds another incarnation of "
                                   f"'{pair.database}.{pair.table}' (created at "
                                   f"{peer_top.get('incarnation')}, here {table.version})")
+        outcome.incarnation = table.version
         if peer_top.get("top") == my_top:
             return  # equal tables cost one lookup on each side
         if peer_top.get("copying") or copying(self.rep.subscribers.get((pair.peer,
@@ -272,6 +276,9 @@ class Verifier:
         """Read the candidates again on both sides at a common point; keep real ones."""
         pair = outcome.pair
         db, table = self.storage.table(pair.database, pair.table)
+        if table.version != outcome.incarnation:
+            raise BadRequestError(f"table '{pair.database}.{pair.table}' was re-created "
+                                  "during the verify: verify again")
         deadline = time.monotonic() + SETTLE_SECONDS
         # Origins this node takes only some tables from: their rows of other tables,
         # held by this peer, are not this node's to have (nor to fetch by a repair).
@@ -311,19 +318,24 @@ class Verifier:
     async def _repair(self, outcome: Outcome, dry_run: bool) -> None:
         """Bring each differing key to its winner on the side that lacks it."""
         pair = outcome.pair
-        _db, table = self.storage.table(pair.database, pair.table)
-        here = [(k, t) for k, _m, t, side in outcome.differences if side < 0 and t]
+        incarnation = outcome.incarnation
+        if incarnation is None:
+            return  # nothing was compared
+        # A live row comes with its record only from a peer that publishes the table to
+        # this node: without one there is nothing to store.
+        here = [(k, t) for k, _m, t, side in outcome.differences
+                if side < 0 and t and (t[3] or isinstance(t[4], dict))]
         there = [(k, m) for k, m, _t, side in outcome.differences if side > 0 and m]
         changed_here: list[Any] = [decode_id(k) for k, _ in here]
         changed_there: list[Any] = [decode_id(k) for k, _ in there]
         if not dry_run:
             if here:
                 changed_here = await self.storage.write(compare.repair_job(
-                    self.storage, pair.database, pair.table, table.version,
+                    self.storage, pair.database, pair.table, incarnation,
                     [(k, list(row)) for k, row in here]))
             changed_there = []
             for i in range(0, len(there), REPAIR_CHUNK):
-                answer = await self._ask(outcome, "verify_repair", incarnation=table.version,
+                answer = await self._ask(outcome, "verify_repair", incarnation=incarnation,
                                          rows=[[k, row] for k, row in there[i:i + REPAIR_CHUNK]])
                 changed_there.extend(answer.get("changed") or [])
         outcome.changed = {self.rep.node_name: changed_here, pair.peer: changed_there}

@@ -128,7 +128,8 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
                rows: Sequence[tuple[bytes, list[Any]]],
                ) -> Callable[[WriteContext], list[Any]]:
     """A job storing each winning row ``(key, [digest, version, origin, deleted, record])``
-    where something else is stored, logged under the row's origin and version so the
+    where something older is stored (a row the stored one beats, written after the
+    verify compared, stays), logged under the row's origin and version so the
     repair replicates like a copied row.
 
     Returns:
@@ -145,9 +146,21 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
         changed: list[Any] = []
         relay: dict[int, list[list[Any]]] = {}
         for key, (row_digest, version, origin_name, deleted, record) in rows:
+            if not deleted and not isinstance(record, dict):
+                continue  # a live row without its record (not published here): unknown
             found = digest_reads.stored_row(txn, table, key, codec.unpack)
-            if found is not None and found[0] == row_digest:
-                continue
+            if found is not None:
+                if found[0] == row_digest:
+                    continue
+                stored_version, stored_origin, stored_record = found[1]
+                stored: RowState = [found[0], stored_version,
+                                    db.origin_names.get(stored_origin, ""),
+                                    stored_record is None, None]
+                incoming: RowState = [row_digest, version, origin_name, deleted, None]
+                if winner(stored, incoming) > 0:
+                    # Written here since the verify compared: newer, it stays (last
+                    # writer wins; replication brings it to the peer).
+                    continue
             oid = local_origin(ctx, db, origin_name)
             if deleted:
                 put_tombstone(txn, table, key, version, oid)

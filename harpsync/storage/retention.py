@@ -76,13 +76,54 @@ def seq_for_time(db: Database, cutoff_version: int) -> int:
     return found
 
 
+def _oldest_in(txn: Any, db: Database, seq: int) -> tuple[int | None, int]:
+    """The oldest version written by a log entry after ``seq`` (None: no entry), its
+    own or a relayed copy row's (``op[5]``, older than its entry's), and the last
+    sequence read."""
+    oldest: int | None = None
+    last = seq
+    cur = txn.cursor(db=db.txns_dbi)
+    if not cur.set_range(seq_key(seq + 1)):
+        return None, last
+    for key, value in cur:
+        last = seq_of(key)
+        version, ops = codec.unpack(value)[1::2]
+        low = min([version] + [op[5] for op in ops if isinstance(op, list) and len(op) > 5
+                               and isinstance(op[5], int)])
+        if oldest is None or low < oldest:
+            oldest = low
+    return oldest, last
+
+
+def oldest_version_after(db: Database, seq: int) -> tuple[int | None, int]:
+    """``(oldest version written after seq or None, last sequence read)``, read outside
+    the writer: the part of the log no peer acknowledged may be long (a peer away)."""
+    with db.reading() as txn:
+        return _oldest_in(txn, db, seq)
+
+
 def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
+                  unacked_after: int | None = None,
                   ) -> Callable[[WriteContext], dict[str, int]]:
-    """Delete log entries up to ``through_seq``; tombstones with older versions too."""
+    """Delete log entries up to ``through_seq``; tombstones with older versions too.
+
+    With ``unacked_after``, tombstones at least as new as any version the entries after
+    it wrote stay. The caller lowered ``tombstones_before`` by the entries no peer
+    acknowledged, read up to ``unacked_after`` (:func:`oldest_version_after`); the job
+    adds those appended since. The log is not in version order (another origin's
+    delete can arrive late, stamped before entries peers acknowledged), and a peer that
+    has not received such a delete needs its tombstone, from the log or from a full
+    copy after this prune.
+    """
 
     def job(ctx: WriteContext) -> dict[str, int]:
         _hold_tail(ctx, db)
         txn = ctx.txn(db)
+        floor = tombstones_before
+        if floor and unacked_after is not None:
+            oldest = _oldest_in(txn, db, unacked_after)[0]
+            if oldest is not None:
+                floor = min(floor, oldest)
         removed = 0
         last = 0
         versions = _RemovedVersions(db)
@@ -101,7 +142,7 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
             _mark_pruned(ctx, db, last)
             versions.save(ctx)
         tombs = 0
-        if tombstones_before:
+        if floor:
             for table in list(db.tables.values()):
                 if (db.name, table.name) in KEEP_TOMBSTONES:
                     continue
@@ -109,7 +150,7 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
                 ok = tcur.first()
                 while ok:
                     version = codec.unpack(tcur.value())[0]
-                    if version < tombstones_before:
+                    if version < floor:
                         tombs += 1
                         digest.on_remove(txn, table, bytes(tcur.key()), bytes(tcur.value()),
                                          True)

@@ -64,3 +64,43 @@ async def test_prune_removes_entries_older_than_retention(storage):
     later = storage.hlc.wall_now_ms() + 120_000
     result = await prune_database(storage, db, retention_ms=60_000, acked=0, now_ms=later)
     assert result["entries"] == head and db.pruned_through() == head
+
+
+async def test_tombstone_of_an_unacknowledged_entry_stays(storage):
+    """A delete that reached this node late (another origin's, with a version older than
+    the entry every peer acknowledged) is logged after that entry: its tombstone stays
+    until the peers acknowledge it, or a peer copied after the prune keeps the row."""
+    from harpsync import codec
+    from harpsync.replication.linkstore import StorageLinkStore
+
+    await _writes(storage, 1)  # id 0
+    db = storage.databases["data"]
+    table = db.tables["t"]
+    delete_version = storage.hlc.now()  # node-c deletes id 0 now...
+    await storage.write(writes.write_records(storage, "data", "t", [{"id": 1}], "upsert",
+                                             None))
+    acked = db.head_seq  # ...every peer acknowledged this later local write...
+    entry = codec.pack([0, delete_version, None, [["t", "delete", 0, None, table.version]]])
+    await StorageLinkStore(storage).apply_entries(  # ...and the delete arrives after it
+        "data", "node-c", [(1, entry)], {0: "node-c"}, {"seq": 1}, 60_000, "node-a", 0,
+        None)
+    assert db.tombstone_count(table) == 1
+    later = storage.hlc.wall_now_ms() + 120_000
+    await prune_database(storage, db, retention_ms=60_000, acked=acked, now_ms=later)
+    assert db.tombstone_count(table) == 1
+
+
+def test_a_subscribe_from_an_older_cursor_lowers_the_peers_acknowledgement(node_factory):
+    """The acknowledgement retention trusts is where the peer durably is: a peer that
+    comes back from an older cursor (restored from a backup) or asks for a full copy
+    holds nothing past that, whatever its previous session acknowledged, so the
+    tombstones it lacks must not be pruned on the strength of that old ack."""
+    rep = node_factory("node-a").node.cluster
+    rep.note_ack("node-b", "data", 9)
+    rep.note_position("node-b", "data", 3)  # a subscribe after 3
+    assert rep.acks[("node-b", "data")] == 3
+    rep.note_ack("node-b", "data", 9)
+    rep.note_position("node-b", "data", 0, reset=True)  # a subscribe asking for a copy
+    assert rep.acks[("node-b", "data")] == 0
+    rep.note_ack("node-b", "data", 12)  # the new session's acks count again
+    assert rep.acks[("node-b", "data")] == 12

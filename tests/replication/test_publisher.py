@@ -129,6 +129,25 @@ async def test_resyncs_a_cursor_behind_the_pruned_log():
         assert not [e for e in served.peer.events if isinstance(e, EntriesReceived)]
 
 
+async def test_entries_left_inside_a_purged_range_are_sent():
+    """``purge_stream`` removed entries 1 and 3 (one table's) and left 2 (another
+    origin's): a subscriber whose floors cover what was removed streams on, and still
+    receives entry 2 instead of jumping past the whole purged range."""
+    log = FakeLog()
+    log.append(entry(1, 1001, table="purged"))
+    log.append(entry(3, 1002))
+    log.append(entry(1, 1003, table="purged"))
+    log.entries = [e for e in log.entries if e[0] == 2]
+    log._pruned, log._pruned_max = 3, {"node-a": 1003}
+    async with serve(log) as served:
+        session = await hello(served)
+        session.subscribe(after_seq=0, origins={"node-a": 1003, "node-c": None}, tables=None)
+        await served.peer.flush()
+        got = await served.peer.expect(EntriesReceived)
+        assert [seq for seq, _ in got.entries] == [2]
+        assert (await served.peer.expect(CaughtUp)).seq == 3
+
+
 async def test_resyncs_a_cursor_past_the_head():
     """A cursor past this node's head (its log was reset) must copy again."""
     log = FakeLog()
@@ -231,6 +250,26 @@ async def test_full_copy_sends_rows_and_tombstones_then_streams():
         session = served.peer.session
         assert isinstance(session, SubscriberSession)
         assert session.peer_origins[3] == "node-c"
+
+
+async def test_a_copy_resumed_past_a_restored_log_starts_over():
+    """An interrupted copy resumes at its snapshot only if this log can have sent it:
+    restored to 4 and written on to 9, a resume at snapshot 7 would stream on after 7
+    and skip entries 5 to 7 for good, so the copy starts over at the head."""
+    log = FakeLog()
+    log.add_table("dog", [stored_row(1, 10, k) for k in (1, 2, 3)])
+    logged(log, 9)
+    log.opened = 4
+    async with serve(log) as served:
+        session = await hello(served)
+        session.subscribe(after_seq=0, origins=None, tables=None, copy=True,
+                          copy_resume={"table": "dog", "key": b"2", "snapshot": 7})
+        await served.peer.flush()
+        began = await served.peer.expect(CopyBegan)
+        assert began.snapshot_seq == 9
+        rows = await served.peer.expect(CopyRows)
+        assert [k for k, _ in rows.rows] == [b"1", b"2", b"3"]
+        assert (await served.peer.expect(CopyEnded)).snapshot_seq == 9
 
 
 async def test_acks_reach_the_host():

@@ -13,9 +13,11 @@ from harpsync.replication.steps import (
     Resync,
     Stream,
     Wait,
+    copy_resumable,
     first_step,
     floors_cover,
     next_step,
+    sendable,
 )
 
 NEVER = Reported()
@@ -63,6 +65,18 @@ def test_pruned_below_every_floor_skips_the_pruned_part():
     step = next_step(3, LogRead(pruned_through=10), NEVER, 0.0,
                      origins={"a": 7, "b": 9}, pruned_max={"a": 7, "b": 2})
     assert step == Stream(10)
+
+
+def test_entries_left_in_a_partly_pruned_range_are_streamed():
+    """``purge_stream`` leaves other tables' entries inside the pruned range: covered by
+    the floors, those read are sent (``sendable``) and reading goes on after the last,
+    not from the pruned point past them."""
+    origins, pruned_max = {"a": 7}, {"a": 7}
+    assert sendable(3, 10, origins, pruned_max)
+    assert not sendable(3, 10, None, pruned_max)
+    step = next_step(3, LogRead(pruned_through=10, last_seq=6), NEVER, 0.0,
+                     origins=origins, pruned_max=pruned_max)
+    assert step == Stream(6)
 
 
 def test_pruned_above_one_floor_resyncs():
@@ -132,3 +146,11 @@ def test_the_interval_is_a_parameter():
     """With no interval every new end of the log is reported at once."""
     assert next_step(9, LogRead(0, last_seq=12), Reported(9, 10.0), 10.0,
                      interval=0.0) == CaughtUp(12)
+
+
+def test_a_copy_resumes_only_at_a_snapshot_this_log_can_have_sent():
+    """A resume snapshot past the head, or past the head at open and all sent since (a
+    restored log), starts the copy over; one within them resumes."""
+    assert copy_resumable(7, head_seq=9, known_through=9)
+    assert not copy_resumable(7, head_seq=9, known_through=4)
+    assert not copy_resumable(12, head_seq=9, known_through=12)
