@@ -237,7 +237,8 @@ def build_app(services: Services) -> Any:
 
     feed = ChangeFeed(services.storage, services.metrics,
                       int(services.config.get("operationsApi.changes.maxQueue") or 10_000),
-                      int(services.config.get("operationsApi.changes.maxClients") or 100))
+                      int(services.config.get("operationsApi.changes.maxClients") or 100),
+                      services.auth)
 
     async def changes_socket(websocket: WebSocket) -> None:
         """``/changes``: the same Basic login as ``POST /`` on the upgrade request."""

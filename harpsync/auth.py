@@ -123,6 +123,21 @@ class Authenticator:
         self._generation += 1
         self._cache.clear()
 
+    @property
+    def generation(self) -> int:
+        """Grows with every change to ``system`` that may touch users or roles."""
+        return self._generation
+
+    def current(self, username: str) -> User | None:
+        """``username`` as it stands now (role and permissions read again), or None if
+        the user was dropped or deactivated. For sessions that outlive one request."""
+        db, users = self.storage.table(SYSTEM, "hdb_user")
+        found = get_by_ids(db, users, [username])
+        record = found[0] if found else None
+        if record is None or not record.get("active", True):
+            return None
+        return User(username, str(record.get("role")), self.role_permission(record.get("role")))
+
     def cached(self, header: str | None) -> User | None:
         """The user of a recently verified ``Authorization`` header, without hashing."""
         return self._cache.get(header) if header else None

@@ -54,6 +54,18 @@ CLOSE_ERROR = 1011
 CLOSE_TRY_LATER = 1013
 
 
+class Users(Protocol):
+    """What the feed needs of the authenticator: a feed outlives the login it began
+    with, so it follows changes to its user and role."""
+
+    @property
+    def generation(self) -> int:
+        """Grows whenever users or roles may have changed."""
+
+    def current(self, username: str) -> User | None:
+        """The user as it stands now; None once dropped or deactivated."""
+
+
 class Channel(Protocol):
     """What the feed needs of a WebSocket (the HTTP layer adapts Starlette's)."""
 
@@ -166,9 +178,12 @@ def entry_changes(database: str, raw: bytes, names: dict[int, str], table: str |
 class ChangeFeed:
     """The node's change feed: limits, and one :class:`Follower` per client."""
 
-    def __init__(self, storage: Any, metrics: Any, max_queue: int, max_clients: int) -> None:
+    def __init__(self, storage: Any, metrics: Any, max_queue: int, max_clients: int,
+                 users: Users | None = None) -> None:
+        """``users``: where a running feed reads its user's current permissions."""
         self.storage = storage
         self.metrics = metrics
+        self.users = users
         self.max_queue = max_queue
         self.max_clients = max_clients
         self.clients = 0
@@ -246,8 +261,10 @@ class Follower:
         self._loop = asyncio.get_running_loop()
         self.last_sent: int | None = None
         self.closing: tuple[int, str] | None = None
+        self.user = user
+        self._generation = feed.users.generation if feed.users is not None else 0
         database = sub.database
-        self.readable: Callable[[str], bool] = lambda t: _can_read(user, database, t)
+        self.readable: Callable[[str], bool] = lambda t: _can_read(self.user, database, t)
         self.position = 0
         self.replay_through = 0
         self.replay_above: int | None = None
@@ -317,6 +334,10 @@ class Follower:
                 if not entries:
                     await self._wakeup.wait()
                     continue
+                refused = self._recheck_user()
+                if refused is not None:
+                    self.closing = (CLOSE_POLICY, refused)
+                    return
                 names = db.origin_names
                 for seq, raw in entries:
                     replaying = seq <= self.replay_through
@@ -335,6 +356,22 @@ class Follower:
                 return
             log.exception("change feed reader failed")
             self.closing = (CLOSE_ERROR, "internal error; see the node log")
+
+    def _recheck_user(self) -> str | None:
+        """Why the feed must end now that users or roles changed (None: it goes on,
+        with the user's current permissions). It runs after the entries are read: a
+        revocation committed before any of them has bumped the generation by then."""
+        users = self.feed.users
+        if users is None or users.generation == self._generation:
+            return None
+        self._generation = users.generation
+        user = users.current(self.user.username)
+        if user is None:
+            return f"user '{self.user.username}' was dropped or deactivated"
+        self.user = user
+        if self.sub.table is not None and not self.readable(self.sub.table):
+            return f"user '{user.username}' may no longer read '{self.sub.table}'"
+        return None
 
     def _offer(self, change: dict[str, Any]) -> bool:
         try:

@@ -284,13 +284,9 @@ class Config:
         self.set("replication.routes", routes)
         if self.path is None:
             return
-        data: dict[str, Any] = {}
-        if self.path.exists():
-            data = yaml.safe_load(self.path.read_text()) or {}
-        data.setdefault("replication", {})["routes"] = routes
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-        tmp.replace(self.path)
+        # A private file, as set_configuration writes it (with the umask it was 0666
+        # under umask 0, and an operator's 0600 file became 0644).
+        write_settings(self.path, {"replication.routes": routes})
 
 
 def write_settings(path: Path, updates: dict[str, Any]) -> None:
@@ -308,6 +304,7 @@ def write_settings(path: Path, updates: dict[str, Any]) -> None:
         Config._set(data, key, value)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as out:
         out.write(yaml.safe_dump(data, sort_keys=False))
     tmp.replace(path)

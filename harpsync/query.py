@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from itertools import islice
@@ -177,5 +178,12 @@ def select(records: Iterable[dict[str, Any]], predicate: Predicate,
         ordered = sorted(matched, key=_sort_key(sort["attribute"]),
                          reverse=bool(sort.get("descending")))
         matched = iter(ordered)
-    stop = None if limit is None else offset + limit
-    return [project(r, attributes, known) for r in islice(matched, offset, stop)]
+    start, stop = page_bounds(offset, limit)
+    return [project(r, attributes, known) for r in islice(matched, start, stop)]
+
+
+def page_bounds(offset: int, limit: int | None) -> tuple[int, int | None]:
+    """``islice`` bounds for ``offset`` and ``limit``, capped at ``sys.maxsize`` (which
+    no table reaches), since ``islice`` refuses larger numbers."""
+    start = min(offset, sys.maxsize)
+    return start, None if limit is None else min(offset + limit, sys.maxsize)

@@ -24,6 +24,7 @@ from harpsync.jobs import RunningJob
 from harpsync.storage import retention
 from harpsync.storage.database import Database
 from harpsync.storage.hlc import first_version_at, version_to_ms
+from operations.data import public_records
 
 DATA_KINDS = ("insert", "update", "upsert", "delete")
 CHUNK = 1000
@@ -69,8 +70,10 @@ def read_entries(db: Database, table: str, primary_key: str, start: float | None
                     entry["hash_values"] = [op[2] for op in run]
                     entry["records"] = [{primary_key: op[2]} for op in run]
                 else:
-                    entry["records"] = [op[3] if op[3] is not None else {primary_key: op[2]}
-                                        for op in run]
+                    # Without secret fields (password hashes), as every read of the table.
+                    entry["records"] = list(public_records(
+                        [op[3] if op[3] is not None else {primary_key: op[2]} for op in run],
+                        db.name, table))
                 out.append(entry)
                 if limit is not None and len(out) >= limit:
                     break

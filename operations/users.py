@@ -112,6 +112,14 @@ def _check_permission(permission: dict[str, Any]) -> None:
             continue
         if not isinstance(spec, dict) or not isinstance(spec.get("tables", {}), dict):
             raise BadRequestError(f"'permission.{database}' must be an object with 'tables'")
+        for table, perms in spec.get("tables", {}).items():
+            # Permissions are checked per table only: a role limiting attributes would
+            # be stored and then read and write every attribute of the table.
+            if isinstance(perms, dict) and perms.get("attribute_permissions"):
+                raise BadRequestError(
+                    f"'permission.{database}.tables.{table}.attribute_permissions' is not "
+                    "supported: harpsync grants whole tables; leave it empty and grant "
+                    "only the tables the role may use")
 
 
 async def add_role(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:

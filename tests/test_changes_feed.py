@@ -137,6 +137,32 @@ def test_a_table_without_read_permission_is_refused(pair):
         assert changes(ws, 1)[0]["version"] == version
 
 
+def test_a_feed_ends_when_its_user_loses_read_permission(pair):
+    """A running feed follows the user's current permissions: once its role no longer
+    grants read on the table, or the user is dropped, the next change is not sent and
+    the feed closes with 1008 naming why."""
+    a, _ = pair
+    a.call("add_role", role="cat_reader", permission={
+        "super_user": False, "dev": {"tables": {"cat": {"read": True}}}})
+    a.call("add_user", role="cat_reader", username="carl", password="carlpw", active=True)
+    a.call("add_user", role="cat_reader", username="cora", password="corapw", active=True)
+    revoke = ({"operation": "alter_role", "id": "cat_reader", "permission": {
+                  "super_user": False, "dev": {"tables": {"cat": {"read": False}}}}},
+              {"operation": "drop_user", "username": "cora"})
+    for user, change in ((("cora", "corapw"), revoke[1]), (("carl", "carlpw"), revoke[0])):
+        with feed(a, auth=user) as ws:
+            assert subscribe(ws, database="dev", table="cat")["action"] == "subscribed"
+            version = write(a, "upsert", table="cat", records=[{"id": 300}])
+            assert changes(ws, 1)[0]["version"] == version
+            assert a.post(change).status_code == 200
+            write(a, "upsert", table="cat", records=[{"id": 301, "secret": "after"}])
+            with pytest.raises(ConnectionClosed) as closed:
+                got = ws.recv(timeout=30)
+                raise AssertionError(f"sent after the permission was gone: {got}")
+            frame = closed.value.rcvd
+            assert frame is not None and frame.code == 1008, frame
+
+
 def test_login_and_subscribe_are_checked(pair):
     """No login is a 401 on the upgrade; a bad subscribe message or unknown table is an
     error with its code, then close 1008."""

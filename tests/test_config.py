@@ -251,3 +251,20 @@ def test_replication_settings_are_typed_and_frozen():
     assert settings.max_connections == 7 and settings.compression == "auto"
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.port = 1  # type: ignore[misc]
+
+
+def test_saving_routes_keeps_the_config_file_private_whatever_the_umask(tmp_path):
+    """``cluster_set_routes`` rewrites the config file as ``set_configuration`` does: a
+    private file (0600), not one made with the umask (0666 under umask 0)."""
+    path = tmp_path / "config.yaml"
+    path.write_text("logging:\n  level: info\n")
+    path.chmod(0o600)
+    config = Config.load(path, env={})
+    old = os.umask(0)
+    try:
+        config.save_routes(["wss://node-b:9933"])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert Config.load(path, env={}).get("replication.routes") == ["wss://node-b:9933"]
+    assert Config.load(path, env={}).get("logging.level") == "info"

@@ -406,6 +406,18 @@ def test_search_by_conditions_limit_offset(dogs):
     assert search(dogs, every, limit=0) == []
 
 
+def test_search_limit_and_offset_beyond_any_size(dogs):
+    """A limit or offset past 2**63 pages like any large one (everything, or nothing),
+    not a 500: it used to reach ``islice``, which refuses numbers past sys.maxsize."""
+    every = {"attribute": "id", "comparator": "greater_than_equal", "value": 0}
+    huge = 10**20
+    for sort in (None, {"attribute": "id"}):
+        extra = {"sort": sort} if sort else {}
+        assert search(dogs, every, limit=huge, **extra) == [1, 2, 3, 4, 5, 6, 7]
+        assert search(dogs, every, offset=huge, **extra) == []
+        assert search(dogs, every, offset=huge, limit=huge, **extra) == []
+
+
 def test_search_by_conditions_sort(dogs):
     """sort orders by an attribute ascending or descending before paging."""
     every = {"attribute": "id", "comparator": "greater_than", "value": 0}

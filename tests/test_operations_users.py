@@ -61,6 +61,23 @@ def test_add_role_matches_recorded_response(node):
     assert isinstance(body["__updatedtime__"], float)
 
 
+@pytest.mark.parametrize("operation", ["add_role", "alter_role"])
+def test_attribute_permissions_are_refused_not_ignored(reader, operation):
+    """harpsync grants whole tables: a role that limits attributes is a 400 naming
+    them, never stored as a role that reads and writes every attribute."""
+    limited = {"super_user": False, "dev": {"tables": {"dog": {
+        "read": True, "insert": False, "update": False, "delete": False,
+        "attribute_permissions": [{"attribute_name": "name", "read": False,
+                                   "insert": False, "update": False}]}}}}
+    role = "limited" if operation == "add_role" else "reader"
+    response = reader.post({"operation": operation, "role": role, "id": role,
+                            "permission": limited})
+    assert response.status_code == 400, response.text
+    assert "attribute_permissions" in response.json()["error"]
+    roles = {r["id"]: r["permission"] for r in reader.call("list_roles")}
+    assert "limited" not in roles and roles["reader"] == READER_PERMISSION
+
+
 def test_add_role_twice_is_409(node):
     """A second role with the same name is a 409 naming it."""
     node.call("add_role", role="reader", permission=READER_PERMISSION)

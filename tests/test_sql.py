@@ -138,6 +138,20 @@ def test_columns_aliases_order_limit_offset(mesh):
     assert ids(sql(a, "SELECT id FROM dev.dog ORDER BY weight_lbs LIMIT 2, 2")) == [5, 7]
 
 
+
+def test_limit_and_offset_beyond_any_size(mesh):
+    """LIMIT and OFFSET past 2**63 page like any large number, not a 500 (``islice``
+    refuses numbers past sys.maxsize), with or without ORDER BY, DISTINCT or GROUP BY."""
+    a, _ = mesh
+    huge = 10**20
+    for tail in ("", " ORDER BY id"):
+        assert ids(sql(a, f"SELECT id FROM dev.dog{tail} LIMIT {huge}")) == \
+            ids(sql(a, f"SELECT id FROM dev.dog{tail}"))
+        assert sql(a, f"SELECT id FROM dev.dog{tail} LIMIT 1 OFFSET {huge}") == []
+    assert sql(a, f"SELECT DISTINCT id FROM dev.dog LIMIT {huge} OFFSET {huge}") == []
+    assert sql(a, f"SELECT COUNT(*) AS c FROM dev.dog GROUP BY id LIMIT 1 OFFSET {huge}") == []
+
+
 def test_aggregates_with_group_by(mesh):
     """COUNT(*), COUNT(col), MIN, MAX, SUM and AVG per GROUP BY group, ordered by alias."""
     a, _ = mesh

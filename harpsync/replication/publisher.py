@@ -189,7 +189,11 @@ class Publisher:
 
     # -- streaming ---------------------------------------------------------------------
     def _allowed_tables(self, requested: list[str] | None) -> peers.TableFilter:
-        row = self.host.peer_row(self.peer) or {}
+        row = self.host.peer_row(self.peer)
+        if row is None:
+            # Removed since it connected (its sockets close after the removal's other
+            # steps): no row publishes nothing, where an empty one would publish all.
+            return False
         mine = peers.publish_tables(row, self.database)
         if mine is False:
             return False

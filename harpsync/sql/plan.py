@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+from harpsync.query import page_bounds
 from harpsync.sql.expr import (
     Agg,
     And,
@@ -257,17 +258,17 @@ def run_select(plan: Select, records: Iterable[Row], known: list[str]) -> list[R
     if plan.grouped:
         rows = _group(plan, rows)
     terms = _order_exprs(plan)
-    stop = None if plan.limit is None else plan.offset + plan.limit
+    start, stop = page_bounds(plan.offset, plan.limit)
     if plan.distinct:
         if terms:
             rows = sorted(rows, key=_comparator(terms))
         distinct = _distinct(project(plan, r, known) for r in rows)
-        return list(islice(distinct, plan.offset, stop))
+        return list(islice(distinct, start, stop))
     if terms:
         key = _comparator(terms)
         rows = heapq.nsmallest(stop, rows, key=key) if stop is not None else sorted(
             rows, key=key)
-    return [project(plan, r, known) for r in islice(rows, plan.offset, stop)]
+    return [project(plan, r, known) for r in islice(rows, start, stop)]
 
 
 def _distinct(rows: Iterable[Row]) -> Iterator[Row]:

@@ -272,6 +272,24 @@ async def test_a_copy_resumed_past_a_restored_log_starts_over():
         assert (await served.peer.expect(CopyEnded)).snapshot_seq == 9
 
 
+async def test_a_peer_removed_while_connected_is_sent_no_rows():
+    """A subscribe that arrives after the peer's row was removed (``forget_node`` closes
+    its sockets only after stopping links and reconciling; a ``remove`` request is the
+    peer's own) gets no table: a missing row means nothing is published, not all."""
+    log = FakeLog()
+    log.add_table("dog", [stored_row(1, 10, k) for k in (1, 2)])
+    logged(log, 2)
+    async with serve(log) as served:
+        await hello(served)
+        served.host.rows.pop(PEER)
+        await subscribe(served, after=0, copy=True)
+        began = await served.peer.expect(CopyBegan)
+        assert began.tables == [] and began.total == 0
+        await served.peer.expect(CopyEnded)
+        await served.peer.expect(CaughtUp)
+        assert not [e for e in served.peer.events if isinstance(e, CopyRows | EntriesReceived)]
+
+
 async def test_acks_reach_the_host():
     """An ack from the subscriber is reported once, with the publisher's acked_seq."""
     log = FakeLog()

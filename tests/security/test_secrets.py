@@ -59,3 +59,16 @@ def test_retained_authorization_is_not_stored_or_logged(node_factory, caplog):
         if file.is_file():
             assert PASSWORD.encode() not in file.read_bytes(), file
     assert PASSWORD not in caplog.text and "scrypt$" not in caplog.text
+
+
+def test_transaction_log_of_users_holds_no_password_hashes(node_factory):
+    """``read_transaction_log`` of ``system.hdb_user`` shows the users' changes without
+    their password hashes, as every other read of that table."""
+    a = node_factory("node-a")
+    a.call("add_user", username="bob", password="pw-bob-123", role="super_user")
+    a.call("alter_user", username="bob", password="pw-bob-456")
+    log = a.call("read_transaction_log", database="system", table="hdb_user")
+    records = [r for entry in log for r in entry["records"]]
+    assert {r["username"] for r in records} >= {"admin", "bob"}
+    assert all("password" not in r for r in records)
+    assert "scrypt$" not in str(log)
