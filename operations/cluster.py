@@ -21,9 +21,12 @@ def parse_credentials(body: dict[str, Any]) -> tuple[str, str] | None:
         raise BadRequestError(f"'authorization' is invalid: {exc}") from None
 
 
-def _row_settings(body: dict[str, Any], subs: list[dict[str, Any]] | None) -> dict[str, Any]:
+def _row_settings(body: dict[str, Any], subs: list[dict[str, Any]] | None,
+                  replicates: bool = True) -> dict[str, Any]:
+    """The row fields ``body`` sets; ``replicates`` is the flag kept when ``body``
+    names neither subscriptions nor ``replicates`` (an update keeps the row's)."""
     row: dict[str, Any] = {
-        "replicates": body.get("replicates", subs is None) if subs is None else True,
+        "replicates": body.get("replicates", replicates) if subs is None else True,
         "subscriptions": subs,
     }
     for key in ("shard", "start_time", "revoked_certificates", "conflict"):
@@ -68,7 +71,10 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
         subs = row.get("subscriptions")
     creds = parse_credentials(body)
     old = {k: v for k, v in row.items() if k != "authorization"}
-    new = {**old, **_row_settings(body, subs), "learned": False}
+    # A peer added with ``replicates: false`` stays so when an update changes something
+    # else (its shard, policy, revocations): before, it started replicating fully.
+    new = {**old, **_row_settings(body, subs, bool(row.get("replicates", True))),
+           "learned": False}
     # In use here before the peer hears of it: the peer re-copies at once, and that copy
     # must already see what this node now publishes (see Mesh.stage_settings).
     # Only what decides what flows (certificate revocations etc. apply once saved: the

@@ -112,3 +112,17 @@ def test_a_drop_reaches_a_peer_that_does_not_take_the_table(node_factory):
     a.call("insert", table="t2", records=[{"id": 2}])
     wait_for(lambda: by_id(b, "t2", 2) is not None, timeout=15, message="t2 still flowing")
     assert by_id(b, "t1", 7) is None  # rows of t1 still do not flow
+
+
+def test_update_node_keeps_a_peer_that_does_not_replicate_so(node_factory):
+    """update_node of a peer added with ``replicates: false`` that changes only another
+    setting (here its conflict policy) leaves it not replicating: no data link forms."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t1", primary_key="id")
+    join(b, a, replicates=False)
+    wait_for(lambda: has_table(b, "t1"), timeout=15, message="schema through system")
+    b.call("update_node", hostname=a.name, conflict="source_wins")
+    conn = connection(b, a.name)
+    assert conn is not None and conn["replicates"] is False, conn
+    assert {s["database"] for s in conn["database_sockets"]} == {"system"}, conn
