@@ -82,8 +82,12 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
     rep.stage_settings({**old, "replicates": new["replicates"],
                         "subscriptions": new["subscriptions"]})
     try:
+        # The peer's row takes shard and start_time from the join: send the kept ones,
+        # or an update naming neither cleared them there (and the peer's next re-copy
+        # took this node's rows from before the start_time).
+        extra = {**body, "shard": new.get("shard"), "start_time": new.get("start_time")}
         answer = await rep.join(row["url"], creds, True if creds is None else
-                                bool(body.get("verify_tls", True)), subs, body,
+                                bool(body.get("verify_tls", True)), subs, extra,
                                 expect=None if creds is not None else row["name"])
         await rep.adopt(answer, row["url"], new)
     except BaseException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from tests.helpers import wait_for
 from tests.proxy_util import TcpProxy
 from tests.repl_util import CREDS, by_id, connection, has_table, join
@@ -126,3 +128,30 @@ def test_update_node_keeps_a_peer_that_does_not_replicate_so(node_factory):
     conn = connection(b, a.name)
     assert conn is not None and conn["replicates"] is False, conn
     assert {s["database"] for s in conn["database_sockets"]} == {"system"}, conn
+
+
+def test_an_update_keeps_the_start_time_on_the_peer(node_factory):
+    """node-b added node-a with a start_time; a later set_node_replication on node-b
+    that names no start_time leaves the peer's start_time as it was, so node-a's
+    re-copy after the widening still skips node-b's rows from before it."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    for table in ("t1", "t2"):
+        b.call("create_table", table=table, primary_key="id")
+    b.call("insert", table="t1", records=[{"id": 1, "v": "before start_time"}])
+    start = datetime.now(UTC) + timedelta(milliseconds=50)
+    wait_for(lambda: datetime.now(UTC) > start + timedelta(milliseconds=20))
+    join(b, a, start_time=start.isoformat().replace("+00:00", "Z"),
+         subscriptions=[{"database": "data", "table": "t1", "subscribe": True,
+                         "publish": True}])
+    b.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(a, "t1", 2) is not None, timeout=15, message="t1 flowing")
+    assert by_id(a, "t1", 1) is None  # before the start_time
+
+    b.call("set_node_replication", hostname=a.name,
+           subscriptions=[{"database": "data", "table": "t2", "subscribe": True,
+                           "publish": True}])
+    assert (connection(a, b.name) or {}).get("subscriptions") is not None
+    b.call("insert", table="t1", records=[{"id": 3}])
+    wait_for(lambda: by_id(a, "t1", 3) is not None, timeout=15, message="t1 after widening")
+    assert by_id(a, "t1", 1) is None, "node-a's re-copy ignored the start_time"
