@@ -86,10 +86,17 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
         # or an update naming neither cleared them there (and the peer's next re-copy
         # took this node's rows from before the start_time).
         extra = {**body, "shard": new.get("shard"), "start_time": new.get("start_time")}
-        answer = await rep.join(row["url"], creds, True if creds is None else
+        # A url in the body is where the peer is now (its address changed): join it
+        # there and record it. Before, the join went to the old address (and failed, or
+        # reported success for a url it never used).
+        url = str(body.get("url") or row["url"])
+        answer = await rep.join(url, creds, True if creds is None else
                                 bool(body.get("verify_tls", True)), subs, extra,
                                 expect=None if creds is not None else row["name"])
-        await rep.adopt(answer, row["url"], new)
+        if str(answer.get("node")) != row["name"]:
+            raise BadRequestError(f"the node at '{url}' is {answer.get('node')!r}, not "
+                                  f"{row['name']!r}")
+        await rep.adopt(answer, url, new)
     except BaseException:
         rep.unstage_settings(row["name"])  # nothing half-applied (a no-op once saved)
         raise
