@@ -346,6 +346,9 @@ class Replicator:
         subs = self.links_of(peer, database)
         for sub in subs:
             await sub.pause()
+            # Pausing stops the peer's own stream, also where another peer relays it
+            # (its direct link was down); the planner does not relay a paused origin.
+            await self.relays.release(peer, sub.database)
         await self._persist_paused(peer, {s.database for s in subs}, set())
         return [s.database for s in subs]
 
