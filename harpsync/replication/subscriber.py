@@ -141,9 +141,11 @@ class Subscriber:
         """Stop the link and wait until no write of it is left in the writer: after
         this returns, nothing of this link (cursor included) will be written."""
         self._send_due_ack_now()
-        if self._task is not None:
-            await end_tasks([self._task])
-        self._task = None
+        task = self._task
+        if task is not None:
+            await end_tasks([task])
+        if self._task is task:  # not a task a resume started meanwhile
+            self._task = None
         await self.settle()
 
     def hold(self) -> None:
@@ -154,7 +156,13 @@ class Subscriber:
         """Stop receiving; the committed cursor is kept."""
         self.paused = True  # first: a relay hand-over restarts only unpaused links
         await self.stop()
-        self.state = LinkState.PAUSED
+        if self.paused:
+            self.state = LinkState.PAUSED
+        else:
+            # Resumed while stopping (its start found the old task still ending): the
+            # resume came last, so the link runs. Before, it stayed stopped and
+            # unpaused, and a later resume did nothing.
+            self.start()
 
     def resume(self) -> None:
         """Run again from the committed cursor (a link that is not paused runs on)."""
