@@ -279,3 +279,29 @@ def test_policy_lookup_order_and_the_system_database(pair) -> None:
     assert stream(a, "node-b", "pol")["conflict"] == "source_wins"
     a.call("update_node", hostname="node-b", conflict="last_writer_wins")
     assert stream(a, "node-b", "pol")["conflict"] == "last_writer_wins"
+
+
+@pytest.mark.timeout(120)
+def test_a_replay_asked_while_the_peer_is_down_survives_a_restart(node_factory) -> None:
+    """replay_replication while node-b is unreachable, then node-a restarts before the
+    link is back: the replay still happens once it is (under source_wins it brings
+    node-b's value back over node-a's local write). Before, the replay lived only in
+    memory: after the restart the link subscribed with its floors and skipped it."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    b.call("create_table", table="t", primary_key="id")
+    a.call("add_node", hostname=b.name, url=b.repl_url, verify_tls=False,
+           authorization={"username": ADMIN[0], "password": ADMIN[1]},
+           subscriptions=[sub("data", "t", "source_wins")])
+    upsert(b, "t", "r", "b", database="data")
+    wait_for(lambda: value(a, "t", "r", database="data") == "b", timeout=20,
+             message="node-b's write on node-a")
+    upsert(a, "t", "r", "a", database="data")
+    b.stop()
+    wait_for(lambda: not stream(a, "node-b", "data")["connected"], timeout=20,
+             message="the link down")
+    a.call("replay_replication", hostname="node-b", database="data", from_seq=0)
+    a.restart()
+    b.start()
+    wait_for(lambda: value(a, "t", "r", database="data") == "b", timeout=20,
+             message="the replay to bring node-b's value back")

@@ -177,7 +177,10 @@ class Subscriber:
         self.paused = True  # held while the cursor is rewound (no restart meanwhile)
         await self.stop()
         try:
-            await self.store.write_cursor(self.database, self.peer, {"seq": seq})
+            # The replay is kept in the cursor until the log is read to its end: a
+            # restart before then goes on with it (in memory only, it was dropped).
+            await self.store.write_cursor(self.database, self.peer,
+                                          {"seq": seq, "replay": from_version})
             self.applier.replay_floor = from_version
             self.applier.replaying = True
         finally:
@@ -292,6 +295,8 @@ class Subscriber:
             copy = True
         elif not cursor:
             copy = True  # a new pairing starts with a full copy, then streams
+        if "replay" in cursor and not self.applier.replaying:  # asked before a restart
+            self.applier.replaying, self.applier.replay_floor = True, int(cursor["replay"])
         row = (self.host.peer_row(self.peer) or {})
         tables = peers.subscribe_tables(row, self.database)
         after = int(cursor.get("seq", 0))
