@@ -331,11 +331,19 @@ class Mesh:
         async with self._host.reconcile_lock:
             # Compare with the row the links last ran with, not a staged one.
             old = self._staged.pop(name) if name in self._staged else self.rows.get(name)
-            if old is not None and peers.without_policies(old.get("subscriptions")) \
-                    != peers.without_policies(row.get("subscriptions")):
+            changed = old is not None and peers.without_policies(old.get("subscriptions")) \
+                != peers.without_policies(row.get("subscriptions"))
+            if changed:
                 await self._host.stop_links(name)
                 await self._forget_cursors(name, include_system=False)
             await self.save_row(row)
+            if changed:
+                # Peers this node relays ``name`` to hold what it takes from ``name``
+                # from its hello: they say hello again before the new links apply
+                # anything (before, a narrowed relay's writes raised their floor for
+                # ``name`` past writes it no longer carried, and the direct link,
+                # once back, skipped those for good).
+                await self._host.drop_relaying(name, f"subscriptions from {name} changed")
 
     async def _forget_cursors(self, name: str, include_system: bool) -> None:
         for db in list(self.storage.databases.values()):

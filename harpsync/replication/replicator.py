@@ -321,7 +321,18 @@ class Replicator:
         """Close the sockets ``name`` opened to this node; it reconnects if still allowed."""
         links = [pub.link for key, pubs in list(self.publishers.items()) if key[0] == name
                  for pub in list(pubs)]
+        await self._close_links(links, reason)
 
+    async def drop_relaying(self, origin: str, reason: str) -> None:
+        """Close the sockets of the peers this node relays ``origin``'s writes to: their
+        sessions know from this node's hello which of ``origin``'s tables it takes
+        (``relay_tables``), and that just changed."""
+        links = [pub.link for (peer, database), pubs in list(self.publishers.items())
+                 if peer != origin and database != SYSTEM for pub in list(pubs)
+                 if pub.origins is None or origin in pub.origins]
+        await self._close_links(links, reason)
+
+    async def _close_links(self, links: list[Link], reason: str) -> None:
         async def close(link: Link) -> None:
             with contextlib.suppress(Exception):
                 await link.close(1000, reason)
