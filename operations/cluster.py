@@ -43,8 +43,10 @@ async def _add(ctx: OpContext, body: dict[str, Any]) -> tuple[str, str]:
     url = body.get("url") or default_url(str(hostname))
     subs = peers.normalize_subscriptions(body.get("subscriptions"))
     creds = parse_credentials(body)
-    answer = await rep.join(url, creds, bool(body.get("verify_tls", True)), subs, body)
-    name = await rep.adopt(answer, url, _row_settings(body, subs))
+    settings = _row_settings(body, subs)
+    answer = await rep.join(url, creds, bool(body.get("verify_tls", True)), subs,
+                            {**body, "replicates": settings["replicates"]})
+    name = await rep.adopt(answer, url, settings)
     return name, url
 
 
@@ -85,7 +87,8 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
         # The peer's row takes shard and start_time from the join: send the kept ones,
         # or an update naming neither cleared them there (and the peer's next re-copy
         # took this node's rows from before the start_time).
-        extra = {**body, "shard": new.get("shard"), "start_time": new.get("start_time")}
+        extra = {**body, "shard": new.get("shard"), "start_time": new.get("start_time"),
+                 "replicates": new["replicates"]}
         # A url in the body is where the peer is now (its address changed): join it
         # there and record it. Before, the join went to the old address (and failed, or
         # reported success for a url it never used).

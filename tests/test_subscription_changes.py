@@ -155,3 +155,32 @@ def test_an_update_keeps_the_start_time_on_the_peer(node_factory):
     b.call("insert", table="t1", records=[{"id": 3}])
     wait_for(lambda: by_id(a, "t1", 3) is not None, timeout=15, message="t1 after widening")
     assert by_id(a, "t1", 1) is None, "node-a's re-copy ignored the start_time"
+
+
+def test_rows_written_while_a_peer_did_not_replicate_arrive_once_it_does_again(node_factory):
+    """node-b stops replicating with node-a (``replicates: false``), writes a row, and
+    replicates again: the row reaches node-a. Before, node-a's link kept running while
+    node-b published nothing to it, its cursor moved past the row, and turning
+    replication back on resumed after it."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t1", primary_key="id")
+    join(b, a)
+    wait_for(lambda: has_table(b, "t1"), timeout=15, message="t1 on node-b")
+    b.call("insert", table="t1", records=[{"id": 0}])
+    wait_for(lambda: by_id(a, "t1", 0) is not None, timeout=15, message="flowing")
+
+    b.call("set_node_replication", hostname=a.name, replicates=False)
+    b.call("insert", table="t1", records=[{"id": 1, "v": "while not replicating"}])
+    head = b.node.storage.databases["data"].head_seq
+
+    def a_read_past_it() -> bool:
+        sock = next((s for s in (connection(a, b.name) or {}).get("database_sockets", [])
+                     if s["database"] == "data"), None)
+        return sock is None or sock["committed_seq"] >= head
+
+    wait_for(a_read_past_it, timeout=15, message="node-a's link to read node-b's log")
+    b.call("set_node_replication", hostname=a.name, replicates=True)
+    b.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(a, "t1", 2) is not None, timeout=15, message="flowing again")
+    assert by_id(a, "t1", 1) is not None, "the row written while not replicating was lost"
