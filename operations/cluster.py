@@ -92,13 +92,20 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
         # A url in the body is where the peer is now (its address changed): join it
         # there and record it. Before, the join went to the old address (and failed, or
         # reported success for a url it never used).
+        # Without credentials the node there must show the pinned key; with them, it
+        # is asked its name first, so another node there is not joined at all.
         url = str(body.get("url") or row["url"])
-        answer = await rep.join(url, creds, True if creds is None else
-                                bool(body.get("verify_tls", True)), subs, extra,
-                                expect=None if creds is not None else row["name"])
-        if str(answer.get("node")) != row["name"]:
-            raise BadRequestError(f"the node at '{url}' is {answer.get('node')!r}, not "
-                                  f"{row['name']!r}")
+        verify = True if creds is None else bool(body.get("verify_tls", True))
+        found = row["name"]
+        if creds is not None and url != row["url"]:
+            found = await rep.probe(url, creds, verify)
+        answer = None
+        if found == row["name"]:
+            answer = await rep.join(url, creds, verify, subs, extra,
+                                    expect=None if creds is not None else row["name"])
+            found = str(answer.get("node"))
+        if answer is None or found != row["name"]:
+            raise BadRequestError(f"the node at '{url}' is {found!r}, not {row['name']!r}")
         await rep.adopt(answer, url, new)
     except BaseException:
         rep.unstage_settings(row["name"])  # nothing half-applied (a no-op once saved)

@@ -249,3 +249,18 @@ def test_update_node_with_a_new_url_moves_the_peer(node_factory):
     wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=15, message="a to b")
     b.call("insert", table="t1", records=[{"id": 2}])
     wait_for(lambda: by_id(a, "t1", 2) is not None, timeout=15, message="b to a, new url")
+
+
+@pytest.mark.timeout(120)
+def test_update_node_with_the_url_of_another_node_changes_nothing(node_factory):
+    """update_node for node-b naming node-c's url is refused with a 400, and neither
+    node-a's row for node-b nor node-c learns anything of it."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    join(a, b)
+    body = a.call("update_node", expect=400, hostname=b.name, url=c.repl_url,
+                  verify_tls=False, authorization=CREDS)
+    assert "node-c" in harper_error(body)["error"], body
+    assert (connection(a, b.name) or {}).get("url") == b.repl_url
+    assert connection(c, a.name) is None
