@@ -212,3 +212,19 @@ def test_a_relay_that_narrows_what_it_takes_from_the_origin_while_relaying(node_
         a.call("insert", table="t1", records=[{"id": 4}])
         wait_for(lambda: by_id(b, "t1", 4) is not None, timeout=20, message="a's next row")
         assert by_id(b, "t2", 2) is not None, "the t2 row written while relayed was lost"
+
+
+@pytest.mark.timeout(180)
+def test_a_peer_set_not_to_replicate_is_not_relayed_either(cluster):
+    """b sets a to ``replicates: false``: a's writes reach c but not b, neither directly
+    nor relayed by c (as with subscriptions that take nothing from a)."""
+    from tests.repl_util import stays
+
+    a, b, c = cluster(3)
+    a.call("create_table", table="t1", primary_key="id")
+    for node in (b, c):
+        wait_for(lambda n=node: has_table(n, "t1"), timeout=20, message="t1 everywhere")
+    b.call("set_node_replication", hostname=a.name, replicates=False)
+    a.call("insert", table="t1", records=[{"id": 1}])
+    wait_for(lambda: by_id(c, "t1", 1) is not None, timeout=20, message="a's row on c")
+    stays(lambda: by_id(b, "t1", 1) is None, duration=2.0)
