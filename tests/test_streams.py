@@ -305,3 +305,31 @@ def test_a_replay_asked_while_the_peer_is_down_survives_a_restart(node_factory) 
     b.start()
     wait_for(lambda: value(a, "t", "r", database="data") == "b", timeout=20,
              message="the replay to bring node-b's value back")
+
+
+@pytest.mark.timeout(120)
+def test_a_resume_racing_a_pause_is_what_a_restart_keeps(node_factory) -> None:
+    """pause_replication and resume_replication for one link at once, the resume
+    reaching the link while the pause still stops it: the link runs, and the row does
+    not say paused either, so a restart keeps it running (before, the pause saved
+    'paused' after the resume had cleared it)."""
+    import asyncio
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    b.call("create_table", table="t", primary_key="id")
+    a.call("add_node", hostname=b.name, url=b.repl_url, verify_tls=False,
+           authorization={"username": ADMIN[0], "password": ADMIN[1]})
+    wait_for(lambda: running(a, "node-b", "data"), timeout=20, message="streaming")
+    cluster = a.node.cluster
+
+    async def race() -> None:
+        pausing = asyncio.ensure_future(cluster.pause("node-b", "data"))
+        await asyncio.sleep(0)  # the pause is stopping the link
+        await cluster.resume("node-b", "data")
+        await pausing
+
+    asyncio.run_coroutine_threadsafe(race(), a.loop).result(20)
+    assert "data" not in (cluster.rows["node-b"].get("paused") or [])
+    a.restart()
+    assert stream(a, "node-b", "data")["state"] != "paused"

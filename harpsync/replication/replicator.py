@@ -95,6 +95,10 @@ class Replicator:
         self._sock: socket.socket | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._reconcile_lock = asyncio.Lock()
+        # One operator stream control (pause, resume, replay) at a time: each changes
+        # the links and then saves the paused databases, and interleaved, a pause
+        # saved 'paused' after a resume that came later had cleared it.
+        self._controls = asyncio.Lock()
         self.operation_handlers: dict[str, Callable[..., Any]] = {}
         # Last verification per (peer, database) and who to tell when a full copy ends.
         self.verified: dict[tuple[str, str], dict[str, Any]] = {}
@@ -354,6 +358,10 @@ class Replicator:
 
     async def pause(self, peer: str, database: str | None) -> list[str]:
         """Stop receiving from ``peer``; the committed cursor is kept."""
+        async with self._controls:
+            return await self._pause(peer, database)
+
+    async def _pause(self, peer: str, database: str | None) -> list[str]:
         subs = self.links_of(peer, database)
         for sub in subs:
             await sub.pause()
@@ -374,6 +382,10 @@ class Replicator:
         """Restart paused links from their committed cursor. The pause of a database
         whose link a subscription change removed meanwhile ends too (kept, it would
         hold that link again once a widening re-creates it)."""
+        async with self._controls:
+            return await self._resume(peer, database)
+
+    async def _resume(self, peer: str, database: str | None) -> list[str]:
         held = {d for d in self.rows.get(peer, {}).get("paused") or []
                 if database is None or d == database}
         try:
@@ -392,6 +404,11 @@ class Replicator:
                      from_version: int | None) -> list[str]:
         """Rewind links to a publisher sequence (or to the start, skipping versions older
         than ``from_version``) and stream again; applying twice is harmless."""
+        async with self._controls:
+            return await self._replay(peer, database, from_seq, from_version)
+
+    async def _replay(self, peer: str, database: str | None, from_seq: int | None,
+                      from_version: int | None) -> list[str]:
         subs = self.links_of(peer, database)
         for sub in subs:
             await sub.rewind(from_seq if from_seq is not None else 0, from_version or 0)
