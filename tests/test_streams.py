@@ -333,3 +333,32 @@ def test_a_resume_racing_a_pause_is_what_a_restart_keeps(node_factory) -> None:
     assert "data" not in (cluster.rows["node-b"].get("paused") or [])
     a.restart()
     assert stream(a, "node-b", "data")["state"] != "paused"
+
+
+@pytest.mark.timeout(120)
+def test_a_pause_racing_a_link_restart_pauses_the_new_link(node_factory) -> None:
+    """pause_replication while a subscription change (here: a reconcile restarting the
+    peer's links) replaces the link: the link that runs afterwards is the paused one.
+    Before, the pause stopped the old link and the new one streamed on, paused only
+    in the row."""
+    import asyncio
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    b.call("create_table", table="t", primary_key="id")
+    a.call("add_node", hostname=b.name, url=b.repl_url, verify_tls=False,
+           authorization={"username": ADMIN[0], "password": ADMIN[1]})
+    wait_for(lambda: running(a, "node-b", "data"), timeout=20, message="streaming")
+    cluster = a.node.cluster
+
+    async def race() -> None:
+        pausing = asyncio.ensure_future(cluster.pause("node-b", "data"))
+        await asyncio.sleep(0)  # the pause is stopping the link
+        await cluster.reconcile(restart_peer="node-b")
+        await pausing
+
+    asyncio.run_coroutine_threadsafe(race(), a.loop).result(20)
+    assert stream(a, "node-b", "data")["state"] == "paused"
+    upsert(b, "t", "r", "while paused", database="data")
+    from tests.repl_util import stays
+    stays(lambda: value(a, "t", "r", database="data") is None, duration=1.0)

@@ -362,14 +362,21 @@ class Replicator:
             return await self._pause(peer, database)
 
     async def _pause(self, peer: str, database: str | None) -> list[str]:
-        subs = self.links_of(peer, database)
-        for sub in subs:
-            await sub.pause()
-            # Pausing stops the peer's own stream, also where another peer relays it
-            # (its direct link was down); the planner does not relay a paused origin.
-            await self.relays.release(peer, sub.database)
-        await self._persist_paused(peer, {s.database for s in subs}, set())
-        return [s.database for s in subs]
+        databases = [s.database for s in self.links_of(peer, database)]
+        # Saved first, and the links paused under the reconcile lock: a link that a
+        # subscription change re-creates meanwhile starts held. Before, the pause
+        # stopped the old link and the new one streamed on, paused only in the row.
+        await self._persist_paused(peer, set(databases), set())
+        async with self._reconcile_lock:
+            for db_name in databases:
+                sub = self.subscribers.get((peer, db_name))
+                if sub is not None:
+                    await sub.pause()
+                # Pausing stops the peer's own stream, also where another peer relays
+                # it (its direct link was down); the planner does not relay a paused
+                # origin.
+                await self.relays.release(peer, db_name)
+        return databases
 
     async def _persist_paused(self, peer: str, add: set[str], remove: set[str]) -> None:
         """Keep the paused databases in the peer's row, so a pause survives a restart."""
