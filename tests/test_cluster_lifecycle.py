@@ -286,3 +286,21 @@ def test_purge_stream_keep_and_missing_table(node):
     assert res.status_code == 404, res.text
     res = node.post({"operation": "purge_stream", "table": "k", "options": {"keep": -1}})
     assert res.status_code == 400, res.text
+
+
+@pytest.mark.timeout(120)
+def test_configure_cluster_listing_this_node_changes_nothing(node_factory):
+    """A configure_cluster whose connections include this node itself (one list pushed
+    to every node) is refused before anything changes: no peer is removed. Before, the
+    probes passed (this node answers its own probe), the other nodes were removed, and
+    only the join of itself failed."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    join(a, b)
+    wait_linked([(a, b)])
+    res = a.post({"operation": "configure_cluster",
+                  "connections": [_entry(a), _entry(c)]})
+    assert 400 <= res.status_code < 500, res.text
+    assert "node-a" in res.text and "no connection was added or removed" in res.text
+    assert peer_names(a) == {"node-b"}
