@@ -91,8 +91,12 @@ async def _probe(rep: Any, conn: dict[str, Any], url: str) -> str | None:
         creds = parse_credentials(conn)
         verify = True if creds is None and _known(rep, conn, url) \
             else bool(conn.get("verify_tls", True))
-        if await rep.probe(url, creds, verify) == rep.node_name:
+        found = await rep.probe(url, creds, verify)
+        if found == rep.node_name:
             return itself
+        if row is not None and found != row["name"]:
+            # Its update would refuse it, after the other nodes were removed.
+            return f"the node at '{url}' is {found!r}, not {row['name']!r}"
     except HarpsyncError as exc:
         return exc.message
     return None

@@ -304,3 +304,22 @@ def test_configure_cluster_listing_this_node_changes_nothing(node_factory):
     assert 400 <= res.status_code < 500, res.text
     assert "node-a" in res.text and "no connection was added or removed" in res.text
     assert peer_names(a) == {"node-b"}
+
+
+@pytest.mark.timeout(120)
+def test_configure_cluster_with_a_known_name_at_another_nodes_url_changes_nothing(
+        node_factory):
+    """A connection naming known node-b with node-c's url fails the probe phase:
+    nothing is removed or added (node-b's update would refuse the url anyway)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    d = node_factory("node-d")
+    join(a, b)
+    join(a, d)
+    wait_linked([(a, b), (a, d)])
+    wrong = {**_entry(b), "url": c.repl_url}
+    res = a.post({"operation": "configure_cluster", "connections": [wrong]})
+    assert 400 <= res.status_code < 500, res.text
+    assert "no connection was added or removed" in res.text, res.text
+    assert peer_names(a) == {"node-b", "node-d"}
