@@ -323,3 +323,20 @@ def test_configure_cluster_with_a_known_name_at_another_nodes_url_changes_nothin
     assert 400 <= res.status_code < 500, res.text
     assert "no connection was added or removed" in res.text, res.text
     assert peer_names(a) == {"node-b", "node-d"}
+
+
+@pytest.mark.timeout(120)
+def test_a_route_to_a_known_node_under_another_url_keeps_its_subscriptions(node_factory):
+    """A route naming a peer that node-a already has, by another spelling of its
+    address, pairs nothing: the peer's explicit subscriptions stay. Before, the route
+    joined it again and replaced them with full replication (on both sides)."""
+    from tests.repl_util import connection, stays
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    subs = [{"database": "data", "table": "t1", "subscribe": True, "publish": True}]
+    join(a, b, subscriptions=subs)
+    wait_linked([(a, b)])
+    a.call("cluster_set_routes", routes=[f"wss://localhost:{b.repl_port}"])
+    stays(lambda: (connection(a, b.name) or {}).get("subscriptions") is not None
+          and (connection(b, a.name) or {}).get("subscriptions") is not None, duration=2)
