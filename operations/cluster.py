@@ -21,9 +21,12 @@ def parse_credentials(body: dict[str, Any]) -> tuple[str, str] | None:
         raise BadRequestError(f"'authorization' is invalid: {exc}") from None
 
 
-def _row_settings(body: dict[str, Any], subs: list[dict[str, Any]] | None) -> dict[str, Any]:
+def _row_settings(body: dict[str, Any], subs: list[dict[str, Any]] | None,
+                  replicates: bool = True) -> dict[str, Any]:
+    """The row fields ``body`` sets; ``replicates`` is the flag kept when ``body``
+    names neither subscriptions nor ``replicates`` (an update keeps the row's)."""
     row: dict[str, Any] = {
-        "replicates": body.get("replicates", subs is None) if subs is None else True,
+        "replicates": body.get("replicates", replicates) if subs is None else True,
         "subscriptions": subs,
     }
     for key in ("shard", "start_time", "revoked_certificates", "conflict"):
@@ -40,8 +43,10 @@ async def _add(ctx: OpContext, body: dict[str, Any]) -> tuple[str, str]:
     url = body.get("url") or default_url(str(hostname))
     subs = peers.normalize_subscriptions(body.get("subscriptions"))
     creds = parse_credentials(body)
-    answer = await rep.join(url, creds, bool(body.get("verify_tls", True)), subs, body)
-    name = await rep.adopt(answer, url, _row_settings(body, subs))
+    settings = _row_settings(body, subs)
+    answer = await rep.join(url, creds, bool(body.get("verify_tls", True)), subs,
+                            {**body, "replicates": settings["replicates"]})
+    name = await rep.adopt(answer, url, settings)
     return name, url
 
 
@@ -68,7 +73,10 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
         subs = row.get("subscriptions")
     creds = parse_credentials(body)
     old = {k: v for k, v in row.items() if k != "authorization"}
-    new = {**old, **_row_settings(body, subs), "learned": False}
+    # A peer added with ``replicates: false`` stays so when an update changes something
+    # else (its shard, policy, revocations): before, it started replicating fully.
+    new = {**old, **_row_settings(body, subs, bool(row.get("replicates", True))),
+           "learned": False}
     # In use here before the peer hears of it: the peer re-copies at once, and that copy
     # must already see what this node now publishes (see Mesh.stage_settings).
     # Only what decides what flows (certificate revocations etc. apply once saved: the
@@ -76,10 +84,29 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
     rep.stage_settings({**old, "replicates": new["replicates"],
                         "subscriptions": new["subscriptions"]})
     try:
-        answer = await rep.join(row["url"], creds, True if creds is None else
-                                bool(body.get("verify_tls", True)), subs, body,
-                                expect=None if creds is not None else row["name"])
-        await rep.adopt(answer, row["url"], new)
+        # The peer's row takes shard and start_time from the join: send the kept ones,
+        # or an update naming neither cleared them there (and the peer's next re-copy
+        # took this node's rows from before the start_time).
+        extra = {**body, "shard": new.get("shard"), "start_time": new.get("start_time"),
+                 "replicates": new["replicates"]}
+        # A url in the body is where the peer is now (its address changed): join it
+        # there and record it. Before, the join went to the old address (and failed, or
+        # reported success for a url it never used).
+        # Without credentials the node there must show the pinned key; with them, it
+        # is asked its name first, so another node there is not joined at all.
+        url = str(body.get("url") or row["url"])
+        verify = True if creds is None else bool(body.get("verify_tls", True))
+        found = row["name"]
+        if creds is not None and url != row["url"]:
+            found = await rep.probe(url, creds, verify)
+        answer = None
+        if found == row["name"]:
+            answer = await rep.join(url, creds, verify, subs, extra,
+                                    expect=None if creds is not None else row["name"])
+            found = str(answer.get("node"))
+        if answer is None or found != row["name"]:
+            raise BadRequestError(f"the node at '{url}' is {found!r}, not {row['name']!r}")
+        await rep.adopt(answer, url, new)
     except BaseException:
         rep.unstage_settings(row["name"])  # nothing half-applied (a no-op once saved)
         raise

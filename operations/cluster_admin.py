@@ -82,11 +82,21 @@ async def _probe(rep: Any, conn: dict[str, Any], url: str) -> str | None:
     row = rep.rows.get(conn.get("hostname")) if conn.get("hostname") else None
     if row is not None and not conn.get("url"):
         url = row.get("url") or url
+    # This node itself (one list pushed to every node) cannot be configured: its join
+    # fails, and it did so only after the other nodes were removed.
+    itself = f"'{conn.get('hostname') or url}' is this node ({rep.node_name}) itself"
+    if conn.get("hostname") == rep.node_name or url == rep.url:
+        return itself
     try:
         creds = parse_credentials(conn)
         verify = True if creds is None and _known(rep, conn, url) \
             else bool(conn.get("verify_tls", True))
-        await rep.probe(url, creds, verify)
+        found = await rep.probe(url, creds, verify)
+        if found == rep.node_name:
+            return itself
+        if row is not None and found != row["name"]:
+            # Its update would refuse it, after the other nodes were removed.
+            return f"the node at '{url}' is {found!r}, not {row['name']!r}"
     except HarpsyncError as exc:
         return exc.message
     return None

@@ -286,3 +286,57 @@ def test_purge_stream_keep_and_missing_table(node):
     assert res.status_code == 404, res.text
     res = node.post({"operation": "purge_stream", "table": "k", "options": {"keep": -1}})
     assert res.status_code == 400, res.text
+
+
+@pytest.mark.timeout(120)
+def test_configure_cluster_listing_this_node_changes_nothing(node_factory):
+    """A configure_cluster whose connections include this node itself (one list pushed
+    to every node) is refused before anything changes: no peer is removed. Before, the
+    probes passed (this node answers its own probe), the other nodes were removed, and
+    only the join of itself failed."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    join(a, b)
+    wait_linked([(a, b)])
+    res = a.post({"operation": "configure_cluster",
+                  "connections": [_entry(a), _entry(c)]})
+    assert 400 <= res.status_code < 500, res.text
+    assert "node-a" in res.text and "no connection was added or removed" in res.text
+    assert peer_names(a) == {"node-b"}
+
+
+@pytest.mark.timeout(120)
+def test_configure_cluster_with_a_known_name_at_another_nodes_url_changes_nothing(
+        node_factory):
+    """A connection naming known node-b with node-c's url fails the probe phase:
+    nothing is removed or added (node-b's update would refuse the url anyway)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    d = node_factory("node-d")
+    join(a, b)
+    join(a, d)
+    wait_linked([(a, b), (a, d)])
+    wrong = {**_entry(b), "url": c.repl_url}
+    res = a.post({"operation": "configure_cluster", "connections": [wrong]})
+    assert 400 <= res.status_code < 500, res.text
+    assert "no connection was added or removed" in res.text, res.text
+    assert peer_names(a) == {"node-b", "node-d"}
+
+
+@pytest.mark.timeout(120)
+def test_a_route_to_a_known_node_under_another_url_keeps_its_subscriptions(node_factory):
+    """A route naming a peer that node-a already has, by another spelling of its
+    address, pairs nothing: the peer's explicit subscriptions stay. Before, the route
+    joined it again and replaced them with full replication (on both sides)."""
+    from tests.repl_util import connection, stays
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    subs = [{"database": "data", "table": "t1", "subscribe": True, "publish": True}]
+    join(a, b, subscriptions=subs)
+    wait_linked([(a, b)])
+    a.call("cluster_set_routes", routes=[f"wss://localhost:{b.repl_port}"])
+    stays(lambda: (connection(a, b.name) or {}).get("subscriptions") is not None
+          and (connection(b, a.name) or {}).get("subscriptions") is not None, duration=2)

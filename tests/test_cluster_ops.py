@@ -225,3 +225,42 @@ def test_a_renamed_node_drops_its_old_row_and_its_peers_say_how_to_follow(node_f
     a.call("insert", table="t", records=[{"id": 1}])
     wait_for(lambda: by_id(b, "t", 1) is not None, timeout=20, message="A's row on B")
     assert connection(b, "node-b") is None
+
+
+@pytest.mark.timeout(120)
+def test_update_node_with_a_new_url_moves_the_peer(node_factory):
+    """update_node naming a known peer with a new url (its address changed) joins it
+    there and records that url; the old address is gone."""
+    from tests.proxy_util import TcpProxy
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t1", primary_key="id")
+    old = TcpProxy(b.repl_port)
+    try:
+        a.call("add_node", hostname=b.name, url=old.url, verify_tls=False,
+               authorization=CREDS)
+        wait_linked([(a, b)], ("system", "data"))
+    finally:
+        old.close()
+    a.call("update_node", hostname=b.name, url=b.repl_url, authorization=CREDS)
+    assert (connection(a, b.name) or {}).get("url") == b.repl_url
+    a.call("insert", table="t1", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=15, message="a to b")
+    b.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(a, "t1", 2) is not None, timeout=15, message="b to a, new url")
+
+
+@pytest.mark.timeout(120)
+def test_update_node_with_the_url_of_another_node_changes_nothing(node_factory):
+    """update_node for node-b naming node-c's url is refused with a 400, and neither
+    node-a's row for node-b nor node-c learns anything of it."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    join(a, b)
+    body = a.call("update_node", expect=400, hostname=b.name, url=c.repl_url,
+                  verify_tls=False, authorization=CREDS)
+    assert "node-c" in harper_error(body)["error"], body
+    assert (connection(a, b.name) or {}).get("url") == b.repl_url
+    assert connection(c, a.name) is None

@@ -127,3 +127,35 @@ def test_replay_sends_the_log_again_despite_the_floors(node_factory):
     b.call("replay_replication", hostname=a.name, database="data", from_seq=0)
     wait_for(lambda: _received(b) >= before + K, timeout=20,
              message="the replayed transactions to arrive again")
+
+
+@pytest.mark.timeout(180)
+def test_pausing_a_relayed_origin_stops_its_relay_too(cluster):
+    """b's direct link from a is cut and c relays a's writes; pausing replication from
+    a then stops a's writes reaching b through c as well (a paused origin is not
+    relayed), and resuming brings them."""
+    from tests.repl_util import by_id, stays
+
+    nodes = cluster(3)
+    a, b, c = nodes
+    a.call("create_table", table="t", primary_key="id")
+    for node in nodes:
+        wait_for(lambda n=node: has_table(n, "t"), timeout=20, message="table t everywhere")
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        wait_for(lambda: _direct(b, a.name), timeout=30, message="b linked to a via the proxy")
+        to_a.cut()
+        a.call("insert", table="t", records=[{"id": 1}])
+        wait_for(lambda: by_id(b, "t", 1) is not None, timeout=20, message="relayed by c")
+
+        b.call("pause_replication", hostname=a.name)
+        a.call("insert", table="t", records=[{"id": 2}])
+        wait_for(lambda: by_id(c, "t", 2) is not None, timeout=20, message="c holds it")
+        stays(lambda: by_id(b, "t", 2) is None, duration=1.5)
+
+        b.call("resume_replication", hostname=a.name)
+        wait_for(lambda: by_id(b, "t", 2) is not None, timeout=20, message="after resume")
+    finally:
+        to_a.close()

@@ -183,3 +183,48 @@ def test_a_running_relay_takes_up_new_limits_at_once(node_factory):
                  message="a's t2 row relayed by c")
         assert by_id(c, "t1", 2) is not None
         assert by_id(b, "t1", 2) is None, "c relayed a t1 row under the old limits"
+
+
+@pytest.mark.timeout(180)
+def test_a_relay_that_narrows_what_it_takes_from_the_origin_while_relaying(node_factory):
+    """c relays a to b (b's direct link from a is down) when c's operator narrows c's
+    own subscription from a to t1. c then holds a's t1 writes only: b must not let them
+    raise its floor for a past a's t2 write, or the direct link, once back, skips it.
+    Before, b's link from c kept what c's hello had said (c takes all of a)."""
+    from tests.repl_util import connection
+
+    with _relay_mesh(node_factory) as (a, b, c, to_a):
+        wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=20,
+                 message="tables on b")
+        _cut(b, a, to_a)
+        a.call("insert", table="t1", records=[{"id": 1}])
+        wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=30,
+                 message="c relaying a's t1 to b")
+        c.call("set_node_replication", hostname=a.name, subscriptions=T1_ONLY)
+        assert (connection(a, c.name) or {}).get("subscriptions") is not None
+        wait_for(lambda: _direct(c, a), timeout=30, message="c streaming from a again")
+        a.call("insert", table="t2", records=[{"id": 2, "v": "c does not take it"}])
+        a.call("insert", table="t1", records=[{"id": 3, "v": "c relays it"}])
+        wait_for(lambda: by_id(b, "t1", 3) is not None, timeout=30,
+                 message="a's t1 row relayed by c")
+        to_a.heal()
+        wait_for(lambda: _direct(b, a), timeout=30, message="b streaming from a again")
+        a.call("insert", table="t1", records=[{"id": 4}])
+        wait_for(lambda: by_id(b, "t1", 4) is not None, timeout=20, message="a's next row")
+        assert by_id(b, "t2", 2) is not None, "the t2 row written while relayed was lost"
+
+
+@pytest.mark.timeout(180)
+def test_a_peer_set_not_to_replicate_is_not_relayed_either(cluster):
+    """b sets a to ``replicates: false``: a's writes reach c but not b, neither directly
+    nor relayed by c (as with subscriptions that take nothing from a)."""
+    from tests.repl_util import stays
+
+    a, b, c = cluster(3)
+    a.call("create_table", table="t1", primary_key="id")
+    for node in (b, c):
+        wait_for(lambda n=node: has_table(n, "t1"), timeout=20, message="t1 everywhere")
+    b.call("set_node_replication", hostname=a.name, replicates=False)
+    a.call("insert", table="t1", records=[{"id": 1}])
+    wait_for(lambda: by_id(c, "t1", 1) is not None, timeout=20, message="a's row on c")
+    stays(lambda: by_id(b, "t1", 1) is None, duration=2.0)

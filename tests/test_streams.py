@@ -279,3 +279,86 @@ def test_policy_lookup_order_and_the_system_database(pair) -> None:
     assert stream(a, "node-b", "pol")["conflict"] == "source_wins"
     a.call("update_node", hostname="node-b", conflict="last_writer_wins")
     assert stream(a, "node-b", "pol")["conflict"] == "last_writer_wins"
+
+
+@pytest.mark.timeout(120)
+def test_a_replay_asked_while_the_peer_is_down_survives_a_restart(node_factory) -> None:
+    """replay_replication while node-b is unreachable, then node-a restarts before the
+    link is back: the replay still happens once it is (under source_wins it brings
+    node-b's value back over node-a's local write). Before, the replay lived only in
+    memory: after the restart the link subscribed with its floors and skipped it."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    b.call("create_table", table="t", primary_key="id")
+    a.call("add_node", hostname=b.name, url=b.repl_url, verify_tls=False,
+           authorization={"username": ADMIN[0], "password": ADMIN[1]},
+           subscriptions=[sub("data", "t", "source_wins")])
+    upsert(b, "t", "r", "b", database="data")
+    wait_for(lambda: value(a, "t", "r", database="data") == "b", timeout=20,
+             message="node-b's write on node-a")
+    upsert(a, "t", "r", "a", database="data")
+    b.stop()
+    wait_for(lambda: not stream(a, "node-b", "data")["connected"], timeout=20,
+             message="the link down")
+    a.call("replay_replication", hostname="node-b", database="data", from_seq=0)
+    a.restart()
+    b.start()
+    wait_for(lambda: value(a, "t", "r", database="data") == "b", timeout=20,
+             message="the replay to bring node-b's value back")
+
+
+@pytest.mark.timeout(120)
+def test_a_resume_racing_a_pause_is_what_a_restart_keeps(node_factory) -> None:
+    """pause_replication and resume_replication for one link at once, the resume
+    reaching the link while the pause still stops it: the link runs, and the row does
+    not say paused either, so a restart keeps it running (before, the pause saved
+    'paused' after the resume had cleared it)."""
+    import asyncio
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    b.call("create_table", table="t", primary_key="id")
+    a.call("add_node", hostname=b.name, url=b.repl_url, verify_tls=False,
+           authorization={"username": ADMIN[0], "password": ADMIN[1]})
+    wait_for(lambda: running(a, "node-b", "data"), timeout=20, message="streaming")
+    cluster = a.node.cluster
+
+    async def race() -> None:
+        pausing = asyncio.ensure_future(cluster.pause("node-b", "data"))
+        await asyncio.sleep(0)  # the pause is stopping the link
+        await cluster.resume("node-b", "data")
+        await pausing
+
+    asyncio.run_coroutine_threadsafe(race(), a.loop).result(20)
+    assert "data" not in (cluster.rows["node-b"].get("paused") or [])
+    a.restart()
+    assert stream(a, "node-b", "data")["state"] != "paused"
+
+
+@pytest.mark.timeout(120)
+def test_a_pause_racing_a_link_restart_pauses_the_new_link(node_factory) -> None:
+    """pause_replication while a subscription change (here: a reconcile restarting the
+    peer's links) replaces the link: the link that runs afterwards is the paused one.
+    Before, the pause stopped the old link and the new one streamed on, paused only
+    in the row."""
+    import asyncio
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    b.call("create_table", table="t", primary_key="id")
+    a.call("add_node", hostname=b.name, url=b.repl_url, verify_tls=False,
+           authorization={"username": ADMIN[0], "password": ADMIN[1]})
+    wait_for(lambda: running(a, "node-b", "data"), timeout=20, message="streaming")
+    cluster = a.node.cluster
+
+    async def race() -> None:
+        pausing = asyncio.ensure_future(cluster.pause("node-b", "data"))
+        await asyncio.sleep(0)  # the pause is stopping the link
+        await cluster.reconcile(restart_peer="node-b")
+        await pausing
+
+    asyncio.run_coroutine_threadsafe(race(), a.loop).result(20)
+    assert stream(a, "node-b", "data")["state"] == "paused"
+    upsert(b, "t", "r", "while paused", database="data")
+    from tests.repl_util import stays
+    stays(lambda: value(a, "t", "r", database="data") is None, duration=1.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from tests.helpers import wait_for
 from tests.proxy_util import TcpProxy
 from tests.repl_util import CREDS, by_id, connection, has_table, join
@@ -112,3 +114,73 @@ def test_a_drop_reaches_a_peer_that_does_not_take_the_table(node_factory):
     a.call("insert", table="t2", records=[{"id": 2}])
     wait_for(lambda: by_id(b, "t2", 2) is not None, timeout=15, message="t2 still flowing")
     assert by_id(b, "t1", 7) is None  # rows of t1 still do not flow
+
+
+def test_update_node_keeps_a_peer_that_does_not_replicate_so(node_factory):
+    """update_node of a peer added with ``replicates: false`` that changes only another
+    setting (here its conflict policy) leaves it not replicating: no data link forms."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t1", primary_key="id")
+    join(b, a, replicates=False)
+    wait_for(lambda: has_table(b, "t1"), timeout=15, message="schema through system")
+    b.call("update_node", hostname=a.name, conflict="source_wins")
+    conn = connection(b, a.name)
+    assert conn is not None and conn["replicates"] is False, conn
+    assert {s["database"] for s in conn["database_sockets"]} == {"system"}, conn
+
+
+def test_an_update_keeps_the_start_time_on_the_peer(node_factory):
+    """node-b added node-a with a start_time; a later set_node_replication on node-b
+    that names no start_time leaves the peer's start_time as it was, so node-a's
+    re-copy after the widening still skips node-b's rows from before it."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    for table in ("t1", "t2"):
+        b.call("create_table", table=table, primary_key="id")
+    b.call("insert", table="t1", records=[{"id": 1, "v": "before start_time"}])
+    start = datetime.now(UTC) + timedelta(milliseconds=50)
+    wait_for(lambda: datetime.now(UTC) > start + timedelta(milliseconds=20))
+    join(b, a, start_time=start.isoformat().replace("+00:00", "Z"),
+         subscriptions=[{"database": "data", "table": "t1", "subscribe": True,
+                         "publish": True}])
+    b.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(a, "t1", 2) is not None, timeout=15, message="t1 flowing")
+    assert by_id(a, "t1", 1) is None  # before the start_time
+
+    b.call("set_node_replication", hostname=a.name,
+           subscriptions=[{"database": "data", "table": "t2", "subscribe": True,
+                           "publish": True}])
+    assert (connection(a, b.name) or {}).get("subscriptions") is not None
+    b.call("insert", table="t1", records=[{"id": 3}])
+    wait_for(lambda: by_id(a, "t1", 3) is not None, timeout=15, message="t1 after widening")
+    assert by_id(a, "t1", 1) is None, "node-a's re-copy ignored the start_time"
+
+
+def test_rows_written_while_a_peer_did_not_replicate_arrive_once_it_does_again(node_factory):
+    """node-b stops replicating with node-a (``replicates: false``), writes a row, and
+    replicates again: the row reaches node-a. Before, node-a's link kept running while
+    node-b published nothing to it, its cursor moved past the row, and turning
+    replication back on resumed after it."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t1", primary_key="id")
+    join(b, a)
+    wait_for(lambda: has_table(b, "t1"), timeout=15, message="t1 on node-b")
+    b.call("insert", table="t1", records=[{"id": 0}])
+    wait_for(lambda: by_id(a, "t1", 0) is not None, timeout=15, message="flowing")
+
+    b.call("set_node_replication", hostname=a.name, replicates=False)
+    b.call("insert", table="t1", records=[{"id": 1, "v": "while not replicating"}])
+    head = b.node.storage.databases["data"].head_seq
+
+    def a_read_past_it() -> bool:
+        sock = next((s for s in (connection(a, b.name) or {}).get("database_sockets", [])
+                     if s["database"] == "data"), None)
+        return sock is None or sock["committed_seq"] >= head
+
+    wait_for(a_read_past_it, timeout=15, message="node-a's link to read node-b's log")
+    b.call("set_node_replication", hostname=a.name, replicates=True)
+    b.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(a, "t1", 2) is not None, timeout=15, message="flowing again")
+    assert by_id(a, "t1", 1) is not None, "the row written while not replicating was lost"

@@ -181,7 +181,10 @@ class Applier:
         return await asyncio.shield(future)
 
     def cursor(self, seq: int) -> dict[str, Any]:
-        """The cursor to commit: the publisher sequence and the origins it covers."""
+        """The cursor to commit: the publisher sequence and the origins it covers (and,
+        while a replay runs, its floor: a restart goes on with the replay)."""
+        if self.replaying:
+            return {"seq": seq, "origins": list(self.covered), "replay": self.replay_floor}
         return {"seq": seq, "origins": list(self.covered)}
 
     async def run(self) -> None:
@@ -248,9 +251,15 @@ class Applier:
         """The publisher's log is read through ``seq`` and everything before it was
         applied; entries filtered out on its side need no apply, so the cursor moves
         past them (durably, before the ack that lets the publisher prune them)."""
+        replayed = self.replaying
         self.replay_floor = 0  # a replay ends once it has read the whole log
         self.replaying = False
-        if seq <= self.committed_seq or self.owner.copying:
+        if self.owner.copying:
+            return
+        if seq <= self.committed_seq:
+            if replayed:  # the committed cursor still says a replay runs
+                await self._write(self.store.write_cursor(
+                    self.database, self.peer, self.cursor(self.committed_seq)))
             return
         await self._write(self.store.write_cursor(self.database, self.peer,
                                                   self.cursor(seq)))

@@ -38,6 +38,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _flows(row: dict[str, Any]) -> tuple[Any, bool]:
+    """What decides which tables flow with the peer of ``row``: its subscriptions
+    (without policies), and its ``replicates`` flag when it has none."""
+    subs = row.get("subscriptions")
+    return peers.without_policies(subs), subs is not None or row.get("replicates") is not False
+
+
 class Mesh:
     """This node's view of its peers: their rows, joins, gossip and removals."""
 
@@ -197,7 +204,12 @@ class Mesh:
         # Policies are this node's own: the peer's mirror never carries them.
         subs = peers.keep_policies((self.rows.get(name) or {}).get("subscriptions"), subs)
         existed = name in self.rows
-        settings = {"replicates": subs is None, "subscriptions": subs,
+        # ``replicates: false`` (no subscriptions) is mirrored as well: else this node's
+        # link kept reading the joiner's log while it published nothing here, its
+        # cursor passed what the joiner wrote meanwhile, and replicating again resumed
+        # after it. Older joiners do not send it.
+        settings = {"replicates": subs is None and body.get("replicates") is not False,
+                    "subscriptions": subs,
                     "shard": body.get("shard"), "start_time": body.get("start_time")}
         cert: str | None = None
         if credentialed:
@@ -241,6 +253,7 @@ class Mesh:
             "ca": self.keys.ca_pem.decode(), "csr": self.keys.make_csr().decode(),
             "cert": self.keys.node_cert_pem.decode(),
             "subscriptions": peers.mirror(subscriptions),
+            "replicates": subscriptions is not None or extra.get("replicates") is not False,
             "shard": extra.get("shard"), "start_time": extra.get("start_time"),
             "nodes": [peers.identity(r) for r in self.rows.values() if r.get("url") != url],
         }
@@ -331,11 +344,18 @@ class Mesh:
         async with self._host.reconcile_lock:
             # Compare with the row the links last ran with, not a staged one.
             old = self._staged.pop(name) if name in self._staged else self.rows.get(name)
-            if old is not None and peers.without_policies(old.get("subscriptions")) \
-                    != peers.without_policies(row.get("subscriptions")):
+            changed = old is not None and _flows(old) != _flows(row)
+            if changed:
                 await self._host.stop_links(name)
                 await self._forget_cursors(name, include_system=False)
             await self.save_row(row)
+            if changed:
+                # Peers this node relays ``name`` to hold what it takes from ``name``
+                # from its hello: they say hello again before the new links apply
+                # anything (before, a narrowed relay's writes raised their floor for
+                # ``name`` past writes it no longer carried, and the direct link,
+                # once back, skipped those for good).
+                await self._host.drop_relaying(name, f"subscriptions from {name} changed")
 
     async def _forget_cursors(self, name: str, include_system: bool) -> None:
         for db in list(self.storage.databases.values()):

@@ -120,12 +120,17 @@ def origin_tables(rows: Mapping[str, Mapping[str, Any]], peer: str,
                   database: str) -> dict[str, list[str]]:
     """Per origin other than ``peer``: the tables of ``database`` this node takes from
     it, where an operator limited them (an explicit row with subscriptions; a row
-    learned by gossip limits nothing). A link from ``peer`` asks for no more of that
+    learned by gossip limits nothing; one set to ``replicates: false`` gives nothing).
+    A link from ``peer`` asks for no more of that
     origin's writes (relayed or copied): what the origin does not publish to this
     node, another peer must not hand over either."""
     out: dict[str, list[str]] = {}
     for name, row in rows.items():
-        if name == peer or row.get("learned") or row.get("subscriptions") is None:
+        if name == peer or row.get("learned"):
+            continue
+        if row.get("subscriptions") is None:
+            if row.get("replicates", True) is False and database != SYSTEM:
+                out[name] = []  # an operator set it not to replicate: nothing of it
             continue
         tables = subscribe_tables(row, database)
         if tables is not None:

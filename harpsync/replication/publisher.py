@@ -79,6 +79,9 @@ class Publisher:
         # (``Reported.at``) it was set for.
         self._report_timer: asyncio.TimerHandle | None = None
         self._report_at = -1.0
+        # The origins the peer's current subscription asks for (None: all; empty: it
+        # has not subscribed yet).
+        self.origins: Mapping[str, int | None] | None = {}
 
     @property
     def sent_seq(self) -> int:
@@ -159,6 +162,7 @@ class Publisher:
                                 dict(db.origin_names), compression=self.host.compression,
                                 relay_tables=self._relay_tables(db))
         elif isinstance(event, SubscribeRequested):
+            self.origins = event.origins
             if event.copy or event.after_seq < db.next_seq:  # (past our head: a reset log)
                 self.host.note_position(self.peer, self.database, event.after_seq, event.copy)
             if self._pump is not None:

@@ -95,6 +95,10 @@ class Replicator:
         self._sock: socket.socket | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._reconcile_lock = asyncio.Lock()
+        # One operator stream control (pause, resume, replay) at a time: each changes
+        # the links and then saves the paused databases, and interleaved, a pause
+        # saved 'paused' after a resume that came later had cleared it.
+        self._controls = asyncio.Lock()
         self.operation_handlers: dict[str, Callable[..., Any]] = {}
         # Last verification per (peer, database) and who to tell when a full copy ends.
         self.verified: dict[tuple[str, str], dict[str, Any]] = {}
@@ -321,7 +325,18 @@ class Replicator:
         """Close the sockets ``name`` opened to this node; it reconnects if still allowed."""
         links = [pub.link for key, pubs in list(self.publishers.items()) if key[0] == name
                  for pub in list(pubs)]
+        await self._close_links(links, reason)
 
+    async def drop_relaying(self, origin: str, reason: str) -> None:
+        """Close the sockets of the peers this node relays ``origin``'s writes to: their
+        sessions know from this node's hello which of ``origin``'s tables it takes
+        (``relay_tables``), and that just changed."""
+        links = [pub.link for (peer, database), pubs in list(self.publishers.items())
+                 if peer != origin and database != SYSTEM for pub in list(pubs)
+                 if pub.origins is None or origin in pub.origins]
+        await self._close_links(links, reason)
+
+    async def _close_links(self, links: list[Link], reason: str) -> None:
         async def close(link: Link) -> None:
             with contextlib.suppress(Exception):
                 await link.close(1000, reason)
@@ -343,11 +358,25 @@ class Replicator:
 
     async def pause(self, peer: str, database: str | None) -> list[str]:
         """Stop receiving from ``peer``; the committed cursor is kept."""
-        subs = self.links_of(peer, database)
-        for sub in subs:
-            await sub.pause()
-        await self._persist_paused(peer, {s.database for s in subs}, set())
-        return [s.database for s in subs]
+        async with self._controls:
+            return await self._pause(peer, database)
+
+    async def _pause(self, peer: str, database: str | None) -> list[str]:
+        databases = [s.database for s in self.links_of(peer, database)]
+        # Saved first, and the links paused under the reconcile lock: a link that a
+        # subscription change re-creates meanwhile starts held. Before, the pause
+        # stopped the old link and the new one streamed on, paused only in the row.
+        await self._persist_paused(peer, set(databases), set())
+        async with self._reconcile_lock:
+            for db_name in databases:
+                sub = self.subscribers.get((peer, db_name))
+                if sub is not None:
+                    await sub.pause()
+                # Pausing stops the peer's own stream, also where another peer relays
+                # it (its direct link was down); the planner does not relay a paused
+                # origin.
+                await self.relays.release(peer, db_name)
+        return databases
 
     async def _persist_paused(self, peer: str, add: set[str], remove: set[str]) -> None:
         """Keep the paused databases in the peer's row, so a pause survives a restart."""
@@ -360,6 +389,10 @@ class Replicator:
         """Restart paused links from their committed cursor. The pause of a database
         whose link a subscription change removed meanwhile ends too (kept, it would
         hold that link again once a widening re-creates it)."""
+        async with self._controls:
+            return await self._resume(peer, database)
+
+    async def _resume(self, peer: str, database: str | None) -> list[str]:
         held = {d for d in self.rows.get(peer, {}).get("paused") or []
                 if database is None or d == database}
         try:
@@ -378,6 +411,11 @@ class Replicator:
                      from_version: int | None) -> list[str]:
         """Rewind links to a publisher sequence (or to the start, skipping versions older
         than ``from_version``) and stream again; applying twice is harmless."""
+        async with self._controls:
+            return await self._replay(peer, database, from_seq, from_version)
+
+    async def _replay(self, peer: str, database: str | None, from_seq: int | None,
+                      from_version: int | None) -> list[str]:
         subs = self.links_of(peer, database)
         for sub in subs:
             await sub.rewind(from_seq if from_seq is not None else 0, from_version or 0)

@@ -47,6 +47,13 @@ async def connect_route(mesh: Mesh, config: Any, own_url: str, route: Any) -> No
         if any(r.get("url") == url for r in list(mesh.rows.values())):
             return
         try:
+            # A node known here under another URL (the route spells its address
+            # otherwise) is paired already: joining it again replaced its row's
+            # subscriptions with full replication, on both sides. Nor is this node
+            # its own peer.
+            name = await mesh.probe(url, None, True)
+            if name in mesh.rows or name == mesh.node_name:
+                return
             answer = await mesh.join(url, None, True, None, {})
             await mesh.adopt(answer, url, {"replicates": True, "subscriptions": None})
             return

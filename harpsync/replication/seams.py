@@ -395,6 +395,10 @@ class MeshHost(Protocol):
         """Close the sockets ``name`` opened to this node."""
         ...
 
+    async def drop_relaying(self, origin: str, reason: str) -> None:
+        """Close the sockets of peers this node relays ``origin``'s writes to."""
+        ...
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` in the background, outliving the request that started it."""
         ...

@@ -141,9 +141,11 @@ class Subscriber:
         """Stop the link and wait until no write of it is left in the writer: after
         this returns, nothing of this link (cursor included) will be written."""
         self._send_due_ack_now()
-        if self._task is not None:
-            await end_tasks([self._task])
-        self._task = None
+        task = self._task
+        if task is not None:
+            await end_tasks([task])
+        if self._task is task:  # not a task a resume started meanwhile
+            self._task = None
         await self.settle()
 
     def hold(self) -> None:
@@ -154,7 +156,13 @@ class Subscriber:
         """Stop receiving; the committed cursor is kept."""
         self.paused = True  # first: a relay hand-over restarts only unpaused links
         await self.stop()
-        self.state = LinkState.PAUSED
+        if self.paused:
+            self.state = LinkState.PAUSED
+        else:
+            # Resumed while stopping (its start found the old task still ending): the
+            # resume came last, so the link runs. Before, it stayed stopped and
+            # unpaused, and a later resume did nothing.
+            self.start()
 
     def resume(self) -> None:
         """Run again from the committed cursor (a link that is not paused runs on)."""
@@ -169,7 +177,10 @@ class Subscriber:
         self.paused = True  # held while the cursor is rewound (no restart meanwhile)
         await self.stop()
         try:
-            await self.store.write_cursor(self.database, self.peer, {"seq": seq})
+            # The replay is kept in the cursor until the log is read to its end: a
+            # restart before then goes on with it (in memory only, it was dropped).
+            await self.store.write_cursor(self.database, self.peer,
+                                          {"seq": seq, "replay": from_version})
             self.applier.replay_floor = from_version
             self.applier.replaying = True
         finally:
@@ -284,6 +295,8 @@ class Subscriber:
             copy = True
         elif not cursor:
             copy = True  # a new pairing starts with a full copy, then streams
+        if "replay" in cursor and not self.applier.replaying:  # asked before a restart
+            self.applier.replaying, self.applier.replay_floor = True, int(cursor["replay"])
         row = (self.host.peer_row(self.peer) or {})
         tables = peers.subscribe_tables(row, self.database)
         after = int(cursor.get("seq", 0))

@@ -48,6 +48,9 @@ class FakeHost:
     async def drop_inbound(self, name: str, reason: str) -> None:
         self.dropped.append((name, reason))
 
+    async def drop_relaying(self, origin: str, reason: str) -> None:
+        self.dropped.append((f"relaying {origin}", reason))
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         self.spawned.append(coro)
         coro.close()  # gossip to peers: not sent in these tests

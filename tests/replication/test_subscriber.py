@@ -421,3 +421,20 @@ async def test_a_link_paused_right_after_a_commit_still_acks_it(monkeypatch):
         await until(lambda: linked.store.applied[-1:] == [7])
         await linked.sub.pause()
         assert (await peer.expect(AckReceived, timeout=3)).seq == 7
+
+
+async def test_a_resume_while_the_pause_is_stopping_the_link_runs_it_again():
+    """resume() arriving while pause() still waits for the link's task to end: the
+    resume came last, so the link runs again (it was left stopped, unpaused, and a
+    later resume did nothing)."""
+    async with running({"seq": 5, "origins": [PEER]}) as linked:
+        sub = linked.sub
+        await accept(linked)
+        pausing = asyncio.create_task(sub.pause())
+        await asyncio.sleep(0)  # pause() has cancelled the link's task; it is ending
+        assert sub.paused
+        sub.resume()
+        await pausing
+        assert not sub.paused
+        _, request = await accept(linked)
+        assert request.after_seq == 5
