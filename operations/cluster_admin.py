@@ -33,7 +33,8 @@ async def configure_cluster(ctx: OpContext, body: dict[str, Any]) -> dict[str, A
         if not conn.get("hostname") and not conn.get("url"):
             raise BadRequestError(f"'connections[{index}]': 'hostname' or 'url' is required")
         wanted.append((conn, conn.get("url") or default_url(str(conn["hostname"]))))
-    probes = await asyncio.gather(*(_probe(rep, conn, url) for conn, url in wanted))
+    checked = await asyncio.gather(*(_probe(rep, conn, url) for conn, url in wanted))
+    probes = [error for error, _itself in checked]
     failures = [error for error in probes if error is not None]
     if failures:
         outcomes = []
@@ -45,9 +46,15 @@ async def configure_cluster(ctx: OpContext, body: dict[str, Any]) -> dict[str, A
         raise ConfigureClusterError(
             f"Configure cluster failed for {len(failures)} connection(s); "
             "no connection was added or removed", connections=outcomes)
+    results: list[dict[str, Any]] = []
+    # This node itself, in one list pushed to every node: nothing to connect to.
+    for (conn, url), (_error, itself) in zip(wanted, checked, strict=True):
+        if itself:
+            results.append({"node_name": conn.get("hostname") or url,
+                            "response": f"This node ({rep.node_name}) itself; skipped"})
+    wanted = [w for w, (_error, itself) in zip(wanted, checked, strict=True) if not itself]
     wanted_urls = {url for _, url in wanted}
     wanted_names = {str(c["hostname"]) for c, _ in wanted if c.get("hostname")}
-    results: list[dict[str, Any]] = []
     failed = 0
     for name, row in list(rep.rows.items()):
         if name not in wanted_names and row.get("url") not in wanted_urls:
@@ -76,30 +83,30 @@ async def configure_cluster(ctx: OpContext, body: dict[str, Any]) -> dict[str, A
     return {"message": "Cluster successfully configured.", "connections": results}
 
 
-async def _probe(rep: Any, conn: dict[str, Any], url: str) -> str | None:
-    """Why ``conn`` could not be configured now, or None when its node answers and
-    accepts the credentials (or, for a known node, this node's certificate)."""
+async def _probe(rep: Any, conn: dict[str, Any], url: str) -> tuple[str | None, bool]:
+    """``(why conn could not be configured now, or None when its node answers and
+    accepts the credentials (or, for a known node, this node's certificate); whether
+    it is this node itself)``."""
     row = rep.rows.get(conn.get("hostname")) if conn.get("hostname") else None
     if row is not None and not conn.get("url"):
         url = row.get("url") or url
-    # This node itself (one list pushed to every node) cannot be configured: its join
-    # fails, and it did so only after the other nodes were removed.
-    itself = f"'{conn.get('hostname') or url}' is this node ({rep.node_name}) itself"
+    # This node itself (one list pushed to every node) is skipped: joined, it failed,
+    # and only after the other nodes were removed.
     if conn.get("hostname") == rep.node_name or url == rep.url:
-        return itself
+        return None, True
     try:
         creds = parse_credentials(conn)
         verify = True if creds is None and _known(rep, conn, url) \
             else bool(conn.get("verify_tls", True))
         found = await rep.probe(url, creds, verify)
         if found == rep.node_name:
-            return itself
+            return None, True  # this node under another spelling of its address
         if row is not None and found != row["name"]:
             # Its update would refuse it, after the other nodes were removed.
-            return f"the node at '{url}' is {found!r}, not {row['name']!r}"
+            return f"the node at '{url}' is {found!r}, not {row['name']!r}", False
     except HarpsyncError as exc:
-        return exc.message
-    return None
+        return exc.message, False
+    return None, False
 
 
 def _known(rep: Any, conn: dict[str, Any], url: str) -> bool:

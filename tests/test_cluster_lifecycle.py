@@ -289,21 +289,26 @@ def test_purge_stream_keep_and_missing_table(node):
 
 
 @pytest.mark.timeout(120)
-def test_configure_cluster_listing_this_node_changes_nothing(node_factory):
+def test_configure_cluster_listing_this_node_skips_it(node_factory):
     """A configure_cluster whose connections include this node itself (one list pushed
-    to every node) is refused before anything changes: no peer is removed. Before, the
-    probes passed (this node answers its own probe), the other nodes were removed, and
-    only the join of itself failed."""
+    to every node) skips that entry, under its name or another spelling of its URL,
+    and configures the others. Before, this node answered its own probe, the other
+    nodes were removed, and the join of itself failed (400 after the changes)."""
     a = node_factory("node-a")
     b = node_factory("node-b")
     c = node_factory("node-c")
     join(a, b)
     wait_linked([(a, b)])
+    other_spelling = {"url": a.repl_url.replace("127.0.0.1", "localhost"),
+                      "authorization": {"username": "admin", "password": "test-password"},
+                      "verify_tls": False}
     res = a.post({"operation": "configure_cluster",
-                  "connections": [_entry(a), _entry(c)]})
-    assert 400 <= res.status_code < 500, res.text
-    assert "node-a" in res.text and "no connection was added or removed" in res.text
-    assert peer_names(a) == {"node-b"}
+                  "connections": [_entry(a), other_spelling, _entry(c)]})
+    assert res.status_code == 200, res.text
+    skipped = [r for r in res.json()["connections"] if "itself; skipped" in
+               r.get("response", "")]
+    assert len(skipped) == 2, res.text
+    assert peer_names(a) == {"node-c"}
 
 
 @pytest.mark.timeout(120)
