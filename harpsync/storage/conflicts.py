@@ -29,7 +29,14 @@ from typing import Any
 from harpsync.storage.database import LOCAL_ORIGIN, Database, Table
 from harpsync.storage.hlc import version_to_ms
 from harpsync.storage.keys import decode_id, encode_id
-from harpsync.storage.records import Stored, get_stored, put_record, put_tombstone, wins
+from harpsync.storage.records import (
+    Stored,
+    get_stored,
+    put_record,
+    put_tombstone,
+    remove_record,
+    wins,
+)
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
 
@@ -91,7 +98,7 @@ def system_delete(ctx: WriteContext, storage: Storage, table_name: str, ids: lis
     system = storage.databases[SYSTEM]
     table = system.tables[table_name]
     txn = ctx.txn(system)
-    return sum(1 for rid in ids if txn.delete(encode_id(rid), db=table.dbi))
+    return sum(1 for rid in ids if remove_record(txn, table, encode_id(rid)))
 
 
 def _version(stored: Stored, db: Database) -> dict[str, Any]:
