@@ -173,3 +173,23 @@ async def test_a_hello_with_an_older_drop_leaves_the_attribute(tmp_path: Any) ->
     finally:
         a.close()
         b.close()
+
+
+async def test_a_resolved_conflict_teaches_its_attributes_here_as_on_peers(
+        storage: Storage) -> None:
+    """resolve_conflict writes the chosen record as a local upsert; peers learn its
+    attributes from the logged op, so the resolving node must learn them too."""
+    from harpsync.storage.conflicts import resolve_job
+
+    await storage.create_table("data", "t", "id")
+    await storage.write(writes.write_records(storage, "data", "t", [{"id": 1, "a": 1}],
+                                             "insert", None))
+    version = storage.hlc.now()
+    conflict = {"id": "c1", "database": "data", "table": "t", "record_id": 1,
+                "local": {"version": version, "record": {"id": 1, "a": 1}},
+                "remote": {"version": version, "record": {"id": 1, "shade": "dark"}}}
+    await storage.write(resolve_job(storage, conflict, "remote", None, "admin"))
+    assert "shade" in storage.databases["data"].tables["t"].attributes
+    await storage.write(resolve_job(storage, {**conflict, "id": "c2"}, None,
+                                    {"id": 1, "tint": "blue"}, "admin"))
+    assert "tint" in storage.databases["data"].tables["t"].attributes

@@ -39,6 +39,7 @@ from harpsync.storage.records import (
 )
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
+from harpsync.storage.writes import note_attributes
 
 # The same names as ``harpsync.config.CONFLICT_POLICIES`` (storage never imports config).
 POLICIES = ("last_writer_wins", "source_wins", "dest_wins", "manual_review")
@@ -175,6 +176,8 @@ def resolve_job(storage: Storage, conflict: dict[str, Any], keep: str | None,
             chosen = {**chosen, table.primary_key: decode_id(key)}
             chosen["__updatedtime__"] = version_to_ms(version)
             put_record(txn, table, key, version, LOCAL_ORIGIN, chosen)
+            # Peers learn attributes from the logged record: so does this node.
+            note_attributes(ctx, db, table, [chosen], version)
             op = [table_name, "upsert", rid, chosen, table.version]
         storage.append_log(ctx, db, [op], version, LOCAL_ORIGIN, user)
         system_delete(ctx, storage, CONFLICTS, [conflict["id"]])
