@@ -268,6 +268,9 @@ class Follower:
         self.position = 0
         self.replay_through = 0
         self.replay_above: int | None = None
+        # ``pruned_through`` when the replay started below it: entries kept there are
+        # read; only a prune after the subscription ends the feed.
+        self.pruned_seen = 0
 
     def _notify(self, _head: int) -> None:  # called in the writer thread
         self._loop.call_soon_threadsafe(self._wakeup.set)
@@ -280,16 +283,19 @@ class Follower:
         self.position = self.replay_through = head
         if since is not None:
             seq = await asyncio.to_thread(entry_seq_of_version, db, since)
-            if seq is not None:
-                self.position = seq - 1  # that entry again: a client may have had part
-            else:
-                pruned = db.pruned_through()
+            pruned = self.pruned_seen = db.pruned_through()
+            start = 0 if seq is None else seq - 1  # that entry again: a client may have had part
+            if pruned > start:
+                # Entries after the start were removed (retention, or ``purge_stream`` of
+                # one table, which keeps the other tables' entries below ``pruned``).
                 lost = max(db.pruned_max().values(), default=None)
-                if pruned and (lost is None or lost > since):
+                if lost is None or lost > since:
                     raise BadRequestError(
                         f"changes after version {since} are no longer in the log (it keeps "
                         "logging.auditRetention); subscribe without 'since' and reload")
-                self.position, self.replay_above = pruned, since
+            self.position = start
+            if seq is None:  # every kept entry newer than since, wherever it is logged
+                self.replay_above = since
         await self.channel.send_text(json.dumps({
             "action": "subscribed", "database": self.sub.database, "table": self.sub.table,
             "since": since}))
@@ -327,7 +333,7 @@ class Follower:
                                     f"database '{self.sub.database}' was dropped")
                     return
                 pruned, entries = db.read_log(self.position, READ_BATCH)
-                if pruned > self.position:
+                if pruned > max(self.position, self.pruned_seen):
                     self.closing = (CLOSE_TRY_LATER, "the log was pruned past this feed; "
                                     "subscribe again")
                     return

@@ -99,3 +99,97 @@ async def test_a_record_older_than_a_drop_does_not_bring_the_attribute_back(
                                        {1: "node-b"}, {"seq": 0}))
     assert "size" in table.attributes
     assert table.attribute_marks["size"] == [after, True]
+
+
+async def _ship_log(src: Storage, dst: Storage, database: str, after: int) -> int:
+    """Apply ``src``'s log entries of ``database`` after ``after`` on ``dst`` (as its
+    subscriber would); the last sequence shipped."""
+    from harpsync.replication.linkstore import StorageLinkStore
+
+    db = src.databases[database]
+    _, entries = db.read_log(after, 100_000)
+    if entries:
+        await StorageLinkStore(dst).apply_entries(
+            database, src.node_name, entries, dict(db.origin_names), {"seq": entries[-1][0]},
+            60_000, dst.node_name, 0, None)
+    return entries[-1][0] if entries else after
+
+
+async def test_a_drop_reaching_a_node_after_a_newer_record_leaves_the_attribute(
+        tmp_path: Any) -> None:
+    """node-a drops ``size``; node-b, not knowing it yet, writes a record with ``size``
+    after the drop. Each node then receives the other's change: node-a learns ``size``
+    back from the newer record, and node-b must not drop it either (before, it did:
+    it had no mark for ``size``, so the older drop won there and the nodes disagreed
+    until a reconnect's hello)."""
+    a = Storage(tmp_path / "a", "node-a", 1 << 27)
+    b = Storage(tmp_path / "b", "node-b", 1 << 27)
+    a.open()
+    b.open()
+    try:
+        await a.create_table("data", "t", "id")
+        await a.write(writes.write_records(a, "data", "t", [{"id": 1, "size": 1}], "insert",
+                                           None))
+        await _ship_log(a, b, "system", 0)
+        a_seq = await _ship_log(a, b, "data", 0)
+        b_seq = b.databases["data"].head_seq
+        await a.write(writes.attribute_job(a, "data", "t", "size", present=False))
+        b.hlc.observe(a.hlc.now())  # b's next write is newer than the drop
+        await b.write(writes.write_records(b, "data", "t", [{"id": 2, "size": 2}], "insert",
+                                           None))
+        await _ship_log(b, a, "data", b_seq)
+        await _ship_log(a, b, "data", a_seq)
+        ta, tb = a.databases["data"].tables["t"], b.databases["data"].tables["t"]
+        assert "size" in ta.attributes
+        assert "size" in tb.attributes
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_a_hello_with_an_older_drop_leaves_the_attribute(tmp_path: Any) -> None:
+    """The same through a hello: node-a's definition says ``size`` was dropped, node-b
+    holds a record with ``size`` written after that drop; node-b keeps the attribute
+    (marked present at the record's version), as node-a will once the record reaches
+    it."""
+    from harpsync.storage import schema
+
+    a = Storage(tmp_path / "a", "node-a", 1 << 27)
+    b = Storage(tmp_path / "b", "node-b", 1 << 27)
+    a.open()
+    b.open()
+    try:
+        await a.create_table("data", "t", "id", ["size"])
+        await _ship_log(a, b, "system", 0)
+        await _ship_log(a, b, "data", 0)
+        await a.write(writes.attribute_job(a, "data", "t", "size", present=False))
+        b.hlc.observe(a.hlc.now())
+        await b.write(writes.write_records(b, "data", "t", [{"id": 2, "size": 2}], "insert",
+                                           None))
+        definition = a.databases["data"].tables["t"].definition()
+        await schema.ensure_tables(b, "data", {"t": definition}, {}, "node-a")
+        tb = b.databases["data"].tables["t"]
+        assert "size" in tb.attributes and tb.attribute_marks["size"][1] is True
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_a_resolved_conflict_teaches_its_attributes_here_as_on_peers(
+        storage: Storage) -> None:
+    """resolve_conflict writes the chosen record as a local upsert; peers learn its
+    attributes from the logged op, so the resolving node must learn them too."""
+    from harpsync.storage.conflicts import resolve_job
+
+    await storage.create_table("data", "t", "id")
+    await storage.write(writes.write_records(storage, "data", "t", [{"id": 1, "a": 1}],
+                                             "insert", None))
+    version = storage.hlc.now()
+    conflict = {"id": "c1", "database": "data", "table": "t", "record_id": 1,
+                "local": {"version": version, "record": {"id": 1, "a": 1}},
+                "remote": {"version": version, "record": {"id": 1, "shade": "dark"}}}
+    await storage.write(resolve_job(storage, conflict, "remote", None, "admin"))
+    assert "shade" in storage.databases["data"].tables["t"].attributes
+    await storage.write(resolve_job(storage, {**conflict, "id": "c2"}, None,
+                                    {"id": 1, "tint": "blue"}, "admin"))
+    assert "tint" in storage.databases["data"].tables["t"].attributes

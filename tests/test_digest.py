@@ -353,3 +353,27 @@ def test_hashes_of_another_layout_are_rebuilt_on_open(tmp_path: Path):
             assert txn.get(digest.MARK, db=t.digest.dbi) == str(rowhash.FORMAT).encode()
     finally:
         store.close()
+
+
+async def test_local_system_rows_deleted_outright_keep_hashes_exact(storage: Storage):
+    """Dead letters and conflicts are deleted without a tombstone (never logged); the
+    hashes of their table still equal a rebuild."""
+    from harpsync.storage.conflicts import system_delete, system_put
+    from harpsync.storage.deadletters import DEAD_LETTERS
+
+    def put(ctx: WriteContext) -> None:
+        for i in range(40):
+            system_put(ctx, storage, DEAD_LETTERS, {"id": f"row-{i}", "n": i})
+
+    await storage.write(put)
+    await storage.write(lambda ctx: system_delete(ctx, storage, DEAD_LETTERS,
+                                                  [f"row-{i}" for i in range(0, 40, 3)]))
+    system = storage.databases["system"]
+    table = system.tables[DEAD_LETTERS]
+    txn = system.env.begin(write=True)
+    try:
+        kept = digest_reads.buckets(txn, table)
+        digest.rebuild(txn, table)
+        assert kept == digest_reads.buckets(txn, table)
+    finally:
+        txn.abort()

@@ -29,9 +29,17 @@ from typing import Any
 from harpsync.storage.database import LOCAL_ORIGIN, Database, Table
 from harpsync.storage.hlc import version_to_ms
 from harpsync.storage.keys import decode_id, encode_id
-from harpsync.storage.records import Stored, get_stored, put_record, put_tombstone, wins
+from harpsync.storage.records import (
+    Stored,
+    get_stored,
+    put_record,
+    put_tombstone,
+    remove_record,
+    wins,
+)
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
+from harpsync.storage.writes import note_attributes
 
 # The same names as ``harpsync.config.CONFLICT_POLICIES`` (storage never imports config).
 POLICIES = ("last_writer_wins", "source_wins", "dest_wins", "manual_review")
@@ -91,7 +99,7 @@ def system_delete(ctx: WriteContext, storage: Storage, table_name: str, ids: lis
     system = storage.databases[SYSTEM]
     table = system.tables[table_name]
     txn = ctx.txn(system)
-    return sum(1 for rid in ids if txn.delete(encode_id(rid), db=table.dbi))
+    return sum(1 for rid in ids if remove_record(txn, table, encode_id(rid)))
 
 
 def _version(stored: Stored, db: Database) -> dict[str, Any]:
@@ -168,6 +176,8 @@ def resolve_job(storage: Storage, conflict: dict[str, Any], keep: str | None,
             chosen = {**chosen, table.primary_key: decode_id(key)}
             chosen["__updatedtime__"] = version_to_ms(version)
             put_record(txn, table, key, version, LOCAL_ORIGIN, chosen)
+            # Peers learn attributes from the logged record: so does this node.
+            note_attributes(ctx, db, table, [chosen], version)
             op = [table_name, "upsert", rid, chosen, table.version]
         storage.append_log(ctx, db, [op], version, LOCAL_ORIGIN, user)
         system_delete(ctx, storage, CONFLICTS, [conflict["id"]])

@@ -66,6 +66,16 @@ def absent(txn: lmdb.Transaction, table: Table, keys: list[bytes]) -> bool:
                    is not None for key in keys)
 
 
+def remove_record(txn: lmdb.Transaction, table: Table, key: bytes) -> bool:
+    """Delete a live record outright, leaving no tombstone (local-only tables, never
+    logged); True if there was one."""
+    old = txn.pop(key, db=table.dbi)
+    if old is None:
+        return False
+    digest.on_remove(txn, table, key, bytes(old), False)
+    return True
+
+
 def put_new_records(txn: lmdb.Transaction, table: Table, keys: list[bytes],
                     raws: list[bytes], records: list[bytes] | None = None) -> None:
     """Store packed live records (``[version, origin, record]``) under distinct keys

@@ -29,6 +29,7 @@ from harpsync.storage.database import (
 )
 from harpsync.storage.store import NAME_RE, SYSTEM, Storage
 from harpsync.storage.writer import WriteContext
+from harpsync.storage.writes import newest_with
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,12 @@ def _merge_definition(ctx: WriteContext, db: Database, table: Any, definition: d
     marks = dict(table.attribute_marks)
     for name, mark in attribute_marks_of(definition).items():
         if name not in marks or mark[0] > marks[name][0]:
+            if not mark[1] and name in table.attributes:
+                # A drop loses to a record stored here that holds the attribute and was
+                # written after it (as ``set_attribute`` decides for a logged drop).
+                newer = newest_with(ctx.txn(db), table, name)
+                if newer > mark[0]:
+                    mark = [newer, True]
             marks[name] = mark
     attributes += [a for a, (_, present) in marks.items() if present]
     dropped = {a for a, (_, present) in marks.items() if not present}

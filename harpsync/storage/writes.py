@@ -72,12 +72,32 @@ def set_attribute(ctx: WriteContext, db: Database, table: Table, name: str, pres
     mark = table.attribute_marks.get(name)
     if name == table.primary_key or (mark is not None and mark[0] >= version):
         return False
+    if not present and name in table.attributes:
+        # A record stored here with the attribute, written after the drop, brought it
+        # back on every node that had the drop first (``note_attributes``): it stays
+        # here too, marked present at that record's version.
+        newer = newest_with(ctx.txn(db), table, name)
+        if newer > version:
+            present, version = True, newer
     old = table.attributes
     attributes = (old + [name] if name not in old else old) if present \
         else [a for a in old if a != name]
     _replace_attributes(ctx, db, table, attributes,
                         {**table.attribute_marks, name: [version, present]})
     return True
+
+
+def newest_with(txn: Any, table: Table, name: str) -> int:
+    """The newest version of a live record of ``table`` that holds attribute ``name``
+    (0: none). Reads the whole table: only attribute drops ask."""
+    needle = codec.pack(name)
+    newest = 0
+    for raw in txn.cursor(db=table.dbi).iternext(keys=False, values=True):
+        if needle in raw:  # the name's bytes, a key or a value: decode to tell
+            version, _origin, record = codec.unpack(raw)
+            if version > newest and isinstance(record, dict) and name in record:
+                newest = version
+    return newest
 
 
 def _replace_attributes(ctx: WriteContext, db: Database, table: Table, attributes: list[str],
@@ -107,7 +127,10 @@ def attribute_job(storage: Storage, db_name: str, table_name: str, name: str,
                                   f"{db_name}.{table_name}")
         if not present and name not in table.attributes:
             raise NoSuchAttributeError(name)
-        version = storage.hlc.now_after(table.attribute_marks.get(name, [0])[0])
+        newest = table.attribute_marks.get(name, [0])[0]
+        if not present:  # newer than every record holding it, or peers keep it
+            newest = max(newest, newest_with(ctx.txn(db), table, name))
+        version = storage.hlc.now_after(newest)
         set_attribute(ctx, db, table, name, present, version)
         storage.append_log(ctx, db, [[table_name, "set_attribute", name, present,
                                       table.version]], version, LOCAL_ORIGIN)

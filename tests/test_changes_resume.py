@@ -1,0 +1,136 @@
+"""Resuming the change feed with ``since`` after ``purge_stream`` removed part of the
+log: the feed follows one real node's storage (real LMDB); its WebSocket is an
+in-memory channel behind the feed's ``Channel`` seam."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harpsync import codec
+from harpsync.auth import User
+from harpsync.changes import ChangeFeed, Follower, Subscription
+from harpsync.errors import BadRequestError
+from harpsync.metrics import Metrics
+from harpsync.replication.linkstore import StorageLinkStore
+from harpsync.storage import retention, writes
+from harpsync.storage.store import Storage
+
+DB = "data"
+ADMIN = User("admin", "super_user", {"super_user": True})
+
+
+class Channel:
+    """The client end: keeps what the feed sends; never sends after subscribing."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.closed: tuple[int, str] | None = None
+        self._gone = asyncio.Event()
+
+    async def receive_text(self) -> str | None:
+        await self._gone.wait()
+        return None
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Storage, Storage]]:
+    a = Storage(tmp_path / "a", "node-a", 1 << 27)
+    b = Storage(tmp_path / "b", "node-b", 1 << 27)
+    a.open()
+    b.open()
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+async def _ship(src: Storage, dst: Storage, database: str, after: int) -> None:
+    db = src.databases[database]
+    _, entries = db.read_log(after, 100_000)
+    await StorageLinkStore(dst).apply_entries(database, src.node_name, entries,
+                                              dict(db.origin_names), {"seq": entries[-1][0]},
+                                              60_000, dst.node_name, 0, None)
+
+
+async def _insert(storage: Storage, table: str, record: dict[str, Any]) -> int:
+    await storage.write(writes.write_records(storage, DB, table, [record], "insert", "t"))
+    db = storage.databases[DB]
+    return int(codec.unpack(db.read_log(db.head_seq - 1, 1)[1][0][1])[1])
+
+
+async def _feed(storage: Storage, since: int, count: int) -> list[dict[str, Any]]:
+    """The changes a subscription to all of ``DB`` from ``since`` sends, once it has sent
+    ``count`` of them or shows no more progress."""
+    feed = ChangeFeed(storage, Metrics(), 100, 10)
+    channel = Channel()
+    follower = Follower(feed, channel, ADMIN, Subscription(DB, None, since),
+                        storage.databases[DB])
+    await follower.start()
+    task = asyncio.create_task(follower.run())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while len(channel.sent) < 1 + count and loop.time() < deadline and not task.done():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert channel.sent[0]["action"] == "subscribed"
+    return channel.sent[1:]
+
+
+@pytest.mark.timeout(30)
+async def test_since_below_a_purge_keeps_other_tables_entries(pair):
+    """A ``purge_stream`` of one table removes the entry of ``since``; a kept entry of
+    another table logged after it (but before a late replicated entry of the purged
+    table) is still sent."""
+    a, b = pair
+    await a.create_table(DB, "dog", "id")
+    await a.create_table(DB, "cat", "id")
+    await _ship(a, b, "system", 0)
+    await _ship(a, b, DB, 0)
+    b_after = b.databases[DB].head_seq
+    late = await _insert(b, "dog", {"id": 1})  # written on b first, reaches a late
+    a.hlc.observe(late)  # as clocks do that met before: a's next versions are newer
+    since = await _insert(a, "dog", {"id": 2})  # the last change the client saw
+    assert late < since
+    cat = await _insert(a, "cat", {"id": 3})
+    await _ship(b, a, DB, b_after)  # b's older dog insert, logged after the cat insert
+    db = a.databases[DB]
+    await a.write(retention.purge_table_job(db, "dog", None, None))
+    assert db.pruned_through() == db.head_seq  # the late dog entry was the newest
+    sent = await _feed(a, since, 1)
+    assert [(c["table"], c["version"]) for c in sent] == [("cat", cat)]
+
+
+@pytest.mark.timeout(30)
+async def test_since_before_a_purged_entry_is_refused_not_closed_again_and_again(pair):
+    """``since`` is still in the log but entries after it were purged (another table):
+    the subscription is refused, naming the loss, rather than accepted and then closed
+    with "subscribe again", which a client resuming from the same version repeats
+    forever."""
+    a, _b = pair
+    await a.create_table(DB, "dog", "id")
+    await a.create_table(DB, "cat", "id")
+    since = await _insert(a, "cat", {"id": 1})
+    await _insert(a, "dog", {"id": 2})
+    db = a.databases[DB]
+    await a.write(retention.purge_table_job(db, "dog", None, None))
+    follower = Follower(ChangeFeed(a, Metrics(), 100, 10), Channel(), ADMIN,
+                        Subscription(DB, None, since), db)
+    with pytest.raises(BadRequestError, match="no longer in the log"):
+        await follower.start()
+    follower.stop()
