@@ -243,6 +243,32 @@ def test_bad_sql_is_4xx_naming_the_problem(mesh, text, fragment):
     assert fragment in response.json()["error"]
 
 
+BIG = "9" * 4000  # an integer literal Python still reads (its limit is 4300 digits)
+
+
+@pytest.mark.parametrize("text", [
+    f"SELECT {BIG} * {BIG} AS x FROM dev.dog",  # 8000 digits: no JSON encoder writes it
+    f"SELECT {BIG} / 2 AS x FROM dev.dog",  # OverflowError converting to float
+    f"SELECT {BIG} + 0.5 AS x FROM dev.dog",
+    "SELECT 1e308 * 10 AS x FROM dev.dog",  # float infinity
+    "SELECT 1e400 AS x FROM dev.dog",  # a literal beyond a double
+    f"SELECT {BIG}{BIG} AS x FROM dev.dog",  # past Python's digit limit: read as infinity
+    "SELECT SUM(age * 1e307) AS x FROM dev.dog",
+    "INSERT INTO dev.dog (id, weight_lbs) VALUES (99, 1e400)",
+    "UPDATE dev.dog SET weight_lbs = weight_lbs * 1e308 WHERE id = 1",
+])
+def test_numbers_out_of_range_are_400_and_change_nothing(mesh, text):
+    """SQL arithmetic or literals beyond a double's range answer 400 naming the problem;
+    none is answered 500, written as a JSON ``Infinity``, or stored."""
+    a, _ = mesh
+    response = a.post({"operation": "sql", "sql": text})
+    assert response.status_code == 400, response.text
+    assert "out of range" in response.json()["error"]
+    assert a.call("search_by_id", database="dev", table="dog", ids=[99]) == []
+    dog = a.call("search_by_id", database="dev", table="dog", ids=[1])[0]
+    assert dog["weight_lbs"] == 38
+
+
 def test_sql_body_validation(mesh):
     """A missing or non-string ``sql`` is a 400 naming the field."""
     a, _ = mesh

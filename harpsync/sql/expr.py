@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from harpsync.errors import BadRequestError
+
 Row = dict[str, Any]
+# Numbers must stay within a double's range, as in Harper (JavaScript): an infinite float
+# would be written as ``Infinity`` (not JSON) or stored, and an integer past it can
+# overflow a conversion to float or grow beyond what a JSON encoder writes.
+_MAX_INT_BITS = 1024
 
 
 class Expr:
@@ -228,9 +235,18 @@ _ARITH: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 
+def in_range(value: Any, what: str) -> Any:
+    """``value``, or a 400 if it is a number beyond a double's range (see above)."""
+    if (isinstance(value, float) and not math.isfinite(value)) or (
+            isinstance(value, int) and value.bit_length() > _MAX_INT_BITS):
+        raise BadRequestError(f"SQL: {what} is out of range")
+    return value
+
+
 @dataclass(frozen=True)
 class Arith(Expr):
-    """Arithmetic on numbers; anything else (or division by zero) gives null."""
+    """Arithmetic on numbers; anything else (or division by zero) gives null, and a
+    result beyond a double's range is a 400."""
 
     op: str
     left: Expr
@@ -240,7 +256,11 @@ class Arith(Expr):
         a, b = self.left.eval(row), self.right.eval(row)
         if not (_number(a) and _number(b)):
             return None
-        return _ARITH[self.op](a, b)
+        try:
+            result = _ARITH[self.op](a, b)
+        except OverflowError:  # an integer too large to convert to float
+            result = math.inf
+        return in_range(result, f"the result of '{self.op}'")
 
 
 @dataclass(frozen=True)
