@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,10 +45,26 @@ def convert(cell: str) -> Any:
         return value if value not in (float("inf"), float("-inf")) else cell
     if cell[0] in "[{":
         try:
-            return json.loads(cell)
-        except ValueError:
+            return _JSON_CELL.decode(cell)
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser
             return cell
     return cell
+
+
+def _not_json(text: str) -> Any:
+    # Python's json reads NaN, Infinity and 1e400 (as inf); none is JSON, and a stored
+    # non-finite number would read back as invalid JSON: such a cell stays text.
+    raise ValueError(f"{text} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+_JSON_CELL = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
 
 
 class CsvBatches:

@@ -164,6 +164,24 @@ def test_csv_file_load_actions_and_typing(mesh, tmp_path):
              timeout=20, message="the update on B")
 
 
+def test_csv_json_cells_that_are_not_json_stay_text(mesh):
+    """A cell that reads as JSON only to Python (NaN, Infinity, 1e400) or nests deeper
+    than the parser goes is kept as text: never stored as a non-finite number (which
+    reads back as invalid JSON) and never a failed job."""
+    a, _ = mesh
+    a.call("create_table", database="dev", table="cells", primary_key="id")
+    deep = "[" * 60_000 + "]" * 60_000  # within csv's field limit (131072)
+    cells = ["[NaN]", '{"a": Infinity}', "[1e400]", "[-Infinity]", deep]
+    data = "id,v\n" + "".join(f'{i},"{c.replace(chr(34), 2 * chr(34))}"\n'
+                               for i, c in enumerate(cells))
+    record = finished(a, started(a.call("csv_data_load", database="dev", table="cells",
+                                        data=data)))
+    assert record["status"] == "COMPLETE", record
+    response = a.post({"operation": "search_by_id", "database": "dev", "table": "cells",
+                       "ids": list(range(len(cells))), "get_attributes": ["id", "v"]})
+    assert [r["v"] for r in response.json()] == cells
+
+
 def test_csv_url_load_from_a_local_server(mesh, csv_server):
     """csv_url_load downloads and loads; a 404 fails the job with a message naming it."""
     a, b = mesh
