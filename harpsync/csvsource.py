@@ -163,7 +163,12 @@ def from_file(path: Path, batch_size: int) -> CsvBatches:
 
 def check_url(url: str) -> str:
     """An http(s) URL with a host, or a 400."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises for a port that is not a number or out of range
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL" for http://[::1
+        raise BadRequestError(f"'csv_url' must be an http:// or https:// URL: "
+                              f"{str(exc)[:100]}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequestError(f"'csv_url' must be an http:// or https:// URL, got "
                               f"'{shown_url(url)}'")

@@ -200,6 +200,20 @@ def test_csv_url_load_from_a_local_server(mesh, csv_server):
     assert record["status"] == "ERROR" and "HTTP 404" in record["error"], record
 
 
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("http://[::1/x.csv", "http:// or https://"),  # urlsplit: "Invalid IPv6 URL"
+    ("http://127.0.0.1:99999/x.csv", "Port out of range"),  # raised by SplitResult.port
+    ("http://127.0.0.1:x/x.csv", "Port could not be cast"),
+])
+def test_csv_url_load_malformed_url_is_400(mesh, url, fragment):
+    """A URL that urllib cannot split, or whose port is not a port, is a 400 naming it."""
+    a, _ = mesh
+    response = a.post({"operation": "csv_url_load", "database": "dev", "table": "breed",
+                       "csv_url": url})
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]
+
+
 def test_bad_loads_are_refused_or_fail_the_job(mesh, tmp_path):
     """Bad requests are 400s before any job; bad CSV content fails its job, naming it."""
     a, _ = mesh
