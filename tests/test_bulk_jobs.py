@@ -369,6 +369,18 @@ def test_pruned_log_sends_a_lagging_peer_to_resync(mesh):
     wait_for(lambda: b.count("t", "dev") == 92, timeout=20, message="streaming after the repair")
 
 
+def test_delete_transaction_logs_before_a_huge_timestamp_deletes_all(node):
+    """A timestamp past any version (even 1e308 ms) prunes the whole log; the job does
+    not fail on the conversion to a version."""
+    node.call("create_table", database="dev", table="t", primary_key="id")
+    node.call("insert", database="dev", table="t", records=[{"id": 1}])
+    record = finished(node, started(node.call("delete_transaction_logs_before",
+                                              database="dev", table="t", timestamp=1e308)))
+    assert record["status"] == "COMPLETE", record
+    assert record["result"]["removed"] == 2, record
+    assert node.call("read_transaction_log", database="dev", table="t") == []
+
+
 def test_a_job_the_node_died_under_reads_as_failed(node_factory, csv_server):
     """After a SIGKILL mid-load, the restarted node reports the job failed (interrupted)."""
     base, bodies = csv_server
