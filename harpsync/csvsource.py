@@ -27,6 +27,11 @@ from harpsync.errors import BadRequestError
 _NUMBER = re.compile(r"-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?")
 _INT64 = 1 << 63
 URL_TIMEOUT = 30.0
+# The csv module refuses a field over 128 KiB by default, but a record value may be far
+# larger (insert takes one up to the request body limit, 10 MiB by default). Still
+# bounded, so an unclosed quote in a large file cannot grow one field without limit.
+MAX_FIELD = 64 << 20
+csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD))
 
 
 def convert(cell: str) -> Any:
@@ -127,8 +132,12 @@ class CsvBatches:
 
 def count_rows(text: TextIO) -> int:
     """Data rows (non-empty, after the header) in a CSV stream; closes it."""
+    reader = csv.reader(text)
     with text:
-        rows = sum(1 for row in csv.reader(text) if row and any(c != "" for c in row))
+        try:
+            rows = sum(1 for row in reader if row and any(c != "" for c in row))
+        except csv.Error as exc:
+            raise BadRequestError(f"CSV error at line {reader.line_num}: {exc}") from None
     return max(0, rows - 1)
 
 

@@ -182,6 +182,20 @@ def test_csv_json_cells_that_are_not_json_stay_text(mesh):
     assert [r["v"] for r in response.json()] == cells
 
 
+def test_csv_cell_longer_than_pythons_default_field_limit_loads(mesh):
+    """A cell over 128 KiB (the csv module's default field limit) loads like any other:
+    insert takes such a value, so a CSV load must too."""
+    a, _ = mesh
+    a.call("create_table", database="dev", table="long", primary_key="id")
+    text = "x" * 200_000
+    record = finished(a, started(a.call("csv_data_load", database="dev", table="long",
+                                        data=f"id,text\n1,{text}\n")))
+    assert record["status"] == "COMPLETE", record
+    found = a.call("search_by_id", database="dev", table="long", ids=[1],
+                   get_attributes=["text"])
+    assert found == [{"text": text}]
+
+
 def test_csv_url_load_from_a_local_server(mesh, csv_server):
     """csv_url_load downloads and loads; a 404 fails the job with a message naming it."""
     a, b = mesh
