@@ -16,6 +16,7 @@ import pytest
 from harpsync.errors import BadRequestError
 from harpsync.sql.parser import parse
 from harpsync.sql.plan import key_lookup
+from operations.sql import WRITE_CHUNK
 from tests.helpers import ADMIN, InProcessNode, wait_for
 
 DOGS: list[dict[str, Any]] = [
@@ -325,6 +326,21 @@ def test_insert_update_delete_answer_as_harper_and_replicate(mesh):
 
 
 # -- permissions -----------------------------------------------------------------------
+def test_update_failing_on_a_later_chunk_changes_nothing(node):
+    """An UPDATE over more than one write chunk whose new value for some record cannot be
+    stored (an integer past 64 bits) is a 400 that changes no record, not one that has
+    already committed the chunks before it."""
+    node.call("create_table", database="dev", table="many", primary_key="id")
+    rows = WRITE_CHUNK + 1
+    records = [{"id": i, "age": i} for i in range(rows - 1)] + [{"id": rows - 1, "age": 2**62}]
+    node.call("insert", database="dev", table="many", records=records)
+    response = node.post({"operation": "sql", "sql": "UPDATE dev.many SET age = age * 4"})
+    assert response.status_code == 400, response.text
+    assert "cannot be stored" in response.json()["error"]
+    ages = node.post({"operation": "sql", "sql": "SELECT id, age FROM dev.many"}).json()
+    assert sorted((r["id"], r["age"]) for r in ages) == [(r["id"], r["age"]) for r in records]
+
+
 def test_role_permissions_apply_per_table_and_statement(mesh):
     """A read-only role may SELECT dev.dog, but not write it or read another table."""
     a, _ = mesh
