@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from harpsync import jsonio
 from harpsync.errors import BadRequestError
 
 _NUMBER = re.compile(r"-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?")
@@ -50,9 +51,12 @@ def convert(cell: str) -> Any:
         return value if value not in (float("inf"), float("-inf")) else cell
     if cell[0] in "[{":
         try:
-            return _JSON_CELL.decode(cell)
+            value = _JSON_CELL.decode(cell)
         except (ValueError, RecursionError):  # not JSON, or nested past the parser
             return cell
+        # Bounded as a request body is: a value nested ~1000 deep can be parsed here
+        # but not answered (see jsonio.MAX_DEPTH).
+        return cell if jsonio.nested_deeper_than(value, jsonio.MAX_DEPTH) else value
     return cell
 
 

@@ -165,13 +165,15 @@ def test_csv_file_load_actions_and_typing(mesh, tmp_path):
 
 
 def test_csv_json_cells_that_are_not_json_stay_text(mesh):
-    """A cell that reads as JSON only to Python (NaN, Infinity, 1e400) or nests deeper
-    than the parser goes is kept as text: never stored as a non-finite number (which
-    reads back as invalid JSON) and never a failed job."""
+    """A cell that reads as JSON only to Python (NaN, Infinity, 1e400), or nests deeper
+    than a request body may (a value nested ~1000 deep cannot be answered), is kept as
+    text: never stored as a non-finite number (which reads back as invalid JSON) and
+    never a failed job."""
     a, _ = mesh
     a.call("create_table", database="dev", table="cells", primary_key="id")
-    deep = "[" * 60_000 + "]" * 60_000  # within csv's field limit (131072)
-    cells = ["[NaN]", '{"a": Infinity}', "[1e400]", "[-Infinity]", deep]
+    deep = "[" * 60_000 + "]" * 60_000  # past the parser's recursion limit
+    deeper_than_a_body = "[" * 600 + "]" * 600  # parsed, but over jsonio.MAX_DEPTH
+    cells = ["[NaN]", '{"a": Infinity}', "[1e400]", "[-Infinity]", deep, deeper_than_a_body]
     data = "id,v\n" + "".join(f'{i},"{c.replace(chr(34), 2 * chr(34))}"\n'
                                for i, c in enumerate(cells))
     record = finished(a, started(a.call("csv_data_load", database="dev", table="cells",
