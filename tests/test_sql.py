@@ -7,6 +7,7 @@ Shapes follow Harper's SQL operations documentation (4.7) and the recorded
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from harpsync.errors import BadRequestError
+from harpsync.sql.expr import like_match
 from harpsync.sql.parser import parse
 from harpsync.sql.plan import key_lookup
 from operations.sql import WRITE_CHUNK
@@ -268,6 +270,33 @@ def test_numbers_out_of_range_are_400_and_change_nothing(mesh, text):
     assert a.call("search_by_id", database="dev", table="dog", ids=[99]) == []
     dog = a.call("search_by_id", database="dev", table="dog", ids=[1])[0]
     assert dog["weight_lbs"] == 38
+
+
+def _like_reference(pattern: str, value: str) -> bool:
+    """LIKE as a regular expression: % any run, _ one character, case-insensitive."""
+    regex = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c)
+                    for c in pattern.casefold())
+    return re.fullmatch(regex, value.casefold(), re.DOTALL) is not None
+
+
+def test_like_matches_as_the_reference():
+    """LIKE agrees with a regular-expression reading on random patterns and values."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        value = "".join(rng.choice("abAB_%") for _ in range(rng.randint(0, 8)))
+        pattern = "".join(rng.choice("abB%_") for _ in range(rng.randint(0, 6)))
+        assert like_match(pattern, value) == _like_reference(pattern, value), (pattern, value)
+
+
+@pytest.mark.timeout(30)
+def test_like_takes_linear_time_on_long_values():
+    """A long pattern against a long value that almost matches everywhere is answered at
+    once (the backtracking matcher took len(pattern) * len(value) steps: minutes here,
+    with the event loop blocked for a table under OFFLOAD_ROWS)."""
+    value = "a" * 200_000
+    assert not like_match("%" + "a" * 100_000 + "b", value)
+    assert like_match("%" + "a" * 100_000 + "%", value)
+    assert not like_match("%" + "a" * 100_000 + "%b%", value)
 
 
 def test_sql_body_validation(mesh):
