@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +22,17 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from harpsync import jsonio
 from harpsync.errors import BadRequestError
 
 _NUMBER = re.compile(r"-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?")
 _INT64 = 1 << 63
 URL_TIMEOUT = 30.0
+# The csv module refuses a field over 128 KiB by default, but a record value may be far
+# larger (insert takes one up to the request body limit, 10 MiB by default). Still
+# bounded, so an unclosed quote in a large file cannot grow one field without limit.
+MAX_FIELD = 64 << 20
+csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD))
 
 
 def convert(cell: str) -> Any:
@@ -44,10 +51,29 @@ def convert(cell: str) -> Any:
         return value if value not in (float("inf"), float("-inf")) else cell
     if cell[0] in "[{":
         try:
-            return json.loads(cell)
-        except ValueError:
+            value = _JSON_CELL.decode(cell)
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser
             return cell
+        # Bounded as a request body is: a value nested ~1000 deep can be parsed here
+        # but not answered (see jsonio.MAX_DEPTH).
+        return cell if jsonio.nested_deeper_than(value, jsonio.MAX_DEPTH) else value
     return cell
+
+
+def _not_json(text: str) -> Any:
+    # Python's json reads NaN, Infinity and 1e400 (as inf); none is JSON, and a stored
+    # non-finite number would read back as invalid JSON: such a cell stays text.
+    raise ValueError(f"{text} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+_JSON_CELL = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
 
 
 class CsvBatches:
@@ -110,8 +136,12 @@ class CsvBatches:
 
 def count_rows(text: TextIO) -> int:
     """Data rows (non-empty, after the header) in a CSV stream; closes it."""
+    reader = csv.reader(text)
     with text:
-        rows = sum(1 for row in csv.reader(text) if row and any(c != "" for c in row))
+        try:
+            rows = sum(1 for row in reader if row and any(c != "" for c in row))
+        except csv.Error as exc:
+            raise BadRequestError(f"CSV error at line {reader.line_num}: {exc}") from None
     return max(0, rows - 1)
 
 
@@ -146,7 +176,12 @@ def from_file(path: Path, batch_size: int) -> CsvBatches:
 
 def check_url(url: str) -> str:
     """An http(s) URL with a host, or a 400."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises for a port that is not a number or out of range
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL" for http://[::1
+        raise BadRequestError(f"'csv_url' must be an http:// or https:// URL: "
+                              f"{str(exc)[:100]}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequestError(f"'csv_url' must be an http:// or https:// URL, got "
                               f"'{shown_url(url)}'")

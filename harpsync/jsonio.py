@@ -7,7 +7,8 @@ everything else:
 
 - Decoding: orjson refuses NaN, Infinity, out-of-range numbers (``1e400``), lone
   surrogate escapes, invalid UTF-8 and BOMs; each refusal goes to the standard-library
-  decoder, whose answer (a value or the 400 message) is today's. Integers beyond 64 bits
+  decoder, whose answer (a value or the 400 message) is today's. A body nested deeper
+  than ``MAX_DEPTH`` is refused by both (see there). Integers beyond 64 bits
   are the one thing orjson accepts differently (it turns them into floats), so a body
   holding a run of 19 or more digits goes to the standard library directly.
 - Encoding: ``json.dumps(payload, separators=(",", ":"), default=str)`` is the
@@ -112,12 +113,50 @@ def parse_request(raw: bytes) -> Any:
     """A request body's JSON value, or a 400 naming the problem."""
     if not raw.strip():
         raise BadRequestError("Body cannot be empty when content-type is set to 'application/json'")
+    value: Any = _UNPARSED
     if _LONG_RUN not in raw.translate(_DIGITS):
         try:
-            return orjson.loads(raw)
+            value = orjson.loads(raw)
         except orjson.JSONDecodeError:
             pass  # the standard library decides, and names the problem
-    return stdlib_parse(raw)
+    if value is _UNPARSED:
+        value = stdlib_parse(raw)
+    # Fewer brackets than MAX_DEPTH cannot nest deeper (two C-speed counts); otherwise
+    # orjson's encoder, which stops past 255 levels, clears all but deep bodies quickly.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than_orjson(value) \
+            and nested_deeper_than(value, MAX_DEPTH):
+        raise BadRequestError(f"Invalid JSON: nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+_UNPARSED = object()
+# The deepest nesting a request body may have. orjson reads up to 1024 levels, but the
+# standard library's encoder (the fallback of ``dumps``) stops near the recursion limit,
+# about 990 levels: a value stored from a body nested 1000 deep could never be answered,
+# and every read of its record or scan of its table would fail. Kept well below, since a
+# response wraps a stored value a few levels deeper.
+MAX_DEPTH = 512
+
+
+def _deeper_than_orjson(value: Any) -> bool:
+    try:
+        orjson.dumps(value)
+    except TypeError:  # past 255 levels (or an integer beyond 64 bits): look closer
+        return True
+    return False
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` has arrays or objects nested more than ``limit`` levels deep."""
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:  # iterative: the value may be nested close to the parser's limit
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, dict | list))
+    return False
 
 
 def stdlib_parse(raw: bytes) -> Any:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, HarpsyncError
 from harpsync.replication.membership import node_request
-from harpsync.replication.routes import default_url
+from harpsync.replication.routes import default_url, route_url
 from harpsync.storage import retention
 from operations.cluster import add_node, parse_credentials, set_node_replication
 
@@ -121,10 +122,25 @@ def _route_key(route: Any) -> Any:
     return ("url", str(route).rstrip("/"))
 
 
+def _check_route(index: int, route: Any) -> None:
+    """A 400 for a route whose URL cannot be parsed (as add_node refuses such a URL):
+    saved, it would be retried forever and never connect."""
+    url = route_url(route) or ""
+    try:
+        parsed = urlsplit(url)
+        _ = parsed.port  # raises for a port that is not a number or out of range
+    except ValueError as exc:
+        raise BadRequestError(f"'routes[{index}]' is not a valid node URL: {exc}") from None
+    if not parsed.hostname:
+        raise BadRequestError(f"'routes[{index}]' is not a valid node URL: it names no host")
+
+
 async def cluster_set_routes(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     config, rep = ctx.services.config, ctx.services.cluster
     routes = list(config.get("replication.routes") or [])
     known = {_route_key(r) for r in routes}
+    for index, route in enumerate(body["routes"]):
+        _check_route(index, route)
     added, skipped = [], []
     for route in body["routes"]:
         if _route_key(route) in known:

@@ -4,14 +4,18 @@ Reads use the primary key when the WHERE clause names the ids (``pk = v``, ``pk 
 (...)``), and a streaming scan otherwise. Writes go through the same writer-thread jobs
 as ``insert``, ``update`` and ``delete``, so they are logged and replicate. UPDATE and
 DELETE re-check each record inside the write job, so a record changed since the scan
-is judged by what it holds when it is written.
+is judged by what it holds when it is written. Such a statement is written in chunks,
+each its own transaction, so an UPDATE's new values are checked storable during the scan:
+a value that cannot be stored is a 400 before any chunk is written.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
+from harpsync import codec
 from harpsync.auth import require_table
 from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, missing_is_bad_request
@@ -76,15 +80,23 @@ async def _insert(ctx: OpContext, plan: Insert) -> dict[str, Any]:
 
 
 async def _matching_ids(ctx: OpContext, db_name: str, table_name: str,
-                        where: Expr | None) -> list[Any]:
-    """The ids of the records ``where`` matches now (by key when it names them)."""
+                        where: Expr | None,
+                        check: Callable[[dict[str, Any]], None] | None = None) -> list[Any]:
+    """The ids of the records ``where`` matches now (by key when it names them);
+    ``check`` is called with each, to refuse the statement before anything is written."""
     db, table = ctx.services.storage.table(db_name, table_name)
     pk = table.primary_key
     ids = key_lookup(where, pk)
 
     def run() -> list[Any]:
         found = reads.get_by_ids(db, table, ids) if ids is not None else reads.scan(db, table)
-        return [r[pk] for r in found if matches(where, r)]
+        out = []
+        for record in found:
+            if matches(where, record):
+                if check is not None:
+                    check(record)
+                out.append(record[pk])
+        return out
 
     return list(await _offload(db, table, ids is None, run))
 
@@ -111,7 +123,18 @@ async def _update(ctx: OpContext, plan: Update) -> dict[str, Any]:
         raise BadRequestError(f"SQL: UPDATE cannot change the primary key '{pk}'")
     user = ctx.user.username
     updated: list[Any] = []
-    ids = await _matching_ids(ctx, db_name, table_name, plan.where)
+
+    def storable(record: dict[str, Any]) -> None:
+        # Each chunk commits on its own: a value that cannot be stored must be found
+        # before the first one, or the statement would be answered 400 half-applied.
+        change = {name: expr.eval(record) for name, expr in plan.assignments}
+        try:
+            codec.pack(change)
+        except (OverflowError, ValueError) as exc:
+            raise BadRequestError(f"SQL: UPDATE of record {str(record[pk])[:60]!r} sets a "
+                                  f"value that cannot be stored: {exc}") from None
+
+    ids = await _matching_ids(ctx, db_name, table_name, plan.where, storable)
     for start in range(0, len(ids), WRITE_CHUNK):
         chunk = ids[start:start + WRITE_CHUNK]
 

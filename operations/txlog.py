@@ -23,11 +23,14 @@ from harpsync.errors import BadRequestError
 from harpsync.jobs import RunningJob
 from harpsync.storage import retention
 from harpsync.storage.database import Database
-from harpsync.storage.hlc import first_version_at, version_to_ms
+from harpsync.storage.hlc import COUNTER_BITS, first_version_at, version_to_ms
 from operations.data import public_records
 
 DATA_KINDS = ("insert", "update", "upsert", "delete")
 CHUNK = 1000
+# Every (64-bit) version reads as earlier than this many ms; a later timestamp means
+# the same, and one near 1e308 would overflow the conversion to a version.
+_AFTER_ALL_MS = float(1 << (64 - COUNTER_BITS))
 
 
 def _timestamp(body: dict[str, Any], key: str) -> float | None:
@@ -108,7 +111,7 @@ async def delete_transaction_logs_before(ctx: OpContext, body: dict[str, Any],
         # read_transaction_log shows their timestamps, to the fraction of a millisecond);
         # the prune is recorded, so a peer still behind it resyncs.
         through = await asyncio.to_thread(retention.seq_for_time, db,
-                                          first_version_at(stamp))
+                                          first_version_at(min(stamp, _AFTER_ALL_MS)))
         removed = 0
         if through:
             result = await storage.write(retention.purge_table_job(db, table_name, None,

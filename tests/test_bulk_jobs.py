@@ -164,6 +164,40 @@ def test_csv_file_load_actions_and_typing(mesh, tmp_path):
              timeout=20, message="the update on B")
 
 
+def test_csv_json_cells_that_are_not_json_stay_text(mesh):
+    """A cell that reads as JSON only to Python (NaN, Infinity, 1e400), or nests deeper
+    than a request body may (a value nested ~1000 deep cannot be answered), is kept as
+    text: never stored as a non-finite number (which reads back as invalid JSON) and
+    never a failed job."""
+    a, _ = mesh
+    a.call("create_table", database="dev", table="cells", primary_key="id")
+    deep = "[" * 60_000 + "]" * 60_000  # past the parser's recursion limit
+    deeper_than_a_body = "[" * 600 + "]" * 600  # parsed, but over jsonio.MAX_DEPTH
+    cells = ["[NaN]", '{"a": Infinity}', "[1e400]", "[-Infinity]", deep, deeper_than_a_body]
+    data = "id,v\n" + "".join(f'{i},"{c.replace(chr(34), 2 * chr(34))}"\n'
+                               for i, c in enumerate(cells))
+    record = finished(a, started(a.call("csv_data_load", database="dev", table="cells",
+                                        data=data)))
+    assert record["status"] == "COMPLETE", record
+    response = a.post({"operation": "search_by_id", "database": "dev", "table": "cells",
+                       "ids": list(range(len(cells))), "get_attributes": ["id", "v"]})
+    assert [r["v"] for r in response.json()] == cells
+
+
+def test_csv_cell_longer_than_pythons_default_field_limit_loads(mesh):
+    """A cell over 128 KiB (the csv module's default field limit) loads like any other:
+    insert takes such a value, so a CSV load must too."""
+    a, _ = mesh
+    a.call("create_table", database="dev", table="long", primary_key="id")
+    text = "x" * 200_000
+    record = finished(a, started(a.call("csv_data_load", database="dev", table="long",
+                                        data=f"id,text\n1,{text}\n")))
+    assert record["status"] == "COMPLETE", record
+    found = a.call("search_by_id", database="dev", table="long", ids=[1],
+                   get_attributes=["text"])
+    assert found == [{"text": text}]
+
+
 def test_csv_url_load_from_a_local_server(mesh, csv_server):
     """csv_url_load downloads and loads; a 404 fails the job with a message naming it."""
     a, b = mesh
@@ -180,6 +214,20 @@ def test_csv_url_load_from_a_local_server(mesh, csv_server):
     record = finished(a, started(a.call("csv_url_load", database="dev", table="url",
                                         csv_url=f"{base}/missing.csv")))
     assert record["status"] == "ERROR" and "HTTP 404" in record["error"], record
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("http://[::1/x.csv", "http:// or https://"),  # urlsplit: "Invalid IPv6 URL"
+    ("http://127.0.0.1:99999/x.csv", "Port out of range"),  # raised by SplitResult.port
+    ("http://127.0.0.1:x/x.csv", "Port could not be cast"),
+])
+def test_csv_url_load_malformed_url_is_400(mesh, url, fragment):
+    """A URL that urllib cannot split, or whose port is not a port, is a 400 naming it."""
+    a, _ = mesh
+    response = a.post({"operation": "csv_url_load", "database": "dev", "table": "breed",
+                       "csv_url": url})
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]
 
 
 def test_bad_loads_are_refused_or_fail_the_job(mesh, tmp_path):
@@ -335,6 +383,18 @@ def test_pruned_log_sends_a_lagging_peer_to_resync(mesh):
     wait_for(lambda: b.count("t", "dev") == 91, timeout=40, message="B repaired to 91 records")
     a.call("insert", database="dev", table="t", records=[{"id": 92}])
     wait_for(lambda: b.count("t", "dev") == 92, timeout=20, message="streaming after the repair")
+
+
+def test_delete_transaction_logs_before_a_huge_timestamp_deletes_all(node):
+    """A timestamp past any version (even 1e308 ms) prunes the whole log; the job does
+    not fail on the conversion to a version."""
+    node.call("create_table", database="dev", table="t", primary_key="id")
+    node.call("insert", database="dev", table="t", records=[{"id": 1}])
+    record = finished(node, started(node.call("delete_transaction_logs_before",
+                                              database="dev", table="t", timestamp=1e308)))
+    assert record["status"] == "COMPLETE", record
+    assert record["result"]["removed"] == 2, record
+    assert node.call("read_transaction_log", database="dev", table="t") == []
 
 
 def test_a_job_the_node_died_under_reads_as_failed(node_factory, csv_server):

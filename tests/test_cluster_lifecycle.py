@@ -166,6 +166,17 @@ def test_routes_validation(node, bad):
     assert node.call("cluster_get_routes") == []
 
 
+@pytest.mark.parametrize("bad", ["ws://[::1", "wss://127.0.0.1:x", {"host": "[::1", "port": 1}])
+def test_set_routes_refuses_a_url_no_node_could_have(node, bad):
+    """A route whose URL urllib cannot parse (add_node refuses the same URL) is a 400
+    naming it, and no route of the request is saved, not even the valid ones; it was
+    stored and retried forever."""
+    res = node.post({"operation": "cluster_set_routes", "routes": ["wss://127.0.0.1:1", bad]})
+    assert res.status_code == 400, res.text
+    assert "'routes[1]'" in res.json()["error"] and "not a valid node URL" in res.json()["error"]
+    assert node.call("cluster_get_routes") == []
+
+
 # -- cluster_network ---------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ Shapes follow Harper's SQL operations documentation (4.7) and the recorded
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ from typing import Any
 import pytest
 
 from harpsync.errors import BadRequestError
+from harpsync.sql.expr import like_match
 from harpsync.sql.parser import parse
 from harpsync.sql.plan import key_lookup
+from operations.sql import WRITE_CHUNK
 from tests.helpers import ADMIN, InProcessNode, wait_for
 
 DOGS: list[dict[str, Any]] = [
@@ -243,6 +246,59 @@ def test_bad_sql_is_4xx_naming_the_problem(mesh, text, fragment):
     assert fragment in response.json()["error"]
 
 
+BIG = "9" * 4000  # an integer literal Python still reads (its limit is 4300 digits)
+
+
+@pytest.mark.parametrize("text", [
+    f"SELECT {BIG} * {BIG} AS x FROM dev.dog",  # 8000 digits: no JSON encoder writes it
+    f"SELECT {BIG} / 2 AS x FROM dev.dog",  # OverflowError converting to float
+    f"SELECT {BIG} + 0.5 AS x FROM dev.dog",
+    "SELECT 1e308 * 10 AS x FROM dev.dog",  # float infinity
+    "SELECT 1e400 AS x FROM dev.dog",  # a literal beyond a double
+    f"SELECT {BIG}{BIG} AS x FROM dev.dog",  # past Python's digit limit: read as infinity
+    "SELECT SUM(age * 1e307) AS x FROM dev.dog",
+    "INSERT INTO dev.dog (id, weight_lbs) VALUES (99, 1e400)",
+    "UPDATE dev.dog SET weight_lbs = weight_lbs * 1e308 WHERE id = 1",
+])
+def test_numbers_out_of_range_are_400_and_change_nothing(mesh, text):
+    """SQL arithmetic or literals beyond a double's range answer 400 naming the problem;
+    none is answered 500, written as a JSON ``Infinity``, or stored."""
+    a, _ = mesh
+    response = a.post({"operation": "sql", "sql": text})
+    assert response.status_code == 400, response.text
+    assert "out of range" in response.json()["error"]
+    assert a.call("search_by_id", database="dev", table="dog", ids=[99]) == []
+    dog = a.call("search_by_id", database="dev", table="dog", ids=[1])[0]
+    assert dog["weight_lbs"] == 38
+
+
+def _like_reference(pattern: str, value: str) -> bool:
+    """LIKE as a regular expression: % any run, _ one character, case-insensitive."""
+    regex = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c)
+                    for c in pattern.casefold())
+    return re.fullmatch(regex, value.casefold(), re.DOTALL) is not None
+
+
+def test_like_matches_as_the_reference():
+    """LIKE agrees with a regular-expression reading on random patterns and values."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        value = "".join(rng.choice("abAB_%") for _ in range(rng.randint(0, 8)))
+        pattern = "".join(rng.choice("abB%_") for _ in range(rng.randint(0, 6)))
+        assert like_match(pattern, value) == _like_reference(pattern, value), (pattern, value)
+
+
+@pytest.mark.timeout(30)
+def test_like_takes_linear_time_on_long_values():
+    """A long pattern against a long value that almost matches everywhere is answered at
+    once (the backtracking matcher took len(pattern) * len(value) steps: minutes here,
+    with the event loop blocked for a table under OFFLOAD_ROWS)."""
+    value = "a" * 200_000
+    assert not like_match("%" + "a" * 100_000 + "b", value)
+    assert like_match("%" + "a" * 100_000 + "%", value)
+    assert not like_match("%" + "a" * 100_000 + "%b%", value)
+
+
 def test_sql_body_validation(mesh):
     """A missing or non-string ``sql`` is a 400 naming the field."""
     a, _ = mesh
@@ -299,6 +355,21 @@ def test_insert_update_delete_answer_as_harper_and_replicate(mesh):
 
 
 # -- permissions -----------------------------------------------------------------------
+def test_update_failing_on_a_later_chunk_changes_nothing(node):
+    """An UPDATE over more than one write chunk whose new value for some record cannot be
+    stored (an integer past 64 bits) is a 400 that changes no record, not one that has
+    already committed the chunks before it."""
+    node.call("create_table", database="dev", table="many", primary_key="id")
+    rows = WRITE_CHUNK + 1
+    records = [{"id": i, "age": i} for i in range(rows - 1)] + [{"id": rows - 1, "age": 2**62}]
+    node.call("insert", database="dev", table="many", records=records)
+    response = node.post({"operation": "sql", "sql": "UPDATE dev.many SET age = age * 4"})
+    assert response.status_code == 400, response.text
+    assert "cannot be stored" in response.json()["error"]
+    ages = node.post({"operation": "sql", "sql": "SELECT id, age FROM dev.many"}).json()
+    assert sorted((r["id"], r["age"]) for r in ages) == [(r["id"], r["age"]) for r in records]
+
+
 def test_role_permissions_apply_per_table_and_statement(mesh):
     """A read-only role may SELECT dev.dog, but not write it or read another table."""
     a, _ = mesh

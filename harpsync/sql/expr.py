@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from harpsync.errors import BadRequestError
+
 Row = dict[str, Any]
+# Numbers must stay within a double's range, as in Harper (JavaScript): an infinite float
+# would be written as ``Infinity`` (not JSON) or stored, and an integer past it can
+# overflow a conversion to float or grow beyond what a JSON encoder writes.
+_MAX_INT_BITS = 1024
 
 
 class Expr:
@@ -167,35 +175,64 @@ class IsNull(Expr):
         return self.item.eval(row) is None
 
 
+def _fits(piece: str, value: str, at: int) -> bool:
+    """Whether ``piece`` (``_`` = any one character) matches ``value`` at ``at``."""
+    if len(value) - at < len(piece):
+        return False
+    if "_" not in piece:
+        return value.startswith(piece, at)
+    return all(p == "_" or p == c for p, c in zip(piece, value[at:at + len(piece)],
+                                                     strict=False))
+
+
+def _finder(piece: str) -> Callable[[str, int, int], int]:
+    """The leftmost place of ``piece`` in ``value[start:end]`` (-1 if none)."""
+    if "_" not in piece:
+        return lambda value, start, end: value.find(piece, start, end)
+    regex = re.compile("".join("." if c == "_" else re.escape(c) for c in piece), re.DOTALL)
+
+    def find(value: str, start: int, end: int) -> int:
+        found = regex.search(value, start, end)
+        return -1 if found is None else found.start()
+
+    return find
+
+
 @functools.lru_cache(maxsize=256)
-def _like_pattern(pattern: str) -> str:
-    return pattern.casefold()
+def _like_pieces(pattern: str) -> tuple[str, list[tuple[str, Callable[[str, int, int], int]]],
+                                        str] | None:
+    """``pattern`` casefolded and split at ``%``: first piece, middle pieces with their
+    finders, last piece; None when there is no ``%``."""
+    parts = pattern.casefold().split("%")
+    if len(parts) == 1:
+        return None
+    first, *middle, last = parts
+    return first, [(p, _finder(p)) for p in middle if p], last
 
 
 def like_match(pattern: str, value: str) -> bool:
     """SQL ``LIKE``: ``%`` any run, ``_`` one character, case-insensitive (as Harper).
 
-    Greedy matching that backtracks only to the last ``%``: at most
-    ``len(pattern) * len(value)`` steps, never the exponential blow-up of a regex.
+    The pieces between ``%`` have fixed lengths, so taking the leftmost place of each,
+    left to right, is always right: one pass with ``str.find`` (a regex search for a
+    piece holding ``_``), never the ``len(pattern) * len(value)`` steps of backtracking.
     """
-    p, v = _like_pattern(pattern), value.casefold()
-    pi = vi = 0
-    star, mark = -1, 0
-    while vi < len(v):
-        if pi < len(p) and p[pi] == "%":
-            star, mark = pi, vi
-            pi += 1
-        elif pi < len(p) and (p[pi] == "_" or p[pi] == v[vi]):
-            pi += 1
-            vi += 1
-        elif star >= 0:
-            pi, mark = star + 1, mark + 1
-            vi = mark
-        else:
+    v = value.casefold()
+    pieces = _like_pieces(pattern)
+    if pieces is None:
+        p = pattern.casefold()
+        return len(v) == len(p) and _fits(p, v, 0)
+    first, middle, last = pieces
+    end = len(v) - len(last)
+    if end < len(first) or not _fits(first, v, 0) or not _fits(last, v, end):
+        return False
+    position = len(first)
+    for piece, find in middle:
+        found = find(v, position, end)
+        if found < 0:
             return False
-    while pi < len(p) and p[pi] == "%":
-        pi += 1
-    return pi == len(p)
+        position = found + len(piece)
+    return True
 
 
 @dataclass(frozen=True)
@@ -228,9 +265,18 @@ _ARITH: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 
+def in_range(value: Any, what: str) -> Any:
+    """``value``, or a 400 if it is a number beyond a double's range (see above)."""
+    if (isinstance(value, float) and not math.isfinite(value)) or (
+            isinstance(value, int) and value.bit_length() > _MAX_INT_BITS):
+        raise BadRequestError(f"SQL: {what} is out of range")
+    return value
+
+
 @dataclass(frozen=True)
 class Arith(Expr):
-    """Arithmetic on numbers; anything else (or division by zero) gives null."""
+    """Arithmetic on numbers; anything else (or division by zero) gives null, and a
+    result beyond a double's range is a 400."""
 
     op: str
     left: Expr
@@ -240,7 +286,11 @@ class Arith(Expr):
         a, b = self.left.eval(row), self.right.eval(row)
         if not (_number(a) and _number(b)):
             return None
-        return _ARITH[self.op](a, b)
+        try:
+            result = _ARITH[self.op](a, b)
+        except OverflowError:  # an integer too large to convert to float
+            result = math.inf
+        return in_range(result, f"the result of '{self.op}'")
 
 
 @dataclass(frozen=True)

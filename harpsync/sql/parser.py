@@ -31,6 +31,7 @@ from harpsync.sql.expr import (
     Not,
     Or,
     contains_agg,
+    in_range,
 )
 from harpsync.sql.plan import Delete, Insert, Select, SelectItem, Statement, TableRef, Update
 
@@ -170,9 +171,10 @@ def _literal(node: exp.Literal) -> Any:
     except ValueError:
         pass
     try:
-        return float(text)
+        value = float(text)  # also an integer past Python's digit limit (infinity)
     except ValueError:
         raise BadRequestError(f"SQL: '{_clip(text)}' is not a number") from None
+    return in_range(value, f"the number {_clip(text)}")
 
 
 def _expr(node: exp.Expression, scope: _Scope, aggregates: bool = False) -> Expr:

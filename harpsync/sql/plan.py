@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import heapq
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -25,6 +26,7 @@ from harpsync.sql.expr import (
     Lit,
     Or,
     Row,
+    in_range,
     sort_key,
     truth,
 )
@@ -162,7 +164,10 @@ class _Accumulator:
         self.count += 1
         if agg.func in ("sum", "avg"):
             if isinstance(value, int | float) and not isinstance(value, bool):
-                self.total += value
+                try:
+                    self.total += value
+                except OverflowError:  # a huge integer added to a float
+                    self.total = math.inf
                 self.numbers += 1
         elif agg.func == "min":
             if self.best is None or sort_key(value) < sort_key(self.best):
@@ -175,10 +180,16 @@ class _Accumulator:
         func = self.agg.func
         if func == "count":
             return self.count
-        if func == "sum":
-            return self.total if self.numbers else None
-        if func == "avg":
-            return self.total / self.numbers if self.numbers else None
+        if func in ("sum", "avg") and self.numbers:
+            total = in_range(self.total, f"{func.upper()}()")
+            if func == "sum":
+                return total
+            try:
+                return total / self.numbers
+            except OverflowError:  # an integer total beyond a float
+                return in_range(math.inf, "AVG()")
+        if func in ("sum", "avg"):
+            return None
         return self.best
 
 
