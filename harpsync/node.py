@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import importlib.util
 import logging
 import os
@@ -11,6 +13,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -129,6 +132,7 @@ class Node:
         self.generated_password: str | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self._jobs: JobManager | None = None
+        self._root_lock: int | None = None
         # Set by ``harpsync run``: the restart operations call it to stop the node and
         # run it again (``restart_requested`` names what asked).
         self.restart_hook: Any = None
@@ -162,6 +166,37 @@ class Node:
         root = self.config.root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)  # keys and databases live here, whatever the umask
+        # Held until stop() (a failed start keeps it: its storage stays open).
+        self._lock_root()
+        await self._start(root, ops_sock, repl_sock)
+
+    def _lock_root(self) -> None:
+        """Hold ``<root>/harpsync.lock`` while the node runs: two nodes on one root would
+        both open its LMDB files and write with their own sequence counters.
+
+        Raises:
+            OSError: another process (or node of this one) holds the root.
+        """
+        path = self.config.root / "harpsync.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OSError(errno.EBUSY, f"{self.config.root} is in use by another harpsync "
+                                       f"node (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._root_lock = fd
+
+    def _unlock_root(self) -> None:
+        if self._root_lock is not None:
+            os.close(self._root_lock)  # closing the descriptor releases the lock
+            self._root_lock = None
+
+    async def _start(self, root: Path, ops_sock: socket.socket | None,
+                     repl_sock: socket.socket | None) -> None:
         await asyncio.to_thread(self.storage.open)
         self._jobs = await asyncio.to_thread(JobManager.open, root / "jobs")
         self._auth = Authenticator(self.storage)
@@ -254,6 +289,7 @@ class Node:
         if self.cluster is not None:
             await self.cluster.stop()
         await asyncio.to_thread(self.storage.close)
+        self._unlock_root()
 
     def listening_sockets(self) -> tuple[socket.socket, socket.socket]:
         """The operations API and replication listeners (a restart hands them over)."""

@@ -1,0 +1,39 @@
+"""The node as a process: a second node on the same root, start-up errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ProcessNode
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_second_node_on_the_same_root_refuses(tmp_path: Path) -> None:
+    """A second ``harpsync run`` on a root a running node holds exits with a clear error."""
+    first = ProcessNode("node-a", tmp_path / "a").start()
+    try:
+        first.call("create_table", table="dog", primary_key="id")
+        first.call("insert", table="dog", records=[{"id": 1}])
+        env = {**os.environ, **first.env(), "OPERATIONSAPI_NETWORK_PORT": "0",
+               "REPLICATION_PORT": "0", "REPLICATION_URL": ""}
+        proc = subprocess.Popen([sys.executable, "-m", "harpsync.cli", "run", "--root",
+                                 str(first.root)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            pytest.fail(f"a second node ran on the same root: {out[-1000:]}")
+        assert proc.returncode != 0, out
+        assert "in use by another" in out, out
+        assert "Traceback" not in out, out
+        assert first.count("dog") == 1
+    finally:
+        first.close()
