@@ -15,7 +15,7 @@ from typing import Any
 
 from harpsync import requests_ctx
 from harpsync.config import Config
-from harpsync.errors import ConfigError
+from harpsync.errors import ConfigError, StorageError
 
 _LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
                "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     install_event_loop_policy()
     try:
         handover = asyncio.run(_serve(config))
-    except OSError as exc:
+    except (OSError, StorageError) as exc:
         print(f"harpsync: cannot start: {exc}", file=sys.stderr)
         return 1
     if handover:

@@ -37,3 +37,15 @@ def test_second_node_on_the_same_root_refuses(tmp_path: Path) -> None:
         assert first.count("dog") == 1
     finally:
         first.close()
+
+
+def test_unusable_map_size_is_a_clear_error(tmp_path: Path) -> None:
+    """A ``storage.mapSize`` LMDB cannot map stops the start with a message, no traceback."""
+    env = {**os.environ, "STORAGE_MAPSIZE": str(1 << 60), "OPERATIONSAPI_NETWORK_PORT": "0",
+           "REPLICATION_PORT": "0", "HDB_ADMIN_PASSWORD": "x", "LOGGING_LEVEL": "error"}
+    proc = subprocess.run([sys.executable, "-m", "harpsync.cli", "run", "--root",
+                           str(tmp_path / "a")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "storage.mapSize" in proc.stderr, proc.stderr
