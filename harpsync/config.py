@@ -127,8 +127,15 @@ class Config:
             ConfigError: the file is unreadable or a value is invalid; names the key.
         """
         env = os.environ if env is None else env
-        if path is None and root is not None and (Path(root) / "config.yaml").exists():
-            path = Path(root) / "config.yaml"  # routes persisted by a running node
+        if path is None:
+            # Where a node started without a config file persists routes and settings
+            # (Node sets ``<rootPath>/config.yaml``): --root, else ROOTPATH, else the
+            # default, so the next start with the same command line reads them back.
+            where = root if root is not None else (env.get(env_name("rootPath"))
+                                                   or DEFAULTS["rootPath"])
+            saved = Path(where).expanduser() / "config.yaml"
+            if saved.exists():
+                path = saved
         values = copy.deepcopy(DEFAULTS)
         if path is not None and path.exists():
             try:

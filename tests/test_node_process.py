@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ProcessNode
+from tests.helpers import ProcessNode, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -49,3 +49,33 @@ def test_unusable_map_size_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "storage.mapSize" in proc.stderr, proc.stderr
+
+
+def _start_in(cwd: Path, node: ProcessNode, extra: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``harpsync run`` with no --root and no --config, from ``cwd``."""
+    env = {**os.environ, **node.env(), **extra,
+           "HARPSYNC_OPS_FD": str(node.ops_sock.fileno()),
+           "HARPSYNC_REPL_FD": str(node.repl_sock.fileno())}
+    proc = subprocess.Popen([sys.executable, "-m", "harpsync.cli", "run"], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            pass_fds=(node.ops_sock.fileno(), node.repl_sock.fileno()))
+    node.proc = proc
+    wait_for(node._ready, timeout=30, message="node to start")
+    return proc
+
+
+def test_settings_saved_under_rootpath_are_read_at_the_next_start(tmp_path: Path) -> None:
+    """Without --root or ./config.yaml, set_configuration writes <rootPath>/config.yaml,
+    and the next start (same command line) reads it back."""
+    node = ProcessNode("node-a", tmp_path / "data")
+    extra = {"ROOTPATH": str(tmp_path / "data")}
+    try:
+        _start_in(tmp_path, node, extra)
+        answer = node.call("set_configuration", replication_verifyInterval="7m")
+        assert answer["restart_required"] == ["replication.verifyInterval"]
+        node.stop()
+        _start_in(tmp_path, node, extra)
+        config = node.call("get_configuration")
+        assert config["replication"]["verifyInterval"] == "7m"
+    finally:
+        node.close()
