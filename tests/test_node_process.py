@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.helpers import ProcessNode, wait_for
+from tests.helpers import ADMIN, ProcessNode, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -79,3 +81,41 @@ def test_settings_saved_under_rootpath_are_read_at_the_next_start(tmp_path: Path
         assert config["replication"]["verifyInterval"] == "7m"
     finally:
         node.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_restart_listens_on_a_port_set_configuration_changed(tmp_path: Path) -> None:
+    """After set_configuration of operationsApi.network.port and restart, the node
+    answers on the new port (the old listener is not handed over)."""
+    old, new = _free_port(), _free_port()
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "config.yaml").write_text(
+        f"operationsApi:\n  network:\n    port: {old}\nreplication:\n  port: 0\n")
+    env = {**os.environ, "REPLICATION_HOSTNAME": "node-a", "HDB_ADMIN_USERNAME": ADMIN[0],
+           "HDB_ADMIN_PASSWORD": ADMIN[1], "LOGGING_LEVEL": "warn"}
+    proc = subprocess.Popen([sys.executable, "-m", "harpsync.cli", "run", "--root", str(root)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with httpx.Client(timeout=10, auth=ADMIN) as http:
+            def up(port: int) -> bool:
+                assert proc.poll() is None
+                return http.get(f"http://127.0.0.1:{port}/health", timeout=2).is_success
+
+            wait_for(lambda: up(old), timeout=30, message="the node to start")
+            answer = http.post(f"http://127.0.0.1:{old}/", json={
+                "operation": "set_configuration", "operationsApi_network_port": new})
+            assert answer.json()["restart_required"] == ["operationsApi.network.port"]
+            http.post(f"http://127.0.0.1:{old}/", json={"operation": "restart"})
+            wait_for(lambda: up(new), timeout=30, message="the node on its new port")
+            config = http.post(f"http://127.0.0.1:{new}/",
+                               json={"operation": "get_configuration"}).json()
+            assert config["operationsApi"]["network"]["port"] == new
+    finally:
+        proc.terminate()
+        proc.wait(30)
