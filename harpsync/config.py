@@ -226,8 +226,12 @@ class Config:
             raise ConfigError(f"logging.level must be one of {sorted(_LEVELS)}, got {level!r}")
         self.retention_ms()
         self.duration_ms("replication.maxClockSkew")
-        self.duration_ms("replication.pingInterval")
-        self.duration_ms("replication.retentionInterval")
+        # 0 would time every keepalive ping out at once (no link ever stays up) and
+        # prune in a loop that never sleeps.
+        for key in ("replication.pingInterval", "replication.retentionInterval"):
+            if self.duration_ms(key) <= 0:
+                raise ConfigError(f"{key} must be a duration above 0, got "
+                                  f"{self.get(key)!r}")
         self.duration_ms("storage.trimInterval")
         self.duration_ms("replication.verifyInterval")
         for key, low in (("operationsApi.rateLimit.requestsPerMinute", 0),

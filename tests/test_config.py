@@ -142,6 +142,8 @@ def test_derived_replication_url():
     ({"OPERATIONSAPI_NETWORK_MAXBODYSIZE": "12"}, "operationsApi.network.maxBodySize"),
     ({"ROOTPATH": ""}, "rootPath"),
     ({"REPLICATION_ROUTES": "not-a-list"}, "replication.routes"),
+    ({"REPLICATION_PINGINTERVAL": "0"}, "replication.pingInterval"),
+    ({"REPLICATION_RETENTIONINTERVAL": "0s"}, "replication.retentionInterval"),
 ])
 def test_bad_value_raises_config_error_naming_key(env, key):
     """A bad value raises ConfigError whose message names the key."""
