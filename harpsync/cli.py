@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     install_event_loop_policy()
     try:
         handover = asyncio.run(_serve(config, args.root))
-    except (OSError, StorageError) as exc:
+    except (OSError, StorageError, ConfigError) as exc:
         print(f"harpsync: cannot start: {exc}", file=sys.stderr)
         return 1
     if handover:

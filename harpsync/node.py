@@ -24,6 +24,7 @@ from harpsync.app import build_app
 from harpsync.auth import SUPER_ROLE, Authenticator
 from harpsync.config import Config
 from harpsync.dispatch import Dispatcher
+from harpsync.errors import ConfigError
 from harpsync.jobs import JobManager
 from harpsync.metrics import Metrics
 from harpsync.passwords import hash_password
@@ -204,8 +205,11 @@ class Node:
         url_host = urlparse(self.config.replication_url()).hostname
         if url_host:
             hosts.append(url_host)
-        self.keys = await asyncio.to_thread(NodeKeys.load_or_create, root / "keys",
-                                            self.node_name, hosts)
+        try:
+            self.keys = await asyncio.to_thread(NodeKeys.load_or_create, root / "keys",
+                                                self.node_name, hosts)
+        except ValueError as exc:  # unusable key files: a message, not a traceback
+            raise ConfigError(str(exc)) from None
         await self._bootstrap_users()
         self.metrics.bind(procinfo.rss_bytes, lambda: self.storage.writer.commits,
                           lambda: self.storage.writer.jobs)

@@ -119,3 +119,37 @@ def test_restart_listens_on_a_port_set_configuration_changed(tmp_path: Path) -> 
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_first_start_interrupted_between_the_ca_files_starts_again(tmp_path: Path) -> None:
+    """A first start killed after writing ca.key but before ca.pem (no node certificate
+    yet) does not keep the node from starting: the CA certificate is issued then."""
+    node = ProcessNode("node-a", tmp_path / "a").start()
+    try:
+        node.kill()
+        keys = node.root / "keys"
+        for name in ("ca.pem", "node.pem", "node.key"):  # what such a kill leaves
+            (keys / name).unlink()
+        node.start()
+        assert node.call("cluster_status")["node_name"] == "node-a"
+        assert (keys / "ca.pem").exists() and (keys / "node.pem").exists()
+    finally:
+        node.close()
+
+
+def test_a_lost_ca_certificate_is_a_clear_error(tmp_path: Path) -> None:
+    """ca.key without ca.pem after node certificates were issued is refused with a
+    message naming the files, not a traceback."""
+    node = ProcessNode("node-a", tmp_path / "a").start()
+    node.stop()
+    (node.root / "keys" / "ca.pem").unlink()
+    env = {**os.environ, **node.env(), "OPERATIONSAPI_NETWORK_PORT": "0",
+           "REPLICATION_PORT": "0"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "harpsync.cli", "run", "--root",
+                               str(node.root)], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and "ca.pem" in proc.stderr, proc.stderr
+    finally:
+        node.close()
