@@ -10,6 +10,7 @@ import copy
 import os
 import re
 import socket
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,21 +305,27 @@ def write_settings(path: Path, updates: dict[str, Any]) -> None:
     """Set dotted ``updates`` in the YAML file at ``path``, keeping its other keys.
 
     Written to a private temporary file and renamed over the old one, so a crash never
-    leaves half a file.
+    leaves half a file. One write at a time: set_configuration (in a thread) and route
+    changes (on the loop) each read, update and replace the file, and two at once lost
+    one's keys, or wrote both into the one temporary file (a corrupt config.yaml).
     """
-    data: dict[str, Any] = {}
-    if path.exists():
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if isinstance(loaded, Mapping):
-            data = dict(loaded)
-    for key, value in updates.items():
-        Config._set(data, key, value)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode through O_CREAT
-    with os.fdopen(fd, "w") as out:
-        out.write(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    with _SETTINGS_LOCK:
+        data: dict[str, Any] = {}
+        if path.exists():
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if isinstance(loaded, Mapping):
+                data = dict(loaded)
+        for key, value in updates.items():
+            Config._set(data, key, value)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode through O_CREAT
+        with os.fdopen(fd, "w") as out:
+            out.write(yaml.safe_dump(data, sort_keys=False))
+        tmp.replace(path)
+
+
+_SETTINGS_LOCK = threading.Lock()
 
 
 def setting_keys(values: Mapping[str, Any]) -> list[str]:
