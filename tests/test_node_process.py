@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -153,3 +154,22 @@ def test_a_lost_ca_certificate_is_a_clear_error(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr and "ca.pem" in proc.stderr, proc.stderr
     finally:
         node.close()
+
+
+def test_a_create_that_never_committed_leaves_no_database(node_factory: Any) -> None:
+    """The environment a create opened before a crash kept it from committing is removed
+    at start: the name reads as absent and create_database makes it (it said "already
+    exists", and the database never replicated)."""
+    from harpsync.storage.database import Database
+
+    a = node_factory("node-a")
+    a.stop()
+    path = a.root / "database" / "ghost"
+    Database("ghost", path, 1 << 30, "node-a").close()  # what such a crash leaves
+    a.start()
+    assert "ghost" not in a.call("describe_all")
+    assert not path.exists()
+    a.call("create_database", database="ghost")
+    assert "ghost" in a.call("describe_all")
+    a.restart()
+    assert "ghost" in a.call("describe_all")  # a committed create (no tables) stays
