@@ -118,6 +118,7 @@ class Metrics:
                                        registry=r)
         self._totals: dict[str, tuple[str, Callable[[], float]]] = {}
         self._links: set[tuple[str, str]] = set()  # links with per-link gauges
+        self._divergent: set[tuple[str, str, str]] = set()  # divergent_keys label sets
         r.register(_FunctionCounters(self._totals))
 
     def observe_operation(self, operation: str | None, status: int, seconds: float) -> None:
@@ -157,6 +158,18 @@ class Metrics:
                 with contextlib.suppress(KeyError):  # never set for this link
                     gauge.remove(*key)
         self._links = set(links)
+
+    def set_divergent(self, peer: str, database: str, table: str, keys: int) -> None:
+        """Keys that differed from ``peer`` at the last verification of the table."""
+        self.divergent_keys.labels(peer, database, table).set(keys)
+        self._divergent.add((peer, database, table))
+
+    def keep_peers(self, peers: set[str]) -> None:
+        """Drop the verification gauges of peers not in ``peers`` (removed nodes)."""
+        for key in [k for k in self._divergent if k[0] not in peers]:
+            with contextlib.suppress(KeyError):
+                self.divergent_keys.remove(*key)
+            self._divergent.discard(key)
 
     def count_total(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """Expose a counter kept elsewhere as ``<name>_total`` (read at scrape time)."""

@@ -70,6 +70,7 @@ def refresh_gauges(rep: StatusSource) -> None:
     metrics = rep.metrics
     links = dict(rep.subscribers)
     metrics.keep_links(set(links))
+    metrics.keep_peers(set(rep.rows))
     for (peer, database), sub in sorted(links.items()):
         metrics.lag_txns.labels(peer, database).set(sub.lag_txns())
         metrics.connected.labels(peer, database).set(1 if sub.connected else 0)
