@@ -31,7 +31,7 @@ from harpsync.passwords import hash_password
 from harpsync.replication.replicator import Replicator
 from harpsync.replication.status import refresh_gauges
 from harpsync.replication.verifier import Verifier, peer_handlers
-from harpsync.security import NodeKeys
+from harpsync.security import NodeKeys, server_context
 from harpsync.storage import reads, writes
 from harpsync.storage.hlc import OFFSET_ENV
 from harpsync.storage.store import SYSTEM, Storage
@@ -236,6 +236,11 @@ class Node:
             key = self.config.get("operationsApi.tls.privateKey")
             if not (cert and key):
                 cert, key = self.keys.https_files()
+            try:  # a message naming the files, not uvicorn's bare "[Errno 2]"
+                server_context(Path(cert), Path(key))
+            except OSError as exc:  # ssl.SSLError included
+                raise ConfigError(f"operationsApi.tls.certificate {cert!r} / privateKey "
+                                  f"{key!r} cannot be used: {exc}") from None
             self._servers.append(await self._serve(app, [self.secure_sock],
                                                    ssl_certfile=cert, ssl_keyfile=key))
         self._trimmer = asyncio.create_task(self._trim_memory())

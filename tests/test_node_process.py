@@ -173,3 +173,21 @@ def test_a_create_that_never_committed_leaves_no_database(node_factory: Any) -> 
     assert "ghost" in a.call("describe_all")
     a.restart()
     assert "ghost" in a.call("describe_all")  # a committed create (no tables) stays
+
+
+def test_unusable_https_files_are_named(tmp_path: Path) -> None:
+    """A TLS certificate or key that is missing or not PEM stops the start with a
+    message naming the setting and the file, not a bare errno."""
+    bad = tmp_path / "cert.pem"
+    bad.write_text("not a certificate\n")
+    for cert, key in ((tmp_path / "missing.pem", bad), (bad, bad)):
+        env = {**os.environ, "OPERATIONSAPI_NETWORK_PORT": "0", "REPLICATION_PORT": "0",
+               "OPERATIONSAPI_NETWORK_SECUREPORT": "0", "HDB_ADMIN_PASSWORD": "x",
+               "OPERATIONSAPI_TLS_CERTIFICATE": str(cert),
+               "OPERATIONSAPI_TLS_PRIVATEKEY": str(key), "LOGGING_LEVEL": "error"}
+        proc = subprocess.run([sys.executable, "-m", "harpsync.cli", "run", "--root",
+                               str(tmp_path / "a")], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        assert "operationsApi.tls.certificate" in proc.stderr and str(cert) in proc.stderr, \
+            proc.stderr
