@@ -79,6 +79,8 @@ def env_name(key: str) -> str:
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any], where: str) -> None:
     for key, value in over.items():
+        if value is None and isinstance(base.get(key), dict):
+            continue  # a section whose keys are all commented out: its defaults stand
         if isinstance(value, Mapping) and isinstance(base.get(key), dict):
             _merge(base[key], value, f"{where}{key}.")
         else:
@@ -164,7 +166,9 @@ class Config:
         node = values
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if not isinstance(node.get(part), dict):
+                node[part] = {}  # an empty section (``replication:``) in a file
+            node = node[part]
         node[parts[-1]] = value
 
     def get(self, key: str) -> Any:

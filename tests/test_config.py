@@ -299,3 +299,18 @@ def test_concurrent_setting_writes_keep_every_key(tmp_path):
     assert errors == []
     data = yaml.safe_load(path.read_text())
     assert data == {f"k{n}": {f"r{r}": n for r in range(20)} for n in range(8)}
+
+
+def test_an_empty_section_keeps_its_defaults(tmp_path):
+    """A section whose keys are all commented out (``replication:`` alone, null in YAML)
+    keeps the defaults, takes environment overrides, and set_configuration can write
+    into it (it was a port error, a TypeError traceback, and a 500)."""
+    from harpsync.config import write_settings
+
+    path = tmp_path / "config.yaml"
+    path.write_text("replication:\n  # port: 9944\nlogging:\n")
+    config = Config.load(path, env={})
+    assert config.get("replication.port") == 9933
+    assert Config.load(path, env={"REPLICATION_PORT": "9950"}).get("replication.port") == 9950
+    write_settings(path, {"replication.port": 9951})
+    assert Config.load(path, env={}).get("replication.port") == 9951
