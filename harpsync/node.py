@@ -88,13 +88,18 @@ def install_event_loop_policy() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, keys: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets it knows are
     # TCP, and without it every response waits ~40 ms for a delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:  # name the address and the settings, not just errno
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port} ({keys}): "
+                                 f"{exc.strerror}") from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -222,7 +227,8 @@ class Node:
         await self.cluster.start(repl_sock)
         self.verifier.start(self.config.duration_ms("replication.verifyInterval") / 1000.0)
         self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),
-                                          int(self.config.get("operationsApi.network.port")))
+                                          int(self.config.get("operationsApi.network.port")),
+                                          "operationsApi.network.host, port")
         host = self.config.get("operationsApi.network.host")
         secure_port = self.config.get("operationsApi.network.securePort")
         if host not in ("127.0.0.1", "localhost", "::1") and secure_port is None:
@@ -231,7 +237,8 @@ class Node:
         app = build_app(self)
         self._servers = [await self._serve(app, [self.ops_sock])]
         if secure_port is not None:
-            self.secure_sock = _bind(host, int(secure_port))
+            self.secure_sock = _bind(host, int(secure_port),
+                                     "operationsApi.network.host, securePort")
             cert = self.config.get("operationsApi.tls.certificate")
             key = self.config.get("operationsApi.tls.privateKey")
             if not (cert and key):

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import ADMIN, ProcessNode, wait_for
+from tests.helpers import ADMIN, ProcessNode, bind_socket, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -191,3 +191,49 @@ def test_unusable_https_files_are_named(tmp_path: Path) -> None:
         assert proc.returncode == 1, proc.stderr
         assert "operationsApi.tls.certificate" in proc.stderr and str(cert) in proc.stderr, \
             proc.stderr
+
+
+@pytest.mark.parametrize("taken", ["OPERATIONSAPI_NETWORK_PORT", "REPLICATION_PORT"])
+def test_a_port_in_use_is_named(tmp_path: Path, taken: str) -> None:
+    """A listener address already in use stops the start with the address and the
+    setting named (it was a bare "[Errno 98] Address already in use")."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**os.environ, "OPERATIONSAPI_NETWORK_PORT": "0", "REPLICATION_PORT": "0",
+               "REPLICATION_HOST": "127.0.0.1", taken: str(port),
+               "HDB_ADMIN_PASSWORD": "x", "LOGGING_LEVEL": "error"}
+        proc = subprocess.run([sys.executable, "-m", "harpsync.cli", "run", "--root",
+                               str(tmp_path / "a")], env=env, capture_output=True,
+                              text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert ("replication.port" if taken == "REPLICATION_PORT" else "port") in proc.stderr
+
+
+def test_replication_listens_on_ipv6(tmp_path: Path) -> None:
+    """``replication.host: "::"`` binds (it was bound as IPv4 and failed to start)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    ops = bind_socket()
+    port = ops.getsockname()[1]
+    env = {**os.environ, "REPLICATION_HOST": "::", "REPLICATION_PORT": "0",
+           "REPLICATION_HOSTNAME": "node-a", "HDB_ADMIN_PASSWORD": "x",
+           "LOGGING_LEVEL": "error", "HARPSYNC_OPS_FD": str(ops.fileno())}
+    proc = subprocess.Popen([sys.executable, "-m", "harpsync.cli", "run", "--root",
+                             str(tmp_path / "a")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, pass_fds=(ops.fileno(),))
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            assert proc.stderr is not None
+            pytest.fail(proc.stderr.read())
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).is_success
+
+    try:
+        wait_for(up, timeout=30, message="the node to start")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        ops.close()
