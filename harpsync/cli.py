@@ -15,14 +15,14 @@ from typing import Any
 
 from harpsync import requests_ctx
 from harpsync.config import Config
-from harpsync.errors import ConfigError
+from harpsync.errors import ConfigError, StorageError
 
 _LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
                "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
                "fatal": logging.CRITICAL, "notify": logging.INFO}
 
 
-async def _serve(config: Config) -> dict[str, str] | None:
+async def _serve(config: Config, root: str | None = None) -> dict[str, str] | None:
     """Run a node until a signal (returns None) or a restart operation (returns the
     variables that hand the still-open listening sockets to the next run)."""
     from harpsync.node import Node
@@ -52,14 +52,29 @@ async def _serve(config: Config) -> dict[str, str] | None:
         # Duplicates outlive the node's own close: the addresses stay bound (and accept
         # into the backlog) until the next run takes them over.
         ops_sock, repl_sock = node.listening_sockets()
-        handover = {"HARPSYNC_OPS_FD": _keep(ops_sock), "HARPSYNC_REPL_FD": _keep(repl_sock)}
+        # A listener whose address set_configuration changed is not handed over: the
+        # next run binds the new one (an unreadable file: the next run reports it).
+        try:
+            after = Config.load(config.path, root=root)
+        except ConfigError:
+            after = config
+        handover = {}
+        for variable, sock, host, port in (
+                ("HARPSYNC_OPS_FD", ops_sock, "operationsApi.network.host",
+                 "operationsApi.network.port"),
+                ("HARPSYNC_REPL_FD", repl_sock, "replication.host", "replication.port")):
+            if (after.get(host), after.get(port)) == (config.get(host), config.get(port)):
+                handover[variable] = _keep(sock)
+            else:
+                handover[variable] = ""  # not inherited: the next run binds
         logging.getLogger("harpsync").info("restarting (%s)", node.restart_requested)
     else:
         logging.getLogger("harpsync").info("shutting down")
     await node.stop()
     if handover and signalled:
         for fd in handover.values():
-            os.close(int(fd))
+            if fd:
+                os.close(int(fd))
         return None
     return handover
 
@@ -109,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
 
     install_event_loop_policy()
     try:
-        handover = asyncio.run(_serve(config))
-    except OSError as exc:
+        handover = asyncio.run(_serve(config, args.root))
+    except (OSError, StorageError, ConfigError) as exc:
         print(f"harpsync: cannot start: {exc}", file=sys.stderr)
         return 1
     if handover:

@@ -10,6 +10,7 @@ import copy
 import os
 import re
 import socket
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,8 @@ def env_name(key: str) -> str:
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any], where: str) -> None:
     for key, value in over.items():
+        if value is None and isinstance(base.get(key), dict):
+            continue  # a section whose keys are all commented out: its defaults stand
         if isinstance(value, Mapping) and isinstance(base.get(key), dict):
             _merge(base[key], value, f"{where}{key}.")
         else:
@@ -127,8 +130,15 @@ class Config:
             ConfigError: the file is unreadable or a value is invalid; names the key.
         """
         env = os.environ if env is None else env
-        if path is None and root is not None and (Path(root) / "config.yaml").exists():
-            path = Path(root) / "config.yaml"  # routes persisted by a running node
+        if path is None:
+            # Where a node started without a config file persists routes and settings
+            # (Node sets ``<rootPath>/config.yaml``): --root, else ROOTPATH, else the
+            # default, so the next start with the same command line reads them back.
+            where = root if root is not None else (env.get(env_name("rootPath"))
+                                                   or DEFAULTS["rootPath"])
+            saved = Path(where).expanduser() / "config.yaml"
+            if saved.exists():
+                path = saved
         values = copy.deepcopy(DEFAULTS)
         if path is not None and path.exists():
             try:
@@ -156,7 +166,9 @@ class Config:
         node = values
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if not isinstance(node.get(part), dict):
+                node[part] = {}  # an empty section (``replication:``) in a file
+            node = node[part]
         node[parts[-1]] = value
 
     def get(self, key: str) -> Any:
@@ -219,8 +231,12 @@ class Config:
             raise ConfigError(f"logging.level must be one of {sorted(_LEVELS)}, got {level!r}")
         self.retention_ms()
         self.duration_ms("replication.maxClockSkew")
-        self.duration_ms("replication.pingInterval")
-        self.duration_ms("replication.retentionInterval")
+        # 0 would time every keepalive ping out at once (no link ever stays up) and
+        # prune in a loop that never sleeps.
+        for key in ("replication.pingInterval", "replication.retentionInterval"):
+            if self.duration_ms(key) <= 0:
+                raise ConfigError(f"{key} must be a duration above 0, got "
+                                  f"{self.get(key)!r}")
         self.duration_ms("storage.trimInterval")
         self.duration_ms("replication.verifyInterval")
         for key, low in (("operationsApi.rateLimit.requestsPerMinute", 0),
@@ -293,21 +309,27 @@ def write_settings(path: Path, updates: dict[str, Any]) -> None:
     """Set dotted ``updates`` in the YAML file at ``path``, keeping its other keys.
 
     Written to a private temporary file and renamed over the old one, so a crash never
-    leaves half a file.
+    leaves half a file. One write at a time: set_configuration (in a thread) and route
+    changes (on the loop) each read, update and replace the file, and two at once lost
+    one's keys, or wrote both into the one temporary file (a corrupt config.yaml).
     """
-    data: dict[str, Any] = {}
-    if path.exists():
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if isinstance(loaded, Mapping):
-            data = dict(loaded)
-    for key, value in updates.items():
-        Config._set(data, key, value)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode through O_CREAT
-    with os.fdopen(fd, "w") as out:
-        out.write(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    with _SETTINGS_LOCK:
+        data: dict[str, Any] = {}
+        if path.exists():
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if isinstance(loaded, Mapping):
+                data = dict(loaded)
+        for key, value in updates.items():
+            Config._set(data, key, value)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode through O_CREAT
+        with os.fdopen(fd, "w") as out:
+            out.write(yaml.safe_dump(data, sort_keys=False))
+        tmp.replace(path)
+
+
+_SETTINGS_LOCK = threading.Lock()
 
 
 def setting_keys(values: Mapping[str, Any]) -> list[str]:

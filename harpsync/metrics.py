@@ -7,6 +7,7 @@ of one node) are switched off.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
@@ -116,6 +117,8 @@ class Metrics:
                                        "/changes clients dropped for falling behind",
                                        registry=r)
         self._totals: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._links: set[tuple[str, str]] = set()  # links with per-link gauges
+        self._divergent: set[tuple[str, str, str]] = set()  # divergent_keys label sets
         r.register(_FunctionCounters(self._totals))
 
     def observe_operation(self, operation: str | None, status: int, seconds: float) -> None:
@@ -145,6 +148,28 @@ class Metrics:
         progress = progress or {}
         self.copy_done.labels(peer, database).set(progress.get("records_copied", 0))
         self.copy_expected.labels(peer, database).set(progress.get("records_total", 0))
+
+    def keep_links(self, links: set[tuple[str, str]]) -> None:
+        """Drop the per-link gauges of links not in ``links`` (``(peer, database)``): a
+        removed peer or dropped database must not show its last values forever."""
+        for key in self._links - links:
+            for gauge in (self.lag_txns, self.connected, self.compression_ratio,
+                          self.copying, self.copy_done, self.copy_expected):
+                with contextlib.suppress(KeyError):  # never set for this link
+                    gauge.remove(*key)
+        self._links = set(links)
+
+    def set_divergent(self, peer: str, database: str, table: str, keys: int) -> None:
+        """Keys that differed from ``peer`` at the last verification of the table."""
+        self.divergent_keys.labels(peer, database, table).set(keys)
+        self._divergent.add((peer, database, table))
+
+    def keep_peers(self, peers: set[str]) -> None:
+        """Drop the verification gauges of peers not in ``peers`` (removed nodes)."""
+        for key in [k for k in self._divergent if k[0] not in peers]:
+            with contextlib.suppress(KeyError):
+                self.divergent_keys.remove(*key)
+            self._divergent.discard(key)
 
     def count_total(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """Expose a counter kept elsewhere as ``<name>_total`` (read at scrape time)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import importlib.util
 import logging
 import os
@@ -11,6 +13,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -21,13 +24,14 @@ from harpsync.app import build_app
 from harpsync.auth import SUPER_ROLE, Authenticator
 from harpsync.config import Config
 from harpsync.dispatch import Dispatcher
+from harpsync.errors import ConfigError
 from harpsync.jobs import JobManager
 from harpsync.metrics import Metrics
 from harpsync.passwords import hash_password
 from harpsync.replication.replicator import Replicator
 from harpsync.replication.status import refresh_gauges
 from harpsync.replication.verifier import Verifier, peer_handlers
-from harpsync.security import NodeKeys
+from harpsync.security import NodeKeys, server_context
 from harpsync.storage import reads, writes
 from harpsync.storage.hlc import OFFSET_ENV
 from harpsync.storage.store import SYSTEM, Storage
@@ -84,13 +88,18 @@ def install_event_loop_policy() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, keys: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets it knows are
     # TCP, and without it every response waits ~40 ms for a delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:  # name the address and the settings, not just errno
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port} ({keys}): "
+                                 f"{exc.strerror}") from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -129,6 +138,7 @@ class Node:
         self.generated_password: str | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self._jobs: JobManager | None = None
+        self._root_lock: int | None = None
         # Set by ``harpsync run``: the restart operations call it to stop the node and
         # run it again (``restart_requested`` names what asked).
         self.restart_hook: Any = None
@@ -162,6 +172,37 @@ class Node:
         root = self.config.root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)  # keys and databases live here, whatever the umask
+        # Held until stop() (a failed start keeps it: its storage stays open).
+        self._lock_root()
+        await self._start(root, ops_sock, repl_sock)
+
+    def _lock_root(self) -> None:
+        """Hold ``<root>/harpsync.lock`` while the node runs: two nodes on one root would
+        both open its LMDB files and write with their own sequence counters.
+
+        Raises:
+            OSError: another process (or node of this one) holds the root.
+        """
+        path = self.config.root / "harpsync.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OSError(errno.EBUSY, f"{self.config.root} is in use by another harpsync "
+                                       f"node (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._root_lock = fd
+
+    def _unlock_root(self) -> None:
+        if self._root_lock is not None:
+            os.close(self._root_lock)  # closing the descriptor releases the lock
+            self._root_lock = None
+
+    async def _start(self, root: Path, ops_sock: socket.socket | None,
+                     repl_sock: socket.socket | None) -> None:
         await asyncio.to_thread(self.storage.open)
         self._jobs = await asyncio.to_thread(JobManager.open, root / "jobs")
         self._auth = Authenticator(self.storage)
@@ -169,8 +210,11 @@ class Node:
         url_host = urlparse(self.config.replication_url()).hostname
         if url_host:
             hosts.append(url_host)
-        self.keys = await asyncio.to_thread(NodeKeys.load_or_create, root / "keys",
-                                            self.node_name, hosts)
+        try:
+            self.keys = await asyncio.to_thread(NodeKeys.load_or_create, root / "keys",
+                                                self.node_name, hosts)
+        except ValueError as exc:  # unusable key files: a message, not a traceback
+            raise ConfigError(str(exc)) from None
         await self._bootstrap_users()
         self.metrics.bind(procinfo.rss_bytes, lambda: self.storage.writer.commits,
                           lambda: self.storage.writer.jobs)
@@ -183,7 +227,8 @@ class Node:
         await self.cluster.start(repl_sock)
         self.verifier.start(self.config.duration_ms("replication.verifyInterval") / 1000.0)
         self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),
-                                          int(self.config.get("operationsApi.network.port")))
+                                          int(self.config.get("operationsApi.network.port")),
+                                          "operationsApi.network.host, port")
         host = self.config.get("operationsApi.network.host")
         secure_port = self.config.get("operationsApi.network.securePort")
         if host not in ("127.0.0.1", "localhost", "::1") and secure_port is None:
@@ -192,11 +237,17 @@ class Node:
         app = build_app(self)
         self._servers = [await self._serve(app, [self.ops_sock])]
         if secure_port is not None:
-            self.secure_sock = _bind(host, int(secure_port))
+            self.secure_sock = _bind(host, int(secure_port),
+                                     "operationsApi.network.host, securePort")
             cert = self.config.get("operationsApi.tls.certificate")
             key = self.config.get("operationsApi.tls.privateKey")
             if not (cert and key):
                 cert, key = self.keys.https_files()
+            try:  # a message naming the files, not uvicorn's bare "[Errno 2]"
+                server_context(Path(cert), Path(key))
+            except OSError as exc:  # ssl.SSLError included
+                raise ConfigError(f"operationsApi.tls.certificate {cert!r} / privateKey "
+                                  f"{key!r} cannot be used: {exc}") from None
             self._servers.append(await self._serve(app, [self.secure_sock],
                                                    ssl_certfile=cert, ssl_keyfile=key))
         self._trimmer = asyncio.create_task(self._trim_memory())
@@ -254,6 +305,7 @@ class Node:
         if self.cluster is not None:
             await self.cluster.stop()
         await asyncio.to_thread(self.storage.close)
+        self._unlock_root()
 
     def listening_sockets(self) -> tuple[socket.socket, socket.socket]:
         """The operations API and replication listeners (a restart hands them over)."""

@@ -7,7 +7,8 @@ key and value with the same validation a start-up runs (a 400 names the bad one)
 writes them to the node's ``config.yaml``, applies at once the ones that can change
 live, and lists the ones that need a restart. ``restart`` stops the node cleanly and
 starts the same command line again; the listening sockets stay open across it, so the
-node keeps its addresses and clients queue instead of being refused.
+node keeps its addresses and clients queue instead of being refused (except a listener
+whose address was changed: the next run binds the new one).
 """
 
 from __future__ import annotations

@@ -142,6 +142,8 @@ def test_derived_replication_url():
     ({"OPERATIONSAPI_NETWORK_MAXBODYSIZE": "12"}, "operationsApi.network.maxBodySize"),
     ({"ROOTPATH": ""}, "rootPath"),
     ({"REPLICATION_ROUTES": "not-a-list"}, "replication.routes"),
+    ({"REPLICATION_PINGINTERVAL": "0"}, "replication.pingInterval"),
+    ({"REPLICATION_RETENTIONINTERVAL": "0s"}, "replication.retentionInterval"),
 ])
 def test_bad_value_raises_config_error_naming_key(env, key):
     """A bad value raises ConfigError whose message names the key."""
@@ -268,3 +270,47 @@ def test_saving_routes_keeps_the_config_file_private_whatever_the_umask(tmp_path
     assert path.stat().st_mode & 0o777 == 0o600
     assert Config.load(path, env={}).get("replication.routes") == ["wss://node-b:9933"]
     assert Config.load(path, env={}).get("logging.level") == "info"
+
+
+def test_concurrent_setting_writes_keep_every_key(tmp_path):
+    """write_settings from many threads at once (set_configuration runs it in a thread,
+    add_node on the loop) loses no key, corrupts nothing and never fails."""
+    import threading
+
+    import yaml
+
+    from harpsync.config import write_settings
+
+    path = tmp_path / "config.yaml"
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for round_ in range(20):
+                write_settings(path, {f"k{n}.r{round_}": n})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    data = yaml.safe_load(path.read_text())
+    assert data == {f"k{n}": {f"r{r}": n for r in range(20)} for n in range(8)}
+
+
+def test_an_empty_section_keeps_its_defaults(tmp_path):
+    """A section whose keys are all commented out (``replication:`` alone, null in YAML)
+    keeps the defaults, takes environment overrides, and set_configuration can write
+    into it (it was a port error, a TypeError traceback, and a 500)."""
+    from harpsync.config import write_settings
+
+    path = tmp_path / "config.yaml"
+    path.write_text("replication:\n  # port: 9944\nlogging:\n")
+    config = Config.load(path, env={})
+    assert config.get("replication.port") == 9933
+    assert Config.load(path, env={"REPLICATION_PORT": "9950"}).get("replication.port") == 9950
+    write_settings(path, {"replication.port": 9951})
+    assert Config.load(path, env={}).get("replication.port") == 9951

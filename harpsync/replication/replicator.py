@@ -110,9 +110,16 @@ class Replicator:
         self.loop = asyncio.get_running_loop()
         if sock is None:
             # IPPROTO_TCP so asyncio sets TCP_NODELAY on accepted sockets.
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            host, port = self.settings.host, self.settings.port
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::" too
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.settings.host, self.settings.port))
+            try:
+                sock.bind((host, port))
+            except OSError as exc:  # name the address and the settings, not just errno
+                sock.close()
+                raise OSError(exc.errno, f"cannot listen on {host}:{port} (replication.host"
+                                         f", replication.port): {exc.strerror}") from None
             sock.listen(256)
             sock.setblocking(False)
         self._sock = sock

@@ -68,7 +68,10 @@ def refresh_gauges(rep: StatusSource) -> None:
     """Set the per-link gauges ``/metrics`` shows: lag, connected, compression ratio and
     copy progress (``cluster_status`` only reports; it sets nothing)."""
     metrics = rep.metrics
-    for (peer, database), sub in sorted(rep.subscribers.items()):
+    links = dict(rep.subscribers)
+    metrics.keep_links(set(links))
+    metrics.keep_peers(set(rep.rows))
+    for (peer, database), sub in sorted(links.items()):
         metrics.lag_txns.labels(peer, database).set(sub.lag_txns())
         metrics.connected.labels(peer, database).set(1 if sub.connected else 0)
         session = sub.session

@@ -354,8 +354,7 @@ class Verifier:
                                        {"at": now, "in_sync": True, "differences": 0})
             entry["in_sync"] = entry["in_sync"] and o.in_sync
             entry["differences"] += len(o.differences)
-            self.rep.metrics.divergent_keys.labels(p.peer, p.database, p.table).set(
-                len(o.differences))
+            self.rep.metrics.set_divergent(p.peer, p.database, p.table, len(o.differences))
         self.rep.verified.update(by_link)
         self.rep.metrics.last_verification.set(now)
 

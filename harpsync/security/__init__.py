@@ -24,11 +24,11 @@ from harpsync.security.certificates import check_node_cert, serial_to_hex, valid
 from harpsync.security.identity import PeerCert, PeerIdentity, peer_cert, peer_identity
 from harpsync.security.issuing import VALIDITY_DAYS, IssuedCert
 from harpsync.security.keys import NodeKeys
-from harpsync.security.tls import TLS_ERRORS, TLSContext, describe_tls_error
+from harpsync.security.tls import TLS_ERRORS, TLSContext, describe_tls_error, server_context
 
 __all__ = [
     "NodeKeys", "PeerIdentity", "PeerCert", "peer_identity", "peer_cert", "serial_to_hex",
     "hash_password", "verify_password", "parse_authorization", "IssuedCert",
     "check_node_cert", "valid_pin", "VALIDITY_DAYS", "TLSContext", "TLS_ERRORS",
-    "describe_tls_error",
+    "describe_tls_error", "server_context",
 ]

@@ -59,8 +59,12 @@ def load_or_create_files(
     Returns:
         ``(ca_key, ca_cert, node_key, node_cert)``.
 
+    Only ``ca.key`` with neither ``ca.pem`` nor ``node.pem`` is what a first start
+    killed between its writes leaves: the CA certificate is issued from that key.
+
     Raises:
-        ValueError: If only one of ``ca.pem`` / ``ca.key`` exists, or a key is not EC.
+        ValueError: If only one of ``ca.pem`` / ``ca.key`` exists otherwise, or a key
+            is not EC.
     """
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (keys_dir / "trusted").mkdir(exist_ok=True, mode=0o700)
@@ -71,6 +75,14 @@ def load_or_create_files(
             os.chmod(private, 0o600)
     ca_path, ca_key_path = keys_dir / "ca.pem", keys_dir / "ca.key"
     node_path, node_key_path = keys_dir / "node.pem", keys_dir / "node.key"
+    if ca_key_path.exists() and not ca_path.exists() and not node_path.exists():
+        # The first start stopped between writing ca.key and ca.pem (a crash): no node
+        # certificate was ever signed, so nothing can trust this CA yet. Finish it.
+        ca_key = _load_key(ca_key_path)
+        log.warning("%s has ca.key without ca.pem (an interrupted first start): issuing "
+                    "the CA certificate", keys_dir)
+        write_file(ca_path, issue(f"harpsync CA {node_name}", ca_key.public_key(), ca_key,
+                                  None).public_bytes(PEM))
     if ca_path.exists() != ca_key_path.exists():
         raise ValueError(f"{keys_dir} has only one of ca.pem / ca.key; refusing to "
                          "replace the CA")

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import lmdb
 
 from harpsync import codec
+from harpsync.errors import StorageError
 from harpsync.storage import digest
 from harpsync.storage.errors import NoSuchDatabaseError, TooManyTablesError
 from harpsync.storage.keys import seq_key, seq_of
@@ -127,13 +128,17 @@ class Database:
         # Private whatever the umask: the files hold password hashes and node rows.
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(path, 0o700)
-        self.env = lmdb.Environment(
-            str(path), map_size=map_size, max_dbs=MAX_DBS, max_readers=512, subdir=True,
-            sync=True, metasync=True, readahead=False, mode=0o600,
-            # Reuse one reset read transaction: with 4096 DBIs a fresh one costs a
-            # zeroed allocation of ~200 KB (about 2 µs, a tenth of a search_by_id).
-            max_spare_txns=1,
-        )
+        try:
+            self.env = lmdb.Environment(
+                str(path), map_size=map_size, max_dbs=MAX_DBS, max_readers=512,
+                subdir=True, sync=True, metasync=True, readahead=False, mode=0o600,
+                # Reuse one reset read transaction: with 4096 DBIs a fresh one costs a
+                # zeroed allocation of ~200 KB (about 2 µs, a tenth of a search_by_id).
+                max_spare_txns=1,
+            )
+        except lmdb.Error as exc:  # e.g. a storage.mapSize larger than the address space
+            raise StorageError(f"cannot open database '{name}' in {path} with "
+                               f"storage.mapSize {map_size}: {exc}") from None
         for name in ("data.mdb", "lock.mdb"):
             if (path / name).exists():
                 os.chmod(path / name, 0o600)

@@ -84,6 +84,14 @@ class Storage:
                 log.info("removing dropped database '%s'", path.name)
                 db.destroy()
                 continue
+            if not db.created and not db.tables and db.next_seq == 1:
+                # Every create commits its version here; an environment without one
+                # was opened for a create that never committed (a crash between its
+                # prepare and commit). Kept, it would read as a database that exists
+                # here only: never replicated, and create_database refused.
+                log.info("removing database '%s' whose create never committed", path.name)
+                db.destroy()
+                continue
             self.databases[path.name] = db
         for db in self.databases.values():
             self._observe_log_versions(db)
