@@ -26,6 +26,7 @@ from harpsync.config import Config
 from harpsync.dispatch import Dispatcher
 from harpsync.errors import ConfigError
 from harpsync.jobs import JobManager
+from harpsync.listening import bind as bind_listener
 from harpsync.metrics import Metrics
 from harpsync.passwords import hash_password
 from harpsync.replication.replicator import Replicator
@@ -86,23 +87,6 @@ def install_event_loop_policy() -> None:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-def _bind(host: str, port: int, keys: str) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets it knows are
-    # TCP, and without it every response waits ~40 ms for a delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:  # name the address and the settings, not just errno
-        sock.close()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port} ({keys}): "
-                                 f"{exc.strerror}") from None
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
 
 
 class Node:
@@ -226,9 +210,10 @@ class Node:
         self.cluster.copy_listeners.append(self.verifier.after_copy)
         await self.cluster.start(repl_sock)
         self.verifier.start(self.config.duration_ms("replication.verifyInterval") / 1000.0)
-        self.ops_sock = ops_sock or _bind(self.config.get("operationsApi.network.host"),
-                                          int(self.config.get("operationsApi.network.port")),
-                                          "operationsApi.network.host, port")
+        self.ops_sock = ops_sock or bind_listener(
+            self.config.get("operationsApi.network.host"),
+            int(self.config.get("operationsApi.network.port")),
+            "operationsApi.network.host, port", 1024)
         host = self.config.get("operationsApi.network.host")
         secure_port = self.config.get("operationsApi.network.securePort")
         if host not in ("127.0.0.1", "localhost", "::1") and secure_port is None:
@@ -237,8 +222,8 @@ class Node:
         app = build_app(self)
         self._servers = [await self._serve(app, [self.ops_sock])]
         if secure_port is not None:
-            self.secure_sock = _bind(host, int(secure_port),
-                                     "operationsApi.network.host, securePort")
+            self.secure_sock = bind_listener(host, int(secure_port),
+                                             "operationsApi.network.host, securePort", 1024)
             cert = self.config.get("operationsApi.tls.certificate")
             key = self.config.get("operationsApi.tls.privateKey")
             if not (cert and key):

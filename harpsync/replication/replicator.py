@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from harpsync.errors import BadRequestError
+from harpsync.listening import bind as bind_listener
 from harpsync.replication import peers, routes
 from harpsync.replication.linkstore import StorageLinkStore, table_definitions
 from harpsync.replication.maintenance import ack_floor, retention_loop
@@ -109,19 +110,8 @@ class Replicator:
     async def start(self, sock: socket.socket | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         if sock is None:
-            # IPPROTO_TCP so asyncio sets TCP_NODELAY on accepted sockets.
-            host, port = self.settings.host, self.settings.port
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::" too
-            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:  # name the address and the settings, not just errno
-                sock.close()
-                raise OSError(exc.errno, f"cannot listen on {host}:{port} (replication.host"
-                                         f", replication.port): {exc.strerror}") from None
-            sock.listen(256)
-            sock.setblocking(False)
+            sock = bind_listener(self.settings.host, self.settings.port,
+                                 "replication.host, replication.port", 256)
         self._sock = sock
         self.url = self.config.replication_url(self.port)
         context = self.keys.server_context() if self.url.startswith("wss://") else None
