@@ -131,6 +131,8 @@ class Applier:
         self.txns_received = 0
         self.last_version = 0
         self.copy_progress: dict[str, int] | None = None
+        # The copy state of the cursor a copy was asked to resume from (None: none).
+        self.copy_resume: dict[str, Any] | None = None
         self.copy_snapshot = 0
         self.replay_floor = 0
         # Set by replay_replication: send everything again, whatever this node holds.
@@ -155,8 +157,14 @@ class Applier:
         self.copy_progress = None
 
     def begin_copy(self, snapshot_seq: int, total: int) -> None:
+        """A copy begins: ``total`` counts the whole snapshot, so a copy that resumes
+        ``copy_resume`` (the same snapshot) counts the rows copied before it too."""
         self.copy_snapshot = snapshot_seq
-        self.copy_progress = {"records_copied": 0, "records_total": total}
+        resumed = self.copy_resume
+        copied = 0
+        if resumed is not None and resumed.get("snapshot") == snapshot_seq:
+            copied = int(resumed.get("copied", 0))
+        self.copy_progress = {"records_copied": copied, "records_total": total}
 
     async def settle(self) -> None:
         """Wait until no write of this link is left in the writer."""
@@ -358,8 +366,9 @@ class Applier:
         tombs = table.endswith("\x00")
         table = table.rstrip("\x00")
         old = self.store.cursor(self.database, self.peer)
+        copied = (self.copy_progress or {}).get("records_copied", 0) + len(rows)
         copy_state = {"table": table, "key": rows[-1][0], "tombs": tombs,
-                      "snapshot": self.copy_snapshot}
+                      "snapshot": self.copy_snapshot, "copied": copied}
         cursor = {**self.cursor(int(old.get("seq", 0))), "copy": copy_state}
         definition = self.peer_tables.get(table)
         incarnation = definition.get("version") if isinstance(definition, dict) else None

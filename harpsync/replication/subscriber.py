@@ -312,9 +312,12 @@ class Subscriber:
             dict.fromkeys(covered) if self.applier.replaying
             else self.store.origin_floors(self.database, covered))
         self.applier.committed_seq = after
+        self.applier.copy_resume = resume or None
+        # ``copied`` (rows copied before) is for this side's progress only.
+        sent_resume = {k: v for k, v in resume.items() if k != "copied"} if resume else None
         self._session.subscribe(after_seq=after, origins=floors,
                                 tables=None if tables is None else list(tables or []),
-                                copy=copy, copy_resume=resume or None,
+                                copy=copy, copy_resume=sent_resume,
                                 origin_tables=self.host.origin_tables(self.peer,
                                                                       self.database))
         self.state = LinkState.COPYING if copy else LinkState.STREAMING

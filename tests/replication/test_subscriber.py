@@ -113,7 +113,8 @@ async def test_a_new_pairing_starts_with_a_full_copy_then_streams():
         await acked(peer, 7)
         [(table, keys, cursor)] = linked.store.copied
         assert (table, keys) == ("dog", [b"1", b"2"])
-        assert cursor["copy"] == {"table": "dog", "key": b"2", "tombs": False, "snapshot": 7}
+        assert cursor["copy"] == {"table": "dog", "key": b"2", "tombs": False, "snapshot": 7,
+                                  "copied": 2}
         assert linked.store.cursors[("data", PEER)] == {"seq": 7, "origins": [PEER]}
         assert linked.host.copies == [(PEER, "data")]
         assert linked.sub.state == LinkState.STREAMING and linked.sub.copy_progress is None
