@@ -111,6 +111,14 @@ def test_decode_rejects_malformed_frames(data: bytes) -> None:
         decode_frame(data)
 
 
+def test_decode_rejects_a_copy_chunk_without_rows() -> None:
+    """A copy chunk with no rows is a protocol error: no publisher sends one, and the
+    applier took its resume key from the last row, so such a frame from a faulty peer
+    failed the link with an IndexError ('list index out of range') on every retry."""
+    with pytest.raises(ProtocolError, match="no rows"):
+        decode_frame(encode_copy_chunk("dog", []))
+
+
 def test_control_frame_allows_unknown_extra_fields() -> None:
     """Fields a schema does not name pass through, so newer peers can add some."""
     frame = decode_frame(encode_control("ack", seq=3, extra="x"))

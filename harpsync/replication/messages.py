@@ -290,6 +290,8 @@ def _decode_copy_chunk(data: bytes) -> CopyChunkFrame:
     table, raw_rows = body
     if not isinstance(table, str) or not isinstance(raw_rows, list):
         raise ProtocolError("copy chunk has a bad table name or rows")
+    if not raw_rows:  # split_rows never yields an empty chunk; a copy resumes after its last key
+        raise ProtocolError("copy chunk has no rows")
     rows: list[tuple[bytes, bytes]] = []
     for row in raw_rows:
         if not (
