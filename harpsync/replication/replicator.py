@@ -93,7 +93,7 @@ class Replicator:
         self._link_metrics: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
         self._server: Any = None
-        self._port: int | None = None
+        self._sock: socket.socket | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._reconcile_lock = asyncio.Lock()
         # One operator stream control (pause, resume, replay) at a time: each changes
@@ -112,7 +112,7 @@ class Replicator:
         if sock is None:
             sock = bind_listener(self.settings.host, self.settings.port,
                                  "replication.host, replication.port", 256)
-        self._port = int(sock.getsockname()[1])  # ``listen`` takes over the socket
+        self._sock = sock
         self.url = self.config.replication_url(self.port)
         context = self.keys.server_context() if self.url.startswith("wss://") else None
         self.gate = Gate(self.settings.max_pending_per_address, self.settings.max_connections)
@@ -145,8 +145,8 @@ class Replicator:
 
     @property
     def port(self) -> int:
-        assert self._port is not None
-        return self._port
+        assert self._sock is not None
+        return int(self._sock.getsockname()[1])
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         # A fresh context: background work outlives the request that started it.

@@ -57,13 +57,7 @@ DIAL_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class Gate:
-    """Caps on accepted sockets: unauthenticated ones per client address, all in total.
-
-    A socket counts from its TCP accept (``_GatedListener``) to its close, so one that
-    never finishes TLS counts as well: counted from the WebSocket connection, after
-    the TLS handshake, any number of stalled handshakes from one address were held
-    open (up to ``HANDSHAKE_TIMEOUT`` each, then opened again).
-    """
+    """Caps on accepted sockets: unauthenticated ones per client address, all in total."""
 
     def __init__(self, per_address: int, total: int) -> None:
         self.per_address = per_address
@@ -71,8 +65,6 @@ class Gate:
         self.open = 0
         self.pending: dict[str, int] = {}
         self.refused = 0
-        # Accepted sockets by peer address (host, port, ...), until they close.
-        self.sockets: dict[Any, _GatedSocket] = {}
 
     def admit(self, address: str) -> bool:
         if self.open >= self.total or self.pending.get(address, 0) >= self.per_address:
@@ -92,54 +84,10 @@ class Gate:
     def authenticated(self, address: str) -> None:
         self._unpend(address)
 
-    def authenticated_peer(self, peername: Any) -> None:
-        """The socket accepted from ``peername`` proved who it is (once)."""
-        sock = self.sockets.get(peername)
-        if sock is not None and sock.pending:
-            sock.pending = False
-            self.authenticated(sock.address)
-
     def release(self, address: str, was_pending: bool) -> None:
         self.open -= 1
         if was_pending:
             self._unpend(address)
-
-
-class _GatedSocket(socket.socket):
-    """An accepted socket that leaves its ``Gate`` when it closes."""
-
-    gate: Gate
-    address: str
-    peername: Any
-    pending: bool
-    counted: bool
-
-    def close(self) -> None:
-        if getattr(self, "counted", False):
-            self.counted = False
-            self.gate.sockets.pop(self.peername, None)
-            self.gate.release(self.address, self.pending)
-        super().close()
-
-
-class _GatedListener(socket.socket):
-    """The listening socket: admits each connection into the ``Gate`` at TCP accept,
-    before its TLS handshake, and closes at once those over a cap."""
-
-    gate: Gate
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        while True:  # until one is admitted, or BlockingIOError: none left to accept
-            fd, peername = self._accept()  # type: ignore[attr-defined]  # socket.socket's
-            conn = _GatedSocket(self.family, self.type, self.proto, fileno=fd)
-            address = str(peername[0]) if isinstance(peername, tuple) and peername else ""
-            if not self.gate.admit(address):
-                conn.close()
-                continue
-            conn.gate, conn.address, conn.peername = self.gate, address, peername
-            conn.pending = conn.counted = True
-            self.gate.sockets[peername] = conn
-            return conn, peername
 
 
 class Link:
@@ -225,16 +173,28 @@ class Link:
 
 
 class _GatedConnection(ServerConnection):
-    """A server connection on a socket a ``Gate`` counts (see ``_GatedListener``)."""
+    """A server connection counted by a ``Gate`` from TCP accept to close."""
 
     gate: Gate
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._peername = transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")
+        self._address = str(peer[0]) if peer else ""
+        self._pending = self._admitted = self.gate.admit(self._address)
+        if not self._admitted:
+            transport.abort()  # type: ignore[attr-defined]  # a socket transport
 
     def mark_authenticated(self) -> None:
-        self.gate.authenticated_peer(getattr(self, "_peername", None))
+        if self._pending:
+            self._pending = False
+            self.gate.authenticated(self._address)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "_admitted", False):
+            self._admitted = False
+            self.gate.release(self._address, self._pending)
+        super().connection_lost(exc)
 
 
 async def listen(sock: socket.socket, ssl_context: TLSContext | None,
@@ -249,14 +209,9 @@ async def listen(sock: socket.socket, ssl_context: TLSContext | None,
     async def on_connection(conn: ServerConnection) -> None:
         await handler(Link(conn, conn.request.path if conn.request else "/"))
 
-    gate = gate or Gate(64, 1024)
-    gated = type("GatedConnection", (_GatedConnection,), {"gate": gate})
-    # The server takes over the socket: as a _GatedListener (same file descriptor), so
-    # the gate counts each connection from its accept. ``sock`` is left detached.
-    listener = _GatedListener(sock.family, sock.type, sock.proto, fileno=sock.detach())
-    listener.gate = gate
+    gated = type("GatedConnection", (_GatedConnection,), {"gate": gate or Gate(64, 1024)})
     return await serve(
-        on_connection, sock=listener, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+        on_connection, sock=sock, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
         ping_interval=ping_interval, ping_timeout=ping_interval * 2, max_size=PREAUTH_FRAME,
         compression=None, close_timeout=2, write_limit=256 * 1024, max_queue=PREAUTH_QUEUE,
         open_timeout=HANDSHAKE_TIMEOUT, create_connection=gated,

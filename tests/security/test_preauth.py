@@ -120,35 +120,6 @@ def test_unauthenticated_sockets_are_capped_per_address(node_factory):
              timeout=10, message="a new socket after the others closed")
 
 
-@pytest.mark.timeout(60)
-def test_sockets_that_never_start_tls_count_against_the_per_address_cap(node_factory):
-    """TCP sockets that send nothing (no TLS handshake) count as unauthenticated sockets
-    of their address: past the cap the node closes them and refuses more from that
-    address, while another address gets through. Before, the cap counted only sockets
-    past their TLS handshake: 200 silent sockets from one address were all held open
-    (up to 5 s each) and a WebSocket upgrade from it still succeeded."""
-    a = node_factory("node-a", env={"REPLICATION_MAXPENDINGPERADDRESS": "8"})
-    silent = [socket.create_connection(("127.0.0.1", a.repl_port), timeout=10)
-              for _ in range(20)]
-    try:
-        # The node closes the ones past the cap at once (EOF or reset, no data).
-        def closed(sock: socket.socket) -> bool:
-            try:
-                return sock.recv(1) == b""
-            except ConnectionResetError:
-                return True
-        assert sum(closed(sock) for sock in silent[8:]) == 12
-        assert _upgrade(a.repl_port) is None
-        other = _upgrade(a.repl_port, source="127.0.0.2")
-        assert other is not None
-        other.close()
-    finally:
-        for sock in silent:
-            sock.close()
-    wait_for(lambda: (c := _upgrade(a.repl_port)) is not None and (c.close() or True),
-             timeout=10, message="a new socket after the silent ones closed")
-
-
 def test_large_frame_before_authentication_is_refused(node_factory):
     """A certificate-less socket sending a frame over 64 KiB is closed (1009), before
     the node has buffered it."""
