@@ -13,9 +13,18 @@ def pack(obj: Any) -> bytes:
     return packed
 
 
-def unpack(data: bytes | memoryview) -> Any:
-    """Decode msgpack bytes; maps may have integer keys."""
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+def unpack(data: bytes | memoryview, max_array_len: int | None = None) -> Any:
+    """Decode msgpack bytes; maps may have integer keys.
+
+    Args:
+        data: the msgpack bytes.
+        max_array_len: refuse (ValueError) any array longer than this, before
+            decoding its items (None: bounded only by the size of ``data``).
+    """
+    if max_array_len is None:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return msgpack.unpackb(data, raw=False, strict_map_key=False,
+                           max_array_len=max_array_len)
 
 
 def unpack_head(data: bytes | memoryview, count: int) -> list[Any]:

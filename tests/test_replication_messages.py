@@ -10,6 +10,8 @@ from harpsync.codec import entry_head, pack, unpack, unpack_head, with_first_ite
 from harpsync.replication.messages import (
     BATCH_ENTRY_OVERHEAD,
     BATCH_HEADER_SIZE,
+    MAX_BATCH_ENTRIES,
+    MAX_CHUNK_ROWS,
     BatchBuilder,
     BatchFrame,
     ControlFrame,
@@ -109,6 +111,31 @@ def test_decode_rejects_malformed_frames(data: bytes) -> None:
     """Empty, unknown-tag, truncated, undecodable or ill-shaped frames raise ProtocolError."""
     with pytest.raises(ProtocolError):
         decode_frame(data)
+
+
+def test_decode_rejects_a_copy_chunk_without_rows() -> None:
+    """A copy chunk with no rows is a protocol error: no publisher sends one, and the
+    applier took its resume key from the last row, so such a frame from a faulty peer
+    failed the link with an IndexError ('list index out of range') on every retry."""
+    with pytest.raises(ProtocolError, match="no rows"):
+        decode_frame(encode_copy_chunk("dog", []))
+
+
+def test_decode_refuses_more_entries_or_rows_than_a_publisher_sends() -> None:
+    """A batch of more than MAX_BATCH_ENTRIES entries, or a copy chunk of more than
+    MAX_CHUNK_ROWS rows, is a protocol error: a peer's frame of millions of empty
+    entries (12 bytes each, up to MAX_FRAME) was decoded whole on the event loop,
+    seconds and gigabytes for one frame."""
+    full = [(seq, b"") for seq in range(1, MAX_BATCH_ENTRIES + 1)]
+    assert len(decode_frame(encode_batch(1, full)).entries) == MAX_BATCH_ENTRIES
+    with pytest.raises(ProtocolError, match="entries"):
+        decode_frame(encode_batch(1, [*full, (MAX_BATCH_ENTRIES + 1, b"")]))
+    chunks = list(split_rows((b"k%d" % i, b"") for i in range(4 * MAX_CHUNK_ROWS)))
+    assert max(len(chunk) for chunk in chunks) <= MAX_CHUNK_ROWS
+    rows = [(b"", b"")] * MAX_CHUNK_ROWS
+    assert len(decode_frame(encode_copy_chunk("t", rows)).rows) == MAX_CHUNK_ROWS
+    with pytest.raises(ProtocolError):
+        decode_frame(encode_copy_chunk("t", [*rows, (b"", b"")]))
 
 
 def test_control_frame_allows_unknown_extra_fields() -> None:

@@ -259,6 +259,19 @@ def test_out_of_order_batch_fails() -> None:
     assert_failed(sub, SubscriberState.FAILED)
 
 
+def test_entry_at_or_below_a_caught_up_report_fails() -> None:
+    """After ``caught_up(seq)`` (the publisher read its log through seq) an entry at or
+    below seq fails the session. Before, it was applied after the cursor had moved past
+    it, and the cursor committed with it went back."""
+    sub, pub = subscribed()
+    pub.send_entries(5, [(5, 1, b"x")], NAMES)
+    pub.send_caught_up(9)
+    pump(pub, sub)
+    sub.events_received()
+    sub.receive(encode_batch(9, [(7, b"y")]))
+    assert_failed(sub, SubscriberState.FAILED)
+
+
 def test_unsorted_entries_in_one_batch_fail() -> None:
     """Sequences must be strictly increasing inside a single batch."""
     sub, _ = subscribed()

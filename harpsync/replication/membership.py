@@ -73,10 +73,18 @@ async def node_request(rep: NodeClient, url: str, body: dict[str, Any], *, verif
     if answer.get("error"):
         message = f"Node at '{url}' refused the request: {str(answer['error'])[:300]}"
         if answer.get("status") == 429:
-            raise TooManyRequestsError(message, int(answer.get("retry_after_seconds") or 60))
+            raise TooManyRequestsError(message, _retry_after(answer.get("retry_after_seconds")))
         raise PeerError(message)
     answer["__server_cert__"] = link.cert if link is not None else None
     return answer
+
+
+def _retry_after(value: Any) -> int:
+    """A peer's ``retry_after_seconds`` as whole seconds within [1, 3600] (60 when it
+    sent none or no number): it becomes our own Retry-After header."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return 60
+    return int(min(max(value, 1), 3600))
 
 
 async def serve_node_request(rep: NodeServer, link: Link) -> None:

@@ -40,6 +40,11 @@ BATCH_ENTRY_OVERHEAD = _ENTRY.size
 # Upper bound of msgpack framing per copied row: array header plus two bin32 headers.
 _ROW_OVERHEAD = 1 + 5 + 5
 _U64_MAX = (1 << 64) - 1
+# The most rows a copy chunk can hold: split_rows cuts at MAX_CHUNK_BYTES counting at
+# least _ROW_OVERHEAD per row (a larger row goes alone). Decoding refuses more, so a
+# faulty peer's frame of millions of empty rows (or entries, at MAX_BATCH_ENTRIES) is
+# refused before it is unpacked on the event loop.
+MAX_CHUNK_ROWS = MAX_CHUNK_BYTES // _ROW_OVERHEAD + 1
 
 
 # --- control frame schemas ---------------------------------------------------
@@ -235,9 +240,9 @@ def decode_frame(data: bytes) -> Frame:
     raise ProtocolError(f"unknown frame tag {tag!r}")
 
 
-def _unpack_body(data: bytes) -> Any:
+def _unpack_body(data: bytes, max_array_len: int | None = None) -> Any:
     try:
-        return unpack(memoryview(data)[1:])
+        return unpack(memoryview(data)[1:], max_array_len)
     except Exception as exc:  # msgpack raises several unrelated exception types
         raise ProtocolError(f"undecodable frame body: {exc}") from exc
 
@@ -271,6 +276,8 @@ def _decode_batch(data: bytes) -> BatchFrame:
     entry_size = _ENTRY.size
     offset = BATCH_HEADER_SIZE
     while offset < size:
+        if len(entries) == MAX_BATCH_ENTRIES:  # BatchBuilder never puts in more
+            raise ProtocolError(f"batch has more than {MAX_BATCH_ENTRIES} entries")
         if offset + entry_size > size:
             raise ProtocolError("truncated batch entry header")
         seq, length = unpack_entry(view, offset)
@@ -284,12 +291,14 @@ def _decode_batch(data: bytes) -> BatchFrame:
 
 
 def _decode_copy_chunk(data: bytes) -> CopyChunkFrame:
-    body = _unpack_body(data)
+    body = _unpack_body(data, MAX_CHUNK_ROWS)
     if not (isinstance(body, list) and len(body) == 2):
         raise ProtocolError("copy chunk is not [table, rows]")
     table, raw_rows = body
     if not isinstance(table, str) or not isinstance(raw_rows, list):
         raise ProtocolError("copy chunk has a bad table name or rows")
+    if not raw_rows:  # split_rows never yields an empty chunk; a copy resumes after its last key
+        raise ProtocolError("copy chunk has no rows")
     rows: list[tuple[bytes, bytes]] = []
     for row in raw_rows:
         if not (

@@ -138,7 +138,11 @@ class Publisher:
         db.commit_listeners.append(self.notify)
         try:
             await self._serve(db)
-        except (LinkClosed, ProtocolError, ConnectionError):
+        except ProtocolError as exc:
+            log.info("link from %s/%s failed: %s", self.peer, self.database, exc)
+            with contextlib.suppress(Exception):
+                await self.link.close(1002, "protocol error")
+        except (LinkClosed, ConnectionError):
             pass
         finally:
             with contextlib.suppress(ValueError):
@@ -175,6 +179,10 @@ class Publisher:
             result, error = await self.host.peer_operation(self.peer, event.body)
             self.session.respond_operation(event.id, result, error)
         elif isinstance(event, ProtocolFailed | PeerFailed):
+            # The session queued an ``error`` frame naming what the peer got wrong: it
+            # goes out before the link ends (if the socket still takes it).
+            with contextlib.suppress(Exception):
+                await self.flush()
             raise ProtocolError(str(event))
 
     def _relay_tables(self, db: LogSource) -> dict[str, list[str]]:

@@ -55,7 +55,9 @@ class PeerGate:
 def backoff_delay(failures: int) -> float:
     """Seconds to wait after ``failures`` consecutive failures: doubling from
     ``MIN_BACKOFF``, capped at ``MAX_BACKOFF``, with jitter (never above the cap)."""
-    base = min(MIN_BACKOFF * 2.0 ** max(0, failures - 1), MAX_BACKOFF)
+    # The exponent is capped: a link to a peer down for good counts a failure about
+    # every second, and ``2.0 ** 1024`` raises OverflowError (the link's task died).
+    base = min(MIN_BACKOFF * 2.0 ** min(max(0, failures - 1), 64), MAX_BACKOFF)
     return base * random.uniform(0.5, 1.0)
 
 

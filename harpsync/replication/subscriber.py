@@ -359,6 +359,10 @@ class Subscriber:
         elif isinstance(event, OperationCompleted):
             self.host.operation_completed(event)
         elif isinstance(event, ProtocolFailed | PeerFailed):
+            # The session queued an ``error`` frame naming what the peer got wrong: it
+            # goes out before the link ends (if the socket still takes it).
+            with contextlib.suppress(Exception):
+                await self._flush()
             raise ProtocolError(str(event))
 
     # -- what the applier tells its owner (applier.ApplyOwner) --------------------------

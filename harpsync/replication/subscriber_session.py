@@ -79,6 +79,9 @@ class SubscriberSession(Session):
         self.acked_seq = 0
         self.entries_received = 0
         self._snapshot_seq: int | None = None
+        # The publisher's last ``caught_up`` of this subscription: it has read its log
+        # through there, so every later entry must come after it.
+        self._reported_seq = 0
 
     def start(self) -> None:
         """Queue our hello.
@@ -129,6 +132,7 @@ class SubscriberSession(Session):
                if origin_tables else {}),
         )
         self.received_seq = after_seq
+        self._reported_seq = 0
         self.state = SubscriberState.SUBSCRIBED
 
     def ack(self, seq: int) -> bool:
@@ -154,12 +158,12 @@ class SubscriberSession(Session):
             self._events.append(CopyRows(frame.table, frame.rows))
             return
         self._require(SubscriberState.SUBSCRIBED)
-        previous = self.received_seq
+        previous = max(self.received_seq, self._reported_seq)
         for seq, _ in frame.entries:
             if seq <= previous:
                 raise ProtocolError(f"sequence {seq} does not follow {previous}")
             previous = seq
-        self.received_seq = previous
+        self.received_seq = max(self.received_seq, previous)
         self.head_seq = max(self.head_seq, frame.head_seq)
         self.entries_received += len(frame.entries)
         self._events.append(EntriesReceived(frame.head_seq, frame.entries))
@@ -189,6 +193,7 @@ class SubscriberSession(Session):
             self._events.append(event_from(OriginsAnnounced, fields))
         elif type_ == "caught_up":
             self._require(s.SUBSCRIBED)
+            self._reported_seq = max(self._reported_seq, fields["seq"])
             self.head_seq = max(self.head_seq, fields["seq"])
             self._events.append(event_from(CaughtUp, fields))
         elif type_ == "copy_begin":

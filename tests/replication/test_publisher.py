@@ -20,6 +20,7 @@ from harpsync.replication.protocol import (
     CopyRows,
     EntriesReceived,
     OperationCompleted,
+    PeerFailed,
     PeerHello,
     ResyncRequired,
     SubscriberSession,
@@ -336,3 +337,16 @@ async def test_closes_when_the_database_is_dropped():
         log.append(entry(1, 9000))
         code, _ = await served.peer.closed()
         assert code == 1001
+
+
+async def test_a_malformed_frame_gets_a_protocol_error_frame_and_a_close() -> None:
+    """A peer that sends a frame the session refuses is told why (an ``error`` frame with
+    code ``protocol_error``) before the link closes. Before, the publisher raised as it
+    handled the ProtocolFailed event, ahead of sending what the session had queued:
+    the peer saw the socket close with no reason, and nothing was logged."""
+    async with serve(FakeLog()) as served:
+        await hello(served)
+        await served.peer.link.send(b"C\xc1")  # not msgpack
+        failed = await served.peer.expect(PeerFailed)
+        assert failed.code == "protocol_error" and "undecodable" in failed.message
+        await served.peer.closed()

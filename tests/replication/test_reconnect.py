@@ -26,6 +26,14 @@ def test_backoff_stays_between_half_the_step_and_the_cap(failures):
         assert step / 2 <= delay <= step <= MAX_BACKOFF
 
 
+def test_backoff_survives_a_peer_that_stays_down_for_hours():
+    """The failure count of a link to a dead peer grows without bound (about one a
+    second): past 1,025 failures ``2.0 ** n`` overflowed, the link's task died with
+    OverflowError and the link never dialed again."""
+    for failures in (1025, 1100, 10**6):
+        assert MAX_BACKOFF / 2 <= backoff_delay(failures) <= MAX_BACKOFF
+
+
 async def test_gate_waits_until_the_peer_is_up():
     """A marked-down peer holds waiters until it is marked up again."""
     gate = PeerGate()

@@ -19,6 +19,7 @@ import pytest
 from harpsync.replication import subscriber
 from harpsync.replication.protocol import (
     AckReceived,
+    PeerFailed,
     PeerHello,
     PublisherSession,
     SubscribeRequested,
@@ -439,3 +440,16 @@ async def test_a_resume_while_the_pause_is_stopping_the_link_runs_it_again():
         assert not sub.paused
         _, request = await accept(linked)
         assert request.after_seq == 5
+
+
+async def test_a_malformed_frame_from_the_publisher_gets_a_protocol_error_frame() -> None:
+    """A publisher's frame the session refuses fails the link with a ``last_error`` naming
+    it, and the publisher is told why (an ``error`` frame with code ``protocol_error``).
+    Before, the link raised as it handled the failure, ahead of sending the frame the
+    session had queued."""
+    async with running({"seq": 5, "origins": [PEER]}) as linked:
+        peer, _ = await accept(linked)
+        await peer.link.send(b"D\x00\x00")  # a truncated batch header
+        failed = await peer.expect(PeerFailed)
+        assert failed.code == "protocol_error" and "truncated" in failed.message
+        await until(lambda: linked.sub.last_error and "truncated" in linked.sub.last_error)
