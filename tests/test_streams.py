@@ -307,12 +307,9 @@ def test_a_replay_asked_while_the_peer_is_down_survives_a_restart(node_factory) 
              message="the replay to bring node-b's value back")
 
 
-@pytest.mark.timeout(120)
-def test_a_resume_racing_a_pause_is_what_a_restart_keeps(node_factory) -> None:
-    """pause_replication and resume_replication for one link at once, the resume
-    reaching the link while the pause still stops it: the link runs, and the row does
-    not say paused either, so a restart keeps it running (before, the pause saved
-    'paused' after the resume had cleared it)."""
+def _race_a_pause(node_factory: Any, other: Any) -> tuple[Any, Any]:
+    """node-a streaming from node-b; then, on a's loop, ``pause_replication`` of that
+    link with ``other(cluster)`` awaited while the pause is stopping the link."""
     import asyncio
 
     a = node_factory("node-a")
@@ -326,10 +323,21 @@ def test_a_resume_racing_a_pause_is_what_a_restart_keeps(node_factory) -> None:
     async def race() -> None:
         pausing = asyncio.ensure_future(cluster.pause("node-b", "data"))
         await asyncio.sleep(0)  # the pause is stopping the link
-        await cluster.resume("node-b", "data")
+        await other(cluster)
         await pausing
 
     asyncio.run_coroutine_threadsafe(race(), a.loop).result(20)
+    return a, b
+
+
+@pytest.mark.timeout(120)
+def test_a_resume_racing_a_pause_is_what_a_restart_keeps(node_factory) -> None:
+    """pause_replication and resume_replication for one link at once, the resume
+    reaching the link while the pause still stops it: the link runs, and the row does
+    not say paused either, so a restart keeps it running (before, the pause saved
+    'paused' after the resume had cleared it)."""
+    a, b = _race_a_pause(node_factory, lambda cluster: cluster.resume("node-b", "data"))
+    cluster = a.node.cluster
     assert "data" not in (cluster.rows["node-b"].get("paused") or [])
     a.restart()
     assert stream(a, "node-b", "data")["state"] != "paused"
@@ -341,23 +349,8 @@ def test_a_pause_racing_a_link_restart_pauses_the_new_link(node_factory) -> None
     peer's links) replaces the link: the link that runs afterwards is the paused one.
     Before, the pause stopped the old link and the new one streamed on, paused only
     in the row."""
-    import asyncio
-
-    a = node_factory("node-a")
-    b = node_factory("node-b")
-    b.call("create_table", table="t", primary_key="id")
-    a.call("add_node", hostname=b.name, url=b.repl_url, verify_tls=False,
-           authorization={"username": ADMIN[0], "password": ADMIN[1]})
-    wait_for(lambda: running(a, "node-b", "data"), timeout=20, message="streaming")
-    cluster = a.node.cluster
-
-    async def race() -> None:
-        pausing = asyncio.ensure_future(cluster.pause("node-b", "data"))
-        await asyncio.sleep(0)  # the pause is stopping the link
-        await cluster.reconcile(restart_peer="node-b")
-        await pausing
-
-    asyncio.run_coroutine_threadsafe(race(), a.loop).result(20)
+    a, b = _race_a_pause(node_factory,
+                         lambda cluster: cluster.reconcile(restart_peer="node-b"))
     assert stream(a, "node-b", "data")["state"] == "paused"
     upsert(b, "t", "r", "while paused", database="data")
     from tests.repl_util import stays

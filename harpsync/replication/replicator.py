@@ -356,24 +356,21 @@ class Replicator:
     async def pause(self, peer: str, database: str | None) -> list[str]:
         """Stop receiving from ``peer``; the committed cursor is kept."""
         async with self._controls:
-            return await self._pause(peer, database)
-
-    async def _pause(self, peer: str, database: str | None) -> list[str]:
-        databases = [s.database for s in self.links_of(peer, database)]
-        # Saved first, and the links paused under the reconcile lock: a link that a
-        # subscription change re-creates meanwhile starts held. Before, the pause
-        # stopped the old link and the new one streamed on, paused only in the row.
-        await self._persist_paused(peer, set(databases), set())
-        async with self._reconcile_lock:
-            for db_name in databases:
-                sub = self.subscribers.get((peer, db_name))
-                if sub is not None:
-                    await sub.pause()
-                # Pausing stops the peer's own stream, also where another peer relays
-                # it (its direct link was down); the planner does not relay a paused
-                # origin.
-                await self.relays.release(peer, db_name)
-        return databases
+            databases = [s.database for s in self.links_of(peer, database)]
+            # Saved first, and the links paused under the reconcile lock: a link that a
+            # subscription change re-creates meanwhile starts held. Before, the pause
+            # stopped the old link and the new one streamed on, paused only in the row.
+            await self._persist_paused(peer, set(databases), set())
+            async with self._reconcile_lock:
+                for db_name in databases:
+                    sub = self.subscribers.get((peer, db_name))
+                    if sub is not None:
+                        await sub.pause()
+                    # Pausing stops the peer's own stream, also where another peer
+                    # relays it (its direct link was down); the planner does not relay
+                    # a paused origin.
+                    await self.relays.release(peer, db_name)
+            return databases
 
     async def _persist_paused(self, peer: str, add: set[str], remove: set[str]) -> None:
         """Keep the paused databases in the peer's row, so a pause survives a restart."""
@@ -387,37 +384,30 @@ class Replicator:
         whose link a subscription change removed meanwhile ends too (kept, it would
         hold that link again once a widening re-creates it)."""
         async with self._controls:
-            return await self._resume(peer, database)
-
-    async def _resume(self, peer: str, database: str | None) -> list[str]:
-        held = {d for d in self.rows.get(peer, {}).get("paused") or []
-                if database is None or d == database}
-        try:
-            subs = self.links_of(peer, database)
-        except BadRequestError:
-            if not held:
-                raise
-            subs = []
-        for sub in subs:
-            sub.resume()
-        resumed = {s.database for s in subs} | held
-        await self._persist_paused(peer, set(), resumed)
-        return sorted(resumed)
+            held = {d for d in self.rows.get(peer, {}).get("paused") or []
+                    if database is None or d == database}
+            try:
+                subs = self.links_of(peer, database)
+            except BadRequestError:
+                if not held:
+                    raise
+                subs = []
+            for sub in subs:
+                sub.resume()
+            resumed = {s.database for s in subs} | held
+            await self._persist_paused(peer, set(), resumed)
+            return sorted(resumed)
 
     async def replay(self, peer: str, database: str | None, from_seq: int | None,
                      from_version: int | None) -> list[str]:
         """Rewind links to a publisher sequence (or to the start, skipping versions older
         than ``from_version``) and stream again; applying twice is harmless."""
         async with self._controls:
-            return await self._replay(peer, database, from_seq, from_version)
-
-    async def _replay(self, peer: str, database: str | None, from_seq: int | None,
-                      from_version: int | None) -> list[str]:
-        subs = self.links_of(peer, database)
-        for sub in subs:
-            await sub.rewind(from_seq if from_seq is not None else 0, from_version or 0)
-        await self._persist_paused(peer, set(), {s.database for s in subs})
-        return [s.database for s in subs]
+            subs = self.links_of(peer, database)
+            for sub in subs:
+                await sub.rewind(from_seq if from_seq is not None else 0, from_version or 0)
+            await self._persist_paused(peer, set(), {s.database for s in subs})
+            return [s.database for s in subs]
 
     # -- conflict policies (storage/conflicts.py) --------------------------------------
     def policy_lookup(self, database: str) -> PolicyLookup | None:
