@@ -184,6 +184,16 @@ async def test_a_copy_whose_end_commits_as_the_link_drops_is_not_left_in_progres
     the link drops meanwhile (the applier is cancelled while it waits). The next
     session streams from that cursor, and no copy is shown in progress: status, the
     copy gauge and verify (which refuses while a copy runs) read ``copy_progress``."""
+    async def check(sub: Subscriber, _host: FakeSubscriberHost) -> None:
+        await until(lambda: sub.state == LinkState.STREAMING)
+        assert sub.copy_progress is None
+
+    await _copy_end_commits_as_the_link_drops(check)
+
+
+async def _copy_end_commits_as_the_link_drops(check: Any) -> None:
+    """A copy's end whose cursor job is held while the link drops, then released; the
+    next session must subscribe after the copy's snapshot; then ``check(sub, host)``."""
     host, store = FakeSubscriberHost(), HeldCursorStore()
     sub = Subscriber(host, store, FakeRelays(), PEER, "data")
     sub.start()
@@ -201,8 +211,7 @@ async def test_a_copy_whose_end_commits_as_the_link_drops_is_not_left_in_progres
         store.release.set()
         again, subscribed = await accept(linked)
         assert (subscribed.after_seq, subscribed.copy) == (7, False)
-        await until(lambda: sub.state == LinkState.STREAMING)
-        assert sub.copy_progress is None
+        await check(sub, host)
     finally:
         await sub.retire()
 
@@ -389,26 +398,10 @@ async def test_a_copy_whose_end_commits_as_the_link_drops_is_reported_finished()
     """The end of a copy commits its cursor as the link drops: the copy still counts as
     finished (``copy_finished``: the verification after a copy), and the next session
     streams after it."""
-    host, store = FakeSubscriberHost(), HeldCursorStore()
-    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
-    sub.start()
-    linked = Linked(sub, host, store)
-    try:
-        peer, _ = await accept(linked)
-        session = publisher(peer)
-        session.begin_copy(7, 1, ["dog"])
-        session.send_copy_rows("dog", [stored_row(1, 50, 1)], PEER_IDS)
-        session.end_copy(7)
-        await peer.flush()
-        await asyncio.wait_for(store.writing.wait(), WAIT)
-        await peer.link.close(1001, "going away")
-        await until(lambda: sub.state == LinkState.CONNECTING)
-        store.release.set()
-        again, subscribed = await accept(linked)
-        assert (subscribed.after_seq, subscribed.copy) == (7, False)
+    async def check(_sub: Subscriber, host: FakeSubscriberHost) -> None:
         assert host.copies == [(PEER, "data")]
-    finally:
-        await sub.retire()
+
+    await _copy_end_commits_as_the_link_drops(check)
 
 
 async def test_a_link_paused_right_after_a_commit_still_acks_it(monkeypatch):
