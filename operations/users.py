@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from harpsync.auth import SUPER_ROLE
@@ -10,12 +13,52 @@ from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, ConflictError, NotFoundError
 from harpsync.passwords import hash_password
 from harpsync.storage import reads, writes
-from harpsync.storage.store import SYSTEM
+from harpsync.storage.store import SYSTEM, Storage
 
 
 def _records(ctx: OpContext, table: str) -> list[dict[str, Any]]:
     db, tbl = ctx.services.storage.table(SYSTEM, table)
     return list(reads.scan(db, tbl))
+
+
+# Changes to users and roles on one node are checked and written one at a time, so two
+# concurrent requests cannot each leave "the other" super user as the last one standing.
+_LOCKS: weakref.WeakKeyDictionary[Storage, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+@asynccontextmanager
+async def _one_at_a_time(ctx: OpContext) -> AsyncIterator[None]:
+    storage = ctx.services.storage
+    lock = _LOCKS.get(storage)
+    if lock is None:
+        lock = _LOCKS[storage] = asyncio.Lock()
+    async with lock:
+        yield
+
+
+def _keep_a_super_user(ctx: OpContext, users: dict[str, dict[str, Any] | None],
+                       roles: dict[str, dict[str, Any]], what: str) -> None:
+    """Refuse (400) a change after which no active user would hold a super_user role.
+
+    ``users`` maps a username to its record as the change leaves it (None: dropped);
+    ``roles`` maps a role id to its new permission. Without a super user nobody could
+    manage users, roles, schema or the cluster again, short of editing the database.
+    """
+    permissions = {str(r.get("id")): r.get("permission") for r in _records(ctx, "hdb_role")}
+    permissions.update(roles)
+    for record in _records(ctx, "hdb_user"):
+        name = str(record.get("username"))
+        if name in users:
+            changed = users[name]
+            if changed is None:
+                continue
+            record = {**record, **changed}
+        permission = permissions.get(str(record.get("role")))
+        if (record.get("active", True) and isinstance(permission, dict)
+                and permission.get("super_user")):
+            return
+    raise BadRequestError(f"Cannot {what}: no active super_user would be left to manage "
+                          "this node; make another user a super_user first")
 
 
 def _role(ctx: OpContext, role_id: str) -> dict[str, Any] | None:
@@ -53,9 +96,13 @@ async def add_user(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     if role is None:
         raise BadRequestError(f"Role '{body['role']}' does not exist")
     password = await asyncio.to_thread(hash_password, body["password"])
-    record = {"username": username, "password": password, "role": role["id"],
-              "active": body.get("active", True)}
-    result = await _system_write(ctx, "hdb_user", [record], "insert")
+    async with _one_at_a_time(ctx):
+        role = _role(ctx, body["role"])  # not dropped while the password was hashed
+        if role is None:
+            raise BadRequestError(f"Role '{body['role']}' does not exist")
+        record = {"username": username, "password": password, "role": role["id"],
+                  "active": body.get("active", True)}
+        result = await _system_write(ctx, "hdb_user", [record], "insert")
     if result["skipped_hashes"]:
         raise ConflictError(f"User {username} already exists")
     return {"message": f"{username} successfully added"}
@@ -64,16 +111,20 @@ async def add_user(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 async def alter_user(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     username = body["username"]
     record: dict[str, Any] = {"username": username}
-    if "role" in body:
-        role = _role(ctx, body["role"])
-        if role is None:
-            raise BadRequestError(f"Role '{body['role']}' does not exist")
-        record["role"] = role["id"]
-    if "active" in body:
-        record["active"] = body["active"]
     if "password" in body:
         record["password"] = await asyncio.to_thread(hash_password, body["password"])
-    result = await _system_write(ctx, "hdb_user", [record], "update")
+    async with _one_at_a_time(ctx):
+        if "role" in body:
+            role = _role(ctx, body["role"])
+            if role is None:
+                raise BadRequestError(f"Role '{body['role']}' does not exist")
+            record["role"] = role["id"]
+        if "active" in body:
+            record["active"] = body["active"]
+        if "role" in record or record.get("active") is False:
+            _keep_a_super_user(ctx, {username: record}, {},
+                               f"change the role or active flag of user '{username}'")
+        result = await _system_write(ctx, "hdb_user", [record], "update")
     if result["skipped_hashes"]:
         raise NotFoundError(f"User {username} does not exist")
     return {"message": "updated 1 of 1 records", "new_attributes": [],
@@ -85,8 +136,10 @@ async def drop_user(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     if username == ctx.user.username:
         raise BadRequestError("You cannot drop yourself")
     storage = ctx.services.storage
-    result = await storage.write(writes.delete_records(storage, SYSTEM, "hdb_user", [username],
-                                                       ctx.user.username))
+    async with _one_at_a_time(ctx):
+        _keep_a_super_user(ctx, {username: None}, {}, f"drop user '{username}'")
+        result = await storage.write(writes.delete_records(storage, SYSTEM, "hdb_user",
+                                                           [username], ctx.user.username))
     if result["skipped_hashes"]:
         raise NotFoundError(f"User {username} does not exist")
     return {"message": f"{username} successfully deleted"}
@@ -125,10 +178,11 @@ def _check_permission(permission: dict[str, Any]) -> None:
 async def add_role(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     role_id = body.get("id") or body["role"]
     _check_permission(body["permission"])
-    if _role(ctx, role_id) is not None:
-        raise ConflictError(f"A role with name '{role_id}' already exists")
-    record = {"id": role_id, "role": body["role"], "permission": body["permission"]}
-    result = await _system_write(ctx, "hdb_role", [record], "insert")
+    async with _one_at_a_time(ctx):
+        if _role(ctx, role_id) is not None:
+            raise ConflictError(f"A role with name '{role_id}' already exists")
+        record = {"id": role_id, "role": body["role"], "permission": body["permission"]}
+        result = await _system_write(ctx, "hdb_role", [record], "insert")
     if result["skipped_hashes"]:
         raise ConflictError(f"A role with name '{role_id}' already exists")
     return _role(ctx, role_id) or record
@@ -136,30 +190,37 @@ async def add_role(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 
 async def alter_role(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     role_id = body.get("id") or body["role"]
-    existing = _role(ctx, role_id)
-    if existing is None:
-        raise NotFoundError(f"Role '{role_id}' does not exist")
     _check_permission(body["permission"])
-    record = {"id": existing["id"], "permission": body["permission"]}
-    if "role" in body:
-        record["role"] = body["role"]
-    await _system_write(ctx, "hdb_role", [record], "update")
+    async with _one_at_a_time(ctx):
+        existing = _role(ctx, role_id)
+        if existing is None:
+            raise NotFoundError(f"Role '{role_id}' does not exist")
+        record = {"id": existing["id"], "permission": body["permission"]}
+        if "role" in body:
+            record["role"] = body["role"]
+        if not body["permission"].get("super_user"):
+            _keep_a_super_user(ctx, {}, {str(existing["id"]): body["permission"]},
+                               f"take super_user away from role '{role_id}'")
+        await _system_write(ctx, "hdb_role", [record], "update")
     return _role(ctx, existing["id"]) or record
 
 
 async def drop_role(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     role_id = body["id"]
-    existing = _role(ctx, role_id)
-    if existing is None:
-        raise NotFoundError(f"Role '{role_id}' does not exist")
-    if existing["id"] == SUPER_ROLE:
-        raise BadRequestError("The super_user role cannot be dropped")
-    users = [u["username"] for u in _records(ctx, "hdb_user") if u.get("role") == existing["id"]]
-    if users:
-        raise BadRequestError(f"Cannot drop role '{role_id}': {len(users)} user(s) still use it")
-    storage = ctx.services.storage
-    await storage.write(writes.delete_records(storage, SYSTEM, "hdb_role", [existing["id"]],
-                                              ctx.user.username))
+    async with _one_at_a_time(ctx):
+        existing = _role(ctx, role_id)
+        if existing is None:
+            raise NotFoundError(f"Role '{role_id}' does not exist")
+        if existing["id"] == SUPER_ROLE:
+            raise BadRequestError("The super_user role cannot be dropped")
+        users = [u["username"] for u in _records(ctx, "hdb_user")
+                 if u.get("role") == existing["id"]]
+        if users:
+            raise BadRequestError(f"Cannot drop role '{role_id}': {len(users)} user(s) "
+                                  "still use it")
+        storage = ctx.services.storage
+        await storage.write(writes.delete_records(storage, SYSTEM, "hdb_role",
+                                                  [existing["id"]], ctx.user.username))
     return {"message": f"{role_id} successfully deleted"}
 
 

@@ -7,11 +7,12 @@ Expected bodies are copied from the HarperDB 4.7.29 recordings in
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
-from tests.helpers import harper_error
+from tests.helpers import ADMIN, harper_error
 
 READER_PERMISSION: dict[str, Any] = {
     "super_user": False,
@@ -231,6 +232,53 @@ def test_drop_self_refused(node):
     """A user cannot drop themselves (which would lock out the last admin)."""
     node.call("drop_user", expect=400, username="admin")
     assert node.call("user_info")["username"] == "admin"
+
+
+NO_SUPER_LEFT = "no active super_user would be left"
+
+
+@pytest.mark.parametrize("change", [{"active": False}, {"role": "reader"}])
+def test_the_last_super_user_cannot_lock_itself_out(reader, change):
+    """alter_user refuses to deactivate or demote the only active super user (400 naming
+    why); with a second super user in place the same change goes through."""
+    response = reader.post({"operation": "alter_user", "username": "admin", **change})
+    assert response.status_code == 400 and NO_SUPER_LEFT in response.json()["error"]
+    assert reader.call("user_info")["role"]["id"] == "super_user"
+    reader.call("add_user", username="root2", password="pw2", role="super_user")
+    reader.call("alter_user", username="admin", **change)
+    as_root2 = reader.post({"operation": "list_users"}, auth=("root2", "pw2"))
+    assert as_root2.status_code == 200
+
+
+def test_the_super_user_role_cannot_be_emptied(reader):
+    """alter_role refuses to take super_user away from the role every active super user
+    holds; a change that keeps it, or leaves another super role in use, goes through."""
+    response = reader.post({"operation": "alter_role", "id": "super_user",
+                            "permission": {"super_user": False}})
+    assert response.status_code == 400 and NO_SUPER_LEFT in response.json()["error"]
+    assert reader.call("describe_all")  # admin is still a super user
+    assert reader.call("alter_role", id="reader", permission={"super_user": False})
+    reader.call("add_role", role="admins", permission={"super_user": True})
+    reader.call("add_user", username="root2", password="pw2", role="admins")
+    reader.call("alter_role", id="super_user", permission={"super_user": False})
+    assert reader.post({"operation": "list_users"}, auth=("root2", "pw2")).status_code == 200
+
+
+def test_two_super_users_dropping_each_other_leave_one(reader):
+    """Two super users dropping each other at the same moment: one drop wins, the other is
+    refused, and a super user is left to manage the node."""
+    reader.call("add_user", username="root2", password="pw2", role="super_user")
+    logins = {"admin": ADMIN, "root2": ("root2", "pw2")}
+    for auth in logins.values():  # both logins cached: both requests pass login at once
+        assert reader.post({"operation": "user_info"}, auth=auth).status_code == 200
+    with ThreadPoolExecutor(2) as pool:
+        statuses = sorted(pool.map(
+            lambda pair: reader.post({"operation": "drop_user", "username": pair[1]},
+                                     auth=logins[pair[0]]).status_code,
+            [("admin", "root2"), ("root2", "admin")]))
+    able = [name for name, auth in logins.items()
+            if reader.post({"operation": "list_users"}, auth=auth).status_code == 200]
+    assert statuses in ([200, 400], [200, 401]) and len(able) == 1, (statuses, able)
 
 
 # -- permissions ------------------------------------------------------------------------
