@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from harpsync.auth import User, require_table
+from harpsync.auth import User
 from harpsync.dispatch import OpContext, Operation
-from harpsync.errors import BadRequestError, NotFoundError
+from harpsync.errors import BadRequestError, ForbiddenError, NotFoundError
 from harpsync.storage import writes
 from harpsync.storage.database import Database, Table
 from harpsync.storage.schema import RESERVED_KEYS
@@ -72,6 +72,22 @@ def visible(user: User, database: str, table: str) -> bool:
                                            ("read", "insert", "update", "delete"))
 
 
+def _hidden(user: User, database: str, item: str) -> None:
+    """Refuse a role the metadata of what it has no permission on, with Harper's 403,
+    whether or not it exists: a 404 beside a 403 would tell which names exist."""
+    if database == SYSTEM:
+        raise ForbiddenError([f"Your role does not have permission to view database "
+                              f"metadata for '{SYSTEM}'"])
+    raise ForbiddenError([], [f"{item} does not exist"])
+
+
+def _grants_in(user: User, database: str) -> bool:
+    """Whether a role grants anything on some table of ``database`` (existing or not)."""
+    spec = user.permission.get(database)
+    tables = spec.get("tables") if isinstance(spec, dict) else None
+    return isinstance(tables, dict) and any(visible(user, database, t) for t in tables)
+
+
 def describe_db(db: Database, user: User | None = None) -> dict[str, Any]:
     # A snapshot: a concurrent drop_table must not change the catalog under us.
     tables = dict(db.tables)
@@ -96,7 +112,10 @@ async def describe_all(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def describe_database(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
-    return describe_db(ctx.services.storage.database(body["database"]), ctx.user)
+    name = body["database"]
+    if not ctx.user.super_user and (name == SYSTEM or not _grants_in(ctx.user, name)):
+        _hidden(ctx.user, name, f"database '{name}'")
+    return describe_db(ctx.services.storage.database(name), ctx.user)
 
 
 async def create_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
@@ -116,9 +135,10 @@ async def drop_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def describe_table(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
-    db, table = ctx.services.storage.table(_db_name(body), body["table"])
-    if not visible(ctx.user, db.name, table.name):
-        require_table(ctx.user, db.name, table.name, ["read"])
+    database, name = _db_name(body), body["table"]
+    if not ctx.user.super_user and (database == SYSTEM or not visible(ctx.user, database, name)):
+        _hidden(ctx.user, database, f"Table '{database}.{name}'")
+    db, table = ctx.services.storage.table(database, name)
     return describe(db, table)
 
 

@@ -363,12 +363,42 @@ def test_role_describes_only_permitted_tables(reader):
     described = as_bob(reader, "describe_all").json()
     assert list(described) == ["dev"] and list(described["dev"]) == ["dog"]
     assert list(as_bob(reader, "describe_database", database="dev").json()) == ["dog"]
-    assert as_bob(reader, "describe_database", database="secret").json() == {}
     assert as_bob(reader, "describe_table", database="dev", table="dog").status_code == 200
-    response = as_bob(reader, "describe_table", database="secret", table="plans")
-    assert response.status_code == 403
-    assert response.json()["unauthorized_access"][0]["table"] == "plans"
     assert sorted(reader.call("describe_all")) == ["dev", "secret"]  # a super user sees all
+
+
+HIDDEN = [
+    ("describe_database", {"database": "secret"}, "database 'secret'"),
+    ("describe_database", {"database": "nodb"}, "database 'nodb'"),
+    ("describe_table", {"database": "secret", "table": "plans"}, "Table 'secret.plans'"),
+    ("describe_table", {"database": "dev", "table": "cat"}, "Table 'dev.cat'"),
+    ("describe_table", {"database": "dev", "table": "nope"}, "Table 'dev.nope'"),
+]
+
+
+def test_role_cannot_tell_hidden_metadata_from_missing(reader):
+    """A role asking for the metadata of a database or table it has no permission on gets
+    Harper's 403 with "... does not exist" whether it exists or not, so it cannot
+    probe which names exist (a 404 for missing beside a 403 or {} for hidden did)."""
+    reader.call("create_table", database="dev", table="cat", primary_key="id")
+    reader.call("create_table", database="secret", table="plans", primary_key="id")
+    for operation, body, item in HIDDEN:
+        response = as_bob(reader, operation, **body)
+        assert response.status_code == 403, (operation, body, response.text)
+        assert harper_error(response.json()) == {
+            "error": FORBIDDEN, "unauthorized_access": [],
+            "invalid_schema_items": [f"{item} does not exist"]}, (operation, body)
+
+
+def test_role_gets_no_system_metadata(reader):
+    """describe_database and describe_table of ``system`` are refused to a role with
+    Harper's message."""
+    for body in ({"operation": "describe_database", "database": "system"},
+                 {"operation": "describe_table", "database": "system", "table": "hdb_user"}):
+        response = reader.post(body, auth=("bob", "bobpw"))
+        assert response.status_code == 403
+        assert response.json()["unauthorized_access"] == [
+            "Your role does not have permission to view database metadata for 'system'"]
 
 
 def test_login_cache_follows_user_changes(reader):
