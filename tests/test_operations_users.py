@@ -79,6 +79,16 @@ def test_attribute_permissions_are_refused_not_ignored(reader, operation):
     assert "limited" not in roles and roles["reader"] == READER_PERMISSION
 
 
+@pytest.mark.parametrize("role_id", [123, "bad id!", ""])
+def test_add_role_with_a_bad_id_is_400(node, role_id):
+    """add_role refuses an ``id`` that is not a role name (a number made a role that no
+    user could ever be given) and stores nothing."""
+    response = node.post({"operation": "add_role", "role": "r1", "id": role_id,
+                          "permission": {"super_user": False}})
+    assert response.status_code == 400 and "'id'" in response.json()["error"], response.text
+    assert [r["id"] for r in node.call("list_roles")] == ["super_user"]
+
+
 def test_add_role_twice_is_409(node):
     """A second role with the same name is a 409 naming it."""
     node.call("add_role", role="reader", permission=READER_PERMISSION)
