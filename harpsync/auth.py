@@ -17,10 +17,28 @@ from typing import Any
 
 from harpsync.errors import ForbiddenError, TooManyRequestsError, UnauthorizedError
 from harpsync.passwords import hash_password, parse_authorization, verify_password
+from harpsync.storage.hlc import ms_to_version
 from harpsync.storage.reads import get_by_ids
 from harpsync.storage.store import SYSTEM, Storage
 
 SUPER_ROLE = "super_user"
+# 2020-01-01T00:00:00Z: every first-start version lies before it (see below).
+FIRST_START_EPOCH_MS = 1_577_836_800_000
+
+
+def first_start_version(now_ms: int) -> int:
+    """The version of the rows a node writes on its first start (the ``super_user`` role
+    and the first admin user): older than any deliberate write, and older the later
+    the node first started.
+
+    Users and roles replicate under last-writer-wins. Written at the clock's version, a
+    fresh node's bootstrap admin (with its own password) was the newest row and
+    replaced the cluster's admin everywhere as soon as the node was added: the
+    existing nodes no longer accepted their admin password. Dated like this, the
+    cluster's admin wins over a newcomer's, and any ``alter_user`` or ``alter_role``
+    beats every first-start row. Mirrored around 2020-01-01, so positive until 2069.
+    """
+    return ms_to_version(max(1, 2 * FIRST_START_EPOCH_MS - now_ms))
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import uvicorn
 
 from harpsync import procinfo, requests_ctx
 from harpsync.app import build_app
-from harpsync.auth import SUPER_ROLE, Authenticator
+from harpsync.auth import SUPER_ROLE, Authenticator, first_start_version
 from harpsync.config import Config
 from harpsync.dispatch import Dispatcher
 from harpsync.errors import ConfigError
@@ -304,11 +304,12 @@ class Node:
 
     # -- first start -------------------------------------------------------------------
     async def _bootstrap_users(self) -> None:
+        version = first_start_version(self.storage.hlc.wall_now_ms())
         db, roles = self.storage.table(SYSTEM, "hdb_role")
         if not reads.get_by_ids(db, roles, [SUPER_ROLE]):
             role = {"id": SUPER_ROLE, "role": SUPER_ROLE, "permission": {"super_user": True}}
             await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_role",
-                                                          [role], "insert", None))
+                                                          [role], "insert", None, version))
         db, user_table = self.storage.table(SYSTEM, "hdb_user")
         if next(reads.scan(db, user_table), None) is not None:
             return
@@ -323,7 +324,7 @@ class Node:
                                                                               password),
                   "role": SUPER_ROLE, "active": True}
         await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_user",
-                                                      [record], "insert", None))
+                                                      [record], "insert", None, version))
 
     def listeners_up(self) -> dict[str, bool]:
         """Whether each listener accepts connections (``GET /ready``)."""

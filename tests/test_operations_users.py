@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ADMIN, harper_error
+from tests.helpers import ADMIN, harper_error, wait_for
 
 READER_PERMISSION: dict[str, Any] = {
     "super_user": False,
@@ -418,3 +418,24 @@ def test_login_cache_follows_user_changes(reader):
     reader.call("drop_user", username="bob")
     response = as_bob(reader, "user_info")
     assert (response.status_code, harper_error(response.json())) == (401, {"error": "Login failed"})
+
+
+# -- users across a cluster -------------------------------------------------------------
+def test_adding_a_fresh_node_keeps_the_clusters_admin(node_factory):
+    """A fresh node started with its own admin password, added to a running node: both
+    nodes keep accepting the cluster's admin password and the cluster's roles, and the
+    newcomer adopts them (its first-start admin row no longer wins as the newest)."""
+    a = node_factory("node-a")
+    a.call("alter_role", id="super_user", permission={"super_user": True, "cluster_user": True})
+    b = node_factory("node-b", env={"HDB_ADMIN_PASSWORD": "node-b-first-start"})
+    a.call("add_node", hostname="node-b", url=b.repl_url, verify_tls=False,
+           authorization={"username": "admin", "password": "node-b-first-start"})
+    a.call("add_user", username="marker", password="pw", role="super_user")
+    wait_for(lambda: b.post({"operation": "user_info"},
+                            auth=("marker", "pw")).status_code == 200, timeout=15)
+    for node in (a, b):
+        assert node.post({"operation": "user_info"}, auth=ADMIN).status_code == 200, node.name
+        refused = node.post({"operation": "user_info"}, auth=("admin", "node-b-first-start"))
+        assert refused.status_code == 401, node.name
+        role = next(r for r in node.call("list_roles") if r["id"] == "super_user")
+        assert role["permission"] == {"super_user": True, "cluster_user": True}, node.name

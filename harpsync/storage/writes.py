@@ -139,11 +139,13 @@ def attribute_job(storage: Storage, db_name: str, table_name: str, name: str,
 
 
 def write_records(storage: Storage, db_name: str, table_name: str, records: list[Any],
-                  mode: str, user: str | None) -> Job:
+                  mode: str, user: str | None, at_version: int | None = None) -> Job:
     """A job that inserts, updates or upserts ``records``.
 
     ``insert`` skips ids that exist, ``update`` skips ids that do not, and ``upsert``
     merges into what exists. Records without a primary key get a UUID on insert/upsert.
+    ``at_version``: write at this version instead of the clock's (a node's first-start
+    rows, which any deliberate write must beat); the timestamps stay the wall clock's.
     """
 
     def job(ctx: WriteContext) -> dict[str, Any]:
@@ -172,8 +174,11 @@ def write_records(storage: Storage, db_name: str, table_name: str, records: list
             prepared.append((index, record, rid, key, live, stored is None))
         # A local write must beat what it overwrites under last-writer-wins, even a
         # version from a peer whose clock runs ahead of ours.
-        version = storage.hlc.now_after(newest)
-        now_ms = version_to_ms(version)
+        if at_version is None:
+            version = storage.hlc.now_after(newest)
+            now_ms = version_to_ms(version)
+        else:
+            version, now_ms = at_version, float(storage.hlc.wall_now_ms())
         this_job: dict[bytes, dict[str, Any]] = {}
         op_index: dict[bytes, int] = {}
         # (records index, key, value, nothing stored under the key before this job)
