@@ -126,14 +126,28 @@ def check_access(storage: Any, user: User, sub: Subscription) -> Database:
     """
     if sub.database == SYSTEM:
         raise BadRequestError("the 'system' database has no change feed")
+    # Permissions first: a role must not tell a missing table (404) from one it may not
+    # read (403), nor a missing database from one it has no permission in.
+    if sub.table is not None:
+        require_table(user, sub.database, sub.table, ["read"])
+    elif not user.super_user and not _reads_any(user, sub.database):
+        raise ForbiddenError([{"schema": sub.database, "table": None,
+                               "required_table_permissions": ["read"],
+                               "required_attribute_permissions": []}])
     db: Database = storage.database(sub.database)
     if sub.table is not None:
         storage.table(sub.database, sub.table)
-        require_table(user, sub.database, sub.table, ["read"])
     else:
         for name in sorted(db.tables):
             require_table(user, sub.database, name, ["read"])
     return db
+
+
+def _reads_any(user: User, database: str) -> bool:
+    """Whether the role grants read on some table of ``database`` (existing or not)."""
+    spec = user.permission.get(database)
+    tables = spec.get("tables") if isinstance(spec, dict) else None
+    return isinstance(tables, dict) and any(_can_read(user, database, t) for t in tables)
 
 
 def _can_read(user: User, database: str, table: str) -> bool:

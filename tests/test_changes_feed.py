@@ -137,6 +137,18 @@ def test_a_table_without_read_permission_is_refused(pair):
         assert changes(ws, 1)[0]["version"] == version
 
 
+def test_a_role_cannot_tell_a_missing_table_from_a_forbidden_one(pair):
+    """A role subscribing to a table or database it may not read gets FORBIDDEN whether
+    it exists or not (a NOT_FOUND for missing ones told which names exist)."""
+    a, _ = pair
+    for body in ({"database": "dev", "table": "cat"}, {"database": "dev", "table": "nope"},
+                 {"database": "nodb", "table": "dog"}, {"database": "nodb"}):
+        with feed(a, auth=("rita", "ritapw")) as ws:
+            answer = subscribe(ws, **body)
+            assert answer["code"] == "FORBIDDEN", (body, answer)
+            assert harper_error(answer)["unauthorized_access"][0]["schema"] == body["database"]
+
+
 def test_a_feed_ends_when_its_user_loses_read_permission(pair):
     """A running feed follows the user's current permissions: once its role no longer
     grants read on the table, or the user is dropped, the next change is not sent and
