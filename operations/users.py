@@ -179,8 +179,9 @@ async def add_role(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     role_id = body.get("id") or body["role"]
     _check_permission(body["permission"])
     async with _one_at_a_time(ctx):
-        if _role(ctx, role_id) is not None:
-            raise ConflictError(f"A role with name '{role_id}' already exists")
+        for name in dict.fromkeys([role_id, body["role"]]):
+            if _role(ctx, name) is not None:
+                raise ConflictError(f"A role with name '{name}' already exists")
         record = {"id": role_id, "role": body["role"], "permission": body["permission"]}
         result = await _system_write(ctx, "hdb_role", [record], "insert")
     if result["skipped_hashes"]:
@@ -197,6 +198,11 @@ async def alter_role(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
             raise NotFoundError(f"Role '{role_id}' does not exist")
         record = {"id": existing["id"], "permission": body["permission"]}
         if "role" in body:
+            # Roles are named by id or name (add_user, alter_user): a name another role
+            # holds would make one of the two unreachable by it.
+            other = _role(ctx, body["role"])
+            if other is not None and other["id"] != existing["id"]:
+                raise ConflictError(f"A role with name '{body['role']}' already exists")
             record["role"] = body["role"]
         if not body["permission"].get("super_user"):
             _keep_a_super_user(ctx, {}, {str(existing["id"]): body["permission"]},

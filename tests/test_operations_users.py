@@ -96,6 +96,21 @@ def test_add_role_twice_is_409(node):
     assert "reader" in body["error"]
 
 
+def test_role_names_stay_unique(reader):
+    """add_role and alter_role refuse a name or id another role already holds (409): a
+    second role named "reader" could never be given to a user by that name."""
+    response = reader.post({"operation": "add_role", "role": "reader", "id": "reader2",
+                            "permission": {"super_user": False}})
+    assert response.status_code == 409, response.text
+    reader.call("add_role", role="writer", permission={"super_user": False})
+    response = reader.post({"operation": "alter_role", "id": "writer", "role": "reader",
+                            "permission": {"super_user": False}})
+    assert response.status_code == 409, response.text
+    assert sorted(r["role"] for r in reader.call("list_roles")) == [
+        "reader", "super_user", "writer"]
+    reader.call("alter_role", id="writer", role="writer", permission={"super_user": False})
+
+
 def test_list_roles(node):
     """list_roles lists the built-in super_user role and added roles."""
     node.call("add_role", role="reader", permission=READER_PERMISSION)
