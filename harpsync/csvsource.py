@@ -15,6 +15,8 @@ import io
 import json
 import math
 import re
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -97,9 +99,13 @@ class CsvBatches:
             return None
         except csv.Error as exc:
             raise BadRequestError(f"CSV error at line {self.reader.line_num}: {exc}") from None
-        except UnicodeDecodeError:
-            raise BadRequestError(f"CSV is not UTF-8 text (near line "
-                                  f"{self.reader.line_num + 1})") from None
+        except UnicodeDecodeError as exc:
+            # The decoder reads ahead of the parser: the byte is somewhere after the last
+            # line parsed, not necessarily on the next one.
+            byte = exc.object[exc.start:exc.start + 1].hex() or "?"
+            raise BadRequestError(f"CSV is not UTF-8 text: byte 0x{byte} at or after line "
+                                  f"{self.reader.line_num + 1} cannot be decoded (save the "
+                                  f"file as UTF-8)") from None
 
     def _header(self) -> list[str]:
         header = self._next_row()
@@ -134,15 +140,25 @@ class CsvBatches:
             self._closer()
 
 
-def count_rows(text: TextIO) -> int:
-    """Data rows (non-empty, after the header) in a CSV stream; closes it."""
-    reader = csv.reader(text)
-    with text:
-        try:
-            rows = sum(1 for row in reader if row and any(c != "" for c in row))
-        except csv.Error as exc:
-            raise BadRequestError(f"CSV error at line {reader.line_num}: {exc}") from None
-    return max(0, rows - 1)
+    def check_rest(self) -> int:
+        """Read every remaining row, checking it as ``next_batch`` would, without typing
+        or keeping it; the number of rows. A bad line, a CSV error or a byte that is not
+        UTF-8 raises the same 400 that the load would meet."""
+        header = len(self.header)
+        while (row := self._next_row()) is not None:
+            self.rows += 1
+            if len(row) > header:
+                raise BadRequestError(f"CSV line {self.reader.line_num} has {len(row)} "
+                                      f"fields; the header has {header}")
+        return self.rows
+
+
+def count_rows(source: CsvBatches) -> int:
+    """The data rows of ``source``, all checked (see ``check_rest``); closes it."""
+    try:
+        return source.check_rest()
+    finally:
+        source.close()
 
 
 def from_text(data: str, batch_size: int) -> CsvBatches:
@@ -171,7 +187,12 @@ def open_file(path: Path) -> TextIO:
 
 
 def from_file(path: Path, batch_size: int) -> CsvBatches:
-    return CsvBatches(open_file(path), batch_size)
+    text = open_file(path)
+    try:
+        return CsvBatches(text, batch_size)
+    except BaseException:
+        text.close()
+        raise
 
 
 def check_url(url: str) -> str:
@@ -197,6 +218,51 @@ def shown_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"[:200]
 
 
+class Abort:
+    """Lets the event loop stop a download that a worker thread is blocked reading.
+
+    Closing an httpx response from another thread does not wake a thread blocked in
+    ``recv`` on it; shutting the socket down does. httpcore reports each connection it
+    opens (its ``trace`` extension, followed across redirects), so ``fire()`` reaches
+    the socket even while the request still waits for the response headers.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._streams: list[Any] = []
+        self.fired = False
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace callback: note each stream it connects (TCP, then TLS)."""
+        if not event.endswith((".connect_tcp.complete", ".start_tls.complete")):
+            return
+        stream = info.get("return_value")
+        if stream is None:
+            return
+        with self._lock:
+            self._streams.append(stream)
+            fired = self.fired
+        if fired:
+            _shut(stream)
+
+    def fire(self) -> None:
+        """Shut down every socket the download opened (thread-safe, never blocks)."""
+        with self._lock:
+            self.fired = True
+            streams = list(self._streams)
+        for stream in streams:
+            _shut(stream)
+
+
+def _shut(stream: Any) -> None:
+    try:
+        sock = stream.get_extra_info("socket")
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, ValueError):  # closed already, or the TLS layer refused: it ends
+        pass
+
+
 class _ByteStream(io.RawIOBase):
     """A file-like view of a byte iterator, so ``csv`` reads a download like a file."""
 
@@ -219,13 +285,18 @@ class _ByteStream(io.RawIOBase):
         return size
 
 
-def from_url(url: str, batch_size: int) -> CsvBatches:
-    """Start the download; records are parsed as the body streams in."""
+def from_url(url: str, batch_size: int, abort: Abort | None = None) -> CsvBatches:
+    """Start the download; records are parsed as the body streams in. ``abort.fire()``
+    (from another thread) ends a download blocked on a stalled server at once."""
+    abort = abort or Abort()
     client = httpx.Client(timeout=URL_TIMEOUT, follow_redirects=True)
     try:
-        response = client.send(client.build_request("GET", url), stream=True)
+        request = client.build_request("GET", url, extensions={"trace": abort.trace})
+        response = client.send(request, stream=True)
     except httpx.HTTPError as exc:
         client.close()
+        if abort.fired:
+            raise BadRequestError(f"the download of '{shown_url(url)}' was stopped") from None
         raise BadRequestError(f"cannot fetch '{shown_url(url)}': {exc}") from None
     if response.status_code != 200:
         response.close()
@@ -241,6 +312,9 @@ def from_url(url: str, batch_size: int) -> CsvBatches:
         try:
             yield from response.iter_bytes()  # as it arrives: a slow body still flows
         except httpx.HTTPError as exc:
+            if abort.fired:
+                raise BadRequestError(f"the download of '{shown_url(url)}' was "
+                                      f"stopped") from None
             raise BadRequestError(f"download of '{shown_url(url)}' failed: {exc}") from None
 
     raw = io.BufferedReader(_ByteStream(chunks()), 65536)

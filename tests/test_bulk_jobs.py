@@ -34,7 +34,7 @@ TIMES = ("__createdtime__", "__updatedtime__")
 
 class _CsvHandler(http.server.BaseHTTPRequestHandler):
     """Serves ``bodies``; a path starting ``/stall`` sends its body, then hangs until
-    the server stops (a download that never ends)."""
+    the server stops or the body is removed (a download that never ends)."""
 
     bodies: dict[str, bytes] = {}
     release = threading.Event()
@@ -53,7 +53,10 @@ class _CsvHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
         self.wfile.flush()
         if path.startswith("/stall"):
-            self.release.wait(60)
+            deadline = time.monotonic() + 60
+            while path in self.bodies and not self.release.wait(0.05) \
+                    and time.monotonic() < deadline:
+                pass
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -421,3 +424,77 @@ def test_a_job_the_node_died_under_reads_as_failed(node_factory, csv_server):
     assert record["status"] == "ERROR", record
     assert "interrupted" in record["error"] and record["end_datetime"] is not None
     assert node.count("big", "dev") == BATCH
+
+
+def test_non_utf8_file_fails_the_job_naming_the_byte(mesh, tmp_path):
+    """A file that is not UTF-8 fails its job with a message saying so (no Python
+    UnicodeDecodeError text), and nothing of it is loaded."""
+    a, _ = mesh
+    a.call("create_table", database="dev", table="latin", primary_key="id")
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"id,name\n1,ok\n2,caf\xe9\n")
+    record = finished(a, started(a.call("csv_file_load", database="dev", table="latin",
+                                        file_path=str(path))))
+    assert record["status"] == "ERROR", record
+    assert "UnicodeDecodeError" not in record["error"] and "codec" not in record["error"]
+    assert record["error"].startswith("CSV is not UTF-8 text: byte 0xe9"), record["error"]
+    assert "nothing was loaded" in record["error"]
+    assert a.count("latin", "dev") == 0
+
+
+def test_malformed_line_late_in_a_file_loads_nothing(mesh, tmp_path):
+    """A file whose bad line comes after the first batch fails before any write (the
+    whole file is checked first): no half-loaded table."""
+    a, _ = mesh
+    a.call("create_table", database="dev", table="late", primary_key="id")
+    path = tmp_path / "late.csv"
+    rows = BATCH + 10
+    path.write_text("id,name\n" + "".join(f"{i},n{i}\n" for i in range(rows)) + "x,y,z\n")
+    record = finished(a, started(a.call("csv_file_load", database="dev", table="late",
+                                        file_path=str(path))))
+    assert record["status"] == "ERROR", record
+    assert record["error"] == (f"CSV line {rows + 2} has 3 fields; the header has 2; "
+                               f"nothing was loaded")
+    assert a.count("late", "dev") == 0
+
+
+def test_a_load_failing_midway_says_what_stays(mesh):
+    """A record the table refuses after a committed batch fails the job; its error and
+    result say which records were written and stay."""
+    a, _ = mesh
+    a.call("create_table", database="dev", table="midway", primary_key="id")
+    data = ("id,name\n" + "".join(f"{i},n{i}\n" for i in range(BATCH + 5))
+            + '"{""an"": ""object""}",bad\n')
+    record = finished(a, started(a.call("csv_data_load", database="dev", table="midway",
+                                        data=data)))
+    assert record["status"] == "ERROR", record
+    assert record["error"].startswith(f"records {BATCH + 1}-{BATCH + 6}: "), record["error"]
+    assert record["error"].endswith(f"; records 1-{BATCH} were written before the failure "
+                                    f"and stay ({BATCH} loaded, 0 skipped)")
+    assert record["result"]["records"] == BATCH and record["result"]["loaded"] == BATCH
+    assert a.count("midway", "dev") == BATCH
+
+
+@pytest.mark.timeout(60)
+def test_stopping_the_node_ends_a_stalled_download(node, csv_server, monkeypatch):
+    """A node stopping under a download that stalls stops at once (the worker thread
+    blocked on the socket is woken), not after the download's read timeout; the job
+    reads as interrupted, with the records written before."""
+    monkeypatch.setattr("harpsync.csvsource.URL_TIMEOUT", 3600.0)
+    base, bodies = csv_server
+    node.call("create_table", database="dev", table="stalled", primary_key="id")
+    bodies["/stall-stop.csv"] = ("id\n" + "".join(f"{i}\n" for i in range(BATCH + 5))).encode()
+    job_id = started(node.call("csv_url_load", database="dev", table="stalled",
+                               csv_url=f"{base}/stall-stop.csv"))
+    wait_for(lambda: node.call("get_job", id=job_id)[0]["progress"]["records"] == BATCH,
+             timeout=20, message="the first batch")
+    stopping = threading.Thread(target=node.stop, daemon=True)
+    stopping.start()
+    try:
+        wait_for(lambda: not stopping.is_alive(), timeout=15, message="the node to stop")
+    finally:
+        bodies.pop("/stall-stop.csv")  # if it failed: the download ends, the node stops
+    node.start()
+    (record,) = node.call("get_job", id=job_id)
+    assert record["status"] == "ERROR" and "interrupted" in record["error"], record
+    assert record["result"]["records"] == BATCH, record
