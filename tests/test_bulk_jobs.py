@@ -498,3 +498,21 @@ def test_stopping_the_node_ends_a_stalled_download(node, csv_server, monkeypatch
     (record,) = node.call("get_job", id=job_id)
     assert record["status"] == "ERROR" and "interrupted" in record["error"], record
     assert record["result"]["records"] == BATCH, record
+
+
+def test_finished_job_records_are_pruned_by_count_and_age(node, monkeypatch):
+    """Job records are bounded: past KEEP_JOBS (and a tenth more) the oldest finished
+    ones go; at a restart, those that ended longer than KEEP_FOR_MS ago go too."""
+    monkeypatch.setattr("harpsync.jobs.KEEP_JOBS", 3, raising=False)
+    node.call("create_table", database="dev", table="kept", primary_key="id")
+    since = time.time() * 1000
+    ids = [finished(node, started(node.call("csv_data_load", database="dev", table="kept",
+                                            data=f"id\n{i}\n")))["id"] for i in range(6)]
+    listed = [j["id"] for j in node.call("search_jobs_by_start_date", from_date=since,
+                                         to_date=time.time() * 1000)]
+    assert 3 <= len(listed) <= 4 and listed == ids[-len(listed):], (listed, ids)
+    assert node.call("get_job", id=ids[0], expect=404)["error"] == f"job '{ids[0]}' not found"
+    monkeypatch.setattr("harpsync.jobs.KEEP_FOR_MS", 0.0, raising=False)
+    node.restart()
+    assert node.call("search_jobs_by_start_date", from_date=since,
+                     to_date=time.time() * 1000) == []

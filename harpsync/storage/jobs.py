@@ -1,7 +1,8 @@
 """The node's job records (``hdb_job``): one small LMDB environment under ``<root>/jobs``.
 
 Jobs belong to the node that runs them, so they live outside the replicated databases
-and never travel to peers. A record is a plain dict keyed by its id.
+and never travel to peers. A record is a plain dict keyed by its id. Finished records
+are pruned by age and count (``prune``; the policy is :mod:`harpsync.jobs`'s).
 """
 
 from __future__ import annotations
@@ -55,6 +56,33 @@ class JobStore:
                     txn.put(key, codec.pack(job))
                     changed.append(str(job["id"]))
         return changed
+
+    def count(self) -> int:
+        """How many records the store holds (running and finished)."""
+        return int(self.env.stat()["entries"])
+
+    def prune(self, ended_before_ms: float, keep: int) -> int:
+        """Delete finished jobs that ended before ``ended_before_ms``, and the oldest
+        finished ones beyond the newest ``keep``; a job in progress always stays.
+
+        Returns:
+            How many records were deleted.
+        """
+        with self.env.begin(write=True) as txn:
+            finished: list[tuple[float, bytes]] = []
+            for key, value in txn.cursor():
+                job = codec.unpack(value)
+                if job.get("status") == IN_PROGRESS:
+                    continue
+                ended = job.get("end_datetime") or job.get("start_datetime") or 0
+                finished.append((float(ended), bytes(key)))
+            finished.sort()
+            excess = max(0, len(finished) - keep)
+            doomed = [key for index, (ended, key) in enumerate(finished)
+                      if index < excess or ended < ended_before_ms]
+            for key in doomed:
+                txn.delete(key)
+        return len(doomed)
 
     def close(self) -> None:
         self.env.close()
