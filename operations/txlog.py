@@ -48,6 +48,12 @@ def read_entries(db: Database, table: str, primary_key: str, start: float | None
     ``limit`` of them."""
     out: list[dict[str, Any]] = []
     after = 0
+    # A table dropped and created again keeps its name, and the log keeps the old
+    # incarnation's entries until pruned: they are another table's history (Harper drops
+    # a table's log with it). An op names the incarnation it went to (``op[4]``); one
+    # covered by the table's drop marker is dead.
+    with db.reading() as txn:
+        dropped = db.table_marker(txn, table)
     while limit is None or len(out) < limit:
         entries = db.log_after(after, CHUNK)
         for seq, raw in entries:
@@ -56,7 +62,8 @@ def read_entries(db: Database, table: str, primary_key: str, start: float | None
             stamp = version_to_ms(version)
             if (start is not None and stamp < start) or (end is not None and stamp > end):
                 continue
-            mine = [op for op in ops if op[0] == table and op[1] in DATA_KINDS]
+            mine = [op for op in ops if op[0] == table and op[1] in DATA_KINDS
+                    and not (len(op) > 4 and isinstance(op[4], int) and op[4] <= dropped)]
             # One entry per run of deletes or of writes: a repair or a relayed copy logs
             # both in one transaction, and a delete must not read as an upsert.
             runs: list[list[list[Any]]] = []

@@ -516,3 +516,15 @@ def test_finished_job_records_are_pruned_by_count_and_age(node, monkeypatch):
     node.restart()
     assert node.call("search_jobs_by_start_date", from_date=since,
                      to_date=time.time() * 1000) == []
+
+
+def test_read_transaction_log_leaves_out_a_dropped_incarnation(node):
+    """A table dropped and created again under the same name shows only its own
+    writes: the dropped table's entries are another table's history."""
+    node.call("create_table", database="dev", table="again", primary_key="id")
+    node.call("insert", database="dev", table="again", records=[{"id": 1, "old": True}])
+    node.call("drop_table", database="dev", table="again")
+    node.call("create_table", database="dev", table="again", primary_key="id")
+    node.call("insert", database="dev", table="again", records=[{"id": 2}])
+    log = node.call("read_transaction_log", database="dev", table="again")
+    assert [[r["id"] for r in e["records"]] for e in log] == [[2]], log
