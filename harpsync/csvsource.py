@@ -2,7 +2,9 @@
 on the node side), read as a stream in batches of records.
 
 Nothing is read whole: a file or a download is parsed as it arrives, ``batch_size``
-rows at a time, so memory stays flat whatever the size. Values are typed as Harper's
+rows at a time but no more than ``max_chars`` characters of cells (a batch becomes one
+transaction and one log entry, which a peer must take in one frame), so memory stays
+flat whatever the size. Values are typed as Harper's
 loader types them: an empty cell is null, ``true``/``false`` are booleans, numbers are
 numbers (but text with a leading zero, such as a zip code, stays text), and a cell
 holding a JSON array or object is parsed.
@@ -34,6 +36,8 @@ URL_TIMEOUT = 30.0
 # larger (insert takes one up to the request body limit, 10 MiB by default). Still
 # bounded, so an unclosed quote in a large file cannot grow one field without limit.
 MAX_FIELD = 64 << 20
+# A batch's cells, in characters: about one default-sized request body (10 MiB).
+BATCH_CHARS = 8 << 20
 csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD))
 
 
@@ -81,9 +85,11 @@ _JSON_CELL = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
 class CsvBatches:
     """Records from a CSV text stream whose first row names the attributes."""
 
-    def __init__(self, text: TextIO, batch_size: int, closer: Any = None) -> None:
+    def __init__(self, text: TextIO, batch_size: int, closer: Any = None,
+                 max_chars: int = BATCH_CHARS) -> None:
         self.text = text
         self.batch_size = batch_size
+        self.max_chars = max_chars
         self._closer = closer
         self.reader = csv.reader(text)
         self.rows = 0
@@ -119,10 +125,12 @@ class CsvBatches:
         return header
 
     def next_batch(self) -> list[dict[str, Any]]:
-        """Up to ``batch_size`` records; empty at the end."""
+        """Up to ``batch_size`` records, and as many as fit in ``max_chars`` characters of
+        cells (at least one); empty at the end."""
         batch: list[dict[str, Any]] = []
         header = self.header
-        while len(batch) < self.batch_size:
+        chars = 0
+        while len(batch) < self.batch_size and chars < self.max_chars:
             row = self._next_row()
             if row is None:
                 break
@@ -130,6 +138,7 @@ class CsvBatches:
             if len(row) > len(header):
                 raise BadRequestError(f"CSV line {self.reader.line_num} has {len(row)} "
                                       f"fields; the header has {len(header)}")
+            chars += sum(len(cell) for cell in row)
             batch.append({name: convert(cell) for name, cell in zip(header, row,
                                                                       strict=False)})
         return batch
@@ -161,8 +170,8 @@ def count_rows(source: CsvBatches) -> int:
         source.close()
 
 
-def from_text(data: str, batch_size: int) -> CsvBatches:
-    return CsvBatches(io.StringIO(data, newline=""), batch_size)
+def from_text(data: str, batch_size: int, max_chars: int = BATCH_CHARS) -> CsvBatches:
+    return CsvBatches(io.StringIO(data, newline=""), batch_size, max_chars=max_chars)
 
 
 def check_file(path: str) -> Path:
@@ -186,10 +195,10 @@ def open_file(path: Path) -> TextIO:
     return path.open("r", encoding="utf-8-sig", newline="")
 
 
-def from_file(path: Path, batch_size: int) -> CsvBatches:
+def from_file(path: Path, batch_size: int, max_chars: int = BATCH_CHARS) -> CsvBatches:
     text = open_file(path)
     try:
-        return CsvBatches(text, batch_size)
+        return CsvBatches(text, batch_size, max_chars=max_chars)
     except BaseException:
         text.close()
         raise
@@ -285,7 +294,8 @@ class _ByteStream(io.RawIOBase):
         return size
 
 
-def from_url(url: str, batch_size: int, abort: Abort | None = None) -> CsvBatches:
+def from_url(url: str, batch_size: int, abort: Abort | None = None,
+             max_chars: int = BATCH_CHARS) -> CsvBatches:
     """Start the download; records are parsed as the body streams in. ``abort.fire()``
     (from another thread) ends a download blocked on a stalled server at once."""
     abort = abort or Abort()
@@ -320,7 +330,7 @@ def from_url(url: str, batch_size: int, abort: Abort | None = None) -> CsvBatche
     raw = io.BufferedReader(_ByteStream(chunks()), 65536)
     text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
     try:
-        return CsvBatches(text, batch_size, close)
+        return CsvBatches(text, batch_size, close, max_chars)
     except BaseException:
         close()
         raise

@@ -2,9 +2,10 @@
 
 ``csv_data_load``, ``csv_file_load`` and ``csv_url_load`` answer at once with Harper's
 ``Starting job with id ...``; the job then reads the CSV as a stream, ``BATCH`` records
-at a time, and writes each batch as one ordinary ``insert``/``update``/``upsert`` job of
-the writer thread (logged, so it replicates). The next batch is parsed (in a worker
-thread) while the current one is written.
+at a time (fewer when they are large: a batch's log entry must stay well within what a
+peer takes in one frame, ``_batch_chars``), and writes each batch as one ordinary
+``insert``/``update``/``upsert`` job of the writer thread (logged, so it replicates).
+The next batch is parsed (in a worker thread) while the current one is written.
 
 Reading a file on the node or fetching a URL from it is for super users only: table
 permissions must not open the node's file system or its network to a role.
@@ -89,7 +90,7 @@ async def _load(ctx: OpContext, job: RunningJob, database: str, table: str, acti
                 with missing_is_bad_request():  # the table was dropped during the load
                     result = await storage.write(
                         writes.write_records(storage, database, table, batch, action, user))
-            except BadRequestError as exc:
+            except HarpsyncError as exc:  # refused (400), too large (413), disk full...
                 raise BadRequestError(f"records {done + 1}-{done + len(batch)}: "
                                       f"{exc.message}") from None
             done += len(batch)
@@ -123,6 +124,13 @@ def _summary(message: str, done: int, written: int, action: str, database: str,
             "table": table}
 
 
+def _batch_chars(ctx: OpContext) -> int:
+    """Characters of cells per batch: a quarter of the largest log entry a write may make
+    leaves room for the records' keys and timestamps (and a character may take 4 bytes
+    only in rare text), capped at ``csvsource.BATCH_CHARS`` to keep memory flat."""
+    return max(1, min(csvsource.BATCH_CHARS, ctx.services.storage.max_log_entry // 4))
+
+
 def _start(ctx: OpContext, kind: str, body: dict[str, Any], details: dict[str, Any],
            open_batches: Callable[[csvsource.Abort], csvsource.CsvBatches],
            count: Callable[[], int] | None) -> dict[str, Any]:
@@ -141,21 +149,22 @@ def _start(ctx: OpContext, kind: str, body: dict[str, Any], details: dict[str, A
 async def csv_data_load(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     data = str(body["data"])
     return _start(ctx, "csv_data_load", body, {},
-                  lambda _abort: csvsource.from_text(data, BATCH),
+                  lambda _abort: csvsource.from_text(data, BATCH, _batch_chars(ctx)),
                   lambda: csvsource.count_rows(csvsource.from_text(data, 1)))
 
 
 async def csv_file_load(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     path = csvsource.check_file(str(body["file_path"]))
     return _start(ctx, "csv_file_load", body, {"file_path": str(path)},
-                  lambda _abort: csvsource.from_file(path, BATCH),
+                  lambda _abort: csvsource.from_file(path, BATCH, _batch_chars(ctx)),
                   lambda: csvsource.count_rows(csvsource.from_file(path, 1)))
 
 
 async def csv_url_load(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     url = csvsource.check_url(str(body["csv_url"]))
     return _start(ctx, "csv_url_load", body, {"csv_url": csvsource.shown_url(url)},
-                  lambda abort: csvsource.from_url(url, BATCH, abort), None)
+                  lambda abort: csvsource.from_url(url, BATCH, abort, _batch_chars(ctx)),
+                  None)
 
 
 async def get_job(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -528,3 +528,17 @@ def test_read_transaction_log_leaves_out_a_dropped_incarnation(node):
     node.call("insert", database="dev", table="again", records=[{"id": 2}])
     log = node.call("read_transaction_log", database="dev", table="again")
     assert [[r["id"] for r in e["records"]] for e in log] == [[2]], log
+
+
+def test_large_rows_load_in_batches_a_peer_can_take(node):
+    """Batches are bounded by size as well as by count: rows of 1 KiB load even where
+    2,000 of them would make a log entry over the limit (set low here)."""
+    node.node.storage.max_log_entry = 1 << 20
+    node.call("create_table", database="dev", table="wide", primary_key="id")
+    rows = BATCH + 500
+    data = "id,text\n" + "".join(f"{i},{'x' * 1024}\n" for i in range(rows))
+    record = finished(node, started(node.call("csv_data_load", database="dev", table="wide",
+                                              data=data)))
+    assert record["status"] == "COMPLETE", record["error"]
+    assert record["message"] == f"successfully loaded {rows} of {rows} records"
+    assert node.count("wide", "dev") == rows
