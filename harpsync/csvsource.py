@@ -171,7 +171,11 @@ def count_rows(source: CsvBatches) -> int:
 
 
 def from_text(data: str, batch_size: int, max_chars: int = BATCH_CHARS) -> CsvBatches:
-    return CsvBatches(io.StringIO(data, newline=""), batch_size, max_chars=max_chars)
+    # A file's byte order mark is dropped on reading it (utf-8-sig); text pasted or read
+    # from such a file may still start with one, which would name the first column
+    # "\ufeffid" and leave every record without its primary key.
+    text = data[1:] if data.startswith("\ufeff") else data
+    return CsvBatches(io.StringIO(text, newline=""), batch_size, max_chars=max_chars)
 
 
 def check_file(path: str) -> Path:

@@ -542,3 +542,14 @@ def test_large_rows_load_in_batches_a_peer_can_take(node):
     assert record["status"] == "COMPLETE", record["error"]
     assert record["message"] == f"successfully loaded {rows} of {rows} records"
     assert node.count("wide", "dev") == rows
+
+
+def test_csv_data_starting_with_a_byte_order_mark(node):
+    """CSV text that starts with a byte order mark (read from such a file) names its
+    first column without it, as a file load does: the primary key is found."""
+    node.call("create_table", database="dev", table="bom", primary_key="id")
+    record = finished(node, started(node.call("csv_data_load", database="dev", table="bom",
+                                              data="\ufeffid,name\n7,a\n")))
+    assert record["status"] == "COMPLETE", record["error"]
+    assert node.call("search_by_id", database="dev", table="bom", ids=[7],
+                     get_attributes=["id", "name"]) == [{"id": 7, "name": "a"}]
