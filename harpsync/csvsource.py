@@ -219,6 +219,10 @@ def check_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequestError(f"'csv_url' must be an http:// or https:// URL, got "
                               f"'{shown_url(url)}'")
+    try:  # what httpx itself refuses (a control character, a malformed IDNA host)
+        httpx.Request("GET", url)
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise BadRequestError(f"'csv_url' is not a valid URL: {str(exc)[:100]}") from None
     return url
 
 

@@ -223,9 +223,12 @@ def test_csv_url_load_from_a_local_server(mesh, csv_server):
     ("http://[::1/x.csv", "http:// or https://"),  # urlsplit: "Invalid IPv6 URL"
     ("http://127.0.0.1:99999/x.csv", "Port out of range"),  # raised by SplitResult.port
     ("http://127.0.0.1:x/x.csv", "Port could not be cast"),
+    ("http://127.0.0.1/\x01.csv", "non-printable ASCII character"),  # httpx.InvalidURL
+    ("http://xn--/x.csv", "Malformed A-label"),  # an IDNA error, raised on the request
 ])
 def test_csv_url_load_malformed_url_is_400(mesh, url, fragment):
-    """A URL that urllib cannot split, or whose port is not a port, is a 400 naming it."""
+    """A URL that urllib cannot split, whose port is not a port, or that httpx refuses is
+    a 400 naming the problem, not a job failing with a Python exception's name."""
     a, _ = mesh
     response = a.post({"operation": "csv_url_load", "database": "dev", "table": "breed",
                        "csv_url": url})
