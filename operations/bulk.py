@@ -86,10 +86,21 @@ async def _load(ctx: OpContext, job: RunningJob, database: str, table: str, acti
             if not batch:
                 break
             pending = in_thread(batches.next_batch)  # parsed while this one is written
+            write = asyncio.ensure_future(storage.write(
+                writes.write_records(storage, database, table, batch, action, user)))
             try:
                 with missing_is_bad_request():  # the table was dropped during the load
-                    result = await storage.write(
-                        writes.write_records(storage, database, table, batch, action, user))
+                    try:
+                        result = await asyncio.shield(write)
+                    except asyncio.CancelledError:
+                        # The node is stopping: the batch handed to the writer commits
+                        # (or fails) anyway; wait for it, so the counts say what landed.
+                        await settle(write)
+                        if not write.cancelled() and write.exception() is None:
+                            done += len(batch)
+                            written += len(write.result()[_HASHES[action]])
+                            job.progress(done, total)
+                        raise
             except HarpsyncError as exc:  # refused (400), too large (413), disk full...
                 raise BadRequestError(f"records {done + 1}-{done + len(batch)}: "
                                       f"{exc.message}") from None

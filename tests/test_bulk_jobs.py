@@ -556,3 +556,20 @@ def test_csv_data_starting_with_a_byte_order_mark(node):
     assert record["status"] == "COMPLETE", record["error"]
     assert node.call("search_by_id", database="dev", table="bom", ids=[7],
                      get_attributes=["id", "name"]) == [{"id": 7, "name": "a"}]
+
+
+def test_a_load_stopped_midway_counts_the_batch_being_written(node):
+    """A node stopping under a load lets the batch handed to the writer land and counts
+    it: the interrupted job's counts are the rows in the table, not one batch fewer."""
+    node.call("create_table", database="dev", table="counted", primary_key="id")
+    data = "id,name\n" + "".join(f"{i},name-{i}\n" for i in range(BATCH * 12))
+    job_id = started(node.call("csv_data_load", database="dev", table="counted", data=data))
+    wait_for(lambda: node.call("get_job", id=job_id)[0]["progress"]["records"] >= BATCH,
+             timeout=30, interval=0.005, message="the first batch")
+    node.stop()
+    node.start()
+    (record,) = node.call("get_job", id=job_id)
+    assert record["status"] == "ERROR" and "interrupted" in record["error"], record
+    in_table = node.count("counted", "dev")
+    assert record["result"]["records"] == record["progress"]["records"] == in_table, \
+        (record["result"], record["progress"], in_table)
