@@ -114,16 +114,13 @@ async def delete_transaction_logs_before(ctx: OpContext, body: dict[str, Any],
     assert stamp is not None  # the schema requires it
 
     async def work(job: RunningJob) -> dict[str, Any]:
-        # Entries of this table up to the last one older than the timestamp go (older as
-        # read_transaction_log shows their timestamps, to the fraction of a millisecond);
-        # the prune is recorded, so a peer still behind it resyncs.
-        through = await asyncio.to_thread(retention.seq_for_time, db,
-                                          first_version_at(min(stamp, _AFTER_ALL_MS)))
-        removed = 0
-        if through:
-            result = await storage.write(retention.purge_table_job(db, table_name, None,
-                                                                   through + 1))
-            removed = int(result["removed"])
+        # Entries of this table older than the timestamp go (older as read_transaction_log
+        # shows their timestamps, to the fraction of a millisecond), wherever they sit in
+        # the log; the prune is recorded, so a peer still behind it resyncs.
+        cutoff = first_version_at(min(stamp, _AFTER_ALL_MS))
+        result = await storage.write(retention.purge_table_job(db, table_name, None, None,
+                                                               before_version=cutoff))
+        removed = int(result["removed"])
         job.progress(removed, removed)
         return {"message": f"deleted {removed} transaction log entries of "
                            f"'{db_name}.{table_name}' before {stamp:.0f}",

@@ -573,3 +573,29 @@ def test_a_load_stopped_midway_counts_the_batch_being_written(node):
     in_table = node.count("counted", "dev")
     assert record["result"]["records"] == record["progress"]["records"] == in_table, \
         (record["result"], record["progress"], in_table)
+
+
+def test_delete_transaction_logs_before_takes_an_older_entry_that_arrived_late(mesh):
+    """An entry older than the timestamp goes even when it reached the log after a newer
+    one (a peer's write that arrived late): the log is not in time order."""
+    a, b = mesh
+    a.call("create_table", database="dev", table="late_log", primary_key="id")
+    wait_for(lambda: b.post({"operation": "describe_table", "database": "dev",
+                             "table": "late_log"}).status_code == 200, timeout=20,
+             message="dev.late_log on B")
+    a.call("pause_replication", hostname=b.name, database="dev")
+    try:
+        b.call("insert", database="dev", table="late_log", records=[{"id": "from-b"}])
+        cutoff = cutoff_after(b.call("read_transaction_log", database="dev",
+                                     table="late_log")[-1])
+        a.call("insert", database="dev", table="late_log", records=[{"id": "from-a"}])
+    finally:
+        a.call("resume_replication", hostname=b.name, database="dev")
+    wait_for(lambda: a.count("late_log", "dev") == 2, timeout=20, message="B's write on A")
+    log = a.call("read_transaction_log", database="dev", table="late_log")
+    assert [e["records"][0]["id"] for e in log] == ["from-a", "from-b"]  # newer one first
+    record = finished(a, started(a.call("delete_transaction_logs_before", database="dev",
+                                        table="late_log", timestamp=cutoff)))
+    assert record["status"] == "COMPLETE", record
+    log = a.call("read_transaction_log", database="dev", table="late_log")
+    assert [e["records"][0]["id"] for e in log] == ["from-a"], log
