@@ -149,12 +149,15 @@ class CsvBatches:
             self._closer()
 
 
-    def check_rest(self) -> int:
+    def check_rest(self, abort: Abort | None = None) -> int:
         """Read every remaining row, checking it as ``next_batch`` would, without typing
         or keeping it; the number of rows. A bad line, a CSV error or a byte that is not
-        UTF-8 raises the same 400 that the load would meet."""
+        UTF-8 raises the same 400 that the load would meet; so does ``abort.fire()`` (a
+        stopping node does not wait for the pass over a large file)."""
         header = len(self.header)
         while (row := self._next_row()) is not None:
+            if abort is not None and abort.fired:
+                raise BadRequestError("the load was stopped")
             self.rows += 1
             if len(row) > header:
                 raise BadRequestError(f"CSV line {self.reader.line_num} has {len(row)} "
@@ -162,10 +165,10 @@ class CsvBatches:
         return self.rows
 
 
-def count_rows(source: CsvBatches) -> int:
+def count_rows(source: CsvBatches, abort: Abort | None = None) -> int:
     """The data rows of ``source``, all checked (see ``check_rest``); closes it."""
     try:
-        return source.check_rest()
+        return source.check_rest(abort)
     finally:
         source.close()
 

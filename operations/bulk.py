@@ -48,7 +48,7 @@ def _target(ctx: OpContext, body: dict[str, Any]) -> tuple[str, str, str]:
 
 async def _load(ctx: OpContext, job: RunningJob, database: str, table: str, action: str,
                 open_batches: Callable[[csvsource.Abort], csvsource.CsvBatches],
-                count: Callable[[], int] | None) -> dict[str, Any]:
+                count: Callable[[csvsource.Abort], int] | None) -> dict[str, Any]:
     """Read batches and write them; the job's progress follows each committed batch.
 
     A file or text is read whole once first (``count``), checking every line, so a
@@ -77,7 +77,7 @@ async def _load(ctx: OpContext, job: RunningJob, database: str, table: str, acti
         return value
 
     try:
-        total = await result_of(in_thread(count)) if count is not None else None
+        total = await result_of(in_thread(lambda: count(abort))) if count else None
         job.progress(0, total)
         batches = await result_of(in_thread(lambda: open_batches(abort)))
         pending = in_thread(batches.next_batch)
@@ -144,7 +144,7 @@ def _batch_chars(ctx: OpContext) -> int:
 
 def _start(ctx: OpContext, kind: str, body: dict[str, Any], details: dict[str, Any],
            open_batches: Callable[[csvsource.Abort], csvsource.CsvBatches],
-           count: Callable[[], int] | None) -> dict[str, Any]:
+           count: Callable[[csvsource.Abort], int] | None) -> dict[str, Any]:
     database, table, action = _target(ctx, body)
     jobs = ctx.services.jobs
 
@@ -161,14 +161,14 @@ async def csv_data_load(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     data = str(body["data"])
     return _start(ctx, "csv_data_load", body, {},
                   lambda _abort: csvsource.from_text(data, BATCH, _batch_chars(ctx)),
-                  lambda: csvsource.count_rows(csvsource.from_text(data, 1)))
+                  lambda abort: csvsource.count_rows(csvsource.from_text(data, 1), abort))
 
 
 async def csv_file_load(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     path = csvsource.check_file(str(body["file_path"]))
     return _start(ctx, "csv_file_load", body, {"file_path": str(path)},
                   lambda _abort: csvsource.from_file(path, BATCH, _batch_chars(ctx)),
-                  lambda: csvsource.count_rows(csvsource.from_file(path, 1)))
+                  lambda abort: csvsource.count_rows(csvsource.from_file(path, 1), abort))
 
 
 async def csv_url_load(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from harpsync import csvsource
+from harpsync.errors import BadRequestError
 from operations.bulk import BATCH
 from tests.helpers import ADMIN, InProcessNode, wait_for
 
@@ -599,3 +601,15 @@ def test_delete_transaction_logs_before_takes_an_older_entry_that_arrived_late(m
     assert record["status"] == "COMPLETE", record
     log = a.call("read_transaction_log", database="dev", table="late_log")
     assert [e["records"][0]["id"] for e in log] == ["from-a"], log
+
+
+def test_the_checking_pass_stops_when_the_load_is_aborted():
+    """The pass that checks a whole file before the first write (the long part of a
+    large file's load) stops at the next row once the load is aborted (a stopping node
+    does not wait for it), and closes its source."""
+    abort = csvsource.Abort()
+    source = csvsource.from_text("id\n" + "1\n" * 100_000, 1)
+    abort.fire()
+    with pytest.raises(BadRequestError, match="the load was stopped"):
+        csvsource.count_rows(source, abort)
+    assert source.text.closed and source.rows == 0
