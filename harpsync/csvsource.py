@@ -277,8 +277,10 @@ class Abort:
 def _shut(stream: Any) -> None:
     try:
         sock = stream.get_extra_info("socket")
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
+        if isinstance(sock, socket.socket):
+            # The plain socket's shutdown, also for TLS: SSLSocket.shutdown drops its SSL
+            # object under the thread still reading through it.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except (OSError, ValueError):  # closed already, or the TLS layer refused: it ends
         pass
 
