@@ -12,6 +12,7 @@ holding a JSON array or object is parsed.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -307,6 +308,18 @@ class _ByteStream(io.RawIOBase):
         return size
 
 
+def _encoding(charset: str | None) -> str:
+    """The codec for a download: the charset its Content-Type declares (a server that
+    says ISO-8859-1 means it), else UTF-8; a byte order mark is dropped either way."""
+    if charset:
+        try:
+            name = codecs.lookup(charset).name
+        except LookupError:
+            return "utf-8-sig"
+        return "utf-8-sig" if name in ("utf-8", "utf-8-sig") else name
+    return "utf-8-sig"
+
+
 def from_url(url: str, batch_size: int, abort: Abort | None = None,
              max_chars: int = BATCH_CHARS) -> CsvBatches:
     """Start the download; records are parsed as the body streams in. ``abort.fire()``
@@ -341,7 +354,7 @@ def from_url(url: str, batch_size: int, abort: Abort | None = None,
             raise BadRequestError(f"download of '{shown_url(url)}' failed: {exc}") from None
 
     raw = io.BufferedReader(_ByteStream(chunks()), 65536)
-    text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+    text = io.TextIOWrapper(raw, encoding=_encoding(response.charset_encoding), newline="")
     try:
         return CsvBatches(text, batch_size, close, max_chars)
     except BaseException:

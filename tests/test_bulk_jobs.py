@@ -36,7 +36,8 @@ TIMES = ("__createdtime__", "__updatedtime__")
 
 class _CsvHandler(http.server.BaseHTTPRequestHandler):
     """Serves ``bodies``; a path starting ``/stall`` sends its body, then hangs until
-    the server stops or the body is removed (a download that never ends)."""
+    the server stops or the body is removed (a download that never ends); a path
+    holding ``latin1`` is declared ISO-8859-1."""
 
     bodies: dict[str, bytes] = {}
     release = threading.Event()
@@ -48,7 +49,8 @@ class _CsvHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         self.send_response(200)
-        self.send_header("Content-Type", "text/csv")
+        charset = "; charset=ISO-8859-1" if "latin1" in path else ""
+        self.send_header("Content-Type", f"text/csv{charset}")
         if not path.startswith("/stall"):
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -219,6 +221,25 @@ def test_csv_url_load_from_a_local_server(mesh, csv_server):
     record = finished(a, started(a.call("csv_url_load", database="dev", table="url",
                                         csv_url=f"{base}/missing.csv")))
     assert record["status"] == "ERROR" and "HTTP 404" in record["error"], record
+
+
+def test_csv_url_load_reads_the_declared_charset(mesh, csv_server):
+    """A download whose Content-Type declares a charset (ISO-8859-1) is read in it; one
+    that declares none is UTF-8, and a byte that is not fails the job saying so."""
+    a, _ = mesh
+    base, bodies = csv_server
+    a.call("create_table", database="dev", table="charset", primary_key="id")
+    bodies["/latin1.csv"] = "id,name\n1,café\n".encode("latin-1")
+    record = finished(a, started(a.call("csv_url_load", database="dev", table="charset",
+                                        csv_url=f"{base}/latin1.csv")))
+    assert record["status"] == "COMPLETE", record["error"]
+    assert a.call("search_by_id", database="dev", table="charset", ids=[1],
+                  get_attributes=["name"]) == [{"name": "café"}]
+    bodies["/undeclared.csv"] = bodies["/latin1.csv"]
+    record = finished(a, started(a.call("csv_url_load", database="dev", table="charset",
+                                        csv_url=f"{base}/undeclared.csv")))
+    assert record["status"] == "ERROR", record
+    assert record["error"].startswith("CSV is not UTF-8 text: byte 0xe9"), record["error"]
 
 
 @pytest.mark.parametrize(("url", "fragment"), [
