@@ -119,7 +119,8 @@ async def _load(ctx: OpContext, job: RunningJob, database: str, table: str, acti
         if reading is not None:  # a read under way: stop a stalled download, wait for it
             abort.fire()
             await settle(reading)
-            if batches is None and not reading.cancelled() and reading.exception() is None:
+            if batches is None and not reading.cancelled() and reading.exception() is None \
+                    and isinstance(reading.result(), csvsource.CsvBatches):
                 batches = reading.result()  # opened as the job was stopped
         if batches is not None:
             await asyncio.to_thread(batches.close)
