@@ -2,9 +2,11 @@
 
 A job answers its request at once and runs as an asyncio task. Its record (Harper's
 ``hdb_job`` fields plus ``progress``, ``result`` and ``error``) is kept current in memory
-and saved to the :class:`JobStore` when it starts, at most every ``SAVE_INTERVAL``
-seconds while it runs, and when it ends. A job the node stopped under, cleanly or by a
-crash, reads as ``ERROR`` with a "failed (interrupted)" message, never as in progress.
+and saved to the :class:`JobStore` when it starts and when it ends (flushed to disk),
+and at each progress report (written, not flushed: it survives the process dying, and
+costs the event loop no fsync), so a job the process died under tells how far it got.
+A job the node stopped under, cleanly or by a crash, reads as ``ERROR`` with a "failed
+(interrupted)" message, never as in progress.
 
 Finished records are kept ``KEEP_FOR_MS`` (30 days) and at most about ``KEEP_JOBS``
 (10,000) of them, the oldest going first: pruned at start, then after a job ends once
@@ -29,7 +31,6 @@ from harpsync.tasks import end_tasks
 
 log = logging.getLogger(__name__)
 
-SAVE_INTERVAL = 0.5
 KEEP_FOR_MS = 30 * 86_400_000.0
 KEEP_JOBS = 10_000
 PRUNE_EVERY = 3600.0  # seconds
@@ -54,25 +55,22 @@ class RunningJob:
     def __init__(self, record: dict[str, Any], store: JobStore) -> None:
         self.record = record
         self._store = store
-        self._saved = 0.0
 
     @property
     def id(self) -> str:
         return str(self.record["id"])
 
     def progress(self, done: int, total: int | None = None) -> None:
-        """Records done so far (and the total once known); saved now and then."""
+        """Records done so far (and the total once known); saved, not flushed."""
         progress = self.record["progress"]
         progress["records"] = done
         if total is not None:
             progress["total"] = total
         self.record["__updatedtime__"] = now_ms()
-        if time.monotonic() - self._saved >= SAVE_INTERVAL:
-            self.save()
+        self.save(durable=False)
 
-    def save(self) -> None:
-        self._saved = time.monotonic()
-        self._store.put(self.record)
+    def save(self, durable: bool = True) -> None:
+        self._store.put(self.record, durable)
 
 
 Work = Callable[[RunningJob], Awaitable[dict[str, Any]]]
@@ -91,7 +89,10 @@ class JobManager:
     def open(cls, path: Path) -> JobManager:
         """Open the store; jobs left in progress by the last run become failed, and
         finished ones past retention go."""
-        store = JobStore(path)
+        store, aside = JobStore.open_or_reset(path)
+        if aside is not None:
+            log.error("the job store %s could not be read; it was moved to %s and a new "
+                      "one started (past jobs are no longer listed)", path, aside)
         left = store.interrupt_unfinished(INTERRUPTED, now_ms())
         if left:
             log.warning("%d job(s) were interrupted by the last stop: %s", len(left),

@@ -427,7 +427,8 @@ def test_delete_transaction_logs_before_a_huge_timestamp_deletes_all(node):
 
 
 def test_a_job_the_node_died_under_reads_as_failed(node_factory, csv_server):
-    """After a SIGKILL mid-load, the restarted node reports the job failed (interrupted)."""
+    """After a SIGKILL mid-load, the restarted node reports the job failed (interrupted),
+    with the progress it had made: every committed batch is saved in the record."""
     base, bodies = csv_server
     node = node_factory("jobs-crash", process=True)
     node.call("create_table", database="dev", table="big", primary_key="id")
@@ -450,6 +451,7 @@ def test_a_job_the_node_died_under_reads_as_failed(node_factory, csv_server):
     assert record["status"] == "ERROR", record
     assert "interrupted" in record["error"] and record["end_datetime"] is not None
     assert node.count("big", "dev") == BATCH
+    assert record["progress"]["records"] == BATCH, record
 
 
 def test_non_utf8_file_fails_the_job_naming_the_byte(mesh, tmp_path):
@@ -634,3 +636,21 @@ def test_the_checking_pass_stops_when_the_load_is_aborted():
     with pytest.raises(BadRequestError, match="the load was stopped"):
         csvsource.count_rows(source, abort)
     assert source.text.closed and source.rows == 0
+
+
+def test_an_unreadable_job_store_is_set_aside(tmp_path):
+    """A job store LMDB cannot read (progress is written unflushed: a power loss may
+    leave it torn) is moved aside and a fresh one started, so the node still starts."""
+    from harpsync.jobs import JobManager
+
+    path = tmp_path / "jobs"
+    JobManager.open(path).store.close()
+    data = path / "data.mdb"
+    data.write_bytes(b"\xff" * data.stat().st_size)
+    manager = JobManager.open(path)
+    try:
+        assert list(manager.store.all()) == []
+        assert [p.name.split("-")[0] for p in tmp_path.iterdir() if p != path] == \
+            ["jobs.unreadable"]
+    finally:
+        manager.store.close()
