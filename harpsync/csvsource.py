@@ -19,6 +19,7 @@ import json
 import math
 import re
 import socket
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,18 +185,23 @@ def from_text(data: str, batch_size: int, max_chars: int = BATCH_CHARS) -> CsvBa
 
 def check_file(path: str) -> Path:
     """The readable regular file at ``path``, or a 400 naming the problem."""
+    shown = path if len(path) <= 200 else path[:200] + "..."
     file = Path(path)
     if not file.is_absolute():
-        raise BadRequestError(f"'file_path' must be an absolute path, got '{path}'")
-    if not file.exists():
-        raise BadRequestError(f"file '{path}' does not exist")
-    if not file.is_file():
-        raise BadRequestError(f"'{path}' is not a regular file")
+        raise BadRequestError(f"'file_path' must be an absolute path, got '{shown}'")
+    try:
+        mode = file.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL byte
+        raise BadRequestError(f"file '{shown}' does not exist") from None
+    except OSError as exc:  # a name too long, a loop of links, a directory not searchable
+        raise BadRequestError(f"file '{shown}' cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise BadRequestError(f"'{shown}' is not a regular file")
     try:
         with file.open("rb"):
             pass
     except OSError as exc:
-        raise BadRequestError(f"file '{path}' cannot be read: {exc.strerror}") from None
+        raise BadRequestError(f"file '{shown}' cannot be read: {exc.strerror}") from None
     return file
 
 
