@@ -2,9 +2,16 @@
 
 A job answers its request at once and runs as an asyncio task. Its record (Harper's
 ``hdb_job`` fields plus ``progress``, ``result`` and ``error``) is kept current in memory
-and saved to the :class:`JobStore` when it starts, at most every ``SAVE_INTERVAL``
-seconds while it runs, and when it ends. A job the node stopped under, cleanly or by a
-crash, reads as ``ERROR`` with a "failed (interrupted)" message, never as in progress.
+and saved to the :class:`JobStore` when it starts and when it ends (flushed to disk),
+and at each progress report (written, not flushed: it survives the process dying, and
+costs the event loop no fsync), so a job the process died under tells how far it got.
+A job the node stopped under, cleanly or by a crash, reads as ``ERROR`` with a "failed
+(interrupted)" message, never as in progress.
+
+Finished records are kept ``KEEP_FOR_MS`` (30 days) and at most about ``KEEP_JOBS``
+(10,000) of them, the oldest going first: pruned at start, then after a job ends once
+an hour, or as soon as the store holds a tenth more than ``KEEP_JOBS`` (so a busy node
+does not scan the store after every job). A job in progress is never pruned.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from harpsync.tasks import end_tasks
 
 log = logging.getLogger(__name__)
 
-SAVE_INTERVAL = 0.5
+KEEP_FOR_MS = 30 * 86_400_000.0
+KEEP_JOBS = 10_000
+PRUNE_EVERY = 3600.0  # seconds
 INTERRUPTED = "failed (interrupted): the node stopped before the job finished"
 
 
@@ -46,25 +55,22 @@ class RunningJob:
     def __init__(self, record: dict[str, Any], store: JobStore) -> None:
         self.record = record
         self._store = store
-        self._saved = 0.0
 
     @property
     def id(self) -> str:
         return str(self.record["id"])
 
     def progress(self, done: int, total: int | None = None) -> None:
-        """Records done so far (and the total once known); saved now and then."""
+        """Records done so far (and the total once known); saved, not flushed."""
         progress = self.record["progress"]
         progress["records"] = done
         if total is not None:
             progress["total"] = total
         self.record["__updatedtime__"] = now_ms()
-        if time.monotonic() - self._saved >= SAVE_INTERVAL:
-            self.save()
+        self.save(durable=False)
 
-    def save(self) -> None:
-        self._saved = time.monotonic()
-        self._store.put(self.record)
+    def save(self, durable: bool = True) -> None:
+        self._store.put(self.record, durable)
 
 
 Work = Callable[[RunningJob], Awaitable[dict[str, Any]]]
@@ -77,16 +83,35 @@ class JobManager:
         self.store = store
         self.running: dict[str, RunningJob] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._pruned = time.monotonic()
 
     @classmethod
     def open(cls, path: Path) -> JobManager:
-        """Open the store; jobs left in progress by the last run become failed."""
-        store = JobStore(path)
+        """Open the store; jobs left in progress by the last run become failed, and
+        finished ones past retention go."""
+        store, aside = JobStore.open_or_reset(path)
+        if aside is not None:
+            log.error("the job store %s could not be read; it was moved to %s and a new "
+                      "one started (past jobs are no longer listed)", path, aside)
         left = store.interrupt_unfinished(INTERRUPTED, now_ms())
         if left:
             log.warning("%d job(s) were interrupted by the last stop: %s", len(left),
                         ", ".join(left))
-        return cls(store)
+        manager = cls(store)
+        manager.prune()
+        return manager
+
+    def prune(self) -> int:
+        """Drop finished records past ``KEEP_FOR_MS`` or beyond the newest ``KEEP_JOBS``."""
+        self._pruned = time.monotonic()
+        removed = self.store.prune(now_ms() - KEEP_FOR_MS, KEEP_JOBS)
+        if removed:
+            log.info("pruned %d finished job record(s)", removed)
+        return removed
+
+    def _prune_due(self) -> bool:
+        return (time.monotonic() - self._pruned >= PRUNE_EVERY
+                or self.store.count() > KEEP_JOBS + max(1, KEEP_JOBS // 10))
 
     def start(self, kind: str, user: str, details: dict[str, Any], work: Work) -> str:
         """Record a new job, start ``work`` in the background, return the job id."""
@@ -133,6 +158,12 @@ class JobManager:
             job.save()
         except Exception:  # the store is closed under a stopping node; restart marks it
             log.warning("could not save the end of job %s", job.id)
+            return
+        try:
+            if self._prune_due():
+                self.prune()
+        except Exception:  # retention is housekeeping: the job's end is saved
+            log.exception("could not prune the job records")
 
     @staticmethod
     def view(record: dict[str, Any]) -> dict[str, Any]:

@@ -32,4 +32,23 @@ async def end_tasks(tasks: Sequence[asyncio.Task[Any]]) -> None:
         raise asyncio.CancelledError
 
 
-__all__ = ["end_tasks"]
+async def settle(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, without cancelling it; its outcome is dropped.
+
+    For a worker thread's call (``asyncio.to_thread``): cancelling it would not stop the
+    thread, only stop waiting for it, and the caller could then close what the thread
+    still reads. A cancellation of the caller meanwhile is raised once it is done.
+    """
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            cancelled = True
+    if not future.cancelled():
+        future.exception()
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+__all__ = ["end_tasks", "settle"]

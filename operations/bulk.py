@@ -2,9 +2,10 @@
 
 ``csv_data_load``, ``csv_file_load`` and ``csv_url_load`` answer at once with Harper's
 ``Starting job with id ...``; the job then reads the CSV as a stream, ``BATCH`` records
-at a time, and writes each batch as one ordinary ``insert``/``update``/``upsert`` job of
-the writer thread (logged, so it replicates). The next batch is parsed (in a worker
-thread) while the current one is written.
+at a time (fewer when they are large: a batch's log entry must stay well within what a
+peer takes in one frame, ``_batch_chars``), and writes each batch as one ordinary
+``insert``/``update``/``upsert`` job of the writer thread (logged, so it replicates).
+The next batch is parsed (in a worker thread) while the current one is written.
 
 Reading a file on the node or fetching a URL from it is for super users only: table
 permissions must not open the node's file system or its network to a role.
@@ -13,7 +14,6 @@ permissions must not open the node's file system or its network to a role.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -21,9 +21,10 @@ from typing import Any
 from harpsync import csvsource
 from harpsync.auth import require_table
 from harpsync.dispatch import OpContext, Operation
-from harpsync.errors import BadRequestError, NotFoundError, missing_is_bad_request
+from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError, missing_is_bad_request
 from harpsync.jobs import RunningJob
 from harpsync.storage import writes
+from harpsync.tasks import settle
 from operations.data import check_writable
 
 BATCH = 2000
@@ -46,48 +47,105 @@ def _target(ctx: OpContext, body: dict[str, Any]) -> tuple[str, str, str]:
 
 
 async def _load(ctx: OpContext, job: RunningJob, database: str, table: str, action: str,
-                open_batches: Callable[[], csvsource.CsvBatches],
-                count: Callable[[], int] | None) -> dict[str, Any]:
-    """Read batches and write them; the job's progress follows each committed batch."""
+                open_batches: Callable[[csvsource.Abort], csvsource.CsvBatches],
+                count: Callable[[csvsource.Abort], int] | None) -> dict[str, Any]:
+    """Read batches and write them; the job's progress follows each committed batch.
+
+    A file or text is read whole once first (``count``), checking every line, so a
+    malformed one fails the job before anything is written. What fails later (a record
+    the table refuses, a download cut short) leaves the batches already committed: the
+    error says which records were written, and ``result`` holds the counts.
+    """
     storage = ctx.services.storage
     user = ctx.user.username
-    total = await asyncio.to_thread(count) if count is not None else None
-    job.progress(0, total)
-    batches = await asyncio.to_thread(open_batches)
+    abort = csvsource.Abort()
+    reading: asyncio.Future[Any] | None = None  # the worker thread's call under way
+    batches: csvsource.CsvBatches | None = None
     done = written = 0
-    pending: asyncio.Future[list[dict[str, Any]]] | None = None
+
+    def in_thread(call: Callable[[], Any]) -> asyncio.Future[Any]:
+        nonlocal reading
+        reading = asyncio.ensure_future(asyncio.to_thread(call))
+        return reading
+
+    async def result_of(future: asyncio.Future[Any]) -> Any:
+        # Shielded: a cancel (the node stopping) must not leave the thread reading a
+        # source that the finally clause then closes under it.
+        nonlocal reading
+        value = await asyncio.shield(future)
+        reading = None
+        return value
+
     try:
-        pending = asyncio.ensure_future(asyncio.to_thread(batches.next_batch))
+        total = await result_of(in_thread(lambda: count(abort))) if count else None
+        job.progress(0, total)
+        batches = await result_of(in_thread(lambda: open_batches(abort)))
+        pending = in_thread(batches.next_batch)
         while True:
-            batch = await pending
-            pending = None
+            batch = await result_of(pending)
             if not batch:
                 break
-            pending = asyncio.ensure_future(asyncio.to_thread(batches.next_batch))
+            pending = in_thread(batches.next_batch)  # parsed while this one is written
+            write = asyncio.ensure_future(storage.write(
+                writes.write_records(storage, database, table, batch, action, user)))
             try:
                 with missing_is_bad_request():  # the table was dropped during the load
-                    result = await storage.write(
-                        writes.write_records(storage, database, table, batch, action, user))
-            except BadRequestError as exc:
+                    try:
+                        result = await asyncio.shield(write)
+                    except asyncio.CancelledError:
+                        # The node is stopping: the batch handed to the writer commits
+                        # (or fails) anyway; wait for it, so the counts say what landed.
+                        await settle(write)
+                        if not write.cancelled() and write.exception() is None:
+                            done += len(batch)
+                            written += len(write.result()[_HASHES[action]])
+                            job.progress(done, total)
+                        raise
+            except HarpsyncError as exc:  # refused (400), too large (413), disk full...
                 raise BadRequestError(f"records {done + 1}-{done + len(batch)}: "
                                       f"{exc.message}") from None
             done += len(batch)
             written += len(result[_HASHES[action]])
             job.progress(done, total)
+    except BaseException as exc:
+        job.record["result"] = _summary(f"loaded {written} of {done} records before the "
+                                        f"failure", done, written, action, database, table)
+        if isinstance(exc, HarpsyncError):  # a cancel (the node stopping) says so itself
+            kept = (f"records 1-{done} were written before the failure and stay ({written} "
+                    f"loaded, {done - written} skipped)" if done else "nothing was loaded")
+            raise BadRequestError(f"{exc.message}; {kept}") from None
+        raise
     finally:
-        if pending is not None:  # let the reader thread finish before closing its source
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(pending)
-        await asyncio.to_thread(batches.close)
+        if reading is not None:  # a read under way: stop a stalled download, wait for it
+            abort.fire()
+            await settle(reading)
+            if batches is None and not reading.cancelled() and reading.exception() is None \
+                    and isinstance(reading.result(), csvsource.CsvBatches):
+                batches = reading.result()  # opened as the job was stopped
+        if batches is not None:
+            await asyncio.to_thread(batches.close)
     job.progress(done, done)
-    return {"message": f"successfully loaded {written} of {done} records",
-            "records": done, "loaded": written, "skipped": done - written,
-            "action": action, "database": database, "table": table}
+    return _summary(f"successfully loaded {written} of {done} records", done, written,
+                    action, database, table)
+
+
+def _summary(message: str, done: int, written: int, action: str, database: str,
+             table: str) -> dict[str, Any]:
+    return {"message": message, "records": done, "loaded": written,
+            "skipped": done - written, "action": action, "database": database,
+            "table": table}
+
+
+def _batch_chars(ctx: OpContext) -> int:
+    """Characters of cells per batch: a quarter of the largest log entry a write may make
+    leaves room for the records' keys and timestamps (and a character may take 4 bytes
+    only in rare text), capped at ``csvsource.BATCH_CHARS`` to keep memory flat."""
+    return max(1, min(csvsource.BATCH_CHARS, ctx.services.storage.max_log_entry // 4))
 
 
 def _start(ctx: OpContext, kind: str, body: dict[str, Any], details: dict[str, Any],
-           open_batches: Callable[[], csvsource.CsvBatches],
-           count: Callable[[], int] | None) -> dict[str, Any]:
+           open_batches: Callable[[csvsource.Abort], csvsource.CsvBatches],
+           count: Callable[[csvsource.Abort], int] | None) -> dict[str, Any]:
     database, table, action = _target(ctx, body)
     jobs = ctx.services.jobs
 
@@ -103,21 +161,22 @@ def _start(ctx: OpContext, kind: str, body: dict[str, Any], details: dict[str, A
 async def csv_data_load(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     data = str(body["data"])
     return _start(ctx, "csv_data_load", body, {},
-                  lambda: csvsource.from_text(data, BATCH),
-                  lambda: csvsource.count_rows(csvsource.from_text(data, 1).text))
+                  lambda _abort: csvsource.from_text(data, BATCH, _batch_chars(ctx)),
+                  lambda abort: csvsource.count_rows(csvsource.from_text(data, 1), abort))
 
 
 async def csv_file_load(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     path = csvsource.check_file(str(body["file_path"]))
     return _start(ctx, "csv_file_load", body, {"file_path": str(path)},
-                  lambda: csvsource.from_file(path, BATCH),
-                  lambda: csvsource.count_rows(csvsource.open_file(path)))
+                  lambda _abort: csvsource.from_file(path, BATCH, _batch_chars(ctx)),
+                  lambda abort: csvsource.count_rows(csvsource.from_file(path, 1), abort))
 
 
 async def csv_url_load(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     url = csvsource.check_url(str(body["csv_url"]))
     return _start(ctx, "csv_url_load", body, {"csv_url": csvsource.shown_url(url)},
-                  lambda: csvsource.from_url(url, BATCH), None)
+                  lambda abort: csvsource.from_url(url, BATCH, abort, _batch_chars(ctx)),
+                  None)
 
 
 async def get_job(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:

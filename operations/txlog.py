@@ -48,6 +48,12 @@ def read_entries(db: Database, table: str, primary_key: str, start: float | None
     ``limit`` of them."""
     out: list[dict[str, Any]] = []
     after = 0
+    # A table dropped and created again keeps its name, and the log keeps the old
+    # incarnation's entries until pruned: they are another table's history (Harper drops
+    # a table's log with it). An op names the incarnation it went to (``op[4]``); one
+    # covered by the table's drop marker is dead.
+    with db.reading() as txn:
+        dropped = db.table_marker(txn, table)
     while limit is None or len(out) < limit:
         entries = db.log_after(after, CHUNK)
         for seq, raw in entries:
@@ -56,7 +62,8 @@ def read_entries(db: Database, table: str, primary_key: str, start: float | None
             stamp = version_to_ms(version)
             if (start is not None and stamp < start) or (end is not None and stamp > end):
                 continue
-            mine = [op for op in ops if op[0] == table and op[1] in DATA_KINDS]
+            mine = [op for op in ops if op[0] == table and op[1] in DATA_KINDS
+                    and not (len(op) > 4 and isinstance(op[4], int) and op[4] <= dropped)]
             # One entry per run of deletes or of writes: a repair or a relayed copy logs
             # both in one transaction, and a delete must not read as an upsert.
             runs: list[list[list[Any]]] = []
@@ -107,16 +114,13 @@ async def delete_transaction_logs_before(ctx: OpContext, body: dict[str, Any],
     assert stamp is not None  # the schema requires it
 
     async def work(job: RunningJob) -> dict[str, Any]:
-        # Entries of this table up to the last one older than the timestamp go (older as
-        # read_transaction_log shows their timestamps, to the fraction of a millisecond);
-        # the prune is recorded, so a peer still behind it resyncs.
-        through = await asyncio.to_thread(retention.seq_for_time, db,
-                                          first_version_at(min(stamp, _AFTER_ALL_MS)))
-        removed = 0
-        if through:
-            result = await storage.write(retention.purge_table_job(db, table_name, None,
-                                                                   through + 1))
-            removed = int(result["removed"])
+        # Entries of this table older than the timestamp go (older as read_transaction_log
+        # shows their timestamps, to the fraction of a millisecond), wherever they sit in
+        # the log; the prune is recorded, so a peer still behind it resyncs.
+        cutoff = first_version_at(min(stamp, _AFTER_ALL_MS))
+        result = await storage.write(retention.purge_table_job(db, table_name, None, None,
+                                                               before_version=cutoff))
+        removed = int(result["removed"])
         job.progress(removed, removed)
         return {"message": f"deleted {removed} transaction log entries of "
                            f"'{db_name}.{table_name}' before {stamp:.0f}",

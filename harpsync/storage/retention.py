@@ -176,12 +176,15 @@ def version_at(db: Database, seq: int) -> int | None:
 
 
 def purge_table_job(db: Database, table: str, keep: int | None, upto_seq: int | None,
+                    before_version: int | None = None,
                     ) -> Callable[[WriteContext], dict[str, Any]]:
     """``purge_stream``: remove a table's operations from the log.
 
     With ``keep`` the newest ``keep`` entries touching the table stay; with ``upto_seq``
-    everything before that sequence goes. Entries that also touch other tables are
-    rewritten without this table's operations.
+    everything before that sequence goes; with ``before_version`` only entries older
+    than it go (``delete_transaction_logs_before``), wherever they are in the log: it
+    is not in version order (a peer's write can arrive after newer local ones). Entries
+    that also touch other tables are rewritten without this table's operations.
     """
 
     def job(ctx: WriteContext) -> dict[str, Any]:
@@ -193,8 +196,10 @@ def purge_table_job(db: Database, table: str, keep: int | None, upto_seq: int | 
             seq = seq_of(key)
             if upto_seq is not None and seq >= upto_seq:
                 break
-            ops = codec.unpack(value)[3]
-            if any(op[0] == table for op in ops):
+            entry = codec.unpack(value)
+            if before_version is not None and entry[1] >= before_version:
+                continue
+            if any(op[0] == table for op in entry[3]):
                 touching.append(seq)
         if keep is not None:
             touching = touching[:max(0, len(touching) - keep)]
