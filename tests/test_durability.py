@@ -8,6 +8,9 @@ transaction (in-flight ones may or may not have landed, but none twice).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -119,3 +122,49 @@ def test_acknowledged_inserts_survive_sigkill(node_factory):
     assert set(times_logged) <= attempted
     assert len(acked) <= len(inserted_per_entry) <= len(attempted)
     assert len(inserted_per_entry) == stored
+
+
+# -- a group whose commit fails ---------------------------------------------------------
+
+# A child process (RLIMIT_FSIZE is process-wide) whose next group's commit fails for real:
+# the database file may not grow, so LMDB's write of the new pages fails (EFBIG).
+_FAILING_COMMIT = """
+import asyncio, json, resource, signal, sys
+from pathlib import Path
+from harpsync.storage import writes
+from harpsync.storage.store import Storage
+
+async def main(root):
+    storage = Storage(root, "node-a", 1 << 27)
+    storage.open()
+    await storage.create_table("d", "x", "id")
+    await storage.create_table("d", "y", "id")
+    db = storage.databases["d"]
+    old = db.tables["x"]
+    size = (root / "database" / "d" / "data.mdb").stat().st_size
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+    big = [{"id": i, "blob": "z" * 100_000} for i in range(8)]
+    # One group: a drop of x, its re-create, and a write that needs the file to grow.
+    results = await asyncio.gather(
+        storage.drop_table("d", "x"), storage.create_table("d", "x", "id"),
+        storage.write(writes.write_records(storage, "d", "y", big, "insert", None)),
+        return_exceptions=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    print(json.dumps({"errors": [type(r).__name__ for r in results],
+                      "x_is_old": db.tables.get("x") is old, "tables": sorted(db.tables)}))
+    storage.close()
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+def test_a_failed_group_commit_undoes_its_jobs_catalog_changes_in_reverse(tmp_path: Path):
+    """When a group's commit fails, its jobs' catalog changes are undone last job first:
+    a drop and a re-create of one table leave the old table in the catalog."""
+    done = subprocess.run([sys.executable, "-c", _FAILING_COMMIT, str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    outcome = json.loads(done.stdout)
+    assert outcome["errors"] == ["StorageError"] * 3  # the commit did fail, for all three
+    assert outcome["tables"] == ["x", "y"]
+    assert outcome["x_is_old"]

@@ -330,7 +330,9 @@ class Writer:
                 self.on_group(len(jobs), time.perf_counter() - commit_started)
             except Exception:
                 log.exception("group commit observer failed")
-        for job in jobs:
+        # Undo in reverse job order: a later job's catalog change was made on top of an
+        # earlier one's (a drop then a re-create of one table), so it is undone first.
+        for job in reversed(jobs):
             lost = next((db for db in job.dbs if db in failed), None)
             if job.error is None and lost is not None:
                 job.error = storage_failure(failed[lost], lost, StorageError(
