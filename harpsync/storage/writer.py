@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -317,7 +318,9 @@ class Writer:
             job.dbs = ctx.databases
         failed: dict[Database, Exception] = {}
         commit_started = time.perf_counter()
-        for db, txn in parents.items():
+        for index, (db, txn) in enumerate(parents.items()):
+            if index:
+                crash_point("between_commits")
             try:
                 txn.commit()
             except Exception as exc:
@@ -379,6 +382,13 @@ class Writer:
                 loop.call_soon_threadsafe(_resolve_all, batch)
             except RuntimeError:
                 pass  # the loop is closed; nobody waits
+
+
+def crash_point(name: str) -> None:
+    """Die at once, as SIGKILL would, if ``HARPSYNC_CRASH_AT`` names this point (tests of
+    crash consistency only: it is read at each point, so a test can arm it late)."""
+    if os.environ.get("HARPSYNC_CRASH_AT") == name:
+        os._exit(137)
 
 
 def storage_failure(exc: Exception, db: Database | None,
