@@ -21,6 +21,8 @@ import lmdb
 import pytest
 
 from harpsync import codec
+from harpsync.storage import deadletters
+from harpsync.storage.store import Storage
 from tests.helpers import ADMIN, wait_for
 
 CLIENTS = 16
@@ -168,3 +170,59 @@ def test_a_failed_group_commit_undoes_its_jobs_catalog_changes_in_reverse(tmp_pa
     assert outcome["errors"] == ["StorageError"] * 3  # the commit did fail, for all three
     assert outcome["tables"] == ["x", "y"]
     assert outcome["x_is_old"]
+
+
+# -- a job writing a database and system, killed between the two commits ------------------
+
+# The child stores a dead letter and moves a link's cursor past the change in one job
+# (``order`` says which of the two the job writes first: a batch dead-lettered whole
+# writes the row first, a refused op writes the data first), and dies between the
+# commits of the two environments (``HARPSYNC_CRASH_AT``, armed for that job only).
+_CRASH_BETWEEN = """
+import asyncio, os, sys
+from pathlib import Path
+from harpsync.storage import deadletters, ingest
+from harpsync.storage.store import Storage
+
+async def main(root, order):
+    storage = Storage(root, "node-a", 1 << 27)
+    storage.open()
+    await storage.create_table("d", "t", "id")
+    db = storage.databases["d"]
+    op = ["t", "upsert", 7, {"id": 7}, db.tables["t"].version]
+    row = deadletters.dead_letter("node-b", "d", "node-b", 5, None, [op], "refused", op)
+    refuse = deadletters.refuser(storage, "node-b")
+
+    def job(ctx):
+        if order == "row-first":
+            deadletters.record_job(storage, "d", "node-b", [row], {"seq": 9})(ctx)
+        else:
+            ingest.write_cursor(ctx, db, "node-b", {"seq": 9})
+            refuse(ctx, db, op, 5, "node-b", "refused")
+
+    os.environ["HARPSYNC_CRASH_AT"] = "between_commits"
+    await storage.write(job)
+    print("not killed")
+
+asyncio.run(main(Path(sys.argv[1]), sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("order", ["row-first", "data-first"])
+def test_a_crash_between_a_jobs_two_commits_keeps_dead_letter_and_cursor_together(
+        tmp_path: Path, order: str):
+    """A dead letter and the cursor moved past its change survive a crash between the
+    commits of their two environments together: the change is never lost (cursor moved,
+    no row) and never dead-lettered without its cursor."""
+    done = subprocess.run([sys.executable, "-c", _CRASH_BETWEEN, str(tmp_path), order],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 137, done.stdout + done.stderr  # killed between the commits
+    storage = Storage(tmp_path, "node-a", 1 << 27)
+    storage.open()
+    try:
+        rows = deadletters.rows_of(storage, deadletters.DEAD_LETTERS)
+        cursor = storage.databases["d"].cursor("node-b")
+    finally:
+        storage.close()
+    assert (len(rows), cursor) == (1, {"seq": 9})
+

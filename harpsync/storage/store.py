@@ -12,7 +12,7 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.errors import BadRequestError, PayloadTooLargeError
-from harpsync.storage import digest, logscan
+from harpsync.storage import digest, logscan, redo
 from harpsync.storage.database import (
     CREATED_KEY,
     DROPPED_DB_PREFIX,
@@ -95,11 +95,28 @@ class Storage:
             self.databases[path.name] = db
         for db in self.databases.values():
             self._observe_log_versions(db)
-        self.writer.start()
         system = self.databases[SYSTEM]
+        self.writer.system = system
+        self.writer.start()
         for name, pk in SYSTEM_TABLES.items():
             if name not in system.tables:
                 self.writer.run_sync(*self._create_table_job(SYSTEM, name, pk, [], log_it=False))
+        self._replay_redo(system)
+
+    def _replay_redo(self, system: Database) -> None:
+        """Apply the system rows a crash kept from committing with their data (``redo``)."""
+        todo = redo.pending(system, list(self.databases.values()))
+        if not todo:
+            return
+
+        def job(ctx: WriteContext) -> int:
+            txn = ctx.txn(system)
+            return sum(redo.apply(txn, system, db, generation, ops)
+                       for db, generation, ops in todo)
+
+        applied = self.writer.run_sync(job)
+        log.warning("applied %d system-table change(s) that a crash kept from committing "
+                    "with their data (%s)", applied, ", ".join(db.name for db, _, _ in todo))
 
     def close(self) -> None:
         self.writer.stop()

@@ -21,7 +21,7 @@ from typing import Any
 import lmdb
 
 from harpsync.errors import StorageError
-from harpsync.storage import digest
+from harpsync.storage import digest, redo
 from harpsync.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ class WriteContext:
         # The database whose transaction the job asked for last: the one a storage
         # failure (a full map) is reported against.
         self.last_db: Database | None = None
+        # Ops this job made on local system tables (``redo``): replayed if a crash comes
+        # between the commit of a database it wrote and that of ``system``.
+        self.system_ops: list[list[Any]] = []
 
     def txn(self, db: Database) -> lmdb.Transaction:
         """The job's write transaction for ``db`` (a child of the group's transaction)."""
@@ -157,6 +160,8 @@ class Writer:
         self._activity_mark = 0
         # Told (jobs in the group, seconds its commits took) after every group commit.
         self.on_group: Callable[[int, float], None] | None = None
+        # The ``system`` database: committed after every other of a group (``redo``).
+        self.system: Database | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -317,10 +322,16 @@ class Writer:
                 job.error = storage_failure(exc, ctx.last_db)
             job.dbs = ctx.databases
         failed: dict[Database, Exception] = {}
+        self._stage_redo(jobs, parents, failed)
         commit_started = time.perf_counter()
-        for index, (db, txn) in enumerate(parents.items()):
+        # ``system`` last: a crash between leaves the data side's redo of it (``redo``).
+        order = sorted(parents.items(), key=lambda item: item[0] is self.system)
+        for index, (db, txn) in enumerate(order):
             if index:
                 crash_point("between_commits")
+            if db in failed:
+                txn.abort()
+                continue
             try:
                 txn.commit()
             except Exception as exc:
@@ -369,6 +380,27 @@ class Writer:
                         fn()
                     except Exception:
                         log.exception("after-commit hook failed")
+
+    def _stage_redo(self, jobs: list[_Job], parents: dict[Database, lmdb.Transaction],
+                    failed: dict[Database, Exception]) -> None:
+        """Write, into each database that jobs wrote with ``system``, the redo of their
+        system ops (``redo.stage``); a database whose redo cannot be written does not
+        commit."""
+        system = self.system
+        if system is None or system not in parents or len(parents) < 2:
+            return
+        by_db: dict[Database, list[list[Any]]] = {}
+        for job in jobs:
+            if job.error is None and job.ctx is not None and job.ctx.system_ops:
+                for db in job.dbs:
+                    if db is not system:
+                        by_db.setdefault(db, []).extend(job.ctx.system_ops)
+        for db, ops in by_db.items():
+            try:
+                redo.stage(parents[system], system, parents[db], db, ops)
+            except Exception as exc:
+                log.error("redo of database %s's system rows failed: %s", db.name, exc)
+                failed[db] = storage_failure(exc, db)
 
     def _deliver(self, jobs: list[_Job]) -> None:
         by_loop: dict[Any, list[_Job]] = {}
