@@ -8,6 +8,7 @@ transaction (in-flight ones may or may not have landed, but none twice).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -21,7 +22,8 @@ import lmdb
 import pytest
 
 from harpsync import codec
-from harpsync.storage import deadletters
+from harpsync.errors import ServiceUnavailableError
+from harpsync.storage import deadletters, writes
 from harpsync.storage.store import Storage
 from tests.helpers import ADMIN, wait_for
 
@@ -226,3 +228,23 @@ def test_a_crash_between_a_jobs_two_commits_keeps_dead_letter_and_cursor_togethe
         storage.close()
     assert (len(rows), cursor) == (1, {"seq": 9})
 
+
+# -- stopping the writer -----------------------------------------------------------------
+
+
+async def test_writes_racing_or_following_the_writers_stop_fail_instead_of_hanging(
+        tmp_path: Path):
+    """A write submitted while the writer stops, or after, is answered (done, or a 503
+    saying the node is shutting down); before, its caller waited forever."""
+    storage = Storage(tmp_path, "node-a", 1 << 27)
+    storage.open()
+    await storage.create_table("d", "t", "id")
+    racing = asyncio.ensure_future(storage.write(
+        writes.write_records(storage, "d", "t", [{"id": 1}], "insert", None)))
+    await asyncio.to_thread(storage.close)
+    try:
+        await asyncio.wait_for(racing, 10)
+    except ServiceUnavailableError:
+        pass
+    with pytest.raises(ServiceUnavailableError, match="shutting down"):
+        await asyncio.wait_for(storage.write(lambda ctx: 1), 10)

@@ -119,6 +119,7 @@ class Storage:
                     "with their data (%s)", applied, ", ".join(db.name for db, _, _ in todo))
 
     def close(self) -> None:
+        """Stop the writer once its jobs are done, then close every environment."""
         self.writer.stop()
         for db in self.databases.values():
             db.close()

@@ -20,7 +20,7 @@ from typing import Any
 
 import lmdb
 
-from harpsync.errors import StorageError
+from harpsync.errors import ServiceUnavailableError, StorageError
 from harpsync.storage import digest, redo
 from harpsync.storage.database import Database
 
@@ -162,13 +162,44 @@ class Writer:
         self.on_group: Callable[[int, float], None] | None = None
         # The ``system`` database: committed after every other of a group (``redo``).
         self.system: Database | None = None
+        # Set by ``stop`` (guarded by ``_count_lock``): no job is queued after it.
+        self._stopped = False
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish the jobs handed over so far and end the thread; returns whether it
+        ended (within ``timeout``, default: however long they take, so no job is cut off
+        and no environment is closed under one).
+
+        A job submitted afterwards, or still waiting to be handed over, fails at once
+        with a ``ServiceUnavailableError`` instead of waiting forever.
+        """
+        with self._count_lock:
+            self._stopped = True
+        if not self._thread.is_alive():
+            self._fail_queued()
+            return True
         self._queue.put(None)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the writer thread is still running a job after %s s", timeout)
+            return False
+        self._fail_queued()
+        return True
+
+    def _fail_queued(self) -> None:
+        """Fail every job the stopped thread will never run."""
+        while True:
+            try:
+                jobs = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if jobs:
+                for job in jobs:
+                    job.error = _stopped_error()
+                self._deliver(jobs)
 
     def submit(self, fn: Callable[[WriteContext], Any],
                prepare: Callable[[], None] | None = None,
@@ -192,6 +223,9 @@ class Writer:
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
+        if self._stopped:
+            fut.set_exception(_stopped_error())
+            return fut
         if not self._pending:
             loop.call_soon(self._hand_over)
         self._pending.append(_Job(fn, prepare, fut, loop, small and prepare is None))
@@ -205,8 +239,13 @@ class Writer:
                 and self._quiet() and self._run_inline(jobs):
             return
         with self._count_lock:
+            if self._stopped:
+                for job in jobs:
+                    job.error = _stopped_error()
+                _resolve_all(jobs)
+                return
             self._outstanding += len(jobs)
-        self._queue.put(jobs)
+            self._queue.put(jobs)
 
     def _quiet(self) -> bool:
         activity = self.activity
@@ -248,8 +287,10 @@ class Writer:
 
         job = _Job(fn, prepare, _SyncFuture(), None)  # type: ignore[arg-type]
         with self._count_lock:
+            if self._stopped:
+                raise _stopped_error()
             self._outstanding += 1
-        self._queue.put([job])
+            self._queue.put([job])
         done.wait()
         if "error" in box:
             raise box["error"]
@@ -414,6 +455,10 @@ class Writer:
                 loop.call_soon_threadsafe(_resolve_all, batch)
             except RuntimeError:
                 pass  # the loop is closed; nobody waits
+
+
+def _stopped_error() -> ServiceUnavailableError:
+    return ServiceUnavailableError("the node is shutting down: the write was not made")
 
 
 def crash_point(name: str) -> None:
