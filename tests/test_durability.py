@@ -248,3 +248,24 @@ async def test_writes_racing_or_following_the_writers_stop_fail_instead_of_hangi
         pass
     with pytest.raises(ServiceUnavailableError, match="shutting down"):
         await asyncio.wait_for(storage.write(lambda ctx: 1), 10)
+
+
+async def test_a_small_write_waiting_to_go_inline_when_the_writer_stops_is_refused(
+        tmp_path: Path):
+    """A lone client's small write (one that would commit on the event loop) still
+    waiting to be handed over when the writer stops is refused, not committed after the
+    stop (when the environments may be closing under it)."""
+    storage = Storage(tmp_path, "node-a", 1 << 27)
+    storage.open()
+    try:
+        await storage.create_table("d", "t", "id")
+        for n in range(6):  # enough single-job groups for the next one to go inline
+            await storage.write(writes.write_records(storage, "d", "t", [{"id": n}],
+                                                     "insert", None), small=True)
+        late = storage.writer.submit(writes.write_records(storage, "d", "t", [{"id": 99}],
+                                                          "insert", None), small=True)
+        storage.writer.stop()  # before the loop hands ``late`` over
+        with pytest.raises(ServiceUnavailableError):
+            await asyncio.wait_for(late, 10)
+    finally:
+        storage.close()

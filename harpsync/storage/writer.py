@@ -186,7 +186,8 @@ class Writer:
         if self._thread.is_alive():
             log.error("the writer thread is still running a job after %s s", timeout)
             return False
-        self._fail_queued()
+        with self._group_lock:  # a group running inline on the event loop ends first
+            self._fail_queued()
         return True
 
     def _fail_queued(self) -> None:
@@ -255,11 +256,13 @@ class Writer:
         """Run ``jobs`` as a group on the calling (event-loop) thread if the writer
         thread has nothing queued or running; returns whether it did."""
         with self._count_lock:
-            if self._outstanding:
+            if self._outstanding or self._stopped:
                 return False  # earlier jobs are queued: they commit first, in order
         if not self._group_lock.acquire(blocking=False):
             return False
         try:
+            if self._stopped:  # ``stop`` came in between: it may close the environments
+                return False
             self._run_group_safely(jobs)
         finally:
             self._group_lock.release()
