@@ -269,3 +269,58 @@ async def test_a_small_write_waiting_to_go_inline_when_the_writer_stops_is_refus
             await asyncio.wait_for(late, 10)
     finally:
         storage.close()
+
+
+# A child whose job logs a change in d and dead-letters one in system, and whose system
+# commit fails (the system file may not grow: RLIMIT_FSIZE) while d's commit succeeds.
+_SYSTEM_COMMIT_FAILS = """
+import asyncio, json, resource, signal, sys
+from pathlib import Path
+from harpsync.storage import deadletters, writes
+from harpsync.storage.store import Storage
+
+async def main(root):
+    storage = Storage(root, "node-a", 1 << 27)
+    storage.open()
+    await storage.create_table("d", "t", "id")
+    db = storage.databases["d"]
+    op = ["t", "upsert", 7, {"id": 7}, db.tables["t"].version]
+    refuse = deadletters.refuser(storage, "node-b")
+
+    def job(ctx):
+        storage.append_log(ctx, db, [op], 5, 0)
+        refuse(ctx, db, op, 5, "node-b", "refused " + "x" * 200_000)
+
+    limit = (root / "database" / "system" / "data.mdb").stat().st_size
+    assert (root / "database" / "d" / "data.mdb").stat().st_size < limit
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    failed = await asyncio.gather(storage.write(job), return_exceptions=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    await storage.write(writes.write_records(storage, "d", "t", [{"id": 1}], "insert", None))
+    print(json.dumps({"failed": type(failed[0]).__name__}))
+    storage.close()
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+def test_a_failed_system_commit_neither_loses_the_next_log_entry_nor_the_dead_letter(
+        tmp_path: Path):
+    """When a job's data commits and its system commit fails, the next write to the
+    database is logged (the job's undo had lowered the log sequence under its committed
+    entry, and the next entry silently went nowhere: the write never replicated), and
+    the job's dead letter lands at the next start (its redo)."""
+    done = subprocess.run([sys.executable, "-c", _SYSTEM_COMMIT_FAILS, str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(done.stdout) == {"failed": "StorageError"}
+    logged = [[op[:3] for op in ops] for _o, _v, _u, ops in
+              read_log(tmp_path / "database" / "d")]
+    assert logged[1:] == [[["t", "upsert", 7]], [["t", "insert", 1]]]
+    storage = Storage(tmp_path, "node-a", 1 << 27)
+    storage.open()
+    try:
+        rows = deadletters.rows_of(storage, deadletters.DEAD_LETTERS)
+    finally:
+        storage.close()
+    assert [row["record_id"] for row in rows] == [7]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from harpsync import codec
-from harpsync.errors import BadRequestError, PayloadTooLargeError
+from harpsync.errors import BadRequestError, PayloadTooLargeError, StorageError
 from harpsync.storage import digest, logscan, redo
 from harpsync.storage.database import (
     CREATED_KEY,
@@ -274,7 +274,11 @@ class Storage:
                 f"this write would log {len(value) / 2**20:.0f} MiB in one transaction; at "
                 f"most {self.max_log_entry // 2**20} MiB replicate to peers: write fewer or "
                 "smaller records per request")
-        ctx.txn(db).put(seq_key(seq), value, db=db.txns_dbi, append=True)
+        if not ctx.txn(db).put(seq_key(seq), value, db=db.txns_dbi, append=True):
+            # LMDB refuses an append under a key not past the last one without raising:
+            # the entry would be lost silently, and the write never replicated.
+            raise StorageError(f"the transaction log of database '{db.name}' already "
+                               f"holds sequence {seq}; the write was not made")
         ctx.logged.append((db, seq, value))
         return seq
 

@@ -123,6 +123,11 @@ class _Job:
         self.dbs: list[Database] = []
         self.ctx: WriteContext | None = None
 
+    def data_dbs(self, system: Database | None) -> list[Database]:
+        """The databases the job wrote, ``system`` only if it wrote nothing else: the
+        side whose commit decides whether the job happened (``redo``)."""
+        return [db for db in self.dbs if db is not system] or self.dbs
+
 
 def _resolve(job: _Job) -> None:
     if job.future.done():
@@ -388,21 +393,18 @@ class Writer:
                 self.on_group(len(jobs), time.perf_counter() - commit_started)
             except Exception:
                 log.exception("group commit observer failed")
-        # Undo in reverse job order: a later job's catalog change was made on top of an
-        # earlier one's (a drop then a re-create of one table), so it is undone first.
-        for job in reversed(jobs):
-            lost = next((db for db in job.dbs if db in failed), None)
-            if job.error is None and lost is not None:
-                job.error = storage_failure(failed[lost], lost, StorageError(
-                    f"the write to database '{lost.name}' could not be committed to storage"))
-                if job.ctx is not None:
-                    job.ctx.rollback_catalog()
-        # The group is durable now: nothing below may turn a job into a failure.
+        # What committed: every entry a job that ran logged in a database whose commit
+        # succeeded (a job that failed only elsewhere included: its entries are here).
         logged: dict[Database, list[tuple[int, bytes]]] = {}
         for job in jobs:
             if job.error is None and job.ctx is not None:
                 for db, seq, value in job.ctx.logged:
-                    logged.setdefault(db, []).append((seq, value))
+                    if db not in failed:
+                        logged.setdefault(db, []).append((seq, value))
+        done = [job for job in jobs if job.error is None]
+        if failed:
+            self._commit_failed(jobs, failed, parents)
+        # The group is durable now: nothing below may turn a job into a failure.
         for db in parents:
             if db in failed:
                 continue
@@ -417,13 +419,39 @@ class Writer:
                     self._on_commit(db)
             except Exception:
                 log.exception("commit listener of %s failed", db.name)
-        for job in jobs:
-            if job.error is None and job.ctx is not None:
+        for job in done:
+            if job.ctx is not None and not any(db in failed for db in job.data_dbs(self.system)):
                 for fn in job.ctx.after_commit:
                     try:
                         fn()
                     except Exception:
                         log.exception("after-commit hook failed")
+
+    def _commit_failed(self, jobs: list[_Job], failed: dict[Database, Exception],
+                       parents: dict[Database, lmdb.Transaction]) -> None:
+        """Fail the jobs that wrote a database whose commit failed, and undo the catalog
+        changes of those whose data side did not commit.
+
+        A job whose data committed and only ``system`` failed is not undone: its data
+        and catalog stand (its system rows are redone, ``redo``); it is still reported,
+        as not all of it is written. Undone last job first: a later job's change was
+        made over an earlier one's (a drop then a re-create of one table). Log
+        sequences come from what is stored: an undo lowered ``next_seq`` below an entry
+        that committed, and the next entry went under a taken key (``append_log``).
+        """
+        for job in reversed(jobs):
+            lost = next((db for db in job.dbs if db in failed), None)
+            if job.error is not None or lost is None:
+                continue
+            job.error = storage_failure(failed[lost], lost, StorageError(
+                f"the write to database '{lost.name}' could not be committed to storage"))
+            if job.ctx is not None and all(db in failed for db in job.data_dbs(self.system)):
+                job.ctx.rollback_catalog()
+        for db in parents:
+            try:
+                db.next_seq = db.head_seq + 1
+            except Exception:
+                log.exception("log head of %s could not be read", db.name)
 
     def _stage_redo(self, jobs: list[_Job], parents: dict[Database, lmdb.Transaction],
                     failed: dict[Database, Exception]) -> None:
