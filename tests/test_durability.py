@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -324,3 +325,21 @@ def test_a_failed_system_commit_neither_loses_the_next_log_entry_nor_the_dead_le
     finally:
         storage.close()
     assert [row["record_id"] for row in rows] == [7]
+
+
+async def test_a_new_databases_directory_is_synced_before_its_create_is_acknowledged(
+        storage: Storage, monkeypatch: pytest.MonkeyPatch):
+    """create_database syncs the new directory and its parent (the entries of its files
+    and of the directory itself): the data file's own syncs do not make a new file's name
+    durable, and a power loss could take an acknowledged database away."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    await storage.create_database("dx")
+    base = storage.root / "database"
+    assert {str(base), str(base / "dx")} <= set(synced)

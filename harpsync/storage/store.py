@@ -24,6 +24,7 @@ from harpsync.storage.database import (
     Table,
     attribute_marks_of,
     release_mapped_pages,
+    sync_directory,
 )
 from harpsync.storage.errors import NoSuchDatabaseError, NoSuchTableError
 from harpsync.storage.hlc import HLC, wall_ms_of
@@ -69,7 +70,10 @@ class Storage:
     def open(self) -> None:
         """Open every database on disk, create ``system`` if needed, start the writer."""
         base = self.root / "database"
+        fresh = not base.exists()
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if fresh:
+            sync_directory(self.root)  # the databases' own directories sync below
         os.chmod(self.root, 0o700)
         os.chmod(base, 0o700)
         self.databases[SYSTEM] = self._open_env(SYSTEM)
