@@ -25,6 +25,7 @@ import pytest
 from harpsync import codec
 from harpsync.errors import ServiceUnavailableError
 from harpsync.storage import deadletters, writes
+from harpsync.storage.reads import get_by_ids
 from harpsync.storage.store import Storage
 from tests.helpers import ADMIN, wait_for
 
@@ -343,3 +344,54 @@ async def test_a_new_databases_directory_is_synced_before_its_create_is_acknowle
     await storage.create_database("dx")
     base = storage.root / "database"
     assert {str(base), str(base / "dx")} <= set(synced)
+
+
+# A child reprocessing a dead letter whose database's commit fails (its file may not
+# grow) while system's (deleting the row) would succeed.
+_DATA_COMMIT_FAILS = """
+import asyncio, json, resource, signal, sys
+from pathlib import Path
+from harpsync.storage import deadletters, writes
+from harpsync.storage.store import Storage
+
+async def main(root):
+    storage = Storage(root, "node-a", 1 << 27)
+    storage.open()
+    await storage.create_table("d", "t", "id")
+    padding = [{"id": -n, "pad": "p" * 100_000} for n in range(1, 11)]
+    await storage.write(writes.write_records(storage, "d", "t", padding, "insert", None))
+    db = storage.databases["d"]
+    op = ["t", "upsert", 7, {"id": 7, "big": "b" * 300_000}, db.tables["t"].version]
+    row = deadletters.dead_letter("node-b", "d", "node-b", 5, None, [op], "refused", op)
+    await storage.write(deadletters.record_job(storage, "d", "node-b", [row], {"seq": 3}))
+    limit = (root / "database" / "d" / "data.mdb").stat().st_size
+    assert (root / "database" / "system" / "data.mdb").stat().st_size < limit // 2
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    failed = await asyncio.gather(deadletters.reprocess(storage, row, None),
+                                  return_exceptions=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    print(json.dumps({"failed": type(failed[0]).__name__}))
+    storage.close()
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+def test_a_reprocess_whose_data_commit_fails_keeps_its_dead_letter(tmp_path: Path):
+    """A reprocess (or a conflict resolution) whose database commit fails keeps the row
+    it would have deleted in system: before, system committed the delete alone and the
+    change was gone (not applied, no dead letter left to reprocess)."""
+    done = subprocess.run([sys.executable, "-c", _DATA_COMMIT_FAILS, str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(done.stdout) == {"failed": "StorageError"}
+    storage = Storage(tmp_path, "node-a", 1 << 27)
+    storage.open()
+    try:
+        rows = deadletters.rows_of(storage, deadletters.DEAD_LETTERS)
+        d = storage.databases["d"]
+        stored = get_by_ids(d, d.tables["t"], [7])
+    finally:
+        storage.close()
+    assert [row["record_id"] for row in rows] == [7]
+    assert stored == []

@@ -16,6 +16,11 @@ redo newer than its mark, and ``replay`` (at start) applies it. The ops are idem
 its mark is done and never applied again (a later delete of the same row stays). A
 group whose ``system`` commit failed (not a crash) leaves its redo pending: the next
 group that writes one for that database keeps its ops in front of its own.
+
+The other way round, a database whose commit fails (a full disk) while ``system``'s
+would succeed: the system ops of the jobs that wrote it are taken back before
+``system`` commits (``compensate``), so a reprocess or a resolve that did not land keeps
+its row.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import lmdb
 
 from harpsync import codec
+from harpsync.storage import digest
 from harpsync.storage.database import LOCAL_ORIGIN, Database
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import put_record, remove_record
@@ -88,3 +94,28 @@ def apply(system_txn: lmdb.Transaction, system: Database, db: Database, generati
             remove_record(system_txn, table, key)
     system_txn.put(MARK_PREFIX + db.name.encode(), codec.pack(generation), db=system.meta_dbi)
     return len(ops)
+
+
+def compensate(system_txn: lmdb.Transaction, system: Database, ops: list[Op]) -> None:
+    """Put back, in ``system_txn``, the committed state of every row ``ops`` touched:
+    their jobs' data did not commit, so their system side must not either."""
+    keys = dict.fromkeys((str(op[1]), encode_id(op[2])) for op in ops)
+    child = system.env.begin(write=True, parent=system_txn)
+    try:
+        with system.env.begin() as committed:  # as the last group left it
+            for name, key in keys:
+                table = system.tables.get(name)
+                if table is None:
+                    continue
+                raw = committed.get(key, db=table.dbi)
+                if raw is None:
+                    remove_record(child, table, key)
+                else:
+                    version, origin, record = codec.unpack(raw)
+                    put_record(child, table, key, version, origin, record)
+        digest.flush(child)
+    except BaseException:
+        digest.discard(child)
+        child.abort()
+        raise
+    child.commit()

@@ -381,6 +381,11 @@ class Writer:
             if db in failed:
                 txn.abort()
                 continue
+            if db is self.system and failed:
+                self._compensate(jobs, failed, txn)
+                if db in failed:
+                    txn.abort()
+                    continue
             try:
                 txn.commit()
             except Exception as exc:
@@ -452,6 +457,22 @@ class Writer:
                 db.next_seq = db.head_seq + 1
             except Exception:
                 log.exception("log head of %s could not be read", db.name)
+
+    def _compensate(self, jobs: list[_Job], failed: dict[Database, Exception],
+                    system_txn: lmdb.Transaction) -> None:
+        """Take back the system ops of jobs whose data did not commit (``redo``)."""
+        assert self.system is not None
+        ops = [op for job in jobs
+               if job.error is None and job.ctx is not None and job.ctx.system_ops
+               and all(db in failed for db in job.data_dbs(self.system))
+               for op in job.ctx.system_ops]
+        if not ops:
+            return
+        try:
+            redo.compensate(system_txn, self.system, ops)
+        except Exception as exc:  # then nothing of system commits
+            log.error("taking back system rows of failed writes failed: %s", exc)
+            failed[self.system] = exc
 
     def _stage_redo(self, jobs: list[_Job], parents: dict[Database, lmdb.Transaction],
                     failed: dict[Database, Exception]) -> None:
