@@ -493,7 +493,7 @@ class Writer:
                 redo.stage(parents[system], system, parents[db], db, ops)
             except Exception as exc:
                 log.error("redo of database %s's system rows failed: %s", db.name, exc)
-                failed[db] = storage_failure(exc, db)
+                failed[db] = exc  # told as ``storage_failure`` (a full map is named)
 
     def _deliver(self, jobs: list[_Job]) -> None:
         by_loop: dict[Any, list[_Job]] = {}
