@@ -10,6 +10,7 @@ import copy
 import os
 import re
 import socket
+import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -308,14 +309,18 @@ class Config:
 def write_settings(path: Path, updates: dict[str, Any]) -> None:
     """Set dotted ``updates`` in the YAML file at ``path``, keeping its other keys.
 
-    Written to a private temporary file and renamed over the old one, so a crash never
-    leaves half a file. One write at a time: set_configuration (in a thread) and route
-    changes (on the loop) each read, update and replace the file, and two at once lost
-    one's keys, or wrote both into the one temporary file (a corrupt config.yaml).
+    Written to a temporary file, synced, renamed over the old one, and the directory
+    synced, so a crash (power loss included) leaves the old file or the new one, never
+    an empty or partial one. The file keeps its mode less any access for others (it
+    holds secrets); a new one is private (0600). One write at a time: set_configuration
+    (in a thread) and route changes (on the loop) each read, update and replace the
+    file, and two at once lost one's keys, or wrote both into the one temporary file.
     """
     with _SETTINGS_LOCK:
         data: dict[str, Any] = {}
+        mode = 0o600
         if path.exists():
+            mode = stat.S_IMODE(path.stat().st_mode) & 0o770 | 0o600
             loaded = yaml.safe_load(path.read_text()) or {}
             if isinstance(loaded, Mapping):
                 data = dict(loaded)
@@ -323,10 +328,22 @@ def write_settings(path: Path, updates: dict[str, Any]) -> None:
             Config._set(data, key, value)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode through O_CREAT
+        os.fchmod(fd, mode)  # a leftover temporary file keeps its mode through O_CREAT
         with os.fdopen(fd, "w") as out:
             out.write(yaml.safe_dump(data, sort_keys=False))
+            out.flush()
+            os.fsync(out.fileno())
         tmp.replace(path)
+        _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _SETTINGS_LOCK = threading.Lock()

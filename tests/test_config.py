@@ -314,3 +314,42 @@ def test_an_empty_section_keeps_its_defaults(tmp_path):
     assert Config.load(path, env={"REPLICATION_PORT": "9950"}).get("replication.port") == 9950
     write_settings(path, {"replication.port": 9951})
     assert Config.load(path, env={}).get("replication.port") == 9951
+
+
+def test_writing_settings_syncs_the_file_before_its_rename_and_the_directory_after(
+        tmp_path, monkeypatch):
+    """write_settings fsyncs the new file before renaming it over config.yaml, then the
+    directory: a crash (power loss) never leaves an empty or partial config.yaml."""
+    import stat
+
+    from harpsync.config import write_settings
+
+    path = tmp_path / "config.yaml"
+    path.write_text("logging:\n  level: info\n")
+    synced: list[tuple[bool, str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), path.read_text()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_settings(path, {"replication.port": 9951})
+    new = path.read_text()
+    assert "9951" in new
+    assert synced == [(False, "logging:\n  level: info\n"), (True, new)]
+
+
+@pytest.mark.parametrize(("before", "after"), [(0o640, 0o640), (0o644, 0o640),
+                                               (0o600, 0o600)])
+def test_writing_settings_keeps_the_files_mode_but_never_world_readable(
+        tmp_path, before, after):
+    """write_settings keeps the mode an operator gave config.yaml (a group that may read
+    it), less any access for others: it holds secrets."""
+    from harpsync.config import write_settings
+
+    path = tmp_path / "config.yaml"
+    path.write_text("logging:\n  level: info\n")
+    path.chmod(before)
+    write_settings(path, {"replication.port": 9951})
+    assert path.stat().st_mode & 0o777 == after

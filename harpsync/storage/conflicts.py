@@ -90,8 +90,9 @@ def system_put(ctx: WriteContext, storage: Storage, table_name: str,
     """Store a row of a local-only system table (not logged: it never replicates)."""
     system = storage.databases[SYSTEM]
     table = system.tables[table_name]
-    put_record(ctx.txn(system), table, encode_id(row["id"]), storage.hlc.now(),
-               LOCAL_ORIGIN, row)
+    version = storage.hlc.now()
+    put_record(ctx.txn(system), table, encode_id(row["id"]), version, LOCAL_ORIGIN, row)
+    ctx.system_ops.append(["put", table_name, row["id"], version, row])
 
 
 def system_delete(ctx: WriteContext, storage: Storage, table_name: str, ids: list[str]) -> int:
@@ -99,6 +100,7 @@ def system_delete(ctx: WriteContext, storage: Storage, table_name: str, ids: lis
     system = storage.databases[SYSTEM]
     table = system.tables[table_name]
     txn = ctx.txn(system)
+    ctx.system_ops.extend(["delete", table_name, rid] for rid in ids)
     return sum(1 for rid in ids if remove_record(txn, table, encode_id(rid)))
 
 

@@ -125,6 +125,7 @@ class Database:
     def __init__(self, name: str, path: Path, map_size: int, local_name: str) -> None:
         self.name = name
         self.path = path
+        fresh = not path.exists()
         # Private whatever the umask: the files hold password hashes and node rows.
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(path, 0o700)
@@ -142,6 +143,11 @@ class Database:
         for name in ("data.mdb", "lock.mdb"):
             if (path / name).exists():
                 os.chmod(path / name, 0o600)
+        if fresh:
+            # LMDB syncs its data file, not the names: without this a power loss could
+            # take away the files of a database whose create was acknowledged.
+            sync_directory(path)
+            sync_directory(path.parent)
         self.txns_dbi = self.env.open_db(TXNS_DBI)
         self.meta_dbi = self.env.open_db(META_DBI)
         self.tables: dict[str, Table] = {}
@@ -517,6 +523,15 @@ class Database:
         with _MAPS_LOCK:
             self.env.close()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def sync_directory(directory: Path) -> None:
+    """Make the entries created in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _MADV_DONTNEED = 4

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from harpsync import codec
-from harpsync.errors import BadRequestError, PayloadTooLargeError
-from harpsync.storage import digest, logscan
+from harpsync.errors import BadRequestError, PayloadTooLargeError, StorageError
+from harpsync.storage import digest, logscan, redo
 from harpsync.storage.database import (
     CREATED_KEY,
     DROPPED_DB_PREFIX,
@@ -24,6 +24,7 @@ from harpsync.storage.database import (
     Table,
     attribute_marks_of,
     release_mapped_pages,
+    sync_directory,
 )
 from harpsync.storage.errors import NoSuchDatabaseError, NoSuchTableError
 from harpsync.storage.hlc import HLC, wall_ms_of
@@ -69,7 +70,10 @@ class Storage:
     def open(self) -> None:
         """Open every database on disk, create ``system`` if needed, start the writer."""
         base = self.root / "database"
+        fresh = not base.exists()
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if fresh:
+            sync_directory(self.root)  # the databases' own directories sync below
         os.chmod(self.root, 0o700)
         os.chmod(base, 0o700)
         self.databases[SYSTEM] = self._open_env(SYSTEM)
@@ -95,13 +99,31 @@ class Storage:
             self.databases[path.name] = db
         for db in self.databases.values():
             self._observe_log_versions(db)
-        self.writer.start()
         system = self.databases[SYSTEM]
+        self.writer.system = system
+        self.writer.start()
         for name, pk in SYSTEM_TABLES.items():
             if name not in system.tables:
                 self.writer.run_sync(*self._create_table_job(SYSTEM, name, pk, [], log_it=False))
+        self._replay_redo(system)
+
+    def _replay_redo(self, system: Database) -> None:
+        """Apply the system rows a crash kept from committing with their data (``redo``)."""
+        todo = redo.pending(system, list(self.databases.values()))
+        if not todo:
+            return
+
+        def job(ctx: WriteContext) -> int:
+            txn = ctx.txn(system)
+            return sum(redo.apply(txn, system, db, generation, ops)
+                       for db, generation, ops in todo)
+
+        applied = self.writer.run_sync(job)
+        log.warning("applied %d system-table change(s) that a crash kept from committing "
+                    "with their data (%s)", applied, ", ".join(db.name for db, _, _ in todo))
 
     def close(self) -> None:
+        """Stop the writer once its jobs are done, then close every environment."""
         self.writer.stop()
         for db in self.databases.values():
             db.close()
@@ -256,7 +278,11 @@ class Storage:
                 f"this write would log {len(value) / 2**20:.0f} MiB in one transaction; at "
                 f"most {self.max_log_entry // 2**20} MiB replicate to peers: write fewer or "
                 "smaller records per request")
-        ctx.txn(db).put(seq_key(seq), value, db=db.txns_dbi, append=True)
+        if not ctx.txn(db).put(seq_key(seq), value, db=db.txns_dbi, append=True):
+            # LMDB refuses an append under a key not past the last one without raising:
+            # the entry would be lost silently, and the write never replicated.
+            raise StorageError(f"the transaction log of database '{db.name}' already "
+                               f"holds sequence {seq}; the write was not made")
         ctx.logged.append((db, seq, value))
         return seq
 

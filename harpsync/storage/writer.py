@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -19,8 +20,8 @@ from typing import Any
 
 import lmdb
 
-from harpsync.errors import StorageError
-from harpsync.storage import digest
+from harpsync.errors import ServiceUnavailableError, StorageError
+from harpsync.storage import digest, redo
 from harpsync.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class WriteContext:
         # The database whose transaction the job asked for last: the one a storage
         # failure (a full map) is reported against.
         self.last_db: Database | None = None
+        # Ops this job made on local system tables (``redo``): replayed if a crash comes
+        # between the commit of a database it wrote and that of ``system``.
+        self.system_ops: list[list[Any]] = []
 
     def txn(self, db: Database) -> lmdb.Transaction:
         """The job's write transaction for ``db`` (a child of the group's transaction)."""
@@ -119,6 +123,11 @@ class _Job:
         self.dbs: list[Database] = []
         self.ctx: WriteContext | None = None
 
+    def data_dbs(self, system: Database | None) -> list[Database]:
+        """The databases the job wrote, ``system`` only if it wrote nothing else: the
+        side whose commit decides whether the job happened (``redo``)."""
+        return [db for db in self.dbs if db is not system] or self.dbs
+
 
 def _resolve(job: _Job) -> None:
     if job.future.done():
@@ -156,13 +165,47 @@ class Writer:
         self._activity_mark = 0
         # Told (jobs in the group, seconds its commits took) after every group commit.
         self.on_group: Callable[[int, float], None] | None = None
+        # The ``system`` database: committed after every other of a group (``redo``).
+        self.system: Database | None = None
+        # Set by ``stop`` (guarded by ``_count_lock``): no job is queued after it.
+        self._stopped = False
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish the jobs handed over so far and end the thread; returns whether it
+        ended (within ``timeout``, default: however long they take, so no job is cut off
+        and no environment is closed under one).
+
+        A job submitted afterwards, or still waiting to be handed over, fails at once
+        with a ``ServiceUnavailableError`` instead of waiting forever.
+        """
+        with self._count_lock:
+            self._stopped = True
+        if not self._thread.is_alive():
+            self._fail_queued()
+            return True
         self._queue.put(None)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the writer thread is still running a job after %s s", timeout)
+            return False
+        with self._group_lock:  # a group running inline on the event loop ends first
+            self._fail_queued()
+        return True
+
+    def _fail_queued(self) -> None:
+        """Fail every job the stopped thread will never run."""
+        while True:
+            try:
+                jobs = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if jobs:
+                for job in jobs:
+                    job.error = _stopped_error()
+                self._deliver(jobs)
 
     def submit(self, fn: Callable[[WriteContext], Any],
                prepare: Callable[[], None] | None = None,
@@ -186,6 +229,9 @@ class Writer:
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
+        if self._stopped:
+            fut.set_exception(_stopped_error())
+            return fut
         if not self._pending:
             loop.call_soon(self._hand_over)
         self._pending.append(_Job(fn, prepare, fut, loop, small and prepare is None))
@@ -199,8 +245,13 @@ class Writer:
                 and self._quiet() and self._run_inline(jobs):
             return
         with self._count_lock:
+            if self._stopped:
+                for job in jobs:
+                    job.error = _stopped_error()
+                _resolve_all(jobs)
+                return
             self._outstanding += len(jobs)
-        self._queue.put(jobs)
+            self._queue.put(jobs)
 
     def _quiet(self) -> bool:
         activity = self.activity
@@ -210,11 +261,13 @@ class Writer:
         """Run ``jobs`` as a group on the calling (event-loop) thread if the writer
         thread has nothing queued or running; returns whether it did."""
         with self._count_lock:
-            if self._outstanding:
+            if self._outstanding or self._stopped:
                 return False  # earlier jobs are queued: they commit first, in order
         if not self._group_lock.acquire(blocking=False):
             return False
         try:
+            if self._stopped:  # ``stop`` came in between: it may close the environments
+                return False
             self._run_group_safely(jobs)
         finally:
             self._group_lock.release()
@@ -242,8 +295,10 @@ class Writer:
 
         job = _Job(fn, prepare, _SyncFuture(), None)  # type: ignore[arg-type]
         with self._count_lock:
+            if self._stopped:
+                raise _stopped_error()
             self._outstanding += 1
-        self._queue.put([job])
+            self._queue.put([job])
         done.wait()
         if "error" in box:
             raise box["error"]
@@ -316,8 +371,21 @@ class Writer:
                 job.error = storage_failure(exc, ctx.last_db)
             job.dbs = ctx.databases
         failed: dict[Database, Exception] = {}
+        self._stage_redo(jobs, parents, failed)
         commit_started = time.perf_counter()
-        for db, txn in parents.items():
+        # ``system`` last: a crash between leaves the data side's redo of it (``redo``).
+        order = sorted(parents.items(), key=lambda item: item[0] is self.system)
+        for index, (db, txn) in enumerate(order):
+            if index:
+                crash_point("between_commits")
+            if db in failed:
+                txn.abort()
+                continue
+            if db is self.system and failed:
+                self._compensate(jobs, failed, txn)
+                if db in failed:
+                    txn.abort()
+                    continue
             try:
                 txn.commit()
             except Exception as exc:
@@ -330,19 +398,18 @@ class Writer:
                 self.on_group(len(jobs), time.perf_counter() - commit_started)
             except Exception:
                 log.exception("group commit observer failed")
-        for job in jobs:
-            lost = next((db for db in job.dbs if db in failed), None)
-            if job.error is None and lost is not None:
-                job.error = storage_failure(failed[lost], lost, StorageError(
-                    f"the write to database '{lost.name}' could not be committed to storage"))
-                if job.ctx is not None:
-                    job.ctx.rollback_catalog()
-        # The group is durable now: nothing below may turn a job into a failure.
+        # What committed: every entry a job that ran logged in a database whose commit
+        # succeeded (a job that failed only elsewhere included: its entries are here).
         logged: dict[Database, list[tuple[int, bytes]]] = {}
         for job in jobs:
             if job.error is None and job.ctx is not None:
                 for db, seq, value in job.ctx.logged:
-                    logged.setdefault(db, []).append((seq, value))
+                    if db not in failed:
+                        logged.setdefault(db, []).append((seq, value))
+        done = [job for job in jobs if job.error is None]
+        if failed:
+            self._commit_failed(jobs, failed, parents)
+        # The group is durable now: nothing below may turn a job into a failure.
         for db in parents:
             if db in failed:
                 continue
@@ -357,13 +424,76 @@ class Writer:
                     self._on_commit(db)
             except Exception:
                 log.exception("commit listener of %s failed", db.name)
-        for job in jobs:
-            if job.error is None and job.ctx is not None:
+        for job in done:
+            if job.ctx is not None and not any(db in failed for db in job.data_dbs(self.system)):
                 for fn in job.ctx.after_commit:
                     try:
                         fn()
                     except Exception:
                         log.exception("after-commit hook failed")
+
+    def _commit_failed(self, jobs: list[_Job], failed: dict[Database, Exception],
+                       parents: dict[Database, lmdb.Transaction]) -> None:
+        """Fail the jobs that wrote a database whose commit failed, and undo the catalog
+        changes of those whose data side did not commit.
+
+        A job whose data committed and only ``system`` failed is not undone: its data
+        and catalog stand (its system rows are redone, ``redo``); it is still reported,
+        as not all of it is written. Undone last job first: a later job's change was
+        made over an earlier one's (a drop then a re-create of one table). Log
+        sequences come from what is stored: an undo lowered ``next_seq`` below an entry
+        that committed, and the next entry went under a taken key (``append_log``).
+        """
+        for job in reversed(jobs):
+            lost = next((db for db in job.dbs if db in failed), None)
+            if job.error is not None or lost is None:
+                continue
+            job.error = storage_failure(failed[lost], lost, StorageError(
+                f"the write to database '{lost.name}' could not be committed to storage"))
+            if job.ctx is not None and all(db in failed for db in job.data_dbs(self.system)):
+                job.ctx.rollback_catalog()
+        for db in parents:
+            try:
+                db.next_seq = db.head_seq + 1
+            except Exception:
+                log.exception("log head of %s could not be read", db.name)
+
+    def _compensate(self, jobs: list[_Job], failed: dict[Database, Exception],
+                    system_txn: lmdb.Transaction) -> None:
+        """Take back the system ops of jobs whose data did not commit (``redo``)."""
+        assert self.system is not None
+        ops = [op for job in jobs
+               if job.error is None and job.ctx is not None and job.ctx.system_ops
+               and all(db in failed for db in job.data_dbs(self.system))
+               for op in job.ctx.system_ops]
+        if not ops:
+            return
+        try:
+            redo.compensate(system_txn, self.system, ops)
+        except Exception as exc:  # then nothing of system commits
+            log.error("taking back system rows of failed writes failed: %s", exc)
+            failed[self.system] = exc
+
+    def _stage_redo(self, jobs: list[_Job], parents: dict[Database, lmdb.Transaction],
+                    failed: dict[Database, Exception]) -> None:
+        """Write, into each database that jobs wrote with ``system``, the redo of their
+        system ops (``redo.stage``); a database whose redo cannot be written does not
+        commit."""
+        system = self.system
+        if system is None or system not in parents or len(parents) < 2:
+            return
+        by_db: dict[Database, list[list[Any]]] = {}
+        for job in jobs:
+            if job.error is None and job.ctx is not None and job.ctx.system_ops:
+                for db in job.dbs:
+                    if db is not system:
+                        by_db.setdefault(db, []).extend(job.ctx.system_ops)
+        for db, ops in by_db.items():
+            try:
+                redo.stage(parents[system], system, parents[db], db, ops)
+            except Exception as exc:
+                log.error("redo of database %s's system rows failed: %s", db.name, exc)
+                failed[db] = exc  # told as ``storage_failure`` (a full map is named)
 
     def _deliver(self, jobs: list[_Job]) -> None:
         by_loop: dict[Any, list[_Job]] = {}
@@ -377,6 +507,17 @@ class Writer:
                 loop.call_soon_threadsafe(_resolve_all, batch)
             except RuntimeError:
                 pass  # the loop is closed; nobody waits
+
+
+def _stopped_error() -> ServiceUnavailableError:
+    return ServiceUnavailableError("the node is shutting down: the write was not made")
+
+
+def crash_point(name: str) -> None:
+    """Die at once, as SIGKILL would, if ``HARPSYNC_CRASH_AT`` names this point (tests of
+    crash consistency only: it is read at each point, so a test can arm it late)."""
+    if os.environ.get("HARPSYNC_CRASH_AT") == name:
+        os._exit(137)
 
 
 def storage_failure(exc: Exception, db: Database | None,
