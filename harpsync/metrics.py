@@ -159,6 +159,27 @@ class Metrics:
                     gauge.remove(*key)
         self._links = set(links)
 
+    def forget_link(self, peer: str, database: str) -> None:
+        """Drop every series of a link that is gone for good (its peer removed, its
+        database dropped): the counters too, or each database ever dropped left its
+        series behind for as long as the process runs. A link of that name made later
+        counts from 0 again, which Prometheus reads as a counter reset."""
+        for metric in (self.txns_received, self.bytes_received, self.apply_seconds,
+                       self.reconnects, self.conflicts, self.dead_letters):
+            with contextlib.suppress(KeyError):  # never counted for this link
+                metric.remove(peer, database)
+        self.keep_links(self._links - {(peer, database)})
+        for key in [k for k in self._divergent if k[:2] == (peer, database)]:
+            with contextlib.suppress(KeyError):
+                self.divergent_keys.remove(*key)
+            self._divergent.discard(key)
+
+    def forget_peer(self, peer: str) -> None:
+        """Drop the per-peer series of a removed peer (apply delay, clock skew)."""
+        for metric in (self.apply_delay, self.clock_skew):
+            with contextlib.suppress(KeyError):
+                metric.remove(peer)
+
     def set_divergent(self, peer: str, database: str, table: str, keys: int) -> None:
         """Keys that differed from ``peer`` at the last verification of the table."""
         self.divergent_keys.labels(peer, database, table).set(keys)

@@ -121,6 +121,11 @@ class Subscriber:
         if value is not None:
             self.error_times.append(self.last_error_at)  # type: ignore[arg-type]
 
+    def count_from(self, txns: int, size: int) -> None:
+        """Start the counters where a retired link of this peer and database left them."""
+        self.applier.txns_received += txns
+        self._bytes_before += size
+
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Run the link (once: a running or retired link is left as it is)."""
