@@ -149,6 +149,15 @@ class Metrics:
         self.copy_done.labels(peer, database).set(progress.get("records_copied", 0))
         self.copy_expected.labels(peer, database).set(progress.get("records_total", 0))
 
+    def set_compression_ratio(self, peer: str, database: str, ratio: float | None) -> None:
+        """The link's current session's ratio; ``None`` (the link is down, or its new
+        session received nothing yet) removes the series rather than keep the last."""
+        if ratio:
+            self.compression_ratio.labels(peer, database).set(round(ratio, 3))
+        else:
+            with contextlib.suppress(KeyError):
+                self.compression_ratio.remove(peer, database)
+
     def keep_links(self, links: set[tuple[str, str]]) -> None:
         """Drop the per-link gauges of links not in ``links`` (``(peer, database)``): a
         removed peer or dropped database must not show its last values forever."""

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import wait_for
-from tests.repl_util import connection, has_table
+from tests.repl_util import connection, has_table, join
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,3 +94,27 @@ def test_series_of_a_dropped_database_are_gone(cluster):
                              for s in connection(a, "node-b")["database_sockets"]),
              message="the scratch link gone")
     assert [k for k in _samples(a) if 'database="scratch"' in k] == []
+
+
+RATIO = 'harpsync_replication_compression_ratio{database="data",peer="node-a"}'
+
+
+def test_compression_ratio_is_not_kept_for_a_link_that_is_down(node_factory):
+    """When a compressing link drops, ``/metrics`` and cluster_status stop showing its
+    compression ratio (before, the last session's stayed as if it were current)."""
+    zstd = {"REPLICATION_COMPRESSION": "zstd"}
+    a = node_factory("node-a", env=zstd)
+    b = node_factory("node-b", env=zstd)
+    a.call("create_table", table="t", primary_key="id")
+    join(a, b)
+    wait_for(lambda: has_table(b, "t"), timeout=20, message="table t on b")
+    a.call("insert", table="t", records=[{"id": i, "text": "compress me " * 20}
+                                         for i in range(50)])
+    wait_for(lambda: b.count("t") == 50, timeout=20, message="50 records on b")
+    assert 0 < _samples(b)[RATIO] < 0.5
+    assert _socket(b, "node-a")["compression"] == "zstd"
+    a.stop()
+    wait_for(lambda: not _socket(b, "node-a")["connected"], message="link down")
+    sock = _socket(b, "node-a")
+    assert "compression" not in sock and "compression_ratio" not in sock, sock
+    assert RATIO not in _samples(b)

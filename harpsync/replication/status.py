@@ -23,7 +23,10 @@ def _socket(rep: StatusSource, sub: Subscriber) -> dict[str, Any]:
     pub = max(pubs, key=lambda p: p.sent_seq, default=None)
     if sub.link is not None:
         sub.latency_ms = sub.link.latency_ms
-    session = sub.session
+    # Compression is the current session's: a link that is down has none (before, it
+    # showed the last session's until the next one had received something).
+    session = sub.session if sub.connected else None
+    ratio = session.compression_ratio if session is not None else None
     out: dict[str, Any] = {
         "database": sub.database,
         "connected": sub.connected,
@@ -47,8 +50,7 @@ def _socket(rep: StatusSource, sub: Subscriber) -> dict[str, Any]:
         "acked_seq": pub.acked_seq if pub else 0,
         "bytes_received": sub.bytes_received,
         "compression": session.compression if session is not None else None,
-        "compression_ratio": (round(session.compression_ratio, 3)
-                              if session is not None and session.compression_ratio else None),
+        "compression_ratio": round(ratio, 3) if ratio else None,
         "txns_received": sub.txns_received,
         "last_error": sub.last_error,
         "last_error_at": http_date(sub.last_error_at),
@@ -74,10 +76,8 @@ def refresh_gauges(rep: StatusSource) -> None:
     for (peer, database), sub in sorted(links.items()):
         metrics.lag_txns.labels(peer, database).set(sub.lag_txns())
         metrics.connected.labels(peer, database).set(1 if sub.connected else 0)
-        session = sub.session
-        if session is not None and session.compression_ratio:
-            metrics.compression_ratio.labels(peer, database).set(
-                round(session.compression_ratio, 3))
+        ratio = sub.session.compression_ratio if sub.connected and sub.session else None
+        metrics.set_compression_ratio(peer, database, ratio)
         metrics.set_copy(peer, database, sub.copy_progress)
 
 
