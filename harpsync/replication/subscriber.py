@@ -317,6 +317,10 @@ class Subscriber:
             dict.fromkeys(covered) if self.applier.replaying
             else self.store.origin_floors(self.database, covered))
         self.applier.committed_seq = after
+        # A ``caught_up`` of an earlier session says nothing of this stream: after a
+        # replay it said the log was read through its head, and the lag showed 0 (the
+        # stream ``running``) while the whole log was read again.
+        self.caught_up_seq = after
         self.applier.copy_resume = resume or None
         # ``copied`` (rows copied before) is for this side's progress only.
         sent_resume = {k: v for k, v in resume.items() if k != "copied"} if resume else None

@@ -446,3 +446,25 @@ async def test_a_malformed_frame_from_the_publisher_gets_a_protocol_error_frame(
         failed = await peer.expect(PeerFailed)
         assert failed.code == "protocol_error" and "truncated" in failed.message
         await until(lambda: linked.sub.last_error and "truncated" in linked.sub.last_error)
+
+
+async def test_a_replay_shows_its_lag_until_the_log_is_read_again():
+    """After replay_replication rewinds the link, ``lag_txns`` counts what is to be
+    read again: a ``caught_up`` of the session before the rewind no longer counts (it
+    showed 0, and the stream ``running``, for the whole replay)."""
+    async with running({"seq": 5, "origins": [PEER]}) as linked:
+        peer, _ = await accept(linked)
+        await send_entries(peer, [6, 7, 8])
+        publisher(peer).send_caught_up(8)
+        await peer.flush()
+        await acked(peer, 8)
+        await until(lambda: linked.sub.caught_up_seq == 8)
+        assert linked.sub.lag_txns() == 0
+        await linked.sub.rewind(2, 0)
+        again, sub = await accept(linked)
+        assert sub.after_seq == 2
+        await until(lambda: linked.sub.state == LinkState.STREAMING)
+        assert linked.sub.lag_txns() == 6
+        await send_entries(again, [3, 4])
+        await acked(again, 4)
+        assert linked.sub.lag_txns() == 4
