@@ -194,9 +194,10 @@ class Metrics:
         self.divergent_keys.labels(peer, database, table).set(keys)
         self._divergent.add((peer, database, table))
 
-    def keep_peers(self, peers: set[str]) -> None:
-        """Drop the verification gauges of peers not in ``peers`` (removed nodes)."""
-        for key in [k for k in self._divergent if k[0] not in peers]:
+    def keep_peers(self, peers: set[str], tables: set[tuple[str, str]]) -> None:
+        """Drop the verification gauges of peers not in ``peers`` (removed nodes) and of
+        tables not in ``tables`` (``(database, table)``: dropped ones)."""
+        for key in [k for k in self._divergent if k[0] not in peers or k[1:] not in tables]:
             with contextlib.suppress(KeyError):
                 self.divergent_keys.remove(*key)
             self._divergent.discard(key)

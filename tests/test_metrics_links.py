@@ -118,3 +118,17 @@ def test_compression_ratio_is_not_kept_for_a_link_that_is_down(node_factory):
     sock = _socket(b, "node-a")
     assert "compression" not in sock and "compression_ratio" not in sock, sock
     assert RATIO not in _samples(b)
+
+
+def test_divergent_keys_of_a_dropped_table_are_gone(cluster):
+    """After drop_table, ``/metrics`` no longer shows the table's last verification
+    (``harpsync_divergent_keys``), on the node the drop was made on and on its peer."""
+    a, b = cluster(2)
+    a.call("create_table", table="cat", primary_key="id")
+    wait_for(lambda: a.call("verify_cluster", database="data", table="cat")["checked"],
+             message="a verification of data.cat")
+    series = 'harpsync_divergent_keys{database="data",peer="node-b",table="cat"}'
+    assert series in _samples(a)
+    a.call("drop_table", table="cat")
+    wait_for(lambda: not has_table(b, "cat"), message="cat dropped on b")
+    assert series not in _samples(a)

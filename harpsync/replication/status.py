@@ -72,7 +72,9 @@ def refresh_gauges(rep: StatusSource) -> None:
     metrics = rep.metrics
     links = dict(rep.subscribers)
     metrics.keep_links(set(links))
-    metrics.keep_peers(set(rep.rows))
+    metrics.keep_peers(set(rep.rows), {(name, table) for name, db
+                                       in list(rep.storage.databases.items())
+                                       for table in list(db.tables)})
     for (peer, database), sub in sorted(links.items()):
         metrics.lag_txns.labels(peer, database).set(sub.lag_txns())
         metrics.connected.labels(peer, database).set(1 if sub.connected else 0)
