@@ -50,8 +50,9 @@ class Metrics:
                                      "Transactions received from peers",
                                      ["peer", "database"], registry=r)
         self.bytes_received = Counter("harpsync_replication_bytes_received_total",
-                                      "Replication bytes received", ["peer", "database"],
-                                      registry=r)
+                                      "Bytes received on the link's sockets (as sent: "
+                                      "compressed when the link compresses)",
+                                      ["peer", "database"], registry=r)
         self.lag_txns = Gauge("harpsync_replication_lag_txns",
                               "Publisher log entries not yet applied", ["peer", "database"],
                               registry=r)

@@ -50,12 +50,14 @@ def _socket(node: Any, peer: str, database: str = "data") -> dict[str, Any]:
 
 
 TXNS = 'harpsync_replication_txns_received_total{database="data",peer="node-b"}'
+BYTES = 'harpsync_replication_bytes_received_total{database="data",peer="node-b"}'
 
 
 def test_txns_received_goes_on_counting_when_update_node_recreates_the_links(cluster):
     """``update_node`` re-creates the links to its peer: cluster_status's
     ``txns_received`` (and get_replication_status's ``events_replicated``) go on from
-    where they were, as the Prometheus counter does, and both stay equal."""
+    where they were, as the Prometheus counter does, and both stay equal; so do the
+    bytes received."""
     a, b = cluster(2)
     a.call("create_table", table="dog", primary_key="id")
     wait_for(lambda: has_table(b, "dog"), message="table on b")
@@ -76,6 +78,9 @@ def test_txns_received_goes_on_counting_when_update_node_recreates_the_links(clu
     assert _samples(a)[TXNS] == status
     (stream,) = a.call("get_replication_status", node="node-b", database="data")["streams"]
     assert stream["events_replicated"] == status
+    # The bytes too: the counter counts the link's wire bytes, as cluster_status does.
+    wait_for(lambda: _samples(a)[BYTES] == _socket(a, "node-b")["bytes_received"] > 0,
+             timeout=3, message="bytes_received equal in /metrics and cluster_status")
 
 
 def test_series_of_a_dropped_database_are_gone(cluster):

@@ -353,8 +353,7 @@ class Applier:
         self.txns_received += stats.entries
         if stats.last_version:
             self.last_version = stats.last_version
-        host.note_received(self.peer, self.database, stats.entries,
-                           sum(len(e[1]) for e in entries), self.last_version)
+        host.note_received(self.peer, self.database, stats.entries, self.last_version)
         self.owner.acknowledge(committed)
         if stats.skew_error is not None:
             host.note_skew(self.peer, stats.skewed)

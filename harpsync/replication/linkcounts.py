@@ -30,6 +30,7 @@ class LinkCounts:
         self._dialed: set[Key] = set()
         # Transactions and bytes received by retired links, until re-made or forgotten.
         self._ended: dict[Key, tuple[int, int]] = {}
+        self._bytes_seen: dict[Key, int] = {}  # wire bytes counted so far, per link
 
     def _link(self, key: Key) -> tuple[Any, Any, Any, Any]:
         """``txns_received``, ``bytes_received``, ``apply_delay`` and ``apply_seconds``."""
@@ -42,14 +43,24 @@ class LinkCounts:
             self._children[key] = children
         return children
 
-    def received(self, key: Key, txns: int, size: int, last_version: int) -> None:
-        txns_received, bytes_received, apply_delay, _ = self._link(key)
+    def received(self, key: Key, txns: int, last_version: int) -> None:
+        txns_received, _, apply_delay, _ = self._link(key)
         txns_received.inc(txns)
-        bytes_received.inc(size)
         if last_version and txns:
             # From the newest applied transaction's commit on its origin to now.
             delay_ms = self._wall_now_ms() - wall_ms_of(last_version)
             apply_delay.observe(max(0, delay_ms) / 1000.0)
+
+    def sync_bytes(self, key: Key, total: int) -> None:
+        """Bring ``bytes_received`` up to the link's wire bytes ``total`` (its
+        ``bytes_received``, carried over re-made links): the counter and
+        ``cluster_status`` count the same bytes. Before, the counter summed the decoded
+        entries applied (no copy, no compression), a number under the same name that
+        agreed with nothing in cluster_status."""
+        seen = self._bytes_seen.get(key, 0)
+        if total > seen:
+            self._link(key)[1].inc(total - seen)
+            self._bytes_seen[key] = total
 
     def apply_seconds(self, key: Key, seconds: float) -> None:
         self._link(key)[3].observe(seconds)
@@ -74,6 +85,7 @@ class LinkCounts:
         for key in gone:
             del self._ended[key]
             self._children.pop(key, None)
+            self._bytes_seen.pop(key, None)
             self._dialed.discard(key)
             self.metrics.forget_link(*key)
             if key[0] not in known:

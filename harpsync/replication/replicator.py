@@ -508,9 +508,8 @@ class Replicator:
             for listener in list(self.position_listeners):
                 listener()
 
-    def note_received(self, peer: str, database: str, txns: int, size: int,
-                      last_version: int) -> None:
-        self.counts.received((peer, database), txns, size, last_version)
+    def note_received(self, peer: str, database: str, txns: int, last_version: int) -> None:
+        self.counts.received((peer, database), txns, last_version)
 
     def note_apply_seconds(self, peer: str, database: str, seconds: float) -> None:
         self.counts.apply_seconds((peer, database), seconds)

@@ -77,6 +77,7 @@ def refresh_gauges(rep: StatusSource) -> None:
                                        for table in list(db.tables)})
     for (peer, database), sub in sorted(links.items()):
         metrics.lag_txns.labels(peer, database).set(sub.lag_txns())
+        rep.counts.sync_bytes((peer, database), sub.bytes_received)
         metrics.connected.labels(peer, database).set(1 if sub.connected else 0)
         ratio = sub.session.compression_ratio if sub.connected and sub.session else None
         metrics.set_compression_ratio(peer, database, ratio)

@@ -199,9 +199,8 @@ class FakeSubscriberHost(FakeLinkHost):
     def note_dialed(self, peer: str, database: str) -> None:
         pass
 
-    def note_received(self, peer: str, database: str, txns: int, size: int,
-                      last_version: int) -> None:
-        self.received.append((txns, size))
+    def note_received(self, peer: str, database: str, txns: int, last_version: int) -> None:
+        self.received.append((txns, last_version))
 
     def note_apply_seconds(self, peer: str, database: str, seconds: float) -> None:
         pass
