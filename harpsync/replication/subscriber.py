@@ -108,6 +108,10 @@ class Subscriber:
         self._ack_flush: asyncio.Future[None] | None = None  # (kept: tasks are weakly held)
         # What was applied and committed (the cursor, copy progress) lives there.
         self.applier = Applier(self, host, store, peer, database)
+        # What is committed shows before the link connects (a paused link after a
+        # restart showed 0 until resumed).
+        if store.has_database(database):
+            self.applier.committed_seq = int(store.cursor(database, peer).get("seq", 0))
 
     @property
     def last_error(self) -> str | None:
