@@ -416,6 +416,8 @@ class StatusSource(Protocol):
     publishers: dict[tuple[str, str], set[Publisher]]
     verified: dict[tuple[str, str], dict[str, Any]]
     counts: LinkCounts
+    acks: dict[tuple[str, str], int]
+    positions: dict[tuple[str, str], int]
 
     @property
     def node_name(self) -> str: ...

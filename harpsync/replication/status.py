@@ -11,6 +11,7 @@ from harpsync.replication.subscriber import Subscriber
 from harpsync.storage.hlc import version_to_ms, wall_ms_of
 
 if TYPE_CHECKING:
+    from harpsync.replication.publisher import Publisher
     from harpsync.replication.seams import StatusSource
 
 
@@ -47,7 +48,7 @@ def _socket(rep: StatusSource, sub: Subscriber) -> dict[str, Any]:
         "sent_seq": pub.sent_seq if pub else 0,
         "received_seq": sub.received_seq,
         "committed_seq": sub.committed_seq,
-        "acked_seq": pub.acked_seq if pub else 0,
+        "acked_seq": _acked(rep, sub, pub),
         "bytes_received": sub.bytes_received,
         "compression": session.compression if session is not None else None,
         "compression_ratio": round(ratio, 3) if ratio else None,
@@ -64,6 +65,19 @@ def _socket(rep: StatusSource, sub: Subscriber) -> dict[str, Any]:
         out["verified"] = {**verified, "at": http_date(verified["at"])}
     return {k: v for k, v in out.items() if v is not None
             or k in ("last_error", "last_error_at", "latency")}
+
+
+def _acked(rep: StatusSource, sub: Subscriber, pub: Publisher | None) -> int:
+    """How far the peer acknowledged this node's log. Its subscribe (not a copy's) says
+    it too: a peer that reconnected showed 0 until its next ack. With no session, the
+    replicator's last ack (lowered by a subscribe from further back), or after this
+    node's restart the last subscribe's position."""
+    if pub is not None:
+        asked = pub.session.subscription
+        start = asked.after_seq if asked is not None and not asked.copy else 0
+        return max(pub.acked_seq, start)
+    key = (sub.peer, sub.database)
+    return rep.acks[key] if key in rep.acks else rep.positions.get(key, 0)
 
 
 def refresh_gauges(rep: StatusSource) -> None:
