@@ -70,6 +70,9 @@ class LinkState(enum.StrEnum):
 # per record. ``wait_for_replication`` waits at most this much longer.
 ACK_INTERVAL = 0.005
 
+# Minutes of errors kept for ``errors_since`` (get_replication_status: the last hour).
+ERROR_MINUTES = 61
+
 # Failures after which a link retries with backoff (anything else is logged as a bug).
 _RETRIED: tuple[type[BaseException], ...] = (*DIAL_ERRORS, ProtocolError, ValueError,
                                              RuntimeError)
@@ -97,7 +100,9 @@ class Subscriber:
         self.last_received_local: float | None = None
         self.last_commit_confirmed: float | None = None
         self.latency_ms: float | None = None
-        self.error_times: deque[float] = deque(maxlen=1000)
+        # Errors per minute ``[minute, count]``, the last hour's: bounded however often
+        # the link fails (1,000 timestamps capped an hour of 2 s retries at 1,000).
+        self._error_minutes: deque[list[int]] = deque(maxlen=ERROR_MINUTES)
         self.paused = False
         self.retired = False
         self._task: asyncio.Task[None] | None = None
@@ -121,9 +126,19 @@ class Subscriber:
     def last_error(self, value: str | None) -> None:
         # Timestamped, so a link that recovered shows when its last error was.
         self._last_error = value
-        self.last_error_at = time.time() if value is not None else None
+        self.last_error_at = None
         if value is not None:
-            self.error_times.append(self.last_error_at)  # type: ignore[arg-type]
+            self.last_error_at = now = time.time()
+            minute = int(now // 60)
+            if self._error_minutes and self._error_minutes[-1][0] == minute:
+                self._error_minutes[-1][1] += 1
+            else:
+                self._error_minutes.append([minute, 1])
+
+    def errors_since(self, since: float) -> int:
+        """Errors from the minute of ``since`` on (kept for the last hour)."""
+        first = int(since // 60)
+        return sum(count for minute, count in self._error_minutes if minute >= first)
 
     def count_from(self, txns: int, size: int) -> None:
         """Start the counters where a retired link of this peer and database left them."""

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 
@@ -24,6 +27,7 @@ from harpsync.replication.protocol import (
     PublisherSession,
     SubscribeRequested,
 )
+from harpsync.replication.streams import HOUR, stream_entry
 from harpsync.replication.subscriber import LinkState, Subscriber
 
 from .fakes import (
@@ -468,3 +472,18 @@ async def test_a_replay_shows_its_lag_until_the_log_is_read_again():
         await send_entries(again, [3, 4])
         await acked(again, 4)
         assert linked.sub.lag_txns() == 4
+
+
+async def test_errors_last_hour_counts_every_error_of_the_hour():
+    """get_replication_status's ``errors_last_hour`` counts each error of the last hour,
+    however many (a link retrying every 2 s fails 1,800 times an hour; it showed at most
+    1,000), and forgets those older than an hour."""
+    sub = Subscriber(FakeSubscriberHost(), FakeLinkStore(), FakeRelays(), PEER, "data")
+    status = SimpleNamespace(rows={}, storage=SimpleNamespace(databases={}),
+                             default_conflict="last_writer_wins")
+    for _ in range(1800):
+        sub.last_error = "connection refused"
+    assert stream_entry(status, sub, [], [])["errors_last_hour"] == 1800  # type: ignore[arg-type]
+    later = time.time() + HOUR + 120
+    with patch("time.time", return_value=later):
+        assert stream_entry(status, sub, [], [])["errors_last_hour"] == 0  # type: ignore[arg-type]
