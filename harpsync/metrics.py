@@ -99,7 +99,8 @@ class Metrics:
             "Time to commit (and fsync) one group's transactions", buckets=LATENCY_BUCKETS,
             registry=r)
         self.reconnects = Counter("harpsync_replication_reconnects_total",
-                                  "Links re-established after they dropped",
+                                  "Links re-established after they dropped (not after "
+                                  "a pause, or a restart to change what they carry)",
                                   ["peer", "database"], registry=r)
         self.copying = Gauge("harpsync_replication_copy_active",
                              "1 while a full copy runs on the link", ["peer", "database"],

@@ -137,3 +137,19 @@ def test_divergent_keys_of_a_dropped_table_are_gone(cluster):
     a.call("drop_table", table="cat")
     wait_for(lambda: not has_table(b, "cat"), message="cat dropped on b")
     assert series not in _samples(a)
+
+
+RECONNECTS = 'harpsync_replication_reconnects_total{database="data",peer="node-b"}'
+
+
+def test_a_pause_and_resume_is_not_counted_as_a_reconnect(cluster):
+    """``harpsync_replication_reconnects_total`` counts links back after they dropped:
+    an operator's pause and resume (like a relay hand-over's restart) is none."""
+    a, _b = cluster(2)
+    a.call("create_table", table="dog", primary_key="id")
+    wait_for(lambda: _socket(a, "node-b")["state"] == "streaming", message="streaming")
+    before = _samples(a).get(RECONNECTS, 0)
+    a.call("pause_replication", hostname="node-b", database="data")
+    a.call("resume_replication", hostname="node-b", database="data")
+    wait_for(lambda: _socket(a, "node-b")["state"] == "streaming", message="streaming again")
+    assert _samples(a).get(RECONNECTS, 0) == before

@@ -19,7 +19,7 @@ Key = tuple[str, str]
 
 
 class LinkCounts:
-    """The per-link metric children, reconnect tracking and retired links' counts."""
+    """The per-link metric children and the retired links' counts."""
 
     def __init__(self, metrics: Metrics, wall_now_ms: Callable[[], float]) -> None:
         self.metrics = metrics
@@ -27,7 +27,6 @@ class LinkCounts:
         # Each link's metric children, looked up once: ``labels()`` costs a lock and a
         # tuple key per call, and a link applies one batch per write on its origin.
         self._children: dict[Key, tuple[Any, Any, Any, Any]] = {}
-        self._dialed: set[Key] = set()
         # Transactions and bytes received by retired links, until re-made or forgotten.
         self._ended: dict[Key, tuple[int, int]] = {}
         self._bytes_seen: dict[Key, int] = {}  # wire bytes counted so far, per link
@@ -65,12 +64,6 @@ class LinkCounts:
     def apply_seconds(self, key: Key, seconds: float) -> None:
         self._link(key)[3].observe(seconds)
 
-    def dialed(self, key: Key) -> None:
-        """A link's socket opened; every open after its first is a reconnect."""
-        if key in self._dialed:
-            self.metrics.reconnects.labels(*key).inc()
-        self._dialed.add(key)
-
     def retired(self, key: Key, txns: int, size: int) -> None:
         self._ended[key] = (txns, size)
 
@@ -86,7 +79,6 @@ class LinkCounts:
             del self._ended[key]
             self._children.pop(key, None)
             self._bytes_seen.pop(key, None)
-            self._dialed.discard(key)
             self.metrics.forget_link(*key)
             if key[0] not in known:
                 self.metrics.forget_peer(key[0])

@@ -521,8 +521,9 @@ class Replicator:
     def logins_changed(self) -> None:
         self.auth.forget_logins()
 
-    def note_dialed(self, peer: str, database: str) -> None:
-        self.counts.dialed((peer, database))
+    def note_dialed(self, peer: str, database: str, reconnect: bool) -> None:
+        if reconnect:
+            self.metrics.reconnects.labels(peer, database).inc()
 
     def note_review(self, peer: str, database: str, review: Review | None) -> None:
         """Count what the conflict policies of one apply job did."""

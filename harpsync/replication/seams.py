@@ -275,8 +275,9 @@ class ApplyPolicy(Protocol):
 class SubscriberReports(Protocol):
     """What a subscriber tells the node (metrics, logs, listeners)."""
 
-    def note_dialed(self, peer: str, database: str) -> None:
-        """A link's socket opened (every open after the first is a reconnect)."""
+    def note_dialed(self, peer: str, database: str, reconnect: bool) -> None:
+        """A link's socket opened (``reconnect``: after an earlier one dropped; not
+        after a pause, a restart to change origins, or a link re-made)."""
         ...
 
     def note_received(self, peer: str, database: str, txns: int, last_version: int) -> None:

@@ -105,6 +105,10 @@ class Subscriber:
         self._error_minutes: deque[list[int]] = deque(maxlen=ERROR_MINUTES)
         self.paused = False
         self.retired = False
+        # A session of this link ended other than by stop (pause, relay restart): the
+        # next socket that opens is a reconnect (``harpsync_replication_reconnects``).
+        self._dropped = False
+        self._opened = False  # a socket of this link opened once
         self._task: asyncio.Task[None] | None = None
         self._session: SubscriberSession | None = None
         self._acked_at = 0.0  # monotonic time of the last ack sent
@@ -247,6 +251,7 @@ class Subscriber:
                 if self.state not in (LinkState.RESYNC_REQUIRED, LinkState.PAUSED,
                                       LinkState.CLOCK_SKEW):
                     self.state = LinkState.CONNECTING
+            self._dropped = True  # (not reached when stopped: that cancels this task)
             if time.monotonic() - started > 10:
                 self.failures = 0  # the link worked for a while: retry promptly
             self.failures += 1
@@ -272,7 +277,9 @@ class Subscriber:
             raise RuntimeError(f"database {self.database} is gone")
         self.link = await self.host.dial_peer(self.peer, row["url"], "/" + self.database)
         self.host.peer_gate(self.peer).mark_up()
-        self.host.note_dialed(self.peer, self.database)
+        self.host.note_dialed(self.peer, self.database,
+                              reconnect=self._opened and self._dropped)
+        self._opened, self._dropped = True, False
         # The server must be this peer (its pinned key), not any node whose CA we trust.
         refused = self.host.check_peer(self.peer, self.link)
         if refused is not None:

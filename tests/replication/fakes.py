@@ -196,7 +196,7 @@ class FakeSubscriberHost(FakeLinkHost):
                        relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
         return frozenset()
 
-    def note_dialed(self, peer: str, database: str) -> None:
+    def note_dialed(self, peer: str, database: str, reconnect: bool) -> None:
         pass
 
     def note_received(self, peer: str, database: str, txns: int, last_version: int) -> None:
