@@ -562,6 +562,13 @@ class Subscriber:
         return max(0, self.head_seq - applied)
 
     def lag_ms(self) -> float:
-        if self.lag_txns() == 0 or not self.last_version:
+        """The age of the oldest entry received and not applied; with none here (the
+        publisher's head is ahead of what arrived), the age of the last one applied.
+        Before, it was always the latter: after an idle hour, a write made a moment
+        ago read as an hour behind until it applied."""
+        if self.lag_txns() == 0:
             return 0.0
-        return max(0.0, self.store.wall_now_ms() - wall_ms_of(self.last_version))
+        version = self.applier.oldest_pending_version() or self.last_version
+        if not version:
+            return 0.0
+        return max(0.0, self.store.wall_now_ms() - wall_ms_of(version))

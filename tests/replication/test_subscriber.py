@@ -29,6 +29,7 @@ from harpsync.replication.protocol import (
 )
 from harpsync.replication.streams import HOUR, stream_entry
 from harpsync.replication.subscriber import LinkState, Subscriber
+from harpsync.storage.hlc import ms_to_version
 
 from .fakes import (
     PEER,
@@ -487,3 +488,33 @@ async def test_errors_last_hour_counts_every_error_of_the_hour():
     later = time.time() + HOUR + 120
     with patch("time.time", return_value=later):
         assert stream_entry(status, sub, [], [])["errors_last_hour"] == 0  # type: ignore[arg-type]
+
+
+async def test_lag_ms_is_the_age_of_the_oldest_entry_not_applied():
+    """While a batch waits to apply, ``lag_ms`` is the age of its oldest entry: after an
+    idle hour it read an hour (the age of the last entry applied) for a write made a
+    moment ago."""
+    host, store = FakeSubscriberHost(), WriterLikeStore()
+    store.cursors[("data", PEER)] = {"seq": 5, "origins": [PEER]}
+    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
+    sub.start()
+    linked = Linked(sub, host, store)
+    now_ms = int(time.time() * 1000)
+    try:
+        peer, _ = await accept(linked)
+        store.release.set()
+        publisher(peer).send_entries(6, [(6, 1, entry(1, ms_to_version(now_ms - 3_600_000),
+                                                       key=6))], PEER_IDS)
+        await peer.flush()
+        await acked(peer, 6)
+        store.release.clear()
+        store.applying.clear()
+        publisher(peer).send_entries(7, [(7, 1, entry(1, ms_to_version(now_ms), key=7))],
+                                     PEER_IDS)
+        await peer.flush()
+        await asyncio.wait_for(store.applying.wait(), WAIT)
+        assert sub.lag_txns() == 1
+        assert 0 <= sub.lag_ms() < 60_000, sub.lag_ms()
+    finally:
+        store.release.set()
+        await sub.retire()
