@@ -50,8 +50,9 @@ class Metrics:
                                      "Transactions received from peers",
                                      ["peer", "database"], registry=r)
         self.bytes_received = Counter("harpsync_replication_bytes_received_total",
-                                      "Replication bytes received", ["peer", "database"],
-                                      registry=r)
+                                      "Bytes received on the link's sockets (as sent: "
+                                      "compressed when the link compresses)",
+                                      ["peer", "database"], registry=r)
         self.lag_txns = Gauge("harpsync_replication_lag_txns",
                               "Publisher log entries not yet applied", ["peer", "database"],
                               registry=r)
@@ -98,7 +99,8 @@ class Metrics:
             "Time to commit (and fsync) one group's transactions", buckets=LATENCY_BUCKETS,
             registry=r)
         self.reconnects = Counter("harpsync_replication_reconnects_total",
-                                  "Links re-established after they dropped",
+                                  "Links re-established after they dropped (not after "
+                                  "a pause, or a restart to change what they carry)",
                                   ["peer", "database"], registry=r)
         self.copying = Gauge("harpsync_replication_copy_active",
                              "1 while a full copy runs on the link", ["peer", "database"],
@@ -149,6 +151,15 @@ class Metrics:
         self.copy_done.labels(peer, database).set(progress.get("records_copied", 0))
         self.copy_expected.labels(peer, database).set(progress.get("records_total", 0))
 
+    def set_compression_ratio(self, peer: str, database: str, ratio: float | None) -> None:
+        """The link's current session's ratio; ``None`` (the link is down, or its new
+        session received nothing yet) removes the series rather than keep the last."""
+        if ratio:
+            self.compression_ratio.labels(peer, database).set(round(ratio, 3))
+        else:
+            with contextlib.suppress(KeyError):
+                self.compression_ratio.remove(peer, database)
+
     def keep_links(self, links: set[tuple[str, str]]) -> None:
         """Drop the per-link gauges of links not in ``links`` (``(peer, database)``): a
         removed peer or dropped database must not show its last values forever."""
@@ -159,14 +170,36 @@ class Metrics:
                     gauge.remove(*key)
         self._links = set(links)
 
+    def forget_link(self, peer: str, database: str) -> None:
+        """Drop every series of a link that is gone for good (its peer removed, its
+        database dropped): the counters too, or each database ever dropped left its
+        series behind for as long as the process runs. A link of that name made later
+        counts from 0 again, which Prometheus reads as a counter reset."""
+        for metric in (self.txns_received, self.bytes_received, self.apply_seconds,
+                       self.reconnects, self.conflicts, self.dead_letters):
+            with contextlib.suppress(KeyError):  # never counted for this link
+                metric.remove(peer, database)
+        self.keep_links(self._links - {(peer, database)})
+        for key in [k for k in self._divergent if k[:2] == (peer, database)]:
+            with contextlib.suppress(KeyError):
+                self.divergent_keys.remove(*key)
+            self._divergent.discard(key)
+
+    def forget_peer(self, peer: str) -> None:
+        """Drop the per-peer series of a removed peer (apply delay, clock skew)."""
+        for metric in (self.apply_delay, self.clock_skew):
+            with contextlib.suppress(KeyError):
+                metric.remove(peer)
+
     def set_divergent(self, peer: str, database: str, table: str, keys: int) -> None:
         """Keys that differed from ``peer`` at the last verification of the table."""
         self.divergent_keys.labels(peer, database, table).set(keys)
         self._divergent.add((peer, database, table))
 
-    def keep_peers(self, peers: set[str]) -> None:
-        """Drop the verification gauges of peers not in ``peers`` (removed nodes)."""
-        for key in [k for k in self._divergent if k[0] not in peers]:
+    def keep_peers(self, peers: set[str], tables: set[tuple[str, str]]) -> None:
+        """Drop the verification gauges of peers not in ``peers`` (removed nodes) and of
+        tables not in ``tables`` (``(database, table)``: dropped ones)."""
+        for key in [k for k in self._divergent if k[0] not in peers or k[1:] not in tables]:
             with contextlib.suppress(KeyError):
                 self.divergent_keys.remove(*key)
             self._divergent.discard(key)

@@ -93,6 +93,44 @@ def test_cluster_status_shape_and_liveness(node_factory):
     wait_for(lambda: b.count("dog") == 3, timeout=15, message="flowing after restart")
 
 
+@pytest.mark.timeout(60)
+def test_a_paused_link_shows_its_committed_position_after_a_restart(cluster):
+    """After a restart, a link that does not connect (here: paused) shows the position
+    it committed before, not 0 (cluster_status's committed_seq and received_seq)."""
+    a, b = cluster(2)
+    a.call("create_table", table="dog", primary_key="id")
+    wait_for(lambda: any(s["database"] == "data" and s["state"] == "streaming"
+                         for s in _sockets(a, "node-b")), message="data streaming")
+    b.call("insert", table="dog", records=[{"id": 1}])
+    wait_for(lambda: a.count("dog") == 1, message="the record on a")
+    a.call("pause_replication", hostname="node-b", database="data")
+    (before,) = [s for s in _sockets(a, "node-b") if s["database"] == "data"]
+    assert before["committed_seq"] > 0
+    a.restart()
+    (after,) = [s for s in _sockets(a, "node-b") if s["database"] == "data"]
+    assert after["state"] == "paused"
+    assert (after["committed_seq"], after["received_seq"]) == (
+        before["committed_seq"], before["committed_seq"])
+
+
+@pytest.mark.timeout(60)
+def test_acked_seq_is_not_reset_by_a_peer_reconnecting(cluster):
+    """The peer's subscribe after a reconnect says how far it applied this node's log:
+    ``acked_seq`` keeps showing it (it showed 0 until the peer's next ack)."""
+    a, b = cluster(2)
+    a.call("create_table", table="dog", primary_key="id")
+    a.call("insert", table="dog", records=[{"id": 1}])
+    wait_for(lambda: b.count("dog") == 1, message="the record on b")
+    acked = wait_for(lambda: next(s["acked_seq"] for s in _sockets(a, "node-b")
+                                  if s["database"] == "data"), message="b's ack")
+    b.restart()
+    wait_for(lambda: all(s["state"] == "streaming" for s in _sockets(b, "node-a")),
+             message="b subscribed again")
+    wait_for(lambda: next(s["acked_seq"] for s in _sockets(a, "node-b")
+                          if s["database"] == "data") == acked, timeout=3,
+             message=f"acked_seq {acked} shown again")
+
+
 # -- add_node errors -----------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import wait_for
+from tests.repl_util import connection, has_table, join
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,3 +35,121 @@ def test_gauges_of_a_removed_link_are_gone(cluster: Any) -> None:
     a.call("remove_node", hostname="node-b")
     wait_for(lambda: not a.call("cluster_status")["connections"], message="link removed")
     assert _link_series(a, "node-b") == []
+
+
+def _samples(node: Any) -> dict[str, float]:
+    text = node.client.get(node.url + "metrics").text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def _socket(node: Any, peer: str, database: str = "data") -> dict[str, Any]:
+    conn = connection(node, peer)
+    assert conn is not None
+    return next(s for s in conn["database_sockets"] if s["database"] == database)
+
+
+TXNS = 'harpsync_replication_txns_received_total{database="data",peer="node-b"}'
+BYTES = 'harpsync_replication_bytes_received_total{database="data",peer="node-b"}'
+
+
+def test_txns_received_goes_on_counting_when_update_node_recreates_the_links(cluster):
+    """``update_node`` re-creates the links to its peer: cluster_status's
+    ``txns_received`` (and get_replication_status's ``events_replicated``) go on from
+    where they were, as the Prometheus counter does, and both stay equal; so do the
+    bytes received."""
+    a, b = cluster(2)
+    a.call("create_table", table="dog", primary_key="id")
+    wait_for(lambda: has_table(b, "dog"), message="table on b")
+    wait_for(lambda: _socket(a, "node-b")["state"] == "streaming", message="streaming")
+    for i in range(3):
+        b.call("insert", table="dog", records=[{"id": i}])
+    wait_for(lambda: _socket(a, "node-b")["txns_received"] >= 3, message="3 txns")
+    before = _socket(a, "node-b")["txns_received"]
+    assert _samples(a)[TXNS] == before
+    a.call("update_node", hostname="node-b", conflict="last_writer_wins")
+    wait_for(lambda: _socket(a, "node-b")["connected"], message="relinked")
+    b.call("insert", table="dog", records=[{"id": 10}])
+    wait_for(lambda: a.count("dog") == 4, message="the 4th record on a")
+    wait_for(lambda: _socket(a, "node-b")["txns_received"] >= before + 1,
+             message="txns_received counts on")
+    status = _socket(a, "node-b")["txns_received"]
+    assert status == before + 1
+    assert _samples(a)[TXNS] == status
+    (stream,) = a.call("get_replication_status", node="node-b", database="data")["streams"]
+    assert stream["events_replicated"] == status
+    # The bytes too: the counter counts the link's wire bytes, as cluster_status does.
+    wait_for(lambda: _samples(a)[BYTES] == _socket(a, "node-b")["bytes_received"] > 0,
+             timeout=3, message="bytes_received equal in /metrics and cluster_status")
+
+
+def test_series_of_a_dropped_database_are_gone(cluster):
+    """After drop_database, ``/metrics`` keeps no series labelled with it (counters and
+    histograms included): databases made and dropped do not pile up label sets."""
+    a, b = cluster(2)
+    a.call("create_table", database="scratch", table="t", primary_key="id")
+    wait_for(lambda: has_table(b, "t", "scratch"), message="scratch.t on b")
+    wait_for(lambda: _socket(a, "node-b", "scratch")["state"] == "streaming",
+             message="streaming")
+    b.call("insert", database="scratch", table="t", records=[{"id": 1}])
+    wait_for(lambda: any('database="scratch"' in k and "txns_received" in k
+                         for k in _samples(a)), message="scratch counted on a")
+    a.call("drop_database", database="scratch")
+    wait_for(lambda: not any(s["database"] == "scratch"
+                             for s in connection(a, "node-b")["database_sockets"]),
+             message="the scratch link gone")
+    assert [k for k in _samples(a) if 'database="scratch"' in k] == []
+
+
+RATIO = 'harpsync_replication_compression_ratio{database="data",peer="node-a"}'
+
+
+def test_compression_ratio_is_not_kept_for_a_link_that_is_down(node_factory):
+    """When a compressing link drops, ``/metrics`` and cluster_status stop showing its
+    compression ratio (before, the last session's stayed as if it were current)."""
+    zstd = {"REPLICATION_COMPRESSION": "zstd"}
+    a = node_factory("node-a", env=zstd)
+    b = node_factory("node-b", env=zstd)
+    a.call("create_table", table="t", primary_key="id")
+    join(a, b)
+    wait_for(lambda: has_table(b, "t"), timeout=20, message="table t on b")
+    a.call("insert", table="t", records=[{"id": i, "text": "compress me " * 20}
+                                         for i in range(50)])
+    wait_for(lambda: b.count("t") == 50, timeout=20, message="50 records on b")
+    assert 0 < _samples(b)[RATIO] < 0.5
+    assert _socket(b, "node-a")["compression"] == "zstd"
+    a.stop()
+    wait_for(lambda: not _socket(b, "node-a")["connected"], message="link down")
+    sock = _socket(b, "node-a")
+    assert "compression" not in sock and "compression_ratio" not in sock, sock
+    assert RATIO not in _samples(b)
+
+
+def test_divergent_keys_of_a_dropped_table_are_gone(cluster):
+    """After drop_table, ``/metrics`` no longer shows the table's last verification
+    (``harpsync_divergent_keys``), on the node the drop was made on and on its peer."""
+    a, b = cluster(2)
+    a.call("create_table", table="cat", primary_key="id")
+    wait_for(lambda: a.call("verify_cluster", database="data", table="cat")["checked"],
+             message="a verification of data.cat")
+    series = 'harpsync_divergent_keys{database="data",peer="node-b",table="cat"}'
+    assert series in _samples(a)
+    a.call("drop_table", table="cat")
+    wait_for(lambda: not has_table(b, "cat"), message="cat dropped on b")
+    assert series not in _samples(a)
+
+
+RECONNECTS = 'harpsync_replication_reconnects_total{database="data",peer="node-b"}'
+
+
+def test_a_pause_and_resume_is_not_counted_as_a_reconnect(cluster):
+    """``harpsync_replication_reconnects_total`` counts links back after they dropped:
+    an operator's pause and resume (like a relay hand-over's restart) is none."""
+    a, _b = cluster(2)
+    a.call("create_table", table="dog", primary_key="id")
+    wait_for(lambda: _socket(a, "node-b")["state"] == "streaming", message="streaming")
+    before = _samples(a).get(RECONNECTS, 0)
+    a.call("pause_replication", hostname="node-b", database="data")
+    a.call("resume_replication", hostname="node-b", database="data")
+    wait_for(lambda: _socket(a, "node-b")["state"] == "streaming", message="streaming again")
+    assert _samples(a).get(RECONNECTS, 0) == before

@@ -15,6 +15,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from harpsync import codec
 from harpsync.errors import HarpsyncError, StorageError
 from harpsync.replication.reconnect import describe_error
 from harpsync.storage import deadletters, schema
@@ -146,6 +147,7 @@ class Applier:
         # Writer jobs submitted and not yet finished: cancelling the task that awaits
         # one does not stop it in the writer thread, so ``settle`` waits for them.
         self._inflight: set[asyncio.Future[Any]] = set()
+        self._applying: list[tuple[int, bytes]] = []  # the entries being applied now
 
     def new_session(self) -> None:
         """Nothing queued in an earlier session survives into a new one, nor a copy it
@@ -280,6 +282,7 @@ class Applier:
         origins: dict[int, str] = {}
         for w in work:
             origins.update(w.origins)
+        self._applying = entries
         try:
             await self._apply_batch(entries, origins)
         except Exception as exc:
@@ -290,6 +293,25 @@ class Applier:
             for entry in entries:
                 if entry[0] > self.committed_seq:
                     await self._apply_or_dead_letter(entry, origins)
+        finally:
+            self._applying = []
+
+    def oldest_pending_version(self) -> int | None:
+        """The version of the oldest entry received and not yet committed (being
+        applied, or queued), or None when there is none here (read for status only:
+        it decodes the head of one entry)."""
+        first = next((e for e in self._applying if e[0] > self.committed_seq), None)
+        if first is None:
+            queued = next((w for w in self.queue.pending()
+                           if w.kind == "entries" and w.payload), None)
+            first = queued.payload[0] if queued is not None else None
+        if first is None:
+            return None
+        try:
+            version = codec.unpack_head(first[1], 2)[1]
+        except Exception:  # not an entry this node can read: its apply will say so
+            return None
+        return version if isinstance(version, int) else None
 
     def _give_up(self, key: Any, exc: BaseException) -> bool:
         """Whether a change that failed with ``exc`` goes to the dead letters now: at
@@ -353,8 +375,7 @@ class Applier:
         self.txns_received += stats.entries
         if stats.last_version:
             self.last_version = stats.last_version
-        host.note_received(self.peer, self.database, stats.entries,
-                           sum(len(e[1]) for e in entries), self.last_version)
+        host.note_received(self.peer, self.database, stats.entries, self.last_version)
         self.owner.acknowledge(committed)
         if stats.skew_error is not None:
             host.note_skew(self.peer, stats.skewed)

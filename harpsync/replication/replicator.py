@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from harpsync.errors import BadRequestError
 from harpsync.listening import bind as bind_listener
 from harpsync.replication import peers, routes
+from harpsync.replication.linkcounts import LinkCounts
 from harpsync.replication.linkstore import StorageLinkStore, table_definitions
 from harpsync.replication.maintenance import ack_floor, retention_loop
 from harpsync.replication.membership import NODE_PATH, serve_node_request
@@ -42,7 +43,6 @@ from harpsync.replication.transport import Gate, Link, dial, listen
 from harpsync.storage import deadletters
 from harpsync.storage.conflicts import LWW, PolicyLookup, Review
 from harpsync.storage.database import Database
-from harpsync.storage.hlc import wall_ms_of
 from harpsync.storage.store import SYSTEM, Storage
 
 if TYPE_CHECKING:
@@ -87,10 +87,7 @@ class Replicator:
         # the cursor a subscribe starts from); listeners hear of every advance.
         self.positions: dict[tuple[str, str], int] = {}
         self.position_listeners: list[Callable[[], None]] = []
-        self._dialed: set[tuple[str, str]] = set()
-        # Each link's metric children, looked up once: ``labels()`` costs a lock and a
-        # tuple key per call, and a link applies one batch per write on its origin.
-        self._link_metrics: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+        self.counts = LinkCounts(metrics, storage.hlc.wall_now_ms)
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
         self._server: Any = None
         self._sock: socket.socket | None = None
@@ -236,7 +233,7 @@ class Replicator:
             wanted = self._wanted()
             for key in list(self.subscribers):
                 if key not in wanted or key[0] == restart_peer:
-                    await self.subscribers.pop(key).retire()
+                    await self._retire(key)
                 elif restart_peer is not None and restart_peer in self.relays.covered(*key):
                     # It relays restart_peer's writes: subscribe again, with the limits
                     # of restart_peer's new row (``origin_tables``).
@@ -244,11 +241,21 @@ class Replicator:
             for key in sorted(wanted):
                 if key not in self.subscribers:
                     sub = Subscriber(self, self.link_store, self.relays, *key)
+                    sub.count_from(*self.counts.carried(key))
                     self.subscribers[key] = sub
                     if key[1] in (self.rows.get(key[0], {}).get("paused") or []):
                         sub.hold()  # paused before a restart
                         continue
                     sub.start()
+            for key in self.counts.forget(wanted, self.rows):
+                self.verified.pop(key, None)
+
+    async def _retire(self, key: tuple[str, str]) -> None:
+        """Stop a link; a link re-made for it (update_node) counts on from its counts,
+        as the Prometheus counters do (before, cluster_status's restarted at 0)."""
+        sub = self.subscribers.pop(key)
+        await sub.retire()
+        self.counts.retired(key, sub.txns_received, sub.bytes_received)
 
     def offers_compression(self, url: str) -> bool:
         """Whether a link dialing ``url`` offers zstd (see ``compression_mode``)."""
@@ -275,7 +282,7 @@ class Replicator:
         """Stop every link from ``name`` and wait for their in-flight writes (call with
         the reconcile lock held, so nothing restarts them meanwhile)."""
         for key in [k for k in self.subscribers if k[0] == name]:
-            await self.subscribers.pop(key).retire()
+            await self._retire(key)
 
     @property
     def reconcile_lock(self) -> asyncio.Lock:
@@ -501,30 +508,11 @@ class Replicator:
             for listener in list(self.position_listeners):
                 listener()
 
-    def _link_children(self, peer: str, database: str) -> tuple[Any, Any, Any, Any]:
-        """``txns_received``, ``bytes_received``, ``apply_delay`` and ``apply_seconds``
-        of one link (the children live as long as the metrics)."""
-        children = self._link_metrics.get((peer, database))
-        if children is None:
-            m = self.metrics
-            children = (m.txns_received.labels(peer, database),
-                        m.bytes_received.labels(peer, database),
-                        m.apply_delay.labels(peer), m.apply_seconds.labels(peer, database))
-            self._link_metrics[(peer, database)] = children
-        return children
-
-    def note_received(self, peer: str, database: str, txns: int, size: int,
-                      last_version: int) -> None:
-        txns_received, bytes_received, apply_delay, _ = self._link_children(peer, database)
-        txns_received.inc(txns)
-        bytes_received.inc(size)
-        if last_version and txns:
-            # From the newest applied transaction's commit on its origin to now.
-            delay_ms = self.storage.hlc.wall_now_ms() - wall_ms_of(last_version)
-            apply_delay.observe(max(0, delay_ms) / 1000.0)
+    def note_received(self, peer: str, database: str, txns: int, last_version: int) -> None:
+        self.counts.received((peer, database), txns, last_version)
 
     def note_apply_seconds(self, peer: str, database: str, seconds: float) -> None:
-        self._link_children(peer, database)[3].observe(seconds)
+        self.counts.apply_seconds((peer, database), seconds)
 
     def copy_finished(self, peer: str, database: str) -> None:
         for listener in list(self.copy_listeners):
@@ -533,11 +521,9 @@ class Replicator:
     def logins_changed(self) -> None:
         self.auth.forget_logins()
 
-    def note_dialed(self, peer: str, database: str) -> None:
-        """A link's socket opened; every open after its first is a reconnect."""
-        if (peer, database) in self._dialed:
+    def note_dialed(self, peer: str, database: str, reconnect: bool) -> None:
+        if reconnect:
             self.metrics.reconnects.labels(peer, database).inc()
-        self._dialed.add((peer, database))
 
     def note_review(self, peer: str, database: str, review: Review | None) -> None:
         """Count what the conflict policies of one apply job did."""

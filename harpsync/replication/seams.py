@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from harpsync.metrics import Metrics
+    from harpsync.replication.linkcounts import LinkCounts
     from harpsync.replication.publisher import Publisher
     from harpsync.replication.reconnect import PeerGate
     from harpsync.replication.subscriber import Subscriber
@@ -274,14 +275,14 @@ class ApplyPolicy(Protocol):
 class SubscriberReports(Protocol):
     """What a subscriber tells the node (metrics, logs, listeners)."""
 
-    def note_dialed(self, peer: str, database: str) -> None:
-        """A link's socket opened (every open after the first is a reconnect)."""
+    def note_dialed(self, peer: str, database: str, reconnect: bool) -> None:
+        """A link's socket opened (``reconnect``: after an earlier one dropped; not
+        after a pause, a restart to change origins, or a link re-made)."""
         ...
 
-    def note_received(self, peer: str, database: str, txns: int, size: int,
-                      last_version: int) -> None:
-        """Count transactions and bytes applied from ``peer`` (``last_version``: the
-        newest applied, 0 if none)."""
+    def note_received(self, peer: str, database: str, txns: int, last_version: int) -> None:
+        """Count transactions applied from ``peer`` (``last_version``: the newest
+        applied, 0 if none). Bytes are the link's wire bytes, counted at each scrape."""
         ...
 
     def note_apply_seconds(self, peer: str, database: str, seconds: float) -> None:
@@ -415,6 +416,9 @@ class StatusSource(Protocol):
     subscribers: dict[tuple[str, str], Subscriber]
     publishers: dict[tuple[str, str], set[Publisher]]
     verified: dict[tuple[str, str], dict[str, Any]]
+    counts: LinkCounts
+    acks: dict[tuple[str, str], int]
+    positions: dict[tuple[str, str], int]
 
     @property
     def node_name(self) -> str: ...

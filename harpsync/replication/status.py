@@ -11,6 +11,7 @@ from harpsync.replication.subscriber import Subscriber
 from harpsync.storage.hlc import version_to_ms, wall_ms_of
 
 if TYPE_CHECKING:
+    from harpsync.replication.publisher import Publisher
     from harpsync.replication.seams import StatusSource
 
 
@@ -23,7 +24,10 @@ def _socket(rep: StatusSource, sub: Subscriber) -> dict[str, Any]:
     pub = max(pubs, key=lambda p: p.sent_seq, default=None)
     if sub.link is not None:
         sub.latency_ms = sub.link.latency_ms
-    session = sub.session
+    # Compression is the current session's: a link that is down has none (before, it
+    # showed the last session's until the next one had received something).
+    session = sub.session if sub.connected else None
+    ratio = session.compression_ratio if session is not None else None
     out: dict[str, Any] = {
         "database": sub.database,
         "connected": sub.connected,
@@ -44,11 +48,10 @@ def _socket(rep: StatusSource, sub: Subscriber) -> dict[str, Any]:
         "sent_seq": pub.sent_seq if pub else 0,
         "received_seq": sub.received_seq,
         "committed_seq": sub.committed_seq,
-        "acked_seq": pub.acked_seq if pub else 0,
+        "acked_seq": _acked(rep, sub, pub),
         "bytes_received": sub.bytes_received,
         "compression": session.compression if session is not None else None,
-        "compression_ratio": (round(session.compression_ratio, 3)
-                              if session is not None and session.compression_ratio else None),
+        "compression_ratio": round(ratio, 3) if ratio else None,
         "txns_received": sub.txns_received,
         "last_error": sub.last_error,
         "last_error_at": http_date(sub.last_error_at),
@@ -64,20 +67,34 @@ def _socket(rep: StatusSource, sub: Subscriber) -> dict[str, Any]:
             or k in ("last_error", "last_error_at", "latency")}
 
 
+def _acked(rep: StatusSource, sub: Subscriber, pub: Publisher | None) -> int:
+    """How far the peer acknowledged this node's log. Its subscribe (not a copy's) says
+    it too: a peer that reconnected showed 0 until its next ack. With no session, the
+    replicator's last ack (lowered by a subscribe from further back), or after this
+    node's restart the last subscribe's position."""
+    if pub is not None:
+        asked = pub.session.subscription
+        start = asked.after_seq if asked is not None and not asked.copy else 0
+        return max(pub.acked_seq, start)
+    key = (sub.peer, sub.database)
+    return rep.acks[key] if key in rep.acks else rep.positions.get(key, 0)
+
+
 def refresh_gauges(rep: StatusSource) -> None:
     """Set the per-link gauges ``/metrics`` shows: lag, connected, compression ratio and
     copy progress (``cluster_status`` only reports; it sets nothing)."""
     metrics = rep.metrics
     links = dict(rep.subscribers)
     metrics.keep_links(set(links))
-    metrics.keep_peers(set(rep.rows))
+    metrics.keep_peers(set(rep.rows), {(name, table) for name, db
+                                       in list(rep.storage.databases.items())
+                                       for table in list(db.tables)})
     for (peer, database), sub in sorted(links.items()):
         metrics.lag_txns.labels(peer, database).set(sub.lag_txns())
+        rep.counts.sync_bytes((peer, database), sub.bytes_received)
         metrics.connected.labels(peer, database).set(1 if sub.connected else 0)
-        session = sub.session
-        if session is not None and session.compression_ratio:
-            metrics.compression_ratio.labels(peer, database).set(
-                round(session.compression_ratio, 3))
+        ratio = sub.session.compression_ratio if sub.connected and sub.session else None
+        metrics.set_compression_ratio(peer, database, ratio)
         metrics.set_copy(peer, database, sub.copy_progress)
 
 

@@ -4,7 +4,8 @@ harpsync's link states map onto the stream states: ``paused``; ``snapshot`` whil
 full copy runs (also after ``resync_required``); ``catching_up`` while connecting for
 the first time or streaming with entries left to apply; ``running`` when streaming and
 caught up; ``failed`` after an error while the link reconnects, or while entries are
-held back for clock skew.
+held back for clock skew. ``errors_last_hour`` is counted to the minute (the link keeps
+a count per minute, so that a link failing often keeps a bounded record).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def stream_entry(rep: StatusSource, sub: Subscriber, letters: list[dict[str, Any
         "lag_events": sub.lag_txns(),
         "bytes_replicated": sub.bytes_received,
         "events_replicated": sub.txns_received,
-        "errors_last_hour": sum(1 for t in sub.error_times if now - t <= HOUR),
+        "errors_last_hour": sub.errors_since(now - HOUR),
         "last_error": sub.last_error,
         "last_error_at": _iso(sub.last_error_at),
         "conflict": str(row.get("conflict") or rep.default_conflict),

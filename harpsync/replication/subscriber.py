@@ -70,6 +70,9 @@ class LinkState(enum.StrEnum):
 # per record. ``wait_for_replication`` waits at most this much longer.
 ACK_INTERVAL = 0.005
 
+# Minutes of errors kept for ``errors_since`` (get_replication_status: the last hour).
+ERROR_MINUTES = 61
+
 # Failures after which a link retries with backoff (anything else is logged as a bug).
 _RETRIED: tuple[type[BaseException], ...] = (*DIAL_ERRORS, ProtocolError, ValueError,
                                              RuntimeError)
@@ -97,9 +100,15 @@ class Subscriber:
         self.last_received_local: float | None = None
         self.last_commit_confirmed: float | None = None
         self.latency_ms: float | None = None
-        self.error_times: deque[float] = deque(maxlen=1000)
+        # Errors per minute ``[minute, count]``, the last hour's: bounded however often
+        # the link fails (1,000 timestamps capped an hour of 2 s retries at 1,000).
+        self._error_minutes: deque[list[int]] = deque(maxlen=ERROR_MINUTES)
         self.paused = False
         self.retired = False
+        # A session of this link ended other than by stop (pause, relay restart): the
+        # next socket that opens is a reconnect (``harpsync_replication_reconnects``).
+        self._dropped = False
+        self._opened = False  # a socket of this link opened once
         self._task: asyncio.Task[None] | None = None
         self._session: SubscriberSession | None = None
         self._acked_at = 0.0  # monotonic time of the last ack sent
@@ -108,6 +117,10 @@ class Subscriber:
         self._ack_flush: asyncio.Future[None] | None = None  # (kept: tasks are weakly held)
         # What was applied and committed (the cursor, copy progress) lives there.
         self.applier = Applier(self, host, store, peer, database)
+        # What is committed shows before the link connects (a paused link after a
+        # restart showed 0 until resumed).
+        if store.has_database(database):
+            self.applier.committed_seq = int(store.cursor(database, peer).get("seq", 0))
 
     @property
     def last_error(self) -> str | None:
@@ -117,9 +130,24 @@ class Subscriber:
     def last_error(self, value: str | None) -> None:
         # Timestamped, so a link that recovered shows when its last error was.
         self._last_error = value
-        self.last_error_at = time.time() if value is not None else None
+        self.last_error_at = None
         if value is not None:
-            self.error_times.append(self.last_error_at)  # type: ignore[arg-type]
+            self.last_error_at = now = time.time()
+            minute = int(now // 60)
+            if self._error_minutes and self._error_minutes[-1][0] == minute:
+                self._error_minutes[-1][1] += 1
+            else:
+                self._error_minutes.append([minute, 1])
+
+    def errors_since(self, since: float) -> int:
+        """Errors from the minute of ``since`` on (kept for the last hour)."""
+        first = int(since // 60)
+        return sum(count for minute, count in self._error_minutes if minute >= first)
+
+    def count_from(self, txns: int, size: int) -> None:
+        """Start the counters where a retired link of this peer and database left them."""
+        self.applier.txns_received += txns
+        self._bytes_before += size
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -223,6 +251,7 @@ class Subscriber:
                 if self.state not in (LinkState.RESYNC_REQUIRED, LinkState.PAUSED,
                                       LinkState.CLOCK_SKEW):
                     self.state = LinkState.CONNECTING
+            self._dropped = True  # (not reached when stopped: that cancels this task)
             if time.monotonic() - started > 10:
                 self.failures = 0  # the link worked for a while: retry promptly
             self.failures += 1
@@ -248,7 +277,9 @@ class Subscriber:
             raise RuntimeError(f"database {self.database} is gone")
         self.link = await self.host.dial_peer(self.peer, row["url"], "/" + self.database)
         self.host.peer_gate(self.peer).mark_up()
-        self.host.note_dialed(self.peer, self.database)
+        self.host.note_dialed(self.peer, self.database,
+                              reconnect=self._opened and self._dropped)
+        self._opened, self._dropped = True, False
         # The server must be this peer (its pinned key), not any node whose CA we trust.
         refused = self.host.check_peer(self.peer, self.link)
         if refused is not None:
@@ -312,6 +343,10 @@ class Subscriber:
             dict.fromkeys(covered) if self.applier.replaying
             else self.store.origin_floors(self.database, covered))
         self.applier.committed_seq = after
+        # A ``caught_up`` of an earlier session says nothing of this stream: after a
+        # replay it said the log was read through its head, and the lag showed 0 (the
+        # stream ``running``) while the whole log was read again.
+        self.caught_up_seq = after
         self.applier.copy_resume = resume or None
         # ``copied`` (rows copied before) is for this side's progress only.
         sent_resume = {k: v for k, v in resume.items() if k != "copied"} if resume else None
@@ -527,6 +562,13 @@ class Subscriber:
         return max(0, self.head_seq - applied)
 
     def lag_ms(self) -> float:
-        if self.lag_txns() == 0 or not self.last_version:
+        """The age of the oldest entry received and not applied; with none here (the
+        publisher's head is ahead of what arrived), the age of the last one applied.
+        Before, it was always the latter: after an idle hour, a write made a moment
+        ago read as an hour behind until it applied."""
+        if self.lag_txns() == 0:
             return 0.0
-        return max(0.0, self.store.wall_now_ms() - wall_ms_of(self.last_version))
+        version = self.applier.oldest_pending_version() or self.last_version
+        if not version:
+            return 0.0
+        return max(0.0, self.store.wall_now_ms() - wall_ms_of(version))

@@ -196,12 +196,11 @@ class FakeSubscriberHost(FakeLinkHost):
                        relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
         return frozenset()
 
-    def note_dialed(self, peer: str, database: str) -> None:
+    def note_dialed(self, peer: str, database: str, reconnect: bool) -> None:
         pass
 
-    def note_received(self, peer: str, database: str, txns: int, size: int,
-                      last_version: int) -> None:
-        self.received.append((txns, size))
+    def note_received(self, peer: str, database: str, txns: int, last_version: int) -> None:
+        self.received.append((txns, last_version))
 
     def note_apply_seconds(self, peer: str, database: str, seconds: float) -> None:
         pass

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 
@@ -24,7 +27,9 @@ from harpsync.replication.protocol import (
     PublisherSession,
     SubscribeRequested,
 )
+from harpsync.replication.streams import HOUR, stream_entry
 from harpsync.replication.subscriber import LinkState, Subscriber
+from harpsync.storage.hlc import ms_to_version
 
 from .fakes import (
     PEER,
@@ -446,3 +451,70 @@ async def test_a_malformed_frame_from_the_publisher_gets_a_protocol_error_frame(
         failed = await peer.expect(PeerFailed)
         assert failed.code == "protocol_error" and "truncated" in failed.message
         await until(lambda: linked.sub.last_error and "truncated" in linked.sub.last_error)
+
+
+async def test_a_replay_shows_its_lag_until_the_log_is_read_again():
+    """After replay_replication rewinds the link, ``lag_txns`` counts what is to be
+    read again: a ``caught_up`` of the session before the rewind no longer counts (it
+    showed 0, and the stream ``running``, for the whole replay)."""
+    async with running({"seq": 5, "origins": [PEER]}) as linked:
+        peer, _ = await accept(linked)
+        await send_entries(peer, [6, 7, 8])
+        publisher(peer).send_caught_up(8)
+        await peer.flush()
+        await acked(peer, 8)
+        await until(lambda: linked.sub.caught_up_seq == 8)
+        assert linked.sub.lag_txns() == 0
+        await linked.sub.rewind(2, 0)
+        again, sub = await accept(linked)
+        assert sub.after_seq == 2
+        await until(lambda: linked.sub.state == LinkState.STREAMING)
+        assert linked.sub.lag_txns() == 6
+        await send_entries(again, [3, 4])
+        await acked(again, 4)
+        assert linked.sub.lag_txns() == 4
+
+
+async def test_errors_last_hour_counts_every_error_of_the_hour():
+    """get_replication_status's ``errors_last_hour`` counts each error of the last hour,
+    however many (a link retrying every 2 s fails 1,800 times an hour; it showed at most
+    1,000), and forgets those older than an hour."""
+    sub = Subscriber(FakeSubscriberHost(), FakeLinkStore(), FakeRelays(), PEER, "data")
+    status = SimpleNamespace(rows={}, storage=SimpleNamespace(databases={}),
+                             default_conflict="last_writer_wins")
+    for _ in range(1800):
+        sub.last_error = "connection refused"
+    assert stream_entry(status, sub, [], [])["errors_last_hour"] == 1800  # type: ignore[arg-type]
+    later = time.time() + HOUR + 120
+    with patch("time.time", return_value=later):
+        assert stream_entry(status, sub, [], [])["errors_last_hour"] == 0  # type: ignore[arg-type]
+
+
+async def test_lag_ms_is_the_age_of_the_oldest_entry_not_applied():
+    """While a batch waits to apply, ``lag_ms`` is the age of its oldest entry: after an
+    idle hour it read an hour (the age of the last entry applied) for a write made a
+    moment ago."""
+    host, store = FakeSubscriberHost(), WriterLikeStore()
+    store.cursors[("data", PEER)] = {"seq": 5, "origins": [PEER]}
+    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
+    sub.start()
+    linked = Linked(sub, host, store)
+    now_ms = int(time.time() * 1000)
+    try:
+        peer, _ = await accept(linked)
+        store.release.set()
+        publisher(peer).send_entries(6, [(6, 1, entry(1, ms_to_version(now_ms - 3_600_000),
+                                                       key=6))], PEER_IDS)
+        await peer.flush()
+        await acked(peer, 6)
+        store.release.clear()
+        store.applying.clear()
+        publisher(peer).send_entries(7, [(7, 1, entry(1, ms_to_version(now_ms), key=7))],
+                                     PEER_IDS)
+        await peer.flush()
+        await asyncio.wait_for(store.applying.wait(), WAIT)
+        assert sub.lag_txns() == 1
+        assert 0 <= sub.lag_ms() < 60_000, sub.lag_ms()
+    finally:
+        store.release.set()
+        await sub.retire()
