@@ -497,12 +497,14 @@ class Replicator:
 
         Its acknowledgement (what retention lets tombstones go by) comes down to it: a
         subscribe from an older cursor (a peer restored from a backup) or a copy says
-        the peer no longer holds what its previous session acknowledged."""
+        the peer no longer holds what its previous session acknowledged; the position
+        ``wait_for_replication`` trusts comes down the same way."""
         key = (peer, database)
         if reset or seq < self.acks.get(key, 0):
             self.acks[key] = 0 if reset else seq
-        if reset:
-            self.positions[key] = 0
+        if reset or seq < self.positions.get(key, 0):
+            # What ``wait_for_replication`` trusts comes down with it as well.
+            self.positions[key] = 0 if reset else seq
         elif seq > self.positions.get(key, 0):
             self.positions[key] = seq
             for listener in list(self.position_listeners):

@@ -104,3 +104,19 @@ def test_a_subscribe_from_an_older_cursor_lowers_the_peers_acknowledgement(node_
     assert rep.acks[("node-b", "data")] == 0
     rep.note_ack("node-b", "data", 12)  # the new session's acks count again
     assert rep.acks[("node-b", "data")] == 12
+
+
+def test_a_subscribe_from_an_older_cursor_lowers_the_position_barriers_trust(node_factory):
+    """``wait_for_replication`` answers from ``positions``: a peer restored from a backup
+    (a subscribe from an older cursor) or starting a copy holds nothing past that, so a
+    barrier on a version it lost must wait again instead of answering at once."""
+    rep = node_factory("node-a").node.cluster
+    rep.note_ack("node-b", "data", 9)
+    assert rep.positions[("node-b", "data")] == 9
+    rep.note_position("node-b", "data", 3)  # a subscribe after 3
+    assert rep.positions[("node-b", "data")] == 3
+    rep.note_ack("node-b", "data", 9)
+    rep.note_position("node-b", "data", 0, reset=True)  # a subscribe asking for a copy
+    assert rep.positions[("node-b", "data")] == 0
+    rep.note_ack("node-b", "data", 12)
+    assert rep.positions[("node-b", "data")] == 12
