@@ -249,6 +249,17 @@ class Replicator:
                     sub.start()
             for key in self.counts.forget(wanted, self.rows):
                 self.verified.pop(key, None)
+            self._forget_removed_peers()
+
+    def _forget_removed_peers(self) -> None:
+        """A peer no longer in the table leaves no acknowledgement or position behind:
+        re-added under its name (wiped, say), it must not be trusted to hold what its
+        old self acknowledged until it subscribes again."""
+        for table in (self.acks, self.positions):
+            for key in [k for k in table if k[0] not in self.rows]:
+                del table[key]
+        for name in [n for n in self.gates if n not in self.rows]:
+            del self.gates[name]
 
     async def _retire(self, key: tuple[str, str]) -> None:
         """Stop a link; a link re-made for it (update_node) counts on from its counts,
