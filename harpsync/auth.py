@@ -48,6 +48,9 @@ class User:
     username: str
     role: str
     permission: dict[str, Any]
+    # The user row's ``__createdtime__``: a user dropped and added again under the
+    # same name is another user (their jobs are not this one's).
+    since: int = 0
 
     @property
     def super_user(self) -> bool:
@@ -154,7 +157,7 @@ class Authenticator:
         record = found[0] if found else None
         if record is None or not record.get("active", True):
             return None
-        return User(username, str(record.get("role")), self.role_permission(record.get("role")))
+        return self._user(username, record)
 
     def cached(self, header: str | None) -> User | None:
         """The user of a recently verified ``Authorization`` header, without hashing."""
@@ -204,7 +207,12 @@ class Authenticator:
             return None
         if not verify_password(password, str(record.get("password", ""))):
             return None
-        return User(username, str(record.get("role")), self.role_permission(record.get("role")))
+        return self._user(username, record)
+
+    def _user(self, username: str, record: dict[str, Any]) -> User:
+        since = record.get("__createdtime__")
+        return User(username, str(record.get("role")), self.role_permission(record.get("role")),
+                    int(since) if isinstance(since, int | float) else 0)
 
     def role_permission(self, role_id: Any) -> dict[str, Any]:
         db, roles = self.storage.table(SYSTEM, "hdb_role")

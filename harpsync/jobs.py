@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 KEEP_FOR_MS = 30 * 86_400_000.0
 KEEP_JOBS = 10_000
 PRUNE_EVERY = 3600.0  # seconds
+USER_SINCE = "user_since"  # kept in the record, never shown
 INTERRUPTED = "failed (interrupted): the node stopped before the job finished"
 
 
@@ -113,15 +114,18 @@ class JobManager:
         return (time.monotonic() - self._pruned >= PRUNE_EVERY
                 or self.store.count() > KEEP_JOBS + max(1, KEEP_JOBS // 10))
 
-    def start(self, kind: str, user: str, details: dict[str, Any], work: Work) -> str:
-        """Record a new job, start ``work`` in the background, return the job id."""
+    def start(self, kind: str, user: str, details: dict[str, Any], work: Work,
+              user_since: int = 0) -> str:
+        """Record a new job, start ``work`` in the background, return the job id.
+
+        ``user_since`` tells that user from a later one of the same name (``owns``)."""
         stamp = now_ms()
         record: dict[str, Any] = {
             "id": str(uuid.uuid4()), "user": user, "type": kind, "status": IN_PROGRESS,
             "job_body": None, "message": None, "created_datetime": stamp,
             "start_datetime": stamp, "end_datetime": None, "__createdtime__": stamp,
             "__updatedtime__": stamp, "progress": {"records": 0, "total": None},
-            "result": None, "error": None, **details,
+            "result": None, "error": None, **details, USER_SINCE: user_since,
         }
         job = RunningJob(record, self.store)
         job.save()
@@ -168,8 +172,18 @@ class JobManager:
     @staticmethod
     def view(record: dict[str, Any]) -> dict[str, Any]:
         """A record as Harper shows it, with the ``..._converted`` times."""
-        return {**record, "start_datetime_converted": iso(record.get("start_datetime")),
+        shown = {k: v for k, v in record.items() if k != USER_SINCE}
+        return {**shown, "start_datetime_converted": iso(record.get("start_datetime")),
                 "end_datetime_converted": iso(record.get("end_datetime"))}
+
+    def owns(self, job_id: str, user: str, user_since: int) -> bool:
+        """Whether the job was started by this user (by name, and by when the user was
+        created: the name may have been dropped and given to someone else since)."""
+        running = self.running.get(job_id)
+        record = dict(running.record) if running else self.store.get(job_id)
+        if record is None or record.get("user") != user:
+            return False
+        return bool(record.get(USER_SINCE, user_since) == user_since)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         running = self.running.get(job_id)

@@ -154,7 +154,7 @@ def _start(ctx: OpContext, kind: str, body: dict[str, Any], details: dict[str, A
 
     job_id = jobs.start(kind, ctx.user.username,
                         {"database": database, "table": table, "action": action, **details},
-                        work)
+                        work, ctx.user.since)
     return {"message": f"Starting job with id {job_id}", "job_id": job_id}
 
 
@@ -183,7 +183,9 @@ async def get_job(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:
     job_id = str(body["id"])
     record = ctx.services.jobs.get(job_id)
     # Another user's job is as absent as a missing one: ids are not to be probed.
-    if record is None or (not ctx.user.super_user and record.get("user") != ctx.user.username):
+    if record is None or (not ctx.user.super_user
+                          and not ctx.services.jobs.owns(job_id, ctx.user.username,
+                                                         ctx.user.since)):
         raise NotFoundError(f"job '{job_id}' not found")
     return [record]
 

@@ -127,7 +127,8 @@ async def delete_transaction_logs_before(ctx: OpContext, body: dict[str, Any],
                 "removed": removed, "pruned_through": db.pruned_through()}
 
     job_id = ctx.services.jobs.start("delete_transaction_logs_before", ctx.user.username,
-                                     {"database": db_name, "table": table_name}, work)
+                                     {"database": db_name, "table": table_name}, work,
+                                     ctx.user.since)
     return {"message": f"Starting job with id {job_id}", "job_id": job_id}
 
 

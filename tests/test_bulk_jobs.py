@@ -660,9 +660,6 @@ def test_an_unreadable_job_store_is_set_aside(tmp_path):
         manager.store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="jobs are owned by username only: a user dropped and "
-                   "added again under the same name (another person, another role) reads "
-                   "the old user's job records; users carry no identity beyond the name")
 def test_a_recreated_username_does_not_see_the_old_users_jobs(mesh):
     """A job belongs to the user who started it, not to whoever holds the name later."""
     a, _ = mesh
@@ -675,6 +672,8 @@ def test_a_recreated_username_does_not_see_the_old_users_jobs(mesh):
                        "data": "id\n300\n"}, auth=("carol", "first"))
     job_id = started(response.json())
     finished(a, job_id)
+    assert a.post({"operation": "get_job", "id": job_id},
+                  auth=("carol", "first")).status_code == 200
     a.call("drop_user", username="carol")
     a.call("add_user", role="reader", username="carol", password="second", active=True)
     assert a.post({"operation": "get_job", "id": job_id},
