@@ -353,3 +353,38 @@ def test_a_peer_reads_records_through_verify_only_of_tables_published_to_it(node
     (row,) = answer["result"]["rows"]
     assert row is not None and row[2] == a.name  # compared: digest, version, origin
     assert "a's own" not in json.dumps(row, default=str), "a's record went to b"
+
+
+def test_a_table_re_created_on_the_peer_during_the_verify_is_not_compared(pair):
+    """node-b drops and re-creates the table between verify_top and verify_keys (node-a
+    has not received the drop: its stream from node-b is paused). verify_keys named no
+    incarnation, so node-b answered from its new, empty table: node-b's row 100 of the
+    compared incarnation read as absent and the verify said in_sync. Now node-b refuses
+    the request and the pair reports that the table was re-created."""
+    a, b = pair
+    setup_table(a, b, "recreated", 10)
+    a.call("pause_replication", hostname="node-b", database="data")
+    verifier = a.node.verifier
+    asked = verifier._ask
+    re_created: list[str] = []
+
+    async def ask(outcome: Any, operation: str, **body: Any) -> dict[str, Any]:
+        if operation == "verify_keys" and not re_created:
+            re_created.append(operation)
+            for op, extra in (("drop_table", {}), ("create_table", {"primary_key": "id"})):
+                await asyncio.to_thread(b.call, op, database="data", table="recreated",
+                                        **extra)
+        return await asked(outcome, operation, **body)
+
+    try:
+        b.call("insert", database="data", table="recreated", records=[{"id": 100}])
+        verifier._ask = ask  # type: ignore[method-assign]
+        result = verify(a, "recreated")
+        assert re_created, "the verify never reached verify_keys"
+        [entry] = result["checked"]
+        assert result["in_sync"] is False, entry
+        assert "re-created" in entry.get("error", ""), entry
+    finally:
+        del verifier._ask
+        a.call("resume_replication", hostname="node-b", database="data")
+    wait_for(lambda: a.count("recreated") == 0, timeout=15, message="the drop on node-a")

@@ -30,7 +30,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from harpsync import codec
-from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
+from harpsync.errors import (
+    BadRequestError,
+    HarpsyncError,
+    NotFoundError,
+    missing_is_bad_request,
+)
 from harpsync.replication import peers
 from harpsync.replication.membership import node_request
 from harpsync.storage import compare, rowhash
@@ -182,6 +187,11 @@ class Verifier:
 
     async def _ask(self, outcome: Outcome, operation: str, **body: Any) -> dict[str, Any]:
         pair = outcome.pair
+        if outcome.incarnation is not None:
+            # Every request after verify_top names the incarnation it compares: a peer
+            # that dropped and re-created the table since refuses instead of answering
+            # with another table's rows.
+            body.setdefault("incarnation", outcome.incarnation)
         request = {"type": "operation",
                    "body": {"operation": operation, "database": pair.database,
                             "table": pair.table, **body}}
@@ -275,10 +285,7 @@ class Verifier:
                        my_head: int, start_version: int, repair: bool) -> None:
         """Read the candidates again on both sides at a common point; keep real ones."""
         pair = outcome.pair
-        db, table = self.storage.table(pair.database, pair.table)
-        if table.version != outcome.incarnation:
-            raise BadRequestError(f"table '{pair.database}.{pair.table}' was re-created "
-                                  "during the verify: verify again")
+        db, table = self._same_table(outcome)
         deadline = time.monotonic() + SETTLE_SECONDS
         # Origins this node takes only some tables from: their rows of other tables,
         # held by this peer, are not this node's to have (nor to fetch by a repair).
@@ -293,7 +300,9 @@ class Verifier:
                                          records=repair)
                 theirs.extend(answer.get("rows") or [])
                 peer_applied = int(answer.get("applied", 0))
+            db, table = self._same_table(outcome)
             mine = await asyncio.to_thread(compare.read_rows, db, table, keys, repair)
+            self._same_table(outcome)  # the rows read were of the compared incarnation
             there_caught = pair.direction == PULL or peer_applied >= my_head
             found = []
             for key, m, t in zip(keys, mine, theirs, strict=False):
@@ -314,6 +323,20 @@ class Verifier:
                 outcome.in_sync = not found
                 return
             await asyncio.sleep(0.1)
+
+    def _same_table(self, outcome: Outcome) -> tuple[Any, Any]:
+        """The pair's table here, if still the incarnation the verify compares.
+
+        Raises:
+            BadRequestError: it was dropped, or dropped and re-created, since.
+        """
+        pair = outcome.pair
+        with missing_is_bad_request():
+            db, table = self.storage.table(pair.database, pair.table)
+        if table.version != outcome.incarnation:
+            raise BadRequestError(f"table '{pair.database}.{pair.table}' was re-created "
+                                  "during the verify: verify again")
+        return db, table
 
     async def _repair(self, outcome: Outcome, dry_run: bool) -> None:
         """Bring each differing key to its winner on the side that lacks it."""
@@ -414,6 +437,13 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         if database == SYSTEM or not rep.replicates_database(database) or row is None:
             raise BadRequestError(f"database '{database}' does not replicate with {peer}")
         found = storage.table(database, table)
+        incarnation = body.get("incarnation")
+        if incarnation is not None and incarnation != found[1].version:
+            # Dropped and re-created here since the peer's verify began (its drop may
+            # not have reached the peer yet): this table's rows are not the ones it
+            # compares, and taking them would put them into the old incarnation there.
+            raise BadRequestError(f"table '{database}.{table}' was re-created on "
+                                  f"{rep.node_name} during the verify: verify again")
         directions = [peers.subscribe_tables(row, database)]
         if not receive:
             directions.append(peers.publish_tables(row, database))
@@ -454,6 +484,7 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
     async def rows(peer: str, body: dict[str, Any]) -> dict[str, Any]:
         db, table = target(peer, body)
         found = await asyncio.to_thread(compare.rows_in, db, table, parse_ranges(body))
+        target(peer, body)  # still the incarnation asked about once read
         return {"rows": [[[k, d] for k, d in sorted(m.items())] for m in found]}
 
     async def keys(peer: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -465,6 +496,7 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         records = bool(body.get("records")) and publish is not False \
             and peers.table_allowed(db.name, table.name, publish)
         found = await asyncio.to_thread(compare.read_rows, db, table, wanted, records)
+        target(peer, body)  # still the incarnation asked about once read
         return {"rows": found, "applied": applied(peer, db.name), "head": db.head_seq}
 
     async def repair(peer: str, body: dict[str, Any]) -> dict[str, Any]:
