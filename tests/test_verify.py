@@ -388,3 +388,52 @@ def test_a_table_re_created_on_the_peer_during_the_verify_is_not_compared(pair):
         del verifier._ask
         a.call("resume_replication", hostname="node-b", database="data")
     wait_for(lambda: a.count("recreated") == 0, timeout=15, message="the drop on node-a")
+
+
+def test_repair_keeps_what_dest_wins_and_manual_review_keep(node_factory):
+    """node-a takes t_dst from node-b under dest_wins and t_man under manual_review;
+    both nodes wrote id x, node-b last. Replication kept node-a's row (a dead letter, a
+    conflict), and the nodes differ. A repair, from either side, used to overwrite it
+    with node-b's newer row all the same; now node-a's policies hold as for the
+    replicated change: its row stays, the repair lists the id as refused or held for
+    review, and the review queue keeps the conflict."""
+    env = {"REPLICATION_VERIFYINTERVAL": "0"}
+    a = node_factory("node-a", env=env)
+    b = node_factory("node-b", env=env)
+    policies = {"t_dst": "dest_wins", "t_man": "manual_review"}
+    for table in policies:
+        b.call("create_table", database="data", table=table, primary_key="id")
+    join(a, b, subscriptions=[{"database": "data", "table": t, "subscribe": True,
+                               "publish": True, "conflict": p} for t, p in policies.items()])
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    wait_for(lambda: all(t in a.call("describe_database", database="data")
+                         for t in policies), timeout=20, message="the tables on node-a")
+    a.call("pause_replication", hostname="node-b", database="data")
+
+    def value(node: Any, table: str) -> Any:
+        found = node.call("search_by_id", database="data", table=table, ids=["x"],
+                          get_attributes=["*"])
+        return found[0]["v"] if found else None
+
+    for table in policies:
+        a.call("upsert", database="data", table=table, records=[{"id": "x", "v": "a"}])
+    wait_for(lambda: all(value(b, t) == "a" for t in policies), timeout=15,
+             message="node-a's writes on node-b")
+    for table in policies:
+        b.call("upsert", database="data", table=table, records=[{"id": "x", "v": "b"}])
+    a.call("resume_replication", hostname="node-b", database="data")
+    wait_for(lambda: len(a.call("list_dead_letters", table="t_dst")["dead_letters"]) == 1
+             and len(a.call("list_conflicts", table="t_man")["conflicts"]) == 1,
+             timeout=15, message="the policies applied on node-a")
+    assert (value(a, "t_dst"), value(a, "t_man")) == ("a", "a")
+
+    for node in (a, b):  # node-a stores node-b's row itself, then node-b sends it
+        for table, held in (("t_dst", "refused"), ("t_man", "conflicts")):
+            [entry] = node.call("repair_cluster", database="data", table=table)["checked"]
+            assert entry["differences"] == 1, entry
+            assert entry["changed"] == {"node-a": [], "node-b": []}, entry
+            assert entry[held]["node-a"] == ["x"], entry
+            assert value(a, table) == "a", f"{node.name}'s repair overwrote {table}"
+    assert value(b, "t_dst") == value(b, "t_man") == "b"
+    assert len(a.call("list_conflicts", table="t_man")["conflicts"]) == 1
+    assert len(a.call("list_dead_letters", table="t_dst")["dead_letters"]) == 1

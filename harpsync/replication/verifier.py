@@ -79,6 +79,10 @@ class Outcome:
     rounds: int = 0
     error: str | None = None
     changed: dict[str, list[Any]] = field(default_factory=dict)
+    # Per node, the ids a repair left as they were because a conflict policy there keeps
+    # them: dest_wins (a dead letter) and manual_review (system.hdb_conflicts).
+    refused: dict[str, list[Any]] = field(default_factory=dict)
+    conflicts: dict[str, list[Any]] = field(default_factory=dict)
     timings: list[Any] = field(default_factory=list)
     # A full copy between the two was under way and the tops differed: nothing was
     # compared (a half-copied table differs in every row not copied yet).
@@ -349,19 +353,25 @@ class Verifier:
         here = [(k, t) for k, _m, t, side in outcome.differences
                 if side < 0 and t and (t[3] or isinstance(t[4], dict))]
         there = [(k, m) for k, m, _t, side in outcome.differences if side > 0 and m]
-        changed_here: list[Any] = [decode_id(k) for k, _ in here]
-        changed_there: list[Any] = [decode_id(k) for k, _ in there]
+        mine: dict[str, list[Any]] = {"changed": [decode_id(k) for k, _ in here]}
+        theirs: dict[str, list[Any]] = {"changed": [decode_id(k) for k, _ in there]}
         if not dry_run:
             if here:
-                changed_here = await self.storage.write(compare.repair_job(
+                # This node's conflict policies hold as for the same rows replicated in.
+                review = self.rep.review(pair.peer, pair.database)
+                mine = await self.storage.write(compare.repair_job(
                     self.storage, pair.database, pair.table, incarnation,
-                    [(k, list(row)) for k, row in here]))
-            changed_there = []
+                    [(k, list(row)) for k, row in here], review))
+                self.rep.note_review(pair.peer, pair.database, review)
+            theirs = {}
             for i in range(0, len(there), REPAIR_CHUNK):
                 answer = await self._ask(outcome, "verify_repair", incarnation=incarnation,
                                          rows=[[k, row] for k, row in there[i:i + REPAIR_CHUNK]])
-                changed_there.extend(answer.get("changed") or [])
-        outcome.changed = {self.rep.node_name: changed_here, pair.peer: changed_there}
+                for name in compare.REPAIR_LISTS:
+                    theirs.setdefault(name, []).extend(answer.get(name) or [])
+        for name in compare.REPAIR_LISTS:
+            getattr(outcome, name).update({self.rep.node_name: mine.get(name) or [],
+                                           pair.peer: theirs.get(name) or []})
 
     # -- results -----------------------------------------------------------------------
     def _record(self, outcomes: list[Outcome]) -> None:
@@ -507,9 +517,12 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         rows_in = [(bytes(k), list(row)) for k, row in body.get("rows") or []
                    if not (isinstance(row, list) and len(row) > 2 and row[2] in limits
                            and table.name not in limits[row[2]])]
-        changed = await storage.write(compare.repair_job(
-            storage, db.name, table.name, int(body.get("incarnation", -1)), rows_in))
-        return {"changed": changed}
+        # This node's conflict policies for the rows' origins, as for replicated rows.
+        review = rep.review(peer, db.name)
+        out = await storage.write(compare.repair_job(
+            storage, db.name, table.name, int(body.get("incarnation", -1)), rows_in, review))
+        rep.note_review(peer, db.name, review)
+        return dict(out)
 
     return {"verify_top": top, "verify_ranges": ranges, "verify_buckets": buckets,
             "verify_rows": rows, "verify_keys": keys, "verify_repair": repair}

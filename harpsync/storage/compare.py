@@ -12,6 +12,7 @@ from typing import Any
 from harpsync import codec
 from harpsync.errors import BadRequestError
 from harpsync.storage import digest, digest_reads, rowhash
+from harpsync.storage.conflicts import Review
 from harpsync.storage.database import Database, Table
 from harpsync.storage.keys import decode_id
 from harpsync.storage.records import put_record, put_tombstone
@@ -21,6 +22,8 @@ from harpsync.storage.writer import WriteContext
 from harpsync.storage.writes import note_attributes
 
 Range = tuple[bytes, bytes | None]
+# What a repair answers per node: the ids it changed, and those a policy kept.
+REPAIR_LISTS = ("changed", "refused", "conflicts")
 # What one side holds under a key: None (absent) or
 # [digest, version, origin name, deleted, record or None].
 RowState = list[Any] | None
@@ -125,55 +128,68 @@ def rebuild_job(storage: Storage, db_name: str, table_name: str,
 
 
 def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int,
-               rows: Sequence[tuple[bytes, list[Any]]],
-               ) -> Callable[[WriteContext], list[Any]]:
+               rows: Sequence[tuple[bytes, list[Any]]], review: Review | None = None,
+               ) -> Callable[[WriteContext], dict[str, list[Any]]]:
     """A job storing each winning row ``(key, [digest, version, origin, deleted, record])``
     where something older is stored (a row the stored one beats, written after the
     verify compared, stays), logged under the row's origin and version so the
     repair replicates like a copied row.
 
+    ``review``: this node's conflict policies for the rows' origins, applied as to a
+    replicated change of the same row: ``dest_wins`` keeps a row last written here (the
+    refused row becomes a dead letter) and ``manual_review`` leaves it for an operator
+    (both versions go to ``system.hdb_conflicts``) instead of overwriting it.
+
     Returns:
-        The ids changed here.
+        ``changed``: the ids changed here; ``refused`` and ``conflicts``: the ids a
+        policy kept as they are.
     """
 
-    def job(ctx: WriteContext) -> list[Any]:
+    def job(ctx: WriteContext) -> dict[str, list[Any]]:
         db, table = storage.table(db_name, table_name)
         _check(table)
         if table.version != incarnation:
             raise BadRequestError(f"table '{db_name}.{table_name}' was re-created; "
                                   "verify again")
         txn = ctx.txn(db)
-        changed: list[Any] = []
+        out: dict[str, list[Any]] = {"changed": [], "refused": [], "conflicts": []}
         relay: dict[int, list[list[Any]]] = {}
         for key, (row_digest, version, origin_name, deleted, record) in rows:
             if not deleted and not isinstance(record, dict):
                 continue  # a live row without its record (not published here): unknown
             found = digest_reads.stored_row(txn, table, key, codec.unpack)
+            rid = decode_id(key)
+            op = [table_name, "delete" if deleted else "upsert", rid,
+                  None if deleted else record, table.version]
             if found is not None:
                 if found[0] == row_digest:
                     continue
                 stored_version, stored_origin, stored_record = found[1]
-                stored: RowState = [found[0], stored_version,
-                                    db.origin_names.get(stored_origin, ""),
+                stored_name = db.origin_names.get(stored_origin, "")
+                stored: RowState = [found[0], stored_version, stored_name,
                                     stored_record is None, None]
                 incoming: RowState = [row_digest, version, origin_name, deleted, None]
                 if winner(stored, incoming) > 0:
                     # Written here since the verify compared: newer, it stays (last
                     # writer wins; replication brings it to the peer).
                     continue
+                if review is not None and stored_name != origin_name:
+                    before = review.conflicts
+                    if not review.admit(ctx, db, table, op,
+                                        (stored_version, stored_origin, stored_record),
+                                        version, origin_name):
+                        out["conflicts" if review.conflicts > before else "refused"].append(rid)
+                        continue
             oid = local_origin(ctx, db, origin_name)
             if deleted:
                 put_tombstone(txn, table, key, version, oid)
             else:
                 put_record(txn, table, key, version, oid, record)
                 note_attributes(ctx, db, table, [record], version)
-            rid = decode_id(key)
-            changed.append(rid)
-            relay.setdefault(oid, []).append(
-                [table_name, "delete" if deleted else "upsert", rid,
-                 None if deleted else record, table.version, version])
+            out["changed"].append(rid)
+            relay.setdefault(oid, []).append([*op, version])
         for oid, ops in relay.items():
             storage.append_log(ctx, db, ops, max(op[5] for op in ops), oid)
-        return changed
+        return out
 
     return job
