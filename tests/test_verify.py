@@ -437,3 +437,42 @@ def test_repair_keeps_what_dest_wins_and_manual_review_keep(node_factory):
     assert value(b, "t_dst") == value(b, "t_man") == "b"
     assert len(a.call("list_conflicts", table="t_man")["conflicts"]) == 1
     assert len(a.call("list_dead_letters", table="t_dst")["dead_letters"]) == 1
+
+
+def _unlogged_row(node: Any, table: str, rid: int) -> None:
+    """Store a row on ``node`` through the writer (its hashes kept) but without a log
+    entry: a difference replication never repairs."""
+    from harpsync.storage.records import put_record
+
+    storage = node.node.storage
+
+    def job(ctx: Any) -> None:
+        db, t = storage.table("data", table)
+        put_record(ctx.txn(db), t, encode_id(rid), storage.hlc.now(), 0, {"id": rid})
+
+    asyncio.run_coroutine_threadsafe(storage.write(job), node.loop).result(10)
+
+
+def test_a_link_result_covers_every_table_and_counts_what_a_repair_left(pair):
+    """cluster_status shows one verified result per link: a verify of one in-sync table
+    used to replace it, hiding a difference the previous verify found in another table;
+    and after a repair fixed every difference it still said out of sync (as did
+    harpsync_divergent_keys) until the next verification."""
+    a, b = pair
+    setup_table(a, b, "st1", 5)
+    setup_table(a, b, "st2", 5)
+    _unlogged_row(b, "st1", 99)
+    assert verify(a, "st1")["checked"][0]["differences"] == 1
+    assert verify(a, "st2")["in_sync"] is True
+    verified = _socket(a, "node-b", "data")["verified"]
+    assert (verified["in_sync"], verified["differences"]) == (False, 1), verified
+
+    dry = a.call("repair_cluster", database="data", table="st1", dry_run=True)
+    assert dry["checked"][0]["changed"]["node-a"] == [99]
+    assert _socket(a, "node-b", "data")["verified"]["differences"] == 1
+    repaired = a.call("repair_cluster", database="data", table="st1")
+    assert repaired["checked"][0]["changed"]["node-a"] == [99]
+    verified = _socket(a, "node-b", "data")["verified"]
+    assert (verified["in_sync"], verified["differences"]) == (True, 0), verified
+    metrics = a.client.get(a.url + "metrics", auth=ADMIN).text
+    assert 'harpsync_divergent_keys{database="data",peer="node-b",table="st1"} 0.0' in metrics

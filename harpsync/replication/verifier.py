@@ -39,7 +39,7 @@ from harpsync.errors import (
 from harpsync.replication import peers
 from harpsync.replication.membership import node_request
 from harpsync.storage import compare, rowhash
-from harpsync.storage.keys import decode_id
+from harpsync.storage.keys import decode_id, encode_id
 from harpsync.storage.store import SYSTEM
 
 if TYPE_CHECKING:
@@ -90,6 +90,15 @@ class Outcome:
     # The table's incarnation both sides held when compared: a repair writes only into
     # it (a drop and re-create since makes the comparison's rows another table's).
     incarnation: int | None = None
+    # A repair (not a dry run) stored rows: the differences it changed are gone.
+    repaired: bool = False
+
+    def remaining(self) -> int:
+        """Differences still there once the comparison (and a repair) ended."""
+        if not self.repaired:
+            return len(self.differences)
+        fixed = {encode_id(rid) for ids in self.changed.values() for rid in ids}
+        return sum(1 for key, *_ in self.differences if key not in fixed)
 
 
 def copying(sub: Any) -> bool:
@@ -115,6 +124,9 @@ class Verifier:
         self.storage = rep.storage
         self._task: asyncio.Task[None] | None = None
         self.last_run: float | None = None
+        # (peer, database, table) -> (in sync, differences) at its last comparison: a
+        # link's result covers every table last compared, not only the last run's.
+        self._tables: dict[tuple[str, str, str], tuple[bool, int]] = {}
 
     # -- planning ----------------------------------------------------------------------
     def plan(self, database: str | None = None, table: str | None = None,
@@ -369,6 +381,7 @@ class Verifier:
                                          rows=[[k, row] for k, row in there[i:i + REPAIR_CHUNK]])
                 for name in compare.REPAIR_LISTS:
                     theirs.setdefault(name, []).extend(answer.get(name) or [])
+        outcome.repaired = not dry_run
         for name in compare.REPAIR_LISTS:
             getattr(outcome, name).update({self.rep.node_name: mine.get(name) or [],
                                            pair.peer: theirs.get(name) or []})
@@ -378,17 +391,23 @@ class Verifier:
         """Keep each link's last result (``cluster_status``) and export the metrics."""
         now = time.time()
         self.last_run = now
-        by_link: dict[tuple[str, str], dict[str, Any]] = {}
+        links: set[tuple[str, str]] = set()
         for o in outcomes:
             if o.busy:
                 continue  # not compared: the link keeps its last result
             p = o.pair
-            entry = by_link.setdefault((p.peer, p.database),
-                                       {"at": now, "in_sync": True, "differences": 0})
-            entry["in_sync"] = entry["in_sync"] and o.in_sync
-            entry["differences"] += len(o.differences)
-            self.rep.metrics.set_divergent(p.peer, p.database, p.table, len(o.differences))
-        self.rep.verified.update(by_link)
+            left = o.remaining()
+            self._tables[(p.peer, p.database, p.table)] = (o.error is None and not left, left)
+            links.add((p.peer, p.database))
+            self.rep.metrics.set_divergent(p.peer, p.database, p.table, left)
+        for peer, database in links:
+            db = self.storage.databases.get(database)
+            tables = db.tables if db is not None else {}
+            results = [r for (pp, dd, t), r in list(self._tables.items())
+                       if pp == peer and dd == database and t in tables]
+            self.rep.verified[(peer, database)] = {
+                "at": now, "in_sync": all(ok for ok, _ in results),
+                "differences": sum(n for _, n in results)}
         self.rep.metrics.last_verification.set(now)
 
     # -- background --------------------------------------------------------------------
