@@ -280,7 +280,9 @@ def test_rows_missed_by_a_narrowed_subscription_are_found_one_way_for_one_way_ta
     assert entry["direction"] == "both" and entry["differences"] == 5, entry
     assert {k["id"]: (k["winner"], k["this"]) for k in entry["keys"]} == {
         i: ("node-c", {"absent": True}) for i in range(5)}
-    assert _socket(d, "node-c", "data")["verified"]["differences"] == 5
+    # The link's result covers its other tables too: oneway's 5 count once compared (by
+    # the verification after the copies the restarted links may have run).
+    assert _socket(d, "node-c", "data")["verified"]["differences"] in (5, 10)
     metrics = d.client.get(d.url + "metrics", auth=ADMIN).text
     assert ('harpsync_divergent_keys{database="data",peer="node-c",table="gap"} 5.0'
             in metrics)
@@ -353,6 +355,47 @@ def test_a_peer_reads_records_through_verify_only_of_tables_published_to_it(node
     (row,) = answer["result"]["rows"]
     assert row is not None and row[2] == a.name  # compared: digest, version, origin
     assert "a's own" not in json.dumps(row, default=str), "a's record went to b"
+
+
+def test_a_peer_lists_no_keys_of_a_table_not_published_to_it(node_factory):
+    """a takes t1 from b but does not send t1 to b. verify_rows answered b with every
+    key of a's rows in the ranges asked (and verify_buckets with a's bucket start keys):
+    ids are data b may not read. Now a lists neither; b's own verify of what it sends
+    still finds (and repairs) a row a lacks, comparing its own keys one by one."""
+    from harpsync.errors import PeerError
+    from harpsync.replication.membership import node_request
+
+    a = node_factory("node-a", env={"REPLICATION_VERIFYINTERVAL": "0"})
+    b = node_factory("node-b", env={"REPLICATION_VERIFYINTERVAL": "0"})
+    a.call("create_table", table="t1", primary_key="id")
+    join(a, b, subscriptions=[{"database": "data", "table": "t1",
+                               "subscribe": True, "publish": False}])
+    wait_linked([(a, b)], ("system", "data"))
+    wait_for(lambda: "t1" in b.call("describe_database", database="data"), timeout=20,
+             message="t1 on node-b")
+    a.call("insert", table="t1", records=[{"id": f"secret-{i}"} for i in range(200)])
+
+    def ask(operation: str, **body: Any) -> Any:
+        request = {"type": "operation", "body": {
+            "operation": operation, "database": "data", "table": "t1", **body}}
+        coro = node_request(b.node.cluster, a.repl_url, request, verify=True,
+                            present_cert=True, timeout=10, expect=a.name)
+        return asyncio.run_coroutine_threadsafe(coro, b.loop).result(20)
+
+    for operation in ("verify_rows", "verify_buckets"):
+        try:
+            answer = json.dumps(ask(operation, ranges=[[b"", None]]), default=str)
+        except PeerError as exc:  # refused
+            answer = exc.message
+        assert "secret" not in answer, f"{operation} listed a's keys to b: {answer[:300]}"
+
+    _unlogged_row(b, "t1", 7)  # a row b sends and a lacks
+    [entry] = b.call("verify_cluster", database="data", table="t1")["checked"]
+    assert entry["direction"] == "push" and entry.get("error") is None, entry
+    assert [k["id"] for k in entry["keys"]] == [7], entry
+    [entry] = b.call("repair_cluster", database="data", table="t1")["checked"]
+    assert entry["changed"] == {"node-b": [], "node-a": [7]}, entry
+    assert b.call("verify_cluster", database="data", table="t1")["in_sync"] is True
 
 
 def test_a_table_re_created_on_the_peer_during_the_verify_is_not_compared(pair):
@@ -461,6 +504,7 @@ def test_a_link_result_covers_every_table_and_counts_what_a_repair_left(pair):
     a, b = pair
     setup_table(a, b, "st1", 5)
     setup_table(a, b, "st2", 5)
+    a.call("verify_cluster", database="data")  # every table of the link, as it is now
     _unlogged_row(b, "st1", 99)
     assert verify(a, "st1")["checked"][0]["differences"] == 1
     assert verify(a, "st2")["in_sync"] is True

@@ -9,9 +9,13 @@ round, like ``cluster_network``):
    verification after a copy waits for the other way's copy to end, then runs again).
 2. ``verify_ranges``: the peer's hashes over this node's coarse ranges (about one per
    4096 rows); only ranges that differ go on.
-3. ``verify_buckets``: the peer's buckets (about 32 rows each) in those ranges; both
-   sides' hashes are compared over the union of both bucket boundaries.
-4. ``verify_rows``: ``key -> row digest`` of the rows in the buckets that differ.
+3. ``verify_buckets``: the peer's hashes over this node's buckets (about 32 rows each)
+   in those ranges (a peer of an earlier release answers its own buckets, compared over
+   the union of both sides' boundaries). The peer never lists its bucket starts: they
+   are keys of its rows.
+4. ``verify_rows``: ``key -> row digest`` of the rows in the buckets that differ. A
+   peer lists its keys only of a table it publishes to this node; otherwise (this node
+   only sends the table) this node's own keys there are the candidates.
 5. ``verify_keys``: the candidate keys are read again on both sides, once each side has
    applied the other's log up to the head it had when the verify began (or a deadline
    passed), so writes still in flight are not reported; keys written after the verify
@@ -257,12 +261,19 @@ class Verifier:
         leaves = await self._differing_ranges(outcome, items)
         if not leaves:
             return
-        answer = await self._ask(outcome, "verify_rows", ranges=leaves)
-        theirs_by_range = answer.get("rows") or []
         mine_by_range = await asyncio.to_thread(compare.rows_in, db, table,
                                                 [(lo, hi) for lo, hi in leaves])
         candidates: set[bytes] = set()
-        for mine, theirs in zip(mine_by_range, theirs_by_range, strict=False):
+        answer: dict[str, Any] = {"by_key": True}
+        if pair.direction != PUSH:
+            answer = await self._ask(outcome, "verify_rows", ranges=leaves)
+        if answer.get("by_key"):
+            # The peer does not publish the table to this node, so it does not list its
+            # keys: only this node's rows can differ the way it sends (rows only the
+            # peer holds are no difference one way), and they are compared key by key.
+            for mine in mine_by_range:
+                candidates.update(mine)
+        for mine, theirs in zip(mine_by_range, answer.get("rows") or [], strict=False):
             theirs_map = {bytes(k): bytes(v) for k, v in theirs}
             for key in mine.keys() | theirs_map.keys():
                 if mine.get(key) != theirs_map.get(key):
@@ -283,9 +294,23 @@ class Verifier:
                 groups.append((start, starts[i + 1] if i + 1 < len(starts) else None))
         if not groups:
             return []
-        answer = await self._ask(outcome, "verify_buckets", ranges=[list(g) for g in groups])
-        peer_lists = answer.get("buckets") or []
+        # The peer's hashes over this node's buckets of each range (it never lists its
+        # own bucket starts, which are keys of its rows).
+        subs_of = [sorted({lo} | {s for s, _ in items if s >= lo and (hi is None or s < hi)})
+                   for lo, hi in groups]
+        answer = await self._ask(outcome, "verify_buckets", ranges=[list(g) for g in groups],
+                                 subs=subs_of)
         leaves: list[list[Any]] = []
+        if "hashes" in answer:
+            for (lo, hi), subs, theirs_hashes in zip(groups, subs_of, answer["hashes"],
+                                                     strict=False):
+                my_items = [(s, h) for s, h in items if s >= lo and (hi is None or s < hi)]
+                a = rowhash.combine(my_items, subs)
+                for j, sub in enumerate(subs):
+                    if j >= len(theirs_hashes) or bytes(theirs_hashes[j]) != a[j]:
+                        leaves.append([sub, subs[j + 1] if j + 1 < len(subs) else hi])
+            return leaves
+        peer_lists = answer.get("buckets") or []  # a peer of an earlier release
         for (lo, hi), peer_items in zip(groups, peer_lists, strict=False):
             their_items = [(bytes(s), bytes(h)) for s, h in peer_items]
             my_items = [(s, h) for s, h in items if s >= lo and (hi is None or s < hi)]
@@ -505,13 +530,39 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         return [(bytes(lo), None if hi is None else bytes(hi))
                 for lo, hi in body.get("ranges") or []]
 
+    def published(peer: str, db: Any, table: Any) -> bool:
+        """Whether this node sends the table to ``peer`` (which may then read it)."""
+        publish = peers.publish_tables(rep.rows.get(peer) or {}, db.name)
+        return publish is not False and peers.table_allowed(db.name, table.name, publish)
+
     async def buckets(peer: str, body: dict[str, Any]) -> dict[str, Any]:
         db, table = target(peer, body)
-        found = await asyncio.to_thread(compare.buckets_in, db, table, parse_ranges(body))
-        return {"buckets": [[[s, h] for s, h in items] for items in found]}
+        ranges = parse_ranges(body)
+        subs = body.get("subs")
+        if subs is None and not published(peer, db, table):
+            # Bucket starts are keys of this node's rows: not for a peer that may not
+            # read the table (an earlier release asks so).
+            raise BadRequestError(f"table '{db.name}.{table.name}' is not published to "
+                                  f"{peer}: its keys are not listed")
+        found = await asyncio.to_thread(compare.buckets_in, db, table, ranges)
+        if subs is None:
+            return {"buckets": [[[s, h] for s, h in items] for items in found]}
+        if not isinstance(subs, list) or len(subs) != len(ranges):
+            raise BadRequestError("'subs' must hold one list of starts per range")
+        hashes = []
+        for (lo, _hi), starts, items in zip(ranges, subs, found, strict=True):
+            starts = [bytes(s) for s in starts or []]
+            if not starts or starts[0] != lo or starts != sorted(starts):
+                raise BadRequestError("each 'subs' list must be sorted and begin with its "
+                                      "range's start")
+            hashes.append(rowhash.combine(items, starts))
+        return {"hashes": hashes}
 
     async def rows(peer: str, body: dict[str, Any]) -> dict[str, Any]:
         db, table = target(peer, body)
+        if not published(peer, db, table):
+            # Its keys are not the peer's to read: it compares its own keys one by one.
+            return {"by_key": True}
         found = await asyncio.to_thread(compare.rows_in, db, table, parse_ranges(body))
         target(peer, body)  # still the incarnation asked about once read
         return {"rows": [[[k, d] for k, d in sorted(m.items())] for m in found]}
@@ -521,9 +572,7 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         wanted = [bytes(k) for k in body.get("keys") or []]
         # Whole records only of a table this node sends the peer: one it only receives
         # from it may be compared (digests, versions), not read.
-        publish = peers.publish_tables(rep.rows.get(peer) or {}, db.name)
-        records = bool(body.get("records")) and publish is not False \
-            and peers.table_allowed(db.name, table.name, publish)
+        records = bool(body.get("records")) and published(peer, db, table)
         found = await asyncio.to_thread(compare.read_rows, db, table, wanted, records)
         target(peer, body)  # still the incarnation asked about once read
         return {"rows": found, "applied": applied(peer, db.name), "head": db.head_seq}
