@@ -482,16 +482,18 @@ def test_repair_keeps_what_dest_wins_and_manual_review_keep(node_factory):
     assert len(a.call("list_dead_letters", table="t_dst")["dead_letters"]) == 1
 
 
-def _unlogged_row(node: Any, table: str, rid: int) -> None:
-    """Store a row on ``node`` through the writer (its hashes kept) but without a log
-    entry: a difference replication never repairs."""
+def _unlogged_row(node: Any, table: str, *ids: int, **record: Any) -> None:
+    """Store rows on ``node`` through the writer (its hashes kept) but without a log
+    entry: differences replication never repairs."""
     from harpsync.storage.records import put_record
 
     storage = node.node.storage
 
     def job(ctx: Any) -> None:
         db, t = storage.table("data", table)
-        put_record(ctx.txn(db), t, encode_id(rid), storage.hlc.now(), 0, {"id": rid})
+        for rid in ids:
+            put_record(ctx.txn(db), t, encode_id(rid), storage.hlc.now(), 0,
+                       {"id": rid, **record})
 
     asyncio.run_coroutine_threadsafe(storage.write(job), node.loop).result(10)
 
@@ -520,3 +522,30 @@ def test_a_link_result_covers_every_table_and_counts_what_a_repair_left(pair):
     assert (verified["in_sync"], verified["differences"]) == (True, 0), verified
     metrics = a.client.get(a.url + "metrics", auth=ADMIN).text
     assert 'harpsync_divergent_keys{database="data",peer="node-b",table="st1"} 0.0' in metrics
+
+
+def test_a_repair_of_large_records_fits_its_messages_in_frames(node_factory, monkeypatch):
+    """verify_keys answered every candidate's record in one message (up to 2,000) and
+    verify_repair sent 500 rows per message, whatever their size: a repair of a table
+    of large records needed frames past the limit and failed every time. Here the frame
+    limit is 1 MiB and each side lacks 1.6 MB of the other's records."""
+    from harpsync.replication import transport
+
+    monkeypatch.setattr(transport, "MAX_FRAME", 1024 * 1024)
+    env = {"REPLICATION_VERIFYINTERVAL": "0"}
+    a = node_factory("node-a", env=env)
+    b = node_factory("node-b", env=env)
+    a.call("create_table", table="big", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    wait_for(lambda: "big" in b.call("describe_database", database="data"), timeout=20,
+             message="the table on node-b")
+    blob = "x" * 40_000
+    _unlogged_row(a, "big", *range(40), blob=blob)
+    _unlogged_row(b, "big", *range(100, 140), blob=blob)
+    [entry] = a.call("repair_cluster", database="data", table="big")["checked"]
+    assert entry.get("error") is None, entry
+    assert (sorted(entry["changed"]["node-a"]), sorted(entry["changed"]["node-b"])) == (
+        list(range(100, 140)), list(range(40)))
+    assert a.count("big") == b.count("big") == 80
+    assert a.call("verify_cluster", database="data", table="big")["in_sync"] is True

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,7 @@ from harpsync.errors import (
     NotFoundError,
     missing_is_bad_request,
 )
-from harpsync.replication import peers
+from harpsync.replication import peers, transport
 from harpsync.replication.membership import node_request
 from harpsync.storage import compare, rowhash
 from harpsync.storage.keys import decode_id, encode_id
@@ -57,6 +57,8 @@ SETTLE_SECONDS = 5.0
 AFTER_COPY_WAIT = 3600.0
 KEY_CHUNK = 2000
 REPAIR_CHUNK = 500
+# Records a verify message carries at most (and a frame's quarter, ``answer_budget``).
+ANSWER_BYTES = 16 * 1024 * 1024
 BOTH, PULL, PUSH = "both", "pull", "push"
 
 
@@ -103,6 +105,25 @@ class Outcome:
             return len(self.differences)
         fixed = {encode_id(rid) for ids in self.changed.values() for rid in ids}
         return sum(1 for key, *_ in self.differences if key not in fixed)
+
+
+def answer_budget() -> int:
+    """Bytes of records one verify message may carry (well inside a frame)."""
+    return min(ANSWER_BYTES, transport.MAX_FRAME // 4)
+
+
+def _chunks(rows: Sequence[tuple[bytes, list[Any]]], budget: int,
+            ) -> list[list[tuple[bytes, list[Any]]]]:
+    # At most REPAIR_CHUNK rows and about ``budget`` bytes of records per message.
+    out: list[list[tuple[bytes, list[Any]]]] = []
+    size = budget
+    for row in rows:
+        if size >= budget or len(out[-1]) >= REPAIR_CHUNK:
+            out.append([])
+            size = 0
+        out[-1].append(row)
+        size += compare.row_size(row[1])
+    return out
 
 
 def copying(sub: Any) -> bool:
@@ -336,10 +357,16 @@ class Verifier:
             here_caught = pair.direction == PUSH or applied_seq(sub) >= peer_head
             theirs: list[compare.RowState] = []
             peer_applied = 0
-            for i in range(0, len(keys), KEY_CHUNK):
-                answer = await self._ask(outcome, "verify_keys", keys=keys[i:i + KEY_CHUNK],
+            while len(theirs) < len(keys):
+                # The peer answers with at most a frame's worth of records: ask on
+                # from the first key it left out.
+                answer = await self._ask(outcome, "verify_keys",
+                                         keys=keys[len(theirs):len(theirs) + KEY_CHUNK],
                                          records=repair)
-                theirs.extend(answer.get("rows") or [])
+                rows = answer.get("rows") or []
+                if not rows:
+                    raise BadRequestError(f"{pair.peer} answered verify_keys without rows")
+                theirs.extend(rows)
                 peer_applied = int(answer.get("applied", 0))
             db, table = self._same_table(outcome)
             mine = await asyncio.to_thread(compare.read_rows, db, table, keys, repair)
@@ -401,9 +428,9 @@ class Verifier:
                     [(k, list(row)) for k, row in here], review))
                 self.rep.note_review(pair.peer, pair.database, review)
             theirs = {}
-            for i in range(0, len(there), REPAIR_CHUNK):
+            for chunk in _chunks(there, answer_budget()):
                 answer = await self._ask(outcome, "verify_repair", incarnation=incarnation,
-                                         rows=[[k, row] for k, row in there[i:i + REPAIR_CHUNK]])
+                                         rows=[[k, row] for k, row in chunk])
                 for name in compare.REPAIR_LISTS:
                     theirs.setdefault(name, []).extend(answer.get(name) or [])
         outcome.repaired = not dry_run
@@ -573,7 +600,8 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         # Whole records only of a table this node sends the peer: one it only receives
         # from it may be compared (digests, versions), not read.
         records = bool(body.get("records")) and published(peer, db, table)
-        found = await asyncio.to_thread(compare.read_rows, db, table, wanted, records)
+        found = await asyncio.to_thread(compare.read_rows, db, table, wanted, records,
+                                        answer_budget() if records else None)
         target(peer, body)  # still the incarnation asked about once read
         return {"rows": found, "applied": applied(peer, db.name), "head": db.head_seq}
 

@@ -76,20 +76,35 @@ def rows_in(db: Database, table: Table, ranges: Sequence[Range]) -> list[dict[by
 
 
 def read_rows(db: Database, table: Table, keys: Sequence[bytes],
-              with_records: bool) -> list[RowState]:
-    """What is stored under each key, with origin names (comparable across nodes)."""
+              with_records: bool, budget: int | None = None) -> list[RowState]:
+    """What is stored under each key, with origin names (comparable across nodes).
+
+    ``budget``: with records, stop after the rows whose records reach this many bytes
+    (at least one row): the answer must fit in one frame; the caller asks again for
+    the keys after them.
+    """
     _check(table)
     out: list[RowState] = []
+    size = 0
     with db.reading() as txn:
         for key in keys:
+            if budget is not None and out and size >= budget:
+                break
             found = digest_reads.stored_row(txn, table, key, codec.unpack)
             if found is None:
                 out.append(None)
                 continue
             row_digest, (version, origin, record) = found
+            if with_records and budget is not None and record is not None:
+                size += len(codec.pack(record))
             out.append([row_digest, version, db.origin_names.get(origin, ""),
                         record is None, record if with_records else None])
     return out
+
+
+def row_size(row: RowState) -> int:
+    """About how many bytes a row takes in a message."""
+    return 64 if row is None or row[4] is None else 64 + len(codec.pack(row[4]))
 
 
 def differs(mine: RowState, theirs: RowState) -> bool:
