@@ -472,6 +472,11 @@ def test_repair_keeps_what_dest_wins_and_manual_review_keep(node_factory):
 
     for node in (a, b):  # node-a stores node-b's row itself, then node-b sends it
         for table, held in (("t_dst", "refused"), ("t_man", "conflicts")):
+            # A dry run says what the repair will do (it said node-a's row would change).
+            [dry] = node.call("repair_cluster", database="data", table=table,
+                              dry_run=True)["checked"]
+            assert dry["changed"] == {"node-a": [], "node-b": []}, dry
+            assert dry[held]["node-a"] == ["x"], dry
             [entry] = node.call("repair_cluster", database="data", table=table)["checked"]
             assert entry["differences"] == 1, entry
             assert entry["changed"] == {"node-a": [], "node-b": []}, entry

@@ -98,6 +98,9 @@ class Outcome:
     incarnation: int | None = None
     # A repair (not a dry run) stored rows: the differences it changed are gone.
     repaired: bool = False
+    # The peer decides a dry run of a repair (an earlier release would write it): then
+    # its policies show in the dry run too.
+    peer_plans: bool = False
 
     def remaining(self) -> int:
         """Differences still there once the comparison (and a repair) ended."""
@@ -269,6 +272,7 @@ class Verifier:
                                   f"'{pair.database}.{pair.table}' (created at "
                                   f"{peer_top.get('incarnation')}, here {table.version})")
         outcome.incarnation = table.version
+        outcome.peer_plans = bool(peer_top.get("dry_run"))
         if peer_top.get("top") == my_top:
             return  # equal tables cost one lookup on each side
         if peer_top.get("copying") or copying(self.rep.subscribers.get((pair.peer,
@@ -417,20 +421,22 @@ class Verifier:
         here = [(k, t) for k, _m, t, side in outcome.differences
                 if side < 0 and t and (t[3] or isinstance(t[4], dict))]
         there = [(k, m) for k, m, _t, side in outcome.differences if side > 0 and m]
-        mine: dict[str, list[Any]] = {"changed": [decode_id(k) for k, _ in here]}
+        mine: dict[str, list[Any]] = {}
         theirs: dict[str, list[Any]] = {"changed": [decode_id(k) for k, _ in there]}
-        if not dry_run:
-            if here:
-                # This node's conflict policies hold as for the same rows replicated in.
-                review = self.rep.review(pair.peer, pair.database)
-                mine = await self.storage.write(compare.repair_job(
-                    self.storage, pair.database, pair.table, incarnation,
-                    [(k, list(row)) for k, row in here], review))
-                self.rep.note_review(pair.peer, pair.database, review)
+        if here:
+            # This node's conflict policies hold as for the same rows replicated in (a
+            # dry run decides the same, writing nothing).
+            review = self.rep.review(pair.peer, pair.database)
+            mine = await self.storage.write(compare.repair_job(
+                self.storage, pair.database, pair.table, incarnation,
+                [(k, list(row)) for k, row in here], review, dry_run))
+            self.rep.note_review(pair.peer, pair.database, review)
+        if there and (not dry_run or outcome.peer_plans):
             theirs = {}
             for chunk in _chunks(there, answer_budget()):
                 answer = await self._ask(outcome, "verify_repair", incarnation=incarnation,
-                                         rows=[[k, row] for k, row in chunk])
+                                         rows=[[k, row] for k, row in chunk],
+                                         dry_run=dry_run)
                 for name in compare.REPAIR_LISTS:
                     theirs.setdefault(name, []).extend(answer.get(name) or [])
         outcome.repaired = not dry_run
@@ -543,7 +549,7 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         return {"incarnation": table.version,
                 "top": await asyncio.to_thread(compare.top_hash, db, table),
                 "copying": copying(rep.subscribers.get((peer, db.name))),
-                "format": rowhash.FORMAT,
+                "format": rowhash.FORMAT, "dry_run": True,
                 "head": db.head_seq, "applied": applied(peer, db.name)}
 
     async def ranges(peer: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -616,7 +622,8 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         # This node's conflict policies for the rows' origins, as for replicated rows.
         review = rep.review(peer, db.name)
         out = await storage.write(compare.repair_job(
-            storage, db.name, table.name, int(body.get("incarnation", -1)), rows_in, review))
+            storage, db.name, table.name, int(body.get("incarnation", -1)), rows_in, review,
+            bool(body.get("dry_run"))))
         rep.note_review(peer, db.name, review)
         return dict(out)
 

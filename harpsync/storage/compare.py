@@ -12,7 +12,7 @@ from typing import Any
 from harpsync import codec
 from harpsync.errors import BadRequestError
 from harpsync.storage import digest, digest_reads, rowhash
-from harpsync.storage.conflicts import Review
+from harpsync.storage.conflicts import APPLY, REFUSE, SKIP, Review, decide
 from harpsync.storage.database import Database, Table
 from harpsync.storage.keys import decode_id
 from harpsync.storage.records import put_record, put_tombstone
@@ -144,7 +144,7 @@ def rebuild_job(storage: Storage, db_name: str, table_name: str,
 
 def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int,
                rows: Sequence[tuple[bytes, list[Any]]], review: Review | None = None,
-               ) -> Callable[[WriteContext], dict[str, list[Any]]]:
+               dry_run: bool = False) -> Callable[[WriteContext], dict[str, list[Any]]]:
     """A job storing each winning row ``(key, [digest, version, origin, deleted, record])``
     where something older is stored (a row the stored one beats, written after the
     verify compared, stays), logged under the row's origin and version so the
@@ -154,6 +154,8 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
     replicated change of the same row: ``dest_wins`` keeps a row last written here (the
     refused row becomes a dead letter) and ``manual_review`` leaves it for an operator
     (both versions go to ``system.hdb_conflicts``) instead of overwriting it.
+
+    ``dry_run``: decide the same, write nothing.
 
     Returns:
         ``changed``: the ids changed here; ``refused`` and ``conflicts``: the ids a
@@ -189,12 +191,18 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
                     # writer wins; replication brings it to the peer).
                     continue
                 if review is not None and stored_name != origin_name:
-                    before = review.conflicts
-                    if not review.admit(ctx, db, table, op,
-                                        (stored_version, stored_origin, stored_record),
-                                        version, origin_name):
-                        out["conflicts" if review.conflicts > before else "refused"].append(rid)
+                    held = (stored_version, stored_origin, stored_record)
+                    verdict = decide(review.policy_for(origin_name, table_name), held,
+                                     stored_name, version, origin_name)
+                    if verdict != APPLY:
+                        if not dry_run:  # a dead letter, or both versions to review
+                            review.admit(ctx, db, table, op, held, version, origin_name)
+                        if verdict != SKIP:
+                            out["refused" if verdict == REFUSE else "conflicts"].append(rid)
                         continue
+            if dry_run:
+                out["changed"].append(rid)
+                continue
             oid = local_origin(ctx, db, origin_name)
             if deleted:
                 put_tombstone(txn, table, key, version, oid)
