@@ -487,17 +487,20 @@ def test_repair_keeps_what_dest_wins_and_manual_review_keep(node_factory):
     assert len(a.call("list_dead_letters", table="t_dst")["dead_letters"]) == 1
 
 
-def _unlogged_row(node: Any, table: str, *ids: int, **record: Any) -> None:
+def _unlogged_row(node: Any, table: str, *ids: int, origin: str | None = None,
+                  **record: Any) -> None:
     """Store rows on ``node`` through the writer (its hashes kept) but without a log
-    entry: differences replication never repairs."""
+    entry: differences replication never repairs. ``origin``: the node they claim to
+    come from (this one if None)."""
     from harpsync.storage.records import put_record
 
     storage = node.node.storage
 
     def job(ctx: Any) -> None:
         db, t = storage.table("data", table)
+        oid = 0 if origin is None else db.origin_ids[origin]
         for rid in ids:
-            put_record(ctx.txn(db), t, encode_id(rid), storage.hlc.now(), 0,
+            put_record(ctx.txn(db), t, encode_id(rid), storage.hlc.now(), oid,
                        {"id": rid, **record})
 
     asyncio.run_coroutine_threadsafe(storage.write(job), node.loop).result(10)
@@ -532,25 +535,30 @@ def test_a_link_result_covers_every_table_and_counts_what_a_repair_left(pair):
 def test_a_repair_of_large_records_fits_its_messages_in_frames(node_factory, monkeypatch):
     """verify_keys answered every candidate's record in one message (up to 2,000) and
     verify_repair sent 500 rows per message, whatever their size: a repair of a table
-    of large records needed frames past the limit and failed every time. Here the frame
-    limit is 1 MiB and each side lacks 1.6 MB of the other's records."""
+    of large records needed frames past the limit and failed every time. And the rows a
+    repair fetched went into one job logging one entry per origin: for this node's own
+    rows (lost here, say by a restore) an entry past the log limit, refused. Here the
+    frame limit is 1 MiB and each side lacks 1.6 MB of the other's records; node-b's
+    claim node-a as their origin."""
     from harpsync.replication import transport
 
     monkeypatch.setattr(transport, "MAX_FRAME", 1024 * 1024)
     env = {"REPLICATION_VERIFYINTERVAL": "0"}
     a = node_factory("node-a", env=env)
     b = node_factory("node-b", env=env)
+    for node in (a, b):  # a node's own log entries must fit in frames
+        node.node.storage.max_log_entry = transport.MAX_FRAME
     a.call("create_table", table="big", primary_key="id")
     join(a, b)
     wait_linked([(a, b), (b, a)], ("system", "data"))
-    wait_for(lambda: "big" in b.call("describe_database", database="data"), timeout=20,
-             message="the table on node-b")
+    a.call("insert", table="big", records=[{"id": 1000}])
+    wait_for(lambda: b.count("big") == 1, timeout=20, message="the table on node-b")
     blob = "x" * 40_000
     _unlogged_row(a, "big", *range(40), blob=blob)
-    _unlogged_row(b, "big", *range(100, 140), blob=blob)
+    _unlogged_row(b, "big", *range(100, 140), origin="node-a", blob=blob)
     [entry] = a.call("repair_cluster", database="data", table="big")["checked"]
     assert entry.get("error") is None, entry
     assert (sorted(entry["changed"]["node-a"]), sorted(entry["changed"]["node-b"])) == (
         list(range(100, 140)), list(range(40)))
-    assert a.count("big") == b.count("big") == 80
+    assert a.count("big") == b.count("big") == 81
     assert a.call("verify_cluster", database="data", table="big")["in_sync"] is True

@@ -427,9 +427,15 @@ class Verifier:
             # This node's conflict policies hold as for the same rows replicated in (a
             # dry run decides the same, writing nothing).
             review = self.rep.review(pair.peer, pair.database)
-            mine = await self.storage.write(compare.repair_job(
-                self.storage, pair.database, pair.table, incarnation,
-                [(k, list(row)) for k, row in here], review, dry_run))
+            # A job per chunk: each logs at most one frame's worth of rows per origin (one
+            # entry for all could be too large to send on, or for this node's own rows
+            # to log at all).
+            for chunk in _chunks([(k, list(row)) for k, row in here], answer_budget()):
+                done = await self.storage.write(compare.repair_job(
+                    self.storage, pair.database, pair.table, incarnation, chunk, review,
+                    dry_run))
+                for name in compare.REPAIR_LISTS:
+                    mine.setdefault(name, []).extend(done.get(name) or [])
             self.rep.note_review(pair.peer, pair.database, review)
         if there and (not dry_run or outcome.peer_plans):
             theirs = {}
