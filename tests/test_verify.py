@@ -562,3 +562,24 @@ def test_a_repair_of_large_records_fits_its_messages_in_frames(node_factory, mon
         list(range(100, 140)), list(range(40)))
     assert a.count("big") == b.count("big") == 81
     assert a.call("verify_cluster", database="data", table="big")["in_sync"] is True
+
+
+def test_a_repair_holds_back_rows_stamped_beyond_the_clock_skew_bound(node_factory):
+    """node-a's clock is an hour ahead: node-b holds its write back (clock skew) until
+    the clocks agree. node-a's repair pushed that row to node-b all the same, past the
+    bound replication keeps; now node-b holds it back there too and says so."""
+    env = {"REPLICATION_VERIFYINTERVAL": "0"}
+    a = node_factory("node-a", env={**env, "HARPSYNC_CLOCK_OFFSET_MS": str(3_600_000)})
+    b = node_factory("node-b", env=env)
+    a.call("create_table", table="t", primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    wait_for(lambda: "t" in b.call("describe_database", database="data"), timeout=20,
+             message="table t on node-b")
+    a.call("insert", table="t", records=[{"id": 1, "v": "from the future"}])
+    wait_for(lambda: "clock skew" in str(_socket(b, "node-a", "data").get("last_error")),
+             timeout=20, message="node-b holding node-a's write back")
+    [entry] = a.call("repair_cluster", database="data", table="t")["checked"]
+    assert entry["differences"] == 1, entry
+    assert entry["changed"]["node-b"] == [] and entry["skewed"]["node-b"] == [1], entry
+    assert b.count("t") == 0, "the repair stored a row replication holds back"

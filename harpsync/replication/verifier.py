@@ -89,6 +89,9 @@ class Outcome:
     # them: dest_wins (a dead letter) and manual_review (system.hdb_conflicts).
     refused: dict[str, list[Any]] = field(default_factory=dict)
     conflicts: dict[str, list[Any]] = field(default_factory=dict)
+    # Per node, the ids stamped beyond its clock-skew bound: held back, as replication
+    # holds them, until the clocks agree.
+    skewed: dict[str, list[Any]] = field(default_factory=dict)
     timings: list[Any] = field(default_factory=list)
     # A full copy between the two was under way and the tops differed: nothing was
     # compared (a half-copied table differs in every row not copied yet).

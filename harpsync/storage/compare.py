@@ -22,8 +22,9 @@ from harpsync.storage.writer import WriteContext
 from harpsync.storage.writes import note_attributes
 
 Range = tuple[bytes, bytes | None]
-# What a repair answers per node: the ids it changed, and those a policy kept.
-REPAIR_LISTS = ("changed", "refused", "conflicts")
+# What a repair answers per node: the ids it changed, those a policy kept, and those
+# stamped beyond the clock-skew bound (held back, as replication holds them).
+REPAIR_LISTS = ("changed", "refused", "conflicts", "skewed")
 # What one side holds under a key: None (absent) or
 # [digest, version, origin name, deleted, record or None].
 RowState = list[Any] | None
@@ -159,7 +160,7 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
 
     Returns:
         ``changed``: the ids changed here; ``refused`` and ``conflicts``: the ids a
-        policy kept as they are.
+        policy kept as they are; ``skewed``: those stamped beyond the clock-skew bound.
     """
 
     def job(ctx: WriteContext) -> dict[str, list[Any]]:
@@ -169,13 +170,14 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
             raise BadRequestError(f"table '{db_name}.{table_name}' was re-created; "
                                   "verify again")
         txn = ctx.txn(db)
-        out: dict[str, list[Any]] = {"changed": [], "refused": [], "conflicts": []}
+        out: dict[str, list[Any]] = {name: [] for name in REPAIR_LISTS}
         relay: dict[int, list[list[Any]]] = {}
+        limit = storage.hlc.limit()
         for key, (row_digest, version, origin_name, deleted, record) in rows:
             if not deleted and not isinstance(record, dict):
                 continue  # a live row without its record (not published here): unknown
-            found = digest_reads.stored_row(txn, table, key, codec.unpack)
             rid = decode_id(key)
+            found = digest_reads.stored_row(txn, table, key, codec.unpack)
             op = [table_name, "delete" if deleted else "upsert", rid,
                   None if deleted else record, table.version]
             if found is not None:
@@ -200,10 +202,17 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
                         if verdict != SKIP:
                             out["refused" if verdict == REFUSE else "conflicts"].append(rid)
                         continue
+            if version > limit:
+                # Stamped further ahead of this node's clock than replication accepts:
+                # held back until the clocks agree, as the link holds it (stored now,
+                # it would win here early, and stall the links that relay it on).
+                out["skewed"].append(rid)
+                continue
             if dry_run:
                 out["changed"].append(rid)
                 continue
             oid = local_origin(ctx, db, origin_name)
+            storage.hlc.observe(version)  # as for a replicated row
             if deleted:
                 put_tombstone(txn, table, key, version, oid)
             else:
