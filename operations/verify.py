@@ -48,7 +48,8 @@ async def _run(ctx: OpContext, body: dict[str, Any], repair: bool) -> dict[str, 
     if repair:
         result["dry_run"] = dry_run
         for entry, outcome in zip(checked, outcomes, strict=True):
-            entry["changed"] = outcome.changed or {node: [], outcome.pair.peer: []}
+            for name in compare.REPAIR_LISTS:
+                entry[name] = getattr(outcome, name) or {node: [], outcome.pair.peer: []}
     return result
 
 

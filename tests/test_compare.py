@@ -33,7 +33,7 @@ def test_repair_never_overwrites_a_newer_row(storage: Storage) -> None:
             storage, "data", "t", table.version, [(encode_id(1), list(stale))]))
         row = _row(storage, 1)
         assert row is not None and row[4]["v"] == "new"
-        assert changed == []
+        assert changed["changed"] == []
 
     asyncio.run(run())
 
@@ -51,7 +51,8 @@ def test_a_repair_after_a_re_create_writes_nothing(storage: Storage) -> None:
                                                  [{"id": 1, "v": "old"}], "insert", None))
         theirs = _row(storage, 1)  # the peer's row that won the comparison
         await storage.write(writes.delete_records(storage, "data", "t", [1], None))
-        verifier = Verifier(SimpleNamespace(storage=storage, node_name="node-a"))  # type: ignore[arg-type]
+        verifier = Verifier(SimpleNamespace(storage=storage, node_name="node-a",  # type: ignore[arg-type]
+                                            review=lambda peer, database: None))
         outcome = Outcome(Pair("node-b", "https://unused", "data", "t", BOTH))
         outcome.incarnation = storage.table("data", "t")[1].version  # as _compare notes it
         outcome.differences = [(encode_id(1), _row(storage, 1), theirs, -1)]
@@ -76,7 +77,7 @@ def test_a_repair_skips_a_live_row_that_came_without_its_record(storage: Storage
             storage, "data", "t", table.version,
             [(encode_id(1), [b"12345678", version, "node-b", False, None]),
              (encode_id(2), [b"87654321", version, "node-b", False, {"id": 2}])]))
-        assert changed == [2]
+        assert changed["changed"] == [2]
         assert _row(storage, 1) is None
         row = _row(storage, 2)
         assert row is not None and row[4] == {"id": 2}

@@ -280,7 +280,9 @@ def test_rows_missed_by_a_narrowed_subscription_are_found_one_way_for_one_way_ta
     assert entry["direction"] == "both" and entry["differences"] == 5, entry
     assert {k["id"]: (k["winner"], k["this"]) for k in entry["keys"]} == {
         i: ("node-c", {"absent": True}) for i in range(5)}
-    assert _socket(d, "node-c", "data")["verified"]["differences"] == 5
+    # The link's result covers its other tables too: oneway's 5 count once compared (by
+    # the verification after the copies the restarted links may have run).
+    assert _socket(d, "node-c", "data")["verified"]["differences"] in (5, 10)
     metrics = d.client.get(d.url + "metrics", auth=ADMIN).text
     assert ('harpsync_divergent_keys{database="data",peer="node-c",table="gap"} 5.0'
             in metrics)
@@ -353,3 +355,231 @@ def test_a_peer_reads_records_through_verify_only_of_tables_published_to_it(node
     (row,) = answer["result"]["rows"]
     assert row is not None and row[2] == a.name  # compared: digest, version, origin
     assert "a's own" not in json.dumps(row, default=str), "a's record went to b"
+
+
+def test_a_peer_lists_no_keys_of_a_table_not_published_to_it(node_factory):
+    """a takes t1 from b but does not send t1 to b. verify_rows answered b with every
+    key of a's rows in the ranges asked (and verify_buckets with a's bucket start keys):
+    ids are data b may not read. Now a lists neither; b's own verify of what it sends
+    still finds (and repairs) a row a lacks, comparing its own keys one by one."""
+    from harpsync.errors import PeerError
+    from harpsync.replication.membership import node_request
+
+    a = node_factory("node-a", env={"REPLICATION_VERIFYINTERVAL": "0"})
+    b = node_factory("node-b", env={"REPLICATION_VERIFYINTERVAL": "0"})
+    a.call("create_table", table="t1", primary_key="id")
+    join(a, b, subscriptions=[{"database": "data", "table": "t1",
+                               "subscribe": True, "publish": False}])
+    wait_linked([(a, b)], ("system", "data"))
+    wait_for(lambda: "t1" in b.call("describe_database", database="data"), timeout=20,
+             message="t1 on node-b")
+    a.call("insert", table="t1", records=[{"id": f"secret-{i}"} for i in range(200)])
+
+    def ask(operation: str, **body: Any) -> Any:
+        request = {"type": "operation", "body": {
+            "operation": operation, "database": "data", "table": "t1", **body}}
+        coro = node_request(b.node.cluster, a.repl_url, request, verify=True,
+                            present_cert=True, timeout=10, expect=a.name)
+        return asyncio.run_coroutine_threadsafe(coro, b.loop).result(20)
+
+    for operation in ("verify_rows", "verify_buckets"):
+        try:
+            answer = json.dumps(ask(operation, ranges=[[b"", None]]), default=str)
+        except PeerError as exc:  # refused
+            answer = exc.message
+        assert "secret" not in answer, f"{operation} listed a's keys to b: {answer[:300]}"
+
+    _unlogged_row(b, "t1", 7)  # a row b sends and a lacks
+    [entry] = b.call("verify_cluster", database="data", table="t1")["checked"]
+    assert entry["direction"] == "push" and entry.get("error") is None, entry
+    assert [k["id"] for k in entry["keys"]] == [7], entry
+    [entry] = b.call("repair_cluster", database="data", table="t1")["checked"]
+    assert entry["changed"] == {"node-b": [], "node-a": [7]}, entry
+    assert b.call("verify_cluster", database="data", table="t1")["in_sync"] is True
+
+
+def test_a_table_re_created_on_the_peer_during_the_verify_is_not_compared(pair):
+    """node-b drops and re-creates the table between verify_top and verify_keys (node-a
+    has not received the drop: its stream from node-b is paused). verify_keys named no
+    incarnation, so node-b answered from its new, empty table: node-b's row 100 of the
+    compared incarnation read as absent and the verify said in_sync. Now node-b refuses
+    the request and the pair reports that the table was re-created."""
+    a, b = pair
+    setup_table(a, b, "recreated", 10)
+    a.call("pause_replication", hostname="node-b", database="data")
+    verifier = a.node.verifier
+    asked = verifier._ask
+    re_created: list[str] = []
+
+    async def ask(outcome: Any, operation: str, **body: Any) -> dict[str, Any]:
+        if operation == "verify_keys" and not re_created:
+            re_created.append(operation)
+            for op, extra in (("drop_table", {}), ("create_table", {"primary_key": "id"})):
+                await asyncio.to_thread(b.call, op, database="data", table="recreated",
+                                        **extra)
+        return await asked(outcome, operation, **body)
+
+    try:
+        b.call("insert", database="data", table="recreated", records=[{"id": 100}])
+        verifier._ask = ask  # type: ignore[method-assign]
+        result = verify(a, "recreated")
+        assert re_created, "the verify never reached verify_keys"
+        [entry] = result["checked"]
+        assert result["in_sync"] is False, entry
+        assert "re-created" in entry.get("error", ""), entry
+    finally:
+        del verifier._ask
+        a.call("resume_replication", hostname="node-b", database="data")
+    wait_for(lambda: a.count("recreated") == 0, timeout=15, message="the drop on node-a")
+
+
+def test_repair_keeps_what_dest_wins_and_manual_review_keep(node_factory):
+    """node-a takes t_dst from node-b under dest_wins and t_man under manual_review;
+    both nodes wrote id x, node-b last. Replication kept node-a's row (a dead letter, a
+    conflict), and the nodes differ. A repair, from either side, used to overwrite it
+    with node-b's newer row all the same; now node-a's policies hold as for the
+    replicated change: its row stays, the repair lists the id as refused or held for
+    review, and the review queue keeps the conflict."""
+    env = {"REPLICATION_VERIFYINTERVAL": "0"}
+    a = node_factory("node-a", env=env)
+    b = node_factory("node-b", env=env)
+    policies = {"t_dst": "dest_wins", "t_man": "manual_review"}
+    for table in policies:
+        b.call("create_table", database="data", table=table, primary_key="id")
+    join(a, b, subscriptions=[{"database": "data", "table": t, "subscribe": True,
+                               "publish": True, "conflict": p} for t, p in policies.items()])
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    wait_for(lambda: all(t in a.call("describe_database", database="data")
+                         for t in policies), timeout=20, message="the tables on node-a")
+    a.call("pause_replication", hostname="node-b", database="data")
+
+    def value(node: Any, table: str) -> Any:
+        found = node.call("search_by_id", database="data", table=table, ids=["x"],
+                          get_attributes=["*"])
+        return found[0]["v"] if found else None
+
+    for table in policies:
+        a.call("upsert", database="data", table=table, records=[{"id": "x", "v": "a"}])
+    wait_for(lambda: all(value(b, t) == "a" for t in policies), timeout=15,
+             message="node-a's writes on node-b")
+    for table in policies:
+        b.call("upsert", database="data", table=table, records=[{"id": "x", "v": "b"}])
+    a.call("resume_replication", hostname="node-b", database="data")
+    wait_for(lambda: len(a.call("list_dead_letters", table="t_dst")["dead_letters"]) == 1
+             and len(a.call("list_conflicts", table="t_man")["conflicts"]) == 1,
+             timeout=15, message="the policies applied on node-a")
+    assert (value(a, "t_dst"), value(a, "t_man")) == ("a", "a")
+
+    for node in (a, b):  # node-a stores node-b's row itself, then node-b sends it
+        for table, held in (("t_dst", "refused"), ("t_man", "conflicts")):
+            # A dry run says what the repair will do (it said node-a's row would change).
+            [dry] = node.call("repair_cluster", database="data", table=table,
+                              dry_run=True)["checked"]
+            assert dry["changed"] == {"node-a": [], "node-b": []}, dry
+            assert dry[held]["node-a"] == ["x"], dry
+            [entry] = node.call("repair_cluster", database="data", table=table)["checked"]
+            assert entry["differences"] == 1, entry
+            assert entry["changed"] == {"node-a": [], "node-b": []}, entry
+            assert entry[held]["node-a"] == ["x"], entry
+            assert value(a, table) == "a", f"{node.name}'s repair overwrote {table}"
+    assert value(b, "t_dst") == value(b, "t_man") == "b"
+    assert len(a.call("list_conflicts", table="t_man")["conflicts"]) == 1
+    assert len(a.call("list_dead_letters", table="t_dst")["dead_letters"]) == 1
+
+
+def _unlogged_row(node: Any, table: str, *ids: int, origin: str | None = None,
+                  **record: Any) -> None:
+    """Store rows on ``node`` through the writer (its hashes kept) but without a log
+    entry: differences replication never repairs. ``origin``: the node they claim to
+    come from (this one if None)."""
+    from harpsync.storage.records import put_record
+
+    storage = node.node.storage
+
+    def job(ctx: Any) -> None:
+        db, t = storage.table("data", table)
+        oid = 0 if origin is None else db.origin_ids[origin]
+        for rid in ids:
+            put_record(ctx.txn(db), t, encode_id(rid), storage.hlc.now(), oid,
+                       {"id": rid, **record})
+
+    asyncio.run_coroutine_threadsafe(storage.write(job), node.loop).result(10)
+
+
+def test_a_link_result_covers_every_table_and_counts_what_a_repair_left(pair):
+    """cluster_status shows one verified result per link: a verify of one in-sync table
+    used to replace it, hiding a difference the previous verify found in another table;
+    and after a repair fixed every difference it still said out of sync (as did
+    harpsync_divergent_keys) until the next verification."""
+    a, b = pair
+    setup_table(a, b, "st1", 5)
+    setup_table(a, b, "st2", 5)
+    a.call("verify_cluster", database="data")  # every table of the link, as it is now
+    _unlogged_row(b, "st1", 99)
+    assert verify(a, "st1")["checked"][0]["differences"] == 1
+    assert verify(a, "st2")["in_sync"] is True
+    verified = _socket(a, "node-b", "data")["verified"]
+    assert (verified["in_sync"], verified["differences"]) == (False, 1), verified
+
+    dry = a.call("repair_cluster", database="data", table="st1", dry_run=True)
+    assert dry["checked"][0]["changed"]["node-a"] == [99]
+    assert _socket(a, "node-b", "data")["verified"]["differences"] == 1
+    repaired = a.call("repair_cluster", database="data", table="st1")
+    assert repaired["checked"][0]["changed"]["node-a"] == [99]
+    verified = _socket(a, "node-b", "data")["verified"]
+    assert (verified["in_sync"], verified["differences"]) == (True, 0), verified
+    metrics = a.client.get(a.url + "metrics", auth=ADMIN).text
+    assert 'harpsync_divergent_keys{database="data",peer="node-b",table="st1"} 0.0' in metrics
+
+
+def test_a_repair_of_large_records_fits_its_messages_in_frames(node_factory, monkeypatch):
+    """verify_keys answered every candidate's record in one message (up to 2,000) and
+    verify_repair sent 500 rows per message, whatever their size: a repair of a table
+    of large records needed frames past the limit and failed every time. And the rows a
+    repair fetched went into one job logging one entry per origin: for this node's own
+    rows (lost here, say by a restore) an entry past the log limit, refused. Here the
+    frame limit is 1 MiB and each side lacks 1.6 MB of the other's records; node-b's
+    claim node-a as their origin."""
+    from harpsync.replication import transport
+
+    monkeypatch.setattr(transport, "MAX_FRAME", 1024 * 1024)
+    env = {"REPLICATION_VERIFYINTERVAL": "0"}
+    a = node_factory("node-a", env=env)
+    b = node_factory("node-b", env=env)
+    for node in (a, b):  # a node's own log entries must fit in frames
+        node.node.storage.max_log_entry = transport.MAX_FRAME
+    a.call("create_table", table="big", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    a.call("insert", table="big", records=[{"id": 1000}])
+    wait_for(lambda: b.count("big") == 1, timeout=20, message="the table on node-b")
+    blob = "x" * 40_000
+    _unlogged_row(a, "big", *range(40), blob=blob)
+    _unlogged_row(b, "big", *range(100, 140), origin="node-a", blob=blob)
+    [entry] = a.call("repair_cluster", database="data", table="big")["checked"]
+    assert entry.get("error") is None, entry
+    assert (sorted(entry["changed"]["node-a"]), sorted(entry["changed"]["node-b"])) == (
+        list(range(100, 140)), list(range(40)))
+    assert a.count("big") == b.count("big") == 81
+    assert a.call("verify_cluster", database="data", table="big")["in_sync"] is True
+
+
+def test_a_repair_holds_back_rows_stamped_beyond_the_clock_skew_bound(node_factory):
+    """node-a's clock is an hour ahead: node-b holds its write back (clock skew) until
+    the clocks agree. node-a's repair pushed that row to node-b all the same, past the
+    bound replication keeps; now node-b holds it back there too and says so."""
+    env = {"REPLICATION_VERIFYINTERVAL": "0"}
+    a = node_factory("node-a", env={**env, "HARPSYNC_CLOCK_OFFSET_MS": str(3_600_000)})
+    b = node_factory("node-b", env=env)
+    a.call("create_table", table="t", primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    wait_for(lambda: "t" in b.call("describe_database", database="data"), timeout=20,
+             message="table t on node-b")
+    a.call("insert", table="t", records=[{"id": 1, "v": "from the future"}])
+    wait_for(lambda: "clock skew" in str(_socket(b, "node-a", "data").get("last_error")),
+             timeout=20, message="node-b holding node-a's write back")
+    [entry] = a.call("repair_cluster", database="data", table="t")["checked"]
+    assert entry["differences"] == 1, entry
+    assert entry["changed"]["node-b"] == [] and entry["skewed"]["node-b"] == [1], entry
+    assert b.count("t") == 0, "the repair stored a row replication holds back"

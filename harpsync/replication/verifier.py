@@ -1,7 +1,7 @@
 """Verify and repair: compare a table's hashes with a peer's, then only what differs.
 
 The exchange runs over the peer's ``/.node`` endpoint (mutual TLS, one request per
-round, like ``cluster_network``):
+round, like ``cluster_network``; the peer answers in ``verify_peer.py``):
 
 1. ``verify_top``: the peer's top hash (one stored value), incarnation, row-digest
    layout, log head, and whether it is receiving a full copy from this node. Equal tops
@@ -9,9 +9,13 @@ round, like ``cluster_network``):
    verification after a copy waits for the other way's copy to end, then runs again).
 2. ``verify_ranges``: the peer's hashes over this node's coarse ranges (about one per
    4096 rows); only ranges that differ go on.
-3. ``verify_buckets``: the peer's buckets (about 32 rows each) in those ranges; both
-   sides' hashes are compared over the union of both bucket boundaries.
-4. ``verify_rows``: ``key -> row digest`` of the rows in the buckets that differ.
+3. ``verify_buckets``: the peer's hashes over this node's buckets (about 32 rows each)
+   in those ranges (a peer of an earlier release answers its own buckets, compared over
+   the union of both sides' boundaries). The peer never lists its bucket starts: they
+   are keys of its rows.
+4. ``verify_rows``: ``key -> row digest`` of the rows in the buckets that differ. A
+   peer lists its keys only of a table it publishes to this node; otherwise (this node
+   only sends the table) this node's own keys there are the candidates.
 5. ``verify_keys``: the candidate keys are read again on both sides, once each side has
    applied the other's log up to the head it had when the verify began (or a deadline
    passed), so writes still in flight are not reported; keys written after the verify
@@ -25,16 +29,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from harpsync import codec
-from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
+from harpsync.errors import (
+    BadRequestError,
+    HarpsyncError,
+    NotFoundError,
+    missing_is_bad_request,
+)
 from harpsync.replication import peers
 from harpsync.replication.membership import node_request
+from harpsync.replication.verify_peer import (
+    answer_budget,
+    applied_seq,
+    copying,
+    peer_handlers,
+)
 from harpsync.storage import compare, rowhash
-from harpsync.storage.keys import decode_id
+from harpsync.storage.keys import decode_id, encode_id
 from harpsync.storage.store import SYSTEM
 
 if TYPE_CHECKING:
@@ -74,6 +89,13 @@ class Outcome:
     rounds: int = 0
     error: str | None = None
     changed: dict[str, list[Any]] = field(default_factory=dict)
+    # Per node, the ids a repair left as they were because a conflict policy there keeps
+    # them: dest_wins (a dead letter) and manual_review (system.hdb_conflicts).
+    refused: dict[str, list[Any]] = field(default_factory=dict)
+    conflicts: dict[str, list[Any]] = field(default_factory=dict)
+    # Per node, the ids stamped beyond its clock-skew bound: held back, as replication
+    # holds them, until the clocks agree.
+    skewed: dict[str, list[Any]] = field(default_factory=dict)
     timings: list[Any] = field(default_factory=list)
     # A full copy between the two was under way and the tops differed: nothing was
     # compared (a half-copied table differs in every row not copied yet).
@@ -81,21 +103,32 @@ class Outcome:
     # The table's incarnation both sides held when compared: a repair writes only into
     # it (a drop and re-create since makes the comparison's rows another table's).
     incarnation: int | None = None
+    # A repair (not a dry run) stored rows: the differences it changed are gone.
+    repaired: bool = False
+    # The peer decides a dry run of a repair (an earlier release would write it): then
+    # its policies show in the dry run too.
+    peer_plans: bool = False
+
+    def remaining(self) -> int:
+        """Differences still there once the comparison (and a repair) ended."""
+        if not self.repaired:
+            return len(self.differences)
+        fixed = {encode_id(rid) for ids in self.changed.values() for rid in ids}
+        return sum(1 for key, *_ in self.differences if key not in fixed)
 
 
-def copying(sub: Any) -> bool:
-    """Whether a subscriber is receiving a full copy."""
-    return sub is not None and getattr(sub, "copy_progress", None) is not None
-
-
-def applied_seq(sub: Any) -> int:
-    """How far a subscriber has applied its peer's log (as ``lag_txns`` counts it)."""
-    if sub is None:
-        return 0
-    applied = int(sub.committed_seq)
-    if sub.backlog() == 0 and sub.caught_up_seq >= sub.received_seq:
-        applied = max(applied, int(sub.caught_up_seq))
-    return applied
+def _chunks(rows: Sequence[tuple[bytes, list[Any]]], budget: int,
+            ) -> list[list[tuple[bytes, list[Any]]]]:
+    # At most REPAIR_CHUNK rows and about ``budget`` bytes of records per message.
+    out: list[list[tuple[bytes, list[Any]]]] = []
+    size = budget
+    for row in rows:
+        if size >= budget or len(out[-1]) >= REPAIR_CHUNK:
+            out.append([])
+            size = 0
+        out[-1].append(row)
+        size += compare.row_size(row[1])
+    return out
 
 
 class Verifier:
@@ -106,6 +139,9 @@ class Verifier:
         self.storage = rep.storage
         self._task: asyncio.Task[None] | None = None
         self.last_run: float | None = None
+        # (peer, database, table) -> (in sync, differences) at its last comparison: a
+        # link's result covers every table last compared, not only the last run's.
+        self._tables: dict[tuple[str, str, str], tuple[bool, int]] = {}
 
     # -- planning ----------------------------------------------------------------------
     def plan(self, database: str | None = None, table: str | None = None,
@@ -182,6 +218,11 @@ class Verifier:
 
     async def _ask(self, outcome: Outcome, operation: str, **body: Any) -> dict[str, Any]:
         pair = outcome.pair
+        if outcome.incarnation is not None:
+            # Every request after verify_top names the incarnation it compares: a peer
+            # that dropped and re-created the table since refuses instead of answering
+            # with another table's rows.
+            body.setdefault("incarnation", outcome.incarnation)
         request = {"type": "operation",
                    "body": {"operation": operation, "database": pair.database,
                             "table": pair.table, **body}}
@@ -218,6 +259,7 @@ class Verifier:
                                   f"'{pair.database}.{pair.table}' (created at "
                                   f"{peer_top.get('incarnation')}, here {table.version})")
         outcome.incarnation = table.version
+        outcome.peer_plans = bool(peer_top.get("dry_run"))
         if peer_top.get("top") == my_top:
             return  # equal tables cost one lookup on each side
         if peer_top.get("copying") or copying(self.rep.subscribers.get((pair.peer,
@@ -231,12 +273,19 @@ class Verifier:
         leaves = await self._differing_ranges(outcome, items)
         if not leaves:
             return
-        answer = await self._ask(outcome, "verify_rows", ranges=leaves)
-        theirs_by_range = answer.get("rows") or []
         mine_by_range = await asyncio.to_thread(compare.rows_in, db, table,
                                                 [(lo, hi) for lo, hi in leaves])
         candidates: set[bytes] = set()
-        for mine, theirs in zip(mine_by_range, theirs_by_range, strict=False):
+        answer: dict[str, Any] = {"by_key": True}
+        if pair.direction != PUSH:
+            answer = await self._ask(outcome, "verify_rows", ranges=leaves)
+        if answer.get("by_key"):
+            # The peer does not publish the table to this node, so it does not list its
+            # keys: only this node's rows can differ the way it sends (rows only the
+            # peer holds are no difference one way), and they are compared key by key.
+            for mine in mine_by_range:
+                candidates.update(mine)
+        for mine, theirs in zip(mine_by_range, answer.get("rows") or [], strict=False):
             theirs_map = {bytes(k): bytes(v) for k, v in theirs}
             for key in mine.keys() | theirs_map.keys():
                 if mine.get(key) != theirs_map.get(key):
@@ -257,9 +306,23 @@ class Verifier:
                 groups.append((start, starts[i + 1] if i + 1 < len(starts) else None))
         if not groups:
             return []
-        answer = await self._ask(outcome, "verify_buckets", ranges=[list(g) for g in groups])
-        peer_lists = answer.get("buckets") or []
+        # The peer's hashes over this node's buckets of each range (it never lists its
+        # own bucket starts, which are keys of its rows).
+        subs_of = [sorted({lo} | {s for s, _ in items if s >= lo and (hi is None or s < hi)})
+                   for lo, hi in groups]
+        answer = await self._ask(outcome, "verify_buckets", ranges=[list(g) for g in groups],
+                                 subs=subs_of)
         leaves: list[list[Any]] = []
+        if "hashes" in answer:
+            for (lo, hi), subs, theirs_hashes in zip(groups, subs_of, answer["hashes"],
+                                                     strict=False):
+                my_items = [(s, h) for s, h in items if s >= lo and (hi is None or s < hi)]
+                a = rowhash.combine(my_items, subs)
+                for j, sub in enumerate(subs):
+                    if j >= len(theirs_hashes) or bytes(theirs_hashes[j]) != a[j]:
+                        leaves.append([sub, subs[j + 1] if j + 1 < len(subs) else hi])
+            return leaves
+        peer_lists = answer.get("buckets") or []  # a peer of an earlier release
         for (lo, hi), peer_items in zip(groups, peer_lists, strict=False):
             their_items = [(bytes(s), bytes(h)) for s, h in peer_items]
             my_items = [(s, h) for s, h in items if s >= lo and (hi is None or s < hi)]
@@ -275,10 +338,7 @@ class Verifier:
                        my_head: int, start_version: int, repair: bool) -> None:
         """Read the candidates again on both sides at a common point; keep real ones."""
         pair = outcome.pair
-        db, table = self.storage.table(pair.database, pair.table)
-        if table.version != outcome.incarnation:
-            raise BadRequestError(f"table '{pair.database}.{pair.table}' was re-created "
-                                  "during the verify: verify again")
+        db, table = self._same_table(outcome)
         deadline = time.monotonic() + SETTLE_SECONDS
         # Origins this node takes only some tables from: their rows of other tables,
         # held by this peer, are not this node's to have (nor to fetch by a repair).
@@ -288,12 +348,20 @@ class Verifier:
             here_caught = pair.direction == PUSH or applied_seq(sub) >= peer_head
             theirs: list[compare.RowState] = []
             peer_applied = 0
-            for i in range(0, len(keys), KEY_CHUNK):
-                answer = await self._ask(outcome, "verify_keys", keys=keys[i:i + KEY_CHUNK],
+            while len(theirs) < len(keys):
+                # The peer answers with at most a frame's worth of records: ask on
+                # from the first key it left out.
+                answer = await self._ask(outcome, "verify_keys",
+                                         keys=keys[len(theirs):len(theirs) + KEY_CHUNK],
                                          records=repair)
-                theirs.extend(answer.get("rows") or [])
+                rows = answer.get("rows") or []
+                if not rows:
+                    raise BadRequestError(f"{pair.peer} answered verify_keys without rows")
+                theirs.extend(rows)
                 peer_applied = int(answer.get("applied", 0))
+            db, table = self._same_table(outcome)
             mine = await asyncio.to_thread(compare.read_rows, db, table, keys, repair)
+            self._same_table(outcome)  # the rows read were of the compared incarnation
             there_caught = pair.direction == PULL or peer_applied >= my_head
             found = []
             for key, m, t in zip(keys, mine, theirs, strict=False):
@@ -315,6 +383,20 @@ class Verifier:
                 return
             await asyncio.sleep(0.1)
 
+    def _same_table(self, outcome: Outcome) -> tuple[Any, Any]:
+        """The pair's table here, if still the incarnation the verify compares.
+
+        Raises:
+            BadRequestError: it was dropped, or dropped and re-created, since.
+        """
+        pair = outcome.pair
+        with missing_is_bad_request():
+            db, table = self.storage.table(pair.database, pair.table)
+        if table.version != outcome.incarnation:
+            raise BadRequestError(f"table '{pair.database}.{pair.table}' was re-created "
+                                  "during the verify: verify again")
+        return db, table
+
     async def _repair(self, outcome: Outcome, dry_run: bool) -> None:
         """Bring each differing key to its winner on the side that lacks it."""
         pair = outcome.pair
@@ -326,36 +408,57 @@ class Verifier:
         here = [(k, t) for k, _m, t, side in outcome.differences
                 if side < 0 and t and (t[3] or isinstance(t[4], dict))]
         there = [(k, m) for k, m, _t, side in outcome.differences if side > 0 and m]
-        changed_here: list[Any] = [decode_id(k) for k, _ in here]
-        changed_there: list[Any] = [decode_id(k) for k, _ in there]
-        if not dry_run:
-            if here:
-                changed_here = await self.storage.write(compare.repair_job(
-                    self.storage, pair.database, pair.table, incarnation,
-                    [(k, list(row)) for k, row in here]))
-            changed_there = []
-            for i in range(0, len(there), REPAIR_CHUNK):
+        mine: dict[str, list[Any]] = {}
+        theirs: dict[str, list[Any]] = {"changed": [decode_id(k) for k, _ in there]}
+        if here:
+            # This node's conflict policies hold as for the same rows replicated in (a
+            # dry run decides the same, writing nothing).
+            review = self.rep.review(pair.peer, pair.database)
+            # A job per chunk: each logs at most one frame's worth of rows per origin (one
+            # entry for all could be too large to send on, or for this node's own rows
+            # to log at all).
+            for chunk in _chunks([(k, list(row)) for k, row in here], answer_budget()):
+                done = await self.storage.write(compare.repair_job(
+                    self.storage, pair.database, pair.table, incarnation, chunk, review,
+                    dry_run))
+                for name in compare.REPAIR_LISTS:
+                    mine.setdefault(name, []).extend(done.get(name) or [])
+            self.rep.note_review(pair.peer, pair.database, review)
+        if there and (not dry_run or outcome.peer_plans):
+            theirs = {}
+            for chunk in _chunks(there, answer_budget()):
                 answer = await self._ask(outcome, "verify_repair", incarnation=incarnation,
-                                         rows=[[k, row] for k, row in there[i:i + REPAIR_CHUNK]])
-                changed_there.extend(answer.get("changed") or [])
-        outcome.changed = {self.rep.node_name: changed_here, pair.peer: changed_there}
+                                         rows=[[k, row] for k, row in chunk],
+                                         dry_run=dry_run)
+                for name in compare.REPAIR_LISTS:
+                    theirs.setdefault(name, []).extend(answer.get(name) or [])
+        outcome.repaired = not dry_run
+        for name in compare.REPAIR_LISTS:
+            getattr(outcome, name).update({self.rep.node_name: mine.get(name) or [],
+                                           pair.peer: theirs.get(name) or []})
 
     # -- results -----------------------------------------------------------------------
     def _record(self, outcomes: list[Outcome]) -> None:
         """Keep each link's last result (``cluster_status``) and export the metrics."""
         now = time.time()
         self.last_run = now
-        by_link: dict[tuple[str, str], dict[str, Any]] = {}
+        links: set[tuple[str, str]] = set()
         for o in outcomes:
             if o.busy:
                 continue  # not compared: the link keeps its last result
             p = o.pair
-            entry = by_link.setdefault((p.peer, p.database),
-                                       {"at": now, "in_sync": True, "differences": 0})
-            entry["in_sync"] = entry["in_sync"] and o.in_sync
-            entry["differences"] += len(o.differences)
-            self.rep.metrics.set_divergent(p.peer, p.database, p.table, len(o.differences))
-        self.rep.verified.update(by_link)
+            left = o.remaining()
+            self._tables[(p.peer, p.database, p.table)] = (o.error is None and not left, left)
+            links.add((p.peer, p.database))
+            self.rep.metrics.set_divergent(p.peer, p.database, p.table, left)
+        for peer, database in links:
+            db = self.storage.databases.get(database)
+            tables = db.tables if db is not None else {}
+            results = [r for (pp, dd, t), r in list(self._tables.items())
+                       if pp == peer and dd == database and t in tables]
+            self.rep.verified[(peer, database)] = {
+                "at": now, "in_sync": all(ok for ok, _ in results),
+                "differences": sum(n for _, n in results)}
         self.rep.metrics.last_verification.set(now)
 
     # -- background --------------------------------------------------------------------
@@ -398,86 +501,4 @@ class Verifier:
         self.rep.spawn(check())
 
 
-# -- the peer side -----------------------------------------------------------------------
-PeerHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
-
-
-def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
-    """The ``verify_*`` requests a peer's verifier sends to this node."""
-    storage = rep.storage
-
-    def target(peer: str, body: dict[str, Any], receive: bool = False) -> tuple[Any, Any]:
-        """The table a request names, if it replicates with ``peer`` (into this node,
-        for a repair); a peer learns nothing about tables it does not share."""
-        database, table = str(body.get("database")), str(body.get("table"))
-        row = rep.rows.get(peer)
-        if database == SYSTEM or not rep.replicates_database(database) or row is None:
-            raise BadRequestError(f"database '{database}' does not replicate with {peer}")
-        found = storage.table(database, table)
-        directions = [peers.subscribe_tables(row, database)]
-        if not receive:
-            directions.append(peers.publish_tables(row, database))
-        if not any(d is not False and peers.table_allowed(database, table, d)
-                   for d in directions):
-            raise BadRequestError(f"table '{database}.{table}' does not replicate with {peer}")
-        return found
-
-    def applied(peer: str, database: str) -> int:
-        return applied_seq(rep.subscribers.get((peer, database)))
-
-    async def top(peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        db, table = target(peer, body)
-        if body.get("deep"):
-            await storage.write(compare.rebuild_job(storage, db.name, table.name))
-        return {"incarnation": table.version,
-                "top": await asyncio.to_thread(compare.top_hash, db, table),
-                "copying": copying(rep.subscribers.get((peer, db.name))),
-                "format": rowhash.FORMAT,
-                "head": db.head_seq, "applied": applied(peer, db.name)}
-
-    async def ranges(peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        db, table = target(peer, body)
-        starts = [bytes(s) for s in body.get("starts") or []]
-        if not starts or starts[0] != b"" or starts != sorted(starts):
-            raise BadRequestError("'starts' must be sorted and begin with b''")
-        return {"hashes": await asyncio.to_thread(compare.range_hashes, db, table, starts)}
-
-    def parse_ranges(body: dict[str, Any]) -> list[compare.Range]:
-        return [(bytes(lo), None if hi is None else bytes(hi))
-                for lo, hi in body.get("ranges") or []]
-
-    async def buckets(peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        db, table = target(peer, body)
-        found = await asyncio.to_thread(compare.buckets_in, db, table, parse_ranges(body))
-        return {"buckets": [[[s, h] for s, h in items] for items in found]}
-
-    async def rows(peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        db, table = target(peer, body)
-        found = await asyncio.to_thread(compare.rows_in, db, table, parse_ranges(body))
-        return {"rows": [[[k, d] for k, d in sorted(m.items())] for m in found]}
-
-    async def keys(peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        db, table = target(peer, body)
-        wanted = [bytes(k) for k in body.get("keys") or []]
-        # Whole records only of a table this node sends the peer: one it only receives
-        # from it may be compared (digests, versions), not read.
-        publish = peers.publish_tables(rep.rows.get(peer) or {}, db.name)
-        records = bool(body.get("records")) and publish is not False \
-            and peers.table_allowed(db.name, table.name, publish)
-        found = await asyncio.to_thread(compare.read_rows, db, table, wanted, records)
-        return {"rows": found, "applied": applied(peer, db.name), "head": db.head_seq}
-
-    async def repair(peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        db, table = target(peer, body, receive=True)
-        # Not rows of an origin this node does not take this table from (the peer does
-        # not know this node's limits).
-        limits = rep.origin_tables(peer, db.name)
-        rows_in = [(bytes(k), list(row)) for k, row in body.get("rows") or []
-                   if not (isinstance(row, list) and len(row) > 2 and row[2] in limits
-                           and table.name not in limits[row[2]])]
-        changed = await storage.write(compare.repair_job(
-            storage, db.name, table.name, int(body.get("incarnation", -1)), rows_in))
-        return {"changed": changed}
-
-    return {"verify_top": top, "verify_ranges": ranges, "verify_buckets": buckets,
-            "verify_rows": rows, "verify_keys": keys, "verify_repair": repair}
+__all__ = ["Outcome", "Pair", "Verifier", "peer_handlers"]

@@ -12,6 +12,7 @@ from typing import Any
 from harpsync import codec
 from harpsync.errors import BadRequestError
 from harpsync.storage import digest, digest_reads, rowhash
+from harpsync.storage.conflicts import APPLY, REFUSE, SKIP, Review, decide
 from harpsync.storage.database import Database, Table
 from harpsync.storage.keys import decode_id
 from harpsync.storage.records import put_record, put_tombstone
@@ -21,6 +22,9 @@ from harpsync.storage.writer import WriteContext
 from harpsync.storage.writes import note_attributes
 
 Range = tuple[bytes, bytes | None]
+# What a repair answers per node: the ids it changed, those a policy kept, and those
+# stamped beyond the clock-skew bound (held back, as replication holds them).
+REPAIR_LISTS = ("changed", "refused", "conflicts", "skewed")
 # What one side holds under a key: None (absent) or
 # [digest, version, origin name, deleted, record or None].
 RowState = list[Any] | None
@@ -73,20 +77,35 @@ def rows_in(db: Database, table: Table, ranges: Sequence[Range]) -> list[dict[by
 
 
 def read_rows(db: Database, table: Table, keys: Sequence[bytes],
-              with_records: bool) -> list[RowState]:
-    """What is stored under each key, with origin names (comparable across nodes)."""
+              with_records: bool, budget: int | None = None) -> list[RowState]:
+    """What is stored under each key, with origin names (comparable across nodes).
+
+    ``budget``: with records, stop after the rows whose records reach this many bytes
+    (at least one row): the answer must fit in one frame; the caller asks again for
+    the keys after them.
+    """
     _check(table)
     out: list[RowState] = []
+    size = 0
     with db.reading() as txn:
         for key in keys:
+            if budget is not None and out and size >= budget:
+                break
             found = digest_reads.stored_row(txn, table, key, codec.unpack)
             if found is None:
                 out.append(None)
                 continue
             row_digest, (version, origin, record) = found
+            if with_records and budget is not None and record is not None:
+                size += len(codec.pack(record))
             out.append([row_digest, version, db.origin_names.get(origin, ""),
                         record is None, record if with_records else None])
     return out
+
+
+def row_size(row: RowState) -> int:
+    """About how many bytes a row takes in a message."""
+    return 64 if row is None or row[4] is None else 64 + len(codec.pack(row[4]))
 
 
 def differs(mine: RowState, theirs: RowState) -> bool:
@@ -125,55 +144,84 @@ def rebuild_job(storage: Storage, db_name: str, table_name: str,
 
 
 def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int,
-               rows: Sequence[tuple[bytes, list[Any]]],
-               ) -> Callable[[WriteContext], list[Any]]:
+               rows: Sequence[tuple[bytes, list[Any]]], review: Review | None = None,
+               dry_run: bool = False) -> Callable[[WriteContext], dict[str, list[Any]]]:
     """A job storing each winning row ``(key, [digest, version, origin, deleted, record])``
     where something older is stored (a row the stored one beats, written after the
     verify compared, stays), logged under the row's origin and version so the
     repair replicates like a copied row.
 
+    ``review``: this node's conflict policies for the rows' origins, applied as to a
+    replicated change of the same row: ``dest_wins`` keeps a row last written here (the
+    refused row becomes a dead letter) and ``manual_review`` leaves it for an operator
+    (both versions go to ``system.hdb_conflicts``) instead of overwriting it.
+
+    ``dry_run``: decide the same, write nothing.
+
     Returns:
-        The ids changed here.
+        ``changed``: the ids changed here; ``refused`` and ``conflicts``: the ids a
+        policy kept as they are; ``skewed``: those stamped beyond the clock-skew bound.
     """
 
-    def job(ctx: WriteContext) -> list[Any]:
+    def job(ctx: WriteContext) -> dict[str, list[Any]]:
         db, table = storage.table(db_name, table_name)
         _check(table)
         if table.version != incarnation:
             raise BadRequestError(f"table '{db_name}.{table_name}' was re-created; "
                                   "verify again")
         txn = ctx.txn(db)
-        changed: list[Any] = []
+        out: dict[str, list[Any]] = {name: [] for name in REPAIR_LISTS}
         relay: dict[int, list[list[Any]]] = {}
+        limit = storage.hlc.limit()
         for key, (row_digest, version, origin_name, deleted, record) in rows:
             if not deleted and not isinstance(record, dict):
                 continue  # a live row without its record (not published here): unknown
+            rid = decode_id(key)
             found = digest_reads.stored_row(txn, table, key, codec.unpack)
+            op = [table_name, "delete" if deleted else "upsert", rid,
+                  None if deleted else record, table.version]
             if found is not None:
                 if found[0] == row_digest:
                     continue
                 stored_version, stored_origin, stored_record = found[1]
-                stored: RowState = [found[0], stored_version,
-                                    db.origin_names.get(stored_origin, ""),
+                stored_name = db.origin_names.get(stored_origin, "")
+                stored: RowState = [found[0], stored_version, stored_name,
                                     stored_record is None, None]
                 incoming: RowState = [row_digest, version, origin_name, deleted, None]
                 if winner(stored, incoming) > 0:
                     # Written here since the verify compared: newer, it stays (last
                     # writer wins; replication brings it to the peer).
                     continue
+                if review is not None and stored_name != origin_name:
+                    held = (stored_version, stored_origin, stored_record)
+                    verdict = decide(review.policy_for(origin_name, table_name), held,
+                                     stored_name, version, origin_name)
+                    if verdict != APPLY:
+                        if not dry_run:  # a dead letter, or both versions to review
+                            review.admit(ctx, db, table, op, held, version, origin_name)
+                        if verdict != SKIP:
+                            out["refused" if verdict == REFUSE else "conflicts"].append(rid)
+                        continue
+            if version > limit:
+                # Stamped further ahead of this node's clock than replication accepts:
+                # held back until the clocks agree, as the link holds it (stored now,
+                # it would win here early, and stall the links that relay it on).
+                out["skewed"].append(rid)
+                continue
+            if dry_run:
+                out["changed"].append(rid)
+                continue
             oid = local_origin(ctx, db, origin_name)
+            storage.hlc.observe(version)  # as for a replicated row
             if deleted:
                 put_tombstone(txn, table, key, version, oid)
             else:
                 put_record(txn, table, key, version, oid, record)
                 note_attributes(ctx, db, table, [record], version)
-            rid = decode_id(key)
-            changed.append(rid)
-            relay.setdefault(oid, []).append(
-                [table_name, "delete" if deleted else "upsert", rid,
-                 None if deleted else record, table.version, version])
+            out["changed"].append(rid)
+            relay.setdefault(oid, []).append([*op, version])
         for oid, ops in relay.items():
             storage.append_log(ctx, db, ops, max(op[5] for op in ops), oid)
-        return changed
+        return out
 
     return job
