@@ -16,6 +16,14 @@ peer meets a stored record written by another node:
 Changes of one origin never conflict with each other: its own log is in version order,
 so between two of its versions last-writer-wins always decides (a replay of older
 entries cannot roll a record back, whatever the policy).
+
+A resolution (``resolve_job``) is logged with the versions its operator saw
+(``RESOLVES``): the conflict's two and the record's stored one. A node receiving it
+where its own stored record is one of them applies it by last-writer-wins, whatever
+its policy, and drops its own conflicts on that record whose local version the
+operator saw (the same conflict seen from the other side): a choice made on one node
+then converges everywhere. A record written here that the operator did not see still
+meets the resolution as a conflict.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from harpsync import codec
+from harpsync.errors import NotFoundError
 from harpsync.storage.database import LOCAL_ORIGIN, Database, Table
 from harpsync.storage.hlc import version_to_ms
 from harpsync.storage.keys import decode_id, encode_id
@@ -49,6 +59,18 @@ APPLY, SKIP, REFUSE, CONFLICT = "apply", "skip", "refuse", "conflict"
 
 # (origin name, table) -> policy name
 PolicyLookup = Callable[[str, str], str]
+# Where a resolution's op (``[table, kind, id, value, incarnation, None, extra]``) keeps
+# the versions its operator saw, under ``extra[RESOLVES]``.
+EXTRA, RESOLVES = 6, "resolves"
+
+
+def resolved_versions(op: list[Any]) -> frozenset[int]:
+    """The versions a resolution op settles (empty for any other op)."""
+    extra = op[EXTRA] if len(op) > EXTRA else None
+    seen = extra.get(RESOLVES) if isinstance(extra, dict) else None
+    if not isinstance(seen, list):
+        return frozenset()
+    return frozenset(v for v in seen if isinstance(v, int))
 
 
 def decide(policy: str, stored: Stored | None, stored_origin: str, version: int,
@@ -102,6 +124,24 @@ def system_delete(ctx: WriteContext, storage: Storage, table_name: str, ids: lis
     return sum(1 for rid in ids if remove_record(txn, table, encode_id(rid)))
 
 
+def settle_conflicts(ctx: WriteContext, storage: Storage, database: str, table: str,
+                     rid: Any, local_versions: frozenset[int]) -> int:
+    """Remove this node's conflicts on one record whose local version is among
+    ``local_versions`` (a resolution that saw them landed here); the number removed."""
+    system = storage.databases.get(SYSTEM)
+    if system is None or CONFLICTS not in system.tables or not local_versions:
+        return 0
+    txn = ctx.txn(system)
+    gone = []
+    for _key, raw in txn.cursor(db=system.tables[CONFLICTS].dbi):
+        row = codec.unpack(raw)[2]
+        if isinstance(row, dict) and row.get("database") == database \
+                and row.get("table") == table and row.get("record_id") == rid \
+                and (row.get("local") or {}).get("version") in local_versions:
+            gone.append(str(row["id"]))
+    return system_delete(ctx, storage, CONFLICTS, gone) if gone else 0
+
+
 def _version(stored: Stored, db: Database) -> dict[str, Any]:
     return {"version": stored[0], "time": iso_ms(version_to_ms(stored[0])),
             "node": db.origin_names.get(stored[1], ""), "record": stored[2]}
@@ -124,6 +164,13 @@ class Review:
         """Whether the remote ``op`` may be written over ``stored``; records a conflict
         or a refusal (dead letter) when its policy keeps it out."""
         stored_origin = db.origin_names.get(stored[1], "") if stored is not None else ""
+        settles = resolved_versions(op)
+        if stored is not None and stored[1] == LOCAL_ORIGIN and stored[0] in settles:
+            # A resolution made by an operator who saw the record stored here.
+            if not wins(version, origin, stored[0], stored_origin):
+                return False
+            settle_conflicts(ctx, self.storage, db.name, table.name, op[2], settles)
+            return True
         verdict = decide(self.policy_for(origin, table.name), stored, stored_origin,
                          version, origin)
         if verdict == APPLY:
@@ -158,12 +205,19 @@ def resolve_job(storage: Storage, conflict: dict[str, Any], keep: str | None,
     rid = conflict["record_id"]
 
     def job(ctx: WriteContext) -> dict[str, Any]:
+        system = storage.databases[SYSTEM]
+        if get_stored(ctx.txn(system), system.tables[CONFLICTS],
+                      encode_id(conflict["id"])) is None:
+            # Resolved meanwhile (another request, or a peer's resolution landed).
+            raise NotFoundError(f"conflict '{conflict['id']}' does not exist")
         db, table = storage.table(db_name, table_name)
         txn = ctx.txn(db)
         key = encode_id(rid)
         stored = get_stored(txn, table, key)
-        newest = max(int(conflict["local"]["version"]), int(conflict["remote"]["version"]),
-                     stored[0] if stored is not None else 0)
+        seen = {int(conflict["local"]["version"]), int(conflict["remote"]["version"])}
+        if stored is not None:
+            seen.add(stored[0])
+        newest = max(seen)
         version = storage.hlc.now_after(newest)
         if record is not None:
             chosen: dict[str, Any] | None = dict(record)
@@ -179,6 +233,8 @@ def resolve_job(storage: Storage, conflict: dict[str, Any], keep: str | None,
             # Peers learn attributes from the logged record: so does this node.
             note_attributes(ctx, db, table, [chosen], version)
             op = [table_name, "upsert", rid, chosen, table.version]
+        # What the operator saw: a peer holding one of these applies the choice.
+        op += [None, {RESOLVES: sorted(seen)}]
         storage.append_log(ctx, db, [op], version, LOCAL_ORIGIN, user)
         system_delete(ctx, storage, CONFLICTS, [conflict["id"]])
         return {"record": chosen, "version": version}

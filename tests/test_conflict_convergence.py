@@ -1,0 +1,242 @@
+"""Randomized convergence under each conflict policy: three in-process nodes in a full
+mesh write conflicting inserts, upserts, partial updates and deletes to the same few ids
+at once; once the links are idle every node must hold the same rows *and* tombstones
+(version, origin and record, read straight from LMDB).
+
+- ``last_writer_wins``: equal as soon as the links are idle.
+- ``dest_wins``: equal once every node reprocesses its dead letters (the refused
+  changes) under last-writer-wins.
+- ``manual_review``: equal once operators resolve the conflicts, one node at a time.
+- ``source_wins`` is left out: it keeps nodes different by design (README).
+
+Default: one seed (a few seconds). More: ``--conflict-seeds=N`` (seeds 1..N, marked
+slow, or HARPSYNC_CONFLICT_SEEDS=N); one: ``--conflict-seed=S``.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import ADMIN, wait_for
+from tests.lifecycle_util import int_option
+from tests.repl_util import join
+
+FIXED = 7
+DB = "conv"
+IDS = 6
+OPS_PER_WRITER = 40
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "conflict_seed" not in metafunc.fixturenames:
+        return
+    one = int_option(metafunc.config, "--conflict-seed", "HARPSYNC_CONFLICT_SEED")
+    many = int_option(metafunc.config, "--conflict-seeds", "HARPSYNC_CONFLICT_SEEDS") or 0
+    seeds = [one] if one is not None else [FIXED, *range(1, many + 1)]
+    metafunc.parametrize("conflict_seed", [
+        pytest.param(s, id=f"seed{s}", marks=() if s == FIXED or one is not None
+                     else (pytest.mark.slow,)) for s in seeds])
+
+
+Snapshot = dict[Any, tuple[int, str, Any]]
+
+
+def snapshot(node: Any, table: str) -> Snapshot:
+    """Every row and tombstone of ``table`` as ``key -> (version, origin name, record)``,
+    read from the node's LMDB environment (tombstones have no API)."""
+    from harpsync import codec
+    from harpsync.storage.keys import decode_id
+
+    db = node.node.storage.databases[DB]
+    tbl = db.tables[table]
+    out: Snapshot = {}
+    with db.env.begin() as txn:
+        for dbi in (tbl.dbi, tbl.tomb_dbi):
+            for key, raw in txn.cursor(db=dbi):
+                version, origin, record = codec.unpack(raw)
+                out[decode_id(bytes(key))] = (version, db.origin_names.get(origin, "?"),
+                                              record)
+    return out
+
+
+def diverged(nodes: list[Any], table: str) -> list[str]:
+    snaps = [snapshot(n, table) for n in nodes]
+    problems = []
+    for key in sorted(set().union(*snaps), key=repr):
+        seen = [s.get(key) for s in snaps]
+        if any(v != seen[0] for v in seen[1:]):
+            problems.append(f"{table}[{key!r}]: " + "; ".join(
+                f"{n.name}={v}" for n, v in zip(nodes, seen, strict=True)))
+    return problems
+
+
+def idle(nodes: list[Any]) -> bool:
+    """Every node's stream from every peer is running with nothing left to apply."""
+    for node in nodes:
+        entries = node.call("get_replication_status", database=DB)["streams"]
+        if len(entries) != len(nodes) - 1 or any(
+                e["state"] != "running" or e["lag_events"] != 0 for e in entries):
+            return False
+    return True
+
+
+def settle(nodes: list[Any], table: str, done: Callable[[], bool] = lambda: True) -> None:
+    """Wait until the links are idle and ``done`` holds, twice in a row with the same
+    rows everywhere (a write still travelling shows as a change)."""
+    last: list[Any] = [None]
+
+    def still() -> bool:
+        if not idle(nodes) or not done():
+            last[0] = None
+            return False
+        now = [snapshot(n, table) for n in nodes]
+        same, last[0] = now == last[0], now
+        return same
+
+    wait_for(still, timeout=30, interval=0.1, message=f"{table}: links idle")
+
+
+def set_policy(nodes: list[Any], policy: str) -> None:
+    for node in nodes:
+        for peer in nodes:
+            if peer is not node:
+                node.call("update_node", hostname=peer.name, conflict=policy)
+
+
+def write_at_once(nodes: list[Any], table: str, seed: int) -> None:
+    """One thread per node, each writing random conflicting changes to the same ids."""
+    errors: list[str] = []
+
+    def writer(node: Any, rng: random.Random) -> None:
+        with httpx.Client(timeout=30) as client:
+            for _ in range(OPS_PER_WRITER):
+                rid = rng.randrange(IDS)
+                kind = rng.choice(("upsert", "upsert", "update", "update", "insert",
+                                   "delete"))
+                attrs = rng.sample(("a", "b", "c"), rng.randint(1, 3))
+                record = {"id": rid, **{a: f"{node.name}-{rng.randrange(1000)}"
+                                        for a in attrs}}
+                body: dict[str, Any] = {"operation": kind, "database": DB, "table": table}
+                if kind == "delete":
+                    body["ids"] = [rid]
+                else:
+                    body["records"] = [record]
+                response = client.post(node.url, json=body, auth=ADMIN)
+                if response.status_code != 200:
+                    errors.append(f"{node.name} {kind}: {response.status_code} "
+                                  f"{response.text}")
+
+    threads = [threading.Thread(target=writer, args=(n, random.Random(seed * 31 + i)))
+               for i, n in enumerate(nodes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+
+
+def make_table(nodes: list[Any], table: str) -> None:
+    nodes[0].call("create_table", database=DB, table=table, primary_key="id")
+    for node in nodes:
+        wait_for(lambda n=node: table in n.node.storage.databases[DB].tables, timeout=20,
+                 message=f"{table} on {node.name}")
+
+
+def all_conflicts(nodes: list[Any], table: str) -> int:
+    return sum(len(n.call("list_conflicts", database=DB, table=table)["conflicts"])
+               for n in nodes)
+
+
+@pytest.mark.timeout(180)
+def test_conflicting_writes_converge_under_each_policy(cluster: Callable[[int], list[Any]],
+                                                       conflict_seed: int) -> None:
+    """Under last-writer-wins, dest_wins (after reprocessing) and manual_review (after
+    resolving), concurrent conflicting writes from three nodes leave every node with the
+    same rows and tombstones."""
+    nodes = cluster(3)
+    nodes[0].call("create_database", database=DB)
+    wait_for(lambda: all(DB in n.node.storage.databases for n in nodes), timeout=20,
+             message="database everywhere")
+    rng = random.Random(conflict_seed)
+
+    # last_writer_wins
+    make_table(nodes, "t_lww")
+    wait_for(lambda: idle(nodes), timeout=20, message="streams running")
+    write_at_once(nodes, "t_lww", rng.randrange(1 << 30))
+    settle(nodes, "t_lww")
+    assert diverged(nodes, "t_lww") == []
+
+    # dest_wins: the refused changes are dead letters; reprocessed under LWW they land.
+    set_policy(nodes, "dest_wins")
+    make_table(nodes, "t_dst")
+    write_at_once(nodes, "t_dst", rng.randrange(1 << 30))
+    settle(nodes, "t_dst")
+    set_policy(nodes, "last_writer_wins")
+    for node in nodes:
+        result = node.call("reprocess_dead_letters", database=DB, table="t_dst")
+        assert result["failed"] == 0, result
+    settle(nodes, "t_dst")
+    assert diverged(nodes, "t_dst") == []
+
+    # manual_review: operators resolve what each node lists, one node at a time.
+    set_policy(nodes, "manual_review")
+    make_table(nodes, "t_man")
+    write_at_once(nodes, "t_man", rng.randrange(1 << 30))
+    settle(nodes, "t_man")
+    resolved = 0
+    for _round in range(4):
+        if all_conflicts(nodes, "t_man") == 0:
+            break
+        for node in nodes:
+            for conflict in node.call("list_conflicts", database=DB,
+                                      table="t_man")["conflicts"]:
+                node.call("resolve_conflict", id=conflict["id"],
+                          keep=rng.choice(("local", "remote")))
+                resolved += 1
+            # Before resolutions converged, each one raised new conflicts on the other
+            # nodes: thousands after a few rounds.
+            assert resolved < 3 * OPS_PER_WRITER * len(nodes), "conflicts keep multiplying"
+            settle(nodes, "t_man")
+    assert all_conflicts(nodes, "t_man") == 0
+    assert diverged(nodes, "t_man") == []
+
+
+def conflicts_of(node: Any) -> list[dict[str, Any]]:
+    return list(node.call("list_conflicts", database=DB)["conflicts"])
+
+
+def test_a_resolution_on_one_node_settles_the_conflict_on_both(
+        node_factory: Callable[..., Any]) -> None:
+    """Two nodes review each other's changes (manual_review both ways); a concurrent
+    pair of writes is a conflict on each. Resolving it on one node writes the choice on
+    both and clears both conflicts, instead of raising a new one on the other node."""
+    env = {"REPLICATION_CONFLICT": "manual_review"}
+    a, b = node_factory("node-a", env=env), node_factory("node-b", env=env)
+    b.call("create_database", database=DB)
+    b.call("create_table", database=DB, table="t", primary_key="id")
+    join(a, b)
+    wait_for(lambda: DB in a.node.storage.databases
+             and "t" in a.node.storage.databases[DB].tables, timeout=20, message="table")
+    wait_for(lambda: idle([a, b]), timeout=20, message="streams running")
+    a.call("pause_replication", hostname="node-b", database=DB)
+    b.call("pause_replication", hostname="node-a", database=DB)
+    a.call("upsert", database=DB, table="t", records=[{"id": 1, "v": "a"}])
+    b.call("upsert", database=DB, table="t", records=[{"id": 1, "v": "b"}])
+    a.call("resume_replication", hostname="node-b", database=DB)
+    b.call("resume_replication", hostname="node-a", database=DB)
+    wait_for(lambda: len(conflicts_of(a)) == 1 and len(conflicts_of(b)) == 1,
+             message="a conflict on each node")
+    assert snapshot(a, "t")[1][2]["v"] == "a" and snapshot(b, "t")[1][2]["v"] == "b"
+
+    a.call("resolve_conflict", id=conflicts_of(a)[0]["id"], keep="remote")
+    wait_for(lambda: not conflicts_of(b) and snapshot(b, "t")[1][2]["v"] == "b"
+             and snapshot(a, "t") == snapshot(b, "t"), timeout=5,
+             message="the resolution landed on node-b and settled its conflict")
+    assert conflicts_of(a) == [] and conflicts_of(b) == []
+    assert snapshot(b, "t")[1][1] == "node-a"  # the resolution's version, not b's own
