@@ -37,6 +37,7 @@ from typing import Any
 from harpsync import codec
 from harpsync.errors import NotFoundError
 from harpsync.storage.database import LOCAL_ORIGIN, Database, Table
+from harpsync.storage.errors import NoSuchDatabaseError, NoSuchTableError
 from harpsync.storage.hlc import version_to_ms
 from harpsync.storage.keys import decode_id, encode_id
 from harpsync.storage.records import (
@@ -187,6 +188,7 @@ class Review:
             rid = op[2]
             row = {"id": entry_id(db.name, table.name, rid, origin, version, stored[0]),
                    "database": db.name, "table": table.name, "record_id": rid,
+                   "incarnation": table.version,
                    "node": origin, "peer": self.peer, "time": iso_ms(time.time() * 1000),
                    "local": _version(stored, db),
                    "remote": {"version": version, "time": iso_ms(version_to_ms(version)),
@@ -200,7 +202,14 @@ def resolve_job(storage: Storage, conflict: dict[str, Any], keep: str | None,
                 record: dict[str, Any] | None, user: str | None,
                 ) -> Callable[[WriteContext], dict[str, Any]]:
     """A job writing the chosen version as a normal local write (logged, so it
-    replicates and beats both versions everywhere), then removing the conflict."""
+    replicates and beats both versions everywhere), then removing the conflict.
+
+    A conflict whose table was dropped since (or dropped and created anew) is removed
+    with nothing written; the job answers ``discarded``.
+
+    Raises:
+        NotFoundError: the conflict is gone (resolved meanwhile).
+    """
     db_name, table_name = conflict["database"], conflict["table"]
     rid = conflict["record_id"]
 
@@ -210,7 +219,17 @@ def resolve_job(storage: Storage, conflict: dict[str, Any], keep: str | None,
                       encode_id(conflict["id"])) is None:
             # Resolved meanwhile (another request, or a peer's resolution landed).
             raise NotFoundError(f"conflict '{conflict['id']}' does not exist")
-        db, table = storage.table(db_name, table_name)
+        try:
+            db, table = storage.table(db_name, table_name)
+        except (NoSuchDatabaseError, NoSuchTableError):
+            table = None
+        incarnation = conflict.get("incarnation")
+        if table is None or (isinstance(incarnation, int) and incarnation != table.version):
+            # The table it was recorded in was dropped (and maybe created anew): there is
+            # nothing left to choose between, and writing the old record would bring it
+            # back in a table that never held it.
+            system_delete(ctx, storage, CONFLICTS, [conflict["id"]])
+            return {"record": None, "version": None, "discarded": True}
         txn = ctx.txn(db)
         key = encode_id(rid)
         stored = get_stored(txn, table, key)
