@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.helpers import ADMIN, wait_for
+from tests.helpers import ADMIN, InProcessNode, wait_for
 from tests.lifecycle_util import int_option
 from tests.repl_util import join
 
@@ -207,74 +207,85 @@ def test_conflicting_writes_converge_under_each_policy(cluster: Callable[[int], 
     assert diverged(nodes, "t_man") == []
 
 
-def conflicts_of(node: Any) -> list[dict[str, Any]]:
-    return list(node.call("list_conflicts", database=DB)["conflicts"])
+def conflicts_of(node: Any, table: str) -> list[dict[str, Any]]:
+    return list(node.call("list_conflicts", database=DB, table=table)["conflicts"])
 
 
-def review_pair(node_factory: Callable[..., Any]) -> tuple[Any, Any]:
+@pytest.fixture(scope="module")
+def reviewing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
     """Two nodes that review each other's changes (manual_review both ways), sharing
-    table ``conv.t``, streams running."""
+    database ``conv``, streams running."""
+    root = tmp_path_factory.mktemp("review")
     env = {"REPLICATION_CONFLICT": "manual_review"}
-    a, b = node_factory("node-a", env=env), node_factory("node-b", env=env)
-    b.call("create_database", database=DB)
-    b.call("create_table", database=DB, table="t", primary_key="id")
-    join(a, b)
-    wait_for(lambda: DB in a.node.storage.databases
-             and "t" in a.node.storage.databases[DB].tables, timeout=20, message="table")
-    wait_for(lambda: idle([a, b]), timeout=20, message="streams running")
-    return a, b
+    a = InProcessNode("node-a", root / "a", env).start()
+    b = InProcessNode("node-b", root / "b", env).start()
+    try:
+        b.call("create_database", database=DB)
+        join(a, b)
+        wait_for(lambda: DB in a.node.storage.databases, timeout=20, message="database")
+        wait_for(lambda: idle([a, b]), timeout=20, message="streams running")
+        yield a, b
+    finally:
+        b.close()
+        a.close()
 
 
-def write_conflict(a: Any, b: Any, rid: Any) -> None:
+def make_reviewed_table(a: Any, b: Any, table: str) -> None:
+    b.call("create_table", database=DB, table=table, primary_key="id")
+    wait_for(lambda: table in a.node.storage.databases[DB].tables, message=table)
+
+
+def write_conflict(a: Any, b: Any, table: str, rid: Any) -> None:
     """Both nodes write ``rid`` while their streams are paused: a conflict on each."""
     a.call("pause_replication", hostname="node-b", database=DB)
     b.call("pause_replication", hostname="node-a", database=DB)
-    a.call("upsert", database=DB, table="t", records=[{"id": rid, "v": "a"}])
-    b.call("upsert", database=DB, table="t", records=[{"id": rid, "v": "b"}])
+    a.call("upsert", database=DB, table=table, records=[{"id": rid, "v": "a"}])
+    b.call("upsert", database=DB, table=table, records=[{"id": rid, "v": "b"}])
     a.call("resume_replication", hostname="node-b", database=DB)
     b.call("resume_replication", hostname="node-a", database=DB)
-    wait_for(lambda: len(conflicts_of(a)) == 1 and len(conflicts_of(b)) == 1,
+    wait_for(lambda: len(conflicts_of(a, table)) == 1 and len(conflicts_of(b, table)) == 1,
              message="a conflict on each node")
 
 
 def test_a_resolution_on_one_node_settles_the_conflict_on_both(
-        node_factory: Callable[..., Any]) -> None:
+        reviewing: tuple[Any, Any]) -> None:
     """Two nodes review each other's changes (manual_review both ways); a concurrent
     pair of writes is a conflict on each. Resolving it on one node writes the choice on
     both and clears both conflicts, instead of raising a new one on the other node."""
-    a, b = review_pair(node_factory)
-    write_conflict(a, b, 1)
+    a, b = reviewing
+    make_reviewed_table(a, b, "t")
+    write_conflict(a, b, "t", 1)
     assert snapshot(a, "t")[1][2]["v"] == "a" and snapshot(b, "t")[1][2]["v"] == "b"
 
-    a.call("resolve_conflict", id=conflicts_of(a)[0]["id"], keep="remote")
-    wait_for(lambda: not conflicts_of(b) and snapshot(b, "t")[1][2]["v"] == "b"
+    a.call("resolve_conflict", id=conflicts_of(a, "t")[0]["id"], keep="remote")
+    wait_for(lambda: not conflicts_of(b, "t") and snapshot(b, "t")[1][2]["v"] == "b"
              and snapshot(a, "t") == snapshot(b, "t"), timeout=5,
              message="the resolution landed on node-b and settled its conflict")
-    assert conflicts_of(a) == [] and conflicts_of(b) == []
+    assert conflicts_of(a, "t") == [] and conflicts_of(b, "t") == []
     assert snapshot(b, "t")[1][1] == "node-a"  # the resolution's version, not b's own
 
 
 def test_a_conflict_of_a_dropped_table_is_discarded_not_written(
-        node_factory: Callable[..., Any]) -> None:
+        reviewing: tuple[Any, Any]) -> None:
     """A conflict recorded before its table was dropped and re-created is discarded when
     resolved: its record does not come back in the new table (on either node), and a
     conflict whose table is gone can still be cleared (it stayed listed for good)."""
-    a, b = review_pair(node_factory)
-    write_conflict(a, b, 1)
-    stale = conflicts_of(a)[0]
-    b.call("drop_table", database=DB, table="t")
-    wait_for(lambda: "t" not in a.node.storage.databases[DB].tables, message="dropped")
-    b.call("create_table", database=DB, table="t", primary_key="id")
-    wait_for(lambda: "t" in a.node.storage.databases[DB].tables, message="re-created")
+    a, b = reviewing
+    make_reviewed_table(a, b, "d")
+    write_conflict(a, b, "d", 1)
+    stale = conflicts_of(a, "d")[0]
+    b.call("drop_table", database=DB, table="d")
+    wait_for(lambda: "d" not in a.node.storage.databases[DB].tables, message="dropped")
+    make_reviewed_table(a, b, "d")
     answer = a.call("resolve_conflict", id=stale["id"], keep="remote")
     assert answer["record"] is None and "dropped" in answer["message"], answer
-    assert snapshot(a, "t") == {}
-    assert a.call("search_by_id", database=DB, table="t", ids=[1]) == []
+    assert snapshot(a, "d") == {}
+    assert a.call("search_by_id", database=DB, table="d", ids=[1]) == []
     a.call("resolve_conflict", expect=404, id=stale["id"], keep="remote")
 
     # The table is gone for good: the conflict is cleared, not refused with a 400.
-    other = conflicts_of(b)[0]
-    b.call("drop_table", database=DB, table="t")
+    other = conflicts_of(b, "d")[0]
+    b.call("drop_table", database=DB, table="d")
     answer = b.call("resolve_conflict", id=other["id"], keep="local")
     assert "dropped" in answer["message"], answer
-    assert conflicts_of(b) == []
+    assert conflicts_of(b, "d") == []
