@@ -157,9 +157,12 @@ def all_conflicts(nodes: list[Any], table: str) -> int:
 def test_conflicting_writes_converge_under_each_policy(cluster: Callable[[int], list[Any]],
                                                        conflict_seed: int) -> None:
     """Under last-writer-wins, dest_wins (after reprocessing) and manual_review (after
-    resolving), concurrent conflicting writes from three nodes leave every node with the
-    same rows and tombstones."""
+    resolving), concurrent conflicting writes from three nodes (two with skewed clocks) leave every
+    node with the same rows and tombstones."""
     nodes = cluster(3)
+    # Skewed clocks (within replication.maxClockSkew): node-b runs behind, node-c ahead.
+    for node, offset_ms in zip(nodes[1:], (-1500, 2500), strict=True):
+        node.node.storage.hlc.offset_ms = offset_ms
     nodes[0].call("create_database", database=DB)
     wait_for(lambda: all(DB in n.node.storage.databases for n in nodes), timeout=20,
              message="database everywhere")
