@@ -292,3 +292,24 @@ def test_a_conflict_of_a_dropped_table_is_discarded_not_written(
     answer = b.call("resolve_conflict", id=other["id"], keep="local")
     assert "dropped" in answer["message"], answer
     assert conflicts_of(b, "d") == []
+
+
+def test_deletes_of_a_record_deleted_on_both_nodes_are_no_conflict(
+        reviewing: tuple[Any, Any]) -> None:
+    """Both nodes delete the same record while their streams are paused: nothing is
+    kept or lost, so neither node lists a conflict (or a dest_wins dead letter), and
+    both keep the same tombstone."""
+    a, b = reviewing
+    make_reviewed_table(a, b, "x")
+    a.call("insert", database=DB, table="x", records=[{"id": 1, "v": "a"}])
+    wait_for(lambda: 1 in snapshot(b, "x"), message="the record on node-b")
+    a.call("pause_replication", hostname="node-b", database=DB)
+    b.call("pause_replication", hostname="node-a", database=DB)
+    a.call("delete", database=DB, table="x", ids=[1])
+    b.call("delete", database=DB, table="x", ids=[1])
+    a.call("resume_replication", hostname="node-b", database=DB)
+    b.call("resume_replication", hostname="node-a", database=DB)
+    wait_for(lambda: idle([a, b]) and snapshot(a, "x") == snapshot(b, "x"), timeout=5,
+             message="the same tombstone on both nodes")
+    assert snapshot(a, "x")[1][2] is None
+    assert conflicts_of(a, "x") == [] and conflicts_of(b, "x") == []

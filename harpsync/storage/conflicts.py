@@ -13,6 +13,9 @@ peer meets a stored record written by another node:
   this node, or lose to it, nothing changes and both versions go to
   ``system.hdb_conflicts`` for an operator to resolve.
 
+A delete of a record deleted here too is no conflict under any policy (nothing is kept
+or lost): last-writer-wins picks the tombstone, so the nodes' tombstones agree.
+
 Changes of one origin never conflict with each other: its own log is in version order,
 so between two of its versions last-writer-wins always decides (a replay of older
 entries cannot roll a record back, whatever the policy).
@@ -75,8 +78,13 @@ def resolved_versions(op: list[Any]) -> frozenset[int]:
 
 
 def decide(policy: str, stored: Stored | None, stored_origin: str, version: int,
-           origin: str) -> str:
-    """What to do with a remote write of ``(version, origin)`` over ``stored``.
+           origin: str, deleting: bool = False) -> str:
+    """What to do with a remote write of ``(version, origin)`` over ``stored``
+    (``deleting``: the write is a delete).
+
+    A delete meeting a record already deleted here is decided by last-writer-wins under
+    every policy: there is no record to keep or lose, only the two tombstones' versions
+    to agree on.
 
     Returns:
         ``APPLY``, ``SKIP`` (it loses, as under last-writer-wins), ``REFUSE``
@@ -86,7 +94,7 @@ def decide(policy: str, stored: Stored | None, stored_origin: str, version: int,
     if stored is None:
         return APPLY
     lww = APPLY if wins(version, origin, stored[0], stored_origin) else SKIP
-    if policy == LWW or stored_origin == origin:
+    if policy == LWW or stored_origin == origin or (deleting and stored[2] is None):
         return lww
     if policy == SOURCE_WINS:
         return APPLY
@@ -173,7 +181,7 @@ class Review:
             settle_conflicts(ctx, self.storage, db.name, table.name, op[2], settles)
             return True
         verdict = decide(self.policy_for(origin, table.name), stored, stored_origin,
-                         version, origin)
+                         version, origin, op[1] == "delete" or op[3] is None)
         if verdict == APPLY:
             return True
         if verdict == REFUSE:
