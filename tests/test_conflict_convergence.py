@@ -313,3 +313,18 @@ def test_deletes_of_a_record_deleted_on_both_nodes_are_no_conflict(
              message="the same tombstone on both nodes")
     assert snapshot(a, "x")[1][2] is None
     assert conflicts_of(a, "x") == [] and conflicts_of(b, "x") == []
+
+
+def test_a_resolution_with_a_value_that_cannot_be_stored_is_a_400(
+        reviewing: tuple[Any, Any]) -> None:
+    """resolve_conflict with a record holding a value storage refuses (an integer past
+    64 bits) answers 400 naming it, writes nothing and leaves the conflict pending."""
+    a, b = reviewing
+    make_reviewed_table(a, b, "o")
+    write_conflict(a, b, "o", 1)
+    pending = conflicts_of(a, "o")
+    answer = a.call("resolve_conflict", expect=400, id=pending[0]["id"],
+                    record={"v": 2 ** 70})
+    assert "cannot be stored" in answer["error"], answer
+    assert conflicts_of(a, "o") == pending
+    assert snapshot(a, "o")[1][2]["v"] == "a"

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harpsync import codec
-from harpsync.errors import NotFoundError
+from harpsync.errors import BadRequestError, NotFoundError
 from harpsync.storage.database import LOCAL_ORIGIN, Database, Table
 from harpsync.storage.errors import NoSuchDatabaseError, NoSuchTableError
 from harpsync.storage.hlc import version_to_ms
@@ -256,7 +256,12 @@ def resolve_job(storage: Storage, conflict: dict[str, Any], keep: str | None,
         else:
             chosen = {**chosen, table.primary_key: decode_id(key)}
             chosen["__updatedtime__"] = version_to_ms(version)
-            put_record(txn, table, key, version, LOCAL_ORIGIN, chosen)
+            try:
+                put_record(txn, table, key, version, LOCAL_ORIGIN, chosen)
+            except (OverflowError, ValueError) as exc:
+                # msgpack holds integers of at most 64 bits and bounded nesting.
+                raise BadRequestError(f"'record' holds a value that cannot be stored: "
+                                      f"{exc}") from None
             # Peers learn attributes from the logged record: so does this node.
             note_attributes(ctx, db, table, [chosen], version)
             op = [table_name, "upsert", rid, chosen, table.version]
