@@ -328,3 +328,32 @@ def test_a_resolution_with_a_value_that_cannot_be_stored_is_a_400(
     assert "cannot be stored" in answer["error"], answer
     assert conflicts_of(a, "o") == pending
     assert snapshot(a, "o")[1][2]["v"] == "a"
+
+
+def test_a_write_over_a_peer_version_past_the_skew_bound_keeps_later_writes_after_it(
+        node_factory: Callable[..., Any]) -> None:
+    """node-a restarts with its clock 5 minutes behind and updates a record node-b wrote
+    last: the update ranks after node-b's version, beyond the skew bound. Its next write
+    must rank after that update, or node-b, which holds the update, filters the next
+    write out as already held when it subscribes again (lost for good)."""
+    from harpsync.storage.hlc import OFFSET_ENV
+
+    a, b = node_factory("node-a"), node_factory("node-b")
+    b.call("create_database", database=DB)
+    b.call("create_table", database=DB, table="t", primary_key="id")
+    join(a, b)
+    wait_for(lambda: DB in a.node.storage.databases
+             and "t" in a.node.storage.databases[DB].tables, timeout=20, message="table")
+    b.call("insert", database=DB, table="t", records=[{"id": 1, "v": "b"}])
+    wait_for(lambda: 1 in snapshot(a, "t"), timeout=20, message="node-b's record on a")
+    a.stop()
+    a.extra_env[OFFSET_ENV] = "-300000"
+    a.start()
+    a.call("update", database=DB, table="t", records=[{"id": 1, "v": "a"}])
+    wait_for(lambda: snapshot(b, "t").get(1, (0, "", {}))[2].get("v") == "a", timeout=20,
+             message="node-a's update on node-b")
+    b.stop()
+    a.call("insert", database=DB, table="t", records=[{"id": 2, "v": "later"}])
+    assert snapshot(a, "t")[2][0] > snapshot(a, "t")[1][0]  # in the order they were made
+    b.start()
+    wait_for(lambda: 2 in snapshot(b, "t"), timeout=20, message="the later write on b")
