@@ -357,3 +357,25 @@ def test_a_write_over_a_peer_version_past_the_skew_bound_keeps_later_writes_afte
     assert snapshot(a, "t")[2][0] > snapshot(a, "t")[1][0]  # in the order they were made
     b.start()
     wait_for(lambda: 2 in snapshot(b, "t"), timeout=20, message="the later write on b")
+
+
+def test_a_replay_raises_no_conflict_for_changes_already_reviewed(
+        reviewing: tuple[Any, Any]) -> None:
+    """A conflict resolved, then node-a replays node-b's log from the start: node-b's
+    old write, reviewed when it first arrived, is no new conflict (a replay applies
+    idempotently), and a new write of node-b still is one."""
+    a, b = reviewing
+    make_reviewed_table(a, b, "p")
+    write_conflict(a, b, "p", 1)
+    a.call("resolve_conflict", id=conflicts_of(a, "p")[0]["id"], keep="local")
+    wait_for(lambda: not conflicts_of(b, "p") and idle([a, b])
+             and snapshot(a, "p") == snapshot(b, "p"), timeout=5, message="resolved")
+    resolved = snapshot(a, "p")
+    a.call("replay_replication", hostname="node-b", database=DB, from_seq=0)
+    b.call("upsert", database=DB, table="p", records=[{"id": 99, "v": "marker"}])
+    wait_for(lambda: 99 in snapshot(a, "p") and idle([a, b]), timeout=10,
+             message="the replay read to its end")
+    assert conflicts_of(a, "p") == []
+    assert {k: v for k, v in snapshot(a, "p").items() if k != 99} == resolved
+    # A change node-a has not seen is still reviewed.
+    write_conflict(a, b, "p", 1)

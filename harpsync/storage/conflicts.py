@@ -167,6 +167,10 @@ class Review:
     conflicts: int = 0
     refused: int = 0
     touched: list[str] = field(default_factory=list)
+    # A change of an origin at or below the newest version received from it (a replay,
+    # a re-copy) was reviewed when it first arrived: it is not held or refused again.
+    # Off when reprocessing a dead letter, which was received and is decided anew.
+    skip_seen: bool = True
 
     def admit(self, ctx: WriteContext, db: Database, table: Table, op: list[Any],
               stored: Stored | None, version: int, origin: str) -> bool:
@@ -184,6 +188,8 @@ class Review:
                          version, origin, op[1] == "delete" or op[3] is None)
         if verdict == APPLY:
             return True
+        if self.skip_seen and version <= db.origin_hw.get(origin, 0):
+            return False  # reviewed when it first arrived (replayed or copied again)
         if verdict == REFUSE:
             self.refused += 1
             self.refuse(ctx, db, op, version, origin,

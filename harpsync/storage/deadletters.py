@@ -128,6 +128,8 @@ def reprocess_job(storage: Storage, row: dict[str, Any], review: Review | None,
         UnknownTableError, ValueError, ...: it still cannot be applied.
     """
     opened: list[str] = []
+    if review is not None:
+        review.skip_seen = False  # received before, by definition: decided anew
 
     def prepare() -> None:
         ops = row.get("ops")
