@@ -379,3 +379,24 @@ def test_a_replay_raises_no_conflict_for_changes_already_reviewed(
     assert {k: v for k, v in snapshot(a, "p").items() if k != 99} == resolved
     # A change node-a has not seen is still reviewed.
     write_conflict(a, b, "p", 1)
+
+
+def test_concurrent_resolutions_of_one_conflict_write_once(
+        reviewing: tuple[Any, Any]) -> None:
+    """Several operators resolve one conflict at once: one resolution is written, the
+    others are told it is gone (404), instead of each writing its own version."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b = reviewing
+    make_reviewed_table(a, b, "q")
+    write_conflict(a, b, "q", 1)
+    conflict_id = conflicts_of(a, "q")[0]["id"]
+
+    def resolve(keep: str) -> int:
+        with httpx.Client(timeout=30) as client:
+            return client.post(a.url, auth=ADMIN, json={
+                "operation": "resolve_conflict", "id": conflict_id, "keep": keep}).status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(resolve, ["local", "remote"] * 3))
+    assert sorted(codes) == [200] + [404] * 5, codes
