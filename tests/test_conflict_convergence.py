@@ -400,3 +400,20 @@ def test_concurrent_resolutions_of_one_conflict_write_once(
     with ThreadPoolExecutor(6) as pool:
         codes = list(pool.map(resolve, ["local", "remote"] * 3))
     assert sorted(codes) == [200] + [404] * 5, codes
+
+
+def test_a_resolution_record_keeps_the_creation_time(reviewing: tuple[Any, Any]) -> None:
+    """A record given to resolve_conflict replaces the stored one but keeps its
+    ``__createdtime__`` (every record has one; it was lost), on both nodes."""
+    a, b = reviewing
+    make_reviewed_table(a, b, "c")
+    a.call("insert", database=DB, table="c", records=[{"id": 1, "v": "first"}])
+    wait_for(lambda: 1 in snapshot(b, "c"), message="the record on node-b")
+    created = snapshot(a, "c")[1][2]["__createdtime__"]
+    write_conflict(a, b, "c", 1)
+    a.call("resolve_conflict", id=conflicts_of(a, "c")[0]["id"], record={"v": "mine"})
+    wait_for(lambda: snapshot(b, "c")[1][2]["v"] == "mine", message="resolution on b")
+    for node in (a, b):
+        record = snapshot(node, "c")[1][2]
+        assert record["__createdtime__"] == created
+        assert record["__updatedtime__"] > created
