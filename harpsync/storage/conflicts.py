@@ -253,15 +253,14 @@ def resolve_job(storage: Storage, conflict: dict[str, Any], keep: str | None,
         newest = max(seen)
         version = storage.hlc.now_after(newest)
         if record is not None:
-            chosen: dict[str, Any] | None = dict(record)
             # The record replaces the stored one, but it was created when it was: keep
             # the creation time of a version that held it (every record carries one).
             created = [v.get("__createdtime__") for v in (
                 stored[2] if stored is not None else None, conflict["local"]["record"],
                 conflict["remote"]["record"]) if isinstance(v, dict)]
-            chosen.pop("__createdtime__", None)
-            chosen["__createdtime__"] = next((c for c in created if c is not None),
-                                             version_to_ms(version))
+            chosen: dict[str, Any] | None = {
+                **record, "__createdtime__": next((c for c in created if c is not None),
+                                                  version_to_ms(version))}
         else:
             chosen = conflict["local" if keep == "local" else "remote"]["record"]
         if chosen is None:
