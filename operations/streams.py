@@ -6,12 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from harpsync.dispatch import OpContext, Operation
-from harpsync.errors import (
-    BadRequestError,
-    HarpsyncError,
-    NotFoundError,
-    missing_is_bad_request,
-)
+from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
 from harpsync.replication.streams import replication_status
 from harpsync.storage import conflicts, deadletters
 
@@ -40,15 +35,22 @@ async def resolve_conflict(ctx: OpContext, body: dict[str, Any]) -> dict[str, An
         raise NotFoundError(f"conflict '{body['id']}' does not exist")
     conflict = found[0]
     record = body.get("record")
-    with missing_is_bad_request():  # the conflict names a table that is gone: 400
-        if record is not None:
-            db, table = storage.table(conflict["database"], conflict["table"])
-            pk = table.primary_key
-            if pk in record and record[pk] != conflict["record_id"]:
-                raise BadRequestError(f"'record.{pk}' must be the conflicting record's id "
-                                      f"{conflict['record_id']!r}")
-        result = await storage.write(conflicts.resolve_job(
-            storage, conflict, body.get("keep"), record, ctx.user.username))
+    db = storage.databases.get(conflict["database"])
+    table = db.tables.get(conflict["table"]) if db is not None else None
+    if record is not None and table is not None:
+        pk = table.primary_key
+        if pk in record and record[pk] != conflict["record_id"]:
+            raise BadRequestError(f"'record.{pk}' must be the conflicting record's id "
+                                  f"{conflict['record_id']!r}")
+    # A conflict of a table dropped since is discarded by the job (nothing written).
+    result = await storage.write(conflicts.resolve_job(
+        storage, conflict, body.get("keep"), record, ctx.user.username))
+    if result.get("discarded"):
+        return {"message": f"conflict '{conflict['id']}' discarded: table "
+                           f"'{conflict['database']}.{conflict['table']}' was dropped since "
+                           "it was recorded; nothing was written",
+                "database": conflict["database"], "table": conflict["table"],
+                "record_id": conflict["record_id"], "record": None}
     kept = "the given record" if record is not None else f"the {body['keep']} version"
     return {"message": f"conflict '{conflict['id']}' resolved with {kept}",
             "database": conflict["database"], "table": conflict["table"],

@@ -83,6 +83,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--partition-seed", type=int, default=None,
                     help="run the partition suite with this one schedule seed only "
                          "(0: the fixed default schedule); env HARPSYNC_PARTITION_SEED")
+    group.addoption("--conflict-seeds", type=int, default=None,
+                    help="also run the conflict convergence test with seeds 1..N (marked "
+                         "slow); env HARPSYNC_CONFLICT_SEEDS")
+    group.addoption("--conflict-seed", type=int, default=None,
+                    help="run the conflict convergence test with this one seed only; "
+                         "env HARPSYNC_CONFLICT_SEED")
     group.addoption("--lifecycle-rounds", type=int, default=None,
                     help="disturbance rounds per lifecycle seed (default 2; 3 for the "
                          "extra, slow-marked seeds)")

@@ -179,7 +179,7 @@ async def test_a_resolved_conflict_teaches_its_attributes_here_as_on_peers(
         storage: Storage) -> None:
     """resolve_conflict writes the chosen record as a local upsert; peers learn its
     attributes from the logged op, so the resolving node must learn them too."""
-    from harpsync.storage.conflicts import resolve_job
+    from harpsync.storage.conflicts import CONFLICTS, resolve_job, system_put
 
     await storage.create_table("data", "t", "id")
     await storage.write(writes.write_records(storage, "data", "t", [{"id": 1, "a": 1}],
@@ -188,6 +188,9 @@ async def test_a_resolved_conflict_teaches_its_attributes_here_as_on_peers(
     conflict = {"id": "c1", "database": "data", "table": "t", "record_id": 1,
                 "local": {"version": version, "record": {"id": 1, "a": 1}},
                 "remote": {"version": version, "record": {"id": 1, "shade": "dark"}}}
+    for rid in ("c1", "c2"):  # resolving checks that the conflict is still pending
+        await storage.write(lambda ctx, rid=rid: system_put(ctx, storage, CONFLICTS,
+                                                            {**conflict, "id": rid}))
     await storage.write(resolve_job(storage, conflict, "remote", None, "admin"))
     assert "shade" in storage.databases["data"].tables["t"].attributes
     await storage.write(resolve_job(storage, {**conflict, "id": "c2"}, None,

@@ -86,12 +86,13 @@ def test_hlc_ignores_versions_beyond_the_skew_bound():
     clock.check(clock.now() + (1000 << COUNTER_BITS))
 
 
-def test_hlc_now_after_beats_a_future_floor_without_moving_the_clock():
-    """A local write over a far-future version gets floor + 1; the clock stays put."""
+def test_hlc_now_after_beats_a_future_floor_and_later_versions_follow_it():
+    """A local write over a version past the skew bound gets floor + 1, and this node's
+    later versions rank after it (its own versions only rise)."""
     clock = HLC(max_skew_ms=60_000)
     floor = clock.now() + (3_600_000 << COUNTER_BITS)
     assert clock.now_after(floor) == floor + 1
-    assert clock.now() < floor
+    assert clock.now() > floor + 1
     near = clock.now() + (1000 << COUNTER_BITS)
     assert clock.now_after(near) == near + 1
     assert clock.now() > near + 1

@@ -97,6 +97,10 @@ def test_decide_is_the_pure_policy_rule() -> None:
     assert decide("manual_review", local_old, "a", remote_new, "b") == CONFLICT
     assert decide("manual_review", (10, 0, {}), "a", 9, "b") == CONFLICT
     assert decide("manual_review", None, "", 9, "b") == APPLY
+    # A delete over a record deleted here: nothing to keep, the tombstones agree.
+    assert decide("manual_review", (5, 0, None), "a", 9, "b", deleting=True) == APPLY
+    assert decide("dest_wins", (5, 0, None), "a", 9, "b", deleting=True) == APPLY
+    assert decide("manual_review", (5, 0, None), "a", 9, "b") == CONFLICT
 
 
 def test_node_default_policy_is_validated() -> None:

@@ -46,8 +46,10 @@ def dead_letter(peer: str, database: str, origin: str | None, version: int, user
     """
     first = failed if failed is not None else (ops[0] if ops else [None, None, None])
     now = time.time() * 1000
+    # Every op's table, kind and id: one origin can log several entries of one version
+    # (a copy relayed in chunks, rows of one bulk insert), each its own dead letter.
     return {"id": entry_id(database, origin, version, len(ops),
-                           *(op[:3] for op in ops[:1] if len(ops) == 1)),
+                           *(op[:3] if isinstance(op, list) else op for op in ops)),
             "peer": peer, "database": database, "table": first[0], "record_id": first[2],
             "error": error[:500], "time": iso_ms(now), "timestamp": int(now),
             "node": origin, "version": version, "user": user, "ops": ops}
@@ -126,6 +128,8 @@ def reprocess_job(storage: Storage, row: dict[str, Any], review: Review | None,
         UnknownTableError, ValueError, ...: it still cannot be applied.
     """
     opened: list[str] = []
+    if review is not None:
+        review.skip_seen = False  # received before, by definition: decided anew
 
     def prepare() -> None:
         ops = row.get("ops")

@@ -87,18 +87,19 @@ class HLC:
     def now_after(self, floor: int) -> int:
         """A new version for a local write that must beat a stored version ``floor``.
 
-        The clock follows ``floor`` only within the skew bound; past it, this one write
-        gets ``floor + 1`` and the clock stays where it is.
+        The clock follows ``floor`` even past the skew bound: ``floor`` is a version
+        stored here (accepted within the bound when it arrived, so past it only when
+        this node's clock stepped back), and this node's own versions must keep rising.
+        A peer takes an origin's log to be in version order and, subscribing again,
+        skips what is at or below the newest version it holds from it: a later write
+        stamped below this one would never reach it.
         """
         wall = self.wall_now_ms() << COUNTER_BITS
         with self._lock:
             self._last = wall if wall > self._last else self._last + 1
-            if floor < self._last:
-                return self._last
-            if floor <= self.limit():
+            if floor >= self._last:
                 self._last = floor + 1
-                return self._last
-            return floor + 1
+            return self._last
 
     def limit(self) -> int:
         """The highest version this node accepts from a peer right now."""
