@@ -195,7 +195,7 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
                 if review is not None and stored_name != origin_name:
                     held = (stored_version, stored_origin, stored_record)
                     verdict = decide(review.policy_for(origin_name, table_name), held,
-                                     stored_name, version, origin_name)
+                                     stored_name, version, origin_name, deleted)
                     if verdict != APPLY:
                         if not dry_run:  # a dead letter, or both versions to review
                             review.admit(ctx, db, table, op, held, version, origin_name)
