@@ -13,6 +13,7 @@ from harpsync.errors import BadRequestError, missing_is_bad_request
 from harpsync.storage import reads, writes
 from harpsync.storage.database import TIME_ATTRIBUTES, Table
 from harpsync.storage.store import SYSTEM
+from harpsync.validation import check_attribute_names, record_attributes
 
 # Scans of tables larger than this run in a worker thread, off the event loop.
 OFFLOAD_ROWS = 5000
@@ -90,6 +91,7 @@ async def _write(ctx: OpContext, body: dict[str, Any], mode: str) -> dict[str, A
     with missing_is_bad_request():  # Harper answers a write to a missing table with 400
         storage.table(db, table)  # fail fast, before queueing
         records = body["records"]
+        check_attribute_names(record_attributes(records), "'records'")
         job = writes.write_records(storage, db, table, records, mode, ctx.user.username)
         result: dict[str, Any] = await storage.write(job, small=len(records) <= SMALL_WRITE)
     return result

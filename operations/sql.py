@@ -27,6 +27,7 @@ from harpsync.storage.database import Database, Table
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_live
 from harpsync.storage.writer import WriteContext
+from harpsync.validation import check_attribute_names
 from operations.data import OFFLOAD_ROWS, check_writable, known_attributes, public_records
 
 # Records an UPDATE or DELETE changes per write job: bounded transactions, and the writer
@@ -73,6 +74,7 @@ async def _select(ctx: OpContext, plan: Select) -> list[dict[str, Any]]:
 
 async def _insert(ctx: OpContext, plan: Insert) -> dict[str, Any]:
     storage = ctx.services.storage
+    check_attribute_names(plan.columns, "SQL INSERT")
     records = [dict(zip(plan.columns, row, strict=True)) for row in plan.rows]
     job = writes.write_records(storage, plan.table.database, plan.table.table, records,
                                "insert", ctx.user.username)
@@ -121,6 +123,7 @@ async def _update(ctx: OpContext, plan: Update) -> dict[str, Any]:
     pk = table.primary_key
     if any(name == pk for name, _ in plan.assignments):
         raise BadRequestError(f"SQL: UPDATE cannot change the primary key '{pk}'")
+    check_attribute_names([name for name, _ in plan.assignments], "SQL UPDATE")
     user = ctx.user.username
     updated: list[Any] = []
 

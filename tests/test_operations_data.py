@@ -141,6 +141,21 @@ def test_insert_durable_across_restart(dev):
 
 
 # -- update / upsert --------------------------------------------------------------------
+@pytest.mark.parametrize(("op", "name"), [("insert", "bad name!"), ("upsert", ""),
+                                          ("update", "a/b")])
+def test_write_with_an_invalid_attribute_name_is_400(dev, op, name):
+    """insert, upsert and update refuse a record key that is no valid attribute name,
+    naming it, and write nothing."""
+    dev.call("insert", database="dev", table="dog", records=[{"id": 1}])
+    error = dev.call(op, expect=400, database="dev", table="dog",
+                     records=[{"id": 1, "ok": 1}, {"id": 2, name: "x"}])["error"]
+    assert f"attribute name '{name}'" in error or (not name and "empty" in error), error
+    assert strip_times(dev.call("search_by_id", database="dev", table="dog",
+                                ids=[1, 2])) == [{"id": 1}]
+    described = dev.call("describe_table", database="dev", table="dog")["attributes"]
+    assert "ok" not in [a["attribute"] for a in described]
+
+
 def test_update_matches_recorded_response(dev):
     """update merges, skips unknown ids and answers Harper's ``update_hashes`` body."""
     dev.call("insert", database="dev", table="dog", records=[HARPER])

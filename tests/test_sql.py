@@ -237,6 +237,9 @@ def test_key_lookups_never_scan_the_table(mesh, monkeypatch):
     ("UPDATE system.hdb_user SET active = false", "'system' database"),
     ("INSERT INTO dev.nope (id) VALUES (1)", "Table 'dev.nope' does not exist"),
     ("SELECT * FROM nodb.dog", "database 'nodb' does not exist"),
+    ("INSERT INTO dev.dog (id, `bad name!`) VALUES (90, 1)", "attribute name 'bad name!'"),
+    ("INSERT INTO dev.dog (id, ``) VALUES (90, 1)", "attribute name must not be empty"),
+    ("UPDATE dev.dog SET `a b` = 1 WHERE id = 1", "attribute name 'a b'"),
 ])
 def test_bad_sql_is_4xx_naming_the_problem(mesh, text, fragment):
     """Invalid SQL or SQL outside the subset answers 400 (404 for a missing read target)."""
