@@ -53,6 +53,25 @@ async def sql(ctx: OpContext, body: dict[str, Any]) -> Any:
         return await _delete(ctx, statement)
 
 
+def _lookup(where: Expr | None, table: Table) -> list[Any] | None:
+    """The primary keys ``where`` names, each once (``1`` and ``1.0`` are one key), or
+    None when the table must be scanned."""
+    ids = key_lookup(where, table.primary_key)
+    if ids is None:
+        return None
+    seen: set[bytes] = set()
+    out = []
+    for rid in ids:
+        try:
+            key = encode_id(rid)
+        except BadRequestError:  # no record can have it
+            continue
+        if key not in seen:
+            seen.add(key)
+            out.append(rid)
+    return out
+
+
 async def _offload(db: Database, table: Table, scanning: bool, fn: Any) -> Any:
     if scanning and db.table_size(table)[0] > OFFLOAD_ROWS:
         return await asyncio.to_thread(fn)
@@ -62,7 +81,7 @@ async def _offload(db: Database, table: Table, scanning: bool, fn: Any) -> Any:
 async def _select(ctx: OpContext, plan: Select) -> list[dict[str, Any]]:
     db_name, table_name = plan.table.database, plan.table.table
     db, table = ctx.services.storage.table(db_name, table_name)
-    ids = key_lookup(plan.where, table.primary_key)
+    ids = _lookup(plan.where, table)
 
     def run() -> list[dict[str, Any]]:
         found = reads.get_by_ids(db, table, ids) if ids is not None else reads.scan(db, table)
@@ -88,7 +107,7 @@ async def _matching_ids(ctx: OpContext, db_name: str, table_name: str,
     ``check`` is called with each, to refuse the statement before anything is written."""
     db, table = ctx.services.storage.table(db_name, table_name)
     pk = table.primary_key
-    ids = key_lookup(where, pk)
+    ids = _lookup(where, table)
 
     def run() -> list[Any]:
         found = reads.get_by_ids(db, table, ids) if ids is not None else reads.scan(db, table)

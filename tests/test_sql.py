@@ -193,6 +193,24 @@ def test_primary_key_lookups_use_the_key():
     assert plan("NOT id = 1") is None
 
 
+def test_one_and_one_point_zero_are_one_value(node):
+    """1 and 1.0 are one number (one key, one group, one distinct value), as ``=`` says
+    and as in Harper: a key lookup naming both finds the record once, and UPDATE writes it
+    once; GROUP BY, DISTINCT and COUNT(DISTINCT) do not split them."""
+    node.call("create_table", database="dev", table="nums", primary_key="id")
+    node.call("insert", database="dev", table="nums",
+              records=[{"id": 1, "n": 1}, {"id": 2, "n": 1.0}, {"id": 3, "n": 2}])
+    assert sql(node, "SELECT id FROM dev.nums WHERE id IN (1, 1.0)") == [{"id": 1}]
+    assert sql(node, "SELECT COUNT(*) AS c FROM dev.nums WHERE id = 1 OR id = 1.0") == [
+        {"c": 1}]
+    assert sql(node, "SELECT n, COUNT(*) AS c FROM dev.nums GROUP BY n ORDER BY c") == [
+        {"n": 2, "c": 1}, {"n": 1, "c": 2}]
+    assert len(sql(node, "SELECT DISTINCT n FROM dev.nums")) == 2
+    assert sql(node, "SELECT COUNT(DISTINCT n) AS c FROM dev.nums") == [{"c": 2}]
+    assert sql(node, "UPDATE dev.nums SET m = 5 WHERE id IN (1, 1.0)") == {
+        "message": "updated 1 of 1 records", "update_hashes": [1], "skipped_hashes": []}
+
+
 def test_key_lookups_never_scan_the_table(mesh, monkeypatch):
     """On the node, a statement whose WHERE names the keys reads them without a scan."""
     from operations import sql as sql_ops
