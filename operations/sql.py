@@ -20,7 +20,7 @@ from harpsync.auth import require_table
 from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, missing_is_bad_request
 from harpsync.sql import parser
-from harpsync.sql.expr import Expr
+from harpsync.sql.expr import Expr, column_names
 from harpsync.sql.plan import Delete, Insert, Select, Update, key_lookup, matches, run_select
 from harpsync.storage import reads, writes
 from harpsync.storage.database import Database, Table
@@ -45,7 +45,9 @@ async def sql(ctx: OpContext, body: dict[str, Any]) -> Any:
         return await _select(ctx, statement)
     check_writable(target.database)
     with missing_is_bad_request():  # as for insert/update/delete: a missing table is 400
-        ctx.services.storage.table(target.database, target.table)
+        _, table = ctx.services.storage.table(target.database, target.table)
+        if _reads_values(statement, table.primary_key):
+            require_table(ctx.user, target.database, target.table, ["read"])
         if isinstance(statement, Insert):
             return await _insert(ctx, statement)
         if isinstance(statement, Update):
@@ -70,6 +72,20 @@ def _lookup(where: Expr | None, table: Table) -> list[Any] | None:
             seen.add(key)
             out.append(rid)
     return out
+
+
+def _reads_values(statement: Insert | Update | Delete, primary_key: str) -> bool:
+    """Whether a write reads attribute values: a WHERE or SET expression naming a column
+    other than the primary key. Its answer (which ids matched, or a 400 for a value out of
+    range) tells what the records hold, so it needs ``read`` as well: a role that may only
+    update or delete learns no more than ``update`` and ``delete`` by id would tell it."""
+    if isinstance(statement, Insert):
+        return False
+    names = column_names(statement.where)
+    if isinstance(statement, Update):
+        for _, expr in statement.assignments:
+            names |= column_names(expr)
+    return bool(names - {primary_key})
 
 
 async def _offload(db: Database, table: Table, scanning: bool, fn: Any) -> Any:

@@ -409,6 +409,33 @@ def test_role_permissions_apply_per_table_and_statement(mesh):
     assert sql(a, "SELECT COUNT(*) AS c FROM dev.dog") == [{"c": 7}]  # nothing changed
 
 
+def test_writes_that_read_values_need_read_permission(mesh):
+    """A role that may update and delete but not read dev.dog cannot use a WHERE or SET
+    expression on other attributes as a read (the matched ids, or a 400 for an
+    out-of-range value, would tell what records hold): those need ``read`` too, while
+    writes naming only the primary key work as ``update``/``delete`` by id do."""
+    a, _ = mesh
+    a.call("add_role", role="writer", permission={
+        "super_user": False, "dev": {"tables": {"dog": {
+            "read": False, "insert": False, "update": True, "delete": True,
+            "attribute_permissions": []}}}})
+    a.call("add_user", role="writer", username="wes", password="wespw", active=True)
+    wes = ("wes", "wespw")
+    for text in ("UPDATE dev.dog SET age = 1 WHERE breed = 'Mutt'",
+                 "DELETE FROM dev.dog WHERE dog_name LIKE 'P%'",
+                 "UPDATE dev.dog SET age = weight_lbs * 1e308 WHERE id = 1",
+                 "DELETE FROM dev.dog WHERE age > 7"):
+        body = sql(a, text, expect=403, auth=wes)
+        assert body["unauthorized_access"] == [{
+            "schema": "dev", "table": "dog", "required_table_permissions": ["read"],
+            "required_attribute_permissions": []}], text
+    assert sql(a, "UPDATE dev.dog SET age = 7 WHERE id = 1", auth=wes)["update_hashes"] == [1]
+    assert sql(a, "DELETE FROM dev.dog WHERE id IN (998, 999)", auth=wes)[
+        "deleted_hashes"] == []
+    assert strip_times(sql(a, "SELECT * FROM dev.dog ORDER BY id")) == [
+        {name: dog.get(name) for name in ATTRS} for dog in DOGS]
+
+
 def test_system_tables_hide_secrets(mesh):
     """SELECT * from system.hdb_user never shows password hashes, not even as null."""
     a, _ = mesh

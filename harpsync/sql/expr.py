@@ -332,6 +332,20 @@ def contains_agg(expr: Expr | None) -> bool:
     return False
 
 
+def column_names(expr: Expr | None) -> set[str]:
+    """The names of every column ``expr`` reads."""
+    if expr is None:
+        return set()
+    if isinstance(expr, Col):
+        return {expr.name}
+    names: set[str] = set()
+    for value in vars(expr).values():
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, Expr):
+                names |= column_names(item)
+    return names
+
+
 def _canonical(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
