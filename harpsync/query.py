@@ -168,15 +168,48 @@ def _sort_key(attribute: str) -> Callable[[dict[str, Any]], tuple[int, Any]]:
     return key
 
 
+def sort_levels(sort: dict[str, Any]) -> list[dict[str, Any]]:
+    """``sort`` and its chain of ``next`` (Harper's tie-breaks), each level checked as the
+    schema checks the first (the schema does not recurse, so a chain costs no recursion).
+
+    Raises:
+        BadRequestError: a level without an attribute name, or with a ``descending`` or
+            ``next`` of the wrong type, naming it (``'sort.next.attribute' is required``).
+    """
+    levels = []
+    level: Any = sort
+    path = "sort"
+    while level is not None:
+        if not isinstance(level, dict):
+            raise BadRequestError(f"'{path}' must be an object")
+        attribute = level.get("attribute")
+        if attribute is None:
+            raise BadRequestError(f"'{path}.attribute' is required")
+        if not isinstance(attribute, str) or not attribute:
+            raise BadRequestError(f"'{path}.attribute' must be a non-empty string")
+        if not isinstance(level.get("descending", False), bool):
+            raise BadRequestError(f"'{path}.descending' must be a boolean")
+        levels.append(level)
+        level = level.get("next")
+        path += ".next"
+    return levels
+
+
 def select(records: Iterable[dict[str, Any]], predicate: Predicate,
            attributes: list[str] | None, sort: dict[str, Any] | None = None,
            offset: int = 0, limit: int | None = None,
            known: list[str] | None = None) -> list[dict[str, Any]]:
-    """Filter, then sort, page and project. Without ``sort`` it streams."""
+    """Filter, then sort (``sort.next`` breaks ties), page and project. Without
+    ``sort`` it streams."""
     matched: Iterator[dict[str, Any]] = (r for r in records if predicate(r))
     if sort:
-        ordered = sorted(matched, key=_sort_key(sort["attribute"]),
-                         reverse=bool(sort.get("descending")))
+        levels = sort_levels(sort)
+        ordered = list(matched)
+        # Stable sorts, last tie-break first: ``next`` orders records the level above it
+        # finds equal (``reverse`` keeps equal records in their order).
+        for level in reversed(levels):
+            ordered.sort(key=_sort_key(level["attribute"]),
+                         reverse=bool(level.get("descending")))
         matched = iter(ordered)
     start, stop = page_bounds(offset, limit)
     return [project(r, attributes, known) for r in islice(matched, start, stop)]

@@ -150,7 +150,10 @@ async def search_by_value(ctx: OpContext, body: dict[str, Any]) -> list[dict[str
 
 async def search_by_conditions(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:
     predicate = query.conditions_predicate(body.get("operator", "and"), body["conditions"])
-    return await _scan(ctx, body, predicate, body.get("sort"))
+    sort = body.get("sort")
+    if sort is not None:
+        query.sort_levels(sort)  # a bad level is a 400 before the scan
+    return await _scan(ctx, body, predicate, sort)
 
 
 OPERATIONS = [

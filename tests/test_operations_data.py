@@ -411,6 +411,24 @@ def test_search_by_conditions_or(dogs):
                   operator="or") == [3, 4, 7]
 
 
+def test_search_by_conditions_sort_next_breaks_ties(dogs):
+    """``sort.next`` orders the records the level above finds equal (Harper's docs)."""
+    every = {"attribute": "id", "comparator": "greater_than", "value": 0}
+    sort = {"attribute": "breed", "next": {"attribute": "age"}}
+    assert search(dogs, every, sort=sort) == [7, 6, 1, 2, 4, 5, 3]
+    sort = {"attribute": "vaccinated", "descending": True,
+            "next": {"attribute": "breed", "descending": True, "next": {"attribute": "name"}}}
+    assert search(dogs, every, sort=sort, limit=4) == [7, 6, 3, 5]
+    for sort, message in (({"attribute": "id", "next": {"descending": True}},
+                           "'sort.next.attribute' is required"),
+                          ({"attribute": "id", "next": {"attribute": "age", "next": {
+                              "attribute": "name", "descending": "yes"}}},
+                           "'sort.next.next.descending' must be a boolean")):
+        error = dogs.call("search_by_conditions", expect=400, database="dev", table="dog",
+                          get_attributes=["id"], conditions=[every], sort=sort)["error"]
+        assert error == message
+
+
 def test_search_by_conditions_limit_offset(dogs):
     """limit and offset page through the matches in primary-key order."""
     every = {"attribute": "id", "comparator": "greater_than_equal", "value": 0}
