@@ -255,6 +255,9 @@ def test_key_lookups_never_scan_the_table(mesh, monkeypatch):
     ("UPDATE system.hdb_user SET active = false", "'system' database"),
     ("INSERT INTO dev.nope (id) VALUES (1)", "Table 'dev.nope' does not exist"),
     ("SELECT * FROM nodb.dog", "database 'nodb' does not exist"),
+    ("SELECT id FROM dev.dog ORDER BY 2", "ORDER BY 2 is not a position"),
+    ("SELECT id FROM dev.dog ORDER BY 0", "ORDER BY 0 is not a position"),
+    ("SELECT * FROM dev.dog ORDER BY 1", "ORDER BY 1 names '*'"),
     ("INSERT INTO dev.dog (id, `bad name!`) VALUES (90, 1)", "attribute name 'bad name!'"),
     ("INSERT INTO dev.dog (id, ``) VALUES (90, 1)", "attribute name must not be empty"),
     ("UPDATE dev.dog SET `a b` = 1 WHERE id = 1", "attribute name 'a b'"),
@@ -420,7 +423,14 @@ def test_writes_that_read_values_need_read_permission(mesh):
             "read": False, "insert": False, "update": True, "delete": True,
             "attribute_permissions": []}}}})
     a.call("add_user", role="writer", username="wes", password="wespw", active=True)
-    wes = ("wes", "wespw")
+    try:
+        _writes_need_read(a, ("wes", "wespw"))
+    finally:
+        a.call("drop_user", username="wes")
+        a.call("drop_role", id="writer")
+
+
+def _writes_need_read(a: Any, wes: tuple[str, str]) -> None:
     for text in ("UPDATE dev.dog SET age = 1 WHERE breed = 'Mutt'",
                  "DELETE FROM dev.dog WHERE dog_name LIKE 'P%'",
                  "UPDATE dev.dog SET age = weight_lbs * 1e308 WHERE id = 1",
