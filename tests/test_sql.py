@@ -142,6 +142,14 @@ def test_columns_aliases_order_limit_offset(mesh):
 
 
 
+def test_unaliased_expressions_are_named_as_written(mesh):
+    """A column without an alias is named by its expression as the client wrote it
+    (it came back as ``age / NULLIF(2, 0)``)."""
+    a, _ = mesh
+    assert sql(a, "SELECT age / 2, age % 5, age != 1 FROM dev.dog WHERE id = 1") == [
+        {"age / 2": 3.5, "age % 5": 2, "age <> 1": True}]
+
+
 def test_limit_and_offset_beyond_any_size(mesh):
     """LIMIT and OFFSET past 2**63 page like any large number, not a 500 (``islice``
     refuses numbers past sys.maxsize), with or without ORDER BY, DISTINCT or GROUP BY."""

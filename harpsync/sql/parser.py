@@ -318,7 +318,10 @@ def _select(node: exp.Select) -> Select:
             items.append(SelectItem(None, "*"))
             continue
         expr = _expr(inner, scope, aggregates=True)
-        name = alias or (inner.name if isinstance(inner, exp.Column) else inner.sql())
+        # Written back in the dialect it was read in: the default dialect would show
+        # MySQL's safe division as ``age / NULLIF(2, 0)``.
+        name = alias or (inner.name if isinstance(inner, exp.Column)
+                         else inner.sql(dialect="mysql"))
         items.append(SelectItem(expr, name))
     where = node.args.get("where")
     group = node.args.get("group")
