@@ -411,6 +411,40 @@ def test_search_by_conditions_or(dogs):
                   operator="or") == [3, 4, 7]
 
 
+def test_search_by_conditions_grouped_conditions(dogs):
+    """A condition holding ``conditions`` is a group with its own operator, nested as
+    in Harper's documented example (legacy names inside groups too); a bad condition
+    inside a group is a 400 naming it."""
+    mutt_or_pug = {"operator": "or", "conditions": [
+        {"search_attribute": "breed", "search_type": "equals", "search_value": "Mutt"},
+        {"attribute": "breed", "comparator": "equals", "value": "Pug"}]}
+    assert search(dogs, {"attribute": "age", "comparator": "greater_than", "value": 3},
+                  mutt_or_pug) == [1, 4, 6]
+    young = {"conditions": [{"attribute": "age", "comparator": "less_than", "value": 2},
+                            {"attribute": "vaccinated", "comparator": "equals", "value": 1}]}
+    assert search(dogs, mutt_or_pug, young, operator="or") == [1, 4, 6, 7]
+    assert search(dogs, {"conditions": [young]}) == [7]
+    deep: dict[str, Any] = {"attribute": "id", "comparator": "equals", "value": 1}
+    for _ in range(100):
+        deep = {"conditions": [deep]}
+    for bad, message in (
+            ({"operator": "or", "conditions": [young]},
+             'An "or" operator requires at least two conditions'),
+            ({"conditions": [{"attribute": "age", "comparator": "bogus", "value": 1}]},
+             'Unknown query comparator "bogus"'),
+            ({"conditions": [{"attribute": "age", "comparator": "between", "value": 1}]},
+             "'conditions[0].conditions[0].value' must be an array of two values"),
+            ({"conditions": [young, {"comparator": "equals", "value": 1}]},
+             "'conditions[0].conditions[1].attribute' is required"),
+            ({"conditions": [{"conditions": []}]},
+             "'conditions[0].conditions[0].conditions' must be a non-empty array"),
+            ({"comparator": "equals", "value": 1}, "'conditions[0].attribute' is required"),
+            (deep, "nests groups deeper than 8")):
+        error = dogs.call("search_by_conditions", expect=400, database="dev", table="dog",
+                          get_attributes=["id"], conditions=[bad])["error"]
+        assert message in error, (bad, error)
+
+
 def test_search_by_conditions_sort_next_breaks_ties(dogs):
     """``sort.next`` orders the records the level above finds equal (Harper's docs)."""
     every = {"attribute": "id", "comparator": "greater_than", "value": 0}

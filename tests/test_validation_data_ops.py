@@ -65,8 +65,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "search_by_conditions",
-        {"table": "dog", "conditions": [{"comparator": "equals", "value": 1}]},
-        "'conditions[0].attribute' is required",
+        {"table": "dog", "conditions": [{"attribute": 5, "comparator": "equals", "value": 1}]},
+        "'conditions[0].attribute' must be a string",
     ),
     (
         "search_by_conditions",
