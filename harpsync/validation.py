@@ -210,15 +210,18 @@ def validate_name(kind: str, value: object) -> str:
     return value
 
 
-@functools.lru_cache(maxsize=4096)
 def _attribute_problem(name: str) -> str | None:
+    if len(name) > NAME_MAX_LENGTH:  # before the cache, which keeps only short names
+        return f"attribute name '{_clip(name)}' is longer than {NAME_MAX_LENGTH} characters"
+    return _short_attribute_problem(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _short_attribute_problem(name: str) -> str | None:
     if not name:
         return "an attribute name must not be empty"
-    shown = _clip(name)
-    if len(name) > NAME_MAX_LENGTH:
-        return f"attribute name '{shown}' is longer than {NAME_MAX_LENGTH} characters"
     if not _NAME_RE.fullmatch(name):
-        return f"attribute name '{shown}' {_PATTERN_TEXT[NAME_PATTERN]}"
+        return f"attribute name '{_clip(name)}' {_PATTERN_TEXT[NAME_PATTERN]}"
     return None
 
 
