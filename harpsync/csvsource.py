@@ -30,6 +30,7 @@ import httpx
 
 from harpsync import jsonio
 from harpsync.errors import BadRequestError
+from harpsync.validation import check_attribute_names
 
 _NUMBER = re.compile(r"-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?")
 _INT64 = 1 << 63
@@ -124,6 +125,7 @@ class CsvBatches:
             raise BadRequestError("CSV header has an empty column name")
         if len(set(header)) != len(header):
             raise BadRequestError("CSV header names a column twice")
+        check_attribute_names(header, "CSV header")
         return header
 
     def next_batch(self) -> list[dict[str, Any]]:

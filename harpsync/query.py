@@ -115,17 +115,43 @@ def value_predicate(attribute: str, value: Any) -> Predicate:
     return lambda r: attribute in r and _equal(r[attribute], value)
 
 
-def conditions_predicate(operator: str, conditions: list[dict[str, Any]]) -> Predicate:
-    """``search_by_conditions``: ``and``/``or`` over comparator conditions."""
+# How deep search_by_conditions groups may nest (each level is a few stack frames).
+MAX_GROUP_DEPTH = 8
+_LEGACY = {"search_attribute": "attribute", "search_type": "comparator",
+           "search_value": "value"}
+
+
+def conditions_predicate(operator: str, conditions: list[dict[str, Any]],
+                         where: str = "conditions", depth: int = 1) -> Predicate:
+    """``search_by_conditions``: ``and``/``or`` over comparator conditions. A condition
+    holding ``conditions`` is a group with its own ``operator`` (Harper's grouped
+    conditions). The schema types the fields of the top level only (a condition is
+    either kind, which JSON Schema says only with a recursive or either-or schema, whose
+    error messages are vague), so which fields each condition needs is checked here, at
+    every level.
+
+    Raises:
+        BadRequestError: naming the condition (``'conditions[0].conditions[1].attribute'
+            is required``).
+    """
     checks: list[Predicate] = []
     for index, cond in enumerate(conditions):
+        at = f"{where}[{index}]"
+        cond = _checked(cond, at)
+        if "conditions" in cond:
+            if depth >= MAX_GROUP_DEPTH:
+                raise BadRequestError(f"'{at}' nests groups deeper than {MAX_GROUP_DEPTH}")
+            checks.append(conditions_predicate(cond.get("operator", "and"),
+                                               cond["conditions"], f"{at}.conditions",
+                                               depth + 1))
+            continue
         comparator = cond["comparator"]
         compare = COMPARATORS.get(comparator)
         if compare is None:
             raise BadRequestError(f'Unknown query comparator "{comparator}"')
         target = cond.get("value")
         if comparator == "between" and not (isinstance(target, list) and len(target) == 2):
-            raise BadRequestError(f"'conditions[{index}].value' must be an array of two values")
+            raise BadRequestError(f"'{at}.value' must be an array of two values")
         attr = cond["attribute"]
         checks.append(_condition(attr, compare, target))
     if operator == "or":
@@ -133,6 +159,34 @@ def conditions_predicate(operator: str, conditions: list[dict[str, Any]]) -> Pre
             raise BadRequestError('An "or" operator requires at least two conditions')
         return lambda r: any(check(r) for check in checks)
     return lambda r: all(check(r) for check in checks)
+
+
+def _checked(raw: Any, at: str) -> dict[str, Any]:
+    """``raw`` with Harper's old names renamed (the dispatcher renames only the top
+    level), checked: a group needs a non-empty ``conditions``, a condition its
+    ``attribute``, ``comparator`` and ``value``."""
+    if not isinstance(raw, dict):
+        raise BadRequestError(f"'{at}' must be an object")
+    fixed: dict[str, Any] = dict(raw)
+    for old, new in _LEGACY.items():
+        if old in fixed and new not in fixed:
+            fixed[new] = fixed.pop(old)
+    cond = fixed
+    if "conditions" in cond:
+        inner, operator = cond["conditions"], cond.get("operator", "and")
+        if not isinstance(inner, list) or not inner:
+            raise BadRequestError(f"'{at}.conditions' must be a non-empty array")
+        if operator not in ("and", "or"):
+            raise BadRequestError(f"'{at}.operator' must be one of: and, or")
+        return cond
+    for name in ("attribute", "comparator", "value"):
+        if name not in cond:
+            raise BadRequestError(f"'{at}.{name}' is required")
+    if not isinstance(cond["attribute"], str) or not cond["attribute"]:
+        raise BadRequestError(f"'{at}.attribute' must be a non-empty string")
+    if not isinstance(cond["comparator"], str):
+        raise BadRequestError(f"'{at}.comparator' must be a string")
+    return cond
 
 
 def project(record: dict[str, Any], attributes: list[str] | None,
@@ -168,15 +222,48 @@ def _sort_key(attribute: str) -> Callable[[dict[str, Any]], tuple[int, Any]]:
     return key
 
 
+def sort_levels(sort: dict[str, Any]) -> list[dict[str, Any]]:
+    """``sort`` and its chain of ``next`` (Harper's tie-breaks), each level checked as the
+    schema checks the first (the schema does not recurse, so a chain costs no recursion).
+
+    Raises:
+        BadRequestError: a level without an attribute name, or with a ``descending`` or
+            ``next`` of the wrong type, naming it (``'sort.next.attribute' is required``).
+    """
+    levels = []
+    level: Any = sort
+    path = "sort"
+    while level is not None:
+        if not isinstance(level, dict):
+            raise BadRequestError(f"'{path}' must be an object")
+        attribute = level.get("attribute")
+        if attribute is None:
+            raise BadRequestError(f"'{path}.attribute' is required")
+        if not isinstance(attribute, str) or not attribute:
+            raise BadRequestError(f"'{path}.attribute' must be a non-empty string")
+        if not isinstance(level.get("descending", False), bool):
+            raise BadRequestError(f"'{path}.descending' must be a boolean")
+        levels.append(level)
+        level = level.get("next")
+        path += ".next"
+    return levels
+
+
 def select(records: Iterable[dict[str, Any]], predicate: Predicate,
            attributes: list[str] | None, sort: dict[str, Any] | None = None,
            offset: int = 0, limit: int | None = None,
            known: list[str] | None = None) -> list[dict[str, Any]]:
-    """Filter, then sort, page and project. Without ``sort`` it streams."""
+    """Filter, then sort (``sort.next`` breaks ties), page and project. Without
+    ``sort`` it streams."""
     matched: Iterator[dict[str, Any]] = (r for r in records if predicate(r))
     if sort:
-        ordered = sorted(matched, key=_sort_key(sort["attribute"]),
-                         reverse=bool(sort.get("descending")))
+        levels = sort_levels(sort)
+        ordered = list(matched)
+        # Stable sorts, last tie-break first: ``next`` orders records the level above it
+        # finds equal (``reverse`` keeps equal records in their order).
+        for level in reversed(levels):
+            ordered.sort(key=_sort_key(level["attribute"]),
+                         reverse=bool(level.get("descending")))
         matched = iter(ordered)
     start, stop = page_bounds(offset, limit)
     return [project(r, attributes, known) for r in islice(matched, start, stop)]

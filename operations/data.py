@@ -13,6 +13,7 @@ from harpsync.errors import BadRequestError, missing_is_bad_request
 from harpsync.storage import reads, writes
 from harpsync.storage.database import TIME_ATTRIBUTES, Table
 from harpsync.storage.store import SYSTEM
+from harpsync.validation import check_attribute_names, record_attributes
 
 # Scans of tables larger than this run in a worker thread, off the event loop.
 OFFLOAD_ROWS = 5000
@@ -90,6 +91,7 @@ async def _write(ctx: OpContext, body: dict[str, Any], mode: str) -> dict[str, A
     with missing_is_bad_request():  # Harper answers a write to a missing table with 400
         storage.table(db, table)  # fail fast, before queueing
         records = body["records"]
+        check_attribute_names(record_attributes(records), "'records'")
         job = writes.write_records(storage, db, table, records, mode, ctx.user.username)
         result: dict[str, Any] = await storage.write(job, small=len(records) <= SMALL_WRITE)
     return result
@@ -148,7 +150,10 @@ async def search_by_value(ctx: OpContext, body: dict[str, Any]) -> list[dict[str
 
 async def search_by_conditions(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:
     predicate = query.conditions_predicate(body.get("operator", "and"), body["conditions"])
-    return await _scan(ctx, body, predicate, body.get("sort"))
+    sort = body.get("sort")
+    if sort is not None:
+        query.sort_levels(sort)  # a bad level is a 400 before the scan
+    return await _scan(ctx, body, predicate, sort)
 
 
 OPERATIONS = [

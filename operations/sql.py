@@ -20,13 +20,14 @@ from harpsync.auth import require_table
 from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, missing_is_bad_request
 from harpsync.sql import parser
-from harpsync.sql.expr import Expr
+from harpsync.sql.expr import Expr, column_names
 from harpsync.sql.plan import Delete, Insert, Select, Update, key_lookup, matches, run_select
 from harpsync.storage import reads, writes
 from harpsync.storage.database import Database, Table
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_live
 from harpsync.storage.writer import WriteContext
+from harpsync.validation import check_attribute_names
 from operations.data import OFFLOAD_ROWS, check_writable, known_attributes, public_records
 
 # Records an UPDATE or DELETE changes per write job: bounded transactions, and the writer
@@ -44,12 +45,47 @@ async def sql(ctx: OpContext, body: dict[str, Any]) -> Any:
         return await _select(ctx, statement)
     check_writable(target.database)
     with missing_is_bad_request():  # as for insert/update/delete: a missing table is 400
-        ctx.services.storage.table(target.database, target.table)
+        _, table = ctx.services.storage.table(target.database, target.table)
+        if _reads_values(statement, table.primary_key):
+            require_table(ctx.user, target.database, target.table, ["read"])
         if isinstance(statement, Insert):
             return await _insert(ctx, statement)
         if isinstance(statement, Update):
             return await _update(ctx, statement)
         return await _delete(ctx, statement)
+
+
+def _lookup(where: Expr | None, table: Table) -> list[Any] | None:
+    """The primary keys ``where`` names, each once (``1`` and ``1.0`` are one key), or
+    None when the table must be scanned."""
+    ids = key_lookup(where, table.primary_key)
+    if ids is None:
+        return None
+    seen: set[bytes] = set()
+    out = []
+    for rid in ids:
+        try:
+            key = encode_id(rid)
+        except BadRequestError:  # no record can have it
+            continue
+        if key not in seen:
+            seen.add(key)
+            out.append(rid)
+    return out
+
+
+def _reads_values(statement: Insert | Update | Delete, primary_key: str) -> bool:
+    """Whether a write reads attribute values: a WHERE or SET expression naming a column
+    other than the primary key. Its answer (which ids matched, or a 400 for a value out of
+    range) tells what the records hold, so it needs ``read`` as well: a role that may only
+    update or delete learns no more than ``update`` and ``delete`` by id would tell it."""
+    if isinstance(statement, Insert):
+        return False
+    names = column_names(statement.where)
+    if isinstance(statement, Update):
+        for _, expr in statement.assignments:
+            names |= column_names(expr)
+    return bool(names - {primary_key})
 
 
 async def _offload(db: Database, table: Table, scanning: bool, fn: Any) -> Any:
@@ -61,7 +97,7 @@ async def _offload(db: Database, table: Table, scanning: bool, fn: Any) -> Any:
 async def _select(ctx: OpContext, plan: Select) -> list[dict[str, Any]]:
     db_name, table_name = plan.table.database, plan.table.table
     db, table = ctx.services.storage.table(db_name, table_name)
-    ids = key_lookup(plan.where, table.primary_key)
+    ids = _lookup(plan.where, table)
 
     def run() -> list[dict[str, Any]]:
         found = reads.get_by_ids(db, table, ids) if ids is not None else reads.scan(db, table)
@@ -73,6 +109,7 @@ async def _select(ctx: OpContext, plan: Select) -> list[dict[str, Any]]:
 
 async def _insert(ctx: OpContext, plan: Insert) -> dict[str, Any]:
     storage = ctx.services.storage
+    check_attribute_names(plan.columns, "SQL INSERT")
     records = [dict(zip(plan.columns, row, strict=True)) for row in plan.rows]
     job = writes.write_records(storage, plan.table.database, plan.table.table, records,
                                "insert", ctx.user.username)
@@ -86,7 +123,7 @@ async def _matching_ids(ctx: OpContext, db_name: str, table_name: str,
     ``check`` is called with each, to refuse the statement before anything is written."""
     db, table = ctx.services.storage.table(db_name, table_name)
     pk = table.primary_key
-    ids = key_lookup(where, pk)
+    ids = _lookup(where, table)
 
     def run() -> list[Any]:
         found = reads.get_by_ids(db, table, ids) if ids is not None else reads.scan(db, table)
@@ -121,6 +158,7 @@ async def _update(ctx: OpContext, plan: Update) -> dict[str, Any]:
     pk = table.primary_key
     if any(name == pk for name, _ in plan.assignments):
         raise BadRequestError(f"SQL: UPDATE cannot change the primary key '{pk}'")
+    check_attribute_names([name for name, _ in plan.assignments], "SQL UPDATE")
     user = ctx.user.username
     updated: list[Any] = []
 

@@ -305,11 +305,11 @@ def test_field_problem_is_400_naming_the_field(api, body, message):
 
 
 def test_search_comparator_unknown(api):
-    """An unknown comparator (legacy search_type) is a 400 naming the field."""
+    """An unknown comparator (legacy search_type) is Harper's recorded 400."""
     response = api.post({"operation": "search_by_conditions", "database": "dev", "table": "dog",
                          "conditions": [{"search_attribute": "age", "search_type": "bogus",
                                          "search_value": 1}]})
-    assert "'conditions[0].comparator'" in assert_error(response, 400)
+    assert_error(response, 400, 'Unknown query comparator "bogus"')
 
 
 def test_insert_into_missing_table(api):

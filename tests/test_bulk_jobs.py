@@ -290,6 +290,7 @@ def test_bad_loads_are_refused_or_fail_the_job(mesh, tmp_path):
         "job 'no-such-job' not found"
     for data, fragment in (("id,name\n1,a,extra\n", "line 2 has 3 fields"),
                            ("id,id\n1,2\n", "names a column twice"),
+                           ("id,bad name!\n1,2\n", "attribute name 'bad name!'"),
                            ("", "no header row")):
         record = finished(a, started(a.call("csv_data_load", database="dev", table="breed",
                                             data=data or "\n")))

@@ -141,6 +141,21 @@ def test_insert_durable_across_restart(dev):
 
 
 # -- update / upsert --------------------------------------------------------------------
+@pytest.mark.parametrize(("op", "name"), [("insert", "bad name!"), ("upsert", ""),
+                                          ("update", "a/b")])
+def test_write_with_an_invalid_attribute_name_is_400(dev, op, name):
+    """insert, upsert and update refuse a record key that is no valid attribute name,
+    naming it, and write nothing."""
+    dev.call("insert", database="dev", table="dog", records=[{"id": 1}])
+    error = dev.call(op, expect=400, database="dev", table="dog",
+                     records=[{"id": 1, "ok": 1}, {"id": 2, name: "x"}])["error"]
+    assert f"attribute name '{name}'" in error or (not name and "empty" in error), error
+    assert strip_times(dev.call("search_by_id", database="dev", table="dog",
+                                ids=[1, 2])) == [{"id": 1}]
+    described = dev.call("describe_table", database="dev", table="dog")["attributes"]
+    assert "ok" not in [a["attribute"] for a in described]
+
+
 def test_update_matches_recorded_response(dev):
     """update merges, skips unknown ids and answers Harper's ``update_hashes`` body."""
     dev.call("insert", database="dev", table="dog", records=[HARPER])
@@ -394,6 +409,58 @@ def test_search_by_conditions_or(dogs):
     assert search(dogs, {"attribute": "breed", "comparator": "equals", "value": "Pug"},
                   {"attribute": "age", "comparator": "equals", "value": 1},
                   operator="or") == [3, 4, 7]
+
+
+def test_search_by_conditions_grouped_conditions(dogs):
+    """A condition holding ``conditions`` is a group with its own operator, nested as
+    in Harper's documented example (legacy names inside groups too); a bad condition
+    inside a group is a 400 naming it."""
+    mutt_or_pug = {"operator": "or", "conditions": [
+        {"search_attribute": "breed", "search_type": "equals", "search_value": "Mutt"},
+        {"attribute": "breed", "comparator": "equals", "value": "Pug"}]}
+    assert search(dogs, {"attribute": "age", "comparator": "greater_than", "value": 3},
+                  mutt_or_pug) == [1, 4, 6]
+    young = {"conditions": [{"attribute": "age", "comparator": "less_than", "value": 2},
+                            {"attribute": "vaccinated", "comparator": "equals", "value": 1}]}
+    assert search(dogs, mutt_or_pug, young, operator="or") == [1, 4, 6, 7]
+    assert search(dogs, {"conditions": [young]}) == [7]
+    deep: dict[str, Any] = {"attribute": "id", "comparator": "equals", "value": 1}
+    for _ in range(100):
+        deep = {"conditions": [deep]}
+    for bad, message in (
+            ({"operator": "or", "conditions": [young]},
+             'An "or" operator requires at least two conditions'),
+            ({"conditions": [{"attribute": "age", "comparator": "bogus", "value": 1}]},
+             'Unknown query comparator "bogus"'),
+            ({"conditions": [{"attribute": "age", "comparator": "between", "value": 1}]},
+             "'conditions[0].conditions[0].value' must be an array of two values"),
+            ({"conditions": [young, {"comparator": "equals", "value": 1}]},
+             "'conditions[0].conditions[1].attribute' is required"),
+            ({"conditions": [{"conditions": []}]},
+             "'conditions[0].conditions[0].conditions' must be a non-empty array"),
+            ({"comparator": "equals", "value": 1}, "'conditions[0].attribute' is required"),
+            (deep, "nests groups deeper than 8")):
+        error = dogs.call("search_by_conditions", expect=400, database="dev", table="dog",
+                          get_attributes=["id"], conditions=[bad])["error"]
+        assert message in error, (bad, error)
+
+
+def test_search_by_conditions_sort_next_breaks_ties(dogs):
+    """``sort.next`` orders the records the level above finds equal (Harper's docs)."""
+    every = {"attribute": "id", "comparator": "greater_than", "value": 0}
+    sort = {"attribute": "breed", "next": {"attribute": "age"}}
+    assert search(dogs, every, sort=sort) == [7, 6, 1, 2, 4, 5, 3]
+    sort = {"attribute": "vaccinated", "descending": True,
+            "next": {"attribute": "breed", "descending": True, "next": {"attribute": "name"}}}
+    assert search(dogs, every, sort=sort, limit=4) == [7, 6, 3, 5]
+    for sort, message in (({"attribute": "id", "next": {"descending": True}},
+                           "'sort.next.attribute' is required"),
+                          ({"attribute": "id", "next": {"attribute": "age", "next": {
+                              "attribute": "name", "descending": "yes"}}},
+                           "'sort.next.next.descending' must be a boolean")):
+        error = dogs.call("search_by_conditions", expect=400, database="dev", table="dog",
+                          get_attributes=["id"], conditions=[every], sort=sort)["error"]
+        assert error == message
 
 
 def test_search_by_conditions_limit_offset(dogs):

@@ -142,6 +142,14 @@ def test_columns_aliases_order_limit_offset(mesh):
 
 
 
+def test_unaliased_expressions_are_named_as_written(mesh):
+    """A column without an alias is named by its expression as the client wrote it
+    (it came back as ``age / NULLIF(2, 0)``)."""
+    a, _ = mesh
+    assert sql(a, "SELECT age / 2, age % 5, age != 1 FROM dev.dog WHERE id = 1") == [
+        {"age / 2": 3.5, "age % 5": 2, "age <> 1": True}]
+
+
 def test_limit_and_offset_beyond_any_size(mesh):
     """LIMIT and OFFSET past 2**63 page like any large number, not a 500 (``islice``
     refuses numbers past sys.maxsize), with or without ORDER BY, DISTINCT or GROUP BY."""
@@ -193,6 +201,24 @@ def test_primary_key_lookups_use_the_key():
     assert plan("NOT id = 1") is None
 
 
+def test_one_and_one_point_zero_are_one_value(node):
+    """1 and 1.0 are one number (one key, one group, one distinct value), as ``=`` says
+    and as in Harper: a key lookup naming both finds the record once, and UPDATE writes it
+    once; GROUP BY, DISTINCT and COUNT(DISTINCT) do not split them."""
+    node.call("create_table", database="dev", table="nums", primary_key="id")
+    node.call("insert", database="dev", table="nums",
+              records=[{"id": 1, "n": 1}, {"id": 2, "n": 1.0}, {"id": 3, "n": 2}])
+    assert sql(node, "SELECT id FROM dev.nums WHERE id IN (1, 1.0)") == [{"id": 1}]
+    assert sql(node, "SELECT COUNT(*) AS c FROM dev.nums WHERE id = 1 OR id = 1.0") == [
+        {"c": 1}]
+    assert sql(node, "SELECT n, COUNT(*) AS c FROM dev.nums GROUP BY n ORDER BY c") == [
+        {"n": 2, "c": 1}, {"n": 1, "c": 2}]
+    assert len(sql(node, "SELECT DISTINCT n FROM dev.nums")) == 2
+    assert sql(node, "SELECT COUNT(DISTINCT n) AS c FROM dev.nums") == [{"c": 2}]
+    assert sql(node, "UPDATE dev.nums SET m = 5 WHERE id IN (1, 1.0)") == {
+        "message": "updated 1 of 1 records", "update_hashes": [1], "skipped_hashes": []}
+
+
 def test_key_lookups_never_scan_the_table(mesh, monkeypatch):
     """On the node, a statement whose WHERE names the keys reads them without a scan."""
     from operations import sql as sql_ops
@@ -237,6 +263,12 @@ def test_key_lookups_never_scan_the_table(mesh, monkeypatch):
     ("UPDATE system.hdb_user SET active = false", "'system' database"),
     ("INSERT INTO dev.nope (id) VALUES (1)", "Table 'dev.nope' does not exist"),
     ("SELECT * FROM nodb.dog", "database 'nodb' does not exist"),
+    ("SELECT id FROM dev.dog ORDER BY 2", "ORDER BY 2 is not a position"),
+    ("SELECT id FROM dev.dog ORDER BY 0", "ORDER BY 0 is not a position"),
+    ("SELECT * FROM dev.dog ORDER BY 1", "ORDER BY 1 names '*'"),
+    ("INSERT INTO dev.dog (id, `bad name!`) VALUES (90, 1)", "attribute name 'bad name!'"),
+    ("INSERT INTO dev.dog (id, ``) VALUES (90, 1)", "attribute name must not be empty"),
+    ("UPDATE dev.dog SET `a b` = 1 WHERE id = 1", "attribute name 'a b'"),
 ])
 def test_bad_sql_is_4xx_naming_the_problem(mesh, text, fragment):
     """Invalid SQL or SQL outside the subset answers 400 (404 for a missing read target)."""
@@ -386,6 +418,40 @@ def test_role_permissions_apply_per_table_and_statement(mesh):
     body = sql(a, "SELECT * FROM system.hdb_user", expect=403, auth=bob)
     assert body["unauthorized_access"][0]["table"] == "hdb_user"
     assert sql(a, "SELECT COUNT(*) AS c FROM dev.dog") == [{"c": 7}]  # nothing changed
+
+
+def test_writes_that_read_values_need_read_permission(mesh):
+    """A role that may update and delete but not read dev.dog cannot use a WHERE or SET
+    expression on other attributes as a read (the matched ids, or a 400 for an
+    out-of-range value, would tell what records hold): those need ``read`` too, while
+    writes naming only the primary key work as ``update``/``delete`` by id do."""
+    a, _ = mesh
+    a.call("add_role", role="writer", permission={
+        "super_user": False, "dev": {"tables": {"dog": {
+            "read": False, "insert": False, "update": True, "delete": True,
+            "attribute_permissions": []}}}})
+    a.call("add_user", role="writer", username="wes", password="wespw", active=True)
+    try:
+        _writes_need_read(a, ("wes", "wespw"))
+    finally:
+        a.call("drop_user", username="wes")
+        a.call("drop_role", id="writer")
+
+
+def _writes_need_read(a: Any, wes: tuple[str, str]) -> None:
+    for text in ("UPDATE dev.dog SET age = 1 WHERE breed = 'Mutt'",
+                 "DELETE FROM dev.dog WHERE dog_name LIKE 'P%'",
+                 "UPDATE dev.dog SET age = weight_lbs * 1e308 WHERE id = 1",
+                 "DELETE FROM dev.dog WHERE age > 7"):
+        body = sql(a, text, expect=403, auth=wes)
+        assert body["unauthorized_access"] == [{
+            "schema": "dev", "table": "dog", "required_table_permissions": ["read"],
+            "required_attribute_permissions": []}], text
+    assert sql(a, "UPDATE dev.dog SET age = 7 WHERE id = 1", auth=wes)["update_hashes"] == [1]
+    assert sql(a, "DELETE FROM dev.dog WHERE id IN (998, 999)", auth=wes)[
+        "deleted_hashes"] == []
+    assert strip_times(sql(a, "SELECT * FROM dev.dog ORDER BY id")) == [
+        {name: dog.get(name) for name in ATTRS} for dog in DOGS]
 
 
 def test_system_tables_hide_secrets(mesh):

@@ -332,6 +332,39 @@ def contains_agg(expr: Expr | None) -> bool:
     return False
 
 
+def column_names(expr: Expr | None) -> set[str]:
+    """The names of every column ``expr`` reads."""
+    if expr is None:
+        return set()
+    if isinstance(expr, Col):
+        return {expr.name}
+    names: set[str] = set()
+    for value in vars(expr).values():
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, Expr):
+                names |= column_names(item)
+    return names
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    return value
+
+
+def value_token(value: Any) -> str:
+    """A text that is the same for values ``=`` calls equal, for grouping and DISTINCT.
+
+    ``1`` and ``1.0`` are one number (JSON, and Harper's JavaScript, have one number
+    type), so they make one group; ``true`` and ``1``, or ``"1"`` and ``1``, do not.
+    """
+    return json.dumps(_canonical(value), sort_keys=True, default=str)
+
+
 def sort_key(value: Any) -> tuple[int, Any]:
     """A total order over JSON values: null, booleans, numbers, text, then the rest."""
     if value is None:

@@ -318,7 +318,10 @@ def _select(node: exp.Select) -> Select:
             items.append(SelectItem(None, "*"))
             continue
         expr = _expr(inner, scope, aggregates=True)
-        name = alias or (inner.name if isinstance(inner, exp.Column) else inner.sql())
+        # Written back in the dialect it was read in: the default dialect would show
+        # MySQL's safe division as ``age / NULLIF(2, 0)``.
+        name = alias or (inner.name if isinstance(inner, exp.Column)
+                         else inner.sql(dialect="mysql"))
         items.append(SelectItem(expr, name))
     where = node.args.get("where")
     group = node.args.get("group")
@@ -333,6 +336,8 @@ def _select(node: exp.Select) -> Select:
     if order is not None:
         for term in order.expressions:
             expr = _expr(term.this, scope, aggregates=True)
+            if isinstance(expr, Lit) and type(expr.value) is int:
+                _check_position(expr.value, items)
             plan.order.append((expr, bool(term.args.get("desc"))))
     plan.limit = _count(node.args.get("limit"), "LIMIT")
     plan.offset = _count(node.args.get("offset"), "OFFSET") or 0
@@ -345,6 +350,16 @@ def _select(node: exp.Select) -> Select:
     elif any(contains_agg(e) for e, _ in plan.order):
         raise BadRequestError("SQL: ORDER BY an aggregate needs aggregates in the SELECT")
     return plan
+
+
+def _check_position(position: int, items: list[SelectItem]) -> None:
+    """``ORDER BY n`` names the n-th output column: a number past the list, or a ``*``,
+    would sort by a constant, leaving the rows silently unsorted."""
+    if not 1 <= position <= len(items):
+        raise BadRequestError(f"SQL: ORDER BY {position} is not a position in the SELECT "
+                              f"list (1 to {len(items)})")
+    if items[position - 1].expr is None:
+        raise BadRequestError(f"SQL: ORDER BY {position} names '*'; name the column")
 
 
 def _target(node: exp.Expression | None) -> _Scope:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import heapq
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from harpsync.sql.expr import (
     in_range,
     sort_key,
     truth,
+    value_token,
 )
 
 
@@ -125,7 +125,7 @@ def _unique(values: Iterable[Any]) -> list[Any]:
     seen: set[str] = set()
     out = []
     for value in values:
-        token = json.dumps(value, sort_keys=True, default=str)
+        token = value_token(value)
         if token not in seen:
             seen.add(token)
             out.append(value)
@@ -157,7 +157,7 @@ class _Accumulator:
         if value is None:
             return
         if self.seen is not None:
-            token = json.dumps(value, sort_keys=True, default=str)
+            token = value_token(value)
             if token in self.seen:
                 return
             self.seen.add(token)
@@ -197,7 +197,7 @@ def _group(plan: Select, rows: Iterable[Row]) -> Iterator[Row]:
     """One row per group: the group's first record plus each aggregate in its slot."""
     groups: dict[str, tuple[Row, list[_Accumulator]]] = {}
     for row in rows:
-        token = json.dumps([sort_key(g.eval(row)) for g in plan.group_by], default=str)
+        token = value_token([g.eval(row) for g in plan.group_by])
         group = groups.get(token)
         if group is None:
             group = groups[token] = (row, [_Accumulator(a) for a in plan.aggregates])
@@ -285,7 +285,7 @@ def run_select(plan: Select, records: Iterable[Row], known: list[str]) -> list[R
 def _distinct(rows: Iterable[Row]) -> Iterator[Row]:
     seen: set[str] = set()
     for row in rows:
-        token = json.dumps(row, sort_keys=True, default=str)
+        token = value_token(row)
         if token not in seen:
             seen.add(token)
             yield row
