@@ -1,0 +1,72 @@
+"""The HTTP surface around the operations: what a browser on another site can make the
+node do, and what an idle or half-sent connection costs it."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from tests.helpers import ADMIN
+
+# What a cross-site <form enctype="text/plain"> (or a no-cors fetch) would send: a body
+# that is JSON, a content type that needs no preflight, and the browser's own headers.
+FORGED = b'{"operation": "create_database", "database": "forged"}'
+AUTH = "Basic " + base64.b64encode(f"{ADMIN[0]}:{ADMIN[1]}".encode()).decode()
+
+
+def _post(node: Any, headers: dict[str, str], body: bytes = FORGED) -> Any:
+    return node.client.post(node.url, content=body,
+                            headers={"Authorization": AUTH, "Content-Type": "text/plain",
+                                     **headers})
+
+
+def _databases(node: Any) -> set[str]:
+    return set(node.call("describe_all"))
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+    {"Origin": "http://evil.example"},                      # a browser without Fetch metadata
+    {"Origin": "null"},                                     # a sandboxed frame or data: page
+    {"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:1"},  # another port
+], ids=["cross-site", "origin-only", "null-origin", "same-site"])
+def test_a_cross_origin_browser_request_is_refused_before_it_runs(node, headers):
+    """A request a page on another origin made the browser send (with credentials the
+    browser holds) is a 403 naming the origin, and nothing of it runs."""
+    response = _post(node, headers)
+    assert response.status_code == 403, response.text
+    body = response.json()
+    assert body["code"] == "FORBIDDEN" and "origin" in body["error"]
+    assert "forged" not in _databases(node)
+
+
+def test_the_nodes_own_pages_and_clients_without_an_origin_are_served(node):
+    """The dashboard's own requests (same origin) and non-browser clients still work,
+    whatever the content type."""
+    own = node.url.rstrip("/")
+    response = _post(node, {"Origin": own, "Sec-Fetch-Site": "same-origin"})
+    assert response.status_code == 200, response.text
+    body = b'{"operation": "create_database", "database": "plain"}'
+    assert _post(node, {}, body).status_code == 200  # curl, SDKs: no Origin at all
+    # Behind a proxy that rewrites Host but says what the browser asked for.
+    body = b'{"operation": "create_database", "database": "proxied"}'
+    response = _post(node, {"Origin": "http://db.example", "X-Forwarded-Host": "db.example"},
+                     body)
+    assert response.status_code == 200, response.text
+    assert {"forged", "plain", "proxied"} <= _databases(node)
+
+
+def test_the_change_feed_refuses_a_cross_origin_browser(node):
+    """A page on another site cannot open /changes with the browser's credentials."""
+    url = node.url.replace("http://", "ws://") + "changes"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, additional_headers={"Authorization": AUTH},
+                origin="http://evil.example", open_timeout=5)  # type: ignore[arg-type]
+    assert refused.value.response.status_code == 403
+    with connect(url, additional_headers={"Authorization": AUTH},
+                 origin=node.url.rstrip("/"), open_timeout=5) as ws:  # type: ignore[arg-type]
+        assert ws.protocol.state.name == "OPEN"
