@@ -4,13 +4,14 @@ node do, and what an idle or half-sent connection costs it."""
 from __future__ import annotations
 
 import base64
+import socket
 from typing import Any
 
 import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.helpers import ADMIN
+from tests.helpers import ADMIN, wait_for
 
 # What a cross-site <form enctype="text/plain"> (or a no-cors fetch) would send: a body
 # that is JSON, a content type that needs no preflight, and the browser's own headers.
@@ -28,19 +29,22 @@ def _databases(node: Any) -> set[str]:
     return set(node.call("describe_all"))
 
 
-@pytest.mark.parametrize("headers", [
+FORGERIES = [
     {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
     {"Origin": "http://evil.example"},                      # a browser without Fetch metadata
     {"Origin": "null"},                                     # a sandboxed frame or data: page
     {"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:1"},  # another port
-], ids=["cross-site", "origin-only", "null-origin", "same-site"])
-def test_a_cross_origin_browser_request_is_refused_before_it_runs(node, headers):
+]
+
+
+def test_a_cross_origin_browser_request_is_refused_before_it_runs(node):
     """A request a page on another origin made the browser send (with credentials the
     browser holds) is a 403 naming the origin, and nothing of it runs."""
-    response = _post(node, headers)
-    assert response.status_code == 403, response.text
-    body = response.json()
-    assert body["code"] == "FORBIDDEN" and "origin" in body["error"]
+    for headers in FORGERIES:
+        response = _post(node, headers)
+        assert response.status_code == 403, (headers, response.text)
+        body = response.json()
+        assert body["code"] == "FORBIDDEN" and "origin" in body["error"], body
     assert "forged" not in _databases(node)
 
 
@@ -70,3 +74,40 @@ def test_the_change_feed_refuses_a_cross_origin_browser(node):
     with connect(url, additional_headers={"Authorization": AUTH},
                  origin=node.url.rstrip("/"), open_timeout=5) as ws:  # type: ignore[arg-type]
         assert ws.protocol.state.name == "OPEN"
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Whether the node has closed ``sock`` (reads what it sent until then)."""
+    try:
+        return sock.recv(65536) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_a_connection_that_never_finishes_a_request_head_is_closed(node_factory):
+    """Silent sockets and heads sent a byte at a time (slowloris) are closed after
+    operationsApi.network.headersTimeout; a full request on a fresh socket still works."""
+    node = node_factory(env={"OPERATIONSAPI_NETWORK_HEADERSTIMEOUT": "300ms"})
+    silent = socket.create_connection(("127.0.0.1", node.ops_port))
+    partial = socket.create_connection(("127.0.0.1", node.ops_port))
+    partial.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n")
+    # After one whole request, the next head is held to the same limit.
+    second = socket.create_connection(("127.0.0.1", node.ops_port))
+    second.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for(lambda: b"\r\n\r\n" in second.recv(65536, socket.MSG_PEEK), timeout=5,
+             message="the first response")
+    second.recv(65536)
+    second.sendall(b"GET /health HTTP/1.1\r\n")
+    sockets = (silent, partial, second)
+    for sock in sockets:
+        sock.setblocking(False)
+    try:
+        for sock, what in zip(sockets, ("silent", "partial head", "second head"), strict=True):
+            wait_for(lambda sock=sock: _closed_by_server(sock), timeout=5,
+                     message=f"the {what} socket closed by the node")
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert node.call("user_info")["username"] == ADMIN[0]
