@@ -111,3 +111,15 @@ def test_a_connection_that_never_finishes_a_request_head_is_closed(node_factory)
         for sock in sockets:
             sock.close()
     assert node.call("user_info")["username"] == ADMIN[0]
+
+
+def test_requests_for_unknown_dashboard_files_leave_nothing_behind(node):
+    """Anyone may ask for /dashboard/<anything>: each unknown name is a 404 and is not
+    remembered (the file cache holds the shipped files only, however many names come)."""
+    from harpsync import dashboard
+
+    for i in range(300):
+        response = node.client.get(f"{node.url}dashboard/{i:04d}-{'x' * 2000}.js")
+        assert response.status_code == 404
+    assert node.client.get(node.url + "dashboard/dashboard.js").status_code == 200
+    assert dashboard._read.cache_info().currsize <= len(dashboard.TYPES)
