@@ -18,7 +18,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from harpsync import procinfo, requests_ctx
 from harpsync.app import build_app
@@ -26,6 +25,7 @@ from harpsync.auth import SUPER_ROLE, Authenticator
 from harpsync.config import Config
 from harpsync.dispatch import Dispatcher
 from harpsync.errors import ConfigError
+from harpsync.http_protocol import protocol_class
 from harpsync.jobs import JobManager
 from harpsync.listening import bind as bind_listener
 from harpsync.metrics import Metrics
@@ -76,47 +76,6 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-class _HeadTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, closing a connection that has not sent a whole
-    request head ``head_timeout`` seconds after it connected or began a request.
-
-    uvicorn times out only the idle time between requests, so a client that connects
-    and sends nothing, or a request head a byte at a time (slowloris), held its socket
-    (a file descriptor) forever; enough of them and the node could accept nothing, nor
-    open a file. Set per server (``operationsApi.network.headersTimeout``).
-    """
-
-    head_timeout = 10.0
-    _head_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if self._head_timer is None:  # the first request's clock runs from connect
-            self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
-
-    def on_headers_complete(self) -> None:
-        self._stop_head_timer()
-        super().on_headers_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
-        super().connection_lost(exc)
-
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if not self.transport.is_closing():
-            self.transport.close()
 
 
 def _has(module: str) -> bool:
@@ -283,9 +242,8 @@ class Node:
     async def _serve(self, app: Any, sockets: list[socket.socket], **tls: Any,
                      ) -> tuple[_Server, asyncio.Task[None]]:
         """Run uvicorn on ``sockets`` and wait until it accepts."""
-        protocol = type("HeadTimeoutProtocol", (_HeadTimeoutProtocol,), {
-            "head_timeout": self.config.duration_ms("operationsApi.network.headersTimeout")
-            / 1000.0})
+        protocol = protocol_class(
+            self.config.duration_ms("operationsApi.network.headersTimeout") / 1000.0)
         config = uvicorn.Config(app, lifespan="off", access_log=False, http=protocol,
                                 log_config=None, server_header=False, date_header=False,
                                 timeout_keep_alive=30, backlog=1024, **tls)

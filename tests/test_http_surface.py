@@ -123,3 +123,25 @@ def test_requests_for_unknown_dashboard_files_leave_nothing_behind(node):
         assert response.status_code == 404
     assert node.client.get(node.url + "dashboard/dashboard.js").status_code == 200
     assert dashboard._read.cache_info().currsize <= len(dashboard.TYPES)
+
+
+def test_a_request_head_too_large_is_refused_before_it_is_buffered(node_factory):
+    """A head of endless small header lines (no login needed) is answered 431 and closed
+    once it passes the cap, instead of being held in memory until it ends; ordinary
+    requests on other sockets are unaffected."""
+    node = node_factory()
+    sock = socket.create_connection(("127.0.0.1", node.ops_port), timeout=10)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    lines = b"".join(b"X-%d: a\r\n" % i for i in range(20000))  # 220 KB, far past the cap
+    answer = b""
+    try:
+        sock.sendall(lines)
+        sock.sendall(b"\r\n")
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except OSError:  # reset while we still wrote: the node stopped reading
+        pass
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert node.client.get(node.url + "health").status_code == 200
