@@ -7,7 +7,8 @@ line of a head however many come.
 
 - A connection that has not sent a whole request head ``head_timeout`` seconds after it
   connected or began a request is closed (slowloris: a socket that sends nothing, or a
-  head a byte at a time, held a file descriptor forever).
+  head a byte at a time, held a file descriptor forever). So is one whose request was
+  answered before its body ended (a failed login) and whose body is still arriving.
 - A head larger than ``MAX_HEAD_BYTES`` (request line and header lines) or with more
   than ``MAX_HEADERS`` lines is answered 431 and the connection closed: endless small
   header lines were buffered without bound (about 11 bytes of memory per byte sent).
@@ -84,6 +85,20 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if not self._refused:
             super().on_message_complete()
+            cycle = self.cycle  # None on a WebSocket upgrade
+            if cycle is not None and cycle.response_complete:  # the dropped rest ended
+                self._stop_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and self._head_timer is None \
+                and not self.transport.is_closing():
+            # Answered before the body ended (a failed login, 413): uvicorn reads and
+            # drops the rest and keeps the connection, so a body trickled a byte at a
+            # time held it forever. The rest gets ``head_timeout`` to arrive.
+            self._head_timer = self.loop.call_later(self.head_timeout,
+                                                    self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()

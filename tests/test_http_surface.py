@@ -145,3 +145,30 @@ def test_a_request_head_too_large_is_refused_before_it_is_buffered(node_factory)
         sock.close()
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert node.client.get(node.url + "health").status_code == 200
+
+
+def test_a_body_still_arriving_after_the_answer_is_cut_off(node_factory):
+    """A request answered before its body ended (a failed login, 413) is read and
+    dropped for at most headersTimeout; a body trickled after that cannot hold the
+    connection (no login needed), and the client does get its answer first."""
+    node = node_factory(env={"OPERATIONSAPI_NETWORK_HEADERSTIMEOUT": "300ms"})
+    sock = socket.create_connection(("127.0.0.1", node.ops_port), timeout=10)
+    try:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000000\r\n\r\n{")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
+        sock.setblocking(False)
+
+        def cut_off() -> bool:
+            try:
+                sock.send(b" ")  # one byte at a time, as a slowloris body would
+            except OSError:
+                return True
+            return _closed_by_server(sock)
+
+        wait_for(cut_off, timeout=5, interval=0.05, message="the trickling socket closed")
+    finally:
+        sock.close()
