@@ -20,7 +20,7 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from harpsync import jsonio
+from harpsync import jsonio, requests_ctx
 
 # Node's (and so Harper's) default is 16 KiB; this leaves room for long URLs and tokens.
 MAX_HEAD_BYTES = 64 * 1024
@@ -30,12 +30,16 @@ LINGER_SECONDS = 1.0
 
 
 def _too_large() -> bytes:
+    """The 431 answer, in the API's error shape (its request id is a new one: the head
+    that would carry the client's was refused)."""
+    request_id = requests_ctx.new_request_id()
     body = jsonio.dumps({"error": f"Request head is larger than {MAX_HEAD_BYTES} bytes or "
                                   f"has more than {MAX_HEADERS} header lines",
-                         "code": "INVALID_REQUEST"})
+                         "code": "INVALID_REQUEST", "request_id": request_id})
     return (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
             b"content-type: application/json\r\nconnection: close\r\n"
-            b"content-length: %d\r\n\r\n" % len(body)) + body
+            b"x-request-id: %s\r\ncontent-length: %d\r\n\r\n"
+            % (request_id.encode(), len(body))) + body
 
 
 class GuardedProtocol(HttpToolsProtocol):

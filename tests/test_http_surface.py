@@ -4,6 +4,7 @@ node do, and what an idle or half-sent connection costs it."""
 from __future__ import annotations
 
 import base64
+import json
 import socket
 from typing import Any
 
@@ -144,6 +145,8 @@ def test_a_request_head_too_large_is_refused_before_it_is_buffered(node_factory)
     finally:
         sock.close()
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["code"] == "INVALID_REQUEST" and body["request_id"], body
     assert node.client.get(node.url + "health").status_code == 200
 
 
