@@ -7,6 +7,8 @@ install it) the browser tests skip with the reason; the JSON tests still run.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -237,6 +239,27 @@ def test_killed_node_links_turn_down_then_recover(mesh, browser):
     wait_for(lambda: node_states(browser).get(victim.name) == "up"
              and link_states(browser) == {pair: "streaming" for pair in ALL_LINKS},
              timeout=30, message="node-c and its links back to streaming")
+
+
+@browser_test
+def test_page_turns_stale_when_its_node_stops_answering(mesh, browser):
+    """With the node serving the page frozen (SIGSTOP: its requests hang, nothing
+    refuses them), the page stops claiming to be live within seconds; it is live again
+    once the node answers."""
+    _admin_page(browser, mesh[0])
+    live = "const l = document.getElementById('live'); return [l.className, l.textContent];"
+    wait_for(lambda: browser.execute_script(live)[0] == "live ok", timeout=10,
+             message="the page live")
+    pid = mesh[0].proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: browser.execute_script(live)[0] == "live stale", timeout=10,
+                 message="the page marked stale while its node hangs")
+        assert "no update" in browser.execute_script(live)[1]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: browser.execute_script(live)[0] == "live ok", timeout=20,
+             message="the page live again")
 
 
 @browser_test

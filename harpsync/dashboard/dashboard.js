@@ -9,6 +9,8 @@
   const EXTRAS_EVERY = 4;        // dead letters and conflicts: every 4th update
   const HISTORY_MS = 5 * 60 * 1000;
   const STALE_MS = 5000;
+  const POLL_TIMEOUT_MS = 8000; // an update unanswered this long is abandoned (a hung node
+                                // or network would otherwise hold the loop forever)
   const STUCK_POLLS = 3;         // differing counts unchanged this many updates: red
   const STORE_KEY = 'harpsync-dashboard-auth';
   const SVG_NS = 'http://www.w3.org/2000/svg';
@@ -23,11 +25,13 @@
   let auth = null;
   let user = null;              // {username, super_user}
   let timer = null;
+  let ticker = null;            // refreshes the "live" badge whatever the requests do
   let polling = false;
   let extrasRunning = false;
   let generation = 0;
   let polls = 0;
   let lastOk = 0;
+  let failure = null;           // why the last update failed (null: it did not)
   let overview = null;
   const history = new Map();     // "from>to" -> {last: {t, total}, rates: [{t, rate}]}
   const countHistory = new Map(); // "db.table" -> {sig, polls}
@@ -68,11 +72,12 @@
     return 'Basic ' + btoa(text);
   }
 
-  async function call(body) {
+  async function call(body, timeoutMs) {
     const response = await fetch('/', {
       method: 'POST', cache: 'no-store', credentials: 'omit',
       headers: { 'Content-Type': 'application/json', Authorization: auth },
       body: JSON.stringify(body),
+      signal: timeoutMs ? AbortSignal.timeout(timeoutMs) : undefined,
     });
     let data;
     try { data = await response.json(); } catch (e) { data = { error: `HTTP ${response.status}` }; }
@@ -107,6 +112,10 @@
   function signOut(message) {
     if (timer) clearTimeout(timer);
     timer = null;
+    if (ticker) clearInterval(ticker);
+    ticker = null;
+    lastOk = 0;
+    failure = null;
     generation += 1;
     auth = null;
     user = null;
@@ -122,6 +131,7 @@
 
   function start() {
     if (timer) clearTimeout(timer);
+    if (!ticker) ticker = setInterval(showAge, 1000);
     generation += 1;
     loop(generation);
   }
@@ -140,16 +150,24 @@
     if (polling) return;
     polling = true;
     try {
-      const data = await call({ operation: 'cluster_overview', timeout: PEER_TIMEOUT_MS });
+      const data = await call({ operation: 'cluster_overview', timeout: PEER_TIMEOUT_MS },
+        POLL_TIMEOUT_MS);
       overview = data;
       lastOk = Date.now();
+      failure = null;
       render(data);
       if (polls % EXTRAS_EVERY === 0) extras(data);  // not awaited: never delays updates
       polls += 1;
       showAge();
     } catch (error) {
-      if (error.status === 401) signOut('The node refused these credentials.');
-      else setLive(`update failed: ${error.message}`, 'stale');
+      if (error.status === 401) {
+        signOut('The node refused these credentials.');
+      } else {
+        failure = error.name === 'TimeoutError' ? 'the node does not answer'
+          : `update failed: ${error.message}`;
+        setLive(failure, 'stale');
+        showAge();
+      }
     } finally {
       polling = false;
     }
@@ -164,8 +182,14 @@
   function showAge() {
     if (!lastOk) return;
     const age = Date.now() - lastOk;
-    if (age > STALE_MS) setLive(`no update for ${Math.round(age / 1000)} s`, 'stale');
-    else setLive(`live · updated ${new Date(lastOk).toLocaleTimeString()}`, 'ok');
+    if (age > STALE_MS) {
+      setLive(`no update for ${Math.round(age / 1000)} s${failure ? ` (${failure})` : ''}`,
+        'stale');
+    } else if (failure) {
+      setLive(failure, 'stale');
+    } else {
+      setLive(`live · updated ${new Date(lastOk).toLocaleTimeString()}`, 'ok');
+    }
   }
 
   // -- the model: one entry per direction of each link ---------------------------------
