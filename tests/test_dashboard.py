@@ -7,6 +7,7 @@ install it) the browser tests skip with the reason; the JSON tests still run.
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from tests.browser_util import (
     sign_in,
 )
 from tests.helpers import ADMIN, ProcessNode, wait_for
+from tests.repl_util import has_table, join, wait_linked
 
 # The first browser test may install Chromium on a fresh machine (apt-get, in its set-up):
 # that can take more than the default 120 s.
@@ -280,6 +282,43 @@ def test_read_only_user_sees_the_mesh_without_controls(mesh, browser):
     assert not browser.find_element(By.ID, "verify-controls").is_displayed()
     assert all(not th.is_displayed()
                for th in browser.find_elements(By.CSS_SELECTOR, "#links .controls-col"))
+
+
+@browser_test
+@pytest.mark.timeout(120)
+def test_repair_from_the_page_reports_what_it_repaired(node_factory, browser):
+    """Rows one node lacks (its subscription widened with start_time) are repaired by the
+    page's Repair button, which then says how many records it wrote instead of
+    reporting the differences it found before repairing them as 'Not in sync'."""
+    from selenium.webdriver.common.by import By
+
+    c = node_factory("node-c", env={"REPLICATION_VERIFYINTERVAL": "0"})
+    d = node_factory("node-d", env={"REPLICATION_VERIFYINTERVAL": "0"})
+    for table in ("t1", "gap"):
+        c.call("create_table", database="data", table=table, primary_key="id")
+    c.call("insert", database="data", table="gap", records=[{"id": i} for i in range(5)])
+    join(d, c, subscriptions=[{"database": "data", "table": "t1", "subscribe": True,
+                               "publish": True}])
+    wait_for(lambda: has_table(d, "gap"), timeout=20, message="the table on node-d")
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    d.call("set_node_replication", hostname=c.name, start_time=now, subscriptions=[
+        {"database": "data", "table": "gap", "subscribe": True, "publish": True}])
+    wait_linked([(d, c), (c, d)], ("system", "data"))
+    assert d.call("verify_cluster", database="data", table="gap")["in_sync"] is False
+
+    sign_in(browser, d.url, *ADMIN)
+    button = wait_for(lambda: (b := browser.find_element(By.ID, "repair-button"))
+                      .is_displayed() and b, timeout=10, message="the Repair button")
+    button.click()
+    _accept_confirm(browser)
+
+    def outcome() -> str:
+        text = str(browser.find_element(By.ID, "verify-result").text)
+        return "" if not text or "running" in text else text
+
+    text = wait_for(outcome, timeout=60, message="the repair's outcome on the page")
+    assert "Not in sync" not in text and "Repaired: 5 records" in text, text
+    assert d.call("verify_cluster", database="data", table="gap")["in_sync"] is True
 
 
 def test_link_status_names_each_state_the_page_colours():

@@ -660,23 +660,68 @@
     box.replaceChildren(el('p', { className: 'hint', text: `${op} running...` }));
     try {
       const result = await call({ operation: op });
-      const checked = result.checked || [];
-      const bad = checked.filter((c) => c.in_sync === false);
-      const rows = checked.slice(0, 50).map((c) => el('tr', {},
-        el('td', { text: `${c.node || ''}` }), el('td', { text: `${c.database}.${c.table}` }),
-        el('td', { className: c.in_sync === false ? 'bad-text' : 'ok-text',
-          text: c.in_sync === false ? `${c.differences} differ` : 'in sync' })));
-      box.replaceChildren(
-        el('p', { className: result.in_sync === false ? 'bad-text' : 'ok-text',
-          text: result.in_sync === false ? `Not in sync: ${bad.length} table(s) differ`
-            : (result.message || 'In sync') }),
-        ...(rows.length ? [el('table', {}, el('tbody', {}, ...rows))] : []),
-        ...(repair ? [el('pre', { className: 'small', text: JSON.stringify(result, null, 1) })] : []));
+      box.replaceChildren(...(repair ? describeRepair(result) : describeVerify(result)));
     } catch (error) {
       if (notFound(error)) missing.add(op);
       box.replaceChildren(el('p', { className: 'error', text: `${op} failed: ${error.message}` }));
     }
     poll();
+  }
+
+  // A repair answers with the verification it started from (so its in_sync is false
+  // whenever it had something to do) and, per table, the ids it wrote on each node.
+  function written(entry) {
+    return Object.values(entry.changed || {}).reduce((a, ids) => a + ids.length, 0);
+  }
+
+  function plural(n, one, many) {
+    return `${n.toLocaleString()} ${n === 1 ? one : many}`;
+  }
+
+  function checkedRows(checked, cell) {
+    const rows = checked.slice(0, 50).map((c) => el('tr', {},
+      el('td', { text: `${c.node || ''}` }), el('td', { text: `${c.database}.${c.table}` }),
+      cell(c)));
+    return rows.length ? [el('table', {}, el('tbody', {}, ...rows))] : [];
+  }
+
+  function describeVerify(result) {
+    const checked = result.checked || [];
+    const failed = checked.filter((c) => c.error);
+    const bad = checked.filter((c) => !c.error && c.in_sync === false);
+    let summary = el('p', { className: 'ok-text', text: result.message || 'In sync' });
+    if (bad.length || failed.length) {
+      const parts = [];
+      if (bad.length) parts.push(`${plural(bad.length, 'table differs', 'tables differ')}`);
+      if (failed.length) parts.push(`${plural(failed.length, 'table', 'tables')} could not be checked`);
+      summary = el('p', { className: 'bad-text', text: `Not in sync: ${parts.join(', ')}` });
+    }
+    return [summary, ...checkedRows(checked, (c) => el('td', {
+      className: c.error || c.in_sync === false ? 'bad-text' : 'ok-text',
+      text: c.error ? `not checked: ${c.error}`
+        : c.in_sync === false ? `${plural(c.differences || 0, 'record differs', 'records differ')}`
+          : 'in sync' }))];
+  }
+
+  function describeRepair(result) {
+    const checked = result.checked || [];
+    const failed = checked.filter((c) => c.error);
+    const total = checked.reduce((a, c) => a + written(c), 0);
+    const tables = checked.filter((c) => written(c) > 0).length;
+    const parts = [];
+    if (total) parts.push(`Repaired: ${plural(total, 'record', 'records')} written in ${plural(tables, 'table', 'tables')}`);
+    if (failed.length) parts.push(`${plural(failed.length, 'table', 'tables')} could not be repaired`);
+    const unresolved = checked.filter((c) => !c.error && c.in_sync === false && !written(c));
+    if (unresolved.length) {
+      parts.push(`${plural(unresolved.length, 'table differs', 'tables differ')} with nothing written`);
+    }
+    const text = parts.length ? parts.join('; ') : 'In sync: nothing to repair';
+    const bad = failed.length || unresolved.length;
+    return [el('p', { className: bad ? 'bad-text' : 'ok-text', text }),
+      ...checkedRows(checked, (c) => el('td', {
+        className: c.error ? 'bad-text' : 'ok-text',
+        text: c.error ? `not repaired: ${c.error}`
+          : written(c) ? `${plural(written(c), 'record', 'records')} repaired` : 'in sync' }))];
   }
 
   // -- wiring -------------------------------------------------------------------------
