@@ -321,6 +321,34 @@ def test_repair_from_the_page_reports_what_it_repaired(node_factory, browser):
     assert d.call("verify_cluster", database="data", table="gap")["in_sync"] is True
 
 
+@browser_test
+@pytest.mark.timeout(120)
+def test_dead_letter_card_counts_them_all_not_the_page_it_shows(node_factory, browser):
+    """With 60 dead letters (dest_wins refusals) the card says 60, though it asks for
+    and lists only the first 50."""
+    from selenium.webdriver.common.by import By
+
+    e = node_factory("node-e")
+    f = node_factory("node-f")
+    f.call("create_table", database="dl", table="mine", primary_key="id")
+    join(e, f, subscriptions=[{"database": "dl", "table": "mine", "subscribe": True,
+                               "publish": True, "conflict": "dest_wins"}])
+    wait_for(lambda: has_table(e, "mine", "dl"), timeout=20, message="the table on node-e")
+    wait_linked([(e, f), (f, e)], ("system", "dl"))
+    ids = list(range(60))
+    e.call("upsert", database="dl", table="mine", records=[{"id": i, "v": "e"} for i in ids])
+    wait_for(lambda: f.count("mine", "dl") == 60, timeout=20, message="node-e's rows on f")
+    f.call("upsert", database="dl", table="mine", records=[{"id": i, "v": "f"} for i in ids])
+    wait_for(lambda: e.call("list_dead_letters")["summary"]["total"] == 60, timeout=20,
+             message="60 refusals dead-lettered on node-e")
+
+    sign_in(browser, e.url, *ADMIN)
+    headline = "#dead-letters > p"
+    wait_for(lambda: browser.find_element(By.CSS_SELECTOR, headline).text, timeout=15,
+             message="the dead-letter card")
+    assert browser.find_element(By.CSS_SELECTOR, headline).text == "60 entries"
+
+
 def test_link_status_names_each_state_the_page_colours():
     """Each cluster_status socket maps to one dashboard state; a stale backlog is catching up."""
     from operations.dashboard import link_status

@@ -601,9 +601,15 @@
     const entries = Array.isArray(result) ? result
       : (result.entries || result.dead_letters || result.conflicts || result.records || []);
     const out = [];
-    const total = (result && (result.total ?? result.count)) ?? entries.length;
+    // The listing holds at most the limit asked for; the count is of them all.
+    const total = (result && (result.total ?? result.count
+      ?? (result.summary && result.summary.total))) ?? entries.length;
+    const shown = Math.min(entries.length, 15);
     out.push(el('p', { className: total ? 'bad-text' : 'ok-text',
       text: total ? `${total} entr${total === 1 ? 'y' : 'ies'}` : 'None.' }));
+    if (total > shown) {
+      out.push(el('p', { className: 'hint', text: `The first ${shown} are shown.` }));
+    }
     if (result && result.summary) {
       out.push(el('pre', { className: 'small', text: JSON.stringify(result.summary, null, 1) }));
     }
