@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from harpsync import dashboard, jsonio, probes, requests_ctx
+from harpsync import dashboard, jsonio, origins, probes, requests_ctx
 from harpsync.changes import ChangeFeed
 from harpsync.errors import (
     BadRequestError,
@@ -131,6 +131,12 @@ async def _login(services: Services, header: str | None, client: str) -> User:
     return user
 
 
+def _browser(headers: Any) -> tuple[str | None, str | None, str | None, str | None]:
+    """What ``origins.check`` looks at, from lower-case request headers."""
+    return (headers.get("origin"), headers.get("sec-fetch-site"), headers.get("host"),
+            headers.get("x-forwarded-host"))
+
+
 def build_app(services: Services) -> Any:
     """The ASGI app; ``services`` is the node's composition of collaborators.
 
@@ -148,8 +154,12 @@ def build_app(services: Services) -> Any:
 
     async def run_operation(header: str | None, declared: bytes | None, receive: Any,
                             client: str, request_id: bytes | str | None = None,
-                            ) -> tuple[int, Any, dict[str, str]]:
+                            browser: tuple[str | None, str | None, str | None, str | None]
+                            | None = None) -> tuple[int, Any, dict[str, str]]:
         """Log in, read and parse the body, dispatch; returns status, payload, headers.
+
+        ``browser``: the ``Origin``, ``Sec-Fetch-Site``, ``Host`` and ``X-Forwarded-Host``
+        headers when the request has either of the first two (see ``origins.check``).
 
         One coroutine for the whole request: this is the hot path, and each extra
         coroutine level costs about a microsecond.
@@ -159,6 +169,8 @@ def build_app(services: Services) -> Any:
         headers: dict[str, str] = {}
         name: str | None = None
         try:
+            if browser is not None:  # before the login: a forged request costs nothing
+                origins.check(*browser)
             # The login cache first, without a coroutine (the hot path); a password check
             # is a deliberately slow scrypt, kept off the event loop.
             user = services.auth.cached(header)
@@ -245,6 +257,7 @@ def build_app(services: Services) -> Any:
         client = websocket.client.host if websocket.client else ""
         header = websocket.headers.get("authorization")
         try:
+            origins.check(*_browser(websocket.headers))
             user = await _login(services, header, client)
         except HarpsyncError as exc:
             denial = json_response({**exc.body(), "request_id": requests_ctx.current_id()},
@@ -275,7 +288,7 @@ def build_app(services: Services) -> Any:
         status, payload, headers = await run_operation(
             request.headers.get("authorization"), None, request.receive,
             request.client.host if request.client else "",
-            request.headers.get(REQUEST_ID_HEADER))
+            request.headers.get(REQUEST_ID_HEADER), _browser(request.headers))
         response = json_response(payload, status)
         response.headers.update(headers)
         return response
@@ -320,6 +333,7 @@ def build_app(services: Services) -> Any:
             await other(scope, receive, send)
             return
         header = declared = request_id = None
+        browser = False
         for key, value in scope["headers"]:
             if key == b"authorization":
                 header = value.decode("latin-1")
@@ -327,10 +341,13 @@ def build_app(services: Services) -> Any:
                 declared = value
             elif key == b"x-request-id":
                 request_id = value
+            elif key == b"origin" or key == b"sec-fetch-site":
+                browser = True
         client = scope.get("client")
-        status, payload, extra = await run_operation(header, declared, receive,
-                                                     str(client[0]) if client else "",
-                                                     request_id)
+        status, payload, extra = await run_operation(
+            header, declared, receive, str(client[0]) if client else "", request_id,
+            _browser(dict((k.decode("latin-1"), v.decode("latin-1"))
+                          for k, v in scope["headers"])) if browser else None)
         data = jsonio.dumps(payload)
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
         for key, value in extra.items():

@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "rootPath": "./hdb",
     "operationsApi": {
         "network": {"host": "127.0.0.1", "port": 9925, "securePort": None,
-                    "maxBodySize": 10 * 1024 * 1024},
+                    "maxBodySize": 10 * 1024 * 1024, "headersTimeout": "10s"},
         "tls": {"certificate": None, "privateKey": None},
         "rateLimit": {"requestsPerMinute": 0, "burst": 10},
         "changes": {"maxQueue": 10_000, "maxClients": 100},
@@ -234,7 +234,8 @@ class Config:
         self.duration_ms("replication.maxClockSkew")
         # 0 would time every keepalive ping out at once (no link ever stays up) and
         # prune in a loop that never sleeps.
-        for key in ("replication.pingInterval", "replication.retentionInterval"):
+        for key in ("replication.pingInterval", "replication.retentionInterval",
+                    "operationsApi.network.headersTimeout"):
             if self.duration_ms(key) <= 0:
                 raise ConfigError(f"{key} must be a duration above 0, got "
                                   f"{self.get(key)!r}")

@@ -25,6 +25,7 @@ from harpsync.auth import SUPER_ROLE, Authenticator, first_start_version
 from harpsync.config import Config
 from harpsync.dispatch import Dispatcher
 from harpsync.errors import ConfigError
+from harpsync.http_protocol import protocol_class
 from harpsync.jobs import JobManager
 from harpsync.listening import bind as bind_listener
 from harpsync.metrics import Metrics
@@ -241,8 +242,9 @@ class Node:
     async def _serve(self, app: Any, sockets: list[socket.socket], **tls: Any,
                      ) -> tuple[_Server, asyncio.Task[None]]:
         """Run uvicorn on ``sockets`` and wait until it accepts."""
-        config = uvicorn.Config(app, lifespan="off", access_log=False,
-                                http="httptools" if _has("httptools") else "h11",
+        protocol = protocol_class(
+            self.config.duration_ms("operationsApi.network.headersTimeout") / 1000.0)
+        config = uvicorn.Config(app, lifespan="off", access_log=False, http=protocol,
                                 log_config=None, server_header=False, date_header=False,
                                 timeout_keep_alive=30, backlog=1024, **tls)
         server = _Server(config)

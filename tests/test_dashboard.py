@@ -7,6 +7,9 @@ install it) the browser tests skip with the reason; the JSON tests still run.
 
 from __future__ import annotations
 
+import datetime
+import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +25,7 @@ from tests.browser_util import (
     sign_in,
 )
 from tests.helpers import ADMIN, ProcessNode, wait_for
+from tests.repl_util import has_table, join, wait_linked
 
 # The first browser test may install Chromium on a fresh machine (apt-get, in its set-up):
 # that can take more than the default 120 s.
@@ -240,6 +244,27 @@ def test_killed_node_links_turn_down_then_recover(mesh, browser):
 
 
 @browser_test
+def test_page_turns_stale_when_its_node_stops_answering(mesh, browser):
+    """With the node serving the page frozen (SIGSTOP: its requests hang, nothing
+    refuses them), the page stops claiming to be live within seconds; it is live again
+    once the node answers."""
+    _admin_page(browser, mesh[0])
+    live = "const l = document.getElementById('live'); return [l.className, l.textContent];"
+    wait_for(lambda: browser.execute_script(live)[0] == "live ok", timeout=10,
+             message="the page live")
+    pid = mesh[0].proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: browser.execute_script(live)[0] == "live stale", timeout=10,
+                 message="the page marked stale while its node hangs")
+        assert "no update" in browser.execute_script(live)[1]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: browser.execute_script(live)[0] == "live ok", timeout=20,
+             message="the page live again")
+
+
+@browser_test
 def test_read_only_user_sees_the_mesh_without_controls(mesh, browser):
     """A user without super_user sees nodes and links but no pause, resume or verify."""
     from selenium.webdriver.common.by import By
@@ -257,6 +282,71 @@ def test_read_only_user_sees_the_mesh_without_controls(mesh, browser):
     assert not browser.find_element(By.ID, "verify-controls").is_displayed()
     assert all(not th.is_displayed()
                for th in browser.find_elements(By.CSS_SELECTOR, "#links .controls-col"))
+
+
+@browser_test
+@pytest.mark.timeout(120)
+def test_repair_from_the_page_reports_what_it_repaired(node_factory, browser):
+    """Rows one node lacks (its subscription widened with start_time) are repaired by the
+    page's Repair button, which then says how many records it wrote instead of
+    reporting the differences it found before repairing them as 'Not in sync'."""
+    from selenium.webdriver.common.by import By
+
+    c = node_factory("node-c", env={"REPLICATION_VERIFYINTERVAL": "0"})
+    d = node_factory("node-d", env={"REPLICATION_VERIFYINTERVAL": "0"})
+    for table in ("t1", "gap"):
+        c.call("create_table", database="data", table=table, primary_key="id")
+    c.call("insert", database="data", table="gap", records=[{"id": i} for i in range(5)])
+    join(d, c, subscriptions=[{"database": "data", "table": "t1", "subscribe": True,
+                               "publish": True}])
+    wait_for(lambda: has_table(d, "gap"), timeout=20, message="the table on node-d")
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    d.call("set_node_replication", hostname=c.name, start_time=now, subscriptions=[
+        {"database": "data", "table": "gap", "subscribe": True, "publish": True}])
+    wait_linked([(d, c), (c, d)], ("system", "data"))
+    assert d.call("verify_cluster", database="data", table="gap")["in_sync"] is False
+
+    sign_in(browser, d.url, *ADMIN)
+    button = wait_for(lambda: (b := browser.find_element(By.ID, "repair-button"))
+                      .is_displayed() and b, timeout=10, message="the Repair button")
+    button.click()
+    _accept_confirm(browser)
+
+    def outcome() -> str:
+        text = str(browser.find_element(By.ID, "verify-result").text)
+        return "" if not text or "running" in text else text
+
+    text = wait_for(outcome, timeout=60, message="the repair's outcome on the page")
+    assert "Not in sync" not in text and "Repaired: 5 records" in text, text
+    assert d.call("verify_cluster", database="data", table="gap")["in_sync"] is True
+
+
+@browser_test
+@pytest.mark.timeout(120)
+def test_dead_letter_card_counts_them_all_not_the_page_it_shows(node_factory, browser):
+    """With 60 dead letters (dest_wins refusals) the card says 60, though it asks for
+    and lists only the first 50."""
+    from selenium.webdriver.common.by import By
+
+    e = node_factory("node-e")
+    f = node_factory("node-f")
+    f.call("create_table", database="dl", table="mine", primary_key="id")
+    join(e, f, subscriptions=[{"database": "dl", "table": "mine", "subscribe": True,
+                               "publish": True, "conflict": "dest_wins"}])
+    wait_for(lambda: has_table(e, "mine", "dl"), timeout=20, message="the table on node-e")
+    wait_linked([(e, f), (f, e)], ("system", "dl"))
+    ids = list(range(60))
+    e.call("upsert", database="dl", table="mine", records=[{"id": i, "v": "e"} for i in ids])
+    wait_for(lambda: f.count("mine", "dl") == 60, timeout=20, message="node-e's rows on f")
+    f.call("upsert", database="dl", table="mine", records=[{"id": i, "v": "f"} for i in ids])
+    wait_for(lambda: e.call("list_dead_letters")["summary"]["total"] == 60, timeout=20,
+             message="60 refusals dead-lettered on node-e")
+
+    sign_in(browser, e.url, *ADMIN)
+    headline = "#dead-letters > p"
+    wait_for(lambda: browser.find_element(By.CSS_SELECTOR, headline).text, timeout=15,
+             message="the dead-letter card")
+    assert browser.find_element(By.CSS_SELECTOR, headline).text == "60 entries"
 
 
 def test_link_status_names_each_state_the_page_colours():

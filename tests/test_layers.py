@@ -35,7 +35,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "fastjsonschema": ("harpsync/validation.py",),  # the compiled fast path of validation
     "websockets": ("harpsync/replication/transport.py",),
     "starlette": ("harpsync/app.py",),
-    "uvicorn": ("harpsync/node.py",),
+    "uvicorn": ("harpsync/node.py", "harpsync/http_protocol.py"),  # limits on a request head
     "uvloop": ("harpsync/node.py",),  # uvicorn[standard]'s event loop, chosen by the root
     "yaml": ("harpsync/config.py",),
     "prometheus_client": ("harpsync/metrics.py",),

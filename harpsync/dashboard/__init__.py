@@ -30,10 +30,15 @@ HEADERS = {
 }
 
 
-@cache
 def asset(name: str) -> tuple[bytes, str] | None:
     """``(content, content type)`` of a shipped file, or None for any other name."""
     content_type = TYPES.get(name)
     if content_type is None:
-        return None
-    return resources.files(__name__).joinpath(name).read_bytes(), content_type
+        return None  # never cached: anyone may ask for any name, as often as they like
+    return _read(name), content_type
+
+
+@cache
+def _read(name: str) -> bytes:
+    """A shipped file's content, read once (``name`` is one of ``TYPES``)."""
+    return resources.files(__name__).joinpath(name).read_bytes()

@@ -9,6 +9,8 @@
   const EXTRAS_EVERY = 4;        // dead letters and conflicts: every 4th update
   const HISTORY_MS = 5 * 60 * 1000;
   const STALE_MS = 5000;
+  const POLL_TIMEOUT_MS = 8000; // an update unanswered this long is abandoned (a hung node
+                                // or network would otherwise hold the loop forever)
   const STUCK_POLLS = 3;         // differing counts unchanged this many updates: red
   const STORE_KEY = 'harpsync-dashboard-auth';
   const SVG_NS = 'http://www.w3.org/2000/svg';
@@ -23,11 +25,13 @@
   let auth = null;
   let user = null;              // {username, super_user}
   let timer = null;
+  let ticker = null;            // refreshes the "live" badge whatever the requests do
   let polling = false;
   let extrasRunning = false;
   let generation = 0;
   let polls = 0;
   let lastOk = 0;
+  let failure = null;           // why the last update failed (null: it did not)
   let overview = null;
   const history = new Map();     // "from>to" -> {last: {t, total}, rates: [{t, rate}]}
   const countHistory = new Map(); // "db.table" -> {sig, polls}
@@ -68,11 +72,12 @@
     return 'Basic ' + btoa(text);
   }
 
-  async function call(body) {
+  async function call(body, timeoutMs) {
     const response = await fetch('/', {
       method: 'POST', cache: 'no-store', credentials: 'omit',
       headers: { 'Content-Type': 'application/json', Authorization: auth },
       body: JSON.stringify(body),
+      signal: timeoutMs ? AbortSignal.timeout(timeoutMs) : undefined,
     });
     let data;
     try { data = await response.json(); } catch (e) { data = { error: `HTTP ${response.status}` }; }
@@ -107,6 +112,10 @@
   function signOut(message) {
     if (timer) clearTimeout(timer);
     timer = null;
+    if (ticker) clearInterval(ticker);
+    ticker = null;
+    lastOk = 0;
+    failure = null;
     generation += 1;
     auth = null;
     user = null;
@@ -122,6 +131,7 @@
 
   function start() {
     if (timer) clearTimeout(timer);
+    if (!ticker) ticker = setInterval(showAge, 1000);
     generation += 1;
     loop(generation);
   }
@@ -140,16 +150,24 @@
     if (polling) return;
     polling = true;
     try {
-      const data = await call({ operation: 'cluster_overview', timeout: PEER_TIMEOUT_MS });
+      const data = await call({ operation: 'cluster_overview', timeout: PEER_TIMEOUT_MS },
+        POLL_TIMEOUT_MS);
       overview = data;
       lastOk = Date.now();
+      failure = null;
       render(data);
       if (polls % EXTRAS_EVERY === 0) extras(data);  // not awaited: never delays updates
       polls += 1;
       showAge();
     } catch (error) {
-      if (error.status === 401) signOut('The node refused these credentials.');
-      else setLive(`update failed: ${error.message}`, 'stale');
+      if (error.status === 401) {
+        signOut('The node refused these credentials.');
+      } else {
+        failure = error.name === 'TimeoutError' ? 'the node does not answer'
+          : `update failed: ${error.message}`;
+        setLive(failure, 'stale');
+        showAge();
+      }
     } finally {
       polling = false;
     }
@@ -164,8 +182,14 @@
   function showAge() {
     if (!lastOk) return;
     const age = Date.now() - lastOk;
-    if (age > STALE_MS) setLive(`no update for ${Math.round(age / 1000)} s`, 'stale');
-    else setLive(`live · updated ${new Date(lastOk).toLocaleTimeString()}`, 'ok');
+    if (age > STALE_MS) {
+      setLive(`no update for ${Math.round(age / 1000)} s${failure ? ` (${failure})` : ''}`,
+        'stale');
+    } else if (failure) {
+      setLive(failure, 'stale');
+    } else {
+      setLive(`live · updated ${new Date(lastOk).toLocaleTimeString()}`, 'ok');
+    }
   }
 
   // -- the model: one entry per direction of each link ---------------------------------
@@ -577,9 +601,15 @@
     const entries = Array.isArray(result) ? result
       : (result.entries || result.dead_letters || result.conflicts || result.records || []);
     const out = [];
-    const total = (result && (result.total ?? result.count)) ?? entries.length;
+    // The listing holds at most the limit asked for; the count is of them all.
+    const total = (result && (result.total ?? result.count
+      ?? (result.summary && result.summary.total))) ?? entries.length;
+    const shown = Math.min(entries.length, 15);
     out.push(el('p', { className: total ? 'bad-text' : 'ok-text',
       text: total ? `${total} entr${total === 1 ? 'y' : 'ies'}` : 'None.' }));
+    if (total > shown) {
+      out.push(el('p', { className: 'hint', text: `The first ${shown} are shown.` }));
+    }
     if (result && result.summary) {
       out.push(el('pre', { className: 'small', text: JSON.stringify(result.summary, null, 1) }));
     }
@@ -636,23 +666,68 @@
     box.replaceChildren(el('p', { className: 'hint', text: `${op} running...` }));
     try {
       const result = await call({ operation: op });
-      const checked = result.checked || [];
-      const bad = checked.filter((c) => c.in_sync === false);
-      const rows = checked.slice(0, 50).map((c) => el('tr', {},
-        el('td', { text: `${c.node || ''}` }), el('td', { text: `${c.database}.${c.table}` }),
-        el('td', { className: c.in_sync === false ? 'bad-text' : 'ok-text',
-          text: c.in_sync === false ? `${c.differences} differ` : 'in sync' })));
-      box.replaceChildren(
-        el('p', { className: result.in_sync === false ? 'bad-text' : 'ok-text',
-          text: result.in_sync === false ? `Not in sync: ${bad.length} table(s) differ`
-            : (result.message || 'In sync') }),
-        ...(rows.length ? [el('table', {}, el('tbody', {}, ...rows))] : []),
-        ...(repair ? [el('pre', { className: 'small', text: JSON.stringify(result, null, 1) })] : []));
+      box.replaceChildren(...(repair ? describeRepair(result) : describeVerify(result)));
     } catch (error) {
       if (notFound(error)) missing.add(op);
       box.replaceChildren(el('p', { className: 'error', text: `${op} failed: ${error.message}` }));
     }
     poll();
+  }
+
+  // A repair answers with the verification it started from (so its in_sync is false
+  // whenever it had something to do) and, per table, the ids it wrote on each node.
+  function written(entry) {
+    return Object.values(entry.changed || {}).reduce((a, ids) => a + ids.length, 0);
+  }
+
+  function plural(n, one, many) {
+    return `${n.toLocaleString()} ${n === 1 ? one : many}`;
+  }
+
+  function checkedRows(checked, cell) {
+    const rows = checked.slice(0, 50).map((c) => el('tr', {},
+      el('td', { text: `${c.node || ''}` }), el('td', { text: `${c.database}.${c.table}` }),
+      cell(c)));
+    return rows.length ? [el('table', {}, el('tbody', {}, ...rows))] : [];
+  }
+
+  function describeVerify(result) {
+    const checked = result.checked || [];
+    const failed = checked.filter((c) => c.error);
+    const bad = checked.filter((c) => !c.error && c.in_sync === false);
+    let summary = el('p', { className: 'ok-text', text: result.message || 'In sync' });
+    if (bad.length || failed.length) {
+      const parts = [];
+      if (bad.length) parts.push(`${plural(bad.length, 'table differs', 'tables differ')}`);
+      if (failed.length) parts.push(`${plural(failed.length, 'table', 'tables')} could not be checked`);
+      summary = el('p', { className: 'bad-text', text: `Not in sync: ${parts.join(', ')}` });
+    }
+    return [summary, ...checkedRows(checked, (c) => el('td', {
+      className: c.error || c.in_sync === false ? 'bad-text' : 'ok-text',
+      text: c.error ? `not checked: ${c.error}`
+        : c.in_sync === false ? `${plural(c.differences || 0, 'record differs', 'records differ')}`
+          : 'in sync' }))];
+  }
+
+  function describeRepair(result) {
+    const checked = result.checked || [];
+    const failed = checked.filter((c) => c.error);
+    const total = checked.reduce((a, c) => a + written(c), 0);
+    const tables = checked.filter((c) => written(c) > 0).length;
+    const parts = [];
+    if (total) parts.push(`Repaired: ${plural(total, 'record', 'records')} written in ${plural(tables, 'table', 'tables')}`);
+    if (failed.length) parts.push(`${plural(failed.length, 'table', 'tables')} could not be repaired`);
+    const unresolved = checked.filter((c) => !c.error && c.in_sync === false && !written(c));
+    if (unresolved.length) {
+      parts.push(`${plural(unresolved.length, 'table differs', 'tables differ')} with nothing written`);
+    }
+    const text = parts.length ? parts.join('; ') : 'In sync: nothing to repair';
+    const bad = failed.length || unresolved.length;
+    return [el('p', { className: bad ? 'bad-text' : 'ok-text', text }),
+      ...checkedRows(checked, (c) => el('td', {
+        className: c.error ? 'bad-text' : 'ok-text',
+        text: c.error ? `not repaired: ${c.error}`
+          : written(c) ? `${plural(written(c), 'record', 'records')} repaired` : 'in sync' }))];
   }
 
   // -- wiring -------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Work before authentication is bounded (DESIGN.md "Trust model"): an accepted soc
 reads frames of at most ``PREAUTH_FRAME`` bytes and buffers at most ``PREAUTH_QUEUE`` of
 them until the replicator calls :meth:`Link.authenticated`; TLS and the WebSocket
 handshake must finish within ``HANDSHAKE_TIMEOUT``; a ``Gate`` caps unauthenticated
-sockets per client address and all sockets in total.
+sockets per client address and all sockets in total, counted from the TCP accept (each
+accepted connection starts its own TLS once admitted, see ``_GatedConnection``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ MAX_FRAME = MAX_LOG_ENTRY + 1024 * 1024
 PREAUTH_FRAME = 64 * 1024
 PREAUTH_QUEUE = 2
 HANDSHAKE_TIMEOUT = 5.0
+# How long a closing socket waits for its peer (the WebSocket close, then TLS's).
+CLOSE_TIMEOUT = 2
 # Frames websockets buffers before it stops reading the socket. Generous, so control
 # frames (pongs) keep flowing while the subscriber's apply queue is briefly full.
 MAX_QUEUE = 64
@@ -173,28 +176,115 @@ class Link:
 
 
 class _GatedConnection(ServerConnection):
-    """A server connection counted by a ``Gate`` from TCP accept to close."""
+    """A server connection counted by a ``Gate`` from TCP accept to close.
+
+    The listener is plain TCP and each connection starts its own TLS (``start_tls``)
+    once the Gate has admitted its address: served with ``ssl=``, asyncio and uvloop
+    call ``connection_made`` only after the handshake, so a socket that never began
+    one was not counted at all and one address could hold any number of them.
+    """
 
     gate: Gate
+    tls: TLSContext | None = None
+    # Handshakes in progress (a task must be referenced until it ends).
+    handshakes: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self._address = str(peer[0]) if peer else ""
         self._pending = self._admitted = self.gate.admit(self._address)
-        if not self._admitted:
-            transport.abort()  # type: ignore[attr-defined]  # a socket transport
+        self._tls_pending = False
+        if not self._admitted or self.tls is None:
+            super().connection_made(transport)
+            if not self._admitted:
+                transport.abort()  # type: ignore[attr-defined]  # a socket transport
+            return
+        self._tls_pending = True
+        self._early: list[bytes] = []  # app data decrypted before our connection_made
+        # uvloop starts reading after connection_made whatever it did, so the first TLS
+        # bytes may reach this protocol before start_tls takes the transport over: they
+        # are kept and handed to the TLS protocol (see _hand_over).
+        self._raw: list[bytes] | None = []
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._start_tls(transport))
+        self.handshakes.add(task)
+        task.add_done_callback(self.handshakes.discard)
+        # Runs after the task's first step (start_tls has set its protocol and queued
+        # that protocol's connection_made and the resume of reading).
+        loop.call_soon(self._end_raw, transport)
+
+    def _end_raw(self, transport: Any) -> None:
+        raw, self._raw = self._raw, None
+        if raw:  # queued after connection_made and the resume: before any new read
+            asyncio.get_running_loop().call_soon(_hand_over, transport, b"".join(raw))
+
+    async def _start_tls(self, transport: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            secure = await loop.start_tls(transport, self, self.tls,  # type: ignore[arg-type]
+                                          server_side=True,
+                                          ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                                          ssl_shutdown_timeout=CLOSE_TIMEOUT)
+        except (Exception, asyncio.CancelledError):  # timeout, TLS error, reset, shutdown
+            transport.abort()
+            self._release()
+            return
+        self._tls_pending = False
+        if secure is None:  # the socket closed as the handshake ended
+            self._release()
+            return
+        super().connection_made(secure)
+        # What arrived with the end of the handshake, before this task ran.
+        early, self._early = self._early, []
+        for chunk in early:
+            super().data_received(chunk)
+
+    def data_received(self, data: bytes) -> None:
+        if getattr(self, "_tls_pending", False):
+            if self._raw is not None:
+                self._raw.append(data)
+            else:
+                self._early.append(data)
+            return
+        super().data_received(data)
+
+    def eof_received(self) -> None:
+        if not getattr(self, "_tls_pending", False):  # else: the close follows
+            super().eof_received()
 
     def mark_authenticated(self) -> None:
         if self._pending:
             self._pending = False
             self.gate.authenticated(self._address)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _release(self) -> None:
         if getattr(self, "_admitted", False):
             self._admitted = False
             self.gate.release(self._address, self._pending)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        if getattr(self, "_tls_pending", False):
+            return  # the handshake failed: websockets never saw this connection
         super().connection_lost(exc)
+
+
+def _hand_over(transport: Any, data: bytes) -> None:
+    """Give ``data`` (bytes read before start_tls took ``transport`` over) to the TLS
+    protocol now reading it (a buffered protocol in asyncio and uvloop)."""
+    protocol = transport.get_protocol()
+    if transport.is_closing():
+        return
+    if not hasattr(protocol, "get_buffer"):
+        protocol.data_received(data)
+        return
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(len(view))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
 
 
 async def listen(sock: socket.socket, ssl_context: TLSContext | None,
@@ -209,11 +299,13 @@ async def listen(sock: socket.socket, ssl_context: TLSContext | None,
     async def on_connection(conn: ServerConnection) -> None:
         await handler(Link(conn, conn.request.path if conn.request else "/"))
 
-    gated = type("GatedConnection", (_GatedConnection,), {"gate": gate or Gate(64, 1024)})
-    return await serve(
-        on_connection, sock=sock, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+    gated = type("GatedConnection", (_GatedConnection,), {
+        "gate": gate or Gate(64, 1024), "tls": ssl_context, "handshakes": set()})
+    return await serve(  # plain TCP: each connection starts TLS once admitted
+        on_connection, sock=sock, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
         ping_interval=ping_interval, ping_timeout=ping_interval * 2, max_size=PREAUTH_FRAME,
-        compression=None, close_timeout=2, write_limit=256 * 1024, max_queue=PREAUTH_QUEUE,
+        compression=None, close_timeout=CLOSE_TIMEOUT, write_limit=256 * 1024,
+        max_queue=PREAUTH_QUEUE,
         open_timeout=HANDSHAKE_TIMEOUT, create_connection=gated,
     )
 

@@ -1,0 +1,143 @@
+"""The operations API's HTTP/1.1 protocol: uvicorn's httptools one, with the limits on a
+request head that uvicorn leaves out.
+
+Both limits guard what a client can hold before it has logged in (the login is in the
+head): uvicorn times out only the idle time between requests, and keeps every header
+line of a head however many come.
+
+- A connection that has not sent a whole request head ``head_timeout`` seconds after it
+  connected or began a request is closed (slowloris: a socket that sends nothing, or a
+  head a byte at a time, held a file descriptor forever). So is one whose request was
+  answered before its body ended (a failed login) and whose body is still arriving.
+- A head larger than ``MAX_HEAD_BYTES`` (request line and header lines) or with more
+  than ``MAX_HEADERS`` lines is answered 431 and the connection closed: endless small
+  header lines were buffered without bound (about 11 bytes of memory per byte sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from harpsync import jsonio, requests_ctx
+
+# Node's (and so Harper's) default is 16 KiB; this leaves room for long URLs and tokens.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 256
+# How long a refused head's connection is read (and dropped) before it is closed.
+LINGER_SECONDS = 1.0
+
+
+def _too_large() -> bytes:
+    """The 431 answer, in the API's error shape (its request id is a new one: the head
+    that would carry the client's was refused)."""
+    request_id = requests_ctx.new_request_id()
+    body = jsonio.dumps({"error": f"Request head is larger than {MAX_HEAD_BYTES} bytes or "
+                                  f"has more than {MAX_HEADERS} header lines",
+                         "code": "INVALID_REQUEST", "request_id": request_id})
+    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json\r\nconnection: close\r\n"
+            b"x-request-id: %s\r\ncontent-length: %d\r\n\r\n"
+            % (request_id.encode(), len(body))) + body
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a head timeout and a head size cap (see the
+    module docstring). Subclass it with ``head_timeout`` set, one class per server."""
+
+    head_timeout = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_bytes = 0
+    _head_lines = 0
+    _refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:  # the rest of a refused head: dropped, never parsed
+            super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = self._head_lines = 0
+        if self._head_timer is None:  # the first request's clock runs from connect
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def on_url(self, url: bytes) -> None:
+        self._head_bytes += len(url)
+        if not self._over():
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        self._head_lines += 1
+        if not self._over():
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._stop_head_timer()
+        if not self._refused:
+            super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+            cycle = self.cycle  # None on a WebSocket upgrade
+            if cycle is not None and cycle.response_complete:  # the dropped rest ended
+                self._stop_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and self._head_timer is None \
+                and not self.transport.is_closing():
+            # Answered before the body ended (a failed login, 413): uvicorn reads and
+            # drops the rest and keeps the connection, so a body trickled a byte at a
+            # time held it forever. The rest gets ``head_timeout`` to arrive.
+            self._head_timer = self.loop.call_later(self.head_timeout,
+                                                    self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _over(self) -> bool:
+        """Whether the head passed a cap; the first time, answer 431 and close."""
+        if self._refused:
+            return True
+        if self._head_bytes <= MAX_HEAD_BYTES and self._head_lines <= MAX_HEADERS:
+            return False
+        self._refused = True
+        self._stop_head_timer()
+        if not self.transport.is_closing():
+            # Answer, then read and drop what the client still sends for a moment
+            # before closing: closing with unread bytes would reset the connection,
+            # and a reset can destroy the answer before the client reads it.
+            self.transport.write(_too_large())
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        return True
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def protocol_class(head_timeout: float) -> type[GuardedProtocol]:
+    """A ``GuardedProtocol`` for one server, closing heads unfinished after
+    ``head_timeout`` seconds (uvicorn builds one instance per connection)."""
+    return type("OperationsProtocol", (GuardedProtocol,), {"head_timeout": head_timeout})
