@@ -131,6 +131,9 @@ class Authenticator:
         # the users or roles must not be cached with what it read before the change.
         # Commits that only move replication cursors add no log entry and keep the cache.
         self._generation = 0
+        # Called (from any thread) after ``generation`` grows: sessions that outlive a
+        # request, such as a change feed, check their user again at once.
+        self.listeners: list[Callable[[], None]] = []
         self._system_head = storage.database(SYSTEM).head_seq
         storage.database(SYSTEM).commit_listeners.append(self._invalidate)
 
@@ -143,6 +146,8 @@ class Authenticator:
         """Drop every cached login (users or roles may have changed)."""
         self._generation += 1
         self._cache.clear()
+        for listener in list(self.listeners):
+            listener()
 
     @property
     def generation(self) -> int:

@@ -62,6 +62,10 @@ class Users(Protocol):
     def generation(self) -> int:
         """Grows whenever users or roles may have changed."""
 
+    @property
+    def listeners(self) -> list[Callable[[], None]]:
+        """Called, from any thread, after ``generation`` grew."""
+
     def current(self, username: str) -> User | None:
         """The user as it stands now; None once dropped or deactivated."""
 
@@ -286,13 +290,17 @@ class Follower:
         # read; only a prune after the subscription ends the feed.
         self.pruned_seen = 0
 
-    def _notify(self, _head: int) -> None:  # called in the writer thread
+    def _notify(self, _head: int = 0) -> None:  # called in the writer thread
         self._loop.call_soon_threadsafe(self._wakeup.set)
 
     async def start(self) -> None:
         """Find where to start (``since``) and tell the client it is subscribed."""
         db, since = self.db, self.sub.since
         db.commit_listeners.append(self._notify)
+        if self.feed.users is not None:
+            # A user dropped or deactivated while nothing is written here: the feed
+            # ends now, not at the next change of its database.
+            self.feed.users.listeners.append(self._notify)
         head = db.head_seq
         self.position = self.replay_through = head
         if since is not None:
@@ -317,6 +325,9 @@ class Follower:
     def stop(self) -> None:
         with contextlib.suppress(ValueError):
             self.db.commit_listeners.remove(self._notify)
+        if self.feed.users is not None:
+            with contextlib.suppress(ValueError):
+                self.feed.users.listeners.remove(self._notify)
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._send()),
@@ -351,13 +362,13 @@ class Follower:
                     self.closing = (CLOSE_TRY_LATER, "the log was pruned past this feed; "
                                     "subscribe again")
                     return
-                if not entries:
-                    await self._wakeup.wait()
-                    continue
                 refused = self._recheck_user()
                 if refused is not None:
                     self.closing = (CLOSE_POLICY, refused)
                     return
+                if not entries:
+                    await self._wakeup.wait()
+                    continue
                 names = db.origin_names
                 for seq, raw in entries:
                     replaying = seq <= self.replay_through

@@ -273,3 +273,22 @@ def test_a_slow_client_is_dropped_and_can_resume(pair):
         got = {c["id"] for c in received}
         while not set(written) <= got:
             got.add(json.loads(ws.recv(timeout=30))["id"])
+
+
+def test_an_idle_feed_ends_when_its_user_is_dropped_or_deactivated(pair):
+    """A feed with nothing to send closes with 1008 once its user is deactivated or
+    dropped, without waiting for the next change of its database."""
+    a, _ = pair
+    a.call("add_user", role="dog_reader", username="ida", password="idapw", active=True)
+    a.call("add_user", role="dog_reader", username="dan", password="danpw", active=True)
+    for user, change in ((("ida", "idapw"), {"operation": "alter_user", "username": "ida",
+                                              "active": False}),
+                         (("dan", "danpw"), {"operation": "drop_user", "username": "dan"})):
+        with feed(a, auth=user) as ws:
+            assert subscribe(ws, database="dev", table="dog")["action"] == "subscribed"
+            assert a.post(change).status_code == 200
+            with pytest.raises(ConnectionClosed) as closed:
+                got = ws.recv(timeout=10)
+                raise AssertionError(f"sent after the user was gone: {got}")
+            frame = closed.value.rcvd
+            assert frame is not None and frame.code == 1008 and user[0] in frame.reason, frame
