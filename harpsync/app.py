@@ -246,6 +246,8 @@ def build_app(services: Services) -> Any:
         header = websocket.headers.get("authorization")
         try:
             user = await _login(services, header, client)
+            if limiter.enabled:  # opening a feed is a request of its user, as POST / is
+                limiter.take(user.username)
         except HarpsyncError as exc:
             denial = json_response({**exc.body(), "request_id": requests_ctx.current_id()},
                                    exc.status)
