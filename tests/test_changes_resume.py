@@ -20,6 +20,7 @@ from harpsync.errors import BadRequestError
 from harpsync.metrics import Metrics
 from harpsync.replication.linkstore import StorageLinkStore
 from harpsync.storage import retention, writes
+from harpsync.storage.keys import encode_id
 from harpsync.storage.store import Storage
 
 DB = "data"
@@ -134,3 +135,25 @@ async def test_since_before_a_purged_entry_is_refused_not_closed_again_and_again
     with pytest.raises(BadRequestError, match="no longer in the log"):
         await follower.start()
     follower.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_since_inside_a_copied_chunk_loses_no_later_row(pair):
+    """Rows a full copy lands keep their own versions, one log entry per chunk stamped
+    with the newest: resuming from a row in the middle of a chunk (where a slow client
+    was dropped) still sends the rows of later chunks, whatever their versions."""
+    a, b = pair
+    await a.create_table(DB, "dog", "id")
+    await _ship(a, b, "system", 0)
+    await _ship(a, b, DB, 0)
+    v3 = await _insert(a, "dog", {"id": 3})
+    v1 = await _insert(a, "dog", {"id": 1})
+    v2 = await _insert(a, "dog", {"id": 2})
+    store = StorageLinkStore(b)
+    origins = {0: a.node_name}
+    for chunk in (((1, v1), (2, v2)), ((3, v3),)):  # a copy goes in key order
+        rows = [(encode_id(i), codec.pack([v, 0, {"id": i}])) for i, v in chunk]
+        await store.apply_rows(DB, a.node_name, "dog", rows, origins, {"seq": 0}, 0, None,
+                               None)
+    sent = await _feed(b, v1, 3)  # the client had row 1 of the first chunk
+    assert {c["id"] for c in sent} >= {2, 3}, sent
