@@ -97,7 +97,7 @@ def parse_subscribe(text: str | None) -> Subscription:
     """
     try:
         message = json.loads(text or "")
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's limit: bad input too
         raise BadRequestError("the first message must be a JSON object such as "
                               '{"action": "subscribe", "database": "dev"}') from None
     if not isinstance(message, dict) or message.get("action") != "subscribe":

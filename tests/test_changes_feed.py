@@ -292,3 +292,16 @@ def test_an_idle_feed_ends_when_its_user_is_dropped_or_deactivated(pair):
                 raise AssertionError(f"sent after the user was gone: {got}")
             frame = closed.value.rcvd
             assert frame is not None and frame.code == 1008 and user[0] in frame.reason, frame
+
+
+def test_a_deeply_nested_subscribe_message_is_a_validation_error(pair):
+    """A first message nested past the JSON parser's recursion limit is answered like
+    any other bad subscribe (VALIDATION_ERROR, close 1008), not with a server error."""
+    a, _ = pair
+    with feed(a) as ws:
+        ws.send("[" * 100_000)
+        answer = json.loads(ws.recv(timeout=30))
+        assert answer["code"] == "VALIDATION_ERROR", answer
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
