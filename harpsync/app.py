@@ -257,6 +257,13 @@ def build_app(services: Services) -> Any:
         await websocket.accept()
         await feed.serve(_SocketChannel(websocket), user, requests_ctx.current_id())
 
+    async def no_socket(websocket: WebSocket) -> None:
+        """A WebSocket upgrade to any other path: 404 with the usual error body (Starlette
+        alone answers an empty 403, which reads like a permission problem)."""
+        await websocket.send_denial_response(json_response(
+            {"error": "Not Found", "code": "NOT_FOUND",
+             "request_id": requests_ctx.current_id()}, 404))
+
     async def metrics(request: Request) -> Response:
         data, content_type = services.metrics_report()
         return Response(data, media_type=content_type)
@@ -297,6 +304,7 @@ def build_app(services: Services) -> Any:
         Route("/ready", ready, methods=["GET"]),
         Route("/health/{component}", health_component, methods=["GET"]),
         WebSocketRoute("/changes", changes_socket),
+        WebSocketRoute("/{path:path}", no_socket),
     ]
     starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
                                                             Exception: http_error})

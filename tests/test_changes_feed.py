@@ -305,3 +305,17 @@ def test_a_deeply_nested_subscribe_message_is_a_validation_error(pair):
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=30)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+def test_a_websocket_to_another_path_is_a_not_found_error(pair):
+    """An upgrade to any path but ``/changes`` is refused with 404 and the usual error
+    body (code NOT_FOUND), not an empty 403 that reads like a permission problem."""
+    a, _ = pair
+    for path in ("/change", "/changes/", "/"):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"ws://127.0.0.1:{a.ops_port}{path}", proxy=None, open_timeout=30,
+                    additional_headers={"Authorization": basic(*ADMIN)})
+        response = refused.value.response
+        assert response.status_code == 404, (path, response)
+        body = json.loads(response.body)
+        assert body["code"] == "NOT_FOUND" and body["request_id"], body
