@@ -112,7 +112,8 @@ def parse_subscribe(text: str | None) -> Subscription:
     if table is not None and (not isinstance(table, str) or not table):
         raise BadRequestError("'table' must be a non-empty string")
     since = message.get("since")
-    if isinstance(since, str) and since.isdigit() and len(since) <= 20:
+    # isascii(): str.isdigit() also holds for "²" and other scripts' digits
+    if isinstance(since, str) and since.isascii() and since.isdigit() and len(since) <= 20:
         since = int(since)
     if since is not None and (isinstance(since, bool) or not isinstance(since, int)
                               or not 0 <= since < 1 << 64):

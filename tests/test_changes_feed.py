@@ -319,3 +319,12 @@ def test_a_websocket_to_another_path_is_a_not_found_error(pair):
         assert response.status_code == 404, (path, response)
         body = json.loads(response.body)
         assert body["code"] == "NOT_FOUND" and body["request_id"], body
+
+
+def test_since_with_digits_int_cannot_read_is_a_validation_error(pair):
+    """``since`` such as "²" (a digit to ``str.isdigit``, not to ``int``) is refused like
+    any other bad version, not with a server error."""
+    a, _ = pair
+    with feed(a) as ws:
+        answer = subscribe(ws, database="dev", since="\u00b2")
+        assert answer["code"] == "VALIDATION_ERROR", answer
