@@ -92,7 +92,7 @@ class RateLimiter:
             wait = max(1, math.ceil((1.0 - tokens) / self.rate))
             raise TooManyRequestsError(
                 f"Rate limit exceeded. Retry after {wait} seconds.", wait, headers,
-                code="RATE_LIMIT_EXCEEDED", retry_after_seconds=wait)
+                code="RATE_LIMIT_EXCEEDED")
         return headers
 
 

@@ -33,6 +33,9 @@ def test_login_throttle_blocks_until_the_window_passes():
     with pytest.raises(TooManyRequestsError) as err:
         throttle.check("10.0.0.1")
     assert err.value.status == 429 and err.value.headers["Retry-After"] == "50"
+    # Every 429 has the same body: code and retry_after_seconds (seed 000 section 7.3).
+    body = err.value.body()
+    assert body["code"] == "RATE_LIMIT_EXCEEDED" and body["retry_after_seconds"] == 50
     throttle.check("10.0.0.2")  # another address is not affected
     clock.now += 49
     with pytest.raises(TooManyRequestsError):
