@@ -292,7 +292,9 @@ class Follower:
         self.pruned_seen = 0
 
     def _notify(self, _head: int = 0) -> None:  # called in the writer thread
-        self._loop.call_soon_threadsafe(self._wakeup.set)
+        # A loop already closed (the node stopping) must not fail the other listeners.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._wakeup.set)
 
     async def start(self) -> None:
         """Find where to start (``since``) and tell the client it is subscribed."""
