@@ -19,7 +19,7 @@ from harpsync.changes import ChangeFeed, Follower, Subscription
 from harpsync.errors import BadRequestError
 from harpsync.metrics import Metrics
 from harpsync.replication.linkstore import StorageLinkStore
-from harpsync.storage import retention, writes
+from harpsync.storage import logscan, retention, writes
 from harpsync.storage.keys import encode_id
 from harpsync.storage.store import Storage
 
@@ -157,3 +157,24 @@ async def test_since_inside_a_copied_chunk_loses_no_later_row(pair):
                                None)
     sent = await _feed(b, v1, 3)  # the client had row 1 of the first chunk
     assert {c["id"] for c in sent} >= {2, 3}, sent
+
+
+@pytest.mark.timeout(30)
+async def test_since_far_back_in_a_long_log_still_sends_a_late_entry(pair, monkeypatch):
+    """The entry of ``since`` is found however far back it is: a replicated entry with
+    an older version, logged after it, is sent (a lookup that gave up after a number of
+    entries fell back to "versions above since" and skipped it)."""
+    monkeypatch.setattr(logscan, "SCAN_LIMIT", 3)  # instead of 200,000 entries
+    a, b = pair
+    await a.create_table(DB, "dog", "id")
+    await _ship(a, b, "system", 0)
+    await _ship(a, b, DB, 0)
+    b_after = b.databases[DB].head_seq
+    late = await _insert(b, "dog", {"id": 1})  # written on b first, reaches a late
+    a.hlc.observe(late)
+    since = await _insert(a, "dog", {"id": 2})
+    for i in range(3, 8):
+        await _insert(a, "dog", {"id": i})
+    await _ship(b, a, DB, b_after)
+    sent = await _feed(a, since, 7)
+    assert 1 in {c["id"] for c in sent}, sent

@@ -79,9 +79,10 @@ def entry_seq_of_version(db: Database, version: int) -> int | None:
         cur = txn.cursor(db=db.txns_dbi)
         if not cur.last():
             return None
-        for scanned, (key, value) in enumerate(cur.iterprev()):
-            if scanned > SCAN_LIMIT:
-                break
+        # No ``SCAN_LIMIT``: without the entry, the feed replays the whole log by version
+        # and skips late entries stamped at or below ``version``; this scan costs at
+        # most about what that replay would.
+        for key, value in cur.iterprev():
             entry_version = codec.unpack_head(value, 2)[1]
             if entry_version == version or (entry_version > version
                                             and _has_op_version(bytes(value), packed, version)):
