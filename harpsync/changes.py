@@ -287,6 +287,7 @@ class Follower:
         self.position = 0
         self.replay_through = 0
         self.replay_above: int | None = None
+        self.above_through = 0  # entries up to this sequence: only versions above that
         # ``pruned_through`` when the replay started below it: entries kept there are
         # read; only a prune after the subscription ends the feed.
         self.pruned_seen = 0
@@ -310,6 +311,7 @@ class Follower:
             seq = await asyncio.to_thread(entry_seq_of_version, db, since)
             pruned = self.pruned_seen = db.pruned_through()
             start = 0 if seq is None else seq - 1  # that entry again: a client may have had part
+            lost = None
             if pruned > start:
                 # Entries after the start were removed (retention, or ``purge_stream`` of
                 # one table, which keeps the other tables' entries below ``pruned``).
@@ -321,6 +323,10 @@ class Follower:
             self.position = start
             if seq is None:  # every kept entry newer than since, wherever it is logged
                 self.replay_above = since
+                # ... and, when the entry of since is among those removed (the newest
+                # version removed is since), every entry logged after the removed part:
+                # a late entry there, stamped at or below since, came after it.
+                self.above_through = pruned if lost == since else head
         await self.channel.send_text(json.dumps({
             "action": "subscribed", "database": self.sub.database, "table": self.sub.table,
             "since": since}))
@@ -375,7 +381,7 @@ class Follower:
                 names = db.origin_names
                 for seq, raw in entries:
                     replaying = seq <= self.replay_through
-                    above = self.replay_above if replaying else None
+                    above = self.replay_above if seq <= self.above_through else None
                     for change in entry_changes(self.sub.database, raw, names, self.sub.table,
                                                 self.readable, above):
                         if replaying:

@@ -178,3 +178,43 @@ async def test_since_far_back_in_a_long_log_still_sends_a_late_entry(pair, monke
     await _ship(b, a, DB, b_after)
     sent = await _feed(a, since, 7)
     assert 1 in {c["id"] for c in sent}, sent
+
+
+@pytest.mark.timeout(30)
+async def test_since_pruned_by_retention_still_sends_a_late_entry_logged_after_it(pair):
+    """Retention removed the entry of ``since`` (the newest it removed): every entry
+    kept after the pruned part was logged after it, so a late replicated entry stamped
+    below ``since`` is sent too, not filtered out by its version."""
+    a, b = pair
+    await a.create_table(DB, "dog", "id")
+    await _ship(a, b, "system", 0)
+    await _ship(a, b, DB, 0)
+    b_after = b.databases[DB].head_seq
+    late = await _insert(b, "dog", {"id": 1})  # written on b first, reaches a late
+    a.hlc.observe(late)
+    since = await _insert(a, "dog", {"id": 2})  # the last change the client saw
+    db = a.databases[DB]
+    through = db.head_seq
+    await _ship(b, a, DB, b_after)
+    after = await _insert(a, "dog", {"id": 3})
+    await a.write(retention.prune_log_job(db, through, None))
+    assert db.pruned_through() == through and max(db.pruned_max().values()) == since
+    sent = await _feed(a, since, 2)
+    assert [(c["id"], c["version"]) for c in sent] == [(1, late), (3, after)]
+
+
+@pytest.mark.timeout(30)
+async def test_a_version_never_logged_here_replays_only_greater_versions(pair):
+    """A ``since`` this log never held (taken from another node) still means "versions
+    above it" after a prune: older entries kept after the pruned part are not sent."""
+    a, _b = pair
+    await a.create_table(DB, "dog", "id")
+    first = await _insert(a, "dog", {"id": 1})
+    db = a.databases[DB]
+    await a.write(retention.prune_log_job(db, db.head_seq, None))
+    await _insert(a, "dog", {"id": 2})
+    since = await _insert(a, "dog", {"id": 3}) - 1  # between two entries
+    after = await _insert(a, "dog", {"id": 4})
+    assert first < since
+    sent = await _feed(a, since, 2)
+    assert [(c["id"], c["version"]) for c in sent] == [(3, since + 1), (4, after)]
