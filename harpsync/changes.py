@@ -430,6 +430,14 @@ class Follower:
         sent = self.feed.metrics.changes_sent
         while True:
             change = await self.queue.get()
+            # Users or roles changed while this change waited (a replay reads ahead of a
+            # slow client): it goes only if the user may still read its table.
+            refused = self._recheck_user()
+            if refused is not None:
+                self.closing = (CLOSE_POLICY, refused)
+                return
+            if not self.readable(change["table"]):
+                continue
             await self.channel.send_text(json.dumps(change, separators=(",", ":"),
                                                     default=str))
             self.last_sent = change["version"]

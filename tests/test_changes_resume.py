@@ -218,3 +218,49 @@ async def test_a_version_never_logged_here_replays_only_greater_versions(pair):
     assert first < since
     sent = await _feed(a, since, 2)
     assert [(c["id"], c["version"]) for c in sent] == [(3, since + 1), (4, after)]
+
+
+class DroppingUsers:
+    """The feed's ``Users`` seam: ``admin`` until :meth:`drop`."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.listeners: list[Any] = []
+        self.dropped = False
+
+    def current(self, username: str) -> User | None:
+        return None if self.dropped else ADMIN
+
+    def drop(self) -> None:
+        self.dropped = True
+        self.generation += 1
+        for listener in list(self.listeners):
+            listener()
+
+
+@pytest.mark.timeout(30)
+async def test_no_change_is_sent_after_the_user_is_dropped_mid_replay(pair):
+    """A replay of a many-record entry stops at the next change once the user is
+    dropped: neither the rest of the entry nor the changes already waiting in the
+    queue are sent, and the feed closes with 1008."""
+    a, _b = pair
+    await a.create_table(DB, "dog", "id")
+    since = await _insert(a, "dog", {"id": 0})
+    await a.write(writes.write_records(a, DB, "dog", [{"id": i} for i in range(1, 121)],
+                                       "insert", "t"))
+    users = DroppingUsers()
+
+    class Dropping(Channel):
+        async def send_text(self, text: str) -> None:
+            await super().send_text(text)
+            if len(self.sent) == 6:  # "subscribed" and 5 changes: then the user goes
+                users.drop()
+            await asyncio.sleep(0)  # a client reading slower than the node reads
+
+    channel = Dropping()
+    follower = Follower(ChangeFeed(a, Metrics(), 10, 10, users), channel, ADMIN,
+                        Subscription(DB, "dog", since), a.databases[DB])
+    await follower.start()
+    await asyncio.wait_for(follower.run(), 10)
+    assert len(channel.sent) == 6, len(channel.sent)
+    assert channel.closed is not None and channel.closed[0] == 1008, channel.closed
