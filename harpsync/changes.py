@@ -30,6 +30,7 @@ from harpsync.errors import (
     ForbiddenError,
     HarpsyncError,
     ServiceUnavailableError,
+    UnauthorizedError,
 )
 from harpsync.storage.database import Database
 from harpsync.storage.hlc import version_to_ms
@@ -244,8 +245,16 @@ class ChangeFeed:
         if text is None:
             return None  # the client left first
         sub = parse_subscribe(text)
+        # The login was checked on the upgrade, maybe 30 s ago: the user as it is now,
+        # read after noting the generation, so a change after this read is seen later.
+        generation = self.users.generation if self.users is not None else 0
+        if self.users is not None:
+            current = self.users.current(user.username)
+            if current is None:
+                raise UnauthorizedError("Login failed")
+            user = current
         db = check_access(self.storage, user, sub)
-        follower = Follower(self, channel, user, sub, db)
+        follower = Follower(self, channel, user, sub, db, generation)
         try:
             await follower.start()
         except BaseException:
@@ -270,7 +279,8 @@ class Follower:
     """One subscription: reads the log into a bounded queue, sends from it."""
 
     def __init__(self, feed: ChangeFeed, channel: Channel, user: User, sub: Subscription,
-                 db: Database) -> None:
+                 db: Database, generation: int | None = None) -> None:
+        """``generation``: the users' generation ``user`` was read at (default: now)."""
         self.feed = feed
         self.channel = channel
         self.sub = sub
@@ -281,7 +291,9 @@ class Follower:
         self.last_sent: int | None = None
         self.closing: tuple[int, str] | None = None
         self.user = user
-        self._generation = feed.users.generation if feed.users is not None else 0
+        if generation is None:
+            generation = feed.users.generation if feed.users is not None else 0
+        self._generation = generation
         database = sub.database
         self.readable: Callable[[str], bool] = lambda t: _can_read(self.user, database, t)
         self.position = 0

@@ -328,3 +328,26 @@ def test_since_with_digits_int_cannot_read_is_a_validation_error(pair):
     with feed(a) as ws:
         answer = subscribe(ws, database="dev", since="\u00b2")
         assert answer["code"] == "VALIDATION_ERROR", answer
+
+
+def test_a_user_changed_between_upgrade_and_subscribe_is_checked_as_it_is_now(pair):
+    """The login is on the upgrade, the subscribe may come up to 30 s later: a user
+    dropped, or whose role lost read, in between is refused (UNAUTHORIZED or
+    FORBIDDEN, close 1008), not streamed to with what the login saw."""
+    a, _ = pair
+    a.call("add_role", role="bird_reader", permission={
+        "super_user": False, "dev": {"tables": {"dog": {"read": True}}}})
+    a.call("add_user", role="bird_reader", username="bea", password="beapw", active=True)
+    a.call("add_user", role="bird_reader", username="ben", password="benpw", active=True)
+    cases = ((("bea", "beapw"), {"operation": "drop_user", "username": "bea"}, "UNAUTHORIZED"),
+             (("ben", "benpw"), {"operation": "alter_role", "id": "bird_reader", "permission": {
+                 "super_user": False, "dev": {"tables": {"dog": {"read": False}}}}},
+              "FORBIDDEN"))
+    for user, change, code in cases:
+        with feed(a, auth=user) as ws:
+            assert a.post(change).status_code == 200
+            answer = subscribe(ws, database="dev", table="dog")
+            assert answer.get("code") == code, answer
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
