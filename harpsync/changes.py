@@ -289,6 +289,8 @@ class Follower:
         self._wakeup = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.last_sent: int | None = None
+        # Where a client dropped before anything was sent resumes: its first change.
+        self.first_queued: int | None = None
         self.closing: tuple[int, str] | None = None
         self.user = user
         if generation is None:
@@ -396,6 +398,8 @@ class Follower:
                     above = self.replay_above if seq <= self.above_through else None
                     for change in entry_changes(self.sub.database, raw, names, self.sub.table,
                                                 self.readable, above):
+                        if self.first_queued is None:
+                            self.first_queued = change["version"]
                         if replaying:
                             await self.queue.put(change)
                         elif not self._offer(change):
@@ -430,7 +434,8 @@ class Follower:
             self.queue.put_nowait(change)
             return True
         except asyncio.QueueFull:
-            resume = "" if self.last_sent is None else f"; resume with since={self.last_sent}"
+            since = self.first_queued if self.last_sent is None else self.last_sent
+            resume = "" if since is None else f"; resume with since={since}"
             self.closing = (CLOSE_TRY_LATER, f"client too slow: {self.feed.max_queue} changes "
                                              f"waiting{resume}")
             self.feed.metrics.changes_dropped.inc()

@@ -264,3 +264,30 @@ async def test_no_change_is_sent_after_the_user_is_dropped_mid_replay(pair):
     await asyncio.wait_for(follower.run(), 10)
     assert len(channel.sent) == 6, len(channel.sent)
     assert channel.closed is not None and channel.closed[0] == 1008, channel.closed
+
+
+@pytest.mark.timeout(30)
+async def test_a_client_dropped_before_its_first_change_is_told_where_to_resume(pair):
+    """A client too slow to take even its first change is dropped with a ``since`` too
+    (the first change it did not get), and resuming there sends every change."""
+    a, _b = pair
+    await a.create_table(DB, "dog", "id")
+
+    class Stalled(Channel):
+        async def send_text(self, text: str) -> None:
+            if self.sent:  # "subscribed" goes; the first change never does
+                await asyncio.Event().wait()
+            await super().send_text(text)
+
+    channel = Stalled()
+    follower = Follower(ChangeFeed(a, Metrics(), 2, 10), channel, ADMIN,
+                        Subscription(DB, "dog", None), a.databases[DB])
+    await follower.start()
+    task = asyncio.create_task(follower.run())
+    versions = [await _insert(a, "dog", {"id": i}) for i in range(6)]
+    await asyncio.wait_for(task, 10)
+    assert channel.closed is not None and channel.closed[0] == 1013, channel.closed
+    assert "since=" in channel.closed[1], channel.closed
+    since = int(channel.closed[1].rsplit("since=", 1)[1])
+    assert since == versions[0]
+    assert [c["version"] for c in await _feed(a, since, 6)] == versions
