@@ -207,17 +207,21 @@ async def test_since_pruned_by_retention_still_sends_a_late_entry_logged_after_i
 async def test_a_version_never_logged_here_replays_only_greater_versions(pair):
     """A ``since`` this log never held (taken from another node) still means "versions
     above it" after a prune: older entries kept after the pruned part are not sent."""
-    a, _b = pair
+    a, b = pair
     await a.create_table(DB, "dog", "id")
+    await _ship(a, b, "system", 0)
+    await _ship(a, b, DB, 0)
     first = await _insert(a, "dog", {"id": 1})
     db = a.databases[DB]
     await a.write(retention.prune_log_job(db, db.head_seq, None))
-    await _insert(a, "dog", {"id": 2})
-    since = await _insert(a, "dog", {"id": 3}) - 1  # between two entries
-    after = await _insert(a, "dog", {"id": 4})
-    assert first < since
-    sent = await _feed(a, since, 2)
-    assert [(c["id"], c["version"]) for c in sent] == [(3, since + 1), (4, after)]
+    second = await _insert(a, "dog", {"id": 2})
+    b.hlc.observe(second)
+    since = await _insert(b, "dog", {"id": 9})  # b's, never sent to a
+    a.hlc.observe(since)
+    third = await _insert(a, "dog", {"id": 3})
+    assert first < second < since < third
+    sent = await _feed(a, since, 1)
+    assert [(c["id"], c["version"]) for c in sent] == [(3, third)]
 
 
 class DroppingUsers:
