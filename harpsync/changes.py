@@ -415,8 +415,9 @@ class Follower:
 
     def _recheck_user(self) -> str | None:
         """Why the feed must end now that users or roles changed (None: it goes on,
-        with the user's current permissions). It runs after the entries are read: a
-        revocation committed before any of them has bumped the generation by then."""
+        with the user's current permissions). The reader runs it after reading entries
+        (a revocation committed before any of them has bumped the generation by then)
+        and when woken by a change of users; the sender before each change it sends."""
         users = self.feed.users
         if users is None or users.generation == self._generation:
             return None
