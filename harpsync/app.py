@@ -92,7 +92,7 @@ class RateLimiter:
             wait = max(1, math.ceil((1.0 - tokens) / self.rate))
             raise TooManyRequestsError(
                 f"Rate limit exceeded. Retry after {wait} seconds.", wait, headers,
-                code="RATE_LIMIT_EXCEEDED", retry_after_seconds=wait)
+                code="RATE_LIMIT_EXCEEDED")
         return headers
 
 
@@ -259,6 +259,8 @@ def build_app(services: Services) -> Any:
         try:
             origins.check(*_browser(websocket.headers))
             user = await _login(services, header, client)
+            if limiter.enabled:  # opening a feed is a request of its user, as POST / is
+                limiter.take(user.username)
         except HarpsyncError as exc:
             denial = json_response({**exc.body(), "request_id": requests_ctx.current_id()},
                                    exc.status)
@@ -267,6 +269,13 @@ def build_app(services: Services) -> Any:
             return
         await websocket.accept()
         await feed.serve(_SocketChannel(websocket), user, requests_ctx.current_id())
+
+    async def no_socket(websocket: WebSocket) -> None:
+        """A WebSocket upgrade to any other path: 404 with the usual error body (Starlette
+        alone answers an empty 403, which reads like a permission problem)."""
+        await websocket.send_denial_response(json_response(
+            {"error": "Not Found", "code": "NOT_FOUND",
+             "request_id": requests_ctx.current_id()}, 404))
 
     async def metrics(request: Request) -> Response:
         data, content_type = services.metrics_report()
@@ -308,6 +317,7 @@ def build_app(services: Services) -> Any:
         Route("/ready", ready, methods=["GET"]),
         Route("/health/{component}", health_component, methods=["GET"]),
         WebSocketRoute("/changes", changes_socket),
+        WebSocketRoute("/{path:path}", no_socket),
     ]
     starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
                                                             Exception: http_error})

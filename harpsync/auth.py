@@ -7,6 +7,7 @@ is cached by its exact ``Authorization`` header until the next write to ``system
 
 from __future__ import annotations
 
+import base64
 import math
 import threading
 import time
@@ -131,6 +132,9 @@ class Authenticator:
         # the users or roles must not be cached with what it read before the change.
         # Commits that only move replication cursors add no log entry and keep the cache.
         self._generation = 0
+        # Called (from any thread) after ``generation`` grows: sessions that outlive a
+        # request, such as a change feed, check their user again at once.
+        self.listeners: list[Callable[[], None]] = []
         self._system_head = storage.database(SYSTEM).head_seq
         storage.database(SYSTEM).commit_listeners.append(self._invalidate)
 
@@ -143,6 +147,8 @@ class Authenticator:
         """Drop every cached login (users or roles may have changed)."""
         self._generation += 1
         self._cache.clear()
+        for listener in list(self.listeners):
+            listener()
 
     @property
     def generation(self) -> int:
@@ -185,17 +191,29 @@ class Authenticator:
             raise UnauthorizedError(str(exc) or "Invalid character") from None
         if creds is None:
             raise UnauthorizedError("Must login")
+        # The same credentials spelled another way ("basic", two spaces) were verified:
+        # no password hash, or every request of a user could cost one, 429 or not.
+        canonical = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+        cached = self._cache.get(canonical)
+        if cached is not None:
+            self._remember(header, cached, self._generation)
+            return cached
         self.throttle.check(address)
         generation = self._generation
         user = self.check_password(*creds)
         if user is None:
             self.throttle.failed(address)
             raise UnauthorizedError("Login failed")
+        self._remember(canonical, user, generation)
+        self._remember(header, user, generation)
+        return user
+
+    def _remember(self, header: str, user: User, generation: int) -> None:
+        """Cache a login verified at ``generation`` unless users changed since."""
         if len(self._cache) > 1000:
             self._cache.clear()
         if generation == self._generation:
             self._cache[header] = user
-        return user
 
     def check_password(self, username: str, password: str) -> User | None:
         """The user for a username and password, or None (also for inactive users)."""

@@ -30,6 +30,7 @@ from harpsync.errors import (
     ForbiddenError,
     HarpsyncError,
     ServiceUnavailableError,
+    UnauthorizedError,
 )
 from harpsync.storage.database import Database
 from harpsync.storage.hlc import version_to_ms
@@ -62,6 +63,10 @@ class Users(Protocol):
     def generation(self) -> int:
         """Grows whenever users or roles may have changed."""
 
+    @property
+    def listeners(self) -> list[Callable[[], None]]:
+        """Called, from any thread, after ``generation`` grew."""
+
     def current(self, username: str) -> User | None:
         """The user as it stands now; None once dropped or deactivated."""
 
@@ -93,7 +98,7 @@ def parse_subscribe(text: str | None) -> Subscription:
     """
     try:
         message = json.loads(text or "")
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's limit: bad input too
         raise BadRequestError("the first message must be a JSON object such as "
                               '{"action": "subscribe", "database": "dev"}') from None
     if not isinstance(message, dict) or message.get("action") != "subscribe":
@@ -108,7 +113,8 @@ def parse_subscribe(text: str | None) -> Subscription:
     if table is not None and (not isinstance(table, str) or not table):
         raise BadRequestError("'table' must be a non-empty string")
     since = message.get("since")
-    if isinstance(since, str) and since.isdigit() and len(since) <= 20:
+    # isascii(): str.isdigit() also holds for "²" and other scripts' digits
+    if isinstance(since, str) and since.isascii() and since.isdigit() and len(since) <= 20:
         since = int(since)
     if since is not None and (isinstance(since, bool) or not isinstance(since, int)
                               or not 0 <= since < 1 << 64):
@@ -239,8 +245,16 @@ class ChangeFeed:
         if text is None:
             return None  # the client left first
         sub = parse_subscribe(text)
+        # The login was checked on the upgrade, maybe 30 s ago: the user as it is now,
+        # read after noting the generation, so a change after this read is seen later.
+        generation = self.users.generation if self.users is not None else 0
+        if self.users is not None:
+            current = self.users.current(user.username)
+            if current is None:
+                raise UnauthorizedError("Login failed")
+            user = current
         db = check_access(self.storage, user, sub)
-        follower = Follower(self, channel, user, sub, db)
+        follower = Follower(self, channel, user, sub, db, generation)
         try:
             await follower.start()
         except BaseException:
@@ -265,7 +279,8 @@ class Follower:
     """One subscription: reads the log into a bounded queue, sends from it."""
 
     def __init__(self, feed: ChangeFeed, channel: Channel, user: User, sub: Subscription,
-                 db: Database) -> None:
+                 db: Database, generation: int | None = None) -> None:
+        """``generation``: the users' generation ``user`` was read at (default: now)."""
         self.feed = feed
         self.channel = channel
         self.sub = sub
@@ -274,31 +289,43 @@ class Follower:
         self._wakeup = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.last_sent: int | None = None
+        # Where a client dropped before anything was sent resumes: its first change.
+        self.first_queued: int | None = None
         self.closing: tuple[int, str] | None = None
         self.user = user
-        self._generation = feed.users.generation if feed.users is not None else 0
+        if generation is None:
+            generation = feed.users.generation if feed.users is not None else 0
+        self._generation = generation
         database = sub.database
         self.readable: Callable[[str], bool] = lambda t: _can_read(self.user, database, t)
         self.position = 0
         self.replay_through = 0
         self.replay_above: int | None = None
+        self.above_through = 0  # entries up to this sequence: only versions above that
         # ``pruned_through`` when the replay started below it: entries kept there are
         # read; only a prune after the subscription ends the feed.
         self.pruned_seen = 0
 
-    def _notify(self, _head: int) -> None:  # called in the writer thread
-        self._loop.call_soon_threadsafe(self._wakeup.set)
+    def _notify(self, _head: int = 0) -> None:  # called in the writer thread
+        # A loop already closed (the node stopping) must not fail the other listeners.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._wakeup.set)
 
     async def start(self) -> None:
         """Find where to start (``since``) and tell the client it is subscribed."""
         db, since = self.db, self.sub.since
         db.commit_listeners.append(self._notify)
+        if self.feed.users is not None:
+            # A user dropped or deactivated while nothing is written here: the feed
+            # ends now, not at the next change of its database.
+            self.feed.users.listeners.append(self._notify)
         head = db.head_seq
         self.position = self.replay_through = head
         if since is not None:
             seq = await asyncio.to_thread(entry_seq_of_version, db, since)
             pruned = self.pruned_seen = db.pruned_through()
             start = 0 if seq is None else seq - 1  # that entry again: a client may have had part
+            lost = None
             if pruned > start:
                 # Entries after the start were removed (retention, or ``purge_stream`` of
                 # one table, which keeps the other tables' entries below ``pruned``).
@@ -310,6 +337,10 @@ class Follower:
             self.position = start
             if seq is None:  # every kept entry newer than since, wherever it is logged
                 self.replay_above = since
+                # ... and, when the entry of since is among those removed (the newest
+                # version removed is since), every entry logged after the removed part:
+                # a late entry there, stamped at or below since, came after it.
+                self.above_through = pruned if lost == since else head
         await self.channel.send_text(json.dumps({
             "action": "subscribed", "database": self.sub.database, "table": self.sub.table,
             "since": since}))
@@ -317,6 +348,9 @@ class Follower:
     def stop(self) -> None:
         with contextlib.suppress(ValueError):
             self.db.commit_listeners.remove(self._notify)
+        if self.feed.users is not None:
+            with contextlib.suppress(ValueError):
+                self.feed.users.listeners.remove(self._notify)
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._send()),
@@ -351,19 +385,21 @@ class Follower:
                     self.closing = (CLOSE_TRY_LATER, "the log was pruned past this feed; "
                                     "subscribe again")
                     return
-                if not entries:
-                    await self._wakeup.wait()
-                    continue
                 refused = self._recheck_user()
                 if refused is not None:
                     self.closing = (CLOSE_POLICY, refused)
                     return
+                if not entries:
+                    await self._wakeup.wait()
+                    continue
                 names = db.origin_names
                 for seq, raw in entries:
                     replaying = seq <= self.replay_through
-                    above = self.replay_above if replaying else None
+                    above = self.replay_above if seq <= self.above_through else None
                     for change in entry_changes(self.sub.database, raw, names, self.sub.table,
                                                 self.readable, above):
+                        if self.first_queued is None:
+                            self.first_queued = change["version"]
                         if replaying:
                             await self.queue.put(change)
                         elif not self._offer(change):
@@ -379,8 +415,9 @@ class Follower:
 
     def _recheck_user(self) -> str | None:
         """Why the feed must end now that users or roles changed (None: it goes on,
-        with the user's current permissions). It runs after the entries are read: a
-        revocation committed before any of them has bumped the generation by then."""
+        with the user's current permissions). The reader runs it after reading entries
+        (a revocation committed before any of them has bumped the generation by then)
+        and when woken by a change of users; the sender before each change it sends."""
         users = self.feed.users
         if users is None or users.generation == self._generation:
             return None
@@ -398,7 +435,8 @@ class Follower:
             self.queue.put_nowait(change)
             return True
         except asyncio.QueueFull:
-            resume = "" if self.last_sent is None else f"; resume with since={self.last_sent}"
+            since = self.first_queued if self.last_sent is None else self.last_sent
+            resume = "" if since is None else f"; resume with since={since}"
             self.closing = (CLOSE_TRY_LATER, f"client too slow: {self.feed.max_queue} changes "
                                              f"waiting{resume}")
             self.feed.metrics.changes_dropped.inc()
@@ -410,6 +448,14 @@ class Follower:
         sent = self.feed.metrics.changes_sent
         while True:
             change = await self.queue.get()
+            # Users or roles changed while this change waited (a replay reads ahead of a
+            # slow client): it goes only if the user may still read its table.
+            refused = self._recheck_user()
+            if refused is not None:
+                self.closing = (CLOSE_POLICY, refused)
+                return
+            if not self.readable(change["table"]):
+                continue
             await self.channel.send_text(json.dumps(change, separators=(",", ":"),
                                                     default=str))
             self.last_sent = change["version"]

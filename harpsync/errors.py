@@ -113,7 +113,8 @@ class PayloadTooLargeError(HarpsyncError):
 class TooManyRequestsError(HarpsyncError):
     """Too many failed logins or requests from one client; retry later (429).
 
-    ``retry_after`` (whole seconds) becomes the ``Retry-After`` header.
+    ``retry_after`` (whole seconds) becomes the ``Retry-After`` header and the body's
+    ``retry_after_seconds`` (seed 000 section 7.3), for every kind of 429.
     """
 
     status = 429
@@ -121,8 +122,10 @@ class TooManyRequestsError(HarpsyncError):
 
     def __init__(self, message: str, retry_after: int, headers: dict[str, str] | None = None,
                  code: str | None = None, **extra: Any) -> None:
+        retry_after = max(1, int(retry_after))
+        extra.setdefault("retry_after_seconds", retry_after)
         super().__init__(message, code, **extra)
-        self.retry_after = max(1, int(retry_after))
+        self.retry_after = retry_after
         self.headers = {"Retry-After": str(self.retry_after), **(headers or {})}
 
 

@@ -27,7 +27,8 @@ def parse_version(value: Any) -> int:
     if isinstance(value, bool):
         raise BadRequestError("'version' must be an integer or a string of digits")
     if isinstance(value, str):
-        if not value.isdigit() or len(value) > 20:
+        # isascii(): str.isdigit() also holds for "²", which int() refuses
+        if not (value.isascii() and value.isdigit()) or len(value) > 20:
             raise BadRequestError("'version' must be an integer or a string of digits")
         value = int(value)
     if not isinstance(value, int) or not 0 <= value < 1 << 64:

@@ -294,6 +294,9 @@ FIELD_CASES: list[tuple[dict[str, Any], str]] = [
     ({"operation": "add_role", "role": "r", "permission": "all"},
      "'permission' must be an object"),
     ({"operation": "drop_user"}, "'username' is required"),
+    # str.isdigit() holds for superscripts and other scripts' digits, which int() refuses
+    ({"operation": "wait_for_replication", "version": "\u00b2"},
+     "'version' must be an integer or a string of digits"),
 ]
 
 

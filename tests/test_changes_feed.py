@@ -273,3 +273,81 @@ def test_a_slow_client_is_dropped_and_can_resume(pair):
         got = {c["id"] for c in received}
         while not set(written) <= got:
             got.add(json.loads(ws.recv(timeout=30))["id"])
+
+
+def test_an_idle_feed_ends_when_its_user_is_dropped_or_deactivated(pair):
+    """A feed with nothing to send closes with 1008 once its user is deactivated or
+    dropped, without waiting for the next change of its database."""
+    a, _ = pair
+    a.call("add_user", role="dog_reader", username="ida", password="idapw", active=True)
+    a.call("add_user", role="dog_reader", username="dan", password="danpw", active=True)
+    for user, change in ((("ida", "idapw"), {"operation": "alter_user", "username": "ida",
+                                              "active": False}),
+                         (("dan", "danpw"), {"operation": "drop_user", "username": "dan"})):
+        with feed(a, auth=user) as ws:
+            assert subscribe(ws, database="dev", table="dog")["action"] == "subscribed"
+            assert a.post(change).status_code == 200
+            with pytest.raises(ConnectionClosed) as closed:
+                got = ws.recv(timeout=10)
+                raise AssertionError(f"sent after the user was gone: {got}")
+            frame = closed.value.rcvd
+            assert frame is not None and frame.code == 1008 and user[0] in frame.reason, frame
+
+
+def test_a_deeply_nested_subscribe_message_is_a_validation_error(pair):
+    """A first message nested past the JSON parser's recursion limit is answered like
+    any other bad subscribe (VALIDATION_ERROR, close 1008), not with a server error."""
+    a, _ = pair
+    with feed(a) as ws:
+        ws.send("[" * 100_000)
+        answer = json.loads(ws.recv(timeout=30))
+        assert answer["code"] == "VALIDATION_ERROR", answer
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+def test_a_websocket_to_another_path_is_a_not_found_error(pair):
+    """An upgrade to any path but ``/changes`` is refused with 404 and the usual error
+    body (code NOT_FOUND), not an empty 403 that reads like a permission problem."""
+    a, _ = pair
+    for path in ("/change", "/changes/", "/"):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"ws://127.0.0.1:{a.ops_port}{path}", proxy=None, open_timeout=30,
+                    additional_headers={"Authorization": basic(*ADMIN)})
+        response = refused.value.response
+        assert response.status_code == 404, (path, response)
+        body = json.loads(response.body)
+        assert body["code"] == "NOT_FOUND" and body["request_id"], body
+
+
+def test_since_with_digits_int_cannot_read_is_a_validation_error(pair):
+    """``since`` such as "²" (a digit to ``str.isdigit``, not to ``int``) is refused like
+    any other bad version, not with a server error."""
+    a, _ = pair
+    with feed(a) as ws:
+        answer = subscribe(ws, database="dev", since="\u00b2")
+        assert answer["code"] == "VALIDATION_ERROR", answer
+
+
+def test_a_user_changed_between_upgrade_and_subscribe_is_checked_as_it_is_now(pair):
+    """The login is on the upgrade, the subscribe may come up to 30 s later: a user
+    dropped, or whose role lost read, in between is refused (UNAUTHORIZED or
+    FORBIDDEN, close 1008), not streamed to with what the login saw."""
+    a, _ = pair
+    a.call("add_role", role="bird_reader", permission={
+        "super_user": False, "dev": {"tables": {"dog": {"read": True}}}})
+    a.call("add_user", role="bird_reader", username="bea", password="beapw", active=True)
+    a.call("add_user", role="bird_reader", username="ben", password="benpw", active=True)
+    cases = ((("bea", "beapw"), {"operation": "drop_user", "username": "bea"}, "UNAUTHORIZED"),
+             (("ben", "benpw"), {"operation": "alter_role", "id": "bird_reader", "permission": {
+                 "super_user": False, "dev": {"tables": {"dog": {"read": False}}}}},
+              "FORBIDDEN"))
+    for user, change, code in cases:
+        with feed(a, auth=user) as ws:
+            assert a.post(change).status_code == 200
+            answer = subscribe(ws, database="dev", table="dog")
+            assert answer.get("code") == code, answer
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008

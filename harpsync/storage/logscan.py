@@ -61,23 +61,39 @@ def newest_local_version(db: Database) -> int:
 
 
 def entry_seq_of_version(db: Database, version: int) -> int | None:
-    """The sequence of the log entry stamped ``version`` (``None`` if none is left).
+    """The sequence of the log entry holding a change of ``version`` (``None`` if none
+    is left).
 
-    Two origins can stamp the same version (their clocks met in one millisecond); the
-    earliest such entry near the end of the log is returned, so a feed resuming from
-    it repeats rather than skips.
+    An entry is stamped with its version, or, for rows landed by a full copy or a
+    repair (each keeping its own version in ``op[5]``), with the newest of them: an
+    entry stamped above ``version`` holds it if one of its ops carries it. Two origins
+    can stamp the same version (their clocks met in one millisecond); the earliest such
+    entry near the end of the log is returned, so a feed resuming from it repeats
+    rather than skips.
     """
     found: int | None = None
+    # msgpack writes an integer one way only: just the entries that contain these
+    # bytes are unpacked to look at their ops.
+    packed = codec.pack(version)
     with db.reading() as txn:
         cur = txn.cursor(db=db.txns_dbi)
         if not cur.last():
             return None
-        for scanned, (key, value) in enumerate(cur.iterprev()):
-            if scanned > SCAN_LIMIT:
-                break
+        # No ``SCAN_LIMIT``: without the entry, the feed replays the whole log by version
+        # and skips late entries stamped at or below ``version``; this scan costs at
+        # most about what that replay would.
+        for key, value in cur.iterprev():
             entry_version = codec.unpack_head(value, 2)[1]
-            if entry_version == version:
+            if entry_version == version or (entry_version > version
+                                            and _has_op_version(bytes(value), packed, version)):
                 found = seq_of(key)
             elif found is not None and entry_version < version:
                 break  # past the entries stamped at or after it
     return found
+
+
+def _has_op_version(raw: bytes, packed: bytes, version: int) -> bool:
+    if packed not in raw:
+        return False
+    ops = codec.unpack(raw)[3]
+    return any(len(op) > 5 and op[5] == version for op in ops)

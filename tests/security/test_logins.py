@@ -3,6 +3,7 @@ an unknown user costs a password hash, and the API has per-user rate limits."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from typing import Any
 
@@ -120,3 +121,27 @@ class _Bob:
 
     def post(self, body: Any) -> httpx.Response:
         return self.node.post(body, auth=("bob", "bob-pw"))
+
+
+def test_another_spelling_of_a_verified_login_costs_no_password_hash(node_factory,
+                                                                     monkeypatch):
+    """Once a login is verified, the same credentials spelled another way (scheme case,
+    spaces) are answered from the login cache: a user cannot make every request cost a
+    scrypt, 429 or not, by varying the header."""
+    a = node_factory("node-a")
+    calls: list[int] = []
+    real = hashlib.scrypt
+
+    def counting(*args: Any, **kwargs: Any) -> bytes:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "scrypt", counting)
+    token = base64.b64encode(f"{ADMIN[0]}:{ADMIN[1]}".encode()).decode()
+    assert a.node.auth.authenticate(f"Basic {token}").username == ADMIN[0]
+    calls.clear()
+    for header in (f"basic {token}", f"BASIC {token}", f"Basic  {token}", f"bAsIc {token}"):
+        response = a.client.post(a.url, json={"operation": "describe_all"},
+                                 headers={"Authorization": header})
+        assert response.status_code == 200, (header, response.text)
+    assert calls == []
