@@ -76,6 +76,8 @@ async def _load(ctx: OpContext, job: RunningJob, database: str, table: str, acti
         reading = None
         return value
 
+    with missing_is_bad_request():
+        incarnation = storage.table(database, table)[1].version  # the table loaded into
     try:
         total = await result_of(in_thread(lambda: count(abort))) if count else None
         job.progress(0, total)
@@ -87,7 +89,8 @@ async def _load(ctx: OpContext, job: RunningJob, database: str, table: str, acti
                 break
             pending = in_thread(batches.next_batch)  # parsed while this one is written
             write = asyncio.ensure_future(storage.write(
-                writes.write_records(storage, database, table, batch, action, user)))
+                writes.write_records(storage, database, table, batch, action, user,
+                                     incarnation=incarnation)))
             try:
                 with missing_is_bad_request():  # the table was dropped during the load
                     try:

@@ -679,3 +679,26 @@ def test_a_recreated_username_does_not_see_the_old_users_jobs(mesh):
     a.call("add_user", role="reader", username="carol", password="second", active=True)
     assert a.post({"operation": "get_job", "id": job_id},
                   auth=("carol", "second")).status_code == 404
+
+
+@pytest.mark.timeout(60)
+def test_a_table_dropped_and_created_again_during_a_load_gets_none_of_its_rest(node,
+                                                                              csv_server):
+    """A load writes into the table it began with: after a drop and re-create under the
+    same name, the rest of the file is not written into the new table."""
+    base, bodies = csv_server
+    node.call("create_table", database="dev", table="reborn", primary_key="id")
+    bodies["/stall-reborn.csv"] = ("id\n" + "".join(f"{i}\n" for i in range(BATCH + 5))).encode()
+    try:
+        job_id = started(node.call("csv_url_load", database="dev", table="reborn",
+                                   csv_url=f"{base}/stall-reborn.csv"))
+        wait_for(lambda: node.call("get_job", id=job_id)[0]["progress"]["records"] == BATCH,
+                 timeout=20, message="the first batch")
+        node.call("drop_table", database="dev", table="reborn")
+        node.call("create_table", database="dev", table="reborn", primary_key="id")
+    finally:
+        bodies.pop("/stall-reborn.csv")  # the download ends: its last rows are written
+    record = finished(node, job_id)
+    assert record["status"] == "ERROR", record
+    assert "dropped and created again" in record["error"], record
+    assert node.count("reborn", "dev") == 0

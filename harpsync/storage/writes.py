@@ -139,17 +139,23 @@ def attribute_job(storage: Storage, db_name: str, table_name: str, name: str,
 
 
 def write_records(storage: Storage, db_name: str, table_name: str, records: list[Any],
-                  mode: str, user: str | None, at_version: int | None = None) -> Job:
+                  mode: str, user: str | None, at_version: int | None = None,
+                  incarnation: int | None = None) -> Job:
     """A job that inserts, updates or upserts ``records``.
 
     ``insert`` skips ids that exist, ``update`` skips ids that do not, and ``upsert``
     merges into what exists. Records without a primary key get a UUID on insert/upsert.
     ``at_version``: write at this version instead of the clock's (a node's first-start
     rows, which any deliberate write must beat); the timestamps stay the wall clock's.
+    ``incarnation``: write only into this incarnation of the table (a load that began
+    before a drop and re-create must not go on into the new table).
     """
 
     def job(ctx: WriteContext) -> dict[str, Any]:
         db, table = storage.table(db_name, table_name)
+        if incarnation is not None and table.version != incarnation:
+            raise BadRequestError(f"table '{db_name}.{table_name}' was dropped and created "
+                                  "again since the write began")
         txn = ctx.txn(db)
         pk = table.primary_key
         written: list[Any] = []
