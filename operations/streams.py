@@ -9,6 +9,7 @@ from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, HarpsyncError, NotFoundError
 from harpsync.replication.streams import replication_status
 from harpsync.storage import conflicts, deadletters
+from harpsync.validation import check_attribute_names
 
 
 async def get_replication_status(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
@@ -35,6 +36,8 @@ async def resolve_conflict(ctx: OpContext, body: dict[str, Any]) -> dict[str, An
         raise NotFoundError(f"conflict '{body['id']}' does not exist")
     conflict = found[0]
     record = body.get("record")
+    if isinstance(record, dict):
+        check_attribute_names(record, "'record'")
     db = storage.databases.get(conflict["database"])
     table = db.tables.get(conflict["table"]) if db is not None else None
     if record is not None and table is not None:

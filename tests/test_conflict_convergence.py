@@ -326,6 +326,9 @@ def test_a_resolution_with_a_value_that_cannot_be_stored_is_a_400(
     answer = a.call("resolve_conflict", expect=400, id=pending[0]["id"],
                     record={"v": 2 ** 70})
     assert "cannot be stored" in answer["error"], answer
+    answer = a.call("resolve_conflict", expect=400, id=pending[0]["id"],
+                    record={"bad name!": 1})
+    assert "'record'" in answer["error"] and "bad name!" in answer["error"], answer
     assert conflicts_of(a, "o") == pending
     assert snapshot(a, "o")[1][2]["v"] == "a"
 
