@@ -132,6 +132,10 @@ class Authenticator:
         # the users or roles must not be cached with what it read before the change.
         # Commits that only move replication cursors add no log entry and keep the cache.
         self._generation = 0
+        # Held while the generation moves with the cache cleared, and while a login is
+        # cached against it: a change committing on the writer thread between the check
+        # and the store could otherwise leave a revoked login cached.
+        self._cache_lock = threading.Lock()
         # Called (from any thread) after ``generation`` grows: sessions that outlive a
         # request, such as a change feed, check their user again at once.
         self.listeners: list[Callable[[], None]] = []
@@ -145,8 +149,9 @@ class Authenticator:
 
     def forget_logins(self) -> None:
         """Drop every cached login (users or roles may have changed)."""
-        self._generation += 1
-        self._cache.clear()
+        with self._cache_lock:
+            self._generation += 1
+            self._cache.clear()
         for listener in list(self.listeners):
             listener()
 
@@ -194,9 +199,10 @@ class Authenticator:
         # The same credentials spelled another way ("basic", two spaces) were verified:
         # no password hash, or every request of a user could cost one, 429 or not.
         canonical = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+        generation = self._generation  # read before the cache: a change after it wins
         cached = self._cache.get(canonical)
         if cached is not None:
-            self._remember(header, cached, self._generation)
+            self._remember(header, cached, generation)
             return cached
         self.throttle.check(address)
         generation = self._generation
@@ -210,10 +216,11 @@ class Authenticator:
 
     def _remember(self, header: str, user: User, generation: int) -> None:
         """Cache a login verified at ``generation`` unless users changed since."""
-        if len(self._cache) > 1000:
-            self._cache.clear()
-        if generation == self._generation:
-            self._cache[header] = user
+        with self._cache_lock:
+            if len(self._cache) > 1000:
+                self._cache.clear()
+            if generation == self._generation:
+                self._cache[header] = user
 
     def check_password(self, username: str, password: str) -> User | None:
         """The user for a username and password, or None (also for inactive users)."""
