@@ -106,11 +106,20 @@ def test_a_paused_link_shows_its_committed_position_after_a_restart(cluster):
     a.call("pause_replication", hostname="node-b", database="data")
     (before,) = [s for s in _sockets(a, "node-b") if s["database"] == "data"]
     assert before["committed_seq"] > 0
+    (stream,) = a.call("get_replication_status", node="node-b", database="data")["streams"]
+    checkpoint = stream["last_checkpoint"]
+    assert checkpoint["time"] is not None
     a.restart()
     (after,) = [s for s in _sockets(a, "node-b") if s["database"] == "data"]
     assert after["state"] == "paused"
     assert (after["committed_seq"], after["received_seq"]) == (
         before["committed_seq"], before["committed_seq"])
+    # ...and when it committed (the time is kept with the cursor).
+    (stream,) = a.call("get_replication_status", node="node-b", database="data")["streams"]
+    after_restart = stream["last_checkpoint"]
+    assert after_restart["sequence"] == checkpoint["sequence"]
+    # (stored as the cursor was built, a moment before the commit this run noted)
+    assert after_restart["time"] is not None and after_restart["time"] <= checkpoint["time"]
 
 
 @pytest.mark.timeout(60)

@@ -192,10 +192,12 @@ class Applier:
 
     def cursor(self, seq: int) -> dict[str, Any]:
         """The cursor to commit: the publisher sequence and the origins it covers (and,
-        while a replay runs, its floor: a restart goes on with the replay)."""
+        while a replay runs, its floor: a restart goes on with the replay), with the time
+        it commits (``last_checkpoint.time`` after a restart)."""
         if self.replaying:
-            return {"seq": seq, "origins": list(self.covered), "replay": self.replay_floor}
-        return {"seq": seq, "origins": list(self.covered)}
+            return {"seq": seq, "origins": list(self.covered), "replay": self.replay_floor,
+                    "at": time.time()}
+        return {"seq": seq, "origins": list(self.covered), "at": time.time()}
 
     async def run(self) -> None:
         """Apply queued work in order until cancelled (the link's session ends)."""

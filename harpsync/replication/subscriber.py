@@ -120,7 +120,10 @@ class Subscriber:
         # What is committed shows before the link connects (a paused link after a
         # restart showed 0 until resumed).
         if store.has_database(database):
-            self.applier.committed_seq = int(store.cursor(database, peer).get("seq", 0))
+            cursor = store.cursor(database, peer)
+            self.applier.committed_seq = int(cursor.get("seq", 0))
+            at = cursor.get("at")
+            self.applier.checkpoint_at = float(at) if isinstance(at, int | float) else None
 
     @property
     def last_error(self) -> str | None:
