@@ -110,6 +110,8 @@ class RelayPlanner:
             if link.database == database:
                 origins.update(link.origin_names())
         origins.discard(self.node_name)
+        for key in [k for k in self._down_since if k[1] == database and k not in links]:
+            del self._down_since[key]  # a link gone (peer removed): added again, it starts anew
         for (peer, db), link in links.items():
             if db == database:
                 if link.reachable or link.paused:

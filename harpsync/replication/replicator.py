@@ -334,7 +334,11 @@ class Replicator:
         try:
             await publisher.run()
         finally:
-            self.publishers.get(key, set()).discard(publisher)
+            publishers = self.publishers.get(key)
+            if publishers is not None:
+                publishers.discard(publisher)
+                if not publishers:
+                    del self.publishers[key]
 
     async def drop_inbound(self, name: str, reason: str) -> None:
         """Close the sockets ``name`` opened to this node; it reconnects if still allowed."""
