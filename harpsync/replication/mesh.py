@@ -223,6 +223,10 @@ class Mesh:
             if body.get("cert"):  # the joiner's own certificate: same key, its CA
                 serials.append(check_node_cert(str(body["cert"]), ca, name, issued.pin))
             self.keys.trust_ca(ca)
+            # A certificate the joiner's old CA signed for us (it lost its keys) is
+            # refused by it now: dial it with node.pem, which it has just trusted.
+            with contextlib.suppress(ValueError):
+                self.keys.forget_peer_signed_cert(name, unless_issued_by=ca)
             cert = issued.pem
             self.keys.bar_pin(issued.pin, barred=False)  # an operator adds it back
             row = {"name": name, "url": url, "ca": ca, "pin": issued.pin,
@@ -424,6 +428,8 @@ class Mesh:
                                    present_cert=True, timeout=5, expect=name)
         if row.get("pin"):
             self.keys.bar_pin(str(row["pin"]))
+        with contextlib.suppress(ValueError):  # if it comes back, it signs a new one
+            self.keys.forget_peer_signed_cert(name)
         async with self._host.reconcile_lock:
             await self.storage.write(writes.delete_records(self.storage, SYSTEM, "hdb_nodes",
                                                            [name], None))

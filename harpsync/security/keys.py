@@ -7,6 +7,8 @@ at once.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import re
 import threading
 import weakref
@@ -22,7 +24,9 @@ from harpsync.security.certificates import (
     PEM,
     cert_sans,
     check_ca_cert,
+    common_name,
     describe_ca,
+    issued_by,
     serial_to_hex,
     spki_pin,
     valid_pin,
@@ -190,6 +194,41 @@ class NodeKeys:
             for key in [k for k in self._client_ctxs if k[2] == peer_name]:
                 del self._client_ctxs[key]
 
+    def forget_peer_signed_cert(self, peer_name: str, unless_issued_by: str | None = None,
+                                ) -> None:
+        """Delete the certificate ``peer_name``'s CA signed for us (the peer was removed,
+        or re-joined with a new CA), so its links present ``node.pem`` again.
+
+        Args:
+            peer_name: The peer's node name.
+            unless_issued_by: Keep the certificate if this CA (PEM) signed it.
+        """
+        path = self._peer_cert_path(peer_name)
+        with self._lock:
+            if unless_issued_by is not None and path.exists():
+                with contextlib.suppress(ValueError):
+                    cert = x509.load_pem_x509_certificate(path.read_bytes())
+                    if issued_by(cert, [unless_issued_by]):
+                        return
+            path.unlink(missing_ok=True)
+            for key in [k for k in self._client_ctxs if k[2] == peer_name]:
+                del self._client_ctxs[key]
+
+    def _peer_cert_usable(self, peer_name: str) -> bool:
+        """Whether the certificate ``peer_name``'s CA signed for us still says who we
+        are: our node name (it names the old one after a rename), our key, and valid
+        now. Otherwise the peer is dialed with ``node.pem``, which its row's CA (ours)
+        vouches for."""
+        path = self._peer_cert_path(peer_name)
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError):
+            return False
+        now = dt.datetime.now(dt.UTC)
+        return (common_name(cert.subject) == self.node_name
+                and cert.public_key() == self.node_key.public_key()
+                and cert.not_valid_before_utc <= now < cert.not_valid_after_utc)
+
     def _peer_cert_path(self, peer_name: str) -> Path:
         """Path for a peer-signed certificate; rejects names unsafe as file names."""
         if not _SAFE_NAME.match(peer_name) or ".." in peer_name:
@@ -301,7 +340,7 @@ class NodeKeys:
             certfile = None
             if present_cert:
                 certfile = self.node_cert_path
-                if peer_name is not None and self._peer_cert_path(peer_name).exists():
+                if peer_name is not None and self._peer_cert_usable(peer_name):
                     certfile = self._peer_cert_path(peer_name)
             ctx = tls.client_context(certfile, self.node_key_path, verify)
             if verify:

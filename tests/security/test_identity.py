@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import wait_for
 from tests.repl_util import PASSWORD as CREDS_PASSWORD
-from tests.repl_util import by_id, connection, hdb_nodes, join, wait_linked
+from tests.repl_util import by_id, connection, has_table, hdb_nodes, join, wait_linked
 from tests.security.attacker import (
     SUBPROTOCOL,
     client_context,
@@ -167,10 +167,11 @@ def test_removed_node_is_refused_with_any_certificate_it_can_make(node_factory, 
     wait_linked([(x, a), (b, a)], ("system", "data"))
     stock = {name: _stockpile(x, a, name, tmp_path / f"stock-{name}")
              for name in (x.name, b.name)}
+    kept = _peer_cert_dir(x, a)  # X's copy: removed, X deletes its own
     a.call("remove_node", hostname=x.name)
     wait_for(lambda: connection(a, x.name) is None, timeout=10, message="A forgot X")
     minted = mint_with_node_ca(x.root, x.name, tmp_path / "minted", same_key=True)
-    tries = [_peer_cert_dir(x, a), minted, x.root / "keys",
+    tries = [kept, minted, x.root / "keys",
              *[d for d in stock.values() if d is not None]]
     for cert_dir in tries:
         kind, detail = dial_outcome(a.repl_url + "/data", client_context(cert_dir))
@@ -352,3 +353,42 @@ def test_a_peer_whose_keys_were_replaced_is_named_and_rejoins_by_add_node(node_f
     wait_linked([(a, b), (b, a)], ("system", "data"))
     a.call("insert", table="t", records=[{"id": 1}])
     wait_for(lambda: by_id(b, "t", 1) is not None, timeout=10, message="A's row on B")
+
+
+@pytest.mark.timeout(120)
+def test_a_renamed_joiner_is_brought_back_by_add_node_on_its_peer(node_factory):
+    """B joined A (so B holds a certificate A's CA signed for its old name), then B is
+    renamed: remove_node and add_node on A, as A's link says, bring B's links to A back
+    (before, B kept presenting the certificate naming its old name and A refused it)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t", primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    b.stop()
+    b.extra_env["REPLICATION_HOSTNAME"] = "node-b2"
+    b.start()
+    a.call("remove_node", hostname="node-b")
+    a.call("add_node", hostname="node-b2", url=b.repl_url, verify_tls=False,
+           authorization={"username": "admin", "password": CREDS_PASSWORD})
+    a.call("insert", table="t", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t", 1) is not None, timeout=20, message="A's row on B")
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_with_new_keys_that_rejoins_by_itself_is_dialed_again(node_factory):
+    """A joined B (so A holds a certificate B's CA signed for it); B loses its keys and
+    runs add_node for A itself: A's links to B come back (before, A kept presenting the
+    certificate from B's old CA, which B no longer trusts, and every handshake failed)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    b.stop()
+    shutil.rmtree(b.root / "keys")
+    b.start()
+    join(b, a)
+    wait_for(lambda: has_table(b, "t"), timeout=20, message="the table on B")
+    b.call("insert", table="t", records=[{"id": 2}])
+    wait_for(lambda: by_id(a, "t", 2) is not None, timeout=20, message="B's row on A")
