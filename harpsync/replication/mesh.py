@@ -164,6 +164,20 @@ class Mesh:
             return f"certificate key of {name} does not match the key pinned for it"
         return None
 
+    async def set_revoked(self, name: str, revoked: list[Any] | None) -> None:
+        """Record the serials revoked for ``name`` here, and apply them to its sockets.
+
+        Revocation is this node's own decision: it needs nothing from the peer, which
+        may be down (a compromised node taken offline) or already refused (clearing
+        the list lets it back). Its links restart, so dials check the new list, and
+        the sockets it opened to this node close.
+        """
+        if name not in self.rows:
+            raise BadRequestError(f"{name} does not exist")
+        await self.save_row({"name": name, "revoked_certificates": revoked})
+        await self._host.reconcile(restart_peer=name)
+        await self._host.drop_inbound(name, "node revocations changed")
+
     # -- membership --------------------------------------------------------------------
     async def check_super_user(self, username: str, password: str) -> bool:
         """Whether these are a super_user's credentials (not throttled; see below)."""

@@ -189,6 +189,9 @@ class Replicator:
     async def adopt(self, answer: dict[str, Any], url: str, row: dict[str, Any]) -> str:
         return await self.mesh.adopt(answer, url, row)
 
+    async def set_revoked(self, name: str, revoked: list[Any] | None) -> None:
+        await self.mesh.set_revoked(name, revoked)
+
     def stage_settings(self, row: dict[str, Any]) -> None:
         self.mesh.stage_settings(row)
 

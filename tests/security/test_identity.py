@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import wait_for
 from tests.repl_util import PASSWORD as CREDS_PASSWORD
-from tests.repl_util import by_id, connection, has_table, hdb_nodes, join, wait_linked
+from tests.repl_util import by_id, connection, has_table, hdb_nodes, join, stays, wait_linked
 from tests.security.attacker import (
     SUBPROTOCOL,
     client_context,
@@ -392,3 +392,44 @@ def test_a_peer_with_new_keys_that_rejoins_by_itself_is_dialed_again(node_factor
     wait_for(lambda: has_table(b, "t"), timeout=20, message="the table on B")
     b.call("insert", table="t", records=[{"id": 2}])
     wait_for(lambda: by_id(a, "t", 2) is not None, timeout=20, message="B's row on A")
+
+
+@pytest.mark.timeout(120)
+def test_a_node_that_is_down_can_be_revoked(node_factory):
+    """A revokes B's certificate while B is down (a compromised node taken offline): the
+    revocation is saved at once, and B, back, is refused (before, update_node failed
+    because B could not be told, and nothing was revoked)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="dog", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    presented = serial_hex(load_cert(b.root / "keys" / "node.pem"))
+    b.stop()
+    a.call("update_node", hostname=b.name, revoked_certificates=[presented])
+    assert _row(a, b.name)["revoked_certificates"] == [presented]
+    b.start()
+    wait_for(lambda: _last_errors(a, b.name)
+             and all("revoked" in e for e in _last_errors(a, b.name)),
+             timeout=20, message="A's dials to B refused as revoked")
+    a.call("insert", table="dog", records=[{"id": 7}])
+    stays(lambda: by_id(b, "dog", 7) is None, duration=1.0)
+
+
+@pytest.mark.timeout(120)
+def test_clearing_a_revocation_lets_the_node_back(node_factory):
+    """A revokes B, then clears revoked_certificates: update_node succeeds and the links
+    come back (before, A refused to tell B, whom it still saw as revoked)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="dog", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    presented = serial_hex(load_cert(b.root / "keys" / "node.pem"))
+    a.call("update_node", hostname=b.name, revoked_certificates=[presented])
+    wait_for(lambda: _last_errors(a, b.name)
+             and all("revoked" in e for e in _last_errors(a, b.name)),
+             timeout=20, message="A's dials to B refused as revoked")
+    a.call("update_node", hostname=b.name, revoked_certificates=[])
+    a.call("insert", table="dog", records=[{"id": 9}])
+    wait_for(lambda: by_id(b, "dog", 9) is not None, timeout=20, message="A's row on B")
