@@ -200,7 +200,8 @@ async def collect_network(rep: Any, visited: set[str], timeout_ms: float) -> lis
                                               "visited": sorted(seen), "timeout": nested_ms}}
         try:
             answer = await node_request(rep, rep.rows[name]["url"], body, verify=True,
-                                        present_cert=True, timeout=timeout_ms / 1000)
+                                        present_cert=True, timeout=timeout_ms / 1000,
+                                        expect=name)
         except HarpsyncError:
             return []
         entries = answer.get("result") or []

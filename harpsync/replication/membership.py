@@ -47,7 +47,10 @@ async def node_request(rep: NodeClient, url: str, body: dict[str, Any], *, verif
         raise BadRequestError(f"'{url}' is not a valid node URL: {exc}") from None
     if not parsed.hostname:
         raise BadRequestError(f"'{url}' is not a valid node URL: it names no host")
-    context = rep.keys.client_context(verify=verify, present_cert=present_cert)
+    # With ``expect`` the pin decides who answered (below); else the URL's host must be
+    # in the server's certificate.
+    context = rep.keys.client_context(verify=verify, present_cert=present_cert,
+                                      check_hostname=expect is None)
     link: Link | None = None
     try:
         link = await dial(url, NODE_PATH, context, rep.ping_interval, timeout=timeout)

@@ -54,7 +54,7 @@ class NodeKeys:
     node_key: ec.EllipticCurvePrivateKey = field(repr=False)
     node_cert: x509.Certificate
     _server_ctx: TLSContext | None = field(default=None, repr=False)
-    _client_ctxs: dict[tuple[bool, bool, str | None], TLSContext] = field(
+    _client_ctxs: dict[tuple[bool, bool, str | None, bool], TLSContext] = field(
         default_factory=dict, repr=False
     )
     _live: weakref.WeakSet[TLSContext] = field(default_factory=weakref.WeakSet, repr=False)
@@ -318,7 +318,8 @@ class NodeKeys:
             return self._server_ctx
 
     def client_context(
-        self, verify: bool = True, peer_name: str | None = None, *, present_cert: bool = True
+        self, verify: bool = True, peer_name: str | None = None, *, present_cert: bool = True,
+        check_hostname: bool = True,
     ) -> TLSContext:
         """A TLS context for dialing a peer (cached per argument set).
 
@@ -328,11 +329,15 @@ class NodeKeys:
                 was stored; otherwise the node certificate.
             present_cert: Send a client certificate at all. Use False when joining a
                 peer that does not trust our CA yet (see :mod:`harpsync.security.tls`).
+            check_hostname: With ``verify``, require the URL's host in the server's
+                certificate. Callers that check the server's name, CA and pinned key
+                before sending anything pass False: a peer added by an address its
+                certificate does not list (another IP, a proxy) is still that peer.
 
         Returns:
             A TLS 1.2+ client context.
         """
-        key = (verify, present_cert, peer_name)
+        key = (verify, present_cert, peer_name, check_hostname)
         with self._lock:
             ctx = self._client_ctxs.get(key)
             if ctx is not None:
@@ -342,7 +347,7 @@ class NodeKeys:
                 certfile = self.node_cert_path
                 if peer_name is not None and self._peer_cert_usable(peer_name):
                     certfile = self._peer_cert_path(peer_name)
-            ctx = tls.client_context(certfile, self.node_key_path, verify)
+            ctx = tls.client_context(certfile, self.node_key_path, verify, check_hostname)
             if verify:
                 self._load_trust(ctx)
             self._client_ctxs[key] = ctx

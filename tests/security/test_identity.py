@@ -433,3 +433,26 @@ def test_clearing_a_revocation_lets_the_node_back(node_factory):
     a.call("update_node", hostname=b.name, revoked_certificates=[])
     a.call("insert", table="dog", records=[{"id": 9}])
     wait_for(lambda: by_id(b, "dog", 9) is not None, timeout=20, message="A's row on B")
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_added_by_an_address_its_certificate_does_not_name_replicates(node_factory):
+    """A adds B by an address B's certificate does not list (another IP of its host, a
+    load balancer's name): the links work both ways, because who answers is decided by
+    B's name, CA and pinned key, not by the address (before, every dial from A failed
+    TLS host name verification after the join had worked)."""
+    from tests.proxy_util import TcpProxy
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t", primary_key="id")
+    alias = TcpProxy(b.repl_port, host="127.0.0.2")
+    try:
+        a.call("add_node", hostname=b.name, url=alias.url, verify_tls=False,
+               authorization={"username": "admin", "password": CREDS_PASSWORD})
+        wait_for(lambda: has_table(b, "t"), timeout=20, message="the table on B")
+        b.call("insert", table="t", records=[{"id": 1}])
+        wait_for(lambda: by_id(a, "t", 1) is not None, timeout=20,
+                 message=f"B's row on A ({_last_errors(a, b.name)})")
+    finally:
+        alias.close()
