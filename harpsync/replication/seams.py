@@ -419,6 +419,7 @@ class StatusSource(Protocol):
     counts: LinkCounts
     acks: dict[tuple[str, str], int]
     positions: dict[tuple[str, str], int]
+    keys: NodeKeys
 
     @property
     def node_name(self) -> str: ...

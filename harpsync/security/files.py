@@ -7,6 +7,7 @@ Layout of ``keys_dir``: ``ca.pem``/``ca.key`` (the node's CA), ``node.pem``/``no
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from harpsync.security.certificates import PEM, node_cert_ok, wanted_names
+from harpsync.security.certificates import PEM, RENEW_BEFORE, node_cert_ok, wanted_names
 from harpsync.security.issuing import issue
 
 __all__ = ["write_file", "load_or_create_files"]
@@ -94,6 +95,11 @@ def load_or_create_files(
         ca_cert = issue(f"harpsync CA {node_name}", ca_key.public_key(), ca_key, None)
         write_file(ca_key_path, _key_pem(ca_key), 0o600)
         write_file(ca_path, ca_cert.public_bytes(PEM))
+    if ca_cert.not_valid_after_utc - dt.datetime.now(dt.UTC) < RENEW_BEFORE:
+        log.warning("the CA in %s ends on %s and is never replaced by itself; node "
+                    "certificates cannot outlive it: give the node new keys and run "
+                    "add_node for it on its peers", keys_dir,
+                    ca_cert.not_valid_after_utc.isoformat())
     if node_key_path.exists():
         node_key = _load_key(node_key_path)
     else:

@@ -14,6 +14,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from harpsync.security import issuing, tls
 from harpsync.security.certificates import (
     PEM,
+    RENEW_BEFORE,
     cert_sans,
     check_ca_cert,
     common_name,
@@ -126,6 +128,21 @@ class NodeKeys:
             ``{"issuer", "subject", "serialNumber", "validFrom", "validTo"}``.
         """
         return describe_ca(self.ca_cert)
+
+    def certificate_info(self) -> dict[str, Any]:
+        """This node's certificate for ``cluster_status``: its subject, serial and
+        validity, its CA's expiry, and whether either ends within 30 days (the node
+        certificate is renewed at the next start then; the CA never is).
+
+        Returns:
+            ``{"subject", "serialNumber", "validFrom", "validTo", "ca_validTo",
+            "expires_soon"}``.
+        """
+        info = describe_ca(self.node_cert)
+        info.pop("issuer", None)
+        ends = min(self.node_cert.not_valid_after_utc, self.ca_cert.not_valid_after_utc)
+        return {**info, "ca_validTo": describe_ca(self.ca_cert)["validTo"],
+                "expires_soon": ends - dt.datetime.now(dt.UTC) < RENEW_BEFORE}
 
     def https_files(self) -> tuple[str, str]:
         """Files for serving the operations API over HTTPS.

@@ -456,3 +456,45 @@ def test_a_peer_added_by_an_address_its_certificate_does_not_name_replicates(nod
                  message=f"B's row on A ({_last_errors(a, b.name)})")
     finally:
         alias.close()
+
+
+# ---------------------------------------------------------------- 4. what status shows
+
+def test_cluster_status_shows_each_peers_ca_and_this_nodes_certificate(node_factory):
+    """Each connection carries Harper's ca_info (the peer's CA), and the top level this
+    node's own certificate with its CA's expiry (before, neither was shown anywhere)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    join(a, b)
+    info = connection(a, b.name)["ca_info"]
+    ca = load_cert(b.root / "keys" / "ca.pem")
+    assert info["serialNumber"].lstrip("0") == serial_hex(ca)
+    assert info["subject"] == info["issuer"] == ca.subject.rfc4514_string()
+    own = a.call("cluster_status")["certificate"]
+    assert own["serialNumber"].lstrip("0") == serial_hex(load_cert(a.root / "keys" /
+                                                                   "node.pem"))
+    assert own["subject"] == "CN=node-a" and own["expires_soon"] is False
+
+
+def test_a_ca_near_its_end_is_reported(tmp_path):
+    """A node whose CA ends within 30 days says so (its node certificate, re-issued from
+    that CA, cannot outlive it, and the CA is never replaced by itself)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import serialization
+
+    from harpsync.security import NodeKeys
+    from harpsync.security.issuing import issue
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("harpsync CA n", ca_key.public_key(), ca_key, None, days=10)
+    (keys / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (keys / "ca.key").write_bytes(ca_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    info = NodeKeys.load_or_create(keys, "n", []).certificate_info()
+    assert info["expires_soon"] is True
+    assert info["ca_validTo"] == info["validTo"]
+    assert ca.not_valid_after_utc - dt.datetime.now(dt.UTC) < dt.timedelta(days=11)
