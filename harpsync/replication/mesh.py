@@ -311,6 +311,13 @@ class Mesh:
         if server.common_name != name or not server.issued_by([str(answer["ca"])]):
             raise BadRequestError(f"node at '{url}' answered as {name!r} with a certificate "
                                   "that is not that node's")
+        # Checked before anything of it is kept (its CA trusted, its pin un-barred).
+        try:
+            self.keys.check_peer_answer(str(answer["ca"]),
+                                        str(answer["cert"]) if answer.get("cert") else None)
+        except ValueError as exc:
+            raise PeerError(f"node at '{url}' ({name}) answered with an unusable "
+                            f"certificate: {exc}") from None
         if existing is None or existing.get("pin") != server.pin:
             pin_fields = {"pin": server.pin, "serials": [server.serial_hex]}
         self.keys.bar_pin(server.pin, barred=False)  # an operator adds it (back)

@@ -186,6 +186,29 @@ class NodeKeys:
         return issuing.sign_csr(csr_pem, node_name, url_host, self.ca_key, self.ca_cert,
                                 days)
 
+    def check_peer_answer(self, ca_pem: str, cert_pem: str | None) -> None:
+        """Check what a peer answered a join with before anything of it is kept: its CA
+        (one valid, self-signed CA) and the certificate it signed for us (PEM, for our
+        key, named after this node, signed by that CA).
+
+        Raises:
+            ValueError: naming what is wrong.
+        """
+        check_ca_cert(ca_pem.encode("utf-8"))
+        if not cert_pem:
+            return
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem.encode("utf-8"))
+        except ValueError as exc:
+            raise ValueError("the certificate it signed for this node is not PEM") from exc
+        if cert.public_key() != self.node_key.public_key():
+            raise ValueError("the certificate it signed for this node is for another key")
+        if common_name(cert.subject) != self.node_name:
+            raise ValueError(f"the certificate it signed for this node names "
+                             f"{common_name(cert.subject)!r}, not {self.node_name!r}")
+        if not issued_by(cert, [ca_pem]):
+            raise ValueError("the certificate it signed for this node is not from its CA")
+
     def store_peer_signed_cert(self, peer_name: str, cert_pem: bytes | str) -> None:
         """Save a node certificate that a peer's CA signed for us.
 

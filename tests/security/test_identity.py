@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from tests.helpers import wait_for
+from harpsync import codec
+from tests.helpers import bind_socket, wait_for
 from tests.repl_util import PASSWORD as CREDS_PASSWORD
 from tests.repl_util import by_id, connection, has_table, hdb_nodes, join, stays, wait_linked
 from tests.security.attacker import (
@@ -189,8 +190,10 @@ class FakeServer:
     """A TLS WebSocket server on a stopped node's port, with a forged certificate.
     Records every frame a client sends it."""
 
-    def __init__(self, sock: Any, cert_dir: Path) -> None:
+    def __init__(self, sock: Any, cert_dir: Path, answer: dict[str, Any] | None = None,
+                 ) -> None:
         self.frames: list[bytes] = []
+        self._answer = answer
         self.connections = 0
         self._sock = sock.dup()
         self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -210,6 +213,8 @@ class FakeServer:
             with contextlib.suppress(ConnectionClosed):
                 async for frame in ws:
                     self.frames.append(frame)
+                    if self._answer is not None:  # a peer's answer to a /.node request
+                        await ws.send(codec.pack(self._answer))
 
         async def main() -> None:
             self._stop = self._loop.create_future()
@@ -498,3 +503,52 @@ def test_a_ca_near_its_end_is_reported(tmp_path):
     assert info["expires_soon"] is True
     assert info["ca_validTo"] == info["validTo"]
     assert ca.not_valid_after_utc - dt.datetime.now(dt.UTC) < dt.timedelta(days=11)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bad", ["garbage_cert", "cert_for_another_key", "ended_ca"])
+def test_a_join_answer_with_a_bad_certificate_is_a_4xx_and_changes_nothing(
+        node_factory, tmp_path, bad):
+    """A peer answers add_node with a certificate that is not PEM, or not for this
+    node's key, or a CA that has ended: add_node is a 400 naming the problem, and
+    nothing of that peer is kept (before: a 500, with its CA already trusted)."""
+    from cryptography.hazmat.primitives import serialization
+
+    a = node_factory("node-a")
+    ca_key, ca = new_ca("fake CA")
+    server_dir = mint(ca_key, ca, "node-f", tmp_path / "f")
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM).decode()
+    answer: dict[str, Any] = {"node": "node-f", "ca": ca_pem, "nodes": []}
+    if bad == "garbage_cert":
+        answer["cert"] = "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n"
+    elif bad == "cert_for_another_key":
+        answer["cert"] = (mint(ca_key, ca, "node-a", tmp_path / "other") /
+                          "node.pem").read_text()
+    else:  # a CA that has ended (its server certificate still signed by it)
+        import datetime as dt
+
+        from cryptography.hazmat.primitives import hashes
+
+        now = dt.datetime.now(dt.UTC)
+        ca = (x509.CertificateBuilder().subject_name(ca.subject).issuer_name(ca.subject)
+              .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - dt.timedelta(days=30))
+              .not_valid_after(now - dt.timedelta(days=1))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+        ca_pem = answer["ca"] = ca.public_bytes(serialization.Encoding.PEM).decode()
+    sock = bind_socket()
+    fake = FakeServer(sock, server_dir, answer)
+    try:
+        url = f"wss://127.0.0.1:{sock.getsockname()[1]}"
+        answer["url"] = url
+        body = a.call("add_node", expect=400, hostname="node-f", url=url,
+                      verify_tls=False, authorization={"username": "admin",
+                                                       "password": CREDS_PASSWORD})
+        assert "node-f" in str(body) or "certificate" in str(body).lower(), body
+    finally:
+        fake.close()
+        sock.close()
+    assert "node-f" not in {r["name"] for r in hdb_nodes(a)}
+    trusted = a.root / "keys" / "trusted"
+    assert not any(p.read_text() == ca_pem for p in trusted.glob("*.pem"))
