@@ -459,6 +459,11 @@ def test_a_peer_added_by_an_address_its_certificate_does_not_name_replicates(nod
         b.call("insert", table="t", records=[{"id": 1}])
         wait_for(lambda: by_id(a, "t", 1) is not None, timeout=20,
                  message=f"B's row on A ({_last_errors(a, b.name)})")
+        # Requests to B as a known peer (its pin checked) reach it at that address too.
+        overview = a.call("cluster_overview")
+        assert all(n["reachable"] for n in overview["nodes"]), overview
+        network = a.call("cluster_network")["nodes"]
+        assert {n["name"] for n in network} == {a.name, b.name}, network
     finally:
         alias.close()
 
