@@ -281,9 +281,10 @@ class Mesh:
                                   present_cert=credentials is None, expect=expect)
 
     async def probe(self, url: str, credentials: tuple[str, str] | None,
-                    verify: bool) -> str:
+                    verify: bool, expect: str | None = None) -> str:
         """Check that the node at ``url`` answers over TLS and accepts these credentials
-        (or this node's certificate), without joining; returns its name.
+        (or this node's certificate), without joining; returns its name. With
+        ``expect`` the server must show that peer's pinned key (see ``node_request``).
 
         Raises:
             PeerError: unreachable, TLS refused, or credentials refused.
@@ -292,7 +293,7 @@ class Mesh:
         if credentials is not None:
             body["authorization"] = list(credentials)
         answer = await node_request(self._host, url, body, verify=verify,
-                                    present_cert=credentials is None)
+                                    present_cert=credentials is None, expect=expect)
         return str(answer.get("node", ""))
 
     async def adopt(self, answer: dict[str, Any], url: str, row: dict[str, Any]) -> str:

@@ -183,8 +183,8 @@ class Replicator:
         return await self.mesh.join(url, credentials, verify, subscriptions, extra, expect)
 
     async def probe(self, url: str, credentials: tuple[str, str] | None,
-                    verify: bool) -> str:
-        return await self.mesh.probe(url, credentials, verify)
+                    verify: bool, expect: str | None = None) -> str:
+        return await self.mesh.probe(url, credentials, verify, expect)
 
     async def adopt(self, answer: dict[str, Any], url: str, row: dict[str, Any]) -> str:
         return await self.mesh.adopt(answer, url, row)

@@ -464,6 +464,7 @@ def test_a_peer_added_by_an_address_its_certificate_does_not_name_replicates(nod
         assert all(n["reachable"] for n in overview["nodes"]), overview
         network = a.call("cluster_network")["nodes"]
         assert {n["name"] for n in network} == {a.name, b.name}, network
+        a.call("configure_cluster", connections=[{"hostname": b.name, "url": alias.url}])
     finally:
         alias.close()
 
