@@ -21,6 +21,7 @@ __all__ = ["serial_to_hex", "valid_pin", "check_node_cert", "check_ca_cert", "de
            "describe_ca_pem"]
 
 RENEW_BEFORE = dt.timedelta(days=30)
+MAX_COMMON_NAME = 64  # X.509's upper bound (ub-common-name), enforced by cryptography
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
            "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _PIN_RE = re.compile(r"^[0-9a-f]{64}$")

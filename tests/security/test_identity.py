@@ -558,3 +558,17 @@ def test_a_join_answer_with_a_bad_certificate_is_a_4xx_and_changes_nothing(
     assert "node-f" not in {r["name"] for r in hdb_nodes(a)}
     trusted = a.root / "keys" / "trusted"
     assert not any(p.read_text() == ca_pem for p in trusted.glob("*.pem"))
+
+
+def test_a_long_node_name_gets_keys_or_a_message_saying_why_not(tmp_path):
+    """A node name of 53 to 64 characters (a cluster-internal DNS name) gets its CA and
+    certificate (before, the CA's name, "harpsync CA " + the node name, passed X.509's 64
+    characters and the node could not start); a longer one is refused with a message
+    naming replication.hostname, not cryptography's bare attribute-length error."""
+    from harpsync.security import NodeKeys
+
+    name = "harpsync-0.harpsync-headless.prod.svc.cluster.local.x"  # 53 characters
+    keys = NodeKeys.load_or_create(tmp_path / "ok", name, [])
+    assert keys.node_cert.subject.rfc4514_string() == f"CN={name}"
+    with pytest.raises(ValueError, match="replication.hostname .* 1 to 64"):
+        NodeKeys.load_or_create(tmp_path / "long", name + ".internal.example", [])
