@@ -572,3 +572,54 @@ def test_a_long_node_name_gets_keys_or_a_message_saying_why_not(tmp_path):
     assert keys.node_cert.subject.rfc4514_string() == f"CN={name}"
     with pytest.raises(ValueError, match="replication.hostname .* 1 to 64"):
         NodeKeys.load_or_create(tmp_path / "long", name + ".internal.example", [])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("when", ["expired", "not_yet_valid"])
+def test_a_peer_certificate_out_of_its_dates_is_named_in_cluster_status(
+        node_factory, tmp_path, when):
+    """B answers with its own key and CA but a certificate out of its validity dates: A
+    refuses it and its cluster_status says that and what to check (before, it told the
+    operator that B's keys were replaced and to run add_node, which fixes nothing)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from tests.security.attacker import load_key
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    join(a, b)
+    wait_linked([(a, b)])
+    keys = b.root / "keys"
+    node_key, ca_key = load_key(keys / "node.key"), load_key(keys / "ca.key")
+    ca = load_cert(keys / "ca.pem")
+    now = dt.datetime.now(dt.UTC)
+    start, end = ((now - dt.timedelta(days=20), now - dt.timedelta(days=1))
+                  if when == "expired" else
+                  (now + dt.timedelta(days=1), now + dt.timedelta(days=20)))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME,
+                                                        b.name)]))
+            .issuer_name(ca.subject).public_key(node_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(b.name)]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    out = tmp_path / "dated"
+    out.mkdir()
+    (out / "node.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "node.key").write_bytes((keys / "node.key").read_bytes())
+    b.stop()
+    fake = FakeServer(b.repl_sock, out)
+    word = "expired" if when == "expired" else "not yet valid"
+    try:
+        a.call("pause_replication", hostname=b.name)
+        a.call("resume_replication", hostname=b.name)
+        errors = wait_for(lambda: [e for e in _last_errors(a, b.name) if word in e],
+                          timeout=20, message=f"A naming B's {word} certificate")
+    finally:
+        fake.close()
+    assert all("clock" in e and "keys of node-b were replaced" not in e for e in errors), \
+        errors
