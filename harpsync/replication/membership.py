@@ -58,6 +58,11 @@ async def node_request(rep: NodeClient, url: str, body: dict[str, Any], *, verif
             refused = rep.check_peer(expect, link)
             if refused is not None:
                 raise PeerError(f"Node at '{url}' is not {expect}: {refused}")
+        elif verify:
+            refused = rep.check_vouched(link)
+            if refused is not None:
+                raise PeerError(f"Node at '{url}' is not verified: {refused} (verify_tls "
+                                "false joins a node whose CA this node does not hold)")
         await link.send(codec.pack(body))
         answer = codec.unpack(await asyncio.wait_for(link.recv(), timeout))
     except DIAL_ERRORS as exc:

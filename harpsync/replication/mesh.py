@@ -178,6 +178,26 @@ class Mesh:
         await self._host.reconcile(restart_peer=name)
         await self._host.drop_inbound(name, "node revocations changed")
 
+    def check_vouched(self, link: Link) -> str | None:
+        """Why the server on ``link`` may not receive a verified request to an address
+        whose key is not checked (a credentialed join with ``verify_tls``, which may
+        re-key the node), or None.
+
+        The TLS trust store holds every peer's CA, so the handshake alone would let any
+        member mint a certificate for another node's host and receive the credentials:
+        the certificate must be signed by the CA recorded for the node it names.
+        """
+        cert = link.cert
+        if cert is None:
+            return "it presented no certificate"
+        row = self.rows.get(cert.common_name)
+        if row is None or not row.get("ca"):
+            return (f"its certificate names {cert.common_name!r}, a node whose CA is not "
+                    "recorded here")
+        if not cert.issued_by([row["ca"]]):
+            return f"its certificate for {cert.common_name!r} was not issued by that node's CA"
+        return None
+
     # -- membership --------------------------------------------------------------------
     async def check_super_user(self, username: str, password: str) -> bool:
         """Whether these are a super_user's credentials (not throttled; see below)."""

@@ -169,6 +169,11 @@ class Replicator:
         :meth:`Mesh.check_peer`)."""
         return self.mesh.check_peer(name, link)
 
+    def check_vouched(self, link: Link) -> str | None:
+        """The server's certificate is signed by the CA of the node it names (see
+        :meth:`Mesh.check_vouched`)."""
+        return self.mesh.check_vouched(link)
+
     async def check_join_credentials(self, address: str, username: str,
                                      password: str) -> None:
         await self.mesh.check_join_credentials(address, username, password)

@@ -338,6 +338,8 @@ class NodeClient(Protocol):
 
     def check_peer(self, name: str, link: Link) -> str | None: ...
 
+    def check_vouched(self, link: Link) -> str | None: ...
+
 
 class NodeServer(Protocol):
     """What answering a ``/.node`` request needs (membership.py's ``serve_node_request``)."""
@@ -383,6 +385,8 @@ class MeshHost(Protocol):
         ...
 
     def check_peer(self, name: str, link: Link) -> str | None: ...
+
+    def check_vouched(self, link: Link) -> str | None: ...
 
     async def reconcile(self, restart_peer: str | None = None) -> None:
         """Start the links the rows call for, stop the others (restart ``restart_peer``'s)."""

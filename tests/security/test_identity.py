@@ -623,3 +623,28 @@ def test_a_peer_certificate_out_of_its_dates_is_named_in_cluster_status(
         fake.close()
     assert all("clock" in e and "keys of node-b were replaced" not in e for e in errors), \
         errors
+
+
+@pytest.mark.timeout(120)
+def test_a_credentialed_join_to_a_known_node_is_not_sent_to_another_members_cert(
+        node_factory, tmp_path):
+    """X, a member, answers at B's address with a certificate its own CA made for B's
+    name and host. A's add_node for B with credentials and verify_tls (X's CA is in A's
+    trust store) refuses it before sending anything (before, the handshake passed and
+    X received the super_user credentials)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    x = node_factory("node-x")
+    join(a, b)
+    join(a, x)
+    forged = mint_with_node_ca(x.root, b.name, tmp_path / "forged")
+    b.stop()
+    fake = FakeServer(b.repl_sock, forged, answer={"error": "nope"})
+    try:
+        body = a.call("add_node", expect=400, hostname=b.name, url=b.repl_url,
+                      verify_tls=True, authorization={"username": "admin",
+                                                      "password": CREDS_PASSWORD})
+    finally:
+        fake.close()
+    assert fake.frames == [], "A sent its credentials to X"
+    assert "not node-b's" in str(body) or "not issued by" in str(body), body
