@@ -36,3 +36,21 @@ def test_https_certificate_names_the_operations_host(node_factory):
         res = client.post(f"https://127.0.0.2:{port}/", json={"operation": "describe_all"},
                           auth=ADMIN)
         assert res.status_code == 200, res.text
+
+
+def test_set_configuration_refuses_an_unusable_https_certificate(node_factory, tmp_path):
+    """operationsApi.tls.certificate / privateKey that cannot serve TLS (not PEM, or a key
+    that does not match) are a 400 naming them, not written (before, they were saved
+    and the node could not start again after the restart they asked for)."""
+    node = node_factory("node-a")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
+    other = node_factory("node-b")
+    cases = [(garbage, node.root / "keys" / "node.key"),
+             (node.root / "keys" / "node.pem", other.root / "keys" / "node.key")]
+    for cert, key in cases:
+        body = node.call("set_configuration", expect=400,
+                         operationsApi_tls_certificate=str(cert),
+                         operationsApi_tls_privateKey=str(key))
+        assert "operationsApi.tls" in body["error"], body
+    assert node.call("get_configuration")["operationsApi"]["tls"]["certificate"] is None
