@@ -257,8 +257,8 @@ class NodeKeys:
     def _peer_cert_usable(self, peer_name: str) -> bool:
         """Whether the certificate ``peer_name``'s CA signed for us still says who we
         are: our node name (it names the old one after a rename), our key, and valid
-        now. Otherwise the peer is dialed with ``node.pem``, which its row's CA (ours)
-        vouches for."""
+        now. Otherwise the peer is dialed with ``node.pem``, signed by our CA, which the
+        peer recorded for us when we joined."""
         path = self._peer_cert_path(peer_name)
         try:
             cert = x509.load_pem_x509_certificate(path.read_bytes())
