@@ -468,7 +468,10 @@ class Mesh:
             with contextlib.suppress(Exception):
                 await node_request(self._host, row["url"], {"type": "remove"}, verify=True,
                                    present_cert=True, timeout=5, expect=name)
-        if row.get("pin"):
+        # The key is barred unless another row carries it: the same node under a new
+        # name (renamed, added before its old name was removed) stays.
+        if row.get("pin") and not any(r.get("pin") == row["pin"]
+                                      for n, r in self.rows.items() if n != name):
             self.keys.bar_pin(str(row["pin"]))
         with contextlib.suppress(ValueError):  # if it comes back, it signs a new one
             self.keys.forget_peer_signed_cert(name)

@@ -648,3 +648,27 @@ def test_a_credentialed_join_to_a_known_node_is_not_sent_to_another_members_cert
         fake.close()
     assert fake.frames == [], "A sent its credentials to X"
     assert "not node-b's" in str(body) or "not issued by" in str(body), body
+
+
+@pytest.mark.timeout(120)
+def test_a_renamed_node_added_before_its_old_name_is_removed_stays(node_factory):
+    """B is renamed; on A the operator adds the new name first, then removes the old:
+    B, under its new name, keeps replicating (before, removing the old name barred the
+    key both rows carry, and the new row was refused as a removed node's key)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    b.stop()
+    b.extra_env["REPLICATION_HOSTNAME"] = "node-b2"
+    b.start()
+    a.call("add_node", hostname="node-b2", url=b.repl_url, verify_tls=False,
+           authorization={"username": "admin", "password": CREDS_PASSWORD})
+    a.call("remove_node", hostname="node-b")
+    a.call("insert", table="t", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t", 1) is not None, timeout=20,
+             message=f"A's row on B ({_last_errors(a, 'node-b2')})")
+    b.call("insert", table="t", records=[{"id": 2}])
+    wait_for(lambda: by_id(a, "t", 2) is not None, timeout=20,
+             message=f"B's row on A ({_last_errors(a, 'node-b2')})")
