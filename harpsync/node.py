@@ -195,6 +195,11 @@ class Node:
         url_host = urlparse(self.config.replication_url()).hostname
         if url_host:
             hosts.append(url_host)
+        # HTTPS on the operations API serves the node certificate: it names that
+        # address too, unless it is a wildcard (clients then use another name).
+        ops_host = str(self.config.get("operationsApi.network.host") or "")
+        if ops_host not in ("", "0.0.0.0", "::", "[::]"):
+            hosts.append(ops_host)
         try:
             self.keys = await asyncio.to_thread(NodeKeys.load_or_create, root / "keys",
                                                 self.node_name, hosts)

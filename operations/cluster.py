@@ -55,6 +55,11 @@ async def add_node(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     return {"message": f"Successfully added '{body.get('url') or name}' to cluster"}
 
 
+# What an update may carry that concerns this node alone (the peer is not told).
+_LOCAL_ONLY = {"operation", "hostname", "revoked_certificates", "verify_tls",
+               "retain_authorization"}
+
+
 async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, Any]:
     rep = ctx.services.cluster
     name = body.get("hostname")
@@ -64,6 +69,14 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
     if row is None:
         await _add(ctx, body)
         return {"message": f"Successfully added '{body.get('url') or name}' to cluster"}
+    if "revoked_certificates" in body:
+        # This node's own decision, applied first and whatever the peer says: it may
+        # be down, or refused until the list is cleared.
+        await rep.set_revoked(row["name"], body["revoked_certificates"])
+        row = rep.rows[row["name"]]
+        if set(body) <= _LOCAL_ONLY or (set(body) <= _LOCAL_ONLY | {"url"}
+                                        and body["url"] == row.get("url")):
+            return _updated(body, row, verb)
     new_subs = peers.normalize_subscriptions(body.get("subscriptions"))
     if "subscriptions" in body:
         subs = peers.merge_subscriptions(row.get("subscriptions"), new_subs)
@@ -110,6 +123,10 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
     except BaseException:
         rep.unstage_settings(row["name"])  # nothing half-applied (a no-op once saved)
         raise
+    return _updated(body, row, verb)
+
+
+def _updated(body: dict[str, Any], row: dict[str, Any], verb: str) -> dict[str, Any]:
     shown = body.get("url") or row["name"]
     if verb == "added":
         return {"message": f"Successfully added '{shown}' to cluster"}

@@ -99,7 +99,12 @@ async def _probe(rep: Any, conn: dict[str, Any], url: str) -> tuple[str | None, 
         creds = parse_credentials(conn)
         verify = True if creds is None and _known(rep, conn, url) \
             else bool(conn.get("verify_tls", True))
-        found = await rep.probe(url, creds, verify)
+        # A known node probed with this node's certificate is checked by its pin, so
+        # an address its certificate does not list still reaches it.
+        known = row if row is not None else next(
+            (r for r in rep.rows.values() if r.get("url") == url), None)
+        expect = known["name"] if creds is None and known is not None else None
+        found = await rep.probe(url, creds, verify, expect)
         if found == rep.node_name:
             return None, True  # this node under another spelling of its address
         if row is not None and found != row["name"]:
@@ -200,7 +205,8 @@ async def collect_network(rep: Any, visited: set[str], timeout_ms: float) -> lis
                                               "visited": sorted(seen), "timeout": nested_ms}}
         try:
             answer = await node_request(rep, rep.rows[name]["url"], body, verify=True,
-                                        present_cert=True, timeout=timeout_ms / 1000)
+                                        present_cert=True, timeout=timeout_ms / 1000,
+                                        expect=name)
         except HarpsyncError:
             return []
         entries = answer.get("result") or []

@@ -17,11 +17,13 @@ import asyncio
 import copy
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from harpsync.config import Config, env_name, setting_keys, write_settings
 from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, ConfigError
+from harpsync.security import server_context
 
 # Settings the node reads each time it uses them, or that are pushed to their user here.
 LIVE_KEYS = {"logging.level", "logging.auditRetention", "replication.maxClockSkew"}
@@ -88,6 +90,8 @@ async def set_configuration(ctx: OpContext, body: dict[str, Any]) -> dict[str, A
         candidate.validate()
     except ConfigError as exc:
         raise BadRequestError(f"invalid configuration: {exc}") from None
+    if _TLS_KEYS & set(updates):
+        await asyncio.to_thread(_check_tls_files, candidate)
     if config.path is None:
         raise BadRequestError("this node has no configuration file to write")
     await asyncio.to_thread(write_settings, config.path, updates)
@@ -105,6 +109,23 @@ async def set_configuration(ctx: OpContext, body: dict[str, Any]) -> dict[str, A
         message += " You must restart harpsync for new config settings to take effect."
     return {"message": message, "applied": applied, "restart_required": restart,
             "overridden_by_environment": overridden}
+
+
+_TLS_KEYS = {"operationsApi.tls.certificate", "operationsApi.tls.privateKey"}
+
+
+def _check_tls_files(candidate: Config) -> None:
+    """A 400 for HTTPS files the start would refuse: saved, they kept the node from
+    starting again after the restart they ask for."""
+    cert = candidate.get("operationsApi.tls.certificate")
+    key = candidate.get("operationsApi.tls.privateKey")
+    if not (cert and key):
+        return  # the node certificate serves HTTPS, as at start
+    try:
+        server_context(Path(str(cert)), Path(str(key)))
+    except OSError as exc:  # ssl.SSLError included
+        raise BadRequestError(f"operationsApi.tls.certificate {str(cert)!r} / privateKey "
+                              f"{str(key)!r} cannot be used: {exc}") from None
 
 
 def _apply(node: Any, key: str) -> None:

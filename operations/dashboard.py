@@ -79,7 +79,7 @@ async def _ask(rep: Any, name: str, timeout_ms: float) -> dict[str, Any]:
         if not row.get("url"):
             raise HarpsyncError("no URL known for this node")
         answer = await node_request(rep, row["url"], body, verify=True, present_cert=True,
-                                    timeout=timeout_ms / 1000)
+                                    timeout=timeout_ms / 1000, expect=name)
         picture = answer.get("result")
         if not isinstance(picture, dict) or picture.get("name") != name:
             raise HarpsyncError(answer.get("error") or "the node sent no picture")

@@ -20,9 +20,15 @@ class TcpProxy:
     target: a slow path, one way.
     """
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
         self.target_port = target_port
-        self.listener = bind_socket()
+        self.host = host
+        if host == "127.0.0.1":
+            self.listener = bind_socket()
+        else:  # another loopback address: a name the target's certificate lacks
+            self.listener = socket.socket()
+            self.listener.bind((host, 0))
+            self.listener.listen(64)
         self.port = int(self.listener.getsockname()[1])
         self._cut = threading.Event()
         self.reply_delay = 0.0
@@ -36,7 +42,7 @@ class TcpProxy:
 
     @property
     def url(self) -> str:
-        return f"wss://127.0.0.1:{self.port}"
+        return f"wss://{self.host}:{self.port}"
 
     def cut(self) -> None:
         self._cut.set()

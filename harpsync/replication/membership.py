@@ -47,7 +47,10 @@ async def node_request(rep: NodeClient, url: str, body: dict[str, Any], *, verif
         raise BadRequestError(f"'{url}' is not a valid node URL: {exc}") from None
     if not parsed.hostname:
         raise BadRequestError(f"'{url}' is not a valid node URL: it names no host")
-    context = rep.keys.client_context(verify=verify, present_cert=present_cert)
+    # With ``expect`` the pin decides who answered (below); else the URL's host must be
+    # in the server's certificate.
+    context = rep.keys.client_context(verify=verify, present_cert=present_cert,
+                                      check_hostname=expect is None)
     link: Link | None = None
     try:
         link = await dial(url, NODE_PATH, context, rep.ping_interval, timeout=timeout)
@@ -55,6 +58,11 @@ async def node_request(rep: NodeClient, url: str, body: dict[str, Any], *, verif
             refused = rep.check_peer(expect, link)
             if refused is not None:
                 raise PeerError(f"Node at '{url}' is not {expect}: {refused}")
+        elif verify:
+            refused = rep.check_vouched(link)
+            if refused is not None:
+                raise PeerError(f"Node at '{url}' is not verified: {refused} (verify_tls "
+                                "false joins a node whose CA this node does not hold)")
         await link.send(codec.pack(body))
         answer = codec.unpack(await asyncio.wait_for(link.recv(), timeout))
     except DIAL_ERRORS as exc:

@@ -164,6 +164,40 @@ class Mesh:
             return f"certificate key of {name} does not match the key pinned for it"
         return None
 
+    async def set_revoked(self, name: str, revoked: list[Any] | None) -> None:
+        """Record the serials revoked for ``name`` here, and apply them to its sockets.
+
+        Revocation is this node's own decision: it needs nothing from the peer, which
+        may be down (a compromised node taken offline) or already refused (clearing
+        the list lets it back). Its links restart, so dials check the new list, and
+        the sockets it opened to this node close.
+        """
+        if name not in self.rows:
+            raise BadRequestError(f"{name} does not exist")
+        await self.save_row({"name": name, "revoked_certificates": revoked})
+        await self._host.reconcile(restart_peer=name)
+        await self._host.drop_inbound(name, "node revocations changed")
+
+    def check_vouched(self, link: Link) -> str | None:
+        """Why the server on ``link`` may not receive a verified request to an address
+        whose key is not checked (a credentialed join with ``verify_tls``, which may
+        re-key the node), or None.
+
+        The TLS trust store holds every peer's CA, so the handshake alone would let any
+        member mint a certificate for another node's host and receive the credentials:
+        the certificate must be signed by the CA recorded for the node it names.
+        """
+        cert = link.cert
+        if cert is None:
+            return "it presented no certificate"
+        row = self.rows.get(cert.common_name)
+        if row is None or not row.get("ca"):
+            return (f"its certificate names {cert.common_name!r}, a node whose CA is not "
+                    "recorded here")
+        if not cert.issued_by([row["ca"]]):
+            return f"its certificate for {cert.common_name!r} was not issued by that node's CA"
+        return None
+
     # -- membership --------------------------------------------------------------------
     async def check_super_user(self, username: str, password: str) -> bool:
         """Whether these are a super_user's credentials (not throttled; see below)."""
@@ -223,6 +257,10 @@ class Mesh:
             if body.get("cert"):  # the joiner's own certificate: same key, its CA
                 serials.append(check_node_cert(str(body["cert"]), ca, name, issued.pin))
             self.keys.trust_ca(ca)
+            # A certificate the joiner's old CA signed for us (it lost its keys) is
+            # refused by it now: dial it with node.pem, which it has just trusted.
+            with contextlib.suppress(ValueError):
+                self.keys.forget_peer_signed_cert(name, unless_issued_by=ca)
             cert = issued.pem
             self.keys.bar_pin(issued.pin, barred=False)  # an operator adds it back
             row = {"name": name, "url": url, "ca": ca, "pin": issued.pin,
@@ -263,9 +301,10 @@ class Mesh:
                                   present_cert=credentials is None, expect=expect)
 
     async def probe(self, url: str, credentials: tuple[str, str] | None,
-                    verify: bool) -> str:
+                    verify: bool, expect: str | None = None) -> str:
         """Check that the node at ``url`` answers over TLS and accepts these credentials
-        (or this node's certificate), without joining; returns its name.
+        (or this node's certificate), without joining; returns its name. With
+        ``expect`` the server must show that peer's pinned key (see ``node_request``).
 
         Raises:
             PeerError: unreachable, TLS refused, or credentials refused.
@@ -274,7 +313,7 @@ class Mesh:
         if credentials is not None:
             body["authorization"] = list(credentials)
         answer = await node_request(self._host, url, body, verify=verify,
-                                    present_cert=credentials is None)
+                                    present_cert=credentials is None, expect=expect)
         return str(answer.get("node", ""))
 
     async def adopt(self, answer: dict[str, Any], url: str, row: dict[str, Any]) -> str:
@@ -293,6 +332,13 @@ class Mesh:
         if server.common_name != name or not server.issued_by([str(answer["ca"])]):
             raise BadRequestError(f"node at '{url}' answered as {name!r} with a certificate "
                                   "that is not that node's")
+        # Checked before anything of it is kept (its CA trusted, its pin un-barred).
+        try:
+            self.keys.check_peer_answer(str(answer["ca"]),
+                                        str(answer["cert"]) if answer.get("cert") else None)
+        except ValueError as exc:
+            raise PeerError(f"node at '{url}' ({name}) answered with an unusable "
+                            f"certificate: {exc}") from None
         if existing is None or existing.get("pin") != server.pin:
             pin_fields = {"pin": server.pin, "serials": [server.serial_hex]}
         self.keys.bar_pin(server.pin, barred=False)  # an operator adds it (back)
@@ -422,8 +468,13 @@ class Mesh:
             with contextlib.suppress(Exception):
                 await node_request(self._host, row["url"], {"type": "remove"}, verify=True,
                                    present_cert=True, timeout=5, expect=name)
-        if row.get("pin"):
+        # The key is barred unless another row carries it: the same node under a new
+        # name (renamed, added before its old name was removed) stays.
+        if row.get("pin") and not any(r.get("pin") == row["pin"]
+                                      for n, r in self.rows.items() if n != name):
             self.keys.bar_pin(str(row["pin"]))
+        with contextlib.suppress(ValueError):  # if it comes back, it signs a new one
+            self.keys.forget_peer_signed_cert(name)
         async with self._host.reconcile_lock:
             await self.storage.write(writes.delete_records(self.storage, SYSTEM, "hdb_nodes",
                                                            [name], None))

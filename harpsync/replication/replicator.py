@@ -169,6 +169,11 @@ class Replicator:
         :meth:`Mesh.check_peer`)."""
         return self.mesh.check_peer(name, link)
 
+    def check_vouched(self, link: Link) -> str | None:
+        """The server's certificate is signed by the CA of the node it names (see
+        :meth:`Mesh.check_vouched`)."""
+        return self.mesh.check_vouched(link)
+
     async def check_join_credentials(self, address: str, username: str,
                                      password: str) -> None:
         await self.mesh.check_join_credentials(address, username, password)
@@ -183,11 +188,14 @@ class Replicator:
         return await self.mesh.join(url, credentials, verify, subscriptions, extra, expect)
 
     async def probe(self, url: str, credentials: tuple[str, str] | None,
-                    verify: bool) -> str:
-        return await self.mesh.probe(url, credentials, verify)
+                    verify: bool, expect: str | None = None) -> str:
+        return await self.mesh.probe(url, credentials, verify, expect)
 
     async def adopt(self, answer: dict[str, Any], url: str, row: dict[str, Any]) -> str:
         return await self.mesh.adopt(answer, url, row)
+
+    async def set_revoked(self, name: str, revoked: list[Any] | None) -> None:
+        await self.mesh.set_revoked(name, revoked)
 
     def stage_settings(self, row: dict[str, Any]) -> None:
         self.mesh.stage_settings(row)
@@ -309,8 +317,11 @@ class Replicator:
 
     async def dial_peer(self, peer: str, url: str, path: str) -> Link:
         """Open a replication socket to ``peer`` (mutual TLS, its name checked)."""
-        return await dial(url, path, self.keys.client_context(verify=True, peer_name=peer),
-                          self.ping_interval, timeout=DIAL_TIMEOUT)
+        # Who answers is checked by its certificate's name, CA and pinned key before a
+        # byte is sent (Subscriber._connect_once), not by the URL's host: an operator
+        # may add a peer by an address its certificate does not list.
+        context = self.keys.client_context(verify=True, peer_name=peer, check_hostname=False)
+        return await dial(url, path, context, self.ping_interval, timeout=DIAL_TIMEOUT)
 
     # -- the listener ------------------------------------------------------------------
     async def _accept(self, link: Link) -> None:

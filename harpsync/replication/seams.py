@@ -338,6 +338,8 @@ class NodeClient(Protocol):
 
     def check_peer(self, name: str, link: Link) -> str | None: ...
 
+    def check_vouched(self, link: Link) -> str | None: ...
+
 
 class NodeServer(Protocol):
     """What answering a ``/.node`` request needs (membership.py's ``serve_node_request``)."""
@@ -384,6 +386,8 @@ class MeshHost(Protocol):
 
     def check_peer(self, name: str, link: Link) -> str | None: ...
 
+    def check_vouched(self, link: Link) -> str | None: ...
+
     async def reconcile(self, restart_peer: str | None = None) -> None:
         """Start the links the rows call for, stop the others (restart ``restart_peer``'s)."""
         ...
@@ -419,6 +423,7 @@ class StatusSource(Protocol):
     counts: LinkCounts
     acks: dict[tuple[str, str], int]
     positions: dict[tuple[str, str], int]
+    keys: NodeKeys
 
     @property
     def node_name(self) -> str: ...

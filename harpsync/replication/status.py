@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from harpsync.replication import peers
 from harpsync.replication.applier import QUEUE_LIMIT
 from harpsync.replication.subscriber import Subscriber
+from harpsync.security import describe_ca_pem
 from harpsync.storage.hlc import version_to_ms, wall_ms_of
 
 if TYPE_CHECKING:
@@ -108,10 +109,12 @@ def cluster_status(rep: StatusSource) -> dict[str, Any]:
             "replicates": bool(row.get("replicates", row.get("subscriptions") is None)),
             "subscriptions": row.get("subscriptions"),
             "shard": row.get("shard"),
+            # Harper's: the peer's CA (the one its certificates must chain to here).
+            "ca_info": describe_ca_pem(row.get("ca")),
             "database_sockets": [_socket(rep, s) for s in subs],
         })
     return {"type": "cluster-status", "connections": connections, "node_name": rep.node_name,
-            "url": rep.url, "is_enabled": True}
+            "url": rep.url, "is_enabled": True, "certificate": rep.keys.certificate_info()}
 
 
 __all__ = ["cluster_status", "peers", "refresh_gauges"]

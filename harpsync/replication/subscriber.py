@@ -222,6 +222,16 @@ class Subscriber:
     def connected(self) -> bool:
         return self.link is not None and self.link.open and self.state != LinkState.CONNECTING
 
+    def _tls_hint(self, error: str) -> str:
+        """What the operator can do about a peer certificate this node refused."""
+        if "has expired" in error:
+            return (f"; {self.peer}'s certificate has expired: check the clocks of both "
+                    f"nodes (a restart of {self.peer} re-issues its own certificate)")
+        if "not yet valid" in error:
+            return (f"; {self.peer}'s certificate is not valid yet: check the clocks of "
+                    "both nodes")
+        return f"; if the keys of {self.peer} were replaced, run add_node for it again"
+
     async def _run(self) -> None:
         gate = self.host.peer_gate(self.peer)
         probe = self.database == "system"
@@ -235,8 +245,7 @@ class Subscriber:
             except _RETRIED as exc:
                 self.last_error = describe_error(exc)
                 if self.last_error.startswith("TLS certificate verification failed"):
-                    self.last_error += (f"; if the keys of {self.peer} were replaced, run "
-                                        "add_node for it again")
+                    self.last_error += self._tls_hint(self.last_error)
                 unreachable = self.link is None and isinstance(exc, DIAL_ERRORS)
                 log.debug("link %s/%s: %s", self.peer, self.database, self.last_error)
             except StorageError as exc:  # a full database: retried, logged once

@@ -20,7 +20,12 @@ Everything callers use is re-exported here, so they import from ``harpsync.secur
 from __future__ import annotations
 
 from harpsync.passwords import hash_password, parse_authorization, verify_password
-from harpsync.security.certificates import check_node_cert, serial_to_hex, valid_pin
+from harpsync.security.certificates import (
+    check_node_cert,
+    describe_ca_pem,
+    serial_to_hex,
+    valid_pin,
+)
 from harpsync.security.identity import PeerCert, PeerIdentity, peer_cert, peer_identity
 from harpsync.security.issuing import VALIDITY_DAYS, IssuedCert
 from harpsync.security.keys import NodeKeys
@@ -29,6 +34,6 @@ from harpsync.security.tls import TLS_ERRORS, TLSContext, describe_tls_error, se
 __all__ = [
     "NodeKeys", "PeerIdentity", "PeerCert", "peer_identity", "peer_cert", "serial_to_hex",
     "hash_password", "verify_password", "parse_authorization", "IssuedCert",
-    "check_node_cert", "valid_pin", "VALIDITY_DAYS", "TLSContext", "TLS_ERRORS",
+    "check_node_cert", "describe_ca_pem", "valid_pin", "VALIDITY_DAYS", "TLSContext", "TLS_ERRORS",
     "describe_tls_error", "server_context",
 ]

@@ -17,9 +17,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["serial_to_hex", "valid_pin", "check_node_cert", "check_ca_cert", "describe_ca"]
+__all__ = ["serial_to_hex", "valid_pin", "check_node_cert", "check_ca_cert", "describe_ca",
+           "describe_ca_pem"]
 
 RENEW_BEFORE = dt.timedelta(days=30)
+MAX_COMMON_NAME = 64  # X.509's upper bound (ub-common-name), enforced by cryptography
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
            "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _PIN_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -57,6 +59,18 @@ def describe_ca(cert: x509.Certificate) -> dict[str, str]:
         "validFrom": _asn1_time(cert.not_valid_before_utc),
         "validTo": _asn1_time(cert.not_valid_after_utc),
     }
+
+
+def describe_ca_pem(pem: bytes | str | None) -> dict[str, str] | None:
+    """:func:`describe_ca` of a PEM certificate (a peer's CA from its row), or None when
+    there is none or it cannot be read."""
+    if not pem:
+        return None
+    try:
+        return describe_ca(x509.load_pem_x509_certificate(
+            pem.encode("utf-8") if isinstance(pem, str) else pem))
+    except ValueError:
+        return None
 
 
 def general_name(name: str) -> x509.GeneralName | None:

@@ -7,6 +7,7 @@ Layout of ``keys_dir``: ``ca.pem``/``ca.key`` (the node's CA), ``node.pem``/``no
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 from pathlib import Path
@@ -15,7 +16,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from harpsync.security.certificates import PEM, node_cert_ok, wanted_names
+from harpsync.security.certificates import (
+    MAX_COMMON_NAME,
+    PEM,
+    RENEW_BEFORE,
+    node_cert_ok,
+    wanted_names,
+)
 from harpsync.security.issuing import issue
 
 __all__ = ["write_file", "load_or_create_files"]
@@ -47,6 +54,11 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+def _ca_name(node_name: str) -> str:
+    """The CA's common name: descriptive only, cut to the 64 characters X.509 allows."""
+    return f"harpsync CA {node_name}"[:MAX_COMMON_NAME]
+
+
 def load_or_create_files(
     keys_dir: Path, node_name: str, hosts: list[str]
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate,
@@ -63,9 +75,15 @@ def load_or_create_files(
     killed between its writes leaves: the CA certificate is issued from that key.
 
     Raises:
-        ValueError: If only one of ``ca.pem`` / ``ca.key`` exists otherwise, or a key
-            is not EC.
+        ValueError: If only one of ``ca.pem`` / ``ca.key`` exists otherwise, a key
+            is not EC, or the node name is too long for a certificate.
     """
+    if not 1 <= len(node_name) <= MAX_COMMON_NAME:
+        # The name is the node certificate's common name, which peers check.
+        raise ValueError(f"replication.hostname {node_name[:80]!r} has {len(node_name)} "
+                         f"characters; a node name is its certificate's common name, which "
+                         f"holds 1 to {MAX_COMMON_NAME}: set a shorter replication.hostname "
+                         "(replication.url can still name the long host)")
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (keys_dir / "trusted").mkdir(exist_ok=True, mode=0o700)
     # Whatever the umask was, or an older version left: private keys stay private.
@@ -81,7 +99,7 @@ def load_or_create_files(
         ca_key = _load_key(ca_key_path)
         log.warning("%s has ca.key without ca.pem (an interrupted first start): issuing "
                     "the CA certificate", keys_dir)
-        write_file(ca_path, issue(f"harpsync CA {node_name}", ca_key.public_key(), ca_key,
+        write_file(ca_path, issue(_ca_name(node_name), ca_key.public_key(), ca_key,
                                   None).public_bytes(PEM))
     if ca_path.exists() != ca_key_path.exists():
         raise ValueError(f"{keys_dir} has only one of ca.pem / ca.key; refusing to "
@@ -91,9 +109,14 @@ def load_or_create_files(
         ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_cert = issue(f"harpsync CA {node_name}", ca_key.public_key(), ca_key, None)
+        ca_cert = issue(_ca_name(node_name), ca_key.public_key(), ca_key, None)
         write_file(ca_key_path, _key_pem(ca_key), 0o600)
         write_file(ca_path, ca_cert.public_bytes(PEM))
+    if ca_cert.not_valid_after_utc - dt.datetime.now(dt.UTC) < RENEW_BEFORE:
+        log.warning("the CA in %s ends on %s and is never replaced by itself; node "
+                    "certificates cannot outlive it: give the node new keys and run "
+                    "add_node for it on its peers", keys_dir,
+                    ca_cert.not_valid_after_utc.isoformat())
     if node_key_path.exists():
         node_key = _load_key(node_key_path)
     else:

@@ -7,11 +7,14 @@ at once.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import re
 import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -20,9 +23,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from harpsync.security import issuing, tls
 from harpsync.security.certificates import (
     PEM,
+    RENEW_BEFORE,
     cert_sans,
     check_ca_cert,
+    common_name,
     describe_ca,
+    issued_by,
     serial_to_hex,
     spki_pin,
     valid_pin,
@@ -50,7 +56,7 @@ class NodeKeys:
     node_key: ec.EllipticCurvePrivateKey = field(repr=False)
     node_cert: x509.Certificate
     _server_ctx: TLSContext | None = field(default=None, repr=False)
-    _client_ctxs: dict[tuple[bool, bool, str | None], TLSContext] = field(
+    _client_ctxs: dict[tuple[bool, bool, str | None, bool], TLSContext] = field(
         default_factory=dict, repr=False
     )
     _live: weakref.WeakSet[TLSContext] = field(default_factory=weakref.WeakSet, repr=False)
@@ -123,6 +129,21 @@ class NodeKeys:
         """
         return describe_ca(self.ca_cert)
 
+    def certificate_info(self) -> dict[str, Any]:
+        """This node's certificate for ``cluster_status``: its subject, serial and
+        validity, its CA's expiry, and whether either ends within 30 days (the node
+        certificate is renewed at the next start then; the CA never is).
+
+        Returns:
+            ``{"subject", "serialNumber", "validFrom", "validTo", "ca_validTo",
+            "expires_soon"}``.
+        """
+        info = describe_ca(self.node_cert)
+        info.pop("issuer", None)
+        ends = min(self.node_cert.not_valid_after_utc, self.ca_cert.not_valid_after_utc)
+        return {**info, "ca_validTo": describe_ca(self.ca_cert)["validTo"],
+                "expires_soon": ends - dt.datetime.now(dt.UTC) < RENEW_BEFORE}
+
     def https_files(self) -> tuple[str, str]:
         """Files for serving the operations API over HTTPS.
 
@@ -165,6 +186,29 @@ class NodeKeys:
         return issuing.sign_csr(csr_pem, node_name, url_host, self.ca_key, self.ca_cert,
                                 days)
 
+    def check_peer_answer(self, ca_pem: str, cert_pem: str | None) -> None:
+        """Check what a peer answered a join with before anything of it is kept: its CA
+        (one valid, self-signed CA) and the certificate it signed for us (PEM, for our
+        key, named after this node, signed by that CA).
+
+        Raises:
+            ValueError: naming what is wrong.
+        """
+        check_ca_cert(ca_pem.encode("utf-8"))
+        if not cert_pem:
+            return
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem.encode("utf-8"))
+        except ValueError as exc:
+            raise ValueError("the certificate it signed for this node is not PEM") from exc
+        if cert.public_key() != self.node_key.public_key():
+            raise ValueError("the certificate it signed for this node is for another key")
+        if common_name(cert.subject) != self.node_name:
+            raise ValueError(f"the certificate it signed for this node names "
+                             f"{common_name(cert.subject)!r}, not {self.node_name!r}")
+        if not issued_by(cert, [ca_pem]):
+            raise ValueError("the certificate it signed for this node is not from its CA")
+
     def store_peer_signed_cert(self, peer_name: str, cert_pem: bytes | str) -> None:
         """Save a node certificate that a peer's CA signed for us.
 
@@ -189,6 +233,41 @@ class NodeKeys:
             write_file(path, cert.public_bytes(PEM))
             for key in [k for k in self._client_ctxs if k[2] == peer_name]:
                 del self._client_ctxs[key]
+
+    def forget_peer_signed_cert(self, peer_name: str, unless_issued_by: str | None = None,
+                                ) -> None:
+        """Delete the certificate ``peer_name``'s CA signed for us (the peer was removed,
+        or re-joined with a new CA), so its links present ``node.pem`` again.
+
+        Args:
+            peer_name: The peer's node name.
+            unless_issued_by: Keep the certificate if this CA (PEM) signed it.
+        """
+        path = self._peer_cert_path(peer_name)
+        with self._lock:
+            if unless_issued_by is not None and path.exists():
+                with contextlib.suppress(ValueError):
+                    cert = x509.load_pem_x509_certificate(path.read_bytes())
+                    if issued_by(cert, [unless_issued_by]):
+                        return
+            path.unlink(missing_ok=True)
+            for key in [k for k in self._client_ctxs if k[2] == peer_name]:
+                del self._client_ctxs[key]
+
+    def _peer_cert_usable(self, peer_name: str) -> bool:
+        """Whether the certificate ``peer_name``'s CA signed for us still says who we
+        are: our node name (it names the old one after a rename), our key, and valid
+        now. Otherwise the peer is dialed with ``node.pem``, signed by our CA, which the
+        peer recorded for us when we joined."""
+        path = self._peer_cert_path(peer_name)
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError):
+            return False
+        now = dt.datetime.now(dt.UTC)
+        return (common_name(cert.subject) == self.node_name
+                and cert.public_key() == self.node_key.public_key()
+                and cert.not_valid_before_utc <= now < cert.not_valid_after_utc)
 
     def _peer_cert_path(self, peer_name: str) -> Path:
         """Path for a peer-signed certificate; rejects names unsafe as file names."""
@@ -279,7 +358,8 @@ class NodeKeys:
             return self._server_ctx
 
     def client_context(
-        self, verify: bool = True, peer_name: str | None = None, *, present_cert: bool = True
+        self, verify: bool = True, peer_name: str | None = None, *, present_cert: bool = True,
+        check_hostname: bool = True,
     ) -> TLSContext:
         """A TLS context for dialing a peer (cached per argument set).
 
@@ -289,11 +369,15 @@ class NodeKeys:
                 was stored; otherwise the node certificate.
             present_cert: Send a client certificate at all. Use False when joining a
                 peer that does not trust our CA yet (see :mod:`harpsync.security.tls`).
+            check_hostname: With ``verify``, require the URL's host in the server's
+                certificate. Callers that check the server's name, CA and pinned key
+                before sending anything pass False: a peer added by an address its
+                certificate does not list (another IP, a proxy) is still that peer.
 
         Returns:
             A TLS 1.2+ client context.
         """
-        key = (verify, present_cert, peer_name)
+        key = (verify, present_cert, peer_name, check_hostname)
         with self._lock:
             ctx = self._client_ctxs.get(key)
             if ctx is not None:
@@ -301,9 +385,9 @@ class NodeKeys:
             certfile = None
             if present_cert:
                 certfile = self.node_cert_path
-                if peer_name is not None and self._peer_cert_path(peer_name).exists():
+                if peer_name is not None and self._peer_cert_usable(peer_name):
                     certfile = self._peer_cert_path(peer_name)
-            ctx = tls.client_context(certfile, self.node_key_path, verify)
+            ctx = tls.client_context(certfile, self.node_key_path, verify, check_hostname)
             if verify:
                 self._load_trust(ctx)
             self._client_ctxs[key] = ctx

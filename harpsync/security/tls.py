@@ -48,7 +48,8 @@ def server_context(certfile: Path, keyfile: Path) -> ssl.SSLContext:
     return ctx
 
 
-def client_context(certfile: Path | None, keyfile: Path, verify: bool) -> ssl.SSLContext:
+def client_context(certfile: Path | None, keyfile: Path, verify: bool,
+                   check_hostname: bool = True) -> ssl.SSLContext:
     """A TLS 1.2+ client context.
 
     Args:
@@ -56,11 +57,16 @@ def client_context(certfile: Path | None, keyfile: Path, verify: bool) -> ssl.SS
         keyfile: The private key of ``certfile``.
         verify: Verify the server certificate and host name (the caller then loads
             trust with :func:`load_trust`). If False, no checks at all.
+        check_hostname: With ``verify``, also require the URL's host in the server
+            certificate. False only for callers that check who answered by its
+            certificate (name, CA, pin) before sending anything.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if certfile is not None:
         ctx.load_cert_chain(certfile, keyfile)
+    if verify and not check_hostname:
+        ctx.check_hostname = False  # the chain is still verified (CERT_REQUIRED)
     if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
