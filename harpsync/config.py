@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from harpsync.durable import sync_directory
 from harpsync.errors import ConfigError
 
 DEFAULTS: dict[str, Any] = {
@@ -335,16 +336,7 @@ def write_settings(path: Path, updates: dict[str, Any]) -> None:
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(path)
-        _sync_directory(path.parent)
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        sync_directory(path.parent)
 
 
 _SETTINGS_LOCK = threading.Lock()

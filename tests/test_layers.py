@@ -50,7 +50,8 @@ SANS_IO = ("harpsync/replication/protocol.py", "harpsync/replication/messages.py
            "harpsync/replication/publisher_session.py")
 SANS_IO_FORBIDDEN = {"asyncio", "websockets", "lmdb"}
 # What storage may import from the project: it is layer 2 and never reaches upward.
-STORAGE_MAY_IMPORT = ("harpsync.errors", "harpsync.codec", "harpsync.types", "harpsync.storage")
+STORAGE_MAY_IMPORT = ("harpsync.errors", "harpsync.codec", "harpsync.types", "harpsync.storage",
+                      "harpsync.durable")
 
 CLUSTER_OPERATIONS = {
     "add_node", "update_node", "set_node_replication", "remove_node", "cluster_status",

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from harpsync.durable import sync_directory
 from harpsync.security.certificates import (
     MAX_COMMON_NAME,
     PEM,
@@ -31,13 +32,18 @@ log = logging.getLogger(__name__)
 
 
 def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write a file atomically with the given permission bits."""
+    """Write a file atomically and durably with the given permission bits: the data is
+    synced before the rename and the directory after, so a power loss leaves the old
+    file or the new one, never an empty key or certificate."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.chmod(tmp, mode)
     os.replace(tmp, path)
+    sync_directory(path.parent)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import lmdb
 
 from harpsync import codec
+from harpsync.durable import sync_directory
 from harpsync.errors import StorageError
 from harpsync.storage import digest
 from harpsync.storage.errors import NoSuchDatabaseError, TooManyTablesError
@@ -523,15 +524,6 @@ class Database:
         with _MAPS_LOCK:
             self.env.close()
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def sync_directory(directory: Path) -> None:
-    """Make the entries created in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _MADV_DONTNEED = 4

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from harpsync import codec
+from harpsync.durable import sync_directory
 from harpsync.errors import BadRequestError, PayloadTooLargeError, StorageError
 from harpsync.storage import digest, logscan, redo
 from harpsync.storage.database import (
@@ -24,7 +25,6 @@ from harpsync.storage.database import (
     Table,
     attribute_marks_of,
     release_mapped_pages,
-    sync_directory,
 )
 from harpsync.storage.errors import NoSuchDatabaseError, NoSuchTableError
 from harpsync.storage.hlc import HLC, wall_ms_of

@@ -72,3 +72,25 @@ def test_transaction_log_of_users_holds_no_password_hashes(node_factory):
     assert {r["username"] for r in records} >= {"admin", "bob"}
     assert all("password" not in r for r in records)
     assert "scrypt$" not in str(log)
+
+
+def test_key_files_are_synced_before_their_rename_and_the_directory_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key or certificate written by the node is fsynced before it replaces the old
+    one, and its directory after: a power loss never leaves an empty node key."""
+    from harpsync.security.files import write_file
+
+    path = tmp_path / "node.key"
+    path.write_bytes(b"old")
+    synced: list[tuple[bool, bytes]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), path.read_bytes()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_file(path, b"new", 0o600)
+    assert path.read_bytes() == b"new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert synced == [(False, b"old"), (True, b"new")]
