@@ -583,3 +583,44 @@ def test_a_repair_holds_back_rows_stamped_beyond_the_clock_skew_bound(node_facto
     assert entry["differences"] == 1, entry
     assert entry["changed"]["node-b"] == [] and entry["skewed"]["node-b"] == [1], entry
     assert b.count("t") == 0, "the repair stored a row replication holds back"
+
+
+def test_a_repair_holds_only_keys_and_versions_and_reads_records_per_chunk(
+        pair, monkeypatch):
+    """A repair kept every differing row's record (both sides') in memory from the
+    comparison to the end of the repair: millions of differing rows needed gigabytes.
+    Now the comparison keeps digests and versions only, and the repair reads records a
+    chunk (about answer_budget bytes) at a time, storing each before reading the next.
+    The budget is lowered to 16 KiB; each side lacks 60 of the other's 2 KB rows."""
+    from harpsync.replication import verify_peer
+    from harpsync.storage import compare
+
+    a, b = pair
+    monkeypatch.setattr(verify_peer, "ANSWER_BYTES", 16 * 1024)
+    budget = verify_peer.answer_budget()
+    jobs: list[int] = []
+    real_job = compare.repair_job
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        jobs.append(sum(compare.row_size(row) for _key, row in args[4]))
+        return real_job(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "repair_job", spy)
+    setup_table(a, b, "chunked", 1)
+    blob = "y" * 2000
+    _unlogged_row(a, "chunked", *range(100, 160), blob=blob)
+    _unlogged_row(b, "chunked", *range(200, 260), blob=blob)
+    verifier = a.node.verifier
+    [outcome] = asyncio.run_coroutine_threadsafe(
+        verifier.run(verifier.plan("data", "chunked"), repair=True), a.loop).result(60)
+    assert outcome.error is None, outcome.error
+    assert len(outcome.differences) == 120
+    assert all(m is None or m[4] is None for _k, m, _t, _s in outcome.differences)
+    assert all(t is None or t[4] is None for _k, _m, t, _s in outcome.differences)
+    assert (sorted(outcome.changed["node-a"]), sorted(outcome.changed["node-b"])) == (
+        list(range(200, 260)), list(range(100, 160)))
+    # Every job (here, and there through verify_repair) held one chunk: about the
+    # budget (it ends on the row that reaches it).
+    assert len(jobs) >= 120 * 2000 // budget and max(jobs) <= 2 * budget, jobs
+    assert a.count("chunked") == b.count("chunked") == 121
+    assert verify(a, "chunked")["in_sync"] is True

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -117,18 +117,10 @@ class Outcome:
         return sum(1 for key, *_ in self.differences if key not in fixed)
 
 
-def _chunks(rows: Sequence[tuple[bytes, list[Any]]], budget: int,
-            ) -> list[list[tuple[bytes, list[Any]]]]:
-    # At most REPAIR_CHUNK rows and about ``budget`` bytes of records per message.
-    out: list[list[tuple[bytes, list[Any]]]] = []
-    size = budget
-    for row in rows:
-        if size >= budget or len(out[-1]) >= REPAIR_CHUNK:
-            out.append([])
-            size = 0
-        out[-1].append(row)
-        size += compare.row_size(row[1])
-    return out
+def _unchanged(compared: compare.RowState, now: compare.RowState) -> bool:
+    """Whether a row read for a repair is the one compared (digest, version, origin)."""
+    return (compared is not None and now is not None
+            and list(compared[:3]) == list(now[:3]))
 
 
 class Verifier:
@@ -292,7 +284,7 @@ class Verifier:
                     candidates.add(key)
         if candidates:
             await self._confirm(outcome, sorted(candidates), int(peer_top.get("head", 0)),
-                                my_head, start_version, repair)
+                                my_head, start_version)
 
     async def _differing_ranges(self, outcome: Outcome, items: list[rowhash.Bucket],
                                 ) -> list[list[Any]]:
@@ -335,8 +327,13 @@ class Verifier:
         return leaves
 
     async def _confirm(self, outcome: Outcome, keys: list[bytes], peer_head: int,
-                       my_head: int, start_version: int, repair: bool) -> None:
-        """Read the candidates again on both sides at a common point; keep real ones."""
+                       my_head: int, start_version: int) -> None:
+        """Read the candidates again on both sides at a common point; keep real ones.
+
+        Only digests and versions are read (no records, even for a repair): millions
+        of differences must not hold their records in memory; ``_repair`` fetches
+        them a bounded chunk at a time.
+        """
         pair = outcome.pair
         db, table = self._same_table(outcome)
         deadline = time.monotonic() + SETTLE_SECONDS
@@ -349,18 +346,16 @@ class Verifier:
             theirs: list[compare.RowState] = []
             peer_applied = 0
             while len(theirs) < len(keys):
-                # The peer answers with at most a frame's worth of records: ask on
-                # from the first key it left out.
                 answer = await self._ask(outcome, "verify_keys",
                                          keys=keys[len(theirs):len(theirs) + KEY_CHUNK],
-                                         records=repair)
+                                         records=False)
                 rows = answer.get("rows") or []
                 if not rows:
                     raise BadRequestError(f"{pair.peer} answered verify_keys without rows")
                 theirs.extend(rows)
                 peer_applied = int(answer.get("applied", 0))
             db, table = self._same_table(outcome)
-            mine = await asyncio.to_thread(compare.read_rows, db, table, keys, repair)
+            mine = await asyncio.to_thread(compare.read_rows, db, table, keys, False)
             self._same_table(outcome)  # the rows read were of the compared incarnation
             there_caught = pair.direction == PULL or peer_applied >= my_head
             found = []
@@ -398,15 +393,22 @@ class Verifier:
         return db, table
 
     async def _repair(self, outcome: Outcome, dry_run: bool) -> None:
-        """Bring each differing key to its winner on the side that lacks it."""
+        """Bring each differing key to its winner on the side that lacks it.
+
+        The comparison kept only digests and versions: the records are read a chunk
+        at a time (at most ``REPAIR_CHUNK`` rows and about ``answer_budget`` bytes,
+        from the peer by ``verify_keys``, here from this node's store), and each
+        chunk is stored (one job here, one ``verify_repair`` there) before the next
+        is read, so a repair of millions of rows holds one chunk of records at once.
+        A row that changed since it was compared is left (replication, or the next
+        verify, takes it): its new version was not checked against the direction
+        and origin limits the comparison applied.
+        """
         pair = outcome.pair
         incarnation = outcome.incarnation
         if incarnation is None:
             return  # nothing was compared
-        # A live row comes with its record only from a peer that publishes the table to
-        # this node: without one there is nothing to store.
-        here = [(k, t) for k, _m, t, side in outcome.differences
-                if side < 0 and t and (t[3] or isinstance(t[4], dict))]
+        here = [(k, t) for k, _m, t, side in outcome.differences if side < 0 and t]
         there = [(k, m) for k, m, _t, side in outcome.differences if side > 0 and m]
         mine: dict[str, list[Any]] = {}
         theirs: dict[str, list[Any]] = {"changed": [decode_id(k) for k, _ in there]}
@@ -414,19 +416,21 @@ class Verifier:
             # This node's conflict policies hold as for the same rows replicated in (a
             # dry run decides the same, writing nothing).
             review = self.rep.review(pair.peer, pair.database)
-            # A job per chunk: each logs at most one frame's worth of rows per origin (one
-            # entry for all could be too large to send on, or for this node's own rows
-            # to log at all).
-            for chunk in _chunks([(k, list(row)) for k, row in here], answer_budget()):
-                done = await self.storage.write(compare.repair_job(
-                    self.storage, pair.database, pair.table, incarnation, chunk, review,
-                    dry_run))
-                for name in compare.REPAIR_LISTS:
-                    mine.setdefault(name, []).extend(done.get(name) or [])
-            self.rep.note_review(pair.peer, pair.database, review)
+            try:
+                async for chunk in self._peer_records(outcome, here):
+                    # A job per chunk: each logs at most one chunk of rows per origin
+                    # (one entry for all could be too large to send on, or for this
+                    # node's own rows to log at all).
+                    done = await self.storage.write(compare.repair_job(
+                        self.storage, pair.database, pair.table, incarnation, chunk,
+                        review, dry_run))
+                    for name in compare.REPAIR_LISTS:
+                        mine.setdefault(name, []).extend(done.get(name) or [])
+            finally:
+                self.rep.note_review(pair.peer, pair.database, review)
         if there and (not dry_run or outcome.peer_plans):
             theirs = {}
-            for chunk in _chunks(there, answer_budget()):
+            async for chunk in self._own_records(outcome, there):
                 answer = await self._ask(outcome, "verify_repair", incarnation=incarnation,
                                          rows=[[k, row] for k, row in chunk],
                                          dry_run=dry_run)
@@ -436,6 +440,46 @@ class Verifier:
         for name in compare.REPAIR_LISTS:
             getattr(outcome, name).update({self.rep.node_name: mine.get(name) or [],
                                            pair.peer: theirs.get(name) or []})
+
+    async def _peer_records(self, outcome: Outcome,
+                            wanted: list[tuple[bytes, list[Any]]],
+                            ) -> AsyncIterator[list[tuple[bytes, list[Any]]]]:
+        """The peer's rows of ``wanted`` with their records, a chunk at a time (as
+        compared; a live row comes with its record only from a peer that publishes
+        the table to this node: without one there is nothing to store)."""
+        pos = 0
+        while pos < len(wanted):
+            part = wanted[pos:pos + REPAIR_CHUNK]
+            # The peer answers with at most answer_budget bytes of records: the rest
+            # are asked for next time round.
+            answer = await self._ask(outcome, "verify_keys", keys=[k for k, _ in part],
+                                     records=True)
+            rows = answer.get("rows") or []
+            if not rows:
+                raise BadRequestError(f"{outcome.pair.peer} answered verify_keys without "
+                                      "rows")
+            pos += min(len(rows), len(part))
+            chunk = [(k, list(row)) for (k, was), row in zip(part, rows, strict=False)
+                     if _unchanged(was, row) and (row[3] or isinstance(row[4], dict))]
+            if chunk:
+                yield chunk
+
+    async def _own_records(self, outcome: Outcome,
+                           wanted: list[tuple[bytes, list[Any]]],
+                           ) -> AsyncIterator[list[tuple[bytes, list[Any]]]]:
+        """This node's rows of ``wanted`` with their records, a chunk at a time."""
+        pos = 0
+        while pos < len(wanted):
+            part = wanted[pos:pos + REPAIR_CHUNK]
+            db, table = self._same_table(outcome)
+            rows = await asyncio.to_thread(compare.read_rows, db, table,
+                                           [k for k, _ in part], True, answer_budget())
+            self._same_table(outcome)  # the rows read were of the compared incarnation
+            pos += len(rows)
+            chunk = [(k, row) for (k, was), row in zip(part, rows, strict=False)
+                     if row is not None and _unchanged(was, row)]
+            if chunk:
+                yield chunk
 
     # -- results -----------------------------------------------------------------------
     def _record(self, outcomes: list[Outcome]) -> None:
