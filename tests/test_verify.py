@@ -624,3 +624,33 @@ def test_a_repair_holds_only_keys_and_versions_and_reads_records_per_chunk(
     assert len(jobs) >= 120 * 2000 // budget and max(jobs) <= 2 * budget, jobs
     assert a.count("chunked") == b.count("chunked") == 121
     assert verify(a, "chunked")["in_sync"] is True
+
+
+def test_a_table_only_the_peer_holds_is_reported_and_not_created(pair):
+    """A table node-b holds (and replicates with node-a) that node-a lacks was not in
+    node-a's verify at all: only node-b's own verify said so. Now node-a's verify of
+    the database reports it as missing here (out of sync, and so is the link's
+    result); a repair leaves it (creating tables is schema replication's), and once
+    node-b drops it the next verify no longer reports it."""
+    a, b = pair
+    setup_table(a, b, "both_have", 1)  # the links are up: no hello brings only_b over
+    storage = b.node.storage
+    fn, prepare = storage._create_table_job("data", "only_b", "id", [], log_it=False)
+    asyncio.run_coroutine_threadsafe(storage.write(fn, prepare), b.loop).result(10)
+    result = a.call("verify_cluster", database="data")
+    assert result["in_sync"] is False
+    [entry] = [c for c in result["checked"] if c["table"] == "only_b"]
+    assert (entry["node"], entry["in_sync"], entry["missing_on"]) == (
+        "node-b", False, "node-a"), entry
+    assert "exists on node-b but not on node-a" in entry["error"]
+    verified = _socket(a, "node-b", "data")["verified"]
+    assert verified["in_sync"] is False, verified
+    repaired = a.call("repair_cluster", database="data")
+    assert [c["missing_on"] for c in repaired["checked"] if c["table"] == "only_b"] == [
+        "node-a"]
+    assert "only_b" not in a.call("describe_database", database="data")
+    b.call("drop_table", database="data", table="only_b")
+    after = a.call("verify_cluster", database="data")
+    assert [c for c in after["checked"] if c["table"] == "only_b"] == []
+    # The link's result follows (it no longer counts the dropped table).
+    assert _socket(a, "node-b", "data")["verified"]["in_sync"] is after["in_sync"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +108,8 @@ class Outcome:
     # The peer decides a dry run of a repair (an earlier release would write it): then
     # its policies show in the dry run too.
     peer_plans: bool = False
+    # The table exists on the peer only (a repair leaves it: see ``peer_only``).
+    missing_here: bool = False
 
     def remaining(self) -> int:
         """Differences still there once the comparison (and a repair) ended."""
@@ -134,6 +136,9 @@ class Verifier:
         # (peer, database, table) -> (in sync, differences) at its last comparison: a
         # link's result covers every table last compared, not only the last run's.
         self._tables: dict[tuple[str, str, str], tuple[bool, int]] = {}
+        # (peer, database, table) of tables the peer holds and this node lacks, as its
+        # last listing said: they count in the link's result.
+        self._peer_only: set[tuple[str, str, str]] = set()
 
     # -- planning ----------------------------------------------------------------------
     def plan(self, database: str | None = None, table: str | None = None,
@@ -181,10 +186,81 @@ class Verifier:
                                         direction))
         return out
 
+    async def check(self, database: str | None = None, table: str | None = None,
+                    nodes: list[str] | None = None, deep: bool = False,
+                    repair: bool = False, dry_run: bool = False) -> list[Outcome]:
+        """Plan, then compare (and optionally repair) every pair; with no ``table``,
+        also report each table a peer holds (and replicates with this node) that this
+        node lacks.
+
+        Raises:
+            NotFoundError, BadRequestError: as ``plan``.
+        """
+        pairs = self.plan(database, table, nodes)
+        extra = [] if table is not None else await self.peer_only(database, nodes)
+        return await self.run(pairs, deep, repair, dry_run, extra)
+
+    async def peer_only(self, database: str | None = None, nodes: list[str] | None = None,
+                        ) -> list[Outcome]:
+        """The tables each peer (of ``nodes``) holds, of each replicated database (or
+        ``database``), that this node lacks.
+
+        Such a table is reported, not repaired: creating a table is schema
+        replication's (the link creates the peer's tables when it connects), and a
+        table missing here may be a drop made here that has not reached the peer
+        yet, which creating it again would undo. A peer that cannot be asked (down,
+        or of an earlier release without ``verify_tables``) is skipped: its pairs'
+        own outcomes say why.
+        """
+        out: list[Outcome] = []
+        links = [(name, str(row["url"]), db_name)
+                 for name, row in sorted(self.rep.rows.items())
+                 if row.get("url") and (nodes is None or name in nodes)
+                 for db_name in sorted(self.rep.replicated_databases())
+                 if db_name != SYSTEM and database in (None, db_name)]
+        for peer, url, database in links:
+            request = {"type": "operation",
+                       "body": {"operation": "verify_tables", "database": database}}
+            try:
+                answer = await node_request(self.rep, url, request, verify=True,
+                                            present_cert=True, timeout=60, expect=peer)
+            except HarpsyncError:
+                continue
+            result = answer.get("result")
+            if answer.get("error") or not isinstance(result, dict):
+                continue
+            db = self.storage.databases.get(database)
+            row = self.rep.rows.get(peer)
+            if db is None or row is None:
+                continue
+            receive = peers.subscribe_tables(row, database)
+            send = peers.publish_tables(row, database)
+            found = set()
+            for name in result.get("tables") or []:
+                if not isinstance(name, str) or name in db.tables:
+                    continue
+                pull = receive is not False and peers.table_allowed(database, name, receive)
+                push = send is not False and peers.table_allowed(database, name, send)
+                if not (pull or push):
+                    continue  # the peer shares it with this node; this node does not
+                found.add((peer, database, name))
+                direction = BOTH if pull and push else PULL if pull else PUSH
+                out.append(Outcome(
+                    Pair(peer, url, database, name, direction), in_sync=False,
+                    missing_here=True,
+                    error=f"table '{database}.{name}' exists on {peer} but not on "
+                          f"{self.rep.node_name}: a repair does not create it (the link "
+                          "creates a peer's tables when it connects; drop it there if "
+                          "it was dropped here)"))
+            self._peer_only = {k for k in self._peer_only
+                               if (k[0], k[1]) != (peer, database)} | found
+        return out
+
     # -- running -----------------------------------------------------------------------
     async def run(self, pairs: list[Pair], deep: bool = False, repair: bool = False,
-                  dry_run: bool = False) -> list[Outcome]:
-        """Compare (and optionally repair) every pair, a few at a time."""
+                  dry_run: bool = False, extra: Sequence[Outcome] = ()) -> list[Outcome]:
+        """Compare (and optionally repair) every pair, a few at a time; ``extra``:
+        outcomes found otherwise (``peer_only``), recorded with them."""
         start_version = self.storage.hlc.now()
         if deep:
             for db_name, table_name in sorted({(p.database, p.table) for p in pairs}):
@@ -204,7 +280,7 @@ class Verifier:
                     outcome.error = exc.message
                 return outcome
 
-        outcomes = list(await asyncio.gather(*(one(p) for p in pairs)))
+        outcomes = list(await asyncio.gather(*(one(p) for p in pairs))) + list(extra)
         self._record(outcomes)
         return outcomes
 
@@ -494,12 +570,14 @@ class Verifier:
             left = o.remaining()
             self._tables[(p.peer, p.database, p.table)] = (o.error is None and not left, left)
             links.add((p.peer, p.database))
-            self.rep.metrics.set_divergent(p.peer, p.database, p.table, left)
+            if not o.missing_here:
+                self.rep.metrics.set_divergent(p.peer, p.database, p.table, left)
         for peer, database in links:
             db = self.storage.databases.get(database)
             tables = db.tables if db is not None else {}
             results = [r for (pp, dd, t), r in list(self._tables.items())
-                       if pp == peer and dd == database and t in tables]
+                       if pp == peer and dd == database
+                       and (t in tables or (pp, dd, t) in self._peer_only)]
             self.rep.verified[(peer, database)] = {
                 "at": now, "in_sync": all(ok for ok, _ in results),
                 "differences": sum(n for _, n in results)}
@@ -521,7 +599,7 @@ class Verifier:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.run(self.plan())
+                await self.check()
             except HarpsyncError as exc:
                 log.warning("background verification failed: %s", exc.message)
             except Exception:
@@ -534,7 +612,7 @@ class Verifier:
             deadline = time.monotonic() + AFTER_COPY_WAIT
             try:
                 while True:
-                    outcomes = await self.run(self.plan(database=database, nodes=[peer]))
+                    outcomes = await self.check(database=database, nodes=[peer])
                     if not any(o.busy for o in outcomes) or time.monotonic() > deadline:
                         return
                     await asyncio.sleep(1.0)

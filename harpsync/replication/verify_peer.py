@@ -76,6 +76,20 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
             raise BadRequestError(f"table '{database}.{table}' does not replicate with {peer}")
         return found
 
+    async def tables(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The names of the database's tables that replicate with ``peer`` (either
+        way): the asker reports those it lacks. It learns no other table's name."""
+        database = str(body.get("database"))
+        row = rep.rows.get(peer)
+        if database == SYSTEM or not rep.replicates_database(database) or row is None:
+            raise BadRequestError(f"database '{database}' does not replicate with {peer}")
+        db = storage.databases.get(database)
+        directions = [d for d in (peers.subscribe_tables(row, database),
+                                  peers.publish_tables(row, database)) if d is not False]
+        names = sorted(db.tables) if db is not None else []
+        return {"tables": [t for t in names
+                           if any(peers.table_allowed(database, t, d) for d in directions)]}
+
     def applied(peer: str, database: str) -> int:
         return applied_seq(rep.subscribers.get((peer, database)))
 
@@ -164,5 +178,6 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         rep.note_review(peer, db.name, review)
         return dict(out)
 
-    return {"verify_top": top, "verify_ranges": ranges, "verify_buckets": buckets,
-            "verify_rows": rows, "verify_keys": keys, "verify_repair": repair}
+    return {"verify_tables": tables, "verify_top": top, "verify_ranges": ranges,
+            "verify_buckets": buckets, "verify_rows": rows, "verify_keys": keys,
+            "verify_repair": repair}
