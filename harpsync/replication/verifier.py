@@ -27,6 +27,7 @@ So identical tables cost one small round, and k differences cost about k buckets
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -374,26 +375,34 @@ class Verifier:
                 groups.append((start, starts[i + 1] if i + 1 < len(starts) else None))
         if not groups:
             return []
+        # This node's buckets of each range, found by bisection: scanning every bucket
+        # per differing range cost O(ranges x buckets) on the event loop (a 3M-row
+        # table differing in every range held the loop 6.6 s; 10M rows over a minute).
+        bucket_starts = [s for s, _ in items]
+
+        def items_in(lo: bytes, hi: bytes | None) -> list[rowhash.Bucket]:
+            end = len(items) if hi is None else bisect.bisect_left(bucket_starts, hi)
+            return items[bisect.bisect_left(bucket_starts, lo):end]
+
+        in_group = [items_in(lo, hi) for lo, hi in groups]
         # The peer's hashes over this node's buckets of each range (it never lists its
         # own bucket starts, which are keys of its rows).
-        subs_of = [sorted({lo} | {s for s, _ in items if s >= lo and (hi is None or s < hi)})
-                   for lo, hi in groups]
+        subs_of = [sorted({lo} | {s for s, _ in mine_in}) for (lo, _hi), mine_in
+                   in zip(groups, in_group, strict=True)]
         answer = await self._ask(outcome, "verify_buckets", ranges=[list(g) for g in groups],
                                  subs=subs_of)
         leaves: list[list[Any]] = []
         if "hashes" in answer:
-            for (lo, hi), subs, theirs_hashes in zip(groups, subs_of, answer["hashes"],
-                                                     strict=False):
-                my_items = [(s, h) for s, h in items if s >= lo and (hi is None or s < hi)]
+            for (_lo, hi), my_items, subs, theirs_hashes in zip(
+                    groups, in_group, subs_of, answer["hashes"], strict=False):
                 a = rowhash.combine(my_items, subs)
                 for j, sub in enumerate(subs):
                     if j >= len(theirs_hashes) or bytes(theirs_hashes[j]) != a[j]:
                         leaves.append([sub, subs[j + 1] if j + 1 < len(subs) else hi])
             return leaves
         peer_lists = answer.get("buckets") or []  # a peer of an earlier release
-        for (lo, hi), peer_items in zip(groups, peer_lists, strict=False):
+        for (lo, hi), my_items, peer_items in zip(groups, in_group, peer_lists, strict=False):
             their_items = [(bytes(s), bytes(h)) for s, h in peer_items]
-            my_items = [(s, h) for s, h in items if s >= lo and (hi is None or s < hi)]
             subs = sorted({lo} | {s for s, _ in my_items} | {s for s, _ in their_items})
             a = rowhash.combine(my_items, subs)
             b = rowhash.combine(their_items, subs)
