@@ -493,6 +493,7 @@ class Verifier:
         incarnation = outcome.incarnation
         if incarnation is None:
             return  # nothing was compared
+        self._same_table(outcome)  # not re-created here since: fetch nothing for it
         here = [(k, t) for k, _m, t, side in outcome.differences if side < 0 and t]
         there = [(k, m) for k, m, _t, side in outcome.differences if side > 0 and m]
         mine: dict[str, list[Any]] = {}
