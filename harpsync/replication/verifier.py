@@ -345,16 +345,15 @@ class Verifier:
         mine_by_range = await asyncio.to_thread(compare.rows_in, db, table,
                                                 [(lo, hi) for lo, hi in leaves])
         candidates: set[bytes] = set()
-        answer: dict[str, Any] = {"by_key": True}
-        if pair.direction != PUSH:
-            answer = await self._ask(outcome, "verify_rows", ranges=leaves)
-        if answer.get("by_key"):
+        by_key, theirs_by_range = (True, []) if pair.direction == PUSH else \
+            await self._peer_rows(outcome, leaves)
+        if by_key:
             # The peer does not publish the table to this node, so it does not list its
             # keys: only this node's rows can differ the way it sends (rows only the
             # peer holds are no difference one way), and they are compared key by key.
             for mine in mine_by_range:
                 candidates.update(mine)
-        for mine, theirs in zip(mine_by_range, answer.get("rows") or [], strict=False):
+        for mine, theirs in zip(mine_by_range, theirs_by_range, strict=False):
             theirs_map = {bytes(k): bytes(v) for k, v in theirs}
             for key in mine.keys() | theirs_map.keys():
                 if mine.get(key) != theirs_map.get(key):
@@ -362,6 +361,32 @@ class Verifier:
         if candidates:
             await self._confirm(outcome, sorted(candidates), int(peer_top.get("head", 0)),
                                 my_head, start_version)
+
+    async def _peer_rows(self, outcome: Outcome, leaves: list[list[Any]],
+                         ) -> tuple[bool, list[list[Any]]]:
+        """The peer's ``[key, digest]`` rows per leaf, asked for until complete (a peer
+        answers a budget of rows at a time, and says where it stopped). Returns
+        ``(by_key, rows)``: ``by_key`` when the peer lists no keys of the table."""
+        out: list[list[Any]] = [[] for _ in leaves]
+        pending, offset = [list(leaf) for leaf in leaves], 0
+        while pending:
+            answer = await self._ask(outcome, "verify_rows", ranges=pending)
+            if answer.get("by_key"):
+                return True, []
+            got = answer.get("rows") or []
+            for j, rows in enumerate(got[:len(pending)]):
+                out[offset + j].extend(rows)
+            stop = answer.get("next")
+            if not stop:
+                return False, out
+            i, key = int(stop[0]), bytes(stop[1])
+            if not (0 <= i < len(pending)) or i == 0 and key <= pending[0][0] \
+                    and not (got and got[0]):
+                raise BadRequestError(f"{outcome.pair.peer} answered verify_rows "
+                                      "without going on")
+            offset += i
+            pending = [[key, pending[i][1]], *pending[i + 1:]]
+        return False, out
 
     async def _differing_ranges(self, outcome: Outcome, items: list[rowhash.Bucket],
                                 ) -> list[list[Any]]:

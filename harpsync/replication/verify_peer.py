@@ -147,9 +147,16 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         if not published(peer, db, table):
             # Its keys are not the peer's to read: it compares its own keys one by one.
             return {"by_key": True}
-        found = await asyncio.to_thread(compare.rows_in, db, table, parse_ranges(body))
+        # At most a budget of keys per answer (every row of a large table can be in
+        # the differing buckets, say against an emptied node): the asker asks on from
+        # "next", the first key left out.
+        found, stop = await asyncio.to_thread(compare.rows_in_bounded, db, table,
+                                              parse_ranges(body), answer_budget())
         target(peer, body)  # still the incarnation asked about once read
-        return {"rows": [[[k, d] for k, d in sorted(m.items())] for m in found]}
+        answer: dict[str, Any] = {"rows": [[[k, d] for k, d in rows] for rows in found]}
+        if stop is not None:
+            answer["next"] = [stop[0], stop[1]]
+        return answer
 
     async def keys(peer: str, body: dict[str, Any]) -> dict[str, Any]:
         db, table = target(peer, body)
