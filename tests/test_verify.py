@@ -722,3 +722,38 @@ def test_the_peer_lists_its_rows_of_differing_buckets_a_budget_at_a_time(
     assert entry.get("error") is None, entry
     assert entry["differences"] == 24_000, entry
     assert sum(1 for t in entry["timings"] if t[0] == "verify_rows") >= 2, entry["timings"]
+
+
+def test_a_verify_stops_trying_a_peer_it_found_unreachable(node_factory, monkeypatch):
+    """With node-b down, a verify of many tables dialled it again for every table, each
+    waiting for its own dial to fail (with 1,000 tables and a peer dropping packets:
+    hours for one answer). Once the peer is found unreachable, its other pairs of the
+    run are reported as not compared, at once."""
+    env = {"REPLICATION_VERIFYINTERVAL": "0"}
+    a = node_factory("node-a", env=env)
+    b = node_factory("node-b", env=env)
+    tables = [f"t{n}" for n in range(6)]
+    for name in tables:
+        a.call("create_table", table=name, primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    wait_for(lambda: all(t in b.call("describe_database", database="data") for t in tables),
+             timeout=20, message="the tables on node-b")
+    b.stop()  # its sockets stay open, unanswered: a peer dropping packets
+    dials: list[str] = []
+    from harpsync.replication import verifier as verifier_module
+
+    real = verifier_module.node_request
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        dials.append(args[1])
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(verifier_module, "node_request", counted)
+    monkeypatch.setattr(verifier_module, "REQUEST_TIMEOUT", 1.0)
+    result = a.call("verify_cluster", database="data")
+    assert result["in_sync"] is False
+    errors = [c.get("error") or "" for c in result["checked"]]
+    assert len(errors) == len(tables), result
+    assert all("Could not reach node at" in e for e in errors), errors
+    assert len(dials) == 1, dials

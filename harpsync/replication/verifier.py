@@ -39,6 +39,7 @@ from harpsync.errors import (
     BadRequestError,
     HarpsyncError,
     NotFoundError,
+    PeerError,
     missing_is_bad_request,
 )
 from harpsync.replication import peers
@@ -63,6 +64,8 @@ SETTLE_SECONDS = 5.0
 # How long the verification after a full copy waits for a copy the other way to end.
 AFTER_COPY_WAIT = 3600.0
 KEY_CHUNK = 2000
+# Seconds a verify request may take, dial included.
+REQUEST_TIMEOUT = 60.0
 REPAIR_CHUNK = 500
 BOTH, PULL, PUSH = "both", "pull", "push"
 
@@ -111,6 +114,10 @@ class Outcome:
     peer_plans: bool = False
     # The table exists on the peer only (a repair leaves it: see ``peer_only``).
     missing_here: bool = False
+    # Shared by a run's outcomes: peer -> why it could not be reached. The run's other
+    # pairs with it are not tried (each would wait for its own dial to fail: with
+    # 1,000 tables and a peer that drops packets, hours).
+    down: dict[str, str] = field(default_factory=dict, repr=False)
 
     def remaining(self) -> int:
         """Differences still there once the comparison (and a repair) ended."""
@@ -118,6 +125,12 @@ class Outcome:
             return len(self.differences)
         fixed = {encode_id(rid) for ids in self.changed.values() for rid in ids}
         return sum(1 for key, *_ in self.differences if key not in fixed)
+
+
+def _unreachable(exc: HarpsyncError) -> bool:
+    """Whether a request failed because the peer could not be reached at all (rather
+    than refusing this one request)."""
+    return isinstance(exc, PeerError) and exc.message.startswith("Could not reach")
 
 
 def _unchanged(compared: compare.RowState, now: compare.RowState) -> bool:
@@ -198,13 +211,15 @@ class Verifier:
             NotFoundError, BadRequestError: as ``plan``.
         """
         pairs = self.plan(database, table, nodes)
-        extra = [] if table is not None else await self.peer_only(database, nodes)
-        return await self.run(pairs, deep, repair, dry_run, extra)
+        down: dict[str, str] = {}
+        extra = [] if table is not None else await self.peer_only(database, nodes, down)
+        return await self.run(pairs, deep, repair, dry_run, extra, down)
 
     async def peer_only(self, database: str | None = None, nodes: list[str] | None = None,
-                        ) -> list[Outcome]:
+                        down: dict[str, str] | None = None) -> list[Outcome]:
         """The tables each peer (of ``nodes``) holds, of each replicated database (or
-        ``database``), that this node lacks.
+        ``database``), that this node lacks. ``down``: peers found unreachable (not
+        asked again; filled in here).
 
         Such a table is reported, not repaired: creating a table is schema
         replication's (the link creates the peer's tables when it connects), and a
@@ -219,13 +234,19 @@ class Verifier:
                  if row.get("url") and (nodes is None or name in nodes)
                  for db_name in sorted(self.rep.replicated_databases())
                  if db_name != SYSTEM and database in (None, db_name)]
+        down = {} if down is None else down
         for peer, url, database in links:
+            if peer in down:
+                continue
             request = {"type": "operation",
                        "body": {"operation": "verify_tables", "database": database}}
             try:
                 answer = await node_request(self.rep, url, request, verify=True,
-                                            present_cert=True, timeout=60, expect=peer)
-            except HarpsyncError:
+                                            present_cert=True, timeout=REQUEST_TIMEOUT,
+                                            expect=peer)
+            except HarpsyncError as exc:
+                if _unreachable(exc):
+                    down.setdefault(peer, exc.message)
                 continue
             result = answer.get("result")
             if answer.get("error") or not isinstance(result, dict):
@@ -259,9 +280,12 @@ class Verifier:
 
     # -- running -----------------------------------------------------------------------
     async def run(self, pairs: list[Pair], deep: bool = False, repair: bool = False,
-                  dry_run: bool = False, extra: Sequence[Outcome] = ()) -> list[Outcome]:
+                  dry_run: bool = False, extra: Sequence[Outcome] = (),
+                  down: dict[str, str] | None = None) -> list[Outcome]:
         """Compare (and optionally repair) every pair, a few at a time; ``extra``:
-        outcomes found otherwise (``peer_only``), recorded with them."""
+        outcomes found otherwise (``peer_only``), recorded with them; ``down``: peers
+        already found unreachable in this run (their pairs are not tried)."""
+        down = {} if down is None else down
         start_version = self.storage.hlc.now()
         if deep:
             for db_name, table_name in sorted({(p.database, p.table) for p in pairs}):
@@ -271,7 +295,11 @@ class Verifier:
 
         async def one(pair: Pair) -> Outcome:
             async with gate:
-                outcome = Outcome(pair)
+                outcome = Outcome(pair, down=down)
+                if pair.peer in down:
+                    outcome.in_sync = False
+                    outcome.error = f"not compared: {down[pair.peer]}"
+                    return outcome
                 try:
                     await self._compare(outcome, start_version, deep, repair)
                     if repair and outcome.differences:
@@ -296,8 +324,14 @@ class Verifier:
                    "body": {"operation": operation, "database": pair.database,
                             "table": pair.table, **body}}
         began = time.perf_counter()
-        answer = await node_request(self.rep, pair.url, request, verify=True,
-                                    present_cert=True, timeout=60, expect=pair.peer)
+        try:
+            answer = await node_request(self.rep, pair.url, request, verify=True,
+                                        present_cert=True, timeout=REQUEST_TIMEOUT,
+                                        expect=pair.peer)
+        except PeerError as exc:
+            if _unreachable(exc):
+                outcome.down.setdefault(pair.peer, exc.message)
+            raise
         if answer.get("error"):
             raise BadRequestError(f"{pair.peer} refused {operation}: {answer['error']}")
         result = answer.get("result")
