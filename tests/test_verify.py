@@ -757,3 +757,30 @@ def test_a_verify_stops_trying_a_peer_it_found_unreachable(node_factory, monkeyp
     assert len(errors) == len(tables), result
     assert all("Could not reach node at" in e for e in errors), errors
     assert len(dials) == 1, dials
+
+
+def test_a_verify_that_could_not_compare_keeps_the_differences_last_counted(
+        node_factory, monkeypatch):
+    """A verify that failed (node-b unreachable) set harpsync_divergent_keys and the
+    link's verified differences to 0, as if the difference found before were gone; now
+    they keep the last count (and the link says out of sync)."""
+    from harpsync.replication import verifier as verifier_module
+
+    env = {"REPLICATION_VERIFYINTERVAL": "0"}
+    a = node_factory("node-a", env=env)
+    b = node_factory("node-b", env=env)
+    a.call("create_table", table="kept", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    wait_for(lambda: "kept" in b.call("describe_database", database="data"), timeout=20,
+             message="the table on node-b")
+    _unlogged_row(b, "kept", 7)
+    assert verify(a, "kept")["checked"][0]["differences"] == 1
+    b.stop()
+    monkeypatch.setattr(verifier_module, "REQUEST_TIMEOUT", 1.0)
+    [entry] = verify(a, "kept")["checked"]
+    assert "Could not reach" in entry["error"], entry
+    verified = _socket(a, "node-b", "data")["verified"]
+    assert (verified["in_sync"], verified["differences"]) == (False, 1), verified
+    metrics = a.client.get(a.url + "metrics", auth=ADMIN).text
+    assert 'harpsync_divergent_keys{database="data",peer="node-b",table="kept"} 1.0' in metrics

@@ -636,9 +636,15 @@ class Verifier:
             if o.busy:
                 continue  # not compared: the link keeps its last result
             p = o.pair
-            left = o.remaining()
-            self._tables[(p.peer, p.database, p.table)] = (o.error is None and not left, left)
+            key = (p.peer, p.database, p.table)
             links.add((p.peer, p.database))
+            if o.error is not None and not o.differences:
+                # Nothing was compared (the peer unreachable, a refusal): out of sync,
+                # and the differences last counted stand (0 would say they are gone).
+                self._tables[key] = (False, self._tables.get(key, (False, 0))[1])
+                continue
+            left = o.remaining()
+            self._tables[key] = (o.error is None and not left, left)
             if not o.missing_here:
                 self.rep.metrics.set_divergent(p.peer, p.database, p.table, left)
         for peer, database in links:
