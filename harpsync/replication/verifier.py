@@ -127,6 +127,45 @@ class Outcome:
         return sum(1 for key, *_ in self.differences if key not in fixed)
 
 
+def _candidates(mine_by_range: list[dict[bytes, bytes]], theirs_by_range: list[list[Any]],
+                by_key: bool) -> set[bytes]:
+    """The keys whose row digests differ between the two sides' rows per bucket."""
+    candidates: set[bytes] = set()
+    if by_key:
+        # The peer does not publish the table to this node, so it does not list its
+        # keys: only this node's rows can differ the way it sends (rows only the peer
+        # holds are no difference one way), and they are compared key by key.
+        for mine in mine_by_range:
+            candidates.update(mine)
+    for mine, theirs in zip(mine_by_range, theirs_by_range, strict=False):
+        theirs_map = {bytes(k): bytes(v) for k, v in theirs}
+        for key in mine.keys() | theirs_map.keys():
+            if mine.get(key) != theirs_map.get(key):
+                candidates.add(key)
+    return candidates
+
+
+def _real_differences(pair: Pair, keys: list[bytes], mine: list[compare.RowState],
+                      theirs: list[compare.RowState], start_version: int,
+                      limits: dict[str, list[str]],
+                      ) -> list[tuple[bytes, compare.RowState, compare.RowState, int]]:
+    """The candidates that differ as the verify reports them, with the winning side."""
+    found = []
+    for key, m, t in zip(keys, mine, theirs, strict=False):
+        if not compare.differs(m, t):
+            continue
+        newest = max(m[1] if m else 0, t[1] if t else 0)
+        if newest > start_version:
+            continue  # written after the verify began: replication's job
+        side = compare.winner(m, t)
+        if pair.direction == PULL and side > 0 or pair.direction == PUSH and side < 0:
+            continue  # one-way: the receiver must hold at least the sender's rows
+        if side < 0 and t and t[2] in limits and pair.table not in limits[t[2]]:
+            continue  # a row of an origin this node does not take this table from
+        found.append((key, m, t, side))
+    return found
+
+
 def _unreachable(exc: HarpsyncError) -> bool:
     """Whether a request failed because the peer could not be reached at all (rather
     than refusing this one request)."""
@@ -378,20 +417,12 @@ class Verifier:
             return
         mine_by_range = await asyncio.to_thread(compare.rows_in, db, table,
                                                 [(lo, hi) for lo, hi in leaves])
-        candidates: set[bytes] = set()
         by_key, theirs_by_range = (True, []) if pair.direction == PUSH else \
             await self._peer_rows(outcome, leaves)
-        if by_key:
-            # The peer does not publish the table to this node, so it does not list its
-            # keys: only this node's rows can differ the way it sends (rows only the
-            # peer holds are no difference one way), and they are compared key by key.
-            for mine in mine_by_range:
-                candidates.update(mine)
-        for mine, theirs in zip(mine_by_range, theirs_by_range, strict=False):
-            theirs_map = {bytes(k): bytes(v) for k, v in theirs}
-            for key in mine.keys() | theirs_map.keys():
-                if mine.get(key) != theirs_map.get(key):
-                    candidates.add(key)
+        # Off the event loop: every row of a large table can be in the differing
+        # buckets (about 1 s per million rows here, as long again in _confirm).
+        candidates = await asyncio.to_thread(_candidates, mine_by_range, theirs_by_range,
+                                             by_key)
         if candidates:
             await self._confirm(outcome, sorted(candidates), int(peer_top.get("head", 0)),
                                 my_head, start_version)
@@ -502,19 +533,8 @@ class Verifier:
             mine = await asyncio.to_thread(compare.read_rows, db, table, keys, False)
             self._same_table(outcome)  # the rows read were of the compared incarnation
             there_caught = pair.direction == PULL or peer_applied >= my_head
-            found = []
-            for key, m, t in zip(keys, mine, theirs, strict=False):
-                if not compare.differs(m, t):
-                    continue
-                newest = max(m[1] if m else 0, t[1] if t else 0)
-                if newest > start_version:
-                    continue  # written after the verify began: replication's job
-                side = compare.winner(m, t)
-                if pair.direction == PULL and side > 0 or pair.direction == PUSH and side < 0:
-                    continue  # one-way: the receiver must hold at least the sender's rows
-                if side < 0 and t and t[2] in limits and pair.table not in limits[t[2]]:
-                    continue  # a row of an origin this node does not take this table from
-                found.append((key, m, t, side))
+            found = await asyncio.to_thread(_real_differences, pair, keys, mine, theirs,
+                                            start_version, limits)
             keys = [k for k, _m, _t, _s in found]
             if not found or here_caught and there_caught or time.monotonic() > deadline:
                 outcome.differences = found
