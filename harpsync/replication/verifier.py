@@ -13,13 +13,19 @@ round, like ``cluster_network``; the peer answers in ``verify_peer.py``):
    in those ranges (a peer of an earlier release answers its own buckets, compared over
    the union of both sides' boundaries). The peer never lists its bucket starts: they
    are keys of its rows.
-4. ``verify_rows``: ``key -> row digest`` of the rows in the buckets that differ. A
-   peer lists its keys only of a table it publishes to this node; otherwise (this node
-   only sends the table) this node's own keys there are the candidates.
-5. ``verify_keys``: the candidate keys are read again on both sides, once each side has
-   applied the other's log up to the head it had when the verify began (or a deadline
-   passed), so writes still in flight are not reported; keys written after the verify
-   began are left to replication.
+4. ``verify_rows``: ``key -> row digest`` of the rows in the buckets that differ, a
+   budget of rows per answer (the peer says where it stopped). A peer lists its keys
+   only of a table it publishes to this node; otherwise (this node only sends the
+   table) this node's own keys there are the candidates.
+5. ``verify_keys``: the candidate keys are read again on both sides (digests and
+   versions, no records), once each side has applied the other's log up to the head it
+   had when the verify began (or a deadline passed), so writes still in flight are not
+   reported; keys written after the verify began are left to replication. A repair
+   then reads the records a bounded chunk at a time.
+
+A verify of a whole database also asks each peer which tables it shares with this node
+(``verify_tables``) and reports those missing here. A peer found unreachable is not
+dialled again for the run's other tables.
 
 So identical tables cost one small round, and k differences cost about k buckets.
 """
