@@ -749,7 +749,10 @@ def test_a_verify_stops_trying_a_peer_it_found_unreachable(node_factory, monkeyp
         dials.append(args[1])
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(verifier_module, "node_request", counted)
+    from harpsync.replication import verify_tables
+
+    for module in (verifier_module, verify_tables):
+        monkeypatch.setattr(module, "node_request", counted)
     monkeypatch.setattr(verifier_module, "REQUEST_TIMEOUT", 1.0)
     result = a.call("verify_cluster", database="data")
     assert result["in_sync"] is False

@@ -37,7 +37,6 @@ import bisect
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from harpsync import codec
@@ -48,7 +47,7 @@ from harpsync.errors import (
     PeerError,
     missing_is_bad_request,
 )
-from harpsync.replication import peers
+from harpsync.replication import peers, verify_tables
 from harpsync.replication.membership import node_request
 from harpsync.replication.verify_peer import (
     answer_budget,
@@ -56,8 +55,19 @@ from harpsync.replication.verify_peer import (
     copying,
     peer_handlers,
 )
+from harpsync.replication.verify_rows import (
+    BOTH,
+    PULL,
+    PUSH,
+    Outcome,
+    Pair,
+    candidate_keys,
+    real_differences,
+    unchanged,
+    unreachable,
+)
 from harpsync.storage import compare, rowhash
-from harpsync.storage.keys import decode_id, encode_id
+from harpsync.storage.keys import decode_id
 from harpsync.storage.store import SYSTEM
 
 if TYPE_CHECKING:
@@ -73,117 +83,6 @@ KEY_CHUNK = 2000
 # Seconds a verify request may take, dial included.
 REQUEST_TIMEOUT = 60.0
 REPAIR_CHUNK = 500
-BOTH, PULL, PUSH = "both", "pull", "push"
-
-
-@dataclass
-class Pair:
-    """One (peer, database, table) to compare, and which way it replicates."""
-
-    peer: str
-    url: str
-    database: str
-    table: str
-    direction: str  # both; pull: this node receives only; push: it sends only
-
-
-@dataclass
-class Outcome:
-    """What comparing one pair found."""
-
-    pair: Pair
-    in_sync: bool = True
-    differences: list[tuple[bytes, compare.RowState, compare.RowState, int]] = field(
-        default_factory=list)
-    bytes_exchanged: int = 0
-    rounds: int = 0
-    error: str | None = None
-    changed: dict[str, list[Any]] = field(default_factory=dict)
-    # Per node, the ids a repair left as they were because a conflict policy there keeps
-    # them: dest_wins (a dead letter) and manual_review (system.hdb_conflicts).
-    refused: dict[str, list[Any]] = field(default_factory=dict)
-    conflicts: dict[str, list[Any]] = field(default_factory=dict)
-    # Per node, the ids stamped beyond its clock-skew bound: held back, as replication
-    # holds them, until the clocks agree.
-    skewed: dict[str, list[Any]] = field(default_factory=dict)
-    timings: list[Any] = field(default_factory=list)
-    # A full copy between the two was under way and the tops differed: nothing was
-    # compared (a half-copied table differs in every row not copied yet).
-    busy: bool = False
-    # The table's incarnation both sides held when compared: a repair writes only into
-    # it (a drop and re-create since makes the comparison's rows another table's).
-    incarnation: int | None = None
-    # A repair (not a dry run) stored rows: the differences it changed are gone.
-    repaired: bool = False
-    # The peer decides a dry run of a repair (an earlier release would write it): then
-    # its policies show in the dry run too.
-    peer_plans: bool = False
-    # The table exists on the peer only (a repair leaves it: see ``peer_only``).
-    missing_here: bool = False
-    # Shared by a run's outcomes: peer -> why it could not be reached. The run's other
-    # pairs with it are not tried (each would wait for its own dial to fail: with
-    # 1,000 tables and a peer that drops packets, hours).
-    down: dict[str, str] = field(default_factory=dict, repr=False)
-
-    def remaining(self) -> int:
-        """Differences still there once the comparison (and a repair) ended."""
-        if not self.repaired:
-            return len(self.differences)
-        fixed = {encode_id(rid) for ids in self.changed.values() for rid in ids}
-        return sum(1 for key, *_ in self.differences if key not in fixed)
-
-
-def _candidates(mine_by_range: list[dict[bytes, bytes]], theirs_by_range: list[list[Any]],
-                by_key: bool) -> set[bytes]:
-    """The keys whose row digests differ between the two sides' rows per bucket."""
-    candidates: set[bytes] = set()
-    if by_key:
-        # The peer does not publish the table to this node, so it does not list its
-        # keys: only this node's rows can differ the way it sends (rows only the peer
-        # holds are no difference one way), and they are compared key by key.
-        for mine in mine_by_range:
-            candidates.update(mine)
-    for mine, theirs in zip(mine_by_range, theirs_by_range, strict=False):
-        theirs_map = {bytes(k): bytes(v) for k, v in theirs}
-        for key in mine.keys() | theirs_map.keys():
-            if mine.get(key) != theirs_map.get(key):
-                candidates.add(key)
-    return candidates
-
-
-def _real_differences(pair: Pair, keys: list[bytes], mine: list[compare.RowState],
-                      theirs: list[compare.RowState], start_version: int,
-                      limits: dict[str, list[str]],
-                      ) -> list[tuple[bytes, compare.RowState, compare.RowState, int]]:
-    """The candidates that differ as the verify reports them, with the winning side."""
-    found = []
-    for key, m, t in zip(keys, mine, theirs, strict=False):
-        if not compare.differs(m, t):
-            continue
-        newest = max(m[1] if m else 0, t[1] if t else 0)
-        if newest > start_version:
-            continue  # written after the verify began: replication's job
-        side = compare.winner(m, t)
-        if pair.direction == PULL and side > 0 or pair.direction == PUSH and side < 0:
-            continue  # one-way: the receiver must hold at least the sender's rows
-        if side < 0 and t and t[2] in limits and pair.table not in limits[t[2]]:
-            continue  # a row of an origin this node does not take this table from
-        found.append((key, m, t, side))
-    return found
-
-
-def _unreachable(exc: HarpsyncError) -> bool:
-    """Whether a request failed because the peer could not be reached at all (rather
-    than refusing this one request)."""
-    return isinstance(exc, PeerError) and exc.message.startswith("Could not reach")
-
-
-def _unchanged(compared: compare.RowState, now: compare.RowState) -> bool:
-    """Whether a row read for a repair is the one compared (digest, version, origin)."""
-    return (compared is not None and now is not None
-            and list(compared[:3]) == list(now[:3]))
-
-
 class Verifier:
     """Runs verifications for one node and keeps each link's last result."""
 
@@ -263,65 +162,14 @@ class Verifier:
     async def peer_only(self, database: str | None = None, nodes: list[str] | None = None,
                         down: dict[str, str] | None = None) -> list[Outcome]:
         """The tables each peer (of ``nodes``) holds, of each replicated database (or
-        ``database``), that this node lacks. ``down``: peers found unreachable (not
-        asked again; filled in here).
-
-        Such a table is reported, not repaired: creating a table is schema
-        replication's (the link creates the peer's tables when it connects), and a
-        table missing here may be a drop made here that has not reached the peer
-        yet, which creating it again would undo. A peer that cannot be asked (down,
-        or of an earlier release without ``verify_tables``) is skipped: its pairs'
-        own outcomes say why.
-        """
-        out: list[Outcome] = []
-        links = [(name, str(row["url"]), db_name)
-                 for name, row in sorted(self.rep.rows.items())
-                 if row.get("url") and (nodes is None or name in nodes)
-                 for db_name in sorted(self.rep.replicated_databases())
-                 if db_name != SYSTEM and database in (None, db_name)]
-        down = {} if down is None else down
-        for peer, url, database in links:
-            if peer in down:
-                continue
-            request = {"type": "operation",
-                       "body": {"operation": "verify_tables", "database": database}}
-            try:
-                answer = await node_request(self.rep, url, request, verify=True,
-                                            present_cert=True, timeout=REQUEST_TIMEOUT,
-                                            expect=peer)
-            except HarpsyncError as exc:
-                if _unreachable(exc):
-                    down.setdefault(peer, exc.message)
-                continue
-            result = answer.get("result")
-            if answer.get("error") or not isinstance(result, dict):
-                continue
-            db = self.storage.databases.get(database)
-            row = self.rep.rows.get(peer)
-            if db is None or row is None:
-                continue
-            receive = peers.subscribe_tables(row, database)
-            send = peers.publish_tables(row, database)
-            found = set()
-            for name in result.get("tables") or []:
-                if not isinstance(name, str) or name in db.tables:
-                    continue
-                pull = receive is not False and peers.table_allowed(database, name, receive)
-                push = send is not False and peers.table_allowed(database, name, send)
-                if not (pull or push):
-                    continue  # the peer shares it with this node; this node does not
-                found.add((peer, database, name))
-                direction = BOTH if pull and push else PULL if pull else PUSH
-                out.append(Outcome(
-                    Pair(peer, url, database, name, direction), in_sync=False,
-                    missing_here=True,
-                    error=f"table '{database}.{name}' exists on {peer} but not on "
-                          f"{self.rep.node_name}: a repair does not create it (the link "
-                          "creates a peer's tables when it connects; drop it there if "
-                          "it was dropped here)"))
-            self._peer_only = {k for k in self._peer_only
-                               if (k[0], k[1]) != (peer, database)} | found
-        return out
+        ``database``), that this node lacks (``verify_tables.missing_here``); ``down``:
+        peers found unreachable (filled in)."""
+        found, listed = await verify_tables.missing_here(
+            self.rep, database, nodes, {} if down is None else down, REQUEST_TIMEOUT)
+        for link in listed:
+            self._peer_only = {k for k in self._peer_only if (k[0], k[1]) != link}
+        self._peer_only |= {(o.pair.peer, o.pair.database, o.pair.table) for o in found}
+        return found
 
     # -- running -----------------------------------------------------------------------
     async def run(self, pairs: list[Pair], deep: bool = False, repair: bool = False,
@@ -374,7 +222,7 @@ class Verifier:
                                         present_cert=True, timeout=REQUEST_TIMEOUT,
                                         expect=pair.peer)
         except PeerError as exc:
-            if _unreachable(exc):
+            if unreachable(exc):
                 outcome.down.setdefault(pair.peer, exc.message)
             raise
         if answer.get("error"):
@@ -427,7 +275,7 @@ class Verifier:
             await self._peer_rows(outcome, leaves)
         # Off the event loop: every row of a large table can be in the differing
         # buckets (about 1 s per million rows here, as long again in _confirm).
-        candidates = await asyncio.to_thread(_candidates, mine_by_range, theirs_by_range,
+        candidates = await asyncio.to_thread(candidate_keys, mine_by_range, theirs_by_range,
                                              by_key)
         if candidates:
             await self._confirm(outcome, sorted(candidates), int(peer_top.get("head", 0)),
@@ -539,7 +387,7 @@ class Verifier:
             mine = await asyncio.to_thread(compare.read_rows, db, table, keys, False)
             self._same_table(outcome)  # the rows read were of the compared incarnation
             there_caught = pair.direction == PULL or peer_applied >= my_head
-            found = await asyncio.to_thread(_real_differences, pair, keys, mine, theirs,
+            found = await asyncio.to_thread(real_differences, pair, keys, mine, theirs,
                                             start_version, limits)
             keys = [k for k, _m, _t, _s in found]
             if not found or here_caught and there_caught or time.monotonic() > deadline:
@@ -631,7 +479,7 @@ class Verifier:
                                       "rows")
             pos += min(len(rows), len(part))
             chunk = [(k, list(row)) for (k, was), row in zip(part, rows, strict=False)
-                     if _unchanged(was, row) and (row[3] or isinstance(row[4], dict))]
+                     if unchanged(was, row) and (row[3] or isinstance(row[4], dict))]
             if chunk:
                 yield chunk
 
@@ -648,7 +496,7 @@ class Verifier:
             self._same_table(outcome)  # the rows read were of the compared incarnation
             pos += len(rows)
             chunk = [(k, row) for (k, was), row in zip(part, rows, strict=False)
-                     if row is not None and _unchanged(was, row)]
+                     if row is not None and unchanged(was, row)]
             if chunk:
                 yield chunk
 
@@ -724,4 +572,4 @@ class Verifier:
         self.rep.spawn(check())
 
 
-__all__ = ["Outcome", "Pair", "Verifier", "peer_handlers"]
+__all__ = ["BOTH", "PULL", "PUSH", "Outcome", "Pair", "Verifier", "peer_handlers"]
