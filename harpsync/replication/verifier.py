@@ -277,9 +277,12 @@ class Verifier:
         # buckets (about 1 s per million rows here, as long again in _confirm).
         candidates = await asyncio.to_thread(candidate_keys, mine_by_range, theirs_by_range,
                                              by_key)
-        if candidates:
-            await self._confirm(outcome, sorted(candidates), int(peer_top.get("head", 0)),
-                                my_head, start_version)
+        keys = sorted(candidates)
+        # Only the candidate keys go on: both sides' rows per bucket could be millions.
+        del items, mine_by_range, theirs_by_range, candidates
+        if keys:
+            await self._confirm(outcome, keys, int(peer_top.get("head", 0)), my_head,
+                                start_version)
 
     async def _peer_rows(self, outcome: Outcome, leaves: list[list[Any]],
                          ) -> tuple[bool, list[list[Any]]]:
