@@ -292,7 +292,7 @@ class Verifier:
         out: list[list[Any]] = [[] for _ in leaves]
         pending, offset = [list(leaf) for leaf in leaves], 0
         while pending:
-            answer = await self._ask(outcome, "verify_rows", ranges=pending)
+            answer = await self._ask(outcome, "verify_rows", ranges=pending, paged=True)
             if answer.get("by_key"):
                 return True, []
             got = answer.get("rows") or []

@@ -150,8 +150,11 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         # At most a budget of keys per answer (every row of a large table can be in
         # the differing buckets, say against an emptied node): the asker asks on from
         # "next", the first key left out.
+        # (An asker of an earlier release, not sending "paged", would take a cut answer
+        # for complete: it gets every row, as before.)
+        budget = answer_budget() if body.get("paged") else 1 << 62
         found, stop = await asyncio.to_thread(compare.rows_in_bounded, db, table,
-                                              parse_ranges(body), answer_budget())
+                                              parse_ranges(body), budget)
         target(peer, body)  # still the incarnation asked about once read
         answer: dict[str, Any] = {"rows": [[[k, d] for k, d in rows] for rows in found]}
         if stop is not None:
