@@ -31,16 +31,19 @@ def _entry(node: str, outcome: Outcome) -> dict[str, Any]:
     }
     if outcome.error is not None:
         out["error"] = outcome.error
+    if outcome.missing_here:
+        out["missing_on"] = node
     return out
 
 
 async def _run(ctx: OpContext, body: dict[str, Any], repair: bool) -> dict[str, Any]:
     verifier = ctx.services.verifier
-    pairs = verifier.plan(body.get("database"), body.get("table"), body.get("nodes"))
     dry_run = bool(body.get("dry_run"))
+    verifier.plan(body.get("database"), body.get("table"), body.get("nodes"))  # 404 first
     with missing_is_bad_request():  # a table dropped before its deep rebuild
-        outcomes = await verifier.run(pairs, deep=bool(body.get("deep")), repair=repair,
-                                      dry_run=dry_run)
+        outcomes = await verifier.check(body.get("database"), body.get("table"),
+                                        body.get("nodes"), deep=bool(body.get("deep")),
+                                        repair=repair, dry_run=dry_run)
     node = ctx.services.node_name
     checked = [_entry(node, o) for o in outcomes]
     result: dict[str, Any] = {"in_sync": all(o.in_sync for o in outcomes),

@@ -13,13 +13,19 @@ round, like ``cluster_network``; the peer answers in ``verify_peer.py``):
    in those ranges (a peer of an earlier release answers its own buckets, compared over
    the union of both sides' boundaries). The peer never lists its bucket starts: they
    are keys of its rows.
-4. ``verify_rows``: ``key -> row digest`` of the rows in the buckets that differ. A
-   peer lists its keys only of a table it publishes to this node; otherwise (this node
-   only sends the table) this node's own keys there are the candidates.
-5. ``verify_keys``: the candidate keys are read again on both sides, once each side has
-   applied the other's log up to the head it had when the verify began (or a deadline
-   passed), so writes still in flight are not reported; keys written after the verify
-   began are left to replication.
+4. ``verify_rows``: ``key -> row digest`` of the rows in the buckets that differ, a
+   budget of rows per answer (the peer says where it stopped). A peer lists its keys
+   only of a table it publishes to this node; otherwise (this node only sends the
+   table) this node's own keys there are the candidates.
+5. ``verify_keys``: the candidate keys are read again on both sides (digests and
+   versions, no records), once each side has applied the other's log up to the head it
+   had when the verify began (or a deadline passed), so writes still in flight are not
+   reported; keys written after the verify began are left to replication. A repair
+   then reads the records a bounded chunk at a time.
+
+A verify of a whole database also asks each peer which tables it shares with this node
+(``verify_tables``) and reports those missing here. A peer found unreachable is not
+dialled again for the run's other tables.
 
 So identical tables cost one small round, and k differences cost about k buckets.
 """
@@ -27,10 +33,10 @@ So identical tables cost one small round, and k differences cost about k buckets
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from harpsync import codec
@@ -38,9 +44,10 @@ from harpsync.errors import (
     BadRequestError,
     HarpsyncError,
     NotFoundError,
+    PeerError,
     missing_is_bad_request,
 )
-from harpsync.replication import peers
+from harpsync.replication import peers, verify_tables
 from harpsync.replication.membership import node_request
 from harpsync.replication.verify_peer import (
     answer_budget,
@@ -48,8 +55,19 @@ from harpsync.replication.verify_peer import (
     copying,
     peer_handlers,
 )
+from harpsync.replication.verify_rows import (
+    BOTH,
+    PULL,
+    PUSH,
+    Outcome,
+    Pair,
+    candidate_keys,
+    real_differences,
+    unchanged,
+    unreachable,
+)
 from harpsync.storage import compare, rowhash
-from harpsync.storage.keys import decode_id, encode_id
+from harpsync.storage.keys import decode_id
 from harpsync.storage.store import SYSTEM
 
 if TYPE_CHECKING:
@@ -62,75 +80,9 @@ SETTLE_SECONDS = 5.0
 # How long the verification after a full copy waits for a copy the other way to end.
 AFTER_COPY_WAIT = 3600.0
 KEY_CHUNK = 2000
+# Seconds a verify request may take, dial included.
+REQUEST_TIMEOUT = 60.0
 REPAIR_CHUNK = 500
-BOTH, PULL, PUSH = "both", "pull", "push"
-
-
-@dataclass
-class Pair:
-    """One (peer, database, table) to compare, and which way it replicates."""
-
-    peer: str
-    url: str
-    database: str
-    table: str
-    direction: str  # both; pull: this node receives only; push: it sends only
-
-
-@dataclass
-class Outcome:
-    """What comparing one pair found."""
-
-    pair: Pair
-    in_sync: bool = True
-    differences: list[tuple[bytes, compare.RowState, compare.RowState, int]] = field(
-        default_factory=list)
-    bytes_exchanged: int = 0
-    rounds: int = 0
-    error: str | None = None
-    changed: dict[str, list[Any]] = field(default_factory=dict)
-    # Per node, the ids a repair left as they were because a conflict policy there keeps
-    # them: dest_wins (a dead letter) and manual_review (system.hdb_conflicts).
-    refused: dict[str, list[Any]] = field(default_factory=dict)
-    conflicts: dict[str, list[Any]] = field(default_factory=dict)
-    # Per node, the ids stamped beyond its clock-skew bound: held back, as replication
-    # holds them, until the clocks agree.
-    skewed: dict[str, list[Any]] = field(default_factory=dict)
-    timings: list[Any] = field(default_factory=list)
-    # A full copy between the two was under way and the tops differed: nothing was
-    # compared (a half-copied table differs in every row not copied yet).
-    busy: bool = False
-    # The table's incarnation both sides held when compared: a repair writes only into
-    # it (a drop and re-create since makes the comparison's rows another table's).
-    incarnation: int | None = None
-    # A repair (not a dry run) stored rows: the differences it changed are gone.
-    repaired: bool = False
-    # The peer decides a dry run of a repair (an earlier release would write it): then
-    # its policies show in the dry run too.
-    peer_plans: bool = False
-
-    def remaining(self) -> int:
-        """Differences still there once the comparison (and a repair) ended."""
-        if not self.repaired:
-            return len(self.differences)
-        fixed = {encode_id(rid) for ids in self.changed.values() for rid in ids}
-        return sum(1 for key, *_ in self.differences if key not in fixed)
-
-
-def _chunks(rows: Sequence[tuple[bytes, list[Any]]], budget: int,
-            ) -> list[list[tuple[bytes, list[Any]]]]:
-    # At most REPAIR_CHUNK rows and about ``budget`` bytes of records per message.
-    out: list[list[tuple[bytes, list[Any]]]] = []
-    size = budget
-    for row in rows:
-        if size >= budget or len(out[-1]) >= REPAIR_CHUNK:
-            out.append([])
-            size = 0
-        out[-1].append(row)
-        size += compare.row_size(row[1])
-    return out
-
-
 class Verifier:
     """Runs verifications for one node and keeps each link's last result."""
 
@@ -142,6 +94,9 @@ class Verifier:
         # (peer, database, table) -> (in sync, differences) at its last comparison: a
         # link's result covers every table last compared, not only the last run's.
         self._tables: dict[tuple[str, str, str], tuple[bool, int]] = {}
+        # (peer, database, table) of tables the peer holds and this node lacks, as its
+        # last listing said: they count in the link's result.
+        self._peer_only: set[tuple[str, str, str]] = set()
 
     # -- planning ----------------------------------------------------------------------
     def plan(self, database: str | None = None, table: str | None = None,
@@ -189,10 +144,41 @@ class Verifier:
                                         direction))
         return out
 
+    async def check(self, database: str | None = None, table: str | None = None,
+                    nodes: list[str] | None = None, deep: bool = False,
+                    repair: bool = False, dry_run: bool = False) -> list[Outcome]:
+        """Plan, then compare (and optionally repair) every pair; with no ``table``,
+        also report each table a peer holds (and replicates with this node) that this
+        node lacks.
+
+        Raises:
+            NotFoundError, BadRequestError: as ``plan``.
+        """
+        pairs = self.plan(database, table, nodes)
+        down: dict[str, str] = {}
+        extra = [] if table is not None else await self.peer_only(database, nodes, down)
+        return await self.run(pairs, deep, repair, dry_run, extra, down)
+
+    async def peer_only(self, database: str | None = None, nodes: list[str] | None = None,
+                        down: dict[str, str] | None = None) -> list[Outcome]:
+        """The tables each peer (of ``nodes``) holds, of each replicated database (or
+        ``database``), that this node lacks (``verify_tables.missing_here``); ``down``:
+        peers found unreachable (filled in)."""
+        found, listed = await verify_tables.missing_here(
+            self.rep, database, nodes, {} if down is None else down, REQUEST_TIMEOUT)
+        for link in listed:
+            self._peer_only = {k for k in self._peer_only if (k[0], k[1]) != link}
+        self._peer_only |= {(o.pair.peer, o.pair.database, o.pair.table) for o in found}
+        return found
+
     # -- running -----------------------------------------------------------------------
     async def run(self, pairs: list[Pair], deep: bool = False, repair: bool = False,
-                  dry_run: bool = False) -> list[Outcome]:
-        """Compare (and optionally repair) every pair, a few at a time."""
+                  dry_run: bool = False, extra: Sequence[Outcome] = (),
+                  down: dict[str, str] | None = None) -> list[Outcome]:
+        """Compare (and optionally repair) every pair, a few at a time; ``extra``:
+        outcomes found otherwise (``peer_only``), recorded with them; ``down``: peers
+        already found unreachable in this run (their pairs are not tried)."""
+        down = {} if down is None else down
         start_version = self.storage.hlc.now()
         if deep:
             for db_name, table_name in sorted({(p.database, p.table) for p in pairs}):
@@ -202,7 +188,11 @@ class Verifier:
 
         async def one(pair: Pair) -> Outcome:
             async with gate:
-                outcome = Outcome(pair)
+                outcome = Outcome(pair, down=down)
+                if pair.peer in down:
+                    outcome.in_sync = False
+                    outcome.error = f"not compared: {down[pair.peer]}"
+                    return outcome
                 try:
                     await self._compare(outcome, start_version, deep, repair)
                     if repair and outcome.differences:
@@ -212,7 +202,7 @@ class Verifier:
                     outcome.error = exc.message
                 return outcome
 
-        outcomes = list(await asyncio.gather(*(one(p) for p in pairs)))
+        outcomes = list(await asyncio.gather(*(one(p) for p in pairs))) + list(extra)
         self._record(outcomes)
         return outcomes
 
@@ -227,8 +217,14 @@ class Verifier:
                    "body": {"operation": operation, "database": pair.database,
                             "table": pair.table, **body}}
         began = time.perf_counter()
-        answer = await node_request(self.rep, pair.url, request, verify=True,
-                                    present_cert=True, timeout=60, expect=pair.peer)
+        try:
+            answer = await node_request(self.rep, pair.url, request, verify=True,
+                                        present_cert=True, timeout=REQUEST_TIMEOUT,
+                                        expect=pair.peer)
+        except PeerError as exc:
+            if unreachable(exc):
+                outcome.down.setdefault(pair.peer, exc.message)
+            raise
         if answer.get("error"):
             raise BadRequestError(f"{pair.peer} refused {operation}: {answer['error']}")
         result = answer.get("result")
@@ -275,24 +271,44 @@ class Verifier:
             return
         mine_by_range = await asyncio.to_thread(compare.rows_in, db, table,
                                                 [(lo, hi) for lo, hi in leaves])
-        candidates: set[bytes] = set()
-        answer: dict[str, Any] = {"by_key": True}
-        if pair.direction != PUSH:
-            answer = await self._ask(outcome, "verify_rows", ranges=leaves)
-        if answer.get("by_key"):
-            # The peer does not publish the table to this node, so it does not list its
-            # keys: only this node's rows can differ the way it sends (rows only the
-            # peer holds are no difference one way), and they are compared key by key.
-            for mine in mine_by_range:
-                candidates.update(mine)
-        for mine, theirs in zip(mine_by_range, answer.get("rows") or [], strict=False):
-            theirs_map = {bytes(k): bytes(v) for k, v in theirs}
-            for key in mine.keys() | theirs_map.keys():
-                if mine.get(key) != theirs_map.get(key):
-                    candidates.add(key)
-        if candidates:
-            await self._confirm(outcome, sorted(candidates), int(peer_top.get("head", 0)),
-                                my_head, start_version, repair)
+        by_key, theirs_by_range = (True, []) if pair.direction == PUSH else \
+            await self._peer_rows(outcome, leaves)
+        # Off the event loop: every row of a large table can be in the differing
+        # buckets (about 1 s per million rows here, as long again in _confirm).
+        candidates = await asyncio.to_thread(candidate_keys, mine_by_range, theirs_by_range,
+                                             by_key)
+        keys = sorted(candidates)
+        # Only the candidate keys go on: both sides' rows per bucket could be millions.
+        del items, mine_by_range, theirs_by_range, candidates
+        if keys:
+            await self._confirm(outcome, keys, int(peer_top.get("head", 0)), my_head,
+                                start_version)
+
+    async def _peer_rows(self, outcome: Outcome, leaves: list[list[Any]],
+                         ) -> tuple[bool, list[list[Any]]]:
+        """The peer's ``[key, digest]`` rows per leaf, asked for until complete (a peer
+        answers a budget of rows at a time, and says where it stopped). Returns
+        ``(by_key, rows)``: ``by_key`` when the peer lists no keys of the table."""
+        out: list[list[Any]] = [[] for _ in leaves]
+        pending, offset = [list(leaf) for leaf in leaves], 0
+        while pending:
+            answer = await self._ask(outcome, "verify_rows", ranges=pending, paged=True)
+            if answer.get("by_key"):
+                return True, []
+            got = answer.get("rows") or []
+            for j, rows in enumerate(got[:len(pending)]):
+                out[offset + j].extend(rows)
+            stop = answer.get("next")
+            if not stop:
+                return False, out
+            i, key = int(stop[0]), bytes(stop[1])
+            if not (0 <= i < len(pending)) or i == 0 and key <= pending[0][0] \
+                    and not (got and got[0]):
+                raise BadRequestError(f"{outcome.pair.peer} answered verify_rows "
+                                      "without going on")
+            offset += i
+            pending = [[key, pending[i][1]], *pending[i + 1:]]
+        return False, out
 
     async def _differing_ranges(self, outcome: Outcome, items: list[rowhash.Bucket],
                                 ) -> list[list[Any]]:
@@ -306,26 +322,34 @@ class Verifier:
                 groups.append((start, starts[i + 1] if i + 1 < len(starts) else None))
         if not groups:
             return []
+        # This node's buckets of each range, found by bisection: scanning every bucket
+        # per differing range cost O(ranges x buckets) on the event loop (a 3M-row
+        # table differing in every range held the loop 6.6 s; 10M rows over a minute).
+        bucket_starts = [s for s, _ in items]
+
+        def items_in(lo: bytes, hi: bytes | None) -> list[rowhash.Bucket]:
+            end = len(items) if hi is None else bisect.bisect_left(bucket_starts, hi)
+            return items[bisect.bisect_left(bucket_starts, lo):end]
+
+        in_group = [items_in(lo, hi) for lo, hi in groups]
         # The peer's hashes over this node's buckets of each range (it never lists its
         # own bucket starts, which are keys of its rows).
-        subs_of = [sorted({lo} | {s for s, _ in items if s >= lo and (hi is None or s < hi)})
-                   for lo, hi in groups]
+        subs_of = [sorted({lo} | {s for s, _ in mine_in}) for (lo, _hi), mine_in
+                   in zip(groups, in_group, strict=True)]
         answer = await self._ask(outcome, "verify_buckets", ranges=[list(g) for g in groups],
                                  subs=subs_of)
         leaves: list[list[Any]] = []
         if "hashes" in answer:
-            for (lo, hi), subs, theirs_hashes in zip(groups, subs_of, answer["hashes"],
-                                                     strict=False):
-                my_items = [(s, h) for s, h in items if s >= lo and (hi is None or s < hi)]
+            for (_lo, hi), my_items, subs, theirs_hashes in zip(
+                    groups, in_group, subs_of, answer["hashes"], strict=False):
                 a = rowhash.combine(my_items, subs)
                 for j, sub in enumerate(subs):
                     if j >= len(theirs_hashes) or bytes(theirs_hashes[j]) != a[j]:
                         leaves.append([sub, subs[j + 1] if j + 1 < len(subs) else hi])
             return leaves
         peer_lists = answer.get("buckets") or []  # a peer of an earlier release
-        for (lo, hi), peer_items in zip(groups, peer_lists, strict=False):
+        for (lo, hi), my_items, peer_items in zip(groups, in_group, peer_lists, strict=False):
             their_items = [(bytes(s), bytes(h)) for s, h in peer_items]
-            my_items = [(s, h) for s, h in items if s >= lo and (hi is None or s < hi)]
             subs = sorted({lo} | {s for s, _ in my_items} | {s for s, _ in their_items})
             a = rowhash.combine(my_items, subs)
             b = rowhash.combine(their_items, subs)
@@ -335,8 +359,13 @@ class Verifier:
         return leaves
 
     async def _confirm(self, outcome: Outcome, keys: list[bytes], peer_head: int,
-                       my_head: int, start_version: int, repair: bool) -> None:
-        """Read the candidates again on both sides at a common point; keep real ones."""
+                       my_head: int, start_version: int) -> None:
+        """Read the candidates again on both sides at a common point; keep real ones.
+
+        Only digests and versions are read (no records, even for a repair): millions
+        of differences must not hold their records in memory; ``_repair`` fetches
+        them a bounded chunk at a time.
+        """
         pair = outcome.pair
         db, table = self._same_table(outcome)
         deadline = time.monotonic() + SETTLE_SECONDS
@@ -349,33 +378,20 @@ class Verifier:
             theirs: list[compare.RowState] = []
             peer_applied = 0
             while len(theirs) < len(keys):
-                # The peer answers with at most a frame's worth of records: ask on
-                # from the first key it left out.
                 answer = await self._ask(outcome, "verify_keys",
                                          keys=keys[len(theirs):len(theirs) + KEY_CHUNK],
-                                         records=repair)
+                                         records=False)
                 rows = answer.get("rows") or []
                 if not rows:
                     raise BadRequestError(f"{pair.peer} answered verify_keys without rows")
                 theirs.extend(rows)
                 peer_applied = int(answer.get("applied", 0))
             db, table = self._same_table(outcome)
-            mine = await asyncio.to_thread(compare.read_rows, db, table, keys, repair)
+            mine = await asyncio.to_thread(compare.read_rows, db, table, keys, False)
             self._same_table(outcome)  # the rows read were of the compared incarnation
             there_caught = pair.direction == PULL or peer_applied >= my_head
-            found = []
-            for key, m, t in zip(keys, mine, theirs, strict=False):
-                if not compare.differs(m, t):
-                    continue
-                newest = max(m[1] if m else 0, t[1] if t else 0)
-                if newest > start_version:
-                    continue  # written after the verify began: replication's job
-                side = compare.winner(m, t)
-                if pair.direction == PULL and side > 0 or pair.direction == PUSH and side < 0:
-                    continue  # one-way: the receiver must hold at least the sender's rows
-                if side < 0 and t and t[2] in limits and pair.table not in limits[t[2]]:
-                    continue  # a row of an origin this node does not take this table from
-                found.append((key, m, t, side))
+            found = await asyncio.to_thread(real_differences, pair, keys, mine, theirs,
+                                            start_version, limits)
             keys = [k for k, _m, _t, _s in found]
             if not found or here_caught and there_caught or time.monotonic() > deadline:
                 outcome.differences = found
@@ -398,15 +414,23 @@ class Verifier:
         return db, table
 
     async def _repair(self, outcome: Outcome, dry_run: bool) -> None:
-        """Bring each differing key to its winner on the side that lacks it."""
+        """Bring each differing key to its winner on the side that lacks it.
+
+        The comparison kept only digests and versions: the records are read a chunk
+        at a time (at most ``REPAIR_CHUNK`` rows and about ``answer_budget`` bytes,
+        from the peer by ``verify_keys``, here from this node's store), and each
+        chunk is stored (one job here, one ``verify_repair`` there) before the next
+        is read, so a repair of millions of rows holds one chunk of records at once.
+        A row that changed since it was compared is left (replication, or the next
+        verify, takes it): its new version was not checked against the direction
+        and origin limits the comparison applied.
+        """
         pair = outcome.pair
         incarnation = outcome.incarnation
         if incarnation is None:
             return  # nothing was compared
-        # A live row comes with its record only from a peer that publishes the table to
-        # this node: without one there is nothing to store.
-        here = [(k, t) for k, _m, t, side in outcome.differences
-                if side < 0 and t and (t[3] or isinstance(t[4], dict))]
+        self._same_table(outcome)  # not re-created here since: fetch nothing for it
+        here = [(k, t) for k, _m, t, side in outcome.differences if side < 0 and t]
         there = [(k, m) for k, m, _t, side in outcome.differences if side > 0 and m]
         mine: dict[str, list[Any]] = {}
         theirs: dict[str, list[Any]] = {"changed": [decode_id(k) for k, _ in there]}
@@ -414,19 +438,21 @@ class Verifier:
             # This node's conflict policies hold as for the same rows replicated in (a
             # dry run decides the same, writing nothing).
             review = self.rep.review(pair.peer, pair.database)
-            # A job per chunk: each logs at most one frame's worth of rows per origin (one
-            # entry for all could be too large to send on, or for this node's own rows
-            # to log at all).
-            for chunk in _chunks([(k, list(row)) for k, row in here], answer_budget()):
-                done = await self.storage.write(compare.repair_job(
-                    self.storage, pair.database, pair.table, incarnation, chunk, review,
-                    dry_run))
-                for name in compare.REPAIR_LISTS:
-                    mine.setdefault(name, []).extend(done.get(name) or [])
-            self.rep.note_review(pair.peer, pair.database, review)
+            try:
+                async for chunk in self._peer_records(outcome, here):
+                    # A job per chunk: each logs at most one chunk of rows per origin
+                    # (one entry for all could be too large to send on, or for this
+                    # node's own rows to log at all).
+                    done = await self.storage.write(compare.repair_job(
+                        self.storage, pair.database, pair.table, incarnation, chunk,
+                        review, dry_run))
+                    for name in compare.REPAIR_LISTS:
+                        mine.setdefault(name, []).extend(done.get(name) or [])
+            finally:
+                self.rep.note_review(pair.peer, pair.database, review)
         if there and (not dry_run or outcome.peer_plans):
             theirs = {}
-            for chunk in _chunks(there, answer_budget()):
+            async for chunk in self._own_records(outcome, there):
                 answer = await self._ask(outcome, "verify_repair", incarnation=incarnation,
                                          rows=[[k, row] for k, row in chunk],
                                          dry_run=dry_run)
@@ -436,6 +462,46 @@ class Verifier:
         for name in compare.REPAIR_LISTS:
             getattr(outcome, name).update({self.rep.node_name: mine.get(name) or [],
                                            pair.peer: theirs.get(name) or []})
+
+    async def _peer_records(self, outcome: Outcome,
+                            wanted: list[tuple[bytes, list[Any]]],
+                            ) -> AsyncIterator[list[tuple[bytes, list[Any]]]]:
+        """The peer's rows of ``wanted`` with their records, a chunk at a time (as
+        compared; a live row comes with its record only from a peer that publishes
+        the table to this node: without one there is nothing to store)."""
+        pos = 0
+        while pos < len(wanted):
+            part = wanted[pos:pos + REPAIR_CHUNK]
+            # The peer answers with at most answer_budget bytes of records: the rest
+            # are asked for next time round.
+            answer = await self._ask(outcome, "verify_keys", keys=[k for k, _ in part],
+                                     records=True)
+            rows = answer.get("rows") or []
+            if not rows:
+                raise BadRequestError(f"{outcome.pair.peer} answered verify_keys without "
+                                      "rows")
+            pos += min(len(rows), len(part))
+            chunk = [(k, list(row)) for (k, was), row in zip(part, rows, strict=False)
+                     if unchanged(was, row) and (row[3] or isinstance(row[4], dict))]
+            if chunk:
+                yield chunk
+
+    async def _own_records(self, outcome: Outcome,
+                           wanted: list[tuple[bytes, list[Any]]],
+                           ) -> AsyncIterator[list[tuple[bytes, list[Any]]]]:
+        """This node's rows of ``wanted`` with their records, a chunk at a time."""
+        pos = 0
+        while pos < len(wanted):
+            part = wanted[pos:pos + REPAIR_CHUNK]
+            db, table = self._same_table(outcome)
+            rows = await asyncio.to_thread(compare.read_rows, db, table,
+                                           [k for k, _ in part], True, answer_budget())
+            self._same_table(outcome)  # the rows read were of the compared incarnation
+            pos += len(rows)
+            chunk = [(k, row) for (k, was), row in zip(part, rows, strict=False)
+                     if row is not None and unchanged(was, row)]
+            if chunk:
+                yield chunk
 
     # -- results -----------------------------------------------------------------------
     def _record(self, outcomes: list[Outcome]) -> None:
@@ -447,15 +513,23 @@ class Verifier:
             if o.busy:
                 continue  # not compared: the link keeps its last result
             p = o.pair
-            left = o.remaining()
-            self._tables[(p.peer, p.database, p.table)] = (o.error is None and not left, left)
+            key = (p.peer, p.database, p.table)
             links.add((p.peer, p.database))
-            self.rep.metrics.set_divergent(p.peer, p.database, p.table, left)
+            if o.error is not None and not o.differences:
+                # Nothing was compared (the peer unreachable, a refusal): out of sync,
+                # and the differences last counted stand (0 would say they are gone).
+                self._tables[key] = (False, self._tables.get(key, (False, 0))[1])
+                continue
+            left = o.remaining()
+            self._tables[key] = (o.error is None and not left, left)
+            if not o.missing_here:
+                self.rep.metrics.set_divergent(p.peer, p.database, p.table, left)
         for peer, database in links:
             db = self.storage.databases.get(database)
             tables = db.tables if db is not None else {}
             results = [r for (pp, dd, t), r in list(self._tables.items())
-                       if pp == peer and dd == database and t in tables]
+                       if pp == peer and dd == database
+                       and (t in tables or (pp, dd, t) in self._peer_only)]
             self.rep.verified[(peer, database)] = {
                 "at": now, "in_sync": all(ok for ok, _ in results),
                 "differences": sum(n for _, n in results)}
@@ -477,7 +551,7 @@ class Verifier:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.run(self.plan())
+                await self.check()
             except HarpsyncError as exc:
                 log.warning("background verification failed: %s", exc.message)
             except Exception:
@@ -490,7 +564,7 @@ class Verifier:
             deadline = time.monotonic() + AFTER_COPY_WAIT
             try:
                 while True:
-                    outcomes = await self.run(self.plan(database=database, nodes=[peer]))
+                    outcomes = await self.check(database=database, nodes=[peer])
                     if not any(o.busy for o in outcomes) or time.monotonic() > deadline:
                         return
                     await asyncio.sleep(1.0)
@@ -501,4 +575,4 @@ class Verifier:
         self.rep.spawn(check())
 
 
-__all__ = ["Outcome", "Pair", "Verifier", "peer_handlers"]
+__all__ = ["BOTH", "PULL", "PUSH", "Outcome", "Pair", "Verifier", "peer_handlers"]

@@ -6,7 +6,8 @@ thread like every other write. See ``DESIGN.md`` (hash layout, tie rule).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import heapq
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from harpsync import codec
@@ -74,6 +75,49 @@ def rows_in(db: Database, table: Table, ranges: Sequence[Range]) -> list[dict[by
     with db.reading() as txn:
         return [{k: d[:ROW_PREFIX] for k, d in digest_reads.row_digests(txn, table, lo, hi).items()}
                 for lo, hi in ranges]
+
+
+def _rows_of(txn: Any, dbi: Any, lo: bytes, hi: bytes | None, deleted: bool,
+             ) -> Iterator[tuple[bytes, bytes, bool]]:
+    cur = txn.cursor(db=dbi)
+    found = cur.set_range(lo) if lo else cur.first()
+    while found:
+        key = bytes(cur.key())
+        if hi is not None and key >= hi:
+            return
+        yield key, bytes(cur.value()), deleted
+        found = cur.next()
+
+
+def rows_in_bounded(db: Database, table: Table, ranges: Sequence[Range], budget: int,
+                    ) -> tuple[list[list[tuple[bytes, bytes]]], tuple[int, bytes] | None]:
+    """``(key, row digest prefix)`` of the stored rows in each range, in key order,
+    until about ``budget`` bytes of keys and digests (at least one row).
+
+    Returns:
+        The rows per range (a list for each range up to where it stopped), and where
+        it stopped: ``(range index, first key left out)``, or None when complete.
+    """
+    _check(table)
+    names = table.digest.origin_names if table.digest is not None else {}
+    out: list[list[tuple[bytes, bytes]]] = []
+    size = 0
+    last: list[Any] = [b"", None]
+    with db.reading() as txn:
+        for i, (lo, hi) in enumerate(ranges):
+            rows: list[tuple[bytes, bytes]] = []
+            out.append(rows)
+            # Live rows and tombstones merged in key order (a key is one or the other),
+            # so the asker can go on from the first key left out.
+            for key, raw, deleted in heapq.merge(
+                    _rows_of(txn, table.dbi, lo, hi, False),
+                    _rows_of(txn, table.tomb_dbi, lo, hi, True)):
+                if size >= budget:
+                    return out, (i, key)
+                rows.append((key, rowhash.row_digest(key, raw, deleted, names,
+                                                     last)[:ROW_PREFIX]))
+                size += len(key) + ROW_PREFIX + 8
+    return out, None
 
 
 def read_rows(db: Database, table: Table, keys: Sequence[bytes],
