@@ -815,3 +815,31 @@ def test_the_rows_are_compared_off_the_event_loop(pair, monkeypatch):
     loop_thread = asyncio.run_coroutine_threadsafe(ident(), a.loop).result(5)
     assert verify(a, "offloop")["checked"][0]["differences"] == 1
     assert threads and loop_thread not in threads
+
+
+def test_a_verify_request_with_a_number_for_a_key_is_refused(node_factory):
+    """Keys in verify messages must be bytes: ``bytes(n)`` of a number a peer sent would
+    allocate n zero bytes (a peer could make this node allocate whatever it named)."""
+    from harpsync.errors import PeerError
+    from harpsync.replication.membership import node_request
+
+    a = node_factory("node-a", env={"REPLICATION_VERIFYINTERVAL": "0"})
+    b = node_factory("node-b", env={"REPLICATION_VERIFYINTERVAL": "0"})
+    a.call("create_table", table="t1", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    wait_for(lambda: "t1" in b.call("describe_database", database="data"), timeout=20,
+             message="t1 on node-b")
+
+    def ask(operation: str, **body: Any) -> Any:
+        request = {"type": "operation", "body": {
+            "operation": operation, "database": "data", "table": "t1", **body}}
+        coro = node_request(b.node.cluster, a.repl_url, request, verify=True,
+                            present_cert=True, timeout=10, expect=a.name)
+        return asyncio.run_coroutine_threadsafe(coro, b.loop).result(20)
+
+    for operation, body in (("verify_keys", {"keys": [1 << 20]}),
+                            ("verify_ranges", {"starts": [b"", 1 << 20]}),
+                            ("verify_rows", {"ranges": [[1 << 20, None]]})):
+        with pytest.raises(PeerError, match="must be bytes, not int"):
+            ask(operation, **body)

@@ -65,6 +65,7 @@ from harpsync.replication.verify_rows import (
     real_differences,
     unchanged,
     unreachable,
+    wire_bytes,
 )
 from harpsync.storage import compare, rowhash
 from harpsync.storage.keys import decode_id
@@ -301,7 +302,7 @@ class Verifier:
             stop = answer.get("next")
             if not stop:
                 return False, out
-            i, key = int(stop[0]), bytes(stop[1])
+            i, key = int(stop[0]), wire_bytes(stop[1])
             if not (0 <= i < len(pending)) or i == 0 and key <= pending[0][0] \
                     and not (got and got[0]):
                 raise BadRequestError(f"{outcome.pair.peer} answered verify_rows "
@@ -344,12 +345,12 @@ class Verifier:
                     groups, in_group, subs_of, answer["hashes"], strict=False):
                 a = rowhash.combine(my_items, subs)
                 for j, sub in enumerate(subs):
-                    if j >= len(theirs_hashes) or bytes(theirs_hashes[j]) != a[j]:
+                    if j >= len(theirs_hashes) or wire_bytes(theirs_hashes[j]) != a[j]:
                         leaves.append([sub, subs[j + 1] if j + 1 < len(subs) else hi])
             return leaves
         peer_lists = answer.get("buckets") or []  # a peer of an earlier release
         for (lo, hi), my_items, peer_items in zip(groups, in_group, peer_lists, strict=False):
-            their_items = [(bytes(s), bytes(h)) for s, h in peer_items]
+            their_items = [(wire_bytes(s), wire_bytes(h)) for s, h in peer_items]
             subs = sorted({lo} | {s for s, _ in my_items} | {s for s, _ in their_items})
             a = rowhash.combine(my_items, subs)
             b = rowhash.combine(their_items, subs)

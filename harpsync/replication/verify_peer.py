@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from harpsync.errors import BadRequestError
 from harpsync.replication import peers, transport
+from harpsync.replication.verify_rows import wire_bytes
 from harpsync.storage import compare, rowhash
 from harpsync.storage.store import SYSTEM
 
@@ -105,13 +106,13 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
 
     async def ranges(peer: str, body: dict[str, Any]) -> dict[str, Any]:
         db, table = target(peer, body)
-        starts = [bytes(s) for s in body.get("starts") or []]
+        starts = [wire_bytes(s) for s in body.get("starts") or []]
         if not starts or starts[0] != b"" or starts != sorted(starts):
             raise BadRequestError("'starts' must be sorted and begin with b''")
         return {"hashes": await asyncio.to_thread(compare.range_hashes, db, table, starts)}
 
     def parse_ranges(body: dict[str, Any]) -> list[compare.Range]:
-        return [(bytes(lo), None if hi is None else bytes(hi))
+        return [(wire_bytes(lo), None if hi is None else wire_bytes(hi))
                 for lo, hi in body.get("ranges") or []]
 
     def published(peer: str, db: Any, table: Any) -> bool:
@@ -135,7 +136,7 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
             raise BadRequestError("'subs' must hold one list of starts per range")
         hashes = []
         for (lo, _hi), starts, items in zip(ranges, subs, found, strict=True):
-            starts = [bytes(s) for s in starts or []]
+            starts = [wire_bytes(s) for s in starts or []]
             if not starts or starts[0] != lo or starts != sorted(starts):
                 raise BadRequestError("each 'subs' list must be sorted and begin with its "
                                       "range's start")
@@ -163,7 +164,7 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
 
     async def keys(peer: str, body: dict[str, Any]) -> dict[str, Any]:
         db, table = target(peer, body)
-        wanted = [bytes(k) for k in body.get("keys") or []]
+        wanted = [wire_bytes(k) for k in body.get("keys") or []]
         # Whole records only of a table this node sends the peer: one it only receives
         # from it may be compared (digests, versions), not read.
         records = bool(body.get("records")) and published(peer, db, table)
@@ -177,7 +178,7 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         # Not rows of an origin this node does not take this table from (the peer does
         # not know this node's limits).
         limits = rep.origin_tables(peer, db.name)
-        rows_in = [(bytes(k), list(row)) for k, row in body.get("rows") or []
+        rows_in = [(wire_bytes(k), list(row)) for k, row in body.get("rows") or []
                    if not (isinstance(row, list) and len(row) > 2 and row[2] in limits
                            and table.name not in limits[row[2]])]
         # This node's conflict policies for the rows' origins, as for replicated rows.

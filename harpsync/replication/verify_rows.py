@@ -10,6 +10,15 @@ from harpsync.errors import HarpsyncError, PeerError
 from harpsync.storage import compare
 from harpsync.storage.keys import encode_id
 
+
+def wire_bytes(value: Any) -> bytes:
+    """A key or hash from a verify message: bytes only. ``bytes(n)`` of an integer
+    would allocate ``n`` zero bytes, so a peer sending a huge integer where a key
+    belongs could make this node allocate whatever it named."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise PeerError(f"a key in a verify message must be bytes, not {type(value).__name__}")
+
 BOTH, PULL, PUSH = "both", "pull", "push"
 
 
@@ -81,7 +90,7 @@ def candidate_keys(mine_by_range: list[dict[bytes, bytes]], theirs_by_range: lis
         for mine in mine_by_range:
             candidates.update(mine)
     for mine, theirs in zip(mine_by_range, theirs_by_range, strict=False):
-        theirs_map = {bytes(k): bytes(v) for k, v in theirs}
+        theirs_map = {wire_bytes(k): wire_bytes(v) for k, v in theirs}
         for key in mine.keys() | theirs_map.keys():
             if mine.get(key) != theirs_map.get(key):
                 candidates.add(key)
