@@ -356,3 +356,17 @@ def test_a_route_to_a_known_node_under_another_url_keeps_its_subscriptions(node_
     a.call("cluster_set_routes", routes=[f"wss://localhost:{b.repl_port}"])
     stays(lambda: (connection(a, b.name) or {}).get("subscriptions") is not None
           and (connection(b, a.name) or {}).get("subscriptions") is not None, duration=2)
+
+
+@pytest.mark.timeout(60)
+def test_configure_cluster_with_an_unreachable_peer_is_a_peer_error(node_factory):
+    """A configure_cluster refused because a listed peer cannot be reached answers
+    ``code: "PEER_ERROR"`` as add_node does (README's table of codes), not
+    VALIDATION_ERROR, and reports this node's own entry as skipped."""
+    a = node_factory("node-a")
+    res = a.post({"operation": "configure_cluster", "connections": [
+        _entry(a), {"url": f"wss://127.0.0.1:{free_port()}", "authorization": CREDS}]})
+    assert res.status_code == 400, res.text
+    body = res.json()
+    assert body["code"] == "PEER_ERROR", body
+    assert "itself; skipped" in _outcome_for(body["connections"], a.name)["response"]
