@@ -583,3 +583,28 @@ def test_a_repair_holds_back_rows_stamped_beyond_the_clock_skew_bound(node_facto
     assert entry["differences"] == 1, entry
     assert entry["changed"]["node-b"] == [] and entry["skewed"]["node-b"] == [1], entry
     assert b.count("t") == 0, "the repair stored a row replication holds back"
+
+
+@pytest.mark.timeout(120)
+def test_rows_of_an_origin_the_peer_does_not_take_are_no_difference(node_factory):
+    """node-b takes only t1 from node-a; node-c replicates everything with both. node-a's
+    row of t2 on node-c is no difference from node-b: node-b does not take t2 from
+    node-a, by its own subscriptions, and a repair would not store it there. Before,
+    node-c's verify reported it in every run (its status, metrics and dashboard out of
+    sync for good), while node-b's verify of the same pair said in sync."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a, subscriptions=[{"database": "data", "table": "t1",
+                               "subscribe": True, "publish": True}])
+    join(c, a)
+    join(b, c)
+    wait_linked([(c, a), (c, b)], databases=("system", "data"))
+    a.call("insert", table="t2", records=[{"id": 1}])
+    wait_for(lambda: c.count("t2") == 1, timeout=15, message="node-a's row on node-c")
+    assert b.count("t2") == 0  # by node-b's subscriptions
+    for node, peer in ((c, b), (b, c)):
+        res = node.call("verify_cluster", database="data", table="t2", nodes=[peer.name])
+        assert res["in_sync"] is True, (node.name, res)

@@ -348,6 +348,7 @@ class Verifier:
             here_caught = pair.direction == PUSH or applied_seq(sub) >= peer_head
             theirs: list[compare.RowState] = []
             peer_applied = 0
+            their_limits: dict[str, Any] = {}
             while len(theirs) < len(keys):
                 # The peer answers with at most a frame's worth of records: ask on
                 # from the first key it left out.
@@ -359,6 +360,8 @@ class Verifier:
                     raise BadRequestError(f"{pair.peer} answered verify_keys without rows")
                 theirs.extend(rows)
                 peer_applied = int(answer.get("applied", 0))
+                if isinstance(answer.get("limits"), dict):  # older peers send none
+                    their_limits = answer["limits"]
             db, table = self._same_table(outcome)
             mine = await asyncio.to_thread(compare.read_rows, db, table, keys, repair)
             self._same_table(outcome)  # the rows read were of the compared incarnation
@@ -375,6 +378,9 @@ class Verifier:
                     continue  # one-way: the receiver must hold at least the sender's rows
                 if side < 0 and t and t[2] in limits and pair.table not in limits[t[2]]:
                     continue  # a row of an origin this node does not take this table from
+                if (side > 0 and m and m[2] in their_limits
+                        and pair.table not in (their_limits[m[2]] or [])):
+                    continue  # ... nor the peer (its verify_repair would refuse it)
                 found.append((key, m, t, side))
             keys = [k for k, _m, _t, _s in found]
             if not found or here_caught and there_caught or time.monotonic() > deadline:
