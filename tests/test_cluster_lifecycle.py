@@ -154,6 +154,14 @@ def test_route_to_joined_peer_keeps_replication(node_factory):
              message="both directions still replicate")
     assert peer_names(a) == {"node-b"}
     assert peer_names(b) == {"node-a"}
+    # Deleting that route takes back only what it did (nothing): the peer add_node made
+    # stays, on both sides. Before, it was removed from the cluster and its key barred.
+    a.call("cluster_delete_routes", routes=[b.repl_url])
+    assert a.call("cluster_get_routes") == []
+    assert peer_names(a) == {"node-b"}
+    assert peer_names(b) == {"node-a"}
+    a.call("insert", table="t", records=[{"id": 3}])
+    wait_for(lambda: b.count("t") == 3, timeout=15, message="still replicating")
 
 
 @pytest.mark.parametrize("bad", [[], ["ftp://x:1"], [{"hostname": "h"}], [{"port": 1}], "x"])
