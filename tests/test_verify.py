@@ -608,3 +608,25 @@ def test_rows_of_an_origin_the_peer_does_not_take_are_no_difference(node_factory
     for node, peer in ((c, b), (b, c)):
         res = node.call("verify_cluster", database="data", table="t2", nodes=[peer.name])
         assert res["in_sync"] is True, (node.name, res)
+
+
+@pytest.mark.timeout(120)
+def test_a_verify_that_could_not_reach_the_peer_keeps_the_last_comparison(node_factory):
+    """A verify while the peer is down answers with the error, but the link's
+    ``verified`` in cluster_status stays the last real comparison (README: "as each was
+    last compared"). Before, it became ``in_sync: false`` with 0 differences and stayed
+    so after the peer came back, until the next background verify (10 minutes)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t", primary_key="id")
+    join(b, a)
+    wait_linked([(a, b)], databases=("system", "data"))
+    a.call("insert", table="t", records=[{"id": 1}])
+    wait_for(lambda: b.count("t") == 1, timeout=15, message="the row on node-b")
+    assert a.call("verify_cluster", database="data")["in_sync"] is True
+    compared = _socket(a, "node-b", "data")["verified"]
+    assert compared["in_sync"] is True, compared
+    b.close()  # its sockets too: connections are refused, not left in a backlog
+    res = a.call("verify_cluster", database="data")
+    assert res["in_sync"] is False and res["checked"][0].get("error"), res
+    assert _socket(a, "node-b", "data")["verified"] == compared

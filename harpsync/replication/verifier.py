@@ -38,6 +38,7 @@ from harpsync.errors import (
     BadRequestError,
     HarpsyncError,
     NotFoundError,
+    PeerError,
     missing_is_bad_request,
 )
 from harpsync.replication import peers
@@ -100,6 +101,8 @@ class Outcome:
     # A full copy between the two was under way and the tops differed: nothing was
     # compared (a half-copied table differs in every row not copied yet).
     busy: bool = False
+    # The peer could not be asked at all (unreachable, TLS): nothing was compared.
+    unreached: bool = False
     # The table's incarnation both sides held when compared: a repair writes only into
     # it (a drop and re-create since makes the comparison's rows another table's).
     incarnation: int | None = None
@@ -210,6 +213,7 @@ class Verifier:
                 except HarpsyncError as exc:
                     outcome.in_sync = False
                     outcome.error = exc.message
+                    outcome.unreached = isinstance(exc, PeerError) and outcome.rounds == 0
                 return outcome
 
         outcomes = list(await asyncio.gather(*(one(p) for p in pairs)))
@@ -450,8 +454,11 @@ class Verifier:
         self.last_run = now
         links: set[tuple[str, str]] = set()
         for o in outcomes:
-            if o.busy:
-                continue  # not compared: the link keeps its last result
+            if o.busy or o.unreached:
+                # Not compared (a copy under way; the peer not reached): the link keeps
+                # its last result. Before, an unreachable peer's link read in_sync:
+                # false with 0 differences until the next background verify.
+                continue
             p = o.pair
             left = o.remaining()
             self._tables[(p.peer, p.database, p.table)] = (o.error is None and not left, left)
