@@ -125,7 +125,7 @@ class _SocketChannel:
 async def _login(services: Services, header: str | None, client: str) -> User:
     """The user of an ``Authorization`` header: from the login cache, or checked in a
     worker thread (a password check is a deliberately slow scrypt)."""
-    user = services.auth.cached(header)
+    user = services.auth.cached(header, client)
     if user is None:
         user = await asyncio.to_thread(services.auth.authenticate, header, client)
     return user
@@ -173,7 +173,7 @@ def build_app(services: Services) -> Any:
                 origins.check(*browser)
             # The login cache first, without a coroutine (the hot path); a password check
             # is a deliberately slow scrypt, kept off the event loop.
-            user = services.auth.cached(header)
+            user = services.auth.cached(header, client)
             if user is None:
                 user = await asyncio.to_thread(services.auth.authenticate, header, client)
             if limiter.enabled:

@@ -105,6 +105,15 @@ class LoginThrottle:
                     f"Too many failed logins from this address; retry in {max(1, wait)} "
                     "seconds", max(1, wait))
 
+    def blocked(self, address: str) -> bool:
+        """Whether ``address`` must wait (``check`` would raise); cheap when no address
+        has failed lately (the login cache's hot path asks it on every request)."""
+        if self.limit <= 0 or not self._failures:
+            return False
+        with self._lock:
+            times = self._recent(address, self.clock())
+            return times is not None and len(times) >= self.limit
+
     def failed(self, address: str) -> None:
         """Count one failed login from ``address``."""
         with self._lock:
@@ -170,9 +179,15 @@ class Authenticator:
             return None
         return self._user(username, record)
 
-    def cached(self, header: str | None) -> User | None:
-        """The user of a recently verified ``Authorization`` header, without hashing."""
-        return self._cache.get(header) if header else None
+    def cached(self, header: str | None, address: str = "") -> User | None:
+        """The user of a recently verified ``Authorization`` header, without hashing;
+        None while ``address`` is throttled (``authenticate`` then answers 429)."""
+        if not header:
+            return None
+        user = self._cache.get(header)
+        if user is not None and self.throttle.blocked(address):
+            return None
+        return user
 
     def authenticate(self, header: str | None, address: str = "") -> User:
         """Resolve an ``Authorization`` header to a user.
@@ -187,6 +202,10 @@ class Authenticator:
         """
         if not header:
             raise UnauthorizedError("Must login")
+        # A throttled address is refused before the cache too: else, while every wrong
+        # guess from it got a cheap 429, a guess equal to a recently used password was
+        # answered from the cache, so guessing went on at full speed, with no hash.
+        self.throttle.check(address)
         cached = self._cache.get(header)
         if cached is not None:
             return cached
@@ -204,7 +223,6 @@ class Authenticator:
         if cached is not None:
             self._remember(header, cached, generation)
             return cached
-        self.throttle.check(address)
         generation = self._generation
         user = self.check_password(*creds)
         if user is None:

@@ -134,9 +134,10 @@ def _types(types: str | Sequence[str]) -> str:
 
 
 def _required_alternatives(error: SchemaValidationError) -> list[str] | None:
-    """Names of an ``anyOf`` whose branches are each a bare ``required``, else None."""
+    """Names of an ``anyOf`` or ``oneOf`` whose branches are each a bare ``required``,
+    else None."""
     branches = error.validator_value
-    if error.validator != "anyOf" or not isinstance(branches, list):
+    if error.validator not in ("anyOf", "oneOf") or not isinstance(branches, list):
         return None
     names = []
     for branch in branches:
@@ -158,7 +159,11 @@ def message_for(error: SchemaValidationError) -> str:
         return f"'{_field([*path, missing])}' is required"
     alternatives = _required_alternatives(error)
     if alternatives is not None:
-        return " or ".join(f"'{_field([*path, n])}'" for n in alternatives) + " is required"
+        names = " or ".join(f"'{_field([*path, n])}'" for n in alternatives)
+        present = error.instance if isinstance(error.instance, dict) else {}
+        if kw == "oneOf" and sum(name in present for name in alternatives) > 1:
+            return f"give only one of {names}"
+        return f"{names} is required"
     if kw == "type":
         return f"'{field}' must be {_types(value)}"
     if kw == "pattern":

@@ -163,7 +163,8 @@ async def resume_replication(ctx: OpContext, body: dict[str, Any]) -> dict[str, 
 
 async def replay_replication(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     from_version = None
-    # ``from`` (a wall-clock time: ISO 8601 or ms since 1970) or ``from_time`` (ISO).
+    # ``from`` (a wall-clock time: ISO 8601 or ms since 1970) or ``from_time`` (its older
+    # name, the same values).
     start = body.get("from", body.get("from_time"))
     field = "from" if "from" in body else "from_time"
     if isinstance(start, int) and not isinstance(start, bool):

@@ -16,9 +16,11 @@ from operations.cluster import add_node, parse_credentials, set_node_replication
 
 
 class ConfigureClusterError(HarpsyncError):
-    """Some connections of ``configure_cluster`` failed; the body reports each one."""
+    """Some connections of ``configure_cluster`` failed; the body reports each one.
+    Like ``PeerError`` (a peer could not be reached or refused): ``PEER_ERROR``."""
 
     status = 400
+    code = "PEER_ERROR"
 
 
 async def configure_cluster(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
@@ -35,15 +37,19 @@ async def configure_cluster(ctx: OpContext, body: dict[str, Any]) -> dict[str, A
             raise BadRequestError(f"'connections[{index}]': 'hostname' or 'url' is required")
         wanted.append((conn, conn.get("url") or default_url(str(conn["hostname"]))))
     checked = await asyncio.gather(*(_probe(rep, conn, url) for conn, url in wanted))
-    probes = [error for error, _itself in checked]
-    failures = [error for error in probes if error is not None]
+    failures = [error for error, _itself in checked if error is not None]
     if failures:
         outcomes = []
-        for (conn, url), error in zip(wanted, probes, strict=True):
+        for (conn, url), (error, itself) in zip(wanted, checked, strict=True):
             name = conn.get("hostname") or url
-            outcomes.append({"node_name": name, "error": error} if error is not None else
-                            {"node_name": name, "response": "Reachable; not configured "
-                             "because another connection failed"})
+            if error is not None:
+                outcomes.append({"node_name": name, "error": error})
+            elif itself:
+                outcomes.append({"node_name": name, "response": f"This node "
+                                 f"({rep.node_name}) itself; skipped"})
+            else:
+                outcomes.append({"node_name": name, "response": "Reachable; not "
+                                 "configured because another connection failed"})
         raise ConfigureClusterError(
             f"Configure cluster failed for {len(failures)} connection(s); "
             "no connection was added or removed", connections=outcomes)

@@ -154,6 +154,14 @@ def test_route_to_joined_peer_keeps_replication(node_factory):
              message="both directions still replicate")
     assert peer_names(a) == {"node-b"}
     assert peer_names(b) == {"node-a"}
+    # Deleting that route takes back only what it did (nothing): the peer add_node made
+    # stays, on both sides. Before, it was removed from the cluster and its key barred.
+    a.call("cluster_delete_routes", routes=[b.repl_url])
+    assert a.call("cluster_get_routes") == []
+    assert peer_names(a) == {"node-b"}
+    assert peer_names(b) == {"node-a"}
+    a.call("insert", table="t", records=[{"id": 3}])
+    wait_for(lambda: b.count("t") == 3, timeout=15, message="still replicating")
 
 
 @pytest.mark.parametrize("bad", [[], ["ftp://x:1"], [{"hostname": "h"}], [{"port": 1}], "x"])
@@ -356,3 +364,17 @@ def test_a_route_to_a_known_node_under_another_url_keeps_its_subscriptions(node_
     a.call("cluster_set_routes", routes=[f"wss://localhost:{b.repl_port}"])
     stays(lambda: (connection(a, b.name) or {}).get("subscriptions") is not None
           and (connection(b, a.name) or {}).get("subscriptions") is not None, duration=2)
+
+
+@pytest.mark.timeout(60)
+def test_configure_cluster_with_an_unreachable_peer_is_a_peer_error(node_factory):
+    """A configure_cluster refused because a listed peer cannot be reached answers
+    ``code: "PEER_ERROR"`` as add_node does (README's table of codes), not
+    VALIDATION_ERROR, and reports this node's own entry as skipped."""
+    a = node_factory("node-a")
+    res = a.post({"operation": "configure_cluster", "connections": [
+        _entry(a), {"url": f"wss://127.0.0.1:{free_port()}", "authorization": CREDS}]})
+    assert res.status_code == 400, res.text
+    body = res.json()
+    assert body["code"] == "PEER_ERROR", body
+    assert "itself; skipped" in _outcome_for(body["connections"], a.name)["response"]

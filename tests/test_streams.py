@@ -249,6 +249,9 @@ def test_status_fields_pause_survives_restart_and_replay_from_a_time(pair) -> No
     a.call("replay_replication", hostname="node-b", database="pol", **{"from": before})
     wait_for(lambda: value(a, "t_src", "replayed") == "b", message="replayed from the time")
     a.call("replay_replication", expect=400, hostname="node-b", **{"from": "yesterday"})
+    # ``from_time`` is the older name of ``from``: milliseconds since 1970 work too.
+    a.call("replay_replication", hostname="node-b", database="pol",
+           from_time=int(datetime.now(UTC).timestamp() * 1000))
 
 
 def test_bad_input_is_a_4xx_naming_the_problem(pair) -> None:
@@ -259,7 +262,10 @@ def test_bad_input_is_a_4xx_naming_the_problem(pair) -> None:
     assert "conflict" in bad["error"]
     assert "node-z" in a.call("get_replication_status", expect=400, node="node-z")["error"]
     assert "nope" in a.call("get_replication_status", expect=400, database="nope")["error"]
-    a.call("resolve_conflict", expect=400, id="x", keep="local", record={"v": 1})
+    both = a.call("resolve_conflict", expect=400, id="x", keep="local", record={"v": 1})
+    assert both["error"] == "give only one of 'keep' or 'record'", both
+    neither = a.call("resolve_conflict", expect=400, id="x")
+    assert neither["error"] == "'keep' or 'record' is required", neither
     a.call("resolve_conflict", expect=400, id="x", keep="mine")
     a.call("resolve_conflict", expect=404, id="x", keep="local")
     assert "ids" in a.call("delete_dead_letters", expect=400)["error"]

@@ -184,3 +184,20 @@ def test_rows_written_while_a_peer_did_not_replicate_arrive_once_it_does_again(n
     b.call("insert", table="t1", records=[{"id": 2}])
     wait_for(lambda: by_id(a, "t1", 2) is not None, timeout=15, message="flowing again")
     assert by_id(a, "t1", 1) is not None, "the row written while not replicating was lost"
+
+
+def test_both_sides_of_a_subscribed_pair_show_replicates_true(node_factory):
+    """A peer added with subscriptions reads ``replicates: true`` in cluster_status on
+    both nodes, as in Harper's hdb_nodes rows (the joined node showed ``false`` while
+    the subscribed tables flowed both ways)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t1", primary_key="id")
+    subs = [{"database": "data", "table": "t1", "subscribe": True, "publish": True}]
+    join(b, a, subscriptions=subs)
+    for node, peer in ((b, a), (a, b)):
+        conn = connection(node, peer.name)
+        assert conn is not None and conn["replicates"] is True, (node.name, conn)
+        assert [s["table"] for s in conn["subscriptions"]] == ["t1"], (node.name, conn)
+    b.call("insert", table="t1", records=[{"id": 1}])
+    wait_for(lambda: by_id(a, "t1", 1) is not None, timeout=15, message="t1 flowing")

@@ -843,3 +843,50 @@ def test_a_verify_request_with_a_number_for_a_key_is_refused(node_factory):
                             ("verify_rows", {"ranges": [[1 << 20, None]]})):
         with pytest.raises(PeerError, match="must be bytes, not int"):
             ask(operation, **body)
+
+
+@pytest.mark.timeout(120)
+def test_rows_of_an_origin_the_peer_does_not_take_are_no_difference(node_factory):
+    """node-b takes only t1 from node-a; node-c replicates everything with both. node-a's
+    row of t2 on node-c is no difference from node-b: node-b does not take t2 from
+    node-a, by its own subscriptions, and a repair would not store it there. Before,
+    node-c's verify reported it in every run (its status, metrics and dashboard out of
+    sync for good), while node-b's verify of the same pair said in sync."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    c = node_factory("node-c")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a, subscriptions=[{"database": "data", "table": "t1",
+                               "subscribe": True, "publish": True}])
+    join(c, a)
+    join(b, c)
+    wait_linked([(c, a), (c, b)], databases=("system", "data"))
+    a.call("insert", table="t2", records=[{"id": 1}])
+    wait_for(lambda: c.count("t2") == 1, timeout=15, message="node-a's row on node-c")
+    assert b.count("t2") == 0  # by node-b's subscriptions
+    for node, peer in ((c, b), (b, c)):
+        res = node.call("verify_cluster", database="data", table="t2", nodes=[peer.name])
+        assert res["in_sync"] is True, (node.name, res)
+
+
+@pytest.mark.timeout(120)
+def test_a_verify_that_could_not_reach_the_peer_keeps_the_last_comparison(node_factory):
+    """A verify while the peer is down answers with the error, but the link's
+    ``verified`` in cluster_status stays the last real comparison (README: "as each was
+    last compared"). Before, it became ``in_sync: false`` with 0 differences and stayed
+    so after the peer came back, until the next background verify (10 minutes)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    a.call("create_table", table="t", primary_key="id")
+    join(b, a)
+    wait_linked([(a, b)], databases=("system", "data"))
+    a.call("insert", table="t", records=[{"id": 1}])
+    wait_for(lambda: b.count("t") == 1, timeout=15, message="the row on node-b")
+    assert a.call("verify_cluster", database="data")["in_sync"] is True
+    compared = _socket(a, "node-b", "data")["verified"]
+    assert compared["in_sync"] is True, compared
+    b.close()  # its sockets too: connections are refused, not left in a backlog
+    res = a.call("verify_cluster", database="data")
+    assert res["in_sync"] is False and res["checked"][0].get("error"), res
+    assert _socket(a, "node-b", "data")["verified"] == compared

@@ -241,8 +241,9 @@ class Mesh:
         # ``replicates: false`` (no subscriptions) is mirrored as well: else this node's
         # link kept reading the joiner's log while it published nothing here, its
         # cursor passed what the joiner wrote meanwhile, and replicating again resumed
-        # after it. Older joiners do not send it.
-        settings = {"replicates": subs is None and body.get("replicates") is not False,
+        # after it. Older joiners do not send it. With subscriptions the row replicates
+        # (those tables), as the joiner's own row says and Harper's rows read.
+        settings = {"replicates": subs is not None or body.get("replicates") is not False,
                     "subscriptions": subs,
                     "shard": body.get("shard"), "start_time": body.get("start_time")}
         cert: str | None = None

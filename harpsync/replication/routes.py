@@ -55,7 +55,9 @@ async def connect_route(mesh: Mesh, config: Any, own_url: str, route: Any) -> No
             if name in mesh.rows or name == mesh.node_name:
                 return
             answer = await mesh.join(url, None, True, None, {})
-            await mesh.adopt(answer, url, {"replicates": True, "subscriptions": None})
+            # Marked: deleting the route forgets this peer (and only a peer it paired).
+            await mesh.adopt(answer, url, {"replicates": True, "subscriptions": None,
+                                           "route": True})
             return
         except Exception as exc:
             log.info("route %s not connected yet: %s", url, exc)
@@ -64,10 +66,15 @@ async def connect_route(mesh: Mesh, config: Any, own_url: str, route: Any) -> No
 
 
 async def drop_route(mesh: Mesh, route: Any) -> None:
-    """Forget the peers at a deleted route's URL (both sides)."""
+    """Forget the peers a deleted route paired with, at its URL (both sides).
+
+    A peer joined otherwise (``add_node``, ``configure_cluster``: a route to a known node
+    pairs nothing) stays: before, deleting a route set by mistake to an existing peer
+    removed that peer from the cluster on both sides and barred its key.
+    """
     url = route_url(route)
     for name, row in list(mesh.rows.items()):
-        if row.get("url") == url:
+        if row.get("url") == url and row.get("route"):
             await mesh.forget_node(name, notify=True)
 
 

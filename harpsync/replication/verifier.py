@@ -193,6 +193,7 @@ class Verifier:
                 if pair.peer in down:
                     outcome.in_sync = False
                     outcome.error = f"not compared: {down[pair.peer]}"
+                    outcome.unreached = True  # as the pair that found it down
                     return outcome
                 try:
                     await self._compare(outcome, start_version, deep, repair)
@@ -201,6 +202,7 @@ class Verifier:
                 except HarpsyncError as exc:
                     outcome.in_sync = False
                     outcome.error = exc.message
+                    outcome.unreached = isinstance(exc, PeerError) and outcome.rounds == 0
                 return outcome
 
         outcomes = list(await asyncio.gather(*(one(p) for p in pairs))) + list(extra)
@@ -378,6 +380,7 @@ class Verifier:
             here_caught = pair.direction == PUSH or applied_seq(sub) >= peer_head
             theirs: list[compare.RowState] = []
             peer_applied = 0
+            their_limits: dict[str, Any] = {}
             while len(theirs) < len(keys):
                 answer = await self._ask(outcome, "verify_keys",
                                          keys=keys[len(theirs):len(theirs) + KEY_CHUNK],
@@ -387,12 +390,14 @@ class Verifier:
                     raise BadRequestError(f"{pair.peer} answered verify_keys without rows")
                 theirs.extend(rows)
                 peer_applied = int(answer.get("applied", 0))
+                if isinstance(answer.get("limits"), dict):  # older peers send none
+                    their_limits = answer["limits"]
             db, table = self._same_table(outcome)
             mine = await asyncio.to_thread(compare.read_rows, db, table, keys, False)
             self._same_table(outcome)  # the rows read were of the compared incarnation
             there_caught = pair.direction == PULL or peer_applied >= my_head
             found = await asyncio.to_thread(real_differences, pair, keys, mine, theirs,
-                                            start_version, limits)
+                                            start_version, limits, their_limits)
             keys = [k for k, _m, _t, _s in found]
             if not found or here_caught and there_caught or time.monotonic() > deadline:
                 outcome.differences = found
@@ -511,8 +516,11 @@ class Verifier:
         self.last_run = now
         links: set[tuple[str, str]] = set()
         for o in outcomes:
-            if o.busy:
-                continue  # not compared: the link keeps its last result
+            if o.busy or o.unreached:
+                # Not compared (a copy under way; the peer not reached): the link keeps
+                # its last result. Before, an unreachable peer's link read in_sync:
+                # false with 0 differences until the next background verify.
+                continue
             p = o.pair
             key = (p.peer, p.database, p.table)
             links.add((p.peer, p.database))

@@ -171,7 +171,11 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         found = await asyncio.to_thread(compare.read_rows, db, table, wanted, records,
                                         answer_budget() if records else None)
         target(peer, body)  # still the incarnation asked about once read
-        return {"rows": found, "applied": applied(peer, db.name), "head": db.head_seq}
+        # The origins this node takes only some tables from (not from the peer itself):
+        # their rows the peer holds and this node lacks are no difference (``repair``
+        # below would not store them either), and only this node knows its limits.
+        return {"rows": found, "applied": applied(peer, db.name), "head": db.head_seq,
+                "limits": rep.origin_tables(peer, db.name)}
 
     async def repair(peer: str, body: dict[str, Any]) -> dict[str, Any]:
         db, table = target(peer, body, receive=True)

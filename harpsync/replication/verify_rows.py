@@ -56,6 +56,8 @@ class Outcome:
     # A full copy between the two was under way and the tops differed: nothing was
     # compared (a half-copied table differs in every row not copied yet).
     busy: bool = False
+    # The peer could not be asked at all (unreachable, TLS): nothing was compared.
+    unreached: bool = False
     # The table's incarnation both sides held when compared: a repair writes only into
     # it (a drop and re-create since makes the comparison's rows another table's).
     incarnation: int | None = None
@@ -100,8 +102,13 @@ def candidate_keys(mine_by_range: list[dict[bytes, bytes]], theirs_by_range: lis
 def real_differences(pair: Pair, keys: list[bytes], mine: list[compare.RowState],
                       theirs: list[compare.RowState], start_version: int,
                       limits: dict[str, list[str]],
+                      their_limits: dict[str, Any] | None = None,
                       ) -> list[tuple[bytes, compare.RowState, compare.RowState, int]]:
-    """The candidates that differ as the verify reports them, with the winning side."""
+    """The candidates that differ as the verify reports them, with the winning side.
+
+    ``limits``: the tables this node takes from each origin; ``their_limits``: the
+    peer's (a row either side does not take is no difference: no repair can move it)."""
+    their_limits = their_limits or {}
     found = []
     for key, m, t in zip(keys, mine, theirs, strict=False):
         if not compare.differs(m, t):
@@ -114,6 +121,9 @@ def real_differences(pair: Pair, keys: list[bytes], mine: list[compare.RowState]
             continue  # one-way: the receiver must hold at least the sender's rows
         if side < 0 and t and t[2] in limits and pair.table not in limits[t[2]]:
             continue  # a row of an origin this node does not take this table from
+        if (side > 0 and m and m[2] in their_limits
+                and pair.table not in (their_limits[m[2]] or [])):
+            continue  # ... nor the peer (its verify_repair would refuse it)
         found.append((key, m, t, side))
     return found
 

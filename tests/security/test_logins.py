@@ -41,6 +41,30 @@ def test_http_login_storm_is_throttled_per_address(node_factory):
 
 
 @pytest.mark.timeout(120)
+def test_a_throttled_address_is_refused_even_a_recently_used_password(node_factory):
+    """A password the login cache holds (admin logged in a moment ago) is refused with
+    429 too once the address is throttled, in either spelling of the header, for
+    POST / and the /changes upgrade. Before, it was answered 200 from the cache: every
+    wrong guess got a cheap 429 and the right one a 200, so guessing never slowed."""
+    a = node_factory("node-a")
+    assert _describe(a, ADMIN).status_code == 200  # now in the login cache
+    for _ in range(10):
+        assert _describe(a, ("admin", "guess")).status_code == 401
+    blocked = _describe(a, ADMIN)
+    assert blocked.status_code == 429, blocked.text
+    token = base64.b64encode(f"{ADMIN[0]}:{ADMIN[1]}".encode()).decode()
+    other_spelling = a.client.post(a.url, json={"operation": "describe_all"},
+                                   headers={"Authorization": f"basic  {token}"})
+    assert other_spelling.status_code == 429, other_spelling.text
+    upgrade = a.client.get(a.url + "changes", headers={
+        "Authorization": f"Basic {token}", "Connection": "Upgrade", "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert upgrade.status_code == 429, upgrade.text
+    with _client_from("127.0.0.2") as other:
+        assert _describe(a, ADMIN, other).status_code == 200
+
+
+@pytest.mark.timeout(120)
 def test_join_login_storm_is_throttled(node_factory):
     """Failed joins count like failed logins: after 10, an add_node from that address
     is answered 429 with Retry-After, even with the right credentials."""
