@@ -28,8 +28,10 @@ def parse_version(value: Any) -> int:
         raise BadRequestError("'version' must be an integer or a string of digits")
     if isinstance(value, str):
         # isascii(): str.isdigit() also holds for "²", which int() refuses
-        if not (value.isascii() and value.isdigit()) or len(value) > 20:
+        if not (value.isascii() and value.isdigit()):
             raise BadRequestError("'version' must be an integer or a string of digits")
+        if len(value) > 20:  # (int() of a huge string is slow) past 2^64-1 anyway
+            raise BadRequestError("'version' must be an integer from 0 to 2^64-1")
         value = int(value)
     if not isinstance(value, int) or not 0 <= value < 1 << 64:
         raise BadRequestError("'version' must be an integer from 0 to 2^64-1")

@@ -84,6 +84,7 @@ def test_wait_for_replication_refuses_bad_requests(pair):
     for body, text in (({"nodes": ["ghost"]}, "node 'ghost' is not a peer of this node"),
                        ({"version": str(int(head) + (1 << 40))}, "is newer than any version"),
                        ({"version": "12ab"}, "'version' must be an integer"),
+                       ({"version": "9" * 26}, "'version' must be an integer from 0 to 2^64-1"),
                        ({"database": "nodb"}, "database 'nodb' does not exist")):
         response = wait(a, **{"version": head, "database": "dev", **body})
         assert response.status_code in (400, 404), response.text
