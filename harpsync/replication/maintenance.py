@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from harpsync.replication import peers
 from harpsync.replication.seams import PeerRow
@@ -30,6 +31,15 @@ def ack_floor(acks: Mapping[tuple[str, str], int], rows: Mapping[str, PeerRow],
     floors = [acks.get((name, database), 0) for name, row in list(rows.items())
               if peers.publish_tables(row, database) is not False]
     return min(floors) if floors else None
+
+
+def forget_removed(rows: Mapping[str, PeerRow], *by_peer: dict[Any, Any]) -> None:
+    """Drop what ``by_peer`` maps (keys: a peer name, or ``(peer, database)``) for peers
+    no longer in ``rows``: a peer added again under its name (wiped, say) must not be
+    trusted to hold what its old self acknowledged until it subscribes again."""
+    for table in by_peer:
+        for key in [k for k in table if (k[0] if isinstance(k, tuple) else k) not in rows]:
+            del table[key]
 
 
 async def prune_database(storage: Storage, db: Database, retention_ms: int,

@@ -21,7 +21,7 @@ from harpsync.listening import bind as bind_listener
 from harpsync.replication import peers, routes
 from harpsync.replication.linkcounts import LinkCounts
 from harpsync.replication.linkstore import StorageLinkStore, table_definitions
-from harpsync.replication.maintenance import ack_floor, retention_loop
+from harpsync.replication.maintenance import ack_floor, forget_removed, retention_loop
 from harpsync.replication.membership import NODE_PATH, serve_node_request
 from harpsync.replication.mesh import Mesh
 from harpsync.replication.publisher import Publisher
@@ -257,17 +257,7 @@ class Replicator:
                     sub.start()
             for key in self.counts.forget(wanted, self.rows):
                 self.verified.pop(key, None)
-            self._forget_removed_peers()
-
-    def _forget_removed_peers(self) -> None:
-        """A peer no longer in the table leaves no acknowledgement or position behind:
-        re-added under its name (wiped, say), it must not be trusted to hold what its
-        old self acknowledged until it subscribes again."""
-        for table in (self.acks, self.positions):
-            for key in [k for k in table if k[0] not in self.rows]:
-                del table[key]
-        for name in [n for n in self.gates if n not in self.rows]:
-            del self.gates[name]
+            forget_removed(self.rows, self.acks, self.positions, self.gates)
 
     async def _retire(self, key: tuple[str, str]) -> None:
         """Stop a link; a link re-made for it (update_node) counts on from its counts,
@@ -529,7 +519,6 @@ class Replicator:
         if reset or seq < self.acks.get(key, 0):
             self.acks[key] = 0 if reset else seq
         if reset or seq < self.positions.get(key, 0):
-            # What ``wait_for_replication`` trusts comes down with it as well.
             self.positions[key] = 0 if reset else seq
         elif seq > self.positions.get(key, 0):
             self.positions[key] = seq
