@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from harpsync.replication import peers
 from harpsync.replication.seams import PeerRow
@@ -32,11 +32,35 @@ def ack_floor(acks: Mapping[tuple[str, str], int], rows: Mapping[str, PeerRow],
     return min(floors) if floors else None
 
 
+def limited_tables(rows: Mapping[str, PeerRow], database: str) -> list[list[str]]:
+    """The table lists of ``database`` this node publishes to peers it sends only some
+    tables to. Such a peer's acknowledgement says nothing of the other tables: it read
+    past their deletes without taking them, and may still hold the rows they removed
+    (it took the table before a narrowing). Their tombstones must stay, or a widening
+    later copies those rows back (see :func:`kept_tombstone_tables`)."""
+    out: list[list[str]] = []
+    for row in list(rows.values()):
+        tables = peers.publish_tables(row, database)
+        if tables is not None and tables is not False:
+            out.append(list(tables))
+    return out
+
+
+def kept_tombstone_tables(db: Database, limited: Collection[Collection[str]]) -> set[str]:
+    """The tables of ``db`` some peer receiving the database does not take: their
+    tombstones are not pruned by acknowledgement nor age (a peer narrowed to other
+    tables acknowledges past their deletes without receiving them; the rows it kept
+    would come back when it takes the table again, on it and, by the copy back, here)."""
+    return {name for name in db.tables if any(name not in tables for tables in limited)}
+
+
 async def prune_database(storage: Storage, db: Database, retention_ms: int,
                          acked: int | None, now_ms: float | None = None,
-                         tombstones: bool = True) -> dict[str, int]:
+                         tombstones: bool = True,
+                         keep_tombstones: Collection[str] = ()) -> dict[str, int]:
     """Prune ``db``'s log entries older than ``retention_ms``, and tombstones that are
-    both that old and acknowledged by every peer (``acked``: see :func:`ack_floor`).
+    both that old and acknowledged by every peer (``acked``: see :func:`ack_floor`),
+    except those of the tables in ``keep_tombstones`` (:func:`kept_tombstone_tables`).
 
     Log entries are kept for the whole retention even when every peer has them, so the
     log stays a useful audit trail; a peer away for longer is repaired by a full copy.
@@ -60,7 +84,8 @@ async def prune_database(storage: Storage, db: Database, retention_ms: int,
             tomb_floor = min(tomb_floor, oldest)
     if through <= db.pruned_through() and not tomb_floor:
         return {"entries": 0, "tombstones": 0, "through": db.pruned_through()}
-    job = retention.prune_log_job(db, through, tomb_floor, read_through)
+    job = retention.prune_log_job(db, through, tomb_floor, read_through,
+                                  keep_tables=frozenset(keep_tombstones))
     result: dict[str, int] = await storage.write(job)
     if result["entries"] or result["tombstones"]:
         log.info("pruned %d log entries and %d tombstones of %s through %d",
@@ -70,9 +95,12 @@ async def prune_database(storage: Storage, db: Database, retention_ms: int,
 
 async def retention_loop(storage: Storage, interval: float,
                          retention_ms: Callable[[], int],
-                         acked: Callable[[str], int | None]) -> None:
+                         acked: Callable[[str], int | None],
+                         limited: Callable[[str], list[list[str]]] = lambda _db: [],
+                         ) -> None:
     """Every ``interval`` seconds prune each database's log (tombstones at most every
-    ``TOMBSTONE_EVERY``); ``acked(database)`` is that database's :func:`ack_floor`."""
+    ``TOMBSTONE_EVERY``); ``acked(database)`` is that database's :func:`ack_floor`,
+    ``limited(database)`` its :func:`limited_tables`."""
     last_sweep = time.monotonic()
     while True:
         await asyncio.sleep(interval)
@@ -81,7 +109,8 @@ async def retention_loop(storage: Storage, interval: float,
             last_sweep = time.monotonic()
         for db in list(storage.databases.values()):
             try:
+                keep = kept_tombstone_tables(db, limited(db.name)) if sweep else set()
                 await prune_database(storage, db, retention_ms(), acked(db.name),
-                                     tombstones=sweep)
+                                     tombstones=sweep, keep_tombstones=keep)
             except Exception:
                 log.exception("pruning %s failed", db.name)

@@ -21,7 +21,7 @@ from harpsync.listening import bind as bind_listener
 from harpsync.replication import peers, routes
 from harpsync.replication.linkcounts import LinkCounts
 from harpsync.replication.linkstore import StorageLinkStore, table_definitions
-from harpsync.replication.maintenance import ack_floor, retention_loop
+from harpsync.replication.maintenance import ack_floor, limited_tables, retention_loop
 from harpsync.replication.membership import NODE_PATH, serve_node_request
 from harpsync.replication.mesh import Mesh
 from harpsync.replication.publisher import Publisher
@@ -124,7 +124,7 @@ class Replicator:
         await self.reconcile()
         self.spawn(retention_loop(
             self.storage, self.settings.retention_interval,
-            self.config.retention_ms, self.ack_floor))
+            self.config.retention_ms, self.ack_floor, self.limited_tables))
         self.spawn(self.relays.run())
         for route in self.config.get("replication.routes") or []:
             self.spawn(self.connect_route(route))
@@ -511,6 +511,10 @@ class Replicator:
     def ack_floor(self, database: str) -> int | None:
         """The sequence of ``database``'s log every peer receiving it acknowledged."""
         return ack_floor(self.acks, self.rows, database)
+
+    def limited_tables(self, database: str) -> list[list[str]]:
+        """The table lists of ``database`` published to peers that take only some."""
+        return limited_tables(self.rows, database)
 
     # -- hooks used by links -----------------------------------------------------------
     def note_ack(self, peer: str, database: str, seq: int) -> None:
