@@ -9,6 +9,7 @@ import pytest
 
 from harpsync.replication import maintenance
 from tests.helpers import wait_for
+from tests.lifecycle_util import log_head, log_pruned_through
 from tests.repl_util import by_id, join, wait_linked
 
 SHORT_RETENTION = {"LOGGING_AUDITRETENTION": "1s", "REPLICATION_RETENTIONINTERVAL": "200ms"}
@@ -59,3 +60,35 @@ def test_a_delete_made_while_a_peer_took_no_rows_of_the_table_reaches_it_after_w
     wait_for(lambda: by_id(b, "t2", 3) is not None, timeout=15, message="t2 flowing again")
     assert by_id(a, "t2", 2) is None
     assert by_id(b, "t2", 2) is None, "the delete made while node-b did not take t2 was lost"
+
+
+@pytest.mark.timeout(90)
+def test_a_delete_made_while_a_peer_did_not_replicate_reaches_it_once_it_does_again(
+        node_factory, monkeypatch):
+    """node-b is set not to replicate with node-a; node-a deletes a row and retention
+    runs; node-b replicates again: the row stays deleted on both nodes."""
+    monkeypatch.setattr(maintenance, "TOMBSTONE_EVERY", 0.0)
+    a = node_factory("node-a", env=SHORT_RETENTION)
+    b = node_factory("node-b", env=SHORT_RETENTION)
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    a.call("insert", table="t2", records=[{"id": 1}, {"id": 2}])
+    wait_for(lambda: b.count("t2") == 2, timeout=15, message="t2 rows on node-b")
+
+    b.call("set_node_replication", hostname=a.name, replicates=False)
+    a.call("delete", table="t2", ids=[2])
+    head = log_head(a)
+    # The round that prunes the delete's entry by age sweeps tombstones that old too.
+    wait_for(lambda: log_pruned_through(a) >= head, timeout=20,
+             message="node-a's log pruned past the delete")
+    assert _tombstones(a, "t2") == 1, "node-a pruned a tombstone node-b never received"
+
+    b.call("set_node_replication", hostname=a.name, replicates=True)
+    a.call("insert", table="t2", records=[{"id": 3}])
+    wait_for(lambda: by_id(b, "t2", 3) is not None, timeout=15, message="t2 flowing again")
+    wait_for(lambda: by_id(a, "t2", 1) is not None and by_id(b, "t2", 1) is not None,
+             timeout=5, message="row 1 on both")
+    assert by_id(a, "t2", 2) is None, "the deleted row came back on node-a"
+    assert by_id(b, "t2", 2) is None, "the delete made while node-b did not replicate was lost"

@@ -34,15 +34,23 @@ def ack_floor(acks: Mapping[tuple[str, str], int], rows: Mapping[str, PeerRow],
 
 def limited_tables(rows: Mapping[str, PeerRow], database: str) -> list[list[str]]:
     """The table lists of ``database`` this node publishes to peers it sends only some
-    tables to. Such a peer's acknowledgement says nothing of the other tables: it read
-    past their deletes without taking them, and may still hold the rows they removed
-    (it took the table before a narrowing). Their tombstones must stay, or a widening
-    later copies those rows back (see :func:`kept_tombstone_tables`)."""
+    tables to, ``[]`` for a peer an operator set to take none of it (``replicates:
+    false``, or subscriptions that leave the database out). Such a peer receives no
+    delete of the other tables, and may still hold the rows they removed (it took the
+    table before a narrowing). Their tombstones must stay, or a widening later copies
+    those rows back (see :func:`kept_tombstone_tables`). A node learned by gossip
+    limits nothing: it never took rows from this node directly, and what relays
+    brought it is guarded by the relays' own retention."""
     out: list[list[str]] = []
     for row in list(rows.values()):
         tables = peers.publish_tables(row, database)
-        if tables is not None and tables is not False:
-            out.append(list(tables))
+        if tables is None:
+            continue
+        if tables is False:
+            if not row.get("learned"):
+                out.append([])
+            continue
+        out.append(list(tables))
     return out
 
 
