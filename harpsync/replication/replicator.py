@@ -308,8 +308,24 @@ class Replicator:
         """Held while links are reconciled, and while a link's cursors change (mesh.py)."""
         return self._reconcile_lock
 
-    def _on_database_event(self, _event: str, _name: str) -> None:
-        self.loop.call_soon_threadsafe(lambda: self.spawn(self.reconcile()))
+    def _on_database_event(self, event: str, name: str) -> None:
+        def run() -> None:
+            if event == "dropped":
+                self._forget_positions(name)
+            self.spawn(self.reconcile())
+
+        self.loop.call_soon_threadsafe(run)
+
+    def _forget_positions(self, database: str) -> None:
+        """A dropped database's log is gone, and a new one of that name starts again at
+        sequence 1: no peer holds any of it until it subscribes to it. Kept, a peer's
+        position in the old log covered the new one's first sequences, so
+        ``wait_for_replication`` answered that a peer applied writes it never received
+        (it was down), ``cluster_status`` showed it caught up, and retention pruned
+        tombstones by its old acknowledgement."""
+        for table in (self.acks, self.positions):
+            for key in [k for k in table if k[1] == database]:
+                del table[key]
 
     def table_definitions(self, db: Database) -> dict[str, Any]:
         """The schema our hello describes (tables, drop markers; databases in system)."""
