@@ -92,3 +92,30 @@ def test_a_delete_made_while_a_peer_did_not_replicate_reaches_it_once_it_does_ag
              timeout=5, message="row 1 on both")
     assert by_id(a, "t2", 2) is None, "the deleted row came back on node-a"
     assert by_id(b, "t2", 2) is None, "the delete made while node-b did not replicate was lost"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.xfail(strict=True, reason="not fixed: a removed peer no longer holds tombstone "
+                   "pruning back, and re-adding it copies back the rows deleted meanwhile")
+def test_a_delete_made_while_a_peer_was_removed_survives_its_re_add(node_factory, monkeypatch):
+    """node-b is removed; node-a deletes a row, retention prunes the tombstone; node-b is
+    added again: the row must stay deleted. It comes back on node-a, from node-b's copy
+    (own-origin rows node-a no longer holds are taken as new)."""
+    monkeypatch.setattr(maintenance, "TOMBSTONE_EVERY", 0.0)
+    a = node_factory("node-a", env=SHORT_RETENTION)
+    b = node_factory("node-b", env=SHORT_RETENTION)
+    a.call("create_table", table="t", primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    a.call("insert", table="t", records=[{"id": 1}, {"id": 2}])
+    wait_for(lambda: b.count("t") == 2, timeout=15, message="rows on node-b")
+    a.call("remove_node", hostname=b.name)
+    a.call("delete", table="t", ids=[2])
+    head = log_head(a)
+    wait_for(lambda: log_pruned_through(a) >= head, timeout=20, message="node-a's log pruned")
+    join(b, a)
+    a.call("insert", table="t", records=[{"id": 3}])
+    wait_for(lambda: by_id(b, "t", 3) is not None, timeout=15, message="flowing again")
+    wait_for(lambda: by_id(a, "t", 1) is not None, timeout=5, message="row 1 on node-a")
+    assert by_id(a, "t", 2) is None, "the deleted row came back on node-a"
+    assert by_id(b, "t", 2) is None
