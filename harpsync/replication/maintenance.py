@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from harpsync.replication import peers
@@ -42,11 +42,55 @@ def forget_removed(rows: Mapping[str, PeerRow], *by_peer: dict[Any, Any]) -> Non
             del table[key]
 
 
+def limited_tables(rows: Mapping[str, PeerRow], database: str) -> list[list[str]]:
+    """The table lists of ``database`` this node publishes to peers it sends only some
+    tables to, ``[]`` for a peer an operator set to take none of it (``replicates:
+    false``, or subscriptions that leave the database out). Such a peer receives no
+    delete of the other tables, and may still hold the rows they removed (it took the
+    table before a narrowing). Their tombstones must stay, or a widening later copies
+    those rows back (see :func:`kept_tombstone_tables`). A node learned by gossip
+    limits nothing: it never took rows from this node directly, and what relays
+    brought it is guarded by the relays' own retention."""
+    out: list[list[str]] = []
+    for row in list(rows.values()):
+        tables = peers.publish_tables(row, database)
+        if tables is None:
+            continue
+        if tables is False:
+            if not row.get("learned"):
+                out.append([])
+            continue
+        out.append(list(tables))
+    return out
+
+
+def kept_tombstone_tables(db: Database, limited: Collection[Collection[str]]) -> set[str]:
+    """The tables of ``db`` some peer receiving the database does not take: their
+    tombstones are not pruned by acknowledgement nor age (a peer narrowed to other
+    tables acknowledges past their deletes without receiving them; the rows it kept
+    would come back when it takes the table again, on it and, by the copy back, here)."""
+    return {name for name in db.tables if any(name not in tables for tables in limited)}
+
+
+def forget_database(database: str, *by_link: dict[tuple[str, str], int]) -> None:
+    """Drop what ``by_link`` holds for a dropped database: its log is gone, and a new one
+    of that name starts again at sequence 1, so no peer holds any of it until it
+    subscribes to it. Kept, a peer's position in the old log covered the new one's first
+    sequences: ``wait_for_replication`` answered that a peer applied writes it never
+    received (it was down), ``cluster_status`` showed it caught up, and retention pruned
+    tombstones by its old acknowledgement."""
+    for table in by_link:
+        for key in [k for k in table if k[1] == database]:
+            del table[key]
+
+
 async def prune_database(storage: Storage, db: Database, retention_ms: int,
                          acked: int | None, now_ms: float | None = None,
-                         tombstones: bool = True) -> dict[str, int]:
+                         tombstones: bool = True,
+                         keep_tombstones: Collection[str] = ()) -> dict[str, int]:
     """Prune ``db``'s log entries older than ``retention_ms``, and tombstones that are
-    both that old and acknowledged by every peer (``acked``: see :func:`ack_floor`).
+    both that old and acknowledged by every peer (``acked``: see :func:`ack_floor`),
+    except those of the tables in ``keep_tombstones`` (:func:`kept_tombstone_tables`).
 
     Log entries are kept for the whole retention even when every peer has them, so the
     log stays a useful audit trail; a peer away for longer is repaired by a full copy.
@@ -70,7 +114,8 @@ async def prune_database(storage: Storage, db: Database, retention_ms: int,
             tomb_floor = min(tomb_floor, oldest)
     if through <= db.pruned_through() and not tomb_floor:
         return {"entries": 0, "tombstones": 0, "through": db.pruned_through()}
-    job = retention.prune_log_job(db, through, tomb_floor, read_through)
+    job = retention.prune_log_job(db, through, tomb_floor, read_through,
+                                  keep_tables=frozenset(keep_tombstones))
     result: dict[str, int] = await storage.write(job)
     if result["entries"] or result["tombstones"]:
         log.info("pruned %d log entries and %d tombstones of %s through %d",
@@ -80,9 +125,12 @@ async def prune_database(storage: Storage, db: Database, retention_ms: int,
 
 async def retention_loop(storage: Storage, interval: float,
                          retention_ms: Callable[[], int],
-                         acked: Callable[[str], int | None]) -> None:
+                         acked: Callable[[str], int | None],
+                         limited: Callable[[str], list[list[str]]] = lambda _db: [],
+                         ) -> None:
     """Every ``interval`` seconds prune each database's log (tombstones at most every
-    ``TOMBSTONE_EVERY``); ``acked(database)`` is that database's :func:`ack_floor`."""
+    ``TOMBSTONE_EVERY``); ``acked(database)`` is that database's :func:`ack_floor`,
+    ``limited(database)`` its :func:`limited_tables`."""
     last_sweep = time.monotonic()
     while True:
         await asyncio.sleep(interval)
@@ -91,7 +139,8 @@ async def retention_loop(storage: Storage, interval: float,
             last_sweep = time.monotonic()
         for db in list(storage.databases.values()):
             try:
+                keep = kept_tombstone_tables(db, limited(db.name)) if sweep else set()
                 await prune_database(storage, db, retention_ms(), acked(db.name),
-                                     tombstones=sweep)
+                                     tombstones=sweep, keep_tombstones=keep)
             except Exception:
                 log.exception("pruning %s failed", db.name)

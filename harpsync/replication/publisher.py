@@ -167,14 +167,17 @@ class Publisher:
                                 relay_tables=self._relay_tables(db))
         elif isinstance(event, SubscribeRequested):
             self.origins = event.origins
-            if event.copy or event.after_seq < db.next_seq:  # (past our head: a reset log)
+            if db.dropped:
+                pass  # a position in a dropped log says nothing of the new one's
+            elif event.copy or event.after_seq < db.next_seq:  # (past our head: reset log)
                 self.host.note_position(self.peer, self.database, event.after_seq, event.copy)
             if self._pump is not None:
                 await end_tasks([self._pump])
             self._pump = asyncio.create_task(self._stream(db, event))
         elif isinstance(event, AckReceived):
             self.last_ack_time = time.time()
-            self.host.note_ack(self.peer, self.database, self.acked_seq)
+            if not db.dropped:  # (an ack in flight as the database was dropped)
+                self.host.note_ack(self.peer, self.database, self.acked_seq)
         elif isinstance(event, OperationRequested):
             result, error = await self.host.peer_operation(self.peer, event.body)
             self.session.respond_operation(event.id, result, error)

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from harpsync.errors import BadRequestError
 from harpsync.listening import bind as bind_listener
-from harpsync.replication import peers, routes
+from harpsync.replication import maintenance, peers, routes
 from harpsync.replication.linkcounts import LinkCounts
 from harpsync.replication.linkstore import StorageLinkStore, table_definitions
-from harpsync.replication.maintenance import ack_floor, forget_removed, retention_loop
 from harpsync.replication.membership import NODE_PATH, serve_node_request
 from harpsync.replication.mesh import Mesh
 from harpsync.replication.publisher import Publisher
@@ -122,9 +121,9 @@ class Replicator:
             lambda: deadletters.count(self.storage, deadletters.CONFLICTS),
             lambda: deadletters.count(self.storage, deadletters.DEAD_LETTERS))
         await self.reconcile()
-        self.spawn(retention_loop(
-            self.storage, self.settings.retention_interval,
-            self.config.retention_ms, self.ack_floor))
+        self.spawn(maintenance.retention_loop(
+            self.storage, self.settings.retention_interval, self.config.retention_ms,
+            self.ack_floor, lambda db: maintenance.limited_tables(self.rows, db)))
         self.spawn(self.relays.run())
         for route in self.config.get("replication.routes") or []:
             self.spawn(self.connect_route(route))
@@ -257,7 +256,7 @@ class Replicator:
                     sub.start()
             for key in self.counts.forget(wanted, self.rows):
                 self.verified.pop(key, None)
-            forget_removed(self.rows, self.acks, self.positions, self.gates)
+            maintenance.forget_removed(self.rows, self.acks, self.positions, self.gates)
 
     async def _retire(self, key: tuple[str, str]) -> None:
         """Stop a link; a link re-made for it (update_node) counts on from its counts,
@@ -298,8 +297,13 @@ class Replicator:
         """Held while links are reconciled, and while a link's cursors change (mesh.py)."""
         return self._reconcile_lock
 
-    def _on_database_event(self, _event: str, _name: str) -> None:
-        self.loop.call_soon_threadsafe(lambda: self.spawn(self.reconcile()))
+    def _on_database_event(self, event: str, name: str) -> None:
+        def run() -> None:
+            if event == "dropped":  # a new log of that name starts again at sequence 1
+                maintenance.forget_database(name, self.acks, self.positions)
+            self.spawn(self.reconcile())
+
+        self.loop.call_soon_threadsafe(run)
 
     def table_definitions(self, db: Database) -> dict[str, Any]:
         """The schema our hello describes (tables, drop markers; databases in system)."""
@@ -500,7 +504,7 @@ class Replicator:
 
     def ack_floor(self, database: str) -> int | None:
         """The sequence of ``database``'s log every peer receiving it acknowledged."""
-        return ack_floor(self.acks, self.rows, database)
+        return maintenance.ack_floor(self.acks, self.rows, database)
 
     # -- hooks used by links -----------------------------------------------------------
     def note_ack(self, peer: str, database: str, seq: int) -> None:

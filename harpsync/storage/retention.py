@@ -104,6 +104,7 @@ def oldest_version_after(db: Database, seq: int) -> tuple[int | None, int]:
 
 def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
                   unacked_after: int | None = None,
+                  keep_tables: frozenset[str] = frozenset(),
                   ) -> Callable[[WriteContext], dict[str, int]]:
     """Delete log entries up to ``through_seq``; tombstones with older versions too.
 
@@ -113,7 +114,8 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
     adds those appended since. The log is not in version order (another origin's
     delete can arrive late, stamped before entries peers acknowledged), and a peer that
     has not received such a delete needs its tombstone, from the log or from a full
-    copy after this prune.
+    copy after this prune. The tombstones of ``keep_tables`` stay whatever their age
+    (a peer that does not take such a table acknowledged past its deletes unseen).
     """
 
     def job(ctx: WriteContext) -> dict[str, int]:
@@ -144,7 +146,7 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
         tombs = 0
         if floor:
             for table in list(db.tables.values()):
-                if (db.name, table.name) in KEEP_TOMBSTONES:
+                if (db.name, table.name) in KEEP_TOMBSTONES or table.name in keep_tables:
                     continue
                 tcur = txn.cursor(db=table.tomb_dbi)
                 ok = tcur.first()

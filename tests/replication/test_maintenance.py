@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harpsync.replication.maintenance import ack_floor, prune_database
+from harpsync.replication.maintenance import ack_floor, limited_tables, prune_database
 from harpsync.storage import writes
 from harpsync.storage.store import Storage
 
@@ -31,6 +31,17 @@ def test_ack_floor_ignores_peers_that_do_not_receive_it():
     assert ack_floor({}, rows, "data") is None
     assert ack_floor({}, {}, "data") is None
     assert ack_floor({("b", "other"): 3}, rows, "other") == 3
+
+
+def test_limited_tables_names_what_explicitly_limited_peers_take():
+    """A peer sent some tables of a database names them; one an operator set to take
+    none of it names none; a full peer, and a node learned by gossip, limit nothing."""
+    rows = {"b": {"name": "b", "subscriptions": DATA_ONLY_PUBLISH},
+            "c": {"name": "c", "replicates": False},
+            "d": {"name": "d"},
+            "e": {"name": "e", "learned": True, "replicates": False, "subscriptions": []}}
+    assert sorted(limited_tables(rows, "data")) == [[], ["t"]]
+    assert limited_tables({"d": {"name": "d"}}, "data") == []
 
 
 @pytest.fixture

@@ -1,0 +1,121 @@
+"""Tombstones and subscription changes: a delete made while a peer did not take the
+table still reaches it once it takes the table again, after retention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from harpsync.replication import maintenance
+from tests.helpers import wait_for
+from tests.lifecycle_util import log_head, log_pruned_through
+from tests.repl_util import by_id, join, wait_linked
+
+SHORT_RETENTION = {"LOGGING_AUDITRETENTION": "1s", "REPLICATION_RETENTIONINTERVAL": "200ms"}
+
+
+def _tombstones(node: Any, table: str) -> int:
+    db = node.node.storage.databases["data"]
+    with db.env.begin() as txn:
+        return int(txn.stat(db.tables[table].tomb_dbi)["entries"])
+
+
+def _subs(*tables: str) -> list[dict[str, Any]]:
+    return [{"database": "data", "table": t, "subscribe": True, "publish": True}
+            for t in tables]
+
+
+@pytest.mark.timeout(90)
+def test_a_delete_made_while_a_peer_took_no_rows_of_the_table_reaches_it_after_widening(
+        node_factory, monkeypatch):
+    """node-b stops taking t2 from node-a; node-a deletes a t2 row and retention runs;
+    node-b takes t2 again: the row is gone on node-b too. Before, node-b's narrowed link
+    acknowledged past the delete, node-a pruned its tombstone, and node-b's re-copy of
+    t2 (rows only node-a still holds) left node-b's copy of the row in place for good."""
+    monkeypatch.setattr(maintenance, "TOMBSTONE_EVERY", 0.0)
+    a = node_factory("node-a", env=SHORT_RETENTION)
+    b = node_factory("node-b", env=SHORT_RETENTION)
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    a.call("insert", table="t2", records=[{"id": 1}, {"id": 2}])
+    wait_for(lambda: b.count("t2") == 2, timeout=15, message="t2 rows on node-b")
+
+    b.call("set_node_replication", hostname=a.name, subscriptions=_subs("t1"))
+    a.call("delete", table="t2", ids=[2])
+    assert _tombstones(a, "t2") == 1
+    # A t1 delete after it: once its tombstone is pruned, node-b acknowledged past both
+    # deletes and retention swept the tombstones with that acknowledgement.
+    a.call("insert", table="t1", records=[{"id": 1}])
+    a.call("delete", table="t1", ids=[1])
+    a.call("insert", table="t1", records=[{"id": 9}])
+    wait_for(lambda: _tombstones(a, "t1") == 0, timeout=20,
+             message="node-a's t1 tombstone pruned")
+    assert _tombstones(a, "t2") == 1, "node-a pruned a tombstone node-b never received"
+
+    b.call("set_node_replication", hostname=a.name, subscriptions=_subs("t1", "t2"))
+    a.call("insert", table="t2", records=[{"id": 3}])
+    wait_for(lambda: by_id(b, "t2", 3) is not None, timeout=15, message="t2 flowing again")
+    assert by_id(a, "t2", 2) is None
+    assert by_id(b, "t2", 2) is None, "the delete made while node-b did not take t2 was lost"
+
+
+@pytest.mark.timeout(90)
+def test_a_delete_made_while_a_peer_did_not_replicate_reaches_it_once_it_does_again(
+        node_factory, monkeypatch):
+    """node-b is set not to replicate with node-a; node-a deletes a row and retention
+    runs; node-b replicates again: the row stays deleted on both nodes."""
+    monkeypatch.setattr(maintenance, "TOMBSTONE_EVERY", 0.0)
+    a = node_factory("node-a", env=SHORT_RETENTION)
+    b = node_factory("node-b", env=SHORT_RETENTION)
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    a.call("insert", table="t2", records=[{"id": 1}, {"id": 2}])
+    wait_for(lambda: b.count("t2") == 2, timeout=15, message="t2 rows on node-b")
+
+    b.call("set_node_replication", hostname=a.name, replicates=False)
+    a.call("delete", table="t2", ids=[2])
+    head = log_head(a)
+    # The round that prunes the delete's entry by age sweeps tombstones that old too.
+    wait_for(lambda: log_pruned_through(a) >= head, timeout=20,
+             message="node-a's log pruned past the delete")
+    assert _tombstones(a, "t2") == 1, "node-a pruned a tombstone node-b never received"
+
+    b.call("set_node_replication", hostname=a.name, replicates=True)
+    a.call("insert", table="t2", records=[{"id": 3}])
+    wait_for(lambda: by_id(b, "t2", 3) is not None, timeout=15, message="t2 flowing again")
+    wait_for(lambda: by_id(a, "t2", 1) is not None and by_id(b, "t2", 1) is not None,
+             timeout=5, message="row 1 on both")
+    assert by_id(a, "t2", 2) is None, "the deleted row came back on node-a"
+    assert by_id(b, "t2", 2) is None, "the delete made while node-b did not replicate was lost"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.xfail(strict=True, reason="not fixed: a removed peer no longer holds tombstone "
+                   "pruning back, and re-adding it copies back the rows deleted meanwhile")
+def test_a_delete_made_while_a_peer_was_removed_survives_its_re_add(node_factory, monkeypatch):
+    """node-b is removed; node-a deletes a row, retention prunes the tombstone; node-b is
+    added again: the row must stay deleted. It comes back on node-a, from node-b's copy
+    (own-origin rows node-a no longer holds are taken as new)."""
+    monkeypatch.setattr(maintenance, "TOMBSTONE_EVERY", 0.0)
+    a = node_factory("node-a", env=SHORT_RETENTION)
+    b = node_factory("node-b", env=SHORT_RETENTION)
+    a.call("create_table", table="t", primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    a.call("insert", table="t", records=[{"id": 1}, {"id": 2}])
+    wait_for(lambda: b.count("t") == 2, timeout=15, message="rows on node-b")
+    a.call("remove_node", hostname=b.name)
+    a.call("delete", table="t", ids=[2])
+    head = log_head(a)
+    wait_for(lambda: log_pruned_through(a) >= head, timeout=20, message="node-a's log pruned")
+    join(b, a)
+    a.call("insert", table="t", records=[{"id": 3}])
+    wait_for(lambda: by_id(b, "t", 3) is not None, timeout=15, message="flowing again")
+    wait_for(lambda: by_id(a, "t", 1) is not None, timeout=5, message="row 1 on node-a")
+    assert by_id(a, "t", 2) is None, "the deleted row came back on node-a"
+    assert by_id(b, "t", 2) is None
