@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import random
 import threading
 from collections.abc import Iterator
@@ -890,3 +891,27 @@ def test_a_verify_that_could_not_reach_the_peer_keeps_the_last_comparison(node_f
     res = a.call("verify_cluster", database="data")
     assert res["in_sync"] is False and res["checked"][0].get("error"), res
     assert _socket(a, "node-b", "data")["verified"] == compared
+
+
+def test_no_warning_after_a_copy_from_a_peer_removed_or_a_database_dropped_since(
+        node: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The verification that follows a full copy finds nothing to verify when the peer
+    was removed, or the database dropped, since the copy ended: that is no failure, and
+    logs no warning. Before, "verification after the copy from node-b failed: 'nodes':
+    not peers of this node" (or "database 'dbx' does not exist") was logged at WARNING
+    (lifecycle seeds with --lifecycle-rounds=3: a remove_node or a drop right after a
+    copy)."""
+    caplog.set_level(logging.DEBUG, logger="harpsync.replication.verifier")
+    rep = node.node.cluster
+
+    async def copy_ended() -> None:
+        before = set(rep._background)
+        node.node.verifier.after_copy("node-gone", "data")
+        node.node.verifier.after_copy("node-gone", "nodb")
+        await asyncio.gather(*(set(rep._background) - before), return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(copy_ended(), node.loop).result(10)
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "harpsync.replication.verifier" and r.levelno >= logging.WARNING] \
+        == []
+    assert any("no verification after the copy" in r.getMessage() for r in caplog.records)

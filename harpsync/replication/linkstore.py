@@ -8,7 +8,6 @@ surface; the storage package keeps its own types and jobs (``ingest``, ``deadlet
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,6 +17,7 @@ from harpsync.storage import deadletters, ingest, schema
 from harpsync.storage.conflicts import Review
 from harpsync.storage.ingest import ApplyStats
 from harpsync.storage.store import Storage
+from harpsync.storage.writer import WriteContext
 
 
 class StorageLinkStore:
@@ -48,9 +48,21 @@ class StorageLinkStore:
         await schema.apply_hello(self.storage, database, tables, peer)
 
     async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any]) -> Any:
-        db = self.storage.databases[database]
-        return await self.storage.write(functools.partial(
-            ingest.write_cursor, db=db, peer=peer, cursor=cursor))
+        # The database may be dropped (by a peer, through the system link) while this
+        # link still runs, until the reconcile retires it: the cursor then belongs to
+        # an incarnation that is gone, and is not written (as the apply jobs do). Before,
+        # the lookup raised KeyError and the link failed with a logged traceback; and a
+        # job queued before the drop committed wrote into the dropped environment or,
+        # re-created meanwhile, into the new incarnation.
+        db = self.storage.databases.get(database)
+        if db is None:
+            return None
+
+        def job(ctx: WriteContext) -> None:
+            if self.storage.databases.get(database) is db:
+                ingest.write_cursor(ctx, db=db, peer=peer, cursor=cursor)
+
+        return await self.storage.write(job)
 
     async def apply_entries(self, database: str, peer: str, entries: Entries,
                             origins: Mapping[int, str], cursor: dict[str, Any],

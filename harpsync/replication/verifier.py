@@ -578,6 +578,12 @@ class Verifier:
                         return
                     await asyncio.sleep(1.0)
             except HarpsyncError as exc:
+                if peer not in self.rep.rows or database not in self.storage.databases:
+                    # The peer was removed, or the database dropped, since the copy
+                    # ended: nothing is left to verify, and nothing failed.
+                    log.debug("no verification after the copy from %s: %s", peer,
+                              exc.message)
+                    return
                 log.warning("verification after the copy from %s failed: %s", peer,
                             exc.message)
 

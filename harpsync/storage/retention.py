@@ -67,7 +67,7 @@ class _RemovedVersions:
 def seq_for_time(db: Database, cutoff_version: int) -> int:
     """The highest log sequence whose version is older than ``cutoff_version``."""
     found = 0
-    with db.env.begin() as txn:
+    with db.reading() as txn:
         cur = txn.cursor(db=db.txns_dbi)
         for key, value in cur:
             if codec.unpack(value)[1] >= cutoff_version:
@@ -119,6 +119,8 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
     """
 
     def job(ctx: WriteContext) -> dict[str, int]:
+        if db.closed:  # dropped after this job was queued
+            return {"entries": 0, "tombstones": 0, "through": 0}
         _hold_tail(ctx, db)
         txn = ctx.txn(db)
         floor = tombstones_before

@@ -131,3 +131,16 @@ def test_a_subscribe_from_an_older_cursor_lowers_the_position_barriers_trust(nod
     assert rep.positions[("node-b", "data")] == 0
     rep.note_ack("node-b", "data", 12)
     assert rep.positions[("node-b", "data")] == 12
+
+
+async def test_pruning_a_database_dropped_meanwhile_prunes_nothing_and_does_not_fail(storage):
+    """The retention loop lists the databases, then prunes each: one dropped in between
+    (a peer's drop through the system link) prunes nothing and raises nothing. Before,
+    reading its closed environment raised ``lmdb.Error`` and the loop logged "pruning
+    dbx failed" with a traceback (lifecycle seed 641 with --lifecycle-rounds=3)."""
+    await _writes(storage, 3)
+    db = storage.databases["data"]
+    await storage.drop_database("data")
+    later = storage.hlc.wall_now_ms() + 120_000
+    result = await prune_database(storage, db, retention_ms=60_000, acked=0, now_ms=later)
+    assert result["entries"] == 0 and result["tombstones"] == 0
