@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -175,9 +175,10 @@ class Applier:
             # its next session waits here) must not cancel the jobs, nor their counting.
             await asyncio.wait(list(self._inflight))
 
-    async def _write(self, job: Awaitable[T]) -> T:
+    async def _write(self, job: Awaitable[T],
+                     committed: Callable[[], None] | None = None) -> T:
         """Run one writer job of the store so that ``stop`` can wait for it, even if
-        this task is cancelled."""
+        this task is cancelled (``committed`` runs once the job succeeded, then too)."""
         future = asyncio.ensure_future(job)
         self._inflight.add(future)
         started = time.perf_counter()
@@ -186,6 +187,8 @@ class Applier:
             self._inflight.discard(future)
             self.host.note_apply_seconds(self.peer, self.database,
                                          time.perf_counter() - started)
+            if committed is not None and not _f.cancelled() and _f.exception() is None:
+                committed()
 
         future.add_done_callback(done)
         return await asyncio.shield(future)
@@ -399,8 +402,17 @@ class Applier:
         review = self.host.review(self.peer, self.database)
         job = self.store.apply_rows(self.database, self.peer, table, rows, work.origins, cursor,
                                     self.host.start_floor(self.peer), incarnation, review)
+        progress = self.copy_progress
+
+        def count() -> None:
+            # Counted as the chunk commits, also when this task was cancelled meanwhile
+            # (a pause): the progress shown until the next session began lagged a chunk
+            # behind the rows (and the cursor) committed.
+            if progress is not None:
+                progress["records_copied"] += len(rows)
+
         try:
-            await self._write(job)
+            await self._write(job, count)
             self._attempts.pop((table, rows[0][0]), None)
         except ClockSkewError:
             self.host.note_skew(self.peer, 1)
@@ -417,10 +429,9 @@ class Applier:
             await self._write(self.store.dead_letter(self.database, self.peer, letters,
                                                      cursor))
             self._attempts.pop((table, rows[0][0]), None)
+            count()
             self.owner.report_error(f"dead letter: {error}")
             self.host.note_dead_letters(self.peer, self.database, len(letters))
         self.host.note_review(self.peer, self.database, review)
         if self.database == "system":  # users or roles may have changed: tell the login cache
             self.host.logins_changed()
-        if self.copy_progress is not None:
-            self.copy_progress["records_copied"] += len(rows)
