@@ -520,3 +520,44 @@ async def test_lag_ms_is_the_age_of_the_oldest_entry_not_applied():
     finally:
         store.release.set()
         await sub.retire()
+
+
+class HeldRowsStore(FakeLinkStore):
+    """Copy chunks wait for ``release``: a chunk that commits as the link is paused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.applying = asyncio.Event()
+
+    async def apply_rows(self, *args: Any, **kwargs: Any) -> Any:
+        self.applying.set()
+        await self.release.wait()
+        return await super().apply_rows(*args, **kwargs)
+
+
+async def test_a_copy_chunk_that_commits_as_the_link_pauses_is_counted():
+    """A pause cancels the applier while a copy chunk is in the writer; the chunk still
+    commits (its cursor says so). Its rows count in ``copy_progress``, which status
+    shows until the next session begins: it lagged a chunk behind what was held."""
+    host, store = FakeSubscriberHost(), HeldRowsStore()
+    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
+    sub.start()
+    linked = Linked(sub, host, store)
+    try:
+        peer, _ = await accept(linked)
+        session = publisher(peer)
+        session.begin_copy(7, 3, ["dog"])
+        session.send_copy_rows("dog", [stored_row(1, 50, 1), stored_row(1, 51, 2)], PEER_IDS)
+        await peer.flush()
+        await asyncio.wait_for(store.applying.wait(), WAIT)
+        task = sub._task
+        assert task is not None
+        pausing = asyncio.ensure_future(sub.pause())
+        await until(task.done)  # the link's task is cancelled, its chunk still held
+        store.release.set()
+        await asyncio.wait_for(pausing, WAIT)
+        assert store.cursors[("data", PEER)]["copy"]["copied"] == 2
+        assert sub.copy_progress == {"records_copied": 2, "records_total": 3}
+    finally:
+        await sub.retire()
