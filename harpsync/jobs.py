@@ -118,7 +118,7 @@ class JobManager:
               user_since: int = 0) -> str:
         """Record a new job, start ``work`` in the background, return the job id.
 
-        ``user_since`` tells that user from a later one of the same name (``owns``)."""
+        ``user_since`` tells that user from a later one of the same name (``get``)."""
         stamp = now_ms()
         record: dict[str, Any] = {
             "id": str(uuid.uuid4()), "user": user, "type": kind, "status": IN_PROGRESS,
@@ -176,19 +176,19 @@ class JobManager:
         return {**shown, "start_datetime_converted": iso(record.get("start_datetime")),
                 "end_datetime_converted": iso(record.get("end_datetime"))}
 
-    def owns(self, job_id: str, user: str, user_since: int) -> bool:
-        """Whether the job was started by this user (by name, and by when the user was
-        created: the name may have been dropped and given to someone else since)."""
+    def get(self, job_id: str, owner: tuple[str, int] | None = None,
+            ) -> dict[str, Any] | None:
+        """The job as shown, or None; with ``owner`` (user name, the user row's creation
+        time), None unless that user started it: a name dropped and given to someone
+        else since is another user."""
         running = self.running.get(job_id)
         record = dict(running.record) if running else self.store.get(job_id)
-        if record is None or record.get("user") != user:
-            return False
-        return bool(record.get(USER_SINCE, user_since) == user_since)
-
-    def get(self, job_id: str) -> dict[str, Any] | None:
-        running = self.running.get(job_id)
-        record = dict(running.record) if running else self.store.get(job_id)
-        return self.view(record) if record is not None else None
+        if record is None:
+            return None
+        if owner is not None and (record.get("user") != owner[0]
+                                  or record.get(USER_SINCE, owner[1]) != owner[1]):
+            return None
+        return self.view(record)
 
     def search(self, start_ms: float, end_ms: float) -> list[dict[str, Any]]:
         """Jobs that started within ``[start_ms, end_ms]``, oldest first."""

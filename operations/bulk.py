@@ -184,11 +184,10 @@ async def csv_url_load(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 
 async def get_job(ctx: OpContext, body: dict[str, Any]) -> list[dict[str, Any]]:
     job_id = str(body["id"])
-    record = ctx.services.jobs.get(job_id)
     # Another user's job is as absent as a missing one: ids are not to be probed.
-    if record is None or (not ctx.user.super_user
-                          and not ctx.services.jobs.owns(job_id, ctx.user.username,
-                                                         ctx.user.since)):
+    owner = None if ctx.user.super_user else (ctx.user.username, ctx.user.since)
+    record = ctx.services.jobs.get(job_id, owner)
+    if record is None:
         raise NotFoundError(f"job '{job_id}' not found")
     return [record]
 

@@ -522,18 +522,16 @@ async def test_lag_ms_is_the_age_of_the_oldest_entry_not_applied():
         await sub.retire()
 
 
-class HeldRowsStore(FakeLinkStore):
-    """Copy chunks wait for ``release``: a chunk that commits as the link is paused."""
+class HeldRowsStore(HeldApplyStore):
+    """Copy chunks (not log entries) wait for ``release``: a chunk that commits as the
+    link is paused."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = asyncio.Event()
-        self.applying = asyncio.Event()
+    apply_entries = FakeLinkStore.apply_entries
 
     async def apply_rows(self, *args: Any, **kwargs: Any) -> Any:
         self.applying.set()
         await self.release.wait()
-        return await super().apply_rows(*args, **kwargs)
+        return await FakeLinkStore.apply_rows(self, *args, **kwargs)
 
 
 async def test_a_copy_chunk_that_commits_as_the_link_pauses_is_counted():
