@@ -592,7 +592,7 @@ def test_a_load_stopped_midway_counts_the_batch_being_written(node):
     """A node stopping under a load lets the batch handed to the writer land and counts
     it: the interrupted job's counts are the rows in the table, not one batch fewer."""
     node.call("create_table", database="dev", table="counted", primary_key="id")
-    data = "id,name\n" + "".join(f"{i},name-{i}\n" for i in range(BATCH * 12))
+    data = "id,name\n" + "".join(f"{i},name-{i}\n" for i in range(BATCH * 40))
     job_id = started(node.call("csv_data_load", database="dev", table="counted", data=data))
     wait_for(lambda: node.call("get_job", id=job_id)[0]["progress"]["records"] >= BATCH,
              timeout=30, interval=0.005, message="the first batch")
