@@ -1,5 +1,6 @@
 """The operations API's HTTP/1.1 protocol: uvicorn's httptools one, with the limits on a
-request head that uvicorn leaves out.
+request head that uvicorn leaves out, and an answer's head and body sent in one write
+(``CoalescedTransport``).
 
 Both limits guard what a client can hold before it has logged in (the login is in the
 head): uvicorn times out only the idle time between requests, and keeps every header
@@ -17,6 +18,7 @@ line of a head however many come.
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -42,6 +44,58 @@ def _too_large() -> bytes:
             % (request_id.encode(), len(body))) + body
 
 
+class CoalescedTransport:
+    """A connection's transport whose writes within one event-loop iteration leave in one
+    ``writelines`` (one ``writev``): uvicorn writes a response's head and body separately,
+    and each write on an idle socket is a ``send`` of its own (a tenth of a small
+    request's server CPU, and two segments on the wire).
+
+    Anything else done to the connection (closing it, handing it to a WebSocket, ...)
+    sends what is held first, so bytes leave in the order written.
+    """
+
+    __slots__ = ("_transport", "_loop", "_held")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            self._held = [data]
+            self._loop.call_soon(self.flush)
+        else:
+            held.append(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.writelines(held)
+
+    # The calls made on every request: nothing to send first.
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        self.flush()
+        return getattr(self._transport, name)
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a head timeout and a head size cap (see the
     module docstring). Subclass it with ``head_timeout`` set, one class per server."""
@@ -53,7 +107,8 @@ class GuardedProtocol(HttpToolsProtocol):
     _refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(cast(asyncio.Transport, CoalescedTransport(transport,
+                                                                           self.loop)))
         self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:

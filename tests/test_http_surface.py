@@ -175,3 +175,53 @@ def test_a_body_still_arriving_after_the_answer_is_cut_off(node_factory):
         wait_for(cut_off, timeout=5, interval=0.05, message="the trickling socket closed")
     finally:
         sock.close()
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _request(operation: str, version: str = "1.1") -> bytes:
+    body = json.dumps({"operation": operation}).encode()
+    return (f"POST / HTTP/{version}\r\nHost: x\r\nAuthorization: {AUTH}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
+def test_pipelined_requests_are_answered_whole_and_in_order(node):
+    """Requests sent back to back on one connection get their answers in order, each
+    head with its whole body (answers leave in one write per loop turn)."""
+    sock = socket.create_connection(("127.0.0.1", node.ops_port), timeout=10)
+    try:
+        sock.sendall(_request("describe_all") + _request("user_info")
+                     + _request("describe_all") + _request("no_such_op", "1.0"))
+        data = _read_until_closed(sock)  # HTTP/1.0: the last answer closes
+    finally:
+        sock.close()
+    answers = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        answers.append((head.split(b" ")[1], json.loads(rest[:length])))
+        data = rest[length:]
+    assert [status for status, _ in answers] == [b"200", b"200", b"200", b"400"]
+    assert isinstance(answers[0][1], dict) and answers[1][1]["username"] == ADMIN[0]
+    assert "no_such_op" in answers[3][1]["error"]
+
+
+def test_an_answer_before_the_connection_closes_is_delivered_whole(node):
+    """An HTTP/1.0 request (the connection closes after its answer) gets its whole
+    answer: what is written is sent before the close."""
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", node.ops_port), timeout=10)
+        try:
+            sock.sendall(_request("user_info", "1.0"))
+            head, _, body = _read_until_closed(sock).partition(b"\r\n\r\n")
+        finally:
+            sock.close()
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert json.loads(body)["username"] == ADMIN[0]
