@@ -21,7 +21,12 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedOK,
+    InvalidHandshake,
+    InvalidURI,
+)
 from websockets.protocol import Protocol, Side, State
 
 from harpsync.security import (
@@ -57,6 +62,15 @@ DIAL_ERRORS: tuple[type[BaseException], ...] = (
     OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError, *TLS_ERRORS, EOFError,
     ConnectionClosed,
 )
+# Errors that mean "the network took an open link down" (not a bug: no traceback).
+NETWORK_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionClosed, OSError, asyncio.TimeoutError, EOFError,
+)
+
+
+def closed_cleanly(exc: BaseException) -> bool:
+    """Whether ``exc`` is a link its peer closed normally (close code 1000 or 1001)."""
+    return isinstance(exc, ConnectionClosedOK)
 
 
 class Gate:
