@@ -580,6 +580,13 @@ class Subscriber:
             applied = max(applied, self.caught_up_seq)
         return max(0, self.head_seq - applied)
 
+    @property
+    def lag_unknown(self) -> bool:
+        """Whether the lag is unknown: while the link is paused nothing comes from the
+        peer and its log moves on unseen, so ``lag_txns``/``lag_ms`` would be the last
+        measured before the pause (reports show null instead)."""
+        return self.paused or self.state == LinkState.PAUSED
+
     def lag_ms(self) -> float:
         """The age of the oldest entry received and not applied; with none here (the
         publisher's head is ahead of what arrived), the age of the last one applied.
