@@ -42,7 +42,7 @@ from harpsync.replication.reconnect import (
     backoff_delay,
     describe_error,
 )
-from harpsync.replication.transport import DIAL_ERRORS, NETWORK_ERRORS, Link, closed_cleanly
+from harpsync.replication.transport import DIAL_ERRORS, Link, network_failure
 from harpsync.storage.hlc import wall_ms_of
 from harpsync.tasks import end_tasks
 
@@ -247,12 +247,13 @@ class Subscriber:
                 if self.last_error.startswith("TLS certificate verification failed"):
                     self.last_error += self._tls_hint(self.last_error)
                 unreachable = self.link is None and isinstance(exc, DIAL_ERRORS)
-                if self.link is not None and isinstance(exc, NETWORK_ERRORS):
-                    # An open link the network took down (a keepalive timeout, a reset):
-                    # one line as it drops; the redials that fail meanwhile stay DEBUG.
-                    log.log(logging.INFO if closed_cleanly(exc) else logging.WARNING,
-                            "link %s/%s dropped: %s", self.peer, self.database,
-                            self.last_error)
+                if self.state in (LinkState.STREAMING, LinkState.COPYING) \
+                        and self.link is not None and network_failure(exc):
+                    # A working link the network took down (a keepalive timeout, a
+                    # reset): one line as it drops. Redials that fail meanwhile, and
+                    # closes the peer chose (a refusal names itself), stay DEBUG.
+                    log.warning("link %s/%s dropped: %s", self.peer, self.database,
+                                self.last_error)
                 else:
                     log.debug("link %s/%s: %s", self.peer, self.database, self.last_error)
             except StorageError as exc:  # a full database: retried, logged once

@@ -21,12 +21,7 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import (
-    ConnectionClosed,
-    ConnectionClosedOK,
-    InvalidHandshake,
-    InvalidURI,
-)
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import Protocol, Side, State
 
 from harpsync.security import (
@@ -62,15 +57,15 @@ DIAL_ERRORS: tuple[type[BaseException], ...] = (
     OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError, *TLS_ERRORS, EOFError,
     ConnectionClosed,
 )
-# Errors that mean "the network took an open link down" (not a bug: no traceback).
-NETWORK_ERRORS: tuple[type[BaseException], ...] = (
-    ConnectionClosed, OSError, asyncio.TimeoutError, EOFError,
-)
 
 
-def closed_cleanly(exc: BaseException) -> bool:
-    """Whether ``exc`` is a link its peer closed normally (close code 1000 or 1001)."""
-    return isinstance(exc, ConnectionClosedOK)
+def network_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means the network took an open link down: a keepalive timeout or
+    a socket that closed without the peer's close frame, a reset, a timeout. A close the
+    peer sent (a shutdown, a refusal with its reason) is not one."""
+    if isinstance(exc, ConnectionClosed):
+        return exc.rcvd is None
+    return isinstance(exc, OSError | asyncio.TimeoutError | EOFError)
 
 
 class Gate:
