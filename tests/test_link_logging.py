@@ -37,8 +37,9 @@ def test_a_peer_that_stops_answering_is_one_warning_line_per_link_without_a_trac
                authorization=CREDS)
         a.call("insert", table="t1", records=[{"id": 1}])
         wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=30, message="row 1 on node-b")
-        wait_for(lambda: _link_state(b, a.name, "system") == "streaming", timeout=30,
-                 message="node-b's system link streaming")
+        wait_for(lambda: _link_state(b, a.name, "system") == "streaming"
+                 and _link_state(b, a.name, "data") == "streaming", timeout=30,
+                 message="node-b's links streaming")
         caplog.clear()
         caplog.set_level(logging.DEBUG)
         to_a.stall()
