@@ -249,9 +249,8 @@ class Subscriber:
                 unreachable = self.link is None and isinstance(exc, DIAL_ERRORS)
                 if self.state in (LinkState.STREAMING, LinkState.COPYING) \
                         and self.link is not None and network_failure(exc):
-                    # A working link the network took down (a keepalive timeout, a
-                    # reset): one line as it drops. Redials that fail meanwhile, and
-                    # closes the peer chose (a refusal names itself), stay DEBUG.
+                    # A working link the network took down: one line. Failed redials
+                    # and closes the peer sent (a refusal) stay DEBUG.
                     log.warning("link %s/%s dropped: %s", self.peer, self.database,
                                 self.last_error)
                 else:
@@ -583,9 +582,8 @@ class Subscriber:
 
     @property
     def lag_unknown(self) -> bool:
-        """Whether the lag is unknown: while the link is paused nothing comes from the
-        peer and its log moves on unseen, so ``lag_txns``/``lag_ms`` would be the last
-        measured before the pause (reports show null instead)."""
+        """Paused: nothing comes from the peer, whose log moves on unseen, so reports
+        show the lag as null, not the last measured before the pause."""
         return self.paused or self.state == LinkState.PAUSED
 
     def lag_ms(self) -> float:
