@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,20 @@ def first_start_version(now_ms: int) -> int:
     beats every first-start row. Mirrored around 2020-01-01, so positive until 2069.
     """
     return ms_to_version(max(1, 2 * FIRST_START_EPOCH_MS - now_ms))
+
+
+def active_super_users(users: Iterable[dict[str, Any]],
+                       roles: Iterable[dict[str, Any]]) -> list[str]:
+    """The usernames of ``users`` (``hdb_user`` rows) that are active and hold a role of
+    ``roles`` (``hdb_role`` rows) with the ``super_user`` permission."""
+    permissions = {str(r.get("id")): r.get("permission") for r in roles}
+    out = []
+    for user in users:
+        permission = permissions.get(str(user.get("role")))
+        if (user.get("active", True) and isinstance(permission, dict)
+                and permission.get("super_user")):
+            out.append(str(user.get("username")))
+    return out
 
 
 @dataclass(frozen=True)

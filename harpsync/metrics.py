@@ -59,6 +59,10 @@ class Metrics:
         self.compression_ratio = Gauge("harpsync_replication_compression_ratio",
                                        "Wire bytes per decoded byte received on the link",
                                        ["peer", "database"], registry=r)
+        self.paused = Gauge("harpsync_replication_paused",
+                            "1 while an operator has the link paused (its lag is unknown "
+                            "then: harpsync_replication_lag_txns has no sample)",
+                            ["peer", "database"], registry=r)
         self.connected = Gauge("harpsync_replication_connected",
                                "1 while the link is connected", ["peer", "database"],
                                registry=r)
@@ -151,6 +155,16 @@ class Metrics:
         self.copy_done.labels(peer, database).set(progress.get("records_copied", 0))
         self.copy_expected.labels(peer, database).set(progress.get("records_total", 0))
 
+    def set_lag(self, peer: str, database: str, lag_txns: int | None) -> None:
+        """The link's lag and paused gauges; ``None`` (paused: the lag is unknown)
+        removes the lag series rather than keep the last value measured."""
+        self.paused.labels(peer, database).set(1 if lag_txns is None else 0)
+        if lag_txns is not None:
+            self.lag_txns.labels(peer, database).set(lag_txns)
+        else:
+            with contextlib.suppress(KeyError):
+                self.lag_txns.remove(peer, database)
+
     def set_compression_ratio(self, peer: str, database: str, ratio: float | None) -> None:
         """The link's current session's ratio; ``None`` (the link is down, or its new
         session received nothing yet) removes the series rather than keep the last."""
@@ -164,7 +178,7 @@ class Metrics:
         """Drop the per-link gauges of links not in ``links`` (``(peer, database)``): a
         removed peer or dropped database must not show its last values forever."""
         for key in self._links - links:
-            for gauge in (self.lag_txns, self.connected, self.compression_ratio,
+            for gauge in (self.lag_txns, self.paused, self.connected, self.compression_ratio,
                           self.copying, self.copy_done, self.copy_expected):
                 with contextlib.suppress(KeyError):  # never set for this link
                     gauge.remove(*key)

@@ -21,7 +21,7 @@ import uvicorn
 
 from harpsync import procinfo, requests_ctx
 from harpsync.app import build_app
-from harpsync.auth import SUPER_ROLE, Authenticator, first_start_version
+from harpsync.auth import SUPER_ROLE, Authenticator, active_super_users, first_start_version
 from harpsync.config import Config
 from harpsync.dispatch import Dispatcher
 from harpsync.errors import ConfigError
@@ -311,6 +311,12 @@ class Node:
 
     # -- first start -------------------------------------------------------------------
     async def _bootstrap_users(self) -> None:
+        """First start: the ``super_user`` role and the configured admin, at the
+        first-start version. Later starts: if no active super user is left (two nodes
+        each dropped a different one at once, each check passing on its own node), the
+        configured admin is made again at the clock's version, so it beats the drops
+        and replicates (the last-super-user check cannot see a peer's concurrent change).
+        """
         version = first_start_version(self.storage.hlc.wall_now_ms())
         db, roles = self.storage.table(SYSTEM, "hdb_role")
         if not reads.get_by_ids(db, roles, [SUPER_ROLE]):
@@ -318,9 +324,21 @@ class Node:
             await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_role",
                                                           [role], "insert", None, version))
         db, user_table = self.storage.table(SYSTEM, "hdb_user")
-        if next(reads.scan(db, user_table), None) is not None:
+        users = list(reads.scan(db, user_table))
+        if active_super_users(users, reads.scan(db, roles)):
             return
+        first = not users and db.tombstone_count(user_table) == 0
         username = self.env.get("HDB_ADMIN_USERNAME") or "admin"
+        role_row = reads.get_by_ids(db, roles, [SUPER_ROLE])
+        if not first:
+            log.warning("no active super_user is left (super users dropped or demoted on "
+                        "two nodes at once?): recreating super user '%s' from "
+                        "HDB_ADMIN_USERNAME/HDB_ADMIN_PASSWORD", username)
+        if not first and not active_super_users(
+                [{"username": username, "role": SUPER_ROLE}], role_row):
+            role = {"id": SUPER_ROLE, "role": SUPER_ROLE, "permission": {"super_user": True}}
+            await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_role",
+                                                          [role], "upsert", None))
         password = self.env.get("HDB_ADMIN_PASSWORD")
         if not password:
             password = secrets.token_urlsafe(18)
@@ -330,8 +348,9 @@ class Node:
         record = {"username": username, "password": await asyncio.to_thread(hash_password,
                                                                               password),
                   "role": SUPER_ROLE, "active": True}
-        await self.storage.write(writes.write_records(self.storage, SYSTEM, "hdb_user",
-                                                      [record], "insert", None, version))
+        await self.storage.write(writes.write_records(
+            self.storage, SYSTEM, "hdb_user", [record], "insert" if first else "upsert",
+            None, version if first else None))
 
     def listeners_up(self) -> dict[str, bool]:
         """Whether each listener accepts connections (``GET /ready``)."""

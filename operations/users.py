@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from harpsync.auth import SUPER_ROLE
+from harpsync.auth import SUPER_ROLE, active_super_users
 from harpsync.dispatch import OpContext, Operation
 from harpsync.errors import BadRequestError, ConflictError, NotFoundError
 from harpsync.passwords import hash_password
@@ -44,8 +44,9 @@ def _keep_a_super_user(ctx: OpContext, users: dict[str, dict[str, Any] | None],
     ``roles`` maps a role id to its new permission. Without a super user nobody could
     manage users, roles, schema or the cluster again, short of editing the database.
     """
-    permissions = {str(r.get("id")): r.get("permission") for r in _records(ctx, "hdb_role")}
-    permissions.update(roles)
+    role_rows = [{**r, "permission": roles[str(r.get("id"))]} if str(r.get("id")) in roles
+                 else r for r in _records(ctx, "hdb_role")]
+    after = []
     for record in _records(ctx, "hdb_user"):
         name = str(record.get("username"))
         if name in users:
@@ -53,10 +54,9 @@ def _keep_a_super_user(ctx: OpContext, users: dict[str, dict[str, Any] | None],
             if changed is None:
                 continue
             record = {**record, **changed}
-        permission = permissions.get(str(record.get("role")))
-        if (record.get("active", True) and isinstance(permission, dict)
-                and permission.get("super_user")):
-            return
+        after.append(record)
+    if active_super_users(after, role_rows):
+        return
     raise BadRequestError(f"Cannot {what}: no active super_user would be left to manage "
                           "this node; make another user a super_user first")
 

@@ -17,7 +17,9 @@ class TcpProxy:
     ``cut()`` closes every forwarded connection and refuses new ones (accepted, then
     closed at once); ``heal()`` forwards again. ``reply_delay`` (seconds) holds each
     chunk the target sends back for that long, ``request_delay`` each chunk sent to the
-    target: a slow path, one way.
+    target: a slow path, one way. ``stall()`` holds every chunk, both ways, with the
+    connections left open (a peer that stops answering, as behind a partition) until
+    ``unstall()``.
     """
 
     def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
@@ -34,6 +36,8 @@ class TcpProxy:
         self.reply_delay = 0.0
         self.request_delay = 0.0
         self._closed = threading.Event()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._thread = threading.Thread(target=self._accept_loop, daemon=True,
@@ -56,6 +60,12 @@ class TcpProxy:
 
     def heal(self) -> None:
         self._cut.clear()
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def unstall(self) -> None:
+        self._flowing.set()
 
     def close(self) -> None:
         self._closed.set()
@@ -92,6 +102,8 @@ class TcpProxy:
         sender.start()
         try:
             while True:
+                while not self._flowing.is_set() and not self._closed.is_set():
+                    self._flowing.wait(0.05)  # stalled: nothing read, the sender's buffers fill
                 data = src.recv(65536)
                 delay = self.reply_delay if reply else self.request_delay
                 chunks.put((time.monotonic() + delay, data))
@@ -115,4 +127,6 @@ class TcpProxy:
                 if not data:
                     return
                 self._closed.wait(max(0.0, due - time.monotonic()))  # the injected latency
+                while not self._flowing.is_set() and not self._closed.is_set():
+                    self._flowing.wait(0.05)  # stalled
                 dst.sendall(data)

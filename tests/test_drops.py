@@ -501,3 +501,37 @@ def test_a_drop_and_re_create_between_hello_and_copy_reaches_the_copying_peer(no
         assert "new" in _attributes(b, "t1") and by_id(b, "t1", 4) is None
     finally:
         to_a.close()
+
+
+def test_reprocessing_a_dead_letter_of_a_table_dropped_since_fails_and_keeps_it(node_factory):
+    """A dead letter whose table was dropped afterwards (also when it was re-created) can
+    never apply: reprocess reports it failed, naming the drop, and keeps it (it may hold
+    the only copy of the change; delete_dead_letters removes it). A letter of another
+    table in the same call still applies. Before, the stale op was skipped, the letter
+    deleted and counted as succeeded."""
+    a = node_factory("node-a")
+    for table in ("gone", "kept", "again"):
+        a.call("create_table", table=table, primary_key="id")
+    storage = a.node.storage
+    db = storage.databases["data"]
+    letters = [deadletters.dead_letter(
+        "node-b", "data", "node-b", storage.hlc.now(), None,
+        [[table, "upsert", 7, {"id": 7, "v": table}, db.tables[table].version]],
+        "test: held back") for table in ("gone", "kept", "again")]
+    _on_loop(a, storage.write(deadletters.record_job(
+        storage, "data", "node-b", letters, db.cursor("node-b"))))
+    a.call("drop_table", table="gone")
+    a.call("drop_table", table="again")
+    a.call("create_table", table="again", primary_key="id")
+    done = a.call("reprocess_dead_letters", node="node-b")
+    assert (done["succeeded"], done["failed"]) == (1, 2), done
+    assert done["message"] == "reprocessed 1 of 3 dead letters", done
+    by_id_ = {f["id"]: f["error"] for f in done["failures"]}
+    for letter, table in ((letters[0], "gone"), (letters[2], "again")):
+        assert f"table 'data.{table}' was dropped after this change" in by_id_[letter["id"]]
+    assert (by_id(a, "kept", 7) or {}).get("v") == "kept"
+    assert by_id(a, "again", 7) is None
+    left = a.call("list_dead_letters")["dead_letters"]
+    assert sorted(d["table"] for d in left) == ["again", "gone"]
+    again = a.call("reprocess_dead_letters", node="node-b")  # the same answer again
+    assert (again["succeeded"], again["failed"]) == (0, 2), again

@@ -153,3 +153,49 @@ def test_a_pause_and_resume_is_not_counted_as_a_reconnect(cluster):
     a.call("resume_replication", hostname="node-b", database="data")
     wait_for(lambda: _socket(a, "node-b")["state"] == "streaming", message="streaming again")
     assert _samples(a).get(RECONNECTS, 0) == before
+
+
+LAG = 'harpsync_replication_lag_txns{database="data",peer="node-b"}'
+PAUSED = 'harpsync_replication_paused{database="data",peer="node-b"}'
+
+
+def _status_entry(node: Any, peer: str, database: str = "data") -> dict[str, Any]:
+    [entry] = node.call("get_replication_status", node=peer, database=database)["streams"]
+    return dict(entry)
+
+
+def test_a_paused_link_shows_its_lag_unknown_not_the_last_measured(cluster):
+    """While a link is paused nothing comes from the peer, whose log moves on unseen: the
+    lag is unknown. cluster_status shows ``lag_txns``/``lag_ms`` null with the paused
+    state, get_replication_status ``lag_events``/``lag_seconds`` null, /health's link
+    ``lag_txns`` null, and /metrics drops the lag series and shows
+    ``harpsync_replication_paused`` 1. Before, all of them showed the lag measured before
+    the pause (0 here, with node-b three writes ahead) as if current."""
+    a, b = cluster(2)
+    a.call("create_table", table="dog", primary_key="id")
+    wait_for(lambda: has_table(b, "dog"), message="dog on node-b")
+    b.call("insert", table="dog", records=[{"id": 1}])
+    wait_for(lambda: _socket(a, "node-b")["state"] == "streaming"
+             and _socket(a, "node-b")["lag_txns"] == 0 and a.count("dog") == 1,
+             message="streaming, caught up")
+    a.call("pause_replication", hostname="node-b", database="data")
+    wait_for(lambda: _socket(a, "node-b")["state"] == "paused", message="paused")
+    for i in range(2, 5):
+        b.call("insert", table="dog", records=[{"id": i}])
+    sock = _socket(a, "node-b")
+    assert sock["lag_txns"] is None and sock["lag_ms"] is None, sock
+    entry = _status_entry(a, "node-b")
+    assert entry["state"] == "paused"
+    assert entry["lag_events"] is None and entry["lag_seconds"] is None, entry
+    [link] = [x for x in a.client.get(a.url + "health").json()["peers"]
+              if x["node"] == "node-b" and x["database"] == "data"]
+    assert link["state"] == "paused" and link["lag_txns"] is None, link
+    samples = _samples(a)
+    assert LAG not in samples and samples[PAUSED] == 1
+    a.call("resume_replication", hostname="node-b", database="data")
+    wait_for(lambda: a.count("dog") == 4 and _socket(a, "node-b")["lag_txns"] == 0,
+             timeout=20, message="resumed and caught up")
+    assert _socket(a, "node-b")["lag_ms"] == 0
+    assert _status_entry(a, "node-b")["lag_events"] == 0
+    samples = _samples(a)
+    assert samples[LAG] == 0 and samples[PAUSED] == 0

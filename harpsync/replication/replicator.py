@@ -586,7 +586,8 @@ class Replicator:
         out = []
         for (peer, database), sub in sorted(self.subscribers.items()):
             out.append({"node": peer, "database": database, "connected": sub.connected,
-                        "state": sub.state, "lag_txns": sub.lag_txns()})
+                        "state": sub.state,
+                        "lag_txns": None if sub.lag_unknown else sub.lag_txns()})
         return out
 
 

@@ -44,8 +44,9 @@ def _socket(rep: StatusSource, sub: Subscriber) -> dict[str, Any]:
         "lastReceivedStatus": "Receiving" if sub.lag_txns() else "Waiting",
         "backPressurePercent": round(100 * sub.backlog() / QUEUE_LIMIT),
         "state": sub.state,
-        "lag_ms": round(sub.lag_ms(), 1),
-        "lag_txns": sub.lag_txns(),
+        # Null while paused: unknown, not the last lag measured before the pause.
+        "lag_ms": None if sub.lag_unknown else round(sub.lag_ms(), 1),
+        "lag_txns": None if sub.lag_unknown else sub.lag_txns(),
         "sent_seq": pub.sent_seq if pub else 0,
         "received_seq": sub.received_seq,
         "committed_seq": sub.committed_seq,
@@ -65,7 +66,7 @@ def _socket(rep: StatusSource, sub: Subscriber) -> dict[str, Any]:
     if verified is not None:
         out["verified"] = {**verified, "at": http_date(verified["at"])}
     return {k: v for k, v in out.items() if v is not None
-            or k in ("last_error", "last_error_at", "latency")}
+            or k in ("last_error", "last_error_at", "latency", "lag_ms", "lag_txns")}
 
 
 def _acked(rep: StatusSource, sub: Subscriber, pub: Publisher | None) -> int:
@@ -91,7 +92,7 @@ def refresh_gauges(rep: StatusSource) -> None:
                                        in list(rep.storage.databases.items())
                                        for table in list(db.tables)})
     for (peer, database), sub in sorted(links.items()):
-        metrics.lag_txns.labels(peer, database).set(sub.lag_txns())
+        metrics.set_lag(peer, database, None if sub.lag_unknown else sub.lag_txns())
         rep.counts.sync_bytes((peer, database), sub.bytes_received)
         metrics.connected.labels(peer, database).set(1 if sub.connected else 0)
         ratio = sub.session.compression_ratio if sub.connected and sub.session else None

@@ -42,7 +42,7 @@ from harpsync.replication.reconnect import (
     backoff_delay,
     describe_error,
 )
-from harpsync.replication.transport import DIAL_ERRORS, Link
+from harpsync.replication.transport import DIAL_ERRORS, Link, network_failure
 from harpsync.storage.hlc import wall_ms_of
 from harpsync.tasks import end_tasks
 
@@ -247,7 +247,14 @@ class Subscriber:
                 if self.last_error.startswith("TLS certificate verification failed"):
                     self.last_error += self._tls_hint(self.last_error)
                 unreachable = self.link is None and isinstance(exc, DIAL_ERRORS)
-                log.debug("link %s/%s: %s", self.peer, self.database, self.last_error)
+                if self.state in (LinkState.STREAMING, LinkState.COPYING) \
+                        and self.link is not None and network_failure(exc):
+                    # A working link the network took down: one line. Failed redials
+                    # and closes the peer sent (a refusal) stay DEBUG.
+                    log.warning("link %s/%s dropped: %s", self.peer, self.database,
+                                self.last_error)
+                else:
+                    log.debug("link %s/%s: %s", self.peer, self.database, self.last_error)
             except StorageError as exc:  # a full database: retried, logged once
                 error = describe_error(exc)
                 if error != self.last_error:
@@ -572,6 +579,12 @@ class Subscriber:
         if self.applier.queue.empty() and self.caught_up_seq >= self.received_seq:
             applied = max(applied, self.caught_up_seq)
         return max(0, self.head_seq - applied)
+
+    @property
+    def lag_unknown(self) -> bool:
+        """Paused: nothing comes from the peer, whose log moves on unseen, so reports
+        show the lag as null, not the last measured before the pause."""
+        return self.paused or self.state == LinkState.PAUSED
 
     def lag_ms(self) -> float:
         """The age of the oldest entry received and not applied; with none here (the

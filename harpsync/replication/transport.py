@@ -59,6 +59,15 @@ DIAL_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def network_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means the network took an open link down: a keepalive timeout or
+    a socket that closed without the peer's close frame, a reset, a timeout. A close the
+    peer sent (a shutdown, a refusal with its reason) is not one."""
+    if isinstance(exc, ConnectionClosed):
+        return exc.rcvd is None
+    return isinstance(exc, OSError | asyncio.TimeoutError | EOFError)
+
+
 class Gate:
     """Caps on accepted sockets: unauthenticated ones per client address, all in total."""
 

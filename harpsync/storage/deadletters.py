@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from harpsync import codec
-from harpsync.storage import ingest
+from harpsync.storage import ingest, schema
 from harpsync.storage.conflicts import (
     CONFLICTS,
     Review,
@@ -35,6 +35,27 @@ DEAD_LETTERS = "hdb_dead_letters"
 
 class RefusedAgainError(ValueError):
     """A reprocessed change was refused by its policy again."""
+
+
+class DroppedSinceError(ValueError):
+    """Every op of a reprocessed change writes to a table dropped after it."""
+
+
+# Ops that change schema rather than rows of one table incarnation.
+_SCHEMA_KINDS = frozenset(("create_table", "drop_table", "create_database", "drop_database"))
+
+
+def _dropped_since(ctx: WriteContext, db: Database, ops: list[Any]) -> list[str]:
+    """The tables ``ops`` write to, when every op is a data op on a table incarnation
+    dropped after it (the link skips such ops: the drop superseded them); else []."""
+    data = [op for op in ops if isinstance(op, list) and len(op) >= 3
+            and op[1] not in _SCHEMA_KINDS]
+    if not data or len(data) != len(ops):
+        return []
+    for op in data:
+        if not schema.stale_op(ctx, db, op[0], op[4] if len(op) > 4 else None):
+            return []
+    return sorted({f"{db.name}.{op[0]}" for op in data})
 
 
 def dead_letter(peer: str, database: str, origin: str | None, version: int, user: Any,
@@ -125,6 +146,7 @@ def reprocess_job(storage: Storage, row: dict[str, Any], review: Review | None,
 
     Raises:
         RefusedAgainError: the policy refused it again (the row stays).
+        DroppedSinceError: its table was dropped after it (the row stays).
         UnknownTableError, ValueError, ...: it still cannot be applied.
     """
     opened: list[str] = []
@@ -146,6 +168,13 @@ def reprocess_job(storage: Storage, row: dict[str, Any], review: Review | None,
         if not row.get("node") or not row.get("ops"):
             raise ValueError("the change's origin or operations could not be read")
         origin, version = str(row["node"]), int(row["version"])
+        dropped = _dropped_since(ctx, db, row["ops"])
+        if dropped:  # nothing can apply it, ever: say so and keep the row for the operator
+            raise DroppedSinceError(
+                f"table{'s' if len(dropped) > 1 else ''} "
+                f"{', '.join(repr(t) for t in dropped)} was dropped after this "
+                "change: nothing applied (the dead letter is kept; delete_dead_letters "
+                "removes it)")
         stats = ingest.ApplyStats()
         origin_id = ingest.local_origin(ctx, db, origin)
         if ingest.drop_first(storage, ctx, row["ops"], version, origin_id, stats):
@@ -223,7 +252,6 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-__all__ = ["AGAIN", "CONFLICTS", "DEAD_LETTERS", "RefusedAgainError", "count", "dead_letter",
-           "delete_job", "entry_letters", "record_job", "refuser", "reprocess", "reprocess_job",
-           "row_letters",
-           "rows_of", "select", "summary"]
+__all__ = ["AGAIN", "CONFLICTS", "DEAD_LETTERS", "DroppedSinceError", "RefusedAgainError",
+           "count", "dead_letter", "delete_job", "entry_letters", "record_job", "refuser",
+           "reprocess", "reprocess_job", "row_letters", "rows_of", "select", "summary"]

@@ -1,0 +1,76 @@
+"""The last super user across a cluster: two nodes each dropping a different super user
+at once both pass their own check, and once both drops replicate none is left. A node
+that starts with no active super user recreates its configured admin."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from tests.helpers import ADMIN, wait_for
+from tests.repl_util import join, wait_linked
+
+SECOND = ("second", "second-password")
+
+
+def _users(node: Any) -> set[str]:
+    return {u["username"] for u in node.call("list_users")}
+
+
+def _status(node: Any, auth: tuple[str, str]) -> int:
+    return node.post({"operation": "list_users"}, auth=auth).status_code
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("others", [True, False], ids=["other-users", "no-user-left"])
+def test_a_node_starting_with_no_super_user_recreates_its_configured_admin(
+        node_factory: Any, caplog: pytest.LogCaptureFixture, others: bool) -> None:
+    """With other users left, the node used to start without a super user (401 for
+    all); with none left, it wrote its first-start admin at the first-start version,
+    older than the drop: only on itself, as every peer kept the newer drop."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system",))
+    kept = {"reader"} if others else set()
+    if others:
+        a.call("add_role", role="reader", permission={"super_user": False})
+        a.call("add_user", username="reader", password="reader-password", role="reader")
+    a.call("add_user", username=SECOND[0], password=SECOND[1], role="super_user")
+    wait_for(lambda: {SECOND[0], *kept} <= _users(b), message="the users on node-b")
+    # A partition: neither node hears the other's user changes.
+    a.call("pause_replication", hostname=b.name, database="system")
+    b.call("pause_replication", hostname=a.name, database="system")
+    # Each node still sees two super users, so each drop passes its check.
+    assert a.post({"operation": "drop_user", "username": ADMIN[0]},
+                  auth=SECOND).status_code == 200
+    assert b.post({"operation": "drop_user", "username": SECOND[0]},
+                  auth=ADMIN).status_code == 200
+    a.post({"operation": "resume_replication", "hostname": b.name, "database": "system"},
+           auth=SECOND)
+    b.post({"operation": "resume_replication", "hostname": a.name, "database": "system"},
+           auth=ADMIN)
+    # Both drops replicate: no super user is left anywhere.
+    for node in (a, b):
+        wait_for(lambda node=node: _status(node, ADMIN) == 401
+                 and _status(node, SECOND) == 401, timeout=30,
+                 message=f"both drops on {node.name}")
+    # The recovery: restart one node with HDB_ADMIN_USERNAME/HDB_ADMIN_PASSWORD set (the
+    # test nodes always have them). It recreates that admin, which replicates.
+    caplog.set_level(logging.WARNING, logger="harpsync")
+    a.restart()
+    assert _status(a, ADMIN) == 200
+    recreated = [r.getMessage() for r in caplog.records
+                 if "no active super_user" in r.getMessage()]
+    assert len(recreated) == 1 and f"'{ADMIN[0]}'" in recreated[0], recreated
+    assert "test-password" not in recreated[0]
+    wait_for(lambda: _status(b, ADMIN) == 200, timeout=30,
+             message="the recreated admin on node-b")
+    # A restart with a super user in place changes nothing.
+    a.call("alter_user", username=ADMIN[0], password="changed-password")
+    a.restart()
+    assert _status(a, ADMIN) == 401 and _status(a, (ADMIN[0], "changed-password")) == 200
+    users = a.post({"operation": "list_users"}, auth=(ADMIN[0], "changed-password")).json()
+    assert {u["username"] for u in users} == {ADMIN[0], *kept}
