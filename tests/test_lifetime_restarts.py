@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.helpers import wait_for
@@ -77,3 +78,74 @@ def test_a_re_create_made_with_the_clock_set_back_survives_the_peer(node_factory
     wait_linked([(a, b), (b, a)], ("system", "data"))
     stays(lambda: by_id(a, "t", 7) is not None and by_id(b, "t", 7) is not None,
           duration=1.0)
+
+
+@pytest.mark.timeout(120)
+def test_a_database_re_created_by_a_job_killed_between_its_commits_reaches_the_peer(
+        node_factory):
+    """node-a drops database d and creates d.t again; SIGKILL between the new
+    environment's commit (its creation version and t) and system's (the create's log
+    entry): after a restart d.t exists on node-a with no trace of the old rows, and
+    node-b, which applied the drop, learns the new incarnation and its rows."""
+    a = node_factory("node-a", process=True)
+    b = node_factory("node-b", process=True)
+    a.call("create_table", database="d", table="t", primary_key="id")
+    a.call("insert", database="d", table="t", records=[{"id": 1}])
+    join(b, a)
+    wait_for(lambda: by_id(b, "t", 1, "d") is not None, timeout=20, message="d.t on node-b")
+    a.call("drop_database", database="d")
+    wait_for(lambda: not has_table(b, "t", "d"), timeout=20, message="d dropped on node-b")
+    a.stop()
+    a.extra_env["HARPSYNC_CRASH_AT"] = "between_commits"
+    a.start()
+    with pytest.raises(httpx.HTTPError):  # no answer: it died between the two commits
+        a.post({"operation": "create_table", "database": "d", "table": "t",
+                "primary_key": "id"})
+    assert a.proc is not None and a.proc.wait(30) == 137
+    del a.extra_env["HARPSYNC_CRASH_AT"]
+    a.start()
+    assert has_table(a, "t", "d") and a.count("t", "d") == 0
+    a.call("insert", database="d", table="t", records=[{"id": 2}])
+    wait_for(lambda: by_id(b, "t", 2, "d") is not None, timeout=30,
+             message="the new incarnation's row on node-b")
+    stays(lambda: by_id(b, "t", 1, "d") is None and b.count("t", "d") == 1, duration=1.0)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("retry_on", ["node-a", "node-b"])
+def test_a_widening_killed_before_it_was_saved_and_retried_copies_the_rows(node_factory,
+                                                                          retry_on):
+    """node-a widens what it replicates with node-b (t1 to every table) and is killed
+    after node-b took the change, before node-a saved it (``adopt``). node-b re-copied
+    from node-a as it heard of it, but node-a came back with its old row and sent t1
+    only: node-b's cursor passed t2's rows. The operator retries (on either node) and
+    it succeeds: t2's rows written before must reach node-b. Before, node-b's row was
+    already wide, so it kept its cursor and never got them."""
+    a = node_factory("node-a", process=True)
+    b = node_factory("node-b", process=True)
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    a.call("insert", table="t2", records=[{"id": 1, "v": "before"}])
+    join(b, a, subscriptions=[{"database": "data", "table": "t1",
+                               "subscribe": True, "publish": True}])
+    a.call("insert", table="t1", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20, message="t1 flowing")
+    a.stop()
+    a.extra_env["HARPSYNC_CRASH_AT"] = "adopt"
+    a.start()
+    with pytest.raises(httpx.HTTPError):  # killed once node-b answered
+        a.post({"operation": "set_node_replication", "hostname": b.name,
+                "replicates": True})
+    assert a.proc is not None and a.proc.wait(30) == 137
+    del a.extra_env["HARPSYNC_CRASH_AT"]
+    a.start()
+    wait_linked([(a, b), (b, a)], ("system", "data"), timeout=30)
+    if retry_on == "node-a":
+        a.call("set_node_replication", hostname=b.name, replicates=True)
+    else:
+        b.call("set_node_replication", hostname=a.name, replicates=True)
+    a.call("insert", table="t2", records=[{"id": 2, "v": "after"}])
+    wait_for(lambda: by_id(b, "t2", 2) is not None, timeout=30, message="t2 flowing")
+    wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=30,
+             message="t2's row written before the widening on node-b")
+
