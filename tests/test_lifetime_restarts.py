@@ -3,6 +3,7 @@ in the middle of lifecycle operations, real subprocess nodes."""
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import httpx
@@ -149,3 +150,40 @@ def test_a_widening_killed_before_it_was_saved_and_retried_copies_the_rows(node_
     wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=30,
              message="t2's row written before the widening on node-b")
 
+
+@pytest.mark.timeout(150)
+def test_a_remove_killed_before_the_cursors_went_does_not_skip_a_new_node_s_log(
+        node_factory):
+    """node-a removes node-b and is killed between deleting its row and forgetting its
+    cursors. node-b is then wiped and comes back with a new log, longer than node-a's
+    old cursor, and node-a adds it again: node-a must read the new log from its start.
+    Before, the old cursor survived the kill and node-a resumed after it, skipping
+    node-b's first writes for good."""
+    a = node_factory("node-a", process=True)
+    b = node_factory("node-b", process=True)
+    a.call("create_table", table="t", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    for i in range(5):
+        b.call("insert", table="t", records=[{"id": i}])
+    wait_for(lambda: a.count("t") == 5, timeout=20, message="node-b's rows on node-a")
+    a.stop()
+    a.extra_env["HARPSYNC_CRASH_AT"] = "forget_node"
+    a.start()
+    with pytest.raises(httpx.HTTPError):
+        a.post({"operation": "remove_node", "hostname": b.name})
+    assert a.proc is not None and a.proc.wait(30) == 137
+    del a.extra_env["HARPSYNC_CRASH_AT"]
+    a.start()
+    b.kill()
+    shutil.rmtree(b.root)  # a new node-b: new keys, a new log
+    b.start()
+    b.call("create_table", table="t", primary_key="id")
+    for i in range(100, 120):
+        b.call("insert", table="t", records=[{"id": i}])
+    b.restart()  # its log as this process opens it is past node-a's old cursor
+    join(a, b)
+    wait_for(lambda: by_id(a, "t", 119) is not None, timeout=30,
+             message="the new node-b's last row on node-a")
+    missing = [i for i in range(100, 120) if by_id(a, "t", i) is None]
+    assert not missing, f"node-a skipped node-b's rows {missing}"
