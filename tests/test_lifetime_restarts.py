@@ -55,30 +55,38 @@ def test_a_drop_made_with_the_clock_set_back_drops_it_on_the_peer(node_factory, 
           duration=1.0)
 
 
-@pytest.mark.timeout(120)
-def test_a_re_create_made_with_the_clock_set_back_survives_the_peer(node_factory):
-    """node-b drops t; node-a, restarted with its clock 5 minutes back, creates t again
-    and writes a row: the new incarnation must be newer than the drop. Before, it was
-    older: node-b ignored the create (and held the row back as a write to a table it
-    had not learned), and node-b's next hello carried the drop marker, which dropped
-    node-a's new table with its row."""
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("what", ["table", "database"])
+def test_a_re_create_made_with_the_clock_set_back_survives_the_peer(node_factory, what):
+    """node-b drops t (or database d2); node-a, restarted with its clock 5 minutes back,
+    creates t again and writes a row: the new incarnation must be newer than the drop.
+    Before, it was older: node-b ignored the create (and held the row back as a write
+    to a table it had not learned), and node-b's next hello carried the drop marker,
+    which dropped node-a's new table with its row; a database re-created that way was
+    deleted by node-a's own next start, as one whose drop outlived its files."""
     a, b = _pair(node_factory)
-    b.call("create_table", table="t", primary_key="id")
-    wait_for(lambda: has_table(a, "t"), timeout=20, message="t on node-a")
-    b.call("drop_table", table="t")
-    wait_for(lambda: not has_table(a, "t"), timeout=20, message="t dropped on node-a")
+    database = "data" if what == "table" else "d2"
+    b.call("create_table", database=database, table="t", primary_key="id")
+    wait_for(lambda: has_table(a, "t", database), timeout=20, message="t on node-a")
+    if what == "table":
+        b.call("drop_table", database=database, table="t")
+    else:
+        b.call("drop_database", database=database)
+    wait_for(lambda: not has_table(a, "t", database), timeout=20,
+             message="t dropped on node-a")
     a.stop()
     a.extra_env.update(BACK)
     a.start()
-    wait_linked([(a, b), (b, a)], ("system", "data"))
-    a.call("create_table", table="t", primary_key="id")
-    a.call("insert", table="t", records=[{"id": 7}])
-    wait_for(lambda: by_id(b, "t", 7) is not None, timeout=20, message="the row on node-b")
-    b.stop()
-    b.start()
-    wait_linked([(a, b), (b, a)], ("system", "data"))
-    stays(lambda: by_id(a, "t", 7) is not None and by_id(b, "t", 7) is not None,
-          duration=1.0)
+    wait_linked([(a, b), (b, a)], ("system",))
+    a.call("create_table", database=database, table="t", primary_key="id")
+    a.call("insert", database=database, table="t", records=[{"id": 7}])
+    wait_for(lambda: by_id(b, "t", 7, database) is not None, timeout=20,
+             message="the row on node-b")
+    a.restart()
+    b.restart()
+    wait_linked([(a, b), (b, a)], ("system", database))
+    stays(lambda: by_id(a, "t", 7, database) is not None
+          and by_id(b, "t", 7, database) is not None, duration=1.0)
 
 
 @pytest.mark.timeout(120)
