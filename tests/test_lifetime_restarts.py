@@ -195,3 +195,31 @@ def test_a_remove_killed_before_the_cursors_went_does_not_skip_a_new_node_s_log(
              message="the new node-b's last row on node-a")
     missing = [i for i in range(100, 120) if by_id(a, "t", i) is None]
     assert not missing, f"node-a skipped node-b's rows {missing}"
+
+
+@pytest.mark.timeout(150)
+def test_an_add_node_killed_before_it_was_saved_can_be_retried(node_factory):
+    """node-a's add_node of node-b is killed once node-b recorded node-a (and signed its
+    certificate) but before node-a recorded node-b: after a restart node-a has no row
+    for node-b and replicates nothing with it; the retried add_node pairs them and the
+    rows written meanwhile flow both ways."""
+    a = node_factory("node-a", process=True)
+    b = node_factory("node-b", process=True)
+    a.call("create_table", table="t", primary_key="id")
+    a.call("insert", table="t", records=[{"id": 1}])
+    a.stop()
+    a.extra_env["HARPSYNC_CRASH_AT"] = "adopt"
+    a.start()
+    with pytest.raises(httpx.HTTPError):
+        a.post({"operation": "add_node", "hostname": b.name, "url": b.repl_url,
+                "verify_tls": False,
+                "authorization": {"username": "admin", "password": "test-password"}})
+    assert a.proc is not None and a.proc.wait(30) == 137
+    del a.extra_env["HARPSYNC_CRASH_AT"]
+    a.start()
+    assert a.call("cluster_status")["connections"] == []
+    b.call("create_table", table="u", primary_key="id")
+    b.call("insert", table="u", records=[{"id": 2}])
+    join(a, b)
+    wait_for(lambda: by_id(b, "t", 1) is not None, timeout=30, message="t's row on node-b")
+    wait_for(lambda: by_id(a, "u", 2) is not None, timeout=30, message="u's row on node-a")
