@@ -497,17 +497,20 @@ class Mesh:
             self.keys.bar_pin(str(row["pin"]))
         with contextlib.suppress(ValueError):  # if it comes back, it signs a new one
             self.keys.forget_peer_signed_cert(name)
-        async with self._host.reconcile_lock:
-            # Its cursors go too: if it comes back, it may be a new node with a new log.
-            # The links stop (in-flight writes done) first, or one could write it back.
-            # Before the row: a node killed between keeps the peer, whose links copy
-            # again; the other way round the cursors outlived the row, and a new node
-            # of that name, added later, was read from the old cursor on.
-            await self._host.stop_links(name)
-            await self._forget_cursors(name, include_system=True)
-            crash_point("forget_node")
-            await self.storage.write(writes.delete_records(self.storage, SYSTEM, "hdb_nodes",
-                                                           [name], None))
-            self.rows.pop(name, None)
-        await self._host.reconcile()
+        try:
+            async with self._host.reconcile_lock:
+                # Its cursors go too: if it comes back, it may be a new node with a new
+                # log. The links stop (in-flight writes done) first, or one could write
+                # it back. Before the row: a node killed between keeps the peer, whose
+                # links copy again; the other way round the cursors outlived the row,
+                # and a new node of that name, added later, was read from the old
+                # cursor on.
+                await self._host.stop_links(name)
+                await self._forget_cursors(name, include_system=True)
+                crash_point("forget_node")
+                await self.storage.write(writes.delete_records(
+                    self.storage, SYSTEM, "hdb_nodes", [name], None))
+                self.rows.pop(name, None)
+        finally:  # a failed write (a full disk) leaves the peer: its links start again
+            await self._host.reconcile()
         await self._host.drop_inbound(name, "node removed")
