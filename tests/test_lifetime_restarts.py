@@ -10,7 +10,15 @@ import httpx
 import pytest
 
 from tests.helpers import wait_for
-from tests.repl_util import by_id, has_table, join, stays, wait_linked
+from tests.repl_util import (
+    all_records,
+    by_id,
+    has_table,
+    insert_batches,
+    join,
+    stays,
+    wait_linked,
+)
 
 BACK = {"HARPSYNC_CLOCK_OFFSET_MS": "-300000"}  # 5 minutes, past the 60 s skew bound
 
@@ -223,3 +231,37 @@ def test_an_add_node_killed_before_it_was_saved_can_be_retried(node_factory):
     join(a, b)
     wait_for(lambda: by_id(b, "t", 1) is not None, timeout=30, message="t's row on node-b")
     wait_for(lambda: by_id(a, "u", 2) is not None, timeout=30, message="u's row on node-a")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("what", ["table", "database"])
+def test_a_copy_killed_part_way_resumes_after_its_table_was_dropped_and_re_created(
+        node_factory, what):
+    """node-b is SIGKILLed part-way through its first copy of t; while it is down node-a
+    drops t (or its database) and creates it again with five rows (ids below where the
+    copy stopped). node-b resumes: it holds exactly the new incarnation's rows."""
+    a = node_factory("node-a", process=True)
+    b = node_factory("node-b", process=True)
+    total = 40_000
+    a.call("create_table", table="t", primary_key="id")
+    insert_batches(a, "t", 1, total, batch=2000)
+
+    def partial() -> bool:
+        res = b.post({"operation": "describe_table", "table": "t"})
+        return res.status_code == 200 and 2_000 < res.json()["record_count"] < total
+
+    join(b, a)
+    wait_for(partial, timeout=60, interval=0.005, message="node-b part-way through the copy")
+    b.kill()
+    if what == "table":
+        a.call("drop_table", table="t")
+    else:
+        a.call("drop_database", database="data")
+    a.call("create_table", table="t", primary_key="id")
+    a.call("insert", table="t", records=[{"id": i, "v": "new"} for i in range(1, 6)])
+    b.start()
+    wait_for(lambda: b.count("t") == 5, timeout=60, message="node-b holding the new rows")
+    a.call("insert", table="t", records=[{"id": 6, "v": "new"}])
+    wait_for(lambda: by_id(b, "t", 6) is not None, timeout=30, message="the stream on")
+    stays(lambda: b.count("t") == 6, duration=1.0)
+    assert {r["v"] for r in all_records(b, "t")} == {"new"}
