@@ -94,14 +94,16 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
     # must already see what this node now publishes (see Mesh.stage_settings).
     # Only what decides what flows (certificate revocations etc. apply once saved: the
     # peer must still be recognised while it is told).
-    rep.stage_settings({**old, "replicates": new["replicates"],
-                        "subscriptions": new["subscriptions"]})
+    resync = rep.stage_settings({**old, "replicates": new["replicates"],
+                                 "subscriptions": new["subscriptions"]})
     try:
         # The peer's row takes shard and start_time from the join: send the kept ones,
         # or an update naming neither cleared them there (and the peer's next re-copy
         # took this node's rows from before the start_time).
+        # ``resync``: what flows changed here, so the peer copies again even if it saved
+        # these settings already (a first attempt killed this node before it saved).
         extra = {**body, "shard": new.get("shard"), "start_time": new.get("start_time"),
-                 "replicates": new["replicates"]}
+                 "replicates": new["replicates"], "resync": resync}
         # A url in the body is where the peer is now (its address changed): join it
         # there and record it. Before, the join went to the old address (and failed, or
         # reported success for a url it never used).

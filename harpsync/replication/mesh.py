@@ -31,6 +31,7 @@ from harpsync.storage.ingest import forget_cursor
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_stored
 from harpsync.storage.store import SYSTEM, Storage
+from harpsync.storage.writer import crash_point
 
 if TYPE_CHECKING:
     from harpsync.auth import Authenticator
@@ -268,7 +269,11 @@ class Mesh:
                    "serials": serials, **settings}
         else:
             row = {"name": name, **settings}
-        await self._replace_row({**row, "learned": False})
+        # ``resync``: the joiner's own settings changed, so both sides copy again even
+        # when this row is unchanged (see ``_replace_row``); the answer says whether
+        # this side did, for the joiner to follow.
+        resync = await self._replace_row({**row, "learned": False},
+                                         resync=body.get("resync") is True)
         # The joiner's other nodes: one add_node joins this node to its whole mesh.
         await self.learn_nodes(list(body.get("nodes", [])), reconcile=False)
         await self._host.reconcile(restart_peer=name if existed else None)
@@ -276,7 +281,7 @@ class Mesh:
             await self._host.drop_inbound(name, "node re-joined")
         self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
         return {"node": self.node_name, "url": self._host.url, "ca": self.keys.ca_pem.decode(),
-                "cert": cert,
+                "cert": cert, "resync": resync,
                 "nodes": [peers.identity(r) for n, r in self.rows.items() if n != name]}
 
     async def join(self, url: str, credentials: tuple[str, str] | None, verify: bool,
@@ -296,6 +301,8 @@ class Mesh:
             "shard": extra.get("shard"), "start_time": extra.get("start_time"),
             "nodes": [peers.identity(r) for r in self.rows.values() if r.get("url") != url],
         }
+        if extra.get("resync") is True:
+            body["resync"] = True
         if credentials is not None:
             body["authorization"] = list(credentials)
         return await node_request(self._host, url, body, verify=verify,
@@ -324,6 +331,7 @@ class Mesh:
         socket, which must be named after the peer and signed by the CA it answered
         with (or, when the row exists already, the pin must match: node_request checked).
         """
+        crash_point("adopt")  # the peer has the settings, this node not yet (tests)
         name = str(answer["node"])
         server: PeerCert | None = answer.pop("__server_cert__", None)
         existing = self.rows.get(name)
@@ -348,7 +356,8 @@ class Mesh:
             self.keys.store_peer_signed_cert(name, answer["cert"])
         existed = existing is not None
         await self._replace_row({**row, "name": name, "url": url, "ca": str(answer["ca"]),
-                                 "learned": False, **pin_fields})
+                                 "learned": False, **pin_fields},
+                                resync=answer.get("resync") is True)
         await self.learn_nodes(list(answer.get("nodes", [])), reconcile=False)
         await self._host.reconcile(restart_peer=name if existed else None)
         if existed:  # settings such as revoked_certificates apply to its sockets now
@@ -356,7 +365,7 @@ class Mesh:
         self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
         return name
 
-    def stage_settings(self, row: dict[str, Any]) -> None:
+    def stage_settings(self, row: dict[str, Any]) -> bool:
         """Use an operator's new settings for a known peer here BEFORE telling the peer,
         in memory only; ``adopt`` saves them (and forgets cursors if the subscriptions
         changed) once the peer has them too, ``unstage_settings`` drops them.
@@ -366,10 +375,14 @@ class Mesh:
         or the peer's cursor passes rows written while they were not published and they
         never arrive (lifecycle seeds 77 and 88). This node's own re-copy waits for
         ``adopt``, when the peer publishes what it now subscribes to.
+
+        Returns whether what flows changed from the saved row: the join then asks the
+        peer to copy again (``resync``) even if its own row already says the same.
         """
         name = str(row["name"])
-        self._staged.setdefault(name, self.rows.get(name))
+        saved = self._staged.setdefault(name, self.rows.get(name))
         self.rows[name] = row
+        return saved is not None and _flows(saved) != _flows(row)
 
     def unstage_settings(self, name: str) -> None:
         """Back to the saved row (telling the peer failed)."""
@@ -378,7 +391,7 @@ class Mesh:
             if old is not None:
                 self.rows[name] = old
 
-    async def _replace_row(self, row: dict[str, Any]) -> None:
+    async def _replace_row(self, row: dict[str, Any], resync: bool = False) -> bool:
         """Save an operator-made row. When the peer's subscriptions change, its cursors
         go: tables that now replicate must arrive with their history, so the links
         start with a full copy (merged by last-writer-wins, so nothing here is lost).
@@ -386,12 +399,19 @@ class Mesh:
         The links are stopped first, and their in-flight apply jobs finished, so no
         late cursor write can bring a forgotten cursor back (which would skip the
         copy); the reconcile lock keeps them from restarting until the row is saved.
+
+        ``resync``: forget the cursors even if this row's flows did not change, because
+        the other side's did. A change is saved on the two nodes one after the other,
+        so a node killed between (its peer saved it, it did not) comes back with its old
+        row and the peer's re-copy passes what that row did not publish; when the
+        operator retries, the peer's row is already the new one. Returns whether the
+        cursors went.
         """
         name = str(row["name"])
         async with self._host.reconcile_lock:
             # Compare with the row the links last ran with, not a staged one.
             old = self._staged.pop(name) if name in self._staged else self.rows.get(name)
-            changed = old is not None and _flows(old) != _flows(row)
+            changed = old is not None and (resync or _flows(old) != _flows(row))
             if changed:
                 await self._host.stop_links(name)
                 await self._forget_cursors(name, include_system=False)
@@ -403,6 +423,7 @@ class Mesh:
                 # ``name`` past writes it no longer carried, and the direct link,
                 # once back, skipped those for good).
                 await self._host.drop_relaying(name, f"subscriptions from {name} changed")
+        return changed
 
     async def _forget_cursors(self, name: str, include_system: bool) -> None:
         for db in list(self.storage.databases.values()):
@@ -476,13 +497,20 @@ class Mesh:
             self.keys.bar_pin(str(row["pin"]))
         with contextlib.suppress(ValueError):  # if it comes back, it signs a new one
             self.keys.forget_peer_signed_cert(name)
-        async with self._host.reconcile_lock:
-            await self.storage.write(writes.delete_records(self.storage, SYSTEM, "hdb_nodes",
-                                                           [name], None))
-            self.rows.pop(name, None)
-            # Its cursors go too: if it comes back, it may be a new node with a new log.
-            # The links stop (in-flight writes done) first, or one could write it back.
-            await self._host.stop_links(name)
-            await self._forget_cursors(name, include_system=True)
-        await self._host.reconcile()
+        try:
+            async with self._host.reconcile_lock:
+                # Its cursors go too: if it comes back, it may be a new node with a new
+                # log. The links stop (in-flight writes done) first, or one could write
+                # it back. Before the row: a node killed between keeps the peer, whose
+                # links copy again; the other way round the cursors outlived the row,
+                # and a new node of that name, added later, was read from the old
+                # cursor on.
+                await self._host.stop_links(name)
+                await self._forget_cursors(name, include_system=True)
+                crash_point("forget_node")
+                await self.storage.write(writes.delete_records(
+                    self.storage, SYSTEM, "hdb_nodes", [name], None))
+                self.rows.pop(name, None)
+        finally:  # a failed write (a full disk) leaves the peer: its links start again
+            await self._host.reconcile()
         await self._host.drop_inbound(name, "node removed")

@@ -323,8 +323,10 @@ class Storage:
         """A local create of ``name``: a version newer than any drop of it."""
         if name not in self.pending_envs:
             raise BadRequestError(f"database '{name}' changed concurrently; retry")
-        self.hlc.observe(self.database_marker(ctx, name))
-        return self.create_database_in(ctx, name, self.hlc.now(), LOCAL_ORIGIN, True)
+        # ``now_after``, not the clock: with the clock set back across a restart (past
+        # the skew bound) the version must still beat the drop, or peers ignore it.
+        version = self.hlc.now_after(self.database_marker(ctx, name))
+        return self.create_database_in(ctx, name, version, LOCAL_ORIGIN, True)
 
     async def create_database(self, name: str) -> None:
         def prepare() -> None:
@@ -378,11 +380,12 @@ class Storage:
                 raise BadRequestError(f"Table '{name}' already exists in '{db_name}'")
             if name not in db.handles:
                 raise BadRequestError(f"Table '{name}' changed concurrently; retry")
-            # A new incarnation must be newer than every drop of the name.
-            self.hlc.observe(db.table_marker(ctx.txn(db), name))
+            # A new incarnation must be newer than every drop of the name, whatever the
+            # clock says (it may have been set back across a restart).
+            version = self.hlc.now_after(db.table_marker(ctx.txn(db), name))
             self.create_table_in(ctx, db, name, {"primary_key": primary_key,
                                                  "attributes": attributes},
-                                 self.hlc.now(), LOCAL_ORIGIN, log_it)
+                                 version, LOCAL_ORIGIN, log_it)
             return "created"
 
         return fn, prepare
@@ -411,8 +414,11 @@ class Storage:
 
     async def drop_table(self, db_name: str, name: str) -> None:
         def fn(ctx: WriteContext) -> None:
-            db, _ = self.table(db_name, name)
-            self.drop_table_in(ctx, db, name, self.hlc.now(), LOCAL_ORIGIN, True)
+            db, table = self.table(db_name, name)
+            # Newer than the incarnation it drops (a peer's create, stamped past a clock
+            # set back across a restart): an older drop leaves it standing on peers.
+            self.drop_table_in(ctx, db, name, self.hlc.now_after(table.version),
+                               LOCAL_ORIGIN, True)
 
         await self.write(fn)
 
@@ -440,7 +446,9 @@ class Storage:
 
     async def drop_database(self, name: str) -> None:
         def fn(ctx: WriteContext) -> None:
-            self.database(name)
-            self.drop_database_in(ctx, name, self.hlc.now(), LOCAL_ORIGIN, True)
+            db = self.database(name)
+            # Newer than the incarnation it drops, as for a table.
+            self.drop_database_in(ctx, name, self.hlc.now_after(db.created),
+                                  LOCAL_ORIGIN, True)
 
         await self.write(fn)

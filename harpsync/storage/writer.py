@@ -515,7 +515,10 @@ def _stopped_error() -> ServiceUnavailableError:
 
 def crash_point(name: str) -> None:
     """Die at once, as SIGKILL would, if ``HARPSYNC_CRASH_AT`` names this point (tests of
-    crash consistency only: it is read at each point, so a test can arm it late)."""
+    crash consistency only: it is read at each point, so a test can arm it late).
+    Points: ``between_commits`` (here), ``adopt`` and ``forget_node``
+    (``replication/mesh.py``: a join answered but not saved here; a removed peer's
+    cursors forgotten but its row not yet deleted)."""
     if os.environ.get("HARPSYNC_CRASH_AT") == name:
         os._exit(137)
 
