@@ -95,8 +95,6 @@ def test_a_delete_made_while_a_peer_did_not_replicate_reaches_it_once_it_does_ag
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(strict=True, reason="not fixed: a removed peer no longer holds tombstone "
-                   "pruning back, and re-adding it copies back the rows deleted meanwhile")
 def test_a_delete_made_while_a_peer_was_removed_survives_its_re_add(node_factory, monkeypatch):
     """node-b is removed; node-a deletes a row, retention prunes the tombstone; node-b is
     added again: the row must stay deleted. It comes back on node-a, from node-b's copy
