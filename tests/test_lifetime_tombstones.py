@@ -154,3 +154,71 @@ def test_a_write_the_removed_peer_made_after_the_delete_wins(node_factory, monke
     wait_for(lambda: (by_id(a, "t", 2) or {}).get("by") == "node-b", timeout=10,
              message="node-b's update on node-a")
     assert (by_id(b, "t", 2) or {}).get("by") == "node-b"
+
+
+@pytest.mark.timeout(120)
+def test_deletes_across_copy_chunks_and_tables_survive_a_re_add(node_factory, monkeypatch):
+    """The deleted rows sit at the edges of the copy's chunks (500 rows each), in a
+    table left with no rows and in one left with none deleted: each stays deleted on
+    both nodes, and every other row stays on both."""
+    monkeypatch.setattr(maintenance, "TOMBSTONE_EVERY", 0.0)
+    a = node_factory("node-a", env=SHORT_RETENTION)
+    b = node_factory("node-b", env=SHORT_RETENTION)
+    for table in ("emptied", "t", "untouched"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    a.call("insert", table="emptied", records=[{"id": i} for i in range(1, 4)])
+    a.call("insert", table="t", records=[{"id": i} for i in range(1, 1201)])
+    a.call("insert", table="untouched", records=[{"id": i} for i in range(1, 4)])
+    wait_for(lambda: b.count("t") == 1200 and b.count("untouched") == 3
+             and b.count("emptied") == 3, timeout=20, message="rows on node-b")
+    a.call("remove_node", hostname=b.name)
+    gone = [1, 2, 500, 501, 502, 1000, 1001, 1199, 1200]
+    a.call("delete", table="t", ids=gone)
+    a.call("delete", table="emptied", ids=[1, 2, 3])
+    head = log_head(a)
+    wait_for(lambda: log_pruned_through(a) >= head and _tombstones(a, "t") == 0
+             and _tombstones(a, "emptied") == 0, timeout=20, message="node-a pruned")
+    join(b, a)
+    a.call("insert", table="t", records=[{"id": 5000}])
+    wait_for(lambda: by_id(b, "t", 5000) is not None, timeout=20, message="flowing again")
+    for node in (a, b):
+        wait_for(lambda n=node: n.count("t") == 1192, timeout=10,
+                 message=f"{node.name} holds the 1,192 rows not deleted")
+        assert not [i for i in gone if by_id(node, "t", i) is not None], node.name
+        assert node.count("emptied") == 0, node.name
+        assert node.count("untouched") == 3, node.name
+
+
+@pytest.mark.timeout(120)
+def test_a_swept_delete_reaches_a_node_that_hears_the_origin_through_the_re_added_peer(
+        node_factory, monkeypatch):
+    """node-c takes node-a's rows only through node-b (it subscribes to node-b alone, so
+    node-a is a gossip-learned node it takes no data from). node-a removes node-b,
+    deletes a row and sweeps its tombstone; node-b is added again: the delete node-b
+    learns from node-a's copy relays to node-c as well."""
+    monkeypatch.setattr(maintenance, "TOMBSTONE_EVERY", 0.0)
+    a = node_factory("node-a", env=SHORT_RETENTION)
+    b = node_factory("node-b", env=SHORT_RETENTION)
+    c = node_factory("node-c", env=SHORT_RETENTION)
+    a.call("create_table", table="t", primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    join(c, b, subscriptions=_subs("t"))
+    wait_linked([(c, b), (b, c)], ("system", "data"))
+    a.call("insert", table="t", records=[{"id": 1}, {"id": 2}])
+    wait_for(lambda: c.count("t") == 2, timeout=20, message="rows on node-c through node-b")
+    a.call("remove_node", hostname=b.name)
+    a.call("delete", table="t", ids=[2])
+    head = log_head(a)
+    wait_for(lambda: log_pruned_through(a) >= head and _tombstones(a, "t") == 0, timeout=20,
+             message="node-a's log and tombstone pruned")
+    assert by_id(c, "t", 2) is not None  # node-c had no way to hear of the delete
+    join(b, a)
+    a.call("insert", table="t", records=[{"id": 3}])
+    wait_for(lambda: by_id(c, "t", 3) is not None, timeout=20, message="flowing to node-c")
+    for node in (a, b, c):
+        wait_for(lambda n=node: by_id(n, "t", 2) is None, timeout=10,
+                 message=f"row 2 deleted on {node.name}")
+        assert by_id(node, "t", 1) is not None, node.name
