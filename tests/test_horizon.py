@@ -1,0 +1,128 @@
+"""storage/horizon.py: what a node keeps of the deletes whose tombstones it swept, and
+the copy rules that follow from it (real LMDB)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harpsync import codec
+from harpsync.storage import horizon, retention, writes
+from harpsync.storage.database import LOCAL_ORIGIN
+from harpsync.storage.ingest import apply_rows_job, apply_sweeps
+from harpsync.storage.keys import encode_id
+from harpsync.storage.records import get_stored
+from harpsync.storage.store import Storage
+from harpsync.storage.writer import WriteContext
+
+
+async def _sweep_all(storage: Storage) -> dict[str, int]:
+    """Prune the whole log and every tombstone (as retention does once they are old)."""
+    db = storage.databases["data"]
+    result: dict[str, int] = await storage.write(retention.prune_log_job(
+        db, db.head_seq, storage.hlc.now()))
+    return result
+
+
+def _horizon(storage: Storage, table: str = "t") -> int:
+    db = storage.databases["data"]
+    with db.env.begin() as txn:
+        return horizon.horizon(txn, db, db.tables[table])
+
+
+def _stored(storage: Storage, rid: Any, table: str = "t") -> Any:
+    db = storage.databases["data"]
+    with db.env.begin() as txn:
+        return get_stored(txn, db.tables[table], encode_id(rid))
+
+
+async def _deleted_and_swept(storage: Storage) -> tuple[int, int]:
+    """Rows 1-3 written here; 2 deleted and its tombstone swept. Returns the version of
+    the rows and of the delete."""
+    await storage.create_table("data", "t", "id")
+    await storage.write(writes.write_records(storage, "data", "t",
+                                             [{"id": i} for i in (1, 2, 3)], "insert", None))
+    written = _stored(storage, 2)[0]
+    await storage.write(writes.delete_records(storage, "data", "t", [2], None))
+    deleted = _stored(storage, 2)[0]
+    assert (await _sweep_all(storage))["tombstones"] == 1
+    return written, deleted
+
+
+async def test_a_sweep_keeps_the_newest_swept_version_of_the_incarnation(storage):
+    _, deleted = await _deleted_and_swept(storage)
+    assert _stored(storage, 2) is None
+    assert _horizon(storage) == deleted
+    await storage.drop_table("data", "t")
+    await storage.create_table("data", "t", "id")
+    assert _horizon(storage) == 0, "a horizon of the dropped incarnation applied"
+    assert storage.databases["data"].swept_horizons() == {}
+
+
+async def test_a_copy_does_not_bring_back_a_row_deleted_here(storage):
+    """Row 2, this node's, comes back in a peer's copy: refused. A row of the peer's own
+    and one of this node's written after the horizon land."""
+    written, _ = await _deleted_and_swept(storage)
+    later = storage.hlc.now()
+    own = {1: "node-a", 2: "node-b"}
+    rows = [(encode_id(2), codec.pack([written, 1, {"id": 2}])),
+            (encode_id(7), codec.pack([written, 2, {"id": 7}])),
+            (encode_id(8), codec.pack([later, 1, {"id": 8}]))]
+    landed = await storage.write(apply_rows_job(storage, "data", "node-b", "t", rows, own,
+                                                {"seq": 0}))
+    assert landed == 2
+    assert _stored(storage, 2) is None
+    assert _stored(storage, 7) is not None and _stored(storage, 8) is not None
+    # All new to this node (its bulk path) and the deleted one among them: still refused.
+    await storage.write(writes.delete_records(storage, "data", "t", [1, 3], None))
+    await _sweep_all(storage)
+    rows = [(encode_id(i), codec.pack([written, 1, {"id": i}])) for i in (1, 2, 3)]
+    assert await storage.write(apply_rows_job(storage, "data", "node-b", "t", rows, own,
+                                              {"seq": 0})) == 0
+    assert all(_stored(storage, i) is None for i in (1, 2, 3))
+
+
+async def test_a_sweep_deletes_only_the_publishers_old_rows_missing_from_its_copy(storage):
+    """Rows of node-b's origin held here, in a copied range, not sent, older than its
+    horizon: deleted with a tombstone one tick after them, logged under node-b's origin.
+    Its rows that were sent, newer than the horizon, outside the range, and rows of
+    other origins stay."""
+    await storage.create_table("data", "t", "id")
+    db = storage.databases["data"]
+    table = db.tables["t"]
+    old = storage.hlc.now()
+    origins = {1: "node-b", 2: "node-c"}
+    rows = [(encode_id(i), codec.pack([old, 1, {"id": i}])) for i in (1, 2, 3, 4, 9)]
+    rows.insert(2, (encode_id(5), codec.pack([old, 2, {"id": 5}])))
+    rows.sort()
+    await storage.write(apply_rows_job(storage, "data", "node-c", "t", rows, origins,
+                                       {"seq": 0}))
+    newer = storage.hlc.now()
+    await storage.write(apply_rows_job(storage, "data", "node-c", "t",
+                                       [(encode_id(6), codec.pack([newer + 5, 1, {"id": 6}]))],
+                                       origins, {"seq": 0}))
+    head = db.head_seq
+    sweep = horizon.Sweep("t", table.version, newer, None, encode_id(8),
+                          frozenset({encode_id(1)}))
+
+    def job(ctx: WriteContext) -> int:
+        return apply_sweeps(storage, ctx, db, "node-b", [sweep])
+
+    assert await storage.write(job) == 3
+    for rid in (2, 3, 4):
+        stored = _stored(storage, rid)
+        assert stored is not None and stored[2] is None and stored[0] == old + 1, rid
+        assert db.origin_names[stored[1]] == "node-b"
+    for rid in (1, 5, 6, 9):
+        assert (_stored(storage, rid) or [0, 0, None])[2] is not None, rid
+    entries = [codec.unpack(raw) for _, raw in db.log_after(head, 10)]
+    assert len(entries) == 1 and db.origin_names[entries[0][0]] == "node-b"
+    assert sorted(op[2] for op in entries[0][3]) == [2, 3, 4]
+    assert {op[1] for op in entries[0][3]} == {"delete"}
+    # Another incarnation's sweep, or one of this node's own origin, deletes nothing.
+    stale = horizon.Sweep("t", table.version + 1, newer, None, None)
+
+    def other(ctx: WriteContext) -> int:
+        return (apply_sweeps(storage, ctx, db, "node-b", [stale])
+                + apply_sweeps(storage, ctx, db, db.origin_names[LOCAL_ORIGIN], [sweep]))
+
+    assert await storage.write(other) == 0
