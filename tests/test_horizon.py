@@ -126,3 +126,17 @@ async def test_a_sweep_deletes_only_the_publishers_old_rows_missing_from_its_cop
                 + apply_sweeps(storage, ctx, db, db.origin_names[LOCAL_ORIGIN], [sweep]))
 
     assert await storage.write(other) == 0
+
+
+async def test_a_repair_does_not_bring_back_a_row_deleted_here(storage):
+    """A peer's verify_repair pushes row 2, this node's, deleted here and swept: it is
+    refused; a row of the peer's own is stored."""
+    from harpsync.storage import compare
+
+    written, _ = await _deleted_and_swept(storage)
+    incarnation = storage.databases["data"].tables["t"].version
+    rows = [(encode_id(2), [b"\x00" * 8, written, "node-a", False, {"id": 2}]),
+            (encode_id(7), [b"\x00" * 8, written, "node-b", False, {"id": 7}])]
+    out = await storage.write(compare.repair_job(storage, "data", "t", incarnation, rows))
+    assert out["refused"] == [2] and out["changed"] == [7]
+    assert _stored(storage, 2) is None and _stored(storage, 7) is not None

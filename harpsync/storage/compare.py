@@ -12,7 +12,7 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.errors import BadRequestError
-from harpsync.storage import digest, digest_reads, rowhash
+from harpsync.storage import digest, digest_reads, horizon, rowhash
 from harpsync.storage.conflicts import APPLY, REFUSE, SKIP, Review, decide
 from harpsync.storage.database import Database, Table
 from harpsync.storage.keys import decode_id
@@ -202,9 +202,13 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
 
     ``dry_run``: decide the same, write nothing.
 
+    A row of this node's own that it holds nothing of, older than its tombstone
+    horizon, was deleted here (``horizon.py``): it is refused, not brought back.
+
     Returns:
         ``changed``: the ids changed here; ``refused`` and ``conflicts``: the ids a
-        policy kept as they are; ``skewed``: those stamped beyond the clock-skew bound.
+        policy kept as they are (``refused`` also the rows deleted here);
+        ``skewed``: those stamped beyond the clock-skew bound.
     """
 
     def job(ctx: WriteContext) -> dict[str, list[Any]]:
@@ -217,11 +221,16 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
         out: dict[str, list[Any]] = {name: [] for name in REPAIR_LISTS}
         relay: dict[int, list[list[Any]]] = {}
         limit = storage.hlc.limit()
+        swept = horizon.horizon(txn, db, table)
         for key, (row_digest, version, origin_name, deleted, record) in rows:
             if not deleted and not isinstance(record, dict):
                 continue  # a live row without its record (not published here): unknown
             rid = decode_id(key)
             found = digest_reads.stored_row(txn, table, key, codec.unpack)
+            if found is None and not deleted and horizon.deleted_here(
+                    None, version, db.origin_ids.get(origin_name, -1), swept):
+                out["refused"].append(rid)  # deleted here; its tombstone was swept
+                continue
             op = [table_name, "delete" if deleted else "upsert", rid,
                   None if deleted else record, table.version]
             if found is not None:
