@@ -35,6 +35,19 @@ def _stored(storage: Storage, rid: Any, table: str = "t") -> Any:
         return get_stored(txn, db.tables[table], encode_id(rid))
 
 
+def _deleted_again(storage: Storage, written: int, ids: list[int], head: int) -> None:
+    """``ids`` (this node's rows of ``written``) hold a tombstone one tick after it, and
+    one new entry of this node's, stamped now, logs their deletes with those versions."""
+    db = storage.databases["data"]
+    for rid in ids:
+        assert _stored(storage, rid) == (written + 1, LOCAL_ORIGIN, None), rid
+    entries = [codec.unpack(raw) for _, raw in db.log_after(head, 10)]
+    mine = [e for e in entries if e[0] == LOCAL_ORIGIN and e[3][0][1] == "delete"]
+    assert len(mine) == 1 and mine[0][1] > written + 1
+    assert sorted(op[2] for op in mine[0][3]) == ids
+    assert {(op[1], op[5]) for op in mine[0][3]} == {("delete", written + 1)}
+
+
 async def _deleted_and_swept(storage: Storage) -> tuple[int, int]:
     """Rows 1-3 written here; 2 deleted and its tombstone swept. Returns the version of
     the rows and of the delete."""
@@ -59,10 +72,12 @@ async def test_a_sweep_keeps_the_newest_swept_version_of_the_incarnation(storage
 
 
 async def test_a_copy_does_not_bring_back_a_row_deleted_here(storage):
-    """Row 2, this node's, comes back in a peer's copy: refused. A row of the peer's own
-    and one of this node's written after the horizon land."""
+    """Row 2, this node's, comes back in a peer's copy: refused, and deleted again (the
+    peer holds it still). A row of the peer's own and one of this node's written after
+    the horizon land."""
     written, _ = await _deleted_and_swept(storage)
     later = storage.hlc.now()
+    head = storage.databases["data"].head_seq
     own = {1: "node-a", 2: "node-b"}
     rows = [(encode_id(2), codec.pack([written, 1, {"id": 2}])),
             (encode_id(7), codec.pack([written, 2, {"id": 7}])),
@@ -70,22 +85,28 @@ async def test_a_copy_does_not_bring_back_a_row_deleted_here(storage):
     landed = await storage.write(apply_rows_job(storage, "data", "node-b", "t", rows, own,
                                                 {"seq": 0}))
     assert landed == 2
-    assert _stored(storage, 2) is None
+    _deleted_again(storage, written, [2], head)
     assert _stored(storage, 7) is not None and _stored(storage, 8) is not None
-    # All new to this node (its bulk path) and the deleted one among them: still refused.
+    # Sent again: the tombstone wins, nothing more is logged.
+    head = storage.databases["data"].head_seq
+    await storage.write(apply_rows_job(storage, "data", "node-b", "t", rows[:1], own,
+                                       {"seq": 0}))
+    assert storage.databases["data"].head_seq == head
+    # All new to this node (its bulk path) and the deleted ones among them: refused.
     await storage.write(writes.delete_records(storage, "data", "t", [1, 3], None))
     await _sweep_all(storage)
-    rows = [(encode_id(i), codec.pack([written, 1, {"id": i}])) for i in (1, 2, 3)]
+    head = storage.databases["data"].head_seq
+    rows = [(encode_id(i), codec.pack([written, 1, {"id": i}])) for i in (1, 3)]
     assert await storage.write(apply_rows_job(storage, "data", "node-b", "t", rows, own,
                                               {"seq": 0})) == 0
-    assert all(_stored(storage, i) is None for i in (1, 2, 3))
+    _deleted_again(storage, written, [1, 3], head)
 
 
 async def test_a_sweep_deletes_only_the_publishers_old_rows_missing_from_its_copy(storage):
     """Rows of node-b's origin held here, in a copied range, not sent, older than its
-    horizon: deleted with a tombstone one tick after them, logged under node-b's origin.
-    Its rows that were sent, newer than the horizon, outside the range, and rows of
-    other origins stay."""
+    horizon: deleted with a tombstone of this node's one tick after them, logged in a
+    new entry of this node's. node-b's rows that were sent, newer than the horizon,
+    outside the range, and rows of other origins stay."""
     await storage.create_table("data", "t", "id")
     db = storage.databases["data"]
     table = db.tables["t"]
@@ -108,16 +129,9 @@ async def test_a_sweep_deletes_only_the_publishers_old_rows_missing_from_its_cop
         return apply_sweeps(storage, ctx, db, "node-b", [sweep])
 
     assert await storage.write(job) == 3
-    for rid in (2, 3, 4):
-        stored = _stored(storage, rid)
-        assert stored is not None and stored[2] is None and stored[0] == old + 1, rid
-        assert db.origin_names[stored[1]] == "node-b"
+    _deleted_again(storage, old, [2, 3, 4], head)
     for rid in (1, 5, 6, 9):
         assert (_stored(storage, rid) or [0, 0, None])[2] is not None, rid
-    entries = [codec.unpack(raw) for _, raw in db.log_after(head, 10)]
-    assert len(entries) == 1 and db.origin_names[entries[0][0]] == "node-b"
-    assert sorted(op[2] for op in entries[0][3]) == [2, 3, 4]
-    assert {op[1] for op in entries[0][3]} == {"delete"}
     # Another incarnation's sweep, or one of this node's own origin, deletes nothing.
     stale = horizon.Sweep("t", table.version + 1, newer, None, None)
 
@@ -137,6 +151,11 @@ async def test_a_repair_does_not_bring_back_a_row_deleted_here(storage):
     incarnation = storage.databases["data"].tables["t"].version
     rows = [(encode_id(2), [b"\x00" * 8, written, "node-a", False, {"id": 2}]),
             (encode_id(7), [b"\x00" * 8, written, "node-b", False, {"id": 7}])]
+    dry = await storage.write(compare.repair_job(storage, "data", "t", incarnation, rows,
+                                                 dry_run=True))
+    assert dry["refused"] == [2] and _stored(storage, 2) is None
+    head = storage.databases["data"].head_seq
     out = await storage.write(compare.repair_job(storage, "data", "t", incarnation, rows))
     assert out["refused"] == [2] and out["changed"] == [7]
-    assert _stored(storage, 2) is None and _stored(storage, 7) is not None
+    _deleted_again(storage, written, [2], head)
+    assert _stored(storage, 7) is not None

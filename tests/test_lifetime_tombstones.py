@@ -222,3 +222,46 @@ def test_a_swept_delete_reaches_a_node_that_hears_the_origin_through_the_re_adde
         wait_for(lambda n=node: by_id(n, "t", 2) is None, timeout=10,
                  message=f"row 2 deleted on {node.name}")
         assert by_id(node, "t", 1) is not None, node.name
+
+
+@pytest.mark.timeout(150)
+def test_a_deleted_row_a_third_node_took_back_from_the_re_added_peer_is_deleted_again(
+        node_factory, monkeypatch):
+    """node-a, node-b, node-c in a full mesh; node-b is removed on node-a and node-c.
+    node-a deletes a row; both sweep its tombstone. node-c adds node-b back first and
+    takes the row back from its copy (node-c cannot tell it from a row it never had);
+    then node-a adds node-b back, refuses the row in node-b's copy and deletes it again,
+    so node-c (which hears node-a directly, not through node-b) loses it too."""
+    monkeypatch.setattr(maintenance, "TOMBSTONE_EVERY", 0.0)
+    a, b, c = (node_factory(f"node-{n}", env=SHORT_RETENTION) for n in "abc")
+    a.call("create_table", table="t", primary_key="id")
+    join(b, a)
+    join(c, a)
+    wait_linked([(x, y) for x in (a, b, c) for y in (a, b, c) if x is not y],
+                ("system", "data"))
+    a.call("insert", table="t", records=[{"id": 1}, {"id": 2}])
+    wait_for(lambda: b.count("t") == 2 and c.count("t") == 2, timeout=20,
+             message="rows on node-b and node-c")
+    a.call("remove_node", hostname=b.name)
+    c.call("remove_node", hostname=b.name)
+    a.call("delete", table="t", ids=[2])
+    wait_for(lambda: by_id(c, "t", 2) is None, timeout=15, message="the delete on node-c")
+    # Later writes each acknowledges: the tombstones are swept with those acknowledgements.
+    a.call("insert", table="t", records=[{"id": 5}])
+    c.call("insert", table="t", records=[{"id": 6}])
+    head = log_head(a)
+    wait_for(lambda: log_pruned_through(a) >= head and _tombstones(a, "t") == 0
+             and _tombstones(c, "t") == 0, timeout=30,
+             message="node-a's log pruned, both tombstones swept")
+    assert by_id(b, "t", 2) is not None
+    join(b, c)
+    c.call("insert", table="t", records=[{"id": 4}])
+    wait_for(lambda: by_id(b, "t", 4) is not None, timeout=20, message="node-b and node-c")
+    join(b, a)
+    a.call("insert", table="t", records=[{"id": 3}])
+    wait_for(lambda: by_id(b, "t", 3) is not None, timeout=20, message="node-a and node-b")
+    for node in (a, b, c):
+        wait_for(lambda n=node: by_id(n, "t", 2) is None, timeout=15,
+                 message=f"row 2 deleted on {node.name}")
+        wait_for(lambda n=node: n.count("t") == 5, timeout=15,
+                 message=f"rows 1, 3, 4, 5 and 6 on {node.name}")

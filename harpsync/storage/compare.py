@@ -14,7 +14,7 @@ from harpsync import codec
 from harpsync.errors import BadRequestError
 from harpsync.storage import digest, digest_reads, horizon, rowhash
 from harpsync.storage.conflicts import APPLY, REFUSE, SKIP, Review, decide
-from harpsync.storage.database import Database, Table
+from harpsync.storage.database import LOCAL_ORIGIN, Database, Table
 from harpsync.storage.keys import decode_id
 from harpsync.storage.records import put_record, put_tombstone
 from harpsync.storage.schema import local_origin
@@ -203,7 +203,8 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
     ``dry_run``: decide the same, write nothing.
 
     A row of this node's own that it holds nothing of, older than its tombstone
-    horizon, was deleted here (``horizon.py``): it is refused, not brought back.
+    horizon, was deleted here (``horizon.py``): it is refused, not brought back, and
+    deleted again (logged) so the peer learns the delete.
 
     Returns:
         ``changed``: the ids changed here; ``refused`` and ``conflicts``: the ids a
@@ -222,6 +223,7 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
         relay: dict[int, list[list[Any]]] = {}
         limit = storage.hlc.limit()
         swept = horizon.horizon(txn, db, table)
+        reissued: list[list[Any]] = []
         for key, (row_digest, version, origin_name, deleted, record) in rows:
             if not deleted and not isinstance(record, dict):
                 continue  # a live row without its record (not published here): unknown
@@ -229,7 +231,11 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
             found = digest_reads.stored_row(txn, table, key, codec.unpack)
             if found is None and not deleted and horizon.deleted_here(
                     None, version, db.origin_ids.get(origin_name, -1), swept):
-                out["refused"].append(rid)  # deleted here; its tombstone was swept
+                # Deleted here (its tombstone was swept): deleted again, so the peer
+                # that still holds it learns the delete by replication.
+                out["refused"].append(rid)
+                if not dry_run:
+                    reissued.append(horizon.reissue(txn, table, key, version))
                 continue
             op = [table_name, "delete" if deleted else "upsert", rid,
                   None if deleted else record, table.version]
@@ -275,6 +281,8 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
             relay.setdefault(oid, []).append([*op, version])
         for oid, ops in relay.items():
             storage.append_log(ctx, db, ops, max(op[5] for op in ops), oid)
+        if reissued:
+            storage.append_log(ctx, db, reissued, storage.hlc.now(), LOCAL_ORIGIN)
         return out
 
     return job

@@ -10,10 +10,17 @@ or a delete replaces it; so a row whose origin is this node, of which it holds n
 (no row, no tombstone), with a version below its horizon, was deleted here (its delete
 was newer than the row and at most the horizon):
 
-* arriving here (a copy, a repair), it is refused (:func:`deleted_here`);
+* arriving here (a copy, a repair), it is refused (:func:`deleted_here`), and deleted
+  again (:func:`reissue`): the peer that sent it, and any node it reached from there,
+  still holds it, and the delete's own entry is gone from the log;
 * held by a peer that copies this node's rows, and absent from that copy, it is
-  deleted there (:func:`sweep`), with a tombstone one tick after the row's version
-  under this node's origin: it beats that row and nothing written after the real delete.
+  deleted there (:func:`sweep`).
+
+Either node deletes it with a tombstone of its own one tick after the row's version: it
+beats that row and nothing written after the real delete. It is logged in a new entry
+of the node's own, with a new version (each op keeps its own in ``op[5]``, as copied
+rows do), so it reaches every peer of that node past their floors: a third node may
+hold the row too (it took it from the re-added peer, say).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.storage.database import LOCAL_ORIGIN, SWEPT_PREFIX, Database, Table
+from harpsync.storage.keys import decode_id
 from harpsync.storage.records import Stored, put_tombstone
 
 
@@ -52,6 +60,15 @@ def deleted_here(stored: Stored | None, version: int, origin_id: int, swept: int
     return stored is None and origin_id == LOCAL_ORIGIN and version < swept
 
 
+def reissue(txn: Any, table: Table, key: bytes, version: int) -> list[Any]:
+    """Delete a row (of ``version``) known to be deleted on its origin: a tombstone of
+    this node's one tick after it, and the op to log. The caller logs the ops in an
+    entry with a new version of this node's (its peers' floors for this node are past
+    the row's), each op keeping its own (``op[5]``), as copied rows do."""
+    put_tombstone(txn, table, key, version + 1, LOCAL_ORIGIN)
+    return [table.name, "delete", decode_id(key), None, table.version, version + 1]
+
+
 @dataclass(frozen=True)
 class Sweep:
     """A key range of a table that a peer's full copy went through: the peer's rows
@@ -67,14 +84,13 @@ class Sweep:
     present: frozenset[bytes] = frozenset()
 
 
-def sweep(txn: Any, db: Database, peer: str, ranges: Iterable[Sweep],
-          ) -> list[tuple[Table, bytes, int, int]]:
-    """Delete the rows the ``ranges`` of ``peer``'s copy show it deleted; returns them as
-    ``(table, key, tombstone version, origin id)`` for the caller to log (they relay)."""
+def sweep(txn: Any, db: Database, peer: str, ranges: Iterable[Sweep]) -> list[list[Any]]:
+    """Delete the rows the ``ranges`` of ``peer``'s copy show it deleted, with
+    tombstones of this node's (as :func:`reissue`); returns the ops to log."""
     oid = db.origin_ids.get(peer)
     if oid is None or oid == LOCAL_ORIGIN:
         return []
-    out: list[tuple[Table, bytes, int, int]] = []
+    out: list[list[Any]] = []
     for part in ranges:
         table = db.tables.get(part.table)
         if table is None or table.version != part.incarnation or not part.horizon:
@@ -95,7 +111,5 @@ def sweep(txn: Any, db: Database, peer: str, ranges: Iterable[Sweep],
                 if origin == oid and version < part.horizon:
                     gone.append((key, version))
             found = cur.next()
-        for key, version in gone:
-            put_tombstone(txn, table, key, version + 1, oid)
-            out.append((table, key, version + 1, oid))
+        out.extend(reissue(txn, table, key, version) for key, version in gone)
     return out

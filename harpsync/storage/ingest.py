@@ -357,23 +357,16 @@ def _copy_fresh(storage: Storage, ctx: WriteContext, db: Database, table: Table,
 
 
 def apply_sweeps(storage: Storage, ctx: WriteContext, db: Database, peer: str,
-                 sweeps: Sequence[horizon.Sweep],
-                 relay: dict[int, list[list[Any]]] | None = None) -> int:
+                 sweeps: Sequence[horizon.Sweep]) -> int:
     """Delete what ``sweeps`` of ``peer``'s copy show it deleted (``horizon.sweep``),
-    and log the deletes (into ``relay``, or at once) so nodes behind this one learn them."""
+    and log the deletes in a new entry of this node's, so its peers learn them."""
     if not sweeps:
         return 0
     gone = horizon.sweep(ctx.txn(db), db, peer, sweeps)
-    ops: dict[int, list[list[Any]]] = {} if relay is None else relay
-    for table, key, version, oid in gone:
-        ops.setdefault(oid, []).append([table.name, "delete", decode_id(key), None,
-                                        table.version, version])
     if gone:
         log.info("%s's copy of %s: %d rows of its own it deleted meanwhile (tombstones "
                  "swept there) deleted here", peer, db.name, len(gone))
-    if relay is None:
-        for oid, logged in ops.items():
-            storage.append_log(ctx, db, logged, max(op[5] for op in logged), oid)
+        storage.append_log(ctx, db, gone, storage.hlc.now(), LOCAL_ORIGIN)
     return len(gone)
 
 
@@ -415,13 +408,13 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                 "which was dropped here; waiting for it to apply the drop")
         table = db.tables[table_name]
         txn = ctx.txn(db)
+        apply_sweeps(storage, ctx, db, peer, sweeps)
         relay: dict[int, list[list[Any]]] = {}
-        apply_sweeps(storage, ctx, db, peer, sweeps, relay)
         swept = horizon.horizon(txn, db, table)
         decoded = [(key, *codec.unpack(raw)) for key, raw in rows]
         landed = None if review is not None else _copy_fresh(storage, ctx, db, table, decoded,
                                                               origins, floor, swept)
-        refused = 0
+        reissued: list[list[Any]] = []
         if landed is None:
             landed = []
             for key, version, origin, record in decoded:
@@ -430,9 +423,11 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                     continue
                 storage.hlc.check(version)  # a skewed row fails the chunk; the copy resumes
                 stored = get_stored(txn, table, key)
-                if swept and horizon.deleted_here(stored, version,
-                                                  db.origin_ids.get(origin_name, -1), swept):
-                    refused += 1  # deleted here: its tombstone was swept, not its delete
+                if swept and record is not None and horizon.deleted_here(
+                        stored, version, db.origin_ids.get(origin_name, -1), swept):
+                    # Deleted here (its tombstone was swept, not its delete): the peer
+                    # still has it, and maybe others through it.
+                    reissued.append(horizon.reissue(txn, table, key, version))
                     continue
                 if review is not None:
                     op = [table_name, "delete" if record is None else "upsert",
@@ -448,9 +443,11 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                 else:
                     put_record(txn, table, key, version, oid, record)
                 landed.append((key, version, oid, record))
-        if refused:
+        if reissued:
             log.info("%s's copy of %s.%s: %d rows deleted here (tombstones swept) not "
-                     "taken back", peer, db_name, table_name, refused)
+                     "taken back but deleted again", peer, db_name, table_name,
+                     len(reissued))
+            storage.append_log(ctx, db, reissued, storage.hlc.now(), LOCAL_ORIGIN)
         stored_records: list[dict[str, Any]] = []
         stored_versions: list[int] = []
         for key, version, oid, record in landed:
