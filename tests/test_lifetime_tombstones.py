@@ -3,6 +3,7 @@ table still reaches it once it takes the table again, after retention."""
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import pytest
@@ -265,3 +266,42 @@ def test_a_deleted_row_a_third_node_took_back_from_the_re_added_peer_is_deleted_
                  message=f"row 2 deleted on {node.name}")
         wait_for(lambda n=node: n.count("t") == 5, timeout=15,
                  message=f"rows 1, 3, 4, 5 and 6 on {node.name}")
+
+
+@pytest.mark.timeout(150)
+def test_rows_a_restore_lost_are_repaired_not_taken_as_deleted(node_factory, monkeypatch,
+                                                               tmp_path):
+    """node-a is restored from a backup older than two of its rows (node-b holds them),
+    then sweeps the tombstone of a delete made after the restore: its horizon passes the
+    lost rows, but they were never deleted. repair_cluster brings them back, as before
+    the horizon. Without the cap node-b's resync sets on node-a's horizon, the repair
+    refused them and deleted them on node-b too."""
+    monkeypatch.setattr(maintenance, "TOMBSTONE_EVERY", 0.0)
+    a = node_factory("node-a", env=SHORT_RETENTION)
+    b = node_factory("node-b", env=SHORT_RETENTION)
+    a.call("create_table", table="t", primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    a.call("insert", table="t", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t", 1) is not None, timeout=15, message="row 1 on node-b")
+    a.stop()
+    shutil.copytree(a.root, tmp_path / "backup")
+    a.start()
+    a.call("insert", table="t", records=[{"id": 20}, {"id": 21}])  # lost by the restore
+    wait_for(lambda: b.count("t") == 3, timeout=15, message="the rows node-a loses on node-b")
+    b.call("pause_replication", hostname=a.name, database="data")
+    a.stop()
+    shutil.rmtree(a.root)
+    shutil.copytree(tmp_path / "backup", a.root)
+    a.start()
+    b.call("resume_replication", hostname=a.name, database="data")
+    a.call("insert", table="t", records=[{"id": 30}])
+    a.call("delete", table="t", ids=[30])
+    a.call("insert", table="t", records=[{"id": 31}])
+    wait_for(lambda: by_id(b, "t", 31) is not None, timeout=20, message="row 31 on node-b")
+    wait_for(lambda: _tombstones(a, "t") == 0, timeout=20,
+             message="node-a's tombstone of row 30 swept")
+    assert by_id(a, "t", 20) is None and by_id(b, "t", 20) is not None
+    a.call("repair_cluster", database="data", table="t")
+    wait_for(lambda: a.count("t") == b.count("t") == 4, timeout=20,
+             message="rows 1, 20, 21 and 31 on both nodes")

@@ -282,6 +282,8 @@ class Publisher:
         known_through = max(db.opened_head, db.sent_to.get(self.peer, 0))
         first = first_step(sub.after_seq, sub.copy, db.head_seq, known_through)
         if isinstance(first, Resync):
+            if not db.dropped:  # restored: its own rows may be gone with no delete
+                self.host.note_log_replaced(self.database)
             await self._resync(first)
             return
         pos = await self._copy(db, sub, tables, known_through) if isinstance(first, Copy) \

@@ -157,6 +157,10 @@ class PublisherHost(LinkHost, Protocol):
         """``peer`` holds this node's log through ``seq`` (``reset``: a copy starts)."""
         ...
 
+    def note_log_replaced(self, database: str) -> None:
+        """A peer's cursor is past this node's log of ``database``: it was restored."""
+        ...
+
     def note_ack(self, peer: str, database: str, seq: int) -> None:
         """``peer`` acknowledged this node's log through ``seq``."""
         ...

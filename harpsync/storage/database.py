@@ -34,6 +34,8 @@ HW_PREFIX = b"hw:"
 PRUNED_MAX_PREFIX = b"pruned_max:"
 # Per table: ``[incarnation, version]``, the newest tombstone retention swept (horizon.py).
 SWEPT_PREFIX = b"swept:"
+# A cap on them: this node's rows above it may be lost (its log was restored).
+RESTORED_KEY = b"restored_below"
 # In the ``system`` database: the newest drop version of another database.
 DROPPED_DB_PREFIX = b"dropped_db:"
 # In a database's own ``__meta__``: the version of the create that made it.
@@ -432,10 +434,14 @@ class Database:
         out: dict[str, list[int]] = {}
         with self.reading() as txn:
             swept = list(self._meta_in(txn, SWEPT_PREFIX))
+            raw = txn.get(RESTORED_KEY, db=self.meta_dbi)
+        cap = int(codec.unpack(raw)) if raw else None
         for name, value in swept:
             table = self.tables.get(name.decode())
             if table is not None and value[0] == table.version:
-                out[table.name] = [int(value[0]), int(value[1])]
+                version = int(value[1]) if cap is None else min(cap, int(value[1]))
+                if version:
+                    out[table.name] = [int(value[0]), version]
         return out
 
     def committed_hw(self, origins: Iterable[str]) -> dict[str, int | None]:

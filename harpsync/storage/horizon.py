@@ -25,14 +25,22 @@ hold the row too (it took it from the re-added peer, say).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from harpsync import codec
-from harpsync.storage.database import LOCAL_ORIGIN, SWEPT_PREFIX, Database, Table
+from harpsync.storage.database import (
+    LOCAL_ORIGIN,
+    RESTORED_KEY,
+    SWEPT_PREFIX,
+    Database,
+    Table,
+)
 from harpsync.storage.keys import decode_id
+from harpsync.storage.logscan import local_version_at
 from harpsync.storage.records import Stored, put_tombstone
+from harpsync.storage.writer import WriteContext
 
 
 def note_swept(txn: Any, db: Database, table: Table, version: int) -> None:
@@ -51,7 +59,35 @@ def horizon(txn: Any, db: Database, table: Table) -> int:
     if raw is None:
         return 0
     incarnation, version = codec.unpack(raw)
-    return int(version) if incarnation == table.version else 0
+    if incarnation != table.version:
+        return 0
+    cap = txn.get(RESTORED_KEY, db=db.meta_dbi)
+    return int(version) if cap is None else min(int(version), int(codec.unpack(cap)))
+
+
+def opened_own_version(db: Database) -> int:
+    """The newest version this node wrote into ``db`` before this process opened it (its
+    log, or what pruning removed of it); 0 when not found (the log scan is bounded)."""
+    pruned = db.pruned_max().get(db.origin_names[LOCAL_ORIGIN], 0)
+    return max(local_version_at(db, db.opened_head), int(pruned))
+
+
+def restored_job(db: Database, version: int) -> Callable[[WriteContext], None]:
+    """A peer's cursor named entries this log never held: the database was restored
+    from a backup (or its log replaced), and this node's rows written after the backup
+    (newer than ``version``, its newest when this process opened it) may be gone with
+    no delete. The horizons stop below them, for good: such a row coming back is taken,
+    and a peer's copy of it kept."""
+
+    def job(ctx: WriteContext) -> None:
+        if db.closed:
+            return
+        txn = ctx.txn(db)
+        raw = txn.get(RESTORED_KEY, db=db.meta_dbi)
+        if raw is None or int(codec.unpack(raw)) > version:
+            txn.put(RESTORED_KEY, codec.pack(version), db=db.meta_dbi)
+
+    return job
 
 
 def deleted_here(stored: Stored | None, version: int, origin_id: int, swept: int) -> bool:

@@ -148,6 +148,7 @@ class FakePublisherHost(FakeLinkHost):
     def __init__(self) -> None:
         super().__init__()
         self.positions: list[tuple[str, str, int, bool]] = []
+        self.replaced: list[str] = []
         self.acks: list[tuple[str, str, int]] = []
 
     def note_position(self, peer: str, database: str, seq: int, reset: bool = False) -> None:
@@ -155,6 +156,9 @@ class FakePublisherHost(FakeLinkHost):
 
     def note_ack(self, peer: str, database: str, seq: int) -> None:
         self.acks.append((peer, database, seq))
+
+    def note_log_replaced(self, database: str) -> None:
+        self.replaced.append(database)
 
 
 class FakeSubscriberHost(FakeLinkHost):
