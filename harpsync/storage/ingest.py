@@ -409,7 +409,6 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
         table = db.tables[table_name]
         txn = ctx.txn(db)
         apply_sweeps(storage, ctx, db, peer, sweeps)
-        relay: dict[int, list[list[Any]]] = {}
         swept = horizon.horizon(txn, db, table)
         decoded = [(key, *codec.unpack(raw)) for key, raw in rows]
         landed = None if review is not None else _copy_fresh(storage, ctx, db, table, decoded,
@@ -448,6 +447,7 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                      "taken back but deleted again", peer, db_name, table_name,
                      len(reissued))
             storage.append_log(ctx, db, reissued, storage.hlc.now(), LOCAL_ORIGIN)
+        relay: dict[int, list[list[Any]]] = {}
         stored_records: list[dict[str, Any]] = []
         stored_versions: list[int] = []
         for key, version, oid, record in landed:
