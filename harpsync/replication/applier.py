@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from harpsync import codec
 from harpsync.errors import HarpsyncError, StorageError
+from harpsync.replication.copysweep import CopySweeps, parse_horizons
 from harpsync.replication.reconnect import describe_error
 from harpsync.storage import deadletters, schema
 from harpsync.storage.hlc import ClockSkewError
@@ -134,6 +135,8 @@ class Applier:
         self.copy_progress: dict[str, int] | None = None
         # The copy state of the cursor a copy was asked to resume from (None: none).
         self.copy_resume: dict[str, Any] | None = None
+        # The ranges of the copy that may show rows deleted on the peer (copysweep.py).
+        self.copy_sweeps = CopySweeps({})
         self.copy_snapshot = 0
         self.replay_floor = 0
         # Set by replay_replication: send everything again, whatever this node holds.
@@ -158,15 +161,19 @@ class Applier:
         # copy would show as in progress, and verify refuse, for good.
         self.copy_progress = None
 
-    def begin_copy(self, snapshot_seq: int, total: int) -> None:
+    def begin_copy(self, snapshot_seq: int, total: int, horizons: Any = None) -> None:
         """A copy begins: ``total`` counts the whole snapshot, so a copy that resumes
-        ``copy_resume`` (the same snapshot) counts the rows copied before it too."""
+        ``copy_resume`` (the same snapshot) counts the rows copied before it too.
+        ``horizons``: the publisher's tombstone horizons (``copysweep.py``)."""
         self.copy_snapshot = snapshot_seq
         resumed = self.copy_resume
         copied = 0
         if resumed is not None and resumed.get("snapshot") == snapshot_seq:
             copied = int(resumed.get("copied", 0))
+        else:
+            resumed = None
         self.copy_progress = {"records_copied": copied, "records_total": total}
+        self.copy_sweeps = CopySweeps(parse_horizons(horizons), resumed)
 
     async def settle(self) -> None:
         """Wait until no write of this link is left in the writer."""
@@ -255,7 +262,9 @@ class Applier:
             await self.owner.flush()
 
     async def _end_copy(self, snapshot: int) -> None:
-        await self.store.write_cursor(self.database, self.peer, self.cursor(snapshot))
+        await self.store.write_cursor(self.database, self.peer, self.cursor(snapshot),
+                                      self.copy_sweeps.at_end())
+        self.copy_sweeps = CopySweeps({})
         self.committed_seq = snapshot
         self.checkpoint_at = time.time()
         self.copy_progress = None
@@ -400,9 +409,13 @@ class Applier:
         incarnation = definition.get("version") if isinstance(definition, dict) else None
         incarnation = incarnation if isinstance(incarnation, int) else None
         review = self.host.review(self.peer, self.database)
+        keys = [key for key, _ in rows]
+        sweeps = self.copy_sweeps.for_chunk(table, tombs, keys)
         job = self.store.apply_rows(self.database, self.peer, table, rows, work.origins, cursor,
-                                    self.host.start_floor(self.peer), incarnation, review)
+                                    self.host.start_floor(self.peer), incarnation, review,
+                                    sweeps)
         progress = self.copy_progress
+        copy_sweeps = self.copy_sweeps
 
         def count() -> None:
             # Counted as the chunk commits, also when this task was cancelled meanwhile
@@ -410,6 +423,7 @@ class Applier:
             # behind the rows (and the cursor) committed.
             if progress is not None:
                 progress["records_copied"] += len(rows)
+            copy_sweeps.advance(table, tombs, keys)
 
         try:
             await self._write(job, count)

@@ -54,6 +54,9 @@ class CopyBegan(Event):
     # The schema the copy was taken with (as a hello describes it; None from older
     # peers): learned before any row, in place of the hello's.
     schema: dict[str, Any] | None = None
+    # Per table, ``[incarnation, version]`` of the newest tombstone the publisher swept
+    # (``replication/copysweep.py``; None from older peers).
+    horizons: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,13 +8,14 @@ surface; the storage package keeps its own types and jobs (``ingest``, ``deadlet
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from harpsync.replication import peers
 from harpsync.replication.seams import Entries, Rows
 from harpsync.storage import deadletters, ingest, schema
 from harpsync.storage.conflicts import Review
+from harpsync.storage.horizon import Sweep
 from harpsync.storage.ingest import ApplyStats
 from harpsync.storage.store import Storage
 from harpsync.storage.writer import WriteContext
@@ -47,7 +48,8 @@ class StorageLinkStore:
     async def learn_schema(self, database: str, tables: Mapping[str, Any], peer: str) -> None:
         await schema.apply_hello(self.storage, database, tables, peer)
 
-    async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any]) -> Any:
+    async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any],
+                           sweeps: Sequence[Sweep] = ()) -> Any:
         # The database may be dropped (by a peer, through the system link) while this
         # link still runs, until the reconcile retires it: the cursor then belongs to
         # an incarnation that is gone, and is not written (as the apply jobs do). Before,
@@ -60,6 +62,7 @@ class StorageLinkStore:
 
         def job(ctx: WriteContext) -> None:
             if self.storage.databases.get(database) is db:
+                ingest.apply_sweeps(self.storage, ctx, db, peer, sweeps)
                 ingest.write_cursor(ctx, db=db, peer=peer, cursor=cursor)
 
         return await self.storage.write(job)
@@ -77,10 +80,11 @@ class StorageLinkStore:
 
     async def apply_rows(self, database: str, peer: str, table: str, rows: Rows,
                          origins: Mapping[int, str], cursor: dict[str, Any], floor: int,
-                         incarnation: int | None, review: Review | None) -> Any:
+                         incarnation: int | None, review: Review | None,
+                         sweeps: Sequence[Sweep] = ()) -> Any:
         return await self.storage.write(ingest.apply_rows_job(
             self.storage, database, peer, table, rows, origins, cursor, floor, incarnation,
-            review))
+            review, sweeps))
 
     async def dead_letter(self, database: str, peer: str, letters: list[dict[str, Any]],
                           cursor: dict[str, Any]) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 from harpsync.replication import peers
 from harpsync.replication.seams import PeerRow
-from harpsync.storage import retention
+from harpsync.storage import horizon, retention
 from harpsync.storage.database import Database
 from harpsync.storage.store import Storage
 
@@ -82,6 +82,20 @@ def forget_database(database: str, *by_link: dict[tuple[str, str], int]) -> None
     for table in by_link:
         for key in [k for k in table if k[1] == database]:
             del table[key]
+
+
+async def note_log_replaced(storage: Storage, database: str) -> None:
+    """A peer's cursor named entries this node's log of ``database`` never held: it was
+    restored from a backup (or replaced). Its rows written after the backup may be gone
+    with no delete, so the tombstone horizons stop below them (``horizon.restored_job``)."""
+    db = storage.databases.get(database)
+    if db is None or db.closed:
+        return
+    version = await asyncio.to_thread(horizon.opened_own_version, db)
+    log.warning("a peer's position in %s is past this node's log: it was restored or "
+                "replaced; rows this node wrote after %d are not taken as deleted here",
+                database, version)
+    await storage.write(horizon.restored_job(db, version))
 
 
 async def prune_database(storage: Storage, db: Database, retention_ms: int,

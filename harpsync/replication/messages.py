@@ -121,7 +121,7 @@ CONTROL_SCHEMAS: dict[str, dict[str, _Check]] = {
     "ack": {"seq": _is_int},
     "caught_up": {"seq": _is_int},
     "copy_begin": {"snapshot_seq": _is_int, "total": _is_int, "tables": _is_names,
-                   "schema": _optional(_is_map)},
+                   "schema": _optional(_is_map), "horizons": _optional(_is_map)},
     "copy_end": {"snapshot_seq": _is_int},
     "resync_required": {"oldest_seq": _is_int, "reason": _is_str},
     "error": {"code": _is_str, "message": _is_str},

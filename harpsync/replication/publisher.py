@@ -282,6 +282,8 @@ class Publisher:
         known_through = max(db.opened_head, db.sent_to.get(self.peer, 0))
         first = first_step(sub.after_seq, sub.copy, db.head_seq, known_through)
         if isinstance(first, Resync):
+            if not db.dropped:  # restored: its own rows may be gone with no delete
+                self.host.note_log_replaced(self.database)
             await self._resync(first)
             return
         pos = await self._copy(db, sub, tables, known_through) if isinstance(first, Copy) \
@@ -383,8 +385,12 @@ class Publisher:
         for name in names:
             table = db.tables[name]
             total += db.table_size(table)[0] + db.tombstone_count(table)
+        # Read before any row: a row of this node's written after it is newer than it.
+        horizons = {name: value for name, value in db.swept_horizons().items()
+                    if name in names and name in (sub.origin_tables or {}).get(
+                        self.host.node_name, [name])}
         self._note_sent(db, snapshot)
-        self.session.begin_copy(snapshot, total, names, schema)
+        self.session.begin_copy(snapshot, total, names, schema, horizons)
         await self.flush()
         start_table = resume.get("table")
         for name in names:

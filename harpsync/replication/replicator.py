@@ -512,13 +512,11 @@ class Replicator:
         self.note_position(peer, database, seq)
 
     def note_position(self, peer: str, database: str, seq: int, reset: bool = False) -> None:
-        """``peer`` holds this node's ``database`` log through ``seq`` (``reset``: it
-        starts a full copy, so it holds nothing certain until that ends).
-
-        Its acknowledgement (what retention lets tombstones go by) comes down to it: a
-        subscribe from an older cursor (a peer restored from a backup) or a copy says
-        the peer no longer holds what its previous session acknowledged; the position
-        ``wait_for_replication`` trusts comes down the same way."""
+        """``peer`` holds this node's ``database`` log through ``seq`` (``reset``: it starts
+        a full copy, so it holds nothing certain until that ends). Its acknowledgement (what
+        retention lets tombstones go by) and the position ``wait_for_replication`` trusts
+        come down to it: a subscribe from an older cursor (a peer restored from a backup)
+        or a copy says the peer no longer holds what its previous session acknowledged."""
         key = (peer, database)
         if reset or seq < self.acks.get(key, 0):
             self.acks[key] = 0 if reset else seq
@@ -528,6 +526,9 @@ class Replicator:
             self.positions[key] = seq
             for listener in list(self.position_listeners):
                 listener()
+
+    def note_log_replaced(self, database: str) -> None:
+        self.spawn(maintenance.note_log_replaced(self.storage, database))
 
     def note_received(self, peer: str, database: str, txns: int, last_version: int) -> None:
         self.counts.received((peer, database), txns, last_version)

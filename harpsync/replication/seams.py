@@ -27,7 +27,7 @@ LMDB, and nothing here runs at import time beyond the class definitions.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from harpsync.security import NodeKeys
     from harpsync.storage.conflicts import Review
     from harpsync.storage.database import Table
+    from harpsync.storage.horizon import Sweep
     from harpsync.storage.ingest import ApplyStats
     from harpsync.storage.store import Storage
 
@@ -108,6 +109,10 @@ class LogSource(Protocol):
         """How many tombstones ``table`` holds."""
         ...
 
+    def swept_horizons(self) -> dict[str, list[int]]:
+        """Per table, ``[incarnation, version]`` of the newest tombstone swept."""
+        ...
+
 
 class LinkHost(Protocol):
     """What any link (publisher, subscriber, a ``/.node`` exchange) needs from the node."""
@@ -152,6 +157,10 @@ class PublisherHost(LinkHost, Protocol):
         """``peer`` holds this node's log through ``seq`` (``reset``: a copy starts)."""
         ...
 
+    def note_log_replaced(self, database: str) -> None:
+        """A peer's cursor is past this node's log of ``database``: it was restored."""
+        ...
+
     def note_ack(self, peer: str, database: str, seq: int) -> None:
         """``peer`` acknowledged this node's log through ``seq``."""
         ...
@@ -190,9 +199,10 @@ class LinkStore(Protocol):
         """Create what ``peer``'s hello for ``database`` describes and this node lacks."""
         ...
 
-    def write_cursor(self, database: str, peer: str,
-                     cursor: dict[str, Any]) -> Awaitable[Any]:
-        """Commit ``cursor`` for ``peer``'s link alone."""
+    def write_cursor(self, database: str, peer: str, cursor: dict[str, Any],
+                     sweeps: Sequence[Sweep] = ()) -> Awaitable[Any]:
+        """Commit ``cursor`` for ``peer``'s link alone (with the ``sweeps`` of its copy's
+        end: ingest.apply_sweeps)."""
         ...
 
     def apply_entries(self, database: str, peer: str, entries: Entries,
@@ -205,7 +215,8 @@ class LinkStore(Protocol):
 
     def apply_rows(self, database: str, peer: str, table: str, rows: Rows,
                    origins: Mapping[int, str], cursor: dict[str, Any], floor: int,
-                   incarnation: int | None, review: Review | None) -> Awaitable[Any]:
+                   incarnation: int | None, review: Review | None,
+                   sweeps: Sequence[Sweep] = ()) -> Awaitable[Any]:
         """Merge full-copy rows and commit ``cursor`` with them (ingest.apply_rows_job)."""
         ...
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.errors import BadRequestError
-from harpsync.storage import digest, digest_reads, rowhash
+from harpsync.storage import digest, digest_reads, horizon, rowhash
 from harpsync.storage.conflicts import APPLY, REFUSE, SKIP, Review, decide
-from harpsync.storage.database import Database, Table
+from harpsync.storage.database import LOCAL_ORIGIN, Database, Table
 from harpsync.storage.keys import decode_id
 from harpsync.storage.records import put_record, put_tombstone
 from harpsync.storage.schema import local_origin
@@ -202,9 +202,14 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
 
     ``dry_run``: decide the same, write nothing.
 
+    A row of this node's own that it holds nothing of, older than its tombstone
+    horizon, was deleted here (``horizon.py``): it is refused, not brought back, and
+    deleted again (logged) so the peer learns the delete.
+
     Returns:
         ``changed``: the ids changed here; ``refused`` and ``conflicts``: the ids a
-        policy kept as they are; ``skewed``: those stamped beyond the clock-skew bound.
+        policy kept as they are (``refused`` also the rows deleted here);
+        ``skewed``: those stamped beyond the clock-skew bound.
     """
 
     def job(ctx: WriteContext) -> dict[str, list[Any]]:
@@ -217,11 +222,21 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
         out: dict[str, list[Any]] = {name: [] for name in REPAIR_LISTS}
         relay: dict[int, list[list[Any]]] = {}
         limit = storage.hlc.limit()
+        swept = horizon.horizon(txn, db, table)
+        reissued: list[list[Any]] = []
         for key, (row_digest, version, origin_name, deleted, record) in rows:
             if not deleted and not isinstance(record, dict):
                 continue  # a live row without its record (not published here): unknown
             rid = decode_id(key)
             found = digest_reads.stored_row(txn, table, key, codec.unpack)
+            if found is None and not deleted and horizon.deleted_here(
+                    None, version, db.origin_ids.get(origin_name, -1), swept):
+                # Deleted here (its tombstone was swept): deleted again, so the peer
+                # that still holds it learns the delete by replication.
+                out["refused"].append(rid)
+                if not dry_run:
+                    reissued.append(horizon.reissue(txn, table, key, version))
+                continue
             op = [table_name, "delete" if deleted else "upsert", rid,
                   None if deleted else record, table.version]
             if found is not None:
@@ -266,6 +281,8 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
             relay.setdefault(oid, []).append([*op, version])
         for oid, ops in relay.items():
             storage.append_log(ctx, db, ops, max(op[5] for op in ops), oid)
+        if reissued:
+            storage.append_log(ctx, db, reissued, storage.hlc.now(), LOCAL_ORIGIN)
         return out
 
     return job

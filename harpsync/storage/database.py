@@ -32,6 +32,10 @@ DROPPED_PREFIX = b"dropped:"
 # highest version of that origin's entries that pruning or purge_stream removed.
 HW_PREFIX = b"hw:"
 PRUNED_MAX_PREFIX = b"pruned_max:"
+# Per table: ``[incarnation, version]``, the newest tombstone retention swept (horizon.py).
+SWEPT_PREFIX = b"swept:"
+# A cap on them: this node's rows above it may be lost (its log was restored).
+RESTORED_KEY = b"restored_below"
 # In the ``system`` database: the newest drop version of another database.
 DROPPED_DB_PREFIX = b"dropped_db:"
 # In a database's own ``__meta__``: the version of the create that made it.
@@ -423,6 +427,22 @@ class Database:
                 if not key.startswith(prefix):
                     break
                 yield key[len(prefix):], codec.unpack(value)
+
+    def swept_horizons(self) -> dict[str, list[int]]:
+        """Per table, ``[incarnation, version]`` of the newest tombstone swept from its
+        current incarnation (``horizon.py``): told to a peer taking a full copy."""
+        out: dict[str, list[int]] = {}
+        with self.reading() as txn:
+            swept = list(self._meta_in(txn, SWEPT_PREFIX))
+            raw = txn.get(RESTORED_KEY, db=self.meta_dbi)
+        cap = int(codec.unpack(raw)) if raw else None
+        for name, value in swept:
+            table = self.tables.get(name.decode())
+            if table is not None and value[0] == table.version:
+                version = int(value[1]) if cap is None else min(cap, int(value[1]))
+                if version:
+                    out[table.name] = [int(value[0]), version]
+        return out
 
     def committed_hw(self, origins: Iterable[str]) -> dict[str, int | None]:
         """Per origin, the newest version received from it by any path, as committed

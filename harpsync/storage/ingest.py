@@ -15,8 +15,8 @@ from typing import Any
 
 from harpsync import codec
 from harpsync.errors import BadRequestError
-from harpsync.storage import schema
-from harpsync.storage.database import CURSOR_PREFIX, HW_PREFIX, Database, Table
+from harpsync.storage import horizon, schema
+from harpsync.storage.database import CURSOR_PREFIX, HW_PREFIX, LOCAL_ORIGIN, Database, Table
 from harpsync.storage.hlc import ClockSkewError
 from harpsync.storage.keys import decode_id, encode_id
 from harpsync.storage.records import (
@@ -35,6 +35,7 @@ from harpsync.storage.writes import note_attributes, set_attribute
 log = logging.getLogger(__name__)
 
 __all__ = ["ApplyStats", "UnknownTableError", "apply_entries_job", "apply_op", "apply_rows_job",
+           "apply_sweeps",
            "forget_cursor", "local_origin", "write_cursor"]
 
 
@@ -321,17 +322,20 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
 
 def _copy_fresh(storage: Storage, ctx: WriteContext, db: Database, table: Table,
                 decoded: list[tuple[bytes, int, int, Any]], origins: Mapping[int, str],
-                floor: int) -> list[tuple[bytes, int, int, Any]] | None:
+                floor: int, swept: int) -> list[tuple[bytes, int, int, Any]] | None:
     """Store a copy chunk's rows together when all are live records of known origins at
     or above ``floor``, under keys that hold nothing here (a new node's copy): each wins
     under last-writer-wins, so they go to ``put_new_records`` as a bulk insert does.
     Returns the rows as landed ``(key, version, local origin id, record)``, or None,
-    having stored nothing, when the chunk must go row by row.
+    having stored nothing, when the chunk must go row by row (also when a row of this
+    node's own may be one it deleted: older than its tombstone horizon ``swept``).
     """
     if len(decoded) < 2:
         return None
+    own = db.origin_names[LOCAL_ORIGIN]
     for _key, version, origin, record in decoded:
-        if record is None or version < floor or origin not in origins:
+        if record is None or version < floor or origin not in origins \
+                or (version < swept and origins[origin] == own):
             return None
     keys = [row[0] for row in decoded]
     txn = ctx.txn(db)
@@ -352,15 +356,33 @@ def _copy_fresh(storage: Storage, ctx: WriteContext, db: Database, table: Table,
     return landed
 
 
+def apply_sweeps(storage: Storage, ctx: WriteContext, db: Database, peer: str,
+                 sweeps: Sequence[horizon.Sweep]) -> int:
+    """Delete what ``sweeps`` of ``peer``'s copy show it deleted (``horizon.sweep``),
+    and log the deletes in a new entry of this node's, so its peers learn them."""
+    if not sweeps:
+        return 0
+    gone = horizon.sweep(ctx.txn(db), db, peer, sweeps)
+    if gone:
+        log.info("%s's copy of %s: %d rows of its own it deleted meanwhile (tombstones "
+                 "swept there) deleted here", peer, db.name, len(gone))
+        storage.append_log(ctx, db, gone, storage.hlc.now(), LOCAL_ORIGIN)
+    return len(gone)
+
+
 def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                    rows: Sequence[tuple[bytes, bytes]], origins: Mapping[int, str],
                    cursor: dict[str, Any], floor: int = 0, incarnation: int | None = None,
-                   review: Any = None) -> Callable[[WriteContext], int]:
+                   review: Any = None, sweeps: Sequence[horizon.Sweep] = (),
+                   ) -> Callable[[WriteContext], int]:
     """A writer job merging full-copy rows (live records and tombstones) by LWW.
 
     It never deletes a row that exists only on the receiver: only a tombstone with a
-    newer version can remove a record. Rows that land are logged, one entry per origin
-    with each row's own version, so nodes behind this one receive them too.
+    newer version can remove a record, or ``sweeps``, the ranges of the copy that show
+    rows of the peer's origin as deleted on the peer (``horizon.py``). A row of this
+    node's own that it deleted (older than its horizon, nothing stored) is refused.
+    Rows that land are logged, one entry per origin with each row's own version, so
+    nodes behind this one receive them too.
     ``incarnation`` is the peer's incarnation of the table (from its hello).
 
     Raises:
@@ -386,9 +408,12 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                 "which was dropped here; waiting for it to apply the drop")
         table = db.tables[table_name]
         txn = ctx.txn(db)
+        apply_sweeps(storage, ctx, db, peer, sweeps)
+        swept = horizon.horizon(txn, db, table)
         decoded = [(key, *codec.unpack(raw)) for key, raw in rows]
         landed = None if review is not None else _copy_fresh(storage, ctx, db, table, decoded,
-                                                              origins, floor)
+                                                              origins, floor, swept)
+        reissued: list[list[Any]] = []
         if landed is None:
             landed = []
             for key, version, origin, record in decoded:
@@ -397,6 +422,12 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                     continue
                 storage.hlc.check(version)  # a skewed row fails the chunk; the copy resumes
                 stored = get_stored(txn, table, key)
+                if swept and record is not None and horizon.deleted_here(
+                        stored, version, db.origin_ids.get(origin_name, -1), swept):
+                    # Deleted here (its tombstone was swept, not its delete): the peer
+                    # still has it, and maybe others through it.
+                    reissued.append(horizon.reissue(txn, table, key, version))
+                    continue
                 if review is not None:
                     op = [table_name, "delete" if record is None else "upsert",
                           decode_id(key), record, incarnation, version]
@@ -411,6 +442,11 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                 else:
                     put_record(txn, table, key, version, oid, record)
                 landed.append((key, version, oid, record))
+        if reissued:
+            log.info("%s's copy of %s.%s: %d rows deleted here (tombstones swept) not "
+                     "taken back but deleted again", peer, db_name, table_name,
+                     len(reissued))
+            storage.append_log(ctx, db, reissued, storage.hlc.now(), LOCAL_ORIGIN)
         relay: dict[int, list[list[Any]]] = {}
         stored_records: list[dict[str, Any]] = []
         stored_versions: list[int] = []

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from harpsync import codec
-from harpsync.storage import digest
+from harpsync.storage import digest, horizon
 from harpsync.storage.database import PRUNED_KEY, PRUNED_MAX_PREFIX, Database
 from harpsync.storage.keys import seq_key, seq_of
 from harpsync.storage.writer import WriteContext
@@ -152,15 +152,19 @@ def prune_log_job(db: Database, through_seq: int, tombstones_before: int | None,
                     continue
                 tcur = txn.cursor(db=table.tomb_dbi)
                 ok = tcur.first()
+                swept = 0
                 while ok:
                     version = codec.unpack(tcur.value())[0]
                     if version < floor:
                         tombs += 1
+                        swept = max(swept, version)
                         digest.on_remove(txn, table, bytes(tcur.key()), bytes(tcur.value()),
                                          True)
                         ok = tcur.delete() and bool(tcur.key())
                     else:
                         ok = tcur.next()
+                if swept:  # what the swept deletes still tell peers (horizon.py)
+                    horizon.note_swept(txn, db, table, swept)
         return {"entries": removed, "tombstones": tombs, "through": last}
 
     return job

@@ -109,6 +109,9 @@ class FakeLog:
     def tombstone_count(self, table: Any) -> int:
         return len(self.tombs[table.name])
 
+    def swept_horizons(self) -> dict[str, list[int]]:
+        return {}
+
 
 class FakeLinkHost:
     """What every link needs from the node (``LinkHost``), answering plainly."""
@@ -145,6 +148,7 @@ class FakePublisherHost(FakeLinkHost):
     def __init__(self) -> None:
         super().__init__()
         self.positions: list[tuple[str, str, int, bool]] = []
+        self.replaced: list[str] = []
         self.acks: list[tuple[str, str, int]] = []
 
     def note_position(self, peer: str, database: str, seq: int, reset: bool = False) -> None:
@@ -152,6 +156,9 @@ class FakePublisherHost(FakeLinkHost):
 
     def note_ack(self, peer: str, database: str, seq: int) -> None:
         self.acks.append((peer, database, seq))
+
+    def note_log_replaced(self, database: str) -> None:
+        self.replaced.append(database)
 
 
 class FakeSubscriberHost(FakeLinkHost):
@@ -260,7 +267,8 @@ class FakeLinkStore:
     async def learn_schema(self, database: str, tables: Mapping[str, Any], peer: str) -> None:
         self.hellos.append(tables)
 
-    async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any]) -> None:
+    async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any],
+                           sweeps: Any = ()) -> None:
         self.cursors[(database, peer)] = dict(cursor)
 
     async def apply_entries(self, database: str, peer: str, entries: list[tuple[int, bytes]],
@@ -284,7 +292,7 @@ class FakeLinkStore:
     async def apply_rows(self, database: str, peer: str, table: str,
                          rows: list[tuple[bytes, bytes]], origins: Mapping[int, str],
                          cursor: dict[str, Any], floor: int, incarnation: int | None,
-                         review: Any) -> int:
+                         review: Any, sweeps: Any = ()) -> int:
         self.copied.append((table, [key for key, _ in rows], dict(cursor)))
         self.cursors[(database, peer)] = dict(cursor)
         return len(rows)

@@ -180,10 +180,11 @@ class HeldCursorStore(FakeLinkStore):
         self.release = asyncio.Event()
         self.writing = asyncio.Event()
 
-    async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any]) -> None:
+    async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any],
+                           sweeps: Any = ()) -> None:
         self.writing.set()
         await self.release.wait()
-        await super().write_cursor(database, peer, cursor)
+        await super().write_cursor(database, peer, cursor, sweeps)
 
 
 async def test_a_copy_whose_end_commits_as_the_link_drops_is_not_left_in_progress():
