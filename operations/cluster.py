@@ -60,7 +60,11 @@ _LOCAL_ONLY = {"operation", "hostname", "revoked_certificates", "verify_tls",
                "retain_authorization"}
 
 
-async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, Any]:
+async def _update(ctx: OpContext, body: dict[str, Any], verb: str,
+                  replace: bool = False) -> dict[str, Any]:
+    """Change a known peer's settings (add it when unknown). ``replace``: the body's
+    subscriptions (none: everything, unless ``replicates: false``) replace the row's,
+    as for a node added anew; else they are merged into them by table."""
     rep = ctx.services.cluster
     name = body.get("hostname")
     row = rep.rows.get(name) if name else None
@@ -78,7 +82,9 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
                                         and body["url"] == row.get("url")):
             return _updated(body, row, verb)
     new_subs = peers.normalize_subscriptions(body.get("subscriptions"))
-    if "subscriptions" in body:
+    if replace:
+        subs = new_subs
+    elif "subscriptions" in body:
         subs = peers.merge_subscriptions(row.get("subscriptions"), new_subs)
     elif body.get("replicates") is True:
         subs = None
@@ -88,7 +94,8 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
     old = {k: v for k, v in row.items() if k != "authorization"}
     # A peer added with ``replicates: false`` stays so when an update changes something
     # else (its shard, policy, revocations): before, it started replicating fully.
-    new = {**old, **_row_settings(body, subs, bool(row.get("replicates", True))),
+    new = {**old, **_row_settings(body, subs, True if replace
+                                  else bool(row.get("replicates", True))),
            "learned": False}
     # In use here before the peer hears of it: the peer re-copies at once, and that copy
     # must already see what this node now publishes (see Mesh.stage_settings).
@@ -139,6 +146,13 @@ async def update_node(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 
 async def set_node_replication(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     return await _update(ctx, body, "added")
+
+
+async def replace_node(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    """A connection of ``configure_cluster``: the peer's settings become the listed
+    ones, whatever its row held (its subscriptions are replaced, not merged: a table
+    the list no longer names stops replicating)."""
+    return await _update(ctx, body, "added", replace=True)
 
 
 async def remove_node(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:

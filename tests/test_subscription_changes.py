@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from tests.helpers import wait_for
 from tests.proxy_util import TcpProxy
@@ -201,3 +202,39 @@ def test_both_sides_of_a_subscribed_pair_show_replicates_true(node_factory):
         assert [s["table"] for s in conn["subscriptions"]] == ["t1"], (node.name, conn)
     b.call("insert", table="t1", records=[{"id": 1}])
     wait_for(lambda: by_id(a, "t1", 1) is not None, timeout=15, message="t1 flowing")
+
+
+def _sub(table: str, subscribe: bool = True, publish: bool = True) -> dict[str, Any]:
+    return {"database": "data", "table": table, "subscribe": subscribe, "publish": publish}
+
+
+def test_configure_cluster_replaces_the_subscriptions_of_a_known_node(node_factory):
+    """configure_cluster replaces this node's connections with the listed ones: a known
+    node listed with t1 only stops replicating t2, both ways. Before, its subscriptions
+    were merged into the row's (as set_node_replication does), so t2, no longer listed,
+    went on flowing, and the same list gave a known node other subscriptions than a new
+    one."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    entry = {"hostname": b.name, "url": b.repl_url, "verify_tls": False,
+             "authorization": CREDS}
+    a.call("configure_cluster", connections=[{**entry, "subscriptions": [_sub("t1"),
+                                                                         _sub("t2")]}])
+    wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=15,
+             message="tables on node-b")
+    b.call("insert", table="t2", records=[{"id": 0}])
+    wait_for(lambda: by_id(a, "t2", 0) is not None, timeout=15, message="t2 flowing")
+
+    a.call("configure_cluster", connections=[{**entry, "subscriptions": [_sub("t1")]}])
+    assert (connection(a, b.name) or {}).get("subscriptions") == [_sub("t1")]
+    assert (connection(b, a.name) or {}).get("subscriptions") == [_sub("t1")]
+    b.call("insert", table="t2", records=[{"id": 1, "v": "not listed any more"}])
+    a.call("insert", table="t2", records=[{"id": 2, "v": "not listed any more"}])
+    b.call("insert", table="t1", records=[{"id": 1}])
+    a.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(a, "t1", 1) is not None and by_id(b, "t1", 2) is not None,
+             timeout=15, message="t1 flowing both ways")
+    assert by_id(a, "t2", 1) is None, "t2 still flowed from node-b after configure_cluster"
+    assert by_id(b, "t2", 2) is None, "t2 still flowed to node-b after configure_cluster"
