@@ -238,3 +238,40 @@ def test_configure_cluster_replaces_the_subscriptions_of_a_known_node(node_facto
              timeout=15, message="t1 flowing both ways")
     assert by_id(a, "t2", 1) is None, "t2 still flowed from node-b after configure_cluster"
     assert by_id(b, "t2", 2) is None, "t2 still flowed to node-b after configure_cluster"
+
+
+def test_narrowing_and_publish_flag_changes_catch_up_without_a_full_copy(node_factory):
+    """A change that adds nothing to what a side receives (node-b stops publishing t1 to
+    node-a; node-b's subscriptions name both tables, node-a's now only t2) keeps the
+    cursors: both links subscribe again with the new tables and catch up from where
+    they were. Before, any change of the subscriptions forgot the cursors of every
+    database on both sides, and each side copied the whole database again."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a)
+    wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=15,
+             message="tables on node-b")
+    a.call("insert", table="t1", records=[{"id": i} for i in range(50)])
+    b.call("insert", table="t2", records=[{"id": i} for i in range(50)])
+    wait_for(lambda: by_id(b, "t1", 49) is not None and by_id(a, "t2", 49) is not None,
+             timeout=15, message="both ways flowing")
+    copies: list[tuple[str, str, str]] = []
+    for node in (a, b):
+        node.node.cluster.copy_listeners.append(
+            lambda peer, db, n=node.name: copies.append((n, peer, db)))
+
+    b.call("set_node_replication", hostname=a.name,
+           subscriptions=[_sub("t1", publish=False), _sub("t2")])
+    assert (connection(a, b.name) or {}).get("subscriptions") == [
+        _sub("t1", subscribe=False), _sub("t2")]
+    b.call("insert", table="t1", records=[{"id": 100, "v": "not published to node-a"}])
+    a.call("insert", table="t1", records=[{"id": 101}])
+    b.call("insert", table="t2", records=[{"id": 102}])
+    a.call("insert", table="t2", records=[{"id": 103}])
+    wait_for(lambda: by_id(b, "t1", 101) is not None and by_id(a, "t2", 102) is not None
+             and by_id(b, "t2", 103) is not None, timeout=15,
+             message="the tables still flowing after the change")
+    assert by_id(a, "t1", 100) is None, "node-b published t1 to node-a after the change"
+    assert copies == [], f"needless full copies: {copies}"

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -379,9 +380,11 @@ class Mesh:
                 self.rows[name] = old
 
     async def _replace_row(self, row: dict[str, Any]) -> None:
-        """Save an operator-made row. When the peer's subscriptions change, its cursors
-        go: tables that now replicate must arrive with their history, so the links
-        start with a full copy (merged by last-writer-wins, so nothing here is lost).
+        """Save an operator-made row. When the peer's subscriptions change, its links
+        restart with the new tables, and where this node now receives more of a
+        database the cursor goes: tables that now replicate must arrive with their
+        history, so that link starts with a full copy (merged by last-writer-wins, so
+        nothing here is lost).
 
         The links are stopped first, and their in-flight apply jobs finished, so no
         late cursor write can bring a forgotten cursor back (which would skip the
@@ -393,8 +396,14 @@ class Mesh:
             old = self._staged.pop(name) if name in self._staged else self.rows.get(name)
             changed = old is not None and _flows(old) != _flows(row)
             if changed:
+                assert old is not None
                 await self._host.stop_links(name)
-                await self._forget_cursors(name, include_system=False)
+                # Only where this node now receives more: narrowing, or a change of the
+                # publish side alone, catches up from the cursor (before, every change
+                # copied every database again, both ways).
+                await self._forget_cursors(
+                    name, include_system=False,
+                    only=lambda db: peers.receives_more(old, row, db))
             await self.save_row(row)
             if changed:
                 # Peers this node relays ``name`` to hold what it takes from ``name``
@@ -404,9 +413,10 @@ class Mesh:
                 # once back, skipped those for good).
                 await self._host.drop_relaying(name, f"subscriptions from {name} changed")
 
-    async def _forget_cursors(self, name: str, include_system: bool) -> None:
+    async def _forget_cursors(self, name: str, include_system: bool,
+                              only: Callable[[str], bool] | None = None) -> None:
         for db in list(self.storage.databases.values()):
-            if include_system or db.name != SYSTEM:
+            if (include_system or db.name != SYSTEM) and (only is None or only(db.name)):
                 await self.storage.write(functools.partial(forget_cursor, db=db, peer=name))
 
     def is_selective(self) -> bool:
