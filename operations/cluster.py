@@ -44,8 +44,13 @@ async def _add(ctx: OpContext, body: dict[str, Any]) -> tuple[str, str]:
     subs = peers.normalize_subscriptions(body.get("subscriptions"))
     creds = parse_credentials(body)
     settings = _row_settings(body, subs)
+    known = rep.rows.get(str(hostname)) if hostname else None
+    # A known node added again: what this node now sends it that it did not, the peer
+    # copies again (see Mesh.sends_more).
+    sends_more = rep.sends_more(str(hostname), {**known, **settings}) if known else []
     answer = await rep.join(url, creds, bool(body.get("verify_tls", True)), subs,
-                            {**body, "replicates": settings["replicates"]})
+                            {**body, "replicates": settings["replicates"],
+                             "sends_more": sends_more})
     name = await rep.adopt(answer, url, settings)
     return name, url
 
@@ -97,6 +102,9 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str,
     new = {**old, **_row_settings(body, subs, True if replace
                                   else bool(row.get("replicates", True))),
            "learned": False}
+    # What this node now sends the peer that it did not: the peer copies it again even
+    # where its own row said it took it (a row learned by gossip may say more).
+    sends_more = rep.sends_more(row["name"], new)
     # In use here before the peer hears of it: the peer re-copies at once, and that copy
     # must already see what this node now publishes (see Mesh.stage_settings).
     # Only what decides what flows (certificate revocations etc. apply once saved: the
@@ -108,7 +116,7 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str,
         # or an update naming neither cleared them there (and the peer's next re-copy
         # took this node's rows from before the start_time).
         extra = {**body, "shard": new.get("shard"), "start_time": new.get("start_time"),
-                 "replicates": new["replicates"]}
+                 "replicates": new["replicates"], "sends_more": sends_more}
         # A url in the body is where the peer is now (its address changed): join it
         # there and record it. Before, the join went to the old address (and failed, or
         # reported success for a url it never used).

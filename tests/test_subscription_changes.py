@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from tests.helpers import wait_for
 from tests.proxy_util import TcpProxy
 from tests.repl_util import CREDS, by_id, connection, has_table, join
@@ -275,3 +277,37 @@ def test_narrowing_and_publish_flag_changes_catch_up_without_a_full_copy(node_fa
              message="the tables still flowing after the change")
     assert by_id(a, "t1", 100) is None, "node-b published t1 to node-a after the change"
     assert copies == [], f"needless full copies: {copies}"
+
+
+@pytest.mark.timeout(180)
+def test_rows_not_published_to_a_peer_learned_by_gossip_arrive_once_they_are(node_factory):
+    """node-a is selective (it takes t1 from node-d only one way), so it learns node-b by
+    gossip as a peer it sends nothing; node-b learns node-a from node-c, whose row for
+    node-a is full, as a peer it takes everything from. node-b's link from node-a then
+    streams nothing and its cursor passes node-a's writes. When node-a's operator lets
+    node-b replicate, node-b must copy from node-a again although its own row said all
+    along that it takes everything. Before, its row did not change, it kept the cursor,
+    and the rows node-a wrote meanwhile never reached it."""
+    a, b, c, d = (node_factory(f"node-{x}") for x in "abcd")
+    a.call("create_table", table="t1", primary_key="id")
+    join(a, d, subscriptions=[_sub("t1", publish=False)])  # node-a is selective
+    join(c, a)
+    join(b, c)
+    wait_for(lambda: connection(a, b.name) is not None and connection(b, a.name) is not None,
+             timeout=20, message="node-a and node-b to learn each other")
+    assert connection(a, b.name)["replicates"] is False  # gossip: nothing to node-b
+    assert connection(b, a.name)["subscriptions"] is None  # ... which takes all of node-a
+    wait_for(lambda: has_table(b, "t1"), timeout=20, message="t1 on node-b")
+    link = b.node.cluster.subscribers
+    wait_for(lambda: (a.name, "data") in link and link[(a.name, "data")].streaming,
+             timeout=20, message="node-b streaming data from node-a")
+    a.call("insert", table="t1", records=[{"id": 1, "v": "not published to node-b yet"}])
+    head = a.node.storage.databases["data"].head_seq
+    wait_for(lambda: link[(a.name, "data")].committed_seq >= head, timeout=20,
+             message="node-b's cursor past node-a's write")
+    assert by_id(b, "t1", 1) is None
+
+    a.call("set_node_replication", hostname=b.name, replicates=True)
+    a.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="node-a's next row")
+    assert by_id(b, "t1", 1) is not None, "the row written while not published was lost"

@@ -269,7 +269,11 @@ class Mesh:
                    "serials": serials, **settings}
         else:
             row = {"name": name, **settings}
-        await self._replace_row({**row, "learned": False})
+        # What this node now sends the joiner that it did not (its row for the joiner
+        # may have said less than the joiner's: a row learned by gossip).
+        sends_more = self.sends_more(name, {**(self.rows.get(name) or {}), **settings})
+        await self._replace_row({**row, "learned": False},
+                                also={str(d) for d in body.get("sends_more") or []})
         # The joiner's other nodes: one add_node joins this node to its whole mesh.
         await self.learn_nodes(list(body.get("nodes", [])), reconcile=False)
         await self._host.reconcile(restart_peer=name if existed else None)
@@ -277,7 +281,7 @@ class Mesh:
             await self._host.drop_inbound(name, "node re-joined")
         self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
         return {"node": self.node_name, "url": self._host.url, "ca": self.keys.ca_pem.decode(),
-                "cert": cert,
+                "cert": cert, "sends_more": sends_more,
                 "nodes": [peers.identity(r) for n, r in self.rows.items() if n != name]}
 
     async def join(self, url: str, credentials: tuple[str, str] | None, verify: bool,
@@ -295,6 +299,7 @@ class Mesh:
             "subscriptions": peers.mirror(subscriptions),
             "replicates": subscriptions is not None or extra.get("replicates") is not False,
             "shard": extra.get("shard"), "start_time": extra.get("start_time"),
+            "sends_more": list(extra.get("sends_more") or []),
             "nodes": [peers.identity(r) for r in self.rows.values() if r.get("url") != url],
         }
         if credentials is not None:
@@ -349,7 +354,8 @@ class Mesh:
             self.keys.store_peer_signed_cert(name, answer["cert"])
         existed = existing is not None
         await self._replace_row({**row, "name": name, "url": url, "ca": str(answer["ca"]),
-                                 "learned": False, **pin_fields})
+                                 "learned": False, **pin_fields},
+                                also={str(d) for d in answer.get("sends_more") or []})
         await self.learn_nodes(list(answer.get("nodes", [])), reconcile=False)
         await self._host.reconcile(restart_peer=name if existed else None)
         if existed:  # settings such as revoked_certificates apply to its sockets now
@@ -379,7 +385,18 @@ class Mesh:
             if old is not None:
                 self.rows[name] = old
 
-    async def _replace_row(self, row: dict[str, Any]) -> None:
+    def sends_more(self, name: str, row: dict[str, Any]) -> list[str]:
+        """The databases of which ``row`` has this node send peer ``name`` tables its
+        saved row did not: the peer must copy them again (``_replace_row``'s ``also``
+        there), even where its own row already said it takes them."""
+        old = self._staged[name] if name in self._staged else self.rows.get(name)
+        if old is None:
+            return []
+        return sorted(db for db in list(self.storage.databases)
+                      if db != SYSTEM and peers.sends_more(old, row, db))
+
+    async def _replace_row(self, row: dict[str, Any],
+                           also: set[str] | frozenset[str] = frozenset()) -> None:
         """Save an operator-made row. When the peer's subscriptions change, its links
         restart with the new tables, and where this node now receives more of a
         database the cursor goes: tables that now replicate must arrive with their
@@ -395,15 +412,17 @@ class Mesh:
             # Compare with the row the links last ran with, not a staged one.
             old = self._staged.pop(name) if name in self._staged else self.rows.get(name)
             changed = old is not None and _flows(old) != _flows(row)
-            if changed:
-                assert old is not None
+            # Only where this node now receives more (or the peer now sends more:
+            # ``also``, from the peer) is a cursor forgotten: narrowing, or a change of
+            # the publish side alone, catches up from the cursor (before, every change
+            # copied every database again, both ways).
+            forget = set() if old is None else {
+                db for db in list(self.storage.databases) if db != SYSTEM
+                and (db in also or changed and peers.receives_more(old, row, db))}
+            if changed or forget:
                 await self._host.stop_links(name)
-                # Only where this node now receives more: narrowing, or a change of the
-                # publish side alone, catches up from the cursor (before, every change
-                # copied every database again, both ways).
-                await self._forget_cursors(
-                    name, include_system=False,
-                    only=lambda db: peers.receives_more(old, row, db))
+                await self._forget_cursors(name, include_system=False,
+                                           only=forget.__contains__)
             await self.save_row(row)
             if changed:
                 # Peers this node relays ``name`` to hold what it takes from ``name``

@@ -199,6 +199,9 @@ class Replicator:
     def stage_settings(self, row: dict[str, Any]) -> None:
         self.mesh.stage_settings(row)
 
+    def sends_more(self, name: str, row: dict[str, Any]) -> list[str]:
+        return self.mesh.sends_more(name, row)
+
     def unstage_settings(self, name: str) -> None:
         self.mesh.unstage_settings(name)
 
