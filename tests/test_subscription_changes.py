@@ -311,3 +311,70 @@ def test_rows_not_published_to_a_peer_learned_by_gossip_arrive_once_they_are(nod
     a.call("insert", table="t1", records=[{"id": 2}])
     wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="node-a's next row")
     assert by_id(b, "t1", 1) is not None, "the row written while not published was lost"
+
+
+@pytest.mark.timeout(240)
+def test_narrowing_and_widening_again_under_writes_loses_nothing(node_factory):
+    """node-b narrows what it takes from node-a (table-level, then publish-only) and
+    widens it again (database-level, then table-level) while both nodes keep writing:
+    a narrowing keeps the cursor, so each widening must still bring the rows written
+    while narrowed, and both nodes end with the same rows."""
+    import threading
+
+    import httpx
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a)
+    wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=15,
+             message="tables on node-b")
+    stop = threading.Event()
+    written = {"n": 0}
+
+    def write(node: Any, table: str, base: int) -> None:
+        with httpx.Client(timeout=30.0) as client:
+            i = 0
+            while not stop.is_set():
+                res = client.post(node.url, auth=("admin", "test-password"), json={
+                    "operation": "upsert", "database": "data", "table": table,
+                    "records": [{"id": base + i}]})
+                if res.status_code == 200:
+                    i += 1
+                    written["n"] += 1
+
+    threads = [threading.Thread(target=write, args=args, daemon=True)
+               for args in ((a, "t1", 0), (a, "t2", 0), (b, "t2", 100_000))]
+    for thread in threads:
+        thread.start()
+
+    def after_more_writes(count: int = 30) -> None:
+        target = written["n"] + count
+        wait_for(lambda: written["n"] >= target, timeout=30, message="more writes")
+
+    try:
+        steps: list[dict[str, Any]] = [
+            {"subscriptions": [_sub("t1")]},
+            {"replicates": True},
+            {"subscriptions": [_sub("t2", subscribe=False)]},
+            {"subscriptions": [_sub("t2")]},
+        ]
+        for step in steps:
+            after_more_writes()
+            b.call("set_node_replication", hostname=a.name, **step)
+        after_more_writes()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    b.call("set_node_replication", hostname=a.name, replicates=True)
+    for table in ("t1", "t2"):
+        wait_for(lambda t=table: _ids(a, t) == _ids(b, t), timeout=40,
+                 message=f"{table} the same on both nodes")
+
+
+def _ids(node: Any, table: str) -> set[int]:
+    from tests.repl_util import all_records
+
+    return {r["id"] for r in all_records(node, table, attributes=["id"])}
