@@ -208,6 +208,12 @@ class Publisher:
             row = self.host.peer_row(name)
             tables = peers.subscribe_tables(row, self.database) if row is not None else None
             carried = tables if isinstance(tables, list) else None
+            if tables is False and row is not None and not row.get("learned"):
+                # An operator's row that takes nothing of that origin: nothing of it
+                # arrives here by any path (``peers.origin_tables``) but the schema
+                # learned from its hellos, which must not raise the peer's floor
+                # either. (A learned row takes it through relays: all of it.)
+                carried = []
             if publish is False:
                 carried = []
             elif publish is not None:
