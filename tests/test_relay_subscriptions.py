@@ -311,3 +311,42 @@ def test_a_relay_set_not_to_replicate_with_the_origin_raises_no_floor(node_facto
         assert by_id(b, "t1", 1) is not None, "the row written while relayed was lost"
     finally:
         to_a.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_relay_paused_from_the_origin_raises_no_floor_with_a_table_create(node_factory):
+    """node-c takes everything from node-a but has paused its data link from it; its
+    system link says hello again and node-c learns node-a's new table t9 from it,
+    logged as node-a's, without node-a's row written before it. Relayed to node-b
+    (whose direct link from node-a is down), that create must not raise node-b's floor
+    for node-a past the row. Before, node-b's direct link, once back, skipped the row
+    for good."""
+    a, b, c = (node_factory(f"node-{x}") for x in "abc")
+    a.call("create_table", table="t1", primary_key="id")
+    join(c, a)
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        join(b, c)
+        wait_for(lambda: has_table(b, "t1") and has_table(c, "t1"), timeout=20,
+                 message="t1 on node-b and node-c")
+        a.call("insert", table="t1", records=[{"id": 0}])
+        wait_for(lambda: by_id(b, "t1", 0) is not None and by_id(c, "t1", 0) is not None,
+                 timeout=20, message="t1 flowing")
+        c.call("pause_replication", hostname=a.name, database="data")
+        _cut(b, a, to_a)
+        wait_for(lambda: b.node.cluster.relays.assignments.get("data", {}).get(a.name)
+                 == c.name, timeout=20, message="node-c relaying node-a to node-b")
+        a.call("insert", table="t1", records=[{"id": 1, "v": "node-c does not have it"}])
+        a.call("create_table", table="t9", primary_key="id")
+        c.call("pause_replication", hostname=a.name, database="system")
+        c.call("resume_replication", hostname=a.name, database="system")
+        wait_for(lambda: has_table(b, "t9"), timeout=20, message="t9 relayed to node-b")
+        to_a.heal()
+        wait_for(lambda: _direct(b, a), timeout=30, message="node-b streaming from node-a")
+        a.call("insert", table="t1", records=[{"id": 2}])
+        wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="node-a's next row")
+        assert by_id(b, "t1", 1) is not None, "the row written while relayed was lost"
+    finally:
+        to_a.close()
