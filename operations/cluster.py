@@ -44,8 +44,13 @@ async def _add(ctx: OpContext, body: dict[str, Any]) -> tuple[str, str]:
     subs = peers.normalize_subscriptions(body.get("subscriptions"))
     creds = parse_credentials(body)
     settings = _row_settings(body, subs)
+    known = rep.rows.get(str(hostname)) if hostname else None
+    # A known node added again: what this node now sends it that it did not, the peer
+    # copies again (see Mesh.sends_more).
+    sends_more = rep.sends_more(str(hostname), {**known, **settings}) if known else []
     answer = await rep.join(url, creds, bool(body.get("verify_tls", True)), subs,
-                            {**body, "replicates": settings["replicates"]})
+                            {**body, "replicates": settings["replicates"],
+                             "sends_more": sends_more})
     name = await rep.adopt(answer, url, settings)
     return name, url
 
@@ -60,7 +65,11 @@ _LOCAL_ONLY = {"operation", "hostname", "revoked_certificates", "verify_tls",
                "retain_authorization"}
 
 
-async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, Any]:
+async def _update(ctx: OpContext, body: dict[str, Any], verb: str,
+                  replace: bool = False) -> dict[str, Any]:
+    """Change a known peer's settings (add it when unknown). ``replace``: the body's
+    subscriptions (none: everything, unless ``replicates: false``) replace the row's,
+    as for a node added anew; else they are merged into them by table."""
     rep = ctx.services.cluster
     name = body.get("hostname")
     row = rep.rows.get(name) if name else None
@@ -78,7 +87,9 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
                                         and body["url"] == row.get("url")):
             return _updated(body, row, verb)
     new_subs = peers.normalize_subscriptions(body.get("subscriptions"))
-    if "subscriptions" in body:
+    if replace:
+        subs = new_subs
+    elif "subscriptions" in body:
         subs = peers.merge_subscriptions(row.get("subscriptions"), new_subs)
     elif body.get("replicates") is True:
         subs = None
@@ -88,22 +99,26 @@ async def _update(ctx: OpContext, body: dict[str, Any], verb: str) -> dict[str, 
     old = {k: v for k, v in row.items() if k != "authorization"}
     # A peer added with ``replicates: false`` stays so when an update changes something
     # else (its shard, policy, revocations): before, it started replicating fully.
-    new = {**old, **_row_settings(body, subs, bool(row.get("replicates", True))),
+    new = {**old, **_row_settings(body, subs, True if replace
+                                  else bool(row.get("replicates", True))),
            "learned": False}
+    # What this node now sends the peer that it did not: the peer copies it again even
+    # where its own row said it took it (a row learned by gossip may say more).
+    sends_more = rep.sends_more(row["name"], new)
     # In use here before the peer hears of it: the peer re-copies at once, and that copy
     # must already see what this node now publishes (see Mesh.stage_settings).
     # Only what decides what flows (certificate revocations etc. apply once saved: the
     # peer must still be recognised while it is told).
-    resync = rep.stage_settings({**old, "replicates": new["replicates"],
+    rep.stage_settings({**old, "replicates": new["replicates"],
                                  "subscriptions": new["subscriptions"]})
     try:
         # The peer's row takes shard and start_time from the join: send the kept ones,
         # or an update naming neither cleared them there (and the peer's next re-copy
         # took this node's rows from before the start_time).
-        # ``resync``: what flows changed here, so the peer copies again even if it saved
-        # these settings already (a first attempt killed this node before it saved).
+        # ``sends_more``: the peer copies those databases again even if it saved these
+        # settings already (a first attempt killed this node before it saved).
         extra = {**body, "shard": new.get("shard"), "start_time": new.get("start_time"),
-                 "replicates": new["replicates"], "resync": resync}
+                 "replicates": new["replicates"], "sends_more": sends_more}
         # A url in the body is where the peer is now (its address changed): join it
         # there and record it. Before, the join went to the old address (and failed, or
         # reported success for a url it never used).
@@ -141,6 +156,13 @@ async def update_node(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
 
 async def set_node_replication(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
     return await _update(ctx, body, "added")
+
+
+async def replace_node(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:
+    """A connection of ``configure_cluster``: the peer's settings become the listed
+    ones, whatever its row held (its subscriptions are replaced, not merged: a table
+    the list no longer names stops replicating)."""
+    return await _update(ctx, body, "added", replace=True)
 
 
 async def remove_node(ctx: OpContext, body: dict[str, Any]) -> dict[str, Any]:

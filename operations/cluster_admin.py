@@ -12,7 +12,7 @@ from harpsync.errors import BadRequestError, HarpsyncError
 from harpsync.replication.membership import node_request
 from harpsync.replication.routes import default_url, route_url
 from harpsync.storage import retention
-from operations.cluster import add_node, parse_credentials, set_node_replication
+from operations.cluster import add_node, parse_credentials, replace_node
 
 
 class ConfigureClusterError(HarpsyncError):
@@ -76,7 +76,7 @@ async def configure_cluster(ctx: OpContext, body: dict[str, Any]) -> dict[str, A
         entry = {"operation": "set_node_replication", **conn}
         if "url" not in entry:
             entry["url"] = url
-        handler = set_node_replication if _known(rep, conn, url) else add_node
+        handler = replace_node if _known(rep, conn, url) else add_node
         try:
             answer = await handler(ctx, entry)
             results.append({"node_name": conn.get("hostname") or url,

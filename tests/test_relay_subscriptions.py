@@ -228,3 +228,125 @@ def test_a_peer_set_not_to_replicate_is_not_relayed_either(cluster):
     a.call("insert", table="t1", records=[{"id": 1}])
     wait_for(lambda: by_id(c, "t1", 1) is not None, timeout=20, message="a's row on c")
     stays(lambda: by_id(b, "t1", 1) is None, duration=2.0)
+
+
+@pytest.mark.timeout(180)
+def test_a_relay_that_publishes_less_than_its_peer_takes_raises_no_floor(node_factory):
+    """node-c is selective (it takes t1 from node-d only one way), so it learned node-b
+    by gossip as a peer it publishes nothing to, while node-b learned node-c from
+    node-a as a peer it takes everything from. With node-b's direct link from node-a
+    down, node-c relays node-a to node-b: only node-a's table creates pass its filter.
+    They must not raise node-b's floor for node-a past node-a's row node-c withheld.
+    Before, node-c's hello said it takes all of node-a, the create raised the floor,
+    and node-b's direct link, once back, skipped the row for good."""
+    from tests.repl_util import connection
+
+    a, b, c, d = (node_factory(f"node-{x}") for x in "abcd")
+    a.call("create_table", table="t1", primary_key="id")
+    join(c, d, subscriptions=[{"database": "data", "table": "t1", "subscribe": True,
+                               "publish": False}])  # node-c is selective
+    join(a, c)
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        wait_for(lambda: connection(b, c.name) is not None
+                 and connection(c, b.name) is not None, timeout=20,
+                 message="node-b and node-c to learn each other")
+        assert connection(b, c.name)["subscriptions"] is None
+        assert connection(c, b.name)["replicates"] is False
+        wait_for(lambda: has_table(b, "t1") and has_table(c, "t1"), timeout=20,
+                 message="t1 on node-b and node-c")
+        links = b.node.cluster.subscribers
+        wait_for(lambda: (c.name, "data") in links and links[(c.name, "data")].streaming,
+                 timeout=20, message="node-b streaming data from node-c")
+        _cut(b, a, to_a)
+        wait_for(lambda: b.node.cluster.relays.assignments.get("data", {}).get(a.name)
+                 == c.name, timeout=20, message="node-c relaying node-a to node-b")
+        a.call("insert", table="t1", records=[{"id": 1, "v": "node-c withholds it"}])
+        a.call("create_table", table="t9", primary_key="id")
+        wait_for(lambda: has_table(b, "t9"), timeout=20, message="the create relayed")
+        to_a.heal()
+        wait_for(lambda: _direct(b, a), timeout=30, message="node-b streaming from node-a")
+        a.call("insert", table="t1", records=[{"id": 2}])
+        wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="node-a's next row")
+        assert by_id(b, "t1", 1) is not None, "the row written while relayed was lost"
+    finally:
+        to_a.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_relay_set_not_to_replicate_with_the_origin_raises_no_floor(node_factory):
+    """node-c is set not to replicate with node-a; node-b takes everything from both.
+    With node-b's direct link from node-a down, node-c (the relay) holds none of
+    node-a's rows, only the tables it learns from node-a's hellos, logged as node-a's.
+    Relayed, such a create must not raise node-b's floor for node-a past node-a's row.
+    Before, node-c's hello did not name node-a in relay_tables (as if it took all of
+    it), and node-b's direct link, once back, skipped the row for good."""
+    a, b, c = (node_factory(f"node-{x}") for x in "abc")
+    a.call("create_table", table="t1", primary_key="id")
+    join(c, a, replicates=False)
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        join(b, c)
+        wait_for(lambda: has_table(b, "t1") and has_table(c, "t1"), timeout=20,
+                 message="t1 on node-b and node-c")
+        a.call("insert", table="t1", records=[{"id": 0}])
+        wait_for(lambda: by_id(b, "t1", 0) is not None, timeout=20, message="t1 flowing")
+        _cut(b, a, to_a)
+        wait_for(lambda: b.node.cluster.relays.assignments.get("data", {}).get(a.name)
+                 == c.name, timeout=20, message="node-c relaying node-a to node-b")
+        a.call("insert", table="t1", records=[{"id": 1, "v": "node-c never has it"}])
+        a.call("create_table", table="t9", primary_key="id")
+        # node-c's system link says hello again: it learns t9 (as node-a's) from it.
+        c.call("pause_replication", hostname=a.name, database="system")
+        c.call("resume_replication", hostname=a.name, database="system")
+        wait_for(lambda: has_table(b, "t9"), timeout=20, message="t9 relayed to node-b")
+        to_a.heal()
+        wait_for(lambda: _direct(b, a), timeout=30, message="node-b streaming from node-a")
+        a.call("insert", table="t1", records=[{"id": 2}])
+        wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="node-a's next row")
+        assert by_id(b, "t1", 1) is not None, "the row written while relayed was lost"
+    finally:
+        to_a.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_relay_paused_from_the_origin_raises_no_floor_with_a_table_create(node_factory):
+    """node-c takes everything from node-a but has paused its data link from it; its
+    system link says hello again and node-c learns node-a's new table t9 from it,
+    logged as node-a's, without node-a's row written before it. Relayed to node-b
+    (whose direct link from node-a is down), that create must not raise node-b's floor
+    for node-a past the row. Before, node-b's direct link, once back, skipped the row
+    for good."""
+    a, b, c = (node_factory(f"node-{x}") for x in "abc")
+    a.call("create_table", table="t1", primary_key="id")
+    join(c, a)
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        join(b, c)
+        wait_for(lambda: has_table(b, "t1") and has_table(c, "t1"), timeout=20,
+                 message="t1 on node-b and node-c")
+        a.call("insert", table="t1", records=[{"id": 0}])
+        wait_for(lambda: by_id(b, "t1", 0) is not None and by_id(c, "t1", 0) is not None,
+                 timeout=20, message="t1 flowing")
+        c.call("pause_replication", hostname=a.name, database="data")
+        _cut(b, a, to_a)
+        wait_for(lambda: b.node.cluster.relays.assignments.get("data", {}).get(a.name)
+                 == c.name, timeout=20, message="node-c relaying node-a to node-b")
+        a.call("insert", table="t1", records=[{"id": 1, "v": "node-c does not have it"}])
+        a.call("create_table", table="t9", primary_key="id")
+        c.call("pause_replication", hostname=a.name, database="system")
+        c.call("resume_replication", hostname=a.name, database="system")
+        wait_for(lambda: has_table(b, "t9"), timeout=20, message="t9 relayed to node-b")
+        to_a.heal()
+        wait_for(lambda: _direct(b, a), timeout=30, message="node-b streaming from node-a")
+        a.call("insert", table="t1", records=[{"id": 2}])
+        wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="node-a's next row")
+        assert by_id(b, "t1", 1) is not None, "the row written while relayed was lost"
+    finally:
+        to_a.close()

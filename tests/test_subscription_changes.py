@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
 
 from tests.helpers import wait_for
 from tests.proxy_util import TcpProxy
@@ -201,3 +204,177 @@ def test_both_sides_of_a_subscribed_pair_show_replicates_true(node_factory):
         assert [s["table"] for s in conn["subscriptions"]] == ["t1"], (node.name, conn)
     b.call("insert", table="t1", records=[{"id": 1}])
     wait_for(lambda: by_id(a, "t1", 1) is not None, timeout=15, message="t1 flowing")
+
+
+def _sub(table: str, subscribe: bool = True, publish: bool = True) -> dict[str, Any]:
+    return {"database": "data", "table": table, "subscribe": subscribe, "publish": publish}
+
+
+def test_configure_cluster_replaces_the_subscriptions_of_a_known_node(node_factory):
+    """configure_cluster replaces this node's connections with the listed ones: a known
+    node listed with t1 only stops replicating t2, both ways. Before, its subscriptions
+    were merged into the row's (as set_node_replication does), so t2, no longer listed,
+    went on flowing, and the same list gave a known node other subscriptions than a new
+    one."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    entry = {"hostname": b.name, "url": b.repl_url, "verify_tls": False,
+             "authorization": CREDS}
+    a.call("configure_cluster", connections=[{**entry, "subscriptions": [_sub("t1"),
+                                                                         _sub("t2")]}])
+    wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=15,
+             message="tables on node-b")
+    b.call("insert", table="t2", records=[{"id": 0}])
+    wait_for(lambda: by_id(a, "t2", 0) is not None, timeout=15, message="t2 flowing")
+
+    a.call("configure_cluster", connections=[{**entry, "subscriptions": [_sub("t1")]}])
+    assert (connection(a, b.name) or {}).get("subscriptions") == [_sub("t1")]
+    assert (connection(b, a.name) or {}).get("subscriptions") == [_sub("t1")]
+    b.call("insert", table="t2", records=[{"id": 1, "v": "not listed any more"}])
+    a.call("insert", table="t2", records=[{"id": 2, "v": "not listed any more"}])
+    b.call("insert", table="t1", records=[{"id": 1}])
+    a.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(a, "t1", 1) is not None and by_id(b, "t1", 2) is not None,
+             timeout=15, message="t1 flowing both ways")
+    assert by_id(a, "t2", 1) is None, "t2 still flowed from node-b after configure_cluster"
+    assert by_id(b, "t2", 2) is None, "t2 still flowed to node-b after configure_cluster"
+
+
+def test_narrowing_and_publish_flag_changes_catch_up_without_a_full_copy(node_factory):
+    """A change that adds nothing to what a side receives (node-b stops publishing t1 to
+    node-a; node-b's subscriptions name both tables, node-a's now only t2) keeps the
+    cursors: both links subscribe again with the new tables and catch up from where
+    they were. Before, any change of the subscriptions forgot the cursors of every
+    database on both sides, and each side copied the whole database again."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a)
+    wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=15,
+             message="tables on node-b")
+    a.call("insert", table="t1", records=[{"id": i} for i in range(50)])
+    b.call("insert", table="t2", records=[{"id": i} for i in range(50)])
+    wait_for(lambda: by_id(b, "t1", 49) is not None and by_id(a, "t2", 49) is not None,
+             timeout=15, message="both ways flowing")
+    copies: list[tuple[str, str, str]] = []
+    for node in (a, b):
+        node.node.cluster.copy_listeners.append(
+            lambda peer, db, n=node.name: copies.append((n, peer, db)))
+
+    b.call("set_node_replication", hostname=a.name,
+           subscriptions=[_sub("t1", publish=False), _sub("t2")])
+    assert (connection(a, b.name) or {}).get("subscriptions") == [
+        _sub("t1", subscribe=False), _sub("t2")]
+    b.call("insert", table="t1", records=[{"id": 100, "v": "not published to node-a"}])
+    a.call("insert", table="t1", records=[{"id": 101}])
+    b.call("insert", table="t2", records=[{"id": 102}])
+    a.call("insert", table="t2", records=[{"id": 103}])
+    wait_for(lambda: by_id(b, "t1", 101) is not None and by_id(a, "t2", 102) is not None
+             and by_id(b, "t2", 103) is not None, timeout=15,
+             message="the tables still flowing after the change")
+    assert by_id(a, "t1", 100) is None, "node-b published t1 to node-a after the change"
+    assert copies == [], f"needless full copies: {copies}"
+
+
+@pytest.mark.timeout(180)
+def test_rows_not_published_to_a_peer_learned_by_gossip_arrive_once_they_are(node_factory):
+    """node-a is selective (it takes t1 from node-d only one way), so it learns node-b by
+    gossip as a peer it sends nothing; node-b learns node-a from node-c, whose row for
+    node-a is full, as a peer it takes everything from. node-b's link from node-a then
+    streams nothing and its cursor passes node-a's writes. When node-a's operator lets
+    node-b replicate, node-b must copy from node-a again although its own row said all
+    along that it takes everything. Before, its row did not change, it kept the cursor,
+    and the rows node-a wrote meanwhile never reached it."""
+    a, b, c, d = (node_factory(f"node-{x}") for x in "abcd")
+    a.call("create_table", table="t1", primary_key="id")
+    join(a, d, subscriptions=[_sub("t1", publish=False)])  # node-a is selective
+    join(c, a)
+    join(b, c)
+    wait_for(lambda: connection(a, b.name) is not None and connection(b, a.name) is not None,
+             timeout=20, message="node-a and node-b to learn each other")
+    assert connection(a, b.name)["replicates"] is False  # gossip: nothing to node-b
+    assert connection(b, a.name)["subscriptions"] is None  # ... which takes all of node-a
+    wait_for(lambda: has_table(b, "t1"), timeout=20, message="t1 on node-b")
+    link = b.node.cluster.subscribers
+    wait_for(lambda: (a.name, "data") in link and link[(a.name, "data")].streaming,
+             timeout=20, message="node-b streaming data from node-a")
+    a.call("insert", table="t1", records=[{"id": 1, "v": "not published to node-b yet"}])
+    head = a.node.storage.databases["data"].head_seq
+    wait_for(lambda: link[(a.name, "data")].committed_seq >= head, timeout=20,
+             message="node-b's cursor past node-a's write")
+    assert by_id(b, "t1", 1) is None
+
+    a.call("set_node_replication", hostname=b.name, replicates=True)
+    a.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="node-a's next row")
+    assert by_id(b, "t1", 1) is not None, "the row written while not published was lost"
+
+
+@pytest.mark.timeout(240)
+def test_narrowing_and_widening_again_under_writes_loses_nothing(node_factory):
+    """node-b narrows what it takes from node-a (table-level, then publish-only) and
+    widens it again (database-level, then table-level) while both nodes keep writing:
+    a narrowing keeps the cursor, so each widening must still bring the rows written
+    while narrowed, and both nodes end with the same rows."""
+    import threading
+
+    import httpx
+
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a)
+    wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=15,
+             message="tables on node-b")
+    stop = threading.Event()
+    written = {"n": 0}
+
+    def write(node: Any, table: str, base: int) -> None:
+        with httpx.Client(timeout=30.0) as client:
+            i = 0
+            while not stop.is_set():
+                res = client.post(node.url, auth=("admin", "test-password"), json={
+                    "operation": "upsert", "database": "data", "table": table,
+                    "records": [{"id": base + i}]})
+                if res.status_code == 200:
+                    i += 1
+                    written["n"] += 1
+
+    threads = [threading.Thread(target=write, args=args, daemon=True)
+               for args in ((a, "t1", 0), (a, "t2", 0), (b, "t2", 100_000))]
+    for thread in threads:
+        thread.start()
+
+    def after_more_writes(count: int = 30) -> None:
+        target = written["n"] + count
+        wait_for(lambda: written["n"] >= target, timeout=30, message="more writes")
+
+    try:
+        steps: list[dict[str, Any]] = [
+            {"subscriptions": [_sub("t1")]},
+            {"replicates": True},
+            {"subscriptions": [_sub("t2", subscribe=False)]},
+            {"subscriptions": [_sub("t2")]},
+        ]
+        for step in steps:
+            after_more_writes()
+            b.call("set_node_replication", hostname=a.name, **step)
+        after_more_writes()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    b.call("set_node_replication", hostname=a.name, replicates=True)
+    for table in ("t1", "t2"):
+        wait_for(lambda t=table: _ids(a, t) == _ids(b, t), timeout=40,
+                 message=f"{table} the same on both nodes")
+
+
+def _ids(node: Any, table: str) -> set[int]:
+    from tests.repl_util import all_records
+
+    return {r["id"] for r in all_records(node, table, attributes=["id"])}

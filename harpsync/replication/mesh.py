@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -269,11 +270,11 @@ class Mesh:
                    "serials": serials, **settings}
         else:
             row = {"name": name, **settings}
-        # ``resync``: the joiner's own settings changed, so both sides copy again even
-        # when this row is unchanged (see ``_replace_row``); the answer says whether
-        # this side did, for the joiner to follow.
-        resync = await self._replace_row({**row, "learned": False},
-                                         resync=body.get("resync") is True)
+        # What this node now sends the joiner that it did not (its row for the joiner
+        # may have said less than the joiner's: a row learned by gossip).
+        sends_more = self.sends_more(name, {**(self.rows.get(name) or {}), **settings})
+        await self._replace_row({**row, "learned": False},
+                                also={str(d) for d in body.get("sends_more") or []})
         # The joiner's other nodes: one add_node joins this node to its whole mesh.
         await self.learn_nodes(list(body.get("nodes", [])), reconcile=False)
         await self._host.reconcile(restart_peer=name if existed else None)
@@ -281,7 +282,7 @@ class Mesh:
             await self._host.drop_inbound(name, "node re-joined")
         self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
         return {"node": self.node_name, "url": self._host.url, "ca": self.keys.ca_pem.decode(),
-                "cert": cert, "resync": resync,
+                "cert": cert, "sends_more": sends_more,
                 "nodes": [peers.identity(r) for n, r in self.rows.items() if n != name]}
 
     async def join(self, url: str, credentials: tuple[str, str] | None, verify: bool,
@@ -299,10 +300,9 @@ class Mesh:
             "subscriptions": peers.mirror(subscriptions),
             "replicates": subscriptions is not None or extra.get("replicates") is not False,
             "shard": extra.get("shard"), "start_time": extra.get("start_time"),
+            "sends_more": list(extra.get("sends_more") or []),
             "nodes": [peers.identity(r) for r in self.rows.values() if r.get("url") != url],
         }
-        if extra.get("resync") is True:
-            body["resync"] = True
         if credentials is not None:
             body["authorization"] = list(credentials)
         return await node_request(self._host, url, body, verify=verify,
@@ -357,7 +357,7 @@ class Mesh:
         existed = existing is not None
         await self._replace_row({**row, "name": name, "url": url, "ca": str(answer["ca"]),
                                  "learned": False, **pin_fields},
-                                resync=answer.get("resync") is True)
+                                also={str(d) for d in answer.get("sends_more") or []})
         await self.learn_nodes(list(answer.get("nodes", [])), reconcile=False)
         await self._host.reconcile(restart_peer=name if existed else None)
         if existed:  # settings such as revoked_certificates apply to its sockets now
@@ -365,7 +365,7 @@ class Mesh:
         self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
         return name
 
-    def stage_settings(self, row: dict[str, Any]) -> bool:
+    def stage_settings(self, row: dict[str, Any]) -> None:
         """Use an operator's new settings for a known peer here BEFORE telling the peer,
         in memory only; ``adopt`` saves them (and forgets cursors if the subscriptions
         changed) once the peer has them too, ``unstage_settings`` drops them.
@@ -375,14 +375,10 @@ class Mesh:
         or the peer's cursor passes rows written while they were not published and they
         never arrive (lifecycle seeds 77 and 88). This node's own re-copy waits for
         ``adopt``, when the peer publishes what it now subscribes to.
-
-        Returns whether what flows changed from the saved row: the join then asks the
-        peer to copy again (``resync``) even if its own row already says the same.
         """
         name = str(row["name"])
-        saved = self._staged.setdefault(name, self.rows.get(name))
+        self._staged.setdefault(name, self.rows.get(name))
         self.rows[name] = row
-        return saved is not None and _flows(saved) != _flows(row)
 
     def unstage_settings(self, name: str) -> None:
         """Back to the saved row (telling the peer failed)."""
@@ -391,30 +387,51 @@ class Mesh:
             if old is not None:
                 self.rows[name] = old
 
-    async def _replace_row(self, row: dict[str, Any], resync: bool = False) -> bool:
-        """Save an operator-made row. When the peer's subscriptions change, its cursors
-        go: tables that now replicate must arrive with their history, so the links
-        start with a full copy (merged by last-writer-wins, so nothing here is lost).
+    def sends_more(self, name: str, row: dict[str, Any]) -> list[str]:
+        """The databases of which ``row`` has this node send peer ``name`` tables its
+        saved row did not: the peer must copy them again (``_replace_row``'s ``also``
+        there), even where its own row already said it takes them."""
+        old = self._staged[name] if name in self._staged else self.rows.get(name)
+        if old is None:
+            return []
+        return sorted(db for db in list(self.storage.databases)
+                      if db != SYSTEM and peers.sends_more(old, row, db))
+
+    async def _replace_row(self, row: dict[str, Any],
+                           also: set[str] | frozenset[str] = frozenset()) -> None:
+        """Save an operator-made row. When the peer's subscriptions change, its links
+        restart with the new tables, and where this node now receives more of a
+        database the cursor goes: tables that now replicate must arrive with their
+        history, so that link starts with a full copy (merged by last-writer-wins, so
+        nothing here is lost).
 
         The links are stopped first, and their in-flight apply jobs finished, so no
         late cursor write can bring a forgotten cursor back (which would skip the
         copy); the reconcile lock keeps them from restarting until the row is saved.
 
-        ``resync``: forget the cursors even if this row's flows did not change, because
-        the other side's did. A change is saved on the two nodes one after the other,
-        so a node killed between (its peer saved it, it did not) comes back with its old
-        row and the peer's re-copy passes what that row did not publish; when the
-        operator retries, the peer's row is already the new one. Returns whether the
-        cursors went.
+        ``also`` (the peer's ``sends_more``) is forgotten even if this row's flows did
+        not change, because the other side's did. A change is saved on the two nodes
+        one after the other, so a node killed between (its peer saved it, it did not)
+        comes back with its old row and the peer's re-copy passes what that row did not
+        publish; when the operator retries (on either node), the peer's row is already
+        the new one, and the side whose saved row was old says what it now sends.
         """
         name = str(row["name"])
         async with self._host.reconcile_lock:
             # Compare with the row the links last ran with, not a staged one.
             old = self._staged.pop(name) if name in self._staged else self.rows.get(name)
-            changed = old is not None and (resync or _flows(old) != _flows(row))
-            if changed:
+            changed = old is not None and _flows(old) != _flows(row)
+            # Only where this node now receives more (or the peer now sends more:
+            # ``also``, from the peer) is a cursor forgotten: narrowing, or a change of
+            # the publish side alone, catches up from the cursor (before, every change
+            # copied every database again, both ways).
+            forget = set() if old is None else {
+                db for db in list(self.storage.databases) if db != SYSTEM
+                and (db in also or changed and peers.receives_more(old, row, db))}
+            if changed or forget:
                 await self._host.stop_links(name)
-                await self._forget_cursors(name, include_system=False)
+                await self._forget_cursors(name, include_system=False,
+                                           only=forget.__contains__)
             await self.save_row(row)
             if changed:
                 # Peers this node relays ``name`` to hold what it takes from ``name``
@@ -423,11 +440,11 @@ class Mesh:
                 # ``name`` past writes it no longer carried, and the direct link,
                 # once back, skipped those for good).
                 await self._host.drop_relaying(name, f"subscriptions from {name} changed")
-        return changed
 
-    async def _forget_cursors(self, name: str, include_system: bool) -> None:
+    async def _forget_cursors(self, name: str, include_system: bool,
+                              only: Callable[[str], bool] | None = None) -> None:
         for db in list(self.storage.databases.values()):
-            if include_system or db.name != SYSTEM:
+            if (include_system or db.name != SYSTEM) and (only is None or only(db.name)):
                 await self.storage.write(functools.partial(forget_cursor, db=db, peer=name))
 
     def is_selective(self) -> bool:

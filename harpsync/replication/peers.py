@@ -116,6 +116,30 @@ def publish_tables(row: Mapping[str, Any], database: str) -> TableFilter:
     return _tables(row, database, "publish")
 
 
+def receives_more(old: Mapping[str, Any], new: Mapping[str, Any], database: str) -> bool:
+    """Whether row ``new`` has this node receive from the peer a table of ``database``
+    that row ``old`` did not: only then does the link need a full copy (the rows
+    written meanwhile were filtered out of the stream its cursor passed). Less, or
+    the same with other publish flags, needs none: the link subscribes again with the
+    new tables and catches up from its cursor."""
+    return _grows(subscribe_tables(old, database), subscribe_tables(new, database))
+
+
+def sends_more(old: Mapping[str, Any], new: Mapping[str, Any], database: str) -> bool:
+    """Whether row ``new`` has this node send the peer a table of ``database`` that row
+    ``old`` did not: then the peer's link needs a full copy, whatever its own row
+    says (the rows are not the same on both sides: a row learned by gossip)."""
+    return _grows(publish_tables(old, database), publish_tables(new, database))
+
+
+def _grows(before: TableFilter, after: TableFilter) -> bool:
+    if after is False or before is None:
+        return False
+    if before is False or after is None:
+        return True
+    return not set(after) <= set(before)
+
+
 def origin_tables(rows: Mapping[str, Mapping[str, Any]], peer: str,
                   database: str) -> dict[str, list[str]]:
     """Per origin other than ``peer``: the tables of ``database`` this node takes from

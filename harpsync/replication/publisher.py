@@ -189,17 +189,38 @@ class Publisher:
             raise ProtocolError(str(event))
 
     def _relay_tables(self, db: LogSource) -> dict[str, list[str]]:
-        """Per origin this node takes only some tables from: those tables. A peer that
-        takes more from that origin directly must not let what this node relays of it
-        raise its floor (``Replicator.narrow_origins``)."""
+        """Per origin this node can relay only some tables of to the peer: those tables
+        (the tables it takes from the origin, and of those the ones it publishes to the
+        peer). A peer that takes more from that origin directly must not let what this
+        node relays of it raise its floor (``Replicator.narrow_origins``).
+
+        The publish side counts too: the peer's row for this node may say it takes
+        everything where this node's row for it publishes less (a row learned by
+        gossip). Before, such a relay passed on only an origin's table creates, and
+        they raised the peer's floor past the origin's rows it withheld: the direct
+        link, once back, skipped those for good."""
+        own = self.host.peer_row(self.peer)
+        publish = peers.publish_tables(own, self.database) if own is not None else False
         out: dict[str, list[str]] = {}
         for name in set(db.origin_names.values()):
             if name in (self.peer, self.host.node_name):
                 continue
             row = self.host.peer_row(name)
             tables = peers.subscribe_tables(row, self.database) if row is not None else None
-            if isinstance(tables, list):
-                out[name] = tables
+            carried = tables if isinstance(tables, list) else None
+            if tables is False and row is not None and not row.get("learned"):
+                # An operator's row that takes nothing of that origin: nothing of it
+                # arrives here by any path (``peers.origin_tables``) but the schema
+                # learned from its hellos, which must not raise the peer's floor
+                # either. (A learned row takes it through relays: all of it.)
+                carried = []
+            if publish is False:
+                carried = []
+            elif publish is not None:
+                carried = list(publish) if carried is None \
+                    else [t for t in carried if t in publish]
+            if carried is not None:
+                out[name] = carried
         return out
 
     # -- streaming ---------------------------------------------------------------------

@@ -196,8 +196,11 @@ class Replicator:
     async def set_revoked(self, name: str, revoked: list[Any] | None) -> None:
         await self.mesh.set_revoked(name, revoked)
 
-    def stage_settings(self, row: dict[str, Any]) -> bool:
-        return self.mesh.stage_settings(row)
+    def stage_settings(self, row: dict[str, Any]) -> None:
+        self.mesh.stage_settings(row)
+
+    def sends_more(self, name: str, row: dict[str, Any]) -> list[str]:
+        return self.mesh.sends_more(name, row)
 
     def unstage_settings(self, name: str) -> None:
         self.mesh.unstage_settings(name)

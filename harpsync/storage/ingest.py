@@ -58,6 +58,15 @@ class ApplyStats:
     resume_seq: int | None = None
 
 
+# Ops that change schema, not rows. A node logs the schema it learns from a peer's
+# hello as that peer's entries, with their original versions, also while it holds
+# none of that peer's rows up to them (its data link paused, or set to take none): so
+# a schema-only entry relayed by another peer raises no floor for its origin (see
+# ``apply_entries_job``).
+SCHEMA_OPS = frozenset({"create_table", "drop_table", "set_attribute",
+                        "create_database", "drop_database"})
+
+
 def write_cursor(ctx: WriteContext, db: Database, peer: str, cursor: dict[str, Any]) -> None:
     """Commit the replication cursor for ``peer`` in the same transaction as the data."""
     ctx.txn(db).put(CURSOR_PREFIX + peer.encode(), codec.pack(cursor), db=db.meta_dbi)
@@ -247,7 +256,9 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
 
     Decoding happens in the writer thread (in ``prepare``), off the event loop.
     Entries older than ``floor`` (a ``start_time`` version) are skipped. Entries of the
-    origins in ``held_floors`` apply but leave those origins' high-water versions alone.
+    origins in ``held_floors`` apply but leave those origins' high-water versions alone,
+    as do relayed entries (of an origin other than ``peer``) that only change schema:
+    the relay may have learned them from a hello without the origin's rows before them.
     """
     decoded: list[tuple[int, str, int, Any, list[list[Any]]]] = []
     opened: list[str] = []
@@ -291,7 +302,8 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
                 committed = {**cursor, "seq": seq - 1}
                 break
             stats.entries += 1
-            if origin_name not in held_floors:
+            if origin_name not in held_floors and not (
+                    origin_name != peer and all(op[1] in SCHEMA_OPS for op in ops)):
                 seen[origin_name] = max(seen.get(origin_name, 0), version)
             storage.hlc.observe(version)
             if review is None and _apply_fresh(ctx, db, ops, version, origin_id):
