@@ -82,6 +82,9 @@ class Publisher:
         # The origins the peer's current subscription asks for (None: all; empty: it
         # has not subscribed yet).
         self.origins: Mapping[str, int | None] | None = {}
+        # Reads of the log while streaming (a commit, a report timer or a full batch
+        # woke the pump): what a commit costs this link, counted for tests.
+        self.log_reads = 0
 
     @property
     def sent_seq(self) -> int:
@@ -104,16 +107,24 @@ class Publisher:
         the event loop when a lone small write committed there.
 
         A commit that appended nothing to the log (a cursor, a status row) wakes nobody,
-        nor does one while a wake-up is still pending: each wake-up is a cross-thread
-        call and a log read on the event loop.
+        nor does one while a wake-up is still pending, nor one that logged only the
+        peer's own writes while a ``caught_up`` report is due (its timer wakes the
+        pump): each wake-up is a cross-thread call and a log read on the event loop.
         """
         db = self.source
         if head <= self._notified_head and not (db is not None and db.dropped):
             return
-        self._notified_head = head
+        before, self._notified_head = self._notified_head, head
         if self._wakeup.is_set():
             return  # the pump has not run since the last wake-up; it reads past ``head``
         if self._loop is None:
+            return
+        if self._report_timer is not None and db is not None and not db.dropped \
+                and self._peers_own(db, before):
+            # Only the peer's own writes, which it applied and this node logged for
+            # relaying: the filter drops them all, and the pending ``caught_up`` report
+            # (its timer wakes the pump) moves the peer's cursor past them. Waking now
+            # cost this node a cross-thread call and a log read per write it applied.
             return
         if threading.get_ident() == self._loop_thread:
             # A group committed on the event loop itself (a lone small write): no
@@ -124,6 +135,17 @@ class Publisher:
             self._wakeup.set()
         else:
             self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    def _peers_own(self, db: LogSource, after: int) -> bool:
+        """Whether every entry committed after ``after`` is known (the log's in-memory
+        tail) to be the peer's own."""
+        if after < 0:
+            return False
+        origins = db.origins_after(after)
+        if not origins:
+            return False
+        names = db.origin_names
+        return all(names.get(origin) == self.peer for origin in origins)
 
     async def run(self) -> None:
         db = self.source
@@ -300,6 +322,7 @@ class Publisher:
                 await self.link.close(1001, f"database '{self.database}' was dropped")
                 return
             pruned, entries = db.read_log(pos, READ_BATCH)
+            self.log_reads += 1
             pruned_max = db.pruned_max() if pruned > pos else None
             if entries and sendable(pos, pruned, sub.origins, pruned_max):
                 kept = self._filter(db, entries, sub.origins, tables, sub.origin_tables)
