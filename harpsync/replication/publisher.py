@@ -228,6 +228,7 @@ class Publisher:
         except (LinkClosed, ConnectionError):
             pass
         finally:
+            self._parked = False
             with contextlib.suppress(ValueError):
                 db.commit_listeners.remove(self.notify)
             if self._pump is not None:
@@ -254,6 +255,8 @@ class Publisher:
                 pass  # a position in a dropped log says nothing of the new one's
             elif event.copy or event.after_seq < db.next_seq:  # (past our head: reset log)
                 self.host.note_position(self.peer, self.database, event.after_seq, event.copy)
+            # No commit callback sends for the old stream while it ends.
+            self._parked = False
             if self._pump is not None:
                 await end_tasks([self._pump])
             self._pump = asyncio.create_task(self._stream(db, event))
