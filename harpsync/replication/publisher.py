@@ -124,9 +124,10 @@ class Publisher:
         the event loop when a lone small write committed there.
 
         A commit that appended nothing to the log (a cursor, a status row) wakes nobody,
-        nor does one while a wake-up is still pending, nor one that logged only the
-        peer's own writes while a ``caught_up`` report is due (its timer wakes the
-        pump): each wake-up is a cross-thread call and a log read on the event loop.
+        nor does one while a wake-up is still pending, nor one in the writer thread that
+        logged only the peer's own writes while a ``caught_up`` report is due (its timer
+        wakes the pump): each wake-up is a cross-thread call and a log read on the event
+        loop. (On the loop the commit callback itself is as cheap as that check.)
         """
         db = self.source
         if head <= self._notified_head and not (db is not None and db.dropped):
@@ -136,13 +137,6 @@ class Publisher:
             return  # the pump has not run since the last wake-up; it reads past ``head``
         if self._loop is None:
             return
-        if self._report_timer is not None and db is not None and not db.dropped \
-                and self._peers_own(db, before):
-            # Only the peer's own writes, which it applied and this node logged for
-            # relaying: the filter drops them all, and the pending ``caught_up`` report
-            # (its timer wakes the pump) moves the peer's cursor past them. Waking now
-            # cost this node a cross-thread call and a log read per write it applied.
-            return
         if threading.get_ident() == self._loop_thread:
             # A group committed on the event loop itself (a lone small write): no
             # cross-thread call, whose wake-up of the loop costs two system calls. At
@@ -150,7 +144,15 @@ class Publisher:
             # behind the response cost 0.2 ms of replication latency, p50, and gained
             # no rate in A/B rounds).
             self._committed()
-        elif not self._commit_pending:
+            return
+        if self._report_timer is not None and db is not None and not db.dropped \
+                and self._peers_own(db, before):
+            # Only the peer's own writes, which it applied and this node logged for
+            # relaying: the filter drops them all, and the pending ``caught_up`` report
+            # (its timer wakes the pump) moves the peer's cursor past them. Waking now
+            # cost this node a cross-thread call and a log read per write it applied.
+            return
+        if not self._commit_pending:
             self._commit_pending = True
             self._loop.call_soon_threadsafe(self._committed)
 
