@@ -172,12 +172,13 @@ class Publisher:
         """Read the log after the parked position and send what passes the filter, as
         the pump would, without a task switch and a step through its loop (per commit
         of a lone client, most of what the publisher spent besides the socket write).
-        Returns False, having sent nothing, for anything but the plain case (pruned
-        entries, a full batch, new origins to announce, a dropped database, a socket
-        that cannot take the frame now): the pump does those."""
+        Returns False for anything but the plain case: having sent nothing for pruned
+        entries, a full batch, new origins to announce or a dropped database; for a
+        socket that did not take a frame at once, with the frames left for the pump's
+        next flush to send first. The pump does the rest."""
         db, sub, link = self.source, self._parked_sub, self.link
         if db is None or sub is None or db.dropped \
-                or len(db.origin_names) != self._parked_origins or not link.can_send_now():
+                or len(db.origin_names) != self._parked_origins:
             return False
         pos = self._parked_pos
         pruned, entries = db.read_log(pos, READ_BATCH)
