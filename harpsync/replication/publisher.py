@@ -240,7 +240,12 @@ class Publisher:
     async def _serve(self, db: LogSource) -> None:
         while True:
             self.session.receive(await self.link.recv())
-            for event in self.session.events_received():
+            events = self.session.events_received()
+            if any(isinstance(event, SubscribeRequested) for event in events):
+                # The session takes the new subscription now, while an earlier event's
+                # handling may still await: no commit callback sends for the old stream.
+                self._parked = False
+            for event in events:
                 await self._handle(db, event)
             await self.flush()
 
