@@ -82,6 +82,23 @@ class Publisher:
         # The origins the peer's current subscription asks for (None: all; empty: it
         # has not subscribed yet).
         self.origins: Mapping[str, int | None] | None = {}
+        # Reads of the log while streaming (a commit, a report timer or a full batch
+        # woke the pump): what a commit costs this link, counted for tests.
+        self.log_reads = 0
+        # Set while the pump waits at the end of the log for a commit with a report
+        # timer pending: a commit then sends its entries from the commit callback
+        # (``_send_committed``) after ``_parked_pos``, without waking the pump. The
+        # stream's subscription, its table filter and the origins count it announced.
+        self._parked = False
+        self._parked_pos = 0
+        self._parked_sub: SubscribeRequested | None = None
+        self._parked_tables: list[str] | None = None
+        self._parked_origins = 0
+        # A commit callback is scheduled from the writer thread and has not run yet.
+        self._commit_pending = False
+        # Frames the commit callback could not write at once: the next flush sends them
+        # before anything else.
+        self._backlog: list[bytes] = []
 
     @property
     def sent_seq(self) -> int:
@@ -95,7 +112,10 @@ class Publisher:
 
     async def flush(self) -> None:
         link = self.link
-        for frame in self.session.data_to_send():
+        frames = self.session.data_to_send()
+        if self._backlog:
+            frames, self._backlog = self._backlog + frames, []
+        for frame in frames:
             if not link.send_now(frame):
                 await link.send(frame)
 
@@ -104,26 +124,92 @@ class Publisher:
         the event loop when a lone small write committed there.
 
         A commit that appended nothing to the log (a cursor, a status row) wakes nobody,
-        nor does one while a wake-up is still pending: each wake-up is a cross-thread
-        call and a log read on the event loop.
+        nor does one while a wake-up is still pending, nor one in the writer thread that
+        logged only the peer's own writes while a ``caught_up`` report is due (its timer
+        wakes the pump): each wake-up is a cross-thread call and a log read on the event
+        loop. (On the loop the commit callback itself is as cheap as that check.)
         """
         db = self.source
         if head <= self._notified_head and not (db is not None and db.dropped):
             return
-        self._notified_head = head
+        before, self._notified_head = self._notified_head, head
         if self._wakeup.is_set():
             return  # the pump has not run since the last wake-up; it reads past ``head``
         if self._loop is None:
             return
         if threading.get_ident() == self._loop_thread:
             # A group committed on the event loop itself (a lone small write): no
-            # cross-thread call, whose wake-up of the loop costs two system calls. Set
-            # at once, so the entry goes out before the writer's response (deferring
-            # it behind the response cost 0.2 ms of replication latency, p50, and
-            # gained no rate in A/B rounds).
-            self._wakeup.set()
-        else:
-            self._loop.call_soon_threadsafe(self._wakeup.set)
+            # cross-thread call, whose wake-up of the loop costs two system calls. At
+            # once, so the entry goes out before the writer's response (deferring it
+            # behind the response cost 0.2 ms of replication latency, p50, and gained
+            # no rate in A/B rounds).
+            self._committed()
+            return
+        if self._report_timer is not None and db is not None and not db.dropped \
+                and self._peers_own(db, before):
+            # Only the peer's own writes, which it applied and this node logged for
+            # relaying: the filter drops them all, and the pending ``caught_up`` report
+            # (its timer wakes the pump) moves the peer's cursor past them. Waking now
+            # cost this node a cross-thread call and a log read per write it applied.
+            return
+        if not self._commit_pending:
+            self._commit_pending = True
+            self._loop.call_soon_threadsafe(self._committed)
+
+    def _committed(self) -> None:
+        """On the event loop, after a commit: send its entries at once if the pump is
+        parked, else wake the pump."""
+        self._commit_pending = False  # (before the read: a later commit schedules anew)
+        if self._parked and not self._wakeup.is_set():
+            try:
+                if self._send_committed():
+                    return
+            except Exception:  # the pump reads again and reports what failed
+                log.debug("sending from the commit callback failed", exc_info=True)
+        self._wakeup.set()
+
+    def _send_committed(self) -> bool:
+        """Read the log after the parked position and send what passes the filter, as
+        the pump would, without a task switch and a step through its loop (per commit
+        of a lone client, most of what the publisher spent besides the socket write).
+        Returns False for anything but the plain case: having sent nothing for pruned
+        entries, a full batch, new origins to announce or a dropped database; for a
+        socket that did not take a frame at once, with the frames left for the pump's
+        next flush to send first. The pump does the rest."""
+        db, sub, link = self.source, self._parked_sub, self.link
+        if db is None or sub is None or db.dropped \
+                or len(db.origin_names) != self._parked_origins:
+            return False
+        pos = self._parked_pos
+        pruned, entries = db.read_log(pos, READ_BATCH)
+        self.log_reads += 1
+        if pruned > pos or len(entries) >= READ_BATCH:
+            return False
+        if not entries:
+            return True
+        kept = self._filter(db, entries, sub.origins, self._parked_tables, sub.origin_tables)
+        if kept:
+            self._note_sent(db, kept[-1][0])
+            self.session.send_entries(db.next_seq - 1, kept, db.origin_names)
+            frames = self.session.data_to_send()
+            for i, frame in enumerate(frames):
+                if not link.send_now(frame):
+                    self._backlog = frames[i:]  # the pump's flush sends them, first
+                    self._parked_pos = entries[-1][0]
+                    return False
+        self._parked_pos = entries[-1][0]
+        return True
+
+    def _peers_own(self, db: LogSource, after: int) -> bool:
+        """Whether every entry committed after ``after`` is known (the log's in-memory
+        tail) to be the peer's own."""
+        if after < 0:
+            return False
+        origins = db.origins_after(after)
+        if not origins:
+            return False
+        names = db.origin_names
+        return all(names.get(origin) == self.peer for origin in origins)
 
     async def run(self) -> None:
         db = self.source
@@ -145,6 +231,7 @@ class Publisher:
         except (LinkClosed, ConnectionError):
             pass
         finally:
+            self._parked = False
             with contextlib.suppress(ValueError):
                 db.commit_listeners.remove(self.notify)
             if self._pump is not None:
@@ -153,7 +240,12 @@ class Publisher:
     async def _serve(self, db: LogSource) -> None:
         while True:
             self.session.receive(await self.link.recv())
-            for event in self.session.events_received():
+            events = self.session.events_received()
+            if any(isinstance(event, SubscribeRequested) for event in events):
+                # The session takes the new subscription now, while an earlier event's
+                # handling may still await: no commit callback sends for the old stream.
+                self._parked = False
+            for event in events:
                 await self._handle(db, event)
             await self.flush()
 
@@ -171,6 +263,8 @@ class Publisher:
                 pass  # a position in a dropped log says nothing of the new one's
             elif event.copy or event.after_seq < db.next_seq:  # (past our head: reset log)
                 self.host.note_position(self.peer, self.database, event.after_seq, event.copy)
+            # No commit callback sends for the old stream while it ends.
+            self._parked = False
             if self._pump is not None:
                 await end_tasks([self._pump])
             self._pump = asyncio.create_task(self._stream(db, event))
@@ -313,6 +407,8 @@ class Publisher:
         known_origins = 0
         while True:
             self._wakeup.clear()
+            if self._backlog:  # what a commit callback could not write at once
+                await self.flush()
             if len(db.origin_names) != known_origins:
                 # Every origin this log may hold, even those this link filters out: the
                 # subscriber learns of nodes it has no link to and asks a relay for them.
@@ -323,6 +419,7 @@ class Publisher:
                 await self.link.close(1001, f"database '{self.database}' was dropped")
                 return
             pruned, entries = db.read_log(pos, READ_BATCH)
+            self.log_reads += 1
             pruned_max = db.pruned_max() if pruned > pos else None
             if entries and sendable(pos, pruned, sub.origins, pruned_max):
                 kept = self._filter(db, entries, sub.origins, tables, sub.origin_tables)
@@ -365,7 +462,14 @@ class Publisher:
                     self._report_at = reported.at
                     self._report_timer = asyncio.get_running_loop().call_later(
                         step.timeout, self._report_due)
-                await self._wakeup.wait()
+                # Parked: commits until the report send from their callback.
+                self._parked, self._parked_pos, self._parked_sub = True, pos, sub
+                self._parked_tables, self._parked_origins = tables, known_origins
+                try:
+                    await self._wakeup.wait()
+                finally:
+                    self._parked = False
+                    pos = self._parked_pos
 
     def _note_sent(self, db: LogSource, seq: int) -> None:
         # What this process let the peer's cursor reach: a restored log is told by a

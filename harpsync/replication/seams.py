@@ -96,6 +96,11 @@ class LogSource(Protocol):
         """``(pruned_through, up to limit entries after after_seq)`` in one snapshot."""
         ...
 
+    def origins_after(self, after_seq: int) -> set[int] | None:
+        """The origin ids of the entries committed after ``after_seq``, when known
+        without a read (None: unknown). Called by commit listeners."""
+        ...
+
     def iter_rows(self, table: Table, after_key: bytes | None, limit: int,
                   tombs: bool = False) -> Rows:
         """Up to ``limit`` rows (or tombstones) of ``table`` after ``after_key``."""

@@ -441,9 +441,17 @@ class Subscriber:
         if session is not self._session or self.link is None:
             return  # the session ended: the next one subscribes from the cursor
         self._acked_at = time.monotonic()
-        if session.ack(self._ack_due):
-            self.last_commit_confirmed = time.time()
-            self._ack_flush = asyncio.ensure_future(self._flush_quietly())
+        if not session.ack(self._ack_due):
+            return
+        self.last_commit_confirmed = time.time()
+        # Straight onto the socket when it takes the frame at once (a task per timed
+        # ack cost the peer a task's creation and an event-loop iteration); else, or
+        # for what is left, a task that awaits the socket.
+        link, frames = self.link, session.data_to_send()
+        for i, frame in enumerate(frames):
+            if not link.send_now(frame):
+                self._ack_flush = asyncio.ensure_future(self._send_quietly(link, frames[i:]))
+                return
 
     def _send_due_ack_now(self) -> None:
         # The link stops with an ack waiting for its timer: it goes now, if the socket
@@ -461,10 +469,12 @@ class Subscriber:
             if not link.send_now(frame):
                 break
 
-    async def _flush_quietly(self) -> None:
+    @staticmethod
+    async def _send_quietly(link: Link, frames: list[bytes]) -> None:
         # A link that fails now is ended and reported by its receive loop.
         with contextlib.suppress(Exception):
-            await self._flush()
+            for frame in frames:
+                await link.send(frame)
 
     def _cancel_ack_timer(self) -> None:
         if self._ack_timer is not None:

@@ -145,6 +145,14 @@ class Link:
         self.bytes_sent += len(data)
         await self._conn.send(data)
 
+    def can_send_now(self) -> bool:
+        """Whether :meth:`send_now` would write a frame now (the connection is open, its
+        write buffer below the limit, and no other message is being sent)."""
+        conn = self._conn
+        return not (conn.protocol.state is not State.OPEN or getattr(conn, "paused", True)
+                    or getattr(conn, "send_in_progress", True) is not None
+                    or conn.transport is None or conn.transport.is_closing())
+
     def send_now(self, data: bytes) -> bool:
         """Write one binary frame at once if the socket can take it without waiting.
 
@@ -154,13 +162,10 @@ class Link:
         its asynchronous context and drain, which cost a publisher about as much as
         the frame's encryption (one frame per commit of a lone client).
         """
-        conn = self._conn
-        protocol = conn.protocol
-        if (protocol.state is not State.OPEN or getattr(conn, "paused", True)
-                or getattr(conn, "send_in_progress", True) is not None
-                or conn.transport is None or conn.transport.is_closing()):
+        if not self.can_send_now():
             return False
-        protocol.send_binary(data)
+        conn = self._conn
+        conn.protocol.send_binary(data)
         try:
             conn.send_data()
         except Exception:

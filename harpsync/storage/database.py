@@ -350,6 +350,19 @@ class Database:
             drop += 1
         self._tail, self._tail_size = tail[drop:], size
 
+    def origins_after(self, after_seq: int) -> set[int] | None:
+        """The origin ids of the committed entries after ``after_seq`` when the in-memory
+        tail holds all of them (read from each entry's head), else None (unknown).
+
+        Called by commit listeners in the thread that committed, right after
+        ``remember_log``: a publisher skips waking up for entries it would filter out.
+        """
+        tail = self._tail
+        if not tail or self._tail_held or tail[0][0] > after_seq + 1:
+            return None
+        start = after_seq + 1 - tail[0][0]
+        return {codec.entry_head(raw)[0] for _, raw in tail[start:]}
+
     def hold_log_tail(self) -> None:
         """A job that rewrites or prunes log entries began: read them from LMDB until
         :meth:`release_log_tail` (after its commit, or its failure)."""

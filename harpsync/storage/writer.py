@@ -391,13 +391,9 @@ class Writer:
             except Exception as exc:
                 log.error("commit of database %s failed: %s", db.name, exc)
                 failed[db] = exc
+        commit_seconds = time.perf_counter() - commit_started
         self.commits += 1
         self.jobs += len(jobs)
-        if self.on_group is not None:
-            try:
-                self.on_group(len(jobs), time.perf_counter() - commit_started)
-            except Exception:
-                log.exception("group commit observer failed")
         # What committed: every entry a job that ran logged in a database whose commit
         # succeeded (a job that failed only elsewhere included: its entries are here).
         logged: dict[Database, list[tuple[int, bytes]]] = {}
@@ -424,6 +420,13 @@ class Writer:
                     self._on_commit(db)
             except Exception:
                 log.exception("commit listener of %s failed", db.name)
+        # The metrics after the listeners: a publisher sends the new entries first
+        # (replication latency).
+        if self.on_group is not None:
+            try:
+                self.on_group(len(jobs), commit_seconds)
+            except Exception:
+                log.exception("group commit observer failed")
         for job in done:
             if job.ctx is not None and not any(db in failed for db in job.data_dbs(self.system)):
                 for fn in job.ctx.after_commit:

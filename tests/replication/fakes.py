@@ -92,6 +92,9 @@ class FakeLog:
     def read_log(self, after_seq: int, limit: int) -> tuple[int, list[tuple[int, bytes]]]:
         return self._pruned, [e for e in self.entries if e[0] > after_seq][:limit]
 
+    def origins_after(self, after_seq: int) -> set[int] | None:
+        return {codec.entry_head(raw)[0] for seq, raw in self.entries if seq > after_seq}
+
     def add_table(self, name: str, rows: list[tuple[bytes, bytes]],
                   tombs: list[tuple[bytes, bytes]] | None = None) -> None:
         self.tables[name] = FakeTable(name)

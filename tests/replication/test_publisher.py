@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from harpsync import codec
 from harpsync.replication.protocol import (
     CaughtUp,
     CopyBegan,
@@ -350,3 +351,59 @@ async def test_a_malformed_frame_gets_a_protocol_error_frame_and_a_close() -> No
         failed = await served.peer.expect(PeerFailed)
         assert failed.code == "protocol_error" and "undecodable" in failed.message
         await served.peer.closed()
+
+
+async def test_a_commit_while_a_report_is_due_goes_out_from_the_commit_itself():
+    """While a ``caught_up`` report is due, the pump waits parked and a commit writes its
+    entries to the socket from the commit callback itself, before the event loop runs
+    anything else (before, it woke the pump, and the frame left a task switch later).
+    The report that follows covers what went out so, filtered entries included; commits
+    made by another thread go the same way."""
+    log = FakeLog()
+    logged(log, 1)
+    async with serve(log) as served:
+        publisher = served.publisher
+        await subscribe(served, after=0)
+        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [1]
+        assert (await served.peer.expect(CaughtUp)).seq == 1
+        logged(log, 1)  # sent by the pump, which then waits for the next report
+        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [2]
+        await until(lambda: publisher._report_timer is not None, message="a report due")
+        sent = publisher.link.bytes_sent
+        logged(log, 1)
+        assert publisher.link.bytes_sent > sent  # on the socket already, no await between
+        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [3]
+        logged(log, 1, origin_id=2)  # the peer's own: filtered out, still reported past
+        await asyncio.get_running_loop().run_in_executor(
+            None, log.append, entry(1, 1000 + log.next_seq, key=9))
+        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [5]
+        assert (await served.peer.expect(CaughtUp)).seq == 5
+        assert publisher.sent_seq == 5
+
+
+async def test_frames_a_full_socket_did_not_take_go_out_first_and_in_order():
+    """A commit callback whose frame the socket does not take at once (its write buffer
+    is above the limit) leaves it to the pump, which sends it first once the socket
+    drains: nothing is lost or reordered."""
+    log = FakeLog()
+    logged(log, 1)
+    async with serve(log) as served:
+        publisher = served.publisher
+        await subscribe(served, after=0)
+        await served.peer.expect(EntriesReceived)
+        assert (await served.peer.expect(CaughtUp)).seq == 1
+        logged(log, 1)
+        await served.peer.expect(EntriesReceived)
+        await until(lambda: publisher._report_timer is not None, message="a report due")
+        # Every write now pauses the connection until the test's peer reads.
+        publisher.link._conn.transport.set_write_buffer_limits(high=1, low=0)
+        big = codec.pack([1, 1000 + log.next_seq, None,
+                          [["dog", "upsert", {"id": 7, "blob": "x" * 3_000_000}]]])
+        log.append(big)  # sent from the callback; the socket cannot take it all
+        logged(log, 3)  # the socket is paused: these wait for the pump
+        assert publisher._backlog  # what the callback could not write
+        seqs: list[int] = []
+        while len(seqs) < 4:
+            seqs += [s for s, _ in (await served.peer.expect(EntriesReceived)).entries]
+        assert seqs == [3, 4, 5, 6]
+        assert (await served.peer.expect(CaughtUp)).seq == 6
