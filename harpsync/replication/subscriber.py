@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from harpsync.errors import StorageError
 from harpsync.replication import peers
+from harpsync.replication.acks import AckPacer
 from harpsync.replication.applier import Applier, Work
 from harpsync.replication.messages import ProtocolError
 from harpsync.replication.protocol import (
@@ -64,12 +65,6 @@ class LinkState(enum.StrEnum):
     PAUSED = "paused"
 
 
-# Acks go at most this often while commits keep coming; the last one waits for a timer.
-# Each ack is a frame the origin must take in and decrypt: with a lone client writing one
-# record per commit, an ack per commit cost the origin about a seventh of its extra work
-# per record. ``wait_for_replication`` waits at most this much longer.
-ACK_INTERVAL = 0.005
-
 # Minutes of errors kept for ``errors_since`` (get_replication_status: the last hour).
 ERROR_MINUTES = 61
 
@@ -111,10 +106,7 @@ class Subscriber:
         self._opened = False  # a socket of this link opened once
         self._task: asyncio.Task[None] | None = None
         self._session: SubscriberSession | None = None
-        self._acked_at = 0.0  # monotonic time of the last ack sent
-        self._ack_due = 0  # a sequence to ack when the timer fires
-        self._ack_timer: asyncio.TimerHandle | None = None
-        self._ack_flush: asyncio.Future[None] | None = None  # (kept: tasks are weakly held)
+        self.acks = AckPacer(lambda: (self._session, self.link), self._commit_confirmed)
         # What was applied and committed (the cursor, copy progress) lives there.
         self.applier = Applier(self, host, store, peer, database)
         # What is committed shows before the link connects (a paused link after a
@@ -124,6 +116,9 @@ class Subscriber:
             self.applier.committed_seq = int(cursor.get("seq", 0))
             at = cursor.get("at")
             self.applier.checkpoint_at = float(at) if isinstance(at, int | float) else None
+
+    def _commit_confirmed(self) -> None:
+        self.last_commit_confirmed = time.time()
 
     @property
     def last_error(self) -> str | None:
@@ -171,7 +166,7 @@ class Subscriber:
     async def stop(self) -> None:
         """Stop the link and wait until no write of it is left in the writer: after
         this returns, nothing of this link (cursor included) will be written."""
-        self._send_due_ack_now()
+        self.acks.send_due_now()
         task = self._task
         if task is not None:
             await end_tasks([task])
@@ -307,7 +302,7 @@ class Subscriber:
         # subscribes from must include it, or its entries come again (and count twice).
         await self.applier.settle()
         self.applier.new_session()  # nothing from an earlier session survives
-        self._cancel_ack_timer()
+        self.acks.reset()
         tables, origins = self.store.hello_schema(self.database)
         previous = self._session
         if previous is not None:
@@ -420,70 +415,8 @@ class Subscriber:
             raise ProtocolError(str(event))
 
     # -- what the applier tells its owner (applier.ApplyOwner) --------------------------
-    def _ack(self, seq: int) -> None:
-        session = self._session
-        if session is None:
-            return
-        now = time.monotonic()
-        wait = self._acked_at + ACK_INTERVAL - now
-        if wait > 0:
-            self._ack_due = max(self._ack_due, seq)
-            if self._ack_timer is None:
-                self._ack_timer = asyncio.get_running_loop().call_later(
-                    wait, self._send_due_ack, session)
-            return
-        self._acked_at = now
-        if session.ack(seq):
-            self.last_commit_confirmed = time.time()
-
-    def _send_due_ack(self, session: SubscriberSession) -> None:
-        self._ack_timer = None
-        if session is not self._session or self.link is None:
-            return  # the session ended: the next one subscribes from the cursor
-        self._acked_at = time.monotonic()
-        if not session.ack(self._ack_due):
-            return
-        self.last_commit_confirmed = time.time()
-        # Straight onto the socket when it takes the frame at once (a task per timed
-        # ack cost the peer a task's creation and an event-loop iteration); else, or
-        # for what is left, a task that awaits the socket.
-        link, frames = self.link, session.data_to_send()
-        for i, frame in enumerate(frames):
-            if not link.send_now(frame):
-                self._ack_flush = asyncio.ensure_future(self._send_quietly(link, frames[i:]))
-                return
-
-    def _send_due_ack_now(self) -> None:
-        # The link stops with an ack waiting for its timer: it goes now, if the socket
-        # takes it at once, or the origin would not know of those commits until the
-        # link runs again (``wait_for_replication`` would wait for them).
-        if self._ack_timer is None:
-            return
-        self._ack_timer.cancel()
-        self._ack_timer = None
-        session, link = self._session, self.link
-        if session is None or link is None or not session.ack(self._ack_due):
-            return
-        self.last_commit_confirmed = time.time()
-        for frame in session.data_to_send():
-            if not link.send_now(frame):
-                break
-
-    @staticmethod
-    async def _send_quietly(link: Link, frames: list[bytes]) -> None:
-        # A link that fails now is ended and reported by its receive loop.
-        with contextlib.suppress(Exception):
-            for frame in frames:
-                await link.send(frame)
-
-    def _cancel_ack_timer(self) -> None:
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        self._acked_at, self._ack_due = 0.0, 0
-
     def acknowledge(self, seq: int) -> None:
-        self._ack(seq)
+        self.acks.ack(seq)
 
     @property
     def copying(self) -> bool:

@@ -19,7 +19,7 @@ from unittest.mock import patch
 
 import pytest
 
-from harpsync.replication import subscriber
+from harpsync.replication import acks
 from harpsync.replication.protocol import (
     AckReceived,
     PeerFailed,
@@ -147,7 +147,7 @@ async def test_acks_of_commits_in_quick_succession_are_coalesced(monkeypatch):
     """The first commit is acked at once; commits that follow within ``ACK_INTERVAL``
     (long here, so that none of it depends on the machine's speed) share one ack,
     sent when the interval ends, with the newest sequence."""
-    monkeypatch.setattr(subscriber, "ACK_INTERVAL", 1.0)
+    monkeypatch.setattr(acks, "ACK_INTERVAL", 1.0)
     async with running({"seq": 5, "origins": [PEER]}) as linked:
         peer, _ = await accept(linked)
         await send_entries(peer, [6])
@@ -415,7 +415,7 @@ async def test_a_copy_whose_end_commits_as_the_link_drops_is_reported_finished()
 async def test_a_link_paused_right_after_a_commit_still_acks_it(monkeypatch):
     """A commit acked by the timer (``ACK_INTERVAL``) when the link pauses first: the
     ack goes before the socket closes, so the origin knows the peer holds it."""
-    monkeypatch.setattr(subscriber, "ACK_INTERVAL", 1.0)
+    monkeypatch.setattr(acks, "ACK_INTERVAL", 1.0)
     async with running({"seq": 5, "origins": [PEER]}) as linked:
         peer, _ = await accept(linked)
         await send_entries(peer, [6])
