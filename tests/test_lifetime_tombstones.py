@@ -3,7 +3,9 @@ table still reaches it once it takes the table again, after retention."""
 
 from __future__ import annotations
 
+import calendar
 import shutil
+import time
 from typing import Any
 
 import pytest
@@ -305,3 +307,45 @@ def test_rows_a_restore_lost_are_repaired_not_taken_as_deleted(node_factory, mon
     a.call("repair_cluster", database="data", table="t")
     wait_for(lambda: a.count("t") == b.count("t") == 4, timeout=20,
              message="rows 1, 20, 21 and 31 on both nodes")
+
+
+@pytest.mark.timeout(120)
+def test_rows_of_a_wiped_node_s_old_self_are_not_taken_as_deleted_by_its_new_self(
+        node_factory, monkeypatch):
+    """node-b wrote rows 1 and 2, was removed, wiped, and added again with a start_time
+    (its copy skips them: node-a alone holds them). The new node-b then sweeps a
+    tombstone newer than them: it never held them, so it never deleted them, and
+    repair_cluster on it must not delete them on node-a. Before, the horizon took every
+    row of its name it did not hold as deleted: the repair refused them and deleted
+    them on node-a too."""
+    monkeypatch.setattr(maintenance, "TOMBSTONE_EVERY", 0.0)
+    a = node_factory("node-a", env=SHORT_RETENTION)
+    b = node_factory("node-b", env=SHORT_RETENTION)
+    a.call("create_table", table="t", primary_key="id")
+    join(b, a)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    b.call("insert", table="t", records=[{"id": 1}, {"id": 2}])
+    wait_for(lambda: a.count("t") == 2, timeout=15, message="node-b's rows on node-a")
+    a.call("remove_node", hostname=b.name)
+    b.stop()
+    shutil.rmtree(b.root)
+    b.start()
+    start = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() + 1))
+    wait_for(lambda: time.time() > calendar.timegm(time.strptime(
+        start, "%Y-%m-%dT%H:%M:%S.000Z")), timeout=5, message="past the start_time")
+    join(b, a, start_time=start)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    b.call("insert", table="t", records=[{"id": 10}])
+    wait_for(lambda: by_id(a, "t", 10) is not None, timeout=15, message="row 10 on node-a")
+    assert by_id(b, "t", 1) is None, "the start_time should have kept row 1 off node-b"
+    b.call("delete", table="t", ids=[10])
+    b.call("insert", table="t", records=[{"id": 11}])
+    wait_for(lambda: by_id(a, "t", 11) is not None, timeout=15, message="row 11 on node-a")
+    wait_for(lambda: _tombstones(b, "t") == 0, timeout=20,
+             message="node-b's tombstone of row 10 swept")
+    b.call("repair_cluster", database="data", table="t")
+    a.call("insert", table="t", records=[{"id": 12}])
+    wait_for(lambda: by_id(b, "t", 12) is not None, timeout=15, message="row 12 on node-b")
+    wait_for(lambda: by_id(a, "t", 11) is not None, timeout=5, message="row 11 on node-a")
+    stays(lambda: by_id(a, "t", 1) is not None and by_id(a, "t", 2) is not None,
+          duration=1.0)

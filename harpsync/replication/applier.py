@@ -59,7 +59,7 @@ def unappliable(exc: BaseException) -> bool:
 class Work:
     """One item of the apply queue."""
 
-    kind: str  # "entries", "caught_up", "rows", "schema", "copy_end"
+    kind: str  # "entries", "caught_up", "copy_begin", "rows", "schema", "copy_end"
     payload: Any
     origins: dict[int, str]
 
@@ -161,12 +161,24 @@ class Applier:
         # copy would show as in progress, and verify refuse, for good.
         self.copy_progress = None
 
-    def begin_copy(self, snapshot_seq: int, total: int, horizons: Any = None) -> None:
+    async def queue_copy(self, snapshot_seq: int, total: int, horizons: Any = None) -> None:
+        """A ``copy_begin`` arrived: it begins in queue order (:meth:`begin_copy`), after
+        what is queued (after a resync, the copy before may have chunks and its end
+        still queued). Shown in progress at once (status, verify's refusal)."""
+        if self.copy_progress is None:
+            self.copy_progress = {"records_copied": 0, "records_total": total}
+        await self.queue.put(Work("copy_begin", (snapshot_seq, total, horizons,
+                                                 self.copy_resume), {}))
+
+    def begin_copy(self, snapshot_seq: int, total: int, horizons: Any = None,
+                   resume: dict[str, Any] | None = None) -> None:
         """A copy begins: ``total`` counts the whole snapshot, so a copy that resumes
-        ``copy_resume`` (the same snapshot) counts the rows copied before it too.
-        ``horizons``: the publisher's tombstone horizons (``copysweep.py``)."""
+        ``resume`` (the same snapshot) counts the rows copied before it too.
+        ``horizons``: the publisher's tombstone horizons (``copysweep.py``).
+        Run in queue order (a ``copy_begin`` work): a copy that a resync ends may still
+        have chunks queued, and they and its end keep its snapshot and sweep ranges."""
         self.copy_snapshot = snapshot_seq
-        resumed = self.copy_resume
+        resumed = resume
         copied = 0
         if resumed is not None and resumed.get("snapshot") == snapshot_seq:
             copied = int(resumed.get("copied", 0))
@@ -248,6 +260,8 @@ class Applier:
                 await self.apply_rows(first)
             elif first.kind == "caught_up":
                 await self._advance(int(first.payload))
+            elif first.kind == "copy_begin":
+                self.begin_copy(*first.payload)
             elif first.kind == "schema":
                 # A copy's schema (its drops, then its tables) before its rows, whose
                 # incarnations it names.

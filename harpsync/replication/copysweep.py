@@ -1,7 +1,7 @@
 """Which key ranges of a full copy show rows deleted on the publisher (no I/O).
 
 A publisher that swept tombstones of a table tells its horizon per table in
-``copy_begin`` (``horizons``: ``{table: [incarnation, version]}``; see
+``copy_begin`` (``horizons``: ``{table: [incarnation, version(, own_since)]}``; see
 ``storage/horizon.py``). It sends every live row of its own origin (it sends a horizon
 only for tables whose rows of its origin it does not withhold), in key order, table by
 table in name order, live rows before tombstones. So the live rows of one table that
@@ -21,15 +21,17 @@ from typing import Any
 from harpsync.storage.horizon import Sweep
 
 
-def parse_horizons(raw: Any) -> dict[str, tuple[int, int]]:
-    """The well-formed ``{table: (incarnation, version)}`` of a ``copy_begin``."""
-    out: dict[str, tuple[int, int]] = {}
+def parse_horizons(raw: Any) -> dict[str, tuple[int, int, int]]:
+    """The well-formed ``{table: (incarnation, version, since)}`` of a ``copy_begin``
+    (``since``, the version the publisher's own rows start from, 0 if not sent)."""
+    out: dict[str, tuple[int, int, int]] = {}
     if not isinstance(raw, dict):
         return out
     for name, value in raw.items():
-        if isinstance(name, str) and isinstance(value, list | tuple) and len(value) == 2 \
-                and all(type(v) is int for v in value) and value[1] > 0:
-            out[name] = (value[0], value[1])
+        if isinstance(name, str) and isinstance(value, list | tuple) \
+                and len(value) in (2, 3) and all(type(v) is int for v in value) \
+                and value[1] > 0:
+            out[name] = (value[0], value[1], value[2] if len(value) == 3 else 0)
     return out
 
 
@@ -37,7 +39,7 @@ class CopySweeps:
     """The ranges still to sweep in one copy: tables whose live rows are not over yet,
     and where the one being copied stands."""
 
-    def __init__(self, horizons: Mapping[str, tuple[int, int]],
+    def __init__(self, horizons: Mapping[str, tuple[int, int, int]],
                  resume: Mapping[str, Any] | None = None) -> None:
         self.horizons = dict(horizons)
         self.pending = sorted(self.horizons)
@@ -54,8 +56,9 @@ class CopySweeps:
 
     def _whole(self, table: str, through: bytes | None = None,
                present: frozenset[bytes] = frozenset()) -> Sweep:
-        incarnation, version = self.horizons[table]
-        return Sweep(table, incarnation, version, self.position.get(table), through, present)
+        incarnation, version, since = self.horizons[table]
+        return Sweep(table, incarnation, version, self.position.get(table), through, present,
+                     since)
 
     def for_chunk(self, table: str, tombs: bool, keys: Sequence[bytes]) -> list[Sweep]:
         """The ranges a chunk of ``table`` (its tombstones if ``tombs``) closes. Changes

@@ -389,7 +389,7 @@ class Subscriber:
             await self.applier.queue.put(Work("caught_up", event.seq, {}))
         elif isinstance(event, CopyBegan):
             self.state = LinkState.COPYING
-            self.applier.begin_copy(event.snapshot_seq, event.total, event.horizons)
+            await self.applier.queue_copy(event.snapshot_seq, event.total, event.horizons)
             if event.schema is not None:  # learned in order: after what is queued
                 await self.applier.queue.put(Work("schema", event.schema, {}))
         elif isinstance(event, CopyRows):

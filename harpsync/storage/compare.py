@@ -223,6 +223,7 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
         relay: dict[int, list[list[Any]]] = {}
         limit = storage.hlc.limit()
         swept = horizon.horizon(txn, db, table)
+        since = horizon.own_since(txn, db)
         reissued: list[list[Any]] = []
         for key, (row_digest, version, origin_name, deleted, record) in rows:
             if not deleted and not isinstance(record, dict):
@@ -230,7 +231,7 @@ def repair_job(storage: Storage, db_name: str, table_name: str, incarnation: int
             rid = decode_id(key)
             found = digest_reads.stored_row(txn, table, key, codec.unpack)
             if found is None and not deleted and horizon.deleted_here(
-                    None, version, db.origin_ids.get(origin_name, -1), swept):
+                    None, version, db.origin_ids.get(origin_name, -1), swept, since):
                 # Deleted here (its tombstone was swept): deleted again, so the peer
                 # that still holds it learns the delete by replication.
                 out["refused"].append(rid)

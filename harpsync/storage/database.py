@@ -19,6 +19,7 @@ from harpsync.durable import sync_directory
 from harpsync.errors import StorageError
 from harpsync.storage import digest
 from harpsync.storage.errors import NoSuchDatabaseError, TooManyTablesError
+from harpsync.storage.hlc import COUNTER_BITS, HLC
 from harpsync.storage.keys import seq_key, seq_of
 
 TXNS_DBI = b"__txns__"
@@ -36,6 +37,10 @@ PRUNED_MAX_PREFIX = b"pruned_max:"
 SWEPT_PREFIX = b"swept:"
 # A cap on them: this node's rows above it may be lost (its log was restored).
 RESTORED_KEY = b"restored_below"
+# The version from which rows of this node's name are this environment's own: set when
+# it first holds the name (a new environment, a wiped node, a new name). Older rows of
+# the name were written by an earlier node of that name, which this one never held.
+OWN_SINCE_KEY = b"own_since"
 # In the ``system`` database: the newest drop version of another database.
 DROPPED_DB_PREFIX = b"dropped_db:"
 # In a database's own ``__meta__``: the version of the create that made it.
@@ -197,9 +202,11 @@ class Database:
                 self.origin_ids.pop(stale, None)
             self.origin_ids[local_name] = LOCAL_ORIGIN
             self.origin_names[LOCAL_ORIGIN] = local_name
+            since = HLC().wall_now_ms() << COUNTER_BITS  # no row of this name held yet
             with self.env.begin(write=True) as txn:
                 txn.put(ORIGIN_PREFIX + local_name.encode(), codec.pack(LOCAL_ORIGIN),
                         db=self.meta_dbi)
+                txn.put(OWN_SINCE_KEY, codec.pack(since), db=self.meta_dbi)
         for table in self.tables.values():
             self._ensure_digest(table)
         # Sequences continue after the highest ever assigned, also when retention pruned
@@ -443,18 +450,21 @@ class Database:
 
     def swept_horizons(self) -> dict[str, list[int]]:
         """Per table, ``[incarnation, version]`` of the newest tombstone swept from its
-        current incarnation (``horizon.py``): told to a peer taking a full copy."""
+        current incarnation (``horizon.py``), and ``own_since`` if known (rows of this
+        node's name below it are not judged): told to a peer taking a full copy."""
         out: dict[str, list[int]] = {}
         with self.reading() as txn:
             swept = list(self._meta_in(txn, SWEPT_PREFIX))
             raw = txn.get(RESTORED_KEY, db=self.meta_dbi)
+            since_raw = txn.get(OWN_SINCE_KEY, db=self.meta_dbi)
         cap = int(codec.unpack(raw)) if raw else None
+        since = int(codec.unpack(since_raw)) if since_raw else 0
         for name, value in swept:
             table = self.tables.get(name.decode())
             if table is not None and value[0] == table.version:
                 version = int(value[1]) if cap is None else min(cap, int(value[1]))
-                if version:
-                    out[table.name] = [int(value[0]), version]
+                if version > since:  # with the version its own rows start from
+                    out[table.name] = [int(value[0]), version, *([since] if since else [])]
         return out
 
     def committed_hw(self, origins: Iterable[str]) -> dict[str, int | None]:

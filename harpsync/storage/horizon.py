@@ -32,6 +32,7 @@ from typing import Any
 from harpsync import codec
 from harpsync.storage.database import (
     LOCAL_ORIGIN,
+    OWN_SINCE_KEY,
     RESTORED_KEY,
     SWEPT_PREFIX,
     Database,
@@ -65,6 +66,15 @@ def horizon(txn: Any, db: Database, table: Table) -> int:
     return int(version) if cap is None else min(int(version), int(codec.unpack(cap)))
 
 
+def own_since(txn: Any, db: Database) -> int:
+    """The version from which rows of this node's name are its own (0: unknown, an
+    environment from before it was kept). An older row of the name was written by an
+    earlier node of that name (this one wiped, say), which this one may never have held:
+    its absence here says nothing of a delete."""
+    raw = txn.get(OWN_SINCE_KEY, db=db.meta_dbi)
+    return int(codec.unpack(raw)) if raw else 0
+
+
 def opened_own_version(db: Database) -> int:
     """The newest version this node wrote into ``db`` before this process opened it (its
     log, or what pruning removed of it); 0 when not found (the log scan is bounded)."""
@@ -90,10 +100,12 @@ def restored_job(db: Database, version: int) -> Callable[[WriteContext], None]:
     return job
 
 
-def deleted_here(stored: Stored | None, version: int, origin_id: int, swept: int) -> bool:
+def deleted_here(stored: Stored | None, version: int, origin_id: int, swept: int,
+                 since: int = 0) -> bool:
     """Whether an incoming row of this node's own (``origin_id`` local), with nothing
-    stored under its key, is one this node deleted and swept the tombstone of."""
-    return stored is None and origin_id == LOCAL_ORIGIN and version < swept
+    stored under its key, is one this node deleted and swept the tombstone of (written
+    by this node: at or after ``since``, :func:`own_since`)."""
+    return stored is None and origin_id == LOCAL_ORIGIN and since <= version < swept
 
 
 def reissue(txn: Any, table: Table, key: bytes, version: int) -> list[Any]:
@@ -118,6 +130,7 @@ class Sweep:
     after: bytes | None
     through: bytes | None
     present: frozenset[bytes] = frozenset()
+    since: int = 0  # the peer's own rows start there (older ones: another node's)
 
 
 def sweep(txn: Any, db: Database, peer: str, ranges: Iterable[Sweep]) -> list[list[Any]]:
@@ -144,7 +157,7 @@ def sweep(txn: Any, db: Database, peer: str, ranges: Iterable[Sweep]) -> list[li
                 break
             if key not in part.present:
                 version, origin = codec.unpack_head(cur.value(), 2)
-                if origin == oid and version < part.horizon:
+                if origin == oid and part.since <= version < part.horizon:
                     gone.append((key, version))
             found = cur.next()
         out.extend(reissue(txn, table, key, version) for key, version in gone)

@@ -422,6 +422,7 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
         txn = ctx.txn(db)
         apply_sweeps(storage, ctx, db, peer, sweeps)
         swept = horizon.horizon(txn, db, table)
+        since = horizon.own_since(txn, db)
         decoded = [(key, *codec.unpack(raw)) for key, raw in rows]
         landed = None if review is not None else _copy_fresh(storage, ctx, db, table, decoded,
                                                               origins, floor, swept)
@@ -435,7 +436,7 @@ def apply_rows_job(storage: Storage, db_name: str, peer: str, table_name: str,
                 storage.hlc.check(version)  # a skewed row fails the chunk; the copy resumes
                 stored = get_stored(txn, table, key)
                 if swept and record is not None and horizon.deleted_here(
-                        stored, version, db.origin_ids.get(origin_name, -1), swept):
+                        stored, version, db.origin_ids.get(origin_name, -1), swept, since):
                     # Deleted here (its tombstone was swept, not its delete): the peer
                     # still has it, and maybe others through it.
                     reissued.append(horizon.reissue(txn, table, key, version))

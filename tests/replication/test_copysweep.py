@@ -5,12 +5,13 @@ from __future__ import annotations
 from harpsync.replication.copysweep import CopySweeps, parse_horizons
 from harpsync.storage.horizon import Sweep
 
-HORIZONS = {"a": (10, 100), "c": (30, 300)}
+HORIZONS = {"a": (10, 100, 0), "c": (30, 300, 0)}
 
 
 def test_only_well_formed_horizons_are_taken():
-    raw = {"a": [10, 100], "b": [1], "c": "x", 5: [1, 2], "d": [1, 0], "e": [1.5, 2]}
-    assert parse_horizons(raw) == {"a": (10, 100)}
+    raw = {"a": [10, 100], "b": [1], "c": "x", 5: [1, 2], "d": [1, 0], "e": [1.5, 2],
+           "f": [10, 100, 7], "g": [1, 2, 3, 4]}
+    assert parse_horizons(raw) == {"a": (10, 100, 0), "f": (10, 100, 7)}
     assert parse_horizons(None) == {}
 
 

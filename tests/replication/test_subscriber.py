@@ -560,3 +560,76 @@ async def test_a_copy_chunk_that_commits_as_the_link_pauses_is_counted():
         assert sub.copy_progress == {"records_copied": 2, "records_total": 3}
     finally:
         await sub.retire()
+
+
+class HeldSweepStore(FakeLinkStore):
+    """The first copy chunk's apply waits for ``release``; every chunk's sweep ranges
+    (and a copy end's) are recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.applying = asyncio.Event()
+        self.sweeps: list[tuple[str, list[Any]]] = []
+
+    async def apply_rows(self, database: str, peer: str, table: str, rows: Any,
+                         origins: Any, cursor: dict[str, Any], floor: int,
+                         incarnation: int | None, review: Any, sweeps: Any = ()) -> int:
+        self.sweeps.append((f"rows {rows[-1][0]!r}", list(sweeps)))
+        self.applying.set()
+        await self.release.wait()
+        return await super().apply_rows(database, peer, table, rows, origins, cursor, floor,
+                                         incarnation, review, sweeps)
+
+    async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any],
+                           sweeps: Any = ()) -> None:
+        if sweeps:
+            self.sweeps.append((f"end {cursor['seq']}", list(sweeps)))
+        await super().write_cursor(database, peer, cursor, sweeps)
+
+
+async def test_a_copy_after_resync_does_not_sweep_with_the_ranges_of_the_copy_before():
+    """A resync right after a copy (its log pruned past the snapshot meanwhile) starts
+    a second copy while the first one's chunks still wait in the apply queue. Their
+    sweep ranges (rows of the publisher it deleted: ``copysweep.py``) must be the first
+    copy's. Before, ``copy_begin`` replaced the ranges as it arrived: the first copy's
+    next chunk swept from the table's first key (deleting, with new tombstones that
+    replicate, the publisher's rows the first copy had just landed), and its end from
+    the last key it reached."""
+    host, store = FakeSubscriberHost(), HeldSweepStore()
+    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
+    sub.start()
+    try:
+        peer, _ = await accept(Linked(sub, host, store))
+        session = publisher(peer)
+        horizons = {"dog": [1, 1000]}
+        session.begin_copy(7, 4, ["dog"], None, horizons)
+        session.send_copy_rows("dog", [stored_row(1, 50, 1), stored_row(1, 51, 2)], PEER_IDS)
+        session.send_copy_rows("dog", [stored_row(1, 52, 3), stored_row(1, 53, 4)], PEER_IDS)
+        session.end_copy(7)
+        await peer.flush()
+        await asyncio.wait_for(store.applying.wait(), WAIT)  # the first chunk is held
+        session.send_resync_required(9, "log entries up to 8 were pruned")
+        await peer.flush()
+        again = await peer.expect(SubscribeRequested)
+        assert again.copy
+        session.begin_copy(9, 4, ["dog"], None, horizons)
+        session.send_copy_rows("dog", [stored_row(1, 50, 1), stored_row(1, 51, 2)], PEER_IDS)
+        session.end_copy(9)
+        await peer.flush()
+        await until(lambda: any(w.kind == "copy_end" and w.payload == 9
+                                for w in sub.applier.queue.pending()),
+                    message="the second copy queued behind the first")
+        store.release.set()
+        await acked(peer, 9)
+        ranges = [(what, [(s.after, s.through, sorted(s.present)) for s in sweeps])
+                  for what, sweeps in store.sweeps]
+        assert ranges == [
+            ("rows b'2'", [(None, b"2", [b"1", b"2"])]),
+            ("rows b'4'", [(b"2", b"4", [b"3", b"4"])]),
+            ("end 7", [(b"4", None, [])]),
+            ("rows b'2'", [(None, b"2", [b"1", b"2"])]),
+            ("end 9", [(b"2", None, [])]),
+        ]
+    finally:
+        await sub.retire()
