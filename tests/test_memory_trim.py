@@ -33,7 +33,7 @@ def test_a_trim_never_advises_memory_mapped_after_a_database_closed(tmp_path: An
     import ctypes
     import threading
 
-    from harpsync.storage import database
+    from harpsync.storage import mapped
     from harpsync.storage.store import Storage
 
     storage = Storage(tmp_path, "node-a", 1 << 24)
@@ -67,8 +67,8 @@ def test_a_trim_never_advises_memory_mapped_after_a_database_closed(tmp_path: An
                     thread.join(timeout=0.5)
                 return int(libc.madvise(addr, length, advice))
 
-        monkeypatch.setattr(database.ctypes, "CDLL", lambda *a, **k: RacingLibc())
-        database.release_mapped_pages({db.data_file})
+        monkeypatch.setattr(mapped.ctypes, "CDLL", lambda *a, **k: RacingLibc())
+        mapped.release_mapped_pages({db.data_file})
         monkeypatch.undo()
         assert "thread" in page, "the database's map was not found"
         page["thread"].join()

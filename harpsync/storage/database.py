@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import threading
@@ -21,6 +20,7 @@ from harpsync.storage import digest
 from harpsync.storage.errors import NoSuchDatabaseError, TooManyTablesError
 from harpsync.storage.hlc import COUNTER_BITS, HLC
 from harpsync.storage.keys import seq_key, seq_of
+from harpsync.storage.mapped import MAPS_LOCK
 
 TXNS_DBI = b"__txns__"
 META_DBI = b"__meta__"
@@ -555,7 +555,7 @@ class Database:
 
     def close(self) -> None:
         self.closed = True
-        with _MAPS_LOCK:  # not while a trim advises the ranges it read (see below)
+        with MAPS_LOCK:  # not while a trim advises the ranges it read (see below)
             self.env.close()
 
     def destroy(self) -> None:
@@ -564,45 +564,7 @@ class Database:
         self.dropped = True
         self.closed = True
         self.notify_commit()
-        with _MAPS_LOCK:
+        with MAPS_LOCK:
             self.env.close()
         shutil.rmtree(self.path, ignore_errors=True)
 
-
-_MADV_DONTNEED = 4
-# Held while a trim advises the ranges it read from /proc/self/maps, and while an
-# environment closes: a map closed in between frees its range, which the next mmap
-# (malloc's, Python's arenas) may take, and MADV_DONTNEED empties anonymous memory.
-_MAPS_LOCK = threading.Lock()
-
-
-def release_mapped_pages(data_files: set[str]) -> int:
-    """Drop this process's mapping of LMDB pages it has touched; returns bytes advised.
-
-    With ``writemap`` off, LMDB maps its file read-only and shared, so those pages are
-    page cache: ``MADV_DONTNEED`` only unmaps them from this process (a later read
-    refaults them from the cache, no disk I/O). Without it a node's RSS grows with
-    every page it ever read or copied, i.e. with the size of its tables. Linux only;
-    elsewhere it does nothing.
-    """
-    with _MAPS_LOCK:
-        return _release(data_files)
-
-
-def _release(data_files: set[str]) -> int:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open("/proc/self/maps") as fh:
-            lines = fh.readlines()
-    except OSError:
-        return 0
-    advised = 0
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6 or parts[1] != "r--s" or parts[5].strip() not in data_files:
-            continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
-                        _MADV_DONTNEED) == 0:
-            advised += end - start
-    return advised

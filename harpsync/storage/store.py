@@ -24,11 +24,11 @@ from harpsync.storage.database import (
     Database,
     Table,
     attribute_marks_of,
-    release_mapped_pages,
 )
 from harpsync.storage.errors import NoSuchDatabaseError, NoSuchTableError
 from harpsync.storage.hlc import HLC, wall_ms_of
 from harpsync.storage.keys import seq_key
+from harpsync.storage.mapped import release_mapped_pages
 from harpsync.storage.writer import WriteContext, Writer
 
 log = logging.getLogger(__name__)
