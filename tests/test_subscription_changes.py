@@ -63,10 +63,10 @@ def test_widened_publish_side_sends_rows_written_while_narrowed(node_factory):
     meanwhile, and they never arrived. The answer travels back through a slow proxy
     here, so the copy always wins that race on the old code.
 
-    Pings every 2 s (not the tests' 200 ms): with 200 ms, a ping unanswered for 400 ms
-    ended the request's socket whenever node-a took more than about 100 ms to answer
-    on top of the injected 500 ms (set_node_replication failed: 'keepalive ping
-    timeout', now and then under CPU load)."""
+    Pings every 2 s (not the tests' 200 ms), so the injected 500 ms leaves the sockets
+    through the proxy up: with 200 ms pings (a 400 ms ping timeout) it timed them out,
+    and, before node requests stopped pinging, set_node_replication's request too
+    (it failed with 'keepalive ping timeout' now and then under CPU load)."""
     pings = {"REPLICATION_PINGINTERVAL": "2000"}
     a = node_factory("node-a", env=pings)
     b = node_factory("node-b", env=pings)
