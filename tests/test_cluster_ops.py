@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import harper_error, wait_for
+from tests.proxy_util import TcpProxy
 from tests.repl_util import CREDS, PASSWORD, by_id, connection, hdb_nodes, join, wait_linked
 
 TOP_KEYS = {"type", "connections", "node_name", "url", "is_enabled"}
@@ -180,6 +181,29 @@ def test_add_node_to_a_url_that_cannot_be_a_node_says_why(node):
     assert res.status_code == 400, res.text
     assert "operations API port rather than the replication port" in res.json()["error"]
     assert hdb_nodes(node) == before
+
+
+def test_add_node_over_a_slow_path_waits_for_the_answer(node_factory):
+    """A node request (add_node's probe and join here) waits for its answer up to its
+    own timeout: its socket sends no keepalive pings, on either side. Before, with the
+    tests' 200 ms pings (a 400 ms ping timeout), answers coming 500 ms late failed
+    add_node with 'keepalive ping timeout' although the peer answered (lifecycle seed
+    700 with 3 rounds, under CPU load: node-c answered node-b's join late, and the
+    heal's add_node failed)."""
+    a = node_factory("node-a")
+    b = node_factory("node-b")
+    to_a = TcpProxy(a.repl_port)  # node-b reaches node-a only through it
+    try:
+        to_a.reply_delay = 0.5  # all node-a sends arrives half a second late
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        to_a.reply_delay = 0.0  # (links ping as before: they reconnect once it is fast)
+        wait_linked([(a, b), (b, a)])
+        a.call("create_table", table="t", primary_key="id")
+        a.call("insert", table="t", records=[{"id": 1}])
+        wait_for(lambda: by_id(b, "t", 1) is not None, timeout=15, message="the row on b")
+    finally:
+        to_a.close()
 
 
 def test_add_node_bad_credentials(node_factory):

@@ -160,7 +160,10 @@ def test_verify_during_a_full_copy_waits_for_it(source, tmp_path_factory):
     try:
         d.call("add_node", hostname="node-a", url=proxy.url, verify_tls=False,
                authorization=CREDS)
-        wait_for(lambda: ready(d)[0] == 503, timeout=30, message="node-d copying")
+        # The first 503 is for the system database's copy (dev's has not begun):
+        # wait for dev's.
+        wait_for(lambda: any("'dev'" in r for r in ready(d)[1].get("reasons", [])),
+                 timeout=30, message="node-d copying dev")
         assert d.count("dog", "dev") < RECORDS
         for node in (source, d):
             result = node.call("verify_cluster", database="dev", nodes=[

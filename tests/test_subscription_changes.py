@@ -64,9 +64,15 @@ def test_widened_publish_side_sends_rows_written_while_narrowed(node_factory):
     change. node-b used to save its widened row only after node-a's answer, so that
     copy was filtered by the old row, node-a's cursor passed the rows written
     meanwhile, and they never arrived. The answer travels back through a slow proxy
-    here, so the copy always wins that race on the old code."""
-    a = node_factory("node-a")
-    b = node_factory("node-b")
+    here, so the copy always wins that race on the old code.
+
+    Pings every 2 s (not the tests' 200 ms), so the injected 500 ms leaves the sockets
+    through the proxy up: with 200 ms pings (a 400 ms ping timeout) it timed them out,
+    and, before node requests stopped pinging, set_node_replication's request too
+    (it failed with 'keepalive ping timeout' now and then under CPU load)."""
+    pings = {"REPLICATION_PINGINTERVAL": "2000"}
+    a = node_factory("node-a", env=pings)
+    b = node_factory("node-b", env=pings)
     a.call("create_table", table="t2", primary_key="id")
     to_a = TcpProxy(a.repl_port)  # node-b reaches node-a only through it
     try:

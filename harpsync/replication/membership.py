@@ -53,7 +53,10 @@ async def node_request(rep: NodeClient, url: str, body: dict[str, Any], *, verif
                                       check_hostname=expect is None)
     link: Link | None = None
     try:
-        link = await dial(url, NODE_PATH, context, rep.ping_interval, timeout=timeout)
+        # No keepalive pings: the request's own timeouts bound it. With them, a peer
+        # slow to answer a ping for twice the ping interval (a busy or starved
+        # process, a slow path) failed the request ("keepalive ping timeout").
+        link = await dial(url, NODE_PATH, context, None, timeout=timeout)
         if expect is not None:
             refused = rep.check_peer(expect, link)
             if refused is not None:
@@ -96,7 +99,9 @@ def _retry_after(value: Any) -> int:
 
 
 async def serve_node_request(rep: NodeServer, link: Link) -> None:
-    """Answer one ``/.node`` request on an accepted socket."""
+    """Answer one ``/.node`` request on an accepted socket (without keepalive pings:
+    the request's timeouts bound it, as on the asking side)."""
+    link.no_keepalive()
     try:
         if _authenticated_as(rep, link) is not None:
             link.authenticated()  # a proven node may send more than a join's small frame

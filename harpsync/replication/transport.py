@@ -182,6 +182,13 @@ class Link:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self._conn.close(code, reason[:120])
 
+    def no_keepalive(self) -> None:
+        """Send no more keepalive pings (and wait for no pongs) on this socket."""
+        task = getattr(self._conn, "keepalive_task", None)
+        if task is not None:
+            task.cancel()
+            self._conn.keepalive_task = None
+
     def abort(self) -> None:
         transport = self._conn.transport
         if transport is not None:
@@ -324,9 +331,11 @@ async def listen(sock: socket.socket, ssl_context: TLSContext | None,
     )
 
 
-async def dial(url: str, path: str, ssl_context: TLSContext | None, ping_interval: float,
-               timeout: float = 10.0, server_hostname: str | None = None) -> Link:
-    """Open a replication socket to ``url`` + ``path``.
+async def dial(url: str, path: str, ssl_context: TLSContext | None,
+               ping_interval: float | None, timeout: float = 10.0,
+               server_hostname: str | None = None) -> Link:
+    """Open a replication socket to ``url`` + ``path`` (``ping_interval`` None: no
+    keepalive pings).
 
     Raises:
         One of ``DIAL_ERRORS`` when the peer cannot be reached or refuses us.
@@ -339,7 +348,8 @@ async def dial(url: str, path: str, ssl_context: TLSContext | None, ping_interva
         kwargs["server_hostname"] = server_hostname
     conn = await connect(
         target, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-        open_timeout=timeout, ping_interval=ping_interval, ping_timeout=ping_interval * 2,
+        open_timeout=timeout, ping_interval=ping_interval,
+        ping_timeout=None if ping_interval is None else ping_interval * 2,
         max_size=MAX_FRAME, compression=None, close_timeout=2, proxy=None,
         write_limit=256 * 1024, max_queue=MAX_QUEUE, **kwargs,
     )

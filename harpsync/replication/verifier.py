@@ -253,21 +253,24 @@ class Verifier:
             raise BadRequestError(f"{pair.peer} hashes rows in layout "
                                   f"{peer_top.get('format', 1)}, this node in "
                                   f"{rowhash.FORMAT}: upgrade both to compare them")
-        if peer_top.get("incarnation") != table.version:
+        copy_running = bool(peer_top.get("copying")) or copying(
+            self.rep.subscribers.get((pair.peer, pair.database)), db)
+        if peer_top.get("incarnation") != table.version and not copy_running:
             raise BadRequestError(f"{pair.peer} holds another incarnation of "
                                   f"'{pair.database}.{pair.table}' (created at "
                                   f"{peer_top.get('incarnation')}, here {table.version})")
         outcome.incarnation = table.version
         outcome.peer_plans = bool(peer_top.get("dry_run"))
-        if peer_top.get("top") == my_top:
+        if peer_top.get("incarnation") == table.version and peer_top.get("top") == my_top:
             return  # equal tables cost one lookup on each side
-        if peer_top.get("copying") or copying(self.rep.subscribers.get((pair.peer,
-                                                                         pair.database))):
+        if copy_running:
             # Descending would read and compare every row not copied yet, over and
-            # over while the copy runs, and slow the copy down.
+            # over while the copy runs, and slow the copy down; a copy still to come
+            # (the link not connected yet) brings the table, or its other incarnation.
             outcome.busy = True
             raise BadRequestError(f"a full copy between this node and {pair.peer} is in "
-                                  "progress: verify again once it ends")
+                                  "progress (or has yet to start): verify again once it "
+                                  "ends")
         items = await asyncio.to_thread(compare.all_buckets, db, table)
         leaves = await self._differing_ranges(outcome, items)
         if not leaves:

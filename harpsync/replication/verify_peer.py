@@ -31,9 +31,18 @@ def answer_budget() -> int:
     return min(ANSWER_BYTES, transport.MAX_FRAME // 4)
 
 
-def copying(sub: Any) -> bool:
-    """Whether a subscriber is receiving a full copy."""
-    return sub is not None and getattr(sub, "copy_progress", None) is not None
+def copying(sub: Any, db: Any) -> bool:
+    """Whether a subscriber is receiving a full copy, or has one still to come: its
+    database ``db`` holds no cursor from the peer yet (a new pairing starts with a
+    copy, once the link connects) or an interrupted copy's. Before, a verification
+    after one side's copy that ran before the other side's copy had begun compared a
+    table not copied yet: it recorded every row as a difference and ended."""
+    if sub is None:
+        return False
+    if getattr(sub, "copy_progress", None) is not None:
+        return True
+    cursor = db.cursor(sub.peer)
+    return not cursor or "copy" in cursor
 
 
 def applied_seq(sub: Any) -> int:
@@ -95,12 +104,18 @@ def peer_handlers(rep: Replicator) -> dict[str, PeerHandler]:
         return applied_seq(rep.subscribers.get((peer, database)))
 
     async def top(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        pending = storage.databases.get(str(body.get("database")))
+        if (pending is not None and str(body.get("table")) not in pending.tables
+                and copying(rep.subscribers.get((peer, pending.name)), pending)):
+            # A table of a database created since the join comes with this node's
+            # first copy from the peer: not there yet is no difference.
+            return {"copying": True, "format": rowhash.FORMAT}
         db, table = target(peer, body)
         if body.get("deep"):
             await storage.write(compare.rebuild_job(storage, db.name, table.name))
         return {"incarnation": table.version,
                 "top": await asyncio.to_thread(compare.top_hash, db, table),
-                "copying": copying(rep.subscribers.get((peer, db.name))),
+                "copying": copying(rep.subscribers.get((peer, db.name)), db),
                 "format": rowhash.FORMAT, "dry_run": True,
                 "head": db.head_seq, "applied": applied(peer, db.name)}
 
