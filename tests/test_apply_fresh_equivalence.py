@@ -15,6 +15,7 @@ import pytest
 from harpsync import codec
 from harpsync.replication.linkstore import StorageLinkStore
 from harpsync.storage import digest, digest_reads, ingest, writes
+from harpsync.storage.database import OWN_SINCE_KEY
 from harpsync.storage.keys import encode_id
 from harpsync.storage.store import Storage
 
@@ -66,7 +67,10 @@ def _dump(storage: Storage) -> dict[str, Any]:
                       [(bytes(k), bytes(v)) for k, v in txn.cursor(db=table.tomb_dbi)],
                       [(bytes(k), bytes(v)) for k, v in txn.cursor(db=table.digest.dbi)],
                       list(table.attributes), dict(table.attribute_marks), table.version)
-        out["meta"] = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db.meta_dbi)]
+        # ``own_since`` is when each environment first held its node's name (a clock
+        # reading of its own start), not something the applied entries wrote.
+        out["meta"] = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db.meta_dbi)
+                       if bytes(k) != OWN_SINCE_KEY]
     out["log"] = db.read_log(0, 1_000_000)
     out["origins"] = dict(db.origin_names)
     out["hw"] = dict(db.origin_hw)
