@@ -45,13 +45,17 @@ def _too_large() -> bytes:
 
 
 class CoalescedTransport:
-    """A connection's transport whose writes within one event-loop iteration leave in one
-    ``writelines`` (one ``writev``): uvicorn writes a response's head and body separately,
-    and each write on an idle socket is a ``send`` of its own (a tenth of a small
-    request's server CPU, and two segments on the wire).
+    """A connection's transport that sends an answer's head together with its body, in
+    one ``writelines`` (one ``writev``): uvicorn writes them separately, and each write on
+    an idle socket is a ``send`` of its own (two system calls and two segments).
 
-    Anything else done to the connection (closing it, handing it to a WebSocket, ...)
-    sends what is held first, so bytes leave in the order written.
+    A first write is held until the next one (the body, at once in the common case) or
+    the end of the loop turn, whichever comes first; it is never held longer. Holding
+    every write for the rest of the turn instead cost more server CPU per record with
+    16 clients than the system call saved (0.26–0.31 against 0.22–0.25 ms in alternating
+    runs: every answer left a loop turn later). Anything else done to the connection (closing it,
+    handing it to a WebSocket, ...) sends what is held first, so bytes leave in the
+    order written.
     """
 
     __slots__ = ("_transport", "_loop", "_held")
@@ -64,10 +68,14 @@ class CoalescedTransport:
     def write(self, data: bytes) -> None:
         held = self._held
         if held is None:
+            # An answer's head: held until its body comes (at once, in the common case)
+            # or this loop turn ends.
             self._held = [data]
             self._loop.call_soon(self.flush)
         else:
+            self._held = None
             held.append(data)
+            self._transport.writelines(held)
 
     def flush(self) -> None:
         held, self._held = self._held, None

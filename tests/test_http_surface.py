@@ -193,7 +193,7 @@ def _request(operation: str, version: str = "1.1") -> bytes:
 
 def test_pipelined_requests_are_answered_whole_and_in_order(node):
     """Requests sent back to back on one connection get their answers in order, each
-    head with its whole body (answers leave in one write per loop turn)."""
+    head with its whole body (a head is held until its body comes)."""
     sock = socket.create_connection(("127.0.0.1", node.ops_port), timeout=10)
     try:
         sock.sendall(_request("describe_all") + _request("user_info")
