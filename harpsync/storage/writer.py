@@ -23,6 +23,7 @@ import lmdb
 from harpsync.errors import ServiceUnavailableError, StorageError
 from harpsync.storage import digest, redo
 from harpsync.storage.database import Database
+from harpsync.storage.keys import seq_key
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +388,7 @@ class Writer:
                     txn.abort()
                     continue
             try:
+                fault_point(db.name, txn)
                 txn.commit()
             except Exception as exc:
                 log.error("commit of database %s failed: %s", db.name, exc)
@@ -448,7 +450,10 @@ class Writer:
         that committed, and the next entry went under a taken key (``append_log``).
         """
         for job in reversed(jobs):
-            lost = next((db for db in job.dbs if db in failed), None)
+            # The database the job wrote that failed first of all (``system`` only when
+            # it wrote nothing else that failed: its data's failure is the cause).
+            lost = next((db for db in job.data_dbs(self.system) if db in failed),
+                        next((db for db in job.dbs if db in failed), None))
             if job.error is not None or lost is None:
                 continue
             job.error = storage_failure(failed[lost], lost, StorageError(
@@ -463,19 +468,42 @@ class Writer:
 
     def _compensate(self, jobs: list[_Job], failed: dict[Database, Exception],
                     system_txn: lmdb.Transaction) -> None:
-        """Take back the system ops of jobs whose data did not commit (``redo``)."""
-        assert self.system is not None
-        ops = [op for job in jobs
-               if job.error is None and job.ctx is not None and job.ctx.system_ops
-               and all(db in failed for db in job.data_dbs(self.system))
-               for op in job.ctx.system_ops]
-        if not ops:
+        """Take back the ``system`` side of jobs whose data did not commit (``redo``):
+        such a job did not happen, so neither its system rows nor its entries in
+        ``system``'s log (a database's create) may commit.
+
+        When no other job of the group wrote ``system``, nothing of it commits (its
+        cursor and floors too: a peer's create is then asked for again). Otherwise
+        the jobs' system rows are put back as last committed and their log entries
+        removed; a peer's apply then keeps the cursor it moved (its create comes back
+        with the peer's next hello).
+        """
+        system = self.system
+        assert system is not None
+        undone = [job for job in jobs if self._wrote_system(job)
+                  and all(db in failed for db in job.data_dbs(system))]
+        if not undone:
             return
+        if all(job in undone for job in jobs if self._wrote_system(job)):
+            lost = next(db for db in undone[0].data_dbs(system) if db in failed)
+            failed[system] = failed[lost]
+            return
+        ops = [op for job in undone if job.ctx is not None for op in job.ctx.system_ops]
         try:
-            redo.compensate(system_txn, self.system, ops)
+            if ops:
+                redo.compensate(system_txn, system, ops)
+            for job in undone:
+                assert job.ctx is not None
+                for db, seq, _value in job.ctx.logged:
+                    if db is system:
+                        system_txn.delete(seq_key(seq), db=system.txns_dbi)
+                job.ctx.logged = [item for item in job.ctx.logged if item[0] is not system]
         except Exception as exc:  # then nothing of system commits
             log.error("taking back system rows of failed writes failed: %s", exc)
-            failed[self.system] = exc
+            failed[system] = exc
+
+    def _wrote_system(self, job: _Job) -> bool:
+        return job.error is None and job.ctx is not None and self.system in job.dbs
 
     def _stage_redo(self, jobs: list[_Job], parents: dict[Database, lmdb.Transaction],
                     failed: dict[Database, Exception]) -> None:
@@ -524,6 +552,16 @@ def crash_point(name: str) -> None:
     cursors forgotten but its row not yet deleted)."""
     if os.environ.get("HARPSYNC_CRASH_AT") == name:
         os._exit(137)
+
+
+def fault_point(database: str, txn: lmdb.Transaction) -> None:
+    """Fail the commit of ``txn`` in ``database`` as a full disk does (aborted, with
+    ``DiskError``) if ``HARPSYNC_FAIL_COMMIT`` names the database: tests of commit
+    failures only (LMDB fails a commit on a full disk or map, which a test cannot aim
+    at one environment of several); read at each commit."""
+    if os.environ.get("HARPSYNC_FAIL_COMMIT") == database:
+        txn.abort()
+        raise lmdb.DiskError("mdb_txn_commit", 28)
 
 
 def storage_failure(exc: Exception, db: Database | None,
