@@ -265,3 +265,32 @@ def test_a_copy_killed_part_way_resumes_after_its_table_was_dropped_and_re_creat
     wait_for(lambda: by_id(b, "t", 6) is not None, timeout=30, message="the stream on")
     stays(lambda: b.count("t") == 6, duration=1.0)
     assert {r["v"] for r in all_records(b, "t")} == {"new"}
+
+
+@pytest.mark.timeout(150)
+def test_a_wiped_node_re_added_with_its_clock_behind_has_its_writes_arrive(node_factory):
+    """node-a removes node-b, which is wiped and comes back under its name with its
+    clock 2 minutes behind (past the skew bound, so it never learns the old versions):
+    its new writes are older than the old node-b's, and node-a must take them. Before,
+    node-a's floor for the name (``hw:node-b``, the newest version held from it)
+    outlived the removal and its link filtered them out as already held."""
+    a = node_factory("node-a")
+    b = node_factory("node-b", process=True)
+    a.call("create_table", table="t", primary_key="id")
+    join(a, b)
+    wait_linked([(a, b), (b, a)], ("system", "data"))
+    b.call("insert", table="t", records=[{"id": i} for i in range(5)])
+    wait_for(lambda: a.count("t") == 5, timeout=20, message="node-b's rows on node-a")
+    a.call("remove_node", hostname=b.name)
+    b.stop()
+    shutil.rmtree(b.root)  # a new node-b: new keys, a new log, a clock behind
+    b.extra_env["HARPSYNC_CLOCK_OFFSET_MS"] = "-120000"
+    b.start()
+    join(a, b)
+    wait_for(lambda: has_table(b, "t"), timeout=30, message="node-b learning t")
+    b.call("insert", table="t", records=[{"id": 99}])
+    wait_for(lambda: by_id(a, "t", 99) is not None, timeout=30,
+             message="the new node-b's first row on node-a")
+    b.call("insert", table="t", records=[{"id": 100}])  # after node-a's copy began
+    wait_for(lambda: by_id(a, "t", 100) is not None, timeout=30,
+             message="the new node-b's streamed row on node-a")

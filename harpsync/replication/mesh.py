@@ -28,7 +28,7 @@ from harpsync.replication.seams import MeshHost
 from harpsync.replication.transport import Link
 from harpsync.security import NodeKeys, PeerCert, check_node_cert, valid_pin
 from harpsync.storage import reads, writes
-from harpsync.storage.ingest import forget_cursor
+from harpsync.storage.ingest import forget_cursor, forget_floor
 from harpsync.storage.keys import encode_id
 from harpsync.storage.records import get_stored
 from harpsync.storage.store import SYSTEM, Storage
@@ -428,10 +428,19 @@ class Mesh:
             forget = set() if old is None else {
                 db for db in list(self.storage.databases) if db != SYSTEM
                 and (db in also or changed and peers.receives_more(old, row, db))}
-            if changed or forget:
+            # A name with no row here (removed, or never paired) or with a new key may
+            # be a new node under an old name: wiped, its clock behind, its versions
+            # start below the old node's, and the floor held for the name (``hw:``)
+            # filtered them out as already held. Forgotten before the row is saved: a
+            # node killed between has a floor too low, which only sends entries again.
+            renewed = old is None or old.get("pin") not in (None, row.get("pin", old["pin"]))
+            if changed or forget or renewed and old is not None:
                 await self._host.stop_links(name)
                 await self._forget_cursors(name, include_system=False,
                                            only=forget.__contains__)
+            if renewed:
+                for db in list(self.storage.databases.values()):
+                    await self.storage.write(functools.partial(forget_floor, db=db, origin=name))
             await self.save_row(row)
             if changed:
                 # Peers this node relays ``name`` to hold what it takes from ``name``

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ApplyStats", "UnknownTableError", "apply_entries_job", "apply_op", "apply_rows_job",
            "apply_sweeps",
-           "forget_cursor", "local_origin", "write_cursor"]
+           "forget_cursor", "forget_floor", "local_origin", "write_cursor"]
 
 
 @dataclass
@@ -85,6 +85,15 @@ def note_origin_versions(ctx: WriteContext, db: Database, seen: Mapping[str, int
         db.origin_hw[name] = version
         ctx.on_undo(functools.partial(db.origin_hw.__setitem__, name, old))
         ctx.txn(db).put(HW_PREFIX + name.encode(), codec.pack(version), db=db.meta_dbi)
+
+
+def forget_floor(ctx: WriteContext, db: Database, origin: str) -> None:
+    """Forget the high-water version held from ``origin`` (a new node under its name:
+    its versions may start below the old one's, see ``Mesh._replace_row``)."""
+    old = db.origin_hw.pop(origin, None)
+    if old is not None:
+        ctx.on_undo(functools.partial(db.origin_hw.__setitem__, origin, old))
+    ctx.txn(db).delete(HW_PREFIX + origin.encode(), db=db.meta_dbi)
 
 
 def forget_cursor(ctx: WriteContext, db: Database, peer: str) -> None:
