@@ -384,3 +384,30 @@ def _ids(node: Any, table: str) -> set[int]:
     from tests.repl_util import all_records
 
     return {r["id"] for r in all_records(node, table, attributes=["id"])}
+
+
+@pytest.mark.timeout(120)
+def test_a_subscription_change_that_cannot_be_saved_restarts_the_links(
+        node_factory, monkeypatch: pytest.MonkeyPatch):
+    """set_node_replication on node-a whose save of the new row fails (node-a's system
+    commit fails, ``HARPSYNC_FAIL_COMMIT``: node-a runs in this process, node-b does not)
+    answers a 507 saying the settings were not saved, and node-a's links from node-b
+    run again with the previous settings. Before, they stayed stopped until some later
+    reconcile, and node-b's writes stopped arriving."""
+    a = node_factory("node-a")
+    b = node_factory("node-b", process=True)
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(a, b)
+    wait_for(lambda: has_table(b, "t2"), timeout=20, message="node-b learning t2")
+    monkeypatch.setenv("HARPSYNC_FAIL_COMMIT", "system")
+    failed = a.call("set_node_replication", expect=507, hostname=b.name,
+                    subscriptions=[{"database": "data", "table": "t1",
+                                    "subscribe": True, "publish": True}])
+    monkeypatch.delenv("HARPSYNC_FAIL_COMMIT")
+    assert "could not be saved on this node" in failed["error"]
+    # node-a's row for node-b is the saved one again (it took everything)
+    assert [c["subscriptions"] for c in a.call("cluster_status")["connections"]] == [None]
+    b.call("insert", table="t1", records=[{"id": 1}])
+    wait_for(lambda: by_id(a, "t1", 1) is not None, timeout=30,
+             message="node-b's row on node-a, its links running again")

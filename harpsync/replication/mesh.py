@@ -21,7 +21,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from harpsync.errors import BadRequestError, PeerError
+from harpsync.errors import (
+    BadRequestError,
+    HarpsyncError,
+    PeerError,
+    ServiceUnavailableError,
+    StorageError,
+)
 from harpsync.replication import peers
 from harpsync.replication.membership import node_request
 from harpsync.replication.seams import MeshHost
@@ -38,6 +44,16 @@ if TYPE_CHECKING:
     from harpsync.auth import Authenticator
 
 log = logging.getLogger(__name__)
+
+
+def _not_saved(name: str, exc: Exception) -> HarpsyncError:
+    """What the operator is told when a peer's new settings could not be saved here."""
+    cls = type(exc) if isinstance(exc, StorageError | ServiceUnavailableError) \
+        else StorageError
+    reason = exc.message if isinstance(exc, HarpsyncError) else str(exc)
+    return cls(f"the settings of node '{name}' could not be saved on this node ({reason}); "
+               "its links run with its previous settings here, while the peer may have "
+               "the new ones: run the operation again")
 
 
 def _flows(row: dict[str, Any]) -> tuple[Any, bool]:
@@ -417,6 +433,7 @@ class Mesh:
         the new one, and the side whose saved row was old says what it now sends.
         """
         name = str(row["name"])
+        failure: Exception | None = None
         async with self._host.reconcile_lock:
             # Compare with the row the links last ran with, not a staged one.
             old = self._staged.pop(name) if name in self._staged else self.rows.get(name)
@@ -434,21 +451,38 @@ class Mesh:
             # filtered them out as already held. Forgotten before the row is saved: a
             # node killed between has a floor too low, which only sends entries again.
             renewed = old is None or old.get("pin") not in (None, row.get("pin", old["pin"]))
-            if changed or forget or renewed and old is not None:
-                await self._host.stop_links(name)
-                await self._forget_cursors(name, include_system=False,
-                                           only=forget.__contains__)
-            if renewed:
-                for db in list(self.storage.databases.values()):
-                    await self.storage.write(functools.partial(forget_floor, db=db, origin=name))
-            await self.save_row(row)
-            if changed:
-                # Peers this node relays ``name`` to hold what it takes from ``name``
-                # from its hello: they say hello again before the new links apply
-                # anything (before, a narrowed relay's writes raised their floor for
-                # ``name`` past writes it no longer carried, and the direct link,
-                # once back, skipped those for good).
-                await self._host.drop_relaying(name, f"subscriptions from {name} changed")
+            try:
+                if changed or forget or renewed and old is not None:
+                    await self._host.stop_links(name)
+                    await self._forget_cursors(name, include_system=False,
+                                               only=forget.__contains__)
+                if renewed:
+                    for db in list(self.storage.databases.values()):
+                        await self.storage.write(functools.partial(forget_floor, db=db,
+                                                                   origin=name))
+                await self.save_row(row)
+            except Exception as exc:
+                # Back to the saved row (a staged one included); the links restart with
+                # it below, outside the lock. Forgotten cursors or floors only copy or
+                # send again.
+                if old is None:
+                    self.rows.pop(name, None)
+                else:
+                    self.rows[name] = old
+                failure = exc
+            else:
+                if changed:
+                    # Peers this node relays ``name`` to hold what it takes from
+                    # ``name`` from its hello: they say hello again before the new
+                    # links apply anything (before, a narrowed relay's writes raised
+                    # their floor for ``name`` past writes it no longer carried, and
+                    # the direct link, once back, skipped those for good).
+                    await self._host.drop_relaying(name, f"subscriptions from {name} "
+                                                         "changed")
+        if failure is not None:
+            # Before, the stopped links stayed down until some later reconcile.
+            await self._host.reconcile()
+            raise _not_saved(name, failure) from failure
 
     async def _forget_cursors(self, name: str, include_system: bool,
                               only: Callable[[str], bool] | None = None) -> None:
