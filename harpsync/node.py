@@ -35,6 +35,7 @@ from harpsync.replication.status import refresh_gauges
 from harpsync.replication.verifier import Verifier, peer_handlers
 from harpsync.security import NodeKeys, server_context
 from harpsync.storage import reads, writes
+from harpsync.storage.database import CURSOR_PREFIX, Database
 from harpsync.storage.hlc import OFFSET_ENV
 from harpsync.storage.store import SYSTEM, Storage
 from harpsync.validation import SchemaRegistry
@@ -329,6 +330,18 @@ class Node:
             return
         first = not users and db.tombstone_count(user_table) == 0
         username = self.env.get("HDB_ADMIN_USERNAME") or "admin"
+        copying = _copying_from(db)
+        if not first and copying:
+            # A copy of system cut short: the cluster's users and roles have only
+            # partly arrived (its super users may be in what is still to come). Made
+            # now, at the clock's version, the admin and its role would beat the
+            # cluster's own rows and replicate: an operator's demotion or drop undone
+            # everywhere, the admin's password replaced. The copy resumes once the
+            # links start.
+            log.warning("no active super_user here yet: the copy of system from %s was "
+                        "interrupted, and the cluster's users come with it; '%s' is not "
+                        "recreated", ", ".join(copying), username)
+            return
         role_row = reads.get_by_ids(db, roles, [SUPER_ROLE])
         if not first:
             log.warning("no active super_user is left (super users dropped or demoted on "
@@ -388,3 +401,9 @@ class Node:
             report["peers"] = self.cluster.health()
         return report
 
+
+def _copying_from(system: Database) -> list[str]:
+    """The peers whose full copy of ``system`` to this node was interrupted (their
+    cursor holds a resume point)."""
+    return sorted(peer.decode() for peer, cursor in system.iter_meta(CURSOR_PREFIX)
+                  if isinstance(cursor, dict) and cursor.get("copy"))

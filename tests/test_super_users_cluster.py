@@ -4,9 +4,11 @@ that starts with no active super user recreates its configured admin."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.helpers import ADMIN, wait_for
@@ -74,3 +76,48 @@ def test_a_node_starting_with_no_super_user_recreates_its_configured_admin(
     assert _status(a, ADMIN) == 401 and _status(a, (ADMIN[0], "changed-password")) == 200
     users = a.post({"operation": "list_users"}, auth=(ADMIN[0], "changed-password")).json()
     assert {u["username"] for u in users} == {ADMIN[0], *kept}
+
+
+OPS = ("ops", "ops-password")
+
+
+def _super_role(node: Any, auth: tuple[str, str]) -> bool:
+    roles = node.post({"operation": "list_roles"}, auth=auth).json()
+    return bool(next(r for r in roles if r["id"] == "super_user")["permission"]
+                .get("super_user"))
+
+
+@pytest.mark.timeout(150)
+def test_a_node_restarted_mid_copy_of_system_does_not_recreate_its_admin(
+        node_factory: Any) -> None:
+    """node-a's operator moved the super users to role ``root`` and took super_user away
+    from role ``super_user`` (the first admin's). A new node-b joins and is killed once
+    the first chunk of its copy of ``system`` (the roles) landed: its own first admin
+    is no super user any more, and the cluster's (``ops``) has not arrived. Restarted,
+    it must wait for the copy, not recreate its configured admin: written at the
+    clock's version, the role's super_user came back and replicated, undoing node-a's
+    change on the whole cluster."""
+    a = node_factory("node-a")
+    a.call("add_role", role="root", permission={"super_user": True})
+    a.call("add_user", username=OPS[0], password=OPS[1], role="root")
+    assert a.post({"operation": "alter_role", "id": "super_user",
+                   "permission": {"super_user": False}}, auth=OPS).status_code == 200
+    b = node_factory("node-b", process=True, env={"HARPSYNC_CRASH_AT": "copy_chunk"})
+    with contextlib.suppress(httpx.HTTPError):  # it may die before it answers
+        b.post({"operation": "add_node", "hostname": a.name, "url": a.repl_url,
+                "verify_tls": False, "authorization": {"username": OPS[0],
+                                                       "password": OPS[1]}})
+    assert b.proc is not None and b.proc.wait(30) == 137
+    del b.extra_env["HARPSYNC_CRASH_AT"]
+    b.start()
+    wait_for(lambda: _status(b, OPS) == 200, timeout=30,
+             message="node-a's super user on node-b (its copy of system done)")
+    assert not _super_role(b, OPS)
+    assert "interrupted" in b.log_path.read_text()
+    # node-b's own later user reaches node-a: anything node-b wrote before it did too.
+    assert b.post({"operation": "add_user", "username": "late", "password": "late-password",
+                   "role": "root"}, auth=OPS).status_code == 200
+    wait_for(lambda: "late" in {u["username"] for u in a.post(
+        {"operation": "list_users"}, auth=OPS).json()}, timeout=30,
+        message="node-b's user on node-a")
+    assert not _super_role(a, OPS)

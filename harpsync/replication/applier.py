@@ -21,6 +21,7 @@ from harpsync.replication.copysweep import CopySweeps, parse_horizons
 from harpsync.replication.reconnect import describe_error
 from harpsync.storage import deadletters, schema
 from harpsync.storage.hlc import ClockSkewError
+from harpsync.storage.writer import crash_point
 
 if TYPE_CHECKING:
     from harpsync.replication.seams import ApplyHost, LinkStore
@@ -442,6 +443,7 @@ class Applier:
         try:
             await self._write(job, count)
             self._attempts.pop((table, rows[0][0]), None)
+            crash_point("copy_chunk")  # a chunk landed, the copy is not done (tests)
         except ClockSkewError:
             self.host.note_skew(self.peer, 1)
             self.owner.clock_skewed()

@@ -549,7 +549,8 @@ def crash_point(name: str) -> None:
     crash consistency only: it is read at each point, so a test can arm it late).
     Points: ``between_commits`` (here), ``adopt`` and ``forget_node``
     (``replication/mesh.py``: a join answered but not saved here; a removed peer's
-    cursors forgotten but its row not yet deleted)."""
+    cursors forgotten but its row not yet deleted), ``copy_chunk``
+    (``replication/applier.py``: a full copy's chunk committed, the copy not done)."""
     if os.environ.get("HARPSYNC_CRASH_AT") == name:
         os._exit(137)
 
