@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.apt_util import apt_get
+
 CHROMIUM = os.environ.get("HARPSYNC_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("HARPSYNC_CHROMEDRIVER", "/usr/bin/chromedriver")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -49,12 +51,11 @@ def ensure_chromium() -> str | None:
             reason = (f"{CHROMIUM} or {CHROMEDRIVER} is missing, and installing the Debian "
                       f"packages {' '.join(APT_PACKAGES)} needs root and apt-get")
         else:
-            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-            steps = (["apt-get", "update"],
-                     ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES])
+            steps = (["update"], ["install", "-y", "--no-install-recommends", *APT_PACKAGES])
             for step in steps:
-                done = subprocess.run(step, env=env, capture_output=True, text=True,
-                                      timeout=900, check=False)
+                if _present():  # another test worker installed them meanwhile
+                    break
+                done = apt_get(*step, timeout=900)
                 if done.returncode != 0:
                     reason = (f"'{' '.join(step)}' failed ({done.returncode}): "
                               f"{(done.stderr or done.stdout)[-500:]}")

@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from tests.apt_util import apt_get
 from tests.helpers import ADMIN, BaseNode, wait_for
 
 OPS_PORT = 9925
@@ -45,15 +46,11 @@ def _install_iproute2() -> str:
         return "install disabled by HARPSYNC_NETNS_INSTALL=0"
     if shutil.which("apt-get") is None:
         return "no apt-get to install it with"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        done = subprocess.run(["apt-get", "install", "-y", "-q", "iproute2"], env=env,
-                              capture_output=True, text=True, timeout=90)
+        done = apt_get("install", "-y", "-q", "iproute2", timeout=300)
         if done.returncode != 0:  # a fresh image has no package lists yet
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True,
-                           timeout=90)
-            done = subprocess.run(["apt-get", "install", "-y", "-q", "iproute2"], env=env,
-                                  capture_output=True, text=True, timeout=90)
+            apt_get("update", "-q", timeout=300)
+            done = apt_get("install", "-y", "-q", "iproute2", timeout=300)
     except subprocess.TimeoutExpired:
         return "apt-get install iproute2 timed out"
     return f"apt-get install iproute2 exited {done.returncode}: {done.stderr.strip()[-200:]}"
