@@ -209,6 +209,10 @@ class Node:
         await self._bootstrap_users()
         self.metrics.bind(procinfo.rss_bytes, lambda: self.storage.writer.commits,
                           lambda: self.storage.writer.jobs)
+        self.metrics.count_total(
+            "harpsync_login_verifications", "Password checks (one scrypt each) run for "
+            "logins the login cache did not answer, joins included",
+            lambda: self.auth.verifications)
         self.cluster = Replicator(self.config, self.storage, self.keys, self.auth, self.metrics)
         cluster_admin.register_peer_handlers(self.cluster)
         dashboard_ops.register_peer_handlers(self.cluster)
