@@ -30,6 +30,9 @@ DEFAULTS: dict[str, Any] = {
         "tls": {"certificate": None, "privateKey": None},
         "rateLimit": {"requestsPerMinute": 0, "burst": 10},
         "changes": {"maxQueue": 10_000, "maxClients": 100},
+        # GET /metrics without a super user's login (labels name peers, databases and
+        # tables; Prometheus scrapers can send Basic credentials).
+        "metrics": {"allowAnonymous": False},
     },
     "replication": {
         "hostname": None,
@@ -251,6 +254,10 @@ class Config:
             value = self.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+        anonymous = self.get("operationsApi.metrics.allowAnonymous")
+        if not isinstance(anonymous, bool):
+            raise ConfigError("operationsApi.metrics.allowAnonymous must be true or false, "
+                              f"got {anonymous!r}")
         map_size = self.get("storage.mapSize")
         if isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1 << 20:
             raise ConfigError("storage.mapSize must be an integer of at least 1 MiB")
