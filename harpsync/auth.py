@@ -183,6 +183,15 @@ class Authenticator:
         storage.database(SYSTEM).commit_listeners.append(self._invalidate)
 
     def _invalidate(self, head: int) -> None:
+        # Any growth of the system log clears, not only entries naming hdb_user or
+        # hdb_role. Narrowing it would save little: that log grows only with users,
+        # roles, hdb_nodes (membership changes) and database create/drop (dead letters,
+        # conflicts and cursors are not logged), replicated system changes clear anyway
+        # (``Replicator.logins_changed``), and since checks are shared a clear costs one
+        # hash per set of credentials in use, not one per request. And it would tie
+        # revocation to every writer of those tables logging ``[table, ...]`` ops, with
+        # the entries read here on the writer thread from the in-memory tail (an LMDB
+        # read there, or a missed writer, would leave a revoked login cached).
         if head != self._system_head:
             self._system_head = head
             self.forget_logins()
