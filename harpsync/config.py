@@ -26,7 +26,8 @@ DEFAULTS: dict[str, Any] = {
     "rootPath": "./hdb",
     "operationsApi": {
         "network": {"host": "127.0.0.1", "port": 9925, "securePort": None,
-                    "maxBodySize": 10 * 1024 * 1024, "headersTimeout": "10s"},
+                    "maxBodySize": 10 * 1024 * 1024, "headersTimeout": "10s",
+                    "maxConnectionsPerAddress": 256},
         "tls": {"certificate": None, "privateKey": None},
         "rateLimit": {"requestsPerMinute": 0, "burst": 10},
         "changes": {"maxQueue": 10_000, "maxClients": 100},
@@ -250,7 +251,8 @@ class Config:
                          ("replication.maxConnections", 1),
                          ("operationsApi.changes.maxQueue", 1),
                          ("operationsApi.changes.maxClients", 1),
-                         ("replication.maxPendingPerAddress", 1)):
+                         ("replication.maxPendingPerAddress", 1),
+                         ("operationsApi.network.maxConnectionsPerAddress", 0)):
             value = self.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
