@@ -242,6 +242,24 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_timer = self.loop.call_later(self.head_timeout,
                                                     self._head_timed_out)
 
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        limit, address = self.address_limit, self._address
+        handler = self.transport.get_protocol()
+        if limit is None or address is None or handler is self:
+            return
+        # The socket now belongs to the WebSocket protocol: this one never hears of its
+        # end, so the address's count is released when that protocol's does (else
+        # every /changes connection, accepted or refused, held its count forever).
+        self._address = None
+        lost = handler.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            limit.release(address)
+            lost(exc)
+
+        handler.connection_lost = connection_lost  # type: ignore[method-assign]
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         if self._address is not None and self.address_limit is not None:

@@ -105,3 +105,39 @@ def test_the_default_cap_is_generous_and_zero_turns_it_off(node_factory):
         finally:
             for sock in held:
                 sock.close()
+
+
+@pytest.mark.timeout(120)
+def test_websocket_connections_are_released_when_they_end(node_factory):
+    """A connection upgraded to a WebSocket (``/changes``, accepted or refused) counts
+    until the socket closes and no longer after: five feeds opened and closed one after
+    another leave room for three plain connections under a cap of 3."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    node = node_factory(env={"OPERATIONSAPI_NETWORK_MAXCONNECTIONSPERADDRESS": "3"})
+    url = f"ws://127.0.0.1:{node.ops_port}/changes"
+    token = "Basic " + __import__("base64").b64encode(b"%s:%s" % (
+        ADMIN[0].encode(), ADMIN[1].encode())).decode()
+    for _ in range(5):
+        with connect(url, additional_headers={"Authorization": token}, proxy=None,
+                     open_timeout=30) as ws:
+            ws.send(json.dumps({"action": "subscribe", "database": "data"}))
+    for _ in range(2):
+        with pytest.raises(InvalidStatus):
+            connect(url, additional_headers={"Authorization": "Basic eDp5"}, proxy=None,
+                    open_timeout=30)
+
+    def three_served() -> bool:
+        held = [_connect(node) for _ in range(3)]
+        try:
+            for sock in held:
+                sock.sendall(HEALTH)
+            return [_status(_answer(sock) or b"x 0 ") for sock in held] == [200] * 3
+        except OSError:
+            return False
+        finally:
+            for sock in held:
+                sock.close()
+
+    wait_for(three_served, timeout=10, message="three connections served after the feeds")
