@@ -21,6 +21,7 @@ from harpsync import dashboard, jsonio, origins, probes, requests_ctx
 from harpsync.changes import ChangeFeed
 from harpsync.errors import (
     BadRequestError,
+    ForbiddenError,
     HarpsyncError,
     PayloadTooLargeError,
     TooManyRequestsError,
@@ -229,23 +230,64 @@ def build_app(services: Services) -> Any:
             if not message.get("more_body"):
                 return b"".join(chunks)
 
+    def denied(exc: HarpsyncError) -> Response:
+        """A failed login or check on a GET route, in the usual error shape."""
+        response = json_response({**exc.body(), "request_id": requests_ctx.current_id()},
+                                 exc.status)
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
+
+    async def super_user(request: Request, required: bool) -> bool:
+        """Whether the request logged in as a super user. Without credentials: False,
+        or 401 ``Must login`` when ``required``. Wrong credentials are 401 (and count
+        against the address) either way; a user who is not a super user is 403 when
+        ``required``.
+
+        Raises:
+            HarpsyncError: as above (the caller answers it with ``denied``).
+        """
+        header = request.headers.get("authorization")
+        if not header and not required:
+            return False
+        user = await _login(services, header, request.client.host if request.client else "")
+        if required and not user.super_user:
+            raise ForbiddenError([f"GET {request.url.path} is restricted to 'super_user' "
+                                  "roles"])
+        return user.super_user
+
     async def health(request: Request) -> Response:
+        try:
+            detailed = await super_user(request, required=False)
+        except HarpsyncError as exc:
+            return denied(exc)
         report = services.health()
-        return json_response(report, 200 if report["status"] == "ok" else 503)
+        return json_response(report if detailed else probes.public_health(report),
+                             200 if report["status"] == "ok" else 503)
 
     async def ready(request: Request) -> Response:
+        try:
+            detailed = await super_user(request, required=False)
+        except HarpsyncError as exc:
+            return denied(exc)
         status, report = probes.readiness(services)
-        return json_response(report, status)
+        return json_response(report if detailed else probes.public_readiness(report), status)
 
     async def health_component(request: Request) -> Response:
         name = request.path_params["component"]
+        try:
+            # A peer's component names the peer: anonymously, 200/503 against 404 told
+            # anyone which node names the cluster has.
+            detailed = await super_user(request, required=name not in probes.COMPONENTS)
+        except HarpsyncError as exc:
+            return denied(exc)
         found = probes.health_component(services, name)
         if found is None:
             return json_response({"error": f"unknown health component '{name[:100]}': use "
                                            f"{', '.join(probes.COMPONENTS)} or a peer's name",
                                   "code": "NOT_FOUND",
                                   "request_id": requests_ctx.current_id()}, 404)
-        return json_response(found[1], found[0])
+        return json_response(found[1] if detailed else probes.public_component(found[1]),
+                             found[0])
 
     feed = ChangeFeed(services.storage, services.metrics,
                       int(services.config.get("operationsApi.changes.maxQueue") or 10_000),
@@ -277,7 +319,14 @@ def build_app(services: Services) -> Any:
             {"error": "Not Found", "code": "NOT_FOUND",
              "request_id": requests_ctx.current_id()}, 404))
 
+    anonymous_metrics = bool(services.config.get("operationsApi.metrics.allowAnonymous"))
+
     async def metrics(request: Request) -> Response:
+        if not anonymous_metrics:  # its labels name peers, databases and tables
+            try:
+                await super_user(request, required=True)
+            except HarpsyncError as exc:
+                return denied(exc)
         data, content_type = services.metrics_report()
         return Response(data, media_type=content_type)
 

@@ -2,7 +2,8 @@
 
 Users live in ``system.hdb_user`` and roles in ``system.hdb_role``; both replicate like
 any other table. Passwords are stored only as salted scrypt hashes. A successful login
-is cached by its exact ``Authorization`` header until the next write to ``system``.
+is cached by its exact ``Authorization`` header until the next write to ``system``;
+concurrent checks of one set of credentials share one password hash (single-flight).
 """
 
 from __future__ import annotations
@@ -141,6 +142,17 @@ class LoginThrottle:
                 times.popleft()
 
 
+class _Flight:
+    """One password check that concurrent logins with the same credentials wait for."""
+
+    __slots__ = ("done", "user", "finished")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.user: User | None = None
+        self.finished = False  # False once done: the check raised; each waiter checks alone
+
+
 class Authenticator:
     """Checks Basic credentials against ``hdb_user`` and caches successful logins."""
 
@@ -162,10 +174,24 @@ class Authenticator:
         # Called (from any thread) after ``generation`` grows: sessions that outlive a
         # request, such as a change feed, check their user again at once.
         self.listeners: list[Callable[[], None]] = []
+        # Password checks running now, by canonical header and the generation read
+        # before each began (see ``_verify_shared``).
+        self._flights: dict[tuple[str, int], _Flight] = {}
+        self._flights_lock = threading.Lock()
+        self._verifications = 0
         self._system_head = storage.database(SYSTEM).head_seq
         storage.database(SYSTEM).commit_listeners.append(self._invalidate)
 
     def _invalidate(self, head: int) -> None:
+        # Any growth of the system log clears, not only entries naming hdb_user or
+        # hdb_role. Narrowing it would save little: that log grows only with users,
+        # roles, hdb_nodes (membership changes) and database create/drop (dead letters,
+        # conflicts and cursors are not logged), replicated system changes clear anyway
+        # (``Replicator.logins_changed``), and since checks are shared a clear costs one
+        # hash per set of credentials in use, not one per request. And it would tie
+        # revocation to every writer of those tables logging ``[table, ...]`` ops, with
+        # the entries read here on the writer thread from the in-memory tail (an LMDB
+        # read there, or a missed writer, would leave a revoked login cached).
         if head != self._system_head:
             self._system_head = head
             self.forget_logins()
@@ -238,13 +264,58 @@ class Authenticator:
             self._remember(header, cached, generation)
             return cached
         generation = self._generation
-        user = self.check_password(*creds)
+        user = self._verify_shared(canonical, creds, generation)
         if user is None:
             self.throttle.failed(address)
             raise UnauthorizedError("Login failed")
-        self._remember(canonical, user, generation)
         self._remember(header, user, generation)
         return user
+
+    def _verify_shared(self, canonical: str, creds: tuple[str, str],
+                       generation: int) -> User | None:
+        """``check_password(*creds)``, run once for all concurrent callers that read the
+        same ``generation``.
+
+        After the cache is cleared, N clients logging in with the same header at once
+        each ran scrypt (16 clients: 16 hashes at once, about a second of CPU on two
+        cores, stalling every request). A caller joins a check only if it began at the
+        generation the caller read: a change to users or roles after the check began
+        bumped the generation, so a caller that could know of the change runs a check of
+        its own (a stale result is never handed to it). Each caller still counts its own
+        failure with the throttle; an unknown user's check costs the leader the same
+        dummy hash as before, and its waiters as long.
+        """
+        key = (canonical, generation)
+        with self._flights_lock:
+            # Again under the lock: a check that just ended cached its login before it
+            # left ``_flights``, so a caller arriving then hashes nothing.
+            cached = self._cache.get(canonical)
+            if cached is not None:
+                return cached
+            flight = self._flights.get(key)
+            leading = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if not leading:
+            flight.done.wait()
+            if flight.finished:
+                return flight.user
+            return self.check_password(*creds)  # the leader's check raised
+        try:
+            flight.user = self.check_password(*creds)
+            flight.finished = True
+            if flight.user is not None:
+                self._remember(canonical, flight.user, generation)
+            return flight.user
+        finally:
+            with self._flights_lock:
+                del self._flights[key]
+            flight.done.set()
+
+    @property
+    def verifications(self) -> int:
+        """Password checks (one scrypt each) run so far: logins that missed the cache."""
+        return self._verifications
 
     def _remember(self, header: str, user: User, generation: int) -> None:
         """Cache a login verified at ``generation`` unless users changed since."""
@@ -256,6 +327,8 @@ class Authenticator:
 
     def check_password(self, username: str, password: str) -> User | None:
         """The user for a username and password, or None (also for inactive users)."""
+        with self._flights_lock:
+            self._verifications += 1
         db, users = self.storage.table(SYSTEM, "hdb_user")
         found = get_by_ids(db, users, [username])
         record = found[0] if found else None

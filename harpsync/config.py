@@ -26,10 +26,14 @@ DEFAULTS: dict[str, Any] = {
     "rootPath": "./hdb",
     "operationsApi": {
         "network": {"host": "127.0.0.1", "port": 9925, "securePort": None,
-                    "maxBodySize": 10 * 1024 * 1024, "headersTimeout": "10s"},
+                    "maxBodySize": 10 * 1024 * 1024, "headersTimeout": "10s",
+                    "maxConnectionsPerAddress": 256},
         "tls": {"certificate": None, "privateKey": None},
         "rateLimit": {"requestsPerMinute": 0, "burst": 10},
         "changes": {"maxQueue": 10_000, "maxClients": 100},
+        # GET /metrics without a super user's login (labels name peers, databases and
+        # tables; Prometheus scrapers can send Basic credentials).
+        "metrics": {"allowAnonymous": False},
     },
     "replication": {
         "hostname": None,
@@ -247,10 +251,15 @@ class Config:
                          ("replication.maxConnections", 1),
                          ("operationsApi.changes.maxQueue", 1),
                          ("operationsApi.changes.maxClients", 1),
-                         ("replication.maxPendingPerAddress", 1)):
+                         ("replication.maxPendingPerAddress", 1),
+                         ("operationsApi.network.maxConnectionsPerAddress", 0)):
             value = self.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+        anonymous = self.get("operationsApi.metrics.allowAnonymous")
+        if not isinstance(anonymous, bool):
+            raise ConfigError("operationsApi.metrics.allowAnonymous must be true or false, "
+                              f"got {anonymous!r}")
         map_size = self.get("storage.mapSize")
         if isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1 << 20:
             raise ConfigError("storage.mapSize must be an integer of at least 1 MiB")

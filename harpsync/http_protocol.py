@@ -6,6 +6,12 @@ Both limits guard what a client can hold before it has logged in (the login is i
 head): uvicorn times out only the idle time between requests, and keeps every header
 line of a head however many come.
 
+One more cap guards the listener as a whole: a client address with
+``operationsApi.network.maxConnectionsPerAddress`` connections open has its next one
+answered 429 and closed (``AddressLimit``). One address could otherwise hold every file
+descriptor the process has (idle keep-alive connections included) and lock every other
+client out.
+
 - A connection that has not sent a whole request head ``head_timeout`` seconds after it
   connected or began a request is closed (slowloris: a socket that sends nothing, or a
   head a byte at a time, held a file descriptor forever). So is one whose request was
@@ -18,6 +24,8 @@ line of a head however many come.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -29,6 +37,62 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 256
 # How long a refused head's connection is read (and dropped) before it is closed.
 LINGER_SECONDS = 1.0
+# A refused address is logged at most this often (a client retrying in a loop would
+# otherwise write a line per attempt).
+LOG_EVERY_SECONDS = 60.0
+
+log = logging.getLogger(__name__)
+
+
+class AddressLimit:
+    """Open connections per client address, shared by a node's operations listeners
+    (HTTP and HTTPS). Used on the event loop only. ``limit`` 0 is no limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
+
+    def acquire(self, address: str) -> bool:
+        """Count one more connection from ``address``; False (not counted) at the cap."""
+        count = self.open.get(address, 0)
+        if self.limit and count >= self.limit:
+            return False
+        self.open[address] = count + 1
+        return True
+
+    def release(self, address: str) -> None:
+        count = self.open.get(address, 0) - 1
+        if count > 0:
+            self.open[address] = count
+        else:
+            self.open.pop(address, None)
+
+    def note_refused(self, address: str) -> None:
+        """Log a refusal, at most once a minute per address."""
+        now = time.monotonic()
+        if now - self._logged.get(address, -LOG_EVERY_SECONDS) < LOG_EVERY_SECONDS:
+            return
+        if len(self._logged) > 10_000:
+            self._logged.clear()
+        self._logged[address] = now
+        log.warning("refused a connection to the operations API from %s: %d connections "
+                    "from that address are open (operationsApi.network."
+                    "maxConnectionsPerAddress); further refusals of it are logged once "
+                    "a minute", address, self.limit)
+
+
+def _too_many_connections(limit: int) -> bytes:
+    """The 429 answer to a connection over its address's cap, in the API's error shape."""
+    request_id = requests_ctx.new_request_id()
+    body = jsonio.dumps({"error": f"Too many connections from this address: {limit} are "
+                                  "open; close some or retry later",
+                         "retry_after_seconds": 1, "code": "RATE_LIMIT_EXCEEDED",
+                         "request_id": request_id})
+    return (b"HTTP/1.1 429 Too Many Requests\r\n"
+            b"content-type: application/json\r\nconnection: close\r\nretry-after: 1\r\n"
+            b"x-request-id: %s\r\ncontent-length: %d\r\n\r\n"
+            % (request_id.encode(), len(body))) + body
 
 
 def _too_large() -> bytes:
@@ -109,6 +173,8 @@ class GuardedProtocol(HttpToolsProtocol):
     module docstring). Subclass it with ``head_timeout`` set, one class per server."""
 
     head_timeout = 10.0
+    address_limit: AddressLimit | None = None
+    _address: str | None = None  # counted in ``address_limit`` until the connection ends
     _head_timer: asyncio.TimerHandle | None = None
     _head_bytes = 0
     _head_lines = 0
@@ -117,6 +183,15 @@ class GuardedProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, CoalescedTransport(transport,
                                                                            self.loop)))
+        limit = self.address_limit
+        if limit is not None and limit.limit:
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            if not limit.acquire(address):
+                limit.note_refused(address)
+                self._refuse(_too_many_connections(limit.limit))
+                return
+            self._address = address
         self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
@@ -167,8 +242,29 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_timer = self.loop.call_later(self.head_timeout,
                                                     self._head_timed_out)
 
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        limit, address = self.address_limit, self._address
+        handler = self.transport.get_protocol()
+        if limit is None or address is None or handler is self:
+            return
+        # The socket now belongs to the WebSocket protocol: this one never hears of its
+        # end, so the address's count is released when that protocol's does (else
+        # every /changes connection, accepted or refused, held its count forever).
+        self._address = None
+        lost = handler.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            limit.release(address)
+            lost(exc)
+
+        handler.connection_lost = connection_lost  # type: ignore[method-assign]
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        if self._address is not None and self.address_limit is not None:
+            self.address_limit.release(self._address)
+            self._address = None
         super().connection_lost(exc)
 
     def _over(self) -> bool:
@@ -177,17 +273,21 @@ class GuardedProtocol(HttpToolsProtocol):
             return True
         if self._head_bytes <= MAX_HEAD_BYTES and self._head_lines <= MAX_HEADERS:
             return False
+        self._refuse(_too_large())
+        return True
+
+    def _refuse(self, answer: bytes) -> None:
+        """Send ``answer`` and close; nothing the client sends is parsed any more."""
         self._refused = True
         self._stop_head_timer()
         if not self.transport.is_closing():
             # Answer, then read and drop what the client still sends for a moment
             # before closing: closing with unread bytes would reset the connection,
             # and a reset can destroy the answer before the client reads it.
-            self.transport.write(_too_large())
+            self.transport.write(answer)
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self.loop.call_later(LINGER_SECONDS, self.transport.close)
-        return True
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -200,7 +300,10 @@ class GuardedProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def protocol_class(head_timeout: float) -> type[GuardedProtocol]:
+def protocol_class(head_timeout: float,
+                   address_limit: AddressLimit | None = None) -> type[GuardedProtocol]:
     """A ``GuardedProtocol`` for one server, closing heads unfinished after
-    ``head_timeout`` seconds (uvicorn builds one instance per connection)."""
-    return type("OperationsProtocol", (GuardedProtocol,), {"head_timeout": head_timeout})
+    ``head_timeout`` seconds and counting connections in ``address_limit`` (uvicorn
+    builds one instance per connection)."""
+    return type("OperationsProtocol", (GuardedProtocol,),
+                {"head_timeout": head_timeout, "address_limit": address_limit})

@@ -25,7 +25,7 @@ from harpsync.auth import SUPER_ROLE, Authenticator, active_super_users, first_s
 from harpsync.config import Config
 from harpsync.dispatch import Dispatcher
 from harpsync.errors import ConfigError
-from harpsync.http_protocol import protocol_class
+from harpsync.http_protocol import AddressLimit, protocol_class
 from harpsync.jobs import JobManager
 from harpsync.listening import bind as bind_listener
 from harpsync.metrics import Metrics
@@ -119,6 +119,7 @@ class Node:
         self.cluster: Any = None
         self._verifier: Verifier | None = None
         self._servers: list[tuple[_Server, asyncio.Task[None]]] = []
+        self._address_limit = AddressLimit(0)  # set from the config at start
         self.secure_sock: socket.socket | None = None
         self.ops_sock: socket.socket | None = None
         self.generated_password: str | None = None
@@ -209,6 +210,10 @@ class Node:
         await self._bootstrap_users()
         self.metrics.bind(procinfo.rss_bytes, lambda: self.storage.writer.commits,
                           lambda: self.storage.writer.jobs)
+        self.metrics.count_total(
+            "harpsync_login_verifications", "Password checks (one scrypt each) run for "
+            "logins the login cache did not answer, joins included",
+            lambda: self.auth.verifications)
         self.cluster = Replicator(self.config, self.storage, self.keys, self.auth, self.metrics)
         cluster_admin.register_peer_handlers(self.cluster)
         dashboard_ops.register_peer_handlers(self.cluster)
@@ -227,6 +232,9 @@ class Node:
             log.warning("the operations API listens on %s without TLS; credentials travel "
                         "in clear text (set operationsApi.network.securePort)", host)
         app = build_app(self)
+        # One count per address for both listeners (HTTP and HTTPS).
+        self._address_limit = AddressLimit(
+            int(self.config.get("operationsApi.network.maxConnectionsPerAddress")))
         self._servers = [await self._serve(app, [self.ops_sock])]
         if secure_port is not None:
             self.secure_sock = bind_listener(host, int(secure_port),
@@ -249,7 +257,8 @@ class Node:
                      ) -> tuple[_Server, asyncio.Task[None]]:
         """Run uvicorn on ``sockets`` and wait until it accepts."""
         protocol = protocol_class(
-            self.config.duration_ms("operationsApi.network.headersTimeout") / 1000.0)
+            self.config.duration_ms("operationsApi.network.headersTimeout") / 1000.0,
+            self._address_limit)
         config = uvicorn.Config(app, lifespan="off", access_log=False, http=protocol,
                                 log_config=None, server_header=False, date_header=False,
                                 timeout_keep_alive=30, backlog=1024, **tls)

@@ -5,6 +5,12 @@ Ready means this node can answer reads with the data it is meant to hold: storag
 open, its listeners accept, and no database is still receiving its first full copy
 (a *startup copy*: a copy running or interrupted into a database for which no link
 has ever finished a copy or streamed).
+
+The probes need no login (load balancers send none), so without a super user's login
+they answer only what a probe needs: the status (and HTTP code), the node's name and
+uptime. The details (the data directory, ports, peers, databases, why the node is not
+ready) are for a request with a super user's Basic credentials: anonymously they told
+anyone who could reach port 9925 the cluster's topology and file layout.
 """
 
 from __future__ import annotations
@@ -89,3 +95,21 @@ def health_component(services: Any, name: str) -> tuple[int, dict[str, Any]] | N
         part = {"node": name, "links": links, "state": "ok" if ok else "degraded"}
     return (200 if ok else 503), {"component": name, "status": "ok" if ok else "degraded",
                                   **part}
+
+
+def public_health(report: dict[str, Any]) -> dict[str, Any]:
+    """``GET /health`` as answered without a super user's login."""
+    return {"status": report["status"], "node_name": report["node_name"],
+            "uptime_seconds": report["uptime_seconds"],
+            "storage": {"state": report["storage"]["state"]}}
+
+
+def public_readiness(report: dict[str, Any]) -> dict[str, Any]:
+    """``GET /ready`` as answered without a super user's login (no reasons: they name
+    databases and peers)."""
+    return {"ready": report["ready"]}
+
+
+def public_component(report: dict[str, Any]) -> dict[str, Any]:
+    """One of ``COMPONENTS`` as answered without a super user's login."""
+    return {"component": report["component"], "status": report["status"]}

@@ -414,7 +414,7 @@ def test_metrics_count_operations_and_expose_link_gauges(node):
     """GET /metrics is Prometheus text that counts answered operations by name and status."""
     node.call("describe_all")
     node.post({"operation": "no_such_op"})
-    text = node.client.get(node.url + "metrics").text
+    text = node.client.get(node.url + "metrics", auth=ADMIN).text
     assert 'harpsync_operations_total{operation="describe_all",status="200"}' in text
     assert 'harpsync_operations_total{operation="rejected",status="400"}' in text
     assert "harpsync_process_rss_bytes" in text

@@ -243,7 +243,7 @@ def test_a_slow_client_is_dropped_and_can_resume(pair):
     a, _ = pair
 
     def dropped() -> float:
-        text = a.client.get(a.url + "metrics").text
+        text = a.client.get(a.url + "metrics", auth=ADMIN).text
         line = next(x for x in text.splitlines() if x.startswith("harpsync_changes_dropped_total"))
         return float(line.split()[-1])
 

@@ -17,7 +17,7 @@ from harpsync.replication.protocol import (
     PublisherSession,
     SubscriberSession,
 )
-from tests.helpers import wait_for
+from tests.helpers import ADMIN, wait_for
 from tests.lifecycle_util import db_socket
 from tests.repl_util import has_table, join, wait_linked
 
@@ -131,7 +131,7 @@ def test_links_report_compression_in_status_and_metrics(node_factory):
     assert on_b["compression"] == "zstd"
     assert 0 < on_b["compression_ratio"] < 0.5
     assert on_c.get("compression") is None
-    metrics = b.client.get(b.url.rstrip("/") + "/metrics").text
+    metrics = b.client.get(b.url.rstrip("/") + "/metrics", auth=ADMIN).text
     assert "harpsync_replication_compression_ratio" in metrics
 
 

@@ -144,6 +144,9 @@ def test_derived_replication_url():
     ({"REPLICATION_ROUTES": "not-a-list"}, "replication.routes"),
     ({"REPLICATION_PINGINTERVAL": "0"}, "replication.pingInterval"),
     ({"REPLICATION_RETENTIONINTERVAL": "0s"}, "replication.retentionInterval"),
+    ({"OPERATIONSAPI_METRICS_ALLOWANONYMOUS": "maybe"}, "operationsApi.metrics.allowAnonymous"),
+    ({"OPERATIONSAPI_NETWORK_MAXCONNECTIONSPERADDRESS": "-1"},
+     "operationsApi.network.maxConnectionsPerAddress"),
 ])
 def test_bad_value_raises_config_error_naming_key(env, key):
     """A bad value raises ConfigError whose message names the key."""

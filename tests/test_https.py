@@ -18,7 +18,7 @@ def test_operations_api_serves_https_with_node_certificate(node_factory):
         res = client.post(f"https://127.0.0.1:{port}/", json={"operation": "describe_all"},
                           auth=ADMIN)
         assert res.status_code == 200, res.text
-        assert client.get(f"https://127.0.0.1:{port}/health").json()["listeners"][
+        assert client.get(f"https://127.0.0.1:{port}/health", auth=ADMIN).json()["listeners"][
             "operations_api_tls"] == port
     assert node.call("describe_all") == res.json()  # plain HTTP keeps working too
 

@@ -6,14 +6,14 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import ADMIN, wait_for
 from tests.repl_util import connection, has_table, join
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def _link_series(node: Any, peer: str) -> list[str]:
-    text = node.client.get(node.url + "metrics").text
+    text = node.client.get(node.url + "metrics", auth=ADMIN).text
     return [line for line in text.splitlines()
             if not line.startswith("#") and f'peer="{peer}"' in line
             and line.startswith(("harpsync_replication_connected", "harpsync_divergent_keys",
@@ -38,7 +38,7 @@ def test_gauges_of_a_removed_link_are_gone(cluster: Any) -> None:
 
 
 def _samples(node: Any) -> dict[str, float]:
-    text = node.client.get(node.url + "metrics").text
+    text = node.client.get(node.url + "metrics", auth=ADMIN).text
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
             for line in text.splitlines() if line and not line.startswith("#")}
 
@@ -187,7 +187,7 @@ def test_a_paused_link_shows_its_lag_unknown_not_the_last_measured(cluster):
     entry = _status_entry(a, "node-b")
     assert entry["state"] == "paused"
     assert entry["lag_events"] is None and entry["lag_seconds"] is None, entry
-    [link] = [x for x in a.client.get(a.url + "health").json()["peers"]
+    [link] = [x for x in a.client.get(a.url + "health", auth=ADMIN).json()["peers"]
               if x["node"] == "node-b" and x["database"] == "data"]
     assert link["state"] == "paused" and link["lag_txns"] is None, link
     samples = _samples(a)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import InProcessNode, harper_error, wait_for
+from tests.helpers import ADMIN, InProcessNode, harper_error, wait_for
 from tests.proxy_util import TcpProxy
 from tests.repl_util import CREDS
 
@@ -71,7 +71,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 def ready(node: Any) -> tuple[int, dict[str, Any]]:
-    response = node.client.get(node.url + "ready")
+    response = node.client.get(node.url + "ready", auth=ADMIN)
     return response.status_code, response.json()
 
 
@@ -115,18 +115,18 @@ def test_health_components(source):
     """/health/storage, operations_api, replication and a peer name each serve their part
     of /health; an unknown component is a 404 in the error shape."""
     for name in ("storage", "operations_api", "replication"):
-        response = source.client.get(source.url + f"health/{name}")
+        response = source.client.get(source.url + f"health/{name}", auth=ADMIN)
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["component"] == name and body["status"] == "ok"
-    health = source.client.get(source.url + "health").json()
-    storage = source.client.get(source.url + "health/storage").json()
+    health = source.client.get(source.url + "health", auth=ADMIN).json()
+    storage = source.client.get(source.url + "health/storage", auth=ADMIN).json()
     assert storage["databases"] == health["storage"]["databases"]
-    api = source.client.get(source.url + "health/operations_api").json()
+    api = source.client.get(source.url + "health/operations_api", auth=ADMIN).json()
     assert api["port"] == source.ops_port
-    repl = source.client.get(source.url + "health/replication").json()
+    repl = source.client.get(source.url + "health/replication", auth=ADMIN).json()
     assert repl["port"] == source.repl_port
-    unknown = source.client.get(source.url + "health/nothing-here")
+    unknown = source.client.get(source.url + "health/nothing-here", auth=ADMIN)
     assert unknown.status_code == 404
     assert "unknown health component 'nothing-here'" in harper_error(unknown.json())["error"]
 
@@ -136,7 +136,7 @@ def test_health_of_a_peer(source, joiner):
     c = joiner["node"]
 
     def peer() -> tuple[int, dict[str, Any]]:
-        response = source.client.get(source.url + "health/node-c")
+        response = source.client.get(source.url + "health/node-c", auth=ADMIN)
         return response.status_code, response.json()
 
     status, body = wait_for(lambda: peer()[0] == 200 and peer(), timeout=30,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import InProcessNode, harper_error, wait_for
+from tests.helpers import ADMIN, InProcessNode, harper_error, wait_for
 from tests.repl_util import by_id, has_table, join, wait_linked
 
 VERSION = "x-harpsync-version"
@@ -125,7 +125,7 @@ def test_metrics_follow_prometheus_conventions(pair):
                     "records": [{"id": 30}]})
     assert wait(a, version=write.headers[VERSION], database="dev",
                 timeout=20000).status_code == 200
-    text = a.client.get(a.url + "metrics").text
+    text = a.client.get(a.url + "metrics", auth=ADMIN).text
     samples = {line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
                for line in text.splitlines() if line and not line.startswith("#")}
     assert samples['harpsync_operation_duration_seconds_count{operation="upsert"}'] >= 1
@@ -136,7 +136,7 @@ def test_metrics_follow_prometheus_conventions(pair):
     assert any(k.startswith('harpsync_replication_reconnects_total{database="dev",'
                             'peer="node-b"}') and v >= 1 for k, v in samples.items()), text
     assert samples['harpsync_replication_copy_active{database="dev",peer="node-b"}'] == 0
-    b_text = b.client.get(b.url + "metrics").text
+    b_text = b.client.get(b.url + "metrics", auth=ADMIN).text
     assert 'harpsync_replication_apply_seconds_count{database="dev",peer="node-a"}' in b_text
     assert 'harpsync_replication_apply_delay_seconds_count{peer="node-a"}' in b_text
     for body in (text, b_text):

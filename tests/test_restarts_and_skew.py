@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import ADMIN, wait_for
 from tests.lifecycle_util import db_socket, log_head, log_pruned_through
 from tests.repl_util import by_id, join, wait_linked
 
@@ -73,7 +73,7 @@ def test_versions_beyond_the_skew_bound_are_held_back_not_applied(node_factory):
     assert written is not None
     assert written["__updatedtime__"] < time.time() * 1000 + HOUR_MS / 2, \
         "B's clock jumped to A's future"
-    metrics = b.client.get(b.url.rstrip("/") + "/metrics").text
+    metrics = b.client.get(b.url.rstrip("/") + "/metrics", auth=ADMIN).text
     assert "clock_skew" in metrics
 
     b.stop()

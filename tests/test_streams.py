@@ -168,7 +168,7 @@ def test_each_policy_on_a_conflicting_pair_then_resolution_replicates(pair) -> N
     assert value(a, "t_dst", "newer") == "b"
     assert a.call("list_dead_letters", table="t_dst")["dead_letters"] == []
 
-    metrics = httpx.get(a.url + "metrics").text
+    metrics = httpx.get(a.url + "metrics", auth=ADMIN).text
     assert 'harpsync_replication_conflicts_total{database="pol",peer="node-b"} 2.0' in metrics
     assert 'harpsync_replication_dead_letters_total{database="pol",peer="node-b"} 1.0' \
         in metrics
