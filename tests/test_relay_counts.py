@@ -1,0 +1,89 @@
+"""Relays of a partial copy and ``txns_received``: what a relay carried without raising
+the receiver's floor (it carries fewer tables than the receiver takes from the origin)
+comes again from the origin once the direct link is back; it applies as a no-op and is
+not counted a second time. Nothing is lost either."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.helpers import wait_for
+from tests.lifecycle_util import db_socket
+from tests.proxy_util import TcpProxy
+from tests.repl_util import CREDS, by_id, has_table, join
+
+T1_ONLY = [{"database": "data", "table": "t1", "subscribe": True, "publish": True}]
+
+
+def _received(node: Any) -> int:
+    """``node``'s ``txns_received`` for ``data``, over all its links."""
+    return sum(int(s.get("txns_received", 0))
+               for c in node.call("cluster_status")["connections"]
+               for s in c["database_sockets"] if s["database"] == "data")
+
+
+def _quiet(node: Any) -> int:
+    """``_received`` once every data link of ``node`` has read its publisher's log."""
+    def caught_up() -> bool:
+        socks = [s for c in node.call("cluster_status")["connections"]
+                 for s in c["database_sockets"] if s["database"] == "data"]
+        return bool(socks) and all(s["connected"] and s["state"] == "streaming"
+                                   and s["lag_txns"] == 0 for s in socks)
+
+    wait_for(caught_up, timeout=30, message=f"{node.name}'s data links to catch up")
+    return _received(node)
+
+
+def _direct(node: Any, peer: Any) -> bool:
+    sock = db_socket(node.call("cluster_status"), peer.name, "data")
+    return bool(sock and sock["connected"] and sock.get("state") == "streaming")
+
+
+def _relay_of(node: Any, origin: Any) -> str | None:
+    return node.node.cluster.relays.assignments.get("data", {}).get(origin.name)
+
+
+@pytest.mark.timeout(180)
+def test_what_a_partial_relay_carried_is_not_counted_again_after_the_heal(node_factory):
+    """b takes t1 only from c, everything from a. With b's direct link from a cut, c
+    relays a's t1 writes (raising no floor: c does not carry t2); after the heal, a
+    sends them again with its t2 writes. b's ``txns_received`` grows by the number of
+    a's transactions, each once. Before, the relayed ones counted twice."""
+    a, b, c = (node_factory(f"node-{x}") for x in "abc")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(c, a)
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        join(b, c, subscriptions=T1_ONLY)
+        wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=20,
+                 message="tables on b")
+        wait_for(lambda: _direct(b, a), timeout=30, message="b streaming from a")
+        # A write streamed from a sets b's floor for a (a copy sets none).
+        a.call("insert", table="t1", records=[{"id": 0}])
+        wait_for(lambda: by_id(b, "t1", 0) is not None, timeout=20, message="t1 flowing")
+        before = _quiet(b)
+
+        to_a.cut()
+        wait_for(lambda: not _direct(b, a), timeout=20, message="b's direct link down")
+        wait_for(lambda: _relay_of(b, a) == c.name, timeout=20, message="c relaying a to b")
+        for i in range(1, 4):
+            a.call("insert", table="t1", records=[{"id": i, "v": "relayed"}])
+        a.call("insert", table="t2", records=[{"id": 1, "v": "direct only"}])
+        wait_for(lambda: all(by_id(b, "t1", i) is not None for i in range(1, 4)),
+                 timeout=30, message="a's t1 rows relayed by c")
+        assert by_id(b, "t2", 1) is None, "c relayed a table b does not take from it"
+
+        to_a.heal()
+        wait_for(lambda: _direct(b, a), timeout=30, message="b streaming from a again")
+        a.call("insert", table="t1", records=[{"id": 4}])
+        wait_for(lambda: by_id(b, "t1", 4) is not None and by_id(b, "t2", 1) is not None,
+                 timeout=30, message="a's rows after the heal")
+        got = _quiet(b) - before
+        assert got == 5, f"b received {got} transactions of a's 5"
+    finally:
+        to_a.close()
