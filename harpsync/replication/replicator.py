@@ -360,7 +360,7 @@ class Replicator:
         (``relay_tables``), and that just changed."""
         links = [pub.link for (peer, database), pubs in list(self.publishers.items())
                  if peer != origin and database != SYSTEM for pub in list(pubs)
-                 if pub.origins is None or origin in pub.origins]
+                 if pub.may_relay(origin)]
         await self._close_links(links, reason)
 
     async def _close_links(self, links: list[Link], reason: str) -> None:
