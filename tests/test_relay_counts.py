@@ -24,6 +24,13 @@ def _received(node: Any) -> int:
                for s in c["database_sockets"] if s["database"] == "data")
 
 
+def _per_link(node: Any) -> dict[str, int]:
+    """``node``'s ``txns_received`` for ``data`` per peer."""
+    return {c["name"]: int(s.get("txns_received", 0))
+            for c in node.call("cluster_status")["connections"]
+            for s in c["database_sockets"] if s["database"] == "data"}
+
+
 def _quiet(node: Any) -> int:
     """``_received`` once every data link of ``node`` has read its publisher's log."""
     def caught_up() -> bool:
@@ -87,3 +94,72 @@ def test_what_a_partial_relay_carried_is_not_counted_again_after_the_heal(node_f
         assert got == 5, f"b received {got} transactions of a's 5"
     finally:
         to_a.close()
+
+
+@pytest.mark.timeout(240)
+def test_second_hand_relays_of_a_partial_copy_deliver_and_count_once(node_factory):
+    """Four nodes; b and c reach a only through proxies, and c reaches d only through
+    one: all three are cut. b must not take a from c (c takes a from b: a loop), so d
+    relays a to b, and b relays a to c, second hand and partial (c takes only t1 from
+    b). a's t1 writes reach b and c while cut, its t2 write reaches c after the heal,
+    and each node has counted each of a's transactions once. Before, b and c chose
+    each other (the first by name), and a's writes reached neither until the heal."""
+    a, b, c, d = (node_factory(f"node-{x}") for x in "abcd")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(d, a)
+    proxies = [TcpProxy(a.repl_port), TcpProxy(a.repl_port), TcpProxy(d.repl_port)]
+    try:
+        for node, target, proxy in ((b, a, proxies[0]), (c, a, proxies[1]),
+                                    (c, d, proxies[2])):
+            node.call("add_node", hostname=target.name, url=proxy.url, verify_tls=False,
+                      authorization=CREDS)
+        join(b, d)
+        join(b, c, subscriptions=T1_ONLY)
+        for node in (b, c, d):
+            wait_for(lambda n=node: has_table(n, "t1") and has_table(n, "t2"), timeout=20,
+                     message=f"tables on {node.name}")
+        for node, peer in ((b, a), (c, a), (c, d)):
+            wait_for(lambda n=node, p=peer: _direct(n, p), timeout=30,
+                     message=f"{node.name} streaming from {peer.name}")
+        # A write of each node streamed to the others sets their floors for it (a
+        # copy sets none: a relay would carry that origin's older entries again).
+        for rid, node in enumerate((a, b, c, d)):
+            node.call("insert", table="t1", records=[{"id": 100 + rid}])
+        for node in (a, b, c, d):
+            wait_for(lambda n=node: all(by_id(n, "t1", 100 + i) is not None
+                                        for i in range(4)), timeout=20,
+                     message=f"t1 flowing to {node.name}")
+        before = {n.name: _quiet(n) for n in (b, c, d)}
+        links_before = {n.name: _per_link(n) for n in (b, c, d)}
+
+        for proxy in proxies:
+            proxy.cut()
+        wait_for(lambda: _relay_of(b, a) == d.name and _relay_of(c, a) == b.name,
+                 timeout=30, message="d relaying a to b, and b to c")
+        for i in range(1, 4):
+            a.call("insert", table="t1", records=[{"id": i}])
+        a.call("insert", table="t2", records=[{"id": 1}])
+        for node in (b, c, d):
+            wait_for(lambda n=node: all(by_id(n, "t1", i) is not None for i in range(1, 4)),
+                     timeout=30, message=f"a's t1 rows on {node.name}")
+        wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=30,
+                 message="a's t2 row relayed to b by d")
+        assert by_id(c, "t2", 1) is None, "b relayed a table c does not take from it"
+
+        for proxy in proxies:
+            proxy.heal()
+        for node, peer in ((b, a), (c, a), (c, d)):
+            wait_for(lambda n=node, p=peer: _direct(n, p), timeout=30,
+                     message=f"{node.name} streaming from {peer.name} again")
+        a.call("insert", table="t1", records=[{"id": 4}])
+        for node in (b, c, d):
+            wait_for(lambda n=node: by_id(n, "t1", 4) is not None
+                     and by_id(n, "t2", 1) is not None, timeout=30,
+                     message=f"a's rows on {node.name} after the heal")
+        got = {n.name: _quiet(n) - before[n.name] for n in (b, c, d)}
+        assert got == {b.name: 5, c.name: 5, d.name: 5}, \
+            (got, links_before, {n.name: _per_link(n) for n in (b, c, d)})
+    finally:
+        for proxy in proxies:
+            proxy.close()

@@ -114,6 +114,13 @@ class Publisher:
             return True
         return self.origins is None or origin in self.origins
 
+    def relayed_origins(self) -> list[str]:
+        """The origins other than this node the peer's subscription asks for: it takes
+        them from this node as its relay."""
+        if not self._subscribed or self.origins is None:
+            return []
+        return [o for o in self.origins if o != self.host.node_name]
+
     @property
     def sent_seq(self) -> int:
         """The newest log sequence sent to the peer (read from the session)."""
