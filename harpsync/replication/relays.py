@@ -139,7 +139,7 @@ class RelayPlanner:
                     self._down_since.setdefault((peer, db), now)
         relays = sorted(peer for (peer, db), link in links.items()
                         if db == database and not link.paused and link.streaming)
-        asking = set(self._asking(database))
+        asking: set[tuple[str, str]] | None = None  # read only if an origin needs a relay
         released: set[str] = set()
         changed: set[str] = set()
         for origin in sorted(origins):
@@ -148,12 +148,14 @@ class RelayPlanner:
                 continue  # released by the direct link itself when it subscribes
             relay = current.get(origin)
             kept = links.get((relay, database)) if relay is not None else None
+            live = kept is not None and not kept.paused and not self._down_for(kept, now)
             # A peer that takes the origin from this node has nothing of it to relay
             # here: two nodes cut from the same origin chose each other (the first by
             # name), and neither received its writes until the heal.
+            if asking is None:
+                asking = set(self._asking(database))
             useful = [p for p in relays if p != origin and (p, origin) not in asking]
-            if kept is not None and not kept.paused and not self._down_for(kept, now) \
-                    and ((relay, origin) not in asking or not useful):
+            if live and ((relay, origin) not in asking or not useful):
                 continue  # sticky: a relay restarting (to change origins) stays the relay
             choice = next(iter(useful), None)
             if choice is None:
@@ -162,7 +164,7 @@ class RelayPlanner:
                 continue
             if direct is not None:
                 await direct.settle()  # its last write sets the floor the relay starts at
-            if kept is not None and relay is not None:
+            if live and relay is not None:
                 released.add(relay)  # it stops carrying the origin before the new one
             if choice is None:
                 current.pop(origin, None)
