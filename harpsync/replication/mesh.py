@@ -289,6 +289,8 @@ class Mesh:
         # What this node now sends the joiner that it did not (its row for the joiner
         # may have said less than the joiner's: a row learned by gossip).
         sends_more = self.sends_more(name, {**(self.rows.get(name) or {}), **settings})
+        # What the joiner's open sockets here were served by (a staged row included).
+        before = _flows(self.rows[name]) if existed else None
         await self._replace_row({**row, "learned": False},
                                 also={str(d) for d in body.get("sends_more") or []})
         # The joiner's other nodes: one add_node joins this node to its whole mesh.
@@ -296,6 +298,12 @@ class Mesh:
         await self._host.reconcile(restart_peer=name if existed else None)
         if credentialed and existed:  # a new key or CA: sockets made with the old go
             await self._host.drop_inbound(name, "node re-joined")
+        elif existed and _flows(self.rows[name]) != before:
+            # Their publishers filter by the old row, and their hello told the joiner
+            # what this node relays by it (``relay_tables``). Before, they went on so
+            # until the joiner restarted its links: for good when its last step failed
+            # (the answer lost), while this node's row said otherwise.
+            await self._host.drop_inbound(name, "node settings changed")
         self._gossip(exclude={name}, nodes=[peers.identity(self.rows[name])])
         return {"node": self.node_name, "url": self._host.url, "ca": self.keys.ca_pem.decode(),
                 "cert": cert, "sends_more": sends_more,

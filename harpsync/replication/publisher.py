@@ -26,6 +26,7 @@ from harpsync.replication.protocol import (
     PeerHello,
     ProtocolFailed,
     PublisherSession,
+    PublisherState,
     SubscribeRequested,
 )
 from harpsync.replication.seams import LogSource, PublisherHost
@@ -82,6 +83,7 @@ class Publisher:
         # The origins the peer's current subscription asks for (None: all; empty: it
         # has not subscribed yet).
         self.origins: Mapping[str, int | None] | None = {}
+        self._subscribed = False
         # Reads of the log while streaming (a commit, a report timer or a full batch
         # woke the pump): what a commit costs this link, counted for tests.
         self.log_reads = 0
@@ -99,6 +101,25 @@ class Publisher:
         # Frames the commit callback could not write at once: the next flush sends them
         # before anything else.
         self._backlog: list[bytes] = []
+
+    def may_relay(self, origin: str) -> bool:
+        """Whether this socket carries ``origin``'s writes to its peer, or may: once its
+        hello is answered and until it subscribes, the peer may ask for any origin, with
+        what that answer said this node takes of each (``relay_tables``). Before, such
+        a socket was taken as relaying nothing, and ``Replicator.drop_relaying`` left it
+        open when those changed: it then relayed with the old ``relay_tables``."""
+        if self.session.state is PublisherState.AWAIT_HELLO:
+            return False  # its answer will tell what this node takes now
+        if not self._subscribed:
+            return True
+        return self.origins is None or origin in self.origins
+
+    def relayed_origins(self) -> list[str]:
+        """The origins other than this node the peer's subscription asks for: it takes
+        them from this node as its relay."""
+        if not self._subscribed or self.origins is None:
+            return []
+        return [o for o in self.origins if o != self.host.node_name]
 
     @property
     def sent_seq(self) -> int:
@@ -258,7 +279,7 @@ class Publisher:
                                 dict(db.origin_names), compression=self.host.compression,
                                 relay_tables=self._relay_tables(db))
         elif isinstance(event, SubscribeRequested):
-            self.origins = event.origins
+            self.origins, self._subscribed = event.origins, True
             if db.dropped:
                 pass  # a position in a dropped log says nothing of the new one's
             elif event.copy or event.after_seq < db.next_seq:  # (past our head: reset log)

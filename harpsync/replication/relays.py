@@ -47,16 +47,35 @@ class RelayLink(Protocol):
     async def settle(self) -> None: ...
 
 
+class RelayingSocket(Protocol):
+    """What the planner needs of one inbound socket (a peer pulling from this node)."""
+
+    def relayed_origins(self) -> Iterable[str]: ...
+
+
+def asking(sockets: Mapping[tuple[str, str], Iterable[RelayingSocket]],
+           database: str) -> set[tuple[str, str]]:
+    """The ``(peer, origin)`` pairs of ``database`` whose peer takes ``origin``'s
+    writes from this node as its relay (``sockets``: per (peer, database))."""
+    return {(peer, origin) for (peer, db), socks in list(sockets.items()) if db == database
+            for sock in list(socks) for origin in sock.relayed_origins()}
+
+
 class RelayPlanner:
     """Assigns origins without a healthy direct link to one relay link per database."""
 
     def __init__(self, node_name: str, links: Callable[[], Mapping[tuple[str, str], RelayLink]],
                  databases: Callable[[], Iterable[str]],
-                 known_origins: Callable[[str], Iterable[str]]) -> None:
+                 known_origins: Callable[[str], Iterable[str]],
+                 asking: Callable[[str], Iterable[tuple[str, str]]] = lambda _db: ()) -> None:
+        """``asking(database)``: the ``(peer, origin)`` pairs of peers that take
+        ``origin``'s writes of ``database`` from this node, as their relay: they do not
+        hear it directly either, and are no use as its relay here."""
         self.node_name = node_name
         self._links = links
         self._databases = databases
         self._known_origins = known_origins
+        self._asking = asking
         # database -> origin -> relay peer
         self.assignments: dict[str, dict[str, str]] = {}
         self._down_since: dict[tuple[str, str], float] = {}
@@ -120,6 +139,8 @@ class RelayPlanner:
                     self._down_since.setdefault((peer, db), now)
         relays = sorted(peer for (peer, db), link in links.items()
                         if db == database and not link.paused and link.streaming)
+        asking: set[tuple[str, str]] | None = None  # read only if an origin needs a relay
+        released: set[str] = set()
         changed: set[str] = set()
         for origin in sorted(origins):
             direct = links.get((origin, database))
@@ -127,13 +148,24 @@ class RelayPlanner:
                 continue  # released by the direct link itself when it subscribes
             relay = current.get(origin)
             kept = links.get((relay, database)) if relay is not None else None
-            if kept is not None and not kept.paused and not self._down_for(kept, now):
+            live = kept is not None and not kept.paused and not self._down_for(kept, now)
+            # A peer that takes the origin from this node has nothing of it to relay
+            # here: two nodes cut from the same origin chose each other (the first by
+            # name), and neither received its writes until the heal.
+            if asking is None:
+                asking = set(self._asking(database))
+            useful = [p for p in relays if p != origin and (p, origin) not in asking]
+            if live and ((relay, origin) not in asking or not useful):
                 continue  # sticky: a relay restarting (to change origins) stays the relay
-            choice = next((p for p in relays if p != origin), None)
+            choice = next(iter(useful), None)
+            if choice is None:
+                choice = next((p for p in relays if p != origin), None)
             if choice == relay:
                 continue
             if direct is not None:
                 await direct.settle()  # its last write sets the floor the relay starts at
+            if live and relay is not None:
+                released.add(relay)  # it stops carrying the origin before the new one
             if choice is None:
                 current.pop(origin, None)
             else:
@@ -144,7 +176,9 @@ class RelayPlanner:
             if origin not in origins:
                 del current[origin]
                 changed.add(relay)
-        for peer in sorted(changed):
+        # The relays given up first: their last writes set the floors the new ones
+        # start at, and no origin is carried by two links at once.
+        for peer in [*sorted(released), *sorted(changed - released)]:
             relay_link = links.get((peer, database))
             if relay_link is not None:
                 await relay_link.restart()

@@ -25,7 +25,7 @@ from harpsync.replication.membership import NODE_PATH, serve_node_request
 from harpsync.replication.mesh import Mesh
 from harpsync.replication.publisher import Publisher
 from harpsync.replication.reconnect import DIAL_TIMEOUT, PeerGate
-from harpsync.replication.relays import RelayPlanner
+from harpsync.replication.relays import RelayPlanner, asking
 from harpsync.replication.routes import is_loopback
 from harpsync.replication.seams import (
     LinkStore,
@@ -79,7 +79,8 @@ class Replicator:
         self.gates: dict[str, PeerGate] = {}
         self.link_store = StorageLinkStore(storage)
         self.relays = RelayPlanner(self.node_name, lambda: self.subscribers,
-                                   self.replicated_databases, self._known_origins)
+                                   self.replicated_databases, self._known_origins,
+                                   lambda db: asking(self.publishers, db))
         self.publishers: dict[tuple[str, str], set[Publisher]] = {}
         self.acks: dict[tuple[str, str], int] = {}
         # How far each peer has durably applied this node's log, per database (acks and
@@ -360,7 +361,7 @@ class Replicator:
         (``relay_tables``), and that just changed."""
         links = [pub.link for (peer, database), pubs in list(self.publishers.items())
                  if peer != origin and database != SYSTEM for pub in list(pubs)
-                 if pub.origins is None or origin in pub.origins]
+                 if pub.may_relay(origin)]
         await self._close_links(links, reason)
 
     async def _close_links(self, links: list[Link], reason: str) -> None:

@@ -507,10 +507,18 @@ class Subscriber:
         await self.applier.settle()
 
     async def restart(self) -> None:
-        """Reconnect (to subscribe again with new origins), unless paused."""
-        await self.stop()
-        if not self.paused:
-            self.start()  # a no-op once retired
+        """Reconnect (to subscribe again with new origins), unless paused.
+
+        The link starts again also when the caller is cancelled while it stops: a
+        direct link that comes back restarts its relay's link (``relays.release``) and
+        may be stopped itself meanwhile. Before, the relay's link then stayed stopped,
+        neither paused nor retired, ``connecting`` for good (lifecycle seed 775). A new
+        session waits for the old one's writes before it subscribes (``settle``)."""
+        try:
+            await self.stop()
+        finally:
+            if not self.paused:
+                self.start()  # a no-op once retired
 
     # -- status ------------------------------------------------------------------------
     def backlog(self) -> int:

@@ -21,6 +21,7 @@ from harpsync.storage.errors import NoSuchDatabaseError, TooManyTablesError
 from harpsync.storage.hlc import COUNTER_BITS, HLC
 from harpsync.storage.keys import seq_key, seq_of
 from harpsync.storage.mapped import MAPS_LOCK
+from harpsync.storage.repeats import Repeats
 
 TXNS_DBI = b"__txns__"
 META_DBI = b"__meta__"
@@ -165,6 +166,8 @@ class Database:
         self.origin_names: dict[int, str] = {}
         self.origin_high = 0
         self.origin_hw: dict[str, int] = {}
+        # Per origin, versions applied without raising its floor (repeats.py).
+        self.repeats = Repeats()
         self.next_seq = 1
         self.commit_listeners: list[Callable[[int], None]] = []
         # Set once the database was dropped: readers waiting on commits must give up.

@@ -268,6 +268,8 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
     origins in ``held_floors`` apply but leave those origins' high-water versions alone,
     as do relayed entries (of an origin other than ``peer``) that only change schema:
     the relay may have learned them from a hello without the origin's rows before them.
+    Such entries come again by the path that raises the floor; kept in ``db.repeats``,
+    they are not counted in ``ApplyStats.entries`` the second time (``repeats.py``).
     """
     decoded: list[tuple[int, str, int, Any, list[list[Any]]]] = []
     opened: list[str] = []
@@ -287,6 +289,7 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
             ctx.after_commit.append(lambda: storage.discard_pending(opened))
         committed = cursor
         seen: dict[str, int] = {}
+        fresh: dict[str, set[int]] = {}
         for seq, origin_name, version, user, ops in decoded:
             if stats.dropped_databases and _recreates_dropped(ops, stats):
                 # Applied by the caller in a new job, once the old files are gone.
@@ -310,10 +313,16 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
                 stats.resume_seq = seq
                 committed = {**cursor, "seq": seq - 1}
                 break
-            stats.entries += 1
+            # Applied here before by a path that raised no floor: not counted again.
+            repeat = db.repeats.holds(origin_name, version) \
+                or version in fresh.get(origin_name, ())
+            if not repeat:
+                stats.entries += 1
             if origin_name not in held_floors and not (
                     origin_name != peer and all(op[1] in SCHEMA_OPS for op in ops)):
                 seen[origin_name] = max(seen.get(origin_name, 0), version)
+            elif not repeat and version > db.origin_hw.get(origin_name, 0):
+                fresh.setdefault(origin_name, set()).add(version)  # comes again later
             storage.hlc.observe(version)
             if review is None and _apply_fresh(ctx, db, ops, version, origin_id):
                 applied = ops
@@ -334,7 +343,9 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
                     # are not packed again (about a tenth of a peer's apply work).
                     packed = codec.with_first_item(bytes(raw_of[seq]), origin_id)
                 storage.append_log(ctx, target, applied, version, origin_id, user, packed)
+        db.repeats.record(ctx, fresh)
         note_origin_versions(ctx, db, seen)
+        db.repeats.prune(ctx, {name: db.origin_hw.get(name, 0) for name in seen})
         write_cursor(ctx, db, peer, committed)
         return stats
 

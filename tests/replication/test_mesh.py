@@ -181,3 +181,23 @@ async def test_rows_survive_a_reload(mesh, storage):
     again.load_rows()
     assert set(again.rows) == {"node-b"}
     assert again.rows["node-b"]["url"] == "wss://b:1"
+
+
+T1_TO_B = [{"database": "data", "table": "t1", "subscribe": True, "publish": True}]
+
+
+async def test_a_join_that_changes_the_flows_closes_the_joiners_sockets(mesh, peer_keys):
+    """A peer's join (proven by its certificate) that changes what flows with it closes
+    the sockets it opened here: their publishers filter by the old row, and their
+    hello told it the old ``relay_tables``. Before, they went on until the joiner
+    restarted its links, and if its last step failed (the answer lost), for good. A
+    join that changes nothing else (a start time) leaves them open."""
+    m, host = mesh
+    await m.save_row({"name": "node-b", "url": "wss://b:1", "learned": False,
+                      "ca": peer_keys["node-b"].ca_pem.decode(),
+                      "pin": peer_keys["node-b"].pin})
+    await m.accept_join({"node": "node-b", "subscriptions": T1_TO_B})
+    assert ("node-b", "node settings changed") in host.dropped
+    host.dropped.clear()
+    await m.accept_join({"node": "node-b", "subscriptions": T1_TO_B, "start_time": 5})
+    assert host.dropped == []

@@ -407,3 +407,22 @@ async def test_frames_a_full_socket_did_not_take_go_out_first_and_in_order():
             seqs += [s for s, _ in (await served.peer.expect(EntriesReceived)).entries]
         assert seqs == [3, 4, 5, 6]
         assert (await served.peer.expect(CaughtUp)).seq == 6
+
+
+async def test_a_socket_answered_and_not_subscribed_yet_counts_as_relaying():
+    """Once its hello is answered, a socket may relay any origin: its peer knows from
+    that answer which tables of each origin this node takes (``relay_tables``), and may
+    subscribe to any of them next. ``Replicator.drop_relaying`` must close it too when
+    those change; before, it skipped such a socket, which then relayed on with the
+    old ``relay_tables``. A subscribed socket relays what it asked for."""
+    async with serve(FakeLog()) as served:
+        assert not served.publisher.may_relay("node-x"), "no hello answered yet"
+        await hello(served)
+        assert served.publisher.may_relay("node-x")
+        session = served.peer.session
+        assert isinstance(session, SubscriberSession)
+        session.subscribe(after_seq=0, origins={PEER: None, "node-y": None}, tables=None)
+        await served.peer.flush()
+        await served.peer.expect(CaughtUp)
+        assert served.publisher.may_relay("node-y")
+        assert not served.publisher.may_relay("node-x")

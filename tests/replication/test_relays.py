@@ -48,3 +48,55 @@ async def test_a_peer_removed_and_added_again_gets_the_full_grace_before_a_relay
     assert planner.assignments["data"] == {}
     await planner.plan(now=10.0 + RELAY_AFTER * 2)  # still down after the grace: relayed
     assert planner.assignments["data"] == {"node-b": "node-c"}
+
+
+def _cut_from_a() -> dict[tuple[str, str], FakeLink]:
+    """node-x's links: the one from node-a down, those from node-b and node-c up."""
+    return {("node-a", "data"): FakeLink("node-a", "data", reachable=False, streaming=False),
+            ("node-b", "data"): FakeLink("node-b", "data"),
+            ("node-c", "data"): FakeLink("node-c", "data")}
+
+
+async def test_a_peer_taking_the_origin_from_this_node_is_not_its_relay() -> None:
+    """node-b takes node-a's writes from this node (it relays them to node-b): node-b
+    has none of its own to relay back, so node-c relays node-a here, and node-b's link
+    restarts before node-c's, to stop carrying node-a first."""
+    links = _cut_from_a()
+    asking: set[tuple[str, str]] = set()
+    order: list[str] = []
+    for link in links.values():
+        async def restart(link: FakeLink = link) -> None:
+            order.append(link.peer)
+        link.restart = restart  # type: ignore[method-assign]
+    planner = RelayPlanner("node-x", lambda: links, lambda: ["data"],
+                           lambda _db: ["node-a", "node-b", "node-c"], lambda _db: asking)
+    await planner.plan(now=0.0)
+    await planner.plan(now=RELAY_AFTER * 2)
+    assert planner.assignments["data"] == {"node-a": "node-b"}  # the first by name
+    asking.add(("node-b", "node-a"))
+    order.clear()
+    await planner.plan(now=RELAY_AFTER * 3)
+    assert planner.assignments["data"] == {"node-a": "node-c"}
+    assert order == ["node-b", "node-c"]
+    order.clear()
+    await planner.plan(now=RELAY_AFTER * 4)  # node-b stops asking: node-c stays
+    asking.clear()
+    await planner.plan(now=RELAY_AFTER * 5)
+    assert planner.assignments["data"] == {"node-a": "node-c"} and order == []
+
+
+async def test_when_every_peer_takes_the_origin_from_this_node_the_relay_stays() -> None:
+    """No peer has anything of node-a's to relay: the relay chosen stays, rather than
+    the links restarting at every pass."""
+    links = _cut_from_a()
+    planner = RelayPlanner("node-x", lambda: links, lambda: ["data"],
+                           lambda _db: ["node-a", "node-b", "node-c"],
+                           lambda _db: {("node-b", "node-a"), ("node-c", "node-a")})
+    await planner.plan(now=0.0)
+    await planner.plan(now=RELAY_AFTER * 2)
+    assert planner.assignments["data"] == {"node-a": "node-b"}
+    restarts = {peer: link.restarts for (peer, _), link in links.items()}
+    for tick in range(3, 6):
+        await planner.plan(now=RELAY_AFTER * tick)
+    assert planner.assignments["data"] == {"node-a": "node-b"}
+    assert {peer: link.restarts for (peer, _), link in links.items()} == restarts

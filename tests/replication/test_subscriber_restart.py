@@ -1,0 +1,44 @@
+"""Restarting a link (subscriber.py) whatever happens to the caller of the restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from harpsync.replication.subscriber import Subscriber
+
+from .fakes import PEER, WAIT, FakeRelays, FakeSubscriberHost, until
+from .test_subscriber import Linked, WriterLikeStore, accept, send_entries
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_a_restart_whose_caller_is_cancelled_still_starts_the_link():
+    """A direct link that comes back restarts its relay's link (``relays.release``); if
+    that direct link is itself stopped meanwhile, its restart of the relay's link is
+    cancelled while the link stops (here: while it waits for an apply job). The link
+    starts again all the same. Before, it stayed stopped, neither paused nor retired,
+    and showed ``connecting`` for good (lifecycle seed 775: node-a's link from node-c
+    for ``dbx`` had no task left)."""
+    host, store = FakeSubscriberHost(), WriterLikeStore()
+    store.cursors[("data", PEER)] = {"seq": 5, "origins": [PEER]}
+    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
+    sub.start()
+    linked = Linked(sub, host, store)
+    try:
+        peer, _ = await accept(linked)
+        await send_entries(peer, [6, 7])
+        await asyncio.wait_for(store.applying.wait(), WAIT)  # a job in the writer
+        restart = asyncio.create_task(sub.restart())
+        await until(lambda: sub.link is None, message="the link's task to end")
+        restart.cancel()  # while stop() waits for the job
+        with contextlib.suppress(asyncio.CancelledError):
+            await restart
+        store.release.set()
+        await accept(linked)  # dialed again
+        assert store.applied == [6, 7]
+    finally:
+        store.release.set()
+        await sub.retire()
