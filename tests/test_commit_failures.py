@@ -87,3 +87,24 @@ async def test_a_failed_create_grouped_with_a_create_that_commits_takes_back_onl
     assert (_creates(storage, "dx"), len(_creates(storage, "dy"))) == ([], 1)
     await storage.create_database("dz")
     assert [op[2] for ops in _system_log(storage) for op in ops] == ["dy", "dz"]
+
+
+async def test_the_log_tail_reads_every_entry_after_a_taken_back_one(
+        storage: Storage, monkeypatch: pytest.MonkeyPatch):
+    """Entries that commit after one taken back from ``system``'s log (a gap in its
+    sequence) are read from the in-memory log tail a publisher reads: before, the tail
+    was indexed as if consecutive, and a reader past the gap skipped the next entry."""
+    system: Database = storage.databases[SYSTEM]
+    system.commit_listeners.append(lambda _head: None)  # as a publisher: the tail is kept
+    monkeypatch.setenv("HARPSYNC_FAIL_COMMIT", "dx")
+    outcome = await asyncio.gather(storage.create_database("da"),
+                                   storage.create_database("dx"),
+                                   storage.create_database("dy"), return_exceptions=True)
+    monkeypatch.delenv("HARPSYNC_FAIL_COMMIT")
+    assert [type(result).__name__ for result in outcome] == ["NoneType", "StorageError",
+                                                             "NoneType"]
+    await storage.create_database("dz")
+    stored = system.log_after(0, 1000)
+    for index, (seq, _raw) in enumerate(stored):
+        _pruned, read = system.read_log(seq, 1000)
+        assert read == stored[index + 1:], f"after {seq}"
