@@ -341,6 +341,14 @@ class Database:
             return
         if not entries:
             return  # the log did not change
+        # A commit's own entries may skip a sequence (a failed write's entries taken back
+        # from ``system``'s log, ``Writer._compensate``): only the run after the last
+        # gap is kept, as readers index the tail by sequence.
+        gap = next((index for index in range(len(entries) - 1, 0, -1)
+                    if entries[index - 1][0] + 1 != entries[index][0]), 0)
+        if gap:
+            entries = entries[gap:]
+            self._tail, self._tail_size = [], 0
         tail = self._tail
         size = sum(len(value) for _, value in entries)
         if tail and tail[-1][0] + 1 == entries[0][0]:

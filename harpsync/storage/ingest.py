@@ -69,7 +69,9 @@ SCHEMA_OPS = frozenset({"create_table", "drop_table", "set_attribute",
 
 def write_cursor(ctx: WriteContext, db: Database, peer: str, cursor: dict[str, Any]) -> None:
     """Commit the replication cursor for ``peer`` in the same transaction as the data."""
-    ctx.txn(db).put(CURSOR_PREFIX + peer.encode(), codec.pack(cursor), db=db.meta_dbi)
+    key = CURSOR_PREFIX + peer.encode()
+    ctx.txn(db).put(key, codec.pack(cursor), db=db.meta_dbi)
+    ctx.meta_written.append((db, key))
 
 
 def note_origin_versions(ctx: WriteContext, db: Database, seen: Mapping[str, int]) -> None:
@@ -85,6 +87,7 @@ def note_origin_versions(ctx: WriteContext, db: Database, seen: Mapping[str, int
         db.origin_hw[name] = version
         ctx.on_undo(functools.partial(db.origin_hw.__setitem__, name, old))
         ctx.txn(db).put(HW_PREFIX + name.encode(), codec.pack(version), db=db.meta_dbi)
+        ctx.meta_written.append((db, HW_PREFIX + name.encode()))
 
 
 def forget_floor(ctx: WriteContext, db: Database, origin: str) -> None:

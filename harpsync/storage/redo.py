@@ -119,3 +119,32 @@ def compensate(system_txn: lmdb.Transaction, system: Database, ops: list[Op]) ->
         child.abort()
         raise
     child.commit()
+
+
+def restore_meta(system_txn: lmdb.Transaction, system: Database, keys: list[bytes]) -> None:
+    """Put back, in ``system_txn``, the committed value of each ``__meta__`` key in
+    ``keys`` (a failed write's cursor and floors: its entries are asked for again)."""
+    if not keys:
+        return
+    with system.env.begin() as committed:
+        for key in dict.fromkeys(keys):
+            raw = committed.get(key, db=system.meta_dbi)
+            if raw is None:
+                system_txn.delete(key, db=system.meta_dbi)
+            else:
+                system_txn.put(key, raw, db=system.meta_dbi)
+
+
+def logged_row_ops(logged: list[tuple[Database, int, bytes]], system: Database) -> list[Op]:
+    """The rows of ``system``'s tables named by the log entries in ``logged`` (a job's:
+    a peer's ``hdb_role`` or ``hdb_user`` change applied by the system link), as ops
+    whose rows ``compensate`` puts back: taking back only a failed job's entries left
+    its rows committed here and never relayed (``Writer._compensate``)."""
+    out: list[Op] = []
+    for db, _seq, value in logged:
+        if db is system:
+            for op in codec.unpack(value)[3]:
+                if isinstance(op, list) and len(op) > 2 and isinstance(op[0], str) \
+                        and op[1] in ("insert", "update", "upsert", "delete"):
+                    out.append(["put", op[0], op[2]])
+    return out

@@ -58,6 +58,9 @@ class WriteContext:
         # Ops this job made on local system tables (``redo``): replayed if a crash comes
         # between the commit of a database it wrote and that of ``system``.
         self.system_ops: list[list[Any]] = []
+        # ``__meta__`` keys the job wrote that a failed write takes back with its rows
+        # (a link's cursor and floors, ``Writer._compensate``).
+        self.meta_written: list[tuple[Database, bytes]] = []
 
     def txn(self, db: Database) -> lmdb.Transaction:
         """The job's write transaction for ``db`` (a child of the group's transaction)."""
@@ -474,9 +477,10 @@ class Writer:
 
         When no other job of the group wrote ``system``, nothing of it commits (its
         cursor and floors too: a peer's create is then asked for again). Otherwise
-        the jobs' system rows are put back as last committed and their log entries
-        removed; a peer's apply then keeps the cursor it moved (its create comes back
-        with the peer's next hello).
+        the jobs' system rows (their local ones, and the rows of system tables their
+        log entries name) and the ``__meta__`` keys they noted (a link's cursor and
+        floors, ``meta_written``) are put back as last committed, and their log
+        entries removed: a peer's batch is then asked for again whole.
         """
         system = self.system
         assert system is not None
@@ -488,10 +492,14 @@ class Writer:
             lost = next(db for db in undone[0].data_dbs(system) if db in failed)
             failed[system] = failed[lost]
             return
-        ops = [op for job in undone if job.ctx is not None for op in job.ctx.system_ops]
+        ops = [op for job in undone if job.ctx is not None
+               for op in [*job.ctx.system_ops, *redo.logged_row_ops(job.ctx.logged, system)]]
+        meta = [key for job in undone if job.ctx is not None
+                for db, key in job.ctx.meta_written if db is system]
         try:
             if ops:
                 redo.compensate(system_txn, system, ops)
+            redo.restore_meta(system_txn, system, meta)
             for job in undone:
                 assert job.ctx is not None
                 for db, seq, _value in job.ctx.logged:
