@@ -340,16 +340,20 @@ class Node:
         first = not users and db.tombstone_count(user_table) == 0
         username = self.env.get("HDB_ADMIN_USERNAME") or "admin"
         copying = _copying_from(db)
-        if not first and copying:
+        if not first and copying and self.env.get(RECREATE_ADMIN_ENV) != "1":
             # A copy of system cut short: the cluster's users and roles have only
             # partly arrived (its super users may be in what is still to come). Made
             # now, at the clock's version, the admin and its role would beat the
             # cluster's own rows and replicate: an operator's demotion or drop undone
             # everywhere, the admin's password replaced. The copy resumes once the
             # links start.
+            # A node removed by its peers while it was down never gets the rest: only
+            # its operator can tell, and says so with RECREATE_ADMIN_ENV.
             log.warning("no active super_user here yet: the copy of system from %s was "
                         "interrupted, and the cluster's users come with it; '%s' is not "
-                        "recreated", ", ".join(copying), username)
+                        "recreated (if this node was removed from the cluster, restart it "
+                        "with %s=1 to recreate it)", ", ".join(copying), username,
+                        RECREATE_ADMIN_ENV)
             return
         role_row = reads.get_by_ids(db, roles, [SUPER_ROLE])
         if not first:
@@ -409,6 +413,12 @@ class Node:
             report["listeners"]["replication"] = self.cluster.port
             report["peers"] = self.cluster.health()
         return report
+
+
+# The operator's override of the wait above: recreate the configured admin although a
+# copy of system is unfinished (the node was removed while it was down, and its copy
+# will never resume).
+RECREATE_ADMIN_ENV = "HARPSYNC_RECREATE_ADMIN"
 
 
 def _copying_from(system: Database) -> list[str]:

@@ -88,15 +88,9 @@ def _super_role(node: Any, auth: tuple[str, str]) -> bool:
 
 
 @pytest.mark.timeout(150)
-def test_a_node_restarted_mid_copy_of_system_does_not_recreate_its_admin(
-        node_factory: Any) -> None:
-    """node-a's operator moved the super users to role ``root`` and took super_user away
-    from role ``super_user`` (the first admin's). A new node-b joins and is killed once
-    the first chunk of its copy of ``system`` (the roles) landed: its own first admin
-    is no super user any more, and the cluster's (``ops``) has not arrived. Restarted,
-    it must wait for the copy, not recreate its configured admin: written at the
-    clock's version, the role's super_user came back and replicated, undoing node-a's
-    change on the whole cluster."""
+def _killed_mid_copy(node_factory: Any) -> tuple[Any, Any]:
+    """node-a with its super users moved to role ``root`` (role ``super_user`` has no
+    super_user any more), and node-b killed while its copy of system from node-a ran."""
     a = node_factory("node-a")
     a.call("add_role", role="root", permission={"super_user": True})
     a.call("add_user", username=OPS[0], password=OPS[1], role="root")
@@ -109,6 +103,38 @@ def test_a_node_restarted_mid_copy_of_system_does_not_recreate_its_admin(
                                                        "password": OPS[1]}})
     assert b.proc is not None and b.proc.wait(30) == 137
     del b.extra_env["HARPSYNC_CRASH_AT"]
+    return a, b
+
+
+def test_a_node_removed_while_down_mid_copy_can_have_its_admin_recreated(
+        node_factory: Any) -> None:
+    """node-b, killed mid-copy of system, is removed by node-a while it is down: its copy
+    never resumes and no one can log in to it. Restarted with HARPSYNC_RECREATE_ADMIN=1,
+    it recreates its configured admin (before, wiping it was the only way back)."""
+    a, b = _killed_mid_copy(node_factory)
+    assert a.post({"operation": "remove_node", "hostname": "node-b"},
+                  auth=OPS).status_code == 200
+    b.start()
+    wait_for(lambda: "HARPSYNC_RECREATE_ADMIN=1" in b.log_path.read_text(), timeout=30,
+             message="node-b's warning naming the override")
+    assert _status(b, ADMIN) != 200 and _status(b, OPS) != 200
+    b.stop()
+    b.extra_env["HARPSYNC_RECREATE_ADMIN"] = "1"
+    b.start()
+    wait_for(lambda: _status(b, ADMIN) == 200, timeout=30,
+             message="node-b's configured admin recreated")
+
+
+def test_a_node_restarted_mid_copy_of_system_does_not_recreate_its_admin(
+        node_factory: Any) -> None:
+    """node-a's operator moved the super users to role ``root`` and took super_user away
+    from role ``super_user`` (the first admin's). A new node-b joins and is killed once
+    the first chunk of its copy of ``system`` (the roles) landed: its own first admin
+    is no super user any more, and the cluster's (``ops``) has not arrived. Restarted,
+    it must wait for the copy, not recreate its configured admin: written at the
+    clock's version, the role's super_user came back and replicated, undoing node-a's
+    change on the whole cluster."""
+    a, b = _killed_mid_copy(node_factory)
     b.start()
     wait_for(lambda: _status(b, OPS) == 200, timeout=30,
              message="node-a's super user on node-b (its copy of system done)")
