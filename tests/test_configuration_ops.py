@@ -91,7 +91,11 @@ def test_restart_keeps_addresses_and_reads_new_settings(node_factory: Any) -> No
         health = node.client.get(node.url + "health", timeout=2).json()
         return health["uptime_seconds"] < uptime
 
-    wait_for(restarted, timeout=60, message="the node to run again")
+    try:
+        wait_for(restarted, timeout=60, message="the node to run again")
+    except AssertionError as exc:  # once in a clean-clone run (under load): say why
+        raise AssertionError(f"{exc}; the node's log ends: "
+                             f"{node.log_path.read_text()[-3000:]}") from None
     assert node.proc.pid == pid and node.proc.poll() is None  # the same process, exec'd
     config = node.call("get_configuration")
     assert config["operationsApi"]["network"]["maxBodySize"] == 2_000_000
