@@ -59,10 +59,6 @@ NAME_RE = re.compile(NAME_PATTERN.replace("$", r"\Z"))
 
 SENT: dict[str, int] = {"bodies": 0}
 
-# The last test checks the node after all the others (and that they sent enough): the
-# module runs in one test worker, in order (``--dist loadgroup``).
-pytestmark = pytest.mark.xdist_group("fuzz")
-
 scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
 json_values = st.recursive(
