@@ -9,10 +9,7 @@ no listener, no LMDB.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 from unittest.mock import patch
@@ -23,8 +20,6 @@ from harpsync.replication import acks
 from harpsync.replication.protocol import (
     AckReceived,
     PeerFailed,
-    PeerHello,
-    PublisherSession,
     SubscribeRequested,
 )
 from harpsync.replication.streams import HOUR, stream_entry
@@ -37,72 +32,23 @@ from .fakes import (
     FakeLinkStore,
     FakeRelays,
     FakeSubscriberHost,
-    Wire,
     entry,
     stored_row,
     until,
 )
+from .links import (
+    PEER_IDS,
+    HeldApplyStore,
+    Linked,
+    WriterLikeStore,
+    accept,
+    acked,
+    publisher,
+    running,
+    send_entries,
+)
 
 pytestmark = pytest.mark.timeout(30)
-PEER_IDS = {1: PEER, 3: "node-c"}  # the publisher's origin ids
-
-
-@dataclass
-class Linked:
-    sub: Subscriber
-    host: FakeSubscriberHost
-    store: FakeLinkStore
-
-
-@contextlib.asynccontextmanager
-async def running(cursor: dict[str, Any] | None = None) -> AsyncIterator[Linked]:
-    """A started subscriber for ``data`` from the peer (with ``cursor`` committed)."""
-    host, store = FakeSubscriberHost(), FakeLinkStore()
-    if cursor is not None:
-        store.cursors[("data", PEER)] = cursor
-    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
-    sub.start()
-    try:
-        yield Linked(sub, host, store)
-    finally:
-        await sub.retire()
-
-
-async def accept(linked: Linked) -> tuple[Wire, SubscribeRequested]:
-    """Take the subscriber's next dial as its peer: answer its hello, return its
-    subscribe."""
-    link = await _next_accepted(linked.host)
-    peer = Wire(link, PublisherSession(PEER))
-    hello = await peer.expect(PeerHello)
-    assert (hello.node, hello.database) == ("node-a", "data")
-    session = peer.session
-    assert isinstance(session, PublisherSession)
-    session.accept("data", {"dog": {"version": 1}}, dict(PEER_IDS))
-    await peer.flush()
-    return peer, await peer.expect(SubscribeRequested)
-
-
-async def _next_accepted(host: FakeSubscriberHost) -> Any:
-    return await asyncio.wait_for(host.accepted.get(), WAIT)
-
-
-def publisher(peer: Wire) -> PublisherSession:
-    assert isinstance(peer.session, PublisherSession)
-    return peer.session
-
-
-async def send_entries(peer: Wire, seqs: list[int], origin_id: int = 1) -> None:
-    publisher(peer).send_entries(max(seqs), [(s, origin_id, entry(origin_id, 100 + s, key=s))
-                                             for s in seqs], PEER_IDS)
-    await peer.flush()
-
-
-async def acked(peer: Wire, seq: int) -> None:
-    """Wait for the subscriber's ack of ``seq`` (acks only move forward)."""
-    while (await peer.expect(AckReceived)).seq < seq:
-        pass
-
-
 async def test_a_new_pairing_starts_with_a_full_copy_then_streams():
     """With no cursor the subscriber asks for a copy; rows land with a cursor holding
     the resume point, the end of the copy commits the snapshot, acks it, tells the host,
@@ -224,20 +170,6 @@ async def _copy_end_commits_as_the_link_drops(check: Any) -> None:
         await sub.retire()
 
 
-class HeldApplyStore(FakeLinkStore):
-    """Apply jobs wait for ``release``: a commit that outlives its session."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = asyncio.Event()
-        self.applying = asyncio.Event()
-
-    async def apply_entries(self, *args: Any, **kwargs: Any) -> Any:
-        self.applying.set()
-        await self.release.wait()
-        return await super().apply_entries(*args, **kwargs)
-
-
 async def test_an_apply_that_commits_as_the_link_drops_is_counted_and_not_asked_again():
     """The link drops while an apply job is in the writer (it commits anyway). The next
     session subscribes after what that job committed, not from the cursor before it,
@@ -348,32 +280,6 @@ async def test_counters_come_from_the_session():
         await acked(again, 8)
         assert linked.sub.bytes_received > first
         await until(lambda: linked.sub.head_seq == 8)
-
-
-class WriterLikeStore(FakeLinkStore):
-    """Apply jobs run as the writer thread runs them: once submitted, a job commits when
-    ``release`` is set, whether or not its caller still waits (cancelling the caller
-    cancels only the future it awaits, as with ``Writer.submit``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = asyncio.Event()
-        self.applying = asyncio.Event()
-        self.running: set[asyncio.Task[None]] = set()
-
-    async def apply_entries(self, *args: Any, **kwargs: Any) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        async def writer() -> None:
-            await self.release.wait()
-            stats = await FakeLinkStore.apply_entries(self, *args, **kwargs)
-            if not future.done():
-                future.set_result(stats)
-
-        task = asyncio.ensure_future(writer())
-        self.running.add(task)
-        self.applying.set()
-        return await future
 
 
 async def test_a_link_stopped_while_its_next_session_waits_for_the_last_job_waits_too():

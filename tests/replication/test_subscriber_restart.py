@@ -7,10 +7,8 @@ import contextlib
 
 import pytest
 
-from harpsync.replication.subscriber import Subscriber
-
-from .fakes import PEER, WAIT, FakeRelays, FakeSubscriberHost, until
-from .test_subscriber import Linked, WriterLikeStore, accept, send_entries
+from .fakes import PEER, WAIT, until
+from .links import WriterLikeStore, accept, running, send_entries
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -22,23 +20,20 @@ async def test_a_restart_whose_caller_is_cancelled_still_starts_the_link():
     starts again all the same. Before, it stayed stopped, neither paused nor retired,
     and showed ``connecting`` for good (lifecycle seed 775: node-a's link from node-c
     for ``dbx`` had no task left)."""
-    host, store = FakeSubscriberHost(), WriterLikeStore()
-    store.cursors[("data", PEER)] = {"seq": 5, "origins": [PEER]}
-    sub = Subscriber(host, store, FakeRelays(), PEER, "data")
-    sub.start()
-    linked = Linked(sub, host, store)
-    try:
-        peer, _ = await accept(linked)
-        await send_entries(peer, [6, 7])
-        await asyncio.wait_for(store.applying.wait(), WAIT)  # a job in the writer
-        restart = asyncio.create_task(sub.restart())
-        await until(lambda: sub.link is None, message="the link's task to end")
-        restart.cancel()  # while stop() waits for the job
-        with contextlib.suppress(asyncio.CancelledError):
-            await restart
-        store.release.set()
-        await accept(linked)  # dialed again
-        assert store.applied == [6, 7]
-    finally:
-        store.release.set()
-        await sub.retire()
+    store = WriterLikeStore()
+    async with running({"seq": 5, "origins": [PEER]}, store) as linked:
+        sub = linked.sub
+        try:
+            peer, _ = await accept(linked)
+            await send_entries(peer, [6, 7])
+            await asyncio.wait_for(store.applying.wait(), WAIT)  # a job in the writer
+            restart = asyncio.create_task(sub.restart())
+            await until(lambda: sub.link is None, message="the link's task to end")
+            restart.cancel()  # while stop() waits for the job
+            with contextlib.suppress(asyncio.CancelledError):
+                await restart
+            store.release.set()
+            await accept(linked)  # dialed again
+            assert store.applied == [6, 7]
+        finally:
+            store.release.set()  # before the link retires: it waits for the job
