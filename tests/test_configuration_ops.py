@@ -5,6 +5,7 @@ Shapes follow Harper's configuration and system-operations documentation (4.7).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,19 +84,30 @@ def test_restart_keeps_addresses_and_reads_new_settings(node_factory: Any) -> No
     node.call("insert", database="dev", table="dog", records=[{"id": 1}])
     node.call("set_configuration", operationsApi_network_maxBodySize=2_000_000)
     pid = node.proc.pid
-    uptime = node.client.get(node.url + "health").json()["uptime_seconds"]
+    asked = time.monotonic()
     assert node.call("restart") == {
         "message": "Restarting HarperDB. This may take up to 60 seconds."}
+    seen: list[tuple[float, float]] = []
 
     def restarted() -> bool:
+        # A run that started after the restart was asked for is up for less time than
+        # has passed since (the node's uptime and this clock are both CLOCK_MONOTONIC);
+        # the old run, always for more. ``since`` is read before the request, so the
+        # old run's answer can never pass. (Comparing with the old run's uptime raced:
+        # under load the new run's own start outlasted it, and never answered below.)
+        since = time.monotonic() - asked
         health = node.client.get(node.url + "health", timeout=2).json()
-        return health["uptime_seconds"] < uptime
+        seen.append((round(since, 3), health["uptime_seconds"]))
+        return bool(health["uptime_seconds"] < since)
 
     try:
         wait_for(restarted, timeout=60, message="the node to run again")
-    except AssertionError as exc:  # once in a clean-clone run (under load): say why
-        raise AssertionError(f"{exc}; the node's log ends: "
-                             f"{node.log_path.read_text()[-3000:]}") from None
+    except AssertionError as exc:
+        state = "running" if node.proc.poll() is None else f"exited {node.proc.returncode}"
+        raise AssertionError(
+            f"{exc}; process {state}; (seconds since restart, uptime) of the last "
+            f"answers: {seen[-5:]} of {len(seen)}; the node's log ends: "
+            f"{node.log_path.read_text()[-3000:]}") from None
     assert node.proc.pid == pid and node.proc.poll() is None  # the same process, exec'd
     config = node.call("get_configuration")
     assert config["operationsApi"]["network"]["maxBodySize"] == 2_000_000
