@@ -535,8 +535,9 @@ class Publisher:
         horizons = {name: value for name, value in db.swept_horizons().items()
                     if name in names and name in (sub.origin_tables or {}).get(
                         self.host.node_name, [name])}
+        floors = await self._copy_floors(db, sub, names, snapshot)  # before any row too
         self._note_sent(db, snapshot)
-        self.session.begin_copy(snapshot, total, names, schema, horizons)
+        self.session.begin_copy(snapshot, total, names, schema, horizons, floors)
         await self.flush()
         start_table = resume.get("table")
         for name in names:
@@ -559,6 +560,21 @@ class Publisher:
         self.session.end_copy(snapshot)
         await self.flush()
         return snapshot
+
+    async def _copy_floors(self, db: LogSource, sub: SubscribeRequested, names: list[str],
+                           snapshot: int) -> dict[str, int]:
+        """Per origin, the version through which the copy carries all of its
+        transactions (``held_floors``, read before any row, so the rows read after hold
+        at least that much): the receiver raises its floors to them once the copy is
+        applied, so no path sends those transactions again. Not the peer's own, nor an
+        origin whose rows the copy withholds from every table it carries (the peer
+        takes none of them from this node)."""
+        limits = sub.origin_tables or {}
+        copied = set(names)
+        return {origin: version
+                for origin, version in (await self.host.held_floors(db, snapshot)).items()
+                if origin != self.peer
+                and (origin not in limits or copied & set(limits[origin]))}
 
     async def _copy_rows(self, db: LogSource, table: Table, tombs: bool,
                          after: bytes | None, withheld: set[str]) -> None:

@@ -20,7 +20,7 @@ from harpsync.errors import BadRequestError
 from harpsync.listening import bind as bind_listener
 from harpsync.replication import maintenance, peers, routes
 from harpsync.replication.linkcounts import LinkCounts
-from harpsync.replication.linkstore import StorageLinkStore, table_definitions
+from harpsync.replication.linkstore import StorageLinkStore, held_floors, table_definitions
 from harpsync.replication.membership import NODE_PATH, serve_node_request
 from harpsync.replication.mesh import Mesh
 from harpsync.replication.publisher import Publisher
@@ -312,6 +312,10 @@ class Replicator:
     def table_definitions(self, db: Database) -> dict[str, Any]:
         """The schema our hello describes (tables, drop markers; databases in system)."""
         return table_definitions(self.storage, db)
+
+    async def held_floors(self, db: Database, through_seq: int) -> dict[str, int]:
+        """What a copy of ``db`` taken at ``through_seq`` carries of each origin."""
+        return await held_floors(db, through_seq)
 
     async def dial_peer(self, peer: str, url: str, path: str) -> Link:
         """Open a replication socket to ``peer`` (mutual TLS, its name checked)."""

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ApplyStats", "UnknownTableError", "apply_entries_job", "apply_op", "apply_rows_job",
            "apply_sweeps",
-           "forget_cursor", "forget_floor", "local_origin", "write_cursor"]
+           "forget_cursor", "forget_floor", "raise_floors", "local_origin", "write_cursor"]
 
 
 @dataclass
@@ -88,6 +88,16 @@ def note_origin_versions(ctx: WriteContext, db: Database, seen: Mapping[str, int
         ctx.on_undo(functools.partial(db.origin_hw.__setitem__, name, old))
         ctx.txn(db).put(HW_PREFIX + name.encode(), codec.pack(version), db=db.meta_dbi)
         ctx.meta_written.append((db, HW_PREFIX + name.encode()))
+
+
+def raise_floors(ctx: WriteContext, db: Database, floors: Mapping[str, int]) -> None:
+    """Raise origins' high-water versions to what a full copy carried of them (its
+    publisher held every transaction of each up to that version; see
+    ``replication/applier.py``), with the job that ends the copy, after its rows are
+    committed. The versions kept as repeats at or below the new floors are forgotten:
+    no path is asked for them again."""
+    note_origin_versions(ctx, db, floors)
+    db.repeats.prune(ctx, {name: db.origin_hw.get(name, 0) for name in floors})
 
 
 def forget_floor(ctx: WriteContext, db: Database, origin: str) -> None:

@@ -55,6 +55,29 @@ def local_version_at(db: Database, seq: int) -> int:
     return 0
 
 
+def held_floors(db: Database, through_seq: int) -> dict[str, int]:
+    """Per origin, a version through which ``db`` holds every transaction of that
+    origin, as committed (origins with none left out): what a full copy taken at log
+    sequence ``through_seq`` and read after this call carries.
+
+    For this node, the newest of its own entries through ``through_seq`` (its own
+    entries are logged in version order; one pruned, if everything pruned is at or
+    before ``through_seq``); for another origin, its committed high-water version
+    (``hw:<origin>``: raised only with the transactions up to it, see
+    ``Database.committed_hw``). Never more than is held: a copy that claimed more would
+    raise its receiver's floor past transactions it never carried.
+    """
+    own_name = db.origin_names[LOCAL_ORIGIN]
+    others = sorted({name for name in db.origin_names.values() if name != own_name})
+    out = {name: version for name, version in db.committed_hw(others).items() if version}
+    own = local_version_at(db, through_seq)
+    if db.pruned_through() <= through_seq:
+        own = max(own, int(db.pruned_max().get(own_name, 0)))
+    if own:
+        out[own_name] = own
+    return out
+
+
 def newest_local_version(db: Database) -> int:
     """The version of this node's newest entry in the log (0 if none)."""
     return local_version_at(db, db.next_seq)

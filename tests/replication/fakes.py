@@ -153,6 +153,9 @@ class FakePublisherHost(FakeLinkHost):
         self.positions: list[tuple[str, str, int, bool]] = []
         self.replaced: list[str] = []
         self.acks: list[tuple[str, str, int]] = []
+        # What ``held_floors`` answers (a test sets it), and the sequences it was asked.
+        self.floors: dict[str, int] = {}
+        self.floors_asked: list[int] = []
 
     def note_position(self, peer: str, database: str, seq: int, reset: bool = False) -> None:
         self.positions.append((peer, database, seq, reset))
@@ -162,6 +165,10 @@ class FakePublisherHost(FakeLinkHost):
 
     def note_log_replaced(self, database: str) -> None:
         self.replaced.append(database)
+
+    async def held_floors(self, db: Any, through_seq: int) -> dict[str, int]:
+        self.floors_asked.append(through_seq)
+        return dict(self.floors)
 
 
 class FakeSubscriberHost(FakeLinkHost):
@@ -271,8 +278,10 @@ class FakeLinkStore:
         self.hellos.append(tables)
 
     async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any],
-                           sweeps: Any = ()) -> None:
+                           sweeps: Any = (), floors: Mapping[str, int] | None = None) -> None:
         self.cursors[(database, peer)] = dict(cursor)
+        for name, version in (floors or {}).items():
+            self.held[name] = max(self.held.get(name, 0), version)
 
     async def apply_entries(self, database: str, peer: str, entries: list[tuple[int, bytes]],
                             origins: Mapping[int, str], cursor: dict[str, Any],
