@@ -20,6 +20,13 @@ Not raised:
   resume point): the rows copied before the interruption were read then, and the
   publisher's floors may have risen since with transactions those rows lack;
 - after a chunk of the copy went to the dead letters (its rows are not held here).
+
+A publisher whose floor for an origin is below what its rows hold (it has only what
+paths that raise floors brought) sends that lower floor: the transactions between come
+again and count once more, as they would from a relay. Schema a node learns from a
+hello is logged under the hello's sender, also when that node wrote nothing itself: its
+copies then carry no floor of it (it has no entry of its own), and a relay of that name
+sends those creates again, counted (``tests/test_relay_counts.py``, second test).
 """
 
 from __future__ import annotations

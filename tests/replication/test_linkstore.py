@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from harpsync.replication.linkstore import StorageLinkStore
+from harpsync import codec
+from harpsync.replication.linkstore import StorageLinkStore, held_floors
 from harpsync.storage.store import Storage
+from harpsync.storage.writes import write_records
 
 
 def test_a_cursor_for_a_dropped_database_is_not_written_and_does_not_fail(
@@ -43,5 +45,61 @@ def test_a_cursor_queued_before_a_drop_stays_out_of_the_recreated_database(
         await storage.create_table("dbx", "t", "id")
         await cursor
         assert storage.databases["dbx"].cursor("node-b").get("seq") in (None, 0)
+
+    asyncio.run(run())
+
+
+def _newest(storage: Storage, database: str = "data") -> tuple[int, int]:
+    """``(seq, version)`` of the newest entry of ``database``'s log."""
+    db = storage.databases[database]
+    seq, raw = db.read_log(db.head_seq - 1, 1)[1][0]
+    return seq, int(codec.unpack(raw)[1])
+
+
+def test_held_floors_are_the_own_entries_through_the_snapshot_and_committed_floors(
+        storage: Storage) -> None:
+    """What a copy carries of each origin: of this node, its newest entry at or before
+    the snapshot (not one written after); of a peer, its committed floor."""
+    store = StorageLinkStore(storage)
+
+    async def run() -> None:
+        await storage.create_table("data", "dog", "id")
+        await storage.write(write_records(storage, "data", "dog", [{"id": 1}], "insert", "t"))
+        snapshot, own = _newest(storage)
+        await storage.write(write_records(storage, "data", "dog", [{"id": 2}], "insert", "t"))
+        peer_version = storage.hlc.now()
+        raw = codec.pack([7, peer_version, None, [["dog", "upsert", 3, {"id": 3}]]])
+        await store.apply_entries("data", "node-b", [(1, raw)], {7: "node-b"}, {"seq": 1},
+                                  60_000, storage.node_name, 0, None)
+        db = storage.databases["data"]
+        assert await held_floors(db, snapshot) == {"node-a": own, "node-b": peer_version}
+        assert (await held_floors(db, 0)).get("node-a") is None
+
+    asyncio.run(run())
+
+
+def test_a_copy_end_raises_floors_and_forgets_the_repeats_below_them(
+        storage: Storage) -> None:
+    """The floors a copy carried rise with its end (never fall), and versions applied
+    without raising a floor (kept as repeats) at or below them are forgotten."""
+    store = StorageLinkStore(storage)
+
+    async def run() -> None:
+        await storage.create_table("data", "dog", "id")
+        db = storage.databases["data"]
+        relayed = storage.hlc.now()
+        raw = codec.pack([7, relayed, None, [["dog", "upsert", 3, {"id": 3}]]])
+        # node-c's write relayed by node-b on a link whose floors it holds: a repeat.
+        await store.apply_entries("data", "node-b", [(1, raw)], {7: "node-c"}, {"seq": 1},
+                                  60_000, storage.node_name, 0, None, frozenset({"node-c"}))
+        assert db.repeats.count("node-c") == 1
+        assert db.committed_hw(["node-c"]) == {"node-c": None}
+        await store.write_cursor("data", "node-b", {"seq": 9}, (),
+                                 {"node-c": relayed, "node-d": 40})
+        assert db.committed_hw(["node-c", "node-d"]) == {"node-c": relayed, "node-d": 40}
+        assert db.repeats.count("node-c") == 0
+        await store.write_cursor("data", "node-b", {"seq": 10}, (), {"node-d": 30})
+        assert db.committed_hw(["node-d"]) == {"node-d": 40}
+        assert db.cursor("node-b")["seq"] == 10
 
     asyncio.run(run())
