@@ -6,11 +6,12 @@ once applied the receiver holds every transaction of an origin up to the publish
 own floor for it (for the publisher itself, its newest entry through the snapshot).
 The publisher sends those floors in ``copy_begin`` (``floors``, an optional field: a
 receiver of an earlier release ignores it, and a copy from one raises no floor, as
-before), read before any row. The receiver raises its floors to them in the job that
-ends the copy, after every chunk committed; before, a node that received an origin's
-rows only by copy had no floor for it, and a relay (or a link whose origins grew, which
-reads its peer's log again) sent every older transaction of it again, applied as no-ops
-and counted in ``txns_received``.
+before), read before the copy's tables and rows: a transaction held then has its table
+among those copied and its rows among those read. The receiver raises its floors to
+them in the job that ends the copy, after every chunk committed; before, a node that
+received an origin's rows only by copy had no floor for it, and a relay (or a link
+whose origins grew, which reads its peer's log again) sent every older transaction of
+it again, applied as no-ops and counted in ``txns_received``.
 
 Not raised:
 

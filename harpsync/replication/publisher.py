@@ -519,6 +519,10 @@ class Publisher:
                 int(resume["snapshot"]), head, known_through):
             resume = {}  # this log never sent that snapshot: start over
         snapshot = head if resume.get("snapshot") is None else int(resume["snapshot"])
+        # What this node holds of each origin, read before anything the copy carries:
+        # a transaction held by then has its table among the names read below and its
+        # rows among those read after them.
+        held = await self.host.held_floors(db, snapshot)
         # The schema goes with the copy, read after its snapshot: the hello may be older
         # (a resync within the session, or a subscribe that came late), and a drop and
         # re-create in between would be in neither the hello nor the stream that
@@ -535,7 +539,7 @@ class Publisher:
         horizons = {name: value for name, value in db.swept_horizons().items()
                     if name in names and name in (sub.origin_tables or {}).get(
                         self.host.node_name, [name])}
-        floors = await self._copy_floors(db, sub, names, snapshot)  # before any row too
+        floors = self._copy_floors(held, sub, names)
         self._note_sent(db, snapshot)
         self.session.begin_copy(snapshot, total, names, schema, horizons, floors)
         await self.flush()
@@ -561,18 +565,17 @@ class Publisher:
         await self.flush()
         return snapshot
 
-    async def _copy_floors(self, db: LogSource, sub: SubscribeRequested, names: list[str],
-                           snapshot: int) -> dict[str, int]:
+    def _copy_floors(self, held: Mapping[str, int], sub: SubscribeRequested,
+                     names: list[str]) -> dict[str, int]:
         """Per origin, the version through which the copy carries all of its
-        transactions (``held_floors``, read before any row, so the rows read after hold
-        at least that much): the receiver raises its floors to them once the copy is
-        applied, so no path sends those transactions again. Not the peer's own, nor an
-        origin whose rows the copy withholds from every table it carries (the peer
-        takes none of them from this node)."""
+        transactions (``held``, read before the copy's tables and rows, which hold at
+        least that much): the receiver raises its floors to them once the copy is
+        applied, so no path sends those transactions again (``copyfloors.py``). Not
+        the peer's own, nor an origin whose rows the copy withholds from every table it
+        carries (the peer takes none of them from this node)."""
         limits = sub.origin_tables or {}
         copied = set(names)
-        return {origin: version
-                for origin, version in (await self.host.held_floors(db, snapshot)).items()
+        return {origin: version for origin, version in held.items()
                 if origin != self.peer
                 and (origin not in limits or copied & set(limits[origin]))}
 
