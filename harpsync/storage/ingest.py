@@ -67,6 +67,15 @@ SCHEMA_OPS = frozenset({"create_table", "drop_table", "set_attribute",
                         "create_database", "drop_database"})
 
 
+def carries_rows(version: int, ops: list[list[Any]]) -> bool:
+    """Whether an entry carries rows a full copy or a repair landed (each op keeps its
+    row's own version in ``op[5]``, and the entry is stamped with the newest of them):
+    not one transaction of its origin in that origin's version order (chunks go in key
+    order), so it raises no floor. A horizon's re-issued deletes keep ``op[5]`` too, but
+    under a new version of their own: a transaction of the node that issued them."""
+    return any(len(op) > 5 and op[5] == version for op in ops)
+
+
 def write_cursor(ctx: WriteContext, db: Database, peer: str, cursor: dict[str, Any]) -> None:
     """Commit the replication cursor for ``peer`` in the same transaction as the data."""
     key = CURSOR_PREFIX + peer.encode()
@@ -280,7 +289,8 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
     Entries older than ``floor`` (a ``start_time`` version) are skipped. Entries of the
     origins in ``held_floors`` apply but leave those origins' high-water versions alone,
     as do relayed entries (of an origin other than ``peer``) that only change schema:
-    the relay may have learned them from a hello without the origin's rows before them.
+    the relay may have learned them from a hello without the origin's rows before them;
+    and entries carrying rows of a copy or a repair (:func:`carries_rows`).
     Such entries come again by the path that raises the floor; kept in ``db.repeats``,
     they are not counted in ``ApplyStats.entries`` the second time (``repeats.py``).
     """
@@ -332,7 +342,8 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
             if not repeat:
                 stats.entries += 1
             if origin_name not in held_floors and not (
-                    origin_name != peer and all(op[1] in SCHEMA_OPS for op in ops)):
+                    origin_name != peer and all(op[1] in SCHEMA_OPS for op in ops)) \
+                    and not carries_rows(version, ops):
                 seen[origin_name] = max(seen.get(origin_name, 0), version)
             elif not repeat and version > db.origin_hw.get(origin_name, 0):
                 fresh.setdefault(origin_name, set()).add(version)  # comes again later

@@ -103,3 +103,35 @@ def test_a_copy_end_raises_floors_and_forgets_the_repeats_below_them(
         assert db.cursor("node-b")["seq"] == 10
 
     asyncio.run(run())
+
+
+def test_rows_relayed_from_a_copy_raise_no_floor(storage: Storage) -> None:
+    """A peer logs the rows its full copy landed one entry per chunk and origin,
+    stamped with the newest row's version: chunks come in key order, not version order,
+    so such an entry is no proof that the origin's older transactions arrived. Before,
+    the first chunk raised the floor past the rows of the next, and a link subscribing
+    again with that floor (a reconnect between the two) never received them."""
+    store = StorageLinkStore(storage)
+
+    async def run() -> None:
+        await storage.create_table("data", "dog", "id")
+        db = storage.databases["data"]
+        incarnation = db.tables["dog"].version
+        v1, v2, v3, v4 = (storage.hlc.now() for _ in range(4))
+
+        def chunk(rows: list[tuple[int, int]]) -> bytes:
+            ops = [["dog", "upsert", rid, {"id": rid}, incarnation, version]
+                   for rid, version in rows]
+            return codec.pack([5, max(v for _, v in rows), None, ops])
+
+        first, second = chunk([(1, v4), (2, v1)]), chunk([(3, v2), (4, v3)])
+        await store.apply_entries("data", "node-b", [(1, first)], {5: "node-c"}, {"seq": 1},
+                                  60_000, storage.node_name, 0, None)
+        assert store.origin_floors("data", ["node-c"]) == {"node-c": None}
+        stats = await store.apply_entries("data", "node-b", [(1, first), (2, second)],
+                                          {5: "node-c"}, {"seq": 2}, 60_000,
+                                          storage.node_name, 0, None)
+        assert stats.entries == 1, "the chunk applied before counted again"
+        assert store.origin_floors("data", ["node-c"]) == {"node-c": None}
+
+    asyncio.run(run())
