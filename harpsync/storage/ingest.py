@@ -19,6 +19,7 @@ from harpsync.storage import horizon, schema
 from harpsync.storage.database import CURSOR_PREFIX, HW_PREFIX, LOCAL_ORIGIN, Database, Table
 from harpsync.storage.hlc import ClockSkewError
 from harpsync.storage.keys import decode_id, encode_id
+from harpsync.storage.logscan import carries_rows
 from harpsync.storage.records import (
     absent,
     get_stored,
@@ -65,15 +66,6 @@ class ApplyStats:
 # ``apply_entries_job``).
 SCHEMA_OPS = frozenset({"create_table", "drop_table", "set_attribute",
                         "create_database", "drop_database"})
-
-
-def carries_rows(version: int, ops: list[list[Any]]) -> bool:
-    """Whether an entry carries rows a full copy or a repair landed (each op keeps its
-    row's own version in ``op[5]``, and the entry is stamped with the newest of them):
-    not one transaction of its origin in that origin's version order (chunks go in key
-    order), so it raises no floor. A horizon's re-issued deletes keep ``op[5]`` too, but
-    under a new version of their own: a transaction of the node that issued them."""
-    return any(len(op) > 5 and op[5] == version for op in ops)
 
 
 def write_cursor(ctx: WriteContext, db: Database, peer: str, cursor: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import asyncio
 
 from harpsync import codec
 from harpsync.replication.linkstore import StorageLinkStore, held_floors
+from harpsync.storage.keys import encode_id
 from harpsync.storage.store import Storage
 from harpsync.storage.writes import write_records
 
@@ -67,6 +68,7 @@ def test_held_floors_are_the_own_entries_through_the_snapshot_and_committed_floo
         await storage.write(write_records(storage, "data", "dog", [{"id": 1}], "insert", "t"))
         snapshot, own = _newest(storage)
         await storage.write(write_records(storage, "data", "dog", [{"id": 2}], "insert", "t"))
+        _, newest_own = _newest(storage)
         peer_version = storage.hlc.now()
         raw = codec.pack([7, peer_version, None, [["dog", "upsert", 3, {"id": 3}]]])
         await store.apply_entries("data", "node-b", [(1, raw)], {7: "node-b"}, {"seq": 1},
@@ -74,6 +76,13 @@ def test_held_floors_are_the_own_entries_through_the_snapshot_and_committed_floo
         db = storage.databases["data"]
         assert await held_floors(db, snapshot) == {"node-a": own, "node-b": peer_version}
         assert (await held_floors(db, 0)).get("node-a") is None
+        # A row of this node's name that a copy brought back (an earlier node of the
+        # name wrote it, its clock ahead) is logged under its name: not its own write.
+        row = (encode_id(7), codec.pack([storage.hlc.now(), 9, {"id": 7}]))
+        await store.apply_rows("data", "node-b", "dog", [row], {9: "node-a"}, {"seq": 2}, 0,
+                               db.tables["dog"].version, None)
+        assert _newest(storage)[1] > newest_own
+        assert (await held_floors(db, db.head_seq))["node-a"] == newest_own
 
     asyncio.run(run())
 
