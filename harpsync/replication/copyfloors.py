@@ -3,7 +3,8 @@
 A link asks each origin for the versions above its floor (``hw:<origin>``), the newest
 version held of it by any path. A full copy brings every row its publisher holds, so
 once applied the receiver holds every transaction of an origin up to the publisher's
-own floor for it (for the publisher itself, its newest entry through the snapshot).
+own floor for it (for the publisher itself, the newest entry through the snapshot
+that it wrote itself: ``logscan.held_floors``).
 The publisher sends those floors in ``copy_begin`` (``floors``, an optional field: a
 receiver of an earlier release ignores it, and a copy from one raises no floor, as
 before), read before the copy's tables and rows: a transaction held then has its table
