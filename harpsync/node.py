@@ -69,6 +69,9 @@ OPERATION_MODULES.append(verify_ops)
 # Trims: how often the data files' size is checked, and the growth that trims at once.
 TRIM_POLL = 0.25
 TRIM_GROWTH = 16 << 20
+# Seconds a stop (or a restart) waits for the operations API's responses in flight
+# before it closes their connections.
+SHUTDOWN_GRACE = 10.0
 
 
 class _Server(uvicorn.Server):
@@ -295,11 +298,7 @@ class Node:
         """Stop accepting, close links, then close storage (all writes are durable)."""
         if self._trimmer is not None:
             self._trimmer.cancel()
-        for server, _task in self._servers:
-            server.should_exit = True
-        for _server, task in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 10)
+        await self._stop_servers()
         if self._jobs is not None:
             await self._jobs.stop()
         if self._verifier is not None:
@@ -308,6 +307,38 @@ class Node:
             await self.cluster.stop()
         await asyncio.to_thread(self.storage.close)
         self._unlock_root()
+
+    async def _stop_servers(self) -> None:
+        """Stop the operations API: responses in flight get ``SHUTDOWN_GRACE`` seconds,
+        then their connections are closed, with a warning. uvicorn alone waits for them
+        without end: a client that stops reading a large response would hold a stop or
+        a restart for as long as it keeps the connection open. (The bound was once a
+        silent cancel of uvicorn: the 10 s went unexplained in the log, and the
+        connections stayed open while storage closed.)"""
+        for server, _task in self._servers:
+            server.should_exit = True
+        tasks = [task for _server, task in self._servers]
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+        if pending:
+            stuck = [conn for server, _task in self._servers
+                     for conn in server.server_state.connections]
+            log.warning("stopping: %d operations API connection(s) still open after %g s "
+                        "(a client not reading its response?); closing them", len(stuck),
+                        SHUTDOWN_GRACE)
+            for server, _task in self._servers:
+                server.force_exit = True  # uvicorn stops waiting for connections
+            for conn in stuck:
+                conn.transport.abort()
+            # uvicorn ends within its 0.1 s poll; the bound is a backstop.
+            _done, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.warning("the operations API stopped with an error: %r", task.exception())
 
     def listening_sockets(self) -> tuple[socket.socket, socket.socket]:
         """The operations API and replication listeners (a restart hands them over)."""

@@ -29,16 +29,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
     """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
+    answered = 0  # polls since the last error that returned a false value
     while time.monotonic() < deadline:
         try:
             value = predicate()
             if value:
                 return value
+            answered += 1
         except Exception as exc:  # the node may be restarting
-            last_exc = exc
+            last_exc, answered = exc, 0
         time.sleep(interval)
+    # Whether the condition was still raising at the end or was answered false since:
+    # a node that answers for the whole wait is not one that is down.
+    detail = f"last error: {last_exc!r}" if last_exc else ""
+    if answered and last_exc:
+        detail += f", then {answered} polls answered false"
     raise AssertionError(f"timed out after {timeout}s waiting for {message}"
-                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+                         + (f" ({detail})" if detail else ""))
 
 
 TRACE_KEYS = ("code", "request_id")

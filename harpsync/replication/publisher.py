@@ -51,6 +51,14 @@ log = logging.getLogger(__name__)
 TABLE_SCHEMA_OPS = frozenset({"create_table", "drop_table", "set_attribute"})
 
 READ_BATCH = 1000
+# A commit within this long of the link's last batch waits for the rest of the interval
+# and goes out with the commits that follow it, in one frame; the first commit after a
+# quiet spell goes at once. Each frame cost the peer about 0.15 ms of CPU (its wake-up,
+# decryption, decoding and apply job) besides its entries' own, and the origin one read,
+# encryption and send: with a lone client writing, a frame per commit made the peer's
+# frames most of its work. Replication latency of writes in a steady stream grows by
+# at most this much; that of a write after a quiet spell not at all.
+SEND_LINGER = 0.002
 
 
 class Publisher:
@@ -97,6 +105,10 @@ class Publisher:
         # Frames the commit callback could not write at once: the next flush sends them
         # before anything else.
         self._backlog: list[bytes] = []
+        # When the last batch went out (monotonic), and the timer that sends the commits
+        # held back since (``SEND_LINGER``).
+        self._sent_at = -1.0
+        self._linger: asyncio.TimerHandle | None = None
 
     def may_relay(self, origin: str) -> bool:
         """Whether this socket carries ``origin``'s writes to its peer, or may: once its
@@ -178,12 +190,27 @@ class Publisher:
         parked, else wake the pump."""
         self._commit_pending = False  # (before the read: a later commit schedules anew)
         if self._parked and not self._wakeup.is_set():
+            if self._linger is not None:
+                return  # held back: the timer sends it with the commits before it
+            hold = self._sent_at + SEND_LINGER - time.monotonic()
+            if hold > 0 and self._loop is not None:
+                self._linger = self._loop.call_later(hold, self._linger_due)
+                return
             try:
                 if self._send_committed():
                     return
             except Exception:  # the pump reads again and reports what failed
                 log.debug("sending from the commit callback failed", exc_info=True)
         self._wakeup.set()
+
+    def _linger_due(self) -> None:
+        self._linger = None
+        self._committed()
+
+    def _cancel_linger(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
 
     def _send_committed(self) -> bool:
         """Read the log after the parked position and send what passes the filter, as
@@ -207,6 +234,7 @@ class Publisher:
         kept = self._filter(db, entries, sub.origins, self._parked_tables, sub.origin_tables)
         if kept:
             self._note_sent(db, kept[-1][0])
+            self._sent_at = time.monotonic()
             self.session.send_entries(db.next_seq - 1, kept, db.origin_names)
             frames = self.session.data_to_send()
             for i, frame in enumerate(frames):
@@ -407,6 +435,7 @@ class Publisher:
                 await self.link.close(1011, "publisher error")
         finally:
             self._cancel_report_timer()
+            self._cancel_linger()
 
     async def _stream_inner(self, db: LogSource, sub: SubscribeRequested) -> None:
         allowed = self._allowed_tables(sub.tables)
@@ -443,6 +472,7 @@ class Publisher:
                 if kept:
                     self.sending_since = self.sending_since or time.time()
                     self._note_sent(db, kept[-1][0])
+                    self._sent_at = time.monotonic()
                     self.session.send_entries(db.next_seq - 1, kept, db.origin_names)
                     await self.flush()
             read = LogRead(pruned, entries[-1][0] if entries else None,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from harpsync import codec
+from harpsync.replication import publisher as publisher_module
 from harpsync.replication.protocol import (
     CaughtUp,
     CopyBegan,
@@ -33,6 +34,12 @@ from harpsync.replication.transport import socket_pair
 from .fakes import PEER, FakeLog, FakePublisherHost, Wire, entry, stored_row, until
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(autouse=True)
+def no_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each commit goes out at once unless a test sets ``SEND_LINGER`` itself."""
+    monkeypatch.setattr(publisher_module, "SEND_LINGER", 0.0)
 
 
 @dataclass
@@ -399,6 +406,39 @@ async def test_a_commit_while_a_report_is_due_goes_out_from_the_commit_itself():
         assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [5]
         assert (await served.peer.expect(CaughtUp)).seq == 5
         assert publisher.sent_seq == 5
+
+
+async def test_commits_soon_after_a_batch_wait_and_go_out_together(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits within ``SEND_LINGER`` of the link's last batch are held and go out in one
+    frame when it ends; the first commit after a quiet spell goes at once (the timer's
+    batch counts as the last one: a commit right after it waits again)."""
+    monkeypatch.setattr(publisher_module, "SEND_LINGER", 0.3)
+    log = FakeLog()
+    logged(log, 1)
+    async with serve(log) as served:
+        publisher = served.publisher
+        await subscribe(served, after=0)
+        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [1]
+        assert (await served.peer.expect(CaughtUp)).seq == 1
+        logged(log, 1)  # sent by the pump, which then waits parked for the next report
+        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [2]
+        await until(lambda: publisher._parked, message="parked")
+        publisher._sent_at = -1.0  # a quiet spell
+        sent = publisher.link.bytes_sent
+        logged(log, 1)
+        assert publisher.link.bytes_sent > sent  # at once
+        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [3]
+        sent = publisher.link.bytes_sent
+        logged(log, 1)
+        logged(log, 1)
+        assert publisher.link.bytes_sent == sent  # held
+        assert publisher._linger is not None
+        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [4, 5]
+        logged(log, 1)
+        assert publisher._linger is not None
+        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [6]
+        assert publisher.sent_seq == 6
 
 
 async def test_frames_a_full_socket_did_not_take_go_out_first_and_in_order():
