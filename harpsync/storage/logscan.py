@@ -25,7 +25,11 @@ def carries_rows(version: int, ops: list[list[Any]]) -> bool:
     stamped with the newest of them): not one transaction of its origin in that
     origin's version order (chunks go in key order), so it raises no floor where it is
     applied, nor counts as this node's own newest write. A horizon's re-issued deletes
-    keep ``op[5]`` too, but under a new version: a transaction of the node issuing them."""
+    keep ``op[5]`` too, but under a new version: a transaction of the node issuing them.
+    Such entries hold only such ops, so an entry whose first op has no ``op[5]`` is
+    answered by one look (the apply path asks for every entry)."""
+    if not ops or len(ops[0]) <= 5:
+        return False
     return any(len(op) > 5 and op[5] == version for op in ops)
 
 
