@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ApplyStats", "UnknownTableError", "apply_entries_job", "apply_op", "apply_rows_job",
            "apply_sweeps",
-           "forget_cursor", "forget_floor", "raise_floors", "local_origin", "write_cursor"]
+           "forget_cursor", "forget_floor", "local_origin", "raise_floors", "write_cursor"]
 
 
 @dataclass
