@@ -14,7 +14,7 @@ import pytest
 from tests.helpers import wait_for
 from tests.lifecycle_util import db_socket
 from tests.proxy_util import TcpProxy
-from tests.repl_util import CREDS, has_table
+from tests.repl_util import CREDS, by_id, has_table, join
 
 K = 5  # transactions written on each node per round
 
@@ -114,5 +114,45 @@ def test_a_node_joined_by_copy_receives_each_transaction_once(cluster, node_fact
         after = _quiet(nodes)
         got = [x - y for x, y in zip(after, during, strict=True)]
         assert got == [3 * K] * 4, f"transactions received per node after the heal: {got}"
+    finally:
+        to_a.close()
+
+
+T1_ONLY = [{"database": "data", "table": "t1", "subscribe": True, "publish": True}]
+
+
+@pytest.mark.timeout(180)
+def test_a_copy_of_some_tables_raises_no_floor_of_an_origin_it_does_not_carry_all_of(
+        node_factory):
+    """b takes everything from a, and t1 only from c. With b's direct link from a cut,
+    a writes to t1 and t2; then b starts taking t1 from c, whose copy (t1 only) carries
+    a's t1 row. Floors are per database, not per table: raising b's floor for a to c's
+    would have b's direct link, once back, skip a's t2 row for good. The copy raises
+    no floor of a (``narrow_origins``), and the row arrives."""
+    a, b, c = (node_factory(f"node-{x}") for x in "abc")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(c, a)
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        join(b, c, replicates=False)
+        wait_for(lambda: _direct(b, a) and has_table(b, "t2"), timeout=30,
+                 message="b streaming from a")
+        to_a.cut()
+        wait_for(lambda: not _direct(b, a), timeout=20, message="b's direct link down")
+        a.call("insert", table="t1", records=[{"id": 1}])
+        a.call("insert", table="t2", records=[{"id": 1, "v": "only from a"}])
+        wait_for(lambda: by_id(c, "t2", 1) is not None, timeout=20, message="c holds both")
+        b.call("set_node_replication", hostname=c.name, subscriptions=T1_ONLY)
+        wait_for(lambda: by_id(b, "t1", 1) is not None and _direct(b, c), timeout=30,
+                 message="a's t1 row copied to b by c")
+        floor = b.node.storage.databases["data"].committed_hw([a.name])[a.name]
+        assert by_id(b, "t2", 1) is None, "c sent b a table b does not take from it"
+        to_a.heal()
+        wait_for(lambda: _direct(b, a), timeout=30, message="b streaming from a again")
+        wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=30,
+                 message=f"a's t2 row on b (b's floor for a was {floor})")
     finally:
         to_a.close()
