@@ -70,7 +70,7 @@ def test_what_a_partial_relay_carried_is_not_counted_again_after_the_heal(node_f
         wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=20,
                  message="tables on b")
         wait_for(lambda: _direct(b, a), timeout=30, message="b streaming from a")
-        # A write streamed from a sets b's floor for a (a copy sets none).
+        # a's t1 rows flow to b (b's floor for a comes from a's copy already).
         a.call("insert", table="t1", records=[{"id": 0}])
         wait_for(lambda: by_id(b, "t1", 0) is not None, timeout=20, message="t1 flowing")
         before = _quiet(b)
@@ -122,8 +122,12 @@ def test_second_hand_relays_of_a_partial_copy_deliver_and_count_once(node_factor
         for node, peer in ((b, a), (c, a), (c, d)):
             wait_for(lambda n=node, p=peer: _direct(n, p), timeout=30,
                      message=f"{node.name} streaming from {peer.name}")
-        # A write of each node streamed to the others sets their floors for it (a
-        # copy sets none: a relay would carry that origin's older entries again).
+        # A write of each node streamed to the others sets their floors for it. The
+        # copies set floors too, but only by entries an origin logged: d wrote none (it
+        # logged a's tables, learned from a's hello, as a's), while b logged them as
+        # d's when it learned them from d's hello; without a floor for d, b relaying
+        # d to c would send those creates again, and c count them
+        # (harpsync/replication/copyfloors.py).
         for rid, node in enumerate((a, b, c, d)):
             node.call("insert", table="t1", records=[{"id": 100 + rid}])
         for node in (a, b, c, d):

@@ -453,6 +453,24 @@ def test_copy_begin_raises_the_reported_head() -> None:
     assert sub.head_seq == 40
 
 
+def test_copy_begin_carries_the_floors_and_an_older_one_none() -> None:
+    """``floors`` is an optional field of ``copy_begin``: sent when there are any,
+    absent otherwise (an earlier release's), and refused when malformed."""
+    sub, pub = subscribed(copy=True)
+    pub.begin_copy(40, 0, [], floors={"node-a": 7, "node-c": 3})
+    pump(pub, sub)
+    assert [e.floors for e in sub.events_received() if isinstance(e, CopyBegan)] == [
+        {"node-a": 7, "node-c": 3}]
+    sub, pub = subscribed(copy=True)
+    pub.begin_copy(40, 0, [])
+    pump(pub, sub)
+    assert [e.floors for e in sub.events_received() if isinstance(e, CopyBegan)] == [None]
+    sub, _ = subscribed(copy=True)
+    sub.receive(encode_control("copy_begin", snapshot_seq=40, total=0, tables=[],
+                               floors={"node-a": "7"}))
+    assert_failed(sub, SubscriberState.FAILED)
+
+
 def test_a_session_continues_the_positions_of_the_one_before() -> None:
     """A link's new session reports the head and received sequence of its last one
     until it subscribes (status reads them from the session); bytes start at zero."""

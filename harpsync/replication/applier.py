@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from harpsync import codec
 from harpsync.errors import HarpsyncError, StorageError
+from harpsync.replication import copyfloors
 from harpsync.replication.copysweep import CopySweeps, parse_horizons
 from harpsync.replication.reconnect import describe_error
 from harpsync.storage import deadletters, schema
@@ -139,6 +140,8 @@ class Applier:
         # The ranges of the copy that may show rows deleted on the peer (copysweep.py).
         self.copy_sweeps = CopySweeps({})
         self.copy_snapshot = 0
+        # Per origin, the floor the copy under way raises at its end (copyfloors.py).
+        self.copy_floors: dict[str, int] = {}
         self.replay_floor = 0
         # Set by replay_replication: send everything again, whatever this node holds.
         self.replaying = False
@@ -162,23 +165,26 @@ class Applier:
         # copy would show as in progress, and verify refuse, for good.
         self.copy_progress = None
 
-    async def queue_copy(self, snapshot_seq: int, total: int, horizons: Any = None) -> None:
+    async def queue_copy(self, snapshot_seq: int, total: int, horizons: Any = None,
+                         floors: Any = None) -> None:
         """A ``copy_begin`` arrived: it begins in queue order (:meth:`begin_copy`), after
         what is queued (after a resync, the copy before may have chunks and its end
         still queued). Shown in progress at once (status, verify's refusal)."""
         if self.copy_progress is None:
             self.copy_progress = {"records_copied": 0, "records_total": total}
         await self.queue.put(Work("copy_begin", (snapshot_seq, total, horizons,
-                                                 self.copy_resume), {}))
+                                                 self.copy_resume, floors), {}))
 
     def begin_copy(self, snapshot_seq: int, total: int, horizons: Any = None,
-                   resume: dict[str, Any] | None = None) -> None:
+                   resume: dict[str, Any] | None = None, floors: Any = None) -> None:
         """A copy begins: ``total`` counts the whole snapshot, so a copy that resumes
         ``resume`` (the same snapshot) counts the rows copied before it too.
-        ``horizons``: the publisher's tombstone horizons (``copysweep.py``).
+        ``horizons``: the publisher's tombstone horizons (``copysweep.py``); ``floors``
+        what it carries of each origin (``copyfloors.py``).
         Run in queue order (a ``copy_begin`` work): a copy that a resync ends may still
         have chunks queued, and they and its end keep its snapshot and sweep ranges."""
         self.copy_snapshot = snapshot_seq
+        self.copy_floors = copyfloors.begun(floors, snapshot_seq, resume)
         resumed = resume
         copied = 0
         if resumed is not None and resumed.get("snapshot") == snapshot_seq:
@@ -277,9 +283,13 @@ class Applier:
             await self.owner.flush()
 
     async def _end_copy(self, snapshot: int) -> None:
+        # Every chunk committed before this job: the floors rise with the copy's end.
+        held = self.host.narrow_origins(self.peer, self.database, self.relay_tables)
+        floors = copyfloors.to_raise(self.copy_floors, held, self.host.node_name)
         await self.store.write_cursor(self.database, self.peer, self.cursor(snapshot),
-                                      self.copy_sweeps.at_end())
+                                      self.copy_sweeps.at_end(), floors)
         self.copy_sweeps = CopySweeps({})
+        self.copy_floors = {}
         self.committed_seq = snapshot
         self.checkpoint_at = time.time()
         self.copy_progress = None
@@ -418,7 +428,9 @@ class Applier:
         old = self.store.cursor(self.database, self.peer)
         copied = (self.copy_progress or {}).get("records_copied", 0) + len(rows)
         copy_state = {"table": table, "key": rows[-1][0], "tombs": tombs,
-                      "snapshot": self.copy_snapshot, "copied": copied}
+                      "snapshot": self.copy_snapshot, "copied": copied,
+                      # A resumed copy raises no more than this (copyfloors.begun).
+                      **({"floors": self.copy_floors} if self.copy_floors else {})}
         cursor = {**self.cursor(int(old.get("seq", 0))), "copy": copy_state}
         definition = self.peer_tables.get(table)
         incarnation = definition.get("version") if isinstance(definition, dict) else None
@@ -452,7 +464,10 @@ class Applier:
             if not unappliable(exc) or not self._give_up((table, rows[0][0]), exc):
                 raise
             # The chunk cannot be applied: its rows go to the dead letters, the copy
-            # goes on after them.
+            # goes on after them, and raises no floor (those rows are not held here).
+            self.copy_floors = {}
+            copy_state.pop("floors", None)
+            cursor = {**cursor, "copy": copy_state}
             error = describe_error(exc)
             letters = deadletters.row_letters(self.peer, self.database, table, rows,
                                               work.origins, incarnation, error)

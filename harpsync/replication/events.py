@@ -57,6 +57,10 @@ class CopyBegan(Event):
     # Per table, ``[incarnation, version]`` of the newest tombstone the publisher swept
     # (``replication/copysweep.py``; None from older peers).
     horizons: dict[str, Any] | None = None
+    # Per origin, the version through which the publisher held all of that origin's
+    # transactions before it read any row (None from older peers): the receiver's
+    # floors once the copy is applied (``Applier.copy_floors``).
+    floors: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

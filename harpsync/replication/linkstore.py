@@ -8,12 +8,13 @@ surface; the storage package keeps its own types and jobs (``ingest``, ``deadlet
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from harpsync.replication import peers
 from harpsync.replication.seams import Entries, Rows
-from harpsync.storage import deadletters, ingest, schema
+from harpsync.storage import deadletters, ingest, logscan, schema
 from harpsync.storage.conflicts import Review
 from harpsync.storage.horizon import Sweep
 from harpsync.storage.ingest import ApplyStats
@@ -49,7 +50,8 @@ class StorageLinkStore:
         await schema.apply_hello(self.storage, database, tables, peer)
 
     async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any],
-                           sweeps: Sequence[Sweep] = ()) -> Any:
+                           sweeps: Sequence[Sweep] = (),
+                           floors: Mapping[str, int] | None = None) -> Any:
         # The database may be dropped (by a peer, through the system link) while this
         # link still runs, until the reconcile retires it: the cursor then belongs to
         # an incarnation that is gone, and is not written (as the apply jobs do). Before,
@@ -63,6 +65,8 @@ class StorageLinkStore:
         def job(ctx: WriteContext) -> None:
             if self.storage.databases.get(database) is db:
                 ingest.apply_sweeps(self.storage, ctx, db, peer, sweeps)
+                if floors:
+                    ingest.raise_floors(ctx, db, floors)
                 ingest.write_cursor(ctx, db=db, peer=peer, cursor=cursor)
 
         return await self.storage.write(job)
@@ -90,6 +94,12 @@ class StorageLinkStore:
                           cursor: dict[str, Any]) -> Any:
         return await self.storage.write(deadletters.record_job(
             self.storage, database, peer, letters, cursor))
+
+
+async def held_floors(db: Any, through_seq: int) -> dict[str, int]:
+    """``logscan.held_floors`` off the event loop: finding this node's newest entry
+    through ``through_seq`` may read far back in a log of relayed entries."""
+    return await asyncio.to_thread(logscan.held_floors, db, through_seq)
 
 
 def table_definitions(storage: Storage, db: Any) -> dict[str, Any]:

@@ -83,6 +83,12 @@ def _is_origin_versions(value: Any) -> bool:
     )
 
 
+def _is_origin_floors(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(name, str) and _is_int(version) for name, version in value.items()
+    )
+
+
 def _is_origin_tables(value: Any) -> bool:
     return isinstance(value, dict) and all(
         isinstance(name, str) and _is_names(tables) for name, tables in value.items()
@@ -121,7 +127,8 @@ CONTROL_SCHEMAS: dict[str, dict[str, _Check]] = {
     "ack": {"seq": _is_int},
     "caught_up": {"seq": _is_int},
     "copy_begin": {"snapshot_seq": _is_int, "total": _is_int, "tables": _is_names,
-                   "schema": _optional(_is_map), "horizons": _optional(_is_map)},
+                   "schema": _optional(_is_map), "horizons": _optional(_is_map),
+                   "floors": _optional(_is_origin_floors)},
     "copy_end": {"snapshot_seq": _is_int},
     "resync_required": {"oldest_seq": _is_int, "reason": _is_str},
     "error": {"code": _is_str, "message": _is_str},

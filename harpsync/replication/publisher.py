@@ -14,10 +14,11 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from harpsync import codec
 from harpsync.replication import peers
+from harpsync.replication.copysend import note_sent, send_copy
 from harpsync.replication.messages import ProtocolError
 from harpsync.replication.protocol import (
     AckReceived,
@@ -38,7 +39,6 @@ from harpsync.replication.steps import (
     Reported,
     Resync,
     Stream,
-    copy_resumable,
     first_step,
     next_step,
     sendable,
@@ -46,15 +46,11 @@ from harpsync.replication.steps import (
 from harpsync.replication.transport import Link, LinkClosed
 from harpsync.tasks import end_tasks
 
-if TYPE_CHECKING:
-    from harpsync.storage.database import Table
-
 log = logging.getLogger(__name__)
 
 TABLE_SCHEMA_OPS = frozenset({"create_table", "drop_table", "set_attribute"})
 
 READ_BATCH = 1000
-COPY_CHUNK = 500
 # A commit within this long of the link's last batch waits for the rest of the interval
 # and goes out with the commits that follow it, in one frame; the first commit after a
 # quiet spell goes at once. Each frame cost the peer about 0.15 ms of CPU (its wake-up,
@@ -453,7 +449,7 @@ class Publisher:
                 self.host.note_log_replaced(self.database)
             await self._resync(first)
             return
-        pos = await self._copy(db, sub, tables, known_through) if isinstance(first, Copy) \
+        pos = await send_copy(self, db, sub, tables, known_through) if isinstance(first, Copy) \
             else first.after_seq
         reported = Reported()
         known_origins = 0
@@ -525,10 +521,7 @@ class Publisher:
                     pos = self._parked_pos
 
     def _note_sent(self, db: LogSource, seq: int) -> None:
-        # What this process let the peer's cursor reach: a restored log is told by a
-        # cursor past it and past the head at open (``first_step``).
-        if seq > db.sent_to.get(self.peer, 0):
-            db.sent_to[self.peer] = seq
+        note_sent(db, self.peer, seq)
 
     def _report_due(self) -> None:
         self._report_timer = None
@@ -542,77 +535,3 @@ class Publisher:
     async def _resync(self, step: Resync) -> None:
         self.session.send_resync_required(step.oldest_seq, step.reason)
         await self.flush()
-
-    async def _copy(self, db: LogSource, sub: SubscribeRequested,
-                    tables: list[str] | None, known_through: int) -> int:
-        resume = sub.copy_resume or {}
-        head = db.head_seq
-        if resume.get("snapshot") is not None and not copy_resumable(
-                int(resume["snapshot"]), head, known_through):
-            resume = {}  # this log never sent that snapshot: start over
-        snapshot = head if resume.get("snapshot") is None else int(resume["snapshot"])
-        # The schema goes with the copy, read after its snapshot: the hello may be older
-        # (a resync within the session, or a subscribe that came late), and a drop and
-        # re-create in between would be in neither the hello nor the stream that
-        # follows the copy, so the peer would take the new incarnation's rows into its
-        # old one and never drop it.
-        schema = self.host.table_definitions(db)
-        names = sorted(t for t in list(db.tables)
-                       if peers.table_allowed(self.database, t, tables))
-        total = 0
-        for name in names:
-            table = db.tables[name]
-            total += db.table_size(table)[0] + db.tombstone_count(table)
-        # Read before any row: a row of this node's written after it is newer than it.
-        horizons = {name: value for name, value in db.swept_horizons().items()
-                    if name in names and name in (sub.origin_tables or {}).get(
-                        self.host.node_name, [name])}
-        self._note_sent(db, snapshot)
-        self.session.begin_copy(snapshot, total, names, schema, horizons)
-        await self.flush()
-        start_table = resume.get("table")
-        for name in names:
-            if start_table and name < start_table:
-                continue
-            found = db.tables.get(name)
-            if found is None:
-                continue
-            table = found
-            resuming = name == start_table
-            for tombs in (False, True):
-                if resuming and resume.get("tombs") and not tombs:
-                    continue
-                after = resume.get("key") if resuming and bool(resume.get("tombs")) == tombs \
-                    else None
-                # Rows of origins the peer takes this table from only directly (if at
-                # all) stay out, as they do from the stream.
-                withheld = {o for o, t in (sub.origin_tables or {}).items() if name not in t}
-                await self._copy_rows(db, table, tombs, after, withheld)
-        self.session.end_copy(snapshot)
-        await self.flush()
-        return snapshot
-
-    async def _copy_rows(self, db: LogSource, table: Table, tombs: bool,
-                         after: bytes | None, withheld: set[str]) -> None:
-        while True:
-            read = db.iter_rows(table, after, COPY_CHUNK, tombs=tombs)
-            if not read:
-                return
-            rows = read
-            if withheld:
-                ids = {oid for oid, name in db.origin_names.items() if name in withheld}
-                rows = [row for row in read if codec.unpack(row[1])[1] not in ids]
-            if rows:
-                self.session.send_copy_rows(table.name + ("\x00" if tombs else ""), rows,
-                                            _row_origins(db, rows))
-                await self.flush()
-            after = read[-1][0]
-            if len(read) < COPY_CHUNK:
-                return
-
-
-def _row_origins(db: LogSource, rows: list[tuple[bytes, bytes]]) -> dict[int, str]:
-    """Names of the origin ids the stored rows use (ids may be newer than our hello)."""
-    names = db.origin_names
-    ids = {codec.unpack(raw)[1] for _, raw in rows}
-    return {oid: names[oid] for oid in ids if oid in names}

@@ -156,15 +156,19 @@ class PublisherSession(Session):
 
     def begin_copy(self, snapshot_seq: int, total: int, tables: Sequence[str],
                    schema: Mapping[str, Any] | None = None,
-                   horizons: Mapping[str, list[int]] | None = None) -> None:
+                   horizons: Mapping[str, list[int]] | None = None,
+                   floors: Mapping[str, int] | None = None) -> None:
         """Start a full copy taken at log sequence ``snapshot_seq``; ``schema`` is the
         schema it was taken with (as in a hello), read after the snapshot; ``horizons``
-        the tables' tombstone horizons (``replication/copysweep.py``)."""
+        the tables' tombstone horizons (``replication/copysweep.py``); ``floors`` per
+        origin, the version through which this node held all its transactions before
+        reading any row (an optional field: older peers ignore it)."""
         self._require_streaming()
         self.copying = True
         self._send("copy_begin", snapshot_seq=snapshot_seq, total=total, tables=list(tables),
                    **({} if schema is None else {"schema": dict(schema)}),
-                   **({"horizons": dict(horizons)} if horizons else {}))
+                   **({"horizons": dict(horizons)} if horizons else {}),
+                   **({"floors": dict(floors)} if floors else {}))
 
     def send_copy_rows(self, table: str, rows: Sequence[tuple[bytes, bytes]],
                        origins: Mapping[int, str] | None = None) -> None:

@@ -16,12 +16,12 @@ import socket
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
-from harpsync.errors import BadRequestError
 from harpsync.listening import bind as bind_listener
-from harpsync.replication import maintenance, peers, routes
+from harpsync.replication import applypolicy, maintenance, peers, routes
+from harpsync.replication.controls import StreamControls
+from harpsync.replication.inbound import Inbound
 from harpsync.replication.linkcounts import LinkCounts
-from harpsync.replication.linkstore import StorageLinkStore, table_definitions
-from harpsync.replication.membership import NODE_PATH, serve_node_request
+from harpsync.replication.linkstore import StorageLinkStore, held_floors, table_definitions
 from harpsync.replication.mesh import Mesh
 from harpsync.replication.publisher import Publisher
 from harpsync.replication.reconnect import DIAL_TIMEOUT, PeerGate
@@ -40,7 +40,7 @@ from harpsync.replication.seams import (
 from harpsync.replication.subscriber import Subscriber
 from harpsync.replication.transport import Gate, Link, dial, listen
 from harpsync.storage import deadletters
-from harpsync.storage.conflicts import LWW, PolicyLookup, Review
+from harpsync.storage.conflicts import PolicyLookup, Review
 from harpsync.storage.database import Database
 from harpsync.storage.store import SYSTEM, Storage
 
@@ -81,7 +81,12 @@ class Replicator:
         self.relays = RelayPlanner(self.node_name, lambda: self.subscribers,
                                    self.replicated_databases, self._known_origins,
                                    lambda db: asking(self.publishers, db))
-        self.publishers: dict[tuple[str, str], set[Publisher]] = {}
+        # The sockets peers opened here (inbound.py), and the operator's stream
+        # controls (controls.py).
+        self.inbound = Inbound(self, lambda name: storage.databases.get(name))
+        # Its publishers by (peer, database): the one dict, read by status and relays.
+        self.publishers: dict[tuple[str, str], set[Publisher]] = self.inbound.publishers
+        self.controls = StreamControls(self, self.relays)
         self.acks: dict[tuple[str, str], int] = {}
         # How far each peer has durably applied this node's log, per database (acks and
         # the cursor a subscribe starts from); listeners hear of every advance.
@@ -93,10 +98,6 @@ class Replicator:
         self._sock: socket.socket | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._reconcile_lock = asyncio.Lock()
-        # One operator stream control (pause, resume, replay) at a time: each changes
-        # the links and then saves the paused databases, and interleaved, a pause
-        # saved 'paused' after a resume that came later had cleared it.
-        self._controls = asyncio.Lock()
         self.operation_handlers: dict[str, Callable[..., Any]] = {}
         # Last verification per (peer, database) and who to tell when a full copy ends.
         self.verified: dict[tuple[str, str], dict[str, Any]] = {}
@@ -113,7 +114,8 @@ class Replicator:
         self.url = self.config.replication_url(self.port)
         context = self.keys.server_context() if self.url.startswith("wss://") else None
         self.gate = Gate(self.settings.max_pending_per_address, self.settings.max_connections)
-        self._server = await listen(sock, context, self._accept, self.ping_interval, self.gate)
+        self._server = await listen(sock, context, self.inbound.accept, self.ping_interval,
+                                    self.gate)
         self.mesh.load_rows()
         await self.mesh.save_own_row()
         await self.mesh.scrub_secrets()
@@ -313,6 +315,10 @@ class Replicator:
         """The schema our hello describes (tables, drop markers; databases in system)."""
         return table_definitions(self.storage, db)
 
+    async def held_floors(self, db: Database, through_seq: int) -> dict[str, int]:
+        """What a copy of ``db`` taken at ``through_seq`` carries of each origin."""
+        return await held_floors(db, through_seq)
+
     async def dial_peer(self, peer: str, url: str, path: str) -> Link:
         """Open a replication socket to ``peer`` (mutual TLS, its name checked)."""
         # Who answers is checked by its certificate's name, CA and pinned key before a
@@ -321,141 +327,33 @@ class Replicator:
         context = self.keys.client_context(verify=True, peer_name=peer, check_hostname=False)
         return await dial(url, path, context, self.ping_interval, timeout=DIAL_TIMEOUT)
 
-    # -- the listener ------------------------------------------------------------------
-    async def _accept(self, link: Link) -> None:
-        if link.path == NODE_PATH:
-            await serve_node_request(self, link)
-            return
-        database = link.path.strip("/")
-        peer = link.peer
-        if peer is None:
-            await link.close(1008, "a verified node certificate is required")
-            return
-        refused = self.check_peer(peer.common_name, link)
-        if refused is not None:
-            await link.close(1008, refused)
-            return
-        link.authenticated()
-        publisher = Publisher(self, link, peer.common_name, database,
-                              self.storage.databases.get(database))
-        key = (peer.common_name, database)
-        self.publishers.setdefault(key, set()).add(publisher)
-        try:
-            await publisher.run()
-        finally:
-            publishers = self.publishers.get(key)
-            if publishers is not None:
-                publishers.discard(publisher)
-                if not publishers:
-                    del self.publishers[key]
-
+    # -- the listener (inbound.py) ----------------------------------------------------
     async def drop_inbound(self, name: str, reason: str) -> None:
         """Close the sockets ``name`` opened to this node; it reconnects if still allowed."""
-        links = [pub.link for key, pubs in list(self.publishers.items()) if key[0] == name
-                 for pub in list(pubs)]
-        await self._close_links(links, reason)
+        await self.inbound.drop_inbound(name, reason)
 
     async def drop_relaying(self, origin: str, reason: str) -> None:
-        """Close the sockets of the peers this node relays ``origin``'s writes to: their
-        sessions know from this node's hello which of ``origin``'s tables it takes
-        (``relay_tables``), and that just changed."""
-        links = [pub.link for (peer, database), pubs in list(self.publishers.items())
-                 if peer != origin and database != SYSTEM for pub in list(pubs)
-                 if pub.may_relay(origin)]
-        await self._close_links(links, reason)
+        """Close the sockets of the peers this node relays ``origin``'s writes to."""
+        await self.inbound.drop_relaying(origin, reason)
 
-    async def _close_links(self, links: list[Link], reason: str) -> None:
-        async def close(link: Link) -> None:
-            with contextlib.suppress(Exception):
-                await link.close(1000, reason)
-
-        # Together: each close may wait for the peer's close frame (close_timeout), and
-        # an operation such as set_node_replication waits for all of them.
-        await asyncio.gather(*(close(link) for link in links))
-
-    # -- operator controls: pause, resume, replay --------------------------------------
-    def links_of(self, peer: str, database: str | None) -> list[Subscriber]:
-        if peer not in self.rows:
-            raise BadRequestError(f"{peer} does not exist")
-        subs = [s for (p, d), s in sorted(self.subscribers.items())
-                if p == peer and (database is None or d == database)]
-        if not subs:
-            raise BadRequestError(f"no replication link from '{peer}'"
-                                  + (f" for database '{database}'" if database else ""))
-        return subs
-
+    # -- operator controls (controls.py) ----------------------------------------------
     async def pause(self, peer: str, database: str | None) -> list[str]:
         """Stop receiving from ``peer``; the committed cursor is kept."""
-        async with self._controls:
-            databases = [s.database for s in self.links_of(peer, database)]
-            # Saved first, and the links paused under the reconcile lock: a link that a
-            # subscription change re-creates meanwhile starts held. Before, the pause
-            # stopped the old link and the new one streamed on, paused only in the row.
-            await self._persist_paused(peer, set(databases), set())
-            async with self._reconcile_lock:
-                for db_name in databases:
-                    sub = self.subscribers.get((peer, db_name))
-                    if sub is not None:
-                        await sub.pause()
-                    # Pausing stops the peer's own stream, also where another peer
-                    # relays it (its direct link was down); the planner does not relay
-                    # a paused origin.
-                    await self.relays.release(peer, db_name)
-            return databases
-
-    async def _persist_paused(self, peer: str, add: set[str], remove: set[str]) -> None:
-        """Keep the paused databases in the peer's row, so a pause survives a restart."""
-        old = set(self.rows.get(peer, {}).get("paused") or [])
-        new = (old | add) - remove
-        if new != old and peer in self.rows:
-            await self.save_row({"name": peer, "paused": sorted(new)})
+        return await self.controls.pause(peer, database)
 
     async def resume(self, peer: str, database: str | None) -> list[str]:
-        """Restart paused links from their committed cursor. The pause of a database
-        whose link a subscription change removed meanwhile ends too (kept, it would
-        hold that link again once a widening re-creates it)."""
-        async with self._controls:
-            held = {d for d in self.rows.get(peer, {}).get("paused") or []
-                    if database is None or d == database}
-            try:
-                subs = self.links_of(peer, database)
-            except BadRequestError:
-                if not held:
-                    raise
-                subs = []
-            for sub in subs:
-                sub.resume()
-            resumed = {s.database for s in subs} | held
-            await self._persist_paused(peer, set(), resumed)
-            return sorted(resumed)
+        """Restart paused links from their committed cursor."""
+        return await self.controls.resume(peer, database)
 
     async def replay(self, peer: str, database: str | None, from_seq: int | None,
                      from_version: int | None) -> list[str]:
-        """Rewind links to a publisher sequence (or to the start, skipping versions older
-        than ``from_version``) and stream again; applying twice is harmless."""
-        async with self._controls:
-            subs = self.links_of(peer, database)
-            for sub in subs:
-                await sub.rewind(from_seq if from_seq is not None else 0, from_version or 0)
-            await self._persist_paused(peer, set(), {s.database for s in subs})
-            return [s.database for s in subs]
+        """Rewind links to a publisher sequence and stream again."""
+        return await self.controls.replay(peer, database, from_seq, from_version)
 
     # -- conflict policies (storage/conflicts.py) --------------------------------------
     def policy_lookup(self, database: str) -> PolicyLookup | None:
-        """``(origin, table) -> policy`` for changes to ``database``; None while every
-        policy is last-writer-wins (the apply path then skips the review)."""
-        if database == SYSTEM:
-            return None  # users, roles and schema always converge (and hold secrets)
-        default = self.default_conflict
-        rows = self.rows
-        if default == LWW and not any(
-                row.get("conflict") not in (None, LWW)
-                or any(s.get("conflict") not in (None, LWW)
-                       for s in row.get("subscriptions") or [])
-                for row in list(rows.values())):
-            return None
-        return lambda origin, table: peers.conflict_policy(rows.get(origin), database, table,
-                                                           default)
+        """``(origin, table) -> policy`` for ``database`` (None: all last-writer-wins)."""
+        return applypolicy.policy_lookup(self.rows, database, self.default_conflict)
 
     def review(self, peer: str, database: str) -> Review | None:
         """The policy review for one apply job of the link from ``peer``."""
@@ -469,32 +367,8 @@ class Replicator:
 
     def narrow_origins(self, peer: str, database: str,
                        relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
-        """Origins other than ``peer`` with a direct link here whose tables the link
-        from ``peer`` (a relay for them) may not all carry: this node's subscription
-        from ``peer`` does not cover its subscription from the origin, or ``peer``
-        itself takes only some of the origin's tables (``relay_tables``, from its
-        hello). Their entries applied from ``peer`` raise no floor, so the direct link,
-        when it is back, still sends what the relay left out (found by a relay that
-        carried a t1 write while a t2 write was made: the direct link then skipped the
-        t2 write for good)."""
-        mine = peers.subscribe_tables(self.mesh.peer_row(peer) or {}, database)
-        relay_tables = relay_tables or {}
-        if mine is None and not relay_tables:
-            return frozenset()
-        held = set()
-        for origin, row in list(self.mesh.rows.items()):
-            if origin == peer:
-                continue
-            theirs = peers.subscribe_tables(row, database)
-            if theirs is False:
-                continue  # no data link with it: relays are its only path here
-            carried = relay_tables.get(origin)
-            if (mine is not None and (mine is False or theirs is None
-                                      or not set(theirs) <= set(mine))) \
-                    or (carried is not None and (theirs is None
-                                                 or not set(theirs) <= set(carried))):
-                held.add(origin)
-        return frozenset(held)
+        """Origins whose floors entries from ``peer`` must not raise (applypolicy.py)."""
+        return applypolicy.narrow_origins(self.rows, peer, database, relay_tables)
 
     # -- routes (routes.py) ------------------------------------------------------------
     route_url = staticmethod(routes.route_url)

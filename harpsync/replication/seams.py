@@ -170,6 +170,12 @@ class PublisherHost(LinkHost, Protocol):
         """``peer`` acknowledged this node's log through ``seq``."""
         ...
 
+    async def held_floors(self, db: Any, through_seq: int) -> dict[str, int]:
+        """Per origin, a version through which ``db`` holds all of that origin's
+        transactions, as committed (``storage.logscan.held_floors``): what a copy taken
+        at ``through_seq`` and read after this carries."""
+        ...
+
 
 class LinkStore(Protocol):
     """What a subscriber reads and writes on this node: its cursor, the schema its hello
@@ -205,9 +211,11 @@ class LinkStore(Protocol):
         ...
 
     def write_cursor(self, database: str, peer: str, cursor: dict[str, Any],
-                     sweeps: Sequence[Sweep] = ()) -> Awaitable[Any]:
+                     sweeps: Sequence[Sweep] = (),
+                     floors: Mapping[str, int] | None = None) -> Awaitable[Any]:
         """Commit ``cursor`` for ``peer``'s link alone (with the ``sweeps`` of its copy's
-        end: ingest.apply_sweeps)."""
+        end: ingest.apply_sweeps, and the per-origin ``floors`` it carried, raised:
+        ingest.raise_floors)."""
         ...
 
     def apply_entries(self, database: str, peer: str, entries: Entries,

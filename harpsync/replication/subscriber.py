@@ -362,8 +362,9 @@ class Subscriber:
         # stream ``running``) while the whole log was read again.
         self.caught_up_seq = after
         self.applier.copy_resume = resume or None
-        # ``copied`` (rows copied before) is for this side's progress only.
-        sent_resume = {k: v for k, v in resume.items() if k != "copied"} if resume else None
+        # ``copied`` (rows copied before) and ``floors`` are for this side only.
+        sent_resume = {k: v for k, v in resume.items() if k not in ("copied", "floors")} \
+            if resume else None
         self._session.subscribe(after_seq=after, origins=floors,
                                 tables=None if tables is None else list(tables or []),
                                 copy=copy, copy_resume=sent_resume,
@@ -389,7 +390,8 @@ class Subscriber:
             await self.applier.queue.put(Work("caught_up", event.seq, {}))
         elif isinstance(event, CopyBegan):
             self.state = LinkState.COPYING
-            await self.applier.queue_copy(event.snapshot_seq, event.total, event.horizons)
+            await self.applier.queue_copy(event.snapshot_seq, event.total, event.horizons,
+                                          event.floors)
             if event.schema is not None:  # learned in order: after what is queued
                 await self.applier.queue.put(Work("schema", event.schema, {}))
         elif isinstance(event, CopyRows):

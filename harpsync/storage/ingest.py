@@ -19,6 +19,7 @@ from harpsync.storage import horizon, schema
 from harpsync.storage.database import CURSOR_PREFIX, HW_PREFIX, LOCAL_ORIGIN, Database, Table
 from harpsync.storage.hlc import ClockSkewError
 from harpsync.storage.keys import decode_id, encode_id
+from harpsync.storage.logscan import carries_rows
 from harpsync.storage.records import (
     absent,
     get_stored,
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ApplyStats", "UnknownTableError", "apply_entries_job", "apply_op", "apply_rows_job",
            "apply_sweeps",
-           "forget_cursor", "forget_floor", "local_origin", "write_cursor"]
+           "forget_cursor", "forget_floor", "local_origin", "raise_floors", "write_cursor"]
 
 
 @dataclass
@@ -88,6 +89,16 @@ def note_origin_versions(ctx: WriteContext, db: Database, seen: Mapping[str, int
         ctx.on_undo(functools.partial(db.origin_hw.__setitem__, name, old))
         ctx.txn(db).put(HW_PREFIX + name.encode(), codec.pack(version), db=db.meta_dbi)
         ctx.meta_written.append((db, HW_PREFIX + name.encode()))
+
+
+def raise_floors(ctx: WriteContext, db: Database, floors: Mapping[str, int]) -> None:
+    """Raise origins' high-water versions to what a full copy carried of them (its
+    publisher held every transaction of each up to that version; see
+    ``replication/applier.py``), with the job that ends the copy, after its rows are
+    committed. The versions kept as repeats at or below the new floors are forgotten:
+    no path is asked for them again."""
+    note_origin_versions(ctx, db, floors)
+    db.repeats.prune(ctx, {name: db.origin_hw.get(name, 0) for name in floors})
 
 
 def forget_floor(ctx: WriteContext, db: Database, origin: str) -> None:
@@ -270,7 +281,8 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
     Entries older than ``floor`` (a ``start_time`` version) are skipped. Entries of the
     origins in ``held_floors`` apply but leave those origins' high-water versions alone,
     as do relayed entries (of an origin other than ``peer``) that only change schema:
-    the relay may have learned them from a hello without the origin's rows before them.
+    the relay may have learned them from a hello without the origin's rows before them;
+    and entries carrying rows of a copy or a repair (:func:`carries_rows`).
     Such entries come again by the path that raises the floor; kept in ``db.repeats``,
     they are not counted in ``ApplyStats.entries`` the second time (``repeats.py``).
     """
@@ -322,7 +334,8 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
             if not repeat:
                 stats.entries += 1
             if origin_name not in held_floors and not (
-                    origin_name != peer and all(op[1] in SCHEMA_OPS for op in ops)):
+                    origin_name != peer and all(op[1] in SCHEMA_OPS for op in ops)) \
+                    and not carries_rows(version, ops):
                 seen[origin_name] = max(seen.get(origin_name, 0), version)
             elif not repeat and version > db.origin_hw.get(origin_name, 0):
                 fresh.setdefault(origin_name, set()).add(version)  # comes again later

@@ -8,6 +8,8 @@ position reaches the last local entry whose version is at most V".
 
 from __future__ import annotations
 
+from typing import Any
+
 from harpsync import codec
 from harpsync.storage.database import LOCAL_ORIGIN, Database
 from harpsync.storage.keys import seq_key, seq_of
@@ -15,6 +17,42 @@ from harpsync.storage.keys import seq_key, seq_of
 # A backward scan gives up after this many entries of other origins (a node relaying a
 # busy peer); the answer is then the conservative one.
 SCAN_LIMIT = 200_000
+
+
+def carries_rows(version: int, ops: list[list[Any]]) -> bool:
+    """Whether an entry ``[origin, version, user, ops]`` carries rows a full copy or a
+    repair landed (each op keeps its row's own version in ``op[5]``, and the entry is
+    stamped with the newest of them): not one transaction of its origin in that
+    origin's version order (chunks go in key order), so it raises no floor where it is
+    applied, nor counts as this node's own newest write. A horizon's re-issued deletes
+    keep ``op[5]`` too, but under a new version: a transaction of the node issuing them.
+    Such entries hold only such ops, so an entry whose first op has no ``op[5]`` is
+    answered by one look (the apply path asks for every entry)."""
+    if not ops or len(ops[0]) <= 5:
+        return False
+    return any(len(op) > 5 and op[5] == version for op in ops)
+
+
+def own_version_through(db: Database, seq: int) -> int:
+    """The version of the newest entry at or before ``seq`` that this node wrote itself
+    (0 if none is left in the log, or the scan gave up): not one logging rows of its
+    name that a copy or a repair brought back (:func:`carries_rows`), whose versions
+    may be an earlier node's of that name, ahead of this one's."""
+    with db.reading() as txn:
+        cur = txn.cursor(db=db.txns_dbi)
+        if not cur.set_range(seq_key(seq + 1)):
+            if not cur.last():
+                return 0
+        elif not cur.prev():
+            return 0
+        for scanned, (_key, value) in enumerate(cur.iterprev()):
+            if scanned > SCAN_LIMIT:
+                return 0
+            origin, entry_version = codec.unpack_head(value, 2)
+            if origin == LOCAL_ORIGIN and not carries_rows(entry_version,
+                                                           codec.unpack(value)[3]):
+                return int(entry_version)
+    return 0
 
 
 def local_seq_through(db: Database, version: int) -> int:
@@ -53,6 +91,28 @@ def local_version_at(db: Database, seq: int) -> int:
             if origin == LOCAL_ORIGIN:
                 return int(entry_version)
     return 0
+
+
+def held_floors(db: Database, through_seq: int) -> dict[str, int]:
+    """Per origin, a version through which ``db`` holds every transaction of that
+    origin, as committed (origins with none left out): what a full copy taken at log
+    sequence ``through_seq`` and read after this call carries.
+
+    For this node, the newest entry it wrote itself through ``through_seq`` (its own
+    writes are logged in version order; none when they were all pruned: the newest
+    pruned version of its name may be rows a copy brought back); for another origin,
+    its committed high-water version (``hw:<origin>``: raised only with the
+    transactions up to it, see ``Database.committed_hw``). Never more than is held: a
+    copy that claimed more would raise its receiver's floor past transactions it never
+    carried.
+    """
+    own_name = db.origin_names[LOCAL_ORIGIN]
+    others = sorted({name for name in db.origin_names.values() if name != own_name})
+    out = {name: version for name, version in db.committed_hw(others).items() if version}
+    own = own_version_through(db, through_seq)
+    if own:
+        out[own_name] = own
+    return out
 
 
 def newest_local_version(db: Database) -> int:

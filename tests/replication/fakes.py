@@ -153,6 +153,9 @@ class FakePublisherHost(FakeLinkHost):
         self.positions: list[tuple[str, str, int, bool]] = []
         self.replaced: list[str] = []
         self.acks: list[tuple[str, str, int]] = []
+        # What ``held_floors`` answers (a test sets it), and the sequences it was asked.
+        self.floors: dict[str, int] = {}
+        self.floors_asked: list[int] = []
 
     def note_position(self, peer: str, database: str, seq: int, reset: bool = False) -> None:
         self.positions.append((peer, database, seq, reset))
@@ -162,6 +165,10 @@ class FakePublisherHost(FakeLinkHost):
 
     def note_log_replaced(self, database: str) -> None:
         self.replaced.append(database)
+
+    async def held_floors(self, db: Any, through_seq: int) -> dict[str, int]:
+        self.floors_asked.append(through_seq)
+        return dict(self.floors)
 
 
 class FakeSubscriberHost(FakeLinkHost):
@@ -180,6 +187,7 @@ class FakeSubscriberHost(FakeLinkHost):
         self.skewed = 0
         self.copies: list[tuple[str, str]] = []
         self.logins_forgotten = 0
+        self.narrow: frozenset[str] = frozenset()  # what ``narrow_origins`` answers
 
     async def dial_peer(self, peer: str, url: str, path: str) -> Link:
         dialed, accepted = await socket_pair(path)
@@ -204,7 +212,7 @@ class FakeSubscriberHost(FakeLinkHost):
 
     def narrow_origins(self, peer: str, database: str,
                        relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
-        return frozenset()
+        return self.narrow
 
     def note_dialed(self, peer: str, database: str, reconnect: bool) -> None:
         pass
@@ -238,7 +246,8 @@ class FakeLinkStore:
     """A ``LinkStore`` in memory: cursors, and every apply job in the order it ran.
 
     ``refuse`` names log sequences whose apply fails as a bad change would (a
-    ``ValueError``), to exercise the dead-letter path.
+    ``ValueError``), to exercise the dead-letter path; ``refuse_keys`` copied rows.
+    ``held`` is the floor per origin (raised by entries, and by a copy's end).
     """
 
     def __init__(self, database: str = "data") -> None:
@@ -251,6 +260,7 @@ class FakeLinkStore:
         self.hellos: list[Mapping[str, Any]] = []
         self.held: dict[str, int] = {}
         self.refuse: set[int] = set()
+        self.refuse_keys: set[bytes] = set()
 
     def has_database(self, name: str) -> bool:
         return name in self.databases
@@ -271,8 +281,10 @@ class FakeLinkStore:
         self.hellos.append(tables)
 
     async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any],
-                           sweeps: Any = ()) -> None:
+                           sweeps: Any = (), floors: Mapping[str, int] | None = None) -> None:
         self.cursors[(database, peer)] = dict(cursor)
+        for name, version in (floors or {}).items():
+            self.held[name] = max(self.held.get(name, 0), version)
 
     async def apply_entries(self, database: str, peer: str, entries: list[tuple[int, bytes]],
                             origins: Mapping[int, str], cursor: dict[str, Any],
@@ -296,6 +308,8 @@ class FakeLinkStore:
                          rows: list[tuple[bytes, bytes]], origins: Mapping[int, str],
                          cursor: dict[str, Any], floor: int, incarnation: int | None,
                          review: Any, sweeps: Any = ()) -> int:
+        if any(key in self.refuse_keys for key, _ in rows):
+            raise ValueError("a row that cannot be applied")
         self.copied.append((table, [key for key, _ in rows], dict(cursor)))
         self.cursors[(database, peer)] = dict(cursor)
         return len(rows)

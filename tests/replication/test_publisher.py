@@ -261,6 +261,26 @@ async def test_full_copy_sends_rows_and_tombstones_then_streams():
         assert session.peer_origins[3] == "node-c"
 
 
+async def test_a_copy_begins_with_the_floors_it_carries():
+    """``copy_begin`` names, per origin, the version through which this node held its
+    transactions, asked at the snapshot before any row is read: not the peer's own,
+    nor an origin whose rows the copy withholds from every table it carries."""
+    log = FakeLog()
+    log.add_table("dog", [stored_row(1, 10, k) for k in (1, 2)])
+    logged(log, 3)
+    async with serve(log) as served:
+        served.host.floors = {"node-a": 30, PEER: 20, "node-c": 10, "node-d": 5}
+        session = await hello(served)
+        session.subscribe(after_seq=0, origins=None, tables=None, copy=True,
+                          origin_tables={"node-c": ["dog"], "node-d": ["cat"]})
+        await served.peer.flush()
+        began = await served.peer.expect(CopyBegan)
+        assert began.floors == {"node-a": 30, "node-c": 10}
+        assert served.host.floors_asked == [3]
+        await served.peer.expect(CopyRows)
+        await served.peer.expect(CopyEnded)
+
+
 async def test_a_copy_resumed_past_a_restored_log_starts_over():
     """An interrupted copy resumes at its snapshot only if this log can have sent it:
     restored to 4 and written on to 9, a resume at snapshot 7 would stream on after 7

@@ -127,10 +127,10 @@ class HeldCursorStore(FakeLinkStore):
         self.writing = asyncio.Event()
 
     async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any],
-                           sweeps: Any = ()) -> None:
+                           sweeps: Any = (), floors: Any = None) -> None:
         self.writing.set()
         await self.release.wait()
-        await super().write_cursor(database, peer, cursor, sweeps)
+        await super().write_cursor(database, peer, cursor, sweeps, floors)
 
 
 async def test_a_copy_whose_end_commits_as_the_link_drops_is_not_left_in_progress():
@@ -488,10 +488,10 @@ class HeldSweepStore(FakeLinkStore):
                                          incarnation, review, sweeps)
 
     async def write_cursor(self, database: str, peer: str, cursor: dict[str, Any],
-                           sweeps: Any = ()) -> None:
+                           sweeps: Any = (), floors: Any = None) -> None:
         if sweeps:
             self.sweeps.append((f"end {cursor['seq']}", list(sweeps)))
-        await super().write_cursor(database, peer, cursor, sweeps)
+        await super().write_cursor(database, peer, cursor, sweeps, floors)
 
 
 async def test_a_copy_after_resync_does_not_sweep_with_the_ranges_of_the_copy_before():

@@ -1,0 +1,158 @@
+"""A full copy sets the receiver's per-origin floors (issue 9: each transaction once).
+
+A node that received the mesh's history only by full copies then streams; when one of
+its direct links is cut, the relay that takes that origin over (and reads its own log
+again from the start, with the floors) sends nothing of the copied history again, and
+after the heal the counts are exact again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.helpers import wait_for
+from tests.lifecycle_util import db_socket
+from tests.proxy_util import TcpProxy
+from tests.repl_util import CREDS, by_id, has_table, join
+
+K = 5  # transactions written on each node per round
+
+
+def _received(node: Any) -> int:
+    """``node``'s ``txns_received`` for ``data``, over all its links."""
+    return sum(int(s.get("txns_received", 0))
+               for c in node.call("cluster_status")["connections"]
+               for s in c["database_sockets"] if s["database"] == "data")
+
+
+def _quiet(nodes: list[Any]) -> list[int]:
+    """The counters once every connected data link has read its publisher's whole log
+    (a cut link is not connected: its origin comes through a relay)."""
+    def caught_up(node: Any) -> bool:
+        socks = [s for c in node.call("cluster_status")["connections"]
+                 for s in c["database_sockets"] if s["database"] == "data"]
+        live = [s for s in socks if s["connected"]]
+        return bool(live) and all(s["state"] == "streaming" and s["lag_txns"] == 0
+                                  for s in live)
+
+    for node in nodes:
+        wait_for(lambda n=node: caught_up(n), timeout=30,
+                 message=f"{node.name}'s data links to catch up")
+    return [_received(n) for n in nodes]
+
+
+def _write_round(nodes: list[Any], first_id: int) -> int:
+    """K single-record transactions on every node; returns the next free id."""
+    rid = first_id
+    for node in nodes:
+        for _ in range(K):
+            node.call("insert", table="t", records=[{"id": rid, "on": node.name}])
+            rid += 1
+    return rid
+
+
+def _converged(nodes: list[Any], total: int) -> None:
+    for node in nodes:
+        wait_for(lambda n=node: n.count("t") == total, timeout=30,
+                 message=f"{node.name} to hold all {total} records")
+
+
+def _direct(node: Any, peer: Any) -> bool:
+    sock = db_socket(node.call("cluster_status"), peer.name, "data")
+    return bool(sock and sock["connected"] and sock.get("state") == "streaming")
+
+
+def _relay_of(node: Any, origin: Any) -> str | None:
+    return node.node.cluster.relays.assignments.get("data", {}).get(origin.name)
+
+
+@pytest.mark.timeout(240)
+def test_a_node_joined_by_copy_receives_each_transaction_once(cluster, node_factory):
+    """d joins a 3-node mesh holding writes of each node, and receives them all by full
+    copies (its direct link from a through a proxy). Its floors for a, b and c are then
+    those the copies carried. With that link cut, b or c relays a's new writes (reading
+    its own log again from the start, above d's floors); after the heal the direct link
+    streams again. In each round every node's ``txns_received`` grows by exactly the
+    transactions written elsewhere. Before, a copy set no floor: the relay sent d its
+    own and a's whole history again, applied as no-ops and counted."""
+    a, b, c = cluster(3)
+    a.call("create_table", table="t", primary_key="id")
+    for node in (a, b, c):
+        wait_for(lambda n=node: has_table(n, "t"), timeout=20, message="table t everywhere")
+    next_id = _write_round([a, b, c], 1)  # the history d receives only by copy
+    _converged([a, b, c], 3 * K)
+    d = node_factory("node-d")
+    nodes = [a, b, c, d]
+    to_a = TcpProxy(a.repl_port)
+    try:
+        d.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        for peer in (a, b, c):
+            wait_for(lambda p=peer: _direct(d, p), timeout=30,
+                     message=f"d streaming from {peer.name}")
+        _converged(nodes, 3 * K)
+        before = _quiet(nodes)
+        floors = d.node.storage.databases["data"].committed_hw([a.name, b.name, c.name])
+        assert all(floors.values()), f"d's floors after its copies: {floors}"
+
+        to_a.cut()
+        wait_for(lambda: not _direct(d, a), timeout=20, message="d's direct link from a down")
+        wait_for(lambda: _relay_of(d, a) in (b.name, c.name), timeout=20,
+                 message="a relayed to d")
+        next_id = _write_round(nodes, next_id)
+        _converged(nodes, 7 * K)
+        assert not _direct(d, a), "the cut link came back while cut"
+        during = _quiet(nodes)
+        got = [x - y for x, y in zip(during, before, strict=True)]
+        assert got == [3 * K] * 4, f"transactions received per node while cut: {got}"
+
+        to_a.heal()
+        wait_for(lambda: _direct(d, a), timeout=30, message="d streaming from a again")
+        _write_round(nodes, next_id)
+        _converged(nodes, 11 * K)
+        after = _quiet(nodes)
+        got = [x - y for x, y in zip(after, during, strict=True)]
+        assert got == [3 * K] * 4, f"transactions received per node after the heal: {got}"
+    finally:
+        to_a.close()
+
+
+T1_ONLY = [{"database": "data", "table": "t1", "subscribe": True, "publish": True}]
+
+
+@pytest.mark.timeout(180)
+def test_a_copy_of_some_tables_raises_no_floor_of_an_origin_it_does_not_carry_all_of(
+        node_factory):
+    """b takes everything from a, and t1 only from c. With b's direct link from a cut,
+    a writes to t1 and t2; then b starts taking t1 from c, whose copy (t1 only) carries
+    a's t1 row. Floors are per database, not per table: raising b's floor for a to c's
+    would have b's direct link, once back, skip a's t2 row for good. The copy raises
+    no floor of a (``narrow_origins``), and the row arrives."""
+    a, b, c = (node_factory(f"node-{x}") for x in "abc")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(c, a)
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS)
+        join(b, c, replicates=False)
+        wait_for(lambda: _direct(b, a) and has_table(b, "t2"), timeout=30,
+                 message="b streaming from a")
+        to_a.cut()
+        wait_for(lambda: not _direct(b, a), timeout=20, message="b's direct link down")
+        a.call("insert", table="t1", records=[{"id": 1}])
+        a.call("insert", table="t2", records=[{"id": 1, "v": "only from a"}])
+        wait_for(lambda: by_id(c, "t2", 1) is not None, timeout=20, message="c holds both")
+        b.call("set_node_replication", hostname=c.name, subscriptions=T1_ONLY)
+        wait_for(lambda: by_id(b, "t1", 1) is not None and _direct(b, c), timeout=30,
+                 message="a's t1 row copied to b by c")
+        floor = b.node.storage.databases["data"].committed_hw([a.name])[a.name]
+        assert by_id(b, "t2", 1) is None, "c sent b a table b does not take from it"
+        to_a.heal()
+        wait_for(lambda: _direct(b, a), timeout=30, message="b streaming from a again")
+        wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=30,
+                 message=f"a's t2 row on b (b's floor for a was {floor})")
+    finally:
+        to_a.close()
