@@ -183,6 +183,10 @@ class Publisher:
             # (its timer wakes the pump) moves the peer's cursor past them. Waking now
             # cost this node a cross-thread call and a log read per write it applied.
             return
+        if self._linger is not None:
+            # Held (``SEND_LINGER``): the timer reads the log after it clears this, so
+            # it reads this commit's entries (logged before the listeners are told).
+            return
         if not self._commit_pending:
             self._commit_pending = True
             self._loop.call_soon_threadsafe(self._committed)
