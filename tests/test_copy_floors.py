@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from tests.helpers import wait_for
-from tests.lifecycle_util import db_socket
 from tests.proxy_util import TcpProxy
+from tests.relay_util import converged, direct, relay_of, write_round
 from tests.repl_util import CREDS, by_id, has_table, join
 
 K = 5  # transactions written on each node per round
@@ -42,31 +42,6 @@ def _quiet(nodes: list[Any]) -> list[int]:
     return [_received(n) for n in nodes]
 
 
-def _write_round(nodes: list[Any], first_id: int) -> int:
-    """K single-record transactions on every node; returns the next free id."""
-    rid = first_id
-    for node in nodes:
-        for _ in range(K):
-            node.call("insert", table="t", records=[{"id": rid, "on": node.name}])
-            rid += 1
-    return rid
-
-
-def _converged(nodes: list[Any], total: int) -> None:
-    for node in nodes:
-        wait_for(lambda n=node: n.count("t") == total, timeout=30,
-                 message=f"{node.name} to hold all {total} records")
-
-
-def _direct(node: Any, peer: Any) -> bool:
-    sock = db_socket(node.call("cluster_status"), peer.name, "data")
-    return bool(sock and sock["connected"] and sock.get("state") == "streaming")
-
-
-def _relay_of(node: Any, origin: Any) -> str | None:
-    return node.node.cluster.relays.assignments.get("data", {}).get(origin.name)
-
-
 @pytest.mark.timeout(240)
 def test_a_node_joined_by_copy_receives_each_transaction_once(cluster, node_factory):
     """d joins a 3-node mesh holding writes of each node, and receives them all by full
@@ -80,8 +55,8 @@ def test_a_node_joined_by_copy_receives_each_transaction_once(cluster, node_fact
     a.call("create_table", table="t", primary_key="id")
     for node in (a, b, c):
         wait_for(lambda n=node: has_table(n, "t"), timeout=20, message="table t everywhere")
-    next_id = _write_round([a, b, c], 1)  # the history d receives only by copy
-    _converged([a, b, c], 3 * K)
+    next_id = write_round([a, b, c], 1, K)  # the history d receives only by copy
+    converged([a, b, c], 3 * K)
     d = node_factory("node-d")
     nodes = [a, b, c, d]
     to_a = TcpProxy(a.repl_port)
@@ -89,28 +64,28 @@ def test_a_node_joined_by_copy_receives_each_transaction_once(cluster, node_fact
         d.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
                authorization=CREDS)
         for peer in (a, b, c):
-            wait_for(lambda p=peer: _direct(d, p), timeout=30,
+            wait_for(lambda p=peer: direct(d, p.name), timeout=30,
                      message=f"d streaming from {peer.name}")
-        _converged(nodes, 3 * K)
+        converged(nodes, 3 * K)
         before = _quiet(nodes)
         floors = d.node.storage.databases["data"].committed_hw([a.name, b.name, c.name])
         assert all(floors.values()), f"d's floors after its copies: {floors}"
 
         to_a.cut()
-        wait_for(lambda: not _direct(d, a), timeout=20, message="d's direct link from a down")
-        wait_for(lambda: _relay_of(d, a) in (b.name, c.name), timeout=20,
+        wait_for(lambda: not direct(d, a.name), timeout=20, message="d's direct link from a down")
+        wait_for(lambda: relay_of(d, a.name) in (b.name, c.name), timeout=20,
                  message="a relayed to d")
-        next_id = _write_round(nodes, next_id)
-        _converged(nodes, 7 * K)
-        assert not _direct(d, a), "the cut link came back while cut"
+        next_id = write_round(nodes, next_id, K)
+        converged(nodes, 7 * K)
+        assert not direct(d, a.name), "the cut link came back while cut"
         during = _quiet(nodes)
         got = [x - y for x, y in zip(during, before, strict=True)]
         assert got == [3 * K] * 4, f"transactions received per node while cut: {got}"
 
         to_a.heal()
-        wait_for(lambda: _direct(d, a), timeout=30, message="d streaming from a again")
-        _write_round(nodes, next_id)
-        _converged(nodes, 11 * K)
+        wait_for(lambda: direct(d, a.name), timeout=30, message="d streaming from a again")
+        write_round(nodes, next_id, K)
+        converged(nodes, 11 * K)
         after = _quiet(nodes)
         got = [x - y for x, y in zip(after, during, strict=True)]
         assert got == [3 * K] * 4, f"transactions received per node after the heal: {got}"
@@ -138,20 +113,20 @@ def test_a_copy_of_some_tables_raises_no_floor_of_an_origin_it_does_not_carry_al
         b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
                authorization=CREDS)
         join(b, c, replicates=False)
-        wait_for(lambda: _direct(b, a) and has_table(b, "t2"), timeout=30,
+        wait_for(lambda: direct(b, a.name) and has_table(b, "t2"), timeout=30,
                  message="b streaming from a")
         to_a.cut()
-        wait_for(lambda: not _direct(b, a), timeout=20, message="b's direct link down")
+        wait_for(lambda: not direct(b, a.name), timeout=20, message="b's direct link down")
         a.call("insert", table="t1", records=[{"id": 1}])
         a.call("insert", table="t2", records=[{"id": 1, "v": "only from a"}])
         wait_for(lambda: by_id(c, "t2", 1) is not None, timeout=20, message="c holds both")
         b.call("set_node_replication", hostname=c.name, subscriptions=T1_ONLY)
-        wait_for(lambda: by_id(b, "t1", 1) is not None and _direct(b, c), timeout=30,
+        wait_for(lambda: by_id(b, "t1", 1) is not None and direct(b, c.name), timeout=30,
                  message="a's t1 row copied to b by c")
         floor = b.node.storage.databases["data"].committed_hw([a.name])[a.name]
         assert by_id(b, "t2", 1) is None, "c sent b a table b does not take from it"
         to_a.heal()
-        wait_for(lambda: _direct(b, a), timeout=30, message="b streaming from a again")
+        wait_for(lambda: direct(b, a.name), timeout=30, message="b streaming from a again")
         wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=30,
                  message=f"a's t2 row on b (b's floor for a was {floor})")
     finally:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from tests.helpers import wait_for
-from tests.lifecycle_util import db_socket
 from tests.proxy_util import TcpProxy
+from tests.relay_util import converged, direct, write_round
 from tests.repl_util import CREDS, has_table
 
 K = 5  # transactions written on each node per round
@@ -20,22 +20,6 @@ def _received(node: Any, database: str = "data") -> int:
     status = node.call("cluster_status")
     return sum(int(s.get("txns_received", 0)) for c in status["connections"]
                for s in c["database_sockets"] if s["database"] == database)
-
-
-def _write_round(nodes: list[Any], first_id: int) -> int:
-    """K single-record transactions on every node; returns the next free id."""
-    rid = first_id
-    for node in nodes:
-        for _ in range(K):
-            node.call("insert", table="t", records=[{"id": rid, "on": node.name}])
-            rid += 1
-    return rid
-
-
-def _converged(nodes: list[Any], total: int) -> None:
-    for node in nodes:
-        wait_for(lambda n=node: n.count("t") == total, timeout=30,
-                 message=f"{node.name} to hold all {total} records")
 
 
 def _quiet(nodes: list[Any]) -> list[int]:
@@ -51,11 +35,6 @@ def _quiet(nodes: list[Any]) -> list[int]:
     return [_received(n) for n in nodes]
 
 
-def _direct(node: Any, peer: str) -> bool:
-    sock = db_socket(node.call("cluster_status"), peer, "data")
-    return bool(sock and sock["connected"] and sock.get("state") == "streaming")
-
-
 @pytest.mark.timeout(180)
 def test_each_transaction_crosses_each_link_once(cluster):
     """In a 4-node mesh, each node's txns_received for a database equals the number of
@@ -65,8 +44,8 @@ def test_each_transaction_crosses_each_link_once(cluster):
     for node in nodes:
         wait_for(lambda n=node: has_table(n, "t"), timeout=20, message="table t everywhere")
     before = _quiet(nodes)
-    _write_round(nodes, 1)
-    _converged(nodes, 4 * K)
+    write_round(nodes, 1, K)
+    converged(nodes, 4 * K)
     after = _quiet(nodes)
     got = [a - b for a, b in zip(after, before, strict=True)]
     assert got == [3 * K] * 4, f"transactions received per node: {got}"
@@ -87,20 +66,20 @@ def test_a_cut_link_is_relayed_then_the_direct_path_resumes(cluster):
         # b (and only b) reaches a through the proxy.
         b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
                authorization=CREDS)
-        wait_for(lambda: _direct(b, a.name), timeout=30, message="b linked to a via the proxy")
+        wait_for(lambda: direct(b, a.name), timeout=30, message="b linked to a via the proxy")
         to_a.cut()
-        wait_for(lambda: not _direct(b, a.name), timeout=20,
+        wait_for(lambda: not direct(b, a.name), timeout=20,
                  message="b's direct link from a to go down")
-        next_id = _write_round([a, b], 1)
-        _converged(nodes, 2 * K)
-        assert not _direct(b, a.name), "the cut link came back while cut"
+        next_id = write_round([a, b], 1, K)
+        converged(nodes, 2 * K)
+        assert not direct(b, a.name), "the cut link came back while cut"
 
         to_a.heal()
-        wait_for(lambda: _direct(b, a.name), timeout=30,
+        wait_for(lambda: direct(b, a.name), timeout=30,
                  message="b's direct link from a to stream again")
         before = _quiet(nodes)
-        _write_round(nodes, next_id)
-        _converged(nodes, 2 * K + 4 * K)
+        write_round(nodes, next_id, K)
+        converged(nodes, 2 * K + 4 * K)
         after = _quiet(nodes)
         got = [x - y for x, y in zip(after, before, strict=True)]
         assert got == [3 * K] * 4, f"transactions received per node after the heal: {got}"
@@ -145,7 +124,7 @@ def test_pausing_a_relayed_origin_stops_its_relay_too(cluster):
     try:
         b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
                authorization=CREDS)
-        wait_for(lambda: _direct(b, a.name), timeout=30, message="b linked to a via the proxy")
+        wait_for(lambda: direct(b, a.name), timeout=30, message="b linked to a via the proxy")
         to_a.cut()
         a.call("insert", table="t", records=[{"id": 1}])
         wait_for(lambda: by_id(b, "t", 1) is not None, timeout=20, message="relayed by c")

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from tests.helpers import wait_for
-from tests.lifecycle_util import db_socket
 from tests.proxy_util import TcpProxy
+from tests.relay_util import direct, relay_of
 from tests.repl_util import CREDS, by_id, has_table, join
 
 T1_ONLY = [{"database": "data", "table": "t1", "subscribe": True, "publish": True}]
@@ -43,15 +43,6 @@ def _quiet(node: Any) -> int:
     return _received(node)
 
 
-def _direct(node: Any, peer: Any) -> bool:
-    sock = db_socket(node.call("cluster_status"), peer.name, "data")
-    return bool(sock and sock["connected"] and sock.get("state") == "streaming")
-
-
-def _relay_of(node: Any, origin: Any) -> str | None:
-    return node.node.cluster.relays.assignments.get("data", {}).get(origin.name)
-
-
 @pytest.mark.timeout(180)
 def test_what_a_partial_relay_carried_is_not_counted_again_after_the_heal(node_factory):
     """b takes t1 only from c, everything from a. With b's direct link from a cut, c
@@ -69,15 +60,15 @@ def test_what_a_partial_relay_carried_is_not_counted_again_after_the_heal(node_f
         join(b, c, subscriptions=T1_ONLY)
         wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=20,
                  message="tables on b")
-        wait_for(lambda: _direct(b, a), timeout=30, message="b streaming from a")
+        wait_for(lambda: direct(b, a.name), timeout=30, message="b streaming from a")
         # a's t1 rows flow to b (b's floor for a comes from a's copy already).
         a.call("insert", table="t1", records=[{"id": 0}])
         wait_for(lambda: by_id(b, "t1", 0) is not None, timeout=20, message="t1 flowing")
         before = _quiet(b)
 
         to_a.cut()
-        wait_for(lambda: not _direct(b, a), timeout=20, message="b's direct link down")
-        wait_for(lambda: _relay_of(b, a) == c.name, timeout=20, message="c relaying a to b")
+        wait_for(lambda: not direct(b, a.name), timeout=20, message="b's direct link down")
+        wait_for(lambda: relay_of(b, a.name) == c.name, timeout=20, message="c relaying a to b")
         for i in range(1, 4):
             a.call("insert", table="t1", records=[{"id": i, "v": "relayed"}])
         a.call("insert", table="t2", records=[{"id": 1, "v": "direct only"}])
@@ -86,7 +77,7 @@ def test_what_a_partial_relay_carried_is_not_counted_again_after_the_heal(node_f
         assert by_id(b, "t2", 1) is None, "c relayed a table b does not take from it"
 
         to_a.heal()
-        wait_for(lambda: _direct(b, a), timeout=30, message="b streaming from a again")
+        wait_for(lambda: direct(b, a.name), timeout=30, message="b streaming from a again")
         a.call("insert", table="t1", records=[{"id": 4}])
         wait_for(lambda: by_id(b, "t1", 4) is not None and by_id(b, "t2", 1) is not None,
                  timeout=30, message="a's rows after the heal")
@@ -120,7 +111,7 @@ def test_second_hand_relays_of_a_partial_copy_deliver_and_count_once(node_factor
             wait_for(lambda n=node: has_table(n, "t1") and has_table(n, "t2"), timeout=20,
                      message=f"tables on {node.name}")
         for node, peer in ((b, a), (c, a), (c, d)):
-            wait_for(lambda n=node, p=peer: _direct(n, p), timeout=30,
+            wait_for(lambda n=node, p=peer: direct(n, p.name), timeout=30,
                      message=f"{node.name} streaming from {peer.name}")
         # A write of each node streamed to the others sets their floors for it. The
         # copies set floors too, but only by entries an origin logged: d wrote none (it
@@ -139,7 +130,7 @@ def test_second_hand_relays_of_a_partial_copy_deliver_and_count_once(node_factor
 
         for proxy in proxies:
             proxy.cut()
-        wait_for(lambda: _relay_of(b, a) == d.name and _relay_of(c, a) == b.name,
+        wait_for(lambda: relay_of(b, a.name) == d.name and relay_of(c, a.name) == b.name,
                  timeout=30, message="d relaying a to b, and b to c")
         for i in range(1, 4):
             a.call("insert", table="t1", records=[{"id": i}])
@@ -154,7 +145,7 @@ def test_second_hand_relays_of_a_partial_copy_deliver_and_count_once(node_factor
         for proxy in proxies:
             proxy.heal()
         for node, peer in ((b, a), (c, a), (c, d)):
-            wait_for(lambda n=node, p=peer: _direct(n, p), timeout=30,
+            wait_for(lambda n=node, p=peer: direct(n, p.name), timeout=30,
                      message=f"{node.name} streaming from {peer.name} again")
         a.call("insert", table="t1", records=[{"id": 4}])
         for node in (b, c, d):

@@ -38,21 +38,7 @@ def own_version_through(db: Database, seq: int) -> int:
     (0 if none is left in the log, or the scan gave up): not one logging rows of its
     name that a copy or a repair brought back (:func:`carries_rows`), whose versions
     may be an earlier node's of that name, ahead of this one's."""
-    with db.reading() as txn:
-        cur = txn.cursor(db=db.txns_dbi)
-        if not cur.set_range(seq_key(seq + 1)):
-            if not cur.last():
-                return 0
-        elif not cur.prev():
-            return 0
-        for scanned, (_key, value) in enumerate(cur.iterprev()):
-            if scanned > SCAN_LIMIT:
-                return 0
-            origin, entry_version = codec.unpack_head(value, 2)
-            if origin == LOCAL_ORIGIN and not carries_rows(entry_version,
-                                                           codec.unpack(value)[3]):
-                return int(entry_version)
-    return 0
+    return _newest_local_through(db, seq, own_only=True)
 
 
 def local_seq_through(db: Database, version: int) -> int:
@@ -77,6 +63,11 @@ def local_seq_through(db: Database, version: int) -> int:
 def local_version_at(db: Database, seq: int) -> int:
     """The version of the newest local log entry at or before ``seq`` (0 if none is
     left in the log): what a peer that applied through ``seq`` holds of this node."""
+    return _newest_local_through(db, seq, own_only=False)
+
+
+def _newest_local_through(db: Database, seq: int, own_only: bool) -> int:
+    # The backward scan of both above; ``own_only`` skips entries of copied rows.
     with db.reading() as txn:
         cur = txn.cursor(db=db.txns_dbi)
         if not cur.set_range(seq_key(seq + 1)):
@@ -88,7 +79,8 @@ def local_version_at(db: Database, seq: int) -> int:
             if scanned > SCAN_LIMIT:
                 return 0
             origin, entry_version = codec.unpack_head(value, 2)
-            if origin == LOCAL_ORIGIN:
+            if origin == LOCAL_ORIGIN and not (
+                    own_only and carries_rows(entry_version, codec.unpack(value)[3])):
                 return int(entry_version)
     return 0
 

@@ -88,6 +88,18 @@ def logged(log: FakeLog, count: int, origin_id: int = 1) -> None:
         log.append(entry(origin_id, 1000 + log.next_seq, key=i))
 
 
+async def two_sent(served: Served, log: FakeLog) -> Publisher:
+    """Stream from the start: entry 1, ``caught_up``, then entry 2 sent by the pump,
+    which then waits (parked once its report timer is set) for the next report."""
+    logged(log, 1)
+    await subscribe(served, after=0)
+    assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [1]
+    assert (await served.peer.expect(CaughtUp)).seq == 1
+    logged(log, 1)
+    assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [2]
+    return served.publisher
+
+
 async def test_streams_the_entries_after_the_cursor():
     """Entries after the subscriber's cursor arrive in order, then ``caught_up`` at the
     head; the host hears where the peer starts from."""
@@ -387,14 +399,8 @@ async def test_a_commit_while_a_report_is_due_goes_out_from_the_commit_itself():
     The report that follows covers what went out so, filtered entries included; commits
     made by another thread go the same way."""
     log = FakeLog()
-    logged(log, 1)
     async with serve(log) as served:
-        publisher = served.publisher
-        await subscribe(served, after=0)
-        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [1]
-        assert (await served.peer.expect(CaughtUp)).seq == 1
-        logged(log, 1)  # sent by the pump, which then waits for the next report
-        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [2]
+        publisher = await two_sent(served, log)
         await until(lambda: publisher._report_timer is not None, message="a report due")
         sent = publisher.link.bytes_sent
         logged(log, 1)
@@ -415,14 +421,8 @@ async def test_commits_soon_after_a_batch_wait_and_go_out_together(
     batch counts as the last one: a commit right after it waits again)."""
     monkeypatch.setattr(publisher_module, "SEND_LINGER", 0.3)
     log = FakeLog()
-    logged(log, 1)
     async with serve(log) as served:
-        publisher = served.publisher
-        await subscribe(served, after=0)
-        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [1]
-        assert (await served.peer.expect(CaughtUp)).seq == 1
-        logged(log, 1)  # sent by the pump, which then waits parked for the next report
-        assert [s for s, _ in (await served.peer.expect(EntriesReceived)).entries] == [2]
+        publisher = await two_sent(served, log)
         await until(lambda: publisher._parked, message="parked")
         publisher._sent_at = -1.0  # a quiet spell
         sent = publisher.link.bytes_sent
