@@ -266,8 +266,8 @@ class Applier:
                 # this apply: the stream is busy. (A publisher sends commits that come
                 # within ``SEND_LINGER`` of its last batch together: one entry at a time
                 # is a quiet link, or a writer waiting for each write to arrive here.
-                # Without the second test, a peer that applied faster than the origin's
-                # lingered batches came committed each at once: 0.11 to 0.17 synced
+                # Without the second test, a peer that applied each lingered batch
+                # before the next came committed each at once: 0.11 to 0.17 synced
                 # commits per record on a shared disk with one client writing, against
                 # 0.04 before the linger, each costing the origin's own commits.)
                 busy = size > 1 or any(w.kind == "entries" for w in self.queue.pending())
