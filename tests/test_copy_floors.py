@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.proxy_util import TcpProxy
-from tests.relay_util import converged, direct, relay_of, write_round
+from tests.relay_util import T1_ONLY, b_behind_a_proxy, converged, direct, relay_of, write_round
 from tests.repl_util import CREDS, by_id, has_table, join
 
 K = 5  # transactions written on each node per round
@@ -93,7 +93,6 @@ def test_a_node_joined_by_copy_receives_each_transaction_once(cluster, node_fact
         to_a.close()
 
 
-T1_ONLY = [{"database": "data", "table": "t1", "subscribe": True, "publish": True}]
 
 
 @pytest.mark.timeout(180)
@@ -104,14 +103,7 @@ def test_a_copy_of_some_tables_raises_no_floor_of_an_origin_it_does_not_carry_al
     a's t1 row. Floors are per database, not per table: raising b's floor for a to c's
     would have b's direct link, once back, skip a's t2 row for good. The copy raises
     no floor of a (``narrow_origins``), and the row arrives."""
-    a, b, c = (node_factory(f"node-{x}") for x in "abc")
-    for table in ("t1", "t2"):
-        a.call("create_table", table=table, primary_key="id")
-    join(c, a)
-    to_a = TcpProxy(a.repl_port)
-    try:
-        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
-               authorization=CREDS)
+    with b_behind_a_proxy(node_factory) as (a, b, c, to_a):
         join(b, c, replicates=False)
         wait_for(lambda: direct(b, a.name) and has_table(b, "t2"), timeout=30,
                  message="b streaming from a")
@@ -129,5 +121,3 @@ def test_a_copy_of_some_tables_raises_no_floor_of_an_origin_it_does_not_carry_al
         wait_for(lambda: direct(b, a.name), timeout=30, message="b streaming from a again")
         wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=30,
                  message=f"a's t2 row on b (b's floor for a was {floor})")
-    finally:
-        to_a.close()

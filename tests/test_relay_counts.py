@@ -11,10 +11,8 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.proxy_util import TcpProxy
-from tests.relay_util import direct, relay_of
+from tests.relay_util import T1_ONLY, b_behind_a_proxy, direct, relay_of
 from tests.repl_util import CREDS, by_id, has_table, join
-
-T1_ONLY = [{"database": "data", "table": "t1", "subscribe": True, "publish": True}]
 
 
 def _received(node: Any) -> int:
@@ -49,14 +47,7 @@ def test_what_a_partial_relay_carried_is_not_counted_again_after_the_heal(node_f
     relays a's t1 writes (raising no floor: c does not carry t2); after the heal, a
     sends them again with its t2 writes. b's ``txns_received`` grows by the number of
     a's transactions, each once. Before, the relayed ones counted twice."""
-    a, b, c = (node_factory(f"node-{x}") for x in "abc")
-    for table in ("t1", "t2"):
-        a.call("create_table", table=table, primary_key="id")
-    join(c, a)
-    to_a = TcpProxy(a.repl_port)
-    try:
-        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
-               authorization=CREDS)
+    with b_behind_a_proxy(node_factory) as (a, b, c, to_a):
         join(b, c, subscriptions=T1_ONLY)
         wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=20,
                  message="tables on b")
@@ -83,8 +74,6 @@ def test_what_a_partial_relay_carried_is_not_counted_again_after_the_heal(node_f
                  timeout=30, message="a's rows after the heal")
         got = _quiet(b) - before
         assert got == 5, f"b received {got} transactions of a's 5"
-    finally:
-        to_a.close()
 
 
 @pytest.mark.timeout(240)

@@ -176,16 +176,16 @@ class Publisher:
             # no rate in A/B rounds).
             self._committed()
             return
+        if self._linger is not None:
+            # Held (``SEND_LINGER``): the timer reads the log after it clears this, so
+            # it reads this commit's entries (logged before the listeners are told).
+            return
         if self._report_timer is not None and db is not None and not db.dropped \
                 and self._peers_own(db, before):
             # Only the peer's own writes, which it applied and this node logged for
             # relaying: the filter drops them all, and the pending ``caught_up`` report
             # (its timer wakes the pump) moves the peer's cursor past them. Waking now
             # cost this node a cross-thread call and a log read per write it applied.
-            return
-        if self._linger is not None:
-            # Held (``SEND_LINGER``): the timer reads the log after it clears this, so
-            # it reads this commit's entries (logged before the listeners are told).
             return
         if not self._commit_pending:
             self._commit_pending = True
