@@ -47,6 +47,12 @@ PREAUTH_QUEUE = 2
 HANDSHAKE_TIMEOUT = 5.0
 # How long a closing socket waits for its peer (the WebSocket close, then TLS's).
 CLOSE_TIMEOUT = 2
+# A frame larger than this goes as fragments of this size (WebSocket continuation
+# frames), each written once the socket's buffer has drained. Control frames go between
+# fragments: a pong waits behind one fragment, not behind a whole frame of up to
+# ``MAX_FRAME``, whose encryption and transfer on a loaded machine outlast the peer's
+# keepalive timeout (the link then failed on that entry forever).
+FRAGMENT = 1024 * 1024
 # Frames websockets buffers before it stops reading the socket. Generous, so control
 # frames (pongs) keep flowing while the subscriber's apply queue is briefly full.
 MAX_QUEUE = 64
@@ -141,9 +147,14 @@ class Link:
         return bool(self._conn.state is State.OPEN)
 
     async def send(self, data: bytes) -> None:
-        """Send one binary frame; waits while the socket's buffer is full (backpressure)."""
+        """Send one binary message; waits while the socket's buffer is full
+        (backpressure). One larger than ``FRAGMENT`` goes in fragments."""
         self.bytes_sent += len(data)
-        await self._conn.send(data)
+        if len(data) <= FRAGMENT:
+            await self._conn.send(data)
+            return
+        view = memoryview(data)
+        await self._conn.send(view[i:i + FRAGMENT] for i in range(0, len(view), FRAGMENT))
 
     def can_send_now(self) -> bool:
         """Whether :meth:`send_now` would write a frame now (the connection is open, its
@@ -157,12 +168,13 @@ class Link:
         """Write one binary frame at once if the socket can take it without waiting.
 
         Returns False (nothing sent) when the connection is not open, its write buffer
-        is above the limit, or another message is being sent: the caller then awaits
-        :meth:`send`, which waits, or raises ``LinkClosed``. This is ``send`` without
-        its asynchronous context and drain, which cost a publisher about as much as
-        the frame's encryption (one frame per commit of a lone client).
+        is above the limit, another message is being sent, or ``data`` is larger than
+        ``FRAGMENT`` (it goes in fragments, each written once the socket drained): the
+        caller then awaits :meth:`send`, which waits, or raises ``LinkClosed``. This is
+        ``send`` without its asynchronous context and drain, which cost a publisher
+        about as much as the frame's encryption (one frame per commit of a lone client).
         """
-        if not self.can_send_now():
+        if len(data) > FRAGMENT or not self.can_send_now():
             return False
         conn = self._conn
         conn.protocol.send_binary(data)
