@@ -172,7 +172,9 @@ class Applier:
         what is queued (after a resync, the copy before may have chunks and its end
         still queued). Shown in progress at once (status, verify's refusal)."""
         if self.copy_progress is None:
-            self.copy_progress = {"records_copied": 0, "records_total": total}
+            self.copy_progress = {"records_copied": _copied_before(self.copy_resume,
+                                                                   snapshot_seq),
+                                  "records_total": total}
         await self.queue.put(Work("copy_begin", (snapshot_seq, total, horizons,
                                                  self.copy_resume, floors), {}))
 
@@ -186,13 +188,10 @@ class Applier:
         have chunks queued, and they and its end keep its snapshot and sweep ranges."""
         self.copy_snapshot = snapshot_seq
         self.copy_floors = copyfloors.begun(floors, snapshot_seq, resume)
-        resumed = resume
-        copied = 0
-        if resumed is not None and resumed.get("snapshot") == snapshot_seq:
-            copied = int(resumed.get("copied", 0))
-        else:
-            resumed = None
-        self.copy_progress = {"records_copied": copied, "records_total": total}
+        resumed = resume if resume is not None and resume.get("snapshot") == snapshot_seq \
+            else None
+        self.copy_progress = {"records_copied": _copied_before(resumed, snapshot_seq),
+                              "records_total": total}
         self.copy_sweeps = CopySweeps(parse_horizons(horizons), resumed)
 
     async def settle(self) -> None:
@@ -488,3 +487,11 @@ class Applier:
         self.host.note_review(self.peer, self.database, review)
         if self.database == "system":  # users or roles may have changed: tell the login cache
             self.host.logins_changed()
+
+
+def _copied_before(resume: dict[str, Any] | None, snapshot_seq: int) -> int:
+    """The rows copied before a pause, when the copy beginning resumes that copy (the
+    same snapshot); else 0."""
+    if resume is None or resume.get("snapshot") != snapshot_seq:
+        return 0
+    return int(resume.get("copied", 0))

@@ -539,3 +539,18 @@ async def test_a_copy_after_resync_does_not_sweep_with_the_ranges_of_the_copy_be
         ]
     finally:
         await sub.retire()
+
+
+async def test_a_resumed_copy_shows_the_rows_copied_before_from_its_first_status():
+    """A copy that resumes one paused part-way counts its rows copied before from the
+    moment its ``copy_begin`` arrives, not only once the apply queue reaches it: a
+    status read in between showed ``records_copied`` 0 (a flake of
+    ``test_full_copy``'s resumed-copy test under load). Another snapshot starts at 0."""
+    sub = Subscriber(FakeSubscriberHost(), FakeLinkStore(), FakeRelays(), PEER, "data")
+    sub.applier.copy_resume = {"table": "dog", "key": b"9", "tombs": False, "snapshot": 7,
+                               "copied": 1200}
+    await sub.applier.queue_copy(7, 5000)  # nothing takes it from the queue here
+    assert sub.copy_progress == {"records_copied": 1200, "records_total": 5000}
+    sub.applier.new_session()
+    await sub.applier.queue_copy(8, 5000)
+    assert sub.copy_progress == {"records_copied": 0, "records_total": 5000}
