@@ -38,7 +38,7 @@ from harpsync.storage import reads, writes
 from harpsync.storage.database import CURSOR_PREFIX, Database
 from harpsync.storage.hlc import OFFSET_ENV
 from harpsync.storage.store import SYSTEM, Storage
-from harpsync.validation import SchemaRegistry
+from harpsync.validation import default_registry
 from operations import bulk as bulk_ops
 from operations import (
     cluster,
@@ -114,7 +114,7 @@ class Node:
         # A small write runs on the event loop only while no other request came in.
         self.storage.writer.activity = requests_ctx.begun
         self.storage.writer.on_group = self.metrics.observe_group
-        self.dispatcher = Dispatcher(SchemaRegistry.load())
+        self.dispatcher = Dispatcher(default_registry())
         for module in OPERATION_MODULES:
             self.dispatcher.register(*module.OPERATIONS)
         self._auth: Authenticator | None = None
