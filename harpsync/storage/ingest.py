@@ -328,14 +328,19 @@ def apply_entries_job(storage: Storage, db_name: str, peer: str,
                 stats.resume_seq = seq
                 committed = {**cursor, "seq": seq - 1}
                 break
+            # Rows a copy or a repair landed (relayed): no transaction of the origin. It
+            # is not counted, and the origin's own entry of that version (it stamps
+            # the entry) counts when it comes.
+            rows = carries_rows(version, ops)
             # Applied here before by a path that raised no floor: not counted again.
-            repeat = db.repeats.holds(origin_name, version) \
-                or version in fresh.get(origin_name, ())
-            if not repeat:
+            repeat = not rows and (db.repeats.holds(origin_name, version)
+                                   or version in fresh.get(origin_name, ()))
+            if not repeat and not rows:
                 stats.entries += 1
-            if origin_name not in held_floors and not (
-                    origin_name != peer and all(op[1] in SCHEMA_OPS for op in ops)) \
-                    and not carries_rows(version, ops):
+            if rows:
+                pass  # raises no floor either
+            elif origin_name not in held_floors and not (
+                    origin_name != peer and all(op[1] in SCHEMA_OPS for op in ops)):
                 seen[origin_name] = max(seen.get(origin_name, 0), version)
             elif not repeat and version > db.origin_hw.get(origin_name, 0):
                 fresh.setdefault(origin_name, set()).add(version)  # comes again later

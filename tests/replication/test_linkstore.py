@@ -140,7 +140,15 @@ def test_rows_relayed_from_a_copy_raise_no_floor(storage: Storage) -> None:
         stats = await store.apply_entries("data", "node-b", [(1, first), (2, second)],
                                           {5: "node-c"}, {"seq": 2}, 60_000,
                                           storage.node_name, 0, None)
-        assert stats.entries == 1, "the chunk applied before counted again"
+        assert stats.entries == 0, "a chunk of copied rows counted as a transaction"
         assert store.origin_floors("data", ["node-c"]) == {"node-c": None}
+        # node-c's own transaction of the version the first chunk was stamped with
+        # arrives: it counts once. Before, that chunk counted as node-c's transaction,
+        # and this one was taken for a repeat of it.
+        own = codec.pack([5, v4, None, [["dog", "upsert", 1, {"id": 1}, incarnation]]])
+        stats = await store.apply_entries("data", "node-c", [(1, own)], {5: "node-c"},
+                                          {"seq": 1}, 60_000, storage.node_name, 0, None)
+        assert stats.entries == 1
+        assert store.origin_floors("data", ["node-c"]) == {"node-c": v4}
 
     asyncio.run(run())
