@@ -51,7 +51,15 @@ def narrow_origins(rows: dict[str, dict[str, Any]], peer: str, database: str,
             continue
         theirs = peers.subscribe_tables(row, database)
         if theirs is False:
-            continue  # no data link with it: relays are its only path here
+            if not row.get("learned"):
+                continue  # an operator's row that takes nothing of it: no path brings it
+            # Known only by gossip, with no data link: relays are its only path, and
+            # they bring what this node takes from them (``peers.origin_tables`` does
+            # not limit such an origin). A relay carrying less than that (another
+            # relay later carries the rest) must not raise its floor.
+            theirs = _relayed_tables(rows, origin, database)
+            if theirs is False:
+                continue
         carried = relay_tables.get(origin)
         if (mine is not None and (mine is False or theirs is None
                                   or not set(theirs) <= set(mine))) \
@@ -59,3 +67,19 @@ def narrow_origins(rows: dict[str, dict[str, Any]], peer: str, database: str,
                                              or not set(theirs) <= set(carried))):
             held.add(origin)
     return frozenset(held)
+
+
+def _relayed_tables(rows: dict[str, dict[str, Any]], origin: str,
+                    database: str) -> peers.TableFilter:
+    """The tables of ``database`` this node takes of ``origin`` by relays: what it takes
+    from its other peers, together (None: every table, False: none)."""
+    tables: set[str] = set()
+    for name, row in list(rows.items()):
+        if name == origin:
+            continue
+        theirs = peers.subscribe_tables(row, database)
+        if theirs is None:
+            return None
+        if theirs is not False:
+            tables.update(theirs)
+    return sorted(tables) if tables else False

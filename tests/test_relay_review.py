@@ -1,0 +1,113 @@
+"""Adversarial relay scenarios with real nodes: a peer that takes some tables of one
+database from an origin must get, through a relay, exactly those (once each), and
+nothing of the origin's other tables or databases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.helpers import wait_for
+from tests.relay_util import T1_ONLY, b_behind_a_proxy, direct, relay_of
+from tests.repl_util import by_id, has_table, join, stays
+
+
+def _received(node: Any, database: str) -> int:
+    return sum(int(s.get("txns_received", 0))
+               for c in node.call("cluster_status")["connections"]
+               for s in c["database_sockets"] if s["database"] == database)
+
+
+def _quiet(node: Any, database: str = "data") -> int:
+    def caught_up() -> bool:
+        socks = [s for c in node.call("cluster_status")["connections"]
+                 for s in c["database_sockets"] if s["database"] == database]
+        return bool(socks) and all(s["connected"] and s["state"] == "streaming"
+                                   and s["lag_txns"] == 0 for s in socks)
+
+    wait_for(caught_up, timeout=30, message=f"{node.name}'s {database} links to catch up")
+    return _received(node, database)
+
+
+def _none_of_a(b: Any) -> bool:
+    """b holds no row of a's t2 (data) nor of a's d2.t."""
+    return (all(by_id(b, "t2", i) is None for i in range(5))
+            and all(by_id(b, "t", i, database="d2") is None for i in range(5)))
+
+
+@pytest.mark.timeout(240)
+def test_a_relay_carries_only_the_tables_and_databases_the_receiver_takes(node_factory):
+    """b takes only data.t1 from a (no d2), everything from c, which takes everything
+    from a. Before and while b's direct link from a is cut, and after the heal, b gets
+    a's t1 writes, each counted once, and never a row of a's t2 nor of a's d2 (by c's
+    copies or by its relayed stream)."""
+    with b_behind_a_proxy(node_factory) as (a, b, c, to_a):
+        a.call("create_database", database="d2")
+        a.call("create_table", database="d2", table="t", primary_key="id")
+        b.call("set_node_replication", hostname=a.name, subscriptions=T1_ONLY)
+        a.call("insert", table="t1", records=[{"id": 0}])
+        a.call("insert", table="t2", records=[{"id": 0}])
+        a.call("insert", database="d2", table="t", records=[{"id": 0}])
+        wait_for(lambda: by_id(c, "t", 0, database="d2") is not None
+                 and by_id(c, "t2", 0) is not None, timeout=20, message="a's rows on c")
+        join(b, c)
+        wait_for(lambda: has_table(b, "t", database="d2"), timeout=20, message="d2 on b")
+        wait_for(lambda: by_id(b, "t1", 0) is not None, timeout=20, message="t1 on b")
+        wait_for(lambda: direct(b, a.name), timeout=30, message="b streaming from a")
+        before = _quiet(b)
+        before_d2 = _quiet(b, "d2")
+        assert _none_of_a(b), "b holds rows of a it does not take"
+
+        to_a.cut()
+        wait_for(lambda: not direct(b, a.name), timeout=20, message="b's direct link down")
+        wait_for(lambda: relay_of(b, a.name) == c.name, timeout=20, message="c relaying a")
+        for i in range(1, 4):
+            a.call("insert", table="t1", records=[{"id": i}])
+            a.call("insert", table="t2", records=[{"id": i}])
+            a.call("insert", database="d2", table="t", records=[{"id": i}])
+        wait_for(lambda: all(by_id(b, "t1", i) is not None for i in range(1, 4)),
+                 timeout=30, message="a's t1 rows relayed by c")
+        wait_for(lambda: by_id(c, "t", 3, database="d2") is not None, timeout=20,
+                 message="a's d2 rows on c")
+        stays(lambda: _none_of_a(b), duration=1.5)
+
+        to_a.heal()
+        wait_for(lambda: direct(b, a.name), timeout=30, message="b streaming from a again")
+        a.call("insert", table="t1", records=[{"id": 4}])
+        a.call("insert", table="t2", records=[{"id": 4}])
+        wait_for(lambda: by_id(b, "t1", 4) is not None, timeout=20, message="after heal")
+        got = _quiet(b) - before
+        assert got == 4, f"b received {got} of a's 4 t1 transactions"
+        assert _quiet(b, "d2") == before_d2, "b counted d2 transactions it does not take"
+        stays(lambda: _none_of_a(b), duration=1.0)
+
+
+@pytest.mark.timeout(240)
+def test_a_partial_relay_of_an_origin_known_only_by_gossip_raises_no_floor(node_factory):
+    """b takes only t1 from c and everything from d; a, joined to c and d, is known to b
+    only by gossip (b is selective, so no data link): its writes reach b by a relay, c
+    first (by name). c carries only t1 of them. a writes t2 then t1; c relays the t1
+    write. When c goes down, d relays a to b: a's t2 write must reach b through d. The
+    relayed t1 write must not raise b's floor for a past the t2 write c never carried."""
+    a, b, c, d = (node_factory(f"node-{x}") for x in "abcd")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(c, a)
+    join(d, a)
+    join(b, c, subscriptions=T1_ONLY)
+    join(b, d)
+    wait_for(lambda: has_table(b, "t2"), timeout=20, message="t2 on b")
+    wait_for(lambda: relay_of(b, a.name) == c.name, timeout=30, message="c relaying a to b")
+    a.call("insert", table="t1", records=[{"id": 0}])
+    wait_for(lambda: by_id(b, "t1", 0) is not None, timeout=20, message="a's t1 on b")
+
+    a.call("insert", table="t2", records=[{"id": 1, "v": "c does not carry it to b"}])
+    a.call("insert", table="t1", records=[{"id": 1, "v": "c carries it"}])
+    wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20, message="relayed by c")
+    c.stop()
+    wait_for(lambda: relay_of(b, a.name) == d.name, timeout=30, message="d relaying a to b")
+    a.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="relayed by d")
+    wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20,
+             message="a's t2 row written while c relayed a")

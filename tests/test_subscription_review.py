@@ -1,0 +1,111 @@
+"""Adversarial scenarios of table-level subscriptions with real nodes: widening,
+narrowing and re-widening under deletes, a table dropped and re-created while a peer
+takes only that table, and publish/subscribe flags flipped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.helpers import wait_for
+from tests.repl_util import all_records, by_id, has_table, join, stays
+
+
+def _sub(table: str, subscribe: bool = True, publish: bool = True) -> dict[str, Any]:
+    return {"database": "data", "table": table, "subscribe": subscribe, "publish": publish}
+
+
+def _rows(node: Any, table: str) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if not k.startswith("__")}
+            for r in all_records(node, table)]
+
+
+@pytest.mark.timeout(180)
+def test_widen_narrow_and_widen_again_brings_every_row_and_delete(node_factory):
+    """b takes t1 only from a. Widened to t2, b gets all of t2 as a holds it (rows
+    written, updated and deleted before). Narrowed from t1, b stops getting t1 and t2
+    keeps flowing. Widened to t1 again, b's t1 equals a's: the rows a deleted and
+    updated while b did not take t1 too."""
+    a, b = node_factory("node-a"), node_factory("node-b")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a, subscriptions=[_sub("t1")])
+    wait_for(lambda: has_table(b, "t1") and has_table(b, "t2"), timeout=20,
+             message="tables on b")
+    a.call("insert", table="t1", records=[{"id": i, "v": "first"} for i in range(10)])
+    a.call("insert", table="t2", records=[{"id": i, "v": "first"} for i in range(20)])
+    a.call("delete", table="t2", ids=[0, 1])
+    a.call("update", table="t2", records=[{"id": 2, "v": "updated"}])
+    wait_for(lambda: len(_rows(b, "t1")) == 10, timeout=20, message="t1 on b")
+    assert _rows(b, "t2") == []
+
+    b.call("set_node_replication", hostname=a.name, subscriptions=[_sub("t2")])
+    wait_for(lambda: _rows(b, "t2") == _rows(a, "t2"), timeout=30,
+             message="t2 on b as a holds it")
+
+    b.call("set_node_replication", hostname=a.name,
+           subscriptions=[_sub("t1", subscribe=False)])
+    a.call("insert", table="t1", records=[{"id": 100, "v": "not for b"}])
+    a.call("insert", table="t2", records=[{"id": 100, "v": "for b"}])
+    wait_for(lambda: by_id(b, "t2", 100) is not None, timeout=20, message="t2 still flowing")
+    stays(lambda: by_id(b, "t1", 100) is None, duration=1.0)
+
+    a.call("delete", table="t1", ids=[0, 1, 2])
+    a.call("update", table="t1", records=[{"id": 3, "v": "updated while narrowed"}])
+    b.call("set_node_replication", hostname=a.name, subscriptions=[_sub("t1")])
+    wait_for(lambda: _rows(b, "t1") == _rows(a, "t1"), timeout=30,
+             message="t1 on b as a holds it, deletes included")
+    assert _rows(b, "t2") == _rows(a, "t2")
+
+
+@pytest.mark.timeout(180)
+def test_a_table_dropped_and_re_created_reaches_a_peer_that_takes_only_it(node_factory):
+    """b takes only t1 from a. a drops t1 and creates it again with other rows: b ends
+    with the new table's rows only, and rows written after flow."""
+    a, b = node_factory("node-a"), node_factory("node-b")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a, subscriptions=[_sub("t1")])
+    a.call("insert", table="t1", records=[{"id": i, "v": "old"} for i in range(5)])
+    wait_for(lambda: len(_rows(b, "t1")) == 5, timeout=20, message="old t1 on b")
+
+    a.call("drop_table", table="t1")
+    a.call("create_table", table="t1", primary_key="id")
+    a.call("insert", table="t1", records=[{"id": 10, "v": "new"}])
+    wait_for(lambda: _rows(b, "t1") == [{"id": 10, "v": "new"}], timeout=30,
+             message="only the new t1's rows on b")
+    a.call("insert", table="t1", records=[{"id": 11, "v": "new"}])
+    wait_for(lambda: by_id(b, "t1", 11) is not None, timeout=20, message="new writes")
+    assert _rows(b, "t1") == _rows(a, "t1")
+
+
+@pytest.mark.timeout(180)
+def test_flipping_subscribe_and_publish_flags_loses_nothing_and_leaks_nothing(node_factory):
+    """b's row for a: t1 publish-only, then subscribe too, then subscribe-only, then
+    both again. Whatever a side does not take while a flag is off, it gets once the
+    flag is back; while off, nothing of it arrives."""
+    a, b = node_factory("node-a"), node_factory("node-b")
+    a.call("create_table", table="t1", primary_key="id")
+    join(b, a, subscriptions=[_sub("t1", subscribe=False)])
+    wait_for(lambda: has_table(b, "t1"), timeout=20, message="t1 on b")
+    a.call("insert", table="t1", records=[{"id": 1, "v": "a while b does not take"}])
+    b.call("insert", table="t1", records=[{"id": 2, "v": "b publishes"}])
+    wait_for(lambda: by_id(a, "t1", 2) is not None, timeout=20, message="b's row on a")
+    stays(lambda: by_id(b, "t1", 1) is None, duration=1.0)
+
+    b.call("set_node_replication", hostname=a.name, subscriptions=[_sub("t1")])
+    wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20,
+             message="a's row written while b did not subscribe")
+
+    b.call("set_node_replication", hostname=a.name,
+           subscriptions=[_sub("t1", publish=False)])
+    b.call("insert", table="t1", records=[{"id": 3, "v": "b does not publish"}])
+    a.call("insert", table="t1", records=[{"id": 4, "v": "a to b"}])
+    wait_for(lambda: by_id(b, "t1", 4) is not None, timeout=20, message="a still to b")
+    stays(lambda: by_id(a, "t1", 3) is None, duration=1.0)
+
+    b.call("set_node_replication", hostname=a.name, subscriptions=[_sub("t1")])
+    wait_for(lambda: by_id(a, "t1", 3) is not None, timeout=20,
+             message="b's row written while it did not publish")
+    wait_for(lambda: _rows(a, "t1") == _rows(b, "t1"), timeout=20, message="converged")
