@@ -111,3 +111,61 @@ def test_a_partial_relay_of_an_origin_known_only_by_gossip_raises_no_floor(node_
     wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="relayed by d")
     wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20,
              message="a's t2 row written while c relayed a")
+
+
+@pytest.mark.timeout(240)
+def test_a_table_dropped_and_re_created_while_relayed_to_a_peer_taking_only_it(
+        node_factory):
+    """b takes only t1 from a, everything from c; b's direct link from a is cut, so c
+    relays a. a drops t1 and creates it again with a new row: b ends with only the new
+    table's rows, through c and after the heal, and a's t2 rows never reach it."""
+    with b_behind_a_proxy(node_factory) as (a, b, c, to_a):
+        b.call("set_node_replication", hostname=a.name, subscriptions=T1_ONLY)
+        join(b, c)
+        a.call("insert", table="t1", records=[{"id": i, "v": "old"} for i in range(3)])
+        wait_for(lambda: all(by_id(b, "t1", i) for i in range(3)), timeout=20,
+                 message="old t1 on b")
+        wait_for(lambda: direct(b, a.name), timeout=30, message="b streaming from a")
+        to_a.cut()
+        wait_for(lambda: relay_of(b, a.name) == c.name, timeout=30, message="c relaying a")
+        a.call("drop_table", table="t1")
+        a.call("create_table", table="t1", primary_key="id")
+        a.call("insert", table="t1", records=[{"id": 10, "v": "new"}])
+        a.call("insert", table="t2", records=[{"id": 10}])
+        wait_for(lambda: by_id(b, "t1", 10) is not None, timeout=30,
+                 message="the new t1's row through c")
+        assert all(by_id(b, "t1", i) is None for i in range(3)), "old t1 rows on b"
+        to_a.heal()
+        wait_for(lambda: direct(b, a.name), timeout=30, message="b streaming from a again")
+        a.call("insert", table="t1", records=[{"id": 11, "v": "new"}])
+        wait_for(lambda: by_id(b, "t1", 11) is not None, timeout=20, message="after heal")
+        assert all(by_id(b, "t1", i) is None for i in range(3)), "old t1 rows on b"
+        stays(lambda: by_id(b, "t2", 10) is None, duration=1.0)
+
+
+@pytest.mark.timeout(240)
+def test_a_partial_relay_of_a_removed_origin_raises_no_floor(node_factory):
+    """As above, with a known to b by no row at all: b removed it, and a's writes still
+    reach b by relays (c first, which carries only t1 to b; then d, all of it)."""
+    a, b, c, d = (node_factory(f"node-{x}") for x in "abcd")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(c, a)
+    join(d, a)
+    join(b, c, subscriptions=T1_ONLY)
+    join(b, d)
+    wait_for(lambda: has_table(b, "t2"), timeout=20, message="t2 on b")
+    b.call("remove_node", hostname=a.name)
+    wait_for(lambda: relay_of(b, a.name) == c.name, timeout=30, message="c relaying a to b")
+    a.call("insert", table="t1", records=[{"id": 0}])
+    wait_for(lambda: by_id(b, "t1", 0) is not None, timeout=20, message="a's t1 on b")
+
+    a.call("insert", table="t2", records=[{"id": 1, "v": "c does not carry it to b"}])
+    a.call("insert", table="t1", records=[{"id": 1, "v": "c carries it"}])
+    wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20, message="relayed by c")
+    c.stop()
+    wait_for(lambda: relay_of(b, a.name) == d.name, timeout=30, message="d relaying a to b")
+    a.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="relayed by d")
+    wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20,
+             message="a's t2 row written while c relayed a")

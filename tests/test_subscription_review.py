@@ -109,3 +109,29 @@ def test_flipping_subscribe_and_publish_flags_loses_nothing_and_leaks_nothing(no
     wait_for(lambda: by_id(a, "t1", 3) is not None, timeout=20,
              message="b's row written while it did not publish")
     wait_for(lambda: _rows(a, "t1") == _rows(b, "t1"), timeout=20, message="converged")
+
+
+@pytest.mark.timeout(180)
+def test_a_subscription_to_a_table_and_database_not_created_yet(node_factory):
+    """b takes t3 of data and t of d3 from a before either exists: once a creates them,
+    their rows reach b, and nothing of a's other tables does."""
+    a, b = node_factory("node-a"), node_factory("node-b")
+    a.call("create_table", table="t1", primary_key="id")
+    join(b, a, subscriptions=[_sub("t3"), {"database": "d3", "table": "t",
+                                           "subscribe": True, "publish": True}])
+    a.call("insert", table="t1", records=[{"id": 1}])
+    a.call("create_table", table="t3", primary_key="id")
+    a.call("insert", table="t3", records=[{"id": 1}])
+    a.call("create_database", database="d3")
+    a.call("create_table", database="d3", table="t", primary_key="id")
+    a.call("create_table", database="d3", table="u", primary_key="id")
+    a.call("insert", database="d3", table="t", records=[{"id": 1}])
+    a.call("insert", database="d3", table="u", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t3", 1) is not None, timeout=30, message="t3's row on b")
+    wait_for(lambda: by_id(b, "t", 1, database="d3") is not None, timeout=30,
+             message="d3.t's row on b")
+    a.call("insert", database="d3", table="t", records=[{"id": 2}])
+    wait_for(lambda: by_id(b, "t", 2, database="d3") is not None, timeout=30,
+             message="d3.t's next row on b")
+    assert by_id(b, "t1", 1) is None
+    assert by_id(b, "u", 1, database="d3") is None

@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import logging
 import socket
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from harpsync.listening import bind as bind_listener
@@ -366,9 +366,10 @@ class Replicator:
         return peers.origin_tables(dict(self.mesh.rows), peer, database)
 
     def narrow_origins(self, peer: str, database: str,
-                       relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
+                       relay_tables: Mapping[str, list[str]] | None = None,
+                       origins: Collection[str] = ()) -> frozenset[str]:
         """Origins whose floors entries from ``peer`` must not raise (applypolicy.py)."""
-        return applypolicy.narrow_origins(self.rows, peer, database, relay_tables)
+        return applypolicy.narrow_origins(self.rows, peer, database, relay_tables, origins)
 
     # -- routes (routes.py) ------------------------------------------------------------
     route_url = staticmethod(routes.route_url)

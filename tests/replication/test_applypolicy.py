@@ -39,6 +39,17 @@ def test_a_partial_relay_of_an_origin_known_only_by_gossip_holds_its_floor() -> 
     assert narrow_origins(rows, "node-c", "data", {"node-a": ["t1"]}) == frozenset()
 
 
+def test_a_partial_relay_of_an_origin_with_no_row_holds_its_floor() -> None:
+    """node-a has no row here (removed): the names the link uses count as origins,
+    relayed only, as one known by gossip."""
+    rows: dict[str, dict[str, Any]] = {"node-d": {}, "node-c": {"subscriptions": _sub("t1")}}
+    assert narrow_origins(rows, "node-c", "data") == frozenset({"node-d"})
+    assert narrow_origins(rows, "node-c", "data", origins=["node-a", "node-c"]) == {
+        "node-a", "node-d"}
+    rows["node-d"] = {"subscriptions": _sub("t1")}
+    assert narrow_origins(rows, "node-c", "data", origins=["node-a"]) == frozenset()
+
+
 def test_a_relay_that_itself_takes_only_some_tables_holds_the_floor() -> None:
     """The relay's hello says it takes only t1 of node-c (``relay_tables``)."""
     rows: dict[str, dict[str, Any]] = {"node-b": {}, "node-c": {}}
