@@ -83,13 +83,29 @@ def test_a_relay_carries_only_the_tables_and_databases_the_receiver_takes(node_f
         stays(lambda: _none_of_a(b), duration=1.0)
 
 
-@pytest.mark.timeout(240)
-def test_a_partial_relay_of_an_origin_known_only_by_gossip_raises_no_floor(node_factory):
-    """b takes only t1 from c and everything from d; a, joined to c and d, is known to b
-    only by gossip (b is selective, so no data link): its writes reach b by a relay, c
-    first (by name). c carries only t1 of them. a writes t2 then t1; c relays the t1
-    write. When c goes down, d relays a to b: a's t2 write must reach b through d. The
-    relayed t1 write must not raise b's floor for a past the t2 write c never carried."""
+def _partial_then_full_relay(a: Any, b: Any, c: Any, d: Any) -> None:
+    """With d down, c relays a to b, carrying only t1: a writes t2 then t1, and c
+    relays the t1 write. Once d is back (and c down), d, which carries all of a,
+    relays a: a's t2 write must reach b through it."""
+    d.stop()
+    wait_for(lambda: relay_of(b, a.name) == c.name, timeout=30, message="c relaying a to b")
+    a.call("insert", table="t1", records=[{"id": 0}])
+    wait_for(lambda: by_id(b, "t1", 0) is not None, timeout=20, message="a's t1 on b")
+    a.call("insert", table="t2", records=[{"id": 1, "v": "c does not carry it to b"}])
+    a.call("insert", table="t1", records=[{"id": 1, "v": "c carries it"}])
+    wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20, message="relayed by c")
+    d.restart()
+    wait_for(lambda: direct(b, d.name), timeout=30, message="b streaming from d again")
+    c.stop()
+    wait_for(lambda: relay_of(b, a.name) == d.name, timeout=30, message="d relaying a to b")
+    a.call("insert", table="t1", records=[{"id": 2}])
+    wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="relayed by d")
+    wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20,
+             message="a's t2 row written while c relayed a")
+
+
+def _b_selective_with_c(node_factory: Any) -> tuple[Any, Any, Any, Any]:
+    """a joined to c and d; b takes only t1 from c and everything from d."""
     a, b, c, d = (node_factory(f"node-{x}") for x in "abcd")
     for table in ("t1", "t2"):
         a.call("create_table", table=table, primary_key="id")
@@ -98,19 +114,16 @@ def test_a_partial_relay_of_an_origin_known_only_by_gossip_raises_no_floor(node_
     join(b, c, subscriptions=T1_ONLY)
     join(b, d)
     wait_for(lambda: has_table(b, "t2"), timeout=20, message="t2 on b")
-    wait_for(lambda: relay_of(b, a.name) == c.name, timeout=30, message="c relaying a to b")
-    a.call("insert", table="t1", records=[{"id": 0}])
-    wait_for(lambda: by_id(b, "t1", 0) is not None, timeout=20, message="a's t1 on b")
+    return a, b, c, d
 
-    a.call("insert", table="t2", records=[{"id": 1, "v": "c does not carry it to b"}])
-    a.call("insert", table="t1", records=[{"id": 1, "v": "c carries it"}])
-    wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20, message="relayed by c")
-    c.stop()
-    wait_for(lambda: relay_of(b, a.name) == d.name, timeout=30, message="d relaying a to b")
-    a.call("insert", table="t1", records=[{"id": 2}])
-    wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="relayed by d")
-    wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20,
-             message="a's t2 row written while c relayed a")
+
+@pytest.mark.timeout(240)
+def test_a_partial_relay_of_an_origin_known_only_by_gossip_raises_no_floor(node_factory):
+    """a is known to b only by gossip (b is selective, so no data link): its writes
+    reach b by a relay only. c's relayed t1 write must not raise b's floor for a past
+    the t2 write c never carried, or d, relaying a later, skips it for good."""
+    a, b, c, d = _b_selective_with_c(node_factory)
+    _partial_then_full_relay(a, b, c, d)
 
 
 @pytest.mark.timeout(240)
@@ -146,7 +159,19 @@ def test_a_table_dropped_and_re_created_while_relayed_to_a_peer_taking_only_it(
 @pytest.mark.timeout(240)
 def test_a_partial_relay_of_a_removed_origin_raises_no_floor(node_factory):
     """As above, with a known to b by no row at all: b removed it, and a's writes still
-    reach b by relays (c first, which carries only t1 to b; then d, all of it)."""
+    reach b by relays."""
+    a, b, c, d = _b_selective_with_c(node_factory)
+    b.call("remove_node", hostname=a.name)
+    wait_for(lambda: relay_of(b, a.name) is not None, timeout=30, message="a relayed to b")
+    _partial_then_full_relay(a, b, c, d)
+
+
+@pytest.mark.timeout(240)
+def test_an_origin_known_only_by_gossip_is_relayed_by_a_peer_that_carries_all_of_it(
+        node_factory):
+    """b takes only t1 from c and everything from d; a, joined to c and d, reaches b by
+    relays only. c comes first by name but carries only t1: a's t2 writes must still
+    reach b (through d) while c stays up."""
     a, b, c, d = (node_factory(f"node-{x}") for x in "abcd")
     for table in ("t1", "t2"):
         a.call("create_table", table=table, primary_key="id")
@@ -155,17 +180,8 @@ def test_a_partial_relay_of_a_removed_origin_raises_no_floor(node_factory):
     join(b, c, subscriptions=T1_ONLY)
     join(b, d)
     wait_for(lambda: has_table(b, "t2"), timeout=20, message="t2 on b")
-    b.call("remove_node", hostname=a.name)
-    wait_for(lambda: relay_of(b, a.name) == c.name, timeout=30, message="c relaying a to b")
-    a.call("insert", table="t1", records=[{"id": 0}])
-    wait_for(lambda: by_id(b, "t1", 0) is not None, timeout=20, message="a's t1 on b")
-
-    a.call("insert", table="t2", records=[{"id": 1, "v": "c does not carry it to b"}])
-    a.call("insert", table="t1", records=[{"id": 1, "v": "c carries it"}])
-    wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20, message="relayed by c")
-    c.stop()
-    wait_for(lambda: relay_of(b, a.name) == d.name, timeout=30, message="d relaying a to b")
-    a.call("insert", table="t1", records=[{"id": 2}])
-    wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="relayed by d")
-    wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20,
-             message="a's t2 row written while c relayed a")
+    wait_for(lambda: relay_of(b, a.name) is not None, timeout=30, message="a relayed to b")
+    a.call("insert", table="t2", records=[{"id": 1}])
+    a.call("insert", table="t1", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20, message="a's t1 on b")
+    wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20, message="a's t2 on b")

@@ -67,15 +67,21 @@ class RelayPlanner:
     def __init__(self, node_name: str, links: Callable[[], Mapping[tuple[str, str], RelayLink]],
                  databases: Callable[[], Iterable[str]],
                  known_origins: Callable[[str], Iterable[str]],
-                 asking: Callable[[str], Iterable[tuple[str, str]]] = lambda _db: ()) -> None:
+                 asking: Callable[[str], Iterable[tuple[str, str]]] = lambda _db: (),
+                 carries_all: Callable[[str, str, str], bool] = lambda _p, _o, _db: True,
+                 ) -> None:
         """``asking(database)``: the ``(peer, origin)`` pairs of peers that take
         ``origin``'s writes of ``database`` from this node, as their relay: they do not
-        hear it directly either, and are no use as its relay here."""
+        hear it directly either, and are no use as its relay here.
+        ``carries_all(peer, origin, database)``: whether the link from ``peer`` carries
+        every table this node takes of ``origin`` (not only some, by its subscription
+        or the peer's own); such a relay is preferred."""
         self.node_name = node_name
         self._links = links
         self._databases = databases
         self._known_origins = known_origins
         self._asking = asking
+        self._carries_all = carries_all
         # database -> origin -> relay peer
         self.assignments: dict[str, dict[str, str]] = {}
         self._down_since: dict[tuple[str, str], float] = {}
@@ -155,9 +161,14 @@ class RelayPlanner:
             if asking is None:
                 asking = set(self._asking(database))
             useful = [p for p in relays if p != origin and (p, origin) not in asking]
-            if live and ((relay, origin) not in asking or not useful):
+            # A relay carrying only some of what this node takes of the origin leaves
+            # the rest with no path while it stays (an origin relays are the only path
+            # of: for good): one that carries all of it comes first.
+            full = [p for p in useful if self._carries_all(p, origin, database)]
+            if live and (not useful or ((relay, origin) not in asking
+                                        and (not full or relay in full))):
                 continue  # sticky: a relay restarting (to change origins) stays the relay
-            choice = next(iter(useful), None)
+            choice = next(iter(full or useful), None)
             if choice is None:
                 choice = next((p for p in relays if p != origin), None)
             if choice == relay:
