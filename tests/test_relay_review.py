@@ -185,3 +185,25 @@ def test_an_origin_known_only_by_gossip_is_relayed_by_a_peer_that_carries_all_of
     a.call("insert", table="t1", records=[{"id": 1}])
     wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20, message="a's t1 on b")
     wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20, message="a's t2 on b")
+
+
+@pytest.mark.timeout(180)
+def test_what_a_node_does_not_publish_to_a_peer_never_reaches_it_through_a_third(
+        node_factory):
+    """b publishes nothing of data to a (a takes nothing from b: the join's
+    subscriptions say subscribe only); c replicates fully with both. b's rows reach c
+    but never a, neither by c's copy to a nor by c's stream, while a's reach b."""
+    a, b, c = (node_factory(f"node-{x}") for x in "abc")
+    a.call("create_table", table="t1", primary_key="id")
+    join(b, a, subscriptions=[{"database": "data", "table": "t1", "subscribe": True,
+                               "publish": False}])
+    join(c, b)
+    b.call("insert", table="t1", records=[{"id": 1, "v": "b's, before c joins a"}])
+    wait_for(lambda: by_id(c, "t1", 1) is not None, timeout=20, message="b's row on c")
+    join(c, a)
+    a.call("insert", table="t1", records=[{"id": 2, "v": "a's"}])
+    b.call("insert", table="t1", records=[{"id": 3, "v": "b's, after"}])
+    wait_for(lambda: by_id(c, "t1", 2) is not None and by_id(c, "t1", 3) is not None,
+             timeout=20, message="rows on c")
+    wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="a's row on b")
+    stays(lambda: by_id(a, "t1", 1) is None and by_id(a, "t1", 3) is None, duration=2.0)

@@ -103,3 +103,24 @@ def test_a_peer_asking_for_everything_gets_only_what_its_row_publishes(node_fact
 
     copied, streamed, how = _greedy_read(a.repl_url, keys, b.name, "d2")
     assert not copied and not streamed, (copied, streamed, how)
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_asking_for_a_local_database_gets_none_of_it(node_factory):
+    """a replicates only ``data`` (``replication.databases``); ``secret`` is local. A
+    socket with b's certificate (a full peer) asking a for ``secret`` gets no row."""
+    a = node_factory("node-a", env={"REPLICATION_DATABASES": "data"})
+    b = node_factory("node-b")
+    a.call("create_table", table="t1", primary_key="id")
+    a.call("create_database", database="secret")
+    a.call("create_table", database="secret", table="s", primary_key="id")
+    a.call("insert", database="secret", table="s", records=[{"id": 1, "v": "local"}])
+    join(b, a)
+    a.call("insert", table="t1", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t1", 1) is not None, timeout=20, message="data flowing")
+
+    copied, streamed, how = _greedy_read(a.repl_url, b.root / "keys", b.name, "data")
+    assert "t1" in copied, (copied, streamed, how)
+    copied, streamed, how = _greedy_read(a.repl_url, b.root / "keys", b.name, "secret")
+    assert not copied and not streamed, (copied, streamed, how)
+    assert by_id(b, "s", 1, database="secret") is None
