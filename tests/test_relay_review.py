@@ -207,3 +207,29 @@ def test_what_a_node_does_not_publish_to_a_peer_never_reaches_it_through_a_third
              timeout=20, message="rows on c")
     wait_for(lambda: by_id(b, "t1", 2) is not None, timeout=20, message="a's row on b")
     stays(lambda: by_id(a, "t1", 1) is None and by_id(a, "t1", 3) is None, duration=2.0)
+
+
+@pytest.mark.timeout(240)
+def test_a_switch_from_a_partial_to_a_full_relay_counts_each_transaction_once(
+        node_factory):
+    """The relay switch above (c, partial, then d, full, for an origin b hears only by
+    relays): b's ``txns_received`` grows by a's transactions, each once."""
+    a, b, c, d = _b_selective_with_c(node_factory)
+
+    def quiet(skip: str) -> int:
+        def caught_up() -> bool:
+            socks = [s for conn in b.call("cluster_status")["connections"]
+                     if conn["name"] != skip for s in conn["database_sockets"]
+                     if s["database"] == "data"]
+            return bool(socks) and all(s["connected"] and s["state"] == "streaming"
+                                       and s["lag_txns"] == 0 for s in socks)
+
+        wait_for(caught_up, timeout=30, message="b's data links to catch up")
+        return _received(b, "data")
+
+    a.call("insert", table="t1", records=[{"id": 100}])
+    wait_for(lambda: by_id(b, "t1", 100) is not None, timeout=20, message="a's row on b")
+    before = quiet(skip=a.name)
+    _partial_then_full_relay(a, b, c, d)
+    got = quiet(skip=c.name) - before
+    assert got == 4, f"b counted {got} of a's 4 transactions"

@@ -135,3 +135,52 @@ def test_a_subscription_to_a_table_and_database_not_created_yet(node_factory):
              message="d3.t's next row on b")
     assert by_id(b, "t1", 1) is None
     assert by_id(b, "u", 1, database="d3") is None
+
+
+@pytest.mark.timeout(180)
+def test_a_table_re_created_while_cut_from_a_peer_taking_only_it(node_factory):
+    """b takes only t1 from a, through a proxy. While cut, a drops t1, creates it again
+    and writes to it: after the heal b holds the new table's rows only."""
+    from tests.proxy_util import TcpProxy
+    from tests.repl_util import CREDS
+
+    a, b = node_factory("node-a"), node_factory("node-b")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    to_a = TcpProxy(a.repl_port)
+    try:
+        b.call("add_node", hostname=a.name, url=to_a.url, verify_tls=False,
+               authorization=CREDS, subscriptions=[_sub("t1")])
+        a.call("insert", table="t1", records=[{"id": i, "v": "old"} for i in range(5)])
+        wait_for(lambda: len(_rows(b, "t1")) == 5, timeout=20, message="old t1 on b")
+        to_a.cut()
+        a.call("drop_table", table="t1")
+        a.call("create_table", table="t1", primary_key="id")
+        a.call("insert", table="t1", records=[{"id": 3, "v": "new"}, {"id": 9, "v": "new"}])
+        to_a.heal()
+        wait_for(lambda: _rows(b, "t1") == _rows(a, "t1"), timeout=40,
+                 message="b's t1 as a's new one")
+    finally:
+        to_a.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_table_re_created_while_a_peer_did_not_take_it_is_copied_fresh(node_factory):
+    """b takes t1 from a, then narrows to t2 only; a drops t1, creates it again with
+    other rows; b widens to t1 again: b's t1 is the new table, none of the old rows."""
+    a, b = node_factory("node-a"), node_factory("node-b")
+    for table in ("t1", "t2"):
+        a.call("create_table", table=table, primary_key="id")
+    join(b, a, subscriptions=[_sub("t1"), _sub("t2")])
+    a.call("insert", table="t1", records=[{"id": i, "v": "old"} for i in range(5)])
+    wait_for(lambda: len(_rows(b, "t1")) == 5, timeout=20, message="old t1 on b")
+    b.call("set_node_replication", hostname=a.name,
+           subscriptions=[_sub("t1", subscribe=False, publish=False)])
+    a.call("drop_table", table="t1")
+    a.call("create_table", table="t1", primary_key="id")
+    a.call("insert", table="t1", records=[{"id": 3, "v": "new"}])
+    a.call("insert", table="t2", records=[{"id": 1}])
+    wait_for(lambda: by_id(b, "t2", 1) is not None, timeout=20, message="t2 flowing")
+    b.call("set_node_replication", hostname=a.name, subscriptions=[_sub("t1")])
+    wait_for(lambda: _rows(b, "t1") == _rows(a, "t1"), timeout=40,
+             message="b's t1 as a's new one")
