@@ -4,7 +4,8 @@ Each link to a peer asks for that peer's own transactions, and for the transacti
 origins this node cannot hear directly: an origin whose direct link is down (for longer
 than ``RELAY_AFTER``), or with which this node has no data link for the database at
 all (a node known only by gossip, a removed node). Those are assigned to one healthy
-peer, the relay. Every request carries a per-origin version floor, the newest version
+peer, the relay: one whose link carries all this node takes of the origin before one
+that carries only some tables of it. Every request carries a per-origin version floor, the newest version
 this node already holds from that origin by any path, so switching between the direct
 path and a relay neither loses nor repeats a transaction.
 
