@@ -291,7 +291,8 @@ class Applier:
 
     async def _end_copy(self, snapshot: int) -> None:
         # Every chunk committed before this job: the floors rise with the copy's end.
-        held = self.host.narrow_origins(self.peer, self.database, self.relay_tables)
+        held = self.host.narrow_origins(self.peer, self.database, self.relay_tables,
+                                        self.copy_floors.keys())
         floors = copyfloors.to_raise(self.copy_floors, held, self.host.node_name)
         await self.store.write_cursor(self.database, self.peer, self.cursor(snapshot),
                                       self.copy_sweeps.at_end(), floors)
@@ -402,7 +403,8 @@ class Applier:
         host = self.host
         floor = max(host.start_floor(self.peer), self.replay_floor)
         review = host.review(self.peer, self.database)
-        held = host.narrow_origins(self.peer, self.database, self.relay_tables)
+        held = host.narrow_origins(self.peer, self.database, self.relay_tables,
+                                   set(origins.values()))
         stats = await self.store.apply_entries(
             self.database, self.peer, entries, origins, self.cursor(last_seq),
             host.max_skew_ms, host.node_name, floor, review, held)

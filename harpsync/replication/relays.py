@@ -4,7 +4,8 @@ Each link to a peer asks for that peer's own transactions, and for the transacti
 origins this node cannot hear directly: an origin whose direct link is down (for longer
 than ``RELAY_AFTER``), or with which this node has no data link for the database at
 all (a node known only by gossip, a removed node). Those are assigned to one healthy
-peer, the relay. Every request carries a per-origin version floor, the newest version
+peer, the relay: one whose link carries all this node takes of the origin before one
+that carries only some tables of it. Every request carries a per-origin version floor, the newest version
 this node already holds from that origin by any path, so switching between the direct
 path and a relay neither loses nor repeats a transaction.
 
@@ -67,15 +68,21 @@ class RelayPlanner:
     def __init__(self, node_name: str, links: Callable[[], Mapping[tuple[str, str], RelayLink]],
                  databases: Callable[[], Iterable[str]],
                  known_origins: Callable[[str], Iterable[str]],
-                 asking: Callable[[str], Iterable[tuple[str, str]]] = lambda _db: ()) -> None:
+                 asking: Callable[[str], Iterable[tuple[str, str]]] = lambda _db: (),
+                 carries_all: Callable[[str, str, str], bool] = lambda _p, _o, _db: True,
+                 ) -> None:
         """``asking(database)``: the ``(peer, origin)`` pairs of peers that take
         ``origin``'s writes of ``database`` from this node, as their relay: they do not
-        hear it directly either, and are no use as its relay here."""
+        hear it directly either, and are no use as its relay here.
+        ``carries_all(peer, origin, database)``: whether the link from ``peer`` carries
+        every table this node takes of ``origin`` (not only some, by its subscription
+        or the peer's own); such a relay is preferred."""
         self.node_name = node_name
         self._links = links
         self._databases = databases
         self._known_origins = known_origins
         self._asking = asking
+        self._carries_all = carries_all
         # database -> origin -> relay peer
         self.assignments: dict[str, dict[str, str]] = {}
         self._down_since: dict[tuple[str, str], float] = {}
@@ -155,9 +162,14 @@ class RelayPlanner:
             if asking is None:
                 asking = set(self._asking(database))
             useful = [p for p in relays if p != origin and (p, origin) not in asking]
-            if live and ((relay, origin) not in asking or not useful):
+            # A relay carrying only some of what this node takes of the origin leaves
+            # the rest with no path while it stays (an origin relays are the only path
+            # of: for good): one that carries all of it comes first.
+            full = [p for p in useful if self._carries_all(p, origin, database)]
+            if live and (not useful or ((relay, origin) not in asking
+                                        and (not full or relay in full))):
                 continue  # sticky: a relay restarting (to change origins) stays the relay
-            choice = next(iter(useful), None)
+            choice = next(iter(full or useful), None)
             if choice is None:
                 choice = next((p for p in relays if p != origin), None)
             if choice == relay:

@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import logging
 import socket
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from harpsync.listening import bind as bind_listener
@@ -80,7 +80,8 @@ class Replicator:
         self.link_store = StorageLinkStore(storage)
         self.relays = RelayPlanner(self.node_name, lambda: self.subscribers,
                                    self.replicated_databases, self._known_origins,
-                                   lambda db: asking(self.publishers, db))
+                                   lambda db: asking(self.publishers, db),
+                                   self._carries_all)
         # The sockets peers opened here (inbound.py), and the operator's stream
         # controls (controls.py).
         self.inbound = Inbound(self, lambda name: storage.databases.get(name))
@@ -365,10 +366,18 @@ class Replicator:
     def origin_tables(self, peer: str, database: str) -> dict[str, list[str]]:
         return peers.origin_tables(dict(self.mesh.rows), peer, database)
 
+    def _carries_all(self, peer: str, origin: str, database: str) -> bool:
+        """Whether the link from ``peer`` carries all this node takes of ``origin``
+        (the relay planner prefers such a relay)."""
+        link = self.subscribers.get((peer, database))
+        relay_tables = link.applier.relay_tables if link is not None else None
+        return origin not in self.narrow_origins(peer, database, relay_tables, (origin,))
+
     def narrow_origins(self, peer: str, database: str,
-                       relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
+                       relay_tables: Mapping[str, list[str]] | None = None,
+                       origins: Collection[str] = ()) -> frozenset[str]:
         """Origins whose floors entries from ``peer`` must not raise (applypolicy.py)."""
-        return applypolicy.narrow_origins(self.rows, peer, database, relay_tables)
+        return applypolicy.narrow_origins(self.rows, peer, database, relay_tables, origins)
 
     # -- routes (routes.py) ------------------------------------------------------------
     route_url = staticmethod(routes.route_url)

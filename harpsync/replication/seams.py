@@ -27,7 +27,7 @@ LMDB, and nothing here runs at import time beyond the class definitions.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -285,9 +285,11 @@ class ApplyPolicy(Protocol):
         ...
 
     def narrow_origins(self, peer: str, database: str,
-                       relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
-        """Origins this node takes tables from directly that the link from ``peer``
-        does not carry: entries of theirs applied from it must not raise their floors."""
+                       relay_tables: Mapping[str, list[str]] | None = None,
+                       origins: Collection[str] = ()) -> frozenset[str]:
+        """Origins (of those with rows here, and ``origins``) this node takes tables of
+        that the link from ``peer`` does not carry: entries of theirs applied from it
+        must not raise their floors."""
         ...
 
     def origin_tables(self, peer: str, database: str) -> dict[str, list[str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from harpsync import codec
@@ -211,7 +211,8 @@ class FakeSubscriberHost(FakeLinkHost):
         return {}
 
     def narrow_origins(self, peer: str, database: str,
-                       relay_tables: Mapping[str, list[str]] | None = None) -> frozenset[str]:
+                       relay_tables: Mapping[str, list[str]] | None = None,
+                       origins: Collection[str] = ()) -> frozenset[str]:
         return self.narrow
 
     def note_dialed(self, peer: str, database: str, reconnect: bool) -> None:

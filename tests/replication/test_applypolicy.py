@@ -26,6 +26,30 @@ def test_a_relay_taking_fewer_tables_than_the_origin_gives_holds_its_floor() -> 
     assert narrow_origins(rows, "node-b", "data") == frozenset({"node-c"})
 
 
+def test_a_partial_relay_of_an_origin_known_only_by_gossip_holds_its_floor() -> None:
+    """node-a is learned with no data link (relays are its only path); t1 from the
+    relay node-c, everything from node-d, which may relay node-a later: node-a's floor
+    is held. With t1 from every peer, the relay carries all this node takes of it."""
+    learned = {"learned": True, "replicates": False, "subscriptions": []}
+    rows: dict[str, dict[str, Any]] = {"node-a": learned, "node-d": {},
+                                       "node-c": {"subscriptions": _sub("t1")}}
+    assert narrow_origins(rows, "node-c", "data") == frozenset({"node-a", "node-d"})
+    rows["node-d"] = {"subscriptions": _sub("t1")}
+    assert narrow_origins(rows, "node-c", "data") == frozenset()
+    assert narrow_origins(rows, "node-c", "data", {"node-a": ["t1"]}) == frozenset()
+
+
+def test_a_partial_relay_of_an_origin_with_no_row_holds_its_floor() -> None:
+    """node-a has no row here (removed): the names the link uses count as origins,
+    relayed only, as one known by gossip."""
+    rows: dict[str, dict[str, Any]] = {"node-d": {}, "node-c": {"subscriptions": _sub("t1")}}
+    assert narrow_origins(rows, "node-c", "data") == frozenset({"node-d"})
+    assert narrow_origins(rows, "node-c", "data", origins=["node-a", "node-c"]) == {
+        "node-a", "node-d"}
+    rows["node-d"] = {"subscriptions": _sub("t1")}
+    assert narrow_origins(rows, "node-c", "data", origins=["node-a"]) == frozenset()
+
+
 def test_a_relay_that_itself_takes_only_some_tables_holds_the_floor() -> None:
     """The relay's hello says it takes only t1 of node-c (``relay_tables``)."""
     rows: dict[str, dict[str, Any]] = {"node-b": {}, "node-c": {}}

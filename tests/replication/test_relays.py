@@ -100,3 +100,25 @@ async def test_when_every_peer_takes_the_origin_from_this_node_the_relay_stays()
         await planner.plan(now=RELAY_AFTER * tick)
     assert planner.assignments["data"] == {"node-a": "node-b"}
     assert {peer: link.restarts for (peer, _), link in links.items()} == restarts
+
+
+async def test_a_relay_that_carries_all_of_the_origin_is_preferred() -> None:
+    """node-b carries only some of what this node takes of node-a, node-c all of it:
+    node-c relays node-a, also when node-b was chosen while node-c was down, and it
+    stays so when node-b comes back into its stream (no flapping)."""
+    links = _cut_from_a()
+    links[("node-c", "data")].streaming = False
+    planner = RelayPlanner("node-x", lambda: links, lambda: ["data"],
+                           lambda _db: ["node-a", "node-b", "node-c"],
+                           carries_all=lambda peer, _origin, _db: peer != "node-b")
+    await planner.plan(now=0.0)
+    await planner.plan(now=RELAY_AFTER * 2)
+    assert planner.assignments["data"] == {"node-a": "node-b"}  # the only one streaming
+    links[("node-c", "data")].streaming = True
+    await planner.plan(now=RELAY_AFTER * 3)
+    assert planner.assignments["data"] == {"node-a": "node-c"}
+    restarts = {peer: link.restarts for (peer, _), link in links.items()}
+    for tick in range(4, 7):
+        await planner.plan(now=RELAY_AFTER * tick)
+    assert planner.assignments["data"] == {"node-a": "node-c"}
+    assert {peer: link.restarts for (peer, _), link in links.items()} == restarts
