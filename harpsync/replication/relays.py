@@ -5,9 +5,9 @@ origins this node cannot hear directly: an origin whose direct link is down (for
 than ``RELAY_AFTER``), or with which this node has no data link for the database at
 all (a node known only by gossip, a removed node). Those are assigned to one healthy
 peer, the relay: one whose link carries all this node takes of the origin before one
-that carries only some tables of it. Every request carries a per-origin version floor, the newest version
-this node already holds from that origin by any path, so switching between the direct
-path and a relay neither loses nor repeats a transaction.
+that carries only some tables of it. Every request carries a per-origin version floor,
+the newest version this node already holds from that origin by any path, so switching
+between the direct path and a relay neither loses nor repeats a transaction.
 
 Hand-over is ordered: a relay is assigned only after the direct link's last write
 finished, and a direct link releases its relay (and waits for the relay link's last
