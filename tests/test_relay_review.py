@@ -172,14 +172,7 @@ def test_an_origin_known_only_by_gossip_is_relayed_by_a_peer_that_carries_all_of
     """b takes only t1 from c and everything from d; a, joined to c and d, reaches b by
     relays only. c comes first by name but carries only t1: a's t2 writes must still
     reach b (through d) while c stays up."""
-    a, b, c, d = (node_factory(f"node-{x}") for x in "abcd")
-    for table in ("t1", "t2"):
-        a.call("create_table", table=table, primary_key="id")
-    join(c, a)
-    join(d, a)
-    join(b, c, subscriptions=T1_ONLY)
-    join(b, d)
-    wait_for(lambda: has_table(b, "t2"), timeout=20, message="t2 on b")
+    a, b, c, d = _b_selective_with_c(node_factory)
     wait_for(lambda: relay_of(b, a.name) is not None, timeout=30, message="a relayed to b")
     a.call("insert", table="t2", records=[{"id": 1}])
     a.call("insert", table="t1", records=[{"id": 1}])
