@@ -236,7 +236,7 @@ class NodeProcess(_Server):
 def _compiled(code_root: str) -> None:
     """Write the node's bytecode once, before the first start is timed. An installed
     node has it (pip compiles it, or the first start writes it), but where
-    PYTHONDONTWRITEBYTECODE is set (this project's machines set it) every start compiled
+    PYTHONDONTWRITEBYTECODE is set (the development machines here set it) every start compiled
     each module from source again, about 0.3 s of the start measured."""
     for package in ("harpsync", "operations"):
         compileall.compile_dir(Path(code_root) / package, quiet=1)

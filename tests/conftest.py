@@ -72,7 +72,7 @@ def registry() -> SchemaRegistry:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Compile the packages' bytecode once, before any node starts. Where
-    PYTHONDONTWRITEBYTECODE is set (this project's CI machines set it), every subprocess
+    PYTHONDONTWRITEBYTECODE is set (the development machines here set it), every subprocess
     node compiled each of its modules from source again: about 0.3 s of each start."""
     if hasattr(config, "workerinput"):
         return  # an xdist worker: the controller has done it
